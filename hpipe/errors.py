@@ -1,0 +1,67 @@
+"""The errors hpipe reports to users, each with its exit code.
+
+User mistakes (a malformed scenario, an inconsistent plan) end with exit code 2,
+requests that cannot be met (a model that does not fit) with exit code 3.  The
+CLI prints the message alone, never a traceback, so every message has to say
+where the problem is (file and field) and what it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class HpipeError(Exception):
+    """Base class: anything that ends a command with a clear message."""
+
+    exit_code = 1
+
+
+class InputError(HpipeError, ValueError):
+    """Bad input: the file, the field path and what is wrong (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, *, file: str | None = None, field: str | None = None):
+        self.problem = problem
+        self.file = file
+        self.field = field
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = []
+        if self.file:
+            where.append(str(self.file))
+        if self.field:
+            where.append(f"field '{self.field}'")
+        return (": ".join(where) + ": " if where else "") + self.problem
+
+    def located(self, file: str | None = None, prefix: str | None = None) -> "InputError":
+        """The same error with the file set and the field path prefixed."""
+        field = self.field
+        if prefix:
+            field = f"{prefix}.{field}" if field else prefix
+        return InputError(self.problem, file=file or self.file, field=field)
+
+
+class InfeasibleError(HpipeError):
+    """A request that cannot be met as asked, e.g. a model that does not fit (exit code 3)."""
+
+    exit_code = 3
+
+
+class WorkerError(HpipeError):
+    """A runtime worker failed, hung or was interrupted (exit code 1)."""
+
+    exit_code = 1
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """' (did you mean X, Y?)' for the closest names, or '' when none is close."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if not close:
+        lowered = {c.lower(): c for c in choices}
+        close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
