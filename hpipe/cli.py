@@ -161,7 +161,6 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
              plot: Annotated[Optional[str], typer.Option(help="Gantt chart PNG of the timelines")] = None,
              quiet: QuietOpt = False):
     """Plan and simulate; a table of every planner asked for, side by side."""
-    from hpipe.planners import make_plan
     from hpipe.plan import load_plans
     from hpipe.result import Result
     from hpipe.sim import infeasible_result, simulate as run_sim
@@ -175,6 +174,8 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
             p.check(setup, file=f"{plan}[{i}]" if i else str(plan))
             results.append(run_sim(setup, p))
     else:
+        from hpipe.planners import make_plan  # only here: --plan must work without the planners
+
         names = _planner_names(planner or setup.scenario.planner.kind)
         for name in names:
             try:
