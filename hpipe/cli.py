@@ -174,9 +174,9 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
             p.check(setup, file=f"{plan}[{i}]" if i else str(plan))
             results.append(run_sim(setup, p))
     else:
+        names = _planner_names(planner or setup.scenario.planner.kind)
         from hpipe.planners import make_plan  # only here: --plan must work without the planners
 
-        names = _planner_names(planner or setup.scenario.planner.kind)
         for name in names:
             try:
                 results.append(run_sim(setup, make_plan(setup, name)))

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import SCENARIOS, run_cli
+
 pytestmark = pytest.mark.timeout(120)
-ROOT = Path(__file__).resolve().parents[2]
-SCENARIO = str(ROOT / "scenarios" / "paper-llama7b.yaml")
+SCENARIO = str(SCENARIOS / "paper-llama7b.yaml")
 
 EVEN = {"planner": "even", "scenario": "paper-llama7b", "slices": [512, 512, 512, 512],
         "stages": [{"devices": [d], "units": u} for d, u in zip(
@@ -25,10 +22,8 @@ TOO_BIG = {"planner": "one-p100", "scenario": "paper-llama7b", "slices": [2048],
            "stages": [{"devices": ["host-a/P100-0"], "units": [0, 66]}]}
 
 
-def hpipe(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "hpipe", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=100)
+def hpipe(*args):
+    return run_cli(*map(str, args))
 
 
 def test_a_list_of_plans_gives_one_result_each_in_order_and_stdout_is_pure_json(tmp_path):
