@@ -72,26 +72,46 @@ def chrome_trace(result: Result) -> dict:
             "otherData": {"scenario": result.scenario, "mode": result.mode}}
 
 
-def gantt_png(result: Result, path, dpi: int = 110) -> None:
-    """Write a Gantt chart of every result's timeline to ``path`` (atomically)."""
-    import matplotlib
+def _is_network(link: str) -> bool:
+    """A link between two hosts' interfaces (device ids are HOST/NAME-i; host names hold no '/')."""
+    return all("/" not in end for end in link.split("->"))
 
-    matplotlib.use("Agg", force=False)  # no display needed; a no-op if a backend is set
-    import matplotlib.pyplot as plt
+
+def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02) -> None:
+    """Write a Gantt chart of every result's timeline to ``path`` (atomically).
+
+    Rows: every device, then the links between hosts and any other link busy for at
+    least ``min_link_share`` of the makespan (a 32-device cluster has dozens of
+    PCIe links that carry a few milliseconds each; they would bury the picture)."""
+    import numpy as np
     from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     shown = [r for r in result.results if r.events]
-    n_rows = [sum(map(len, _tracks(r))) for r in shown]
-    heights = [max(rows, 1) * 0.32 + 0.9 for rows in n_rows] or [1.5]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(12, sum(heights) + 0.6), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
-    axes = axes[:, 0]
-    if not shown:
-        axes[0].text(0.5, 0.5, "no timeline (no feasible plan)", ha="center", va="center")
-        axes[0].set_axis_off()
-    for ax, r in zip(axes, shown):
+    panels = []
+    for r in shown:
         devices, links = _tracks(r)
+        span = max(e.end_s for e in r.events) - min(e.start_s for e in r.events)
+        busy: dict[str, float] = {}
+        for e in r.events:
+            if e.kind == "transfer" and e.link:
+                busy[e.link] = busy.get(e.link, 0.0) + e.end_s - e.start_s
+        kept = [l for l in links if _is_network(l) or busy[l] >= min_link_share * span]
+        panels.append((r, devices, kept, len(links) - len(kept)))
+    heights = [len(d) * 0.3 + len(l) * 0.22 + 0.9 for _, d, l, _ in panels] or [1.5]
+    # A plain Figure on an Agg canvas: no pyplot, so no global state and no display needed.
+    fig = Figure(figsize=(12, sum(heights) + 0.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(heights), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": heights})[:, 0]
+    if not panels:
+        axes[0].text(0.5, 0.5, "no timeline (no plan was simulated)", ha="center", va="center")
+        axes[0].set_axis_off()
+    t_end = 0.0
+    for ax, (r, devices, links, hidden) in zip(axes, panels):
         rows = devices + links
         row_of = {t: k for k, t in enumerate(rows)}
         n_slices = len(r.plan.slices) if r.plan is not None else 1 + max(e.slice for e in r.events)
@@ -99,57 +119,63 @@ def gantt_png(result: Result, path, dpi: int = 110) -> None:
         # Colour by slice as the paper does; by micro-batch when there is one slice; by
         # (micro-batch, slice) when there are several of both, so no two items share a colour.
         if n_slices > 1 and n_mb > 1:
-            n_colours, key, what = n_slices * n_mb, (lambda e: e.micro_batch * n_slices + e.slice), None
+            n_colours, what = n_slices * n_mb, None
         elif n_slices > 1:
-            n_colours, key, what = n_slices, (lambda e: e.slice), "slice"
+            n_colours, what = n_slices, "slice"
         else:
-            n_colours, key, what = n_mb, (lambda e: e.micro_batch), "micro-batch"
+            n_colours, what = n_mb, "micro-batch"
         cmap = colormaps["tab20" if n_colours <= 20 else "viridis"]
 
-        def colour(e):
-            k = key(e)
-            return cmap(k % 20) if n_colours <= 20 else cmap(k / max(n_colours - 1, 1))
-
-        bars: dict[int, tuple[list, list, list]] = {}
+        row, x0, x1, key, comm, on_link = [], [], [], [], [], []
         for e in r.events:
-            on_link = e.kind == "transfer" and e.link is not None
-            k = row_of[e.link if on_link else e.device]
-            spans, colours, hatches = bars.setdefault(k, ([], [], []))
-            spans.append((e.start_s, max(e.end_s - e.start_s, 0.0)))
-            if e.kind == "compute" or on_link:
-                colours.append(colour(e))
-            else:  # all-reduce and tensor-parallel input forwarding: communication on a device
-                colours.append("0.55")
-            hatches.append(e.kind)
-        for k, (spans, colours, _) in bars.items():
-            is_link = rows[k] in links
-            ax.broken_barh(spans, (k - 0.4, 0.8), facecolors=colours, edgecolor="none",
-                           alpha=0.6 if is_link else 1.0)
+            link = e.link if (e.kind == "transfer" and e.link) else None
+            k = row_of.get(link if link else e.device)
+            if k is None:  # a quiet link left out
+                continue
+            row.append(k)
+            x0.append(e.start_s)
+            x1.append(e.end_s)
+            key.append(e.micro_batch * n_slices + e.slice if what is None else
+                       (e.slice if what == "slice" else e.micro_batch))
+            # all-reduce and tensor-parallel input forwarding: communication on a device
+            comm.append(e.kind != "compute" and link is None)
+            on_link.append(link is not None)
+        row, x0, x1, key = map(np.asarray, (row, x0, x1, key))
+        comm, on_link = np.asarray(comm, bool), np.asarray(on_link, bool)
+        colours = (cmap(key % 20) if n_colours <= 20 else cmap(key / max(n_colours - 1, 1))) if len(key) else []
+        if len(key):
+            colours[comm] = (0.55, 0.55, 0.55, 1.0)
+            colours[on_link, 3] = 0.65
+            h = np.where(on_link, 0.3, 0.4)
+            verts = np.stack([np.stack([x0, row - h], 1), np.stack([x0, row + h], 1),
+                              np.stack([x1, row + h], 1), np.stack([x1, row - h], 1)], 1)
+            ax.add_collection(PolyCollection(verts, facecolors=colours, edgecolors="none"))
+            t_end = max(t_end, float(x1.max()))
         ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([d for d in devices] + [f"link {l}" for l in links], fontsize=7)
+        ax.set_yticklabels(devices + [f"link {l}" for l in links], fontsize=7)
         ax.set_ylim(len(rows) - 0.5, -0.5)
         if links:
             ax.axhline(len(devices) - 0.5, color="0.7", lw=0.6)
-        status = "" if r.feasible else "  [INFEASIBLE]"
         lat = f"{r.latency_s:.3g} s" if r.latency_s is not None else "-"
-        ax.set_title(f"{r.planner}: latency {lat}, bubbles "
-                     f"{r.bubble_fraction:.0%}{status}" if r.bubble_fraction is not None else r.planner,
-                     fontsize=9, loc="left")
+        bub = f", bubbles {r.bubble_fraction:.0%}" if r.bubble_fraction is not None else ""
+        title = f"{result.scenario} ({result.mode}) - {r.planner}: latency {lat}{bub}"
+        if not r.feasible:
+            title += "  [INFEASIBLE]"
+        if hidden:
+            title += f"  ({hidden} quiet link{'s' if hidden > 1 else ''} not shown)"
+        ax.set_title(title, fontsize=9, loc="left")
         ax.grid(axis="x", color="0.9", lw=0.5)
         ax.set_axisbelow(True)
         if n_colours <= 20:
             names = ([f"{what} {k}" for k in range(n_colours)] if what else
                      [f"mb{m} s{q}" for m in range(n_mb) for q in range(n_slices)])
             handles = [Patch(color=cmap(k % 20), label=names[k]) for k in range(n_colours)]
-            if any(e.kind != "compute" and not (e.kind == "transfer" and e.link) for e in r.events):
+            if comm.any():
                 handles.append(Patch(color="0.55", label="TP comm"))
-            ax.legend(handles=handles, fontsize=6, ncol=min(len(handles), 10), loc="lower right",
-                      framealpha=0.8)
+            ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.005, 1.0),
+                      frameon=False)
     axes[-1].set_xlabel("time (s)")
-    fig.suptitle(f"{result.scenario} ({result.mode})", fontsize=10)
+    axes[-1].set_xlim(0, t_end * 1.01 or 1.0)  # shared: every panel on one time scale
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
