@@ -254,3 +254,10 @@ def test_gantt_png_is_written_whole(llama7b, tmp_path):
     gantt_png(_two_results(llama7b), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(out.parent) == ["gantt.png"]  # no temporary file left behind
+
+
+def test_gantt_of_results_without_a_timeline_still_writes_a_png(llama7b, tmp_path):
+    res = Result(scenario="paper-llama7b", mode="simulated",
+                 results=[infeasible_result(llama7b, "megatron", "no split fits")])
+    gantt_png(res, tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
