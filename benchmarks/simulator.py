@@ -3,10 +3,10 @@ LLaMA-2-70B over four hosts (32 devices) at 32k tokens (target: under 2 s).
 
     PYTHONPATH=. python benchmarks/simulator.py [--repeat 3]
 
-The 70B plan is the scenario's own planner's when ``hpipe.planners`` exists, else a
-hand-built one: one stage per device, units shared out in proportion to each device's
-peak FLOP/s, and the finest slicing the scenario allows (512 slices of 64 tokens), the
-worst case for the simulator.  A work item is one (micro-batch, slice) on one stage.
+Two 70B plans: the worst case for the simulator, hand-built (one stage per device,
+units shared out in proportion to each device's peak FLOP/s, the finest slicing the
+scenario allows: 512 slices of 64 tokens); and, when ``hpipe.planners`` exists, the
+scenario's own planner's.  A work item is one (micro-batch, slice) on one stage.
 """
 
 from __future__ import annotations
@@ -52,38 +52,40 @@ def timed(fn, repeat: int):
     return best, out
 
 
+def bench(setup, plan, origin: str, repeat: int) -> None:
+    short = plan_shortfalls(setup, plan)
+    n_work = len(plan.items(setup.batch_size)) * len(plan.stages)
+    t_build, spec = timed(lambda: build(setup, plan), repeat)
+    t_run, events = timed(lambda: run(spec), repeat)
+    t_sum, result = timed(lambda: summarize(setup, plan, events, plan_memory_bytes(setup, plan)), repeat)
+    total = t_build + t_run + t_sum
+    print(f"plan      {origin}: {len(plan.stages)} stages, {len(plan.slices)} slices, "
+          f"{plan.micro_batches} micro-batch(es); {'fits' if not short else 'DOES NOT FIT: ' + str(short[0])}")
+    print(f"  work    {n_work} work items, {len(events)} events")
+    print(f"  time    cost model {t_build * 1e3:.0f} ms + engine {t_run * 1e3:.0f} ms + metrics "
+          f"{t_sum * 1e3:.0f} ms = {total:.3f} s  (target < 2 s: {'met' if total < 2 else 'MISSED'})")
+    print(f"  rate    {n_work / t_run:,.0f} work items/s in the engine, {n_work / total:,.0f} end to end")
+    print(f"  result  latency {result.latency_s:.2f} s, {result.throughput_tokens_per_s:,.0f} tokens/s, "
+          f"bubbles {result.bubble_fraction:.0%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     args = ap.parse_args()
 
     setup = load_scenario(ROOT / "scenarios" / "llama70b-4hosts-32k.yaml").resolve()
+    print(f"scenario  {setup.name}: {setup.model.name}, batch {setup.batch_size} x {setup.seq_len} tokens, "
+          f"{len(setup.cluster.devices)} devices on {len(setup.cluster.hosts)} hosts (best of {args.repeat})")
+    bench(setup, proportional_plan(setup, setup.granularity),
+          "worst case, hand-built (one stage per device, units by peak FLOP/s, 64-token slices)", args.repeat)
     try:
         from hpipe.planners import make_plan
-
-        t_plan, plan = timed(lambda: make_plan(setup, setup.scenario.planner.kind), 1)
-        origin = f"planner {plan.planner} ({t_plan:.2f} s to plan)"
     except ImportError:
-        plan = proportional_plan(setup, setup.granularity)
-        origin = "hand-built: one stage per device, units by peak FLOP/s"
-    short = plan_shortfalls(setup, plan)
-    n_work = len(plan.items(setup.batch_size)) * len(plan.stages)
-
-    t_build, spec = timed(lambda: build(setup, plan), args.repeat)
-    t_run, events = timed(lambda: run(spec), args.repeat)
-    t_sum, result = timed(lambda: summarize(setup, plan, events, plan_memory_bytes(setup, plan)), args.repeat)
-    total = t_build + t_run + t_sum
-
-    print(f"scenario  {setup.name}: {setup.model.name}, batch {setup.batch_size} x {setup.seq_len} tokens, "
-          f"{len(setup.cluster.devices)} devices on {len(setup.cluster.hosts)} hosts")
-    print(f"plan      {origin}: {len(plan.stages)} stages, {len(plan.slices)} slices, "
-          f"{plan.micro_batches} micro-batch(es); {'fits' if not short else 'DOES NOT FIT: ' + str(short[0])}")
-    print(f"work      {n_work} work items, {len(events)} events")
-    print(f"time      cost model {t_build * 1e3:.0f} ms + engine {t_run * 1e3:.0f} ms + metrics "
-          f"{t_sum * 1e3:.0f} ms = {total:.3f} s  (target < 2 s: {'met' if total < 2 else 'MISSED'})")
-    print(f"rate      {n_work / t_run:,.0f} work items/s in the engine, {n_work / total:,.0f} work items/s end to end")
-    print(f"result    latency {result.latency_s:.2f} s, {result.throughput_tokens_per_s:,.0f} tokens/s, "
-          f"bubbles {result.bubble_fraction:.0%}")
+        print("plan      the scenario's planner: hpipe.planners is not available here")
+        return
+    t_plan, plan = timed(lambda: make_plan(setup, setup.scenario.planner.kind), 1)
+    bench(setup, plan, f"the scenario's planner, {plan.planner} ({t_plan:.1f} s to plan)", args.repeat)
 
 
 if __name__ == "__main__":
