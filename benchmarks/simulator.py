@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hpipe.memory import plan_shortfalls
+from hpipe.memory import plan_memory_bytes, plan_shortfalls
 from hpipe.plan import Plan
 from hpipe.result import summarize
 from hpipe.scenario import load_scenario
-from hpipe.memory import plan_memory_bytes
 from hpipe.sim import build
 from hpipe.sim.engine import run
 

@@ -26,6 +26,16 @@ Processes (simpy generators)
   elapse before stage j sees the input.
 
 With zero transfers this is exactly C[i][j] = max(C[i-1][j], C[i][j-1]) + t[i][j].
+
+Events recorded
+---------------
+* ``compute`` on each device of a stage; a tensor-parallel stage's time is shown as
+  the input forwarded by its first device to each peer (``transfer`` with no link,
+  on the sender), each device's shard, then ``allreduce`` on every device for the
+  rest, so the phases add up to exactly the stage time the cost model gives;
+* ``transfer`` between stages: ``device`` the sender, ``dst`` the receiver, ``stage``
+  the stage it feeds, ``link`` the narrowest link on the path, and the interval the
+  links were held (the receiver has the bytes one route latency after ``end_s``).
 """
 
 from __future__ import annotations
