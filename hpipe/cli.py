@@ -263,14 +263,12 @@ def main() -> None:
     except typer.Abort:
         err_console.print("hpipe: aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # click's usage errors (typer vendors its own click) carry their exit code (2) and a message
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise
-
 
 if __name__ == "__main__":
     main()
