@@ -31,7 +31,13 @@ def _out_console(json_path: str | None, quiet: bool) -> Console | None:
     """Where tables go: stdout, unless stdout carries the JSON (then stderr), or nowhere when quiet."""
     if quiet:
         return None
-    return Console(stderr=True) if json_path == "-" else Console()
+    return _console(stderr=json_path == "-")
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console for tables; when piped, wide enough that the table is not squeezed to 80 columns."""
+    con = Console(stderr=stderr)
+    return con if con.is_terminal else Console(stderr=stderr, width=160)
 
 
 def _load_setup(scenario: Path):
@@ -71,7 +77,7 @@ def devices(json_path: JsonOpt = None):
     for d in DEVICES.values():
         t.add_row(d.name, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
                   f"{d.memory_bandwidth_gbps:g}", f"{d.power_w:g}", f"{d.idle_power_w:g}", f"{d.interconnect_gbps:g}")
-    Console().print(t)
+    _console().print(t)
 
 
 @app.command()
@@ -91,7 +97,7 @@ def models(json_path: JsonOpt = None):
     for m in MODELS.values():
         t.add_row(m.name, m.family, f"{m.param_count() / 1e9:.3f} B", str(m.n_layers), str(m.d_model),
                   str(m.n_heads), str(m.n_kv_heads), str(m.d_ff), str(m.vocab_size))
-    Console().print(t)
+    _console().print(t)
 
 
 # ---- plan ------------------------------------------------------------------
