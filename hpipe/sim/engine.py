@@ -154,11 +154,17 @@ def run(spec: PipelineSpec) -> list[Event]:
             if hold[i] <= 0 and lat[i] <= 0:
                 arrived[j][i].succeed()
                 continue
-            with contextlib.ExitStack() as stack:
-                yield from _hold_all(res, stack)
-                t0 = env.now
-                yield env.timeout(hold[i])
-                log.append(("transfer", h.src, h.dst, h.bottleneck, j, mb_sl[i], t0, env.now, nbytes[i]))
+            if len(res) == 1:  # one link (inside a host): without the ExitStack's cost
+                with res[0].request() as req:
+                    yield req
+                    t0 = env.now
+                    yield env.timeout(hold[i])
+            else:
+                with contextlib.ExitStack() as stack:
+                    yield from _hold_all(res, stack)
+                    t0 = env.now
+                    yield env.timeout(hold[i])
+            log.append(("transfer", h.src, h.dst, h.bottleneck, j, mb_sl[i], t0, env.now, nbytes[i]))
             # The wire is free again; the bytes are still in flight for the latency.
             if lat[i] > 0:
                 env.timeout(lat[i]).callbacks.append(lambda _ev, e=arrived[j][i]: e.succeed())
