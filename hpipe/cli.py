@@ -120,7 +120,9 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
 
 # ---- simulate --------------------------------------------------------------
 def _results_table(title: str, results, measured: bool = False) -> Table:
-    t = Table(title=title)
+    """One row per result; infeasible ones say so, with their reasons as the table's caption."""
+    notes = [f"{r.planner}: {r.infeasible.removeprefix(r.planner + ': ')}" for r in results if not r.feasible]
+    t = Table(title=title, caption="\n".join(notes) or None, caption_justify="left")
     cols = ["planner", "latency s", "tokens/s", "energy J", "bubble", "max mem MB", "stages", "slices", "µbatches"]
     if measured:
         cols[1:1] = ["predicted s"]
@@ -129,7 +131,8 @@ def _results_table(title: str, results, measured: bool = False) -> Table:
         t.add_column(c, justify="left" if c == "planner" else "right")
     for r in results:
         if not r.feasible:
-            t.add_row(r.planner, *([""] * (len(cols) - 2)), f"infeasible: {r.infeasible}")
+            t.add_row(r.planner, *(["infeasible"] if not measured else ["-", "infeasible"]),
+                      *(["-"] * (len(cols) - (2 if not measured else 3))))
             continue
         row = [r.planner]
         if measured:

@@ -29,3 +29,12 @@ def test_failure_midway_keeps_the_old_file(tmp_path):
 def test_dash_is_stdout(capsys):
     write_text("-", "x")
     assert capsys.readouterr().out == "x\n"
+
+
+def test_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "r.json", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
