@@ -1,0 +1,3 @@
+from hpipe.cli import main
+
+main()

@@ -1,0 +1,154 @@
+"""The cluster graph: devices and the links between them, as a networkx graph.
+
+Nodes are devices (``HOST/NAME-i``) and one network interface per host
+(``HOST``).  Devices of a host are joined pairwise by the host's interconnect;
+each device reaches its host's interface over the same interconnect with no
+extra latency; interfaces are joined by the network or a per-pair override.
+A transfer between two devices follows the path of least latency; its
+bandwidth is the narrowest link on the path and its latency the sum.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+
+from hpipe.devices import DeviceSpec
+from hpipe.errors import InputError, suggest
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    """HOST/NAME-i: stable across runs."""
+    host: str
+    spec: DeviceSpec
+    placement: object | None
+    """hpipe.scenario.Placement for the runtime, or None (cpu, 1 thread)."""
+    ordinal: int
+    """i in HOST/NAME-i."""
+    usable_memory_bytes: float
+    """Memory a plan may fill: the device's memory less the framework reserve."""
+
+    @property
+    def runtime_device(self) -> str:
+        d = getattr(self.placement, "device", "cpu") if self.placement else "cpu"
+        if d == "cuda":
+            return f"cuda:{self.ordinal}"
+        return d
+
+
+@dataclass(frozen=True)
+class Route:
+    bandwidth_gbps: float
+    latency_s: float
+    links: tuple[tuple[str, str], ...]
+    """Edges on the path, each as a sorted (node, node) pair: the resources a transfer occupies."""
+
+    @property
+    def bottleneck(self) -> tuple[str, str] | None:
+        return self.links[0] if self.links else None
+
+
+class Cluster:
+    def __init__(self, graph: nx.Graph, devices: list[Device]):
+        self.graph = graph
+        self.devices = devices
+        self._by_id = {d.id: d for d in devices}
+
+    @classmethod
+    def from_spec(cls, spec, memory_reserve_gb: float = 0.0) -> "Cluster":
+        g = nx.Graph()
+        devices: list[Device] = []
+        for host in spec.hosts:
+            g.add_node(host.name, kind="nic", host=host.name)
+            counts: Counter[str] = Counter()
+            members = []
+            for entry in host.devices:
+                dspec = entry.spec(host.interconnect)
+                for _ in range(entry.count):
+                    i = counts[entry.label]
+                    counts[entry.label] += 1
+                    reserve = memory_reserve_gb * 1e9 if dspec.kind == "gpu" else 0.0
+                    dev = Device(id=f"{host.name}/{entry.label}-{i}", host=host.name, spec=dspec,
+                                 placement=entry.runtime, ordinal=i,
+                                 usable_memory_bytes=max(dspec.memory_bytes - reserve, 0.0))
+                    devices.append(dev)
+                    members.append(dev)
+                    g.add_node(dev.id, kind="device", host=host.name, spec=dspec)
+            if host.interconnect is not None:
+                bw, lat = host.interconnect.bandwidth_gbps, host.interconnect.latency_us * 1e-6
+            else:
+                slowest = min(members, key=lambda d: d.spec.interconnect_gbps).spec
+                bw, lat = slowest.interconnect_gbps, slowest.interconnect_latency_us * 1e-6
+            for k, a in enumerate(members):
+                g.add_edge(a.id, host.name, bandwidth_gbps=bw, latency_s=0.0, kind="host-uplink")
+                for b in members[k + 1:]:
+                    g.add_edge(a.id, b.id, bandwidth_gbps=bw, latency_s=lat, kind="interconnect")
+        overrides = {frozenset(l.between): l for l in spec.links}
+        names = [h.name for h in spec.hosts]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                link = overrides.get(frozenset((a, b)), spec.network)
+                g.add_edge(a, b, bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_us * 1e-6,
+                           kind="network")
+        return cls(g, devices)
+
+    # ---- lookups ------------------------------------------------------------
+    @property
+    def device_ids(self) -> list[str]:
+        return [d.id for d in self.devices]
+
+    def device(self, device_id: str) -> Device:
+        try:
+            return self._by_id[device_id]
+        except KeyError:
+            raise InputError(f"unknown device {device_id!r}{suggest(device_id, self._by_id)}") from None
+
+    def __contains__(self, device_id: str) -> bool:
+        return device_id in self._by_id
+
+    @cached_property
+    def hosts(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for d in self.devices:
+            out.setdefault(d.host, []).append(d.id)
+        return out
+
+    # ---- transfers ----------------------------------------------------------
+    @cached_property
+    def _routes(self) -> dict[tuple[str, str], Route]:
+        routes = {}
+        paths = dict(nx.all_pairs_dijkstra_path(self.graph, weight=lambda u, v, e: e["latency_s"] + 1e-12))
+        for a in self.device_ids:
+            for b in self.device_ids:
+                if a == b:
+                    continue
+                path = paths[a][b]
+                edges = [tuple(sorted((u, v))) for u, v in zip(path, path[1:])]
+                data = [self.graph.edges[e] for e in edges]
+                bw = min(d["bandwidth_gbps"] for d in data)
+                # bottleneck first, so simulators that hold one resource hold the narrowest
+                edges.sort(key=lambda e: self.graph.edges[e]["bandwidth_gbps"])
+                routes[(a, b)] = Route(bandwidth_gbps=bw, latency_s=sum(d["latency_s"] for d in data),
+                                       links=tuple(edges))
+        return routes
+
+    def route(self, src: str, dst: str) -> Route:
+        if src == dst:
+            return Route(bandwidth_gbps=float("inf"), latency_s=0.0, links=())
+        return self._routes[(src, dst)]
+
+    def transfer_time_s(self, src: str, dst: str, nbytes: float) -> float:
+        """Datasheet transfer time: latency plus bytes over the narrowest link."""
+        if src == dst or nbytes <= 0:
+            return 0.0
+        r = self.route(src, dst)
+        return r.latency_s + nbytes * 8 / (r.bandwidth_gbps * 1e9)
+
+    def summary(self) -> list[dict]:
+        return [{"id": d.id, "host": d.host, "type": d.spec.name, "memory_gb": d.spec.memory_gb,
+                 "peak_tflops": d.spec.fp16_tflops} for d in self.devices]

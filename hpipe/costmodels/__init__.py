@@ -1,0 +1,122 @@
+"""Cost models: how long a unit takes on a device, a transfer on a link, and what power is drawn.
+
+Planners and the simulator call only the ``CostModel`` interface, so a
+scenario's ``costmodel:`` picks the implementation by name from ``REGISTRY``:
+``roofline`` (analytic, from datasheets) or ``fitted`` (least squares on a
+profile measured by ``hpipe profile``).  Every time function broadcasts over
+numpy arrays of (slice tokens n, context tokens c, batch b).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from hpipe.errors import InputError, suggest
+
+
+class CostModelConfig(BaseModel):
+    """Settings of a cost model, given in the scenario's ``costmodel:`` mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+
+
+class CostModel(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[CostModelConfig]] = CostModelConfig
+
+    def __init__(self, config: CostModelConfig, setup):
+        self.config = config
+        self.setup = setup
+        self.cluster = setup.cluster
+        self.dtype = setup.dtype
+        self.dtype_bytes = setup.dtype_bytes
+
+    # ---- what implementations provide --------------------------------------
+    @abstractmethod
+    def unit_time_s(self, unit, device_id: str, n, c, b, tp: int = 1):
+        """Seconds to run ``unit`` for a slice of n tokens after c context tokens at batch b
+        on ``device_id``, holding 1/tp of the unit (tensor parallel; communication excluded)."""
+
+    def transfer_time_s(self, src: str, dst: str, nbytes):
+        """Seconds to move nbytes from src to dst (latency included)."""
+        nbytes = np.asarray(nbytes, float)
+        if src == dst:
+            return np.zeros_like(nbytes)
+        r = self.cluster.route(src, dst)
+        return np.where(nbytes > 0, r.latency_s + nbytes * 8 / (r.bandwidth_gbps * 1e9), 0.0)
+
+    def allreduce_time_s(self, device_ids, nbytes):
+        """Ring all-reduce of nbytes over device_ids: 2(p-1) steps of nbytes/p over the slowest hop."""
+        p = len(device_ids)
+        nbytes = np.asarray(nbytes, float)
+        if p <= 1:
+            return np.zeros_like(nbytes)
+        hops = [(device_ids[i], device_ids[(i + 1) % p]) for i in range(p)]
+        step = max((self.transfer_time_s(a, b, nbytes / p) for a, b in hops), key=lambda t: float(np.max(t)))
+        return 2 * (p - 1) * step
+
+    def busy_power_w(self, device_id: str) -> float:
+        return self.cluster.device(device_id).spec.power_w
+
+    def idle_power_w(self, device_id: str) -> float:
+        return self.cluster.device(device_id).spec.idle_power_w
+
+    # ---- shared helpers ----------------------------------------------------
+    def stage_compute_s(self, start: int, end: int, device_ids, n, c, b):
+        """Time a stage spends on one work item, transfers between stages excluded.
+
+        One device: the sum of its units' times.  Tensor parallel (several devices):
+        the first device receives the stage's input and sends it on to each peer, one
+        after another; then every device runs its shard of each unit (the slowest
+        sets the pace) and each split unit ends with an all-reduce over the stage."""
+        units = self.setup.units[start:end]
+        tp = len(device_ids)
+        if tp == 1:
+            return np.asarray(sum(self.unit_time_s(u, device_ids[0], n, c, b) for u in units), float)
+        per_device = [sum(self.unit_time_s(u, d, n, c, b, tp) for u in units) for d in device_ids]
+        t = np.maximum.reduce([np.asarray(x, float) for x in per_device])
+        for u in units:
+            t = t + self.allreduce_time_s(device_ids, u.tp_allreduce_bytes(n, b, self.dtype_bytes))
+        if start > 0:
+            in_bytes = self.setup.units[start - 1].out_bytes(n, b, self.dtype_bytes)
+            t = t + sum(self.transfer_time_s(device_ids[0], d, in_bytes) for d in device_ids[1:])
+        return t
+
+    def describe(self) -> dict[str, Any]:
+        return self.config.model_dump()
+
+
+REGISTRY: dict[str, type[CostModel]] = {}
+
+
+def register(cls: type[CostModel]) -> type[CostModel]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_costmodel(spec: str | dict, setup) -> CostModel:
+    """Build the cost model a scenario names (a string, or a mapping with ``kind``)."""
+    _load_builtin()
+    data = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    kind = data.get("kind")
+    if kind not in REGISTRY:
+        raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), REGISTRY)}; "
+                         f"one of {', '.join(REGISTRY)}", field="kind")
+    cls = REGISTRY[kind]
+    try:
+        config = cls.Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise InputError(msg, field=field) from None
+    return cls(config, setup)
+
+
+def _load_builtin() -> None:
+    from hpipe.costmodels import roofline  # noqa: F401

@@ -1,0 +1,79 @@
+"""Per-device memory of a plan: weights, KV cache and activation workspace.
+
+The same figures serve the planners (a stage that does not fit is never
+returned), the simulator (peak memory per device, infeasible plans marked)
+and the CLI (exit code 3 with the shortfall).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpipe.errors import InfeasibleError
+
+
+def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, micro_batch: int) -> float:
+    """Bytes one device of a stage needs: its share of the units' weights, the KV cache
+    of its attention units for the whole batch and sequence, and the workspace of the
+    largest slice of a micro-batch."""
+    units = setup.units[start:end]
+    db = setup.dtype_bytes
+    weights = sum(u.weight_bytes(db) for u in units) / tp
+    kv = sum(u.kv_bytes_per_token(db) for u in units) * setup.seq_len * setup.batch_size / tp
+    work = max(float(u.workspace_bytes(max_slice, micro_batch, db)) for u in units)
+    return weights + kv + work
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    device: str
+    need_bytes: float
+    have_bytes: float
+
+    @property
+    def short_bytes(self) -> float:
+        return self.need_bytes - self.have_bytes
+
+    def __str__(self) -> str:
+        return (f"{self.device} needs {self.need_bytes / 1e9:.2f} GB but has {self.have_bytes / 1e9:.2f} GB "
+                f"usable: {self.short_bytes / 1e9:.2f} GB short")
+
+
+def plan_memory_bytes(setup, plan) -> dict[str, float]:
+    """Predicted peak bytes of every device the plan uses."""
+    mb = max(plan.micro_batch_sizes(setup.batch_size))
+    out = {}
+    for st in plan.stages:
+        need = stage_memory_bytes(setup, st.start, st.end, st.tp, max(plan.slices), mb)
+        for d in st.devices:
+            out[d] = need
+    return out
+
+
+def plan_shortfalls(setup, plan) -> list[Shortfall]:
+    return [Shortfall(d, need, setup.cluster.device(d).usable_memory_bytes)
+            for d, need in plan_memory_bytes(setup, plan).items()
+            if need > setup.cluster.device(d).usable_memory_bytes]
+
+
+def model_shortfall_bytes(setup) -> float:
+    """How far the whole cluster falls short of holding the model's weights and KV cache
+    (0 when it has room, by this lower bound)."""
+    db = setup.dtype_bytes
+    need = sum(u.weight_bytes(db) + u.kv_bytes_per_token(db) * setup.seq_len * setup.batch_size
+               for u in setup.units)
+    if setup.model.tie_embeddings:  # counted twice above; one copy is enough on one device
+        need -= setup.model.vocab_size * setup.model.d_model * db
+    have = sum(d.usable_memory_bytes for d in setup.cluster.devices)
+    return max(need - have, 0.0)
+
+
+def raise_if_model_cannot_fit(setup) -> None:
+    short = model_shortfall_bytes(setup)
+    if short > 0:
+        db = setup.dtype_bytes
+        raise InfeasibleError(
+            f"{setup.model.name} at batch {setup.batch_size} x {setup.seq_len} tokens ({setup.dtype}) "
+            f"does not fit in the cluster's memory: {short / 1e9:.2f} GB short "
+            f"(weights {sum(u.weight_bytes(db) for u in setup.units) / 1e9:.2f} GB + KV cache, "
+            f"{sum(d.usable_memory_bytes for d in setup.cluster.devices) / 1e9:.2f} GB usable)")

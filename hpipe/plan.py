@@ -1,0 +1,145 @@
+"""The Plan: which devices run which units, and how each sequence is sliced.
+
+One Plan drives both the simulator and the runtime.  Semantics:
+
+* ``stages`` run in order; each holds a half-open range of unit indices, and
+  together they cover every unit once, in order.  A stage with several devices
+  is tensor parallel across them (Megatron-style).
+* The batch is split into ``micro_batches`` micro-batches (the first
+  ``batch % micro_batches`` get one extra sequence); each micro-batch's
+  sequence is cut into ``slices`` (token counts summing to ``seq_len``).
+* Work items run in the order ``for micro_batch: for slice:`` on every stage;
+  item i on stage j waits for item i from stage j-1 and item i-1 on stage j.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from hpipe.errors import InputError, suggest
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    devices: list[str] = Field(min_length=1)
+    units: tuple[int, int]
+    """Half-open range [start, end) of unit indices."""
+
+    @property
+    def start(self) -> int:
+        return self.units[0]
+
+    @property
+    def end(self) -> int:
+        return self.units[1]
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    planner: str
+    scenario: str
+    stages: list[Stage] = Field(min_length=1)
+    slices: list[PositiveInt] = Field(min_length=1)
+    micro_batches: PositiveInt = 1
+    predicted: dict[str, Any] = {}
+    """What the planner expects, e.g. {"latency_s": 1.9}."""
+
+    def micro_batch_sizes(self, batch_size: int) -> list[int]:
+        q, r = divmod(batch_size, self.micro_batches)
+        return [q + (1 if i < r else 0) for i in range(self.micro_batches)]
+
+    def items(self, batch_size: int) -> list[tuple[int, int, int, int, int]]:
+        """Work items in execution order: (micro_batch, slice, batch, tokens, context)."""
+        out = []
+        for mb, b in enumerate(self.micro_batch_sizes(batch_size)):
+            ctx = 0
+            for s, n in enumerate(self.slices):
+                out.append((mb, s, b, n, ctx))
+                ctx += n
+        return out
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for st in self.stages for d in st.devices]
+
+    def check(self, setup, file: str | None = None) -> "Plan":
+        """Raise InputError (file, field, problem) if this plan does not fit the scenario."""
+
+        def bad(field: str, problem: str):
+            raise InputError(problem, file=file, field=field)
+
+        n_units = setup.n_units
+        expect = 0
+        seen: dict[str, int] = {}
+        for i, st in enumerate(self.stages):
+            a, b = st.units
+            if a != expect:
+                what = "overlaps the previous stage" if a < expect else "leaves a gap after the previous stage"
+                bad(f"stages[{i}].units", f"starts at unit {a} but must start at {expect}: it {what}")
+            if b <= a:
+                bad(f"stages[{i}].units", f"[{a}, {b}) is empty or reversed")
+            if b > n_units:
+                bad(f"stages[{i}].units", f"ends at {b}, past the model's {n_units} units")
+            expect = b
+            for k, d in enumerate(st.devices):
+                if d not in setup.cluster:
+                    bad(f"stages[{i}].devices[{k}]",
+                        f"device {d!r} is not in the scenario{suggest(d, setup.cluster.device_ids)}")
+                if d in seen:
+                    bad(f"stages[{i}].devices[{k}]", f"device {d!r} is already used by stage {seen[d]}")
+                seen[d] = i
+        if expect != n_units:
+            bad("stages", f"the stages cover units [0, {expect}) but the model has {n_units} units")
+        if sum(self.slices) != setup.seq_len:
+            bad("slices", f"sum to {sum(self.slices)}, not the sequence length {setup.seq_len}")
+        if self.micro_batches > setup.batch_size:
+            bad("micro_batches", f"{self.micro_batches} micro-batches for a batch of {setup.batch_size}")
+        return self
+
+
+def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> InputError:
+    from hpipe.scenario import format_loc
+
+    err = e.errors()[0]
+    field = prefix + format_loc(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key{suggest(str(err['loc'][-1]), Plan.model_fields)}"
+    elif err["type"] == "missing":
+        msg = "missing required key"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    return InputError(msg, file=file, field=field or None)
+
+
+def load_plans(path: str | Path) -> list[Plan]:
+    """One Plan or a JSON list of Plans."""
+    file = str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError("no such file", file=file) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the file: {e}", file=file) from None
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise InputError("an empty list: no plan to use", file=file)
+    plans = []
+    for i, item in enumerate(items):
+        prefix = f"[{i}]." if isinstance(data, list) else ""
+        if not isinstance(item, dict):
+            raise InputError(f"a plan is a JSON object, got {type(item).__name__}", file=file, field=prefix.rstrip(".") or None)
+        try:
+            plans.append(Plan.model_validate(item))
+        except ValidationError as e:
+            raise _plan_error(e, file, prefix) from None
+    return plans

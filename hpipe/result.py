@@ -1,0 +1,107 @@
+"""The Result schema shared by `simulate` and `execute`, and the one function that
+turns a timeline of events into its figures.
+
+Simulated and measured runs both produce a list of ``Event`` (a compute on a
+device, a transfer on a link) and call ``summarize``; so a prediction and a
+measurement of the same plan compare field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hpipe.plan import Plan
+
+
+class Event(BaseModel):
+    """One interval of work on the timeline."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str
+    """The computing device, or the sender of a transfer."""
+    kind: Literal["compute", "transfer", "allreduce"]
+    stage: int
+    micro_batch: int
+    slice: int
+    start_s: float
+    end_s: float
+    dst: str | None = None
+    """Receiver of a transfer."""
+    nbytes: float = 0.0
+
+
+class RunResult(BaseModel):
+    """The figures of one plan, simulated or measured."""
+
+    model_config = ConfigDict(extra="forbid")
+    planner: str
+    latency_s: float
+    """Makespan: first work item starts to last one ends."""
+    throughput_tokens_per_s: float
+    """Prompt tokens (batch x seq_len) per second of latency."""
+    energy_j: float
+    """Idle power of every plan device over the makespan, plus busy time above idle."""
+    dynamic_energy_j: float
+    """The busy-above-idle part alone."""
+    peak_memory_mb: dict[str, float]
+    utilization: dict[str, float]
+    """Busy time / latency, per device the plan uses."""
+    bubble_fraction: float
+    """1 - (busy time summed over plan devices) / (devices x latency)."""
+    plan: Plan
+    feasible: bool = True
+    infeasible: str | None = None
+    """Why the plan cannot run as given (a device short of memory), when it cannot."""
+    predicted_latency_s: float | None = None
+    """Measured results: what the simulator predicted for the same plan."""
+    max_abs_error: float | None = None
+    """Measured with --check: largest |logit difference| against one process."""
+    next_token_ids: list[int] | None = None
+    """Measured: argmax of the last position's logits, one per sequence."""
+    events: list[Event] = Field(default_factory=list, exclude=True)
+    """The timeline (exported as a trace, not in the JSON)."""
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scenario: str
+    mode: Literal["simulated", "measured"]
+    results: list[RunResult]
+
+
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[str, float],
+              **extra) -> RunResult:
+    """Latency, throughput, utilization, bubbles and energy of a timeline.
+
+    Compute and all-reduce intervals count as busy time of their device."""
+    if not events:
+        raise ValueError("summarize needs at least one event")
+    t0 = min(e.start_s for e in events)
+    latency = max(e.end_s for e in events) - t0
+    devices = plan.devices
+    busy = {d: _union_s([(e.start_s, e.end_s) for e in events
+                         if e.device == d and e.kind in ("compute", "allreduce")]) for d in devices}
+    util = {d: (busy[d] / latency if latency > 0 else 0.0) for d in devices}
+    dynamic = sum((setup.cost.busy_power_w(d) - setup.cost.idle_power_w(d)) * busy[d] for d in devices)
+    idle = sum(setup.cost.idle_power_w(d) for d in devices) * latency
+    bubble = 1.0 - sum(busy.values()) / (len(devices) * latency) if latency > 0 else 0.0
+    return RunResult(
+        planner=plan.planner, latency_s=latency,
+        throughput_tokens_per_s=setup.batch_size * setup.seq_len / latency if latency > 0 else 0.0,
+        energy_j=idle + dynamic, dynamic_energy_j=dynamic,
+        peak_memory_mb={d: b / 2**20 for d, b in peak_memory_bytes.items()},
+        utilization=util, bubble_fraction=bubble, plan=plan,
+        events=[e.model_copy(update={"start_s": e.start_s - t0, "end_s": e.end_s - t0}) for e in events],
+        **extra)

@@ -1,0 +1,391 @@
+"""The scenario language: YAML in, a validated ``Scenario`` and a resolved ``Setup`` out.
+
+Every model here forbids unknown keys.  Errors become ``InputError`` naming the
+file, the field path (``cluster.hosts[1].devices[0].type``) and the problem.
+``Setup`` is what planners, the simulator and the runtime take: the scenario
+with its model expanded into units, its cluster graph and its cost model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator, model_validator)
+
+from hpipe.devices import DEVICES, DeviceSpec
+from hpipe.errors import InputError, suggest
+from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping
+
+PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Workload(_Strict):
+    seq_len: PositiveInt
+    """Prompt tokens per sequence."""
+    batch_size: PositiveInt = 1
+    """Sequences processed together."""
+
+
+class LinkSpec(_Strict):
+    bandwidth_gbps: PositiveFloat
+    """One-direction bandwidth, Gbit/s."""
+    latency_us: NonNegativeFloat = 0.0
+    """One-way latency of a message, microseconds."""
+
+
+class PairLink(LinkSpec):
+    between: tuple[str, str]
+    """Two host names."""
+
+
+_RUNTIME_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class Placement(_Strict):
+    """Where a scenario device runs for `hpipe execute` on this machine."""
+
+    device: str = "cpu"
+    """cpu, cuda (cuda:i for the i-th of the entry's count) or cuda:N."""
+    threads: PositiveInt = 1
+    """torch intra-op threads of the worker (CPU)."""
+    cores: list[int] | None = None
+    """CPU cores the worker is pinned to (sched_setaffinity); none: not pinned."""
+    cpu_quota: PositiveFloat | None = None
+    """Emulate a slower device: the worker gets this many CPUs' worth of time (cgroup cpu.max)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _RUNTIME_DEVICE.match(v):
+            raise ValueError(f"must be 'cpu', 'cuda' or 'cuda:N', got {v!r}")
+        return v
+
+
+class DeviceEntry(_Strict):
+    """A catalog device (`type`) or a custom one (`name` plus its figures)."""
+
+    type: str | None = None
+    name: str | None = None
+    count: PositiveInt = 1
+    peak_tflops: PositiveFloat | None = None
+    """Custom device: peak TFLOP/s at the scenario's dtype."""
+    memory_gb: PositiveFloat | None = None
+    memory_bandwidth_gbps: PositiveFloat | None = None
+    """GB/s of device memory (bytes, not bits)."""
+    power_w: PositiveFloat | None = None
+    idle_power_w: NonNegativeFloat | None = None
+    """Default: 10% of power_w."""
+    runtime: Placement | None = None
+
+    @model_validator(mode="after")
+    def _type_or_custom(self):
+        custom = ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w", "idle_power_w")
+        if self.type is not None:
+            if self.name is not None:
+                raise ValueError("give either 'type' (a catalog device) or 'name' (a custom device), not both")
+            if self.type not in DEVICES:
+                raise ValueError(f"unknown device type {self.type!r}{suggest(self.type, DEVICES)}; "
+                                 f"`hpipe devices` lists the catalog")
+            given = [k for k in custom if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"'{given[0]}' is for custom devices; a catalog type takes its datasheet figures")
+        else:
+            if self.name is None:
+                raise ValueError("a device needs 'type' (a catalog device) or 'name' (a custom device)")
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
+                raise ValueError(f"device name {self.name!r} may hold only letters, digits and _ . + -")
+            missing = [k for k in ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w")
+                       if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"custom device {self.name!r} needs {', '.join(missing)}")
+        return self
+
+    def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:
+        if self.type is not None:
+            return DEVICES[self.type]
+        idle = self.idle_power_w if self.idle_power_w is not None else 0.1 * self.power_w
+        return DeviceSpec(name=self.name, fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
+                          memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
+                          power_w=self.power_w, idle_power_w=idle,
+                          interconnect_gbps=interconnect.bandwidth_gbps if interconnect else 126.0,
+                          source="custom device from the scenario")
+
+    @property
+    def label(self) -> str:
+        return self.type if self.type is not None else self.name
+
+
+class Host(_Strict):
+    name: str
+    devices: list[DeviceEntry] = Field(min_length=1)
+    interconnect: LinkSpec | None = None
+    """Link between devices of this host; default: the slowest of its devices' catalog interconnects."""
+    address: str | None = None
+    """Host address for multi-host `hpipe execute` (torchrun); default: this machine."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"host name {v!r} may hold only letters, digits and _ . -")
+        return v
+
+
+class ClusterSpec(_Strict):
+    hosts: list[Host] = Field(min_length=1)
+    network: LinkSpec | None = None
+    """Link between any two hosts, unless `links` overrides the pair."""
+    links: list[PairLink] = []
+
+    @model_validator(mode="after")
+    def _cross(self):
+        names = [h.name for h in self.hosts]
+        seen = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise _FieldError(f"hosts[{i}].name", f"duplicate host name {n!r}")
+            seen.add(n)
+        pairs = set()
+        for i, link in enumerate(self.links):
+            for h in link.between:
+                if h not in seen:
+                    raise _FieldError(f"links[{i}].between", f"unknown host {h!r}{suggest(h, names)}")
+            a, b = link.between
+            if a == b:
+                raise _FieldError(f"links[{i}].between", f"a link joins two different hosts, got {a!r} twice")
+            key = frozenset(link.between)
+            if key in pairs:
+                raise _FieldError(f"links[{i}].between", f"the link between {a!r} and {b!r} is given twice")
+            pairs.add(key)
+        if len(self.hosts) > 1 and self.network is None:
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    if frozenset((a, b)) not in pairs:
+                        raise _FieldError("network", f"missing: hosts {a!r} and {b!r} have no link "
+                                                     f"(give 'network' or a 'links' entry)")
+        return self
+
+
+class PlannerSpec(_Strict):
+    kind: str = "hpipe"
+    """hpipe | base | gpipe | gpipe-balanced | terapipe | megatron | tp-terapipe"""
+    token_granularity: PositiveInt = 16
+    """Slice lengths are multiples of this."""
+    micro_batches: PositiveInt | None = None
+    """Micro-batches for gpipe, gpipe-balanced and megatron; default: one sequence each."""
+    memory_reserve_gb: NonNegativeFloat = 0.5
+    """Memory kept free on each GPU for the framework (CUDA context, allocator); CPUs keep none."""
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in PLANNER_NAMES:
+            raise ValueError(f"unknown planner {v!r}{suggest(v, PLANNER_NAMES)}; "
+                             f"one of {', '.join(PLANNER_NAMES)}")
+        return v
+
+
+class Scenario(_Strict):
+    name: str
+    model: str | dict[str, Any]
+    """A catalog name (`hpipe models`) or a mapping of ModelSpec fields."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    workload: Workload
+    cluster: ClusterSpec
+    costmodel: str | dict[str, Any] = "roofline"
+    """A cost model name, or a mapping with `kind` and that model's settings."""
+    planner: PlannerSpec = PlannerSpec()
+    weights: str | None = None
+    """Runtime only: a Hugging Face folder (config.json + *.safetensors)."""
+
+    # Where the YAML came from; relative paths inside it resolve against its folder.
+    source_path: str | None = Field(default=None, exclude=True)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        if isinstance(v, str):
+            get_model_or_raise(v)
+        else:
+            try:
+                model_from_mapping(v)
+            except InputError as e:
+                raise _FieldError(e.field, e.problem) from None
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        g = self.planner.token_granularity
+        if self.workload.seq_len % g:
+            raise _FieldError("workload.seq_len", f"{self.workload.seq_len} is not a multiple of "
+                                                  f"planner.token_granularity ({g})")
+        spec = self.model_spec()
+        if spec.family == "gpt" and self.workload.seq_len > spec.max_seq_len:
+            raise _FieldError("workload.seq_len", f"{self.workload.seq_len} exceeds {spec.name}'s "
+                                                  f"learned positions ({spec.max_seq_len})")
+        if self.planner.micro_batches and self.planner.micro_batches > self.workload.batch_size:
+            raise _FieldError("planner.micro_batches", f"{self.planner.micro_batches} micro-batches "
+                                                       f"for a batch of {self.workload.batch_size}")
+        if isinstance(self.costmodel, dict) and "kind" not in self.costmodel:
+            raise _FieldError("costmodel.kind", "missing (e.g. roofline or fitted)")
+        return self
+
+    def model_spec(self) -> ModelSpec:
+        if isinstance(self.model, str):
+            return get_model(self.model)
+        return model_from_mapping(self.model)
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        if not path.is_absolute() and self.source_path:
+            path = Path(self.source_path).parent / path
+        return path
+
+    def resolve(self) -> "Setup":
+        from hpipe.cluster import Cluster
+        from hpipe.costmodels import make_costmodel
+
+        model = self.model_spec()
+        cluster = Cluster.from_spec(self.cluster, self.planner.memory_reserve_gb)
+        setup = Setup(scenario=self, model=model, units=model.units(), dtype=self.dtype,
+                      dtype_bytes=DTYPE_BYTES[self.dtype], seq_len=self.workload.seq_len,
+                      batch_size=self.workload.batch_size, granularity=self.planner.token_granularity,
+                      cluster=cluster, cost=None,
+                      weights=str(self.resolve_path(self.weights)) if self.weights else None)
+        try:
+            setup.cost = make_costmodel(self.costmodel, setup)
+        except InputError as e:
+            raise e.located(self.source_path, "costmodel") from None
+        return setup
+
+
+class _FieldError(ValueError):
+    """A cross-field problem located at a path below the model that raised it."""
+
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(problem)
+
+
+def get_model_or_raise(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}{suggest(name, MODELS)}; `hpipe models` lists the catalog")
+    return MODELS[name]
+
+
+@dataclass
+class Setup:
+    """A resolved scenario: everything planners, the simulator and the runtime need."""
+
+    scenario: Scenario
+    model: ModelSpec
+    units: list[Unit]
+    dtype: str
+    dtype_bytes: int
+    seq_len: int
+    batch_size: int
+    granularity: int
+    cluster: "Cluster"  # noqa: F821
+    cost: Any
+    weights: str | None
+
+    @property
+    def name(self) -> str:
+        return self.scenario.name
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
+    problems = []
+    for e in err.errors():
+        # union members (str | dict) repeat the same error once per member; keep the path only
+        loc = tuple(p for p in e["loc"] if p not in ("str", "dict[str,any]", "function-after[_type_or_custom(), DeviceEntry]"))
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldError):
+            field = ".".join(x for x in (format_loc(loc), ctx_err.field) if x)
+            msg = ctx_err.problem
+        else:
+            field = format_loc(loc)
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = f"unknown key{_suggest_key(err, loc)}"
+            elif e["type"] == "missing":
+                msg = "missing required key"
+            elif "input" in e and e["type"].endswith("_type"):
+                msg += f", got {e['input']!r}"
+        problems.append((field, msg))
+    field, msg = problems[0]
+    # The same location may fail once per union member; mention the others only if distinct.
+    others = [f"{f}: {m}" for f, m in problems[1:] if f != field]
+    if others:
+        msg += "; also " + "; ".join(others[:3]) + (f" (and {len(others) - 3} more)" if len(others) > 3 else "")
+    return InputError(msg, file=file, field=field or None)
+
+
+_KEYS_BY_PATH_TAIL = {
+    "": Scenario, "workload": Workload, "cluster": ClusterSpec, "hosts": Host, "devices": DeviceEntry,
+    "interconnect": LinkSpec, "network": LinkSpec, "links": PairLink, "planner": PlannerSpec,
+    "runtime": Placement,
+}
+
+
+def _suggest_key(err: ValidationError, loc: tuple) -> str:
+    parents = [p for p in loc[:-1] if isinstance(p, str)]
+    model = _KEYS_BY_PATH_TAIL.get(parents[-1] if parents else "")
+    if model is None:
+        return ""
+    return suggest(str(loc[-1]), [k for k in model.model_fields if k != "source_path"])
+
+
+def parse_scenario(data: Any, file: str | None = None) -> Scenario:
+    """Validate already-parsed YAML/JSON data as a scenario."""
+    if not isinstance(data, dict):
+        raise InputError(f"a scenario is a mapping of keys (name, model, workload, cluster, ...), "
+                         f"got {type(data).__name__}", file=file)
+    try:
+        return Scenario.model_validate({**data, "source_path": file})
+    except ValidationError as e:
+        raise _pydantic_error(e, file) from None
+    except InputError as e:
+        raise e.located(file) from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file (safe loading only)."""
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise InputError("no such file", file=file) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the file: {e}", file=file) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise InputError(f"YAML syntax error at {where}{problem}", file=file) from None
+    return parse_scenario(data, file)
