@@ -43,6 +43,9 @@ from torch import nn
 
 from hpipe.models import ModelSpec, Unit
 
+# enable_gqa arrived in torch 2.5; older versions get the key/value heads repeated instead.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -210,13 +213,19 @@ class AttentionUnit(_Unit):
             k, v = cache.k[:, :, :pos + n], cache.v[:, :, :pos + n]  # (B, Hkv, pos + n, hd)
         elif pos:
             raise ValueError("a slice after a prefix needs the prefix's KV cache")
-        gqa = self.n_heads != self.n_kv_heads
+        kw = {}
+        if self.n_heads != self.n_kv_heads:
+            if _SDPA_GQA:
+                kw["enable_gqa"] = True
+            else:  # query head i uses key/value head i // group, as HF's repeat_kv
+                group = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if pos == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         else:
             # Query i of the slice sits at position pos + i and sees keys 0 .. pos + i.
             mask = torch.ones(n, pos + n, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
         o = o.transpose(1, 2).reshape(B, n, self.n_heads * hd)  # (B, n, D / tp)
         o = self.all_reduce(F.linear(o, self.wo))  # partial sums over heads -> (B, n, D)
         if gpt:
