@@ -168,8 +168,10 @@ class _Receiver:
         except CommError:
             raise
         except Exception as e:
-            raise CommError(self.src_role, f"receiving micro-batch {mb} slice {s} from "
-                                           f"{w.describe(self.src_role)}: {_short(e)}") from e
+            what = f"micro-batch {mb} slice {s} from {w.describe(self.src_role)}"
+            if "timed out" in str(e).lower():
+                raise CommError(self.src_role, f"timed out after {w.cfg.timeout_s:g}s waiting for {what}") from e
+            raise CommError(self.src_role, f"receiving {what}: {_short(e)}") from e
         t_done = clock()
         self.records.append((mb, s, self.src_role, t_post, t_done, buf.numel() * buf.element_size()))
         return buf
