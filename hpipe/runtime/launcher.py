@@ -422,43 +422,22 @@ def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float =
     against a single-process float32 forward when ``check``)."""
     spec = runtime_spec(setup)
     ids = make_ids(setup, inputs, seed)
-    bar = _progress_bar(plan, setup, quiet)
-    try:
+    from hpipe.progress import progress
+
+    last_role = len(plan.devices) - len(plan.stages[-1].devices)
+    n_items = plan.micro_batches * len(plan.slices)
+    with progress(quiet) as bar:
+        task = bar.add_task(f"executing {plan.planner}", total=(warmup + 1) * n_items)
+
+        def advance(role, item):  # the last stage's items, warm-up runs included
+            if role == last_role:
+                bar.advance(task)
+
         run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
-                     warmup=warmup, seed=seed, progress=bar.update if bar else None, **launch_kw)
-    finally:
-        if bar:
-            bar.close()
+                     warmup=warmup, seed=seed, progress=advance, **launch_kw)
     extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)]}
     if check:
         ref = reference_logits(setup, ids, spec, seed)
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
     return summarize(setup, plan, run_events(run), peaks, **extra)
-
-
-class _progress_bar:
-    """Work items done by the last stage, on stderr (stdout may carry the JSON)."""
-
-    def __new__(cls, plan, setup, quiet):
-        if quiet:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, plan, setup, quiet):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.last_role = len(plan.devices) - len(plan.stages[-1].devices)
-        self.total = plan.micro_batches * len(plan.slices)
-        self.p = Progress(TextColumn("executing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self.task = self.p.add_task(plan.planner, total=self.total)
-        self.p.start()
-
-    def update(self, role, item):
-        if role == self.last_role:
-            self.p.update(self.task, completed=item + 1)
-
-    def close(self):
-        self.p.stop()

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 from hpipe.runtime.launcher import execute, launch, make_ids, reference_logits, runtime_spec  # noqa: E402
 from hpipe.scenario import PLANNER_NAMES  # noqa: E402
 
-from conftest import TINY_GPT, plan, tiny_setup  # noqa: E402
+from runtime_helpers import TINY_GPT, llama_setup, plan, tiny_setup  # noqa: E402,F401
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 TOL = 1e-4

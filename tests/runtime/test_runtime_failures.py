@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 from hpipe.errors import WorkerError  # noqa: E402
 from hpipe.runtime.launcher import execute  # noqa: E402
 
-from conftest import plan  # noqa: E402
+from runtime_helpers import llama_setup, plan  # noqa: E402,F401
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 N = 6
@@ -77,7 +77,7 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path[:0] = [{str(Path(__file__).parent)!r}, {os.getcwd()!r}]
-        from conftest import tiny_setup, plan
+        from runtime_helpers import tiny_setup, plan
         from hpipe.runtime.launcher import execute
         if __name__ == "__main__":
             p = plan([([0], (0, 2)), ([1], (2, 6))], [16, 16, 16])

@@ -1,4 +1,4 @@
-"""Shared pieces of the runtime tests: a tiny scenario with four CPU devices."""
+"""Shared pieces of the runtime tests: a tiny scenario with four CPU devices, hand-made plans."""
 
 from __future__ import annotations
 
@@ -34,4 +34,5 @@ def plan(stages, slices, micro_batches=1, planner="hand"):
 
 @pytest.fixture(scope="session")
 def llama_setup():
+    """The tiny LLaMA scenario (import this fixture into a test module to use it)."""
     return tiny_setup()
