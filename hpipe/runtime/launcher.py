@@ -123,31 +123,52 @@ class _Placement:
     cpu_quota: float | None
 
 
-def placements(setup, plan) -> list[_Placement]:
-    out = []
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    cuda = None
-    for dev_id in plan.devices:
-        d = setup.cluster.device(dev_id)
-        p = d.placement
-        device = d.runtime_device
-        where = f"device {dev_id} runtime"
-        if device.startswith("cuda"):
-            if cuda is None:
-                import torch
+def placement_of(setup, dev_id: str, usable_cores=None) -> _Placement:
+    """Where ``dev_id`` runs on this machine, checked against what this machine has."""
+    d = setup.cluster.device(dev_id)
+    p = d.placement
+    device = d.runtime_device
+    where = f"device {dev_id} runtime"
+    if device.startswith("cuda"):
+        import torch
 
-                cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            idx = int(device.split(":")[1]) if ":" in device else 0
-            if idx >= cuda:
-                raise InputError(f"{device}, but this machine has {cuda} CUDA device(s)",
-                                 file=setup.scenario.source_path, field=f"{where}.device")
-        cores = list(p.cores) if p is not None and p.cores else None
-        if cores and usable is not None and not set(cores) <= usable:
-            raise InputError(f"cores {sorted(set(cores) - usable)} are not available here (usable: {sorted(usable)})",
-                             file=setup.scenario.source_path, field=f"{where}.cores")
-        out.append(_Placement(device=device, threads=p.threads if p is not None else 1, cores=cores,
-                              cpu_quota=getattr(p, "cpu_quota", None) if p is not None else None))
-    return out
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n:
+            raise InputError(f"{device}, but this machine has {n} CUDA device(s)",
+                             file=setup.scenario.source_path, field=f"{where}.device")
+    cores = list(p.cores) if p is not None and p.cores else None
+    if usable_cores is None and hasattr(os, "sched_getaffinity"):
+        usable_cores = os.sched_getaffinity(0)
+    if cores and usable_cores is not None and not set(cores) <= set(usable_cores):
+        raise InputError(f"cores {sorted(set(cores) - set(usable_cores))} are not available here "
+                         f"(usable: {sorted(usable_cores)})", file=setup.scenario.source_path, field=f"{where}.cores")
+    return _Placement(device=device, threads=p.threads if p is not None else 1, cores=cores,
+                      cpu_quota=getattr(p, "cpu_quota", None) if p is not None else None)
+
+
+def placements(setup, plan) -> list[_Placement]:
+    return [placement_of(setup, d) for d in plan.devices]
+
+
+def stage_roles(spec, plan) -> list[tuple[tuple[int, ...], int, int]]:
+    """Per stage: (roles of its devices in plan order, first unit, end unit); TP checked."""
+    from hpipe.runtime.model import check_tensor_parallel
+
+    roles, stages = 0, []
+    for i, st in enumerate(plan.stages):
+        why = check_tensor_parallel(spec, st.tp)
+        if why:
+            raise InputError(f"stage {i} is tensor parallel over {st.tp} devices but {why}", field=f"stages[{i}]")
+        stages.append((tuple(range(roles, roles + st.tp)), st.start, st.end))
+        roles += st.tp
+    return stages
+
+
+def backend_for(torch_devices: list[str]) -> str:
+    # NCCL only joins GPUs; as soon as one stage is on a CPU, everything goes over gloo
+    # (GPU stages stage their activations through host memory).
+    return "nccl" if all(d.startswith("cuda") for d in torch_devices) else "gloo"
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -263,20 +284,13 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
            warmup: int = 1, seed: int = 0, all_logits: bool = False, faults: dict[int, tuple[str, int]] | None = None,
            on_spawn=None, progress=None) -> Run:
     """Run ``plan`` with one worker process per device; the workers' records."""
-    from hpipe.runtime.model import check_tensor_parallel
     from hpipe.runtime.worker import WorkerConfig, spawned_main
 
     spec = spec or setup.model
     devices = plan.devices
     places = placements(setup, plan)
-    roles, stages = 0, []
-    for i, st in enumerate(plan.stages):
-        why = check_tensor_parallel(spec, st.tp)
-        if why:
-            raise InputError(f"stage {i} is tensor parallel over {st.tp} devices but {why}", field=f"stages[{i}]")
-        stages.append((tuple(range(roles, roles + st.tp)), st.start, st.end))
-        roles += st.tp
-    backend = "nccl" if all(p.device.startswith("cuda") for p in places) else "gloo"
+    stages = stage_roles(spec, plan)
+    backend = backend_for([p.device for p in places])
     port = _free_port()
     env = {}
     if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {n for _, n in socket.if_nameindex()}:
@@ -366,11 +380,15 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
         _stop(procs)
         q.close()
         q.cancel_join_thread()
-    wall = time.monotonic() - t_start
-    last_role = stages[-1][0][0]
-    rec = records[last_role]
-    return Run(records=records, devices=devices, logits=rec["logits"], all_logits=rec.get("all_logits"),
-               ids=ids, wall_s=wall)
+    run = run_from_records(records, devices, stages, ids)
+    run.wall_s = time.monotonic() - t_start
+    return run
+
+
+def run_from_records(records: dict[int, dict], devices, stages, ids) -> Run:
+    rec = records[stages[-1][0][0]]  # the last stage's leader holds the logits
+    return Run(records=records, devices=list(devices), logits=rec["logits"], all_logits=rec.get("all_logits"),
+               ids=ids)
 
 
 # -- records -> Result ------------------------------------------------------------
@@ -435,9 +453,15 @@ def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float =
 
         run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
                      warmup=warmup, seed=seed, progress=advance, **launch_kw)
+    return measured_result(setup, plan, run, check=check, spec=spec, seed=seed)
+
+
+def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, seed: int = 0) -> RunResult:
+    """The run's RunResult through the simulator's ``summarize``; with ``check``, the
+    largest logit error against one process."""
     extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)]}
     if check:
-        ref = reference_logits(setup, ids, spec, seed)
+        ref = reference_logits(setup, run.ids, spec, seed)
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
     return summarize(setup, plan, run_events(run), peaks, **extra)
