@@ -303,7 +303,7 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
                          device=pl.device, threads=pl.threads, cores=pl.cores, backend=backend,
                          init_method=f"tcp://127.0.0.1:{port}", world_size=len(devices), rank=role,
                          timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, warmup=warmup,
-                         all_logits=all_logits, env=env, fault=(faults or {}).get(role))
+                         all_logits=all_logits, env=env, launcher_pid=os.getpid(), fault=(faults or {}).get(role))
         if c.stage_of(role) == 0:
             c.ids = ids
         cfgs.append(c)

@@ -89,6 +89,8 @@ class WorkerConfig:
     warmup: int = 0
     all_logits: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    launcher_pid: int | None = None
+    """The launcher's pid: a worker leaves when it is gone."""
     fault: tuple[str, int] | None = None
     """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item."""
 
@@ -452,18 +454,35 @@ def _map_roles(cfg: WorkerConfig) -> list[int]:
 
 
 # -- process entry (multiprocessing) -------------------------------------------
-def _watch_parent(parent_pid: int) -> None:
-    # A launcher killed with SIGKILL cannot stop its workers; they notice and leave.
+def _proc_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_launcher(pid: int) -> None:
+    # A launcher killed with SIGKILL cannot stop its workers, so they watch it and leave.
+    # Not os.getppid(): a forkserver worker's parent is the forkserver, which lives on
+    # while any worker holds its "alive" pipe -- that is, as long as we do.
+    first = _proc_state(pid)
+    if first is None and not os.path.isdir("/proc"):  # no procfs: the parent will have to do
+        first = ("R", "")
     while True:
         time.sleep(0.5)
-        if os.getppid() != parent_pid:
+        now = _proc_state(pid) if os.path.isdir("/proc") else ("R", "")
+        # gone, a zombie not yet reaped, or the pid reused by another process
+        if now is None or now[0] in ("Z", "X") or (first and now[1] != first[1]):
             os._exit(1)
 
 
 def spawned_main(cfg: WorkerConfig, q) -> None:
     """Entry of a worker started by the launcher: messages go back on ``q``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(cfg.launcher_pid or os.getppid(),), daemon=True).start()
     code = 0
     try:
         rec = worker_main(cfg, lambda kind, i: q.put((kind, cfg.role, i)))

@@ -72,7 +72,8 @@ def test_worker_exception_is_reported(llama_setup):
     assert elapsed < 15
 
 
-def test_ctrl_c_stops_every_worker(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "launcher-killed"])
+def test_launcher_signal_stops_every_worker(tmp_path, sig):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -99,13 +100,17 @@ def test_ctrl_c_stops_every_worker(tmp_path):
         pids = [int(x) for x in line.split()[1:]]
         time.sleep(1.0)  # let the workers start and reach the hang
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=20)
         elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130 and "INTERRUPTED" in out
-    assert elapsed < 10
-    _assert_gone(pids)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "INTERRUPTED" in out
+        assert elapsed < 10
+        _assert_gone(pids)
+    else:  # nobody to stop them: the workers notice their launcher is gone
+        assert proc.returncode == -signal.SIGKILL
+        _assert_gone(pids, within_s=5.0)
