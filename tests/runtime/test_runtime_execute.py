@@ -107,3 +107,17 @@ def test_every_planner_plan_runs(llama_setup, planner):
     except InfeasibleError as e:
         pytest.skip(f"{planner}: {e}")
     _check_all_positions(llama_setup, p.check(llama_setup))
+
+
+def test_cpu_quota_and_core_pinning():
+    """A throttled, pinned worker still computes the right logits, and is left running
+    (not SIGSTOPped) when the run ends."""
+    import os
+
+    core = next(iter(os.sched_getaffinity(0)))
+    setup = tiny_setup(batch_size=2, seq_len=32)
+    for d in setup.cluster.devices[:1]:  # the first device: half a CPU, pinned
+        object.__setattr__(d, "placement", d.placement.model_copy(update={"cpu_quota": 0.5, "cores": [core]}))
+    p = plan([([0], (0, 3)), ([1], (3, N))], [16, 16]).check(setup)
+    run = launch(setup, p, ids=make_ids(setup), warmup=0, all_logits=True, timeout_s=20)
+    assert np.abs(run.all_logits - reference_logits(setup, make_ids(setup), all_positions=True)).max() < TOL
