@@ -19,17 +19,20 @@ slice's keys and values into the micro-batch's ``KVCache`` and attends over
 ``cache[:pos + n]`` with a causal mask shifted by ``pos``.  This is what lets
 a sequence be pipelined on the token dimension (TeraPipe / HPipe).
 
-Tensor parallelism is Megatron-style: attention is split by heads (query and
-key/value heads alike), the MLP by the columns of its first and the rows of
-its second projection; each split unit sums its partial output with the
-``all_reduce`` it is given, then adds the (unsplit) output bias.  Embedding and
+Tensor parallelism is Megatron-style: attention is split by query heads, each
+rank holding the key/value heads its query heads use (replicated when there
+are more ranks than key/value heads, as Megatron does for grouped-query
+attention), the MLP by the columns of its first and the rows of its second
+projection; each split unit sums its partial output with the ``all_reduce``
+it is given, then adds the (unsplit) output bias.  Parts may be uneven (the
+first ranks get one head or column more), so any size up to ``n_heads`` works.  Embedding and
 head are replicated on every tensor-parallel rank (they are one unit each,
 and replicating them needs no communication).
 
 Weights come from a *weight source* (see ``weights.py``): an object with
 ``get(unit, name, shard) -> Tensor`` returning the tensor in this module's
-layout (``nn.Linear``'s (out, in)), already cut to ``shard = (dim, rank,
-size)`` when one is given.
+layout (``nn.Linear``'s (out, in)), already cut to ``shard = (dim, start,
+stop)`` when one is given.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-Shard = tuple[int, int, int]  # (dim, rank, size): take part `rank` of `size` equal parts of `dim`
+Shard = tuple[int, int, int]  # (dim, start, stop): rows/columns [start, stop) of dimension dim
 
 
 class WeightSource(Protocol):
@@ -77,20 +80,41 @@ def param_shapes(spec: ModelSpec, unit: Unit) -> dict[str, tuple[int, ...]]:
     return {**norm, "out": (V, d)}
 
 
-# Which dimension of each tensor a tensor-parallel rank cuts (absent: replicated).
-TP_SPLIT_DIM = {
-    "wq": 0, "wk": 0, "wv": 0, "bq": 0, "bk": 0, "bv": 0, "wo": 1,
-    "w_gate": 0, "w_up": 0, "w_fc": 0, "b_fc": 0, "w_down": 1, "w_proj": 1,
-}
+def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Part ``rank`` of ``n`` things cut in ``size`` parts as evenly as can be (the first
+    ``n % size`` parts one larger), as numpy.array_split."""
+    q, r = divmod(n, size)
+    start = rank * q + min(rank, r)
+    return start, start + q + (1 if rank < r else 0)
+
+
+def tp_heads(spec: ModelSpec, rank: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Query heads [h0, h1) of a tensor-parallel rank and the key/value heads [k0, k1) they use."""
+    h0, h1 = split_range(spec.n_heads, rank, size)
+    group = spec.n_heads // spec.n_kv_heads
+    return (h0, h1), (h0 // group, (h1 - 1) // group + 1)
+
+
+def tp_shard(spec: ModelSpec, unit: Unit, name: str, rank: int, size: int) -> Shard | None:
+    """The rows or columns of tensor ``name`` that rank ``rank`` of ``size`` holds (None: all)."""
+    if size == 1 or unit.kind not in ("attn", "mlp"):
+        return None
+    hd = spec.head_dim
+    (h0, h1), (k0, k1) = tp_heads(spec, rank, size)
+    f0, f1 = split_range(spec.d_ff, rank, size)
+    return {
+        "wq": (0, h0 * hd, h1 * hd), "bq": (0, h0 * hd, h1 * hd), "wo": (1, h0 * hd, h1 * hd),
+        "wk": (0, k0 * hd, k1 * hd), "bk": (0, k0 * hd, k1 * hd),
+        "wv": (0, k0 * hd, k1 * hd), "bv": (0, k0 * hd, k1 * hd),
+        "w_gate": (0, f0, f1), "w_up": (0, f0, f1), "w_fc": (0, f0, f1), "b_fc": (0, f0, f1),
+        "w_down": (1, f0, f1), "w_proj": (1, f0, f1),
+    }.get(name)
 
 
 def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> str | None:
     """Why ``spec`` cannot be split ``tp_size`` ways, or None when it can."""
-    if tp_size == 1:
-        return None
-    for what, n in (("n_heads", spec.n_heads), ("n_kv_heads", spec.n_kv_heads), ("d_ff", spec.d_ff)):
-        if n % tp_size:
-            return f"{what} ({n}) is not a multiple of the tensor-parallel size ({tp_size})"
+    if tp_size > spec.n_heads:
+        return f"the model has only {spec.n_heads} attention heads to split"
     return None
 
 
@@ -123,12 +147,11 @@ class _Unit(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.all_reduce = all_reduce if (all_reduce is not None and tp_size > 1) else _identity
         for name, shape in param_shapes(spec, unit).items():
-            dim = TP_SPLIT_DIM.get(name) if unit.kind in ("attn", "mlp") else None
-            shard = (dim, tp_rank, tp_size) if (dim is not None and tp_size > 1) else None
+            shard = tp_shard(spec, unit, name, tp_rank, tp_size)
             t = source.get(unit, name, shard)
             want = list(shape)
             if shard:
-                want[dim] //= tp_size
+                want[shard[0]] = shard[2] - shard[1]
             if list(t.shape) != want:
                 raise ValueError(f"unit {unit.index} ({unit.kind}) tensor {name}: shape {list(t.shape)}, "
                                  f"expected {want}")
@@ -173,8 +196,17 @@ class AttentionUnit(_Unit):
         super().__init__(*args, **kw)
         s = self.spec
         self.head_dim = s.head_dim
-        self.n_heads = s.n_heads // self.tp_size  # local query heads
-        self.n_kv_heads = s.n_kv_heads // self.tp_size  # local key/value heads
+        (h0, h1), (k0, k1) = tp_heads(s, self.tp_rank, self.tp_size)
+        self.n_heads = h1 - h0  # local query heads
+        self.n_kv_heads = k1 - k0  # local key/value heads
+        group = s.n_heads // s.n_kv_heads
+        # Local query head j uses local key/value head kv_of[j].  When the split cuts a group
+        # of query heads (uneven parts, more ranks than key/value heads) the pattern is not
+        # the plain repeat that SDPA's enable_gqa assumes, so those ranks index instead.
+        kv_of = [(h0 + j) // group - k0 for j in range(self.n_heads)]
+        self.uniform_gqa = kv_of == [j // (self.n_heads // self.n_kv_heads) for j in range(self.n_heads)] \
+            if self.n_heads % self.n_kv_heads == 0 else False
+        self.register_buffer("kv_of", torch.tensor(kv_of, device=self.wq.device), persistent=False)
         if s.family == "llama":
             # Same arithmetic as HF's default rotary embedding, so logits match to float32 rounding.
             inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
@@ -215,11 +247,10 @@ class AttentionUnit(_Unit):
             raise ValueError("a slice after a prefix needs the prefix's KV cache")
         kw = {}
         if self.n_heads != self.n_kv_heads:
-            if _SDPA_GQA:
+            if self.uniform_gqa and _SDPA_GQA:
                 kw["enable_gqa"] = True
-            else:  # query head i uses key/value head i // group, as HF's repeat_kv
-                group = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            else:  # query head j uses key/value head kv_of[j] (HF's repeat_kv when uniform)
+                k, v = k.index_select(1, self.kv_of), v.index_select(1, self.kv_of)
         if pos == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         else:

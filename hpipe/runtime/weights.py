@@ -37,8 +37,8 @@ INIT_STD = 0.02  # GPT-2 / LLaMA initializer_range
 def _cut(t: torch.Tensor, shard: Shard | None) -> torch.Tensor:
     if shard is None:
         return t
-    dim, rank, size = shard
-    return t.chunk(size, dim=dim)[rank].contiguous()
+    dim, start, stop = shard
+    return t.narrow(dim, start, stop - start).contiguous()
 
 
 class RandomWeights:
@@ -235,10 +235,9 @@ class HFWeights:
         if offset is not None:
             ranges[0] = [offset, offset + ours[0]]
         if shard is not None:
-            dim, rank, size = shard
-            a, b = ranges[dim]
-            part = (b - a) // size
-            ranges[dim] = [a + rank * part, a + (rank + 1) * part]
+            dim, start, stop = shard
+            a = ranges[dim][0]
+            ranges[dim] = [a + start, a + stop]
         if conv:
             ranges = ranges[::-1]
         expect = list(ours[::-1] if conv else ours)

@@ -147,13 +147,27 @@ def _tensor_parallel_forward(spec, source, ids, slices, tp):
     return out
 
 
-def test_tensor_parallel_shards_match_hf(hf_model):
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_tensor_parallel_shards_match_hf(hf_model, tp):
+    # 4 query heads, 2 key/value heads (llama): tp 2 splits both evenly, tp 3 cuts unevenly
+    # (2, 1, 1 heads), tp 4 replicates each key/value head on two ranks.
     model, path = hf_model
     w = HFWeights(path)
     ids = _ids(w.spec.vocab_size)
     ref = _reference(model, ids)
-    for logits in _tensor_parallel_forward(w.spec, w, ids, [10, 14], tp=2):
+    for logits in _tensor_parallel_forward(w.spec, w, ids, [10, 14], tp=tp):
         assert (logits - ref).abs().max().item() < TOL
+
+
+def test_tensor_parallel_limits():
+    from hpipe.runtime.model import check_tensor_parallel, split_range, tp_heads
+
+    spec = MODELS["tiny-llama"]  # 8 heads, 4 key/value heads
+    assert check_tensor_parallel(spec, 8) is None and "8 attention heads" in check_tensor_parallel(spec, 9)
+    assert [split_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [tp_heads(spec, r, 8)[1] for r in range(8)] == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3),
+                                                          (3, 4), (3, 4)]
+    assert tp_heads(spec, 1, 3) == ((3, 6), (1, 3))  # heads 3..5 use key/value heads 1 and 2
 
 
 def test_random_weights_deterministic_and_sharded_consistently():
@@ -162,7 +176,8 @@ def test_random_weights_deterministic_and_sharded_consistently():
     u = spec.units()[1]
     assert torch.equal(a.get(u, "wq"), b.get(u, "wq"))
     full = a.get(u, "wk")
-    assert torch.equal(torch.cat([a.get(u, "wk", (0, r, 2)) for r in range(2)]), full)
+    half = full.shape[0] // 2
+    assert torch.equal(torch.cat([a.get(u, "wk", (0, r * half, (r + 1) * half)) for r in range(2)]), full)
     assert not torch.equal(RandomWeights(spec, seed=8).get(u, "wq"), a.get(u, "wq"))
 
 
