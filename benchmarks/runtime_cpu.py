@@ -118,7 +118,7 @@ def main() -> None:
     print(f"single process, whole model, 2 threads: {two * 1e3:8.1f} ms")
     print()
     hdr = (f"{'plan':<22}{'measured ms':>12}{'ideal ms':>10}{'vs 1 proc':>10}{'busiest':>9}"
-           f"{'bubbles':>9}{'overhead':>9}{'1-proc sliced ms':>17}")
+           f"{'bubbles':>9}{'overhead':>9}{'ms/item':>8}{'1-proc sliced ms':>17}")
     print(hdr)
     print("-" * len(hdr))
     for p in hand_plans(setup):
@@ -128,11 +128,13 @@ def main() -> None:
         lat = r.latency_s
         sliced = single_process_s(setup, ids, 1, slices=p.slices, repeats=1) if len(p.slices) > 1 else one
         print(f"{p.planner:<22}{lat * 1e3:12.1f}{ideal * 1e3:10.1f}{one / lat:9.2f}x{busiest / lat:9.1%}"
-              f"{(ideal - busiest) / lat:9.1%}{(lat - ideal) / lat:9.1%}{sliced * 1e3:17.1f}")
+              f"{(ideal - busiest) / lat:9.1%}{(lat - ideal) / lat:9.1%}"
+              f"{(lat - ideal) * 1e3 / (p.micro_batches * len(p.slices)):8.2f}{sliced * 1e3:17.1f}")
     print()
     print("vs 1 proc: single-process one-thread latency / pipelined latency (two one-thread workers).")
     print("busiest: compute share of the busiest device; bubbles: (ideal - busiest) / measured;")
-    print("overhead: (measured - ideal) / measured, the framework's share (transfers, send/recv, scheduling).")
+    print("overhead: (measured - ideal) / measured, the framework's share (transfers, send/recv, scheduling);")
+    print("ms/item: that overhead per work item.  1-proc sliced: one process, one thread, same slices.")
 
 
 if __name__ == "__main__":

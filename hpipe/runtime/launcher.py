@@ -109,6 +109,9 @@ def runtime_spec(setup):
             raise InputError(f"the weights folder's config.json has {f} = {getattr(hf, f)} but the scenario's "
                              f"model {setup.model.name} has {getattr(setup.model, f)}",
                              file=setup.scenario.source_path, field="weights")
+    from hpipe.runtime.weights import HFWeights
+
+    HFWeights(setup.weights, hf).verify()
     if hf.family == "gpt" and setup.seq_len > hf.max_seq_len:
         raise InputError(f"seq_len {setup.seq_len} exceeds the weights' {hf.max_seq_len} positions",
                          file=setup.scenario.source_path, field="workload.seq_len")

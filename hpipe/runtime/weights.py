@@ -210,6 +210,23 @@ class HFWeights:
                           field="weights")
 
     def get(self, unit: Unit, name: str, shard: Shard | None = None) -> torch.Tensor:
+        sl, index, conv = self._locate(unit, name, shard)
+        t = sl[index]
+        if conv:
+            t = t.t()
+        return t.contiguous()
+
+    def verify(self) -> None:
+        """Check that every tensor of the model is there with its shape, reading headers only,
+        so a bad folder is an input error before any worker starts."""
+        from hpipe.runtime.model import param_shapes
+
+        for unit in self.spec.units():
+            for name in param_shapes(self.spec, unit):
+                self._locate(unit, name, None)
+
+    def _locate(self, unit: Unit, name: str, shard: Shard | None):
+        """(lazy slice of the stored tensor, index into it, stored as Conv1D?) for one tensor."""
         spec = self.spec
         gpt = spec.family == "gpt"
         ours = param_shapes(spec, unit)[name]
@@ -246,10 +263,7 @@ class HFWeights:
         if list(stored) != expect or any(b > n for (_, b), n in zip(ranges, stored)):
             raise InputError(f"tensor {hf} has shape {list(stored)}, expected {expect} for the model "
                              f"in config.json", file=str(self._file_of[hf]), field="weights")
-        t = sl[tuple(slice(a, b) for a, b in ranges)]
-        if conv:
-            t = t.t()
-        return t.contiguous()
+        return sl, tuple(slice(a, b) for a, b in ranges), conv
 
     def close(self) -> None:
         self._handles.clear()

@@ -190,3 +190,26 @@ def test_random_model_sliced_equals_whole(name):
     assert (full_forward(spec, w, ids, slices=[16, 8, 16]) - whole).abs().max().item() < TOL
     for logits in _tensor_parallel_forward(spec, w, ids, [24, 16], tp=2):
         assert (logits - whole).abs().max().item() < TOL
+
+
+def test_bad_weights_folder_is_an_input_error(hf_gpt2, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from hpipe.errors import InputError
+
+    _, path = hf_gpt2
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match="h.1.mlp.c_fc.bias not found"):
+        HFWeights(tmp_path).verify()
+    tensors["transformer.h.1.mlp.c_fc.bias"] = torch.zeros(5)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match=r"has shape \[5\], expected \[256\]"):
+        HFWeights(tmp_path).verify()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(InputError, match="model_type 'bert' is not supported"):
+        spec_from_hf_config(tmp_path)
