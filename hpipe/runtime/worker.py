@@ -336,7 +336,7 @@ class StageWorker:
         recv = _Receiver(self, src_role, items) if src_role is not None else None
         next_leader = None if self.last_stage or self.tp_rank else cfg.stages[self.stage + 1][0][0]
         ids = torch.from_numpy(cfg.ids) if self.stage == 0 else None
-        mb_start = np.cumsum([0] + cfg.mb_sizes)
+        mb_start = [sum(cfg.mb_sizes[:m]) for m in range(len(cfg.mb_sizes) + 1)]  # python ints: fast slicing
         try:
             for i, item in enumerate(items):
                 mb, s, b, n, c = item
