@@ -121,3 +121,32 @@ def test_cpu_quota_and_core_pinning():
     p = plan([([0], (0, 3)), ([1], (3, N))], [16, 16]).check(setup)
     run = launch(setup, p, ids=make_ids(setup), warmup=0, all_logits=True, timeout_s=20)
     assert np.abs(run.all_logits - reference_logits(setup, make_ids(setup), all_positions=True)).max() < TOL
+
+
+def test_placement_errors_are_input_errors():
+    import torch
+
+    from hpipe.errors import InputError
+    from hpipe.runtime.launcher import placements
+
+    setup = tiny_setup()
+    d = setup.cluster.devices[1]
+    object.__setattr__(d, "placement", d.placement.model_copy(update={"device": "cuda:7"}))
+    p = plan([([0], (0, 3)), ([1], (3, N))], [48]).check(setup)
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(InputError, match=r"device local/core-1 runtime.device.*cuda:7, but this machine has"):
+            placements(setup, p)
+    object.__setattr__(d, "placement", d.placement.model_copy(update={"device": "cpu", "cores": [4096]}))
+    with pytest.raises(InputError, match=r"cores \[4096\] are not available here"):
+        placements(setup, p)
+
+
+def test_weights_that_do_not_match_the_scenario(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hpipe.errors import InputError
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(InputError, match="config.json has d_ff = 96 but the scenario's model"):
+        runtime_spec(tiny_setup(weights=str(tmp_path)))
