@@ -112,26 +112,38 @@ def main() -> None:
     print(f"{setup.name}: {setup.model.name} ({setup.model.param_count() / 1e6:.1f}M params), batch "
           f"{setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}, torch {torch.__version__}")
 
-    one = single_process_s(setup, ids, threads=1, repeats=args.repeats)
-    two = single_process_s(setup, ids, threads=2, repeats=args.repeats)
-    print(f"single process, whole model, 1 thread:  {one * 1e3:8.1f} ms")
-    print(f"single process, whole model, 2 threads: {two * 1e3:8.1f} ms")
+    plans = hand_plans(setup)
+    # This machine may be shared: measure the single process and every plan in turn, once per
+    # round, so a change of background load hits all of them alike; report medians over rounds.
+    singles, two_threads, runs = [], [], {p.planner: [] for p in plans}
+    for _ in range(args.repeats):
+        singles.append(single_process_s(setup, ids, threads=1, repeats=1))
+        two_threads.append(single_process_s(setup, ids, threads=2, repeats=1))
+        for p in plans:
+            r = execute(setup, p, quiet=True, warmup=1, timeout_s=120)
+            runs[p.planner].append((r, singles[-1]))
+    one = statistics.median(singles)
+    print(f"single process, whole model, 1 thread:  {one * 1e3:8.1f} ms  (rounds: "
+          f"{', '.join(f'{t * 1e3:.0f}' for t in singles)})")
+    print(f"single process, whole model, 2 threads: {statistics.median(two_threads) * 1e3:8.1f} ms")
     print()
-    hdr = (f"{'plan':<22}{'measured ms':>12}{'ideal ms':>10}{'vs 1 proc':>10}{'busiest':>9}"
+    hdr = (f"{'plan':<22}{'measured ms':>12}{'ideal ms':>10}{'speed-up':>9}{'busiest':>9}"
            f"{'bubbles':>9}{'overhead':>9}{'ms/item':>8}{'1-proc sliced ms':>17}")
     print(hdr)
     print("-" * len(hdr))
-    for p in hand_plans(setup):
-        runs = [execute(setup, p, quiet=True, warmup=1, timeout_s=120) for _ in range(args.repeats)]
-        r = sorted(runs, key=lambda x: x.latency_s)[len(runs) // 2]
+    for p in plans:
+        rs = runs[p.planner]
+        speedup = statistics.median(single / r.latency_s for r, single in rs)
+        r = sorted(rs, key=lambda x: x[0].latency_s)[len(rs) // 2][0]
         ideal, busiest = ideal_latency_s(r)
         lat = r.latency_s
         sliced = single_process_s(setup, ids, 1, slices=p.slices, repeats=1) if len(p.slices) > 1 else one
-        print(f"{p.planner:<22}{lat * 1e3:12.1f}{ideal * 1e3:10.1f}{one / lat:9.2f}x{busiest / lat:9.1%}"
+        print(f"{p.planner:<22}{lat * 1e3:12.1f}{ideal * 1e3:10.1f}{speedup:8.2f}x{busiest / lat:9.1%}"
               f"{(ideal - busiest) / lat:9.1%}{(lat - ideal) / lat:9.1%}"
               f"{(lat - ideal) * 1e3 / (p.micro_batches * len(p.slices)):8.2f}{sliced * 1e3:17.1f}")
     print()
-    print("vs 1 proc: single-process one-thread latency / pipelined latency (two one-thread workers).")
+    print("speed-up: median over rounds of single-process one-thread latency / pipelined latency")
+    print("(two one-thread workers); the other columns are from the median run of each plan.")
     print("busiest: compute share of the busiest device; bubbles: (ideal - busiest) / measured;")
     print("overhead: (measured - ideal) / measured, the framework's share (transfers, send/recv, scheduling);")
     print("ms/item: that overhead per work item.  1-proc sliced: one process, one thread, same slices.")
