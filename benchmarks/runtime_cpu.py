@@ -1,0 +1,153 @@
+"""Pipelined execution on this machine's CPU against the whole model in one process.
+
+For ``scenarios/local-cpu.yaml`` (small-llama, 2 x 512 tokens, two one-thread
+workers) it prints, per plan:
+
+* measured latency of the pipelined run (median of ``--repeats`` runs, each
+  after a warm-up pass), and the single-process latency of the whole model on
+  one thread (one core, like one worker) and on all threads;
+* the *ideal* pipelined latency: the exact pipeline recurrence over the
+  measured compute times of every stage and item, with free transfers;
+* the share of the latency outside layer compute: bubbles (ideal minus the
+  busiest device's compute) and framework overhead (measured minus ideal:
+  transfers, receive/send bookkeeping, process scheduling).
+
+    PYTHONPATH=. python benchmarks/runtime_cpu.py [--repeats 3] [--scenario scenarios/local-cpu.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from hpipe.plan import Plan, Stage
+from hpipe.runtime.launcher import execute, make_ids, runtime_spec
+from hpipe.runtime.model import full_forward
+from hpipe.runtime.weights import RandomWeights
+from hpipe.scenario import load_scenario
+
+
+def single_process_s(setup, ids, threads: int, slices=None, repeats: int = 3) -> float:
+    torch.set_num_threads(threads)
+    spec = runtime_spec(setup)
+    w = RandomWeights(spec)
+    t_ids = torch.from_numpy(ids)
+    full_forward(spec, w, t_ids, dtype=setup.dtype, slices=slices)  # warm-up
+    times = []
+    from hpipe.runtime.model import build_units, make_caches, run_units
+    units = build_units(spec, 0, spec.n_units, w, dtype=setup.dtype)
+    for _ in range(repeats):
+        caches = make_caches(units, *t_ids.shape)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pos = 0
+            for n in (slices or [t_ids.shape[1]]):
+                run_units(units, t_ids[:, pos:pos + n], pos, caches)
+                pos += n
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ideal_latency_s(result) -> tuple[float, float]:
+    """Exact pipeline recurrence on the measured compute times (transfers free), and the
+    busiest device's compute time."""
+    plan = result.plan
+    n_items = plan.micro_batches * len(plan.slices)
+    dur = np.zeros((len(plan.stages), n_items))
+    busy = {}
+    for e in result.events:
+        if e.kind != "compute":
+            continue
+        i = e.micro_batch * len(plan.slices) + e.slice
+        dur[e.stage, i] = max(dur[e.stage, i], e.end_s - e.start_s)  # TP: the slowest shard
+        busy[e.device] = busy.get(e.device, 0.0) + e.end_s - e.start_s
+    finish = np.zeros_like(dur)
+    for s in range(dur.shape[0]):
+        for i in range(n_items):
+            ready = max(finish[s - 1, i] if s else 0.0, finish[s, i - 1] if i else 0.0)
+            finish[s, i] = ready + dur[s, i]
+    return float(finish[-1, -1]), max(busy.values())
+
+
+def hand_plans(setup) -> list[Plan]:
+    n = setup.n_units
+    devs = setup.cluster.device_ids[:2]
+    half = n // 2 + 1  # the head (vocab projection) is heavy: give stage 0 one unit more
+    even = [setup.seq_len // 4] * 4
+    g = setup.granularity
+    # later slices attend to a longer prefix: make them shorter (the HPipe idea, by hand)
+    shrinking = [6 * g, 5 * g, 3 * g, 2 * g]
+    shrinking[0] += setup.seq_len - sum(shrinking)
+    two = [Stage(devices=[devs[0]], units=(0, half)), Stage(devices=[devs[1]], units=(half, n))]
+    out = [
+        Plan(planner="base (1 slice)", scenario=setup.name, stages=two, slices=[setup.seq_len]),
+        Plan(planner="4 even slices", scenario=setup.name, stages=two, slices=even),
+        Plan(planner="4 shrinking slices", scenario=setup.name, stages=two, slices=shrinking),
+        Plan(planner=f"{setup.batch_size} micro-batches", scenario=setup.name, stages=two,
+             slices=[setup.seq_len], micro_batches=setup.batch_size),
+        Plan(planner="tensor parallel x2", scenario=setup.name,
+             stages=[Stage(devices=devs, units=(0, n))], slices=[setup.seq_len]),
+    ]
+    try:  # the planners' own plans, once they exist
+        from hpipe.planners import make_plan
+
+        for name in ("hpipe", "terapipe", "gpipe"):
+            out.append(make_plan(setup, name))
+    except Exception:
+        pass
+    return [p.check(setup) for p in out]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", default="scenarios/local-cpu.yaml")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    setup = load_scenario(args.scenario).resolve()
+    ids = make_ids(setup)
+    print(f"{setup.name}: {setup.model.name} ({setup.model.param_count() / 1e6:.1f}M params), batch "
+          f"{setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}, torch {torch.__version__}")
+
+    plans = hand_plans(setup)
+    # This machine may be shared: measure the single process and every plan in turn, once per
+    # round, so a change of background load hits all of them alike; report medians over rounds.
+    singles, two_threads, runs = [], [], {p.planner: [] for p in plans}
+    for _ in range(args.repeats):
+        singles.append(single_process_s(setup, ids, threads=1, repeats=1))
+        two_threads.append(single_process_s(setup, ids, threads=2, repeats=1))
+        for p in plans:
+            r = execute(setup, p, quiet=True, warmup=1, timeout_s=120)
+            runs[p.planner].append((r, singles[-1]))
+    one = statistics.median(singles)
+    print(f"single process, whole model, 1 thread:  {one * 1e3:8.1f} ms  (rounds: "
+          f"{', '.join(f'{t * 1e3:.0f}' for t in singles)})")
+    print(f"single process, whole model, 2 threads: {statistics.median(two_threads) * 1e3:8.1f} ms")
+    print()
+    hdr = (f"{'plan':<22}{'measured ms':>12}{'ideal ms':>10}{'speed-up':>9}{'busiest':>9}"
+           f"{'bubbles':>9}{'overhead':>9}{'ms/item':>8}{'1-proc sliced ms':>17}")
+    print(hdr)
+    print("-" * len(hdr))
+    for p in plans:
+        rs = runs[p.planner]
+        speedup = statistics.median(single / r.latency_s for r, single in rs)
+        r = sorted(rs, key=lambda x: x[0].latency_s)[len(rs) // 2][0]
+        ideal, busiest = ideal_latency_s(r)
+        lat = r.latency_s
+        sliced = single_process_s(setup, ids, 1, slices=p.slices, repeats=1) if len(p.slices) > 1 else one
+        print(f"{p.planner:<22}{lat * 1e3:12.1f}{ideal * 1e3:10.1f}{speedup:8.2f}x{busiest / lat:9.1%}"
+              f"{(ideal - busiest) / lat:9.1%}{(lat - ideal) / lat:9.1%}"
+              f"{(lat - ideal) * 1e3 / (p.micro_batches * len(p.slices)):8.2f}{sliced * 1e3:17.1f}")
+    print()
+    print("speed-up: median over rounds of single-process one-thread latency / pipelined latency")
+    print("(two one-thread workers); the other columns are from the median run of each plan.")
+    print("busiest: compute share of the busiest device; bubbles: (ideal - busiest) / measured;")
+    print("overhead: (measured - ideal) / measured, the framework's share (transfers, send/recv, scheduling);")
+    print("ms/item: that overhead per work item.  1-proc sliced: one process, one thread, same slices.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""The launcher behind ``hpipe execute``: start one worker per plan device, watch
+them, gather their timelines into a measured ``RunResult``.
+
+Workers are started from a multiprocessing *forkserver* that has imported
+torch once, so a run pays torch's import once, not once per worker; each
+worker joins a torch.distributed group (gloo over loopback on CPU, NCCL when
+every device is a GPU).  The launcher supervises them: a worker that dies,
+reports an error, or a pipeline that makes no progress for ``timeout_s``
+stops the run -- every worker is terminated, then killed, within a bounded
+time -- and ``execute`` raises ``WorkerError`` naming the stage and device
+that failed.  Ctrl-C stops the workers the same way and re-raises
+``KeyboardInterrupt`` (the CLI's exit code 130).
+
+Measured figures go through ``hpipe.result.summarize``, the function the
+simulator uses, so a measurement and a prediction compare field by field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpipe.errors import InputError, WorkerError
+from hpipe.result import Event, RunResult, summarize
+
+# Largest |logit difference| against the single-process float32 forward that --check accepts.
+# float32: pipelining changes only the order of floating-point sums; 16-bit types round every
+# activation, so their bound is that of the format at logits of order one.
+CHECK_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
+
+_STOP_GRACE_S = 2.0  # SIGTERM, then SIGKILL after this long
+_COLLECT_S = 0.5  # after a first failure, wait this long for the other workers' reports
+
+
+@dataclass
+class Run:
+    """What the workers of one run sent back."""
+
+    records: dict[int, dict]
+    devices: list[str]
+    logits: np.ndarray  # (batch, vocab): the last position of each sequence
+    all_logits: np.ndarray | None = None  # (batch, seq_len, vocab) when asked for
+    ids: np.ndarray | None = None
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# -- inputs -------------------------------------------------------------------
+def load_inputs(path: str | Path, setup) -> list[list[int]]:
+    """Token ids from a JSON file: a list of token-id lists, one per sequence."""
+    file = str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError("no such file", file=file) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
+    check_inputs(data, setup, file)
+    return data
+
+
+def check_inputs(data, setup, file: str | None = None) -> None:
+    vocab = setup.model.vocab_size
+    if not isinstance(data, list) or not all(isinstance(s, list) for s in data):
+        raise InputError("expected a JSON list of token-id lists, one per sequence", file=file)
+    if len(data) != setup.batch_size:
+        raise InputError(f"{len(data)} sequences, but the scenario's batch_size is {setup.batch_size}", file=file)
+    for i, seq in enumerate(data):
+        if len(seq) != setup.seq_len:
+            raise InputError(f"{len(seq)} tokens, but the scenario's seq_len is {setup.seq_len}",
+                             file=file, field=f"[{i}]")
+        for j, t in enumerate(seq):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InputError(f"{t!r} is not a token id of the model (0 .. {vocab - 1})",
+                                 file=file, field=f"[{i}][{j}]")
+
+
+def make_ids(setup, inputs=None, seed: int = 0) -> np.ndarray:
+    """(batch, seq_len) int64 token ids: the given ones, or seeded random ones."""
+    if inputs is not None:
+        check_inputs(inputs, setup, "inputs")
+        return np.asarray(inputs, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, setup.model.vocab_size, size=(setup.batch_size, setup.seq_len), dtype=np.int64)
+
+
+# -- model and placement --------------------------------------------------------
+def runtime_spec(setup):
+    """The model the runtime builds: the scenario's, or the weights folder's when given
+    (whose norm epsilon and rotary base must be used for its logits to be right)."""
+    if not setup.weights:
+        return setup.model
+    from hpipe.runtime.weights import spec_from_hf_config
+
+    hf = spec_from_hf_config(setup.weights)
+    for f in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        if getattr(hf, f) != getattr(setup.model, f):
+            raise InputError(f"the weights folder's config.json has {f} = {getattr(hf, f)} but the scenario's "
+                             f"model {setup.model.name} has {getattr(setup.model, f)}",
+                             file=setup.scenario.source_path, field="weights")
+    from hpipe.runtime.weights import HFWeights
+
+    HFWeights(setup.weights, hf).verify()
+    if hf.family == "gpt" and setup.seq_len > hf.max_seq_len:
+        raise InputError(f"seq_len {setup.seq_len} exceeds the weights' {hf.max_seq_len} positions",
+                         file=setup.scenario.source_path, field="workload.seq_len")
+    return hf
+
+
+@dataclass
+class _Placement:
+    device: str
+    threads: int
+    cores: list[int] | None
+    cpu_quota: float | None
+
+
+def placement_of(setup, dev_id: str, usable_cores=None) -> _Placement:
+    """Where ``dev_id`` runs on this machine, checked against what this machine has."""
+    d = setup.cluster.device(dev_id)
+    p = d.placement
+    device = d.runtime_device
+    where = f"device {dev_id} runtime"
+    if device.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n:
+            raise InputError(f"{device}, but this machine has {n} CUDA device(s)",
+                             file=setup.scenario.source_path, field=f"{where}.device")
+    cores = list(p.cores) if p is not None and p.cores else None
+    if usable_cores is None and hasattr(os, "sched_getaffinity"):
+        usable_cores = os.sched_getaffinity(0)
+    if cores and usable_cores is not None and not set(cores) <= set(usable_cores):
+        raise InputError(f"cores {sorted(set(cores) - set(usable_cores))} are not available here "
+                         f"(usable: {sorted(usable_cores)})", file=setup.scenario.source_path, field=f"{where}.cores")
+    return _Placement(device=device, threads=p.threads if p is not None else 1, cores=cores,
+                      cpu_quota=getattr(p, "cpu_quota", None) if p is not None else None)
+
+
+def placements(setup, plan) -> list[_Placement]:
+    return [placement_of(setup, d) for d in plan.devices]
+
+
+def stage_roles(spec, plan) -> list[tuple[tuple[int, ...], int, int]]:
+    """Per stage: (roles of its devices in plan order, first unit, end unit); TP checked."""
+    from hpipe.runtime.model import check_tensor_parallel
+
+    roles, stages = 0, []
+    for i, st in enumerate(plan.stages):
+        why = check_tensor_parallel(spec, st.tp)
+        if why:
+            raise InputError(f"stage {i} is tensor parallel over {st.tp} devices but {why}", field=f"stages[{i}]")
+        stages.append((tuple(range(roles, roles + st.tp)), st.start, st.end))
+        roles += st.tp
+    return stages
+
+
+def backend_for(torch_devices: list[str]) -> str:
+    # NCCL only joins GPUs; as soon as one stage is on a CPU, everything goes over gloo
+    # (GPU stages stage their activations through host memory).
+    return "nccl" if all(d.startswith("cuda") for d in torch_devices) else "gloo"
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _context():
+    # Forkserver: one process imports torch and forks each worker from there (fast, and
+    # no CUDA state is inherited, as long as the server never touches CUDA).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["hpipe.runtime.worker"])
+    return ctx
+
+
+# -- CPU quota ------------------------------------------------------------------
+class _Throttle(threading.Thread):
+    """Emulates a slower device by duty-cycling a worker with SIGSTOP/SIGCONT (as cpulimit):
+    it runs ``quota / threads`` of every period.  cgroups would be exact but need privileges."""
+
+    PERIOD_S = 0.02
+
+    def __init__(self, shares: dict[int, float]):
+        super().__init__(daemon=True, name="cpu-quota")
+        self.shares = {pid: min(max(f, 0.01), 1.0) for pid, f in shares.items() if f < 1.0}
+        self.done = threading.Event()
+
+    def run(self):
+        order = sorted(self.shares.items(), key=lambda kv: kv[1])
+        while not self.done.is_set():
+            t0 = time.perf_counter()
+            self._signal(self.shares, signal.SIGCONT)
+            for pid, frac in order:
+                delay = t0 + frac * self.PERIOD_S - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                self._signal({pid: 0}, signal.SIGSTOP)
+            rest = t0 + self.PERIOD_S - time.perf_counter()
+            if rest > 0:
+                time.sleep(rest)
+        self._signal(self.shares, signal.SIGCONT)
+
+    def stop(self):
+        self.done.set()
+        self.join(1.0)
+        self._signal(self.shares, signal.SIGCONT)  # a stopped process ignores SIGTERM until continued
+
+    @staticmethod
+    def _signal(pids, sig):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+# -- supervision -----------------------------------------------------------------
+def _stop(procs) -> None:
+    """Terminate, then kill, every worker still alive; reap them all."""
+    procs = [p for p in procs if p.pid is not None]  # started ones
+    for p in procs:
+        if p.is_alive():
+            with contextlib.suppress(Exception):
+                p.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            with contextlib.suppress(Exception):
+                p.kill()
+            p.join(1.0)
+
+
+def _describe(cfgs, role: int) -> str:
+    c = cfgs[role]
+    return f"stage {c.stage_of(role)} ({c.devices[role]})"
+
+
+def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progress: dict[int, int],
+                     hung: bool, timeout_s: float, n_items: int) -> str:
+    """One message naming the stage and device at the root of a failure."""
+    lines = []
+    for role, code in sorted(dead.items()):
+        how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_
+               else f"exited with code {code}")
+        lines.append(f"{_describe(cfgs, role)} {how} without reporting an error")
+    local = {r: e for r, e in errors.items() if not e["comm"]}
+    comm = {r: e for r, e in errors.items() if e["comm"]}
+    for role, e in sorted(local.items()):
+        lines.append(f"{_describe(cfgs, role)} failed: {e['message']}")
+    # A communication error points at the peer; the peer is the suspect unless it reported itself.
+    for role, e in sorted(comm.items()):
+        lines.append(f"{_describe(cfgs, role)}: {e['message']}")
+    if not lines and hung:
+        waiting = [r for r in range(len(cfgs)) if progress.get(r, -1) < n_items - 1]
+        if waiting:
+            role = min(waiting, key=lambda r: (progress.get(r, -1), -cfgs[r].stage_of(r)))
+            lines.append(f"no worker made progress for {timeout_s:g}s: {_describe(cfgs, role)} is stuck after "
+                         f"{progress.get(role, -1) + 1} of {n_items} work items")
+    if not lines:
+        lines.append("the workers stopped without reporting why")
+    primary = lines[0]
+    if not dead and not local and comm:
+        suspects = {e["peer"] for e in comm.values() if e.get("peer") is not None} - set(errors)
+        if suspects:
+            primary = (f"{_describe(cfgs, sorted(suspects)[0])} stopped responding "
+                       f"({lines[0]})")
+    rest = [ln for ln in lines[1:]]
+    return primary + (("; also " + "; ".join(rest[:3])) if rest else "")
+
+
+def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
+           warmup: int = 1, seed: int = 0, all_logits: bool = False, faults: dict[int, tuple[str, int]] | None = None,
+           on_spawn=None, progress=None) -> Run:
+    """Run ``plan`` with one worker process per device; the workers' records."""
+    from hpipe.runtime.worker import WorkerConfig, spawned_main
+
+    spec = spec or setup.model
+    devices = plan.devices
+    places = placements(setup, plan)
+    stages = stage_roles(spec, plan)
+    backend = backend_for([p.device for p in places])
+    port = _free_port()
+    env = {}
+    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {n for _, n in socket.if_nameindex()}:
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: the run stays on this machine
+    mb_sizes = plan.micro_batch_sizes(setup.batch_size)
+    cfgs = []
+    for role, (dev, pl) in enumerate(zip(devices, places)):
+        c = WorkerConfig(role=role, devices=devices, stages=stages, spec=spec, dtype=setup.dtype,
+                         weights=setup.weights, seed=seed, ids=None, slices=list(plan.slices), mb_sizes=mb_sizes,
+                         device=pl.device, threads=pl.threads, cores=pl.cores, backend=backend,
+                         init_method=f"tcp://127.0.0.1:{port}", world_size=len(devices), rank=role,
+                         timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, warmup=warmup,
+                         all_logits=all_logits, env=env, launcher_pid=os.getpid(), fault=(faults or {}).get(role))
+        if c.stage_of(role) == 0:
+            c.ids = ids
+        cfgs.append(c)
+    n_items = len(cfgs[0].items())
+
+    ctx = _context()
+    q = ctx.Queue()
+    procs = [ctx.Process(target=spawned_main, args=(c, q), name=f"hpipe-worker-{r}", daemon=True)
+             for r, c in enumerate(cfgs)]
+    records: dict[int, dict] = {}
+    errors: dict[int, dict] = {}
+    dead: dict[int, int] = {}
+    prog: dict[int, int] = {}
+    ready: set[int] = set()
+    throttle = None
+    t_start = time.monotonic()
+    try:
+        for p in procs:
+            p.start()
+        if on_spawn:
+            on_spawn([p.pid for p in procs])
+        quotas = {p.pid: pl.cpu_quota / pl.threads for p, pl in zip(procs, places) if pl.cpu_quota}
+        if quotas:
+            throttle = _Throttle(quotas)
+            throttle.start()
+        last = time.monotonic()
+        failed_at = None
+        hung = False
+        while len(records) < len(procs):
+            try:
+                kind, role, payload = q.get(timeout=0.05)
+            except queue_mod.Empty:
+                kind = None
+            now = time.monotonic()
+            if kind == "done":
+                records[role] = payload
+                last = now
+            elif kind == "error":
+                errors[role] = payload
+            elif kind == "ready":
+                ready.add(role)
+                last = now
+            elif kind == "progress":
+                prog[role] = payload
+                last = now
+                if progress:
+                    progress(role, payload)
+            if kind is not None:
+                continue  # drain the queue before judging who is dead
+            for r, p in enumerate(procs):
+                if r not in records and r not in errors and r not in dead and p.exitcode is not None:
+                    dead[r] = p.exitcode
+            if errors or dead:
+                failed_at = failed_at or now
+                if now - failed_at >= _COLLECT_S:
+                    break
+                continue
+            if len(ready) < len(procs):
+                if now - t_start > startup_timeout_s:
+                    hung = True
+                    break
+            elif now - last > timeout_s + 5.0:
+                hung = True
+                break
+        if errors or dead or hung:
+            if hung and len(ready) < len(procs):
+                missing = sorted(set(range(len(procs))) - ready)
+                raise WorkerError(f"{_describe(cfgs, missing[0])} was not ready after {startup_timeout_s:g}s "
+                                  f"(loading its weights or joining the process group)")
+            raise WorkerError(_failure_message(cfgs, errors, dead, prog, hung, timeout_s, n_items))
+    finally:
+        if throttle is not None:
+            throttle.stop()
+        _stop(procs)
+        q.close()
+        q.cancel_join_thread()
+    run = run_from_records(records, devices, stages, ids)
+    run.wall_s = time.monotonic() - t_start
+    return run
+
+
+def run_from_records(records: dict[int, dict], devices, stages, ids) -> Run:
+    rec = records[stages[-1][0][0]]  # the last stage's leader holds the logits
+    return Run(records=records, devices=list(devices), logits=rec["logits"], all_logits=rec.get("all_logits"),
+               ids=ids)
+
+
+# -- records -> Result ------------------------------------------------------------
+def run_events(run: Run) -> list[Event]:
+    """The workers' stamps as Events on one timeline (seconds since the measured run's start)."""
+    recs = run.records
+    one_host = len({r.get("boot_id") for r in recs.values()}) == 1
+    # One host: perf_counter is one clock for every process.  Several: align at the barrier.
+    offset = {role: (0.0 if one_host else -r["t_sync"]) for role, r in recs.items()}
+    stage = {role: r["stage"] for role, r in recs.items()}
+    dev = run.devices
+    events = []
+    for role, r in recs.items():
+        o = offset[role]
+        for kind, mb, s, t0, t1, nbytes in r["events"]:
+            events.append(Event(device=dev[role], kind=kind, stage=stage[role], micro_batch=mb, slice=s,
+                                start_s=t0 + o, end_s=t1 + o, nbytes=float(nbytes)))
+    issued = {}
+    for role, r in recs.items():
+        for mb, s, dst, t, nbytes in r["sends"]:
+            issued[(role, dst, mb, s)] = t + offset[role]
+    for role, r in recs.items():
+        o = offset[role]
+        for mb, s, src, t_post, t_done, nbytes in r["recvs"]:
+            t_send = issued.get((src, role, mb, s), t_post + o)
+            start = max(t_send, t_post + o)
+            events.append(Event(device=dev[src], kind="transfer", stage=stage[src], micro_batch=mb, slice=s,
+                                start_s=start, end_s=max(start, t_done + o), dst=dev[role], nbytes=float(nbytes)))
+    events.sort(key=lambda e: (e.start_s, e.end_s))
+    return events
+
+
+def reference_logits(setup, ids: np.ndarray, spec=None, seed: int = 0, all_positions: bool = False) -> np.ndarray:
+    """The whole model in this process, float32 on CPU: logits of the last position (B, V)."""
+    import torch
+
+    from hpipe.runtime.model import full_forward
+    from hpipe.runtime.weights import weight_source
+
+    spec = spec or setup.model
+    torch_ids = torch.from_numpy(np.ascontiguousarray(ids))
+    logits = full_forward(spec, weight_source(spec, setup.weights, seed), torch_ids, dtype="float32")
+    return (logits if all_positions else logits[:, -1]).numpy()
+
+
+def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float = 60.0, quiet: bool = False,
+            warmup: int = 1, seed: int = 0, startup_timeout_s: float = 600.0, **launch_kw) -> RunResult:
+    """Run ``plan`` for real; its measured RunResult (``next_token_ids``, and ``max_abs_error``
+    against a single-process float32 forward when ``check``)."""
+    spec = runtime_spec(setup)
+    ids = make_ids(setup, inputs, seed)
+    from hpipe.progress import progress
+
+    last_role = len(plan.devices) - len(plan.stages[-1].devices)
+    n_items = plan.micro_batches * len(plan.slices)
+    with progress(quiet) as bar:
+        task = bar.add_task(f"executing {plan.planner}", total=(warmup + 1) * n_items)
+
+        def advance(role, item):  # the last stage's items, warm-up runs included
+            if role == last_role:
+                bar.advance(task)
+
+        run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
+                     warmup=warmup, seed=seed, progress=advance, **launch_kw)
+    return measured_result(setup, plan, run, check=check, spec=spec, seed=seed)
+
+
+def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, seed: int = 0) -> RunResult:
+    """The run's RunResult through the simulator's ``summarize``; with ``check``, the
+    largest logit error against one process."""
+    extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)]}
+    if check:
+        ref = reference_logits(setup, run.ids, spec, seed)
+        extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
+    peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
+    return summarize(setup, plan, run_events(run), peaks, **extra)

@@ -1,0 +1,531 @@
+"""A stage worker: one process per device of a plan, running its stage's units.
+
+Every worker walks the plan's work items in order (``for micro_batch: for
+slice:``).  For each item it gets its input -- token ids for the first stage,
+the previous stage's hidden states otherwise -- runs its run of units with the
+micro-batch's KV cache, and sends the result on to the next stage without
+waiting (``isend``), so the transfer overlaps the next item's compute.
+
+Why a loop of our own over send/recv rather than torch.distributed.pipelining:
+that library needs static shapes and has no KV cache, while token slices have
+uneven lengths and attend to a growing cache.
+
+Wire protocol between two stages, per item: a 5-int64 header (micro_batch,
+slice, batch, tokens, context) then the activation (batch, tokens, d_model).
+Both sides know the plan, so the receiver posts both receives ahead of time
+(a receive thread keeps up to ``RECV_DEPTH`` items in flight) and checks the
+header: a desynchronised pipeline fails loudly instead of computing garbage.
+Every receive is bounded by ``timeout_s`` (gloo point-to-point has hung in
+the wild).  Over gloo the activation travels as raw bytes (any dtype, CPU
+staging for GPU stages); between GPUs over NCCL as the typed CUDA tensor.
+
+A tensor-parallel stage (several devices): its first device (the leader)
+receives the stage input and forwards it to each peer, every device runs its
+shard of the units with an all-reduce over the stage's process group, and
+the leader alone sends the result on -- the same shape the cost model
+assumes.
+
+Every compute, all-reduce, send and receive is stamped with
+``time.perf_counter`` (CLOCK_MONOTONIC: one clock for all processes of a
+host); ``t_sync``, taken right after a barrier, aligns hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hpipe.models import ModelSpec
+from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
+from hpipe.runtime.weights import weight_source
+
+RECV_DEPTH = 2  # items a receive thread may hold ahead of the compute loop
+MAX_PENDING_SENDS = 4  # isends in flight before the sender waits for the oldest
+clock = time.perf_counter
+
+
+@dataclass
+class WorkerConfig:
+    """Everything one worker needs; picklable, sent to the worker process."""
+
+    role: int
+    """Index of this worker's device in ``devices`` (plan order)."""
+    devices: list[str]
+    stages: list[tuple[tuple[int, ...], int, int]]
+    """Per stage: (roles of its devices, first unit, end unit)."""
+    spec: ModelSpec
+    dtype: str
+    weights: str | None
+    seed: int
+    ids: np.ndarray | None
+    """Token ids (batch, seq_len): needed by the first stage only."""
+    slices: list[int]
+    mb_sizes: list[int]
+    device: str = "cpu"
+    threads: int = 1
+    cores: list[int] | None = None
+    backend: str = "gloo"
+    init_method: str = "env://"
+    world_size: int = 1
+    rank: int | None = None
+    """Global rank; None: from the environment (torchrun), mapped to roles by host."""
+    host: str | None = None
+    """torchrun: the scenario host this process runs on."""
+    timeout_s: float = 60.0
+    startup_timeout_s: float = 600.0
+    warmup: int = 0
+    all_logits: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    launcher_pid: int | None = None
+    """The launcher's pid: a worker leaves when it is gone."""
+    fault: tuple[str, int] | None = None
+    """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item."""
+
+    def items(self) -> list[tuple[int, int, int, int, int]]:
+        out = []
+        for mb, b in enumerate(self.mb_sizes):
+            c = 0
+            for s, n in enumerate(self.slices):
+                out.append((mb, s, b, n, c))
+                c += n
+        return out
+
+    def stage_of(self, role: int) -> int:
+        return next(i for i, (roles, _, _) in enumerate(self.stages) if role in roles)
+
+
+class CommError(RuntimeError):
+    """A receive or send with a peer failed or timed out."""
+
+    def __init__(self, peer_role: int, message: str):
+        self.peer_role = peer_role
+        super().__init__(message)
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """The process's RSS high-water mark: VmHWM (resettable), else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
+
+
+def reset_peak_rss() -> bool:
+    """Forget the high-water mark so far (Linux >= 4.0), after handing freed heap back to
+    the system: building the weights makes full-size float32 temporaries (random draws,
+    shards cut from whole tensors) that the run never needs again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def apply_placement(cfg: WorkerConfig) -> None:
+    """Pin the worker where the scenario says, before torch starts its thread pool."""
+    if cfg.cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cfg.cores)
+    torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(cfg.device))
+
+
+class _Receiver:
+    """Receives one peer's items in order; in a thread (gloo) so arrival times are exact
+    and receives overlap compute, or inline (NCCL, whose calls stay on the main thread)."""
+
+    def __init__(self, w: "StageWorker", src_role: int, items):
+        self.w, self.src_role, self.items = w, src_role, items
+        self.src = w.rank_of[src_role]
+        self.threaded = w.cfg.backend == "gloo"
+        self.records: list[tuple] = []  # (mb, slice, src_role, t_post, t_done, nbytes)
+        self._next = 0
+        if self.threaded:
+            self.q: queue.Queue = queue.Queue(maxsize=RECV_DEPTH)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._loop, name=f"recv-from-{src_role}", daemon=True)
+            self.thread.start()
+
+    def _recv_one(self, item):
+        w = self.w
+        mb, s, b, n, c = item
+        timeout = timedelta(seconds=w.cfg.timeout_s)
+        hdr = torch.empty(5, dtype=torch.int64, device=w.comm_device)
+        t_post = clock()
+        try:
+            dist.irecv(hdr, self.src).wait(timeout)
+            got = tuple(int(v) for v in hdr.tolist())
+            if got != item:
+                raise CommError(self.src_role, f"protocol error: expected item {item} from "
+                                               f"{w.describe(self.src_role)}, got header {got}")
+            buf = w.new_activation_buffer(b, n)
+            dist.irecv(buf, self.src).wait(timeout)
+        except CommError:
+            raise
+        except Exception as e:
+            what = f"micro-batch {mb} slice {s} from {w.describe(self.src_role)}"
+            if "timed out" in str(e).lower():
+                raise CommError(self.src_role, f"timed out after {w.cfg.timeout_s:g}s waiting for {what}") from e
+            raise CommError(self.src_role, f"receiving {what}: {_short(e)}") from e
+        t_done = clock()
+        self.records.append((mb, s, self.src_role, t_post, t_done, buf.numel() * buf.element_size()))
+        return buf
+
+    def _loop(self):
+        for item in self.items:
+            try:
+                out = self._recv_one(item)
+            except BaseException as e:  # handed to the compute loop, which raises it
+                out = e
+            while not self.stop.is_set():
+                try:
+                    self.q.put(out, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(out, BaseException) or self.stop.is_set():
+                return
+
+    def get(self) -> torch.Tensor:
+        item = self.items[self._next]
+        self._next += 1
+        if not self.threaded:
+            return self._recv_one(item)
+        try:
+            out = self.q.get(timeout=self.w.cfg.timeout_s + 5.0)
+        except queue.Empty:
+            raise CommError(self.src_role, f"timed out after {self.w.cfg.timeout_s:g}s waiting for "
+                                           f"{self.w.describe(self.src_role)}") from None
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def close(self):
+        if self.threaded:
+            self.stop.set()
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # gloo prefixes messages with the C++ source location; keep what follows it.
+    if msg.startswith("[") and "] " in msg:
+        msg = msg.split("] ", 1)[1]
+    return msg[:300]
+
+
+class StageWorker:
+    def __init__(self, cfg: WorkerConfig, rank_of: list[int], report=None):
+        self.cfg = cfg
+        self.rank_of = rank_of
+        self.report = report or (lambda *a: None)
+        self.stage = cfg.stage_of(cfg.role)
+        roles, self.start, self.end = cfg.stages[self.stage]
+        self.roles = list(roles)
+        self.tp_rank, self.tp_size = self.roles.index(cfg.role), len(self.roles)
+        self.leader = self.roles[0]
+        self.device = torch.device(cfg.device)
+        self.comm_device = self.device if cfg.backend == "nccl" else torch.device("cpu")
+        self.dtype = TORCH_DTYPES[cfg.dtype]
+        self.last_stage = self.stage == len(cfg.stages) - 1
+        self.events: list[tuple] = []  # (kind, mb, slice, t0, t1, nbytes)
+        self.sends: list[tuple] = []  # (mb, slice, dst_role, t_issue, nbytes)
+        self._pending: list[tuple] = []
+        self._item = (0, 0)
+
+        # Every process creates every tensor-parallel group, in the same order (a collective).
+        self.group = None
+        for st_roles, _, _ in cfg.stages:
+            if len(st_roles) > 1:
+                g = dist.new_group([rank_of[r] for r in st_roles])
+                if cfg.role in st_roles:
+                    self.group = g
+
+        source = weight_source(cfg.spec, cfg.weights, cfg.seed)
+        self.units = build_units(cfg.spec, self.start, self.end, source, dtype=self.dtype, device=self.device,
+                                 tp_rank=self.tp_rank, tp_size=self.tp_size, all_reduce=self._all_reduce)
+        if hasattr(source, "close"):
+            source.close()
+        self.caches: dict[int, dict] = {}
+
+    # -- helpers --------------------------------------------------------------
+    def describe(self, role: int) -> str:
+        return f"stage {self.cfg.stage_of(role)} ({self.cfg.devices[role]})"
+
+    def new_activation_buffer(self, b: int, n: int) -> torch.Tensor:
+        d = self.cfg.spec.d_model
+        if self.cfg.backend == "gloo":  # raw bytes: any dtype goes over gloo
+            return torch.empty(b * n * d * self.dtype.itemsize, dtype=torch.uint8)
+        return torch.empty(b, n, d, dtype=self.dtype, device=self.comm_device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = clock()
+        dist.all_reduce(x, group=self.group)
+        self._sync()
+        self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))
+        return x
+
+    def _send(self, dst_role: int, item, y: torch.Tensor) -> None:
+        hdr = torch.tensor(item, dtype=torch.int64, device=self.comm_device)
+        if self.cfg.backend == "gloo":
+            payload = y.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        else:
+            payload = y.contiguous()
+        dst = self.rank_of[dst_role]
+        t = clock()
+        try:
+            works = (dist.isend(hdr, dst), dist.isend(payload, dst))
+        except Exception as e:
+            raise CommError(dst_role, f"sending to {self.describe(dst_role)}: {_short(e)}") from e
+        self._pending.append((works, hdr, payload, dst_role))  # tensors stay alive until sent
+        self.sends.append((item[0], item[1], dst_role, t, payload.numel() * payload.element_size()))
+        while len(self._pending) > MAX_PENDING_SENDS:
+            self._wait_oldest_send()
+
+    def _wait_oldest_send(self):
+        works, _, _, dst_role = self._pending.pop(0)
+        try:
+            # A slow receiver legitimately keeps a send waiting for long (it may have many
+            # items to go), so sends get the long timeout; a receiver that died makes the
+            # send fail at once, and one that hangs stops all progress, which the launcher sees.
+            for w in works:
+                w.wait(timedelta(seconds=self.cfg.startup_timeout_s))
+        except Exception as e:
+            raise CommError(dst_role, f"sending to {self.describe(dst_role)}: {_short(e)}") from e
+
+    def _as_activation(self, buf: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        if self.cfg.backend == "gloo":
+            buf = buf.view(self.dtype).view(b, n, self.cfg.spec.d_model)
+        return buf.to(self.device, non_blocking=False)
+
+    def _fault(self, i: int) -> None:
+        if not self.cfg.fault or self.cfg.fault[1] != i:
+            return
+        action = self.cfg.fault[0]
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "exit":
+            os._exit(3)
+        elif action == "hang":
+            time.sleep(1e6)
+        elif action == "raise":
+            raise RuntimeError("injected fault")
+
+    # -- the stage loop -------------------------------------------------------
+    def run_items(self) -> dict:
+        cfg = self.cfg
+        items = cfg.items()
+        self.events, self.sends = [], []
+        logits_last: dict[int, np.ndarray] = {}
+        logits_all: dict[int, list] = {}
+        src_role = None
+        if self.tp_rank > 0 and self.stage > 0:
+            src_role = self.leader
+        elif self.tp_rank == 0 and self.stage > 0:
+            src_role = cfg.stages[self.stage - 1][0][0]
+        recv = _Receiver(self, src_role, items) if src_role is not None else None
+        next_leader = None if self.last_stage or self.tp_rank else cfg.stages[self.stage + 1][0][0]
+        ids = torch.from_numpy(cfg.ids) if self.stage == 0 else None
+        mb_start = [sum(cfg.mb_sizes[:m]) for m in range(len(cfg.mb_sizes) + 1)]  # python ints: fast slicing
+        try:
+            for i, item in enumerate(items):
+                mb, s, b, n, c = item
+                self._fault(i)
+                if recv is None:
+                    x = ids[mb_start[mb]:mb_start[mb + 1], c:c + n].to(self.device)  # (b, n)
+                else:
+                    buf = recv.get()
+                    if self.stage > 0 and self.tp_rank == 0:
+                        for peer in self.roles[1:]:  # the leader forwards the stage input to its peers
+                            self._send(peer, item, buf)
+                    x = self._as_activation(buf, b, n)  # (b, n, D)
+                if mb not in self.caches:
+                    self.caches[mb] = make_caches(self.units, b, sum(cfg.slices))
+                self._item = (mb, s)
+                t0 = clock()
+                with torch.inference_mode():
+                    y = run_units(self.units, x, c, self.caches[mb])
+                self._sync()
+                self.events.append(("compute", mb, s, t0, clock(), 0))
+                if self.last_stage:
+                    if self.tp_rank == 0:
+                        if cfg.all_logits:
+                            logits_all.setdefault(mb, []).append(y.float().cpu().numpy())
+                        if s == len(cfg.slices) - 1:
+                            logits_last[mb] = y[:, -1].float().cpu().numpy()  # (b, V)
+                elif next_leader is not None:
+                    self._send(next_leader, item, y)
+                self.report("progress", i)
+            while self._pending:
+                self._wait_oldest_send()
+        finally:
+            if recv is not None:
+                recv.close()
+        out = {"events": self.events, "sends": self.sends, "recvs": recv.records if recv else []}
+        if self.last_stage and self.tp_rank == 0:
+            out["logits"] = np.concatenate([logits_last[m] for m in range(len(cfg.mb_sizes))])
+            if cfg.all_logits:
+                out["all_logits"] = np.concatenate(
+                    [np.concatenate(logits_all[m], axis=1) for m in range(len(cfg.mb_sizes))])
+        return out
+
+    def run(self) -> dict:
+        """Warm-up runs (discarded), then the measured run; each starts at a barrier."""
+        out = None
+        for r in range(self.cfg.warmup + 1):
+            self._barrier()
+            t_sync = clock()
+            out = self.run_items()
+        self._barrier()
+        out["t_sync"] = t_sync
+        return out
+
+    def _barrier(self):
+        if self.cfg.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index or 0])
+        else:
+            dist.barrier()
+
+
+def worker_main(cfg: WorkerConfig, report=None) -> dict:
+    """Join the process group, build the stage, run it; the record the launcher needs."""
+    os.environ.update(cfg.env)
+    apply_placement(cfg)
+    baseline = rss_bytes()
+    if cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    dist.init_process_group(cfg.backend, init_method=cfg.init_method, rank=cfg.rank if cfg.rank is not None else -1,
+                            world_size=cfg.world_size, timeout=timedelta(seconds=cfg.startup_timeout_s))
+    rank_of = list(range(cfg.world_size)) if cfg.rank is not None else _map_roles(cfg)
+    worker = StageWorker(cfg, rank_of, report)
+    hwm_reset = reset_peak_rss()
+    (report or (lambda *a: None))("ready", 0)
+    rec = worker.run()
+    if cfg.device.startswith("cuda"):
+        peak, how = torch.cuda.max_memory_allocated(torch.device(cfg.device)), "cuda max_memory_allocated"
+    else:
+        peak = max(peak_rss_bytes() - baseline, 0)
+        how = ("RSS high-water during the run" if hwm_reset else "RSS high-water") + \
+            " above the RSS before the weights were loaded"
+    rec.update(role=cfg.role, stage=worker.stage, device_id=cfg.devices[cfg.role], host=socket.gethostname(),
+               peak_bytes=peak, peak_how=how, boot_id=_boot_id())
+    return rec
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() + "@" + socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def _map_roles(cfg: WorkerConfig) -> list[int]:
+    """torchrun numbers processes by node and local rank; find which rank holds each role.
+
+    The devices of host H, in plan order, go to H's local ranks 0, 1, ...; every
+    process says which (host, local rank) it is, and all agree on the table."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    mine = (cfg.host, local_rank)
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, mine)
+    rank_of_slot = {tuple(t): r for r, t in enumerate(table)}
+    per_host: dict[str, int] = {}
+    rank_of = []
+    for dev in cfg.devices:
+        host = dev.split("/", 1)[0]
+        k = per_host.get(host, 0)
+        per_host[host] = k + 1
+        if (host, k) not in rank_of_slot:
+            raise RuntimeError(f"no process for device {dev}: start {k + 1} or more processes on host {host} "
+                               f"(torchrun --nproc-per-node) with --host {host}")
+        rank_of.append(rank_of_slot[(host, k)])
+    if len(set(rank_of)) != len(rank_of) or len(rank_of) != dist.get_world_size():
+        raise RuntimeError(f"the plan has {len(cfg.devices)} devices but torchrun started "
+                           f"{dist.get_world_size()} processes")
+    return rank_of
+
+
+# -- process entry (multiprocessing) -------------------------------------------
+def _proc_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_launcher(pid: int) -> None:
+    # A launcher killed with SIGKILL cannot stop its workers, so they watch it and leave.
+    # Not os.getppid(): a forkserver worker's parent is the forkserver, which lives on
+    # while any worker holds its "alive" pipe -- that is, as long as we do.
+    first = _proc_state(pid)
+    if first is None and not os.path.isdir("/proc"):  # no procfs: the parent will have to do
+        first = ("R", "")
+    while True:
+        time.sleep(0.5)
+        now = _proc_state(pid) if os.path.isdir("/proc") else ("R", "")
+        # gone, a zombie not yet reaped, or the pid reused by another process
+        if now is None or now[0] in ("Z", "X") or (first and now[1] != first[1]):
+            os._exit(1)
+
+
+def spawned_main(cfg: WorkerConfig, q) -> None:
+    """Entry of a worker started by the launcher: messages go back on ``q``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    threading.Thread(target=_watch_launcher, args=(cfg.launcher_pid or os.getppid(),), daemon=True).start()
+    code = 0
+    try:
+        rec = worker_main(cfg, lambda kind, i: q.put((kind, cfg.role, i)))
+        q.put(("done", cfg.role, rec))
+    except BaseException as e:
+        comm = isinstance(e, CommError) or isinstance(e.__cause__, CommError)
+        peer = getattr(e, "peer_role", None)
+        q.put(("error", cfg.role, {"comm": comm, "peer": peer, "message": _short(e) if comm else
+                                   f"{type(e).__name__}: {_short(e)}",
+                                   "traceback": traceback.format_exc(limit=8)}))
+        code = 1
+    finally:
+        # Flush the queue, then leave at once: tearing down a process group whose peers
+        # failed can block, and the launcher needs nothing more from us.
+        q.close()
+        q.join_thread()
+        os._exit(code)

@@ -1,0 +1,38 @@
+"""Shared pieces of the runtime tests: a tiny scenario with four CPU devices, hand-made plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpipe.plan import Plan, Stage
+from hpipe.scenario import parse_scenario
+
+CORE = {"name": "core", "count": 4, "peak_tflops": 0.05, "memory_gb": 2, "memory_bandwidth_gbps": 10,
+        "power_w": 10, "runtime": {"device": "cpu", "threads": 1}}
+
+TINY_LLAMA = {"family": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+              "vocab_size": 128}
+TINY_GPT = {"family": "gpt", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 256, "vocab_size": 128,
+            "max_seq_len": 128}
+
+
+def tiny_setup(model=None, seq_len=48, batch_size=3, dtype="float32", **extra):
+    data = {"name": "tiny", "model": model or TINY_LLAMA, "dtype": dtype,
+            "workload": {"seq_len": seq_len, "batch_size": batch_size},
+            "cluster": {"hosts": [{"name": "local", "devices": [CORE],
+                                   "interconnect": {"bandwidth_gbps": 20, "latency_us": 50}}]},
+            "planner": {"kind": "hpipe", "token_granularity": 8}, **extra}
+    return parse_scenario(data, "tiny.yaml").resolve()
+
+
+def plan(stages, slices, micro_batches=1, planner="hand"):
+    """stages: [(device numbers, (start, end))]."""
+    return Plan(planner=planner, scenario="tiny",
+                stages=[Stage(devices=[f"local/core-{d}" for d in devs], units=units) for devs, units in stages],
+                slices=slices, micro_batches=micro_batches)
+
+
+@pytest.fixture(scope="session")
+def llama_setup():
+    """The tiny LLaMA scenario (import this fixture into a test module to use it)."""
+    return tiny_setup()
