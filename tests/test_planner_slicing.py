@@ -44,8 +44,8 @@ def sliced_case(draw):
 
 
 @settings(max_examples=examples(40), deadline=None)
-@given(sliced_case(), st.sampled_from([1, 2, 64]))
-def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch):
+@given(sliced_case(), st.sampled_from([1, 2, 64]), st.sampled_from([("sweep", 2), ("bisect", 2), ("bisect", 5)]))
+def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch, method):
     setup, stages, sizes = case
     tables = CostTables(setup)
     nmax = alg2.max_slice_tokens(tables, stages, max(sizes))
@@ -53,7 +53,7 @@ def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch):
     g = setup.granularity
     objs = {tuple(x * g for x in comp): grid.objective([x * g for x in comp]) for comp in compositions(grid.L)}
     feasible = {s: v for s, v in objs.items() if math.isfinite(v) and max(s) <= (nmax or math.inf)}
-    got, _ = alg2.best_slicings(grid, top=3, batch=batch)
+    got, _ = alg2.best_slicings(grid, top=3, batch=batch, method=method[0], fan=method[1])
     if nmax == 0 or not feasible:
         assert nmax == 0 or not got
         return

@@ -74,6 +74,8 @@ class CostTables:
         self.class_prefix = np.vstack([np.zeros(self.n_classes, int), np.cumsum(onehot, axis=0)])
         """(U+1, classes): how many units of each class lie in [0, k)."""
         self._cache: dict = {}
+        self._pairs: dict = {}
+        self._pair_keys: dict = {}
 
     def _kind_reps(self):
         seen = {}
@@ -118,22 +120,46 @@ class CostTables:
         return np.array([np.broadcast_to(self.units[r].out_bytes(n, b, self.db), np.shape(n))
                          for r in self.class_rep], float)
 
+    def pair_group(self, src: str, dst: str) -> tuple[int, tuple[str, str]]:
+        """Device pairs whose transfers cost alike (same hosts, same answers at probe
+        sizes) share tables: (group id, representative pair)."""
+        pk = (src, dst)
+        if pk not in self._pairs:
+            cl = self.setup.cluster
+            probe = np.array([1.0, 1e3, 1e5, 1e7, 1e9])
+            key = (src == dst, cl.device(src).host, cl.device(dst).host,
+                   tuple(np.atleast_1d(self.cost.transfer_time_s(src, dst, probe))))
+            if key not in self._pair_keys:
+                self._pair_keys[key] = (len(self._pair_keys), pk)
+            self._pairs[pk] = self._pair_keys[key]
+        return self._pairs[pk]
+
     def transfer_totals(self, src: str, dst: str, n, b, key=None):
         """(U+1,) array: total transfer time over the items of the activation handed
         across a boundary at unit k (the output of unit k-1); entry 0 is 0."""
-        ck = ("tt", src, dst, key)
+        grp, (rs, rd) = self.pair_group(src, dst)
+        ck = ("tt", grp, key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
         nbytes = self.boundary_bytes(n, b)
-        per_class = np.array([np.sum(self.cost.transfer_time_s(src, dst, row)) for row in nbytes])
+        per_class = np.array([np.sum(self.cost.transfer_time_s(rs, rd, row)) for row in nbytes])
         out = np.concatenate(([0.0], per_class[self.unit_class]))
         if key is not None:
             self._cache[ck] = out
         return out
 
-    def transfer_times(self, src: str, dst: str, boundary: int, n, b):
-        return np.broadcast_to(self.cost.transfer_time_s(
-            src, dst, self.units[boundary - 1].out_bytes(n, b, self.db)), np.shape(n))
+    def transfer_times(self, src: str, dst: str, boundary: int, n, b, key=None):
+        """Transfer time of each item's activation across the boundary at unit
+        ``boundary`` (the output of unit boundary-1) from src to dst."""
+        grp, (rs, rd) = self.pair_group(src, dst)
+        ck = ("tx", grp, int(self.unit_class[boundary - 1]), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        out = np.broadcast_to(self.cost.transfer_time_s(
+            rs, rd, self.units[boundary - 1].out_bytes(n, b, self.db)), np.shape(n))
+        if key is not None:
+            self._cache[ck] = out
+        return out
 
     # ---- memory ----------------------------------------------------------------
     def memory_matrix(self, tp: int, max_slice: int, micro_batch: int):

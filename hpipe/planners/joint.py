@@ -18,7 +18,9 @@ makespan wins.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import numpy as np
 
@@ -28,6 +30,9 @@ from hpipe.planners import partition as alg1
 from hpipe.planners import slicing as alg2
 from hpipe.planners.common import finish, items_arrays, micro_batch_sizes, uniform_slices
 from hpipe.planners.costs import CostTables
+
+
+log = logging.getLogger("hpipe.planners")
 
 
 def micro_batch_options(batch_size: int) -> list[int]:
@@ -60,7 +65,7 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     return finish(setup, planner, part.stages, slices, m)
 
 
-def _joint(tables, sequences, sizes, fixed_slices, max_rounds):
+def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8):
     """Alternate partition and slicing for one micro-batch split; (latency, partition,
     slices) or None when nothing fits."""
     setup = tables.setup
@@ -72,21 +77,33 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds):
         # even slices, finer ones as fallbacks when the first do not fit anywhere
         counts = sorted({min(L, c) for c in (2 * n_dev, 4 * n_dev, L)})
         starts = [uniform_slices(setup.seq_len, g, k) for k in counts]
+    sliced: dict = {}  # partition -> its best slicing (same partition, same answer)
     for slices in starts:
         best = (math.inf, None, None)
-        for _ in range(max_rounds):
+        seqs = sequences
+        for rnd in range(max_rounds):
+            t0 = time.perf_counter()
             n, c, b = items_arrays(slices, sizes)
             pc = alg1.PartitionCosts(tables, n, c, b, max(slices), max(sizes))
-            parts = alg1.search(pc, sequences)
+            ranked: list = []
+            parts = alg1.search(pc, seqs, ranked_sequences=ranked)
             if not parts:
                 break
+            # later rounds change the slices, not which orders are good: keep the front runners
+            seqs = ranked[:keep_sequences]
             round_best = (parts[0][0], parts[0][1], tuple(slices))
             if fixed_slices is None:
-                for _, part in parts[:2]:
-                    cand = _best_slicing(tables, part, sizes)
+                # the runner-up partition too, when it is close: it may slice better
+                for v, part in [x for x in parts[:2] if x[0] <= parts[0][0] * 1.02]:
+                    if part not in sliced:
+                        sliced[part] = _best_slicing(tables, part, sizes)
+                    cand = sliced[part]
                     if cand is not None and cand[0] < round_best[0]:
                         round_best = (cand[0], part, cand[1])
-            if round_best[0] < best[0] * (1 - 1e-12):
+            log.debug("micro-batches %d round %d: partition %.6g s, sliced %.6g s (%d slices, %d stages), %.3f s",
+                      len(sizes), rnd, parts[0][0], round_best[0], len(round_best[2]),
+                      len(round_best[1].stages), time.perf_counter() - t0)
+            if round_best[0] < best[0] * (1 - 1e-4):  # stop at no (meaningful) improvement
                 best = round_best
                 slices = list(round_best[2])
             else:
@@ -125,4 +142,10 @@ def _no_fit_message(setup, tables, sequences, fixed_slices, planner):
         worst = min(worst, val)
     return (f"{planner}: no split of {setup.model.name} (batch {setup.batch_size} x {setup.seq_len} tokens) "
             f"over the {len(setup.cluster.devices)} devices fits in memory, even with slices of "
-            f"{max_slice} tokens: the best split still leaves a device {worst / 1e9:.2f} GB short")
+            f"{max_slice} tokens: the best split still leaves a device {gb(worst)} GB short")
+
+
+def gb(nbytes: float) -> str:
+    """Bytes as GB with two decimals, or two significant digits below 10 MB."""
+    x = nbytes / 1e9
+    return f"{x:.2f}" if abs(x) >= 0.01 else f"{x:.2g}"

@@ -106,6 +106,8 @@ class PartitionCosts:
         self.mem = tables.memory_matrix(1, max_slice, micro_batch)
         self.U = len(tables.units)
         self._smat: dict = {}
+        self._rows: dict = {}
+        self._links = None
 
     def stage_matrix(self, device: str):
         """(U+1, U+1): total busy time of units [k, e) on ``device`` over the items;
@@ -123,41 +125,55 @@ class PartitionCosts:
         return self.tables.transfer_totals(src, dst, self.n, self.b, self.key)
 
     def link_stack(self, seq):
-        """(M, M, U+1): link totals from seq[m'] to seq[m]."""
-        M = len(seq)
-        out = np.zeros((M, M, self.U + 1))
-        for i, a in enumerate(seq):
-            for j, d in enumerate(seq):
-                if i < j:
-                    out[i, j] = self.link_totals(a, d)
-        return out
+        """(M, M, U+1): link totals from seq[m'] to seq[m] (diagonal: zero)."""
+        if self._links is None:
+            ids = self.tables.devices
+            self._index = {d: i for i, d in enumerate(ids)}
+            self._links = np.zeros((len(ids), len(ids), self.U + 1))
+            for i, a in enumerate(ids):
+                for j, d in enumerate(ids):
+                    if i != j:
+                        self._links[i, j] = self.link_totals(a, d)
+        idx = np.array([self._index[d] for d in seq])
+        return self._links[np.ix_(idx, idx)]
+
 
     def makespan(self, part: Partition) -> float:
-        return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key)
+        return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key, self._rows)
 
 
-def chain_rows(tables, stages, n, c, b, key=None):
+def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
     """Chain time matrix and resource keys of ``stages`` over the items (single-device
-    stages from the tables, tensor-parallel ones from the cost model itself)."""
+    stages from the tables, tensor-parallel ones from the cost model itself).
+    ``rows_cache`` (a dict, for one item list) remembers rows between candidates."""
+    cache = rows_cache if rows_cache is not None else {}
     rows, keys = [], []
     prev = None
     for j, (devs, s, e) in enumerate(stages):
         if prev is not None:
             pdevs, ps, pe = prev
-            rows.append(tables.transfer_times(pdevs[0], devs[0], pe, n, b))
+            rk = ("link", pdevs[0], devs[0], int(tables.unit_class[pe - 1]))
+            if rk not in cache:
+                cache[rk] = tables.transfer_times(pdevs[0], devs[0], pe, n, b, key)
+            rows.append(cache[rk])
             keys.append(link_key(tables.setup.cluster, pdevs[0], devs[0]) or ("none", j))
         if len(devs) == 1:
-            rows.append(tables.range_time(devs[0], s, e, n, c, b, key))
+            rk = ("stage", tables.device_group[devs[0]], s, e)
+            if rk not in cache:
+                cache[rk] = tables.range_time(devs[0], s, e, n, c, b, key)
         else:
-            rows.append(np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, b), np.shape(n)))
+            rk = ("tp", tuple(devs), s, e)
+            if rk not in cache:
+                cache[rk] = np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, b), np.shape(n))
+        rows.append(cache[rk])
         keys.append(("stage", j))
         prev = (devs, s, e)
     return np.array(rows, float), keys
 
 
-def table_makespan(tables, stages, n, c, b, key=None) -> float:
+def table_makespan(tables, stages, n, c, b, key=None, rows_cache=None) -> float:
     """Exact makespan (``evaluate``'s recurrence) with stage times from the tables."""
-    t, keys = chain_rows(tables, stages, n, c, b, key)
+    t, keys = chain_rows(tables, stages, n, c, b, key, rows_cache)
     return makespan_from_times(t, keys)
 
 
@@ -246,27 +262,38 @@ def to_partition(seq, stages) -> Partition:
 EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 
-def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.25, top: int = 4):
+def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, refine: int = 6, top: int = 4,
+           ranked_sequences: list | None = None):
     """Best partitions over the given device sequences, by exact makespan.
 
-    Every sequence gets the bottleneck DP; those within ``keep`` of the best
-    bottleneck also get the min-sum DP at caps B*(1+eps).  Returns up to ``top``
-    distinct (makespan, Partition) pairs, best first (empty: nothing fits)."""
+    Every sequence gets the bottleneck DP and its partition an exact evaluation;
+    the ``refine`` sequences whose partitions score best (among those within
+    ``keep`` of the least bottleneck) also get the min-sum DP at caps B*(1+eps).
+    Returns up to ``top`` distinct (makespan, Partition) pairs, best first (empty:
+    nothing fits).  ``ranked_sequences``, if a list, receives the feasible sequences
+    best bottleneck first."""
     probs = []
+    cands: dict[Partition, float] = {}
     for seq in sequences:
         smats, links = sequence_problem(pc, seq)
         val, stages = minmax_dp(smats, links)
         if stages is not None:
-            probs.append((val, seq, smats, links, stages))
+            part = to_partition(seq, stages)
+            if part not in cands:
+                cands[part] = pc.makespan(part)
+            probs.append((cands[part], val, seq, smats, links))
     if not probs:
         return []
-    best_b = min(p[0] for p in probs)
-    cands: dict[Partition, float] = {}
-    for val, seq, smats, links, stages in probs:
+    # Orders rank by the exact makespan of their bottleneck-optimal partition: the
+    # bottleneck alone hardly tells orders apart when links are not the bottleneck,
+    # while fill and drain (which devices come first and last) do.
+    probs.sort(key=lambda p: p[0])
+    if ranked_sequences is not None:
+        ranked_sequences[:] = [p[2] for p in probs]
+    best_b = min(p[1] for p in probs)
+    for _, val, seq, smats, links in probs[:refine]:
         if val > best_b * (1 + keep):
             continue
-        part = to_partition(seq, stages)
-        cands.setdefault(part, pc.makespan(part))
         for _, st in minsum_dp(smats, links, [val * (1 + e) for e in epsilons]):
             if st is not None:
                 part = to_partition(seq, st)
