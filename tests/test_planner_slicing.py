@@ -96,3 +96,21 @@ def test_grid_matches_the_cost_model(case):
             per_b[bsz] = max(xs)
         assert math.isclose(grid.HT[p, q], per_b[max(sizes)], rel_tol=1e-12)
         assert math.isclose(grid.GT[p, q], sum(per_b[x] for x in sizes), rel_tol=1e-12)
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(sliced_case(), st.data())
+def test_grid_makespan_is_the_exact_makespan(case, draw):
+    from hpipe.plan import Plan, Stage
+    from hpipe.planners.evaluate import makespan_s
+
+    setup, stages, sizes = case
+    tables = CostTables(setup)
+    grid = alg2.SliceGrid(tables, stages, sizes, None)
+    comp = draw.draw(st.sampled_from(list(compositions(grid.L))))
+    s = [x * setup.granularity for x in comp]
+    # the plan's own micro-batch split must give these sizes
+    plan = Plan(planner="x", scenario="random", slices=s, micro_batches=len(sizes),
+                stages=[Stage(devices=list(d), units=(a, b)) for d, a, b in stages])
+    assert plan.micro_batch_sizes(setup.batch_size) == sizes
+    assert math.isclose(grid.makespan(s), makespan_s(setup, plan), rel_tol=1e-9)

@@ -178,9 +178,12 @@ class CostTables:
         wmat = (W[None, :] - W[:, None]).astype(float) / tp
         kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
         # range max of the workspace: row k is the running max of ws[k:]
+        # range max of the workspace: units of one class need the same workspace, so
+        # it is the largest over the classes present in [k, e)
         work = np.full((U + 1, U + 1), -np.inf)
-        for k in range(U):
-            work[k, k + 1:] = np.maximum.accumulate(ws[k:])
+        cnt = self.class_prefix[None, :, :] - self.class_prefix[:, None, :]  # (k, e, class)
+        for cls, rep in enumerate(self.class_rep):
+            work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[rep]), work)
         out = wmat + kvmat + work
         out[np.tril_indices(U + 1)] = np.inf
         self._cache[ck] = out

@@ -39,10 +39,6 @@ def micro_batch_options(batch_size: int) -> list[int]:
     return [m for m in range(1, batch_size + 1) if batch_size % m == 0]
 
 
-def _items_key(slices, sizes):
-    return ("items", tuple(slices), tuple(sizes))
-
-
 def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_batches=None,
                fixed_slices=None, planner: str = "hpipe", max_rounds: int = 8):
     """Search the joint plan; returns a Plan (or raises InfeasibleError).
@@ -65,7 +61,7 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     return finish(setup, planner, part.stages, slices, m)
 
 
-def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8):
+def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3):
     """Alternate partition and slicing for one micro-batch split; (latency, partition,
     slices) or None when nothing fits."""
     setup = tables.setup
@@ -74,11 +70,16 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
     if fixed_slices is not None:
         starts = [list(fixed_slices)]
     else:
-        # even slices, finer ones as fallbacks when the first do not fit anywhere
-        counts = sorted({min(L, c) for c in (2 * n_dev, 4 * n_dev, L)})
+        # Two starts, as the alternation can settle in a local optimum: even slices
+        # (a pipeline), and the whole sequence (no token pipeline: what wins when there
+        # is too little work to fill one).  Finer even slices are fallbacks for when
+        # neither fits anywhere.
+        counts = sorted({min(L, c) for c in (2 * n_dev, 1)}, reverse=True)
         starts = [uniform_slices(setup.seq_len, g, k) for k in counts]
+        starts += [uniform_slices(setup.seq_len, g, k) for k in sorted({min(L, 4 * n_dev), L})]
     sliced: dict = {}  # partition -> its best slicing (same partition, same answer)
-    for slices in starts:
+    found = (math.inf, None, None)
+    for start_no, slices in enumerate(starts):
         best = (math.inf, None, None)
         seqs = sequences
         for rnd in range(max_rounds):
@@ -93,8 +94,9 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
             seqs = ranked[:keep_sequences]
             round_best = (parts[0][0], parts[0][1], tuple(slices))
             if fixed_slices is None:
-                # the runner-up partition too, when it is close: it may slice better
-                for v, part in [x for x in parts[:2] if x[0] <= parts[0][0] * 1.02]:
+                # the runners-up too: a partition that is worse with these slices may
+                # be better with its own
+                for v, part in parts[:slice_top]:
                     if part not in sliced:
                         sliced[part] = _best_slicing(tables, part, sizes)
                     cand = sliced[part]
@@ -108,9 +110,11 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
                 slices = list(round_best[2])
             else:
                 break
-        if best[1] is not None:
-            return best
-    return None
+        if best[0] < found[0]:
+            found = best
+        if found[1] is not None and start_no >= 1:
+            break  # the fallbacks only serve when neither start fits
+    return found if found[1] is not None else None
 
 
 def _best_slicing(tables, part, sizes, top: int = 8):
@@ -119,13 +123,8 @@ def _best_slicing(tables, part, sizes, top: int = 8):
         return None
     grid = alg2.SliceGrid(tables, part.stages, sizes, nmax)
     cands, _ = alg2.best_slicings(grid, top=top)
-    best = None
-    for _, s in cands:
-        n, c, b = items_arrays(s, sizes)
-        lat = alg1.table_makespan(tables, part.stages, n, c, b, _items_key(s, sizes))
-        if best is None or lat < best[0]:
-            best = (lat, s)
-    return best
+    scored = [(grid.makespan(s), s) for _, s in cands]
+    return min(scored, default=None)
 
 
 def _no_fit_message(setup, tables, sequences, fixed_slices, planner):

@@ -51,10 +51,15 @@ class Partition:
 
 
 # ---- device orders -----------------------------------------------------------------------
-def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120) -> list[tuple[str, ...]]:
+def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120,
+                     max_free_orders: int = 24) -> list[tuple[str, ...]]:
     """Orders of all devices to run the DP on (the DP itself picks which to use).
 
-    Hosts stay contiguous.  Hosts: every order when there are at most five
+    Devices of one *kind* (same host, same cost-table group, same memory) are
+    interchangeable, so only orders of kinds matter.  When those number at most
+    ``max_free_orders`` (small clusters), every one is tried, hosts interleaved
+    too: with little work to pipeline, memory can make a detour across a slow link
+    the best choice.  Otherwise hosts stay contiguous.  Hosts: every order when there are at most five
     (120 orders), otherwise fastest-first and slowest-first by aggregate speed.
     Inside a host, devices of one type (same cost-table group and memory) stay
     together; the order of the types is exhaustive when the product over hosts stays
@@ -70,6 +75,10 @@ def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120
         return sorted(groups.values(), key=lambda g: speed[g[0]])  # fastest first
 
     host_groups = {h: type_groups(ids) for h, ids in hosts.items()}
+    kinds = [g for gs in host_groups.values() for g in gs]
+    n_free = math.factorial(len(cluster.device_ids)) // math.prod(math.factorial(len(g)) for g in kinds)
+    if n_free <= max_free_orders:
+        return _multiset_orders(kinds)
     names = list(hosts)
     if math.factorial(len(names)) <= max_host_perms:
         host_orders = list(itertools.permutations(names))
@@ -92,6 +101,32 @@ def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120
     for ho in host_orders:
         for combo in itertools.product(*(inner[h] for h in ho)):
             out.append(tuple(d for part in combo for d in part))
+    return out
+
+
+def _multiset_orders(kinds):
+    """Every distinct order of the devices when devices of one kind are alike."""
+    counts = [len(k) for k in kinds]
+    out = []
+
+    def rec(prefix, left):
+        if not any(left):
+            used = [0] * len(kinds)
+            seq = []
+            for k in prefix:
+                seq.append(kinds[k][used[k]])
+                used[k] += 1
+            out.append(tuple(seq))
+            return
+        for k, n in enumerate(left):
+            if n:
+                left[k] -= 1
+                prefix.append(k)
+                rec(prefix, left)
+                prefix.pop()
+                left[k] += 1
+
+    rec([], counts)
     return out
 
 
@@ -259,7 +294,9 @@ def to_partition(seq, stages) -> Partition:
 
 
 # ---- the search over orders ---------------------------------------------------------------
-EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 2.5, INF)
+"""Caps B*(1+eps) of the min-sum DP: from the least bottleneck (deep pipelines) up
+to no cap at all (the least total work: few, fast devices, no pipeline to fill)."""
 
 
 def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, refine: int = 6, top: int = 4,
@@ -294,7 +331,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     for _, val, seq, smats, links in probs[:refine]:
         if val > best_b * (1 + keep):
             continue
-        for _, st in minsum_dp(smats, links, [val * (1 + e) for e in epsilons]):
+        for _, st in minsum_dp(smats, links, [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]):
             if st is not None:
                 part = to_partition(seq, st)
                 if part not in cands:

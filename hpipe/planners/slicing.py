@@ -35,6 +35,8 @@ import math
 
 import numpy as np
 
+from hpipe.planners.evaluate import link_key, makespan_from_times
+
 INF = math.inf
 
 
@@ -73,6 +75,7 @@ class SliceGrid:
             spec[keys[2 * j - 1]] = (stages[j - 1], stages[j])
         rows = {}
         gsum = np.zeros_like(n)
+        self.rows_by_b = {}
         for b in sizes:
             bb = np.full_like(n, float(b))
             rows_b = {}
@@ -86,6 +89,7 @@ class SliceGrid:
                 else:
                     devs, s_, e_ = what
                     rows_b[k] = np.broadcast_to(tables.cost.stage_compute_s(s_, e_, list(devs), n, c, bb), n.shape)
+            self.rows_by_b[b] = rows_b
             hb = np.maximum.reduce(list(rows_b.values()))
             gsum += hb * micro_batch_sizes.count(b)
             if b == bmax:
@@ -101,6 +105,27 @@ class SliceGrid:
         self.GT = np.full((L + 1, L + 1), INF)
         self.HT[p, q] = h
         self.GT[p, q] = gsum
+        # for exact makespans of candidate slicings straight from the rows
+        self.keys = keys
+        self.sizes = list(micro_batch_sizes)
+        self.pair_index = np.full((L + 1, L + 1), -1)
+        self.pair_index[p, q] = np.arange(len(p))
+        cluster = setup.cluster
+        self.resources = []
+        for j, (devs, _, _) in enumerate(stages):
+            if j:
+                self.resources.append(link_key(cluster, stages[j - 1][0][0], devs[0]) or ("none", j))
+            self.resources.append(("stage", j))
+
+    def makespan(self, slices_tokens) -> float:
+        """Exact makespan (``evaluate``'s recurrence) of this partition with these slices,
+        from the grid's rows: no cost-model calls."""
+        pos = np.concatenate(([0], np.cumsum(slices_tokens) // self.g)).astype(int)
+        idx = self.pair_index[pos[1:], pos[:-1]]
+        if np.any(idx < 0):
+            return INF
+        t = np.concatenate([np.array([self.rows_by_b[b][k][idx] for k in self.keys]) for b in self.sizes], axis=1)
+        return makespan_from_times(t, self.resources)
 
     def objective(self, slices_tokens) -> float:
         """sum g + w * max h of a slicing given in tokens."""
