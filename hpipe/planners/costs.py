@@ -135,22 +135,28 @@ class CostTables:
         return self._pairs[pk]
 
     def transfer_totals(self, src: str, dst: str, n, b, key=None):
-        """(U+1,) array: total transfer time over the items of the activation handed
-        across a boundary at unit k (the output of unit k-1); entry 0 is 0."""
+        """(U+1,) array: how long the links are held, over all the items, to hand on
+        the activation across a boundary at unit k (the output of unit k-1); entry 0 is 0."""
         grp, (rs, rd) = self.pair_group(src, dst)
         ck = ("tt", grp, key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
         nbytes = self.boundary_bytes(n, b)
-        per_class = np.array([np.sum(self.cost.transfer_time_s(rs, rd, row)) for row in nbytes])
+        # the links are held for the transfer less its propagation latency
+        lat = self.latency_s(rs, rd)
+        per_class = np.array([np.sum(t - np.minimum(lat, t))
+                              for t in (np.asarray(self.cost.transfer_time_s(rs, rd, row), float) for row in nbytes)])
         out = np.concatenate(([0.0], per_class[self.unit_class]))
         if key is not None:
             self._cache[ck] = out
         return out
 
+    def latency_s(self, src: str, dst: str) -> float:
+        return 0.0 if src == dst else self.setup.cluster.route(src, dst).latency_s
+
     def transfer_times(self, src: str, dst: str, boundary: int, n, b, key=None):
-        """Transfer time of each item's activation across the boundary at unit
-        ``boundary`` (the output of unit boundary-1) from src to dst."""
+        """Transfer time (latency included) of each item's activation across the
+        boundary at unit ``boundary`` (the output of unit boundary-1) from src to dst."""
         grp, (rs, rd) = self.pair_group(src, dst)
         ck = ("tx", grp, int(self.unit_class[boundary - 1]), key)
         if key is not None and ck in self._cache:

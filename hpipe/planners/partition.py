@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpipe.planners.evaluate import link_key, makespan_from_times
+from hpipe.planners.evaluate import hop_resource, makespan_from_times, split_transfer
 
 INF = math.inf
 
@@ -178,20 +178,25 @@ class PartitionCosts:
 
 
 def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
-    """Chain time matrix and resource keys of ``stages`` over the items (single-device
-    stages from the tables, tensor-parallel ones from the cost model itself).
-    ``rows_cache`` (a dict, for one item list) remembers rows between candidates."""
+    """Hold times, delays and resources of ``stages`` over the items, as
+    ``evaluate.chain_times`` (single-device stages from the tables, tensor-parallel
+    ones from the cost model itself).  ``rows_cache`` (a dict, for one item list)
+    remembers rows between candidates."""
     cache = rows_cache if rows_cache is not None else {}
-    rows, keys = [], []
+    cluster = tables.setup.cluster
+    rows, delays, keys = [], [], []
+    zero = np.zeros(np.shape(n))
     prev = None
     for j, (devs, s, e) in enumerate(stages):
         if prev is not None:
             pdevs, ps, pe = prev
             rk = ("link", pdevs[0], devs[0], int(tables.unit_class[pe - 1]))
             if rk not in cache:
-                cache[rk] = tables.transfer_times(pdevs[0], devs[0], pe, n, b, key)
-            rows.append(cache[rk])
-            keys.append(link_key(tables.setup.cluster, pdevs[0], devs[0]) or ("none", j))
+                total = tables.transfer_times(pdevs[0], devs[0], pe, n, b, key)
+                cache[rk] = split_transfer(cluster, pdevs[0], devs[0], total)
+            rows.append(cache[rk][0])
+            delays.append(cache[rk][1])
+            keys.append(hop_resource(cluster, pdevs[0], devs[0]))
         if len(devs) == 1:
             rk = ("stage", tables.device_group[devs[0]], s, e)
             if rk not in cache:
@@ -201,15 +206,16 @@ def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
             if rk not in cache:
                 cache[rk] = np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, b), np.shape(n))
         rows.append(cache[rk])
+        delays.append(zero)
         keys.append(("stage", j))
         prev = (devs, s, e)
-    return np.array(rows, float), keys
+    return np.array(rows, float), np.array(delays, float), keys
 
 
 def table_makespan(tables, stages, n, c, b, key=None, rows_cache=None) -> float:
     """Exact makespan (``evaluate``'s recurrence) with stage times from the tables."""
-    t, keys = chain_rows(tables, stages, n, c, b, key, rows_cache)
-    return makespan_from_times(t, keys)
+    t, d, keys = chain_rows(tables, stages, n, c, b, key, rows_cache)
+    return makespan_from_times(t, keys, d)
 
 
 # ---- the DPs ------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ X_j(n, c, b) per work item; per slice let
     g(q, p) = sum over micro-batches of max_j X_j        (its share of the sum)
 
 For a flow shop, any monotone path through the (item, position) grid holds
-one cell per item plus one cell per step to the next position, so
+one cell per item plus one cell per step to the next position, so (with a
+hop's time counted whole, as if its latency held the link too: that can only
+lengthen the schedule)
 
     makespan <= sum_items max_j X_ij + sum_{j != j*} max_i X_ij
              <= sum_slices g + w * max_slices h,     w = sum_{j != j*} rho_j,
@@ -35,7 +37,7 @@ import math
 
 import numpy as np
 
-from hpipe.planners.evaluate import link_key, makespan_from_times
+from hpipe.planners.evaluate import hop_resource, makespan_from_times
 
 INF = math.inf
 
@@ -112,10 +114,14 @@ class SliceGrid:
         self.pair_index[p, q] = np.arange(len(p))
         cluster = setup.cluster
         self.resources = []
+        self.latency = []  # per chain position: the propagation after a hop releases its links
         for j, (devs, _, _) in enumerate(stages):
             if j:
-                self.resources.append(link_key(cluster, stages[j - 1][0][0], devs[0]) or ("none", j))
+                src = stages[j - 1][0][0]
+                self.resources.append(hop_resource(cluster, src, devs[0]))
+                self.latency.append(tables.latency_s(src, devs[0]))
             self.resources.append(("stage", j))
+            self.latency.append(0.0)
 
     def makespan(self, slices_tokens) -> float:
         """Exact makespan (``evaluate``'s recurrence) of this partition with these slices,
@@ -124,8 +130,12 @@ class SliceGrid:
         idx = self.pair_index[pos[1:], pos[:-1]]
         if np.any(idx < 0):
             return INF
-        t = np.concatenate([np.array([self.rows_by_b[b][k][idx] for k in self.keys]) for b in self.sizes], axis=1)
-        return makespan_from_times(t, self.resources)
+        # rows hold whole transfer times (latency included: an upper bound for the DP);
+        # the recurrence wants the links' hold and the latency apart
+        total = np.concatenate([np.array([self.rows_by_b[b][k][idx] for k in self.keys]) for b in self.sizes],
+                               axis=1)
+        delay = np.minimum(np.array(self.latency)[:, None], total)
+        return makespan_from_times(total - delay, self.resources, delay)
 
     def objective(self, slices_tokens) -> float:
         """sum g + w * max h of a slicing given in tokens."""
