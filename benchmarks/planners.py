@@ -4,7 +4,7 @@
 
 1. Quality.  On small random heterogeneous scenarios (2-4 custom devices of
    random speed and memory over 1-2 hosts, a 2-3 block model, 4-6 token
-   granules, batch 1-2), the best plan over *every* ordered device subset,
+   granules, batch 1-2: ``random_scenario``), the best plan over *every* ordered device subset,
    every cut set, every slicing and every micro-batch count is found by
    enumeration and compared with hpipe's plan.  Both are scored by the exact
    makespan (``hpipe.planners.evaluate``); the simulator (``hpipe.sim``) is
@@ -53,27 +53,37 @@ def scorer():
 
 # ---- 1. quality ----------------------------------------------------------------------------
 def random_scenario(rng: random.Random) -> dict:
+    """2-4 custom devices (speeds 0.5-8 TFLOP/s, memory 20-200 GB/s) over 1-2 hosts,
+    a 2-3 block model of width 256-2048, 4-6 granules of 16-128 tokens, batch 1-2.
+    Each device's memory is a random share (30%-200%) of what the whole model needs,
+    so memory decides the split as often as speed does."""
     n_hosts = rng.choice([1, 2, 2])
     n_dev = rng.randint(max(2, n_hosts), 4)
     per_host = [1] * n_hosts
     for _ in range(n_dev - n_hosts):
         per_host[rng.randrange(n_hosts)] += 1
-    g = 16
+    g = rng.choice([16, 64, 128])
+    d_model = rng.choice([256, 1024, 2048])
+    data = {"name": "random", "dtype": "float16",
+            "model": {"family": rng.choice(["llama", "gpt"]), "n_layers": rng.randint(2, 3), "d_model": d_model,
+                      "n_heads": 8, "d_ff": 4 * d_model, "vocab_size": rng.choice([2000, 32000]),
+                      "max_seq_len": 1024},
+            "workload": {"seq_len": g * rng.randint(4, 6), "batch_size": rng.randint(1, 2)},
+            "costmodel": {"kind": "roofline", "kernel_overhead_us": rng.choice([5.0, 20.0])},
+            "planner": {"token_granularity": g, "memory_reserve_gb": 0.0}}
+    # what the whole model needs (weights, KV cache, workspace of the whole sequence)
+    probe = parse_scenario({**data, "cluster": {"hosts": [{"name": "p", "devices": [
+        {"name": "x", "peak_tflops": 1, "memory_gb": 1e6, "memory_bandwidth_gbps": 1, "power_w": 1}]}]}}).resolve()
+    need_gb = stage_memory_bytes(probe, 0, probe.n_units, 1, probe.seq_len, probe.batch_size) / 1e9
     hosts = []
     for h, k in enumerate(per_host):
         devices = [{"name": f"gpu{i}", "peak_tflops": rng.choice([0.5, 1.0, 2.0, 4.0, 8.0]),
-                    "memory_gb": rng.choice([0.0012, 0.002, 0.004, 1.0]),
+                    "memory_gb": round(need_gb * rng.choice([0.3, 0.5, 0.8, 2.0]), 9),
                     "memory_bandwidth_gbps": rng.choice([20.0, 50.0, 200.0]), "power_w": 100.0}
                    for i in range(k)]
         hosts.append({"name": f"h{h}", "devices": devices,
                       "interconnect": {"bandwidth_gbps": rng.choice([16.0, 64.0]), "latency_us": 10.0}})
-    data = {"name": "random", "dtype": "float16",
-            "model": {"family": rng.choice(["llama", "gpt"]), "n_layers": rng.randint(2, 3), "d_model": 256,
-                      "n_heads": 8, "d_ff": 512, "vocab_size": 2000, "max_seq_len": 1024},
-            "workload": {"seq_len": g * rng.randint(4, 6), "batch_size": rng.randint(1, 2)},
-            "cluster": {"hosts": hosts},
-            "costmodel": {"kind": "roofline", "kernel_overhead_us": rng.choice([5.0, 20.0])},
-            "planner": {"token_granularity": g, "memory_reserve_gb": 0.0}}
+    data["cluster"] = {"hosts": hosts}
     if n_hosts > 1:
         data["cluster"]["network"] = {"bandwidth_gbps": rng.choice([0.5, 2.0, 10.0]), "latency_us": 100.0}
     return data

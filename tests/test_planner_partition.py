@@ -47,8 +47,7 @@ def brute_force(setup, seq, slices, sizes):
 
 def dp_inputs(setup, slices, sizes):
     tables = CostTables(setup)
-    n, c, b = items_arrays(slices, sizes)
-    pc = alg1.PartitionCosts(tables, n, c, b, max(slices), max(sizes))
+    pc = alg1.PartitionCosts(tables, slices, sizes, recut=False)
     seq = tuple(setup.cluster.device_ids)
     smats, links = alg1.sequence_problem(pc, seq)
     return tables, pc, seq, smats, links

@@ -195,6 +195,33 @@ class CostTables:
         self._cache[ck] = out
         return out
 
+    def max_slice_tokens(self, stages, micro_batch: int) -> int:
+        """Longest slice (a multiple of the granularity) whose workspace still fits
+        every stage of a partition, given as (devices, start, end); 0 if not even one
+        granule fits."""
+        ck = ("nmax", tuple(stages), micro_batch)
+        if ck in self._cache:
+            return self._cache[ck]
+        g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
+
+        def fits(tokens):
+            for devs, s, e in stages:
+                need = self.memory_matrix(len(devs), tokens, micro_batch)[s, e]
+                if any(need > self.capacity(d) for d in devs):
+                    return False
+            return True
+
+        # memory grows with the slice length: binary search the longest that fits
+        best, lo, hi = 0, 1, L
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid * g):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        self._cache[ck] = best * g
+        return best * g
+
     def capacity(self, device: str) -> float:
         return self.setup.cluster.device(device).usable_memory_bytes
 

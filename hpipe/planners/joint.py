@@ -12,8 +12,10 @@ slicing on the partition.  Starting from even slices, each round
 
 and stops when a round does not lower the exact makespan.  Every count of
 micro-batches that divides the batch is tried (slicing and micro-batching
-compose: each micro-batch is sliced alike), and the plan with the least exact
-makespan wins.
+compose: each micro-batch is sliced alike): the alternation itself for the
+extremes (the whole batch, one sequence per micro-batch), and a re-slicing of the
+best partitions those found for the counts between.  The plan with the least
+exact makespan wins.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from hpipe.errors import InfeasibleError
 from hpipe.memory import raise_if_model_cannot_fit
 from hpipe.planners import partition as alg1
 from hpipe.planners import slicing as alg2
-from hpipe.planners.common import finish, items_arrays, micro_batch_sizes, uniform_slices
+from hpipe.planners.common import finish, micro_batch_sizes, uniform_slices
 from hpipe.planners.costs import CostTables
 
 
@@ -49,12 +51,29 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     tables = tables or CostTables(setup)
     sequences = sequences or alg1.device_sequences(tables)
     options = [micro_batches] if micro_batches else micro_batch_options(setup.batch_size)
+    # The full alternation runs for the extreme micro-batch counts (the whole batch at
+    # once, one sequence each); the counts between re-slice the best partitions those
+    # runs found, which is where they differ.
+    full = [m for m in options if m in (min(options), max(options))]
     best = (math.inf, None, None, None)
-    for m in options:
+    good: dict = {}
+    for m in full:
         sizes = micro_batch_sizes(setup.batch_size, m)
-        res = _joint(tables, sequences, sizes, fixed_slices, max_rounds)
+        res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds)
         if res is not None and res[0] < best[0]:
             best = (res[0], res[1], res[2], m)
+        for part, r in sliced.items():
+            if r is not None:
+                good[part] = min(good.get(part, math.inf), r[0])
+    top = sorted(good, key=good.get)[:3]
+    for m in options:
+        if m in full:
+            continue
+        sizes = micro_batch_sizes(setup.batch_size, m)
+        for part in top:
+            r = _best_slicing(tables, part, sizes)
+            if r is not None and r[0] < best[0]:
+                best = (r[0], part, r[1], m)
     lat, part, slices, m = best
     if part is None:
         raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner))
@@ -62,8 +81,9 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
 
 
 def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3):
-    """Alternate partition and slicing for one micro-batch split; (latency, partition,
-    slices) or None when nothing fits."""
+    """Alternate partition and slicing for one micro-batch split.  Returns (best, sliced):
+    best is (latency, partition, slices) or None when nothing fits; sliced maps every
+    partition that was sliced to its (latency, slices) or None."""
     setup = tables.setup
     g, L = setup.granularity, setup.seq_len // setup.granularity
     n_dev = len(setup.cluster.devices)
@@ -84,19 +104,18 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
         seqs = sequences
         for rnd in range(max_rounds):
             t0 = time.perf_counter()
-            n, c, b = items_arrays(slices, sizes)
-            pc = alg1.PartitionCosts(tables, n, c, b, max(slices), max(sizes))
+            pc = alg1.PartitionCosts(tables, slices, sizes, recut=fixed_slices is None)
             ranked: list = []
             parts = alg1.search(pc, seqs, ranked_sequences=ranked)
             if not parts:
                 break
             # later rounds change the slices, not which orders are good: keep the front runners
             seqs = ranked[:keep_sequences]
-            round_best = (parts[0][0], parts[0][1], tuple(slices))
+            round_best = parts[0]
             if fixed_slices is None:
                 # the runners-up too: a partition that is worse with these slices may
                 # be better with its own
-                for v, part in parts[:slice_top]:
+                for _, part, _ in parts[:slice_top]:
                     if part not in sliced:
                         sliced[part] = _best_slicing(tables, part, sizes)
                     cand = sliced[part]
@@ -114,7 +133,7 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
             found = best
         if found[1] is not None and start_no >= 1:
             break  # the fallbacks only serve when neither start fits
-    return found if found[1] is not None else None
+    return (found if found[1] is not None else None), sliced
 
 
 def _best_slicing(tables, part, sizes, top: int = 8):

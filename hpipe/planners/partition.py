@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpipe.planners.common import items_arrays
 from hpipe.planners.evaluate import hop_resource, makespan_from_times, split_transfer
 
 INF = math.inf
@@ -132,13 +133,22 @@ def _multiset_orders(kinds):
 
 # ---- the DP tables for one work-item list -----------------------------------------------
 class PartitionCosts:
-    """Stage and link totals over one list of work items, with memory masks."""
+    """Stage and link totals over the work items of one slicing, with memory masks.
 
-    def __init__(self, tables, n, c, b, max_slice: int, micro_batch: int):
+    With ``recut`` (the hpipe planner), memory is checked for the shortest slices
+    (one granule): a partition that holds more than the current slices allow is
+    still a candidate, scored with its longer slices cut down to what it can hold,
+    so the slicing step can take it from there.  Without (a fixed slicing), memory
+    is checked for the slices as they are."""
+
+    def __init__(self, tables, slices, sizes, recut: bool = True):
         self.tables = tables
-        self.n, self.c, self.b = (np.asarray(x, float) for x in (n, c, b))
-        self.key = ("items", self.n.tobytes(), self.c.tobytes(), self.b.tobytes())
-        self.mem = tables.memory_matrix(1, max_slice, micro_batch)
+        self.slices, self.sizes = list(slices), list(sizes)
+        self.n, self.c, self.b = items_arrays(self.slices, self.sizes)
+        self.key = ("items", tuple(self.slices), tuple(self.sizes))
+        self.recut = recut
+        mem_slice = tables.setup.granularity if recut else max(self.slices)
+        self.mem = tables.memory_matrix(1, mem_slice, max(self.sizes))
         self.U = len(tables.units)
         self._smat: dict = {}
         self._rows: dict = {}
@@ -173,8 +183,30 @@ class PartitionCosts:
         return self._links[np.ix_(idx, idx)]
 
 
-    def makespan(self, part: Partition) -> float:
-        return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key, self._rows)
+    def makespan(self, part: Partition):
+        """(exact makespan, slices it was scored with): the current slices if the
+        partition holds them, else those cut down to its longest slice."""
+        nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
+        if nmax >= max(self.slices):
+            return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key, self._rows), \
+                tuple(self.slices)
+        cut = recut_slices(self.slices, nmax, self.tables.setup.granularity)
+        n, c, b = items_arrays(cut, self.sizes)
+        return table_makespan(self.tables, part.stages, n, c, b, ("items", cut, tuple(self.sizes))), cut
+
+
+def recut_slices(slices, max_tokens: int, granularity: int) -> tuple[int, ...]:
+    """Each slice longer than ``max_tokens`` split into the fewest near-equal pieces
+    (multiples of the granularity) that are not."""
+    out = []
+    for s in slices:
+        if s <= max_tokens:
+            out.append(int(s))
+            continue
+        k = -(-s // max_tokens)
+        q, r = divmod(s // granularity, k)
+        out += [(q + (1 if i < r else 0)) * granularity for i in range(k)]
+    return tuple(out)
 
 
 def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
@@ -312,11 +344,11 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     Every sequence gets the bottleneck DP and its partition an exact evaluation;
     the ``refine`` sequences whose partitions score best (among those within
     ``keep`` of the least bottleneck) also get the min-sum DP at caps B*(1+eps).
-    Returns up to ``top`` distinct (makespan, Partition) pairs, best first (empty:
-    nothing fits).  ``ranked_sequences``, if a list, receives the feasible sequences
-    best bottleneck first."""
+    Returns up to ``top`` distinct (makespan, Partition, slices scored with)
+    triples, best first (empty: nothing fits).  ``ranked_sequences``, if a list,
+    receives the feasible sequences, best first."""
     probs = []
-    cands: dict[Partition, float] = {}
+    cands: dict[Partition, tuple] = {}
     for seq in sequences:
         smats, links = sequence_problem(pc, seq)
         val, stages = minmax_dp(smats, links)
@@ -324,7 +356,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
             part = to_partition(seq, stages)
             if part not in cands:
                 cands[part] = pc.makespan(part)
-            probs.append((cands[part], val, seq, smats, links))
+            probs.append((cands[part][0], val, seq, smats, links))
     if not probs:
         return []
     # Orders rank by the exact makespan of their bottleneck-optimal partition: the
@@ -342,5 +374,5 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
                 part = to_partition(seq, st)
                 if part not in cands:
                     cands[part] = pc.makespan(part)
-    ranked = sorted(cands.items(), key=lambda kv: kv[1])
-    return [(v, p) for p, v in ranked[:top]]
+    ranked = sorted(cands.items(), key=lambda kv: kv[1][0])
+    return [(v, p, sl) for p, (v, sl) in ranked[:top]]

@@ -296,25 +296,5 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
 
 
 def max_slice_tokens(tables, stages, micro_batch: int) -> int:
-    """Longest slice (a multiple of the granularity) whose workspace still fits every
-    stage of the partition; 0 if not even one granule fits."""
-    setup = tables.setup
-    g, L = setup.granularity, setup.seq_len // setup.granularity
-    best = 0
-    lo, hi = 1, L
-    # memory grows with the slice length: binary search the largest fitting length
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if _fits(tables, stages, mid * g, micro_batch):
-            best, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    return best * g
-
-
-def _fits(tables, stages, slice_tokens, micro_batch):
-    for devs, s, e in stages:
-        need = tables.memory_matrix(len(devs), slice_tokens, micro_batch)[s, e]
-        if any(need > tables.capacity(d) for d in devs):
-            return False
-    return True
+    """Longest slice the partition's memory allows (``CostTables.max_slice_tokens``)."""
+    return tables.max_slice_tokens(stages, micro_batch)
