@@ -80,7 +80,8 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     return finish(setup, planner, part.stages, slices, m)
 
 
-def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3):
+def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3,
+           second_start_margin: float = 0.1):
     """Alternate partition and slicing for one micro-batch split.  Returns (best, sliced):
     best is (latency, partition, slices) or None when nothing fits; sliced maps every
     partition that was sliced to its (latency, slices) or None."""
@@ -124,6 +125,8 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
             log.debug("micro-batches %d round %d: partition %.6g s, sliced %.6g s (%d slices, %d stages), %.3f s",
                       len(sizes), rnd, parts[0][0], round_best[0], len(round_best[2]),
                       len(round_best[1].stages), time.perf_counter() - t0)
+            if start_no > 0 and rnd == 0 and round_best[0] > found[0] * (1 + second_start_margin):
+                break  # a later start that opens far behind is not pursued
             if round_best[0] < best[0] * (1 - 1e-4):  # stop at no (meaningful) improvement
                 best = round_best
                 slices = list(round_best[2])

@@ -155,22 +155,24 @@ def _batch_dp(GT, HT, t, qmin):
     (memory caps on slice length)."""
     L = GT.shape[0] - 1
     K = len(t)
-    f = np.full((K, L + 1), INF)
-    f[:, 0] = 0.0
-    hm = np.zeros((K, L + 1))
-    back = np.zeros((K, L + 1), int)
+    # position-major (L+1, K): each step reads a contiguous block of rows; the loop is
+    # bound by numpy's per-call overhead, so it keeps to few calls per position
+    f = np.full((L + 1, K), INF)
+    f[0] = 0.0
+    hm = np.zeros((L + 1, K))
+    back = np.zeros((L + 1, K), int)
     ar = np.arange(K)
-    tcol = t[:, None]
     for p in range(1, L + 1):
-        q0 = qmin[p]
+        q0 = int(qmin[p])
         hrow = HT[p, q0:p]
-        vals = np.where(hrow <= tcol, f[:, q0:p] + GT[p, q0:p], INF) if K > 1 else \
-            (f[:, q0:p] + np.where(hrow <= t[0], GT[p, q0:p], INF))
-        j = vals.argmin(axis=1)
-        f[:, p] = vals[ar, j]
-        back[:, p] = j + q0
-        hm[:, p] = np.maximum(hm[ar, j + q0], hrow[j])
-    return f[:, L], hm[:, L], back
+        vals = f[q0:p] + GT[p, q0:p, None]  # (p - q0, K)
+        vals[hrow[:, None] > t] = INF
+        j = vals.argmin(axis=0)
+        f[p] = vals[j, ar]
+        jq = j + q0
+        back[p] = jq
+        hm[p] = np.maximum(hm[jq, ar], hrow[j])
+    return f[L], hm[L], back.T
 
 
 def _window(HT, tmax):
