@@ -1,4 +1,4 @@
-"""The exact evaluator against the plain recurrence and against an event loop."""
+"""The exact evaluator against the plain recurrence, an event loop and the simulator."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpipe.plan import Plan, Stage
-from hpipe.planners.evaluate import chain_completion, chain_times, makespan_s, scan, shared_completion
+from hpipe.planners.evaluate import (chain_completion, chain_times, makespan_s, scan, shared_completion,
+                                     shares_resources)
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 
-def naive(t):
+def naive(t, d=None):
     P, I = t.shape
+    d = np.zeros_like(t) if d is None else d
     C = np.zeros((P, I))
     for i in range(I):
         for p in range(P):
-            C[p, i] = max(C[p, i - 1] if i else 0.0, C[p - 1, i] if p else 0.0) + t[p, i]
+            C[p, i] = max(C[p, i - 1] if i else 0.0, C[p - 1, i] + d[p - 1, i] if p else 0.0) + t[p, i]
     return C
 
 
@@ -25,45 +27,53 @@ def naive(t):
 def test_chain_matches_recurrence_and_event_loop(P, I, seed):
     rng = np.random.default_rng(seed)
     t = rng.exponential(1.0, (P, I)) * (rng.random((P, I)) > 0.1)
-    C = naive(t)
-    assert np.allclose(chain_completion(t), C, rtol=1e-12, atol=1e-12)
-    assert np.allclose(shared_completion(t, [("r", p) for p in range(P)]), C, rtol=1e-12, atol=1e-12)
+    d = rng.exponential(0.3, (P, I)) * (rng.random((P, I)) > 0.5)
+    C = naive(t, d)
+    assert np.allclose(chain_completion(t, d), C, rtol=1e-12, atol=1e-12)
+    keys = [frozenset([("r", p)]) for p in range(P)]
+    assert np.allclose(shared_completion(t, keys, d), C, rtol=1e-12, atol=1e-12)
 
 
 def test_scan_is_the_recurrence():
     arrive = np.array([0.0, 5.0, 1.0, 9.0])
     t = np.array([2.0, 1.0, 3.0, 1.0])
-    # C = [2, 6, 9, 10]
     assert np.allclose(scan(arrive, t), [2.0, 6.0, 9.0, 10.0])
 
 
-def test_shared_link_serialises_both_boundaries():
-    # positions: stage0, link A, stage1, link A (shared), stage2; one item each way
+def test_a_link_crossed_twice_serialises_both_hops():
+    # positions: stage0, hop A->B, stage1, hop A->B again, stage2; two items
     t = np.array([[1.0, 1.0], [2.0, 2.0], [0.5, 0.5], [2.0, 2.0], [1.0, 1.0]])
-    keys = [("s", 0), "A", ("s", 1), "A", ("s", 2)]
+    ab = frozenset([("A", "B")])
+    keys = [("stage", 0), ab, ("stage", 1), ab, ("stage", 2)]
+    assert shares_resources(keys)
     C = shared_completion(t, keys)
-    # item 0: stage0 0-1, link 1-3, stage1 3-3.5; item 1: stage0 1-2, link 3-5 (waits);
-    # item 0's second transfer is ready at 3.5 but the link is busy until 5: 5-7
+    # item 0: stage0 0-1, hop 1-3, stage1 3-3.5; item 1: stage0 1-2, hop 3-5 (waits);
+    # item 0's second hop is ready at 3.5 but the link is busy until 5: 5-7
     assert C[1, 1] == 5.0 and C[3, 0] == 7.0
     assert np.all(C >= naive(t) - 1e-12)
+    assert not shares_resources([("stage", 0), ab, ("stage", 1), frozenset([("B", "A")])])
+
+
+def _random_plan(setup, draw, interleave=False):
+    devs = setup.cluster.device_ids
+    k = draw.draw(st.integers(1, min(len(devs), setup.n_units)))
+    order = draw.draw(st.permutations(devs))[:k] if interleave else devs[:k]
+    cuts = sorted(draw.draw(st.sets(st.integers(1, setup.n_units - 1), min_size=k - 1, max_size=k - 1)))
+    bounds = [0, *cuts, setup.n_units]
+    L = setup.seq_len // setup.granularity
+    n_sl = draw.draw(st.integers(1, L))
+    sl = [setup.granularity] * (n_sl - 1) + [setup.seq_len - setup.granularity * (n_sl - 1)]
+    return Plan(planner="x", scenario="random", slices=sl,
+                micro_batches=draw.draw(st.integers(1, setup.batch_size)),
+                stages=[Stage(devices=[order[i]], units=(a, b)) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
 
 
 @settings(max_examples=examples(25), deadline=None)
 @given(scenario_dicts(tight_memory=False), st.data())
 def test_plan_makespan_uses_the_cost_model(data, draw):
     setup = setup_of(data)
-    devs = setup.cluster.device_ids
-    k = draw.draw(st.integers(1, min(len(devs), setup.n_units)))
-    cuts = sorted(draw.draw(st.sets(st.integers(1, setup.n_units - 1), min_size=k - 1, max_size=k - 1)))
-    bounds = [0, *cuts, setup.n_units]
-    L = setup.seq_len // setup.granularity
-    n_sl = draw.draw(st.integers(1, L))
-    sl = [setup.granularity] * (n_sl - 1) + [setup.seq_len - setup.granularity * (n_sl - 1)]
-    plan = Plan(planner="x", scenario="random", slices=sl,
-                micro_batches=draw.draw(st.integers(1, setup.batch_size)),
-                stages=[Stage(devices=[devs[i]], units=(a, b)) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
-    t, keys = chain_times(setup, plan)
-    # rebuild the matrix item by item with the cost model's scalar calls
+    plan = _random_plan(setup, draw)
+    t, d, keys = chain_times(setup, plan)
     cost = setup.cost
     for i, (_, _, b, n, c) in enumerate(plan.items(setup.batch_size)):
         for j, stg in enumerate(plan.stages):
@@ -71,6 +81,39 @@ def test_plan_makespan_uses_the_cost_model(data, draw):
             if j:
                 prev = plan.stages[j - 1]
                 nb = setup.units[prev.end - 1].out_bytes(n, b, setup.dtype_bytes)
-                assert np.isclose(t[2 * j - 1, i], cost.transfer_time_s(prev.devices[0], stg.devices[0], nb))
-    if len(set(keys)) == len(keys):
-        assert np.isclose(makespan_s(setup, plan), naive(t)[-1, -1], rtol=1e-12)
+                total = cost.transfer_time_s(prev.devices[0], stg.devices[0], nb)
+                assert np.isclose(t[2 * j - 1, i] + d[2 * j - 1, i], total, rtol=1e-12)
+    if not shares_resources(keys):
+        assert np.isclose(makespan_s(setup, plan), naive(t, d)[-1, -1], rtol=1e-12)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(scenario_dicts(tight_memory=False, max_devices=4, max_hosts=3), st.data())
+def test_prediction_is_the_simulated_latency(data, draw):
+    from hpipe.sim import simulate
+
+    setup = setup_of(data)
+    plan = _random_plan(setup, draw, interleave=True)
+    assert np.isclose(makespan_s(setup, plan), simulate(setup, plan).latency_s, rtol=1e-9, atol=1e-15)
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.sampled_from([0.05, 1.0, 10.0]), st.sampled_from([0.0, 500.0]))
+def test_a_pipeline_crossing_the_network_twice_matches_the_simulator(n_slices, mb, net_gbps, lat_us):
+    from hpipe.sim import simulate
+
+    dev = {"name": "g", "count": 2, "peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,
+           "power_w": 50.0}
+    setup = setup_of({
+        "name": "twice", "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256,
+                                   "vocab_size": 500, "max_seq_len": 512},
+        "workload": {"seq_len": 64, "batch_size": 3},
+        "cluster": {"hosts": [{"name": "a", "devices": [dev]}, {"name": "b", "devices": [dev]}],
+                    "network": {"bandwidth_gbps": net_gbps, "latency_us": lat_us}},
+        "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}})
+    order = ["a/g-0", "b/g-0", "a/g-1", "b/g-1"]
+    sl = [16] * (n_slices - 1) + [64 - 16 * (n_slices - 1)]
+    plan = Plan(planner="x", scenario="twice", slices=sl, micro_batches=mb,
+                stages=[Stage(devices=[d], units=(a, b)) for d, (a, b) in zip(order, [(0, 2), (2, 3), (3, 5), (5, 6)])])
+    assert shares_resources(chain_times(setup, plan)[2])
+    assert np.isclose(makespan_s(setup, plan), simulate(setup, plan).latency_s, rtol=1e-9)

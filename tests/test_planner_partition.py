@@ -13,6 +13,7 @@ from hpipe.memory import stage_memory_bytes
 from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes, uniform_slices
 from hpipe.planners.costs import CostTables
+from hpipe.planners.evaluate import split_transfer
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 
@@ -36,7 +37,9 @@ def brute_force(setup, seq, slices, sizes):
                     vals.append(float(np.sum(cost.stage_compute_s(s, e, [seq[m]], n, c, b))))
                     if k:
                         nb = setup.units[s - 1].out_bytes(n, b, setup.dtype_bytes)
-                        vals.append(float(np.sum(cost.transfer_time_s(seq[used[k - 1]], seq[m], nb))))
+                        src, dst = seq[used[k - 1]], seq[m]
+                        hold, _ = split_transfer(setup.cluster, src, dst, cost.transfer_time_s(src, dst, nb))
+                        vals.append(float(np.sum(hold)))  # the link's busy time
                 if ok:
                     out.append((max(vals), sum(vals), [(m, bounds[k], bounds[k + 1]) for k, m in enumerate(used)]))
     return out
@@ -44,8 +47,7 @@ def brute_force(setup, seq, slices, sizes):
 
 def dp_inputs(setup, slices, sizes):
     tables = CostTables(setup)
-    n, c, b = items_arrays(slices, sizes)
-    pc = alg1.PartitionCosts(tables, n, c, b, max(slices), max(sizes))
+    pc = alg1.PartitionCosts(tables, slices, sizes, recut=False)
     seq = tuple(setup.cluster.device_ids)
     smats, links = alg1.sequence_problem(pc, seq)
     return tables, pc, seq, smats, links

@@ -6,14 +6,14 @@ import itertools
 import math
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hpipe.planners import slicing as alg2
 from hpipe.planners.common import items_arrays, micro_batch_sizes
 from hpipe.planners.costs import CostTables
 from hpipe.planners.partition import chain_rows
-from hpipe.planners.evaluate import chain_completion
+from hpipe.planners.evaluate import chain_completion, shares_resources
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 
@@ -44,8 +44,8 @@ def sliced_case(draw):
 
 
 @settings(max_examples=examples(40), deadline=None)
-@given(sliced_case(), st.sampled_from([1, 2, 64]))
-def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch):
+@given(sliced_case(), st.sampled_from([1, 2, 64]), st.sampled_from([("sweep", 2), ("bisect", 2), ("bisect", 5)]))
+def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch, method):
     setup, stages, sizes = case
     tables = CostTables(setup)
     nmax = alg2.max_slice_tokens(tables, stages, max(sizes))
@@ -53,7 +53,7 @@ def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch):
     g = setup.granularity
     objs = {tuple(x * g for x in comp): grid.objective([x * g for x in comp]) for comp in compositions(grid.L)}
     feasible = {s: v for s, v in objs.items() if math.isfinite(v) and max(s) <= (nmax or math.inf)}
-    got, _ = alg2.best_slicings(grid, top=3, batch=batch)
+    got, _ = alg2.best_slicings(grid, top=3, batch=batch, method=method[0], fan=method[1])
     if nmax == 0 or not feasible:
         assert nmax == 0 or not got
         return
@@ -73,8 +73,9 @@ def test_bound_is_above_the_exact_makespan(case, draw):
     comp = draw.draw(st.sampled_from(list(compositions(grid.L))))
     s = [x * setup.granularity for x in comp]
     n, c, b = items_arrays(s, sizes)
-    t, _ = chain_rows(tables, stages, n, c, b)
-    exact = chain_completion(t)[-1, -1]
+    t, d, keys = chain_rows(tables, stages, n, c, b)
+    assume(not shares_resources(keys))  # the bound is for a chain (links crossed once)
+    exact = chain_completion(t, d)[-1, -1]
     assert exact <= grid.objective(s) * (1 + 1e-9)
 
 
@@ -96,3 +97,21 @@ def test_grid_matches_the_cost_model(case):
             per_b[bsz] = max(xs)
         assert math.isclose(grid.HT[p, q], per_b[max(sizes)], rel_tol=1e-12)
         assert math.isclose(grid.GT[p, q], sum(per_b[x] for x in sizes), rel_tol=1e-12)
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(sliced_case(), st.data())
+def test_grid_makespan_is_the_exact_makespan(case, draw):
+    from hpipe.plan import Plan, Stage
+    from hpipe.planners.evaluate import makespan_s
+
+    setup, stages, sizes = case
+    tables = CostTables(setup)
+    grid = alg2.SliceGrid(tables, stages, sizes, None)
+    comp = draw.draw(st.sampled_from(list(compositions(grid.L))))
+    s = [x * setup.granularity for x in comp]
+    # the plan's own micro-batch split must give these sizes
+    plan = Plan(planner="x", scenario="random", slices=s, micro_batches=len(sizes),
+                stages=[Stage(devices=list(d), units=(a, b)) for d, a, b in stages])
+    assert plan.micro_batch_sizes(setup.batch_size) == sizes
+    assert math.isclose(grid.makespan(s), makespan_s(setup, plan), rel_tol=1e-9)

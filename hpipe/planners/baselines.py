@@ -23,10 +23,9 @@ from hpipe.errors import InfeasibleError
 from hpipe.memory import plan_shortfalls
 from hpipe.plan import Plan, Stage
 from hpipe.planners import slicing as alg2
-from hpipe.planners.common import even_block_split, finish, items_arrays, micro_batch_sizes
+from hpipe.planners.common import even_block_split, finish, micro_batch_sizes
 from hpipe.planners.costs import CostTables
 from hpipe.planners.joint import plan_hpipe
-from hpipe.planners.partition import table_makespan
 
 
 def default_micro_batches(setup) -> int:
@@ -92,10 +91,5 @@ def _token_pipeline(setup, name, stages):
                               + "; ".join(str(s) for s in short))
     grid = alg2.SliceGrid(tables, stages, sizes, nmax)
     cands, _ = alg2.best_slicings(grid)
-    best = None
-    for _, s in cands:
-        n, c, b = items_arrays(s, sizes)
-        lat = table_makespan(tables, stages, n, c, b)
-        if best is None or lat < best[0]:
-            best = (lat, s)
+    best = min((grid.makespan(s), s) for _, s in cands)
     return finish(setup, name, stages, best[1], 1)

@@ -74,6 +74,8 @@ class CostTables:
         self.class_prefix = np.vstack([np.zeros(self.n_classes, int), np.cumsum(onehot, axis=0)])
         """(U+1, classes): how many units of each class lie in [0, k)."""
         self._cache: dict = {}
+        self._pairs: dict = {}
+        self._pair_keys: dict = {}
 
     def _kind_reps(self):
         seen = {}
@@ -118,22 +120,52 @@ class CostTables:
         return np.array([np.broadcast_to(self.units[r].out_bytes(n, b, self.db), np.shape(n))
                          for r in self.class_rep], float)
 
+    def pair_group(self, src: str, dst: str) -> tuple[int, tuple[str, str]]:
+        """Device pairs whose transfers cost alike (same hosts, same answers at probe
+        sizes) share tables: (group id, representative pair)."""
+        pk = (src, dst)
+        if pk not in self._pairs:
+            cl = self.setup.cluster
+            probe = np.array([1.0, 1e3, 1e5, 1e7, 1e9])
+            key = (src == dst, cl.device(src).host, cl.device(dst).host,
+                   tuple(np.atleast_1d(self.cost.transfer_time_s(src, dst, probe))))
+            if key not in self._pair_keys:
+                self._pair_keys[key] = (len(self._pair_keys), pk)
+            self._pairs[pk] = self._pair_keys[key]
+        return self._pairs[pk]
+
     def transfer_totals(self, src: str, dst: str, n, b, key=None):
-        """(U+1,) array: total transfer time over the items of the activation handed
-        across a boundary at unit k (the output of unit k-1); entry 0 is 0."""
-        ck = ("tt", src, dst, key)
+        """(U+1,) array: how long the links are held, over all the items, to hand on
+        the activation across a boundary at unit k (the output of unit k-1); entry 0 is 0."""
+        grp, (rs, rd) = self.pair_group(src, dst)
+        ck = ("tt", grp, key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
         nbytes = self.boundary_bytes(n, b)
-        per_class = np.array([np.sum(self.cost.transfer_time_s(src, dst, row)) for row in nbytes])
+        # the links are held for the transfer less its propagation latency
+        lat = self.latency_s(rs, rd)
+        per_class = np.array([np.sum(t - np.minimum(lat, t))
+                              for t in (np.asarray(self.cost.transfer_time_s(rs, rd, row), float) for row in nbytes)])
         out = np.concatenate(([0.0], per_class[self.unit_class]))
         if key is not None:
             self._cache[ck] = out
         return out
 
-    def transfer_times(self, src: str, dst: str, boundary: int, n, b):
-        return np.broadcast_to(self.cost.transfer_time_s(
-            src, dst, self.units[boundary - 1].out_bytes(n, b, self.db)), np.shape(n))
+    def latency_s(self, src: str, dst: str) -> float:
+        return 0.0 if src == dst else self.setup.cluster.route(src, dst).latency_s
+
+    def transfer_times(self, src: str, dst: str, boundary: int, n, b, key=None):
+        """Transfer time (latency included) of each item's activation across the
+        boundary at unit ``boundary`` (the output of unit boundary-1) from src to dst."""
+        grp, (rs, rd) = self.pair_group(src, dst)
+        ck = ("tx", grp, int(self.unit_class[boundary - 1]), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        out = np.broadcast_to(self.cost.transfer_time_s(
+            rs, rd, self.units[boundary - 1].out_bytes(n, b, self.db)), np.shape(n))
+        if key is not None:
+            self._cache[ck] = out
+        return out
 
     # ---- memory ----------------------------------------------------------------
     def memory_matrix(self, tp: int, max_slice: int, micro_batch: int):
@@ -152,13 +184,43 @@ class CostTables:
         wmat = (W[None, :] - W[:, None]).astype(float) / tp
         kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
         # range max of the workspace: row k is the running max of ws[k:]
+        # range max of the workspace: units of one class need the same workspace, so
+        # it is the largest over the classes present in [k, e)
         work = np.full((U + 1, U + 1), -np.inf)
-        for k in range(U):
-            work[k, k + 1:] = np.maximum.accumulate(ws[k:])
+        cnt = self.class_prefix[None, :, :] - self.class_prefix[:, None, :]  # (k, e, class)
+        for cls, rep in enumerate(self.class_rep):
+            work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[rep]), work)
         out = wmat + kvmat + work
         out[np.tril_indices(U + 1)] = np.inf
         self._cache[ck] = out
         return out
+
+    def max_slice_tokens(self, stages, micro_batch: int) -> int:
+        """Longest slice (a multiple of the granularity) whose workspace still fits
+        every stage of a partition, given as (devices, start, end); 0 if not even one
+        granule fits."""
+        ck = ("nmax", tuple(stages), micro_batch)
+        if ck in self._cache:
+            return self._cache[ck]
+        g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
+
+        def fits(tokens):
+            for devs, s, e in stages:
+                need = self.memory_matrix(len(devs), tokens, micro_batch)[s, e]
+                if any(need > self.capacity(d) for d in devs):
+                    return False
+            return True
+
+        # memory grows with the slice length: binary search the longest that fits
+        best, lo, hi = 0, 1, L
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid * g):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        self._cache[ck] = best * g
+        return best * g
 
     def capacity(self, device: str) -> float:
         return self.setup.cluster.device(device).usable_memory_bytes

@@ -1,25 +1,28 @@
 """Exact makespan of a plan: what chooses between candidate plans and fills ``predicted``.
 
-The pipeline is a chain of resources: stage 0, the link into stage 1, stage 1,
-the link into stage 2, ...  Work item i (``Plan.items`` order) on chain
-position p waits for item i at position p-1 and for item i-1 at position p,
-so its completion time follows the flow-shop recurrence
+The pipeline is a chain of positions: stage 0, the hop into stage 1, stage 1,
+the hop into stage 2, ...  Work item i (``Plan.items`` order) at position p
+waits for item i at position p-1 and for item i-1 at position p, so its
+completion time follows the flow-shop recurrence
 
-    C[i][p] = max(C[i-1][p], C[i][p-1]) + t[i][p].
+    C[i][p] = max(C[i-1][p], C[i][p-1] + d[i][p-1]) + t[i][p].
 
-A link position carries the transfer of ``units[end-1].out_bytes(n, b)`` from
-the previous stage's first device to the stage's first device and holds the
-link for the whole transfer time (a link carries one transfer at a time).
+``t`` is how long the position's resource is held; ``d`` a pure delay after
+it.  A stage holds its devices for ``CostModel.stage_compute_s``.  A hop moves
+``units[end-1].out_bytes(n, b)`` from the previous stage's first device to
+the stage's first device: of the cost model's ``transfer_time_s`` the route's
+latency (at most all of it) is propagation, which elapses *after* the links
+are released, and the rest holds every directed link on the route.  These are
+the simulator's semantics (``hpipe.sim``: devices and directed links as
+resources, latency after release), so a plan's prediction is its simulated
+latency.
 
 Per position the recurrence is a max-plus scan, which numpy does in one
 pass: with S the prefix sums of t, C[i] = S[i] + max_{k<=i}(A[k] - S[k-1])
-where A is the arrival from the previous position.  When two boundaries of a
-plan share a link (e.g. a pipeline that leaves a host and comes back), item
-order no longer fixes the order on that link, and a small event loop serves
-the link first come, first served instead.
-
-Stage times come from ``CostModel.stage_compute_s`` (the simulator's
-definition), transfer times from ``CostModel.transfer_time_s``.
+where A is the arrival from the previous position.  When two hops of a plan
+need the same directed link (a pipeline that crosses from host A to host B
+twice), item order no longer fixes the order on that link, and a small event
+loop serves the link first come, first served instead.
 """
 
 from __future__ import annotations
@@ -38,32 +41,63 @@ def item_arrays(plan, batch_size: int):
     return b, n, c
 
 
-def link_key(cluster, src: str, dst: str):
-    """The resource a transfer from src to dst holds: its route's narrowest link
-    (what ``Route.bottleneck`` names), or None for a transfer that needs none."""
+def directed_links(route, src: str) -> frozenset:
+    """The directed links (u, v) a transfer from ``src`` along ``route`` holds (the
+    route's edges oriented along the path, as ``hpipe.sim.directed_links`` does)."""
+    remaining = list(route.links)
+    node, out = src, []
+    while remaining:
+        edge = next((e for e in remaining if node in e), None)
+        if edge is None:
+            out.extend(remaining)
+            break
+        remaining.remove(edge)
+        nxt = edge[1] if edge[0] == node else edge[0]
+        out.append((node, nxt))
+        node = nxt
+    return frozenset(out)
+
+
+def hop_resource(cluster, src: str, dst: str):
+    """What a transfer from src to dst holds: its route's directed links."""
     if src == dst:
-        return None
-    return cluster.route(src, dst).bottleneck
+        return frozenset()
+    return directed_links(cluster.route(src, dst), src)
+
+
+def split_transfer(cluster, src: str, dst: str, total):
+    """(hold, delay): the part of a transfer time that holds the links and the
+    propagation latency after them (the route's latency, at most the whole time)."""
+    total = np.asarray(total, float)
+    lat = 0.0 if src == dst else cluster.route(src, dst).latency_s
+    delay = np.minimum(lat, total)
+    return total - delay, delay
 
 
 def chain_times(setup, plan):
-    """Time of every work item at every chain position, and the positions' resources.
+    """Hold and delay of every work item at every chain position, and the resources.
 
-    Returns ``(t, keys)``: ``t`` has shape (2*stages - 1, items); rows alternate
-    stage 0, link 0->1, stage 1, ...; ``keys[p]`` names the resource of row p
-    (("stage", j) for a stage, the link's edge for a transfer)."""
+    Returns ``(t, d, keys)``, t and d of shape (2*stages - 1, items); rows
+    alternate stage 0, hop 0->1, stage 1, ...; ``keys[p]`` is ("stage", j) for a
+    stage, the frozenset of directed links for a hop."""
     cost = setup.cost
+    cluster = setup.cluster
     b, n, c = item_arrays(plan, setup.batch_size)
-    rows, keys = [], []
+    rows, delays, keys = [], [], []
+    zero = np.zeros_like(n)
     for j, st in enumerate(plan.stages):
         if j > 0:
-            prev = plan.stages[j - 1]
-            nbytes = setup.units[prev.end - 1].out_bytes(n, b, setup.dtype_bytes)
-            rows.append(np.broadcast_to(cost.transfer_time_s(prev.devices[0], st.devices[0], nbytes), n.shape))
-            keys.append(link_key(setup.cluster, prev.devices[0], st.devices[0]) or ("none", j))
+            src, dst = plan.stages[j - 1].devices[0], st.devices[0]
+            nbytes = setup.units[plan.stages[j - 1].end - 1].out_bytes(n, b, setup.dtype_bytes)
+            total = np.broadcast_to(cost.transfer_time_s(src, dst, nbytes), n.shape)
+            hold, delay = split_transfer(cluster, src, dst, total)
+            rows.append(hold)
+            delays.append(delay)
+            keys.append(hop_resource(cluster, src, dst))
         rows.append(np.broadcast_to(cost.stage_compute_s(st.start, st.end, st.devices, n, c, b), n.shape))
+        delays.append(zero)
         keys.append(("stage", j))
-    return np.array(rows, float), keys
+    return np.array(rows, float), np.array(delays, float), keys
 
 
 def scan(arrive, t):
@@ -73,51 +107,69 @@ def scan(arrive, t):
     return s + np.maximum.accumulate(np.maximum(arrive, 0.0) - prev)
 
 
-def chain_completion(t):
+def chain_completion(t, d=None):
     """Completion times C (same shape as t) of a chain whose positions each have a
-    resource of their own."""
+    resource of their own; ``d`` delays each position's output (default none)."""
     C = np.empty_like(t)
     arrive = np.zeros(t.shape[1])
     for p in range(t.shape[0]):
-        arrive = C[p] = scan(arrive, t[p])
+        C[p] = scan(arrive, t[p])
+        arrive = C[p] if d is None else C[p] + d[p]
     return C
 
 
-def makespan_from_times(t, keys=None) -> float:
-    """Makespan of a chain of item times; ``keys`` (resource per row) only matter
-    when some resource appears in more than one row."""
+def shares_resources(keys) -> bool:
+    """Whether two hops need a common directed link."""
+    seen: set = set()
+    for k in keys:
+        if isinstance(k, frozenset):
+            if seen & k:
+                return True
+            seen |= k
+    return False
+
+
+def makespan_from_times(t, keys=None, d=None) -> float:
+    """Makespan of a chain of item hold times ``t`` (and delays ``d``); ``keys``
+    (resource per row) only matter when two hops share a link."""
     if t.size == 0:
         return 0.0
-    if keys is None or len(set(keys)) == len(keys):
-        return float(chain_completion(t)[-1, -1])
-    return float(shared_completion(t, keys)[-1, -1])
+    if keys is not None and shares_resources(keys):
+        return float(shared_completion(t, keys, d)[-1, -1])
+    C = chain_completion(t, d)
+    return float(C[-1, -1])
 
 
-def shared_completion(t, keys):
-    """Completion times when resources repeat along the chain: every operation
-    (item i, position p) becomes ready when (i, p-1) is done (and, on a stage, when
-    (i-1, p) is done); each resource then serves ready operations in order of
-    readiness (ties: earlier item, earlier position)."""
+def shared_completion(t, keys, d=None):
+    """Completion times when hops share links: operation (item i, position p) is
+    ready when (i, p-1) is done and its delay has passed and (i-1, p) is done; it
+    starts once all its links are free, links going to ready operations first come,
+    first served (ties: earlier item, earlier position)."""
     P, I = t.shape
-    C = np.full((P, I), np.nan)
+    tl = t.tolist()
+    dl = (np.zeros_like(t) if d is None else d).tolist()
+    res = [k if isinstance(k, frozenset) else frozenset([k]) for k in keys]
+    C = [[None] * I for _ in range(P)]
     free_at: dict = {}
     ready = [(0.0, 0, 0)]  # (ready time, item, position)
     while ready:
         r, i, p = heapq.heappop(ready)
-        key = keys[p]
-        start = max(r, free_at.get(key, 0.0))
-        C[p, i] = end = start + t[p, i]
-        free_at[key] = end
-        # successors: the same item at the next position, the next item at this
-        # position (item order is fixed per position, as on a stage)
-        if p + 1 < P and (i == 0 or not np.isnan(C[p + 1, i - 1])):
-            heapq.heappush(ready, (end if i == 0 else max(end, C[p + 1, i - 1]), i, p + 1))
-        if i + 1 < I and (p == 0 or not np.isnan(C[p - 1, i + 1])):
-            heapq.heappush(ready, (end if p == 0 else max(end, C[p - 1, i + 1]), i + 1, p))
-    return C
+        start = max([r] + [free_at.get(x, 0.0) for x in res[p]])
+        end = start + tl[p][i]
+        C[p][i] = end
+        for x in res[p]:
+            free_at[x] = end
+        # successors: item i at the next position, item i+1 at this one, each once
+        # both of its predecessors are done
+        if p + 1 < P and (i == 0 or C[p + 1][i - 1] is not None):
+            arrive = end + dl[p][i]
+            heapq.heappush(ready, (arrive if i == 0 else max(arrive, C[p + 1][i - 1]), i, p + 1))
+        if i + 1 < I and (p == 0 or C[p - 1][i + 1] is not None):
+            heapq.heappush(ready, (end if p == 0 else max(end, C[p - 1][i + 1] + dl[p - 1][i + 1]), i + 1, p))
+    return np.array(C, float)
 
 
 def makespan_s(setup, plan) -> float:
     """The plan's exact makespan (seconds) under the scenario's cost model."""
-    t, keys = chain_times(setup, plan)
-    return makespan_from_times(t, keys)
+    t, d, keys = chain_times(setup, plan)
+    return makespan_from_times(t, keys, d)

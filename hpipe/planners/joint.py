@@ -12,13 +12,17 @@ slicing on the partition.  Starting from even slices, each round
 
 and stops when a round does not lower the exact makespan.  Every count of
 micro-batches that divides the batch is tried (slicing and micro-batching
-compose: each micro-batch is sliced alike), and the plan with the least exact
-makespan wins.
+compose: each micro-batch is sliced alike): the alternation itself for the
+extremes (the whole batch, one sequence per micro-batch), and a re-slicing of the
+best partitions those found for the counts between.  The plan with the least
+exact makespan wins.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import numpy as np
 
@@ -26,16 +30,15 @@ from hpipe.errors import InfeasibleError
 from hpipe.memory import raise_if_model_cannot_fit
 from hpipe.planners import partition as alg1
 from hpipe.planners import slicing as alg2
-from hpipe.planners.common import finish, items_arrays, micro_batch_sizes, uniform_slices
+from hpipe.planners.common import finish, micro_batch_sizes, uniform_slices
 from hpipe.planners.costs import CostTables
+
+
+log = logging.getLogger("hpipe.planners")
 
 
 def micro_batch_options(batch_size: int) -> list[int]:
     return [m for m in range(1, batch_size + 1) if batch_size % m == 0]
-
-
-def _items_key(slices, sizes):
-    return ("items", tuple(slices), tuple(sizes))
 
 
 def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_batches=None,
@@ -48,52 +51,92 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     tables = tables or CostTables(setup)
     sequences = sequences or alg1.device_sequences(tables)
     options = [micro_batches] if micro_batches else micro_batch_options(setup.batch_size)
+    # The full alternation runs for the extreme micro-batch counts (the whole batch at
+    # once, one sequence each); the counts between re-slice the best partitions those
+    # runs found, which is where they differ.
+    full = [m for m in options if m in (min(options), max(options))]
     best = (math.inf, None, None, None)
-    for m in options:
+    good: dict = {}
+    for m in full:
         sizes = micro_batch_sizes(setup.batch_size, m)
-        res = _joint(tables, sequences, sizes, fixed_slices, max_rounds)
+        res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds)
         if res is not None and res[0] < best[0]:
             best = (res[0], res[1], res[2], m)
+        for part, r in sliced.items():
+            if r is not None:
+                good[part] = min(good.get(part, math.inf), r[0])
+    top = sorted(good, key=good.get)[:3]
+    for m in options:
+        if m in full:
+            continue
+        sizes = micro_batch_sizes(setup.batch_size, m)
+        for part in top:
+            r = _best_slicing(tables, part, sizes)
+            if r is not None and r[0] < best[0]:
+                best = (r[0], part, r[1], m)
     lat, part, slices, m = best
     if part is None:
         raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner))
     return finish(setup, planner, part.stages, slices, m)
 
 
-def _joint(tables, sequences, sizes, fixed_slices, max_rounds):
-    """Alternate partition and slicing for one micro-batch split; (latency, partition,
-    slices) or None when nothing fits."""
+def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3,
+           second_start_margin: float = 0.1):
+    """Alternate partition and slicing for one micro-batch split.  Returns (best, sliced):
+    best is (latency, partition, slices) or None when nothing fits; sliced maps every
+    partition that was sliced to its (latency, slices) or None."""
     setup = tables.setup
     g, L = setup.granularity, setup.seq_len // setup.granularity
     n_dev = len(setup.cluster.devices)
     if fixed_slices is not None:
         starts = [list(fixed_slices)]
     else:
-        # even slices, finer ones as fallbacks when the first do not fit anywhere
-        counts = sorted({min(L, c) for c in (2 * n_dev, 4 * n_dev, L)})
+        # Two starts, as the alternation can settle in a local optimum: even slices
+        # (a pipeline), and the whole sequence (no token pipeline: what wins when there
+        # is too little work to fill one).  Finer even slices are fallbacks for when
+        # neither fits anywhere.
+        counts = sorted({min(L, c) for c in (2 * n_dev, 1)}, reverse=True)
         starts = [uniform_slices(setup.seq_len, g, k) for k in counts]
-    for slices in starts:
+        starts += [uniform_slices(setup.seq_len, g, k) for k in sorted({min(L, 4 * n_dev), L})]
+    sliced: dict = {}  # partition -> its best slicing (same partition, same answer)
+    found = (math.inf, None, None)
+    for start_no, slices in enumerate(starts):
         best = (math.inf, None, None)
-        for _ in range(max_rounds):
-            n, c, b = items_arrays(slices, sizes)
-            pc = alg1.PartitionCosts(tables, n, c, b, max(slices), max(sizes))
-            parts = alg1.search(pc, sequences)
+        seqs = sequences
+        for rnd in range(max_rounds):
+            t0 = time.perf_counter()
+            pc = alg1.PartitionCosts(tables, slices, sizes, recut=fixed_slices is None)
+            ranked: list = []
+            parts = alg1.search(pc, seqs, ranked_sequences=ranked)
             if not parts:
                 break
-            round_best = (parts[0][0], parts[0][1], tuple(slices))
+            # later rounds change the slices, not which orders are good: keep the front runners
+            seqs = ranked[:keep_sequences]
+            round_best = parts[0]
             if fixed_slices is None:
-                for _, part in parts[:2]:
-                    cand = _best_slicing(tables, part, sizes)
+                # the runners-up too: a partition that is worse with these slices may
+                # be better with its own
+                for _, part, _ in parts[:slice_top]:
+                    if part not in sliced:
+                        sliced[part] = _best_slicing(tables, part, sizes)
+                    cand = sliced[part]
                     if cand is not None and cand[0] < round_best[0]:
                         round_best = (cand[0], part, cand[1])
-            if round_best[0] < best[0] * (1 - 1e-12):
+            log.debug("micro-batches %d round %d: partition %.6g s, sliced %.6g s (%d slices, %d stages), %.3f s",
+                      len(sizes), rnd, parts[0][0], round_best[0], len(round_best[2]),
+                      len(round_best[1].stages), time.perf_counter() - t0)
+            if start_no > 0 and rnd == 0 and round_best[0] > found[0] * (1 + second_start_margin):
+                break  # a later start that opens far behind is not pursued
+            if round_best[0] < best[0] * (1 - 1e-4):  # stop at no (meaningful) improvement
                 best = round_best
                 slices = list(round_best[2])
             else:
                 break
-        if best[1] is not None:
-            return best
-    return None
+        if best[0] < found[0]:
+            found = best
+        if found[1] is not None and start_no >= 1:
+            break  # the fallbacks only serve when neither start fits
+    return (found if found[1] is not None else None), sliced
 
 
 def _best_slicing(tables, part, sizes, top: int = 8):
@@ -102,13 +145,8 @@ def _best_slicing(tables, part, sizes, top: int = 8):
         return None
     grid = alg2.SliceGrid(tables, part.stages, sizes, nmax)
     cands, _ = alg2.best_slicings(grid, top=top)
-    best = None
-    for _, s in cands:
-        n, c, b = items_arrays(s, sizes)
-        lat = alg1.table_makespan(tables, part.stages, n, c, b, _items_key(s, sizes))
-        if best is None or lat < best[0]:
-            best = (lat, s)
-    return best
+    scored = [(grid.makespan(s), s) for _, s in cands]
+    return min(scored, default=None)
 
 
 def _no_fit_message(setup, tables, sequences, fixed_slices, planner):
@@ -125,4 +163,10 @@ def _no_fit_message(setup, tables, sequences, fixed_slices, planner):
         worst = min(worst, val)
     return (f"{planner}: no split of {setup.model.name} (batch {setup.batch_size} x {setup.seq_len} tokens) "
             f"over the {len(setup.cluster.devices)} devices fits in memory, even with slices of "
-            f"{max_slice} tokens: the best split still leaves a device {worst / 1e9:.2f} GB short")
+            f"{max_slice} tokens: the best split still leaves a device {gb(worst)} GB short")
+
+
+def gb(nbytes: float) -> str:
+    """Bytes as GB with two decimals, or two significant digits below 10 MB."""
+    x = nbytes / 1e9
+    return f"{x:.2f}" if abs(x) >= 0.01 else f"{x:.2g}"

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpipe.planners.evaluate import link_key, makespan_from_times
+from hpipe.planners.common import items_arrays
+from hpipe.planners.evaluate import hop_resource, makespan_from_times, split_transfer
 
 INF = math.inf
 
@@ -51,10 +52,15 @@ class Partition:
 
 
 # ---- device orders -----------------------------------------------------------------------
-def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120) -> list[tuple[str, ...]]:
+def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120,
+                     max_free_orders: int = 24) -> list[tuple[str, ...]]:
     """Orders of all devices to run the DP on (the DP itself picks which to use).
 
-    Hosts stay contiguous.  Hosts: every order when there are at most five
+    Devices of one *kind* (same host, same cost-table group, same memory) are
+    interchangeable, so only orders of kinds matter.  When those number at most
+    ``max_free_orders`` (small clusters), every one is tried, hosts interleaved
+    too: with little work to pipeline, memory can make a detour across a slow link
+    the best choice.  Otherwise hosts stay contiguous.  Hosts: every order when there are at most five
     (120 orders), otherwise fastest-first and slowest-first by aggregate speed.
     Inside a host, devices of one type (same cost-table group and memory) stay
     together; the order of the types is exhaustive when the product over hosts stays
@@ -70,6 +76,10 @@ def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120
         return sorted(groups.values(), key=lambda g: speed[g[0]])  # fastest first
 
     host_groups = {h: type_groups(ids) for h, ids in hosts.items()}
+    kinds = [g for gs in host_groups.values() for g in gs]
+    n_free = math.factorial(len(cluster.device_ids)) // math.prod(math.factorial(len(g)) for g in kinds)
+    if n_free <= max_free_orders:
+        return _multiset_orders(kinds)
     names = list(hosts)
     if math.factorial(len(names)) <= max_host_perms:
         host_orders = list(itertools.permutations(names))
@@ -95,17 +105,54 @@ def device_sequences(tables, max_sequences: int = 256, max_host_perms: int = 120
     return out
 
 
+def _multiset_orders(kinds):
+    """Every distinct order of the devices when devices of one kind are alike."""
+    counts = [len(k) for k in kinds]
+    out = []
+
+    def rec(prefix, left):
+        if not any(left):
+            used = [0] * len(kinds)
+            seq = []
+            for k in prefix:
+                seq.append(kinds[k][used[k]])
+                used[k] += 1
+            out.append(tuple(seq))
+            return
+        for k, n in enumerate(left):
+            if n:
+                left[k] -= 1
+                prefix.append(k)
+                rec(prefix, left)
+                prefix.pop()
+                left[k] += 1
+
+    rec([], counts)
+    return out
+
+
 # ---- the DP tables for one work-item list -----------------------------------------------
 class PartitionCosts:
-    """Stage and link totals over one list of work items, with memory masks."""
+    """Stage and link totals over the work items of one slicing, with memory masks.
 
-    def __init__(self, tables, n, c, b, max_slice: int, micro_batch: int):
+    With ``recut`` (the hpipe planner), memory is checked for the shortest slices
+    (one granule): a partition that holds more than the current slices allow is
+    still a candidate, scored with its longer slices cut down to what it can hold,
+    so the slicing step can take it from there.  Without (a fixed slicing), memory
+    is checked for the slices as they are."""
+
+    def __init__(self, tables, slices, sizes, recut: bool = True):
         self.tables = tables
-        self.n, self.c, self.b = (np.asarray(x, float) for x in (n, c, b))
-        self.key = ("items", self.n.tobytes(), self.c.tobytes(), self.b.tobytes())
-        self.mem = tables.memory_matrix(1, max_slice, micro_batch)
+        self.slices, self.sizes = list(slices), list(sizes)
+        self.n, self.c, self.b = items_arrays(self.slices, self.sizes)
+        self.key = ("items", tuple(self.slices), tuple(self.sizes))
+        self.recut = recut
+        mem_slice = tables.setup.granularity if recut else max(self.slices)
+        self.mem = tables.memory_matrix(1, mem_slice, max(self.sizes))
         self.U = len(tables.units)
         self._smat: dict = {}
+        self._rows: dict = {}
+        self._links = None
 
     def stage_matrix(self, device: str):
         """(U+1, U+1): total busy time of units [k, e) on ``device`` over the items;
@@ -123,42 +170,84 @@ class PartitionCosts:
         return self.tables.transfer_totals(src, dst, self.n, self.b, self.key)
 
     def link_stack(self, seq):
-        """(M, M, U+1): link totals from seq[m'] to seq[m]."""
-        M = len(seq)
-        out = np.zeros((M, M, self.U + 1))
-        for i, a in enumerate(seq):
-            for j, d in enumerate(seq):
-                if i < j:
-                    out[i, j] = self.link_totals(a, d)
-        return out
+        """(M, M, U+1): link totals from seq[m'] to seq[m] (diagonal: zero)."""
+        if self._links is None:
+            ids = self.tables.devices
+            self._index = {d: i for i, d in enumerate(ids)}
+            self._links = np.zeros((len(ids), len(ids), self.U + 1))
+            for i, a in enumerate(ids):
+                for j, d in enumerate(ids):
+                    if i != j:
+                        self._links[i, j] = self.link_totals(a, d)
+        idx = np.array([self._index[d] for d in seq])
+        return self._links[np.ix_(idx, idx)]
 
-    def makespan(self, part: Partition) -> float:
-        return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key)
+
+    def makespan(self, part: Partition):
+        """(exact makespan, slices it was scored with): the current slices if the
+        partition holds them, else those cut down to its longest slice."""
+        nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
+        if nmax >= max(self.slices):
+            return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key, self._rows), \
+                tuple(self.slices)
+        cut = recut_slices(self.slices, nmax, self.tables.setup.granularity)
+        n, c, b = items_arrays(cut, self.sizes)
+        return table_makespan(self.tables, part.stages, n, c, b, ("items", cut, tuple(self.sizes))), cut
 
 
-def chain_rows(tables, stages, n, c, b, key=None):
-    """Chain time matrix and resource keys of ``stages`` over the items (single-device
-    stages from the tables, tensor-parallel ones from the cost model itself)."""
-    rows, keys = [], []
+def recut_slices(slices, max_tokens: int, granularity: int) -> tuple[int, ...]:
+    """Each slice longer than ``max_tokens`` split into the fewest near-equal pieces
+    (multiples of the granularity) that are not."""
+    out = []
+    for s in slices:
+        if s <= max_tokens:
+            out.append(int(s))
+            continue
+        k = -(-s // max_tokens)
+        q, r = divmod(s // granularity, k)
+        out += [(q + (1 if i < r else 0)) * granularity for i in range(k)]
+    return tuple(out)
+
+
+def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
+    """Hold times, delays and resources of ``stages`` over the items, as
+    ``evaluate.chain_times`` (single-device stages from the tables, tensor-parallel
+    ones from the cost model itself).  ``rows_cache`` (a dict, for one item list)
+    remembers rows between candidates."""
+    cache = rows_cache if rows_cache is not None else {}
+    cluster = tables.setup.cluster
+    rows, delays, keys = [], [], []
+    zero = np.zeros(np.shape(n))
     prev = None
     for j, (devs, s, e) in enumerate(stages):
         if prev is not None:
             pdevs, ps, pe = prev
-            rows.append(tables.transfer_times(pdevs[0], devs[0], pe, n, b))
-            keys.append(link_key(tables.setup.cluster, pdevs[0], devs[0]) or ("none", j))
+            rk = ("link", pdevs[0], devs[0], int(tables.unit_class[pe - 1]))
+            if rk not in cache:
+                total = tables.transfer_times(pdevs[0], devs[0], pe, n, b, key)
+                cache[rk] = split_transfer(cluster, pdevs[0], devs[0], total)
+            rows.append(cache[rk][0])
+            delays.append(cache[rk][1])
+            keys.append(hop_resource(cluster, pdevs[0], devs[0]))
         if len(devs) == 1:
-            rows.append(tables.range_time(devs[0], s, e, n, c, b, key))
+            rk = ("stage", tables.device_group[devs[0]], s, e)
+            if rk not in cache:
+                cache[rk] = tables.range_time(devs[0], s, e, n, c, b, key)
         else:
-            rows.append(np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, b), np.shape(n)))
+            rk = ("tp", tuple(devs), s, e)
+            if rk not in cache:
+                cache[rk] = np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, b), np.shape(n))
+        rows.append(cache[rk])
+        delays.append(zero)
         keys.append(("stage", j))
         prev = (devs, s, e)
-    return np.array(rows, float), keys
+    return np.array(rows, float), np.array(delays, float), keys
 
 
-def table_makespan(tables, stages, n, c, b, key=None) -> float:
+def table_makespan(tables, stages, n, c, b, key=None, rows_cache=None) -> float:
     """Exact makespan (``evaluate``'s recurrence) with stage times from the tables."""
-    t, keys = chain_rows(tables, stages, n, c, b, key)
-    return makespan_from_times(t, keys)
+    t, d, keys = chain_rows(tables, stages, n, c, b, key, rows_cache)
+    return makespan_from_times(t, keys, d)
 
 
 # ---- the DPs ------------------------------------------------------------------------------
@@ -243,34 +332,47 @@ def to_partition(seq, stages) -> Partition:
 
 
 # ---- the search over orders ---------------------------------------------------------------
-EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 2.5, INF)
+"""Caps B*(1+eps) of the min-sum DP: from the least bottleneck (deep pipelines) up
+to no cap at all (the least total work: few, fast devices, no pipeline to fill)."""
 
 
-def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.25, top: int = 4):
+def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, refine: int = 6, top: int = 4,
+           ranked_sequences: list | None = None):
     """Best partitions over the given device sequences, by exact makespan.
 
-    Every sequence gets the bottleneck DP; those within ``keep`` of the best
-    bottleneck also get the min-sum DP at caps B*(1+eps).  Returns up to ``top``
-    distinct (makespan, Partition) pairs, best first (empty: nothing fits)."""
+    Every sequence gets the bottleneck DP and its partition an exact evaluation;
+    the ``refine`` sequences whose partitions score best (among those within
+    ``keep`` of the least bottleneck) also get the min-sum DP at caps B*(1+eps).
+    Returns up to ``top`` distinct (makespan, Partition, slices scored with)
+    triples, best first (empty: nothing fits).  ``ranked_sequences``, if a list,
+    receives the feasible sequences, best first."""
     probs = []
+    cands: dict[Partition, tuple] = {}
     for seq in sequences:
         smats, links = sequence_problem(pc, seq)
         val, stages = minmax_dp(smats, links)
         if stages is not None:
-            probs.append((val, seq, smats, links, stages))
+            part = to_partition(seq, stages)
+            if part not in cands:
+                cands[part] = pc.makespan(part)
+            probs.append((cands[part][0], val, seq, smats, links))
     if not probs:
         return []
-    best_b = min(p[0] for p in probs)
-    cands: dict[Partition, float] = {}
-    for val, seq, smats, links, stages in probs:
+    # Orders rank by the exact makespan of their bottleneck-optimal partition: the
+    # bottleneck alone hardly tells orders apart when links are not the bottleneck,
+    # while fill and drain (which devices come first and last) do.
+    probs.sort(key=lambda p: p[0])
+    if ranked_sequences is not None:
+        ranked_sequences[:] = [p[2] for p in probs]
+    best_b = min(p[1] for p in probs)
+    for _, val, seq, smats, links in probs[:refine]:
         if val > best_b * (1 + keep):
             continue
-        part = to_partition(seq, stages)
-        cands.setdefault(part, pc.makespan(part))
-        for _, st in minsum_dp(smats, links, [val * (1 + e) for e in epsilons]):
+        for _, st in minsum_dp(smats, links, [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]):
             if st is not None:
                 part = to_partition(seq, st)
                 if part not in cands:
                     cands[part] = pc.makespan(part)
-    ranked = sorted(cands.items(), key=lambda kv: kv[1])
-    return [(v, p) for p, v in ranked[:top]]
+    ranked = sorted(cands.items(), key=lambda kv: kv[1][0])
+    return [(v, p, sl) for p, (v, sl) in ranked[:top]]

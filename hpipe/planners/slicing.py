@@ -9,7 +9,9 @@ X_j(n, c, b) per work item; per slice let
     g(q, p) = sum over micro-batches of max_j X_j        (its share of the sum)
 
 For a flow shop, any monotone path through the (item, position) grid holds
-one cell per item plus one cell per step to the next position, so
+one cell per item plus one cell per step to the next position, so (with a
+hop's time counted whole, as if its latency held the link too: that can only
+lengthen the schedule)
 
     makespan <= sum_items max_j X_ij + sum_{j != j*} max_i X_ij
              <= sum_slices g + w * max_slices h,     w = sum_{j != j*} rho_j,
@@ -35,6 +37,8 @@ import math
 
 import numpy as np
 
+from hpipe.planners.evaluate import hop_resource, makespan_from_times
+
 INF = math.inf
 
 
@@ -44,42 +48,94 @@ class SliceGrid:
     def __init__(self, tables, stages, micro_batch_sizes, max_slice_tokens: int | None = None):
         setup = tables.setup
         self.g = setup.granularity
-        self.L = setup.seq_len // self.g
-        L = self.L
+        self.L = L = setup.seq_len // self.g
         q, p = np.triu_indices(L + 1, k=1)
-        self.q, self.p = q, p
+        if max_slice_tokens is not None:  # slices longer than memory allows are never costed
+            keep = (p - q) * self.g <= max_slice_tokens
+            q, p = q[keep], p[keep]
         n = ((p - q) * self.g).astype(float)
         c = (q * self.g).astype(float)
         sizes = sorted(set(micro_batch_sizes))
         bmax = max(sizes)
-        per_b = {}
+        # Chain positions that cost alike (same device type and unit counts, or the same
+        # link and boundary) share one row: a 32-stage pipeline has only a few distinct ones.
+        keys = []
+        prev = None
+        for devs, s, e in stages:
+            if prev is not None:
+                keys.append(("link", tables.pair_group(prev[0][0], devs[0])[0], int(tables.unit_class[prev[2] - 1])))
+            if len(devs) == 1:
+                keys.append(("stage", tables.device_group[devs[0]], tuple(tables.counts(s, e))))
+            else:
+                keys.append(("tp", tuple(devs), s, e))
+            prev = (devs, s, e)
+        spec = {}
+        prev = None
+        for (devs, s, e), k in zip(stages, keys[::2]):
+            spec[k] = (devs, s, e)
+        for j in range(1, len(stages)):
+            spec[keys[2 * j - 1]] = (stages[j - 1], stages[j])
+        rows = {}
+        gsum = np.zeros_like(n)
+        self.rows_by_b = {}
         for b in sizes:
             bb = np.full_like(n, float(b))
-            rows = []
-            prev = None
-            for devs, s, e in stages:
-                if prev is not None:
-                    rows.append(tables.transfer_times(prev[0][0], devs[0], prev[2], n, bb))
-                if len(devs) == 1:
-                    rows.append(tables.range_time(devs[0], s, e, n, c, bb, key=("grid", L, self.g, b)))
+            rows_b = {}
+            for k, what in spec.items():
+                if k[0] == "link":
+                    (pd, _, pe), (dd, _, _) = what
+                    rows_b[k] = tables.transfer_times(pd[0], dd[0], pe, n, bb, key=("grid", L, self.g, b, len(n)))
+                elif k[0] == "stage":
+                    devs, s_, e_ = what
+                    rows_b[k] = tables.range_time(devs[0], s_, e_, n, c, bb, key=("grid", L, self.g, b, len(n)))
                 else:
-                    rows.append(np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, bb), n.shape))
-                prev = (devs, s, e)
-            per_b[b] = np.array(rows, float)
-        X = per_b[bmax]
-        h = X.max(axis=0)
-        gsum = sum(per_b[b].max(axis=0) for b in micro_batch_sizes)
-        ok = np.ones_like(n, bool) if max_slice_tokens is None else n <= max_slice_tokens
-        self.ok = ok
+                    devs, s_, e_ = what
+                    rows_b[k] = np.broadcast_to(tables.cost.stage_compute_s(s_, e_, list(devs), n, c, bb), n.shape)
+            self.rows_by_b[b] = rows_b
+            hb = np.maximum.reduce(list(rows_b.values()))
+            gsum += hb * micro_batch_sizes.count(b)
+            if b == bmax:
+                h, rows = hb, rows_b
         with np.errstate(invalid="ignore", divide="ignore"):
-            rho = np.where(ok[None] & (h[None] > 0), X / np.where(h > 0, h, 1.0)[None], 0.0).max(axis=1)
-        rho = np.clip(rho, 0.0, 1.0)
-        self.rho = rho
+            safe = np.where(h > 0, h, 1.0)
+            rho_of = {k: float(np.clip(np.max(np.where(h > 0, r / safe, 0.0), initial=0.0), 0.0, 1.0))
+                      for k, r in rows.items()}
+        self.rho = np.array([rho_of[k] for k in keys])
+        rho = self.rho
         self.w = float(rho.sum() - max(rho[0], rho[-1])) if len(rho) > 1 else 0.0
         self.HT = np.full((L + 1, L + 1), INF)
         self.GT = np.full((L + 1, L + 1), INF)
-        self.HT[p[ok], q[ok]] = h[ok]
-        self.GT[p[ok], q[ok]] = gsum[ok]
+        self.HT[p, q] = h
+        self.GT[p, q] = gsum
+        # for exact makespans of candidate slicings straight from the rows
+        self.keys = keys
+        self.sizes = list(micro_batch_sizes)
+        self.pair_index = np.full((L + 1, L + 1), -1)
+        self.pair_index[p, q] = np.arange(len(p))
+        cluster = setup.cluster
+        self.resources = []
+        self.latency = []  # per chain position: the propagation after a hop releases its links
+        for j, (devs, _, _) in enumerate(stages):
+            if j:
+                src = stages[j - 1][0][0]
+                self.resources.append(hop_resource(cluster, src, devs[0]))
+                self.latency.append(tables.latency_s(src, devs[0]))
+            self.resources.append(("stage", j))
+            self.latency.append(0.0)
+
+    def makespan(self, slices_tokens) -> float:
+        """Exact makespan (``evaluate``'s recurrence) of this partition with these slices,
+        from the grid's rows: no cost-model calls."""
+        pos = np.concatenate(([0], np.cumsum(slices_tokens) // self.g)).astype(int)
+        idx = self.pair_index[pos[1:], pos[:-1]]
+        if np.any(idx < 0):
+            return INF
+        # rows hold whole transfer times (latency included: an upper bound for the DP);
+        # the recurrence wants the links' hold and the latency apart
+        total = np.concatenate([np.array([self.rows_by_b[b][k][idx] for k in self.keys]) for b in self.sizes],
+                               axis=1)
+        delay = np.minimum(np.array(self.latency)[:, None], total)
+        return makespan_from_times(total - delay, self.resources, delay)
 
     def objective(self, slices_tokens) -> float:
         """sum g + w * max h of a slicing given in tokens."""
@@ -99,21 +155,36 @@ def _batch_dp(GT, HT, t, qmin):
     (memory caps on slice length)."""
     L = GT.shape[0] - 1
     K = len(t)
-    f = np.full((K, L + 1), INF)
-    f[:, 0] = 0.0
-    hm = np.zeros((K, L + 1))
-    back = np.zeros((K, L + 1), int)
+    # position-major (L+1, K): each step reads a contiguous block of rows; the loop is
+    # bound by numpy's per-call overhead, so it keeps to few calls per position
+    f = np.full((L + 1, K), INF)
+    f[0] = 0.0
+    hm = np.zeros((L + 1, K))
+    back = np.zeros((L + 1, K), int)
     ar = np.arange(K)
-    tcol = t[:, None]
     for p in range(1, L + 1):
-        q0 = qmin[p]
+        q0 = int(qmin[p])
         hrow = HT[p, q0:p]
-        vals = np.where(hrow <= tcol, f[:, q0:p] + GT[p, q0:p], INF)
-        j = vals.argmin(axis=1)
-        f[:, p] = vals[ar, j]
-        back[:, p] = j + q0
-        hm[:, p] = np.maximum(hm[ar, j + q0], hrow[j])
-    return f[:, L], hm[:, L], back
+        vals = f[q0:p] + GT[p, q0:p, None]  # (p - q0, K)
+        vals[hrow[:, None] > t] = INF
+        j = vals.argmin(axis=0)
+        f[p] = vals[j, ar]
+        jq = j + q0
+        back[p] = jq
+        hm[p] = np.maximum(hm[jq, ar], hrow[j])
+    return f[L], hm[L], back.T
+
+
+def _window(HT, tmax):
+    """Earliest useful slice start per end position when no slice may cost more than
+    ``tmax``: long slices are out, so the DP scans a few columns instead of all."""
+    L = HT.shape[0] - 1
+    ok = HT <= tmax
+    first = np.argmax(ok, axis=1)
+    none = ~ok.any(axis=1)
+    first[none] = np.maximum(np.arange(L + 1)[none] - 1, 0)
+    first[0] = 0
+    return first
 
 
 def _minmax_dp(HT, qmin):
@@ -135,7 +206,7 @@ def _path(back_row, L, g):
     return tuple(int((b - a) * g) for a, b in zip(pos, pos[1:]))
 
 
-def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 64):
+def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str = "bisect", fan: int = 16):
     """The ``top`` best slicings by the bound (sum g + w max h), best first, as
     [(bound, slices in tokens)]; also returns the number of thresholds tried.
     Empty when no slicing fits."""
@@ -154,7 +225,8 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 64):
     found: dict[tuple[float, float], tuple[float, np.ndarray, int]] = {}
 
     def consider(ts):
-        fL, hL, back = _batch_dp(GT, HT, np.asarray(ts, float), qmin)
+        ts = np.asarray(ts, float)
+        fL, hL, back = _batch_dp(GT, HT, ts, np.maximum(qmin, _window(HT, ts.max())))
         vals = fL + grid.w * hL
         worst = max((v[0] for v in found.values()), default=INF)
         for k in np.argsort(vals, kind="stable"):
@@ -168,46 +240,63 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 64):
                 worst = max(v[0] for v in found.values())
         return fL
 
-    f_inf = float(consider([INF, t_lb])[0])
-    tried = 2
+    f_inf = float(consider([INF])[0])
+    tried = 1
     best = min(v[0] for v in found.values())
-    i = 0
-    while i < len(thresholds):
-        # exact early stop: every threshold from here on costs at least f_inf + w t
-        if f_inf + grid.w * thresholds[i] >= best:
-            break
-        hi = i + batch
-        if grid.w > 0:
-            hi = min(hi, int(np.searchsorted(thresholds, (best - f_inf) / grid.w, side="left")))
-        hi = max(hi, i + 1)
-        consider(thresholds[i:hi])
-        tried += hi - i
+    if grid.w > 0:  # thresholds above this cannot win: f_inf + w t >= best
+        thresholds = thresholds[thresholds < (best - f_inf) / grid.w]
+    if len(thresholds) == 0:
+        pass
+    elif method == "sweep":
+        # TeraPipe's order: ascending, stopping once f_inf + w t reaches the best
+        i = 0
+        while i < len(thresholds) and f_inf + grid.w * thresholds[i] < best:
+            hi = i + batch
+            if grid.w > 0:
+                hi = min(hi, int(np.searchsorted(thresholds, (best - f_inf) / grid.w, side="left")))
+            hi = max(hi, i + 1)
+            consider(thresholds[i:hi])
+            tried += hi - i
+            best = min(v[0] for v in found.values())
+            i = hi
+    else:
+        # Bisection over the threshold axis, branch and bound: F is non-increasing in
+        # t, so on an interval (t_i, t_j) every threshold scores at least
+        # F(t_j) + w t_{i+1}; intervals that cannot beat the best, and intervals on
+        # which F is flat (their thresholds find nothing the left end did not), are
+        # dropped.  Each level splits every surviving interval into ``fan`` parts and
+        # runs all the new points as one batch.
+        K = len(thresholds)
+        # the first level: both ends and ``fan`` points between, one batch
+        first = sorted(set(np.linspace(0, K - 1, fan + 1).round().astype(int).tolist()))
+        F = {}
+        for lo in range(0, len(first), batch):
+            chunk = first[lo:lo + batch]
+            for k, f in zip(chunk, consider(thresholds[chunk])):
+                F[k] = f
+        tried += len(first)
         best = min(v[0] for v in found.values())
-        i = hi
+        intervals = list(zip(first, first[1:]))
+        while intervals:
+            mids, nxt = [], []
+            for i, j in intervals:
+                if j - i <= 1 or F[i] == F[j] or F[j] + grid.w * thresholds[i + 1] >= best:
+                    continue
+                pts = sorted(set(np.linspace(i, j, fan + 1).round().astype(int)[1:-1].tolist()) - {i, j})
+                mids += pts
+                bounds = [i, *pts, j]
+                nxt += list(zip(bounds, bounds[1:]))
+            for lo in range(0, len(mids), batch):
+                chunk = mids[lo:lo + batch]
+                for k, f in zip(chunk, consider(thresholds[chunk])):
+                    F[k] = f
+                best = min(v[0] for v in found.values())
+            tried += len(mids)
+            intervals = nxt
     ranked = sorted(found.values(), key=lambda v: v[0])[:top]
     return [(v, _path(back[k], L, g)) for v, back, k in ranked], tried
 
 
 def max_slice_tokens(tables, stages, micro_batch: int) -> int:
-    """Longest slice (a multiple of the granularity) whose workspace still fits every
-    stage of the partition; 0 if not even one granule fits."""
-    setup = tables.setup
-    g, L = setup.granularity, setup.seq_len // setup.granularity
-    best = 0
-    lo, hi = 1, L
-    # memory grows with the slice length: binary search the largest fitting length
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if _fits(tables, stages, mid * g, micro_batch):
-            best, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    return best * g
-
-
-def _fits(tables, stages, slice_tokens, micro_batch):
-    for devs, s, e in stages:
-        need = tables.memory_matrix(len(devs), slice_tokens, micro_batch)[s, e]
-        if any(need > tables.capacity(d) for d in devs):
-            return False
-    return True
+    """Longest slice the partition's memory allows (``CostTables.max_slice_tokens``)."""
+    return tables.max_slice_tokens(stages, micro_batch)

@@ -1,0 +1,228 @@
+"""Planner benchmark: plan quality against exhaustive search, and planning time.
+
+    PYTHONPATH=. python benchmarks/planners.py [--cases N] [--seed S] [--skip-quality]
+
+1. Quality.  On small random heterogeneous scenarios (2-4 custom devices of
+   random speed and memory over 1-2 hosts, a 2-3 block model, 4-6 token
+   granules, batch 1-2: ``random_scenario``), the best plan over *every* ordered device subset,
+   every cut set, every slicing and every micro-batch count is found by
+   enumeration and compared with hpipe's plan.  Both are scored by the exact
+   makespan (``hpipe.planners.evaluate``); the simulator (``hpipe.sim``) is
+   used instead when it is importable.  Target: hpipe within 5% of the best.
+2. Speed.  Wall time of ``make_plan`` (the search alone; loading the scenario
+   is not counted) for the paper's LLaMA-7B testbed (target < 0.5 s) and for
+   llama-2-70b over 32 devices of four types in four hosts at 32k tokens,
+   granularity 64 (target < 10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hpipe.errors import InfeasibleError  # noqa: E402
+from hpipe.memory import stage_memory_bytes  # noqa: E402
+from hpipe.plan import Plan, Stage  # noqa: E402
+from hpipe.planners import make_plan  # noqa: E402
+from hpipe.planners import slicing as alg2  # noqa: E402
+from hpipe.planners.common import micro_batch_sizes  # noqa: E402
+from hpipe.planners.costs import CostTables  # noqa: E402
+from hpipe.planners.evaluate import makespan_s  # noqa: E402
+from hpipe.scenario import load_scenario, parse_scenario  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scorer():
+    """Latency of a plan: simulated if the simulator is there, else the exact recurrence."""
+    try:
+        from hpipe.sim import simulate  # noqa: F401
+
+        return "simulated (hpipe.sim)", lambda setup, plan: simulate(setup, plan).latency_s
+    except Exception:  # noqa: BLE001 - not merged yet
+        return "exact recurrence (hpipe.planners.evaluate; simulator not merged)", makespan_s
+
+
+# ---- 1. quality ----------------------------------------------------------------------------
+def random_scenario(rng: random.Random) -> dict:
+    """2-4 custom devices (speeds 0.5-8 TFLOP/s, memory 20-200 GB/s) over 1-2 hosts,
+    a 2-3 block model of width 256-2048, 4-6 granules of 16-128 tokens, batch 1-2.
+    Each device's memory is a random share (30%-200%) of what the whole model needs,
+    so memory decides the split as often as speed does."""
+    n_hosts = rng.choice([1, 2, 2])
+    n_dev = rng.randint(max(2, n_hosts), 4)
+    per_host = [1] * n_hosts
+    for _ in range(n_dev - n_hosts):
+        per_host[rng.randrange(n_hosts)] += 1
+    g = rng.choice([16, 64, 128])
+    d_model = rng.choice([256, 1024, 2048])
+    data = {"name": "random", "dtype": "float16",
+            "model": {"family": rng.choice(["llama", "gpt"]), "n_layers": rng.randint(2, 3), "d_model": d_model,
+                      "n_heads": 8, "d_ff": 4 * d_model, "vocab_size": rng.choice([2000, 32000]),
+                      "max_seq_len": 1024},
+            "workload": {"seq_len": g * rng.randint(4, 6), "batch_size": rng.randint(1, 2)},
+            "costmodel": {"kind": "roofline", "kernel_overhead_us": rng.choice([5.0, 20.0])},
+            "planner": {"token_granularity": g, "memory_reserve_gb": 0.0}}
+    # what the whole model needs (weights, KV cache, workspace of the whole sequence)
+    probe = parse_scenario({**data, "cluster": {"hosts": [{"name": "p", "devices": [
+        {"name": "x", "peak_tflops": 1, "memory_gb": 1e6, "memory_bandwidth_gbps": 1, "power_w": 1}]}]}}).resolve()
+    need_gb = stage_memory_bytes(probe, 0, probe.n_units, 1, probe.seq_len, probe.batch_size) / 1e9
+    hosts = []
+    for h, k in enumerate(per_host):
+        devices = [{"name": f"gpu{i}", "peak_tflops": rng.choice([0.5, 1.0, 2.0, 4.0, 8.0]),
+                    "memory_gb": round(need_gb * rng.choice([0.3, 0.5, 0.8, 2.0]), 9),
+                    "memory_bandwidth_gbps": rng.choice([20.0, 50.0, 200.0]), "power_w": 100.0}
+                   for i in range(k)]
+        hosts.append({"name": f"h{h}", "devices": devices,
+                      "interconnect": {"bandwidth_gbps": rng.choice([16.0, 64.0]), "latency_us": 10.0}})
+    data["cluster"] = {"hosts": hosts}
+    if n_hosts > 1:
+        data["cluster"]["network"] = {"bandwidth_gbps": rng.choice([0.5, 2.0, 10.0]), "latency_us": 100.0}
+    return data
+
+
+def compositions(L):
+    for r in range(L):
+        for cuts in itertools.combinations(range(1, L), r):
+            b = (0, *cuts, L)
+            yield [y - x for x, y in zip(b, b[1:])]
+
+
+def exhaustive(setup):
+    """Least exact makespan over every ordered device subset, cut set, slicing and
+    micro-batch count (memory respected): (latency, stages, slices, micro_batches)."""
+    tables = CostTables(setup)
+    devs, U, g = setup.cluster.device_ids, setup.n_units, setup.granularity
+    slicings = [[x * g for x in comp] for comp in compositions(setup.seq_len // g)]
+    best = (math.inf, None, None, None)
+    for m in range(1, setup.batch_size + 1):
+        sizes = micro_batch_sizes(setup.batch_size, m)
+        for k in range(1, min(len(devs), U) + 1):
+            for order in itertools.permutations(devs, k):
+                for cuts in itertools.combinations(range(1, U), k - 1):
+                    bounds = (0, *cuts, U)
+                    stages = [((d,), a, b) for d, a, b in zip(order, bounds, bounds[1:])]
+                    # longest slice every stage can hold
+                    nmax = alg2.max_slice_tokens(tables, stages, max(sizes))
+                    if nmax == 0:
+                        continue
+                    grid = alg2.SliceGrid(tables, stages, sizes, nmax)
+                    for s in slicings:
+                        if max(s) <= nmax:
+                            lat = grid.makespan(s)
+                            if lat < best[0]:
+                                best = (lat, stages, s, m)
+    return best
+
+
+def quality(cases: int, seed: int):
+    how, score = scorer()
+    rng = random.Random(seed)
+    print(f"1. Plan quality: hpipe vs exhaustive enumeration ({cases} random scenarios, scored by {how})")
+    print(f"   {'case':>4} {'devs':>4} {'units':>5} {'tokens':>6} {'batch':>5}  {'best s':>10} {'hpipe s':>10} "
+          f"{'gap':>7}  {'enum s':>7} {'plan s':>7}")
+    gaps = []
+    done = 0
+    while done < cases:
+        data = random_scenario(rng)
+        setup = parse_scenario(data).resolve()
+        t0 = time.perf_counter()
+        lat, stages, slices, m = exhaustive(setup)
+        t_enum = time.perf_counter() - t0
+        if stages is None:
+            continue  # nothing fits: draw another
+        ref = Plan(planner="exhaustive", scenario="random", slices=slices, micro_batches=m,
+                   stages=[Stage(devices=list(d), units=(a, b)) for d, a, b in stages])
+        best_s = score(setup, ref)
+        t0 = time.perf_counter()
+        try:
+            plan = make_plan(setup, "hpipe")
+        except InfeasibleError as e:
+            print(f"   {done:>4} hpipe found nothing although the enumeration did: {e}")
+            gaps.append(math.inf)
+            done += 1
+            continue
+        t_plan = time.perf_counter() - t0
+        got = score(setup, plan)
+        gap = got / best_s - 1
+        gaps.append(gap)
+        print(f"   {done:>4} {len(setup.cluster.devices):>4} {setup.n_units:>5} {setup.seq_len:>6} "
+              f"{setup.batch_size:>5}  {best_s:>10.6f} {got:>10.6f} {gap:>7.2%}  {t_enum:>7.2f} {t_plan:>7.3f}")
+        done += 1
+    within = sum(g <= 0.05 for g in gaps)
+    print(f"   gap of hpipe to the best: mean {statistics.mean(gaps):.2%}, median {statistics.median(gaps):.2%}, "
+          f"max {max(gaps):.2%}; within 5% in {within}/{len(gaps)} cases "
+          f"({'PASS' if within == len(gaps) else 'FAIL'}: target all within 5%)")
+    return gaps
+
+
+# ---- 2. speed --------------------------------------------------------------------------------
+def llama70b_scenario() -> dict:
+    """llama-2-70b at 32k tokens over 32 devices of four types in four hosts."""
+    def host(name, kind, bw):
+        return {"name": name, "devices": [{"type": kind, "count": 8}],
+                "interconnect": {"bandwidth_gbps": bw, "latency_us": 10}}
+
+    return {"name": "llama70b-4hosts-32k", "model": "llama-2-70b", "dtype": "float16",
+            "workload": {"seq_len": 32768, "batch_size": 1},
+            "cluster": {"hosts": [host("host-a", "A100-40GB", 252), host("host-b", "RTX3090", 252),
+                                  host("host-c", "L4", 252), host("host-d", "T4", 126)],
+                        "network": {"bandwidth_gbps": 10, "latency_us": 100}},
+            "planner": {"token_granularity": 64}}
+
+
+def time_plan(setup, name, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        plan = make_plan(setup, name)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), plan
+
+
+def speed(repeat: int):
+    print("2. Planning time (make_plan only; median and best of runs on this machine)")
+    paper = load_scenario(ROOT / "scenarios" / "paper-llama7b.yaml").resolve()
+    big_yaml = ROOT / "scenarios" / "llama70b-4hosts-32k.yaml"
+    big = (load_scenario(big_yaml) if big_yaml.exists() else parse_scenario(llama70b_scenario())).resolve()
+    make_plan(paper, "base")  # warm imports
+    for label, setup, target, reps in [("paper LLaMA-7B testbed (6 devices, 2 hosts, 2048 tokens, g=16)", paper, 0.5, repeat),
+                                        (f"llama-2-70b, {len(big.cluster.devices)} devices of 4 types in "
+                                         f"{len(big.cluster.hosts)} hosts, {big.seq_len} tokens, g={big.granularity}",
+                                         big, 10.0, max(1, repeat // 2))]:
+        med, lo, plan = time_plan(setup, "hpipe", reps)
+        print(f"   {label}: hpipe {med:.3f} s (best {lo:.3f} s; target < {target} s: "
+              f"{'PASS' if med < target else 'FAIL'}); plan: {len(plan.stages)} stages, {len(plan.slices)} slices, "
+              f"{plan.micro_batches} micro-batches, predicted {plan.predicted['latency_s']:.4f} s")
+        for name in ("base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe"):
+            try:
+                med, _, p = time_plan(setup, name, 1)
+                print(f"      {name:<15} {med:7.3f} s   predicted {p.predicted['latency_s']:.4f} s")
+            except InfeasibleError as e:
+                print(f"      {name:<15} infeasible: {str(e)[:100]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_quality:
+        quality(args.cases, args.seed)
+    if not args.skip_speed:
+        speed(args.repeat)
+
+
+if __name__ == "__main__":
+    main()

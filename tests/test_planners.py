@@ -1,0 +1,114 @@
+"""Every planner on the shipped scenarios, and refusals of plans that cannot fit."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from hypothesis import given, settings
+
+from hpipe.errors import InfeasibleError
+from hpipe.memory import plan_shortfalls
+from hpipe.planners import REGISTRY, make_plan
+from hpipe.planners.evaluate import makespan_s
+from hpipe.scenario import PLANNER_NAMES, load_scenario, parse_scenario
+from tests.planner_cases import examples, scenario_dicts, setup_of
+
+SCENARIOS = ["scenarios/paper-llama7b.yaml", "scenarios/local-cpu.yaml"]
+
+
+@pytest.fixture(scope="module", params=SCENARIOS)
+def setup(request):
+    return load_scenario(request.param).resolve()
+
+
+def test_registry_has_every_planner_the_scenario_language_names():
+    assert set(REGISTRY) == set(PLANNER_NAMES)
+
+
+@pytest.mark.parametrize("name", PLANNER_NAMES)
+def test_every_planner_returns_a_valid_plan(setup, name):
+    plan = make_plan(setup, name)
+    assert plan.planner == name and plan.scenario == setup.name
+    plan.check(setup)
+    assert plan_shortfalls(setup, plan) == []
+    assert all(s % setup.granularity == 0 for s in plan.slices)
+    assert math.isclose(plan.predicted["latency_s"], makespan_s(setup, plan), rel_tol=1e-12)
+
+
+def test_baselines_have_their_shapes(setup):
+    n_dev = len(setup.cluster.devices)
+    base = make_plan(setup, "base")
+    assert base.slices == [setup.seq_len] and base.micro_batches == 1 and len(base.stages) == n_dev
+    gpipe = make_plan(setup, "gpipe")
+    assert gpipe.slices == [setup.seq_len] and gpipe.micro_batches == setup.batch_size
+    assert [s.units for s in gpipe.stages] == [s.units for s in base.stages]
+    tera = make_plan(setup, "terapipe")
+    assert tera.micro_batches == 1 and [s.units for s in tera.stages] == [s.units for s in base.stages]
+    mega = make_plan(setup, "megatron")
+    assert [sorted(s.devices) for s in mega.stages] == [sorted(v) for v in setup.cluster.hosts.values()]
+    gpb = make_plan(setup, "gpipe-balanced")
+    assert gpb.slices == [setup.seq_len] and gpb.micro_batches == setup.batch_size
+
+
+def test_hpipe_is_fastest_on_the_paper_testbed():
+    setup = load_scenario(SCENARIOS[0]).resolve()
+    lat = {n: make_plan(setup, n).predicted["latency_s"] for n in PLANNER_NAMES}
+    assert lat["hpipe"] == min(lat.values())
+    assert lat["gpipe-balanced"] < lat["gpipe"]  # a balanced split beats an even one
+    assert lat["terapipe"] < lat["base"]
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(scenario_dicts(max_devices=4, max_hosts=2))
+def test_planners_on_random_scenarios_fit_or_say_why(data):
+    setup = setup_of(data)
+    for name in PLANNER_NAMES:
+        try:
+            plan = make_plan(setup, name)
+        except InfeasibleError as e:
+            assert re.search(r"\d GB short", str(e)), str(e)
+            continue
+        plan.check(setup)
+        assert plan_shortfalls(setup, plan) == []
+        assert math.isclose(plan.predicted["latency_s"], makespan_s(setup, plan), rel_tol=1e-12)
+
+
+def _tiny(devices_mem_gb, vocab=1000, n_layers=2):
+    return parse_scenario({
+        "name": "tiny", "model": {"family": "llama", "n_layers": n_layers, "d_model": 64, "n_heads": 4,
+                                  "d_ff": 128, "vocab_size": vocab, "max_seq_len": 512},
+        "workload": {"seq_len": 64, "batch_size": 1},
+        "cluster": {"hosts": [{"name": "h", "devices": [
+            {"name": f"d{i}", "peak_tflops": 1.0, "memory_gb": m, "memory_bandwidth_gbps": 100.0, "power_w": 50.0}
+            for i, m in enumerate(devices_mem_gb)]}]},
+        "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}).resolve()
+
+
+@pytest.mark.parametrize("name", PLANNER_NAMES)
+def test_a_model_too_big_for_the_cluster_is_refused_with_the_shortfall(name):
+    setup = _tiny([0.0001, 0.0001])
+    with pytest.raises(InfeasibleError, match=r"\d+\.\d\d GB short"):
+        make_plan(setup, name)
+
+
+def test_a_unit_too_big_for_any_device_is_refused_with_the_shortfall():
+    # the head (50000 x 64 fp16 = 6.4 MB) fits no 4 MB device, though 4 x 4 MB hold the model
+    setup = _tiny([0.004] * 4, vocab=50000)
+    with pytest.raises(InfeasibleError, match=r"short") as e:
+        make_plan(setup, "hpipe")
+    short_gb = float(re.search(r"([\d.e-]+) GB short", str(e.value)).group(1))
+    assert 0.001 < short_gb < 0.01
+    with pytest.raises(InfeasibleError, match=r"GB short"):
+        make_plan(setup, "base")
+
+
+def test_an_even_split_that_does_not_fit_is_refused_not_bent():
+    # one roomy device and one tiny one: hpipe leaves the tiny one out, base cannot
+    setup = _tiny([1.0, 0.00005])
+    plan = make_plan(setup, "hpipe")
+    assert plan.devices == ["h/d0-0"]
+    for name in ("base", "gpipe", "terapipe"):
+        with pytest.raises(InfeasibleError, match=r"h/d1-0 needs .* GB short"):
+            make_plan(setup, name)
