@@ -2,8 +2,8 @@
 
 Nodes are devices (``HOST/NAME-i``) and one network interface per host
 (``HOST``).  Devices of a host are joined pairwise by the host's interconnect;
-each device reaches its host's interface over the same interconnect with no
-extra latency; interfaces are joined by the network or a per-pair override.
+each device reaches its host's interface over the same interconnect (half its
+latency on each side); interfaces are joined by the network or a per-pair override.
 A transfer between two devices follows the path of least latency; its
 bandwidth is the narrowest link on the path and its latency the sum.
 """
@@ -85,7 +85,9 @@ class Cluster:
                 slowest = min(members, key=lambda d: d.spec.interconnect_gbps).spec
                 bw, lat = slowest.interconnect_gbps, slowest.interconnect_latency_us * 1e-6
             for k, a in enumerate(members):
-                g.add_edge(a.id, host.name, bandwidth_gbps=bw, latency_s=0.0, kind="host-uplink")
+                # half the interconnect latency on each side of the host's interface, so a
+                # device-to-device hop through it costs the same as the direct edge
+                g.add_edge(a.id, host.name, bandwidth_gbps=bw, latency_s=lat / 2, kind="host-uplink")
                 for b in members[k + 1:]:
                     g.add_edge(a.id, b.id, bandwidth_gbps=bw, latency_s=lat, kind="interconnect")
         overrides = {frozenset(l.between): l for l in spec.links}

@@ -93,11 +93,11 @@ class DeviceEntry(_Strict):
             if self.name is not None:
                 raise ValueError("give either 'type' (a catalog device) or 'name' (a custom device), not both")
             if self.type not in DEVICES:
-                raise ValueError(f"unknown device type {self.type!r}{suggest(self.type, DEVICES)}; "
+                raise _FieldError("type", f"unknown device type {self.type!r}{suggest(self.type, DEVICES)}; "
                                  f"`hpipe devices` lists the catalog")
             given = [k for k in custom if getattr(self, k) is not None]
             if given:
-                raise ValueError(f"'{given[0]}' is for custom devices; a catalog type takes its datasheet figures")
+                raise _FieldError(given[0], "is for custom devices; a catalog type takes its datasheet figures")
         else:
             if self.name is None:
                 raise ValueError("a device needs 'type' (a catalog device) or 'name' (a custom device)")
@@ -106,7 +106,8 @@ class DeviceEntry(_Strict):
             missing = [k for k in ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w")
                        if getattr(self, k) is None]
             if missing:
-                raise ValueError(f"custom device {self.name!r} needs {', '.join(missing)}")
+                raise _FieldError(missing[0], f"missing: custom device {self.name!r} needs "
+                                              f"{', '.join(missing)}")
         return self
 
     def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:

@@ -1,0 +1,43 @@
+"""Progress bars for long work, on stderr only.
+
+Off when stderr is not a terminal or with --quiet, so `--json -` keeps stdout
+pure JSON and logs stay clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class _Null:
+    """A stand-in with Progress's few methods, for when bars are off."""
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+    def update(self, *a, **k):
+        pass
+
+
+def enabled(quiet: bool = False) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def progress(quiet: bool = False) -> Iterator[Progress | _Null]:
+    """``with progress(quiet) as p: t = p.add_task("profiling", total=n); p.advance(t)``"""
+    if not enabled(quiet):
+        yield _Null()
+        return
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    with bar:
+        yield bar

@@ -1,0 +1,66 @@
+"""The command line: catalogs, exit codes, pure JSON on stdout, no torch for planning."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT, SCENARIOS
+
+
+def test_devices_and_models_json(cli):
+    r = cli("devices", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    devices = json.loads(r.stdout)
+    names = {d["name"] for d in devices}
+    assert len(devices) >= 12
+    assert {"P100", "V100", "T4", "RTX3090", "RTX4090", "A10", "L4", "A100-40GB", "A100-80GB", "H100", "CPU"} <= names
+    assert all(d["source"] for d in devices)
+    r = cli("models", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    models = {m["name"]: m for m in json.loads(r.stdout)}
+    assert {"llama-7b", "llama-13b", "llama-2-70b", "gpt3-1.3b", "gpt3-2.7b", "tiny-llama"} <= set(models)
+    assert models["llama-2-70b"]["n_kv_heads"] == 8
+
+
+def test_catalog_tables(cli):
+    r = cli("devices")
+    assert r.returncode == 0 and "RTX3090" in r.stdout
+
+
+def test_bad_scenario_exit_2_without_traceback(cli, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text((SCENARIOS / "paper-llama7b.yaml").read_text().replace("type: P100", "type: P1000"))
+    r = cli("simulate", str(p))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "bad.yaml" in r.stderr and "cluster.hosts[0].devices[0].type" in r.stderr and "P100" in r.stderr
+
+
+def test_missing_file_and_bad_option(cli):
+    r = cli("simulate", "nope.yaml")
+    assert r.returncode == 2 and "nope.yaml" in r.stderr and "no such file" in r.stderr
+    r = cli("simulate", str(SCENARIOS / "paper-llama7b.yaml"), "--planner", "hpip")
+    assert r.returncode == 2 and "hpipe" in r.stderr and "Traceback" not in r.stderr
+    r = cli("simulate", "--no-such-flag")
+    assert r.returncode == 2
+
+
+def test_core_imports_without_torch():
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import hpipe, hpipe.costmodels, hpipe.planners, hpipe.sim, hpipe.cli
+        from hpipe.scenario import load_scenario
+        setup = load_scenario(sys.argv[1]).resolve()
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code, str(SCENARIOS / "paper-llama7b.yaml")], capture_output=True,
+                       text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"

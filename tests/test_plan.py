@@ -1,0 +1,72 @@
+"""Plan files: every inconsistency is refused naming the file, the field and the problem."""
+
+import json
+
+import pytest
+
+from hpipe.errors import InputError
+from hpipe.plan import Plan, load_plans
+from hpipe.scenario import parse_scenario
+from test_scenario import BASE
+
+GOOD = {"planner": "hand", "scenario": "t",
+        "stages": [{"devices": ["a/P100-0"], "units": [0, 5]}, {"devices": ["a/P100-1", "b/mygpu-0"], "units": [5, 10]}],
+        "slices": [32, 16, 16], "micro_batches": 2}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return parse_scenario(BASE).resolve()
+
+
+def test_good_plan_and_items(setup, tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps([GOOD, GOOD]))
+    plans = load_plans(p)
+    assert len(plans) == 2
+    plan = plans[0].check(setup)
+    assert plan.micro_batch_sizes(2) == [1, 1]
+    assert plan.items(2)[:4] == [(0, 0, 1, 32, 0), (0, 1, 1, 16, 32), (0, 2, 1, 16, 48), (1, 0, 1, 32, 0)]
+    assert Plan(**{**GOOD, "micro_batches": 3}).micro_batch_sizes(7) == [3, 2, 2]
+
+
+@pytest.mark.parametrize("change,field,problem", [
+    ({"stages": [{"devices": ["a/P100-0"], "units": [0, 4]}, {"devices": ["a/P100-1"], "units": [5, 10]}]},
+     "stages[1].units", "leaves a gap"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [0, 6]}, {"devices": ["a/P100-1"], "units": [5, 10]}]},
+     "stages[1].units", "overlaps"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [0, 5]}, {"devices": ["a/P100-1"], "units": [5, 9]}]},
+     "stages", "model has 10 units"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [0, 12]}]}, "stages[0].units", "past the model's 10 units"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [5, 0]}]}, "stages[0].units", "must start at 0"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [0, 0]}, {"devices": ["a/P100-1"], "units": [0, 10]}]},
+     "stages[0].units", "empty"),
+    ({"stages": [{"devices": ["a/P100-9"], "units": [0, 10]}]}, "stages[0].devices[0]", "not in the scenario"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [0, 5]}, {"devices": ["a/P100-0"], "units": [5, 10]}]},
+     "stages[1].devices[0]", "already used by stage 0"),
+    ({"slices": [32, 16]}, "slices", "not the sequence length 64"),
+    ({"micro_batches": 3}, "micro_batches", "batch of 2"),
+])
+def test_inconsistent_plans(setup, change, field, problem):
+    plan = Plan.model_validate({**GOOD, **change})
+    with pytest.raises(InputError) as e:
+        plan.check(setup, "p.json")
+    assert str(e.value).startswith(f"p.json: field '{field}'"), str(e.value)
+    assert problem in str(e.value)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('{"planner": "x"', "JSON syntax error at line 1"),
+    ("[]", "empty list"),
+    ('[{"planner": "x", "scenario": "t", "stages": [], "slices": [64]}]', "field '[0].stages'"),
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [64], "colour": 1}',
+     "field 'colour': unknown key"),
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [0, 64]}',
+     "field 'slices[0]'"),
+])
+def test_malformed_plan_files(tmp_path, text, problem):
+    p = tmp_path / "p.json"
+    p.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_plans(p)
+    assert str(p) in str(e.value) and problem in str(e.value), str(e.value)

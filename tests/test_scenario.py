@@ -1,0 +1,118 @@
+"""Scenario language: every malformed input is refused with the file, the field and the problem."""
+
+import copy
+
+import pytest
+import yaml
+
+from hpipe.errors import InputError
+from hpipe.scenario import load_scenario, parse_scenario
+
+BASE = {
+    "name": "t",
+    "model": "tiny-llama",
+    "workload": {"seq_len": 64, "batch_size": 2},
+    "cluster": {
+        "hosts": [
+            {"name": "a", "devices": [{"type": "P100", "count": 2}]},
+            {"name": "b", "devices": [{"name": "mygpu", "peak_tflops": 10, "memory_gb": 8,
+                                       "memory_bandwidth_gbps": 300, "power_w": 150}]},
+        ],
+        "network": {"bandwidth_gbps": 1, "latency_us": 100},
+    },
+    "planner": {"token_granularity": 16},
+}
+
+
+def with_change(path, value):
+    d = copy.deepcopy(BASE)
+    node = d
+    for p in path[:-1]:
+        node = node[p]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return d
+
+
+DELETE = object()
+
+
+def test_base_is_valid_and_ids_are_stable():
+    setup = parse_scenario(BASE, "s.yaml").resolve()
+    assert setup.cluster.device_ids == ["a/P100-0", "a/P100-1", "b/mygpu-0"]
+    assert setup.n_units == 10
+
+
+@pytest.mark.parametrize("path,value,field,problem", [
+    (("cluster", "hosts", 0, "devices", 0, "type"), "P1000", "cluster.hosts[0].devices[0].type", "did you mean P100"),
+    (("model",), "llama-7", "model", "did you mean llama-7b"),
+    (("workload", "seq_len"), 0, "workload.seq_len", "greater than 0"),
+    (("workload", "seq_len"), 100, "workload.seq_len", "not a multiple of planner.token_granularity"),
+    (("workload", "batch_size"), "six", "workload.batch_size", "integer"),
+    (("workload", "sequence"), 5, "workload.sequence", "unknown key"),
+    (("workload",), DELETE, "workload", "missing"),
+    (("cluster", "hosts", 1, "name"), "a", "cluster.hosts[1].name", "duplicate host name 'a'"),
+    (("cluster", "network", "bandwidth_gbps"), -1, "cluster.network.bandwidth_gbps", "greater than 0"),
+    (("cluster", "network"), DELETE, "cluster.network", "no link"),
+    (("cluster", "links"), [{"between": ["a", "c"], "bandwidth_gbps": 1}], "cluster.links[0].between", "unknown host 'c'"),
+    (("cluster", "hosts", 0, "devices"), [], "cluster.hosts[0].devices", "at least 1"),
+    (("cluster", "hosts", 1, "devices", 0, "memory_gb"), DELETE, "cluster.hosts[1].devices[0].memory_gb", "needs memory_gb"),
+    (("cluster", "hosts", 0, "devices", 0, "runtime"), {"device": "gpu0"}, "cluster.hosts[0].devices[0].runtime.device", "'cpu', 'cuda'"),
+    (("planner", "kind"), "hpip", "planner.kind", "did you mean hpipe"),
+    (("planner", "micro_batches"), 3, "planner.micro_batches", "batch of 2"),
+    (("costmodel",), "rooflin", "costmodel.kind", "did you mean roofline"),
+    (("costmodel",), {"kind": "roofline", "compute_efficency": 0.5}, "costmodel.compute_efficency", "unknown key"),
+    (("costmodel",), {"kind": "roofline", "compute_efficiency": 2}, "costmodel.compute_efficiency", "less than or equal to 1"),
+    (("model",), {"family": "llama", "n_layers": 2}, "model.d_model", "missing"),
+    (("dtype",), "int8", "dtype", "float16"),
+])
+def test_bad_scenarios_name_field_and_problem(path, value, field, problem):
+    data = with_change(path, value)
+    with pytest.raises(InputError) as e:
+        parse_scenario(data, "bad.yaml").resolve()
+    msg = str(e.value)
+    assert msg.startswith("bad.yaml: field '" + field), msg
+    assert problem in msg, msg
+
+
+def test_gpt_seq_len_past_positions():
+    data = with_change(("model",), "tiny-gpt")
+    data["workload"]["seq_len"] = 4096
+    with pytest.raises(InputError, match="learned positions"):
+        parse_scenario(data, "x.yaml")
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nmodel: [tiny-llama\nworkload: {}\n")
+    with pytest.raises(InputError, match=r"s\.yaml: YAML syntax error at line \d+"):
+        load_scenario(p)
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(InputError, match="a scenario is a mapping"):
+        load_scenario(p)
+    with pytest.raises(InputError, match="no such file"):
+        load_scenario(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(InputError, match="YAML"):
+        load_scenario(p)
+
+
+def test_roundtrip_of_ready_scenarios():
+    from conftest import SCENARIOS
+
+    files = sorted(SCENARIOS.glob("*.yaml"))
+    assert files
+    for f in files:
+        s = load_scenario(f)
+        assert yaml.safe_load(f.read_text())["name"] == s.name
+        s.resolve()
