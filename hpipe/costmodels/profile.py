@@ -103,6 +103,9 @@ class DeviceProfile(_Strict):
     units: dict[Literal["embed", "attn", "mlp", "head"], UnitSamples]
     item_overhead_s: NonNegativeFloat = 0.0
     """Per work item and stage, beyond its units: the stage loop's own bookkeeping."""
+    cpu_share: float | None = None
+    """CPU time / wall time over the timed unit calls: about 1 on a quiet machine, about the
+    cpu_quota on a throttled device, lower when other processes competed for the CPU."""
 
 
 class EmulatedLink(_Strict):
