@@ -31,7 +31,13 @@ def _out_console(json_path: str | None, quiet: bool) -> Console | None:
     """Where tables go: stdout, unless stdout carries the JSON (then stderr), or nowhere when quiet."""
     if quiet:
         return None
-    return Console(stderr=True) if json_path == "-" else Console()
+    return _console(stderr=json_path == "-")
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console for tables; when piped, wide enough that the table is not squeezed to 80 columns."""
+    con = Console(stderr=stderr)
+    return con if con.is_terminal else Console(stderr=stderr, width=160)
 
 
 def _load_setup(scenario: Path):
@@ -71,7 +77,7 @@ def devices(json_path: JsonOpt = None):
     for d in DEVICES.values():
         t.add_row(d.name, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
                   f"{d.memory_bandwidth_gbps:g}", f"{d.power_w:g}", f"{d.idle_power_w:g}", f"{d.interconnect_gbps:g}")
-    Console().print(t)
+    _console().print(t)
 
 
 @app.command()
@@ -91,7 +97,7 @@ def models(json_path: JsonOpt = None):
     for m in MODELS.values():
         t.add_row(m.name, m.family, f"{m.param_count() / 1e9:.3f} B", str(m.n_layers), str(m.d_model),
                   str(m.n_heads), str(m.n_kv_heads), str(m.d_ff), str(m.vocab_size))
-    Console().print(t)
+    _console().print(t)
 
 
 # ---- plan ------------------------------------------------------------------
@@ -161,7 +167,6 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
              plot: Annotated[Optional[str], typer.Option(help="Gantt chart PNG of the timelines")] = None,
              quiet: QuietOpt = False):
     """Plan and simulate; a table of every planner asked for, side by side."""
-    from hpipe.planners import make_plan
     from hpipe.plan import load_plans
     from hpipe.result import Result
     from hpipe.sim import infeasible_result, simulate as run_sim
@@ -176,6 +181,8 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
             results.append(run_sim(setup, p))
     else:
         names = _planner_names(planner or setup.scenario.planner.kind)
+        from hpipe.planners import make_plan  # only here: --plan must work without the planners
+
         for name in names:
             try:
                 results.append(run_sim(setup, make_plan(setup, name)))
@@ -384,14 +391,12 @@ def main() -> None:
     except typer.Abort:
         err_console.print("hpipe: aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # click's usage errors (typer vendors its own click) carry their exit code (2) and a message
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise
-
 
 if __name__ == "__main__":
     main()

@@ -30,27 +30,34 @@ class Event(BaseModel):
     dst: str | None = None
     """Receiver of a transfer."""
     nbytes: float = 0.0
+    link: str | None = None
+    """Transfers between stages: the link (``u->v``, the narrowest on the path) the bytes
+    crossed, so timelines can draw one track per link.  None: not on a modelled link."""
 
 
 class RunResult(BaseModel):
-    """The figures of one plan, simulated or measured."""
+    """The figures of one plan, simulated or measured.
+
+    The figures are None only in an infeasible result that has no plan at all (the
+    planner found none); a plan that does not fit still gets its figures, with
+    ``feasible`` false."""
 
     model_config = ConfigDict(extra="forbid")
     planner: str
-    latency_s: float
+    latency_s: float | None
     """Makespan: first work item starts to last one ends."""
-    throughput_tokens_per_s: float
+    throughput_tokens_per_s: float | None
     """Prompt tokens (batch x seq_len) per second of latency."""
-    energy_j: float
+    energy_j: float | None
     """Idle power of every plan device over the makespan, plus busy time above idle."""
-    dynamic_energy_j: float
+    dynamic_energy_j: float | None
     """The busy-above-idle part alone."""
     peak_memory_mb: dict[str, float]
     utilization: dict[str, float]
     """Busy time / latency, per device the plan uses."""
-    bubble_fraction: float
+    bubble_fraction: float | None
     """1 - (busy time summed over plan devices) / (devices x latency)."""
-    plan: Plan
+    plan: Plan | None
     feasible: bool = True
     infeasible: str | None = None
     """Why the plan cannot run as given (a device short of memory), when it cannot."""
@@ -91,8 +98,12 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
     t0 = min(e.start_s for e in events)
     latency = max(e.end_s for e in events) - t0
     devices = plan.devices
-    busy = {d: _union_s([(e.start_s, e.end_s) for e in events
-                         if e.device == d and e.kind in ("compute", "allreduce")]) for d in devices}
+    # One pass over the events (a long-context timeline holds tens of thousands).
+    spans: dict[str, list[tuple[float, float]]] = {d: [] for d in devices}
+    for e in events:
+        if e.kind in ("compute", "allreduce") and e.device in spans:
+            spans[e.device].append((e.start_s, e.end_s))
+    busy = {d: _union_s(spans[d]) for d in devices}
     util = {d: (busy[d] / latency if latency > 0 else 0.0) for d in devices}
     dynamic = sum((setup.cost.busy_power_w(d) - setup.cost.idle_power_w(d)) * busy[d] for d in devices)
     idle = sum(setup.cost.idle_power_w(d) for d in devices) * latency
@@ -103,5 +114,6 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
         energy_j=idle + dynamic, dynamic_energy_j=dynamic,
         peak_memory_mb={d: b / 2**20 for d, b in peak_memory_bytes.items()},
         utilization=util, bubble_fraction=bubble, plan=plan,
-        events=[e.model_copy(update={"start_s": e.start_s - t0, "end_s": e.end_s - t0}) for e in events],
+        events=(list(events) if t0 == 0 else
+                [e.model_copy(update={"start_s": e.start_s - t0, "end_s": e.end_s - t0}) for e in events]),
         **extra)

@@ -1,0 +1,38 @@
+"""Planners: HPipe's two dynamic programs (``partition``, ``slicing``, joined in
+``joint``) and the paper's baselines (``baselines``), behind one registry.
+
+``make_plan(setup, name)`` returns a checked ``Plan`` that fits memory and carries
+``predicted["latency_s"]``, the exact makespan (``evaluate.makespan_s``); a
+request that cannot fit raises ``InfeasibleError`` saying by how much.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hpipe.errors import InputError, suggest
+from hpipe.plan import Plan
+from hpipe.planners import baselines
+from hpipe.planners.joint import plan_hpipe
+
+REGISTRY: dict[str, Callable] = {
+    "hpipe": plan_hpipe,
+    "base": baselines.plan_base,
+    "gpipe": baselines.plan_gpipe,
+    "gpipe-balanced": baselines.plan_gpipe_balanced,
+    "terapipe": baselines.plan_terapipe,
+    "megatron": baselines.plan_megatron,
+    "tp-terapipe": baselines.plan_tp_terapipe,
+}
+
+
+def make_plan(setup, name: str | None = None) -> Plan:
+    """Plan ``setup`` with the named planner (default: the scenario's ``planner.kind``)."""
+    name = name or setup.scenario.planner.kind
+    if name not in REGISTRY:
+        raise InputError(f"unknown planner {name!r}{suggest(name, REGISTRY)}; one of {', '.join(REGISTRY)}",
+                         field="planner")
+    return REGISTRY[name](setup)
+
+
+__all__ = ["REGISTRY", "make_plan"]

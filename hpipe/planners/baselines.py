@@ -1,0 +1,101 @@
+"""The paper's baselines as planners of their own.
+
+* ``base``: an even split of the blocks over all devices (scenario order), the
+  whole batch at once, no pipelining.
+* ``gpipe``: the same even split, micro-batches of whole sequences pipelined.
+* ``gpipe-balanced`` (GP-B): HPipe's balanced split (Algorithm 1 with memory,
+  order and subset search) for whole-sequence micro-batches.
+* ``terapipe``: the even split, the whole batch pipelined on the token
+  dimension with the slicing DP (Algorithm 2).
+* ``megatron``: tensor parallel inside each host, an even split of the blocks
+  across hosts (pipeline parallel), whole-sequence micro-batches.
+* ``tp-terapipe`` (TP-T): the megatron stages with token slicing instead of
+  micro-batches.
+
+Micro-batches default to the scenario's ``planner.micro_batches``, else one
+sequence each.  None of them bends to fit memory: a plan that does not fit
+raises ``InfeasibleError`` with each device's shortfall.
+"""
+
+from __future__ import annotations
+
+from hpipe.errors import InfeasibleError
+from hpipe.memory import plan_shortfalls
+from hpipe.plan import Plan, Stage
+from hpipe.planners import slicing as alg2
+from hpipe.planners.common import even_block_split, finish, items_arrays, micro_batch_sizes
+from hpipe.planners.costs import CostTables
+from hpipe.planners.joint import plan_hpipe
+from hpipe.planners.partition import table_makespan
+
+
+def default_micro_batches(setup) -> int:
+    return setup.scenario.planner.micro_batches or setup.batch_size
+
+
+def even_stages(setup):
+    """One device per stage, all devices in scenario order, blocks split evenly
+    (fewer stages than devices only when there are more devices than units)."""
+    devs = setup.cluster.device_ids
+    k = min(len(devs), setup.n_units)
+    ranges = even_block_split(setup.model.n_layers, setup.n_units, k)
+    return [((d,), s, e) for d, (s, e) in zip(devs, ranges)]
+
+
+def host_stages(setup):
+    """One tensor-parallel stage per host (scenario order), blocks split evenly."""
+    hosts = list(setup.cluster.hosts.values())
+    k = min(len(hosts), setup.n_units)
+    ranges = even_block_split(setup.model.n_layers, setup.n_units, k)
+    return [(tuple(devs), s, e) for devs, (s, e) in zip(hosts, ranges)]
+
+
+def plan_base(setup):
+    return finish(setup, "base", even_stages(setup), [setup.seq_len], 1)
+
+
+def plan_gpipe(setup):
+    return finish(setup, "gpipe", even_stages(setup), [setup.seq_len], default_micro_batches(setup))
+
+
+def plan_gpipe_balanced(setup):
+    return plan_hpipe(setup, micro_batches=default_micro_batches(setup), fixed_slices=[setup.seq_len],
+                      planner="gpipe-balanced")
+
+
+def plan_terapipe(setup):
+    return _token_pipeline(setup, "terapipe", even_stages(setup))
+
+
+def plan_megatron(setup):
+    return finish(setup, "megatron", host_stages(setup), [setup.seq_len], default_micro_batches(setup))
+
+
+def plan_tp_terapipe(setup):
+    return _token_pipeline(setup, "tp-terapipe", host_stages(setup))
+
+
+def _token_pipeline(setup, name, stages):
+    """The whole batch, fixed stages, slices from the Algorithm 2 DP (best of its
+    candidates by exact makespan)."""
+    tables = CostTables(setup)
+    sizes = micro_batch_sizes(setup.batch_size, 1)
+    nmax = alg2.max_slice_tokens(tables, stages, max(sizes))
+    if nmax == 0:
+        # not even one granule per slice fits: report the shortfall of the finest slicing
+        g = setup.granularity
+        plan = Plan(planner=name, scenario=setup.name,
+                    stages=[Stage(devices=list(d), units=(s, e)) for d, s, e in stages],
+                    slices=[g] * (setup.seq_len // g), micro_batches=1)
+        short = plan_shortfalls(setup, plan)
+        raise InfeasibleError(f"{name}: the plan does not fit in memory even with slices of {g} tokens: "
+                              + "; ".join(str(s) for s in short))
+    grid = alg2.SliceGrid(tables, stages, sizes, nmax)
+    cands, _ = alg2.best_slicings(grid)
+    best = None
+    for _, s in cands:
+        n, c, b = items_arrays(s, sizes)
+        lat = table_makespan(tables, stages, n, c, b)
+        if best is None or lat < best[0]:
+            best = (lat, s)
+    return finish(setup, name, stages, best[1], 1)

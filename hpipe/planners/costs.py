@@ -1,0 +1,169 @@
+"""Cached cost tables the planners search with: the cost model evaluated once, reused everywhere.
+
+A search visits thousands of candidate stages; calling the cost model per unit
+each time would dominate planning.  Two observations make it cheap without
+changing a single number's meaning:
+
+* Units of the same kind have the same shape (every attention part of a model
+  is alike), and devices of the same type cost the same.  Units and devices are
+  grouped by *fingerprint*: the cost model is probed at a handful of
+  (tokens, context, batch) points and things that answer identically (and hold
+  the same bytes) share one table.  A cost model that told layers or devices
+  apart would simply give more groups.
+* A single-device stage's time is the sum of its units' times
+  (``CostModel.stage_compute_s``), so the time of units [k, e) is
+  ``sum_class (count_class[e] - count_class[k]) * time_class``.
+
+Totals agree with ``stage_compute_s`` up to floating-point summation order;
+plans are still scored at the end with ``evaluate.makespan_s``, which calls the
+cost model itself.  Tensor-parallel stages (megatron, tp-terapipe) call
+``stage_compute_s`` directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class CostTables:
+    def __init__(self, setup):
+        self.setup = setup
+        self.cost = setup.cost
+        self.units = setup.units
+        self.db = setup.dtype_bytes
+        self.devices = setup.cluster.device_ids
+        g, seq, bs = setup.granularity, setup.seq_len, setup.batch_size
+        probes = {(g, 0, 1), (seq, 0, bs), (g, seq - g, bs), (min(3 * g, seq), seq - min(3 * g, seq), 1),
+                  (max(seq // 2 // g, 1) * g, 0, max(bs // 2, 1))}
+        pn, pc, pb = (np.array(x, float) for x in zip(*sorted(probes)))
+        self._probe = (pn, pc, pb)
+        # Device groups: the same datasheet (a cost model's only input about a device
+        # in this codebase) and, in case a cost model tells devices apart otherwise, the
+        # same answers at the probes.  Probes alone would be unsafe: two devices can
+        # agree on every memory-bound probe and part on compute-bound items.
+        gkey: dict = {}
+        self.device_group: dict[str, int] = {}
+        self.group_rep: list[str] = []
+        for d in self.devices:
+            spec = setup.cluster.device(d).spec
+            key = (spec.model_dump_json(),) + tuple(
+                tuple(np.atleast_1d(self.cost.unit_time_s(u, d, pn, pc, pb)))
+                for u in self._kind_reps())
+            if key not in gkey:
+                gkey[key] = len(self.group_rep)
+                self.group_rep.append(d)
+            self.device_group[d] = gkey[key]
+        # Unit classes: same kind and footprint, and the same times on every device group.
+        key_of: dict = {}
+        self.unit_class = np.empty(len(self.units), int)
+        self.class_rep: list[int] = []
+        for u in self.units:
+            key = (u.kind, u.weight_bytes(self.db), u.kv_bytes_per_token(self.db),
+                   tuple(np.atleast_1d(u.out_bytes(pn, pb, self.db))),
+                   tuple(np.atleast_1d(u.workspace_bytes(pn, pb, self.db))),
+                   tuple(np.atleast_1d(u.tp_allreduce_bytes(pn, pb, self.db))),
+                   tuple(tuple(np.atleast_1d(self.cost.unit_time_s(u, d, pn, pc, pb)))
+                         for d in self.group_rep))
+            if key not in key_of:
+                key_of[key] = len(self.class_rep)
+                self.class_rep.append(u.index)
+            self.unit_class[u.index] = key_of[key]
+        self.n_classes = len(self.class_rep)
+        onehot = np.zeros((len(self.units), self.n_classes), int)
+        onehot[np.arange(len(self.units)), self.unit_class] = 1
+        self.class_prefix = np.vstack([np.zeros(self.n_classes, int), np.cumsum(onehot, axis=0)])
+        """(U+1, classes): how many units of each class lie in [0, k)."""
+        self._cache: dict = {}
+
+    def _kind_reps(self):
+        seen = {}
+        for u in self.units:
+            seen.setdefault(u.kind, u)
+        return list(seen.values())
+
+    # ---- unit-class times ------------------------------------------------------
+    def class_times(self, device: str, n, c, b, key=None):
+        """(classes, *shape) array: one unit of each class on ``device`` for the given
+        (n, c, b) arrays.  ``key`` names the arrays for caching (None: no cache)."""
+        grp = self.device_group[device]
+        ck = ("ct", grp, key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        rep = self.group_rep[grp]
+        out = np.array([np.broadcast_to(self.cost.unit_time_s(self.units[r], rep, n, c, b), np.shape(n))
+                        for r in self.class_rep], float)
+        if key is not None:
+            self._cache[ck] = out
+        return out
+
+    def counts(self, start, end):
+        """Units of each class in [start, end) (arrays of starts/ends broadcast)."""
+        return self.class_prefix[end] - self.class_prefix[start]
+
+    def range_time(self, device: str, start: int, end: int, n, c, b, key=None):
+        """Time of units [start, end) on one device, per (n, c, b) element."""
+        ct = self.class_times(device, n, c, b, key)
+        return np.tensordot(self.counts(start, end), ct, axes=1)
+
+    def prefix_totals(self, device: str, n, c, b, key=None):
+        """(U+1,) array: total time of units [0, k) over all the given items, on ``device``.
+        A stage [k, e) then costs P[e] - P[k]."""
+        ct = self.class_times(device, n, c, b, key)
+        per_class = ct.reshape(self.n_classes, -1).sum(axis=1)
+        return self.class_prefix @ per_class
+
+    # ---- transfers -------------------------------------------------------------
+    def boundary_bytes(self, n, b):
+        """(classes, items): bytes each unit class hands on for each item."""
+        return np.array([np.broadcast_to(self.units[r].out_bytes(n, b, self.db), np.shape(n))
+                         for r in self.class_rep], float)
+
+    def transfer_totals(self, src: str, dst: str, n, b, key=None):
+        """(U+1,) array: total transfer time over the items of the activation handed
+        across a boundary at unit k (the output of unit k-1); entry 0 is 0."""
+        ck = ("tt", src, dst, key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        nbytes = self.boundary_bytes(n, b)
+        per_class = np.array([np.sum(self.cost.transfer_time_s(src, dst, row)) for row in nbytes])
+        out = np.concatenate(([0.0], per_class[self.unit_class]))
+        if key is not None:
+            self._cache[ck] = out
+        return out
+
+    def transfer_times(self, src: str, dst: str, boundary: int, n, b):
+        return np.broadcast_to(self.cost.transfer_time_s(
+            src, dst, self.units[boundary - 1].out_bytes(n, b, self.db)), np.shape(n))
+
+    # ---- memory ----------------------------------------------------------------
+    def memory_matrix(self, tp: int, max_slice: int, micro_batch: int):
+        """(U+1, U+1) array: bytes one device needs to hold units [k, e) as a stage of
+        ``tp`` devices (``memory.stage_memory_bytes``, same arithmetic); inf for k >= e."""
+        ck = ("mem", tp, max_slice, micro_batch)
+        if ck in self._cache:
+            return self._cache[ck]
+        s = self.setup
+        U = len(self.units)
+        w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
+        kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
+        ws = np.array([float(u.workspace_bytes(max_slice, micro_batch, self.db)) for u in self.units])
+        W = np.concatenate(([0], np.cumsum(w)))
+        KV = np.concatenate(([0], np.cumsum(kv)))
+        wmat = (W[None, :] - W[:, None]).astype(float) / tp
+        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
+        # range max of the workspace: row k is the running max of ws[k:]
+        work = np.full((U + 1, U + 1), -np.inf)
+        for k in range(U):
+            work[k, k + 1:] = np.maximum.accumulate(ws[k:])
+        out = wmat + kvmat + work
+        out[np.tril_indices(U + 1)] = np.inf
+        self._cache[ck] = out
+        return out
+
+    def capacity(self, device: str) -> float:
+        return self.setup.cluster.device(device).usable_memory_bytes
+
+    def speed_key(self, device: str) -> float:
+        """Seconds for one of each unit class at a mid-size item: smaller is faster."""
+        pn, pc, pb = self._probe
+        return float(self.class_times(device, pn, pc, pb, key="probe").sum())

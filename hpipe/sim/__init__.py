@@ -1,0 +1,111 @@
+"""The simulator behind `hpipe simulate`: a Plan on a Setup in, a RunResult out.
+
+``build`` turns a plan into a ``PipelineSpec`` whose every duration comes from
+the scenario's cost model (the very calls the planners make, so a planner's
+prediction and the simulation agree wherever the plan has no contention the
+planner ignored); ``engine.run`` plays it out; ``hpipe.result.summarize``
+turns the timeline into the Result figures, the same code path as measured
+runs.  A plan that does not fit in a device's memory is still simulated (its
+timeline shows what it would do) but its result is marked infeasible, naming
+each device and its shortfall.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpipe.memory import plan_memory_bytes, plan_shortfalls
+from hpipe.plan import Plan
+from hpipe.result import RunResult, summarize
+from hpipe.sim.engine import HopSpec, PipelineSpec, StageSpec, run
+
+__all__ = ["build", "simulate", "infeasible_result", "directed_links", "PipelineSpec"]
+
+
+def _vec(x, n: int) -> np.ndarray:
+    """A cost-model answer as a float vector of one value per work item."""
+    return np.broadcast_to(np.asarray(x, float), (n,)).astype(float)
+
+
+def directed_links(route, src: str) -> list[tuple[str, str]]:
+    """The route's edges oriented from ``src`` along the path, in path order."""
+    remaining = list(route.links)
+    node, out = src, []
+    while remaining:
+        edge = next((e for e in remaining if node in e), None)
+        if edge is None:  # not a simple path from src: keep the rest as given
+            out.extend(remaining)
+            break
+        remaining.remove(edge)
+        nxt = edge[1] if edge[0] == node else edge[0]
+        out.append((node, nxt))
+        node = nxt
+    return out
+
+
+def _link_name(edge: tuple[str, str]) -> str:
+    return f"{edge[0]}->{edge[1]}"
+
+
+def build(setup, plan: Plan) -> PipelineSpec:
+    """Every duration of the plan, from the setup's cost model, vectorised over work items."""
+    cost = setup.cost
+    db = setup.dtype_bytes
+    items = plan.items(setup.batch_size)
+    k = len(items)
+    mb, sl, b, n, c = (np.array(col) for col in zip(*items))
+    b, n, c = b.astype(float), n.astype(float), c.astype(float)
+
+    stages = []
+    for st in plan.stages:
+        devs = tuple(st.devices)
+        total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k)
+        spec = StageSpec(devices=devs, compute_s=total)
+        if st.tp > 1:
+            # The same terms stage_compute_s sums, kept apart to draw the timeline; the stage
+            # still holds its devices for exactly `total` (the all-reduces take the rest).
+            units = setup.units[st.start:st.end]
+            spec.device_compute_s = np.stack([
+                _vec(sum(cost.unit_time_s(u, d, n, c, b, st.tp) for u in units), k) for d in devs])
+            if st.start > 0:
+                in_bytes = _vec(setup.units[st.start - 1].out_bytes(n, b, db), k)
+                spec.scatter_s = np.stack([_vec(cost.transfer_time_s(devs[0], d, in_bytes), k)
+                                           for d in devs[1:]])
+                spec.scatter_bytes = in_bytes
+        stages.append(spec)
+
+    hops: list[HopSpec | None] = [None]
+    for prev, st in zip(plan.stages, plan.stages[1:]):
+        src, dst = prev.devices[0], st.devices[0]
+        nbytes = _vec(setup.units[prev.end - 1].out_bytes(n, b, db), k)
+        total = _vec(cost.transfer_time_s(src, dst, nbytes), k)
+        route = setup.cluster.route(src, dst)
+        # The cost model gives latency + bytes/bandwidth; the route says how much is latency.
+        # The links are held for the rest; latency elapses after they are free.
+        latency = np.minimum(route.latency_s, total)
+        edges = directed_links(route, src)
+        # route.links lists the narrowest first; name it as oriented along the path.
+        bottleneck = next((e for e in edges if set(e) == set(route.links[0])), None) if edges else None
+        hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
+                            bottleneck=_link_name(bottleneck) if bottleneck else None,
+                            hold_s=total - latency, latency_s=latency, nbytes=nbytes))
+    return PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops)
+
+
+def simulate(setup, plan: Plan) -> RunResult:
+    """Simulate one plan; a plan that overflows a device's memory comes back with
+    ``feasible`` false and the device and shortfall in ``infeasible``."""
+    events = run(build(setup, plan))
+    result = summarize(setup, plan, events, plan_memory_bytes(setup, plan))
+    short = plan_shortfalls(setup, plan)
+    if short:
+        result.feasible = False
+        result.infeasible = "does not fit in memory: " + "; ".join(str(s) for s in short)
+    return result
+
+
+def infeasible_result(setup, planner_name: str, reason: str) -> RunResult:
+    """The result of a planner that found no plan: no figures, only why."""
+    return RunResult(planner=planner_name, latency_s=None, throughput_tokens_per_s=None, energy_j=None,
+                     dynamic_energy_j=None, peak_memory_mb={}, utilization={}, bubble_fraction=None,
+                     plan=None, feasible=False, infeasible=reason)

@@ -1,0 +1,210 @@
+"""The discrete-event core: stages on devices, transfers on links, in simpy.
+
+The engine is passive about the model and the cost model: it takes a
+``PipelineSpec`` whose every duration is already computed (``hpipe.sim.build``
+fills it from a Setup's cost model) and plays it out.  No file I/O happens here.
+
+Entities
+--------
+* **Devices** are ``simpy.Resource`` (capacity 1): a stage holds all its
+  devices while it runs one work item, so no device ever runs two items at once.
+* **Links** are ``simpy.Resource`` too, one per *direction* of a graph edge
+  (Ethernet and PCIe are full duplex, and scenario bandwidths are one-way).
+  A transfer holds every link on its path for bytes / bandwidth, acquiring them
+  in one global order so that two transfers can never deadlock; the propagation
+  latency then elapses *after* the links are released, outside sender and
+  receiver, so the next transfer can use the wire while the bytes fly.
+* **Work items** are (micro-batch, slice) pairs in ``Plan.items`` order.
+
+Processes (simpy generators)
+----------------------------
+* one per stage j: for each item i in order, wait for item i's input to arrive
+  (stage 0 has it at t = 0), take the stage's devices, run, release, announce;
+  the in-order loop is the dependency on item i-1 (the KV cache grows in order);
+* one per hop j (stage j-1 -> stage j): for each item i in order, wait for stage
+  j-1 to finish it, take the links, hold them, release, and let the latency
+  elapse before stage j sees the input.
+
+With zero transfers this is exactly C[i][j] = max(C[i-1][j], C[i][j-1]) + t[i][j].
+
+Events recorded
+---------------
+* ``compute`` on each device of a stage; a tensor-parallel stage's time is shown as
+  the input forwarded by its first device to each peer (``transfer`` with no link,
+  on the sender), each device's shard, then ``allreduce`` on every device for the
+  rest, so the phases add up to exactly the stage time the cost model gives;
+* ``transfer`` between stages: ``device`` the sender, ``dst`` the receiver, ``stage``
+  the stage it feeds, ``link`` the narrowest link on the path, and the interval the
+  links were held (the receiver has the bytes one route latency after ``end_s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from hpipe.result import Event
+
+
+@dataclass
+class StageSpec:
+    """One pipeline stage and how long it holds its devices for each work item."""
+
+    devices: tuple[str, ...]
+    compute_s: np.ndarray
+    """(n_items,) time the stage holds all its devices per item (the cost model's stage_compute_s)."""
+    device_compute_s: np.ndarray | None = None
+    """Tensor parallel: (tp, n_items) each device's own shard compute, for the timeline."""
+    scatter_s: np.ndarray | None = None
+    """Tensor parallel: (tp-1, n_items) the first device forwarding the input to each peer in turn."""
+    scatter_bytes: np.ndarray | None = None
+    """(n_items,) bytes of the input each peer receives."""
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+
+@dataclass
+class HopSpec:
+    """The activation of each item moving from stage j-1's first device to stage j's first device."""
+
+    src: str
+    dst: str
+    links: tuple[str, ...]
+    """Directed link names the transfer holds (``u->v``); empty: no link (free and instant)."""
+    bottleneck: str | None
+    """The narrowest of ``links``: the track the transfer is drawn on."""
+    hold_s: np.ndarray
+    """(n_items,) seconds the links are held: bytes over bandwidth."""
+    latency_s: np.ndarray
+    """(n_items,) propagation after release, before the receiver has the bytes."""
+    nbytes: np.ndarray
+
+
+@dataclass
+class PipelineSpec:
+    items: list[tuple[int, int]]
+    """(micro_batch, slice) of each work item, in execution order."""
+    stages: list[StageSpec]
+    hops: list[HopSpec | None] = field(default_factory=list)
+    """hops[j] feeds stage j; hops[0] is None (stage 0 has its input at t = 0)."""
+
+    def __post_init__(self):
+        if not self.hops:
+            self.hops = [None] * len(self.stages)
+        if len(self.hops) != len(self.stages) or self.hops[0] is not None:
+            raise ValueError("hops[j] feeds stage j: one per stage, and None for stage 0")
+
+
+def _hold_all(env_resources, stack: contextlib.ExitStack):
+    """Request each resource in turn inside ``stack`` (released when the stack closes)."""
+    for res in env_resources:
+        req = stack.enter_context(res.request())
+        yield req
+
+
+def run(spec: PipelineSpec) -> list[Event]:
+    """Play the pipeline out; return every compute, all-reduce and transfer interval."""
+    env = simpy.Environment()
+    n_items = len(spec.items)
+    n_stages = len(spec.stages)
+    devices = {d: simpy.Resource(env, capacity=1) for st in spec.stages for d in st.devices}
+    links = {name: simpy.Resource(env, capacity=1)
+             for hop in spec.hops if hop is not None for name in hop.links}
+    # done[j][i]: stage j finished item i; arrived[j][i]: item i's input is on stage j's first device.
+    done = [[env.event() for _ in range(n_items)] for _ in range(n_stages)]
+    arrived: list[list[simpy.Event] | None] = [None] + [[env.event() for _ in range(n_items)]
+                                                         for _ in range(1, n_stages)]
+    log: list[tuple] = []
+    items = spec.items
+
+    def stage(j: int):
+        st = spec.stages[j]
+        res = [devices[d] for d in st.devices]
+        compute = np.asarray(st.compute_s, float).tolist()
+        for i in range(n_items):
+            if j > 0:
+                yield arrived[j][i]
+            if len(res) == 1:  # the common case, without the ExitStack's cost
+                with res[0].request() as req:
+                    yield req
+                    t0 = env.now
+                    yield env.timeout(compute[i])
+            else:
+                with contextlib.ExitStack() as stack:
+                    yield from _hold_all(res, stack)
+                    t0 = env.now
+                    yield env.timeout(compute[i])
+            _record_stage(log, j, st, i, items[i], t0, env.now)
+            done[j][i].succeed()
+
+    def hop(j: int):
+        h = spec.hops[j]
+        res = [links[name] for name in sorted(h.links)]  # one global order: no deadlock
+        hold = np.asarray(h.hold_s, float).tolist()
+        lat = np.asarray(h.latency_s, float).tolist()
+        nbytes = np.asarray(h.nbytes, float).tolist()
+        mb_sl = items
+        for i in range(n_items):
+            yield done[j - 1][i]
+            if hold[i] <= 0 and lat[i] <= 0:
+                arrived[j][i].succeed()
+                continue
+            with contextlib.ExitStack() as stack:
+                yield from _hold_all(res, stack)
+                t0 = env.now
+                yield env.timeout(hold[i])
+                log.append(("transfer", h.src, h.dst, h.bottleneck, j, mb_sl[i], t0, env.now, nbytes[i]))
+            # The wire is free again; the bytes are still in flight for the latency.
+            if lat[i] > 0:
+                env.timeout(lat[i]).callbacks.append(lambda _ev, e=arrived[j][i]: e.succeed())
+            else:
+                arrived[j][i].succeed()
+
+    for j in range(n_stages):
+        env.process(stage(j))
+        if j > 0:
+            env.process(hop(j))
+    env.run()
+    unfinished = [j for j in range(n_stages) if n_items and not done[j][-1].processed]
+    if unfinished:  # cannot happen with in-order stages and ordered link requests; guard anyway
+        raise RuntimeError(f"simulation stalled: stages {unfinished} did not finish")
+    return [_event(rec) for rec in log]
+
+
+def _record_stage(log: list, j: int, st: StageSpec, i: int, mb_sl, t0: float, t1: float) -> None:
+    if st.tp == 1:
+        log.append(("compute", st.devices[0], None, None, j, mb_sl, t0, t1, 0.0))
+        return
+    # Tensor parallel: the devices were held together for [t0, t1]; show what they did.
+    # Phases: the first device forwards the input to its peers one after another, then every
+    # device runs its shard, then the all-reduces (the rest of the stage's time).
+    t = t0
+    if st.scatter_s is not None:
+        nb = float(st.scatter_bytes[i]) if st.scatter_bytes is not None else 0.0
+        for k, peer in enumerate(st.devices[1:]):
+            dt = float(st.scatter_s[k][i])
+            if dt > 0:
+                end = min(t + dt, t1)
+                log.append(("transfer", st.devices[0], peer, None, j, mb_sl, t, end, nb))
+                t = end
+    comp_end = t
+    for k, d in enumerate(st.devices):
+        dt = float(st.device_compute_s[k][i]) if st.device_compute_s is not None else t1 - t
+        end = min(t + dt, t1)
+        log.append(("compute", d, None, None, j, mb_sl, t, end, 0.0))
+        comp_end = max(comp_end, end)
+    if t1 > comp_end:
+        for d in st.devices:
+            log.append(("allreduce", d, None, None, j, mb_sl, comp_end, t1, 0.0))
+
+
+def _event(rec: tuple) -> Event:
+    kind, device, dst, link, j, (mb, sl), t0, t1, nbytes = rec
+    # Validated construction: in pydantic 2 it is faster than model_construct.
+    return Event(device=device, kind=kind, stage=j, micro_batch=mb, slice=sl,
+                                 start_s=t0, end_s=t1, dst=dst, nbytes=nbytes, link=link)

@@ -1,0 +1,61 @@
+"""Random small heterogeneous scenarios for the planner tests (hypothesis strategies)."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import strategies as st
+
+from hpipe.scenario import parse_scenario
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a test: n, times HPIPE_TEST_SCALE (e.g. 10 for a long soak)."""
+    return max(1, int(n * float(os.environ.get("HPIPE_TEST_SCALE", "1"))))
+
+
+@st.composite
+def scenario_dicts(draw, max_layers: int = 3, max_hosts: int = 2, max_devices: int = 4, max_granules: int = 8,
+                   tight_memory: bool = True):
+    """A tiny model on a few custom devices of random speeds, memories and links.
+
+    Memories are drawn around the size of a few units so that the caps bind."""
+    family = draw(st.sampled_from(["llama", "gpt"]))
+    d_model = draw(st.sampled_from([64, 128]))
+    n_layers = draw(st.integers(1, max_layers))
+    model = {"family": family, "n_layers": n_layers, "d_model": d_model, "n_heads": 4,
+             "d_ff": 2 * d_model, "vocab_size": draw(st.sampled_from([256, 1000])), "max_seq_len": 1024}
+    g = draw(st.sampled_from([8, 16]))
+    granules = draw(st.integers(1, max_granules))
+    n_hosts = draw(st.integers(1, max_hosts))
+    total = draw(st.integers(n_hosts, max_devices))
+    per_host = [1] * n_hosts
+    for _ in range(total - n_hosts):
+        per_host[draw(st.integers(0, n_hosts - 1))] += 1
+    # a model of this size holds ~0.03-0.5 MB per unit at fp16; memories of 0.15-1.2 MB bind
+    mem_gb = st.sampled_from([0.00015, 0.0003, 0.0006, 0.0012, 1.0] if tight_memory else [1.0])
+    hosts = []
+    for h, k in enumerate(per_host):
+        devices = []
+        for i in range(k):
+            devices.append({"name": f"dev{draw(st.integers(0, 2))}x{i}",
+                            "peak_tflops": draw(st.sampled_from([0.05, 0.2, 1.0, 5.0])),
+                            "memory_gb": draw(mem_gb),
+                            "memory_bandwidth_gbps": draw(st.sampled_from([5.0, 50.0, 500.0])),
+                            "power_w": 100.0})
+        hosts.append({"name": f"h{h}", "devices": devices,
+                      "interconnect": {"bandwidth_gbps": draw(st.sampled_from([10.0, 100.0])),
+                                       "latency_us": draw(st.sampled_from([0.0, 10.0]))}})
+    data = {"name": "random", "model": model, "dtype": "float16",
+            "workload": {"seq_len": g * granules, "batch_size": draw(st.integers(1, 3))},
+            "cluster": {"hosts": hosts},
+            "costmodel": {"kind": "roofline", "kernel_overhead_us": draw(st.sampled_from([0.0, 5.0, 50.0]))},
+            "planner": {"token_granularity": g, "memory_reserve_gb": 0.0}}
+    if n_hosts > 1:
+        data["cluster"]["network"] = {"bandwidth_gbps": draw(st.sampled_from([0.1, 1.0, 10.0])),
+                                      "latency_us": draw(st.sampled_from([0.0, 200.0]))}
+    return data
+
+
+def setup_of(data):
+    return parse_scenario(data).resolve()

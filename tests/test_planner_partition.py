@@ -1,0 +1,135 @@
+"""Algorithm 1 against brute force: every subset of the device order, every cut set."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpipe.memory import stage_memory_bytes
+from hpipe.planners import partition as alg1
+from hpipe.planners.common import items_arrays, micro_batch_sizes, uniform_slices
+from hpipe.planners.costs import CostTables
+from tests.planner_cases import examples, scenario_dicts, setup_of
+
+
+def brute_force(setup, seq, slices, sizes):
+    """Every used subsequence of ``seq`` and every cut set, costed straight from the
+    cost model and memory.stage_memory_bytes: (least bottleneck, all (value, sum, stages))."""
+    cost, U = setup.cost, setup.n_units
+    n, c, b = items_arrays(slices, sizes)
+    out = []
+    for r in range(1, min(len(seq), U) + 1):
+        for used in itertools.combinations(range(len(seq)), r):
+            for cuts in itertools.combinations(range(1, U), r - 1):
+                bounds = (0, *cuts, U)
+                vals, ok = [], True
+                for k, m in enumerate(used):
+                    s, e = bounds[k], bounds[k + 1]
+                    if stage_memory_bytes(setup, s, e, 1, max(slices), max(sizes)) > \
+                            setup.cluster.device(seq[m]).usable_memory_bytes:
+                        ok = False
+                        break
+                    vals.append(float(np.sum(cost.stage_compute_s(s, e, [seq[m]], n, c, b))))
+                    if k:
+                        nb = setup.units[s - 1].out_bytes(n, b, setup.dtype_bytes)
+                        vals.append(float(np.sum(cost.transfer_time_s(seq[used[k - 1]], seq[m], nb))))
+                if ok:
+                    out.append((max(vals), sum(vals), [(m, bounds[k], bounds[k + 1]) for k, m in enumerate(used)]))
+    return out
+
+
+def dp_inputs(setup, slices, sizes):
+    tables = CostTables(setup)
+    n, c, b = items_arrays(slices, sizes)
+    pc = alg1.PartitionCosts(tables, n, c, b, max(slices), max(sizes))
+    seq = tuple(setup.cluster.device_ids)
+    smats, links = alg1.sequence_problem(pc, seq)
+    return tables, pc, seq, smats, links
+
+
+def stage_values(smats, links, stages):
+    vals = []
+    for k, (m, s, e) in enumerate(stages):
+        vals.append(smats[m][s, e])
+        if k:
+            vals.append(links[stages[k - 1][0], m][s])
+    return vals
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(scenario_dicts(max_devices=4), st.data())
+def test_bottleneck_dp_is_the_minimum_over_cut_sets(data, draw):
+    setup = setup_of(data)
+    L = setup.seq_len // setup.granularity
+    slices = uniform_slices(setup.seq_len, setup.granularity, draw.draw(st.integers(1, L)))
+    sizes = micro_batch_sizes(setup.batch_size, draw.draw(st.integers(1, setup.batch_size)))
+    _, _, seq, smats, links = dp_inputs(setup, slices, sizes)
+    brute = brute_force(setup, seq, slices, sizes)
+    val, stages = alg1.minmax_dp(smats, links)
+    if not brute:
+        assert stages is None and math.isinf(val)
+        return
+    best = min(v for v, _, _ in brute)
+    assert math.isclose(val, best, rel_tol=1e-9)
+    # the returned cut set fits memory and reproduces the value it claims
+    assert math.isclose(max(stage_values(smats, links, stages)), val, rel_tol=1e-12)
+    for m, s, e in stages:
+        assert stage_memory_bytes(setup, s, e, 1, max(slices), max(sizes)) <= \
+            setup.cluster.device(seq[m]).usable_memory_bytes
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(scenario_dicts(max_devices=4), st.floats(0.0, 0.5))
+def test_capped_minsum_dp_is_the_minimum_over_cut_sets(data, eps):
+    setup = setup_of(data)
+    slices = uniform_slices(setup.seq_len, setup.granularity, 3)
+    sizes = micro_batch_sizes(setup.batch_size, 1)
+    _, _, seq, smats, links = dp_inputs(setup, slices, sizes)
+    brute = brute_force(setup, seq, slices, sizes)
+    bval, _ = alg1.minmax_dp(smats, links)
+    if not brute:
+        return
+    cap = bval * (1 + eps)
+    [(val, stages)] = alg1.minsum_dp(smats, links, [cap])
+    # the brute force costs in a different summation order: compare with a hair of slack
+    feasible = [s for v, s, _ in brute if v <= cap * (1 + 1e-9)]
+    assert stages is not None
+    assert min(feasible) <= val * (1 + 1e-9)
+    vals = stage_values(smats, links, stages)
+    assert max(vals) <= cap and math.isclose(sum(vals), val, rel_tol=1e-9)
+
+
+def test_device_sequences_keep_hosts_together_and_cover_all_orders():
+    from hpipe.scenario import load_scenario
+
+    setup = load_scenario("scenarios/paper-llama7b.yaml").resolve()
+    seqs = alg1.device_sequences(CostTables(setup))
+    hosts = {tuple(dict.fromkeys(d.split("/")[0] for d in s)) for s in seqs}
+    assert hosts == {("host-a", "host-b"), ("host-b", "host-a")}
+    assert all(sorted(s) == sorted(setup.cluster.device_ids) for s in seqs)
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(scenario_dicts(max_devices=4, tight_memory=False), st.integers(0, 10**6))
+def test_tables_agree_with_the_cost_model(data, seed):
+    setup = setup_of(data)
+    tables = CostTables(setup)
+    rng = np.random.default_rng(seed)
+    U = setup.n_units
+    for d in setup.cluster.device_ids:
+        s = int(rng.integers(0, U))
+        e = int(rng.integers(s + 1, U + 1))
+        n = rng.integers(1, 5, 6) * setup.granularity
+        c = rng.integers(0, 3, 6) * setup.granularity
+        b = rng.integers(1, 3, 6)
+        want = setup.cost.stage_compute_s(s, e, [d], n, c, b)
+        assert np.allclose(tables.range_time(d, s, e, n, c, b), want, rtol=1e-12)
+    for tp in (1, 2):
+        mem = tables.memory_matrix(tp, setup.granularity, 1)
+        for s in range(U):
+            for e in range(s + 1, U + 1):
+                assert mem[s, e] == stage_memory_bytes(setup, s, e, tp, setup.granularity, 1)

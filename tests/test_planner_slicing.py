@@ -1,0 +1,98 @@
+"""Algorithm 2 against brute force over every slicing, and its bound against the exact makespan."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpipe.planners import slicing as alg2
+from hpipe.planners.common import items_arrays, micro_batch_sizes
+from hpipe.planners.costs import CostTables
+from hpipe.planners.partition import chain_rows
+from hpipe.planners.evaluate import chain_completion
+from tests.planner_cases import examples, scenario_dicts, setup_of
+
+
+def compositions(L):
+    for r in range(L):
+        for cuts in itertools.combinations(range(1, L), r):
+            b = (0, *cuts, L)
+            yield [y - x for x, y in zip(b, b[1:])]
+
+
+@st.composite
+def sliced_case(draw):
+    data = draw(scenario_dicts(max_devices=3, max_granules=7, tight_memory=draw(st.booleans())))
+    setup = setup_of(data)
+    devs = setup.cluster.device_ids
+    k = draw(st.integers(1, min(len(devs), setup.n_units)))
+    order = draw(st.permutations(devs))[:k]
+    cuts = sorted(draw(st.sets(st.integers(1, setup.n_units - 1), min_size=k - 1, max_size=k - 1)))
+    bounds = [0, *cuts, setup.n_units]
+    tp_first = draw(st.booleans()) and len(devs) > k  # sometimes a tensor-parallel stage
+    stages = []
+    spare = [d for d in devs if d not in order]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        group = (order[i], spare[0]) if (i == 0 and tp_first) else (order[i],)
+        stages.append((group, a, b))
+    sizes = micro_batch_sizes(setup.batch_size, draw(st.integers(1, setup.batch_size)))
+    return setup, stages, sizes
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(sliced_case(), st.sampled_from([1, 2, 64]))
+def test_slicing_dp_is_the_minimum_over_all_slicings(case, batch):
+    setup, stages, sizes = case
+    tables = CostTables(setup)
+    nmax = alg2.max_slice_tokens(tables, stages, max(sizes))
+    grid = alg2.SliceGrid(tables, stages, sizes, nmax or None)
+    g = setup.granularity
+    objs = {tuple(x * g for x in comp): grid.objective([x * g for x in comp]) for comp in compositions(grid.L)}
+    feasible = {s: v for s, v in objs.items() if math.isfinite(v) and max(s) <= (nmax or math.inf)}
+    got, _ = alg2.best_slicings(grid, top=3, batch=batch)
+    if nmax == 0 or not feasible:
+        assert nmax == 0 or not got
+        return
+    best = min(feasible.values())
+    assert math.isclose(got[0][0], best, rel_tol=1e-9)
+    for v, s in got:  # each candidate reproduces the value it claims, and fits
+        assert sum(s) == setup.seq_len and all(x % g == 0 for x in s) and max(s) <= nmax
+        assert math.isclose(grid.objective(s), v, rel_tol=1e-9)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(sliced_case(), st.data())
+def test_bound_is_above_the_exact_makespan(case, draw):
+    setup, stages, sizes = case
+    tables = CostTables(setup)
+    grid = alg2.SliceGrid(tables, stages, sizes, None)
+    comp = draw.draw(st.sampled_from(list(compositions(grid.L))))
+    s = [x * setup.granularity for x in comp]
+    n, c, b = items_arrays(s, sizes)
+    t, _ = chain_rows(tables, stages, n, c, b)
+    exact = chain_completion(t)[-1, -1]
+    assert exact <= grid.objective(s) * (1 + 1e-9)
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(sliced_case())
+def test_grid_matches_the_cost_model(case):
+    setup, stages, sizes = case
+    tables = CostTables(setup)
+    grid = alg2.SliceGrid(tables, stages, sizes, None)
+    g, cost = setup.granularity, setup.cost
+    for q, p in [(0, grid.L), (grid.L - 1, grid.L), (0, 1)]:
+        n, c = (p - q) * g, q * g
+        per_b = {}
+        for bsz in set(sizes):
+            xs = [float(cost.stage_compute_s(s, e, list(d), n, c, bsz)) for d, s, e in stages]
+            xs += [float(cost.transfer_time_s(stages[j - 1][0][0], stages[j][0][0],
+                                              setup.units[stages[j - 1][2] - 1].out_bytes(n, bsz, setup.dtype_bytes)))
+                   for j in range(1, len(stages))]
+            per_b[bsz] = max(xs)
+        assert math.isclose(grid.HT[p, q], per_b[max(sizes)], rel_tol=1e-12)
+        assert math.isclose(grid.GT[p, q], sum(per_b[x] for x in sizes), rel_tol=1e-12)
