@@ -299,7 +299,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     out = output or str(default_profile_path(sc))
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
     write_text(out, prof.model_dump_json(indent=1))
-    con = _out_console(out, quiet)
+    con = _out_console(None, quiet)
     if con:
         con.print(_holdout_table(fit_report(prof), f"{setup.name}: fitted model, error on held-out grid points"))
         if prof.links:

@@ -385,19 +385,40 @@ def emulation_unsupported(setup, device_ids=None) -> str | None:
     return None
 
 
+def what_to_emulate(setup, device_ids=None) -> dict[str, bool]:
+    """What a run of ``device_ids`` emulates on this machine, each where the scenario asks
+    for it and the machine permits it: ``quotas`` (cgroups) and ``network`` (namespaces).
+
+    The launcher falls back to its own duty-cycle throttle where cgroups are not
+    permitted, and to loopback where namespaces are not; `hpipe profile` and
+    `hpipe validate` instead refuse (``emulation_unsupported``), since their figures
+    would not describe the scenario."""
+    devs = [setup.cluster.device(d) for d in (device_ids or setup.cluster.device_ids)]
+    quotas = any(getattr(d.placement, "cpu_quota", None) for d in devs) and cgroup_unsupported() is None
+    network = (needs_network(setup) and len({d.host for d in devs}) > 1) and netns_unsupported() is None
+    return {"quotas": quotas, "network": network}
+
+
 @contextlib.contextmanager
-def emulate(setup, device_ids: list[str] | None = None) -> Iterator[Emulation]:
-    """Set up cgroups and namespaces for ``device_ids`` (default: all of the scenario's) and
-    remove them when the block ends, however it ends."""
+def emulate(setup, device_ids: list[str] | None = None, *, quotas: bool = True,
+            network: bool = True) -> Iterator[Emulation]:
+    """Set up cgroups (``quotas``) and namespaces (``network``) for ``device_ids`` (default: all
+    of the scenario's) and remove them when the block ends, however it ends.  Where the
+    scenario asks for neither, nothing is touched and every worker gets its plain placement."""
     devices = [setup.cluster.device(d) for d in (device_ids or setup.cluster.device_ids)]
-    sweep_stale()
+    hosts = list(dict.fromkeys(d.host for d in devices))
+    want_net = network and needs_network(setup) and len(hosts) > 1
+    want_quota = quotas and any(getattr(d.placement, "cpu_quota", None) for d in devices)
     owner = f"{PREFIX}{os.getpid()}-{_next_run()}"
+    if not (want_net or want_quota):
+        yield Emulation(owner, {d.id: _placement(d, None, None) for d in devices}, None, {})
+        return
+    sweep_stale()
     cgroups: dict[str, CpuLimit] = {}
     net: Network | None = None
     restore = _sigterm_to_exit()
     try:
-        hosts = list(dict.fromkeys(d.host for d in devices))
-        if needs_network(setup) and len(hosts) > 1:
+        if want_net:
             def link_of(a, b):
                 r = setup.cluster.route(setup.cluster.hosts[a][0], setup.cluster.hosts[b][0])
                 return r.bandwidth_gbps, r.latency_s * 1e6
@@ -405,23 +426,27 @@ def emulate(setup, device_ids: list[str] | None = None) -> Iterator[Emulation]:
             net = _make_network(owner, hosts, link_of)
         workers = {}
         for i, d in enumerate(devices):
-            p = d.placement
-            quota = getattr(p, "cpu_quota", None)
-            if quota:
+            quota = getattr(d.placement, "cpu_quota", None)
+            if quota and want_quota:
                 cgroups[d.id] = _make_cgroup(f"{owner}-c{i}", quota)
-            workers[d.id] = WorkerPlacement(
-                device=d.id, threads=getattr(p, "threads", 1) or 1,
-                cores=tuple(p.cores) if getattr(p, "cores", None) else None,
-                cgroup_procs=cgroups[d.id].procs_file if d.id in cgroups else None,
-                netns=net.namespaces[d.host] if net else None,
-                address=net.addresses[d.host] if net else None,
-                ifname=Network.IDENTITY_IF if net else None)
+            workers[d.id] = _placement(d, cgroups.get(d.id), net)
         yield Emulation(owner, workers, net, cgroups)
     finally:
         try:
             _cleanup(owner)
         finally:
             restore()
+
+
+def _placement(d, cgroup: CpuLimit | None, net: Network | None) -> WorkerPlacement:
+    p = d.placement
+    return WorkerPlacement(
+        device=d.id, threads=getattr(p, "threads", 1) or 1,
+        cores=tuple(p.cores) if getattr(p, "cores", None) else None,
+        cgroup_procs=cgroup.procs_file if cgroup else None,
+        netns=net.namespaces[d.host] if net else None,
+        address=net.addresses[d.host] if net else None,
+        ifname=Network.IDENTITY_IF if net else None)
 
 
 _RUNS = iter(range(1, 1 << 30))
