@@ -314,6 +314,13 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
         con.print(f"hold-out error (worst device and unit): median {h['worst_median_rel_error']:.1%}, "
                   f"p90 {h['worst_p90_rel_error']:.1%}; cpu share per device: "
                   + ", ".join(f"{d.device} {d.cpu_share:.0%}" for d in prof.devices if d.cpu_share is not None))
+        for d in prof.devices:
+            quota = d.placement.get("cpu_quota")
+            expect = min(1.0, float(quota)) if quota else 1.0
+            if d.cpu_share is not None and d.cpu_share < 0.8 * expect:
+                con.print(f"[yellow]note:[/] {d.device} had a CPU for {d.cpu_share:.0%} of its wall time "
+                          f"(expected about {expect:.0%}): other processes competed for the cores; the fitted "
+                          f"model uses CPU time, but measured runs will be slower until the machine is quiet")
         con.print(f"wrote {out}")
 
 
@@ -328,6 +335,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
              repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (median)")] = 1,
              timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
+             basis: Annotated[Optional[str], typer.Option(help="fit on 'wall' or 'cpu' time (default: the scenario's, else wall)")] = None,
              quiet: QuietOpt = False):
     """Profile where needed, then simulate (fitted cost model) and execute the same plans; the error of each."""
     from hpipe.io import write_text
@@ -341,6 +349,8 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         if getattr(e, "name", None) == "torch":
             raise HpipeError("`hpipe validate` needs torch: pip install 'hpipe[runtime]'") from None
         raise
+    if basis not in (None, "wall", "cpu"):
+        raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
     names = [p.strip() for p in planners.split(",") if p.strip()]
     _planner_names(",".join(names)) if names else None
     scs = [load_scenario(p) for p in scenarios]
@@ -352,7 +362,8 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     with progress(quiet) as bar:
         task = bar.add_task("validating", total=None)
         result = run_validate(scs, opts=opts, profile_paths={scs[0].name: profile_path} if profile_path else None,
-                              reprofile=reprofile, quiet=quiet, log=log, on_case=lambda c: bar.advance(task))
+                              reprofile=reprofile, quiet=quiet, log=log, on_case=lambda c: bar.advance(task),
+                              basis=basis)
     if json_path:
         write_text(json_path, result.model_dump_json(indent=2))
     if con:

@@ -78,8 +78,14 @@ def default_profile_path(scenario: Scenario) -> Path:
     return base / "profiles" / f"{scenario.name}.json"
 
 
-def with_fitted(scenario: Scenario, profile_path: Path) -> Scenario:
-    return scenario.model_copy(update={"costmodel": {"kind": "fitted", "profile": str(profile_path.resolve())}})
+def with_fitted(scenario: Scenario, profile_path: Path, basis: str | None = None) -> Scenario:
+    """The scenario with a fitted cost model on ``profile_path`` (its own fitted settings kept)."""
+    spec = scenario.costmodel
+    cm = dict(spec) if isinstance(spec, dict) and spec.get("kind") == "fitted" else {"kind": "fitted"}
+    cm["profile"] = str(profile_path.resolve())
+    if basis:
+        cm["basis"] = basis
+    return scenario.model_copy(update={"costmodel": cm})
 
 
 def ensure_profile(scenario: Scenario, profile_path: Path, *, reprofile: bool = False, quiet: bool = False,
@@ -190,7 +196,8 @@ def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
 
 
 def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, profile_paths=None,
-             reprofile: bool = False, quiet: bool = False, log=None, on_case=None, profile_kw=None) -> Validation:
+             reprofile: bool = False, quiet: bool = False, log=None, on_case=None, profile_kw=None,
+             basis: str | None = None) -> Validation:
     """Profile where needed, then simulate and execute every case of every scenario."""
     from hpipe.runtime.emulation import emulation_unsupported
 
@@ -211,7 +218,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         reason = ensure_profile(sc, path, reprofile=reprofile, quiet=quiet, log=log, **(profile_kw or {}))
         if reason:
             profiled.append(f"{sc.name}: {reason}")
-        setup = with_fitted(sc, path).resolve()
+        setup = with_fitted(sc, path, basis).resolve()
         used[sc.name] = str(path)
         hardware = setup.cost.profile.hardware.cpu_model
         emulated[sc.name] = _emulation_summary(setup)

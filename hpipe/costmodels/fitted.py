@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from scipy.optimize import nnls
@@ -149,6 +150,23 @@ class FittedConfig(CostModelConfig):
     kind: str = "fitted"
     profile: str
     """Profile JSON written by `hpipe profile` (relative paths: from the scenario file's folder)."""
+    basis: Literal["wall", "cpu"] = "cpu"
+    """What the fit is made on.  cpu (default): the profiling thread's CPU time, divided by
+    the device's cpu_quota -- what the device costs on a quiet machine, robust to other
+    processes that competed for the cores while the profile was measured (on a shared
+    2-core box, hold-out error 2-5% where wall time gave 10-20%).  Single-threaded
+    devices only; others keep wall time.  wall: the measured wall-clock times."""
+
+
+def basis_samples(dp: DeviceProfile, kind: str, basis: str) -> UnitSamples:
+    """The samples a fit uses: measured wall time, or CPU time scaled by the quota."""
+    s = dp.units[kind]
+    threads = int(dp.placement.get("threads", 1) or 1)
+    if basis == "wall" or not s.cpu_seconds or threads != 1:
+        return s
+    quota = dp.placement.get("cpu_quota")
+    slowdown = 1.0 / min(float(quota), 1.0) if quota else 1.0
+    return s.model_copy(update={"seconds": [t * slowdown for t in s.cpu_seconds]})
 
 
 @register
@@ -181,7 +199,7 @@ class Fitted(CostModel):
                 if kind not in dp.units:
                     raise InputError(f"device {dp.device!r} has no '{kind}' measurements",
                                      file=str(self.profile_path), field="devices.units")
-                self._coef[(dp.device, kind)] = fit_samples(kind, dp.units[kind])
+                self._coef[(dp.device, kind)] = fit_samples(kind, basis_samples(dp, kind, config.basis))
         self._links: dict[frozenset, tuple[float, float]] = {}
         self.unmeasured_links: list[tuple[str, str]] = []
         for link in self.profile.links:
@@ -239,7 +257,7 @@ class Fitted(CostModel):
     # ---- reporting --------------------------------------------------------------
     def fit_report(self) -> dict[str, dict[str, dict]]:
         """Hold-out error per profiled device and unit kind: {device: {kind: FitError dict}}."""
-        return fit_report(self.profile)
+        return fit_report(self.profile, self.config.basis)
 
     def link_figures(self) -> dict[str, dict]:
         out = {}
@@ -266,8 +284,8 @@ def _placement_key(p) -> tuple:
     return (getattr(p, "threads", 1), getattr(p, "cpu_quota", None))
 
 
-def fit_report(profile: Profile) -> dict[str, dict[str, dict]]:
-    return {dp.device: {kind: holdout_error(kind, s).as_dict() for kind, s in dp.units.items()}
+def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dict]]:
+    return {dp.device: {kind: holdout_error(kind, basis_samples(dp, kind, basis)).as_dict() for kind in dp.units}
             for dp in profile.devices}
 
 

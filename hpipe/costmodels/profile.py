@@ -77,6 +77,9 @@ class UnitSamples(_Strict):
     seconds: list[float]
     spread: list[float] = []
     """Per point: (p75 - p25) / median of the repeats -- how noisy the point was."""
+    cpu_seconds: list[float] = []
+    """Per point: CPU time of the calling thread (trimmed mean).  Other processes competing
+    for the core inflate wall time but hardly CPU time; a CPU quota does not inflate it."""
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -86,8 +89,11 @@ class UnitSamples(_Strict):
         for name in ("n", "c", "b"):
             if len(getattr(self, name)) != k:
                 raise ValueError(f"'{name}' has {len(getattr(self, name))} entries, 'seconds' has {k}")
-        if self.spread and len(self.spread) != k:
-            raise ValueError(f"'spread' has {len(self.spread)} entries, 'seconds' has {k}")
+        for name in ("spread", "cpu_seconds"):
+            if getattr(self, name) and len(getattr(self, name)) != k:
+                raise ValueError(f"'{name}' has {len(getattr(self, name))} entries, 'seconds' has {k}")
+        if any(s <= 0 for s in self.cpu_seconds):
+            raise ValueError("every CPU time must be positive")
         if any(s <= 0 for s in self.seconds):
             raise ValueError("every time must be positive")
         return self
@@ -118,7 +124,7 @@ class LinkProfile(_Strict):
     """Two device ids; a link is taken as symmetric."""
     sizes_bytes: list[int]
     one_way_s: list[float]
-    """Half the round trip of a message of each size, there and back (trimmed mean)."""
+    """Half the round trip of a message of each size, there and back (lower quartile of the repeats)."""
     bandwidth_gbps: float = Field(gt=0)
     """Fitted: 8 * bytes / (one_way - latency)."""
     latency_us: NonNegativeFloat

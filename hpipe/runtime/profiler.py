@@ -15,10 +15,16 @@ point's figure is the trimmed mean of its samples (the middle 60%): robust to
 the odd preemption by other processes, yet, unlike the median, still an
 average over the run/stall cycles of a CPU quota.
 
+Each call is also timed in CPU time of the calling thread (``thread_time``):
+the fitted model works on it by default, since other processes competing for
+the cores inflate wall time but hardly CPU time.  ``cpu_share`` (CPU time over
+wall time) says how busy the machine was.
+
 Links: after the units, the device processes join one gloo group (over the
 emulated network when there is one) and each pair ping-pongs messages of
 growing size, framed as the stage loop frames them (a 5-int64 header, then
-the activation bytes); half the round trip is the one-way time.
+the activation bytes); half the round trip is the one-way time (its lower
+quartile over the repeats).
 
 The profile records the machine, the library versions and the date (see
 ``hpipe.costmodels.profile``).
@@ -146,6 +152,7 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]
     for i in idx:
         units += build_units(spec, i, i + 1, source, dtype=job.dtype, device="cpu")
     samples: dict[str, dict[tuple, list]] = {k: {} for k in ("embed", "attn", "mlp", "head")}
+    cpu_samples: dict[str, dict[tuple, list]] = {k: {} for k in samples}
     g = torch.Generator().manual_seed(0)
     wall_cpu = [0.0, 0.0]  # seconds of wall clock and of this thread's CPU time in timed calls
     caches_by_b = {}
@@ -167,18 +174,21 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]
                 for u in units:
                     t0, cpu0 = time.perf_counter(), time.thread_time()
                     x = u(x, c, caches.get(u.unit.index))
-                    dt = time.perf_counter() - t0
+                    dt, dcpu = time.perf_counter() - t0, time.thread_time() - cpu0
                     if rep >= job.warmup:
                         samples[u.unit.kind].setdefault((n, c, b), []).append(dt)
+                        cpu_samples[u.unit.kind].setdefault((n, c, b), []).append(dcpu)
                         wall_cpu[0] += dt
-                        wall_cpu[1] += time.thread_time() - cpu0
+                        wall_cpu[1] += dcpu
             report("progress", rep + 1)
     out = {}
     for kind, by_point in samples.items():
         pts = sorted(by_point)
         out[kind] = {"n": [p[0] for p in pts], "c": [p[1] for p in pts], "b": [p[2] for p in pts],
                      "seconds": [_trimmed_mean(by_point[p]) for p in pts],
-                     "spread": [_spread(by_point[p]) for p in pts]}
+                     "spread": [_spread(by_point[p]) for p in pts],
+                     # thread_time ticks coarser than a tiny call can take: never report zero
+                     "cpu_seconds": [max(_trimmed_mean(cpu_samples[kind][p]), 1e-7) for p in pts]}
     return out, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
 
 
@@ -215,7 +225,9 @@ def _ping_pong(job: ProfileJob, report) -> list[dict]:
                         dist.irecv(buf, peer).wait(timeout)
                         dist.send(hdr, peer)
                         dist.send(buf, peer)
-                one_way.append(_trimmed_mean(times) if times else 0.0)
+                # The lower quartile: a round trip only gets slower when the peer waits for a
+                # CPU, so the low end is what the link costs on a quiet machine.
+                one_way.append(float(np.percentile(times, 25)) if times else 0.0)
             if job.rank == i:
                 links.append({"between": [job.devices[i], job.devices[j]], "sizes_bytes": list(job.link_sizes),
                               "one_way_s": one_way})
