@@ -187,8 +187,12 @@ def test_missing_or_bad_profile_file(tmp_path):
 def test_link_fit():
     sizes = np.array([64, 1024, 1 << 16, 1 << 20, 1 << 22])
     lat, per_byte = fit_link(sizes, 300e-6 + sizes * 8 / 2e8)
-    assert lat == pytest.approx(300e-6, rel=1e-3)
-    assert 8 / per_byte == pytest.approx(2e8, rel=1e-3)
+    assert lat == pytest.approx(300e-6, rel=0.01)  # the smallest message's time
+    assert 8 / per_byte == pytest.approx(2e8, rel=0.01)
+    # noisy small messages (as on a busy machine) do not pull the rate the large ones show
+    noisy = 300e-6 + sizes * 8 / 2e8 + np.array([3e-3, 1e-3, 4e-3, 0, 0])
+    lat, per_byte = fit_link(sizes, noisy)
+    assert 8 / per_byte == pytest.approx(2e8, rel=0.05)
 
 
 def test_features_broadcast():

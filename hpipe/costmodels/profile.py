@@ -116,7 +116,8 @@ class DeviceProfile(_Strict):
 
 class EmulatedLink(_Strict):
     bandwidth_gbps: float
-    latency_us: float
+    latency_us: float | None = None
+    """None where the kernel has no netem qdisc: bandwidth shaped, latency left as it is."""
 
 
 class LinkProfile(_Strict):

@@ -224,10 +224,11 @@ class Network:
 
 def _tc_shape(ns: str, dev: str, bandwidth_gbps: float, latency_us: float, netem: bool) -> None:
     rate_bps = bandwidth_gbps * 1e9
-    # A burst of ~1 ms at the line rate (at least 64 KiB, one GSO segment) keeps tbf
-    # accurate without starving it; the queue holds seconds' worth so nothing is dropped
-    # (drops would add TCP retransmission stalls the model does not describe).
-    burst = max(64 * 1024, int(rate_bps / 8 * 1e-3))
+    # A small burst (200 us at the line rate, at least a few frames; tbf cuts larger GSO
+    # segments itself) so a message's time grows linearly from the first byte, as the
+    # latency + bytes / bandwidth model says; the queue holds seconds' worth so nothing is
+    # dropped (drops would add TCP retransmission stalls the model does not describe).
+    burst = max(4 * 1514, int(rate_bps / 8 * 200e-6))
     limit = max(16 << 20, int(rate_bps / 8 * 2))
     if netem and latency_us > 0:
         _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
