@@ -258,6 +258,139 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
                              f"{CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
 
 
+# ---- profile and validate -------------------------------------------------------
+def _scenario_for_profiling(scenario: Path):
+    """The scenario, with a cost model that needs no profile (the one being measured may not exist)."""
+    from hpipe.scenario import load_scenario
+
+    sc = load_scenario(scenario)
+    return sc, sc.model_copy(update={"costmodel": "roofline"}).resolve()
+
+
+def _holdout_table(report: dict, title: str) -> Table:
+    t = Table(title=title)
+    for c in ("device", "unit", "points fit", "held out", "median err", "p90 err", "max err"):
+        t.add_column(c, justify="left" if c in ("device", "unit") else "right")
+    for dev, kinds in report.items():
+        for kind, e in kinds.items():
+            t.add_row(dev, kind, str(e["n_fit"]), str(e["n_holdout"]), f"{e['median_rel_error']:.1%}",
+                      f"{e['p90_rel_error']:.1%}", f"{e['max_rel_error']:.1%}")
+    return t
+
+
+@app.command()
+def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure")],
+            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: the scenario's fitted profile)")] = None,
+            repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid")] = 5,
+            warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first")] = 2,
+            quick: Annotated[bool, typer.Option(help="a coarse grid (for tests and a first look)")] = False,
+            links: Annotated[bool, typer.Option(help="also measure the links between the device processes")] = True,
+            quiet: QuietOpt = False):
+    """Measure each unit kind's time over a grid of (slice, context, batch) and the links between
+    stage processes, on the devices the scenario names; write the profile the fitted cost model reads."""
+    from hpipe.costmodels.fitted import fit_report
+    from hpipe.io import write_text
+    from hpipe.validate import default_profile_path
+
+    try:
+        from hpipe.runtime.profiler import profile as run_profile
+    except ImportError as e:
+        if getattr(e, "name", None) == "torch":
+            raise HpipeError("`hpipe profile` needs torch: pip install 'hpipe[runtime]'") from None
+        raise
+    sc, setup = _scenario_for_profiling(scenario)
+    out = output or str(default_profile_path(sc))
+    prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
+    write_text(out, prof.model_dump_json(indent=1))
+    con = _out_console(None, quiet)
+    if con:
+        con.print(_holdout_table(fit_report(prof), f"{setup.name}: fitted model, error on held-out grid points"))
+        if prof.links:
+            t = Table(title="links (fitted on ping-pong between the device processes)")
+            for c in ("between", "latency us", "bandwidth Gbit/s", "emulated as"):
+                t.add_column(c, justify="left" if c == "between" else "right")
+            for lk in prof.links:
+                em = (f"{lk.emulated.bandwidth_gbps:g} Gbit/s" + (f", {lk.emulated.latency_us:g} us" if lk.emulated.latency_us is not None else ", latency not emulated")) if lk.emulated else "-"
+                t.add_row(" <-> ".join(lk.between), f"{lk.latency_us:,.0f}", f"{lk.bandwidth_gbps:.3g}", em)
+            con.print(t)
+        h = prof.holdout
+        con.print(f"hold-out error (worst device and unit): median {h['worst_median_rel_error']:.1%}, "
+                  f"p90 {h['worst_p90_rel_error']:.1%}; cpu share per device: "
+                  + ", ".join(f"{d.device} {d.cpu_share:.0%}" for d in prof.devices if d.cpu_share is not None))
+        for d in prof.devices:
+            quota = d.placement.get("cpu_quota")
+            expect = min(1.0, float(quota)) if quota else 1.0
+            if d.cpu_share is not None and d.cpu_share < 0.8 * expect:
+                con.print(f"[yellow]note:[/] {d.device} had a CPU for {d.cpu_share:.0%} of its wall time "
+                          f"(expected about {expect:.0%}): other processes competed for the cores; the fitted "
+                          f"model uses CPU time, but measured runs will be slower until the machine is quiet")
+        con.print(f"wrote {out}")
+
+
+@app.command()
+def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine")],
+             json_path: JsonOpt = None,
+             planners: Annotated[str, typer.Option(help="comma list of planners to validate")] = ",".join(
+                 ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
+             random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario")] = 8,
+             seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
+             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile, else profiles/NAME.json beside it")] = None,
+             reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
+             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (median)")] = 1,
+             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
+             basis: Annotated[Optional[str], typer.Option(help="fit on 'wall' or 'cpu' time (default: the scenario's, else wall)")] = None,
+             quiet: QuietOpt = False):
+    """Profile where needed, then simulate (fitted cost model) and execute the same plans; the error of each."""
+    from hpipe.io import write_text
+    from hpipe.progress import progress
+    from hpipe.scenario import load_scenario
+    from hpipe.validate import CaseOptions, validate as run_validate
+
+    try:
+        import hpipe.runtime  # noqa: F401
+    except ImportError as e:
+        if getattr(e, "name", None) == "torch":
+            raise HpipeError("`hpipe validate` needs torch: pip install 'hpipe[runtime]'") from None
+        raise
+    if basis not in (None, "wall", "cpu"):
+        raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
+    names = [p.strip() for p in planners.split(",") if p.strip()]
+    _planner_names(",".join(names)) if names else None
+    scs = [load_scenario(p) for p in scenarios]
+    if profile_path and len(scs) > 1:
+        raise InputError("--profile names one profile; give one scenario with it", field="--profile")
+    opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats)
+    con = _out_console(json_path, quiet)
+    log = (lambda msg: err_console.print(msg, highlight=False)) if not quiet else None
+    with progress(quiet) as bar:
+        task = bar.add_task("validating", total=None)
+        result = run_validate(scs, opts=opts, profile_paths={scs[0].name: profile_path} if profile_path else None,
+                              reprofile=reprofile, quiet=quiet, log=log, on_case=lambda c: bar.advance(task),
+                              basis=basis)
+    if json_path:
+        write_text(json_path, result.model_dump_json(indent=2))
+    if con:
+        t = Table(title=f"validation: simulated (fitted profile) vs measured latency on {result.hardware or 'this machine'}")
+        for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated s", "measured s", "error"):
+            t.add_column(c, justify="left" if c in ("scenario", "planner", "stages") else "right")
+        for c in result.cases:
+            stages = " | ".join(f"{d[0].split('/', 1)[1]}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
+                                for d, u in c.stages)
+            t.add_row(c.scenario, c.planner, stages, str(len(c.slices)), str(c.micro_batches),
+                      f"{c.simulated_latency_s:.3f}", f"{c.measured_latency_s:.3f}", f"{c.error:+.1%}"
+                      + (" *" if c.oversubscribed else ""))
+        con.print(t)
+        if result.median_abs_error is not None:
+            con.print(f"{len(result.cases)} cases: median |error| {result.median_abs_error:.1%}, "
+                      f"p90 |error| {result.p90_abs_error:.1%}")
+        if any(c.oversubscribed for c in result.cases):
+            con.print("* more worker processes than CPUs: those timings share cores")
+        for s in result.skipped:
+            con.print(f"skipped {escape(s)}", highlight=False)
+    if not result.cases:
+        raise HpipeError("no case could run: " + "; ".join(result.skipped[:3]))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -119,4 +119,4 @@ def make_costmodel(spec: str | dict, setup) -> CostModel:
 
 
 def _load_builtin() -> None:
-    from hpipe.costmodels import roofline  # noqa: F401
+    from hpipe.costmodels import fitted, roofline  # noqa: F401

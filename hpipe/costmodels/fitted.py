@@ -1,0 +1,314 @@
+"""The fitted cost model: least squares on a profile measured by `hpipe profile`.
+
+    costmodel: {kind: fitted, profile: profiles/local-cpu.json}
+
+For every device and unit kind the profile holds times over a grid of
+(slice tokens n, context tokens c, batch b).  A unit's time is modelled as a
+non-negative combination of features, TeraPipe's [1, b·n, b·c, b·n·c]
+extended where the code that runs has another term:
+
+* attention: the causal part of a slice costs b·n² (token i attends to
+  c + i + 1 positions), and a slice after a prefix takes another code path
+  (an explicit mask of n·(c + n) entries instead of SDPA's ``is_causal``),
+  so its extra cost gets features of its own, zero for the first slice;
+* every kind: a constant (Python and kernel-launch overhead) and a per-sequence
+  term b.
+
+Coefficients are non-negative (``scipy.optimize.nnls``): no term can make a
+unit cheaper by growing, so the fit cannot extrapolate to negative times at
+shapes just outside the grid.  Rows are weighted by 1/measured time, i.e. the
+fit minimises *relative* error, because small slices are as important to a
+pipeline's latency as large ones.
+
+The model reports its own error on held-out grid points (``fit_report``):
+a fixed, seeded quarter of the points is left out of a first fit and
+predicted; the model then used is refitted on all points.
+
+Transfers use the measured link figures (latency + bytes / bandwidth, fitted
+on ping-pongs between the stage processes).  A device the profile does not
+cover is an InputError naming the device and the profile; a device pair
+without a measured link falls back to the scenario's link figures and is
+listed in ``describe()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import nnls
+
+from hpipe.costmodels import CostModel, CostModelConfig, register
+from hpipe.costmodels.profile import (DeviceProfile, LinkProfile, Profile, UnitSamples, load_profile,
+                                      model_mismatch)
+from hpipe.errors import InputError
+
+# ---- features --------------------------------------------------------------
+# Names -> functions of broadcast float arrays (n, c, b).  "later" marks a slice
+# that follows a prefix (c > 0), whose attention takes the masked code path.
+_FEATURE_FUNCS = {
+    "1": lambda n, c, b: np.ones_like(n),
+    "b": lambda n, c, b: b,
+    "bn": lambda n, c, b: b * n,
+    "bc": lambda n, c, b: b * c,
+    "bnc": lambda n, c, b: b * n * c,
+    "bnn": lambda n, c, b: b * n * n,
+    "later": lambda n, c, b: (c > 0).astype(float),
+    "later_n(n+c)": lambda n, c, b: (c > 0) * n * (n + c),
+}
+
+FEATURES: dict[str, tuple[str, ...]] = {
+    "embed": ("1", "b", "bn"),
+    "attn": ("1", "b", "bn", "bc", "bnc", "bnn", "later", "later_n(n+c)"),
+    "mlp": ("1", "b", "bn"),
+    "head": ("1", "b", "bn"),
+}
+
+HOLDOUT_FRACTION = 0.25
+HOLDOUT_SEED = 0
+
+
+def features(kind: str, n, c, b) -> np.ndarray:
+    """Feature matrix (..., k) for unit ``kind`` at broadcast (n, c, b)."""
+    n, c, b = np.broadcast_arrays(np.asarray(n, float), np.asarray(c, float), np.asarray(b, float))
+    return np.stack([_FEATURE_FUNCS[f](n, c, b) for f in FEATURES[kind]], axis=-1)
+
+
+def fit_samples(kind: str, s: UnitSamples, mask: np.ndarray | None = None) -> np.ndarray:
+    """Non-negative least squares on relative error: coefficients, one per feature of ``kind``."""
+    n, c, b, y = (np.asarray(v, float) for v in (s.n, s.c, s.b, s.seconds))
+    if mask is not None:
+        n, c, b, y = n[mask], c[mask], b[mask], y[mask]
+    A = features(kind, n, c, b)
+    w = 1.0 / y
+    # Scale columns to unit norm so NNLS's tolerance treats features of very
+    # different magnitudes (1 vs b·n²) alike; undo the scaling afterwards.
+    Aw = A * w[:, None]
+    scale = np.linalg.norm(Aw, axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls(Aw / scale, y * w, maxiter=50 * A.shape[1])
+    return coef / scale
+
+
+def predict(kind: str, coef: np.ndarray, n, c, b) -> np.ndarray:
+    return features(kind, n, c, b) @ coef
+
+
+def holdout_mask(k: int, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """Boolean mask of the points kept for fitting (False: held out); all kept below 8 points."""
+    keep = np.ones(k, bool)
+    if k < 8:
+        return keep
+    rng = np.random.default_rng(seed)
+    keep[rng.choice(k, size=max(1, int(round(k * fraction))), replace=False)] = False
+    return keep
+
+
+@dataclass
+class FitError:
+    """Relative errors |predicted - measured| / measured on held-out points."""
+
+    n_fit: int
+    n_holdout: int
+    median: float
+    p90: float
+    max: float
+
+    def as_dict(self) -> dict:
+        return {"n_fit": self.n_fit, "n_holdout": self.n_holdout, "median_rel_error": self.median,
+                "p90_rel_error": self.p90, "max_rel_error": self.max}
+
+
+def holdout_error(kind: str, s: UnitSamples) -> FitError:
+    keep = holdout_mask(len(s.seconds))
+    test = ~keep
+    if not test.any():  # too few points to hold any out: report the in-sample error
+        test = keep
+    coef = fit_samples(kind, s, keep)
+    n, c, b, y = (np.asarray(v, float)[test] for v in (s.n, s.c, s.b, s.seconds))
+    err = np.abs(predict(kind, coef, n, c, b) - y) / y
+    return FitError(int(keep.sum()), int((~keep).sum()), float(np.median(err)),
+                    float(np.percentile(err, 90)), float(err.max()))
+
+
+def fit_link(sizes_bytes, one_way_s) -> tuple[float, float]:
+    """(latency_s, seconds per byte) of one-way times.
+
+    Latency: the fastest of the small messages (at most 4 KiB, or the smallest one);
+    per byte: least squares (absolute error, non-negative) of what the larger messages
+    (from 16 KiB) take beyond that latency.  One joint fit on relative error let the
+    small messages, whose times are mostly noise, pull the rate (0.2 Gbit/s fitted for
+    a link shaped to, and moving large messages at, 0.1)."""
+    x = np.asarray(sizes_bytes, float)
+    y = np.asarray(one_way_s, float)
+    small = x <= max(4096.0, x.min())
+    lat = float(y[small].min())
+    big = x >= 16384
+    if not big.any():
+        big = x == x.max()
+    xb, yb = x[big], y[big]
+    # minimise sum((lat + k x - y)^2) over k >= 0 (closed form, clipped): absolute error,
+    # so the large messages -- the ones that take long -- set the rate
+    k = float(np.sum(xb * (yb - lat)) / np.sum(xb * xb)) if np.any(xb > 0) else 0.0
+    return lat, max(k, 0.0)
+
+
+# ---- the cost model ----------------------------------------------------------
+class FittedConfig(CostModelConfig):
+    kind: str = "fitted"
+    profile: str
+    """Profile JSON written by `hpipe profile` (relative paths: from the scenario file's folder)."""
+    basis: Literal["wall", "cpu"] = "cpu"
+    """What the fit is made on.  cpu (default): the profiling thread's CPU time, divided by
+    the device's cpu_quota -- what the device costs on a quiet machine, robust to other
+    processes that competed for the cores while the profile was measured (on a shared
+    2-core box, hold-out error 2-5% where wall time gave 10-20%).  Single-threaded
+    devices only; others keep wall time.  wall: the measured wall-clock times."""
+
+
+def basis_samples(dp: DeviceProfile, kind: str, basis: str) -> UnitSamples:
+    """The samples a fit uses: measured wall time, or CPU time scaled by the quota."""
+    s = dp.units[kind]
+    threads = int(dp.placement.get("threads", 1) or 1)
+    if basis == "wall" or not s.cpu_seconds or threads != 1:
+        return s
+    quota = dp.placement.get("cpu_quota")
+    slowdown = 1.0 / min(float(quota), 1.0) if quota else 1.0
+    return s.model_copy(update={"seconds": [t * slowdown for t in s.cpu_seconds]})
+
+
+@register
+class Fitted(CostModel):
+    name = "fitted"
+    Config = FittedConfig
+
+    def __init__(self, config: FittedConfig, setup):
+        super().__init__(config, setup)
+        self.profile_path = setup.scenario.resolve_path(config.profile)
+        try:
+            self._load(config, setup)
+        except InputError as e:
+            # The scenario loader re-locates errors at the scenario file's `costmodel`;
+            # keep the profile's own file and field in the message.
+            raise InputError(str(e), field="profile") from None
+
+    def _load(self, config: FittedConfig, setup) -> None:
+        self.profile: Profile = load_profile(self.profile_path)
+        why = model_mismatch(self.profile, setup.model, setup.dtype)
+        if why:
+            raise InputError(f"{why}; profile this scenario: hpipe profile SCENARIO -o {config.profile}",
+                             file=str(self.profile_path))
+        self._device_profile: dict[str, DeviceProfile] = {}
+        for d in self.cluster.devices:
+            self._device_profile[d.id] = self._match_device(d)
+        self._coef: dict[tuple[str, str], np.ndarray] = {}
+        for dp in {id(p): p for p in self._device_profile.values()}.values():
+            for kind in ("embed", "attn", "mlp", "head"):
+                if kind not in dp.units:
+                    raise InputError(f"device {dp.device!r} has no '{kind}' measurements",
+                                     file=str(self.profile_path), field="devices.units")
+                self._coef[(dp.device, kind)] = fit_samples(kind, basis_samples(dp, kind, config.basis))
+        self._links: dict[frozenset, tuple[float, float]] = {}
+        self.unmeasured_links: list[tuple[str, str]] = []
+        for link in self.profile.links:
+            self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
+
+    def _match_device(self, dev) -> DeviceProfile:
+        """The profile entry for a scenario device: its own id, else the one entry of the same
+        type (label) measured under the same runtime placement."""
+        exact = self.profile.device(dev.id)
+        if exact is not None:
+            return exact
+        label = dev.id.split("/", 1)[1].rsplit("-", 1)[0]
+        placement = _placement_key(dev.placement)
+        same = [p for p in self.profile.devices
+                if p.label == label and _placement_key(p.placement) == placement]
+        if same:
+            return same[0]
+        covered = ", ".join(p.device for p in self.profile.devices)
+        raise InputError(f"the profile does not cover device {dev.id!r} (it measured {covered}); "
+                         f"profile this scenario: hpipe profile SCENARIO -o {self.config.profile}",
+                         file=str(self.profile_path))
+
+    # ---- CostModel -------------------------------------------------------------
+    def unit_time_s(self, unit, device_id, n, c, b, tp=1):
+        dp = self._device_profile[device_id] if device_id in self._device_profile else self._unknown(device_id)
+        coef = self._coef[(dp.device, unit.kind)]
+        t = predict(unit.kind, coef, n, c, b)
+        if tp > 1 and unit.kind in ("attn", "mlp"):
+            # The profile timed whole units; a tensor-parallel shard does 1/tp of the
+            # work but keeps the fixed overhead.  Embedding and head are replicated.
+            fixed = coef[0]
+            t = fixed + (t - fixed) / tp
+        return np.asarray(t, float)
+
+    def _unknown(self, device_id):
+        raise InputError(f"unknown device {device_id!r}", file=str(self.profile_path))
+
+    def transfer_time_s(self, src, dst, nbytes):
+        nbytes = np.asarray(nbytes, float)
+        if src == dst:
+            return np.zeros_like(nbytes)
+        a, b = self._device_profile[src].device, self._device_profile[dst].device
+        fit = self._links.get(frozenset((a, b)))
+        if fit is None:
+            if (src, dst) not in self.unmeasured_links:
+                self.unmeasured_links.append((src, dst))
+            return super().transfer_time_s(src, dst, nbytes)
+        lat, per_byte = fit
+        return np.where(nbytes > 0, lat + nbytes * per_byte, 0.0)
+
+    def stage_compute_s(self, start, end, device_ids, n, c, b):
+        t = super().stage_compute_s(start, end, device_ids, n, c, b)
+        return t + max(self._device_profile[d].item_overhead_s for d in device_ids)
+
+    # ---- reporting --------------------------------------------------------------
+    def fit_report(self) -> dict[str, dict[str, dict]]:
+        """Hold-out error per profiled device and unit kind: {device: {kind: FitError dict}}."""
+        return fit_report(self.profile, self.config.basis)
+
+    def link_figures(self) -> dict[str, dict]:
+        out = {}
+        for link in self.profile.links:
+            lat, per_byte = self._links[frozenset(link.between)]
+            out[" <-> ".join(link.between)] = {"latency_us": lat * 1e6,
+                                              "bandwidth_gbps": 8 / per_byte / 1e9 if per_byte > 0 else float("inf")}
+        return out
+
+    def describe(self):
+        d = super().describe()
+        d["profile_path"] = str(self.profile_path)
+        d["profile_created"] = self.profile.created
+        if self.unmeasured_links:
+            d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
+        return d
+
+
+def _placement_key(p) -> tuple:
+    if p is None:
+        return (1, None)
+    if isinstance(p, dict):
+        return (p.get("threads", 1), p.get("cpu_quota"))
+    return (getattr(p, "threads", 1), getattr(p, "cpu_quota", None))
+
+
+def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dict]]:
+    return {dp.device: {kind: holdout_error(kind, basis_samples(dp, kind, basis)).as_dict() for kind in dp.units}
+            for dp in profile.devices}
+
+
+def summarize_holdout(report: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """One line over all devices and kinds: worst median and worst p90 of the hold-out errors."""
+    meds = [k["median_rel_error"] for d in report.values() for k in d.values()]
+    p90s = [k["p90_rel_error"] for d in report.values() for k in d.values()]
+    return {"worst_median_rel_error": max(meds, default=0.0), "worst_p90_rel_error": max(p90s, default=0.0)}
+
+
+def profile_path_of(setup) -> Path | None:
+    """The profile a scenario's fitted cost model reads, or None for another cost model."""
+    spec = setup.scenario.costmodel
+    if isinstance(spec, dict) and spec.get("kind") == "fitted" and spec.get("profile"):
+        return setup.scenario.resolve_path(spec["profile"])
+    return None

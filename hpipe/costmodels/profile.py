@@ -1,0 +1,213 @@
+"""The profile file: what `hpipe profile` measured, the contract between profiler and fitted model.
+
+A profile holds raw measurements, not fitted coefficients: the fitted cost
+model (``hpipe.costmodels.fitted``) fits them when a scenario is loaded, so a
+better feature set never needs a new measurement.  It records where and with
+what it was measured (CPU/GPU, library versions, date) because a profile is
+only valid for the runtime that produced it (Vidur's accuracy collapsed when
+the serving engine changed version).
+
+Layout (JSON)::
+
+    {"format": "hpipe-profile/1", "created": "2025-..Z",
+     "hardware": {...}, "versions": {"python": .., "torch": .., "hpipe": ..},
+     "scenario": "local-cpu", "model": {ModelSpec fields}, "dtype": "float32",
+     "settings": {"warmup": 2, "repeats": 7, "statistic": "trimmed-mean"},
+     "devices": [{"device": "local/core-0", "label": "core", "placement": {...},
+                  "units": {"attn": {"n": [..], "c": [..], "b": [..], "seconds": [..]}, ...},
+                  "item_overhead_s": 0.0001}],
+     "links": [{"between": ["a/core-0", "b/core-0"], "sizes_bytes": [..], "one_way_s": [..],
+                "bandwidth_gbps": 0.19, "latency_us": 640.0, "emulated": {...}}],
+     "holdout": {...}}
+
+Nothing here imports torch: planning with a profile works without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
+
+from hpipe.errors import InputError
+
+PROFILE_FORMAT = "hpipe-profile/1"
+UNIT_KINDS = ("embed", "attn", "mlp", "head")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hardware(_Strict):
+    cpu_model: str
+    cpu_cores: int
+    """Logical CPUs the machine has (os.cpu_count)."""
+    cpus_usable: int | None = None
+    """CPUs this process may run on (sched_getaffinity)."""
+    gpus: list[str] = []
+    hostname: str = ""
+    os: str = ""
+
+
+class Versions(_Strict):
+    python: str
+    torch: str | None = None
+    hpipe: str
+    numpy: str | None = None
+
+
+class Settings(_Strict):
+    warmup: int = Field(ge=0)
+    repeats: int = Field(ge=1)
+    statistic: str
+    """How repeats become one figure (e.g. trimmed-mean: mean of the middle repeats)."""
+    cfs_period_us: int | None = None
+    """cgroup CPU period used for devices with cpu_quota."""
+
+
+class UnitSamples(_Strict):
+    """Seconds of one unit kind over a grid of (slice tokens n, context tokens c, batch b)."""
+
+    n: list[int]
+    c: list[int]
+    b: list[int]
+    seconds: list[float]
+    spread: list[float] = []
+    """Per point: (p75 - p25) / median of the repeats -- how noisy the point was."""
+    cpu_seconds: list[float] = []
+    """Per point: CPU time of the calling thread (trimmed mean).  Other processes competing
+    for the core inflate wall time but hardly CPU time; a CPU quota does not inflate it."""
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        k = len(self.seconds)
+        if k == 0:
+            raise ValueError("no samples")
+        for name in ("n", "c", "b"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"'{name}' has {len(getattr(self, name))} entries, 'seconds' has {k}")
+        for name in ("spread", "cpu_seconds"):
+            if getattr(self, name) and len(getattr(self, name)) != k:
+                raise ValueError(f"'{name}' has {len(getattr(self, name))} entries, 'seconds' has {k}")
+        if any(s <= 0 for s in self.cpu_seconds):
+            raise ValueError("every CPU time must be positive")
+        if any(s <= 0 for s in self.seconds):
+            raise ValueError("every time must be positive")
+        return self
+
+
+class DeviceProfile(_Strict):
+    device: str
+    """Scenario device id (HOST/NAME-i) the measurements were taken on."""
+    label: str
+    """Device type or custom name (NAME), for reuse by another device of the same kind."""
+    placement: dict[str, Any] = {}
+    """The runtime placement measured under (threads, cores, cpu_quota)."""
+    units: dict[Literal["embed", "attn", "mlp", "head"], UnitSamples]
+    item_overhead_s: NonNegativeFloat = 0.0
+    """Per work item and stage, beyond its units: the stage loop's own bookkeeping."""
+    cpu_share: float | None = None
+    """CPU time / wall time over the timed unit calls: about 1 on a quiet machine, about the
+    cpu_quota on a throttled device, lower when other processes competed for the CPU."""
+
+
+class EmulatedLink(_Strict):
+    bandwidth_gbps: float
+    latency_us: float | None = None
+    """None where the kernel has no netem qdisc: bandwidth shaped, latency left as it is."""
+
+
+class LinkProfile(_Strict):
+    between: tuple[str, str]
+    """Two device ids; a link is taken as symmetric."""
+    sizes_bytes: list[int]
+    one_way_s: list[float]
+    """Half the round trip of a message of each size, there and back (lower quartile of the repeats)."""
+    bandwidth_gbps: float = Field(gt=0)
+    """Fitted: 8 * bytes / (one_way - latency)."""
+    latency_us: NonNegativeFloat
+    """Fitted intercept: one-way time of an empty message (send/recv overhead included)."""
+    emulated: EmulatedLink | None = None
+    """What tc was asked to shape the link to, when it was emulated."""
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.sizes_bytes) != len(self.one_way_s):
+            raise ValueError(f"'sizes_bytes' has {len(self.sizes_bytes)} entries, "
+                             f"'one_way_s' has {len(self.one_way_s)}")
+        return self
+
+
+class Profile(_Strict):
+    format: Literal["hpipe-profile/1"] = PROFILE_FORMAT
+    created: str
+    """UTC ISO-8601 time of measurement."""
+    hardware: Hardware
+    versions: Versions
+    scenario: str
+    model: dict[str, Any]
+    """ModelSpec fields of the model whose units were timed."""
+    dtype: str
+    settings: Settings
+    devices: list[DeviceProfile] = Field(min_length=1)
+    links: list[LinkProfile] = []
+    holdout: dict[str, Any] = {}
+    """The fitted model's error on held-out points when the profile was written (informational)."""
+
+    def device(self, device_id: str) -> DeviceProfile | None:
+        for d in self.devices:
+            if d.device == device_id:
+                return d
+        return None
+
+    def link(self, a: str, b: str) -> LinkProfile | None:
+        for lk in self.links:
+            if set(lk.between) == {a, b}:
+                return lk
+        return None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile JSON file; InputError names the file and field."""
+    file = str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"no such profile file {file} (make one with `hpipe profile SCENARIO -o {file}`)",
+                         file=file) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the file: {e}", file=file) from None
+    if not isinstance(data, dict):
+        raise InputError(f"a profile is a JSON object, got {type(data).__name__}", file=file)
+    if data.get("format") not in (None, PROFILE_FORMAT):
+        raise InputError(f"format {data.get('format')!r} is not {PROFILE_FORMAT!r}", file=file, field="format")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        from hpipe.scenario import format_loc
+
+        err = e.errors()[0]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "missing required key"
+        raise InputError(msg, file=file, field=format_loc(tuple(err["loc"])) or None) from None
+
+
+def model_mismatch(profile: Profile, spec, dtype: str) -> str | None:
+    """Why a profile of one model cannot stand for another (shape or dtype), or None."""
+    shape_fields = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
+    want = spec.to_dict()
+    for f in shape_fields:
+        if f == "n_layers":
+            continue  # every block has the same units: a profile serves any depth
+        if profile.model.get(f) != want[f]:
+            return (f"the profile timed a model with {f}={profile.model.get(f)!r}, the scenario's "
+                    f"{spec.name} has {f}={want[f]!r}")
+    if profile.dtype != dtype:
+        return f"the profile was measured in {profile.dtype}, the scenario computes in {dtype}"
+    return None

@@ -1,0 +1,536 @@
+"""Heterogeneous devices and links on one machine: cgroup CPU quotas and shaped network namespaces.
+
+A scenario says how fast its devices and links are; on a single CPU box we
+make them so:
+
+* **Slower device.** A device whose placement has ``cpu_quota: q`` runs its
+  worker in a cgroup allowed q CPUs' worth of time per period (cgroup v1
+  ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, or v2 ``cpu.max``).  The
+  period is short (10 ms) so a throttled worker alternates run/stall at a
+  grain finer than a stage's work item: with the kernel's default 100 ms a
+  20 ms item either runs at full speed or stalls for 50 ms.  Shorter than
+  about twice ``sched_cfs_bandwidth_slice_us`` (5 ms) throttling turns
+  erratic, so not shorter.
+* **Slower link.** When a scenario has several hosts and gives none of them an
+  ``address``, each host is emulated by a network namespace on this machine;
+  every pair of namespaces is joined by a veth pair whose two ends are shaped
+  with ``tc`` to the scenario's link bandwidth (tbf) and, where the kernel has
+  the netem qdisc, its latency.  Each namespace carries an *identity* address
+  (on a veth pair inside the namespace: the kernel here has no dummy links)
+  with a host route to every peer through the direct veth, so one address per
+  worker serves gloo whatever the number of hosts.  Workers bind gloo to it
+  (``GLOO_SOCKET_IFNAME``).
+
+Everything created is named ``hpipe-<pid>-...`` after the process that owns it
+and removed when the ``emulate`` block ends, also on an exception or SIGTERM
+(turned into SystemExit while the block runs).  A process killed with SIGKILL
+cannot clean up: the next ``emulate`` sweeps resources whose owner is dead.
+
+Workers call ``enter(worker)`` first thing in their process: join the cgroup,
+move into the namespace (setns) and pin to the placement's cores.
+
+This module needs root, ``ip`` and ``tc`` and a cgroup file system; the
+``*_unsupported()`` functions say why not when they are missing, and tests skip
+with that reason.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpipe.errors import HpipeError
+
+CFS_PERIOD_US = 10_000
+"""cgroup CPU period for emulated slow devices (see the module docstring for why 10 ms)."""
+PREFIX = "hpipe-"
+SUBNET = "10.213"
+"""Private addresses used only inside the emulation's own namespaces (the root namespace's
+routing is never touched), so they cannot clash with this machine's networks."""
+CLONE_NEWNET = 0x40000000
+
+
+class EmulationError(HpipeError):
+    """The machine cannot emulate what the scenario asks (not root, no tc, no cgroup fs)."""
+
+
+# ---- what the machine permits --------------------------------------------------------------
+def _cgroup_cpu_root() -> tuple[Path, int] | None:
+    """(directory, cgroup version) where CPU quotas can be set, or None."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        return v1, 1
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.controllers").read_text().split():
+        return v2, 2
+    return None
+
+
+def cgroup_unsupported() -> str | None:
+    """Why a CPU quota cannot be emulated here, or None when it can."""
+    if os.geteuid() != 0:
+        return "emulating a slower device with a cgroup CPU quota needs root"
+    root = _cgroup_cpu_root()
+    if root is None:
+        return "no cgroup CPU controller mounted (neither /sys/fs/cgroup/cpu nor cgroup v2 with cpu)"
+    if not os.access(root[0], os.W_OK):
+        return f"{root[0]} is not writable"
+    return None
+
+
+_NETNS_PROBE: dict[str, str | None] = {}
+
+
+def netns_unsupported() -> str | None:
+    """Why shaped links between network namespaces cannot be emulated here, or None."""
+    if "r" in _NETNS_PROBE:
+        return _NETNS_PROBE["r"]
+    why = None
+    if os.geteuid() != 0:
+        why = "emulating links with network namespaces and tc needs root"
+    elif not shutil.which("ip") or not shutil.which("tc"):
+        why = "emulating links needs the `ip` and `tc` commands (iproute2)"
+    else:
+        name = f"{PREFIX}{os.getpid()}-probe"
+        try:
+            _ip("netns", "add", name)
+            _ip("-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
+            _run(["tc", "-n", name, "qdisc", "add", "dev", "p0", "root", "tbf", "rate", "100mbit",
+                  "burst", "32kb", "limit", "1mb"])
+        except EmulationError as e:
+            why = f"cannot create shaped network namespaces here: {e}"
+        finally:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    _NETNS_PROBE["r"] = why
+    return why
+
+
+_NETEM: dict[str, bool] = {}
+
+
+def netem_available() -> bool:
+    """Whether the kernel has the netem qdisc (link latency); tbf alone shapes bandwidth only."""
+    if "r" not in _NETEM:
+        name = f"{PREFIX}{os.getpid()}-probe2"
+        try:
+            _ip("netns", "add", name)
+            _ip("-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
+            _run(["tc", "-n", name, "qdisc", "add", "dev", "p0", "root", "netem", "delay", "100us"])
+            _NETEM["r"] = True
+        except EmulationError:
+            _NETEM["r"] = False
+        finally:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    return _NETEM["r"]
+
+
+def _run(cmd: list[str]) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise EmulationError(f"`{' '.join(cmd)}` failed: {(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+def _ip(*args: str) -> str:
+    return _run(["ip", *args])
+
+
+# ---- CPU quota ------------------------------------------------------------------------------
+@dataclass
+class CpuLimit:
+    """A cgroup holding one worker to ``quota_cpus`` CPUs' worth of time."""
+
+    path: Path
+    version: int
+    quota_cpus: float
+    period_us: int
+
+    @property
+    def procs_file(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+
+def _make_cgroup(name: str, quota_cpus: float, period_us: int = CFS_PERIOD_US) -> CpuLimit:
+    why = cgroup_unsupported()
+    if why:
+        raise EmulationError(why)
+    root, version = _cgroup_cpu_root()
+    path = root / name
+    path.mkdir()
+    quota_us = max(1000, int(round(quota_cpus * period_us)))
+    if version == 1:
+        (path / "cpu.cfs_period_us").write_text(str(period_us))
+        (path / "cpu.cfs_quota_us").write_text(str(quota_us))
+    else:
+        (path / "cpu.max").write_text(f"{quota_us} {period_us}")
+    return CpuLimit(path, version, quota_cpus, period_us)
+
+
+def _remove_cgroup(path: Path) -> None:
+    """Move any task left back to the parent, then remove the directory."""
+    if not path.exists():
+        return
+    parent = path.parent / "cgroup.procs"
+    for _ in range(50):
+        try:
+            pids = (path / "cgroup.procs").read_text().split()
+        except FileNotFoundError:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                parent.write_text(pid)
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            threading.Event().wait(0.02)
+    path.rmdir()
+
+
+# ---- network ---------------------------------------------------------------------------------
+@dataclass
+class ShapedLink:
+    hosts: tuple[str, str]
+    bandwidth_gbps: float
+    latency_us: float
+    latency_emulated: bool
+
+
+@dataclass
+class Network:
+    """Namespaces (one per host), their identity addresses and the shaped links."""
+
+    namespaces: dict[str, str] = field(default_factory=dict)
+    """host -> netns name"""
+    addresses: dict[str, str] = field(default_factory=dict)
+    """host -> identity address every worker of that host binds to"""
+    links: list[ShapedLink] = field(default_factory=list)
+
+    IDENTITY_IF = "hpid"
+
+
+def _tc_shape(ns: str, dev: str, bandwidth_gbps: float, latency_us: float, netem: bool) -> None:
+    rate_bps = bandwidth_gbps * 1e9
+    # A small burst (200 us at the line rate, at least a few frames; tbf cuts larger GSO
+    # segments itself) so a message's time grows linearly from the first byte, as the
+    # latency + bytes / bandwidth model says; the queue holds seconds' worth so nothing is
+    # dropped (drops would add TCP retransmission stalls the model does not describe).
+    burst = max(4 * 1514, int(rate_bps / 8 * 200e-6))
+    limit = max(16 << 20, int(rate_bps / 8 * 2))
+    if netem and latency_us > 0:
+        _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
+              "delay", f"{latency_us:.0f}us", "limit", "100000"])
+        parent = ["parent", "1:1"]
+    else:
+        parent = ["root"]
+    _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, *parent, "tbf", "rate", f"{int(rate_bps)}bit",
+          "burst", str(burst), "limit", str(limit)])
+
+
+def _make_network(owner: str, hosts: list[str], link_of) -> Network:
+    """Namespaces for ``hosts`` joined pairwise; ``link_of(a, b)`` -> (bandwidth_gbps, latency_us)."""
+    why = netns_unsupported()
+    if why:
+        raise EmulationError(why)
+    if len(hosts) > 250:
+        raise EmulationError(f"{len(hosts)} emulated hosts: at most 250")
+    netem = netem_available()
+    net = Network()
+    for i, h in enumerate(hosts):
+        ns = f"{owner}-n{i}"
+        _ip("netns", "add", ns)
+        net.namespaces[h] = ns
+        addr = f"{SUBNET}.0.{i + 1}"
+        net.addresses[h] = addr
+        _ip("-n", ns, "link", "set", "lo", "up")
+        # identity address: on one end of a veth pair kept inside the namespace (no dummy links here)
+        _ip("-n", ns, "link", "add", Network.IDENTITY_IF, "type", "veth", "peer", "name", "hpidp")
+        _ip("-n", ns, "addr", "add", f"{addr}/32", "dev", Network.IDENTITY_IF)
+        _ip("-n", ns, "link", "set", Network.IDENTITY_IF, "up")
+        _ip("-n", ns, "link", "set", "hpidp", "up")
+    k = 0
+    for i, a in enumerate(hosts):
+        for j in range(i + 1, len(hosts)):
+            b = hosts[j]
+            k += 1
+            bw, lat = link_of(a, b)
+            na, nb = net.namespaces[a], net.namespaces[b]
+            da, db = f"v{i}x{j}", f"v{j}x{i}"
+            # created in the first namespace with its peer in the second: no end ever sits in
+            # the root namespace, so deleting the namespaces deletes the pair
+            _ip("-n", na, "link", "add", da, "type", "veth", "peer", "name", db, "netns", nb)
+            sub = f"{SUBNET}.{k}"
+            _ip("-n", na, "addr", "add", f"{sub}.1/30", "dev", da)
+            _ip("-n", nb, "addr", "add", f"{sub}.2/30", "dev", db)
+            _ip("-n", na, "link", "set", da, "up")
+            _ip("-n", nb, "link", "set", db, "up")
+            _ip("-n", na, "route", "add", f"{net.addresses[b]}/32", "via", f"{sub}.2", "src", net.addresses[a])
+            _ip("-n", nb, "route", "add", f"{net.addresses[a]}/32", "via", f"{sub}.1", "src", net.addresses[b])
+            _tc_shape(na, da, bw, lat, netem)
+            _tc_shape(nb, db, bw, lat, netem)
+            net.links.append(ShapedLink((a, b), bw, lat, netem and lat > 0))
+    return net
+
+
+def _remove_namespace(ns: str) -> None:
+    subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
+# ---- what a worker needs ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Everything a worker process does to itself before it starts (picklable)."""
+
+    device: str
+    threads: int = 1
+    cores: tuple[int, ...] | None = None
+    cgroup_procs: str | None = None
+    """cgroup.procs file to join (emulated slower device)."""
+    netns: str | None = None
+    """Network namespace to enter (emulated host)."""
+    address: str | None = None
+    """Address this worker binds gloo to; the master address when it is rank 0's."""
+    ifname: str | None = None
+    """Interface holding ``address`` (GLOO_SOCKET_IFNAME)."""
+
+    def env(self) -> dict[str, str]:
+        """Environment a worker sets before torch.distributed starts (gloo's interface)."""
+        return {"GLOO_SOCKET_IFNAME": self.ifname} if self.ifname else {}
+
+
+def enter(worker: WorkerPlacement | None) -> None:
+    """In the worker process, before any work: join the cgroup, enter the namespace, pin to cores.
+
+    The cgroup first, so nothing the worker does runs unthrottled; the namespace before
+    torch.distributed opens any socket (setns moves the calling thread, and threads
+    started afterwards inherit it)."""
+    if worker is None:
+        return
+    if worker.cgroup_procs:
+        Path(worker.cgroup_procs).write_text(str(os.getpid()))
+    if worker.netns:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/var/run/netns/{worker.netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise EmulationError(f"setns into {worker.netns}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+    if worker.cores:
+        os.sched_setaffinity(0, worker.cores)
+    for k, v in worker.env().items():
+        os.environ[k] = v
+
+
+@dataclass
+class Emulation:
+    """What ``emulate`` set up: one WorkerPlacement per device, and what was shaped."""
+
+    owner: str
+    workers: dict[str, WorkerPlacement]
+    network: Network | None
+    cgroups: dict[str, CpuLimit]
+
+    def worker(self, device_id: str) -> WorkerPlacement:
+        return self.workers[device_id]
+
+    def master_addr(self, device_id: str) -> str:
+        """Address of the rendezvous store when ``device_id`` hosts it (rank 0)."""
+        return self.workers[device_id].address or "127.0.0.1"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.network or self.cgroups)
+
+    def describe(self) -> dict:
+        out: dict = {}
+        if self.cgroups:
+            out["cpu_quota"] = {d: c.quota_cpus for d, c in self.cgroups.items()}
+            out["cfs_period_us"] = CFS_PERIOD_US
+        if self.network:
+            out["links"] = [{"between": list(lk.hosts), "bandwidth_gbps": lk.bandwidth_gbps,
+                             "latency_us": lk.latency_us if lk.latency_emulated else None}
+                            for lk in self.network.links]
+        return out
+
+
+def needs_network(setup) -> bool:
+    """Several hosts, none with an address: each host is a network namespace here."""
+    hosts = setup.scenario.cluster.hosts
+    return len(hosts) > 1 and all(h.address is None for h in hosts)
+
+
+def emulation_unsupported(setup, device_ids=None) -> str | None:
+    """Why this machine cannot run ``setup``'s devices as the scenario describes, or None."""
+    devs = [setup.cluster.device(d) for d in (device_ids or setup.cluster.device_ids)]
+    if any(getattr(d.placement, "cpu_quota", None) for d in devs):
+        why = cgroup_unsupported()
+        if why:
+            return why
+    if needs_network(setup) and len({d.host for d in devs}) > 1:
+        return netns_unsupported()
+    return None
+
+
+def what_to_emulate(setup, device_ids=None) -> dict[str, bool]:
+    """What a run of ``device_ids`` emulates on this machine, each where the scenario asks
+    for it and the machine permits it: ``quotas`` (cgroups) and ``network`` (namespaces).
+
+    The launcher falls back to its own duty-cycle throttle where cgroups are not
+    permitted, and to loopback where namespaces are not; `hpipe profile` and
+    `hpipe validate` instead refuse (``emulation_unsupported``), since their figures
+    would not describe the scenario."""
+    devs = [setup.cluster.device(d) for d in (device_ids or setup.cluster.device_ids)]
+    quotas = any(getattr(d.placement, "cpu_quota", None) for d in devs) and cgroup_unsupported() is None
+    network = (needs_network(setup) and len({d.host for d in devs}) > 1) and netns_unsupported() is None
+    return {"quotas": quotas, "network": network}
+
+
+@contextlib.contextmanager
+def emulate(setup, device_ids: list[str] | None = None, *, quotas: bool = True,
+            network: bool = True) -> Iterator[Emulation]:
+    """Set up cgroups (``quotas``) and namespaces (``network``) for ``device_ids`` (default: all
+    of the scenario's) and remove them when the block ends, however it ends.  Where the
+    scenario asks for neither, nothing is touched and every worker gets its plain placement."""
+    devices = [setup.cluster.device(d) for d in (device_ids or setup.cluster.device_ids)]
+    hosts = list(dict.fromkeys(d.host for d in devices))
+    want_net = network and needs_network(setup) and len(hosts) > 1
+    want_quota = quotas and any(getattr(d.placement, "cpu_quota", None) for d in devices)
+    owner = f"{PREFIX}{os.getpid()}-{_next_run()}"
+    if not (want_net or want_quota):
+        yield Emulation(owner, {d.id: _placement(d, None, None) for d in devices}, None, {})
+        return
+    sweep_stale()
+    cgroups: dict[str, CpuLimit] = {}
+    net: Network | None = None
+    restore = _sigterm_to_exit()
+    try:
+        if want_net:
+            def link_of(a, b):
+                r = setup.cluster.route(setup.cluster.hosts[a][0], setup.cluster.hosts[b][0])
+                return r.bandwidth_gbps, r.latency_s * 1e6
+
+            net = _make_network(owner, hosts, link_of)
+        workers = {}
+        for i, d in enumerate(devices):
+            quota = getattr(d.placement, "cpu_quota", None)
+            if quota and want_quota:
+                cgroups[d.id] = _make_cgroup(f"{owner}-c{i}", quota)
+            workers[d.id] = _placement(d, cgroups.get(d.id), net)
+        yield Emulation(owner, workers, net, cgroups)
+    finally:
+        try:
+            _cleanup(owner)
+        finally:
+            restore()
+
+
+def _placement(d, cgroup: CpuLimit | None, net: Network | None) -> WorkerPlacement:
+    p = d.placement
+    return WorkerPlacement(
+        device=d.id, threads=getattr(p, "threads", 1) or 1,
+        cores=tuple(p.cores) if getattr(p, "cores", None) else None,
+        cgroup_procs=cgroup.procs_file if cgroup else None,
+        netns=net.namespaces[d.host] if net else None,
+        address=net.addresses[d.host] if net else None,
+        ifname=Network.IDENTITY_IF if net else None)
+
+
+_RUNS = iter(range(1, 1 << 30))
+
+
+def _next_run() -> int:
+    return next(_RUNS)
+
+
+def _cleanup(owner: str) -> None:
+    """Remove every namespace and cgroup whose name starts with ``owner``."""
+    for ns in _list_namespaces():
+        if ns == owner or ns.startswith(owner + "-"):
+            _remove_namespace(ns)
+    root = _cgroup_cpu_root()
+    if root:
+        for p in root[0].glob(owner + "-*"):
+            _remove_cgroup(p)
+
+
+def _list_namespaces() -> list[str]:
+    d = Path("/var/run/netns")
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def leftovers(pid: int | None = None) -> list[str]:
+    """Namespaces and cgroups hpipe created (by ``pid``, or by anyone) that still exist."""
+    pre = f"{PREFIX}{pid}-" if pid is not None else PREFIX
+    out = [f"netns {n}" for n in _list_namespaces() if n.startswith(pre)]
+    root = _cgroup_cpu_root()
+    if root:
+        out += [f"cgroup {p}" for p in root[0].glob(pre + "*")]
+    return out
+
+
+def _owner_pid(name: str) -> int | None:
+    rest = name[len(PREFIX):]
+    head = rest.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Remove namespaces and cgroups left by hpipe processes that no longer run (killed with
+    SIGKILL, where no cleanup could run).  Returns what was removed."""
+    removed = []
+    for ns in _list_namespaces():
+        if ns.startswith(PREFIX):
+            pid = _owner_pid(ns)
+            if pid is not None and pid != os.getpid() and not _alive(pid):
+                _remove_namespace(ns)
+                removed.append(f"netns {ns}")
+    root = _cgroup_cpu_root()
+    if root and os.access(root[0], os.W_OK):
+        for p in root[0].glob(PREFIX + "*"):
+            pid = _owner_pid(p.name)
+            if pid is not None and pid != os.getpid() and not _alive(pid):
+                with contextlib.suppress(OSError):
+                    _remove_cgroup(p)
+                    removed.append(f"cgroup {p}")
+    return removed
+
+
+def _sigterm_to_exit():
+    """While emulation resources exist, SIGTERM raises SystemExit so ``finally`` blocks run;
+    returns a function restoring the previous handler.  Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return lambda: None  # someone already handles it; leave theirs
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,449 @@
+"""`hpipe profile`: time the runtime's own unit modules and links on the devices a scenario names.
+
+What a stage runs is a chain of units (embedding, attention, MLP, ..., head)
+over a slice of n tokens after c context tokens at batch b, with a KV cache.
+The profiler runs exactly that code (``hpipe.runtime.model``) in one process
+per scenario device, placed as the runtime places it (threads, cores, cgroup
+CPU quota, network namespace: ``hpipe.runtime.emulation``), all devices at
+once as in a pipeline, and times every unit call of a short chain
+(embed, a few blocks, head) with ``perf_counter``.  Several distinct blocks,
+not one repeated, so weights stream from memory as in a real stage instead of
+staying in cache.
+
+The grid is swept ``warmup`` times untimed, then ``repeats`` times; a
+point's figure is the trimmed mean of its samples (the middle 60%): robust to
+the odd preemption by other processes, yet, unlike the median, still an
+average over the run/stall cycles of a CPU quota.
+
+Each call is also timed in CPU time of the calling thread (``thread_time``):
+the fitted model works on it by default, since other processes competing for
+the cores inflate wall time but hardly CPU time.  ``cpu_share`` (CPU time over
+wall time) says how busy the machine was.
+
+Links: after the units, the device processes join one gloo group (over the
+emulated network when there is one) and each pair ping-pongs messages of
+growing size, framed as the stage loop frames them (a 5-int64 header, then
+the activation bytes); half the round trip is the one-way time (its lower
+quartile over the repeats).
+
+The profile records the machine, the library versions and the date (see
+``hpipe.costmodels.profile``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_mod
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+
+from hpipe.costmodels.profile import (PROFILE_FORMAT, DeviceProfile, EmulatedLink, Hardware, LinkProfile, Profile,
+                                      Settings, UnitSamples, Versions)
+from hpipe.errors import HpipeError, WorkerError
+from hpipe.runtime import emulation
+
+TRIM = 0.2  # trimmed mean: drop this share of samples at each end
+CHAIN_BLOCKS = 2  # distinct transformer blocks in the timed chain
+
+
+# ---- the grid ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    points: tuple[tuple[int, int, int], ...]
+    """(n, c, b): slice tokens, context tokens, batch."""
+
+    def __len__(self):
+        return len(self.points)
+
+
+def default_grid(setup, quick: bool = False) -> Grid:
+    """Shapes a plan of this scenario can produce: slice lengths (multiples of the token
+    granularity) from the smallest to the whole sequence, contexts from none (the first
+    slice) to the longest a slice of that length can have, batches 1 to the batch size.
+    ``quick``: fewer points, for tests."""
+    L, g, B = setup.seq_len, setup.granularity, setup.batch_size
+    ns = {g, L}
+    k = g
+    while k < L:
+        ns.add(k)
+        if not quick and k * 3 // 2 % g == 0 and k * 3 // 2 < L:
+            ns.add(k * 3 // 2)  # between the powers of two, where the DP's slices often fall
+        k *= 2
+    bs = sorted({1, B, (B + 1) // 2}) if not quick else sorted({1, B})
+    pts = set()
+    for n in sorted(ns):
+        room = L - n
+        cs = {0, room}
+        if not quick:
+            cs |= {room // 2 // g * g, min(g, room)}
+        for c in cs:
+            for b in bs:
+                pts.add((n, c, b))
+    return Grid(tuple(sorted(pts, key=lambda p: (p[0] * p[2], p[1], p[2]))))
+
+
+def link_sizes(setup) -> list[int]:
+    """Message sizes for the ping-pong: 1 KiB up to the largest activation a stage sends."""
+    biggest = setup.batch_size * setup.seq_len * setup.model.d_model * setup.dtype_bytes
+    sizes, s = [], 1024
+    while s < biggest:
+        sizes.append(s)
+        s *= 4
+    sizes.append(int(biggest))
+    return sizes
+
+
+# ---- what a profiling worker does -------------------------------------------------
+@dataclass
+class ProfileJob:
+    """Everything one profiling process needs (picklable)."""
+
+    rank: int
+    devices: list[str]
+    spec: object
+    dtype: str
+    seq_len: int
+    grid: Grid
+    warmup: int
+    repeats: int
+    placement: emulation.WorkerPlacement
+    init_method: str
+    link_sizes: list[int]
+    link_repeats: int
+    measure_links: bool
+    timeout_s: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _trimmed_mean(xs) -> float:
+    xs = np.sort(np.asarray(xs, float))
+    k = int(len(xs) * TRIM)
+    return float(xs[k:len(xs) - k].mean()) if len(xs) > 2 * k else float(xs.mean())
+
+
+def _spread(xs) -> float:
+    q25, q50, q75 = np.percentile(xs, [25, 50, 75])
+    return float((q75 - q25) / q50) if q50 > 0 else 0.0
+
+
+def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]:
+    """Samples per unit kind, and the share of wall time this process had a CPU."""
+    import torch
+
+    from hpipe.runtime.model import build_units, make_caches
+    from hpipe.runtime.weights import RandomWeights
+
+    spec = job.spec
+    n_blocks = min(CHAIN_BLOCKS, spec.n_layers)
+    # The chain: embedding, the first n_blocks blocks, the head -- the very modules a stage builds.
+    all_units = spec.units()
+    idx = [0] + list(range(1, 1 + 2 * n_blocks)) + [len(all_units) - 1]
+    source = RandomWeights(spec, seed=0)
+    units = []
+    for i in idx:
+        units += build_units(spec, i, i + 1, source, dtype=job.dtype, device="cpu")
+    samples: dict[str, dict[tuple, list]] = {k: {} for k in ("embed", "attn", "mlp", "head")}
+    cpu_samples: dict[str, dict[tuple, list]] = {k: {} for k in samples}
+    g = torch.Generator().manual_seed(0)
+    wall_cpu = [0.0, 0.0]  # seconds of wall clock and of this thread's CPU time in timed calls
+    caches_by_b = {}
+    with torch.inference_mode():
+        for b in sorted({b for _, _, b in job.grid.points}):
+            caches = make_caches(units, b, job.seq_len)
+            for cache in caches.values():  # fill: uninitialised memory may hold NaNs or denormals
+                cache.k.normal_(generator=g)
+                cache.v.normal_(generator=g)
+            caches_by_b[b] = caches
+        # Passes over the whole grid, not repeats of one point back to back: a burst of
+        # load from another process then spoils one sample of many points, which the
+        # trimmed mean drops, instead of every sample of a few points.
+        ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g) for p in job.grid.points}
+        for rep in range(job.warmup + job.repeats):
+            for (n, c, b) in job.grid.points:
+                x = ids[(n, c, b)]
+                caches = caches_by_b[b]
+                for u in units:
+                    t0, cpu0 = time.perf_counter(), time.thread_time()
+                    x = u(x, c, caches.get(u.unit.index))
+                    dt, dcpu = time.perf_counter() - t0, time.thread_time() - cpu0
+                    if rep >= job.warmup:
+                        samples[u.unit.kind].setdefault((n, c, b), []).append(dt)
+                        cpu_samples[u.unit.kind].setdefault((n, c, b), []).append(dcpu)
+                        wall_cpu[0] += dt
+                        wall_cpu[1] += dcpu
+            report("progress", rep + 1)
+    out = {}
+    for kind, by_point in samples.items():
+        pts = sorted(by_point)
+        out[kind] = {"n": [p[0] for p in pts], "c": [p[1] for p in pts], "b": [p[2] for p in pts],
+                     "seconds": [_trimmed_mean(by_point[p]) for p in pts],
+                     "spread": [_spread(by_point[p]) for p in pts],
+                     # thread_time ticks coarser than a tiny call can take: never report zero
+                     "cpu_seconds": [max(_trimmed_mean(cpu_samples[kind][p]), 1e-7) for p in pts]}
+    return out, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
+
+
+def _ping_pong(job: ProfileJob, report) -> list[dict]:
+    """Every pair of devices in turn: one-way time of each message size (half a round trip)."""
+    import torch
+    import torch.distributed as dist
+
+    links = []
+    world = len(job.devices)
+    timeout = timedelta(seconds=job.timeout_s)
+    for i in range(world):
+        for j in range(i + 1, world):
+            dist.barrier()
+            if job.rank not in (i, j):
+                continue
+            peer = j if job.rank == i else i
+            one_way = []
+            for size in job.link_sizes:
+                hdr = torch.zeros(5, dtype=torch.int64)
+                buf = torch.zeros(size, dtype=torch.uint8)
+                times = []
+                for rep in range(2 + job.link_repeats):
+                    if job.rank == i:
+                        t0 = time.perf_counter()
+                        dist.send(hdr, peer)
+                        dist.send(buf, peer)
+                        dist.irecv(hdr, peer).wait(timeout)
+                        dist.irecv(buf, peer).wait(timeout)
+                        if rep >= 2:
+                            times.append((time.perf_counter() - t0) / 2)
+                    else:
+                        dist.irecv(hdr, peer).wait(timeout)
+                        dist.irecv(buf, peer).wait(timeout)
+                        dist.send(hdr, peer)
+                        dist.send(buf, peer)
+                # The lower quartile: a round trip only gets slower when the peer waits for a
+                # CPU, so the low end is what the link costs on a quiet machine.
+                one_way.append(float(np.percentile(times, 25)) if times else 0.0)
+            if job.rank == i:
+                links.append({"between": [job.devices[i], job.devices[j]], "sizes_bytes": list(job.link_sizes),
+                              "one_way_s": one_way})
+            report("link", 1)
+    dist.barrier()
+    return links
+
+
+def profile_worker(job: ProfileJob, q) -> None:
+    """Entry of one profiling process: place itself, time the units, then the links."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    code = 0
+    try:
+        emulation.enter(job.placement)
+        os.environ.update(job.env)
+        import torch
+
+        torch.set_num_threads(job.placement.threads)
+
+        def report(kind, k):
+            q.put((kind, job.rank, k))
+
+        units, cpu_share = _time_units(job, report)
+        links = []
+        if job.measure_links and len(job.devices) > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=job.init_method, rank=job.rank,
+                                    world_size=len(job.devices), timeout=timedelta(seconds=job.timeout_s))
+            links = _ping_pong(job, report)
+        q.put(("done", job.rank, {"units": units, "links": links, "cpu_share": cpu_share}))
+    except BaseException as e:
+        q.put(("error", job.rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+        code = 1
+    finally:
+        q.close()
+        q.join_thread()
+        os._exit(code)
+
+
+# ---- the parent ------------------------------------------------------------------------
+def _hardware() -> Hardware:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    gpus = []
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return Hardware(cpu_model=model, cpu_cores=os.cpu_count() or 0, cpus_usable=usable, gpus=gpus,
+                    hostname=socket.gethostname(), os=f"{platform.system()} {platform.release()}")
+
+
+def _versions() -> Versions:
+    import torch
+
+    import hpipe
+
+    return Versions(python=platform.python_version(), torch=torch.__version__,
+                    hpipe=getattr(hpipe, "__version__", "0"), numpy=np.__version__)
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 5, link_repeats: int = 8,
+            measure_links: bool = True, quick: bool = False, timeout_s: float = 1800.0, quiet: bool = False,
+            on_spawn=None) -> Profile:
+    """Measure ``setup``'s devices and links; the Profile (not yet written anywhere).
+
+    ``on_spawn(pids)`` is told the worker pids (tests use it to kill a run midway)."""
+    from hpipe.progress import progress
+
+    why = emulation.emulation_unsupported(setup)
+    if why:
+        raise HpipeError(f"cannot profile {setup.name} as its scenario describes it: {why}")
+    grid = grid or default_grid(setup, quick=quick)
+    devices = setup.cluster.device_ids
+    sizes = link_sizes(setup)
+    n_links = len(devices) * (len(devices) - 1) // 2 if measure_links else 0
+    results: dict[int, dict] = {}
+    with emulation.emulate(setup, devices) as em:
+        master = em.master_addr(devices[0])
+        port = _free_port() if master == "127.0.0.1" else 29500 + os.getpid() % 1000
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        jobs = [ProfileJob(rank=r, devices=devices, spec=setup.model, dtype=setup.dtype, seq_len=setup.seq_len,
+                           grid=grid, warmup=warmup, repeats=repeats, placement=em.worker(d),
+                           init_method=f"tcp://{master}:{port}", link_sizes=sizes, link_repeats=link_repeats,
+                           measure_links=measure_links, timeout_s=min(timeout_s, 300.0),
+                           env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"})
+                for r, d in enumerate(devices)]
+        procs = [ctx.Process(target=profile_worker, args=(j, q), name=f"hpipe-profile-{j.rank}", daemon=True)
+                 for j in jobs]
+        with progress(quiet) as bar:
+            task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices) + n_links)
+            try:
+                for p in procs:
+                    p.start()
+                if on_spawn:
+                    on_spawn([p.pid for p in procs])
+                t0 = time.monotonic()
+                errors = {}
+                while len(results) < len(procs):
+                    try:
+                        kind, rank, payload = q.get(timeout=0.1)
+                    except queue_mod.Empty:
+                        kind = None
+                    if kind == "done":
+                        results[rank] = payload
+                    elif kind == "error":
+                        errors[rank] = payload
+                    elif kind in ("progress", "link"):
+                        bar.advance(task)
+                    if kind is not None:
+                        continue
+                    dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+                    if errors or dead:
+                        time.sleep(0.3)
+                        while True:
+                            try:
+                                kind, rank, payload = q.get_nowait()
+                            except queue_mod.Empty:
+                                break
+                            if kind == "error":
+                                errors[rank] = payload
+                        r = sorted(errors)[0] if errors else dead[0]
+                        what = errors.get(r, f"exited with code {procs[r].exitcode}").strip().splitlines()
+                        raise WorkerError(f"profiling {devices[r]} failed: {what[0]}")
+                    if time.monotonic() - t0 > timeout_s:
+                        raise WorkerError(f"profiling did not finish within {timeout_s:g}s")
+            finally:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                for p in procs:
+                    p.join(2.0)
+                    if p.is_alive():
+                        p.kill()
+                        p.join(1.0)
+                q.close()
+                q.cancel_join_thread()
+        emulated = em.describe()
+    return _assemble(setup, devices, results, grid, warmup, repeats, emulated)
+
+
+def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profile:
+    from hpipe.costmodels.fitted import fit_link, fit_report, summarize_holdout
+
+    devs = []
+    for r, d in enumerate(devices):
+        dev = setup.cluster.device(d)
+        p = dev.placement
+        placement = p.model_dump(exclude_none=True) if p is not None else {"threads": 1}
+        devs.append(DeviceProfile(device=d, label=dev.id.split("/", 1)[1].rsplit("-", 1)[0], placement=placement,
+                                  units={k: UnitSamples(**v) for k, v in results[r]["units"].items()},
+                                  cpu_share=results[r]["cpu_share"]))
+    shaped = {frozenset(lk["between"]): lk for lk in emulated.get("links", [])}
+    links = []
+    for r in sorted(results):
+        for lk in results[r]["links"]:
+            lat, per_byte = fit_link(lk["sizes_bytes"], lk["one_way_s"])
+            ha, hb = (setup.cluster.device(x).host for x in lk["between"])
+            em = shaped.get(frozenset((ha, hb)))
+            links.append(LinkProfile(between=tuple(lk["between"]), sizes_bytes=lk["sizes_bytes"],
+                                     one_way_s=lk["one_way_s"], latency_us=lat * 1e6,
+                                     bandwidth_gbps=8 / per_byte / 1e9 if per_byte > 0 else 1e6,
+                                     emulated=EmulatedLink(bandwidth_gbps=em["bandwidth_gbps"],
+                                                           latency_us=em["latency_us"]) if em else None))
+    prof = Profile(format=PROFILE_FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   hardware=_hardware(), versions=_versions(), scenario=setup.name, model=setup.model.to_dict(),
+                   dtype=setup.dtype,
+                   settings=Settings(warmup=warmup, repeats=repeats,
+                                     statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
+                                     cfs_period_us=emulated.get("cfs_period_us")),
+                   devices=devs, links=links)
+    report = fit_report(prof)
+    prof.holdout = {"per_device": report, **summarize_holdout(report)}
+    return prof
+
+
+def stale_reason(prof: Profile, setup) -> str | None:
+    """Why a profile should be measured again for ``setup`` on this machine, or None.
+
+    Profiles must come from the very runtime that executes (versions) and machine
+    (CPU model), and cover every device of the scenario with its placement."""
+    from hpipe.costmodels.profile import model_mismatch
+
+    why = model_mismatch(prof, setup.model, setup.dtype)
+    if why:
+        return why
+    here = _hardware()
+    if prof.hardware.cpu_model != here.cpu_model or prof.hardware.gpus != here.gpus:
+        return f"measured on {prof.hardware.cpu_model} {prof.hardware.gpus or ''}, this machine is {here.cpu_model}"
+    v = _versions()
+    if (prof.versions.torch, prof.versions.python) != (v.torch, v.python):
+        return (f"measured with torch {prof.versions.torch} / python {prof.versions.python}, "
+                f"this runtime has torch {v.torch} / python {v.python}")
+    for d in setup.cluster.devices:
+        dp = prof.device(d.id)
+        placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}
+        if dp is None or dp.placement != placement:
+            return f"device {d.id} is not measured with its placement {placement}"
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `hpipe profile`")

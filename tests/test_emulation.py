@@ -1,0 +1,181 @@
+"""Heterogeneity on one machine: cgroup CPU quotas and tc-shaped links between network
+namespaces, and that whatever a run creates is gone when it ends, however it ends.
+
+Needs root, `ip`/`tc` and a cgroup CPU controller; each test skips, saying why, where the
+machine does not permit it."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpipe.runtime import emulation as em
+from hpipe.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_cgroup = pytest.mark.skipif(bool(em.cgroup_unsupported()), reason=str(em.cgroup_unsupported()))
+needs_netns = pytest.mark.skipif(bool(em.netns_unsupported()), reason=str(em.netns_unsupported()))
+
+
+def two_host_setup(tmp_path, bandwidth_gbps=0.05, quota=0.5):
+    data = yaml.safe_load((ROOT / "scenarios" / "local-cpu-hetero.yaml").read_text())
+    data["costmodel"] = "roofline"
+    data["cluster"]["network"] = {"bandwidth_gbps": bandwidth_gbps, "latency_us": 100}
+    data["cluster"]["hosts"][1]["devices"][0]["runtime"]["cpu_quota"] = quota
+    for h in data["cluster"]["hosts"]:  # no pinning: the test machine may have one core
+        h["devices"][0]["runtime"].pop("cores", None)
+    path = tmp_path / "two-hosts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_scenario(path).resolve()
+
+
+# ---- children (module level: spawned processes import them) ------------------------------
+def _busy(worker, seconds, q):
+    em.enter(worker)
+    t0, c0 = time.perf_counter(), time.process_time()
+    x = 0
+    while time.perf_counter() - t0 < seconds:
+        x += 1
+    q.put((time.process_time() - c0) / (time.perf_counter() - t0))
+
+
+def _serve(worker, port, q):
+    em.enter(worker)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((worker.address, port))
+    s.listen(1)
+    q.put("listening")
+    c, _ = s.accept()
+    n = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "little")
+    got = 0
+    while got < n:
+        got += len(c.recv(1 << 20))
+    c.sendall(b"k")
+    c.close()
+
+
+def _send(worker, addr, port, nbytes, q):
+    em.enter(worker)
+    c = socket.create_connection((addr, port), timeout=30)
+    t0 = time.perf_counter()
+    c.sendall(nbytes.to_bytes(8, "little") + b"x" * nbytes)
+    c.recv(1)
+    q.put(time.perf_counter() - t0)
+
+
+# ---- tests ------------------------------------------------------------------------------------
+@needs_cgroup
+def test_cpu_quota_throttles_the_worker(tmp_path):
+    setup = two_host_setup(tmp_path, quota=0.3)
+    slow = setup.cluster.device_ids[1]
+    ctx = mp.get_context("spawn")
+    with em.emulate(setup, [slow]) as e:
+        w = e.worker(slow)
+        assert w.cgroup_procs and w.netns is None  # one host used: no network to emulate
+        q = ctx.Queue()
+        p = ctx.Process(target=_busy, args=(w, 1.0, q))
+        p.start()
+        share = q.get(timeout=60)
+        p.join(10)
+        stat = (Path(w.cgroup_procs).parent / "cpu.stat").read_text()
+    throttled = int(dict(line.split() for line in stat.splitlines()).get("nr_throttled", 0))
+    assert throttled > 0, stat
+    assert share < 0.45, f"a process held to 0.3 CPU got {share:.0%} of its wall time"
+    assert not em.leftovers(os.getpid())
+
+
+@needs_netns
+def test_shaped_link_between_namespaces(tmp_path):
+    setup = two_host_setup(tmp_path, bandwidth_gbps=0.05)
+    a, b = setup.cluster.device_ids
+    ctx = mp.get_context("spawn")
+    nbytes = 2_000_000
+    with em.emulate(setup) as e:
+        wa, wb = e.worker(a), e.worker(b)
+        assert wa.netns != wb.netns and wa.address != wb.address and wa.ifname
+        q = ctx.Queue()
+        srv = ctx.Process(target=_serve, args=(wa, 29411, q))
+        srv.start()
+        assert q.get(timeout=60) == "listening"
+        cl = ctx.Process(target=_send, args=(wb, wa.address, 29411, nbytes, q))
+        cl.start()
+        seconds = q.get(timeout=60)
+        cl.join(10)
+        srv.join(10)
+    gbps = nbytes * 8 / seconds / 1e9
+    assert 0.035 < gbps < 0.065, f"shaped to 0.05 Gbit/s, measured {gbps:.3f}"
+    assert not em.leftovers(os.getpid())
+
+
+@needs_netns
+@needs_cgroup
+def test_cleanup_on_exception(tmp_path):
+    setup = two_host_setup(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with em.emulate(setup) as e:
+            assert len(em.leftovers(os.getpid())) == 3  # two namespaces, one cgroup
+            assert e.active
+            raise RuntimeError("boom")
+    assert not em.leftovers(os.getpid())
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from hpipe.runtime import emulation as em
+    from hpipe.scenario import load_scenario
+    setup = load_scenario(sys.argv[1]).resolve()
+    with em.emulate(setup):
+        print("ready", flush=True)
+        time.sleep(600)
+""")
+
+
+def _start_holder(tmp_path):
+    setup_path = tmp_path / "two-hosts.yaml"
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(setup_path)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout.readline().strip() == "ready"
+    assert len(em.leftovers(p.pid)) == 3
+    return p
+
+
+@needs_netns
+@needs_cgroup
+def test_cleanup_on_sigterm(tmp_path):
+    two_host_setup(tmp_path)
+    p = _start_holder(tmp_path)
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    assert not em.leftovers(p.pid)
+
+
+@needs_netns
+@needs_cgroup
+def test_sigkill_leftovers_are_swept(tmp_path):
+    two_host_setup(tmp_path)
+    p = _start_holder(tmp_path)
+    p.kill()  # no cleanup can run in the process itself
+    p.wait(30)
+    assert len(em.leftovers(p.pid)) == 3
+    removed = em.sweep_stale()
+    assert len([r for r in removed if f"-{p.pid}-" in r]) == 3
+    assert not em.leftovers(p.pid)
+
+
+def test_unsupported_says_why(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(em, "_NETNS_PROBE", {})
+    assert "root" in em.cgroup_unsupported()
+    assert "root" in em.netns_unsupported()

@@ -1,0 +1,206 @@
+"""The fitted cost model on synthetic profiles: it recovers known costs, reports hold-out
+error, plugs into a scenario, and refuses profiles that do not cover the scenario."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hpipe.costmodels.fitted import Fitted, features, fit_link, fit_samples, holdout_error, predict
+from hpipe.costmodels.profile import PROFILE_FORMAT, UnitSamples, load_profile
+from hpipe.errors import InputError
+from hpipe.models import get_model
+from hpipe.scenario import load_scenario
+
+# Ground truth per kind in seconds: coefficients on that kind's features.
+TRUE = {
+    "embed": {"1": 2e-5, "b": 1e-6, "bn": 2e-8},
+    "attn": {"1": 3e-4, "b": 1e-5, "bn": 4e-6, "bc": 1e-8, "bnc": 2e-9, "bnn": 1e-9,
+             "later": 5e-5, "later_n(n+c)": 1e-9},
+    "mlp": {"1": 1e-4, "b": 1e-5, "bn": 8e-6},
+    "head": {"1": 1e-4, "b": 1e-5, "bn": 3e-5},
+}
+
+
+def true_time(kind, n, c, b, slow=1.0):
+    from hpipe.costmodels.fitted import FEATURES
+
+    coef = np.array([TRUE[kind].get(f, 0.0) for f in FEATURES[kind]])
+    return slow * predict(kind, coef, n, c, b)
+
+
+def grid(seq_len=512, g=32, batch=2):
+    pts = []
+    for n in (g, 2 * g, 4 * g, 6 * g, 8 * g, seq_len):
+        for c in (0, g, 4 * g, seq_len // 2, seq_len - n):
+            if 0 <= c <= seq_len - n:
+                for b in range(1, batch + 1):
+                    pts.append((n, c, b))
+    return sorted(set(pts))
+
+
+def synthetic_profile(devices=("local/core-0", "local/core-1"), slow=None, noise=0.03, seed=1,
+                      model="small-llama", dtype="float32", links=True):
+    rng = np.random.default_rng(seed)
+    slow = slow or {}
+    pts = grid()
+    n, c, b = (np.array(x) for x in zip(*pts))
+    devs = []
+    for d in devices:
+        units = {}
+        for kind in ("embed", "attn", "mlp", "head"):
+            y = true_time(kind, n, c, b, slow.get(d, 1.0)) * rng.lognormal(0, noise, len(pts))
+            units[kind] = {"n": n.tolist(), "c": c.tolist(), "b": b.tolist(), "seconds": y.tolist()}
+        devs.append({"device": d, "label": d.split("/")[1].rsplit("-", 1)[0],
+                     "placement": {"threads": 1}, "units": units})
+    link_list = []
+    if links:
+        sizes = [256, 4096, 65536, 1 << 20, 4 << 20]
+        for i, a in enumerate(devices):
+            for bdev in devices[i + 1:]:
+                t = [200e-6 + s * 8 / 1e9 for s in sizes]  # 200 us, 1 Gbit/s
+                link_list.append({"between": [a, bdev], "sizes_bytes": sizes, "one_way_s": t,
+                                  "bandwidth_gbps": 1.0, "latency_us": 200.0})
+    return {"format": PROFILE_FORMAT, "created": "2025-01-01T00:00:00Z",
+            "hardware": {"cpu_model": "test", "cpu_cores": 2},
+            "versions": {"python": "3", "hpipe": "0.1.0"}, "scenario": "local-cpu",
+            "model": get_model(model).to_dict(), "dtype": dtype,
+            "settings": {"warmup": 1, "repeats": 3, "statistic": "synthetic"},
+            "devices": devs, "links": link_list}
+
+
+SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "local-cpu.yaml"
+
+
+def fitted_scenario(tmp_path, profile: dict, profile_name="prof.json"):
+    (tmp_path / profile_name).write_text(json.dumps(profile))
+    data = yaml.safe_load(SCENARIO.read_text())
+    data["costmodel"] = {"kind": "fitted", "profile": profile_name}  # relative to the scenario file
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_fit_recovers_known_costs():
+    pts = grid()
+    n, c, b = (np.array(x, float) for x in zip(*pts))
+    for kind in TRUE:
+        y = true_time(kind, n, c, b)
+        s = UnitSamples(n=n.astype(int).tolist(), c=c.astype(int).tolist(), b=b.astype(int).tolist(),
+                        seconds=y.tolist())
+        coef = fit_samples(kind, s)
+        assert (coef >= 0).all()
+        pred = predict(kind, coef, n, c, b)
+        assert np.max(np.abs(pred - y) / y) < 1e-3, kind
+        err = holdout_error(kind, s)
+        assert err.n_holdout > 0 and err.max < 1e-3
+
+
+def test_fit_is_nonnegative_and_reports_noise(tmp_path):
+    prof = synthetic_profile(noise=0.05)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    p = load_profile(path)
+    from hpipe.costmodels.fitted import fit_report
+
+    rep = fit_report(p)
+    for dev in rep.values():
+        for kind, e in dev.items():
+            # lognormal noise of 5%: held-out median error of the same order, not zero, not wild
+            assert 0 < e["median_rel_error"] < 0.1, (kind, e)
+
+
+def test_fitted_model_in_a_scenario(tmp_path):
+    path = fitted_scenario(tmp_path, synthetic_profile(slow={"local/core-1": 2.0}, noise=0.0))
+    setup = load_scenario(path).resolve()
+    assert isinstance(setup.cost, Fitted)
+    attn = setup.units[1]
+    n = np.array([32, 64, 128])
+    t0 = setup.cost.unit_time_s(attn, "local/core-0", n, 64, 2)
+    t1 = setup.cost.unit_time_s(attn, "local/core-1", n, 64, 2)
+    np.testing.assert_allclose(t1 / t0, 2.0, rtol=1e-3)
+    np.testing.assert_allclose(t0, true_time("attn", n, 64, 2), rtol=1e-3)
+    # links: the measured 200 us + 1 Gbit/s, not the scenario's 50 us + 20 Gbit/s
+    t = setup.cost.transfer_time_s("local/core-0", "local/core-1", 1e6)
+    assert t == pytest.approx(200e-6 + 8e-3, rel=1e-3)
+    assert setup.cost.transfer_time_s("local/core-0", "local/core-0", 1e6) == 0
+    # tensor parallel halves the variable part only
+    t_tp = setup.cost.unit_time_s(setup.units[2], "local/core-0", 128, 0, 2, tp=2)
+    t_1 = setup.cost.unit_time_s(setup.units[2], "local/core-0", 128, 0, 2)
+    assert t_1 / 2 < t_tp < t_1
+
+
+def test_stage_compute_adds_item_overhead(tmp_path):
+    prof = synthetic_profile(noise=0.0)
+    prof["devices"][0]["item_overhead_s"] = 0.01
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    plain = sum(setup.cost.unit_time_s(u, "local/core-0", 64, 0, 1) for u in setup.units[:3])
+    assert setup.cost.stage_compute_s(0, 3, ["local/core-0"], 64, 0, 1) == pytest.approx(plain + 0.01)
+
+
+def test_missing_device_is_a_clear_input_error(tmp_path):
+    prof = synthetic_profile(devices=("local/core-0",))
+    prof["devices"][0]["placement"] = {"threads": 4}  # label matches, placement does not
+    with pytest.raises(InputError, match=r"does not cover device 'local/core-1'.*hpipe profile"):
+        load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+
+
+def test_same_type_and_placement_is_reused(tmp_path):
+    prof = synthetic_profile(devices=("other/core-0",), links=False)
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    assert setup.cost.unit_time_s(setup.units[1], "local/core-1", 32, 0, 1) > 0
+    # no measured link: the scenario's own figures, and the gap is reported
+    t = setup.cost.transfer_time_s("local/core-0", "local/core-1", 1000)
+    assert t == pytest.approx(setup.cluster.transfer_time_s("local/core-0", "local/core-1", 1000))
+    assert setup.cost.describe()["unmeasured_links"]
+
+
+def test_model_mismatch_is_refused(tmp_path):
+    with pytest.raises(InputError, match="d_model"):
+        load_scenario(fitted_scenario(tmp_path, synthetic_profile(model="tiny-llama"))).resolve()
+    with pytest.raises(InputError, match="float16"):
+        load_scenario(fitted_scenario(tmp_path, synthetic_profile(dtype="float16"))).resolve()
+
+
+def test_missing_or_bad_profile_file(tmp_path):
+    data = yaml.safe_load(SCENARIO.read_text())
+    data["costmodel"] = {"kind": "fitted", "profile": "nope.json"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="nope.json.*hpipe profile"):
+        load_scenario(tmp_path / "s.yaml").resolve()
+    prof = synthetic_profile()
+    prof["devices"][0]["units"]["attn"]["seconds"][0] = -1.0
+    with pytest.raises(InputError, match=r"devices\[0\].units.attn"):
+        load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    data["costmodel"] = {"kind": "fitted", "profile": "p.json", "bogus": 1}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="bogus"):
+        load_scenario(tmp_path / "s.yaml").resolve()
+
+
+def test_link_fit():
+    sizes = np.array([64, 1024, 1 << 16, 1 << 20, 1 << 22])
+    lat, per_byte = fit_link(sizes, 300e-6 + sizes * 8 / 2e8)
+    assert lat == pytest.approx(300e-6, rel=0.01)  # the smallest message's time
+    assert 8 / per_byte == pytest.approx(2e8, rel=0.01)
+    # noisy small messages (as on a busy machine) do not pull the rate the large ones show
+    noisy = 300e-6 + sizes * 8 / 2e8 + np.array([3e-3, 1e-3, 4e-3, 0, 0])
+    lat, per_byte = fit_link(sizes, noisy)
+    assert 8 / per_byte == pytest.approx(2e8, rel=0.05)
+
+
+def test_features_broadcast():
+    f = features("attn", np.array([32, 64]), 0, 1)
+    assert f.shape == (2, 8)
+    assert f[:, -1].tolist() == [0, 0]  # first slice: no masked path
+
+
+def test_fitted_imports_no_torch():
+    code = "import sys, hpipe.costmodels.fitted, hpipe.costmodels.profile; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
