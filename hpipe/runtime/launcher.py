@@ -286,7 +286,22 @@ def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progre
 def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
            warmup: int = 1, seed: int = 0, all_logits: bool = False, faults: dict[int, tuple[str, int]] | None = None,
            on_spawn=None, progress=None) -> Run:
-    """Run ``plan`` with one worker process per device; the workers' records."""
+    """Run ``plan`` with one worker process per device; the workers' records.
+
+    Where the scenario asks for slower devices (``cpu_quota``) or several hosts without
+    addresses, the run is emulated (``hpipe.runtime.emulation``: cgroups, shaped network
+    namespaces) as far as this machine permits, and the emulation is removed afterwards."""
+    from hpipe.runtime import emulation
+
+    want = emulation.what_to_emulate(setup, plan.devices)
+    with emulation.emulate(setup, plan.devices, **want) as em:
+        return _launch(setup, plan, em, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
+                       warmup=warmup, seed=seed, all_logits=all_logits, faults=faults, on_spawn=on_spawn,
+                       progress=progress)
+
+
+def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup, seed, all_logits, faults,
+            on_spawn, progress) -> Run:
     from hpipe.runtime.worker import WorkerConfig, spawned_main
 
     spec = spec or setup.model
@@ -296,7 +311,8 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
     backend = backend_for([p.device for p in places])
     port = _free_port()
     env = {}
-    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {n for _, n in socket.if_nameindex()}:
+    if em.network is None and "GLOO_SOCKET_IFNAME" not in os.environ and \
+            "lo" in {n for _, n in socket.if_nameindex()}:
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: the run stays on this machine
     mb_sizes = plan.micro_batch_sizes(setup.batch_size)
     cfgs = []
@@ -304,7 +320,8 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
         c = WorkerConfig(role=role, devices=devices, stages=stages, spec=spec, dtype=setup.dtype,
                          weights=setup.weights, seed=seed, ids=None, slices=list(plan.slices), mb_sizes=mb_sizes,
                          device=pl.device, threads=pl.threads, cores=pl.cores, backend=backend,
-                         init_method=f"tcp://127.0.0.1:{port}", world_size=len(devices), rank=role,
+                         init_method=f"tcp://{em.master_addr(devices[0])}:{port}", world_size=len(devices),
+                         rank=role, emulation=em.worker(dev),
                          timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, warmup=warmup,
                          all_logits=all_logits, env=env, launcher_pid=os.getpid(), fault=(faults or {}).get(role))
         if c.stage_of(role) == 0:
@@ -328,7 +345,9 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
             p.start()
         if on_spawn:
             on_spawn([p.pid for p in procs])
-        quotas = {p.pid: pl.cpu_quota / pl.threads for p, pl in zip(procs, places) if pl.cpu_quota}
+        # quotas that no cgroup enforces (not permitted here): the duty-cycle throttle instead
+        quotas = {p.pid: pl.cpu_quota / pl.threads for p, pl, d in zip(procs, places, devices)
+                  if pl.cpu_quota and d not in em.cgroups}
         if quotas:
             throttle = _Throttle(quotas)
             throttle.start()

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from hpipe.models import ModelSpec
+from hpipe.runtime import emulation
 from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
 from hpipe.runtime.weights import weight_source
 
@@ -91,6 +92,9 @@ class WorkerConfig:
     env: dict[str, str] = field(default_factory=dict)
     launcher_pid: int | None = None
     """The launcher's pid: a worker leaves when it is gone."""
+    emulation: object | None = None
+    """``hpipe.runtime.emulation.WorkerPlacement`` when this worker runs in an emulated slower
+    device (cgroup) or host (network namespace); None: as it is."""
     fault: tuple[str, int] | None = None
     """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item."""
 
@@ -426,6 +430,9 @@ class StageWorker:
 def worker_main(cfg: WorkerConfig, report=None) -> dict:
     """Join the process group, build the stage, run it; the record the launcher needs."""
     os.environ.update(cfg.env)
+    # before torch.distributed opens a socket and before any compute: the namespace and the
+    # cgroup hold for everything the worker does (and its placement's interface wins over "lo")
+    emulation.enter(cfg.emulation)
     apply_placement(cfg)
     baseline = rss_bytes()
     if cfg.device.startswith("cuda"):
