@@ -104,16 +104,20 @@ def models(json_path: JsonOpt = None):
 @app.command()
 def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
          planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
-         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout)")] = None):
+         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout)")] = None,
+         quiet: QuietOpt = False):
     """Plan alone: print the plan, or write it as Plan JSON."""
     from hpipe.io import write_text
     from hpipe.planners import make_plan
+    from hpipe.progress import progress
 
     setup = _load_setup(scenario)
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
-    p = make_plan(setup, name[0])
+    with progress(quiet) as bar:
+        bar.add_task(f"planning {name[0]}", total=None)
+        p = make_plan(setup, name[0])
     text = p.model_dump_json(indent=2)
     write_text(output or "-", text)
 
@@ -186,13 +190,20 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
         names = _planner_names(planner or setup.scenario.planner.kind)
         from hpipe.planners import make_plan  # only here: --plan must work without the planners
 
-        for name in names:
-            try:
-                results.append(run_sim(setup, make_plan(setup, name)))
-            except InfeasibleError as e:
-                if len(names) == 1:
-                    raise
-                results.append(infeasible_result(setup, name, str(e)))
+        from hpipe.progress import progress
+
+        # a large scenario (70B over 32 devices at 32k tokens) plans for seconds per planner
+        with progress(quiet) as bar:
+            task = bar.add_task("planning", total=len(names))
+            for name in names:
+                bar.update(task, description=f"planning and simulating {name}")
+                try:
+                    results.append(run_sim(setup, make_plan(setup, name)))
+                except InfeasibleError as e:
+                    if len(names) == 1:
+                        raise
+                    results.append(infeasible_result(setup, name, str(e)))
+                bar.advance(task)
     result = Result(scenario=setup.name, mode="simulated", results=results)
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet)
@@ -312,6 +323,8 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
             for lk in prof.links:
                 em = (f"{lk.emulated.bandwidth_gbps:g} Gbit/s" + (f", {lk.emulated.latency_us:g} us" if lk.emulated.latency_us is not None else ", latency not emulated")) if lk.emulated else "-"
                 t.add_row(" <-> ".join(lk.between), f"{lk.latency_us:,.0f}", f"{lk.bandwidth_gbps:.3g}", em)
+            for ar in prof.all_reduces:
+                t.add_row("all-reduce " + ", ".join(ar.devices), f"{ar.latency_us:,.0f}", f"{ar.bandwidth_gbps:.3g}", "-")
             con.print(t)
         h = prof.holdout
         con.print(f"hold-out error (worst device and unit): median {h['worst_median_rel_error']:.1%}, "

@@ -64,3 +64,46 @@ def test_core_imports_without_torch():
                        text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def _run_with_tty_stderr(args: list[str]) -> tuple[int, str, str]:
+    """Run hpipe with stderr on a pseudo-terminal (as a user at a shell) and stdout piped."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+    p = subprocess.Popen([sys.executable, "-m", "hpipe", *args], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = p.stdout.read().decode()
+    p.wait(120)
+    os.close(master)
+    return p.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_only_and_stdout_stays_json():
+    # A terminal on stderr: a progress bar for the planning; stdout still holds pure JSON.
+    code, out, err = _run_with_tty_stderr(["simulate", str(SCENARIOS / "paper-llama7b.yaml"),
+                                           "--planner", "all", "--json", "-"])
+    assert code == 0, err
+    assert len(json.loads(out)["results"]) == 7
+    assert "planning" in err
+    # --quiet: nothing on the terminal at all
+    code, out, err = _run_with_tty_stderr(["simulate", str(SCENARIOS / "paper-llama7b.yaml"),
+                                           "--planner", "hpipe", "--json", "-", "--quiet"])
+    assert code == 0 and json.loads(out)["results"][0]["planner"] == "hpipe"
+    assert err.strip() == ""
+    # not a terminal (pytest's pipe): no bar escapes into the captured stderr
+    r = subprocess.run([sys.executable, "-m", "hpipe", "simulate", str(SCENARIOS / "paper-llama7b.yaml"),
+                        "--planner", "hpipe", "--json", "-"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "planning" not in r.stderr and "\x1b[" not in r.stderr

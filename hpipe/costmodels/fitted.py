@@ -214,6 +214,8 @@ class Fitted(CostModel):
         self.unmeasured_links: list[tuple[str, str]] = []
         for link in self.profile.links:
             self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
+        self._all_reduces: dict[frozenset, tuple[float, float]] = {
+            frozenset(ar.devices): fit_link(ar.sizes_bytes, ar.seconds) for ar in self.profile.all_reduces}
 
     def _match_device(self, dev) -> DeviceProfile:
         """The profile entry for a scenario device: its own id, else the one entry of the same
@@ -257,6 +259,18 @@ class Fitted(CostModel):
             if (src, dst) not in self.unmeasured_links:
                 self.unmeasured_links.append((src, dst))
             return super().transfer_time_s(src, dst, nbytes)
+        lat, per_byte = fit
+        return np.where(nbytes > 0, lat + nbytes * per_byte, 0.0)
+
+    def allreduce_time_s(self, device_ids, nbytes):
+        """The group's measured all-reduce where the profile has it, else the ring over its links."""
+        nbytes = np.asarray(nbytes, float)
+        if len(device_ids) <= 1:
+            return np.zeros_like(nbytes)
+        groups = {frozenset(self._device_profile[d].device for d in device_ids)}
+        fit = self._all_reduces.get(groups.pop())
+        if fit is None:
+            return super().allreduce_time_s(device_ids, nbytes)
         lat, per_byte = fit
         return np.where(nbytes > 0, lat + nbytes * per_byte, 0.0)
 

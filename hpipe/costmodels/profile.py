@@ -141,6 +141,24 @@ class LinkProfile(_Strict):
         return self
 
 
+class AllReduceProfile(_Strict):
+    devices: list[str] = Field(min_length=2)
+    """The group (a host's devices, as a tensor-parallel stage uses them)."""
+    sizes_bytes: list[int]
+    seconds: list[float]
+    """Median time of an all-reduce of each size, as seen by the group's first device."""
+    bandwidth_gbps: float = Field(gt=0)
+    """Fitted: 8 * bytes / (seconds - latency)."""
+    latency_us: NonNegativeFloat
+    """Fitted intercept: an all-reduce of an empty message."""
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.sizes_bytes) != len(self.seconds):
+            raise ValueError(f"'sizes_bytes' has {len(self.sizes_bytes)} entries, 'seconds' has {len(self.seconds)}")
+        return self
+
+
 class Profile(_Strict):
     format: Literal["hpipe-profile/1"] = PROFILE_FORMAT
     created: str
@@ -154,6 +172,8 @@ class Profile(_Strict):
     settings: Settings
     devices: list[DeviceProfile] = Field(min_length=1)
     links: list[LinkProfile] = []
+    all_reduces: list[AllReduceProfile] = []
+    """Tensor-parallel groups' all-reduces (profiles written before they were measured have none)."""
     holdout: dict[str, Any] = {}
     """The fitted model's error on held-out points when the profile was written (informational)."""
 

@@ -414,8 +414,13 @@ def run_from_records(records: dict[int, dict], devices, stages, ids) -> Run:
 
 
 # -- records -> Result ------------------------------------------------------------
-def run_events(run: Run) -> list[Event]:
-    """The workers' stamps as Events on one timeline (seconds since the measured run's start)."""
+def run_events(run: Run, cluster=None) -> list[Event]:
+    """The workers' stamps as Events on one timeline (seconds since the measured run's start).
+
+    As in the simulator, a transfer belongs to the stage it feeds and, given the
+    ``cluster``, is drawn on the narrowest link of its route."""
+    from hpipe.sim import transfer_link
+
     recs = run.records
     one_host = len({r.get("boot_id") for r in recs.values()}) == 1
     # One host: perf_counter is one clock for every process.  Several: align at the barrier.
@@ -437,8 +442,10 @@ def run_events(run: Run) -> list[Event]:
         for mb, s, src, t_post, t_done, nbytes in r["recvs"]:
             t_send = issued.get((src, role, mb, s), t_post + o)
             start = max(t_send, t_post + o)
-            events.append(Event(device=dev[src], kind="transfer", stage=stage[src], micro_batch=mb, slice=s,
-                                start_s=start, end_s=max(start, t_done + o), dst=dev[role], nbytes=float(nbytes)))
+            link = transfer_link(cluster, dev[src], dev[role]) if cluster is not None else None
+            events.append(Event(device=dev[src], kind="transfer", stage=stage[role], micro_batch=mb, slice=s,
+                                start_s=start, end_s=max(start, t_done + o), dst=dev[role], nbytes=float(nbytes),
+                                link=link))
     events.sort(key=lambda e: (e.start_s, e.end_s))
     return events
 
@@ -486,4 +493,4 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
         ref = reference_logits(setup, run.ids, spec, seed)
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
-    return summarize(setup, plan, run_events(run), peaks, **extra)
+    return summarize(setup, plan, run_events(run, setup.cluster), peaks, **extra)

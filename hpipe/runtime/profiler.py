@@ -46,7 +46,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from hpipe.costmodels.profile import (PROFILE_FORMAT, DeviceProfile, EmulatedLink, Hardware, LinkProfile, Profile,
+from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, DeviceProfile, EmulatedLink, Hardware,
+                                      LinkProfile, Profile,
                                       Settings, UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.runtime import emulation
@@ -120,6 +121,9 @@ class ProfileJob:
     link_sizes: list[int]
     link_repeats: int
     measure_links: bool
+    tp_groups: list[list[int]] = field(default_factory=list)
+    """Ranks of each host's devices (two or more): the tensor-parallel groups whose
+    all-reduce is timed."""
     timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -236,6 +240,39 @@ def _ping_pong(job: ProfileJob, report) -> list[dict]:
     return links
 
 
+def _all_reduces(job: ProfileJob, report) -> list[dict]:
+    """Every tensor-parallel group in turn: time of an all-reduce of each message size.
+
+    Timed as a whole rather than built from the ping-pong: gloo's all-reduce on CPU costs
+    several times what a ring of one-way sends predicts (1.2 ms against 0.5 ms for 4 KiB
+    between two processes here), and a tensor-parallel stage does two per block."""
+    import torch
+    import torch.distributed as dist
+
+    out = []
+    for ranks in job.tp_groups:
+        group = dist.new_group(ranks)  # collective: every process creates every group, in order
+        if job.rank in ranks:
+            secs = []
+            for size in job.link_sizes:
+                x = torch.zeros(max(size // 4, 1), dtype=torch.float32)
+                times = []
+                for rep in range(2 + job.link_repeats):
+                    dist.barrier(group=group)
+                    t0 = time.perf_counter()
+                    dist.all_reduce(x, group=group)
+                    if rep >= 2:
+                        times.append(time.perf_counter() - t0)
+                # the median: a collective waits for its slowest member, and so does a real run
+                secs.append(float(np.median(times)))
+            if job.rank == ranks[0]:
+                out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": list(job.link_sizes),
+                            "seconds": secs})
+        report("link", 1)
+        dist.barrier()
+    return out
+
+
 def profile_worker(job: ProfileJob, q) -> None:
     """Entry of one profiling process: place itself, time the units, then the links."""
     import signal
@@ -253,14 +290,16 @@ def profile_worker(job: ProfileJob, q) -> None:
             q.put((kind, job.rank, k))
 
         units, cpu_share = _time_units(job, report)
-        links = []
+        links, all_reduces = [], []
         if job.measure_links and len(job.devices) > 1:
             import torch.distributed as dist
 
             dist.init_process_group("gloo", init_method=job.init_method, rank=job.rank,
                                     world_size=len(job.devices), timeout=timedelta(seconds=job.timeout_s))
             links = _ping_pong(job, report)
-        q.put(("done", job.rank, {"units": units, "links": links, "cpu_share": cpu_share}))
+            all_reduces = _all_reduces(job, report)
+        q.put(("done", job.rank, {"units": units, "links": links, "all_reduces": all_reduces,
+                                  "cpu_share": cpu_share}))
     except BaseException as e:
         q.put(("error", job.rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
         code = 1
@@ -318,7 +357,11 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     grid = grid or default_grid(setup, quick=quick)
     devices = setup.cluster.device_ids
     sizes = link_sizes(setup)
-    n_links = len(devices) * (len(devices) - 1) // 2 if measure_links else 0
+    by_host: dict[str, list[int]] = {}
+    for r, d in enumerate(devices):
+        by_host.setdefault(setup.cluster.device(d).host, []).append(r)
+    tp_groups = [ranks for ranks in by_host.values() if len(ranks) > 1] if measure_links else []
+    n_links = (len(devices) * (len(devices) - 1) // 2 + len(tp_groups)) if measure_links else 0
     results: dict[int, dict] = {}
     with emulation.emulate(setup, devices) as em:
         master = em.master_addr(devices[0])
@@ -328,7 +371,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
         jobs = [ProfileJob(rank=r, devices=devices, spec=setup.model, dtype=setup.dtype, seq_len=setup.seq_len,
                            grid=grid, warmup=warmup, repeats=repeats, placement=em.worker(d),
                            init_method=f"tcp://{master}:{port}", link_sizes=sizes, link_repeats=link_repeats,
-                           measure_links=measure_links, timeout_s=min(timeout_s, 300.0),
+                           measure_links=measure_links, tp_groups=tp_groups, timeout_s=min(timeout_s, 300.0),
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"})
                 for r, d in enumerate(devices)]
         procs = [ctx.Process(target=profile_worker, args=(j, q), name=f"hpipe-profile-{j.rank}", daemon=True)
@@ -408,13 +451,20 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                                      bandwidth_gbps=8 / per_byte / 1e9 if per_byte > 0 else 1e6,
                                      emulated=EmulatedLink(bandwidth_gbps=em["bandwidth_gbps"],
                                                            latency_us=em["latency_us"]) if em else None))
+    all_reduces = []
+    for r in sorted(results):
+        for ar in results[r].get("all_reduces", []):
+            lat, per_byte = fit_link(ar["sizes_bytes"], ar["seconds"])
+            all_reduces.append(AllReduceProfile(devices=ar["devices"], sizes_bytes=ar["sizes_bytes"],
+                                                seconds=ar["seconds"], latency_us=lat * 1e6,
+                                                bandwidth_gbps=8 / per_byte / 1e9 if per_byte > 0 else 1e6))
     prof = Profile(format=PROFILE_FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    hardware=_hardware(), versions=_versions(), scenario=setup.name, model=setup.model.to_dict(),
                    dtype=setup.dtype,
                    settings=Settings(warmup=warmup, repeats=repeats,
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
                                      cfs_period_us=emulated.get("cfs_period_us")),
-                   devices=devs, links=links)
+                   devices=devs, links=links, all_reduces=all_reduces)
     report = fit_report(prof)
     prof.holdout = {"per_device": report, **summarize_holdout(report)}
     return prof

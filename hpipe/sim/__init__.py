@@ -47,6 +47,18 @@ def _link_name(edge: tuple[str, str]) -> str:
     return f"{edge[0]}->{edge[1]}"
 
 
+def bottleneck_link(route, edges) -> str | None:
+    """The narrowest link of a route (``route.links`` lists it first), named as oriented
+    along the path: the track a transfer is drawn on, in simulated and measured timelines."""
+    bottleneck = next((e for e in edges if set(e) == set(route.links[0])), None) if edges else None
+    return _link_name(bottleneck) if bottleneck else None
+
+
+def transfer_link(cluster, src: str, dst: str) -> str | None:
+    route = cluster.route(src, dst)
+    return bottleneck_link(route, directed_links(route, src))
+
+
 def build(setup, plan: Plan) -> PipelineSpec:
     """Every duration of the plan, from the setup's cost model, vectorised over work items."""
     cost = setup.cost
@@ -84,10 +96,8 @@ def build(setup, plan: Plan) -> PipelineSpec:
         # The links are held for the rest; latency elapses after they are free.
         latency = np.minimum(route.latency_s, total)
         edges = directed_links(route, src)
-        # route.links lists the narrowest first; name it as oriented along the path.
-        bottleneck = next((e for e in edges if set(e) == set(route.links[0])), None) if edges else None
         hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
-                            bottleneck=_link_name(bottleneck) if bottleneck else None,
+                            bottleneck=bottleneck_link(route, edges),
                             hold_s=total - latency, latency_s=latency, nbytes=nbytes))
     return PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops)
 
