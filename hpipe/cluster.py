@@ -52,6 +52,22 @@ class Route:
     def bottleneck(self) -> tuple[str, str] | None:
         return self.links[0] if self.links else None
 
+    def directed(self, src: str) -> list[tuple[str, str]]:
+        """The edges oriented from ``src`` along the path, in path order: what a transfer
+        from ``src`` holds (links are full duplex, one resource per direction)."""
+        remaining = list(self.links)
+        node, out = src, []
+        while remaining:
+            edge = next((e for e in remaining if node in e), None)
+            if edge is None:  # not a simple path from src: keep the rest as given
+                out.extend(remaining)
+                break
+            remaining.remove(edge)
+            nxt = edge[1] if edge[0] == node else edge[0]
+            out.append((node, nxt))
+            node = nxt
+        return out
+
 
 class Cluster:
     def __init__(self, graph: nx.Graph, devices: list[Device]):

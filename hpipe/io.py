@@ -44,3 +44,21 @@ def write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def read_json(path: str | Path):
+    """A JSON file's contents; a missing, unreadable or malformed file is an InputError
+    naming the file (and the line and column of a syntax error)."""
+    import json
+
+    from hpipe.errors import InputError
+
+    file = str(path)
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError("no such file", file=file) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the file: {e}", file=file) from None

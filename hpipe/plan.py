@@ -14,7 +14,6 @@ One Plan drives both the simulator and the runtime.  Semantics:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +120,10 @@ def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> Input
 
 def load_plans(path: str | Path) -> list[Plan]:
     """One Plan or a JSON list of Plans."""
+    from hpipe.io import read_json
+
     file = str(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError("no such file", file=file) from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the file: {e}", file=file) from None
+    data = read_json(path)
     items = data if isinstance(data, list) else [data]
     if not items:
         raise InputError("an empty list: no plan to use", file=file)

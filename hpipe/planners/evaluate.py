@@ -42,20 +42,8 @@ def item_arrays(plan, batch_size: int):
 
 
 def directed_links(route, src: str) -> frozenset:
-    """The directed links (u, v) a transfer from ``src`` along ``route`` holds (the
-    route's edges oriented along the path, as ``hpipe.sim.directed_links`` does)."""
-    remaining = list(route.links)
-    node, out = src, []
-    while remaining:
-        edge = next((e for e in remaining if node in e), None)
-        if edge is None:
-            out.extend(remaining)
-            break
-        remaining.remove(edge)
-        nxt = edge[1] if edge[0] == node else edge[0]
-        out.append((node, nxt))
-        node = nxt
-    return frozenset(out)
+    """The directed links (u, v) a transfer from ``src`` along ``route`` holds."""
+    return frozenset(route.directed(src))
 
 
 def hop_resource(cluster, src: str, dst: str):

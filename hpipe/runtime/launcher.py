@@ -18,7 +18,6 @@ simulator uses, so a measurement and a prediction compare field by field.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -59,13 +58,10 @@ class Run:
 # -- inputs -------------------------------------------------------------------
 def load_inputs(path: str | Path, setup) -> list[list[int]]:
     """Token ids from a JSON file: a list of token-id lists, one per sequence."""
+    from hpipe.io import read_json
+
     file = str(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError("no such file", file=file) from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
+    data = read_json(path)
     check_inputs(data, setup, file)
     return data
 

@@ -29,18 +29,7 @@ def _vec(x, n: int) -> np.ndarray:
 
 def directed_links(route, src: str) -> list[tuple[str, str]]:
     """The route's edges oriented from ``src`` along the path, in path order."""
-    remaining = list(route.links)
-    node, out = src, []
-    while remaining:
-        edge = next((e for e in remaining if node in e), None)
-        if edge is None:  # not a simple path from src: keep the rest as given
-            out.extend(remaining)
-            break
-        remaining.remove(edge)
-        nxt = edge[1] if edge[0] == node else edge[0]
-        out.append((node, nxt))
-        node = nxt
-    return out
+    return route.directed(src)
 
 
 def _link_name(edge: tuple[str, str]) -> str:
