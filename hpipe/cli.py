@@ -6,6 +6,7 @@ Exit codes: 0 done; 2 bad input (file, field and problem, no traceback);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,6 +39,17 @@ def _console(stderr: bool = False) -> Console:
     """A console for tables; when piped, wide enough that the table is not squeezed to 80 columns."""
     con = Console(stderr=stderr)
     return con if con.is_terminal else Console(stderr=stderr, width=160)
+
+
+@contextlib.contextmanager
+def _needs_torch(command: str):
+    """Around the runtime's imports: a missing torch is the user's to install, said plainly."""
+    try:
+        yield
+    except ImportError as e:
+        if getattr(e, "name", None) == "torch":
+            raise HpipeError(f"`hpipe {command}` needs torch: pip install 'hpipe[runtime]'") from None
+        raise
 
 
 def _load_setup(scenario: Path):
@@ -231,12 +243,8 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
-    try:
+    with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
-    except ImportError as e:
-        if getattr(e, "name", None) == "torch":
-            raise HpipeError("`hpipe execute` needs torch: pip install 'hpipe[runtime]'") from None
-        raise
     setup = _load_setup(scenario)
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
@@ -303,12 +311,8 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     from hpipe.io import write_text
     from hpipe.validate import default_profile_path
 
-    try:
+    with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
-    except ImportError as e:
-        if getattr(e, "name", None) == "torch":
-            raise HpipeError("`hpipe profile` needs torch: pip install 'hpipe[runtime]'") from None
-        raise
     sc, setup = _scenario_for_profiling(scenario)
     out = output or str(default_profile_path(sc))
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
@@ -359,12 +363,8 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     from hpipe.scenario import load_scenario
     from hpipe.validate import CaseOptions, validate as run_validate
 
-    try:
+    with _needs_torch("validate"):
         import hpipe.runtime  # noqa: F401
-    except ImportError as e:
-        if getattr(e, "name", None) == "torch":
-            raise HpipeError("`hpipe validate` needs torch: pip install 'hpipe[runtime]'") from None
-        raise
     if basis not in (None, "wall", "cpu"):
         raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
     names = [p.strip() for p in planners.split(",") if p.strip()]

@@ -41,7 +41,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from hpipe.costmodels import CostModel, CostModelConfig, register
-from hpipe.costmodels.profile import (DeviceProfile, LinkProfile, Profile, UnitSamples, load_profile,
+from hpipe.costmodels.profile import (DeviceProfile, Profile, UnitSamples, load_profile,
                                       model_mismatch)
 from hpipe.errors import InputError
 
@@ -259,20 +259,17 @@ class Fitted(CostModel):
             if (src, dst) not in self.unmeasured_links:
                 self.unmeasured_links.append((src, dst))
             return super().transfer_time_s(src, dst, nbytes)
-        lat, per_byte = fit
-        return np.where(nbytes > 0, lat + nbytes * per_byte, 0.0)
+        return _affine(fit, nbytes)
 
     def allreduce_time_s(self, device_ids, nbytes):
         """The group's measured all-reduce where the profile has it, else the ring over its links."""
         nbytes = np.asarray(nbytes, float)
         if len(device_ids) <= 1:
             return np.zeros_like(nbytes)
-        groups = {frozenset(self._device_profile[d].device for d in device_ids)}
-        fit = self._all_reduces.get(groups.pop())
+        fit = self._all_reduces.get(frozenset(self._device_profile[d].device for d in device_ids))
         if fit is None:
             return super().allreduce_time_s(device_ids, nbytes)
-        lat, per_byte = fit
-        return np.where(nbytes > 0, lat + nbytes * per_byte, 0.0)
+        return _affine(fit, nbytes)
 
     def stage_compute_s(self, start, end, device_ids, n, c, b):
         t = super().stage_compute_s(start, end, device_ids, n, c, b)
@@ -298,6 +295,12 @@ class Fitted(CostModel):
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
         return d
+
+
+def _affine(fit: tuple[float, float], nbytes: np.ndarray) -> np.ndarray:
+    """Time of moving ``nbytes`` under a (latency_s, seconds per byte) fit; nothing moved, no time."""
+    lat, per_byte = fit
+    return np.where(nbytes > 0, lat + nbytes * per_byte, 0.0)
 
 
 def _placement_key(p) -> tuple:

@@ -107,6 +107,22 @@ def _hold_all(env_resources, stack: contextlib.ExitStack):
         yield req
 
 
+def _occupy(env, resources, duration_s: float):
+    """Hold every one of ``resources`` for ``duration_s``, released at the end; returns when
+    the hold began (``t0 = yield from _occupy(...)``)."""
+    if len(resources) == 1:  # the common case, without the ExitStack's cost
+        with resources[0].request() as req:
+            yield req
+            t0 = env.now
+            yield env.timeout(duration_s)
+        return t0
+    with contextlib.ExitStack() as stack:
+        yield from _hold_all(resources, stack)
+        t0 = env.now
+        yield env.timeout(duration_s)
+    return t0
+
+
 def run(spec: PipelineSpec) -> list[Event]:
     """Play the pipeline out; return every compute, all-reduce and transfer interval."""
     env = simpy.Environment()
@@ -129,16 +145,7 @@ def run(spec: PipelineSpec) -> list[Event]:
         for i in range(n_items):
             if j > 0:
                 yield arrived[j][i]
-            if len(res) == 1:  # the common case, without the ExitStack's cost
-                with res[0].request() as req:
-                    yield req
-                    t0 = env.now
-                    yield env.timeout(compute[i])
-            else:
-                with contextlib.ExitStack() as stack:
-                    yield from _hold_all(res, stack)
-                    t0 = env.now
-                    yield env.timeout(compute[i])
+            t0 = yield from _occupy(env, res, compute[i])
             _record_stage(log, j, st, i, items[i], t0, env.now)
             done[j][i].succeed()
 
@@ -154,16 +161,7 @@ def run(spec: PipelineSpec) -> list[Event]:
             if hold[i] <= 0 and lat[i] <= 0:
                 arrived[j][i].succeed()
                 continue
-            if len(res) == 1:  # one link (inside a host): without the ExitStack's cost
-                with res[0].request() as req:
-                    yield req
-                    t0 = env.now
-                    yield env.timeout(hold[i])
-            else:
-                with contextlib.ExitStack() as stack:
-                    yield from _hold_all(res, stack)
-                    t0 = env.now
-                    yield env.timeout(hold[i])
+            t0 = yield from _occupy(env, res, hold[i])
             log.append(("transfer", h.src, h.dst, h.bottleneck, j, mb_sl[i], t0, env.now, nbytes[i]))
             # The wire is free again; the bytes are still in flight for the latency.
             if lat[i] > 0:
