@@ -70,12 +70,19 @@ class Placement(_Strict):
         return v
 
 
+MAX_DEVICES_PER_ENTRY = 256
+MAX_DEVICES = 1024
+"""Devices in a whole cluster: far more than a pipeline of layer units can use."""
+
+
 class DeviceEntry(_Strict):
     """A catalog device (`type`) or a custom one (`name` plus its figures)."""
 
     type: str | None = None
     name: str | None = None
-    count: PositiveInt = 1
+    count: int = Field(1, ge=1, le=MAX_DEVICES_PER_ENTRY)
+    """Devices of this kind on the host (a host holds a handful; the cluster graph joins
+    every pair of a host's devices, so the count is bounded)."""
     peak_tflops: PositiveFloat | None = None
     """Custom device: peak TFLOP/s at the scenario's dtype."""
     memory_gb: PositiveFloat | None = None
@@ -149,6 +156,9 @@ class ClusterSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
+        total = sum(d.count for h in self.hosts for d in h.devices)
+        if total > MAX_DEVICES:
+            raise _FieldError("hosts", f"{total} devices in all; hpipe plans for at most {MAX_DEVICES}")
         names = [h.name for h in self.hosts]
         seen = set()
         for i, n in enumerate(names):

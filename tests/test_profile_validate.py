@@ -179,6 +179,44 @@ def test_validate_profiles_where_missing(tmp_path):
     assert load_profile(tmp_path / "tiny.json").scenario == "tiny-cpu"
 
 
+def _with_gpu(sc: dict, device: str) -> dict:
+    """``sc`` with its second core replaced by a device that runs on ``device``."""
+    core = dict(sc["cluster"]["hosts"][0]["devices"][0], count=1)
+    gpu = dict(core, name="gpu", peak_tflops=20, memory_gb=8, memory_bandwidth_gbps=500,
+               runtime={"device": device})
+    return {**sc, "cluster": {"hosts": [dict(sc["cluster"]["hosts"][0], devices=[core, gpu])]}}
+
+
+def test_profile_of_a_gpu_this_machine_lacks_is_an_input_error(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has a cuda:7")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_with_gpu(TINY, "cuda:7")))
+    r = run_cli("profile", str(path), "--quick")
+    # not timed on the CPU instead: the file, the field and what this machine has
+    assert r.returncode == 2, r.stderr
+    assert "s.yaml" in r.stderr and "local/gpu-0 runtime.device" in r.stderr and "cuda:7" in r.stderr
+    assert not (tmp_path / "tiny.json").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_profile_times_a_gpu_on_the_gpu(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_with_gpu(TINY, "cuda:0")))
+    r = run_cli("profile", str(path), "--quick", "--repeats", "3", "--warmup", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    prof = load_profile(tmp_path / "tiny.json")
+    assert prof.hardware.gpus
+    cpu, gpu = prof.device("local/core-0"), prof.device("local/gpu-0")
+    assert gpu.placement["device"] == "cuda:0" and gpu.cpu_share is None
+    assert all(not s.cpu_seconds for s in gpu.units.values())  # GPU time, not the launching thread's
+    assert cpu.cpu_share is not None and all(s.cpu_seconds for s in cpu.units.values())
+    # the GPU link goes through host memory over gloo (a CPU stage is in the group)
+    assert len(prof.links) == 1 and prof.links[0].bandwidth_gbps > 0
+
+
 @pytest.mark.skipif(bool(em.netns_unsupported() or em.cgroup_unsupported()),
                     reason=str(em.netns_unsupported() or em.cgroup_unsupported()))
 def test_profile_killed_midway_leaves_nothing(tmp_path):

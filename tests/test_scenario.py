@@ -58,6 +58,10 @@ def test_base_is_valid_and_ids_are_stable():
     (("cluster", "network"), DELETE, "cluster.network", "no link"),
     (("cluster", "links"), [{"between": ["a", "c"], "bandwidth_gbps": 1}], "cluster.links[0].between", "unknown host 'c'"),
     (("cluster", "hosts", 0, "devices"), [], "cluster.hosts[0].devices", "at least 1"),
+    # a count of a million once sent the cluster graph into quadratically many edges
+    (("cluster", "hosts", 0, "devices", 0, "count"), 10**6, "cluster.hosts[0].devices[0].count", "less than or equal to 256"),
+    (("cluster", "hosts"), [{"name": f"h{i}", "devices": [{"type": "P100", "count": 200}]} for i in range(6)],
+     "cluster.hosts", "1200 devices in all; hpipe plans for at most 1024"),
     (("cluster", "hosts", 1, "devices", 0, "memory_gb"), DELETE, "cluster.hosts[1].devices[0].memory_gb", "needs memory_gb"),
     (("cluster", "hosts", 0, "devices", 0, "runtime"), {"device": "gpu0"}, "cluster.hosts[0].devices[0].runtime.device", "'cpu', 'cuda'"),
     (("planner", "kind"), "hpip", "planner.kind", "did you mean hpipe"),

@@ -20,11 +20,17 @@ the fitted model works on it by default, since other processes competing for
 the cores inflate wall time but hardly CPU time.  ``cpu_share`` (CPU time over
 wall time) says how busy the machine was.
 
-Links: after the units, the device processes join one gloo group (over the
+A device whose ``runtime.device`` is ``cuda:N`` is timed on that GPU, with CUDA
+events around each unit of the chain (no synchronisation between units, so
+launch overhead is hidden or shown as in a stage); it has no CPU time.
+
+Links: after the units, the device processes join one group with the backend
+the runtime would use (NCCL when every device is a GPU, else gloo, over the
 emulated network when there is one) and each pair ping-pongs messages of
 growing size, framed as the stage loop frames them (a 5-int64 header, then
-the activation bytes); half the round trip is the one-way time (its lower
-quartile over the repeats).
+the activation bytes; a GPU endpoint over gloo pays the copies through host
+memory, as a GPU stage does); half the round trip is the one-way time (its
+lower quartile over the repeats).
 
 The profile records the machine, the library versions and the date (see
 ``hpipe.costmodels.profile``).
@@ -124,6 +130,10 @@ class ProfileJob:
     tp_groups: list[list[int]] = field(default_factory=list)
     """Ranks of each host's devices (two or more): the tensor-parallel groups whose
     all-reduce is timed."""
+    torch_device: str = "cpu"
+    """Where this device's units run: cpu or cuda:N (the scenario's runtime.device)."""
+    backend: str = "gloo"
+    """The torch.distributed backend the runtime would join these devices with."""
     timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -140,13 +150,17 @@ def _spread(xs) -> float:
 
 
 def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]:
-    """Samples per unit kind, and the share of wall time this process had a CPU."""
+    """Samples per unit kind, and the share of wall time this process had a CPU (None on a GPU)."""
     import torch
 
     from hpipe.runtime.model import build_units, make_caches
     from hpipe.runtime.weights import RandomWeights
 
     spec = job.spec
+    device = torch.device(job.torch_device)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.set_device(device)
     n_blocks = min(CHAIN_BLOCKS, spec.n_layers)
     # The chain: embedding, the first n_blocks blocks, the head -- the very modules a stage builds.
     all_units = spec.units()
@@ -154,33 +168,43 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]
     source = RandomWeights(spec, seed=0)
     units = []
     for i in idx:
-        units += build_units(spec, i, i + 1, source, dtype=job.dtype, device="cpu")
+        units += build_units(spec, i, i + 1, source, dtype=job.dtype, device=device)
     samples: dict[str, dict[tuple, list]] = {k: {} for k in ("embed", "attn", "mlp", "head")}
     cpu_samples: dict[str, dict[tuple, list]] = {k: {} for k in samples}
     g = torch.Generator().manual_seed(0)
+    g_dev = torch.Generator(device=device).manual_seed(0)  # fills caches where they live
     wall_cpu = [0.0, 0.0]  # seconds of wall clock and of this thread's CPU time in timed calls
     caches_by_b = {}
     with torch.inference_mode():
         for b in sorted({b for _, _, b in job.grid.points}):
             caches = make_caches(units, b, job.seq_len)
             for cache in caches.values():  # fill: uninitialised memory may hold NaNs or denormals
-                cache.k.normal_(generator=g)
-                cache.v.normal_(generator=g)
+                cache.k.normal_(generator=g_dev)
+                cache.v.normal_(generator=g_dev)
             caches_by_b[b] = caches
         # Passes over the whole grid, not repeats of one point back to back: a burst of
         # load from another process then spoils one sample of many points, which the
         # trimmed mean drops, instead of every sample of a few points.
-        ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g) for p in job.grid.points}
+        ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g).to(device) for p in job.grid.points}
         for rep in range(job.warmup + job.repeats):
             for (n, c, b) in job.grid.points:
                 x = ids[(n, c, b)]
                 caches = caches_by_b[b]
-                for u in units:
-                    t0, cpu0 = time.perf_counter(), time.thread_time()
-                    x = u(x, c, caches.get(u.unit.index))
-                    dt, dcpu = time.perf_counter() - t0, time.thread_time() - cpu0
-                    if rep >= job.warmup:
-                        samples[u.unit.kind].setdefault((n, c, b), []).append(dt)
+                if gpu:
+                    times = _gpu_chain(units, x, c, caches)
+                    cpu_times = [None] * len(units)
+                else:
+                    times, cpu_times = [], []
+                    for u in units:
+                        t0, cpu0 = time.perf_counter(), time.thread_time()
+                        x = u(x, c, caches.get(u.unit.index))
+                        times.append(time.perf_counter() - t0)
+                        cpu_times.append(time.thread_time() - cpu0)
+                if rep < job.warmup:
+                    continue
+                for u, dt, dcpu in zip(units, times, cpu_times):
+                    samples[u.unit.kind].setdefault((n, c, b), []).append(dt)
+                    if dcpu is not None:
                         cpu_samples[u.unit.kind].setdefault((n, c, b), []).append(dcpu)
                         wall_cpu[0] += dt
                         wall_cpu[1] += dcpu
@@ -190,45 +214,108 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]
         pts = sorted(by_point)
         out[kind] = {"n": [p[0] for p in pts], "c": [p[1] for p in pts], "b": [p[2] for p in pts],
                      "seconds": [_trimmed_mean(by_point[p]) for p in pts],
-                     "spread": [_spread(by_point[p]) for p in pts],
-                     # thread_time ticks coarser than a tiny call can take: never report zero
-                     "cpu_seconds": [max(_trimmed_mean(cpu_samples[kind][p]), 1e-7) for p in pts]}
+                     "spread": [_spread(by_point[p]) for p in pts]}
+        if not gpu:  # thread_time ticks coarser than a tiny call can take: never report zero
+            out[kind]["cpu_seconds"] = [max(_trimmed_mean(cpu_samples[kind][p]), 1e-7) for p in pts]
     return out, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
+
+
+def _gpu_chain(units, x, c, caches) -> list[float]:
+    """Seconds of each unit of the chain on the GPU: CUDA events between the units, one
+    synchronisation at the end, as a stage runs its units back to back."""
+    import torch
+
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(len(units) + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for u, ev in zip(units, events[1:]):
+        x = u(x, c, caches.get(u.unit.index))
+        ev.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) * 1e-3 for a, b in zip(events, events[1:])]
+
+
+class _Wire:
+    """Moves messages between two profiling processes as the stage loop moves activations:
+    device tensors over NCCL; over gloo through host memory, so a GPU endpoint pays the
+    device-to-host and host-to-device copies that a GPU stage pays."""
+
+    def __init__(self, job: ProfileJob, timeout: timedelta):
+        import torch
+
+        self.device = torch.device(job.torch_device)
+        self.nccl = job.backend == "nccl"
+        self.comm = self.device if self.nccl else torch.device("cpu")
+        self.timeout = timeout
+
+    def tensor(self, numel: int, dtype=None):
+        import torch
+
+        return torch.zeros(numel, dtype=dtype or torch.uint8, device=self.device)
+
+    def send(self, t, peer: int) -> None:
+        import torch.distributed as dist
+
+        dist.send(t.to(self.comm), peer)
+
+    def recv(self, t, peer: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        buf = t if t.device == self.comm else torch.empty_like(t, device=self.comm)
+        dist.irecv(buf, peer).wait(self.timeout)
+        if buf is not t:
+            t.copy_(buf)
+        self.sync()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self, group=None) -> None:
+        import torch.distributed as dist
+
+        if self.nccl:
+            dist.barrier(group=group, device_ids=[self.device.index or 0])
+        else:
+            dist.barrier(group=group)
 
 
 def _ping_pong(job: ProfileJob, report) -> list[dict]:
     """Every pair of devices in turn: one-way time of each message size (half a round trip)."""
     import torch
-    import torch.distributed as dist
 
     links = []
     world = len(job.devices)
-    timeout = timedelta(seconds=job.timeout_s)
+    wire = _Wire(job, timedelta(seconds=job.timeout_s))
     for i in range(world):
         for j in range(i + 1, world):
-            dist.barrier()
+            wire.barrier()
             if job.rank not in (i, j):
                 continue
             peer = j if job.rank == i else i
             one_way = []
             for size in job.link_sizes:
-                hdr = torch.zeros(5, dtype=torch.int64)
-                buf = torch.zeros(size, dtype=torch.uint8)
+                hdr = wire.tensor(5, torch.int64)
+                buf = wire.tensor(size)
+                wire.sync()
                 times = []
                 for rep in range(2 + job.link_repeats):
                     if job.rank == i:
                         t0 = time.perf_counter()
-                        dist.send(hdr, peer)
-                        dist.send(buf, peer)
-                        dist.irecv(hdr, peer).wait(timeout)
-                        dist.irecv(buf, peer).wait(timeout)
+                        wire.send(hdr, peer)
+                        wire.send(buf, peer)
+                        wire.recv(hdr, peer)
+                        wire.recv(buf, peer)
                         if rep >= 2:
                             times.append((time.perf_counter() - t0) / 2)
                     else:
-                        dist.irecv(hdr, peer).wait(timeout)
-                        dist.irecv(buf, peer).wait(timeout)
-                        dist.send(hdr, peer)
-                        dist.send(buf, peer)
+                        wire.recv(hdr, peer)
+                        wire.recv(buf, peer)
+                        wire.send(hdr, peer)
+                        wire.send(buf, peer)
                 # The lower quartile: a round trip only gets slower when the peer waits for a
                 # CPU, so the low end is what the link costs on a quiet machine.
                 one_way.append(float(np.percentile(times, 25)) if times else 0.0)
@@ -236,7 +323,7 @@ def _ping_pong(job: ProfileJob, report) -> list[dict]:
                 links.append({"between": [job.devices[i], job.devices[j]], "sizes_bytes": list(job.link_sizes),
                               "one_way_s": one_way})
             report("link", 1)
-    dist.barrier()
+    wire.barrier()
     return links
 
 
@@ -250,17 +337,19 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     import torch.distributed as dist
 
     out = []
+    wire = _Wire(job, timedelta(seconds=job.timeout_s))
     for ranks in job.tp_groups:
         group = dist.new_group(ranks)  # collective: every process creates every group, in order
         if job.rank in ranks:
             secs = []
             for size in job.link_sizes:
-                x = torch.zeros(max(size // 4, 1), dtype=torch.float32)
+                x = wire.tensor(max(size // 4, 1), torch.float32)  # on the device, as a stage reduces it
                 times = []
                 for rep in range(2 + job.link_repeats):
-                    dist.barrier(group=group)
+                    wire.barrier(group)
                     t0 = time.perf_counter()
                     dist.all_reduce(x, group=group)
+                    wire.sync()
                     if rep >= 2:
                         times.append(time.perf_counter() - t0)
                 # the median: a collective waits for its slowest member, and so does a real run
@@ -269,7 +358,7 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
                 out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": list(job.link_sizes),
                             "seconds": secs})
         report("link", 1)
-        dist.barrier()
+        wire.barrier()
     return out
 
 
@@ -294,7 +383,7 @@ def profile_worker(job: ProfileJob, q) -> None:
         if job.measure_links and len(job.devices) > 1:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo", init_method=job.init_method, rank=job.rank,
+            dist.init_process_group(job.backend, init_method=job.init_method, rank=job.rank,
                                     world_size=len(job.devices), timeout=timedelta(seconds=job.timeout_s))
             links = _ping_pong(job, report)
             all_reduces = _all_reduces(job, report)
@@ -351,11 +440,16 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     ``on_spawn(pids)`` is told the worker pids (tests use it to kill a run midway)."""
     from hpipe.progress import progress
 
+    from hpipe.runtime.launcher import backend_for, placement_of
+
     why = emulation.emulation_unsupported(setup)
     if why:
         raise HpipeError(f"cannot profile {setup.name} as its scenario describes it: {why}")
     grid = grid or default_grid(setup, quick=quick)
     devices = setup.cluster.device_ids
+    # Each device where it runs for real (a cuda:N this machine lacks is an input error, as in execute).
+    torch_devices = [placement_of(setup, d).device for d in devices]
+    backend = backend_for(torch_devices)
     sizes = link_sizes(setup)
     by_host: dict[str, list[int]] = {}
     for r, d in enumerate(devices):
@@ -372,6 +466,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            grid=grid, warmup=warmup, repeats=repeats, placement=em.worker(d),
                            init_method=f"tcp://{master}:{port}", link_sizes=sizes, link_repeats=link_repeats,
                            measure_links=measure_links, tp_groups=tp_groups, timeout_s=min(timeout_s, 300.0),
+                           torch_device=torch_devices[r], backend=backend,
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"})
                 for r, d in enumerate(devices)]
         procs = [ctx.Process(target=profile_worker, args=(j, q), name=f"hpipe-profile-{j.rank}", daemon=True)

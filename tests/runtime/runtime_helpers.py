@@ -16,19 +16,20 @@ TINY_GPT = {"family": "gpt", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff":
             "max_seq_len": 128}
 
 
-def tiny_setup(model=None, seq_len=48, batch_size=3, dtype="float32", **extra):
+def tiny_setup(model=None, seq_len=48, batch_size=3, dtype="float32", devices=None, **extra):
     data = {"name": "tiny", "model": model or TINY_LLAMA, "dtype": dtype,
             "workload": {"seq_len": seq_len, "batch_size": batch_size},
-            "cluster": {"hosts": [{"name": "local", "devices": [CORE],
+            "cluster": {"hosts": [{"name": "local", "devices": devices or [CORE],
                                    "interconnect": {"bandwidth_gbps": 20, "latency_us": 50}}]},
             "planner": {"kind": "hpipe", "token_granularity": 8}, **extra}
     return parse_scenario(data, "tiny.yaml").resolve()
 
 
 def plan(stages, slices, micro_batches=1, planner="hand"):
-    """stages: [(device numbers, (start, end))]."""
+    """stages: [(device numbers or names, (start, end))]; a number d is local/core-d."""
     return Plan(planner=planner, scenario="tiny",
-                stages=[Stage(devices=[f"local/core-{d}" for d in devs], units=units) for devs, units in stages],
+                stages=[Stage(devices=[f"local/core-{d}" if isinstance(d, int) else f"local/{d}" for d in devs],
+                              units=units) for devs, units in stages],
                 slices=slices, micro_batches=micro_batches)
 
 
