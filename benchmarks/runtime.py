@@ -1,24 +1,27 @@
-"""Pipelined execution on this machine's CPU against the whole model in one process.
+"""Pipelined execution on this machine against the whole model in one process.
 
 For ``scenarios/local-cpu.yaml`` (small-llama, 2 x 512 tokens, two one-thread
-workers) it prints, per plan:
+workers) or, where a GPU is, ``scenarios/local-cpu-gpu.yaml`` (one CPU core
+and cuda:0: plans that mix a CPU and a GPU stage) it prints, per plan:
 
 * measured latency of the pipelined run (median of ``--repeats`` runs, each
   after a warm-up pass), and the single-process latency of the whole model on
-  one thread (one core, like one worker) and on all threads;
+  each of the scenario's first two devices (and on all CPU threads);
 * the *ideal* pipelined latency: the exact pipeline recurrence over the
   measured compute times of every stage and item, with free transfers;
 * the share of the latency outside layer compute: bubbles (ideal minus the
   busiest device's compute) and framework overhead (measured minus ideal:
   transfers, receive/send bookkeeping, process scheduling).
 
-    PYTHONPATH=. python benchmarks/runtime_cpu.py [--repeats 3] [--scenario scenarios/local-cpu.yaml]
+    PYTHONPATH=. python benchmarks/runtime.py [--repeats 3] [--scenario scenarios/local-cpu.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -26,30 +29,37 @@ import torch
 
 from hpipe.plan import Plan, Stage
 from hpipe.runtime.launcher import execute, make_ids, runtime_spec
-from hpipe.runtime.model import full_forward
+from hpipe.runtime.model import build_units, make_caches, run_units
 from hpipe.runtime.weights import RandomWeights
 from hpipe.scenario import load_scenario
 
 
-def single_process_s(setup, ids, threads: int, slices=None, repeats: int = 3) -> float:
+def single_process_s(setup, ids, threads: int, device: str = "cpu", slices=None, repeats: int = 3) -> float:
+    """Median seconds of the whole model in this process on ``device``, slice by slice."""
     torch.set_num_threads(threads)
     spec = runtime_spec(setup)
     w = RandomWeights(spec)
-    t_ids = torch.from_numpy(ids)
-    full_forward(spec, w, t_ids, dtype=setup.dtype, slices=slices)  # warm-up
+    t_ids = torch.from_numpy(ids).to(device)
+    units = build_units(spec, 0, spec.n_units, w, dtype=setup.dtype, device=device)
     times = []
-    from hpipe.runtime.model import build_units, make_caches, run_units
-    units = build_units(spec, 0, spec.n_units, w, dtype=setup.dtype)
-    for _ in range(repeats):
+    for rep in range(repeats + 1):  # the first is a warm-up
         caches = make_caches(units, *t_ids.shape)
+        _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             pos = 0
             for n in (slices or [t_ids.shape[1]]):
                 run_units(units, t_ids[:, pos:pos + n], pos, caches)
                 pos += n
-        times.append(time.perf_counter() - t0)
+        _sync(device)
+        if rep:
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def ideal_latency_s(result) -> tuple[float, float]:
@@ -73,32 +83,38 @@ def ideal_latency_s(result) -> tuple[float, float]:
     return float(finish[-1, -1]), max(busy.values())
 
 
-def hand_plans(setup) -> list[Plan]:
+def hand_plans(setup, share0: float | None = None) -> list[Plan]:
+    """Plans over the scenario's first two devices.  ``share0``: the share of the blocks the
+    first device gets when the two differ in speed (None: the same kind of device)."""
     n = setup.n_units
     devs = setup.cluster.device_ids[:2]
-    half = n // 2 + 1  # the head (vocab projection) is heavy: give stage 0 one unit more
+    if share0 is None:
+        cut = n // 2 + 1  # the head (vocab projection) is heavy: give stage 0 one unit more
+    else:
+        cut = min(max(1, 1 + 2 * round((n - 2) / 2 * share0)), n - 1)  # the embedding, then whole blocks
     even = [setup.seq_len // 4] * 4
     g = setup.granularity
     # later slices attend to a longer prefix: make them shorter (the HPipe idea, by hand)
     shrinking = [6 * g, 5 * g, 3 * g, 2 * g]
     shrinking[0] += setup.seq_len - sum(shrinking)
-    two = [Stage(devices=[devs[0]], units=(0, half)), Stage(devices=[devs[1]], units=(half, n))]
+    two = [Stage(devices=[devs[0]], units=(0, cut)), Stage(devices=[devs[1]], units=(cut, n))]
     out = [
         Plan(planner="base (1 slice)", scenario=setup.name, stages=two, slices=[setup.seq_len]),
         Plan(planner="4 even slices", scenario=setup.name, stages=two, slices=even),
         Plan(planner="4 shrinking slices", scenario=setup.name, stages=two, slices=shrinking),
         Plan(planner=f"{setup.batch_size} micro-batches", scenario=setup.name, stages=two,
              slices=[setup.seq_len], micro_batches=setup.batch_size),
-        Plan(planner="tensor parallel x2", scenario=setup.name,
-             stages=[Stage(devices=devs, units=(0, n))], slices=[setup.seq_len]),
     ]
-    try:  # the planners' own plans, once they exist
+    if share0 is None:  # tensor parallelism over a CPU and a GPU would only wait for the CPU
+        out.append(Plan(planner="tensor parallel x2", scenario=setup.name,
+                        stages=[Stage(devices=devs, units=(0, n))], slices=[setup.seq_len]))
+    try:  # the planners' own plans (the scenario's cost model)
         from hpipe.planners import make_plan
 
         for name in ("hpipe", "terapipe", "gpipe"):
             out.append(make_plan(setup, name))
-    except Exception:
-        pass
+    except Exception as e:
+        print(f"planners skipped: {e}")
     return [p.check(setup) for p in out]
 
 
@@ -109,23 +125,44 @@ def main() -> None:
     args = ap.parse_args()
     setup = load_scenario(args.scenario).resolve()
     ids = make_ids(setup)
+    first_two = setup.cluster.devices[:2]
+    where = [(d.runtime_device, d.placement.threads if d.placement else 1) for d in first_two]
+    if any(dev.startswith("cuda") for dev, _ in where) and not torch.cuda.is_available():
+        sys.exit(f"{args.scenario}: runs a stage on a GPU, and torch sees no CUDA device here")
+    gpus = [torch.cuda.get_device_name(dev) for dev, _ in where if dev.startswith("cuda")]
     print(f"{setup.name}: {setup.model.name} ({setup.model.param_count() / 1e6:.1f}M params), batch "
-          f"{setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}, torch {torch.__version__}")
+          f"{setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}, torch {torch.__version__}"
+          + (f", {', '.join(gpus)}" if gpus else ""))
 
-    plans = hand_plans(setup)
+    mixed = len(set(where)) > 1
+    share0 = None
+    if mixed:  # give each device blocks in proportion to its speed
+        t0, t1 = (single_process_s(setup, ids, threads, dev, repeats=1) for dev, threads in where)
+        share0 = t1 / (t0 + t1)
+    plans = hand_plans(setup, share0)
     # This machine may be shared: measure the single process and every plan in turn, once per
     # round, so a change of background load hits all of them alike; report medians over rounds.
-    singles, two_threads, runs = [], [], {p.planner: [] for p in plans}
+    refs = {w: [] for w in dict.fromkeys(where)}
+    all_threads = []
+    runs = {p.planner: [] for p in plans}
     for _ in range(args.repeats):
-        singles.append(single_process_s(setup, ids, threads=1, repeats=1))
-        two_threads.append(single_process_s(setup, ids, threads=2, repeats=1))
+        for (dev, threads), ts in refs.items():
+            ts.append(single_process_s(setup, ids, threads, dev, repeats=1))
+        if not mixed:
+            all_threads.append(single_process_s(setup, ids, len(os.sched_getaffinity(0)), repeats=1))
+        best = min(ts[-1] for ts in refs.values())
         for p in plans:
             r = execute(setup, p, quiet=True, warmup=1, timeout_s=120)
-            runs[p.planner].append((r, singles[-1]))
-    one = statistics.median(singles)
-    print(f"single process, whole model, 1 thread:  {one * 1e3:8.1f} ms  (rounds: "
-          f"{', '.join(f'{t * 1e3:.0f}' for t in singles)})")
-    print(f"single process, whole model, 2 threads: {statistics.median(two_threads) * 1e3:8.1f} ms")
+            runs[p.planner].append((r, best))
+    for (dev, threads), ts in refs.items():
+        print(f"single process, whole model, {dev} {threads} thread(s): {statistics.median(ts) * 1e3:8.1f} ms  "
+              f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in ts)})")
+    if all_threads:
+        print(f"single process, whole model, all threads: {statistics.median(all_threads) * 1e3:8.1f} ms")
+    ref_dev, ref_threads = min(refs, key=lambda w: statistics.median(refs[w]))
+    one = statistics.median(refs[(ref_dev, ref_threads)])
+    if mixed:
+        print(f"split by speed: the first device ({where[0][0]}) gets {share0:.1%} of the work")
     print()
     hdr = (f"{'plan':<22}{'measured ms':>12}{'ideal ms':>10}{'speed-up':>9}{'busiest':>9}"
            f"{'bubbles':>9}{'overhead':>9}{'ms/item':>8}{'1-proc sliced ms':>17}")
@@ -137,16 +174,17 @@ def main() -> None:
         r = sorted(rs, key=lambda x: x[0].latency_s)[len(rs) // 2][0]
         ideal, busiest = ideal_latency_s(r)
         lat = r.latency_s
-        sliced = single_process_s(setup, ids, 1, slices=p.slices, repeats=1) if len(p.slices) > 1 else one
+        sliced = (single_process_s(setup, ids, ref_threads, ref_dev, slices=p.slices, repeats=1)
+                  if len(p.slices) > 1 else one)
         print(f"{p.planner:<22}{lat * 1e3:12.1f}{ideal * 1e3:10.1f}{speedup:8.2f}x{busiest / lat:9.1%}"
               f"{(ideal - busiest) / lat:9.1%}{(lat - ideal) / lat:9.1%}"
               f"{(lat - ideal) * 1e3 / (p.micro_batches * len(p.slices)):8.2f}{sliced * 1e3:17.1f}")
     print()
-    print("speed-up: median over rounds of single-process one-thread latency / pipelined latency")
-    print("(two one-thread workers); the other columns are from the median run of each plan.")
+    print("speed-up: median over rounds of the single-process latency on the faster of the two devices /")
+    print("pipelined latency; the other columns are from the median run of each plan.")
     print("busiest: compute share of the busiest device; bubbles: (ideal - busiest) / measured;")
     print("overhead: (measured - ideal) / measured, the framework's share (transfers, send/recv, scheduling);")
-    print("ms/item: that overhead per work item.  1-proc sliced: one process, one thread, same slices.")
+    print("ms/item: that overhead per work item.  1-proc sliced: one process on the faster device, same slices.")
 
 
 if __name__ == "__main__":
