@@ -92,6 +92,22 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
         pytest.approx(lat + 65536 * per_byte)
 
 
+def test_chain_outweighs_the_cache():
+    import torch
+
+    from hpipe.models import get_model
+    from hpipe.runtime.profiler import CHAIN_MIN_BLOCKS, chain_blocks, last_level_cache_bytes
+
+    spec = get_model("small-llama")
+    block_bytes = sum(u.weight_bytes(4) for u in spec.units()[1:3])
+    assert chain_blocks(spec, "float32", 0) == CHAIN_MIN_BLOCKS
+    n = chain_blocks(spec, "float32", 32 << 20)  # a 32 MB L3: blocks worth 64 MB or more
+    assert n * block_bytes >= 64 << 20 and (n - 1) * block_bytes < 64 << 20
+    assert chain_blocks(spec, "float32", 1 << 40) == spec.n_layers  # never more than the model has
+    assert chain_blocks(spec, "float16", 32 << 20) > n  # half the bytes per block: more blocks
+    assert last_level_cache_bytes(torch.device("cpu")) >= 0
+
+
 def test_validate_json_contract(tiny):
     path, _, _ = tiny
     r = run_cli("validate", str(path), "--planners", "hpipe,base", "--random", "1", "--json", "-", "--quiet")

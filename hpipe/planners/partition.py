@@ -290,7 +290,6 @@ def minsum_dp(smats, links, caps):
     A = np.full((E, M, U + 1), INF)
     argk = np.zeros((E, M, U + 1), int)
     src = np.full((E, M, U + 1), -1)
-    cols = np.arange(U + 1)
     for m in range(M):
         B = np.full((E, U + 1), INF)
         B[:, 0] = 0.0

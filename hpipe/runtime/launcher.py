@@ -146,8 +146,19 @@ def placement_of(setup, dev_id: str, usable_cores=None) -> _Placement:
                       cpu_quota=getattr(p, "cpu_quota", None) if p is not None else None)
 
 
-def placements(setup, plan) -> list[_Placement]:
-    return [placement_of(setup, d) for d in plan.devices]
+def placements(setup, device_ids) -> list[_Placement]:
+    """Where each of ``device_ids`` runs here; two of them on one GPU is an input error
+    (NCCL refuses two ranks on one device, and they would share its memory and time)."""
+    out = [placement_of(setup, d) for d in device_ids]
+    seen: dict[str, str] = {}
+    for d, p in zip(device_ids, out):
+        if p.device.startswith("cuda"):
+            if p.device in seen:
+                raise InputError(f"{d} and {seen[p.device]} would both run on {p.device}; give each "
+                                 f"its own GPU (device: cuda:N)", file=setup.scenario.source_path,
+                                 field=f"device {d} runtime.device")
+            seen[p.device] = d
+    return out
 
 
 def stage_roles(spec, plan) -> list[tuple[tuple[int, ...], int, int]]:
@@ -302,7 +313,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
 
     spec = spec or setup.model
     devices = plan.devices
-    places = placements(setup, plan)
+    places = placements(setup, plan.devices)
     stages = stage_roles(spec, plan)
     backend = backend_for([p.device for p in places])
     port = _free_port()

@@ -197,6 +197,10 @@ class _Receiver:
                                                f"{w.describe(self.src_role)}, got header {got}")
             buf = w.new_activation_buffer(b, n)
             dist.irecv(buf, self.src).wait(timeout)
+            # on the stage's device before the stamp: a GPU stage's host-to-device copy (gloo)
+            # or the NCCL receive itself is part of the transfer, as the profile times it
+            x = w.as_activation(buf, b, n)
+            w.sync()
         except CommError:
             raise
         except Exception as e:
@@ -206,7 +210,7 @@ class _Receiver:
             raise CommError(self.src_role, f"receiving {what}: {_short(e)}") from e
         t_done = clock()
         self.records.append((mb, s, self.src_role, t_post, t_done, buf.numel() * buf.element_size()))
-        return buf
+        return buf, x
 
     def _loop(self):
         for item in self.items:
@@ -223,7 +227,8 @@ class _Receiver:
             if isinstance(out, BaseException) or self.stop.is_set():
                 return
 
-    def get(self) -> torch.Tensor:
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next item: as it came over the wire (to forward), and as the stage's input."""
         item = self.items[self._next]
         self._next += 1
         if not self.threaded:
@@ -294,25 +299,27 @@ class StageWorker:
             return torch.empty(b * n * d * self.dtype.itemsize, dtype=torch.uint8)
         return torch.empty(b, n, d, dtype=self.dtype, device=self.comm_device)
 
-    def _sync(self):
+    def sync(self):
+        # the compute stream only: a device-wide synchronize would also wait for NCCL sends
+        # still in flight on their own streams, and lose the send/compute overlap
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         t0 = clock()
         dist.all_reduce(x, group=self.group)
-        self._sync()
+        self.sync()
         self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))
         return x
 
     def _send(self, dst_role: int, item, y: torch.Tensor) -> None:
+        t = clock()  # a GPU stage's device-to-host copy (gloo) is part of the transfer
         hdr = torch.tensor(item, dtype=torch.int64, device=self.comm_device)
         if self.cfg.backend == "gloo":
             payload = y.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         else:
             payload = y.contiguous()
         dst = self.rank_of[dst_role]
-        t = clock()
         try:
             works = (dist.isend(hdr, dst), dist.isend(payload, dst))
         except Exception as e:
@@ -333,7 +340,7 @@ class StageWorker:
         except Exception as e:
             raise CommError(dst_role, f"sending to {self.describe(dst_role)}: {_short(e)}") from e
 
-    def _as_activation(self, buf: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    def as_activation(self, buf: torch.Tensor, b: int, n: int) -> torch.Tensor:
         if self.cfg.backend == "gloo":
             buf = buf.view(self.dtype).view(b, n, self.cfg.spec.d_model)
         return buf.to(self.device, non_blocking=False)
@@ -374,18 +381,17 @@ class StageWorker:
                 if recv is None:
                     x = ids[mb_start[mb]:mb_start[mb + 1], c:c + n].to(self.device)  # (b, n)
                 else:
-                    buf = recv.get()
+                    buf, x = recv.get()  # x: (b, n, D) on this stage's device
                     if self.stage > 0 and self.tp_rank == 0:
                         for peer in self.roles[1:]:  # the leader forwards the stage input to its peers
                             self._send(peer, item, buf)
-                    x = self._as_activation(buf, b, n)  # (b, n, D)
                 if mb not in self.caches:
                     self.caches[mb] = make_caches(self.units, b, sum(cfg.slices))
                 self._item = (mb, s)
                 t0 = clock()
                 with torch.inference_mode():
                     y = run_units(self.units, x, c, self.caches[mb])
-                self._sync()
+                self.sync()
                 self.events.append(("compute", mb, s, t0, clock(), 0))
                 if self.last_stage:
                     if self.tp_rank == 0:

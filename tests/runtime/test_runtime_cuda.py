@@ -7,6 +7,8 @@ every position's logits equal a single-process float32 forward on the CPU.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,11 @@ from hpipe.runtime.launcher import backend_for, execute, launch, make_ids, refer
 from runtime_helpers import CORE, plan, tiny_setup  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-TOL = 1e-4
+# float32 matmuls in full precision, as the CPU reference (torch's default); an NGC-style
+# environment that forces TF32 on cuBLAS only meets a looser bound
+TF32_FORCED = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1" or \
+    os.environ.get("NVIDIA_TF32_OVERRIDE", "0") != "0"
+TOL = 1e-2 if TF32_FORCED else 1e-4
 N = 6  # units of the tiny models: embed, 2 x (attn, mlp), head
 N_GPUS = torch.cuda.device_count()
 GPU = {"name": "gpu", "count": min(N_GPUS, 2), "peak_tflops": 20, "memory_gb": 8, "memory_bandwidth_gbps": 500,
@@ -28,8 +34,6 @@ GPU = {"name": "gpu", "count": min(N_GPUS, 2), "peak_tflops": 20, "memory_gb": 8
 
 @pytest.fixture(scope="module")
 def mixed_setup():
-    # float32 matmuls exactly (no TF32), as the reference computes them
-    torch.backends.cuda.matmul.allow_tf32 = False
     return tiny_setup(devices=[dict(CORE, count=2), GPU])
 
 
@@ -59,6 +63,15 @@ def test_execute_mixed_result(mixed_setup):
     assert r.peak_memory_mb["local/gpu-0"] > 0
     computes = [e for e in r.events if e.kind == "compute" and e.device == "local/gpu-0"]
     assert len(computes) == len(p.slices) and all(e.end_s > e.start_s for e in computes)
+
+
+def test_two_stages_on_one_gpu_is_an_input_error():
+    from hpipe.errors import InputError
+    from hpipe.runtime.launcher import placements
+
+    setup = tiny_setup(devices=[dict(GPU, count=1), dict(GPU, name="other", count=1)])  # both cuda:0
+    with pytest.raises(InputError, match=r"local/other-0 and local/gpu-0 would both run on cuda:0"):
+        placements(setup, setup.cluster.device_ids)
 
 
 @pytest.mark.skipif(N_GPUS < 2, reason="NCCL between GPUs needs two")

@@ -135,10 +135,10 @@ def test_placement_errors_are_input_errors():
     p = plan([([0], (0, 3)), ([1], (3, N))], [48]).check(setup)
     if torch.cuda.device_count() < 8:
         with pytest.raises(InputError, match=r"device local/core-1 runtime.device.*cuda:7, but this machine has"):
-            placements(setup, p)
+            placements(setup, p.devices)
     object.__setattr__(d, "placement", d.placement.model_copy(update={"device": "cpu", "cores": [4096]}))
     with pytest.raises(InputError, match=r"cores \[4096\] are not available here"):
-        placements(setup, p)
+        placements(setup, p.devices)
 
 
 def test_weights_that_do_not_match_the_scenario(tmp_path):
