@@ -136,6 +136,25 @@ def test_fitted_model_in_a_scenario(tmp_path):
     assert t_1 / 2 < t_tp < t_1
 
 
+def test_timed_shards_replace_the_estimate(tmp_path):
+    # a profile whose tensor-parallel shards (tp=2) take 0.65 of the unit, as measured on two
+    # CPU cores, where the estimate from whole units says about half
+    prof = synthetic_profile(noise=0.0)
+    for d in prof["devices"]:
+        d["shards"] = [{"tp": 2, "units": {k: dict(d["units"][k], seconds=[0.65 * t for t in d["units"][k]["seconds"]])
+                                           for k in ("attn", "mlp")}}]
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    mlp, n = setup.units[2], np.array([32, 128, 512])
+    whole = setup.cost.unit_time_s(mlp, "local/core-0", n, 0, 2)
+    np.testing.assert_allclose(setup.cost.unit_time_s(mlp, "local/core-0", n, 0, 2, tp=2), 0.65 * whole, rtol=1e-3)
+    # a degree the profile did not time: the estimate, fixed cost plus 1/tp of the rest
+    t4 = setup.cost.unit_time_s(mlp, "local/core-0", n, 0, 2, tp=4)
+    fixed = TRUE["mlp"]["1"]
+    np.testing.assert_allclose(t4, fixed + (whole - fixed) / 4, rtol=1e-3)
+    # the hold-out report covers the shards
+    assert "mlp/tp2" in setup.cost.fit_report()["local/core-0"]
+
+
 def test_stage_compute_adds_item_overhead(tmp_path):
     prof = synthetic_profile(noise=0.0)
     prof["devices"][0]["item_overhead_s"] = 0.01

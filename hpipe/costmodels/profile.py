@@ -99,6 +99,14 @@ class UnitSamples(_Strict):
         return self
 
 
+class ShardSamples(_Strict):
+    """A tensor-parallel shard's units: rank 0's 1/tp of each attention and MLP unit, timed as a
+    stage of tp devices runs it (its all-reduce is timed apart, in ``Profile.all_reduces``)."""
+
+    tp: int = Field(ge=2)
+    units: dict[Literal["attn", "mlp"], UnitSamples]
+
+
 class DeviceProfile(_Strict):
     device: str
     """Scenario device id (HOST/NAME-i) the measurements were taken on."""
@@ -107,6 +115,9 @@ class DeviceProfile(_Strict):
     placement: dict[str, Any] = {}
     """The runtime placement measured under (threads, cores, cpu_quota)."""
     units: dict[Literal["embed", "attn", "mlp", "head"], UnitSamples]
+    shards: list[ShardSamples] = []
+    """Tensor-parallel shards, for the degree of the device's host (absent: a shard is
+    estimated as the unit's fixed cost plus 1/tp of the rest)."""
     item_overhead_s: NonNegativeFloat = 0.0
     """Per work item and stage, beyond its units: the stage loop's own bookkeeping."""
     cpu_share: float | None = None

@@ -55,8 +55,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, DeviceProfile, EmulatedLink, Hardware,
-                                      LinkProfile, Profile,
-                                      Settings, UnitSamples, Versions)
+                                      LinkProfile, Profile, Settings, ShardSamples, UnitSamples,
+                                      Versions)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.runtime import emulation
 
@@ -135,6 +135,9 @@ class ProfileJob:
     all-reduce is timed."""
     torch_device: str = "cpu"
     """Where this device's units run: cpu or cuda:N (the scenario's runtime.device)."""
+    tp: int = 1
+    """Devices of this device's host: the tensor-parallel degree of the stage the planners
+    give a host, whose shards are timed too (1: none)."""
     backend: str = "gloo"
     """The torch.distributed backend the runtime would join these devices with."""
     timeout_s: float = 120.0
@@ -155,11 +158,12 @@ def _spread(xs) -> float:
     return float((q75 - q25) / q50) if q50 > 0 else 0.0
 
 
-def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]:
-    """Samples per unit kind, and the share of wall time this process had a CPU (None on a GPU)."""
+def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], float | None]:
+    """Samples per unit kind, per tensor-parallel shard kind, and the share of wall time this
+    process had a CPU (None on a GPU)."""
     import torch
 
-    from hpipe.runtime.model import build_units, make_caches
+    from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel, make_caches
     from hpipe.runtime.weights import RandomWeights
 
     spec = job.spec
@@ -170,60 +174,76 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], float | None]
     n_blocks = chain_blocks(spec, job.dtype, last_level_cache_bytes(device))
     # The chain: embedding, the first n_blocks blocks, the head -- the very modules a stage builds.
     all_units = spec.units()
-    idx = [0] + list(range(1, 1 + 2 * n_blocks)) + [len(all_units) - 1]
+    blocks = list(range(1, 1 + 2 * n_blocks))
     source = RandomWeights(spec, seed=0)
-    units = []
-    for i in idx:
-        units += build_units(spec, i, i + 1, source, dtype=job.dtype, device=device)
-    samples: dict[str, dict[tuple, list]] = {k: {} for k in ("embed", "attn", "mlp", "head")}
-    cpu_samples: dict[str, dict[tuple, list]] = {k: {} for k in samples}
+    chains = {1: [u for i in [0] + blocks + [len(all_units) - 1]
+                  for u in build_units(spec, i, i + 1, source, dtype=job.dtype, device=device)]}
+    if job.tp > 1 and check_tensor_parallel(spec, job.tp) is None:
+        # Rank 0's shard of each block, as a tensor-parallel stage of job.tp devices runs it (the
+        # all-reduce is timed apart): on two CPU cores a shard took 65% of a unit, not half.
+        chains[job.tp] = [u for i in blocks for u in build_units(
+            spec, i, i + 1, source, dtype=job.dtype, device=device, tp_rank=0, tp_size=job.tp,
+            all_reduce=lambda x: x)]
+    samples: dict[tuple, dict[tuple, list]] = {}  # (tp, kind) -> point -> seconds
+    cpu_samples: dict[tuple, dict[tuple, list]] = {}
     g = torch.Generator().manual_seed(0)
     g_dev = torch.Generator(device=device).manual_seed(0)  # fills caches where they live
     wall_cpu = [0.0, 0.0]  # seconds of wall clock and of this thread's CPU time in timed calls
-    caches_by_b = {}
+    caches = {}
     with torch.inference_mode():
-        for b in sorted({b for _, _, b in job.grid.points}):
-            caches = make_caches(units, b, job.seq_len)
-            for cache in caches.values():  # fill: uninitialised memory may hold NaNs or denormals
-                cache.k.normal_(generator=g_dev)
-                cache.v.normal_(generator=g_dev)
-            caches_by_b[b] = caches
+        for tp, units in chains.items():
+            for b in sorted({b for _, _, b in job.grid.points}):
+                caches[(tp, b)] = make_caches(units, b, job.seq_len)
+                for cache in caches[(tp, b)].values():  # uninitialised memory may hold NaNs or denormals
+                    cache.k.normal_(generator=g_dev)
+                    cache.v.normal_(generator=g_dev)
         # Passes over the whole grid, not repeats of one point back to back: a burst of
         # load from another process then spoils one sample of many points, which the
         # trimmed mean drops, instead of every sample of a few points.
         ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g).to(device) for p in job.grid.points}
+        hidden = {p: torch.randn(p[2], p[0], spec.d_model, generator=g).to(device, TORCH_DTYPES[job.dtype])
+                  for p in job.grid.points} if len(chains) > 1 else {}
         for rep in range(job.warmup + job.repeats):
             for (n, c, b) in job.grid.points:
                 x = ids[(n, c, b)]
-                caches = caches_by_b[b]
-                if gpu:
-                    times = _gpu_chain(units, x, c, caches)
-                    cpu_times = [None] * len(units)
-                else:
-                    times, cpu_times = [], []
-                    for u in units:
-                        t0, cpu0 = time.perf_counter(), time.thread_time()
-                        x = u(x, c, caches.get(u.unit.index))
-                        times.append(time.perf_counter() - t0)
-                        cpu_times.append(time.thread_time() - cpu0)
-                if rep < job.warmup:
-                    continue
-                for u, dt, dcpu in zip(units, times, cpu_times):
-                    samples[u.unit.kind].setdefault((n, c, b), []).append(dt)
-                    if dcpu is not None:
-                        cpu_samples[u.unit.kind].setdefault((n, c, b), []).append(dcpu)
-                        wall_cpu[0] += dt
-                        wall_cpu[1] += dcpu
+                for tp, units in chains.items():
+                    inp = x if tp == 1 else hidden[(n, c, b)]  # shard chains start at a block
+                    times, cpu_times = (_gpu_chain if gpu else _cpu_chain)(units, inp, c, caches[(tp, b)])
+                    if rep < job.warmup:
+                        continue
+                    for u, dt, dcpu in zip(units, times, cpu_times):
+                        samples.setdefault((tp, u.unit.kind), {}).setdefault((n, c, b), []).append(dt)
+                        if dcpu is not None:
+                            cpu_samples.setdefault((tp, u.unit.kind), {}).setdefault((n, c, b), []).append(dcpu)
+                            wall_cpu[0] += dt
+                            wall_cpu[1] += dcpu
             report("progress", rep + 1)
-    out = {}
-    for kind, by_point in samples.items():
+
+    def summary(key) -> dict:
+        by_point = samples[key]
         pts = sorted(by_point)
-        out[kind] = {"n": [p[0] for p in pts], "c": [p[1] for p in pts], "b": [p[2] for p in pts],
-                     "seconds": [_trimmed_mean(by_point[p]) for p in pts],
-                     "spread": [_spread(by_point[p]) for p in pts]}
-        if not gpu:  # thread_time ticks coarser than a tiny call can take: never report zero
-            out[kind]["cpu_seconds"] = [max(_trimmed_mean(cpu_samples[kind][p]), 1e-7) for p in pts]
-    return out, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
+        out = {"n": [p[0] for p in pts], "c": [p[1] for p in pts], "b": [p[2] for p in pts],
+               "seconds": [_trimmed_mean(by_point[p]) for p in pts],
+               "spread": [_spread(by_point[p]) for p in pts]}
+        if key in cpu_samples:  # thread_time ticks coarser than a tiny call can take: never report zero
+            out["cpu_seconds"] = [max(_trimmed_mean(cpu_samples[key][p]), 1e-7) for p in pts]
+        return out
+
+    units_out = {kind: summary((1, kind)) for kind in ("embed", "attn", "mlp", "head")}
+    shards = [{"tp": tp, "units": {kind: summary((tp, kind)) for kind in ("attn", "mlp")}}
+              for tp in chains if tp > 1]
+    return units_out, shards, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
+
+
+def _cpu_chain(units, x, c, caches) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each unit of the chain, each call timed on its own."""
+    times, cpu_times = [], []
+    for u in units:
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        x = u(x, c, caches.get(u.unit.index))
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.thread_time() - cpu0)
+    return times, cpu_times
 
 
 def last_level_cache_bytes(device) -> int:
@@ -254,9 +274,9 @@ def chain_blocks(spec, dtype: str, cache_bytes: int) -> int:
     return max(1, min(spec.n_layers, max(CHAIN_MIN_BLOCKS, need)))
 
 
-def _gpu_chain(units, x, c, caches) -> list[float]:
+def _gpu_chain(units, x, c, caches) -> tuple[list[float], list[None]]:
     """Seconds of each unit of the chain on the GPU: CUDA events between the units, one
-    synchronisation at the end, as a stage runs its units back to back."""
+    synchronisation at the end, as a stage runs its units back to back (no CPU time)."""
     import torch
 
     events = [torch.cuda.Event(enable_timing=True) for _ in range(len(units) + 1)]
@@ -266,7 +286,7 @@ def _gpu_chain(units, x, c, caches) -> list[float]:
         x = u(x, c, caches.get(u.unit.index))
         ev.record()
     torch.cuda.synchronize()
-    return [a.elapsed_time(b) * 1e-3 for a, b in zip(events, events[1:])]
+    return [a.elapsed_time(b) * 1e-3 for a, b in zip(events, events[1:])], [None] * len(units)
 
 
 class _Wire:
@@ -412,7 +432,7 @@ def profile_worker(job: ProfileJob, q) -> None:
         def report(kind, k):
             q.put((kind, job.rank, k))
 
-        units, cpu_share = _time_units(job, report)
+        units, shards, cpu_share = _time_units(job, report)
         links, all_reduces = [], []
         if job.measure_links and len(job.devices) > 1:
             import torch.distributed as dist
@@ -421,7 +441,7 @@ def profile_worker(job: ProfileJob, q) -> None:
                                     world_size=len(job.devices), timeout=timedelta(seconds=job.timeout_s))
             links = _ping_pong(job, report)
             all_reduces = _all_reduces(job, report)
-        q.put(("done", job.rank, {"units": units, "links": links, "all_reduces": all_reduces,
+        q.put(("done", job.rank, {"units": units, "shards": shards, "links": links, "all_reduces": all_reduces,
                                   "cpu_share": cpu_share}))
     except BaseException as e:
         q.put(("error", job.rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
@@ -501,6 +521,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            init_method=f"tcp://{master}:{port}", link_sizes=sizes, link_repeats=link_repeats,
                            measure_links=measure_links, tp_groups=tp_groups, timeout_s=timeout_s,
                            torch_device=torch_devices[r], backend=backend,
+                           tp=len(by_host[setup.cluster.device(d).host]),
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"})
                 for r, d in enumerate(devices)]
         procs = [ctx.Process(target=profile_worker, args=(j, q), name=f"hpipe-profile-{j.rank}", daemon=True)
@@ -567,6 +588,9 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
         placement = p.model_dump(exclude_none=True) if p is not None else {"threads": 1}
         devs.append(DeviceProfile(device=d, label=dev.id.split("/", 1)[1].rsplit("-", 1)[0], placement=placement,
                                   units={k: UnitSamples(**v) for k, v in results[r]["units"].items()},
+                                  shards=[ShardSamples(tp=sh["tp"], units={k: UnitSamples(**v)
+                                                                           for k, v in sh["units"].items()})
+                                          for sh in results[r].get("shards", [])],
                                   cpu_share=results[r]["cpu_share"]))
     shaped = {frozenset(lk["between"]): lk for lk in emulated.get("links", [])}
     links = []
