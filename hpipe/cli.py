@@ -353,7 +353,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
              seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
              profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile, else profiles/NAME.json beside it")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
-             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (median)")] = 1,
+             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (the fastest is compared)")] = 1,
              timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
              basis: Annotated[Optional[str], typer.Option(help="fit on 'wall' or 'cpu' time (default: the scenario's, else wall)")] = None,
              quiet: QuietOpt = False):
