@@ -127,9 +127,13 @@ def test_validate_json_contract(tiny):
     assert data["profiled"] == []  # the module's profile was current: not measured again
 
 
-# The p90 bound on |error| that `hpipe validate` meets on this machine's CPU scenarios
-# (12% measured over 30 cases, README); the property below holds every random plan to it.
-VALIDATED_P90 = 0.20
+# The bound on |error| the property below holds every random plan to.  `hpipe validate`
+# measured p90 12-17% over 30 cases on this kind of VM (README); the test's quick profile
+# (3 sweeps of a coarse grid) adds its own noise: the same plan was simulated at 1.08 s and
+# 1.23 s from two quick profiles taken minutes apart, and errors of the same four plans ran
+# from -22% to +11% over repeated sessions.  30% still catches any real mistake of the
+# model (a unit or a slice ignored, a wrong link) while not failing on a busy neighbour.
+PROPERTY_BOUND = 0.30
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +177,8 @@ def small_plans(draw):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(plan=small_plans())
 def test_simulated_and_measured_latency_agree(local_cpu, plan):
-    """For random small plans the fitted simulator predicts the runtime's latency within the
-    validation's p90 -- the claim `hpipe validate` measures, held on plans no planner chose.
+    """For random small plans the fitted simulator predicts the runtime's latency within
+    PROPERTY_BOUND -- the claim `hpipe validate` measures, held on plans no planner chose.
     The measured latency is the fastest of three runs: on a shared 2-core VM runs stall by up
     to 30-40% when neighbours are busy (the same one-item plan measured 0.84, 0.87 and 1.09 s;
     the median of three once failed here), and the profile's CPU-time basis predicts the quiet
@@ -187,7 +191,7 @@ def test_simulated_and_measured_latency_agree(local_cpu, plan):
     plan = plan.check(setup)
     sim = simulate(setup, plan).latency_s
     measured = min(execute(setup, plan, quiet=True, timeout_s=60).latency_s for _ in range(3))
-    assert abs(sim - measured) / measured <= VALIDATED_P90, (plan, sim, measured)
+    assert abs(sim - measured) / measured <= PROPERTY_BOUND, (plan, sim, measured)
 
 
 def test_validate_profiles_where_missing(tmp_path):
