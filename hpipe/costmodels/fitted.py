@@ -168,10 +168,8 @@ class FittedConfig(CostModelConfig):
     devices only; others keep wall time.  wall: the measured wall-clock times."""
 
 
-def basis_samples(dp: DeviceProfile, kind: str, basis: str, s: UnitSamples | None = None) -> UnitSamples:
-    """The samples a fit uses (``dp.units[kind]`` unless ``s`` is given): measured wall time,
-    or CPU time scaled by the quota."""
-    s = dp.units[kind] if s is None else s
+def basis_samples(dp: DeviceProfile, s: UnitSamples, basis: str) -> UnitSamples:
+    """The samples a fit on ``dp``'s ``s`` uses: measured wall time, or CPU time scaled by the quota."""
     threads = int(dp.placement.get("threads", 1) or 1)
     if basis == "wall" or not s.cpu_seconds or threads != 1:
         return s
@@ -204,17 +202,14 @@ class Fitted(CostModel):
         self._device_profile: dict[str, DeviceProfile] = {}
         for d in self.cluster.devices:
             self._device_profile[d.id] = self._match_device(d)
-        self._coef: dict[tuple, np.ndarray] = {}  # (device, kind) and, for shards, (device, kind, tp)
+        self._coef: dict[tuple[str, str, int], np.ndarray] = {}  # (device, kind, tp): tp 1 is a whole unit
         for dp in {id(p): p for p in self._device_profile.values()}.values():
             for kind in ("embed", "attn", "mlp", "head"):
                 if kind not in dp.units:
                     raise InputError(f"device {dp.device!r} has no '{kind}' measurements",
                                      file=str(self.profile_path), field="devices.units")
-                self._coef[(dp.device, kind)] = fit_samples(kind, basis_samples(dp, kind, config.basis))
-            for sh in dp.shards:
-                for kind, samples in sh.units.items():
-                    self._coef[(dp.device, kind, sh.tp)] = fit_samples(
-                        kind, basis_samples(dp, kind, config.basis, samples))
+            for kind, tp, samples in dp.all_samples():
+                self._coef[(dp.device, kind, tp)] = fit_samples(kind, basis_samples(dp, samples, config.basis))
         self._links: dict[frozenset, tuple[float, float]] = {}
         self.unmeasured_links: list[tuple[str, str]] = []
         for link in self.profile.links:
@@ -245,7 +240,7 @@ class Fitted(CostModel):
         shard = self._coef.get((dp.device, unit.kind, tp)) if tp > 1 else None
         if shard is not None:  # the shard itself was timed
             return np.asarray(predict(unit.kind, shard, n, c, b), float)
-        coef = self._coef[(dp.device, unit.kind)]
+        coef = self._coef[(dp.device, unit.kind, 1)]
         t = predict(unit.kind, coef, n, c, b)
         if tp > 1 and unit.kind in ("attn", "mlp"):
             # Not timed: a shard does 1/tp of the work but keeps the fixed overhead (optimistic:
@@ -321,14 +316,10 @@ def _placement_key(p) -> tuple:
 
 def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dict]]:
     """Hold-out error per device and unit kind (shards as "attn/tp2", ...)."""
-    out = {}
-    for dp in profile.devices:
-        rep = {kind: holdout_error(kind, basis_samples(dp, kind, basis)).as_dict() for kind in dp.units}
-        for sh in dp.shards:
-            for kind, s in sh.units.items():
-                rep[f"{kind}/tp{sh.tp}"] = holdout_error(kind, basis_samples(dp, kind, basis, s)).as_dict()
-        out[dp.device] = rep
-    return out
+    return {dp.device: {(kind if tp == 1 else f"{kind}/tp{tp}"):
+                        holdout_error(kind, basis_samples(dp, s, basis)).as_dict()
+                        for kind, tp, s in dp.all_samples()}
+            for dp in profile.devices}
 
 
 def summarize_holdout(report: dict[str, dict[str, dict]]) -> dict[str, float]:

@@ -124,6 +124,14 @@ class DeviceProfile(_Strict):
     """CPU time / wall time over the timed unit calls: about 1 on a quiet machine, about the
     cpu_quota on a throttled device, lower when other processes competed for the CPU."""
 
+    def all_samples(self):
+        """(kind, tp, samples) of every timed unit: whole units (tp 1), then the shards."""
+        for kind, samples in self.units.items():
+            yield kind, 1, samples
+        for sh in self.shards:
+            for kind, samples in sh.units.items():
+                yield kind, sh.tp, samples
+
 
 class EmulatedLink(_Strict):
     bandwidth_gbps: float

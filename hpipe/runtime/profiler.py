@@ -180,7 +180,8 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], f
                   for u in build_units(spec, i, i + 1, source, dtype=job.dtype, device=device)]}
     if job.tp > 1 and check_tensor_parallel(spec, job.tp) is None:
         # Rank 0's shard of each block, as a tensor-parallel stage of job.tp devices runs it (the
-        # all-reduce is timed apart): on two CPU cores a shard took 65% of a unit, not half.
+        # all-reduce is timed apart): a shard is not simply 1/tp of a unit (0.5-0.63 measured on
+        # two CPU cores; smaller GEMMs on a GPU lose more).
         chains[job.tp] = [u for i in blocks for u in build_units(
             spec, i, i + 1, source, dtype=job.dtype, device=device, tp_rank=0, tp_size=job.tp,
             all_reduce=lambda x: x)]
@@ -246,6 +247,21 @@ def _cpu_chain(units, x, c, caches) -> tuple[list[float], list[float]]:
     return times, cpu_times
 
 
+def _gpu_chain(units, x, c, caches) -> tuple[list[float], list[None]]:
+    """Seconds of each unit of the chain on the GPU: CUDA events between the units, one
+    synchronisation at the end, as a stage runs its units back to back (no CPU time)."""
+    import torch
+
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(len(units) + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for u, ev in zip(units, events[1:]):
+        x = u(x, c, caches.get(u.unit.index))
+        ev.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) * 1e-3 for a, b in zip(events, events[1:])], [None] * len(units)
+
+
 def last_level_cache_bytes(device) -> int:
     """Size of the largest cache in front of ``device``'s memory (0 when unknown)."""
     if device.type == "cuda":
@@ -272,21 +288,6 @@ def chain_blocks(spec, dtype: str, cache_bytes: int) -> int:
     block_bytes = sum(u.weight_bytes(DTYPE_BYTES[dtype]) for u in units[1:3])  # attention + MLP
     need = -(-CACHE_MULTIPLE * cache_bytes // max(block_bytes, 1))
     return max(1, min(spec.n_layers, max(CHAIN_MIN_BLOCKS, need)))
-
-
-def _gpu_chain(units, x, c, caches) -> tuple[list[float], list[None]]:
-    """Seconds of each unit of the chain on the GPU: CUDA events between the units, one
-    synchronisation at the end, as a stage runs its units back to back (no CPU time)."""
-    import torch
-
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(len(units) + 1)]
-    torch.cuda.synchronize()
-    events[0].record()
-    for u, ev in zip(units, events[1:]):
-        x = u(x, c, caches.get(u.unit.index))
-        ev.record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) * 1e-3 for a, b in zip(events, events[1:])], [None] * len(units)
 
 
 class _Wire:
