@@ -15,7 +15,7 @@ One Plan drives both the simulator and the runtime.  Semantics:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
@@ -48,6 +48,10 @@ class Plan(BaseModel):
     stages: list[Stage] = Field(min_length=1)
     slices: list[PositiveInt] = Field(min_length=1)
     micro_batches: PositiveInt = 1
+    codecs: list[Literal["none", "int8", "fp8", "int4"]] | None = None
+    """One activation codec per stage boundary (len(stages) - 1); absent: all 'none'."""
+    decode_micro_batches: PositiveInt | None = None
+    """Generation only: groups of sequences in flight during decode; absent: the planner's default."""
     predicted: dict[str, Any] = {}
     """What the planner expects, e.g. {"latency_s": 1.9}."""
 
@@ -101,7 +105,17 @@ class Plan(BaseModel):
             bad("slices", f"sum to {sum(self.slices)}, not the sequence length {setup.seq_len}")
         if self.micro_batches > setup.batch_size:
             bad("micro_batches", f"{self.micro_batches} micro-batches for a batch of {setup.batch_size}")
+        if self.codecs is not None and len(self.codecs) != len(self.stages) - 1:
+            bad("codecs", f"{len(self.codecs)} codecs for {len(self.stages) - 1} stage boundaries "
+                          f"(one per boundary)")
+        if self.decode_micro_batches is not None and self.decode_micro_batches > setup.batch_size:
+            bad("decode_micro_batches", f"{self.decode_micro_batches} decode micro-batches for a batch of "
+                                        f"{setup.batch_size}")
         return self
+
+    def codec_of(self, boundary: int) -> str:
+        """The codec on the boundary after stage ``boundary`` ('none' when the plan has none)."""
+        return self.codecs[boundary] if self.codecs else "none"
 
 
 def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> InputError:

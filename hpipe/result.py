@@ -67,6 +67,19 @@ class RunResult(BaseModel):
     """Measured with --check: largest |logit difference| against one process."""
     next_token_ids: list[int] | None = None
     """Measured: argmax of the last position's logits, one per sequence."""
+    # ---- generation (workload.output_tokens > 0); latency_s is then end to end ----
+    ttft_s: float | None = None
+    """Time to first token: first work starts to the first generated token of the batch."""
+    tpot_s: float | None = None
+    """Median time between consecutive tokens of a sequence."""
+    tpot_p90_s: float | None = None
+    """90th percentile of the time between consecutive tokens of a sequence."""
+    output_tokens_per_s: float | None = None
+    """Generated tokens (all sequences) per second of end-to-end latency."""
+    generated_ids: list[list[int]] | None = None
+    """Measured: the new token ids, one list per sequence (EOS included where it stopped)."""
+    text: list[str] | None = None
+    """Measured, where the weights folder has a tokenizer: generated_ids decoded."""
     events: list[Event] = Field(default_factory=list, exclude=True)
     """The timeline (exported as a trace, not in the JSON)."""
 

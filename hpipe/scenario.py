@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt,
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
 from hpipe.devices import DEVICES, DeviceSpec
@@ -28,11 +28,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Sampling(_Strict):
+    """How the last stage picks each generated token (generation only)."""
+
+    temperature: NonNegativeFloat = 0.0
+    """0 = greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: NonNegativeInt = 0
+    """Keep only the k most likely tokens; 0 = no limit."""
+    seed: int = 0
+    """Seed of the sampler: the same seed gives the same ids run after run."""
+
+
 class Workload(_Strict):
     seq_len: PositiveInt
     """Prompt tokens per sequence."""
     batch_size: PositiveInt = 1
     """Sequences processed together."""
+    output_tokens: NonNegativeInt = 0
+    """New tokens generated per sequence after the prefill; 0 = prefill only."""
+    sampling: Sampling = Sampling()
+    """Generation only: greedy by default."""
+
+
+CODECS = ("none", "int8", "fp8", "int4")
+"""Activation codecs on a stage boundary (see hpipe.codecs); 'none' sends the dtype as is."""
+LOSSY_CODECS = CODECS[1:]
+
+
+class Compression(_Strict):
+    """Lossy compression of the activations that cross stage boundaries (off when absent)."""
+
+    allow: list[Literal["int8", "fp8", "int4"]] = Field(min_length=1)
+    """Codecs the planner may put on a hop."""
+    max_lossy_hops: NonNegativeInt = 1
+    """At most this many stage boundaries may use a lossy codec."""
 
 
 class LinkSpec(_Strict):
@@ -195,6 +226,9 @@ class PlannerSpec(_Strict):
     """Micro-batches for gpipe, gpipe-balanced and megatron; default: one sequence each."""
     memory_reserve_gb: NonNegativeFloat = 0.5
     """Memory kept free on each GPU for the framework (CUDA context, allocator); CPUs keep none."""
+    objective: Literal["latency", "ttft", "tpot", "throughput"] = "latency"
+    """What the planner minimises: end-to-end latency (default), time to first token, time per
+    output token, or the inverse of throughput. Prefill only: every objective is the latency."""
 
     @field_validator("kind")
     @classmethod
@@ -215,6 +249,8 @@ class Scenario(_Strict):
     costmodel: str | dict[str, Any] = "roofline"
     """A cost model name, or a mapping with `kind` and that model's settings."""
     planner: PlannerSpec = PlannerSpec()
+    compression: Compression | None = None
+    """Lossy activation codecs the planner may use on stage boundaries; off when absent."""
     weights: str | None = None
     """Runtime only: a Hugging Face folder (config.json + *.safetensors)."""
 
@@ -248,6 +284,11 @@ class Scenario(_Strict):
                                                        f"for a batch of {self.workload.batch_size}")
         if isinstance(self.costmodel, dict) and "kind" not in self.costmodel:
             raise _FieldError("costmodel.kind", "missing (e.g. roofline or fitted)")
+        # Round-2 contracts whose engines are being built: refuse rather than silently ignore.
+        if self.workload.output_tokens:
+            raise _FieldError("workload.output_tokens", "generation is not implemented yet; use 0")
+        if self.compression is not None:
+            raise _FieldError("compression", "activation compression is not implemented yet; remove the key")
         return self
 
     def model_spec(self) -> ModelSpec:
@@ -317,6 +358,23 @@ class Setup:
     def n_units(self) -> int:
         return len(self.units)
 
+    @property
+    def output_tokens(self) -> int:
+        """New tokens per sequence (0: prefill only)."""
+        return self.scenario.workload.output_tokens
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.scenario.workload.sampling
+
+    @property
+    def objective(self) -> str:
+        return self.scenario.planner.objective
+
+    @property
+    def compression(self) -> Compression | None:
+        return self.scenario.compression
+
 
 def format_loc(loc: tuple) -> str:
     out = ""
@@ -358,7 +416,7 @@ def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
 _KEYS_BY_PATH_TAIL = {
     "": Scenario, "workload": Workload, "cluster": ClusterSpec, "hosts": Host, "devices": DeviceEntry,
     "interconnect": LinkSpec, "network": LinkSpec, "links": PairLink, "planner": PlannerSpec,
-    "runtime": Placement,
+    "runtime": Placement, "sampling": Sampling, "compression": Compression,
 }
 
 
