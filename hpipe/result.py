@@ -33,6 +33,9 @@ class Event(BaseModel):
     link: str | None = None
     """Transfers between stages: the link (``u->v``, the narrowest on the path) the bytes
     crossed, so timelines can draw one track per link.  None: not on a modelled link."""
+    phase: Literal["prefill", "decode"] = "prefill"
+    """Generation: a decode step's events say ``decode``; then ``micro_batch`` is the decode
+    group and ``slice`` the decode step (0 = the pass that makes each sequence's 2nd token)."""
 
 
 class RunResult(BaseModel):
@@ -69,7 +72,8 @@ class RunResult(BaseModel):
     """Measured: argmax of the last position's logits, one per sequence."""
     # ---- generation (workload.output_tokens > 0); latency_s is then end to end ----
     ttft_s: float | None = None
-    """Time to first token: first work starts to the first generated token of the batch."""
+    """Time to first token: first work starts to the moment every sequence of the batch has its
+    first generated token (made by the prefill's last slice)."""
     tpot_s: float | None = None
     """Median time between consecutive tokens of a sequence."""
     tpot_p90_s: float | None = None
@@ -99,6 +103,25 @@ def _union_s(intervals: list[tuple[float, float]]) -> float:
         total += b - max(a, end)
         end = b
     return total
+
+
+def decode_figures(token_times_s: list[list[float]], t0_s: float, latency_s: float) -> dict[str, float]:
+    """TTFT, TPOT (median, p90) and output tokens/s from when each sequence got each new token.
+
+    ``token_times_s[k]`` are the absolute times sequence k received its generated tokens, in
+    order (the first comes from the prefill).  Simulator and runtime both call this, so the
+    generation figures mean the same in a prediction and a measurement."""
+    import numpy as np
+
+    firsts = [ts[0] for ts in token_times_s if ts]
+    gaps = np.concatenate([np.diff(np.asarray(ts, float)) for ts in token_times_s if len(ts) > 1] or [np.zeros(0)])
+    n_tokens = sum(len(ts) for ts in token_times_s)
+    return {
+        "ttft_s": max(firsts) - t0_s if firsts else None,
+        "tpot_s": float(np.median(gaps)) if gaps.size else None,
+        "tpot_p90_s": float(np.percentile(gaps, 90)) if gaps.size else None,
+        "output_tokens_per_s": n_tokens / latency_s if latency_s > 0 else 0.0,
+    }
 
 
 def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[str, float],
