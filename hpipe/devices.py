@@ -10,7 +10,11 @@ custom devices can override it.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+
+GENERATIONS = ("pascal", "volta", "turing", "ampere", "ada", "hopper", "cpu")
+"""Architecture generations the roofline cost model has constants for (one row each in
+``hpipe.costmodels.roofline.GENERATIONS``)."""
 
 
 class DeviceSpec(BaseModel):
@@ -29,7 +33,19 @@ class DeviceSpec(BaseModel):
         description="default link to the other devices of its host, Gbit/s (one direction)")
     interconnect_latency_us: float = Field(default=10.0, ge=0)
     kind: str = Field(default="gpu", description="gpu | cpu")
+    generation: str = Field(
+        default="ampere",
+        description="architecture generation (pascal | volta | turing | ampere | ada | hopper | cpu): "
+                    "which row of the roofline's efficiency table (hpipe.costmodels.roofline.GENERATIONS) "
+                    "prices this device")
     source: str = ""
+
+    @field_validator("generation")
+    @classmethod
+    def _generation(cls, v: str) -> str:
+        if v not in GENERATIONS:
+            raise ValueError(f"unknown generation {v!r}; one of {', '.join(GENERATIONS)}")
+        return v
 
     def peak_tflops(self, dtype: str) -> float:
         return self.fp32_tflops if dtype == "float32" else self.fp16_tflops
@@ -43,54 +59,58 @@ class DeviceSpec(BaseModel):
 PCIE3, PCIE4, PCIE5 = 126.0, 252.0, 504.0
 
 _CATALOG = [
-    DeviceSpec(name="P100", fp16_tflops=18.7, fp32_tflops=9.3, memory_gb=16, memory_bandwidth_gbps=732,
+    DeviceSpec(name="P100", generation="pascal", fp16_tflops=18.7, fp32_tflops=9.3, memory_gb=16, memory_bandwidth_gbps=732,
                power_w=250, idle_power_w=30, interconnect_gbps=PCIE3,
                source="NVIDIA Tesla P100 PCIe datasheet (2016): 18.7 TF fp16, 9.3 TF fp32, 732 GB/s"),
-    DeviceSpec(name="V100", fp16_tflops=112, fp32_tflops=14, memory_gb=32, memory_bandwidth_gbps=900,
+    DeviceSpec(name="V100", generation="volta", fp16_tflops=112, fp32_tflops=14, memory_gb=32, memory_bandwidth_gbps=900,
                power_w=250, idle_power_w=35, interconnect_gbps=PCIE3,
                source="NVIDIA V100 PCIe datasheet: 112 TF tensor, 14 TF fp32, 900 GB/s, 250 W"),
-    DeviceSpec(name="T4", fp16_tflops=65, fp32_tflops=8.1, memory_gb=16, memory_bandwidth_gbps=320,
+    DeviceSpec(name="T4", generation="turing", fp16_tflops=65, fp32_tflops=8.1, memory_gb=16, memory_bandwidth_gbps=320,
                power_w=70, idle_power_w=10, interconnect_gbps=PCIE3,
                source="NVIDIA T4 datasheet: 65 TF mixed precision, 8.1 TF fp32, 320 GB/s, 70 W"),
-    DeviceSpec(name="GTX1080Ti", fp16_tflops=0.177, fp32_tflops=11.3, memory_gb=11,
+    DeviceSpec(name="GTX1080Ti", generation="pascal", fp16_tflops=0.177, fp32_tflops=11.3, memory_gb=11,
                memory_bandwidth_gbps=484, power_w=250, idle_power_w=15, interconnect_gbps=PCIE3,
                source="NVIDIA GP102 specs: 11.3 TF fp32, fp16 at 1/64 rate, 484 GB/s, 250 W"),
-    DeviceSpec(name="RTX2080Ti", fp16_tflops=53.8, fp32_tflops=13.4, memory_gb=11,
+    DeviceSpec(name="RTX2080Ti", generation="turing", fp16_tflops=53.8, fp32_tflops=13.4, memory_gb=11,
                memory_bandwidth_gbps=616, power_w=250, idle_power_w=15, interconnect_gbps=PCIE3,
                source="NVIDIA Turing whitepaper: 53.8 TF fp16 tensor w/ fp32 acc (reference), 616 GB/s"),
-    DeviceSpec(name="RTX3060", fp16_tflops=25.6, fp32_tflops=12.7, memory_gb=12,
+    DeviceSpec(name="RTX3060", generation="ampere", fp16_tflops=25.6, fp32_tflops=12.7, memory_gb=12,
                memory_bandwidth_gbps=360, power_w=170, idle_power_w=12, interconnect_gbps=PCIE4,
                source="NVIDIA Ampere GA10x whitepaper / RTX 3060 spec: 12.7 TF fp32, 360 GB/s, 170 W"),
-    DeviceSpec(name="RTX3090", fp16_tflops=71, fp32_tflops=35.6, memory_gb=24, memory_bandwidth_gbps=936,
+    DeviceSpec(name="RTX3090", generation="ampere", fp16_tflops=71, fp32_tflops=35.6, memory_gb=24, memory_bandwidth_gbps=936,
                power_w=350, idle_power_w=20, interconnect_gbps=PCIE4,
                source="NVIDIA Ampere GA102 whitepaper: 71 TF fp16 tensor w/ fp32 acc, 35.6 TF fp32, 936 GB/s"),
-    DeviceSpec(name="RTX4090", fp16_tflops=165.2, fp32_tflops=82.6, memory_gb=24,
+    DeviceSpec(name="RTX4090", generation="ada", fp16_tflops=165.2, fp32_tflops=82.6, memory_gb=24,
                memory_bandwidth_gbps=1008, power_w=450, idle_power_w=20, interconnect_gbps=PCIE4,
                source="NVIDIA Ada Lovelace whitepaper: 165.2 TF fp16 tensor w/ fp32 acc, 82.6 TF fp32"),
-    DeviceSpec(name="A10", fp16_tflops=125, fp32_tflops=31.2, memory_gb=24, memory_bandwidth_gbps=600,
+    DeviceSpec(name="A10", generation="ampere", fp16_tflops=125, fp32_tflops=31.2, memory_gb=24, memory_bandwidth_gbps=600,
                power_w=150, idle_power_w=20, interconnect_gbps=PCIE4,
                source="NVIDIA A10 datasheet: 125 TF fp16 tensor, 31.2 TF fp32, 600 GB/s, 150 W"),
-    DeviceSpec(name="L4", fp16_tflops=121, fp32_tflops=30.3, memory_gb=24, memory_bandwidth_gbps=300,
+    DeviceSpec(name="L4", generation="ada", fp16_tflops=121, fp32_tflops=30.3, memory_gb=24, memory_bandwidth_gbps=300,
                power_w=72, idle_power_w=16, interconnect_gbps=PCIE4,
                source="NVIDIA L4 datasheet: 242 TF fp16 with sparsity (121 dense), 30.3 TF fp32, 300 GB/s"),
-    DeviceSpec(name="A6000", fp16_tflops=154.8, fp32_tflops=38.7, memory_gb=48, memory_bandwidth_gbps=768,
+    DeviceSpec(name="A6000", generation="ampere", fp16_tflops=154.8, fp32_tflops=38.7, memory_gb=48, memory_bandwidth_gbps=768,
                power_w=300, idle_power_w=25, interconnect_gbps=PCIE4,
                source="NVIDIA RTX A6000 datasheet: 309.7 TF fp16 with sparsity (154.8 dense), 768 GB/s"),
-    DeviceSpec(name="L40S", fp16_tflops=362, fp32_tflops=91.6, memory_gb=48, memory_bandwidth_gbps=864,
+    DeviceSpec(name="A40", generation="ampere", fp16_tflops=149.7, fp32_tflops=37.4, memory_gb=48,
+               memory_bandwidth_gbps=696, power_w=300, idle_power_w=30, interconnect_gbps=PCIE4,
+               source="NVIDIA A40 datasheet: 149.7 TF fp16 tensor (299.4 with sparsity), 37.4 TF fp32, "
+                      "696 GB/s GDDR6, 300 W"),
+    DeviceSpec(name="L40S", generation="ada", fp16_tflops=362, fp32_tflops=91.6, memory_gb=48, memory_bandwidth_gbps=864,
                power_w=350, idle_power_w=35, interconnect_gbps=PCIE4,
                source="NVIDIA L40S datasheet: 733 TF fp16 with sparsity (362 dense), 91.6 TF fp32, 864 GB/s"),
-    DeviceSpec(name="A100-40GB", fp16_tflops=312, fp32_tflops=19.5, memory_gb=40,
+    DeviceSpec(name="A100-40GB", generation="ampere", fp16_tflops=312, fp32_tflops=19.5, memory_gb=40,
                memory_bandwidth_gbps=1555, power_w=400, idle_power_w=50, interconnect_gbps=2400,
                source="NVIDIA A100 datasheet (SXM4 40GB): 312 TF fp16, 19.5 TF fp32, 1555 GB/s, "
                       "NVLink 600 GB/s total (300 GB/s per direction)"),
-    DeviceSpec(name="A100-80GB", fp16_tflops=312, fp32_tflops=19.5, memory_gb=80,
+    DeviceSpec(name="A100-80GB", generation="ampere", fp16_tflops=312, fp32_tflops=19.5, memory_gb=80,
                memory_bandwidth_gbps=2039, power_w=400, idle_power_w=55, interconnect_gbps=2400,
                source="NVIDIA A100 datasheet (SXM4 80GB): 312 TF fp16, 19.5 TF fp32, 2039 GB/s"),
-    DeviceSpec(name="H100", fp16_tflops=989, fp32_tflops=67, memory_gb=80, memory_bandwidth_gbps=3350,
+    DeviceSpec(name="H100", generation="hopper", fp16_tflops=989, fp32_tflops=67, memory_gb=80, memory_bandwidth_gbps=3350,
                power_w=700, idle_power_w=70, interconnect_gbps=3600,
                source="NVIDIA H100 SXM5 datasheet: 1979 TF fp16 with sparsity (989 dense), 67 TF fp32, "
                       "3.35 TB/s, NVLink 900 GB/s total"),
-    DeviceSpec(name="CPU", fp16_tflops=0.2, fp32_tflops=0.4, memory_gb=32, memory_bandwidth_gbps=40,
+    DeviceSpec(name="CPU", generation="cpu", fp16_tflops=0.2, fp32_tflops=0.4, memory_gb=32, memory_bandwidth_gbps=40,
                power_w=65, idle_power_w=10, interconnect_gbps=80, interconnect_latency_us=20, kind="cpu",
                source="generic 8-core AVX2 desktop CPU: 8 cores x 3 GHz x 16 fp32 FMA-FLOPs; "
                       "dual-channel DDR4; shared memory between processes"),

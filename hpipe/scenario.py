@@ -17,7 +17,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
-from hpipe.devices import DEVICES, DeviceSpec
+from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
 from hpipe.errors import InputError, suggest
 from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping
 
@@ -122,11 +122,14 @@ class DeviceEntry(_Strict):
     power_w: PositiveFloat | None = None
     idle_power_w: NonNegativeFloat | None = None
     """Default: 10% of power_w."""
+    generation: str | None = None
+    """Custom device: architecture generation whose roofline efficiencies price it (pascal, volta,
+    turing, ampere, ada, hopper, cpu).  Default: cpu when its runtime placement is a CPU, else ampere."""
     runtime: Placement | None = None
 
     @model_validator(mode="after")
     def _type_or_custom(self):
-        custom = ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w", "idle_power_w")
+        custom = ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w", "idle_power_w", "generation")
         if self.type is not None:
             if self.name is not None:
                 raise ValueError("give either 'type' (a catalog device) or 'name' (a custom device), not both")
@@ -139,6 +142,10 @@ class DeviceEntry(_Strict):
         else:
             if self.name is None:
                 raise ValueError("a device needs 'type' (a catalog device) or 'name' (a custom device)")
+            if self.generation is not None and self.generation not in GENERATIONS:
+                raise _FieldError("generation", f"unknown generation {self.generation!r}"
+                                                 f"{suggest(self.generation, GENERATIONS)}; one of "
+                                                 f"{', '.join(GENERATIONS)}")
             if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
                 raise ValueError(f"device name {self.name!r} may hold only letters, digits and _ . + -")
             missing = [k for k in ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w")
@@ -152,7 +159,10 @@ class DeviceEntry(_Strict):
         if self.type is not None:
             return DEVICES[self.type]
         idle = self.idle_power_w if self.idle_power_w is not None else 0.1 * self.power_w
-        return DeviceSpec(name=self.name, fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
+        generation = self.generation or (
+            "cpu" if self.runtime is not None and self.runtime.device == "cpu" else "ampere")
+        return DeviceSpec(name=self.name, generation=generation,
+                          fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
                           memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
                           power_w=self.power_w, idle_power_w=idle,
                           interconnect_gbps=interconnect.bandwidth_gbps if interconnect else 126.0,

@@ -18,7 +18,7 @@ SCN = {
         "network": {"bandwidth_gbps": 1, "latency_us": 200},
         "links": [{"between": ["a", "c"], "bandwidth_gbps": 10, "latency_us": 50}],
     },
-    "costmodel": {"kind": "roofline", "compute_efficiency": 0.5, "memory_efficiency": 1.0,
+    "costmodel": {"kind": "roofline", "version": 1, "compute_efficiency": 0.5, "memory_efficiency": 1.0,
                   "link_efficiency": 1.0, "kernel_overhead_us": 0},
 }
 

@@ -68,7 +68,7 @@ def test_base_is_valid_and_ids_are_stable():
     (("planner", "micro_batches"), 3, "planner.micro_batches", "batch of 2"),
     (("costmodel",), "rooflin", "costmodel.kind", "did you mean roofline"),
     (("costmodel",), {"kind": "roofline", "compute_efficency": 0.5}, "costmodel.compute_efficency", "unknown key"),
-    (("costmodel",), {"kind": "roofline", "compute_efficiency": 2}, "costmodel.compute_efficiency", "less than or equal to 1"),
+    (("costmodel",), {"kind": "roofline", "version": 1, "compute_efficiency": 2}, "costmodel.compute_efficiency", "less than or equal to 1"),
     (("model",), {"family": "llama", "n_layers": 2}, "model.d_model", "missing"),
     (("dtype",), "int8", "dtype", "float16"),
 ])

@@ -1,39 +1,278 @@
-"""The analytic roofline cost model: datasheet peaks times documented efficiencies.
+"""The analytic roofline cost model: datasheet peaks times efficiencies per architecture generation.
 
-A unit's time on a device is
+``costmodel: roofline`` (version 2, the default) prices each unit as the kernels
+it launches, from the device's datasheet figures and one row of constants per
+architecture generation (``GENERATIONS``; a device's ``generation`` picks it):
 
-    max(FLOPs / (peak_tflops * compute_efficiency),
-        bytes moved / (memory_bandwidth * memory_efficiency))
-    + kernels(unit) * kernel_overhead_us
+* a dense GEMM of m = b·n tokens by a (K, N) weight takes
+  ``max(2·m·K·N / (peak · eff(m·N)), (K·N + m·K + m·N)·bytes / (bandwidth · memory_efficiency))``
+  with ``eff(s) = gemm_efficiency · s / (s + gemm_half_outputs)``: a GEMM with few output
+  tiles under-fills the GPU's SMs (or a CPU's vector units), a large one approaches a
+  ceiling; at 1-64 tokens the weights are read once and the memory term decides;
+* the attention kernel (FlashAttention-style, causal n × (c + n)) splits its FLOPs into the
+  causal triangle of the slice (n·(n+1)/2 query-key pairs) and the rectangle against the
+  c cached tokens (n·c), each with its own efficiency saturating in the query rows
+  b·heads·n it can spread over the SMs; the measured kernel runs the rectangle 2-3× more
+  efficiently than the triangle, which is why slicing a long prefill makes its
+  attention cheaper;
+* norms, rotary, activation and residual add stream their bytes at
+  ``elementwise_efficiency`` of the bandwidth; the embedding gathers rows at ``embed_efficiency``;
+* every kernel costs at least ``kernel_floor_us`` of device time, and the unit takes no less
+  than the host needs to launch its kernels (``kernel_overhead_us`` each; launches overlap with
+  device work, so this is a max, not a sum).
 
-and a transfer takes latency + bytes / (link bandwidth * link_efficiency).
-Every constant is a field of ``RooflineConfig`` and can be set in a scenario:
+``{kind: roofline, version: 1}`` keeps the round-1 model exactly: max(FLOPs /
+(peak · compute_efficiency), bytes / (bandwidth · memory_efficiency)) + kernels ·
+kernel_overhead_us.
 
-    costmodel: {kind: roofline, compute_efficiency: 0.5, kernel_overhead_us: 6}
+``{kind: roofline, calibration: PROFILE.json}`` refits the constants of the generation
+of each device the profile measured (``hpipe profile`` output), so one card's profile
+prices every card of its generation.
+
+Transfers take latency + bytes / (link bandwidth · link_efficiency) in both versions.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hpipe.costmodels import CostModel, CostModelConfig, register
+from hpipe.devices import GENERATIONS as GENERATION_NAMES
+from hpipe.errors import InputError
 
 
+# ---- constants per architecture generation ------------------------------------------------
+@dataclass(frozen=True)
+class GenerationConstants:
+    """Efficiencies of one architecture generation, shares of the datasheet peaks."""
+
+    gemm_efficiency: float
+    """Ceiling share of peak FLOP/s that large dense GEMMs reach."""
+    gemm_half_outputs: float
+    """Output elements m·N of a GEMM at which it reaches half that ceiling (about one wave of
+    output tiles over the device's SMs)."""
+    memory_efficiency: float
+    """Share of memory bandwidth that streaming a GEMM's weights reaches (decode-sized work)."""
+    attn_causal_efficiency: float
+    """Ceiling share of peak FLOP/s of the attention kernel on the slice's causal triangle."""
+    attn_causal_half_rows: float
+    """Query rows b·heads·n at which the causal part reaches half its ceiling."""
+    attn_context_efficiency: float
+    """Ceiling share of peak FLOP/s of the attention kernel against the c cached tokens."""
+    attn_context_half_rows: float
+    """Query rows b·heads·n at which the context part reaches half its ceiling."""
+    elementwise_efficiency: float
+    """Share of memory bandwidth of norms, rotary, activation, residual add."""
+    embed_efficiency: float
+    """Share of memory bandwidth of the embedding's row gather (reads and writes b·n·d)."""
+    kernel_floor_us: float
+    """Device time every kernel takes at least (ramp-up, tail, tiny ops)."""
+
+    def as_vector(self) -> np.ndarray:
+        return np.array([getattr(self, f.name) for f in fields(self)], float)
+
+    @classmethod
+    def from_vector(cls, x) -> "GenerationConstants":
+        return cls(*(float(v) for v in x))
+
+
+# Fitted by `PYTHONPATH=. python benchmarks/gpu_reference.py --fit` on the A100-80GB and A40 rows
+# of Llama-2-7B at TP 1 (Vidur's measured kernel times, ../shared/reference/gpu-kernels/, 2026-12-01).
+# H100, Llama-2-70B and TP 2/4/8 shards were not used: they are the hold-out.
+_AMPERE = GenerationConstants(
+    gemm_efficiency=0.787, gemm_half_outputs=4.47e+05, memory_efficiency=0.789,
+    attn_causal_efficiency=0.163, attn_causal_half_rows=6.86e+03,
+    attn_context_efficiency=0.518, attn_context_half_rows=5.29e+03,
+    elementwise_efficiency=0.364, embed_efficiency=0.308, kernel_floor_us=4.26)
+
+GENERATIONS: dict[str, GenerationConstants] = {
+    # Pascal (P100, GTX 1080 Ti): no tensor cores, no FlashAttention-2.  No measurements here:
+    # Ampere's fitted values, an assumption.
+    "pascal": _AMPERE,
+    # Volta (V100): no measurements here; Ampere's fitted values, an assumption.
+    "volta": _AMPERE,
+    # Turing (T4, RTX 2080 Ti): no measurements here; Ampere's fitted values, an assumption.
+    "turing": _AMPERE,
+    # Ampere (A100, A40, A10, RTX 30xx, A6000): fitted, see _AMPERE above.
+    "ampere": _AMPERE,
+    # Ada (RTX 4090, L4, L40S): no measurements here; Ampere's fitted values, an assumption.
+    "ada": _AMPERE,
+    # Hopper (H100): Ampere's fitted values on purpose -- the H100 rows are the hold-out that says
+    # how far one generation's constants carry to the next (benchmarks/gpu_reference.py).
+    "hopper": _AMPERE,
+    # CPU (one PyTorch thread, fp32): fitted by `python benchmarks/gpu_reference.py --fit-cpu` on
+    # scenarios/profiles/local-cpu.json (AMD EPYC VM, 2 cores, 2026-11-23; device local/core-0,
+    # CPU-time basis), relative to the scenario's declared peak of 0.06 TF/s and 10 GB/s.
+    "cpu": GenerationConstants(
+        gemm_efficiency=0.74, gemm_half_outputs=1.0e6, memory_efficiency=0.78,
+        attn_causal_efficiency=0.19, attn_causal_half_rows=2.2e4,
+        attn_context_efficiency=0.58, attn_context_half_rows=8e3,
+        elementwise_efficiency=0.45, embed_efficiency=0.25, kernel_floor_us=2.0),
+}
+assert set(GENERATIONS) == set(GENERATION_NAMES), "one row per generation of hpipe.devices.GENERATIONS"
+
+KERNELS = {"embed": 1, "attn": 7, "mlp": 5, "head": 2}
+"""Kernels a unit launches (fused QKV and gate/up GEMMs): attention = norm, QKV, rotary,
+attention, output reshape, O projection, residual add; MLP = norm, up, activation, down, add;
+head = norm, output projection."""
+
+
+# ---- a unit as kernels ---------------------------------------------------------------------
+def gemm_size(m, K, N):
+    """What a GEMM's efficiency saturates in: its output elements m·N (output tiles to spread
+    over the SMs)."""
+    return m * N
+
+
+def unit_time_v2(unit, n, c, b, tp: int, peak_flops: float, bandwidth_bps: float, dtype_bytes: int,
+                 k: GenerationConstants):
+    """Seconds of device time of 1/tp of ``unit`` for a slice of n tokens after c, batch b."""
+    m = unit.model
+    n, c, b = np.broadcast_arrays(np.asarray(n, float), np.asarray(c, float), np.asarray(b, float))
+    rows = b * n  # tokens through the GEMMs
+    d, kv, ff, V = m.d_model, m.kv_dim, m.d_ff, m.vocab_size
+    mem = bandwidth_bps * k.memory_efficiency
+    elem = bandwidth_bps * k.elementwise_efficiency
+
+    def gemm(K, N):
+        flops = 2.0 * rows * K * N
+        size = gemm_size(rows, K, N)
+        eff = k.gemm_efficiency * size / (size + k.gemm_half_outputs)
+        compute = flops / (peak_flops * eff)
+        memory = (K * N + rows * K + rows * N) * dtype_bytes / mem
+        return np.maximum(compute, memory)
+
+    def stream(elements):  # elementwise kernels: bytes read + written
+        return elements * dtype_bytes / elem
+
+    if unit.kind == "embed":
+        t = 2.0 * rows * d * dtype_bytes / (bandwidth_bps * k.embed_efficiency)
+    elif unit.kind == "attn":
+        heads, kv_s = m.n_heads / tp, kv / tp
+        t = stream(2 * rows * d)  # norm
+        t = t + gemm(d, (d + 2 * kv) / tp)  # fused QKV
+        if m.family == "llama":
+            t = t + stream(2 * rows * (d + kv) / tp)  # rotary on q and k
+        # attention kernel: causal triangle of the slice + rectangle against the context
+        qrows = b * heads * n
+        per_pair = 4.0 * b * heads * m.head_dim  # QK^T and PV, per query-key pair
+        causal = per_pair * n * (n + 1.0) / 2.0 / (
+            peak_flops * k.attn_causal_efficiency * qrows / (qrows + k.attn_causal_half_rows))
+        context = per_pair * n * c / (
+            peak_flops * k.attn_context_efficiency * qrows / (qrows + k.attn_context_half_rows))
+        kv_read = (b * (c + n) * 2 * kv_s + 2 * rows * d / tp) * dtype_bytes / mem
+        t = t + np.maximum(causal + context, kv_read)
+        t = t + stream(2 * rows * d / tp)  # output reshape
+        t = t + gemm(d / tp, d)  # O projection (row-parallel)
+        t = t + stream(3 * rows * d)  # residual add
+    elif unit.kind == "mlp":
+        t = stream(2 * rows * d)  # norm
+        if m.family == "llama":
+            t = t + gemm(d, 2 * ff / tp)  # gate and up, fused
+            t = t + stream(3 * rows * ff / tp)  # silu(gate) * up
+        else:
+            t = t + gemm(d, ff / tp)
+            t = t + stream(2 * rows * ff / tp)  # gelu
+        t = t + gemm(ff / tp, d)  # down (row-parallel)
+        t = t + stream(3 * rows * d)  # residual add
+    else:  # head: final norm and the (vocab-parallel) output projection
+        t = stream(2 * rows * d) + gemm(d, V / tp)
+    return t + KERNELS[unit.kind] * k.kernel_floor_us * 1e-6
+
+
+# ---- fitting ----------------------------------------------------------------------------
+@dataclass
+class FitPoint:
+    """One measured unit time to fit constants on."""
+
+    unit: object
+    n: float
+    c: float
+    b: float
+    tp: int
+    peak_flops: float
+    bandwidth_bps: float
+    dtype_bytes: int
+    seconds: float
+
+
+_LOWER = GenerationConstants(0.02, 1.0, 0.05, 0.005, 1.0, 0.005, 1.0, 0.02, 0.01, 0.0)
+_UPPER = GenerationConstants(1.0, 1e9, 1.0, 1.0, 1e8, 1.0, 1e8, 1.0, 1.0, 1e4)
+
+
+def fit_constants(points: list[FitPoint], start: GenerationConstants,
+                  fixed: tuple[str, ...] = ()) -> GenerationConstants:
+    """Least squares on log(predicted / measured) -- relative error, so small slices count as much
+    as large ones -- over the constants not named in ``fixed``, from ``start``, within physical
+    bounds (efficiencies in (0, 1])."""
+    from scipy.optimize import least_squares
+
+    names = [f.name for f in fields(GenerationConstants)]
+    free = [i for i, nm in enumerate(names) if nm not in fixed]
+    x0 = start.as_vector()
+    lo, hi = _LOWER.as_vector(), _UPPER.as_vector()
+    # the floor may be 0: fit it linearly, the rest in log space
+    floor = names.index("kernel_floor_us")
+
+    def to_x(z):
+        x = x0.copy()
+        for j, i in enumerate(free):
+            x[i] = z[j] if i == floor else np.exp(z[j])
+        return x
+
+    z0 = [x0[i] if i == floor else np.log(np.clip(x0[i], lo[i] * 1.0001, hi[i])) for i in free]
+    zlo = [lo[i] if i == floor else np.log(lo[i]) for i in free]
+    zhi = [hi[i] if i == floor else np.log(hi[i]) for i in free]
+    y = np.array([p.seconds for p in points])
+
+    def residuals(z):
+        k = GenerationConstants.from_vector(to_x(z))
+        pred = np.array([float(unit_time_v2(p.unit, p.n, p.c, p.b, p.tp, p.peak_flops, p.bandwidth_bps,
+                                            p.dtype_bytes, k)) for p in points])
+        return np.log(pred / y)
+
+    res = least_squares(residuals, np.clip(z0, zlo, zhi), bounds=(zlo, zhi), x_scale=1.0)
+    return GenerationConstants.from_vector(to_x(res.x))
+
+
+# ---- the cost model ----------------------------------------------------------------------
 class RooflineConfig(CostModelConfig):
     kind: str = "roofline"
-    compute_efficiency: float = Field(0.6, gt=0, le=1)
-    """Share of datasheet peak FLOP/s that large prefill GEMMs reach (cuBLAS on fp16 GEMMs
-    of the sizes in 7B-70B models typically reaches 60-75% of dense tensor peak)."""
-    memory_efficiency: float = Field(0.8, gt=0, le=1)
-    """Share of datasheet memory bandwidth that streaming kernels reach (STREAM-like: 75-90%)."""
+    version: Literal[1, 2] = 2
+    """2 (default): GEMM, attention and elementwise kernels with per-generation efficiencies.
+    1: the round-1 model, one compute and one memory efficiency for everything."""
+    calibration: str | None = None
+    """Version 2: a profile JSON written by `hpipe profile` (relative paths: from the scenario
+    file's folder); the constants of each profiled device's generation are refitted on it."""
+    compute_efficiency: float | None = Field(None, gt=0, le=1)
+    """Version 1 only (default 0.6): share of datasheet peak FLOP/s every unit reaches."""
+    memory_efficiency: float | None = Field(None, gt=0, le=1)
+    """Version 1 only (default 0.8): share of datasheet memory bandwidth streaming kernels reach."""
     link_efficiency: float = Field(0.9, gt=0, le=1)
     """Share of link bandwidth a large point-to-point transfer gets (TCP/PCIe protocol overhead)."""
     kernel_overhead_us: float = Field(5.0, ge=0)
-    """Launch and framework overhead per kernel (PyTorch eager on a GPU: about 5-10 us)."""
-    kernels_per_unit: dict[str, int] = {"embed": 2, "attn": 8, "mlp": 6, "head": 2}
-    """Kernels each unit kind launches in eager PyTorch: attention = norm, q/k/v projections,
-    2 rotary, fused attention, output projection (+ residual add fused)."""
+    """Host launch and framework overhead per kernel (PyTorch eager on a GPU: about 5-10 us).
+    Version 1 adds it to every unit; version 2 takes the longer of device time and launch time."""
+    kernels_per_unit: dict[str, int] | None = None
+    """Version 1 only (default embed 2, attn 8, mlp 6, head 2): kernels each unit kind launches."""
+
+    @model_validator(mode="after")
+    def _version_fields(self):
+        if self.version == 2:
+            for name in ("compute_efficiency", "memory_efficiency", "kernels_per_unit"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"'{name}' is a version-1 constant (add 'version: 1'); version 2 "
+                                     f"takes its efficiencies per device generation or from 'calibration'")
+        elif self.calibration is not None:
+            raise ValueError("'calibration' needs version 2")
+        return self
+
+
+_V1_KERNELS = {"embed": 2, "attn": 8, "mlp": 6, "head": 2}
 
 
 @register
@@ -43,15 +282,38 @@ class Roofline(CostModel):
 
     def __init__(self, config: RooflineConfig, setup):
         super().__init__(config, setup)
-        self._overhead_s = {k: v * config.kernel_overhead_us * 1e-6 for k, v in config.kernels_per_unit.items()}
+        self.constants: dict[str, GenerationConstants] = dict(GENERATIONS)
+        self.calibrated: dict[str, str] = {}  # generation -> profiled device it was fitted on
+        if config.version == 1:
+            kernels = config.kernels_per_unit or _V1_KERNELS
+            self._compute_eff = config.compute_efficiency or 0.6
+            self._memory_eff = config.memory_efficiency or 0.8
+            self._overhead_s = {k: v * config.kernel_overhead_us * 1e-6 for k, v in kernels.items()}
+        elif config.calibration is not None:
+            from hpipe.costmodels.calibration import calibrate
+
+            path = setup.scenario.resolve_path(config.calibration)
+            try:
+                fitted = calibrate(path, setup, self.constants)
+            except InputError as e:
+                raise InputError(str(e), field="calibration") from None
+            for gen, (consts, device) in fitted.items():
+                self.constants[gen] = consts
+                self.calibrated[gen] = device
 
     def unit_time_s(self, unit, device_id, n, c, b, tp=1):
         spec = self.cluster.device(device_id).spec
-        cfg = self.config
+        if self.config.version == 1:
+            return self._unit_time_v1(unit, spec, n, c, b, tp)
+        t = unit_time_v2(unit, n, c, b, tp, spec.peak_tflops(self.dtype) * 1e12, spec.memory_bandwidth_gbps * 1e9,
+                         self.dtype_bytes, self.constants[spec.generation])
+        return np.maximum(t, KERNELS[unit.kind] * self.config.kernel_overhead_us * 1e-6)
+
+    def _unit_time_v1(self, unit, spec, n, c, b, tp):
         flops = unit.flops(n, c, b) / tp
         nbytes = unit.bytes_moved(n, c, b, self.dtype_bytes) / tp
-        compute_s = flops / (spec.peak_tflops(self.dtype) * 1e12 * cfg.compute_efficiency)
-        memory_s = nbytes / (spec.memory_bandwidth_gbps * 1e9 * cfg.memory_efficiency)
+        compute_s = flops / (spec.peak_tflops(self.dtype) * 1e12 * self._compute_eff)
+        memory_s = nbytes / (spec.memory_bandwidth_gbps * 1e9 * self._memory_eff)
         return np.maximum(compute_s, memory_s) + self._overhead_s.get(unit.kind, 0.0)
 
     def transfer_time_s(self, src, dst, nbytes):
@@ -61,3 +323,22 @@ class Roofline(CostModel):
         r = self.cluster.route(src, dst)
         bw = r.bandwidth_gbps * 1e9 / 8 * self.config.link_efficiency
         return np.where(nbytes > 0, r.latency_s + nbytes / bw, 0.0)
+
+    def describe(self):
+        d = self.config.model_dump(exclude_none=True)
+        if self.config.version == 2:
+            gens = sorted({dev.spec.generation for dev in self.cluster.devices})
+            d["generations"] = {g: asdict(self.constants[g]) for g in gens}
+            if self.calibrated:
+                d["calibrated_on"] = dict(self.calibrated)
+        return d
+
+
+def constants_literal(k: GenerationConstants) -> str:
+    """The constants as a Python literal, to paste into GENERATIONS."""
+    parts = []
+    for f in fields(k):
+        v = getattr(k, f.name)
+        parts.append(f"{f.name}={v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{f.name}={v:.3e}")
+    return "GenerationConstants(" + ", ".join(parts) + ")"
+

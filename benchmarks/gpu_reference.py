@@ -1,0 +1,209 @@
+"""How well does the roofline predict measured GPU kernel times?  v1 and v2 side by side.
+
+Reads Vidur's per-operator prefill profiles from ``../shared/reference/gpu-kernels/`` (or
+``$HPIPE_GPU_REFERENCE``), sums them into hpipe's units (hpipe.costmodels.reference) and
+prints, for roofline version 1 and version 2:
+
+* per GPU and unit kind: median |error|, p90, median predicted/measured;
+* the issue-12 groups (Llama-2-7B TP 1 attention + MLP, attention only, context growth,
+  decode-sized MLP, embedding);
+* the slicing ratio: attention time of one 4096-token prefill cut into 2, 4, 8 slices over
+  the one-shot time, measured and predicted;
+* the hold-out (H100, Llama-2-70B, TP 2/4/8 shards), never used for fitting.
+
+    PYTHONPATH=. python benchmarks/gpu_reference.py            # the tables
+    PYTHONPATH=. python benchmarks/gpu_reference.py --fit      # refit Ampere's constants (prints them)
+    PYTHONPATH=. python benchmarks/gpu_reference.py --fit-cpu  # refit the CPU row on scenarios/profiles/local-cpu.json
+
+The reference times are device kernel time (no launch gaps), so v2 is evaluated with
+``kernel_overhead_us: 0``; v1 with its defaults (what a scenario gets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hpipe.costmodels import reference as ref  # noqa: E402
+from hpipe.costmodels.roofline import (GENERATIONS, FitPoint, constants_literal,  # noqa: E402
+                                       fit_constants)
+from hpipe.devices import DEVICES  # noqa: E402
+from hpipe.models import MODELS  # noqa: E402
+
+V1 = {"kind": "roofline", "version": 1}
+V2 = {"kind": "roofline", "kernel_overhead_us": 0}
+SLICINGS = (2, 4, 8)
+
+
+def stats(ratios) -> dict:
+    r = np.asarray(ratios, float)
+    e = np.abs(r - 1)
+    return {"n": len(r), "median": float(np.median(e)), "p90": float(np.percentile(e, 90)),
+            "ratio": float(np.median(r))}
+
+
+def groups(cases):
+    """The named groups of cases the issue's targets are about (index lists)."""
+    g: dict[str, list[int]] = defaultdict(list)
+    for i, cs in enumerate(cases):
+        fit = ref.is_fit_case(cs)
+        big = cs.n >= 128
+        if fit and cs.kind in ("attn", "mlp") and cs.c == 0 and big:
+            g["7B TP1 attn+mlp, c=0, n>=128 (fit GPUs)"].append(i)
+        if fit and cs.kind == "attn" and cs.c == 0:
+            g["attention, c=0"].append(i)
+        if fit and cs.kind == "attn" and cs.c > 0:
+            g["attention, c>0"].append(i)
+        if fit and cs.kind == "mlp" and big:
+            g["MLP, n>=128"].append(i)
+        if fit and cs.kind == "mlp" and not big:
+            g["MLP, 1-64 tokens (decode-sized)"].append(i)
+        if fit and cs.kind == "embed":
+            g["embedding"].append(i)
+        if not fit and cs.kind in ("mlp", "attn") and big:
+            g["HOLD-OUT: H100, 70B, TP 2/4/8 (MLP, n>=128)"].append(i)
+        if not fit and cs.kind in ("mlp", "attn"):
+            g["HOLD-OUT: all MLP (n 1-4096)"].append(i)
+        if cs.gpu == "h100" and cs.kind == "mlp" and cs.tp == 1 and cs.model == "llama-2-7b":
+            g["hold-out: H100 7B TP1 MLP"].append(i)
+        if not fit and cs.kind == "embed":
+            g["hold-out: embedding"].append(i)
+    return g
+
+
+def context_growth(cases, pred):
+    """Per (gpu, n): (t(n, c_max) - t(n, 0)) predicted over measured."""
+    by = {(cs.gpu, cs.n, cs.c): (cs.seconds, p) for cs, p in zip(cases, pred) if cs.kind == "attn"}
+    out = {}
+    for (gpu, n, c) in by:
+        if c != 0:
+            continue
+        cmax = max(cc for (g2, n2, cc) in by if g2 == gpu and n2 == n)
+        if cmax == 0:
+            continue
+        m0, p0 = by[(gpu, n, 0)]
+        m1, p1 = by[(gpu, n, cmax)]
+        out[(gpu, n, cmax)] = (p1 - p0) / (m1 - m0)
+    return out
+
+
+def slicing(cases, pred, total=4096):
+    """Per (gpu, slices k): sum over k equal slices of attention time / one-shot time, measured and
+    predicted, where every slice was measured."""
+    by = {(cs.gpu, cs.n, cs.c): (cs.seconds, p) for cs, p in zip(cases, pred) if cs.kind == "attn"}
+    out = {}
+    for gpu in sorted({g for g, _, _ in by}):
+        if (gpu, total, 0) not in by:
+            continue
+        one_m, one_p = by[(gpu, total, 0)]
+        for k in SLICINGS:
+            n = total // k
+            keys = [(gpu, n, i * n) for i in range(k)]
+            if all(key in by for key in keys):
+                out[(gpu, k)] = (sum(by[key][0] for key in keys) / one_m, sum(by[key][1] for key in keys) / one_p)
+    return out
+
+
+def report(cases, p1, p2) -> None:
+    r1 = [p / cs.seconds for cs, p in zip(cases, p1)]
+    r2 = [p / cs.seconds for cs, p in zip(cases, p2)]
+
+    def row(label, idx):
+        a, b = stats([r1[i] for i in idx]), stats([r2[i] for i in idx])
+        print(f"| {label} | {a['n']} | {a['median']:.1%} | {a['p90']:.1%} | {a['ratio']:.2f} "
+              f"| {b['median']:.1%} | {b['p90']:.1%} | {b['ratio']:.2f} |")
+
+    head = "| group | cases | v1 median abs. err | v1 p90 | v1 pred/meas | v2 median | v2 p90 | v2 pred/meas |"
+    print("\n## Issue-12 groups (fit: A100 + A40, Llama-2-7B, TP 1; hold-out: the rest)\n")
+    print(head)
+    print("|---|---|---|---|---|---|---|---|")
+    for label, idx in groups(cases).items():
+        row(label, idx)
+
+    print("\n## Per GPU, model, TP and unit kind\n")
+    print(head.replace("group", "gpu / model / tp / kind"))
+    print("|---|---|---|---|---|---|---|---|")
+    per: dict[tuple, list[int]] = defaultdict(list)
+    for i, cs in enumerate(cases):
+        per[(cs.gpu, cs.model, cs.tp, cs.kind)].append(i)
+    for key in sorted(per):
+        row(" / ".join(str(k) for k in key), per[key])
+
+    print("\n## Context growth: (t(n, c_max) - t(n, 0)) predicted / measured\n")
+    g1, g2 = context_growth(cases, p1), context_growth(cases, p2)
+    print("| gpu | n | c_max | v1 | v2 |\n|---|---|---|---|---|")
+    for key in sorted(g1):
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {g1[key]:.2f} | {g2[key]:.2f} |")
+    print(f"| median | | | {np.median(list(g1.values())):.2f} | {np.median(list(g2.values())):.2f} |")
+
+    print("\n## Slicing one 4096-token prefill: attention time of k slices / one shot\n")
+    s1, s2 = slicing(cases, p1), slicing(cases, p2)
+    print("| gpu | slices | measured | v1 | v2 |\n|---|---|---|---|---|")
+    for key in sorted(s1):
+        print(f"| {key[0]} | {key[1]} | {s1[key][0]:.2f} | {s1[key][1]:.2f} | {s2[key][1]:.2f} |")
+
+
+# ---- fitting ------------------------------------------------------------------------------
+def fit_points(cases) -> list[FitPoint]:
+    """The A100 and A40 rows of Llama-2-7B at TP 1, as points for the fit."""
+    units = {name: {u.kind: u for u in MODELS[name].units()} for name in ("llama-2-7b",)}
+    pts = []
+    for cs in cases:
+        if not ref.is_fit_case(cs):
+            continue
+        spec = DEVICES[cs.device_type]
+        pts.append(FitPoint(units[cs.model][cs.kind], cs.n, cs.c, 1, cs.tp, spec.fp16_tflops * 1e12,
+                            spec.memory_bandwidth_gbps * 1e9, 2, cs.seconds))
+    return pts
+
+
+def fit_gpu(cases) -> None:
+    pts = fit_points(cases)
+    k = fit_constants(pts, GENERATIONS["ampere"])
+    print(f"# fitted on {len(pts)} rows (A100-80GB + A40, Llama-2-7B, TP 1): paste into roofline._AMPERE")
+    print(constants_literal(k))
+
+
+def fit_cpu(profile_path: str) -> None:
+    from hpipe.costmodels.calibration import profile_points
+    from hpipe.costmodels.profile import load_profile
+
+    prof = load_profile(profile_path)
+    dp = prof.devices[0]
+    # the device figures the ready local-cpu scenario declares for these cores
+    pts = profile_points(prof, dp, peak_tflops=0.06, bandwidth_gbps=10.0)
+    k = fit_constants(pts, GENERATIONS["cpu"])
+    print(f"# fitted on {len(pts)} points of {profile_path} device {dp.device}: paste into GENERATIONS['cpu']")
+    print(constants_literal(k))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fit", action="store_true", help="refit Ampere's constants on the fit rows and print them")
+    ap.add_argument("--fit-cpu", metavar="PROFILE", nargs="?", const="scenarios/profiles/local-cpu.json",
+                    help="refit the CPU row on an `hpipe profile` JSON and print it")
+    args = ap.parse_args()
+    if args.fit_cpu:
+        fit_cpu(args.fit_cpu)
+        return 0
+    try:
+        cases = ref.load_cases()
+    except ref.ReferenceMissing as e:
+        print(f"gpu_reference: the GPU reference data is absent: {e}", file=sys.stderr)
+        return 2
+    if args.fit:
+        fit_gpu(cases)
+        return 0
+    print(f"{len(cases)} measured unit times from {ref.reference_dir()}")
+    report(cases, ref.predict(cases, V1), ref.predict(cases, V2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
