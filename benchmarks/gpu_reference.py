@@ -38,76 +38,6 @@ from hpipe.models import MODELS  # noqa: E402
 
 V1 = {"kind": "roofline", "version": 1}
 V2 = {"kind": "roofline", "kernel_overhead_us": 0}
-SLICINGS = (2, 4, 8)
-
-
-def stats(ratios) -> dict:
-    r = np.asarray(ratios, float)
-    e = np.abs(r - 1)
-    return {"n": len(r), "median": float(np.median(e)), "p90": float(np.percentile(e, 90)),
-            "ratio": float(np.median(r))}
-
-
-def groups(cases):
-    """The named groups of cases the issue's targets are about (index lists)."""
-    g: dict[str, list[int]] = defaultdict(list)
-    for i, cs in enumerate(cases):
-        fit = ref.is_fit_case(cs)
-        big = cs.n >= 128
-        if fit and cs.kind in ("attn", "mlp") and cs.c == 0 and big:
-            g["7B TP1 attn+mlp, c=0, n>=128 (fit GPUs)"].append(i)
-        if fit and cs.kind == "attn" and cs.c == 0:
-            g["attention, c=0"].append(i)
-        if fit and cs.kind == "attn" and cs.c > 0:
-            g["attention, c>0"].append(i)
-        if fit and cs.kind == "mlp" and big:
-            g["MLP, n>=128"].append(i)
-        if fit and cs.kind == "mlp" and not big:
-            g["MLP, 1-64 tokens (decode-sized)"].append(i)
-        if fit and cs.kind == "embed":
-            g["embedding"].append(i)
-        if not fit and cs.kind in ("mlp", "attn") and big:
-            g["HOLD-OUT: H100, 70B, TP 2/4/8 (MLP, n>=128)"].append(i)
-        if not fit and cs.kind in ("mlp", "attn"):
-            g["HOLD-OUT: all MLP (n 1-4096)"].append(i)
-        if cs.gpu == "h100" and cs.kind == "mlp" and cs.tp == 1 and cs.model == "llama-2-7b":
-            g["hold-out: H100 7B TP1 MLP"].append(i)
-        if not fit and cs.kind == "embed":
-            g["hold-out: embedding"].append(i)
-    return g
-
-
-def context_growth(cases, pred):
-    """Per (gpu, n): (t(n, c_max) - t(n, 0)) predicted over measured."""
-    by = {(cs.gpu, cs.n, cs.c): (cs.seconds, p) for cs, p in zip(cases, pred) if cs.kind == "attn"}
-    out = {}
-    for (gpu, n, c) in by:
-        if c != 0:
-            continue
-        cmax = max(cc for (g2, n2, cc) in by if g2 == gpu and n2 == n)
-        if cmax == 0:
-            continue
-        m0, p0 = by[(gpu, n, 0)]
-        m1, p1 = by[(gpu, n, cmax)]
-        out[(gpu, n, cmax)] = (p1 - p0) / (m1 - m0)
-    return out
-
-
-def slicing(cases, pred, total=4096):
-    """Per (gpu, slices k): sum over k equal slices of attention time / one-shot time, measured and
-    predicted, where every slice was measured."""
-    by = {(cs.gpu, cs.n, cs.c): (cs.seconds, p) for cs, p in zip(cases, pred) if cs.kind == "attn"}
-    out = {}
-    for gpu in sorted({g for g, _, _ in by}):
-        if (gpu, total, 0) not in by:
-            continue
-        one_m, one_p = by[(gpu, total, 0)]
-        for k in SLICINGS:
-            n = total // k
-            keys = [(gpu, n, i * n) for i in range(k)]
-            if all(key in by for key in keys):
-                out[(gpu, k)] = (sum(by[key][0] for key in keys) / one_m, sum(by[key][1] for key in keys) / one_p)
-    return out
 
 
 def report(cases, p1, p2) -> None:
@@ -115,7 +45,7 @@ def report(cases, p1, p2) -> None:
     r2 = [p / cs.seconds for cs, p in zip(cases, p2)]
 
     def row(label, idx):
-        a, b = stats([r1[i] for i in idx]), stats([r2[i] for i in idx])
+        a, b = ref.stats([r1[i] for i in idx]), ref.stats([r2[i] for i in idx])
         print(f"| {label} | {a['n']} | {a['median']:.1%} | {a['p90']:.1%} | {a['ratio']:.2f} "
               f"| {b['median']:.1%} | {b['p90']:.1%} | {b['ratio']:.2f} |")
 
@@ -123,7 +53,7 @@ def report(cases, p1, p2) -> None:
     print("\n## Issue-12 groups (fit: A100 + A40, Llama-2-7B, TP 1; hold-out: the rest)\n")
     print(head)
     print("|---|---|---|---|---|---|---|---|")
-    for label, idx in groups(cases).items():
+    for label, idx in ref.groups(cases).items():
         row(label, idx)
 
     print("\n## Per GPU, model, TP and unit kind\n")
@@ -136,14 +66,14 @@ def report(cases, p1, p2) -> None:
         row(" / ".join(str(k) for k in key), per[key])
 
     print("\n## Context growth: (t(n, c_max) - t(n, 0)) predicted / measured\n")
-    g1, g2 = context_growth(cases, p1), context_growth(cases, p2)
+    g1, g2 = ref.context_growth(cases, p1), ref.context_growth(cases, p2)
     print("| gpu | n | c_max | v1 | v2 |\n|---|---|---|---|---|")
     for key in sorted(g1):
         print(f"| {key[0]} | {key[1]} | {key[2]} | {g1[key]:.2f} | {g2[key]:.2f} |")
     print(f"| median | | | {np.median(list(g1.values())):.2f} | {np.median(list(g2.values())):.2f} |")
 
     print("\n## Slicing one 4096-token prefill: attention time of k slices / one shot\n")
-    s1, s2 = slicing(cases, p1), slicing(cases, p2)
+    s1, s2 = ref.slicing(cases, p1), ref.slicing(cases, p2)
     print("| gpu | slices | measured | v1 | v2 |\n|---|---|---|---|---|")
     for key in sorted(s1):
         print(f"| {key[0]} | {key[1]} | {s1[key][0]:.2f} | {s1[key][1]:.2f} | {s2[key][1]:.2f} |")

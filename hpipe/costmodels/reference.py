@@ -28,6 +28,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ENV_VAR = "HPIPE_GPU_REFERENCE"
 MLP_FILE = "vidur_mlp_rows.csv"
 ATTN_FILE = "vidur_attention_rows.csv"
@@ -167,4 +169,77 @@ def predict(cases: list[Case], costmodel) -> list[float]:
         unit = next(u for u in setup.units if u.kind == cs.kind)
         t = setup.cost.unit_time_s(unit, f"ref/{cs.device_type}-0", cs.n, cs.c, 1, cs.tp)
         out.append(float(t))
+    return out
+
+
+# ---- the figures issue 12 asks about -----------------------------------------------------------
+SLICINGS = (2, 4, 8)
+
+
+def stats(ratios) -> dict:
+    r = np.asarray(ratios, float)
+    e = np.abs(r - 1)
+    return {"n": len(r), "median": float(np.median(e)), "p90": float(np.percentile(e, 90)),
+            "ratio": float(np.median(r))}
+
+
+GROUPS = {
+    # label: predicate on a Case.  "fit" rows are A100 + A40, Llama-2-7B, TP 1 (is_fit_case).
+    "7B TP1 attn+MLP, empty cache, n>=128 (fit GPUs)":
+        lambda cs: is_fit_case(cs) and cs.kind in ("attn", "mlp") and cs.c == 0 and cs.n >= 128,
+    "issue's 35: 7B TP1 attn+MLP, empty cache (MLP incl. H100)":
+        lambda cs: cs.model == "llama-2-7b" and cs.tp == 1 and cs.kind in ("attn", "mlp") and cs.c == 0
+        and cs.n >= 128,
+    "attention, empty cache": lambda cs: is_fit_case(cs) and cs.kind == "attn" and cs.c == 0,
+    "attention, context c>0": lambda cs: is_fit_case(cs) and cs.kind == "attn" and cs.c > 0,
+    "attention, all": lambda cs: is_fit_case(cs) and cs.kind == "attn",
+    "MLP, n>=128": lambda cs: is_fit_case(cs) and cs.kind == "mlp" and cs.n >= 128,
+    "MLP, 1-64 tokens (decode-sized)": lambda cs: is_fit_case(cs) and cs.kind == "mlp" and cs.n < 128,
+    "embedding": lambda cs: is_fit_case(cs) and cs.kind == "embed",
+    "HOLD-OUT: H100, 70B, TP 2/4/8 MLP, n>=128":
+        lambda cs: not is_fit_case(cs) and cs.kind == "mlp" and cs.n >= 128,
+    "HOLD-OUT: all MLP (n 1-4096)": lambda cs: not is_fit_case(cs) and cs.kind == "mlp",
+    "hold-out: H100 MLP": lambda cs: cs.gpu == "h100" and cs.kind == "mlp",
+    "hold-out: Llama-2-70B MLP": lambda cs: cs.model == "llama-2-70b" and cs.kind == "mlp",
+    "hold-out: TP 2/4/8 MLP shards": lambda cs: cs.tp > 1 and cs.kind == "mlp",
+    "hold-out: embedding": lambda cs: not is_fit_case(cs) and cs.kind == "embed",
+}
+"""The groups of cases issue 12's targets speak of, in print order."""
+
+
+def groups(cases) -> dict[str, list[int]]:
+    """{group label: indices of its cases} for the labels of GROUPS."""
+    return {label: [i for i, cs in enumerate(cases) if pred(cs)] for label, pred in GROUPS.items()}
+
+
+def context_growth(cases, pred):
+    """Per (gpu, n): (t(n, c_max) - t(n, 0)) predicted over measured."""
+    by = {(cs.gpu, cs.n, cs.c): (cs.seconds, p) for cs, p in zip(cases, pred) if cs.kind == "attn"}
+    out = {}
+    for (gpu, n, c) in by:
+        if c != 0:
+            continue
+        cmax = max(cc for (g2, n2, cc) in by if g2 == gpu and n2 == n)
+        if cmax == 0:
+            continue
+        m0, p0 = by[(gpu, n, 0)]
+        m1, p1 = by[(gpu, n, cmax)]
+        out[(gpu, n, cmax)] = (p1 - p0) / (m1 - m0)
+    return out
+
+
+def slicing(cases, pred, total=4096):
+    """Per (gpu, slices k): sum over k equal slices of attention time / one-shot time, measured and
+    predicted, where every slice was measured."""
+    by = {(cs.gpu, cs.n, cs.c): (cs.seconds, p) for cs, p in zip(cases, pred) if cs.kind == "attn"}
+    out = {}
+    for gpu in sorted({g for g, _, _ in by}):
+        if (gpu, total, 0) not in by:
+            continue
+        one_m, one_p = by[(gpu, total, 0)]
+        for k in SLICINGS:
+            n = total // k
+            keys = [(gpu, n, i * n) for i in range(k)]
+            if all(key in by for key in keys):
+                out[(gpu, k)] = (sum(by[key][0] for key in keys) / one_m, sum(by[key][1] for key in keys) / one_p)
     return out

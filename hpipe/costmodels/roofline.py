@@ -108,10 +108,10 @@ GENERATIONS: dict[str, GenerationConstants] = {
     # scenarios/profiles/local-cpu.json (AMD EPYC VM, 2 cores, 2026-11-23; device local/core-0,
     # CPU-time basis), relative to the scenario's declared peak of 0.06 TF/s and 10 GB/s.
     "cpu": GenerationConstants(
-        gemm_efficiency=0.74, gemm_half_outputs=1.0e6, memory_efficiency=0.78,
-        attn_causal_efficiency=0.19, attn_causal_half_rows=2.2e4,
-        attn_context_efficiency=0.58, attn_context_half_rows=8e3,
-        elementwise_efficiency=0.45, embed_efficiency=0.25, kernel_floor_us=2.0),
+        gemm_efficiency=0.997, gemm_half_outputs=3.64e+03, memory_efficiency=0.248,
+        attn_causal_efficiency=0.498, attn_causal_half_rows=379,
+        attn_context_efficiency=0.697, attn_context_half_rows=49.5,
+        elementwise_efficiency=1, embed_efficiency=0.525, kernel_floor_us=101),
 }
 assert set(GENERATIONS) == set(GENERATION_NAMES), "one row per generation of hpipe.devices.GENERATIONS"
 
@@ -202,41 +202,63 @@ class FitPoint:
 
 _LOWER = GenerationConstants(0.02, 1.0, 0.05, 0.005, 1.0, 0.005, 1.0, 0.02, 0.01, 0.0)
 _UPPER = GenerationConstants(1.0, 1e9, 1.0, 1.0, 1e8, 1.0, 1e8, 1.0, 1.0, 1e4)
+_NEUTRAL = GenerationConstants(0.5, 1e4, 0.5, 0.3, 1e3, 0.5, 1e3, 0.5, 0.5, 10.0)
+"""A second starting point for fits, far from any GPU's values (the fit is not convex)."""
 
 
-def fit_constants(points: list[FitPoint], start: GenerationConstants,
-                  fixed: tuple[str, ...] = ()) -> GenerationConstants:
+def _grouped(points: list[FitPoint]):
+    """Points grouped by everything but (n, c, b), so the model is evaluated on arrays."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault((id(p.unit), p.tp, p.peak_flops, p.bandwidth_bps, p.dtype_bytes), []).append(i)
+    out = []
+    for idx in groups.values():
+        p0 = points[idx[0]]
+        n, c, b = (np.array([getattr(points[i], a) for i in idx], float) for a in "ncb")
+        out.append((np.array(idx), p0, n, c, b))
+    return out
+
+
+def predict_points(points: list[FitPoint], k: GenerationConstants) -> np.ndarray:
+    """Predicted seconds of every point under constants ``k``."""
+    out = np.empty(len(points))
+    for idx, p0, n, c, b in _grouped(points):
+        out[idx] = unit_time_v2(p0.unit, n, c, b, p0.tp, p0.peak_flops, p0.bandwidth_bps, p0.dtype_bytes, k)
+    return out
+
+
+def fit_constants(points: list[FitPoint], start: GenerationConstants) -> GenerationConstants:
     """Least squares on log(predicted / measured) -- relative error, so small slices count as much
-    as large ones -- over the constants not named in ``fixed``, from ``start``, within physical
-    bounds (efficiencies in (0, 1])."""
+    as large ones -- within physical bounds (efficiencies in (0, 1]), from ``start`` and from a
+    neutral point; the better of the two fits wins."""
     from scipy.optimize import least_squares
 
     names = [f.name for f in fields(GenerationConstants)]
-    free = [i for i, nm in enumerate(names) if nm not in fixed]
-    x0 = start.as_vector()
+    floor = names.index("kernel_floor_us")  # may be 0: fitted linearly, the rest in log space
     lo, hi = _LOWER.as_vector(), _UPPER.as_vector()
-    # the floor may be 0: fit it linearly, the rest in log space
-    floor = names.index("kernel_floor_us")
-
-    def to_x(z):
-        x = x0.copy()
-        for j, i in enumerate(free):
-            x[i] = z[j] if i == floor else np.exp(z[j])
-        return x
-
-    z0 = [x0[i] if i == floor else np.log(np.clip(x0[i], lo[i] * 1.0001, hi[i])) for i in free]
-    zlo = [lo[i] if i == floor else np.log(lo[i]) for i in free]
-    zhi = [hi[i] if i == floor else np.log(hi[i]) for i in free]
+    logs = np.array([i != floor for i in range(len(names))])
+    zlo, zhi = np.where(logs, np.log(lo, where=logs, out=lo.copy()), lo), np.where(logs, np.log(hi), hi)
+    groups = _grouped(points)
     y = np.array([p.seconds for p in points])
 
+    def to_k(z):
+        return GenerationConstants.from_vector(np.where(logs, np.exp(z), z))
+
     def residuals(z):
-        k = GenerationConstants.from_vector(to_x(z))
-        pred = np.array([float(unit_time_v2(p.unit, p.n, p.c, p.b, p.tp, p.peak_flops, p.bandwidth_bps,
-                                            p.dtype_bytes, k)) for p in points])
+        k = to_k(z)
+        pred = np.empty(len(points))
+        for idx, p0, n, c, b in groups:
+            pred[idx] = unit_time_v2(p0.unit, n, c, b, p0.tp, p0.peak_flops, p0.bandwidth_bps, p0.dtype_bytes, k)
         return np.log(pred / y)
 
-    res = least_squares(residuals, np.clip(z0, zlo, zhi), bounds=(zlo, zhi), x_scale=1.0)
-    return GenerationConstants.from_vector(to_x(res.x))
+    best = None
+    for s in (start, _NEUTRAL):
+        x = np.clip(s.as_vector(), lo * 1.0001 + 1e-12, hi)
+        z0 = np.clip(np.where(logs, np.log(x), x), zlo, zhi)
+        res = least_squares(residuals, z0, bounds=(zlo, zhi))
+        if best is None or res.cost < best.cost:
+            best = res
+    return to_k(best.x)
 
 
 # ---- the cost model ----------------------------------------------------------------------
