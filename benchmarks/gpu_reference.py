@@ -14,6 +14,7 @@ prints, for roofline version 1 and version 2:
     PYTHONPATH=. python benchmarks/gpu_reference.py            # the tables
     PYTHONPATH=. python benchmarks/gpu_reference.py --fit      # refit Ampere's constants (prints them)
     PYTHONPATH=. python benchmarks/gpu_reference.py --fit-cpu  # refit the CPU row on scenarios/profiles/local-cpu.json
+    PYTHONPATH=. python benchmarks/gpu_reference.py --cpu      # calibration on the CPU profiles only
 
 The reference times are device kernel time (no launch gaps), so v2 is evaluated with
 ``kernel_overhead_us: 0``; v1 with its defaults (what a scenario gets).
@@ -113,12 +114,54 @@ def fit_cpu(profile_path: str) -> None:
     print(constants_literal(k))
 
 
+CPU_PROFILES = (("scenarios/local-cpu.yaml", "scenarios/profiles/local-cpu.json"),
+                ("scenarios/local-cpu-hetero.yaml", "scenarios/profiles/local-cpu-hetero.json"))
+
+
+def cpu_report() -> None:
+    """Calibration on this project's CPU profiles: error on the quarter of each device's points held
+    out of the fit (the fitted model's seeded rule), calibrated v2 against the uncalibrated rows."""
+    from hpipe.costmodels.calibration import device_spec_for, holdout_errors, profile_points
+    from hpipe.costmodels.fitted import holdout_mask
+    from hpipe.costmodels.profile import load_profile
+    from hpipe.costmodels.roofline import predict_points
+    from hpipe.scenario import load_scenario
+
+    root = Path(__file__).resolve().parents[1]
+    print("\n## CPU profiles: roofline v2 calibrated on 3/4 of a device's points, error on the 1/4 held out\n")
+    print("| profile | device | points held out | calibrated median / p90 | built-in cpu row | Ampere row | v1 |")
+    print("|---|---|---|---|---|---|---|")
+    for scn, path in CPU_PROFILES:
+        setup = load_scenario(root / scn).resolve()
+        v1 = load_scenario(root / scn)
+        v1.costmodel = {"kind": "roofline", "version": 1}
+        v1 = v1.resolve()
+        prof = load_profile(root / path)
+        for dp in prof.devices:
+            spec = device_spec_for(dp, setup)
+            pts = profile_points(prof, dp, spec.peak_tflops(prof.dtype), spec.memory_bandwidth_gbps)
+            test = [p for p, keep in zip(pts, holdout_mask(len(pts))) if not keep]
+            y = np.array([p.seconds for p in test])
+            cal, amp = holdout_errors(pts, GENERATIONS["ampere"])
+            row = np.abs(predict_points(test, GENERATIONS["cpu"]) / y - 1)
+            dev = next(d.id for d in v1.cluster.devices if d.spec.name == dp.label)
+            e1 = np.abs(np.array([float(v1.cost.unit_time_s(p.unit, dev, p.n, p.c, p.b, p.tp)) for p in test]) / y - 1)
+
+            def f(e):
+                return f"{np.median(e):.1%} / {np.percentile(e, 90):.1%}"
+            print(f"| {path} | {dp.device} | {len(test)} | {f(cal)} | {f(row)} | {f(amp)} | {f(e1)} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fit", action="store_true", help="refit Ampere's constants on the fit rows and print them")
     ap.add_argument("--fit-cpu", metavar="PROFILE", nargs="?", const="scenarios/profiles/local-cpu.json",
                     help="refit the CPU row on an `hpipe profile` JSON and print it")
+    ap.add_argument("--cpu", action="store_true", help="only the CPU-profile calibration table (no GPU reference needed)")
     args = ap.parse_args()
+    if args.cpu:
+        cpu_report()
+        return 0
     if args.fit_cpu:
         fit_cpu(args.fit_cpu)
         return 0
@@ -132,6 +175,7 @@ def main() -> int:
         return 0
     print(f"{len(cases)} measured unit times from {ref.reference_dir()}")
     report(cases, ref.predict(cases, V1), ref.predict(cases, V2))
+    cpu_report()
     return 0
 
 
