@@ -84,10 +84,11 @@ def devices(json_path: JsonOpt = None):
         if json_path == "-":
             return
     t = Table(title="devices")
-    for col in ("name", "fp16 TFLOPS", "fp32 TFLOPS", "memory GB", "mem GB/s", "power W", "idle W", "link Gbit/s"):
+    for col in ("name", "generation", "fp16 TFLOPS", "fp32 TFLOPS", "memory GB", "mem GB/s", "power W", "idle W",
+                "link Gbit/s"):
         t.add_column(col, justify="left" if col == "name" else "right")
     for d in DEVICES.values():
-        t.add_row(d.name, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
+        t.add_row(d.name, d.generation, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
                   f"{d.memory_bandwidth_gbps:g}", f"{d.power_w:g}", f"{d.idle_power_w:g}", f"{d.interconnect_gbps:g}")
     _console().print(t)
 
