@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpipe.costmodels import reference as ref  # noqa: E402
 from hpipe.costmodels.roofline import (GENERATIONS, FitPoint, constants_literal,  # noqa: E402
-                                       fit_constants)
+                                       fit_constants, floor_kept_at_zero)
 from hpipe.devices import DEVICES  # noqa: E402
 from hpipe.models import MODELS  # noqa: E402
 
@@ -96,7 +96,7 @@ def fit_points(cases) -> list[FitPoint]:
 
 def fit_gpu(cases) -> None:
     pts = fit_points(cases)
-    k = fit_constants(pts, GENERATIONS["ampere"])
+    k = fit_constants(pts, GENERATIONS["ampere"], fixed={floor_kept_at_zero("ampere"): 0.0})
     print(f"# fitted on {len(pts)} rows (A100-80GB + A40, Llama-2-7B, TP 1): paste into roofline._AMPERE")
     print(constants_literal(k))
 
@@ -109,7 +109,7 @@ def fit_cpu(profile_path: str) -> None:
     dp = prof.devices[0]
     # the device figures the ready local-cpu scenario declares for these cores
     pts = profile_points(prof, dp, peak_tflops=0.06, bandwidth_gbps=10.0)
-    k = fit_constants(pts, GENERATIONS["cpu"])
+    k = fit_constants(pts, GENERATIONS["cpu"], fixed={floor_kept_at_zero("cpu"): 0.0})
     print(f"# fitted on {len(pts)} points of {profile_path} device {dp.device}: paste into GENERATIONS['cpu']")
     print(constants_literal(k))
 

@@ -104,7 +104,7 @@ def test_fit_used_only_fit_rows():
                        DEVICES[cs.device_type].memory_bandwidth_gbps * 1e9, 2, cs.seconds)
            for cs in cases if ref.is_fit_case(cs)]
     assert {cs.gpu for cs in cases if ref.is_fit_case(cs)} == {"a100", "a40"}
-    k = rl.fit_constants(pts, rl.GENERATIONS["ampere"])
+    k = rl.fit_constants(pts, rl.GENERATIONS["ampere"], fixed={"kernel_floor_mflop": 0.0})
     np.testing.assert_allclose(k.as_vector(), rl.GENERATIONS["ampere"].as_vector(), rtol=0.02)
 
 
@@ -234,7 +234,7 @@ def test_calibration_predicts_held_out_points_far_better():
 
     prof = load_profile(ROOT / "scenarios/profiles/local-cpu.json")
     pts = profile_points(prof, prof.devices[0], peak_tflops=0.06, bandwidth_gbps=10)
-    calibrated, uncalibrated = holdout_errors(pts, rl.GENERATIONS["ampere"])
+    calibrated, uncalibrated = holdout_errors(pts, rl.GENERATIONS["ampere"], "cpu")
     assert np.median(calibrated) < 0.10 and np.percentile(calibrated, 90) < 0.30
     assert np.median(uncalibrated) > 5 * np.median(calibrated)
 
@@ -249,16 +249,15 @@ def test_calibration_through_the_scenario(tmp_path):
     d = setup.cost.describe()
     assert "cpu" in d["calibrated_on"] and "fast/core-0" in d["calibrated_on"]["cpu"]
     assert setup.cost.constants["cpu"] != rl.GENERATIONS["cpu"]
-    # the calibrated model predicts the profile's own points of both devices (CPU-time basis); one
-    # fit for a full core and one held to 50% by a cgroup: the per-kernel floor is in microseconds,
-    # the same for both, where the throttled core's Python dispatch takes twice as long, so the
-    # joint fit is looser than one per device (15% against 6-8%)
+    # the calibrated model predicts the profile's own points of both devices (CPU-time basis): one
+    # fit for a full core and one held to 50% by a cgroup (declared at half the peak; the per-kernel
+    # dispatch floor scales with it): median 12% and 8%, where one fit per device gives 6-8%
     from hpipe.costmodels.calibration import points_by_generation
     from hpipe.costmodels.profile import load_profile
 
     pts, _ = points_by_generation(load_profile(ROOT / "scenarios/profiles/local-cpu-hetero.json"), setup)["cpu"]
     err = np.abs(rl.predict_points(pts, setup.cost.constants["cpu"]) / [p.seconds for p in pts] - 1)
-    assert np.median(err) < 0.20
+    assert np.median(err) < 0.15
     # a GPU scenario cannot place the CPU profile's devices: a clear error naming the file
     gpu = _scn({"kind": "roofline", "calibration": str(ROOT / "scenarios/profiles/local-cpu.json")},
                {"type": "A100-80GB"})
@@ -267,3 +266,26 @@ def test_calibration_through_the_scenario(tmp_path):
     missing = _scn({"kind": "roofline", "calibration": str(tmp_path / "nope.json")})
     with pytest.raises(InputError, match="no such profile"):
         parse_scenario(missing).resolve()
+
+
+def test_one_devices_profile_prices_another_device_of_its_generation():
+    """Calibrate on local-cpu.json (two full cores), then predict a device that profile never saw:
+    the core held to 50% in local-cpu-hetero.json (its own declared 0.03 TF/s, 5 GB/s): median 21%
+    against 82% for the uncalibrated GPU row.  Looser than a calibration on its own profile (8%):
+    the two profiles were made in different setups (the hetero one in network namespaces and
+    cgroups), and its per-call overhead is twice local-cpu.json's."""
+    from hpipe.costmodels.calibration import profile_points
+    from hpipe.costmodels.profile import load_profile
+
+    data = _yaml(ROOT / "scenarios/local-cpu-hetero.yaml")
+    data["costmodel"] = {"kind": "roofline", "calibration": "profiles/local-cpu.json"}
+    setup = parse_scenario(data, file=str(ROOT / "scenarios/local-cpu-hetero.yaml")).resolve()
+    assert set(setup.cost.calibrated) == {"cpu"}
+    assert "slow" not in setup.cost.calibrated["cpu"]  # the slow core was not in that profile
+    prof = load_profile(ROOT / "scenarios/profiles/local-cpu-hetero.json")
+    slow = prof.device("slow/halfcore-0")
+    pts = profile_points(prof, slow, peak_tflops=0.03, bandwidth_gbps=5)
+    y = np.array([p.seconds for p in pts])
+    calibrated = np.median(np.abs(rl.predict_points(pts, setup.cost.constants["cpu"]) / y - 1))
+    gpu_row = np.median(np.abs(rl.predict_points(pts, rl.GENERATIONS["ampere"]) / y - 1))
+    assert calibrated < 0.30 and gpu_row > 3 * calibrated, (calibrated, gpu_row)

@@ -22,7 +22,8 @@ import numpy as np
 
 from hpipe.costmodels.fitted import basis_samples, holdout_mask
 from hpipe.costmodels.profile import DeviceProfile, Profile, load_profile
-from hpipe.costmodels.roofline import FitPoint, GenerationConstants, fit_constants, predict_points
+from hpipe.costmodels.roofline import (FitPoint, GenerationConstants, fit_constants, floor_kept_at_zero,
+                                       predict_points)
 from hpipe.devices import DEVICES, DeviceSpec
 from hpipe.errors import InputError
 from hpipe.models import DTYPE_BYTES, ModelSpec
@@ -84,15 +85,17 @@ def calibrate(path: str | Path, setup, constants: dict[str, GenerationConstants]
         listed = ", ".join(f"{dp.device} (label {dp.label})" for dp in profile.devices)
         raise InputError(f"none of the profile's devices ({listed}) is a device of the scenario or a "
                          f"catalog type, so their datasheet figures are unknown", file=str(path))
-    return {gen: (fit_constants(pts, constants[gen]), devs) for gen, (pts, devs) in groups.items()}
+    return {gen: (fit_constants(pts, constants[gen], fixed={floor_kept_at_zero(gen): 0.0}), devs)
+            for gen, (pts, devs) in groups.items()}
 
 
-def holdout_errors(points: list[FitPoint], start: GenerationConstants) -> tuple[np.ndarray, np.ndarray]:
+def holdout_errors(points: list[FitPoint], start: GenerationConstants,
+                   generation: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Relative errors on a seeded quarter of the points held out of the fit (the fitted model's
     hold-out rule): (calibrated on the rest, ``start`` uncalibrated)."""
     keep = holdout_mask(len(points))
     train = [p for p, k in zip(points, keep) if k]
     test = [p for p, k in zip(points, keep) if not k]
     y = np.array([p.seconds for p in test])
-    fitted = fit_constants(train, start)
+    fitted = fit_constants(train, start, fixed={floor_kept_at_zero(generation): 0.0})
     return np.abs(predict_points(test, fitted) / y - 1), np.abs(predict_points(test, start) / y - 1)

@@ -17,7 +17,8 @@ architecture generation (``GENERATIONS``; a device's ``generation`` picks it):
   attention cheaper;
 * norms, rotary, activation and residual add stream their bytes at
   ``elementwise_efficiency`` of the bandwidth; the embedding gathers rows at ``embed_efficiency``;
-* every kernel costs at least ``kernel_floor_us`` of device time, and the unit takes no less
+* every kernel costs at least ``kernel_floor_us`` of device time (GPUs) or ``kernel_floor_mflop``
+  at the device's peak (CPUs: dispatch runs on the same core), and the unit takes no less
   than the host needs to launch its kernels (``kernel_overhead_us`` each; launches overlap with
   device work, so this is a max, not a sum).
 
@@ -71,6 +72,10 @@ class GenerationConstants:
     """Share of memory bandwidth of the embedding's row gather (reads and writes b·n·d)."""
     kernel_floor_us: float
     """Device time every kernel takes at least (ramp-up, tail, tiny ops)."""
+    kernel_floor_mflop: float = 0.0
+    """Per-kernel overhead that scales with the device's speed, as MFLOP at its peak: on a CPU the
+    framework's dispatch runs on the same core, so a core held to half its time (and declared at
+    half the peak) pays twice the overhead."""
 
     def as_vector(self) -> np.ndarray:
         return np.array([getattr(self, f.name) for f in fields(self)], float)
@@ -84,10 +89,10 @@ class GenerationConstants:
 # of Llama-2-7B at TP 1 (Vidur's measured kernel times, ../shared/reference/gpu-kernels/, 2026-12-01).
 # H100, Llama-2-70B and TP 2/4/8 shards were not used: they are the hold-out.
 _AMPERE = GenerationConstants(
-    gemm_efficiency=0.787, gemm_half_outputs=4.47e+05, memory_efficiency=0.789,
+    gemm_efficiency=0.787, gemm_half_outputs=4.47e+05, memory_efficiency=0.79,
     attn_causal_efficiency=0.163, attn_causal_half_rows=6.86e+03,
     attn_context_efficiency=0.518, attn_context_half_rows=5.29e+03,
-    elementwise_efficiency=0.364, embed_efficiency=0.308, kernel_floor_us=4.26)
+    elementwise_efficiency=0.364, embed_efficiency=0.308, kernel_floor_us=4.26, kernel_floor_mflop=0)
 
 GENERATIONS: dict[str, GenerationConstants] = {
     # Pascal (P100, GTX 1080 Ti): no tensor cores, no FlashAttention-2.  No measurements here:
@@ -106,12 +111,14 @@ GENERATIONS: dict[str, GenerationConstants] = {
     "hopper": _AMPERE,
     # CPU (one PyTorch thread, fp32): fitted by `python benchmarks/gpu_reference.py --fit-cpu` on
     # scenarios/profiles/local-cpu.json (AMD EPYC VM, 2 cores, 2026-11-23; device local/core-0,
-    # CPU-time basis), relative to the scenario's declared peak of 0.06 TF/s and 10 GB/s.
+    # CPU-time basis), relative to the scenario's declared peak of 0.06 TF/s and 10 GB/s.  GEMMs sit
+    # at the bound (1.0): the core does a little better than the declared 0.06 TF/s.  The per-kernel
+    # floor is framework dispatch on the same core: 6.07 MFLOP at the peak, 101 us at 0.06 TF/s.
     "cpu": GenerationConstants(
-        gemm_efficiency=0.997, gemm_half_outputs=3.64e+03, memory_efficiency=0.248,
-        attn_causal_efficiency=0.498, attn_causal_half_rows=379,
-        attn_context_efficiency=0.697, attn_context_half_rows=49.5,
-        elementwise_efficiency=1, embed_efficiency=0.525, kernel_floor_us=101),
+        gemm_efficiency=0.997, gemm_half_outputs=3.62e+03, memory_efficiency=0.248,
+        attn_causal_efficiency=0.499, attn_causal_half_rows=385,
+        attn_context_efficiency=0.697, attn_context_half_rows=49.6,
+        elementwise_efficiency=1, embed_efficiency=0.525, kernel_floor_us=0, kernel_floor_mflop=6.07),
 }
 assert set(GENERATIONS) == set(GENERATION_NAMES), "one row per generation of hpipe.devices.GENERATIONS"
 
@@ -181,7 +188,7 @@ def unit_time_v2(unit, n, c, b, tp: int, peak_flops: float, bandwidth_bps: float
         t = t + stream(3 * rows * d)  # residual add
     else:  # head: final norm and the (vocab-parallel) output projection
         t = stream(2 * rows * d) + gemm(d, V / tp)
-    return t + KERNELS[unit.kind] * k.kernel_floor_us * 1e-6
+    return t + KERNELS[unit.kind] * (k.kernel_floor_us * 1e-6 + k.kernel_floor_mflop * 1e6 / peak_flops)
 
 
 # ---- fitting ----------------------------------------------------------------------------
@@ -200,9 +207,9 @@ class FitPoint:
     seconds: float
 
 
-_LOWER = GenerationConstants(0.02, 1.0, 0.05, 0.005, 1.0, 0.005, 1.0, 0.02, 0.01, 0.0)
-_UPPER = GenerationConstants(1.0, 1e9, 1.0, 1.0, 1e8, 1.0, 1e8, 1.0, 1.0, 1e4)
-_NEUTRAL = GenerationConstants(0.5, 1e4, 0.5, 0.3, 1e3, 0.5, 1e3, 0.5, 0.5, 10.0)
+_LOWER = GenerationConstants(0.02, 1.0, 0.05, 0.005, 1.0, 0.005, 1.0, 0.02, 0.01, 0.0, 0.0)
+_UPPER = GenerationConstants(1.0, 1e9, 1.0, 1.0, 1e8, 1.0, 1e8, 1.0, 1.0, 1e4, 1e4)
+_NEUTRAL = GenerationConstants(0.5, 1e4, 0.5, 0.3, 1e3, 0.5, 1e3, 0.5, 0.5, 10.0, 0.0)
 """A second starting point for fits, far from any GPU's values (the fit is not convex)."""
 
 
@@ -227,22 +234,34 @@ def predict_points(points: list[FitPoint], k: GenerationConstants) -> np.ndarray
     return out
 
 
-def fit_constants(points: list[FitPoint], start: GenerationConstants) -> GenerationConstants:
+def floor_kept_at_zero(generation: str) -> str:
+    """The per-kernel floor term a generation does not use: GPUs pay a fixed time per kernel
+    (``kernel_floor_us``), a CPU a share of its own speed (``kernel_floor_mflop``: the framework's
+    dispatch runs on the same core).  From one device's profile the two cannot be told apart."""
+    return "kernel_floor_us" if generation == "cpu" else "kernel_floor_mflop"
+
+
+def fit_constants(points: list[FitPoint], start: GenerationConstants,
+                  fixed: dict[str, float] | None = None) -> GenerationConstants:
     """Least squares on log(predicted / measured) -- relative error, so small slices count as much
     as large ones -- within physical bounds (efficiencies in (0, 1]), from ``start`` and from a
-    neutral point; the better of the two fits wins."""
+    neutral point; the better of the two fits wins.  ``fixed``: constants held at given values."""
     from scipy.optimize import least_squares
 
     names = [f.name for f in fields(GenerationConstants)]
-    floor = names.index("kernel_floor_us")  # may be 0: fitted linearly, the rest in log space
+    linear = ("kernel_floor_us", "kernel_floor_mflop")  # may be 0: fitted linearly, the rest in log space
     lo, hi = _LOWER.as_vector(), _UPPER.as_vector()
-    logs = np.array([i != floor for i in range(len(names))])
+    logs = np.array([nm not in linear for nm in names])
     zlo, zhi = np.where(logs, np.log(lo, where=logs, out=lo.copy()), lo), np.where(logs, np.log(hi), hi)
     groups = _grouped(points)
     y = np.array([p.seconds for p in points])
 
+    fixed = fixed or {}
+    hold = np.array([nm in fixed for nm in names])
+    held = np.array([fixed.get(nm, 0.0) for nm in names])
+
     def to_k(z):
-        return GenerationConstants.from_vector(np.where(logs, np.exp(z), z))
+        return GenerationConstants.from_vector(np.where(hold, held, np.where(logs, np.exp(z), z)))
 
     def residuals(z):
         k = to_k(z)
@@ -255,7 +274,9 @@ def fit_constants(points: list[FitPoint], start: GenerationConstants) -> Generat
     for s in (start, _NEUTRAL):
         x = np.clip(s.as_vector(), lo * 1.0001 + 1e-12, hi)
         z0 = np.clip(np.where(logs, np.log(x), x), zlo, zhi)
-        res = least_squares(residuals, z0, bounds=(zlo, zhi))
+        # held constants keep a tiny box (least_squares needs lower < upper); to_k overrides them
+        zl, zh = np.where(hold, z0 - 1e-9, zlo), np.where(hold, z0 + 1e-9, zhi)
+        res = least_squares(residuals, np.clip(z0, zl, zh), bounds=(zl, zh))
         if best is None or res.cost < best.cost:
             best = res
     return to_k(best.x)
