@@ -12,7 +12,7 @@ architecture generation (``GENERATIONS``; a device's ``generation`` picks it):
 * the attention kernel (FlashAttention-style, causal n × (c + n)) splits its FLOPs into the
   causal triangle of the slice (n·(n+1)/2 query-key pairs) and the rectangle against the
   c cached tokens (n·c), each with its own efficiency saturating in the query rows
-  b·heads·n it can spread over the SMs; the measured kernel runs the rectangle 2-3× more
+  b·heads·n it can spread over the SMs; the measured kernel runs the rectangle about 3× more
   efficiently than the triangle, which is why slicing a long prefill makes its
   attention cheaper;
 * norms, rotary, activation and residual add stream their bytes at
@@ -369,7 +369,10 @@ class Roofline(CostModel):
 
     def describe(self):
         d = self.config.model_dump(exclude_none=True)
-        if self.config.version == 2:
+        if self.config.version == 1:  # the values in effect, defaults included
+            d.update(compute_efficiency=self._compute_eff, memory_efficiency=self._memory_eff,
+                     kernels_per_unit=self.config.kernels_per_unit or dict(_V1_KERNELS))
+        else:
             gens = sorted({dev.spec.generation for dev in self.cluster.devices})
             d["generations"] = {g: asdict(self.constants[g]) for g in gens}
             if self.calibrated:
