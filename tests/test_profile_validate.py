@@ -63,7 +63,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     path = d / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
-    r = run_cli("profile", str(path), "--quick", "--repeats", "3", "--warmup", "1")
+    r = run_cli("profile", str(path), "--quick", "--repeats", "3", "--warmup", "1", "-o", str(d / "tiny.json"))
     assert r.returncode == 0, r.stderr
     return path, d / "tiny.json", r
 
@@ -144,7 +144,8 @@ def local_cpu(tmp_path_factory):
     data["costmodel"] = {"kind": "fitted", "profile": "local-cpu.json"}
     path = d / "local-cpu.yaml"
     path.write_text(yaml.safe_dump(data))
-    r = run_cli("profile", str(path), "--quick", "--repeats", "3", "--warmup", "1", "--quiet")
+    r = run_cli("profile", str(path), "--quick", "--repeats", "3", "--warmup", "1", "--quiet",
+                "-o", str(d / "local-cpu.json"))
     assert r.returncode == 0, r.stderr
     return path
 
@@ -203,7 +204,34 @@ def test_validate_profiles_where_missing(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "v.json").read_text())
     assert data["profiled"] and "no profile" in data["profiled"][0]
-    assert load_profile(tmp_path / "tiny.json").scenario == "tiny-cpu"
+    # measured into the per-user cache (the test's own, conftest), not beside the scenario
+    # where its costmodel names tiny.json: validate never writes a file it was not asked to
+    assert not (tmp_path / "tiny.json").exists()
+    (used,) = data["profiles"].values()
+    assert Path(used).parent == Path(os.environ["HPIPE_CACHE_DIR"]) / "profiles"
+    assert Path(used).name.startswith("tiny-cpu-") and load_profile(used).scenario == "tiny-cpu"
+    assert used in data["profiled"][0]  # and says where it wrote
+
+
+def test_validate_never_writes_over_a_stale_named_profile(tmp_path):
+    """A scenario's fitted profile from another machine (a tracked file) is left as it is; the
+    fresh profile goes to the cache, and validate says so."""
+    import shutil
+
+    sc = dict(TINY, workload={"seq_len": 64, "batch_size": 1})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sc))
+    other = json.loads((ROOT / "scenarios" / "profiles" / "local-cpu.json").read_text())
+    other["hardware"]["cpu_model"] = "Some Other CPU"
+    (tmp_path / "tiny.json").write_text(json.dumps(other))
+    before = (tmp_path / "tiny.json").read_bytes()
+    r = run_cli("validate", str(path), "--planners", "base", "--random", "0", "--json", "-", "--quiet")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert (tmp_path / "tiny.json").read_bytes() == before
+    assert "tiny.json" in data["profiled"][0] and "cache" in data["profiled"][0]
+    assert Path(data["profiles"]["tiny-cpu"]).parent == Path(os.environ["HPIPE_CACHE_DIR"]) / "profiles"
+    shutil.rmtree(Path(os.environ["HPIPE_CACHE_DIR"]) / "profiles")  # other tests start without it
 
 
 def _with_gpu(sc: dict, device: str) -> dict:

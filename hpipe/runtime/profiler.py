@@ -619,8 +619,11 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
                                      cfs_period_us=emulated.get("cfs_period_us")),
                    devices=devs, links=links, all_reduces=all_reduces)
-    report = fit_report(prof)
-    prof.holdout = {"per_device": report, **summarize_holdout(report)}
+    from hpipe.costmodels.fitted import FittedConfig
+
+    report = fit_report(prof, FittedConfig.model_fields["basis"].default)  # the basis predictions use
+    prof.holdout = {"basis": FittedConfig.model_fields["basis"].default, "per_device": report,
+                    **summarize_holdout(report)}
     return prof
 
 
