@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("torch")
@@ -127,13 +127,22 @@ def test_validate_json_contract(tiny):
     assert data["profiled"] == []  # the module's profile was current: not measured again
 
 
-# The bound on |error| the property below holds every random plan to.  `hpipe validate`
-# measured p90 12-17% over 30 cases on this kind of VM (README); the test's quick profile
-# (3 sweeps of a coarse grid) adds its own noise: the same plan was simulated at 1.08 s and
-# 1.23 s from two quick profiles taken minutes apart, and errors of the same four plans ran
-# from -22% to +11% over repeated sessions.  30% still catches any real mistake of the
-# model (a unit or a slice ignored, a wrong link) while not failing on a busy neighbour.
-PROPERTY_BOUND = 0.30
+# The property below is split in two claims, each measured so that a loaded 2-core machine
+# cannot fail it while a wrong model still does (the single end-to-end bound of 30% failed at
+# 34% once under load, and a wall-clock bound loose enough never to flake would hide a
+# missing unit):
+# * COMPUTE_BOUND: each device's compute, in the CPU time of its stage thread (which other
+#   processes hardly inflate), against the fitted model's compute time for the same items.
+#   The quick profile's own hold-out error on CPU time is 3-11% per unit kind here (measured
+#   at a load of 5.7 on 2 cores); dropping attention's b*n*c term or the per-item overhead
+#   moves a stage by more than 20%.
+# * RATIO_BOUND: what slicing and pipelining buy, as the ratio of a plan's latency to the same
+#   stages with one slice and one micro-batch, both run back to back in interleaved rounds
+#   (median of the ratios): background load slows both alike, so the ratio keeps what the
+#   simulator must get right (overlap, bubbles, per-slice costs) without the load's scale.
+COMPUTE_BOUND = 0.20
+RATIO_BOUND = 0.15
+ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
@@ -174,25 +183,47 @@ def small_plans(draw):
                 micro_batches=draw(st.integers(1, 2)))
 
 
-@settings(max_examples=4, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.mark.timeout(900)
+@settings(max_examples=3, deadline=None, derandomize=True, phases=(Phase.generate,),  # no shrinking: each
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # example runs 6 plans
 @given(plan=small_plans())
-def test_simulated_and_measured_latency_agree(local_cpu, plan):
-    """For random small plans the fitted simulator predicts the runtime's latency within
-    PROPERTY_BOUND -- the claim `hpipe validate` measures, held on plans no planner chose.
-    The measured latency is the fastest of three runs: on a shared 2-core VM runs stall by up
-    to 30-40% when neighbours are busy (the same one-item plan measured 0.84, 0.87 and 1.09 s;
-    the median of three once failed here), and the profile's CPU-time basis predicts the quiet
-    machine, which the fastest run comes closest to."""
+def test_compute_cpu_time_and_pipelining_gain_agree(local_cpu, plan):
+    """For random small plans no planner chose: (1) every device's compute CPU time is what the
+    fitted model predicts for its items, within COMPUTE_BOUND; (2) the latency relative to the
+    same stages unsliced is what the simulator predicts, within RATIO_BOUND (medians of
+    ROUNDS interleaved rounds)."""
+    import statistics
+
+    from hpipe.plan import Plan
     from hpipe.runtime import execute
     from hpipe.scenario import load_scenario
     from hpipe.sim import simulate
 
     setup = load_scenario(local_cpu).resolve()
     plan = plan.check(setup)
-    sim = simulate(setup, plan).latency_s
-    measured = min(execute(setup, plan, quiet=True, timeout_s=60).latency_s for _ in range(3))
-    assert abs(sim - measured) / measured <= PROPERTY_BOUND, (plan, sim, measured)
+    ref = Plan(planner="unsliced", scenario=plan.scenario, stages=plan.stages, slices=[setup.seq_len]).check(setup)
+    sim_p, sim_r = simulate(setup, plan), simulate(setup, ref)
+    predicted_compute = {}
+    for e in sim_p.events:
+        if e.kind == "compute":
+            predicted_compute[e.device] = predicted_compute.get(e.device, 0.0) + e.end_s - e.start_s
+    ratios, cpu = [], {d: [] for d in plan.devices}
+    for _ in range(ROUNDS):
+        r = execute(setup, ref, quiet=True, timeout_s=60).latency_s
+        m = execute(setup, plan, quiet=True, timeout_s=60)
+        ratios.append(m.latency_s / r)
+        for d, t in m.compute_cpu_s.items():
+            cpu[d].append(t)
+    total = sum(statistics.median(ts) for ts in cpu.values())
+    for d in plan.devices:
+        measured = statistics.median(cpu[d])
+        # relative to the device's compute, or to a quarter of the plan's for a device that does
+        # little (an embedding-only stage: 1.0 ms predicted, 2.5 ms measured, of 800 ms)
+        assert abs(predicted_compute[d] - measured) <= COMPUTE_BOUND * max(measured, total / 4), \
+            (plan, d, predicted_compute[d], cpu[d])
+    predicted_ratio = sim_p.latency_s / sim_r.latency_s
+    measured_ratio = statistics.median(ratios)
+    assert abs(predicted_ratio - measured_ratio) / measured_ratio <= RATIO_BOUND, (plan, predicted_ratio, ratios)
 
 
 def test_validate_profiles_where_missing(tmp_path):
