@@ -428,6 +428,12 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         if result.median_abs_error is not None:
             con.print(f"{len(result.cases)} distinct cases: median |error| {result.median_abs_error:.1%}, "
                       f"p90 |error| {result.p90_abs_error:.1%}, signed bias {result.signed_bias:+.1%}")
+            if result.compute is not None and result.compute.n:
+                shares = [c.cpu_share for c in result.cases if c.cpu_share is not None]
+                con.print(f"  compute alone, in CPU time (load set aside): median |error| "
+                          f"{result.compute.median_abs_error:.1%}, bias {result.compute.signed_bias:+.1%}"
+                          + (f"; CPU share of the stage threads in the fastest runs {min(shares):.0%}-{max(shares):.0%}"
+                             if shares else ""))
             for label, groups in (("kind", result.by_kind), ("origin", result.by_origin)):
                 for k, e in groups.items():
                     if e.n:

@@ -57,6 +57,13 @@ class Case(BaseModel):
     """Other planners that chose this very plan: it is measured and counted once."""
     measured_runs_s: list[float] = []
     """Every measured run of the case (runs of all cases interleaved, round by round)."""
+    compute_error: float | None = None
+    """(predicted - measured) / measured of the plan's compute summed over its CPU devices, measured
+    in CPU time of the stage threads (median over runs): the cost model's own error, which load
+    from other processes hardly moves, unlike ``error``."""
+    cpu_share: float | None = None
+    """Compute CPU time / compute wall time in the fastest run, lowest device: about 1 (or the
+    device's cpu_quota) on a quiet machine, lower when other processes took the cores."""
 
 
 class ErrorSummary(BaseModel):
@@ -75,6 +82,8 @@ class Validation(BaseModel):
     p90_abs_error: float | None
     signed_bias: float | None = None
     """Mean of the cases' signed ``error``."""
+    compute: ErrorSummary | None = None
+    """The cases' ``compute_error`` (CPU time): the cost model alone, load set aside."""
     by_kind: dict[str, ErrorSummary] = {}
     by_origin: dict[str, ErrorSummary] = {}
     """``planner``: the planners' picks; ``random``: random valid plans.  Apart because a planner
@@ -269,9 +278,25 @@ def dedup(plans: list[Plan]) -> list[tuple[Plan, list[str]]]:
     return list(seen.values())
 
 
-def make_case(setup, plan: Plan, same_as: list[str], simulated_s: float, runs_s: list[float]) -> Case:
+def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
+    """The case of ``plan`` from its simulated RunResult and its measured RunResults."""
+    runs_s = [r.latency_s for r in runs]
     meas = float(min(runs_s))
-    return Case(planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
+    simulated_s = sim.latency_s
+    compute_error = cpu_share = None
+    cpu_runs = [r.compute_cpu_s for r in runs if r.compute_cpu_s]
+    if cpu_runs and set(cpu_runs[0]) == set(plan.devices):
+        predicted = sum(e.end_s - e.start_s for e in sim.events if e.kind == "compute")
+        measured_cpu = float(np.median([sum(c.values()) for c in cpu_runs]))
+        compute_error = (predicted - measured_cpu) / measured_cpu
+        fastest = min(runs, key=lambda r: r.latency_s)
+        wall: dict[str, float] = {}
+        for e in fastest.events:
+            if e.kind == "compute":
+                wall[e.device] = wall.get(e.device, 0.0) + e.end_s - e.start_s
+        shares = [fastest.compute_cpu_s[d] / wall[d] for d in wall if wall[d] > 0 and d in fastest.compute_cpu_s]
+        cpu_share = min(shares) if shares else None
+    return Case(compute_error=compute_error, cpu_share=cpu_share,planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
                 error=(simulated_s - meas) / meas, scenario=setup.name,
                 stages=[[st.devices, list(st.units)] for st in plan.stages], slices=list(plan.slices),
                 micro_batches=plan.micro_batches, oversubscribed=len(plan.devices) > usable_cpus(),
@@ -288,8 +313,8 @@ def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
     sim = simulate(setup, plan)
     if not sim.feasible:
         raise InfeasibleError(sim.infeasible)
-    runs = [execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet).latency_s for _ in range(opts.repeats)]
-    return make_case(setup, plan, [], sim.latency_s, runs)
+    runs = [execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet) for _ in range(opts.repeats)]
+    return make_case(setup, plan, [], sim, runs)
 
 
 def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, profile_paths=None,
@@ -332,14 +357,14 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
             if not sim.feasible:
                 skipped.append(f"{sc.name}: {plan.planner}: {sim.infeasible}")
                 continue
-            jobs.append((setup, plan, same_as, sim.latency_s))
-    runs: list[list[float]] = [[] for _ in jobs]
+            jobs.append((setup, plan, same_as, sim))
+    runs: list[list] = [[] for _ in jobs]
     for rnd in range(opts.repeats):
         for k, (setup, plan, _, _) in enumerate(jobs):
-            runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True).latency_s)
+            runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
             if on_case and rnd == opts.repeats - 1:
                 on_case(k)
-    cases = [make_case(setup, plan, same_as, sim_s, rs) for (setup, plan, same_as, sim_s), rs in zip(jobs, runs)]
+    cases = [make_case(setup, plan, same_as, sim, rs) for (setup, plan, same_as, sim), rs in zip(jobs, runs)]
     med, p90 = summarize_errors(c.error for c in cases)
     kinds = sorted({c.kind for c in cases})
     by_kind = {k: error_summary(c.error for c in cases if c.kind == k) for k in kinds}
@@ -347,7 +372,8 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                  "random": error_summary(c.error for c in cases if not c.chosen_by_planner)}
     return Validation(cases=cases, median_abs_error=med, p90_abs_error=p90,
                       signed_bias=float(np.mean([c.error for c in cases])) if cases else None,
-                      by_kind=by_kind, by_origin=by_origin, scenarios=[s.name for s in scenarios],
+                      by_kind=by_kind, by_origin=by_origin,
+                      compute=error_summary(c.compute_error for c in cases if c.compute_error is not None), scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
 
 
