@@ -69,7 +69,7 @@ def _load_setup(scenario: Path, *, quiet: bool = False, make_profile: bool = Fal
         eta = estimate_profile_s(setup)
         if make_profile:
             err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
-                              f"one (about {eta:.0f} s, once) into {choice.profile_path}", highlight=False)
+                              f"one (about {eta:.0f} s, once) into {choice.profile_path}", highlight=False, soft_wrap=True)
             with _needs_torch("profile"):
                 measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
             setup = sc.resolve()
@@ -77,9 +77,9 @@ def _load_setup(scenario: Path, *, quiet: bool = False, make_profile: bool = Fal
         else:
             err_console.print(f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
                               f"`hpipe profile {scenario}` measures this machine once (about {eta:.0f} s) and "
-                              f"later runs plan on it", highlight=False)
+                              f"later runs plan on it", highlight=False, soft_wrap=True)
             return setup
-    err_console.print(choice.note(), highlight=False)
+    err_console.print(choice.note(), highlight=False, soft_wrap=True)
     return setup
 
 
@@ -373,7 +373,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
                 con.print(f"[yellow]note:[/] {d.device} had a CPU for {d.cpu_share:.0%} of its wall time "
                           f"(expected about {expect:.0%}): other processes competed for the cores; the fitted "
                           f"model uses CPU time, but measured runs will be slower until the machine is quiet")
-    err_console.print(f"wrote {out}", highlight=False)  # said even with --quiet: where the profile went
+    err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)  # said even with --quiet: where the profile went
 
 
 @app.command()

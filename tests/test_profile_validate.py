@@ -88,6 +88,9 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     assert ar.devices == ["local/core-0", "local/core-1"] and len(ar.seconds) == len(ar.sizes_bytes)
     # the hold-out error is printed, and the fitted model loads from the scenario
     assert "held-out" in r.stdout and "median" in r.stdout
+    # on CPU time, the basis predictions use, and the command says where it wrote the profile
+    assert "(cpu time)" in r.stdout and prof.holdout["basis"] == "cpu"
+    assert f"wrote {prof_path}" in r.stderr
     from hpipe.scenario import load_scenario
 
     setup = load_scenario(path).resolve()
