@@ -348,3 +348,34 @@ def _state(pid: int) -> str:
         return "zombie" if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z") else "alive"
     except OSError:
         return "zombie"
+
+
+@pytest.mark.skipif(bool(em.netns_unsupported() or em.cgroup_unsupported()),
+                    reason=str(em.netns_unsupported() or em.cgroup_unsupported()))
+@pytest.mark.timeout(900)
+def test_four_device_scenario_runs_plans_that_cross_the_slow_link_three_times(tmp_path):
+    """scenarios/local-cpu-4dev.yaml: four quota-limited devices on two emulated hosts; a
+    4-stage plan that zigzags between the hosts sends every item over the shaped link three
+    times (both directions), and the run's result labels its energy as modelled."""
+    from hpipe.plan import Plan, Stage
+    from hpipe.runtime import execute
+    from hpipe.scenario import load_scenario
+
+    data = yaml.safe_load((ROOT / "scenarios" / "local-cpu-4dev.yaml").read_text())
+    data["costmodel"] = "roofline"  # the run is the point here, not a profile
+    path = tmp_path / "4dev.yaml"
+    path.write_text(yaml.safe_dump(data))
+    setup = load_scenario(path).resolve()
+    quotas = {}
+    for d in setup.cluster.devices:  # the quotas on each physical core add up to at most one core
+        for core in d.placement.cores:
+            quotas[core] = quotas.get(core, 0.0) + d.placement.cpu_quota
+    assert len(setup.cluster.devices) == 4 and all(q <= 1.0 + 1e-9 for q in quotas.values())
+    order = ["east/big-0", "west/big-0", "east/little-0", "west/little-0"]
+    plan = Plan(planner="zigzag", scenario=setup.name, slices=[256, 256],
+                stages=[Stage(devices=[d], units=u) for d, u in zip(order, [(0, 5), (5, 10), (10, 14), (14, 18)])]
+                ).check(setup)
+    r = execute(setup, plan, quiet=True, timeout_s=120)
+    crossings = [e for e in r.events if e.kind == "transfer" and e.device.split("/")[0] != e.dst.split("/")[0]]
+    assert len(crossings) == 3 * len(plan.slices)
+    assert set(r.compute_cpu_s) == set(order) and r.energy_source in ("modelled", "measured")
