@@ -383,9 +383,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                  ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
              random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario")] = 8,
              seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
-             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile, else profiles/NAME.json beside it")] = None,
+             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile while it is current, else this machine's profile cache (measured there when missing)")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
-             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (the fastest is compared)")] = 1,
+             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case, in interleaved rounds over all cases (the fastest is compared)")] = 1,
              timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
              basis: Annotated[Optional[str], typer.Option(help="fit on 'cpu' time (the calling thread's CPU time, scaled by the device's cpu_quota) or 'wall' time (default: the scenario's fitted basis, else cpu)")] = None,
              quiet: QuietOpt = False):
