@@ -68,6 +68,13 @@ def _load_setup(scenario: Path, *, quiet: bool = False, make_profile: bool = Fal
 
         eta = estimate_profile_s(setup)
         if make_profile:
+            with _needs_torch("profile"):
+                from hpipe.runtime.emulation import emulation_unsupported
+            why = emulation_unsupported(setup)
+            if why:  # a profile must measure the devices as the scenario describes them
+                err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
+                                  f"figures", highlight=False, soft_wrap=True)
+                return setup
             err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
                               f"one (about {eta:.0f} s, once) into {choice.profile_path}", highlight=False, soft_wrap=True)
             with _needs_torch("profile"):
