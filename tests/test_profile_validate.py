@@ -137,15 +137,17 @@ def test_validate_json_contract(tiny):
 # * COMPUTE_BOUND: each device's compute, in the CPU time of its stage thread (which other
 #   processes hardly inflate), against the fitted model's compute time for the same items.
 #   The quick profile's own hold-out error on CPU time is 3-11% per unit kind here (measured
-#   at a load of 5.7 on 2 cores); dropping attention's b*n*c term or the per-item overhead
-#   moves a stage by more than 20%.
-# * RATIO_BOUND: what slicing and pipelining buy, as the ratio of a plan's latency to the same
-#   stages with one slice and one micro-batch, both run back to back in interleaved rounds
-#   (median of the ratios): background load slows both alike, so the ratio keeps what the
-#   simulator must get right (overlap, bubbles, per-slice costs) without the load's scale.
+#   at a load of 5.7 on 2 cores); at a load of 14 a 4-slice plan's compute came out 7-10%
+#   over the prediction, and dropping attention's context terms moved it to 15-22%.
+# * REPLAY_BOUND: the simulator's latency for the plan with each device's compute slowed by
+#   the factor that device's compute was slowed in the measured run (its measured compute wall
+#   time over the predicted compute), against that run's latency: the schedule, the transfers
+#   and the overlap the simulator models, with the run's own load folded in.  (A ratio of the
+#   plan's latency to the unsliced plan's, run back to back, was tried first: at a load of 14
+#   the three rounds' ratios were 1.06, 1.43 and 0.76.)
 COMPUTE_BOUND = 0.20
-RATIO_BOUND = 0.15
-ROUNDS = 3
+REPLAY_BOUND = 0.15
+ROUNDS = 2
 
 
 @pytest.fixture(scope="module")
@@ -187,47 +189,53 @@ def small_plans(draw):
                 micro_batches=draw(st.integers(1, 2)))
 
 
-@pytest.mark.timeout(2400)  # its quick profile and 18 runs, on a machine loaded several times over
+@pytest.mark.timeout(2400)  # its quick profile and 6 runs, on a machine loaded several times over
 @settings(max_examples=3, deadline=None, derandomize=True, phases=(Phase.generate,),  # no shrinking: each
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # example runs 6 plans
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # example runs plans
 @given(plan=small_plans())
-def test_compute_cpu_time_and_pipelining_gain_agree(local_cpu, plan):
+def test_compute_cpu_time_and_replayed_latency_agree(local_cpu, plan):
     """For random small plans no planner chose: (1) every device's compute CPU time is what the
-    fitted model predicts for its items, within COMPUTE_BOUND; (2) the latency relative to the
-    same stages unsliced is what the simulator predicts, within RATIO_BOUND (medians of
-    ROUNDS interleaved rounds)."""
+    fitted model predicts for its items, within COMPUTE_BOUND; (2) the simulator, given each
+    device's slowdown in the run, predicts the run's latency within REPLAY_BOUND (medians
+    over ROUNDS runs)."""
     import statistics
 
-    from hpipe.plan import Plan
     from hpipe.runtime import execute
     from hpipe.scenario import load_scenario
     from hpipe.sim import simulate
 
     setup = load_scenario(local_cpu).resolve()
     plan = plan.check(setup)
-    ref = Plan(planner="unsliced", scenario=plan.scenario, stages=plan.stages, slices=[setup.seq_len]).check(setup)
-    sim_p, sim_r = simulate(setup, plan), simulate(setup, ref)
-    predicted_compute = {}
-    for e in sim_p.events:
-        if e.kind == "compute":
-            predicted_compute[e.device] = predicted_compute.get(e.device, 0.0) + e.end_s - e.start_s
-    ratios, cpu = [], {d: [] for d in plan.devices}
+    predicted = _compute_by_device(simulate(setup, plan).events)
+    cpu, replay_errors = {d: [] for d in plan.devices}, []
+    unit_time_s = setup.cost.unit_time_s
     for _ in range(ROUNDS):
-        r = execute(setup, ref, quiet=True, timeout_s=60).latency_s
-        m = execute(setup, plan, quiet=True, timeout_s=60)
-        ratios.append(m.latency_s / r)
+        m = execute(setup, plan, quiet=True, timeout_s=120)
         for d, t in m.compute_cpu_s.items():
             cpu[d].append(t)
+        slowdown = {d: w / predicted[d] for d, w in _compute_by_device(m.events).items()}
+        setup.cost.unit_time_s = (lambda unit, d, n, c, b, tp=1:
+                                  unit_time_s(unit, d, n, c, b, tp) * slowdown[d])
+        try:
+            replayed = simulate(setup, plan).latency_s
+        finally:
+            del setup.cost.unit_time_s
+        replay_errors.append((replayed - m.latency_s) / m.latency_s)
     total = sum(statistics.median(ts) for ts in cpu.values())
     for d in plan.devices:
         measured = statistics.median(cpu[d])
         # relative to the device's compute, or to a quarter of the plan's for a device that does
         # little (an embedding-only stage: 1.0 ms predicted, 2.5 ms measured, of 800 ms)
-        assert abs(predicted_compute[d] - measured) <= COMPUTE_BOUND * max(measured, total / 4), \
-            (plan, d, predicted_compute[d], cpu[d])
-    predicted_ratio = sim_p.latency_s / sim_r.latency_s
-    measured_ratio = statistics.median(ratios)
-    assert abs(predicted_ratio - measured_ratio) / measured_ratio <= RATIO_BOUND, (plan, predicted_ratio, ratios)
+        assert abs(predicted[d] - measured) <= COMPUTE_BOUND * max(measured, total / 4), (plan, d, predicted[d], cpu[d])
+    assert abs(statistics.median(replay_errors)) <= REPLAY_BOUND, (plan, replay_errors)
+
+
+def _compute_by_device(events) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for e in events:
+        if e.kind == "compute":
+            out[e.device] = out.get(e.device, 0.0) + e.end_s - e.start_s
+    return out
 
 
 def test_validate_profiles_where_missing(tmp_path):
