@@ -122,12 +122,22 @@ def test_validate_json_contract(tiny):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)  # stdout holds the JSON alone
     assert {"cases", "median_abs_error", "p90_abs_error"} <= set(data)
-    assert len(data["cases"]) == 3
+    # hpipe, base and one random plan, each distinct plan once
+    assert len(data["cases"]) + sum(len(c["same_plan_as"]) for c in data["cases"]) == 3
+    assert len({json.dumps([c["stages"], c["slices"], c["micro_batches"]]) for c in data["cases"]}) == len(data["cases"])
     for c in data["cases"]:
         assert {"planner", "simulated_latency_s", "measured_latency_s", "error"} <= set(c)
         assert c["error"] == pytest.approx((c["simulated_latency_s"] - c["measured_latency_s"])
                                            / c["measured_latency_s"])
     assert data["profiled"] == []  # the module's profile was current: not measured again
+    # honest statistics: signed errors, their mean, by kind and by origin; each case says what it is
+    assert data["signed_bias"] == pytest.approx(sum(c["error"] for c in data["cases"]) / len(data["cases"]))
+    kinds = {c["kind"] for c in data["cases"]}
+    assert set(data["by_kind"]) == kinds and sum(k["n"] for k in data["by_kind"].values()) == len(data["cases"])
+    assert data["by_origin"]["random"]["n"] == sum(not c["chosen_by_planner"] for c in data["cases"])
+    for c in data["cases"]:
+        assert c["n_stages"] == len(c["stages"]) and c["chosen_by_planner"] == (not c["planner"].startswith("random"))
+        assert c["compute_error"] is not None and 0 < c["cpu_share"] <= 1.05
 
 
 # The property below is split in two claims, each measured so that a loaded 2-core machine
