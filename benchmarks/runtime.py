@@ -147,6 +147,13 @@ def main() -> None:
     args = ap.parse_args()
     setup = load_scenario(args.scenario).resolve()
     auto = getattr(setup.cost, "auto", None)
+    if auto is not None and auto.used == "roofline" and auto.runs_here:  # as `hpipe execute` does
+        from hpipe.costmodels.cache import measure_into_cache
+
+        print(f"no profile of this machine yet: measuring a quick one into {auto.profile_path}", flush=True)
+        measure_into_cache(setup, quiet=True)
+        setup = load_scenario(args.scenario).resolve()
+        auto = setup.cost.auto
     print(f"cost model: {setup.cost.name}" + (f" ({auto.note()})" if auto else ""))
     print(f"CPU: {_cpu()}, {os.cpu_count()} logical CPUs; load average at start "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
