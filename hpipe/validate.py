@@ -59,8 +59,9 @@ class Case(BaseModel):
     """Every measured run of the case (runs of all cases interleaved, round by round)."""
     compute_error: float | None = None
     """(predicted - measured) / measured of the plan's compute summed over its CPU devices, measured
-    in CPU time of the stage threads (median over runs): the cost model's own error, which load
-    from other processes hardly moves, unlike ``error``."""
+    in CPU time of the stage threads (divided by a device's cpu_quota, as the fitted model's CPU
+    basis does; median over runs): the cost model's own error, which load from other processes
+    hardly moves, unlike ``error``."""
     cpu_share: float | None = None
     """Compute CPU time / compute wall time in the fastest run, lowest device: about 1 (or the
     device's cpu_quota) on a quiet machine, lower when other processes took the cores."""
@@ -287,7 +288,10 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
     cpu_runs = [r.compute_cpu_s for r in runs if r.compute_cpu_s]
     if cpu_runs and set(cpu_runs[0]) == set(plan.devices):
         predicted = sum(e.end_s - e.start_s for e in sim.events if e.kind == "compute")
-        measured_cpu = float(np.median([sum(c.values()) for c in cpu_runs]))
+        # as the fitted model's CPU basis does: a device held to a quota q runs 1/q as long as it computes
+        slow = {d: 1.0 / min(float(getattr(setup.cluster.device(d).placement, "cpu_quota", None) or 1.0), 1.0)
+                for d in plan.devices}
+        measured_cpu = float(np.median([sum(t * slow[d] for d, t in c.items()) for c in cpu_runs]))
         compute_error = (predicted - measured_cpu) / measured_cpu
         fastest = min(runs, key=lambda r: r.latency_s)
         wall: dict[str, float] = {}

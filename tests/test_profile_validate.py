@@ -266,11 +266,10 @@ def test_validate_profiles_where_missing(tmp_path):
     assert used in data["profiled"][0]  # and says where it wrote
 
 
-def test_validate_never_writes_over_a_stale_named_profile(tmp_path):
+def test_validate_never_writes_over_a_stale_named_profile(tmp_path, monkeypatch):
     """A scenario's fitted profile from another machine (a tracked file) is left as it is; the
     fresh profile goes to the cache, and validate says so."""
-    import shutil
-
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "cache"))  # empty: the test above filled the session's
     sc = dict(TINY, workload={"seq_len": 64, "batch_size": 1})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sc))
@@ -284,7 +283,6 @@ def test_validate_never_writes_over_a_stale_named_profile(tmp_path):
     assert (tmp_path / "tiny.json").read_bytes() == before
     assert "tiny.json" in data["profiled"][0] and "cache" in data["profiled"][0]
     assert Path(data["profiles"]["tiny-cpu"]).parent == Path(os.environ["HPIPE_CACHE_DIR"]) / "profiles"
-    shutil.rmtree(Path(os.environ["HPIPE_CACHE_DIR"]) / "profiles")  # other tests start without it
 
 
 def _with_gpu(sc: dict, device: str) -> dict:
