@@ -4,7 +4,6 @@ the parts that need no worker processes (see test_profile_validate.py for those)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
