@@ -395,3 +395,20 @@ def test_four_device_scenario_runs_plans_that_cross_the_slow_link_three_times(tm
     crossings = [e for e in r.events if e.kind == "transfer" and e.device.split("/")[0] != e.dst.split("/")[0]]
     assert len(crossings) == 3 * len(plan.slices)
     assert set(r.compute_cpu_s) == set(order) and r.energy_source in ("modelled", "measured")
+
+
+def test_first_execute_under_auto_measures_a_profile_and_says_so(tmp_path, monkeypatch):
+    """costmodel auto with an empty cache: execute says what it does and about how long it takes,
+    measures a quick profile into the cache, then plans and predicts on it; the next run reuses it."""
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    sc = dict(TINY, costmodel="auto", workload={"seq_len": 64, "batch_size": 2})
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(sc))
+    r = run_cli("execute", str(path), "--planner", "base", "--json", "-", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "no profile of this machine" in r.stderr and "measuring a quick one (about" in r.stderr
+    (prof,) = (tmp_path / "cache" / "profiles").glob("tiny-cpu-*.json")
+    used = json.loads(r.stdout)["cost_model"]
+    assert used["kind"] == "fitted" and used["auto"]["used"] == "fitted" and used["profile_path"] == str(prof)
+    r = run_cli("execute", str(path), "--planner", "base", "--json", "-", "--quiet")
+    assert r.returncode == 0 and "measuring" not in r.stderr and "cost model auto: fitted" in r.stderr
