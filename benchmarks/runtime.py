@@ -57,6 +57,12 @@ def single_process_s(setup, ids, threads: int, device: str = "cpu", slices=None,
     return statistics.median(times)
 
 
+def _cpu() -> str:
+    from hpipe.costmodels.cache import cpu_model
+
+    return cpu_model()
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -108,22 +114,49 @@ def hand_plans(setup, share0: float | None = None) -> list[Plan]:
     if share0 is None:  # tensor parallelism over a CPU and a GPU would only wait for the CPU
         out.append(Plan(planner="tensor parallel x2", scenario=setup.name,
                         stages=[Stage(devices=devs, units=(0, n))], slices=[setup.seq_len]))
-    try:  # the planners' own plans (the scenario's cost model)
-        from hpipe.planners import make_plan
+    return [p.check(setup) for p in out] + planner_plans(setup)
 
-        for name in ("hpipe", "terapipe", "gpipe"):
-            out.append(make_plan(setup, name))
-    except Exception as e:
-        print(f"planners skipped: {e}")
-    return [p.check(setup) for p in out]
+
+def planner_plans(setup) -> list[Plan]:
+    """Every planner's plan under the scenario's cost model (auto: this machine's cached profile),
+    each distinct plan once (named after every planner that chose it)."""
+    from hpipe.planners import make_plan
+    from hpipe.scenario import PLANNER_NAMES
+    from hpipe.validate import plan_key
+
+    out: dict[str, Plan] = {}
+    for name in PLANNER_NAMES:
+        try:
+            p = make_plan(setup, name).check(setup)
+        except Exception as e:  # noqa: BLE001  (a planner without a plan here: say so, go on)
+            print(f"{name}: no plan ({e})")
+            continue
+        k = plan_key(p)
+        if k in out:
+            out[k] = out[k].model_copy(update={"planner": f"{out[k].planner} = {name}"})
+        else:
+            out[k] = p
+    return list(out.values())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", default="scenarios/local-cpu.yaml")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--planners-only", action="store_true", help="the planners' plans, not the hand-made ones")
     args = ap.parse_args()
     setup = load_scenario(args.scenario).resolve()
+    auto = getattr(setup.cost, "auto", None)
+    if auto is not None and auto.used == "roofline" and auto.runs_here:  # as `hpipe execute` does
+        from hpipe.costmodels.cache import measure_into_cache
+
+        print(f"no profile of this machine yet: measuring a quick one into {auto.profile_path}", flush=True)
+        measure_into_cache(setup, quiet=True)
+        setup = load_scenario(args.scenario).resolve()
+        auto = setup.cost.auto
+    print(f"cost model: {setup.cost.name}" + (f" ({auto.note()})" if auto else ""))
+    print(f"CPU: {_cpu()}, {os.cpu_count()} logical CPUs; load average at start "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     ids = make_ids(setup)
     first_two = setup.cluster.devices[:2]
     where = [(d.runtime_device, d.placement.threads if d.placement else 1) for d in first_two]
@@ -139,7 +172,7 @@ def main() -> None:
     if mixed:  # give each device blocks in proportion to its speed
         t0, t1 = (single_process_s(setup, ids, threads, dev, repeats=1) for dev, threads in where)
         share0 = t1 / (t0 + t1)
-    plans = hand_plans(setup, share0)
+    plans = planner_plans(setup) if args.planners_only else hand_plans(setup, share0)
     # This machine may be shared: measure the single process and every plan in turn, once per
     # round, so a change of background load hits all of them alike; report medians over rounds.
     refs = {w: [] for w in dict.fromkeys(where)}
@@ -179,6 +212,16 @@ def main() -> None:
         print(f"{p.planner:<22}{lat * 1e3:12.1f}{ideal * 1e3:10.1f}{speedup:8.2f}x{busiest / lat:9.1%}"
               f"{(ideal - busiest) / lat:9.1%}{(lat - ideal) / lat:9.1%}"
               f"{(lat - ideal) * 1e3 / (p.micro_batches * len(p.slices)):8.2f}{sliced * 1e3:17.1f}")
+    med = {p.planner: statistics.median(r.latency_s for r, _ in runs[p.planner]) for p in plans}
+    fastest = min(med, key=med.get)
+    hp = next((p.planner for p in plans if p.planner.split(" = ")[0] == "hpipe"), None)
+    if hp is not None:
+        sp = statistics.median(single / r.latency_s for r, single in runs[hp])
+        print(f"\nhpipe plan: {med[hp] * 1e3:.1f} ms, {sp:.2f}x one process ({ref_dev}, {ref_threads} thread(s)); "
+              f"fastest plan measured: {fastest} ({med[fastest] * 1e3:.1f} ms)"
+              + ("  -> hpipe's plan is the fastest" if fastest == hp else
+                 f"  -> hpipe's plan is {med[hp] / med[fastest] - 1:.1%} slower than the fastest"))
+    print(f"load average at end {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print()
     print("speed-up: median over rounds of the single-process latency on the faster of the two devices /")
     print("pipelined latency; the other columns are from the median run of each plan.")

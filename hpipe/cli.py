@@ -52,10 +52,42 @@ def _needs_torch(command: str):
         raise
 
 
-def _load_setup(scenario: Path):
+def _load_setup(scenario: Path, *, quiet: bool = False, make_profile: bool = False):
+    """The resolved scenario.  ``costmodel: auto``: says on stderr which model it chose; with no
+    profile of this machine yet, measures a quick one first when ``make_profile`` (execute
+    always; plan and simulate on a terminal, not --quiet), else says how to make one."""
     from hpipe.scenario import load_scenario
 
-    return load_scenario(scenario).resolve()
+    sc = load_scenario(scenario)
+    setup = sc.resolve()
+    choice = getattr(setup.cost, "auto", None)
+    if choice is None:
+        return setup
+    if choice.used == "roofline" and choice.runs_here:
+        from hpipe.costmodels.cache import estimate_profile_s, measure_into_cache
+
+        eta = estimate_profile_s(setup)
+        if make_profile:
+            with _needs_torch("profile"):
+                from hpipe.runtime.emulation import emulation_unsupported
+            why = emulation_unsupported(setup)
+            if why:  # a profile must measure the devices as the scenario describes them
+                err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
+                                  f"figures", highlight=False, soft_wrap=True)
+                return setup
+            err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
+                              f"one (about {eta:.0f} s, once) into {choice.profile_path}", highlight=False, soft_wrap=True)
+            with _needs_torch("profile"):
+                measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
+            setup = sc.resolve()
+            choice = setup.cost.auto
+        else:
+            err_console.print(f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
+                              f"`hpipe profile {scenario}` measures this machine once (about {eta:.0f} s) and "
+                              f"later runs plan on it", highlight=False, soft_wrap=True)
+            return setup
+    err_console.print(choice.note(), highlight=False, soft_wrap=True)
+    return setup
 
 
 def _planner_names(planner: str) -> list[str]:
@@ -124,7 +156,9 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     from hpipe.planners import make_plan
     from hpipe.progress import progress
 
-    setup = _load_setup(scenario)
+    from hpipe.progress import enabled
+
+    setup = _load_setup(scenario, quiet=quiet, make_profile=enabled(quiet))
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
@@ -189,9 +223,10 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     """Plan and simulate; a table of every planner asked for, side by side."""
     from hpipe.plan import load_plans
     from hpipe.result import Result
+    from hpipe.progress import enabled
     from hpipe.sim import infeasible_result, simulate as run_sim
 
-    setup = _load_setup(scenario)
+    setup = _load_setup(scenario, quiet=quiet, make_profile=enabled(quiet))
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     results = []
@@ -217,7 +252,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
                         raise
                     results.append(infeasible_result(setup, name, str(e)))
                 bar.advance(task)
-    result = Result(scenario=setup.name, mode="simulated", results=results)
+    result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet)
     if con:
@@ -246,7 +281,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
 
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
-    setup = _load_setup(scenario)
+    setup = _load_setup(scenario, quiet=quiet, make_profile=True)
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     if plan is not None:
@@ -265,7 +300,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     token_ids = load_inputs(inputs, setup) if inputs else None
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
     measured.predicted_latency_s = predicted.latency_s
-    result = Result(scenario=setup.name, mode="measured", results=[measured])
+    result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, None)
     con = _out_console(json_path, quiet)
     if con:
@@ -300,7 +335,7 @@ def _holdout_table(report: dict, title: str) -> Table:
 
 @app.command()
 def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure")],
-            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: the scenario's fitted profile)")] = None,
+            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)")] = None,
             repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid")] = 5,
             warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first")] = 2,
             quick: Annotated[bool, typer.Option(help="a coarse grid (for tests and a first look)")] = False,
@@ -308,7 +343,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
             quiet: QuietOpt = False):
     """Measure each unit kind's time over a grid of (slice, context, batch) and the links between
     stage processes, on the devices the scenario names; write the profile the fitted cost model reads."""
-    from hpipe.costmodels.fitted import fit_report
+    from hpipe.costmodels.fitted import FittedConfig, fit_report, summarize_holdout
     from hpipe.io import write_text
     from hpipe.validate import default_profile_path
 
@@ -320,7 +355,9 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     write_text(out, prof.model_dump_json(indent=1))
     con = _out_console(None, quiet)
     if con:
-        con.print(_holdout_table(fit_report(prof), f"{setup.name}: fitted model, error on held-out grid points"))
+        basis = FittedConfig.model_fields["basis"].default  # what predictions are made on
+        con.print(_holdout_table(fit_report(prof, basis), f"{setup.name}: fitted model ({basis} time), error on "
+                                                          f"held-out grid points"))
         if prof.links:
             t = Table(title="links (fitted on ping-pong between the device processes)")
             for c in ("between", "latency us", "bandwidth Gbit/s", "emulated as"):
@@ -332,8 +369,10 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
                 t.add_row("all-reduce " + ", ".join(ar.devices), f"{ar.latency_us:,.0f}", f"{ar.bandwidth_gbps:.3g}", "-")
             con.print(t)
         h = prof.holdout
-        con.print(f"hold-out error (worst device and unit): median {h['worst_median_rel_error']:.1%}, "
-                  f"p90 {h['worst_p90_rel_error']:.1%}; cpu share per device: "
+        wall = summarize_holdout(fit_report(prof, "wall"))
+        con.print(f"hold-out error on {basis} time (worst device and unit): median {h['worst_median_rel_error']:.1%}, "
+                  f"p90 {h['worst_p90_rel_error']:.1%} (on wall time: median {wall['worst_median_rel_error']:.1%}, "
+                  f"p90 {wall['worst_p90_rel_error']:.1%}); cpu share per device: "
                   + ", ".join(f"{d.device} {d.cpu_share:.0%}" for d in prof.devices if d.cpu_share is not None))
         for d in prof.devices:
             quota = d.placement.get("cpu_quota")
@@ -342,7 +381,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
                 con.print(f"[yellow]note:[/] {d.device} had a CPU for {d.cpu_share:.0%} of its wall time "
                           f"(expected about {expect:.0%}): other processes competed for the cores; the fitted "
                           f"model uses CPU time, but measured runs will be slower until the machine is quiet")
-        con.print(f"wrote {out}")
+    err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)  # said even with --quiet: where the profile went
 
 
 @app.command()
@@ -352,11 +391,11 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                  ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
              random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario")] = 8,
              seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
-             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile, else profiles/NAME.json beside it")] = None,
+             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile while it is current, else this machine's profile cache (measured there when missing)")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
-             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (the fastest is compared)")] = 1,
+             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case, in interleaved rounds over all cases (the fastest is compared)")] = 1,
              timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
-             basis: Annotated[Optional[str], typer.Option(help="fit on 'wall' or 'cpu' time (default: the scenario's, else wall)")] = None,
+             basis: Annotated[Optional[str], typer.Option(help="fit on 'cpu' time (the calling thread's CPU time, scaled by the device's cpu_quota) or 'wall' time (default: the scenario's fitted basis, else cpu)")] = None,
              quiet: QuietOpt = False):
     """Profile where needed, then simulate (fitted cost model) and execute the same plans; the error of each."""
     from hpipe.io import write_text
@@ -390,13 +429,24 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         for c in result.cases:
             stages = " | ".join(f"{d[0].split('/', 1)[1]}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
                                 for d, u in c.stages)
-            t.add_row(c.scenario, c.planner, stages, str(len(c.slices)), str(c.micro_batches),
+            t.add_row(c.scenario, c.planner + "".join(f" = {o}" for o in c.same_plan_as), stages, str(len(c.slices)), str(c.micro_batches),
                       f"{c.simulated_latency_s:.3f}", f"{c.measured_latency_s:.3f}", f"{c.error:+.1%}"
                       + (" *" if c.oversubscribed else ""))
         con.print(t)
         if result.median_abs_error is not None:
-            con.print(f"{len(result.cases)} cases: median |error| {result.median_abs_error:.1%}, "
-                      f"p90 |error| {result.p90_abs_error:.1%}")
+            con.print(f"{len(result.cases)} distinct cases: median |error| {result.median_abs_error:.1%}, "
+                      f"p90 |error| {result.p90_abs_error:.1%}, signed bias {result.signed_bias:+.1%}")
+            if result.compute is not None and result.compute.n:
+                shares = [c.cpu_share for c in result.cases if c.cpu_share is not None]
+                con.print(f"  compute alone, in CPU time (load set aside): median |error| "
+                          f"{result.compute.median_abs_error:.1%}, bias {result.compute.signed_bias:+.1%}"
+                          + (f"; CPU share of the stage threads in the fastest runs {min(shares):.0%}-{max(shares):.0%}"
+                             if shares else ""))
+            for label, groups in (("kind", result.by_kind), ("origin", result.by_origin)):
+                for k, e in groups.items():
+                    if e.n:
+                        con.print(f"  {label} {k}: n {e.n}, median |error| {e.median_abs_error:.1%}, "
+                                  f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
         for s in result.skipped:

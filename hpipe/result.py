@@ -55,6 +55,10 @@ class RunResult(BaseModel):
     """Idle power of every plan device over the makespan, plus busy time above idle."""
     dynamic_energy_j: float | None
     """The busy-above-idle part alone."""
+    energy_source: Literal["modelled", "measured"] | None = None
+    """Measured results: ``modelled`` (device power x measured busy time, the default) or
+    ``measured`` (RAPL or NVML energy counters over the run, where the machine has them;
+    ``dynamic_energy_j`` is then None).  None for simulated results (always modelled)."""
     peak_memory_mb: dict[str, float]
     utilization: dict[str, float]
     """Busy time / latency, per device the plan uses."""
@@ -68,6 +72,10 @@ class RunResult(BaseModel):
     """Measured results: what the simulator predicted for the same plan."""
     max_abs_error: float | None = None
     """Measured with --check: largest |logit difference| against one process."""
+    compute_cpu_s: dict[str, float] | None = None
+    """Measured, CPU devices: CPU seconds each device's stage thread spent in its units (with one
+    intra-op thread, the compute itself): unlike wall time, hardly inflated by other processes
+    competing for the cores.  Compare with the cost model's ``stage_compute_s``."""
     next_token_ids: list[int] | None = None
     """Measured: argmax of the last position's logits, one per sequence."""
     # ---- generation (workload.output_tokens > 0); latency_s is then end to end ----
@@ -93,6 +101,9 @@ class Result(BaseModel):
     scenario: str
     mode: Literal["simulated", "measured"]
     results: list[RunResult]
+    cost_model: dict | None = None
+    """The cost model behind the predictions (its ``describe()``: kind and settings; with
+    ``costmodel: auto``, an ``auto`` entry saying which model it chose and why)."""
 
 
 def _union_s(intervals: list[tuple[float, float]]) -> float:

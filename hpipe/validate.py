@@ -1,20 +1,23 @@
 """`hpipe validate`: does the simulator, fed a fitted profile, predict what the runtime does?
 
 For a scenario that runs on this machine: make sure a profile of it exists
-(measure one where it is missing or stale: another machine, other library
-versions, other placements), plan with several planners and with random
-valid plans, simulate each plan with the fitted cost model, execute the same
-plan, and compare latencies.  The relative error of a case is
-(simulated - measured) / measured, measured being the fastest of ``--repeats``
-runs; the summary gives the median and the 90th percentile of its absolute
-value.
+(measure one where it is missing or stale -- another machine, other library
+versions, other placements -- into this machine's profile cache, never over
+the scenario's own file), plan with several planners and with random valid
+plans, keep each distinct plan once (two planners that choose the same plan
+are one case), simulate each with the fitted cost model, execute it, and
+compare latencies.  The error of a case is (simulated - measured) / measured,
+signed (negative: predicted too fast), measured being the fastest of
+``--repeats`` runs made in interleaved rounds.  The summary gives the median
+and 90th percentile of |error|, the signed bias (mean error), and the same by
+plan kind and for the planners' picks apart from the random plans.
 
 Nothing here imports torch at module level: the runtime is imported when a
-plan is executed.
-"""
+plan is executed."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,33 @@ class Case(BaseModel):
     micro_batches: int
     oversubscribed: bool = False
     """More worker processes than CPUs this process may use: timings share cores."""
+    kind: str = "pipeline"
+    """decode (generates tokens), tensor-parallel (a stage of several devices), micro-batch (more
+    than one), pipeline (several stages) or single-device: the first that applies."""
+    n_stages: int = 1
+    chosen_by_planner: bool = False
+    """A planner's pick (False: a random valid plan)."""
+    same_plan_as: list[str] = []
+    """Other planners that chose this very plan: it is measured and counted once."""
+    measured_runs_s: list[float] = []
+    """Every measured run of the case (runs of all cases interleaved, round by round)."""
+    compute_error: float | None = None
+    """(predicted - measured) / measured of the plan's compute summed over its CPU devices, measured
+    in CPU time of the stage threads (divided by a device's cpu_quota, as the fitted model's CPU
+    basis does; median over runs): the cost model's own error, which load from other processes
+    hardly moves, unlike ``error``."""
+    cpu_share: float | None = None
+    """Compute CPU time / compute wall time in the fastest run, lowest device: about 1 (or the
+    device's cpu_quota) on a quiet machine, lower when other processes took the cores."""
+
+
+class ErrorSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    median_abs_error: float | None
+    p90_abs_error: float | None
+    signed_bias: float | None = None
+    """Mean of the signed errors: negative means predicted too fast on average."""
+    n: int
 
 
 class Validation(BaseModel):
@@ -51,6 +81,14 @@ class Validation(BaseModel):
     cases: list[Case]
     median_abs_error: float | None
     p90_abs_error: float | None
+    signed_bias: float | None = None
+    """Mean of the cases' signed ``error``."""
+    compute: ErrorSummary | None = None
+    """The cases' ``compute_error`` (CPU time): the cost model alone, load set aside."""
+    by_kind: dict[str, ErrorSummary] = {}
+    by_origin: dict[str, ErrorSummary] = {}
+    """``planner``: the planners' picks; ``random``: random valid plans.  Apart because a planner
+    favours plans whose prediction is optimistic, so its picks are under-predicted most."""
     scenarios: list[str]
     profiles: dict[str, str]
     """Scenario -> the profile its predictions used."""
@@ -69,62 +107,116 @@ def summarize_errors(errors) -> tuple[float | None, float | None]:
     return float(np.median(a)), float(np.percentile(a, 90))
 
 
+def error_summary(errors) -> ErrorSummary:
+    errors = list(errors)
+    med, p90 = summarize_errors(errors)
+    return ErrorSummary(median_abs_error=med, p90_abs_error=p90,
+                        signed_bias=float(np.mean(errors)) if errors else None, n=len(errors))
+
+
+def plan_kind(setup, plan: Plan) -> str:
+    if setup.output_tokens > 0:
+        return "decode"
+    if any(len(st.devices) > 1 for st in plan.stages):
+        return "tensor-parallel"
+    if plan.micro_batches > 1:
+        return "micro-batch"
+    return "pipeline" if len(plan.stages) > 1 else "single-device"
+
+
+def plan_key(plan: Plan) -> str:
+    """What makes two plans the same run: stages, slices, micro-batches, codecs (not the name)."""
+    d = plan.model_dump(exclude={"planner", "predicted"})
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 # ---- the profile a scenario is validated with ----------------------------------------------
-def default_profile_path(scenario: Scenario) -> Path:
-    """The scenario's fitted profile, else ``profiles/<name>.json`` beside the scenario file."""
+def named_profile_path(scenario: Scenario) -> Path | None:
+    """The profile the scenario's fitted cost model names, or None (roofline, auto)."""
     spec = scenario.costmodel
     if isinstance(spec, dict) and spec.get("kind") == "fitted" and spec.get("profile"):
         return scenario.resolve_path(spec["profile"])
-    base = Path(scenario.source_path).parent if scenario.source_path else Path.cwd()
-    return base / "profiles" / f"{scenario.name}.json"
+    return None
+
+
+def default_profile_path(scenario: Scenario) -> Path:
+    """This machine's cached profile of the scenario (``hpipe.costmodels.cache``)."""
+    from hpipe.costmodels.cache import cached_profile_path
+
+    return cached_profile_path(scenario.model_copy(update={"costmodel": "roofline"}).resolve())
 
 
 def with_fitted(scenario: Scenario, profile_path: Path, basis: str | None = None) -> Scenario:
     """The scenario with a fitted cost model on ``profile_path`` (its own fitted settings kept)."""
     spec = scenario.costmodel
-    cm = dict(spec) if isinstance(spec, dict) and spec.get("kind") == "fitted" else {"kind": "fitted"}
+    if isinstance(spec, dict) and spec.get("kind") == "fitted":
+        cm = dict(spec)
+    elif isinstance(spec, dict) and spec.get("kind") == "auto":
+        cm = {"kind": "fitted", **spec.get("fitted", {})}
+    else:
+        cm = {"kind": "fitted"}
     cm["profile"] = str(profile_path.resolve())
     if basis:
         cm["basis"] = basis
     return scenario.model_copy(update={"costmodel": cm})
 
 
-def ensure_profile(scenario: Scenario, profile_path: Path, *, reprofile: bool = False, quiet: bool = False,
-                   log=None, **profile_kw) -> str | None:
-    """Measure a profile where it is missing or stale; why it was measured, or None."""
+def profile_staleness(scenario: Scenario, path: Path) -> str | None:
+    """Why the profile at ``path`` cannot serve ``scenario`` on this machine, or None."""
     from hpipe.costmodels.profile import load_profile
-    from hpipe.runtime.profiler import profile, stale_reason
+    from hpipe.runtime.profiler import stale_reason
+
+    if not path.exists():
+        return f"no profile at {path}"
+    setup = scenario.model_copy(update={"costmodel": "roofline"}).resolve()
+    try:
+        return stale_reason(load_profile(path), setup)
+    except InputError as e:
+        return f"unreadable profile: {e}"
+
+
+def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, reprofile: bool = False,
+                   quiet: bool = False, log=None, **profile_kw) -> tuple[Path, str | None]:
+    """The profile to validate ``scenario`` with, measured where missing or stale: (path, why it
+    was measured or None).
+
+    ``profile_path`` (``--profile``) is the user's: measured there when needed.  Without it,
+    the profile the scenario names serves while it is current; a stale or missing one is
+    measured into this machine's profile cache instead, never written over the named file
+    (which may be a tracked file from another machine)."""
+    if profile_path is not None:
+        path = Path(profile_path)
+        why = "asked to (--reprofile)" if reprofile else profile_staleness(scenario, path)
+    else:
+        named = named_profile_path(scenario)
+        why_named = profile_staleness(scenario, named) if named is not None else None
+        if named is not None and why_named is None and not reprofile:
+            return named, None
+        path = default_profile_path(scenario)
+        why = "asked to (--reprofile)" if reprofile else profile_staleness(scenario, path)
+        if why is not None and named is not None and not reprofile:
+            why = f"{named}: {why_named}; measuring into the profile cache"
+    if why is None:
+        return path, None
+    if log:
+        log(f"profiling {scenario.name} ({why}) -> {path}")
+    from hpipe.io import write_text
+    from hpipe.runtime.profiler import profile
 
     setup = scenario.model_copy(update={"costmodel": "roofline"}).resolve()
-    why = None
-    if reprofile:
-        why = "asked to (--reprofile)"
-    elif not profile_path.exists():
-        why = f"no profile at {profile_path}"
-    else:
-        try:
-            why = stale_reason(load_profile(profile_path), setup)
-        except InputError as e:
-            why = f"unreadable profile: {e}"
-    if why is None:
-        return None
-    if log:
-        log(f"profiling {scenario.name} ({why}) ...")
     prof = profile(setup, quiet=quiet, **profile_kw)
-    from hpipe.io import write_text
-
-    write_text(profile_path, prof.model_dump_json(indent=1))
-    return why
+    write_text(path, prof.model_dump_json(indent=1))
+    return path, why
 
 
 # ---- plans ----------------------------------------------------------------------------------
 def random_plan(setup, rng: np.random.Generator, name: str) -> Plan:
-    """A random valid plan: 1 to min(devices, 3) pipeline stages on distinct devices, in a random
+    """A random valid plan: 1 to min(devices, 4) pipeline stages on distinct devices, in a random
     order, cut at random unit boundaries; slices a random composition of the sequence in
     multiples of the granularity (1 to 16 slices); 1 to batch micro-batches."""
     devices = list(setup.cluster.device_ids)
     n_units = setup.n_units
-    k = int(rng.integers(1, min(len(devices), 3, n_units) + 1))
+    k = int(rng.integers(1, min(len(devices), 4, n_units) + 1))
     order = list(rng.permutation(devices))[:k]
     cuts = sorted(rng.choice(np.arange(1, n_units), size=k - 1, replace=False).tolist()) if k > 1 else []
     bounds = [0, *cuts, n_units]
@@ -141,12 +233,6 @@ def random_plan(setup, rng: np.random.Generator, name: str) -> Plan:
 
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@dataclass
-class _Job:
-    setup: object
-    plan: Plan
 
 
 @dataclass
@@ -181,61 +267,117 @@ def plans_for(setup, opts: CaseOptions, skipped: list[str]) -> list[Plan]:
     return plans
 
 
+def dedup(plans: list[Plan]) -> list[tuple[Plan, list[str]]]:
+    """Each distinct plan once, with the names of the other planners that chose it."""
+    seen: dict[str, tuple[Plan, list[str]]] = {}
+    for p in plans:
+        k = plan_key(p)
+        if k in seen:
+            seen[k][1].append(p.planner)
+        else:
+            seen[k] = (p, [])
+    return list(seen.values())
+
+
+def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
+    """The case of ``plan`` from its simulated RunResult and its measured RunResults."""
+    runs_s = [r.latency_s for r in runs]
+    meas = float(min(runs_s))
+    simulated_s = sim.latency_s
+    compute_error = cpu_share = None
+    cpu_runs = [r.compute_cpu_s for r in runs if r.compute_cpu_s]
+    if cpu_runs and set(cpu_runs[0]) == set(plan.devices):
+        predicted = sum(e.end_s - e.start_s for e in sim.events if e.kind == "compute")
+        # as the fitted model's CPU basis does: a device held to a quota q runs 1/q as long as it computes
+        slow = {d: 1.0 / min(float(getattr(setup.cluster.device(d).placement, "cpu_quota", None) or 1.0), 1.0)
+                for d in plan.devices}
+        measured_cpu = float(np.median([sum(t * slow[d] for d, t in c.items()) for c in cpu_runs]))
+        compute_error = (predicted - measured_cpu) / measured_cpu
+        fastest = min(runs, key=lambda r: r.latency_s)
+        wall: dict[str, float] = {}
+        for e in fastest.events:
+            if e.kind == "compute":
+                wall[e.device] = wall.get(e.device, 0.0) + e.end_s - e.start_s
+        shares = [fastest.compute_cpu_s[d] / wall[d] for d in wall if wall[d] > 0 and d in fastest.compute_cpu_s]
+        cpu_share = min(shares) if shares else None
+    return Case(compute_error=compute_error, cpu_share=cpu_share,planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
+                error=(simulated_s - meas) / meas, scenario=setup.name,
+                stages=[[st.devices, list(st.units)] for st in plan.stages], slices=list(plan.slices),
+                micro_batches=plan.micro_batches, oversubscribed=len(plan.devices) > usable_cpus(),
+                kind=plan_kind(setup, plan), n_stages=len(plan.stages),
+                chosen_by_planner=not plan.planner.startswith("random-"), same_plan_as=same_as,
+                measured_runs_s=list(runs_s))
+
+
 def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
+    """One case on its own: simulate, then ``opts.repeats`` measured runs back to back."""
     from hpipe.runtime import execute
     from hpipe.sim import simulate
 
     sim = simulate(setup, plan)
     if not sim.feasible:
         raise InfeasibleError(sim.infeasible)
-    measured = []
-    for _ in range(opts.repeats):
-        measured.append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet).latency_s)
-    meas = float(min(measured))
-    return Case(planner=plan.planner, simulated_latency_s=sim.latency_s, measured_latency_s=meas,
-                error=(sim.latency_s - meas) / meas, scenario=setup.name,
-                stages=[[st.devices, list(st.units)] for st in plan.stages], slices=list(plan.slices),
-                micro_batches=plan.micro_batches, oversubscribed=len(plan.devices) > usable_cpus())
+    runs = [execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet) for _ in range(opts.repeats)]
+    return make_case(setup, plan, [], sim, runs)
 
 
 def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, profile_paths=None,
              reprofile: bool = False, quiet: bool = False, log=None, on_case=None, profile_kw=None,
              basis: str | None = None) -> Validation:
-    """Profile where needed, then simulate and execute every case of every scenario."""
+    """Profile where needed, then simulate and execute every distinct case of every scenario.
+
+    With ``opts.repeats`` > 1 the cases run in rounds -- every case once, then every case
+    again -- so a burst of load from other processes spreads over many cases instead of
+    spoiling all runs of one; each case keeps its fastest run (the profile's CPU-time basis
+    predicts an undisturbed machine, and load only ever slows a run down)."""
+    from hpipe.runtime import execute
     from hpipe.runtime.emulation import emulation_unsupported
+    from hpipe.sim import simulate
 
     opts = opts or CaseOptions()
     profile_paths = profile_paths or {}
-    cases: list[Case] = []
     skipped: list[str] = []
     profiled: list[str] = []
     used: dict[str, str] = {}
     emulated: dict[str, dict] = {}
     hardware = ""
+    jobs = []  # (setup, plan, same_as, simulated_s)
     for sc in scenarios:
         base = sc.model_copy(update={"costmodel": "roofline"}).resolve()
         why = emulation_unsupported(base)
         if why:
             raise HpipeError(f"cannot validate {sc.name} on this machine: {why}")
-        path = Path(profile_paths.get(sc.name) or default_profile_path(sc))
-        reason = ensure_profile(sc, path, reprofile=reprofile, quiet=quiet, log=log, **(profile_kw or {}))
+        asked = profile_paths.get(sc.name)
+        path, reason = ensure_profile(sc, Path(asked) if asked else None, reprofile=reprofile, quiet=quiet,
+                                      log=log, **(profile_kw or {}))
         if reason:
-            profiled.append(f"{sc.name}: {reason}")
+            profiled.append(f"{sc.name}: {reason} (wrote {path})")
         setup = with_fitted(sc, path, basis).resolve()
         used[sc.name] = str(path)
         hardware = setup.cost.profile.hardware.cpu_model
         emulated[sc.name] = _emulation_summary(setup)
-        for plan in plans_for(setup, opts, skipped):
-            try:
-                case = run_case(setup, plan, opts)
-            except InfeasibleError as e:
-                skipped.append(f"{sc.name}: {plan.planner}: {e}")
+        for plan, same_as in dedup(plans_for(setup, opts, skipped)):
+            sim = simulate(setup, plan)
+            if not sim.feasible:
+                skipped.append(f"{sc.name}: {plan.planner}: {sim.infeasible}")
                 continue
-            cases.append(case)
-            if on_case:
-                on_case(case)
+            jobs.append((setup, plan, same_as, sim))
+    runs: list[list] = [[] for _ in jobs]
+    for rnd in range(opts.repeats):
+        for k, (setup, plan, _, _) in enumerate(jobs):
+            runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
+            if on_case and rnd == opts.repeats - 1:
+                on_case(k)
+    cases = [make_case(setup, plan, same_as, sim, rs) for (setup, plan, same_as, sim), rs in zip(jobs, runs)]
     med, p90 = summarize_errors(c.error for c in cases)
-    return Validation(cases=cases, median_abs_error=med, p90_abs_error=p90, scenarios=[s.name for s in scenarios],
+    kinds = sorted({c.kind for c in cases})
+    by_kind = {k: error_summary(c.error for c in cases if c.kind == k) for k in kinds}
+    by_origin = {"planner": error_summary(c.error for c in cases if c.chosen_by_planner),
+                 "random": error_summary(c.error for c in cases if not c.chosen_by_planner)}
+    return Validation(cases=cases, median_abs_error=med, p90_abs_error=p90,
+                      signed_bias=float(np.mean([c.error for c in cases])) if cases else None,
+                      by_kind=by_kind, by_origin=by_origin,
+                      compute=error_summary(c.compute_error for c in cases if c.compute_error is not None), scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
 
 

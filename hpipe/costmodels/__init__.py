@@ -2,8 +2,9 @@
 
 Planners and the simulator call only the ``CostModel`` interface, so a
 scenario's ``costmodel:`` picks the implementation by name from ``REGISTRY``:
-``roofline`` (analytic, from datasheets) or ``fitted`` (least squares on a
-profile measured by ``hpipe profile``).  Every time function broadcasts over
+``roofline`` (analytic, from datasheets), ``fitted`` (least squares on a
+profile measured by ``hpipe profile``) or ``auto`` (fitted on this machine's
+cached profile where one exists, else roofline: ``hpipe.costmodels.auto``).  Every time function broadcasts over
 numpy arrays of (slice tokens n, context tokens c, batch b).
 """
 
@@ -87,8 +88,14 @@ class CostModel(ABC):
             t = t + sum(self.transfer_time_s(device_ids[0], d, in_bytes) for d in device_ids[1:])
         return t
 
+    auto: Any = None
+    """Set when the scenario said ``costmodel: auto``: the AutoChoice that picked this model."""
+
     def describe(self) -> dict[str, Any]:
-        return self.config.model_dump()
+        d = self.config.model_dump()
+        if self.auto is not None:
+            d["auto"] = self.auto.as_dict()
+        return d
 
 
 REGISTRY: dict[str, type[CostModel]] = {}
@@ -104,18 +111,28 @@ def make_costmodel(spec: str | dict, setup) -> CostModel:
     _load_builtin()
     data = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = data.get("kind")
+    if kind == "auto":
+        from hpipe.costmodels.auto import AutoConfig, choose
+
+        chosen, why = choose(_validated(AutoConfig, data), setup)
+        model = make_costmodel(chosen, setup)
+        model.auto = why
+        return model
     if kind not in REGISTRY:
-        raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), REGISTRY)}; "
-                         f"one of {', '.join(REGISTRY)}", field="kind")
-    cls = REGISTRY[kind]
+        names = [*REGISTRY, "auto"]
+        raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), names)}; "
+                         f"one of {', '.join(names)}", field="kind")
+    return REGISTRY[kind](_validated(REGISTRY[kind].Config, data), setup)
+
+
+def _validated(cls, data: dict):
     try:
-        config = cls.Config.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise InputError(msg, field=field) from None
-    return cls(config, setup)
 
 
 def _load_builtin() -> None:

@@ -78,7 +78,8 @@ class UnitSamples(_Strict):
     spread: list[float] = []
     """Per point: (p75 - p25) / median of the repeats -- how noisy the point was."""
     cpu_seconds: list[float] = []
-    """Per point: CPU time of the calling thread (trimmed mean).  Other processes competing
+    """Per point: CPU time of the calling thread (mean of the repeats; trimmed in profiles made
+    before 2026-12).  Other processes competing
     for the core inflate wall time but hardly CPU time; a CPU quota does not inflate it."""
 
     @model_validator(mode="after")

@@ -487,17 +487,37 @@ def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float =
             if role == last_role:
                 bar.advance(task)
 
-        run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
-                     warmup=warmup, seed=seed, progress=advance, **launch_kw)
-    return measured_result(setup, plan, run, check=check, spec=spec, seed=seed)
+        from hpipe.runtime.energy import Meter, counter_for
+
+        counter = counter_for([setup.cluster.device(d) for d in plan.devices])
+        meter = Meter(counter) if counter is not None else None
+        with meter or contextlib.nullcontext():
+            run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
+                         warmup=warmup, seed=seed, progress=advance, **launch_kw)
+    return measured_result(setup, plan, run, check=check, spec=spec, seed=seed, meter=meter)
 
 
-def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, seed: int = 0) -> RunResult:
+def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, seed: int = 0,
+                    meter=None) -> RunResult:
     """The run's RunResult through the simulator's ``summarize``; with ``check``, the
-    largest logit error against one process."""
-    extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)]}
+    largest logit error against one process.  Energy is modelled (``energy_source``) unless
+    ``meter`` (``hpipe.runtime.energy``) read counters over the whole measured run."""
+    extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)], "energy_source": "modelled"}
+    cpu = {run.devices[role]: float(r["compute_cpu_s"]) for role, r in run.records.items()
+           if "compute_cpu_s" in r and setup.cluster.device(run.devices[role]).runtime_device == "cpu"}
+    if cpu:
+        extra["compute_cpu_s"] = cpu
     if check:
         ref = reference_logits(setup, run.ids, spec, seed)
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
-    return summarize(setup, plan, run_events(run, setup.cluster), peaks, **extra)
+    events = run_events(run, setup.cluster)
+    one_host = len({r.get("boot_id") for r in run.records.values()}) == 1  # events on this host's clock
+    joules = (meter.joules_between(min(e.start_s for e in events), max(e.end_s for e in events))
+              if meter is not None and events and one_host else None)
+    if joules is not None:
+        extra.update(energy_source="measured")
+    result = summarize(setup, plan, events, peaks, **extra)
+    if joules is not None:
+        result.energy_j, result.dynamic_energy_j = joules, None
+    return result

@@ -17,7 +17,8 @@ point's figure is the trimmed mean of its samples (the middle 60%): robust to
 the odd preemption by other processes, yet, unlike the median, still an
 average over the run/stall cycles of a CPU quota.
 
-Each call is also timed in CPU time of the calling thread (``thread_time``):
+Each call is also timed in CPU time of the calling thread (``thread_time``; a point's
+figure is the plain mean, see ``summary``):
 the fitted model works on it by default, since other processes competing for
 the cores inflate wall time but hardly CPU time.  ``cpu_share`` (CPU time over
 wall time) says how busy the machine was.
@@ -227,7 +228,10 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], f
                "seconds": [_trimmed_mean(by_point[p]) for p in pts],
                "spread": [_spread(by_point[p]) for p in pts]}
         if key in cpu_samples:  # thread_time ticks coarser than a tiny call can take: never report zero
-            out["cpu_seconds"] = [max(_trimmed_mean(cpu_samples[key][p]), 1e-7) for p in pts]
+            # the plain mean, not trimmed: CPU time has no preemption spikes to drop, and its slow
+            # tail (a call after other processes evicted the caches) is paid by every run too --
+            # a trimmed mean of 5 repeats dropped it and predicted runs too fast
+            out["cpu_seconds"] = [max(float(np.mean(cpu_samples[key][p])), 1e-7) for p in pts]
         return out
 
     units_out = {kind: summary((1, kind)) for kind in ("embed", "attn", "mlp", "head")}
@@ -619,8 +623,11 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
                                      cfs_period_us=emulated.get("cfs_period_us")),
                    devices=devs, links=links, all_reduces=all_reduces)
-    report = fit_report(prof)
-    prof.holdout = {"per_device": report, **summarize_holdout(report)}
+    from hpipe.costmodels.fitted import FittedConfig
+
+    report = fit_report(prof, FittedConfig.model_fields["basis"].default)  # the basis predictions use
+    prof.holdout = {"basis": FittedConfig.model_fields["basis"].default, "per_device": report,
+                    **summarize_holdout(report)}
     return prof
 
 

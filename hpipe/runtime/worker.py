@@ -363,6 +363,7 @@ class StageWorker:
         cfg = self.cfg
         items = cfg.items()
         self.events, self.sends = [], []
+        self.compute_cpu_s = 0.0  # this thread's CPU time in compute: load-independent, unlike wall time
         logits_last: dict[int, np.ndarray] = {}
         logits_all: dict[int, list] = {}
         src_role = None
@@ -388,11 +389,12 @@ class StageWorker:
                 if mb not in self.caches:
                     self.caches[mb] = make_caches(self.units, b, sum(cfg.slices))
                 self._item = (mb, s)
-                t0 = clock()
+                t0, cpu0 = clock(), time.thread_time()
                 with torch.inference_mode():
                     y = run_units(self.units, x, c, self.caches[mb])
                 self.sync()
                 self.events.append(("compute", mb, s, t0, clock(), 0))
+                self.compute_cpu_s += time.thread_time() - cpu0
                 if self.last_stage:
                     if self.tp_rank == 0:
                         if cfg.all_logits:
@@ -407,7 +409,8 @@ class StageWorker:
         finally:
             if recv is not None:
                 recv.close()
-        out = {"events": self.events, "sends": self.sends, "recvs": recv.records if recv else []}
+        out = {"events": self.events, "sends": self.sends, "recvs": recv.records if recv else [],
+               "compute_cpu_s": self.compute_cpu_s}
         if self.last_stage and self.tp_rank == 0:
             out["logits"] = np.concatenate([logits_last[m] for m in range(len(cfg.mb_sizes))])
             if cfg.all_logits:

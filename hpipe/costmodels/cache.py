@@ -1,0 +1,171 @@
+"""The per-user profile cache: measured profiles of *this* machine, keyed by what makes them valid.
+
+A profile is valid only for the machine, the library versions and the device
+placements it was measured with (``hpipe.costmodels.profile``).  A profile that
+``hpipe profile``, ``hpipe validate`` or ``costmodel: auto`` measures because
+none fitted goes here, not beside the scenario: a scenario folder under version
+control then never gets a machine-specific file written over one of its
+tracked files (a profile committed on one VM was overwritten by a re-profile on
+another).
+
+    $HPIPE_CACHE_DIR/profiles/<scenario>-<key>.json
+    (else $XDG_CACHE_HOME/hpipe/profiles/..., else ~/.cache/hpipe/profiles/...)
+
+``key`` is a short hash of the machine (CPU model, logical CPUs, RAM), the
+versions (python, torch, hpipe) and what the profile measured (model shape,
+dtype, workload shape, device ids with their runtime placements, the links the
+scenario shapes).  Change any of them and the scenario gets another file, so a
+cached profile that exists is one made for this very setup.
+
+Nothing here imports torch (the torch version is read from the installed
+package's metadata): planning with ``costmodel: auto`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+CACHE_ENV = "HPIPE_CACHE_DIR"
+"""Overrides the cache folder (tests point it at a temporary directory)."""
+
+
+def cache_dir() -> Path:
+    """Folder of cached profiles: $HPIPE_CACHE_DIR/profiles, else the XDG cache."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "profiles"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "hpipe" / "profiles"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the profiler records the same)."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def ram_gib() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20)
+    return 0
+
+
+def torch_version() -> str | None:
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    """What of this machine and its software a profile depends on."""
+    import hpipe
+
+    return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count() or 0, "ram_gib": ram_gib(),
+            "python": platform.python_version(), "torch": torch_version(),
+            "hpipe": getattr(hpipe, "__version__", "0")}
+
+
+def _placement(d) -> dict:
+    p = d.placement
+    return p.model_dump(exclude_none=True) if p is not None else {"threads": 1}
+
+
+def measured_setup(setup) -> dict:
+    """What of a scenario a profile measures: model shape, dtype, workload shape, the devices
+    with their placements, and the links between its hosts."""
+    spec = setup.model.to_dict()
+    cl = setup.scenario.cluster
+    return {"model": {k: spec[k] for k in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff",
+                                            "vocab_size")},
+            "dtype": setup.dtype,
+            "workload": [setup.seq_len, setup.batch_size, setup.granularity],
+            "devices": [[d.id, _placement(d)] for d in setup.cluster.devices],
+            "hosts": [[h.name, h.interconnect.model_dump() if h.interconnect else None,
+                       getattr(h, "address", None)] for h in cl.hosts],
+            "network": cl.network.model_dump() if cl.network else None,
+            "links": [lk.model_dump() for lk in (cl.links or [])]}
+
+
+def profile_key(setup) -> str:
+    blob = json.dumps({"machine": machine(), "setup": measured_setup(setup)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cached_profile_path(setup) -> Path:
+    """Where this machine's profile of ``setup`` lives in the cache (it may not exist yet)."""
+    return cache_dir() / f"{setup.name}-{profile_key(setup)}.json"
+
+
+def runs_here(setup) -> str | None:
+    """Why ``setup``'s devices do not run on this machine (so no profile of it can be made
+    here), or None: every device has a ``runtime:`` placement and the runtime is installed."""
+    missing = [d.id for d in setup.cluster.devices if d.placement is None]
+    if missing:
+        return f"device {missing[0]} has no runtime: placement (it does not run on this machine)"
+    if any(getattr(h, "address", None) for h in setup.scenario.cluster.hosts):
+        return "its hosts are other machines (address:)"
+    if torch_version() is None:
+        return "torch is not installed (pip install 'hpipe[runtime]')"
+    return None
+
+
+# ---- making a missing profile ------------------------------------------------------------
+QUICK = {"quick": True, "warmup": 1, "repeats": 3}
+"""The profile ``costmodel: auto`` makes when the cache has none: the coarse grid, three timed
+sweeps (``hpipe profile`` without --quick measures a finer grid, five sweeps)."""
+STARTUP_S = 8.0
+"""Worker start-up (torch import, weights), the link ping-pongs and the fit, in a profile's time."""
+
+
+def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: int = 3) -> float:
+    """Rough seconds a profile of ``setup`` takes: its grid's chains timed with ``setup``'s own
+    cost model (the roofline, when no profile exists yet), on the slowest device, per sweep."""
+    from hpipe.runtime.profiler import chain_blocks, default_grid
+
+    grid = default_grid(setup, quick=quick)
+    units = setup.units
+    n_blocks = chain_blocks(setup.model, setup.dtype, 32 << 20)  # a typical server L3
+    chain = [units[0], *units[1:1 + 2 * n_blocks], units[-1]]
+    per_device = []
+    for d in setup.cluster.device_ids:
+        per_device.append(sum(float(setup.cost.unit_time_s(u, d, n, c, b)) for n, c, b in grid.points
+                              for u in chain))
+    tp_share = 1.6 if any(len(h.devices) > 1 for h in setup.scenario.cluster.hosts) else 1.0  # shard chains
+    return (STARTUP_S + (warmup + repeats) * max(per_device) * tp_share) * load_factor(len(per_device))
+
+
+def load_factor(n_workers: int) -> float:
+    """How much longer CPU work takes now than on a quiet machine: runnable processes (the
+    1-minute load average plus the workers about to start) per CPU, at least 1.  A quick profile
+    that takes 40 s on a quiet 2-core VM took 155 s at a load of 5.7 (its workers got a CPU 24%
+    of the time)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1.0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1.0, (load + n_workers) / max(cpus, 1))
+
+
+def measure_into_cache(setup, path: Path | None = None, *, quiet: bool = False, **kw):
+    """Profile ``setup`` (quick settings unless ``kw`` says otherwise) and write it to the cache
+    (or ``path``); the Profile.  Needs torch: it runs the profiler's worker processes."""
+    from hpipe.io import write_text
+    from hpipe.runtime.profiler import profile
+
+    settings = {**QUICK, **kw}
+    prof = profile(setup, quiet=quiet, **settings)
+    write_text(path or cached_profile_path(setup), prof.model_dump_json(indent=1))
+    return prof

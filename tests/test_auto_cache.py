@@ -1,0 +1,153 @@
+"""`costmodel: auto`, the per-user profile cache, validate's statistics and the energy label --
+the parts that need no worker processes (see test_profile_validate.py for those)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpipe.costmodels.cache import cache_dir, cached_profile_path, profile_key
+from hpipe.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = ROOT / "scenarios" / "local-cpu.yaml"
+COMMITTED = ROOT / "scenarios" / "profiles" / "local-cpu.json"  # measured on another VM of this kind
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "profiles"
+
+
+def _with(tmp_path, **changes) -> Path:
+    data = yaml.safe_load(LOCAL.read_text())
+    for k, v in changes.items():
+        data[k] = v
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x" / "profiles"
+    monkeypatch.delenv("HPIPE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "hpipe" / "profiles"
+
+
+def test_auto_is_roofline_until_the_cache_holds_a_profile_then_fitted(cache):
+    pytest.importorskip("torch")  # runs_here needs the runtime installed
+    setup = load_scenario(LOCAL).resolve()
+    assert setup.cost.name == "roofline"
+    choice = setup.cost.auto
+    assert choice.used == "roofline" and choice.runs_here and "no profile" in choice.reason
+    path = cached_profile_path(setup)
+    assert Path(choice.profile_path) == path and path.parent == cache
+    assert path.name.startswith("local-cpu-")
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)
+    setup = load_scenario(LOCAL).resolve()
+    assert setup.cost.name == "fitted" and setup.cost.auto.used == "fitted"
+    d = setup.cost.describe()
+    assert d["auto"]["used"] == "fitted" and d["profile_path"] == str(path)
+
+
+def test_key_changes_with_what_the_profile_measured(tmp_path, cache):
+    base = load_scenario(LOCAL).resolve()
+    data = yaml.safe_load(LOCAL.read_text())
+    data["cluster"]["hosts"][0]["devices"][0]["runtime"]["threads"] = 2
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump(data))
+    assert profile_key(load_scenario(p).resolve()) != profile_key(base)
+    data = yaml.safe_load(LOCAL.read_text())
+    data["workload"]["seq_len"] = 1024
+    p.write_text(yaml.safe_dump(data))
+    assert profile_key(load_scenario(p).resolve()) != profile_key(base)
+    data = yaml.safe_load(LOCAL.read_text())
+    data["planner"]["kind"] = "terapipe"  # not something the profile measured
+    p.write_text(yaml.safe_dump(data))
+    assert profile_key(load_scenario(p).resolve()) == profile_key(base)
+
+
+def test_auto_without_runtime_placements_is_roofline(tmp_path, cache):
+    data = yaml.safe_load((ROOT / "scenarios" / "paper-llama7b.yaml").read_text())
+    data["costmodel"] = "auto"
+    p = tmp_path / "paper.yaml"
+    p.write_text(yaml.safe_dump(data))
+    setup = load_scenario(p).resolve()
+    assert setup.cost.name == "roofline" and not setup.cost.auto.runs_here
+    assert "runtime: placement" in setup.cost.auto.reason
+
+
+def test_auto_settings_are_checked(tmp_path, cache):
+    from hpipe.errors import InputError
+
+    p = _with(tmp_path, costmodel={"kind": "auto", "roofline": {"compute_efficiency": 0.5}, "speed": 1})
+    with pytest.raises(InputError) as e:
+        load_scenario(p).resolve()
+    assert "speed" in str(e.value) and "unknown key" in str(e.value)
+    p = _with(tmp_path, costmodel={"kind": "auto", "roofline": {"compute_efficiency": 0.5}})
+    assert load_scenario(p).resolve().cost.config.compute_efficiency == 0.5
+
+
+def test_cli_says_which_cost_model_and_how_to_get_a_profile(cli, cache):
+    pytest.importorskip("torch")
+    r = cli("simulate", str(LOCAL), "--planner", "hpipe", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    # not a terminal: no profile is measured behind the user's back, but it says so and how
+    assert "cost model auto: roofline" in r.stderr and "hpipe profile" in r.stderr and "about" in r.stderr
+    assert json.loads(r.stdout)["cost_model"]["auto"]["used"] == "roofline"
+    assert not cache.exists()
+
+
+def test_validate_statistics():
+    from hpipe.plan import Plan, Stage
+    from hpipe.validate import dedup, error_summary, plan_kind
+
+    setup = load_scenario(ROOT / "scenarios" / "paper-llama7b.yaml").resolve()
+    n = setup.n_units
+    d0, d1 = setup.cluster.device_ids[:2]
+    two = [Stage(devices=[d0], units=(0, 10)), Stage(devices=[d1], units=(10, n))]
+    a = Plan(planner="gpipe", scenario=setup.name, stages=two, slices=[setup.seq_len])
+    b = a.model_copy(update={"planner": "megatron"})
+    c = a.model_copy(update={"slices": [setup.seq_len // 2] * 2})
+    out = dedup([a, b, c])
+    assert [(p.planner, same) for p, same in out] == [("gpipe", ["megatron"]), ("gpipe", [])]
+    assert plan_kind(setup, a) == "pipeline"
+    assert plan_kind(setup, a.model_copy(update={"micro_batches": 2})) == "micro-batch"
+    tp = Plan(planner="x", scenario=setup.name, stages=[Stage(devices=[d0, d1], units=(0, n))], slices=[setup.seq_len])
+    assert plan_kind(setup, tp) == "tensor-parallel"
+    assert plan_kind(setup, a.model_copy(update={"stages": [Stage(devices=[d0], units=(0, n))]})) == "single-device"
+    s = error_summary([-0.1, -0.3, 0.2])
+    assert s.n == 3 and s.signed_bias == pytest.approx(-0.2 / 3) and s.median_abs_error == pytest.approx(0.2)
+
+
+def test_energy_meter_interpolates_and_unrolls_wraps(tmp_path, monkeypatch):
+    from hpipe.runtime import energy
+
+    assert energy.counter_for([_Dev("cpu")]) is None or (Path("/sys/class/powercap").exists())
+    pkg = tmp_path / "intel-rapl:0"
+    pkg.mkdir()
+    (pkg / "energy_uj").write_text("900000\n")
+    (pkg / "max_energy_range_uj").write_text("1000000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a subzone: not counted again
+    monkeypatch.setattr(energy, "POWERCAP", tmp_path)
+    counter = energy.counter_for([_Dev("cpu"), _Dev("cpu")])
+    assert counter is not None and counter.kind == "rapl" and counter.wrap_j == pytest.approx(1.0)
+    assert energy.counter_for([_Dev("cpu"), _Dev("cuda:0")]) is None  # a package counter cannot split them
+    m = energy.Meter(counter)
+    m.samples = [(0.0, 0.9), (1.0, 0.95), (2.0, 0.05)]  # wrapped: 0.95 -> 1.05 J
+    assert m.joules_between(0.5, 1.5) == pytest.approx(0.075)
+    assert m.joules_between(0.0, 2.0) == pytest.approx(0.15)
+    assert m.joules_between(-1.0, 1.0) is None  # not bracketed by samples
+
+
+class _Dev:
+    def __init__(self, runtime_device):
+        self.runtime_device = runtime_device
