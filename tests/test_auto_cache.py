@@ -92,7 +92,7 @@ def test_auto_settings_are_checked(tmp_path, cache):
     with pytest.raises(InputError) as e:
         load_scenario(p).resolve()
     assert "speed" in str(e.value) and "unknown key" in str(e.value)
-    p = _with(tmp_path, costmodel={"kind": "auto", "roofline": {"compute_efficiency": 0.5}})
+    p = _with(tmp_path, costmodel={"kind": "auto", "roofline": {"version": 1, "compute_efficiency": 0.5}})
     assert load_scenario(p).resolve().cost.config.compute_efficiency == 0.5
 
 

@@ -368,7 +368,7 @@ class Roofline(CostModel):
         return np.where(nbytes > 0, r.latency_s + nbytes / bw, 0.0)
 
     def describe(self):
-        d = self.config.model_dump(exclude_none=True)
+        d = {k: v for k, v in super().describe().items() if v is not None}
         if self.config.version == 1:  # the values in effect, defaults included
             d.update(compute_efficiency=self._compute_eff, memory_efficiency=self._memory_eff,
                      kernels_per_unit=self.config.kernels_per_unit or dict(_V1_KERNELS))
