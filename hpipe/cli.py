@@ -406,7 +406,13 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Under standalone_mode=False typer turns Ctrl-C (and --help, typer.Exit) into a
+        # *returned* exit code instead of raising it: honour it, or Ctrl-C would exit 0.
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            if rc == 130:
+                err_console.print("hpipe: interrupted")
+            sys.exit(rc)
     except HpipeError as e:
         err_console.print(f"[bold red]hpipe:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
