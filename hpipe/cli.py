@@ -52,6 +52,13 @@ def _needs_torch(command: str):
         raise
 
 
+def _check_outputs(outputs: dict[str, str | None]) -> None:
+    """Output paths checked before any work: a typo fails now, not after a long run."""
+    from hpipe.io import check_outputs
+
+    check_outputs(outputs, plots=("--plot",))
+
+
 def _load_setup(scenario: Path):
     from hpipe.scenario import load_scenario
 
@@ -78,9 +85,10 @@ def devices(json_path: JsonOpt = None):
     from hpipe.devices import DEVICES
     from hpipe.io import write_text
 
+    _check_outputs({"--json": json_path})
     rows = [d.model_dump() for d in DEVICES.values()]
     if json_path:
-        write_text(json_path, json.dumps(rows, indent=2))
+        write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
         if json_path == "-":
             return
     t = Table(title="devices")
@@ -98,9 +106,10 @@ def models(json_path: JsonOpt = None):
     from hpipe.io import write_text
     from hpipe.models import MODELS
 
+    _check_outputs({"--json": json_path})
     rows = [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()]
     if json_path:
-        write_text(json_path, json.dumps(rows, indent=2))
+        write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
         if json_path == "-":
             return
     t = Table(title="models")
@@ -123,6 +132,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     from hpipe.planners import make_plan
     from hpipe.progress import progress
 
+    _check_outputs({"--output": output})
     setup = _load_setup(scenario)
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
@@ -131,7 +141,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
         bar.add_task(f"planning {name[0]}", total=None)
         p = make_plan(setup, name[0])
     text = p.model_dump_json(indent=2)
-    write_text(output or "-", text)
+    write_text(output or "-", text, make_parents=False)
 
 
 # ---- simulate --------------------------------------------------------------
@@ -168,13 +178,13 @@ def _write_outputs(result, json_path, trace, plot):
     if trace:
         from hpipe.sim.trace import chrome_trace
 
-        write_text(trace, json.dumps(chrome_trace(result)))
+        write_text(trace, json.dumps(chrome_trace(result)), make_parents=False)
     if plot:
         from hpipe.sim.trace import gantt_png
 
         gantt_png(result, plot)
     if json_path:
-        write_text(json_path, result.model_dump_json(indent=2))
+        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
 
 
 @app.command()
@@ -190,6 +200,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     from hpipe.result import Result
     from hpipe.sim import infeasible_result, simulate as run_sim
 
+    _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot})
     setup = _load_setup(scenario)
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
@@ -243,6 +254,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
+    _check_outputs({"--json": json_path, "--trace": trace})
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
     setup = _load_setup(scenario)
@@ -311,12 +323,13 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     from hpipe.io import write_text
     from hpipe.validate import default_profile_path
 
+    _check_outputs({"--output": output})
     with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
     sc, setup = _scenario_for_profiling(scenario)
     out = output or str(default_profile_path(sc))
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
-    write_text(out, prof.model_dump_json(indent=1))
+    write_text(out, prof.model_dump_json(indent=1), make_parents=output is None)
     con = _out_console(None, quiet)
     if con:
         con.print(_holdout_table(fit_report(prof), f"{setup.name}: fitted model, error on held-out grid points"))
@@ -363,6 +376,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     from hpipe.scenario import load_scenario
     from hpipe.validate import CaseOptions, validate as run_validate
 
+    _check_outputs({"--json": json_path})
     with _needs_torch("validate"):
         import hpipe.runtime  # noqa: F401
     if basis not in (None, "wall", "cpu"):
@@ -381,7 +395,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                               reprofile=reprofile, quiet=quiet, log=log, on_case=lambda c: bar.advance(task),
                               basis=basis)
     if json_path:
-        write_text(json_path, result.model_dump_json(indent=2))
+        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
     if con:
         t = Table(title=f"validation: simulated (fitted profile) vs measured latency on {result.hardware or 'this machine'}")
         for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated s", "measured s", "error"):

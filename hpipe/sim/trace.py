@@ -177,5 +177,13 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
     axes[-1].set_xlabel("time (s)")
     axes[-1].set_xlim(0, t_end * 1.01 or 1.0)  # shared: every panel on one time scale
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+    save_figure(fig, path, dpi)
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Save ``fig`` atomically in the format its extension names (png, svg, pdf)."""
+    from pathlib import Path
+
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    with atomic_path(path, suffix="." + fmt, make_parents=False) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
