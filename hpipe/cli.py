@@ -20,12 +20,34 @@ from rich.table import Table
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.scenario import PLANNER_NAMES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Plan, predict and run long-context LLM prefill over mismatched devices.")
 err_console = Console(stderr=True)
 
-JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the JSON to PATH, or '-' for stdout alone")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the JSON to PATH, or '-' for stdout alone", metavar="PATH|-")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no table or progress bar")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="change a scenario field before it is checked (dotted path, e.g. "
+    "workload.seq_len=4096, cluster.hosts[0].devices[0].count=2); repeatable")]
+
+_GLOBAL_SETS: list[str] = []
+"""`hpipe --set K=V COMMAND ...`: overrides for whatever scenario the command reads."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hpipe import __version__
+
+        print(f"hpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                        help="print the version and exit")] = False,
+                  sets: SetOpt = None):
+    """Plan, predict and run long-context LLM prefill over mismatched devices."""
+    _GLOBAL_SETS[:] = sets or []
 
 
 def _out_console(json_path: str | None, quiet: bool) -> Console | None:
@@ -59,10 +81,16 @@ def _check_outputs(outputs: dict[str, str | None]) -> None:
     check_outputs(outputs, plots=("--plot",))
 
 
-def _load_setup(scenario: Path):
+def _load_scenario(scenario: Path, sets: list[str] | None = None):
+    """The one place the CLI reads a scenario: the file, then the --set overrides
+    (`hpipe --set ...` before the command, then the command's own) before validation."""
     from hpipe.scenario import load_scenario
 
-    return load_scenario(scenario).resolve()
+    return load_scenario(scenario, overrides=[*_GLOBAL_SETS, *(sets or [])])
+
+
+def _load_setup(scenario: Path, sets: list[str] | None = None):
+    return _load_scenario(scenario, sets).resolve()
 
 
 def _planner_names(planner: str) -> list[str]:
@@ -123,17 +151,18 @@ def models(json_path: JsonOpt = None):
 
 # ---- plan ------------------------------------------------------------------
 @app.command()
-def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-         planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
-         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout)")] = None,
-         quiet: QuietOpt = False):
+def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+         planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
+         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout)", metavar="PATH|-")] = None,
+         quiet: QuietOpt = False,
+         sets: SetOpt = None):
     """Plan alone: print the plan, or write it as Plan JSON."""
     from hpipe.io import write_text
     from hpipe.planners import make_plan
     from hpipe.progress import progress
 
     _check_outputs({"--output": output})
-    setup = _load_setup(scenario)
+    setup = _load_setup(scenario, sets)
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
@@ -188,20 +217,21 @@ def _write_outputs(result, json_path, trace, plot):
 
 
 @app.command()
-def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-             planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)")] = None,
-             plan: Annotated[Optional[Path], typer.Option("--plan", help="simulate the Plan(s) in this JSON file instead")] = None,
+def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+             planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
+             plan: Annotated[Optional[Path], typer.Option("--plan", help="simulate the Plan(s) in this JSON file instead", metavar="PLANS.json")] = None,
              json_path: JsonOpt = None,
-             trace: Annotated[Optional[str], typer.Option(help="Chrome trace (Perfetto) of the timelines")] = None,
-             plot: Annotated[Optional[str], typer.Option(help="Gantt chart PNG of the timelines")] = None,
-             quiet: QuietOpt = False):
+             trace: Annotated[Optional[str], typer.Option(help="Chrome trace (Perfetto) of the timelines", metavar="PATH")] = None,
+             plot: Annotated[Optional[str], typer.Option(help="Gantt chart of the timelines (.png, .svg or .pdf)", metavar="PATH")] = None,
+             quiet: QuietOpt = False,
+             sets: SetOpt = None):
     """Plan and simulate; a table of every planner asked for, side by side."""
     from hpipe.plan import load_plans
     from hpipe.result import Result
     from hpipe.sim import infeasible_result, simulate as run_sim
 
     _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot})
-    setup = _load_setup(scenario)
+    setup = _load_setup(scenario, sets)
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     results = []
@@ -239,15 +269,16 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
 
 # ---- execute ---------------------------------------------------------------
 @app.command()
-def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-            planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
-            plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file")] = None,
+def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+            planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
+            plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
             json_path: JsonOpt = None,
-            trace: Annotated[Optional[str], typer.Option(help="Chrome trace of the measured timeline")] = None,
-            inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence")] = None,
+            trace: Annotated[Optional[str], typer.Option(help="Chrome trace of the measured timeline", metavar="PATH")] = None,
+            inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence", metavar="FILE")] = None,
             check: Annotated[bool, typer.Option(help="compare with a single-process forward; exit 1 past tolerance")] = False,
-            timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped")] = 60.0,
-            quiet: QuietOpt = False):
+            timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped", metavar="S")] = 60.0,
+            quiet: QuietOpt = False,
+            sets: SetOpt = None):
     """Run the plan for real with torch and report measured figures beside the simulated ones."""
     from hpipe.plan import load_plans
     from hpipe.planners import make_plan
@@ -257,7 +288,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     _check_outputs({"--json": json_path, "--trace": trace})
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
-    setup = _load_setup(scenario)
+    setup = _load_setup(scenario, sets)
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     if plan is not None:
@@ -290,11 +321,9 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
 
 
 # ---- profile and validate -------------------------------------------------------
-def _scenario_for_profiling(scenario: Path):
+def _scenario_for_profiling(scenario: Path, sets: list[str] | None = None):
     """The scenario, with a cost model that needs no profile (the one being measured may not exist)."""
-    from hpipe.scenario import load_scenario
-
-    sc = load_scenario(scenario)
+    sc = _load_scenario(scenario, sets)
     return sc, sc.model_copy(update={"costmodel": "roofline"}).resolve()
 
 
@@ -310,13 +339,14 @@ def _holdout_table(report: dict, title: str) -> Table:
 
 
 @app.command()
-def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure")],
-            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: the scenario's fitted profile)")] = None,
-            repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid")] = 5,
-            warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first")] = 2,
+def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure", metavar="SCENARIO")],
+            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: the scenario's fitted profile)", metavar="PATH")] = None,
+            repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid", metavar="N")] = 5,
+            warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first", metavar="N")] = 2,
             quick: Annotated[bool, typer.Option(help="a coarse grid (for tests and a first look)")] = False,
             links: Annotated[bool, typer.Option(help="also measure the links between the device processes")] = True,
-            quiet: QuietOpt = False):
+            quiet: QuietOpt = False,
+            sets: SetOpt = None):
     """Measure each unit kind's time over a grid of (slice, context, batch) and the links between
     stage processes, on the devices the scenario names; write the profile the fitted cost model reads."""
     from hpipe.costmodels.fitted import fit_report
@@ -326,7 +356,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     _check_outputs({"--output": output})
     with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
-    sc, setup = _scenario_for_profiling(scenario)
+    sc, setup = _scenario_for_profiling(scenario, sets)
     out = output or str(default_profile_path(sc))
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
     write_text(out, prof.model_dump_json(indent=1), make_parents=output is None)
@@ -358,22 +388,22 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
 
 
 @app.command()
-def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine")],
+def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine", metavar="SCENARIO")],
              json_path: JsonOpt = None,
-             planners: Annotated[str, typer.Option(help="comma list of planners to validate")] = ",".join(
+             planners: Annotated[str, typer.Option(help="comma list of planners to validate", metavar="A,B,...", show_default="the seven of the paper")] = ",".join(
                  ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
-             random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario")] = 8,
-             seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
-             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile, else profiles/NAME.json beside it")] = None,
+             random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario", metavar="N")] = 8,
+             seed: Annotated[int, typer.Option(help="seed of the random plans", metavar="N")] = 0,
+             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile, else profiles/NAME.json beside it", metavar="PATH")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
-             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (the fastest is compared)")] = 1,
-             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
-             basis: Annotated[Optional[str], typer.Option(help="fit on 'wall' or 'cpu' time (default: the scenario's, else wall)")] = None,
-             quiet: QuietOpt = False):
+             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case (the fastest is compared)", metavar="N")] = 1,
+             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer", metavar="S")] = 120.0,
+             basis: Annotated[Optional[str], typer.Option(help="fit on 'wall' or 'cpu' time (default: the scenario's, else wall)", metavar="wall|cpu")] = None,
+             quiet: QuietOpt = False,
+             sets: SetOpt = None):
     """Profile where needed, then simulate (fitted cost model) and execute the same plans; the error of each."""
     from hpipe.io import write_text
     from hpipe.progress import progress
-    from hpipe.scenario import load_scenario
     from hpipe.validate import CaseOptions, validate as run_validate
 
     _check_outputs({"--json": json_path})
@@ -383,7 +413,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
     names = [p.strip() for p in planners.split(",") if p.strip()]
     _planner_names(",".join(names)) if names else None
-    scs = [load_scenario(p) for p in scenarios]
+    scs = [_load_scenario(p, sets) for p in scenarios]
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")
     opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats)

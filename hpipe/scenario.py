@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, field_validator, model_validator)
 
 from hpipe.devices import DEVICES, DeviceSpec
-from hpipe.errors import InputError, suggest
+from hpipe.errors import InputError, format_loc, suggest
 from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping
 
 PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")
@@ -273,8 +273,10 @@ class Scenario(_Strict):
     def _cross(self):
         g = self.planner.token_granularity
         if self.workload.seq_len % g:
-            raise _FieldError("workload.seq_len", f"{self.workload.seq_len} is not a multiple of "
-                                                  f"planner.token_granularity ({g})")
+            n = self.workload.seq_len
+            near = sorted({v for v in (n // g * g, (n // g + 1) * g) if v > 0})
+            raise _FieldError("workload.seq_len", f"{n} is not a multiple of planner.token_granularity "
+                                                  f"({g}); the nearest that are: {' or '.join(map(str, near))}")
         spec = self.model_spec()
         if spec.family == "gpt" and self.workload.seq_len > spec.max_seq_len:
             raise _FieldError("workload.seq_len", f"{self.workload.seq_len} exceeds {spec.name}'s "
@@ -376,16 +378,6 @@ class Setup:
         return self.scenario.compression
 
 
-def format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
 def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
     problems = []
     for e in err.errors():
@@ -430,6 +422,9 @@ def _suggest_key(err: ValidationError, loc: tuple) -> str:
 
 def parse_scenario(data: Any, file: str | None = None) -> Scenario:
     """Validate already-parsed YAML/JSON data as a scenario."""
+    if data is None:
+        raise InputError("the file is empty; a scenario is a mapping of keys (name, model, workload, "
+                         "cluster, ...): see the README's scenario format or scenarios/", file=file)
     if not isinstance(data, dict):
         raise InputError(f"a scenario is a mapping of keys (name, model, workload, cluster, ...), "
                          f"got {type(data).__name__}", file=file)
@@ -441,8 +436,9 @@ def parse_scenario(data: Any, file: str | None = None) -> Scenario:
         raise e.located(file) from None
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario YAML file (safe loading only)."""
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
+    ``KEY=VALUE`` assignments (``hpipe.overrides``) applied before validation."""
     file = str(path)
     try:
         text = Path(path).read_text()
@@ -457,4 +453,19 @@ def load_scenario(path: str | Path) -> Scenario:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise InputError(f"YAML syntax error at {where}{problem}", file=file) from None
-    return parse_scenario(data, file)
+    if not overrides:
+        return parse_scenario(data, file)
+    from hpipe.overrides import apply_overrides, overridden_keys
+
+    try:
+        data = apply_overrides(data, overrides, schema=Scenario)
+    except InputError as e:
+        raise InputError(e.problem, file=file, field=e.field if (e.field or "").startswith("--set") else f"--set {e.field}") from None
+    try:
+        return parse_scenario(data, file)
+    except InputError as e:
+        hit = [(k, a) for k, a in zip(overridden_keys(overrides), overrides)
+               if e.field and (e.field == k or e.field.startswith((k + ".", k + "[")) or k.startswith(e.field + "."))]
+        if hit:
+            raise InputError(f"{e.problem} (from --set {hit[-1][1]})", file=file, field=e.field) from None
+        raise

@@ -48,3 +48,61 @@ def test_refused_output_leaves_the_other_outputs_unwritten(cli, tmp_path):
     # checked before any work: the good --json is not written when --plot is bad
     r = cli("simulate", PAPER, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "x.bmp"), "-q")
     assert r.returncode == 2 and not (tmp_path / "r.json").exists()
+
+
+# ---- --set overrides ------------------------------------------------------------
+def test_overrides_apply_before_validation_in_process():
+    from hpipe.errors import InputError
+    from hpipe.scenario import load_scenario
+
+    sc = load_scenario(PAPER, overrides=["cluster.network.bandwidth_gbps=10", "workload.seq_len=4096",
+                                         "cluster.hosts[0].devices[0].count=2", "planner.micro_batches=3",
+                                         "cluster.hosts[1].devices[0].runtime.device=cuda:1"])
+    assert sc.cluster.network.bandwidth_gbps == 10.0 and sc.workload.seq_len == 4096
+    assert sc.cluster.hosts[0].devices[0].count == 2 and sc.planner.micro_batches == 3
+    assert sc.cluster.hosts[1].devices[0].runtime.device == "cuda:1"
+    assert load_scenario(PAPER).cluster.network.bandwidth_gbps == 1.0  # the file is untouched
+    cases = [
+        ("cluster.netwrk.bandwidth_gbps=1", "--set cluster.netwrk.bandwidth_gbps", "did you mean network"),
+        ("cluster.hosts[7].name=x", "--set cluster.hosts[7].name", "past the end"),
+        ("workload=3", "workload", "from --set workload=3"),
+        ("cluster.network.bandwidth_gbps=-1", "cluster.network.bandwidth_gbps", "from --set"),
+        ("workload.seq_len=1000", "workload.seq_len", "992 or 1008"),
+        ("noequals", "--set", "KEY=VALUE"),
+        ("cluster..hosts=1", "--set", "dotted path"),
+    ]
+    for assignment, field, words in cases:
+        with pytest.raises(InputError) as e:
+            load_scenario(PAPER, overrides=[assignment])
+        assert e.value.field == field, (assignment, str(e.value))
+        assert words in str(e.value), (assignment, str(e.value))
+
+
+def test_override_values_are_yaml_scalars():
+    from hpipe.overrides import parse_key, parse_value, split_values
+
+    assert parse_key("cluster.hosts[0].devices[12].count") == ["cluster", "hosts", 0, "devices", 12, "count"]
+    assert [parse_value(v) for v in ("8192", "0.1", "1e9", "true", "null", "abc", "[1, 2]")] == \
+        [8192, 0.1, 1e9, True, None, "abc", [1, 2]]
+    assert split_values("0.1,1,10") == ["0.1", "1", "10"]
+    assert split_values("[1, 2],{a: 1, b: 2},'x,y'") == ["[1, 2]", "{a: 1, b: 2}", "'x,y'"]
+
+
+def test_set_on_the_command_line(cli):
+    r = cli("simulate", PAPER, "--planner", "gpipe", "--set", "planner.micro_batches=3", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["plan"]["micro_batches"] == 3
+    r = cli("--set", "planner.micro_batches=2", "plan", PAPER, "--planner", "gpipe", "-q")
+    assert r.returncode == 0 and json.loads(r.stdout)["micro_batches"] == 2  # before the command, too
+    r = cli("plan", PAPER, "--set", "cluster.hosts[0].devces[0].count=2")
+    assert r.returncode == 2 and "devces" in r.stderr and "did you mean devices" in r.stderr
+
+
+def test_version_and_help(cli):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("hpipe ")
+    r = cli("validate", "--help", env={"COLUMNS": "80"})
+    assert r.returncode == 0
+    assert "<bool>" not in r.stdout and "<str>" not in r.stdout
+    assert "gpipe-\n" not in r.stdout  # no default list cut mid-word
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
