@@ -21,7 +21,7 @@ from hpipe.devices import DEVICES, DeviceSpec
 from hpipe.errors import InputError, format_loc, suggest
 from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping
 
-PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")
+PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe", "single")
 
 
 class _Strict(BaseModel):
@@ -123,6 +123,8 @@ class DeviceEntry(_Strict):
     idle_power_w: NonNegativeFloat | None = None
     """Default: 10% of power_w."""
     runtime: Placement | None = None
+    price_per_hour: NonNegativeFloat | None = None
+    """USD per device-hour for the cost figures; default: the catalog's on-demand price, if any."""
 
     @model_validator(mode="after")
     def _type_or_custom(self):
@@ -150,13 +152,17 @@ class DeviceEntry(_Strict):
 
     def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:
         if self.type is not None:
+            if self.price_per_hour is not None:
+                return DEVICES[self.type].model_copy(update={"price_per_hour": self.price_per_hour,
+                                                             "price_source": "the scenario"})
             return DEVICES[self.type]
         idle = self.idle_power_w if self.idle_power_w is not None else 0.1 * self.power_w
         return DeviceSpec(name=self.name, fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
                           memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
                           power_w=self.power_w, idle_power_w=idle,
                           interconnect_gbps=interconnect.bandwidth_gbps if interconnect else 126.0,
-                          source="custom device from the scenario")
+                          source="custom device from the scenario", price_per_hour=self.price_per_hour,
+                          price_source="the scenario" if self.price_per_hour is not None else "")
 
     @property
     def label(self) -> str:
@@ -219,7 +225,7 @@ class ClusterSpec(_Strict):
 
 class PlannerSpec(_Strict):
     kind: str = "hpipe"
-    """hpipe | base | gpipe | gpipe-balanced | terapipe | megatron | tp-terapipe"""
+    """hpipe | base | gpipe | gpipe-balanced | terapipe | megatron | tp-terapipe | single"""
     token_granularity: PositiveInt = 16
     """Slice lengths are multiples of this."""
     micro_batches: PositiveInt | None = None

@@ -106,3 +106,54 @@ def test_version_and_help(cli):
     assert "<bool>" not in r.stdout and "<str>" not in r.stdout
     assert "gpipe-\n" not in r.stdout  # no default list cut mid-word
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
+
+
+# ---- cost and the single-device planner --------------------------------------------
+def test_cost_is_price_times_latency_of_the_plan_devices():
+    from hpipe.devices import DEVICES
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import simulate
+
+    setup = load_scenario(SCENARIOS / "cloud-mix.yaml").resolve()
+    r = simulate(setup, make_plan(setup, "hpipe"))
+    price = sum(setup.cluster.device(d).spec.price_per_hour for d in r.plan.devices)
+    assert r.cost_usd == pytest.approx(price * r.latency_s / 3600, rel=1e-12)
+    tokens = setup.batch_size * setup.seq_len
+    assert r.usd_per_million_tokens == pytest.approx(r.cost_usd / tokens * 1e6, rel=1e-12)
+    assert DEVICES["A100-40GB"].price_source and DEVICES["P100"].price_per_hour is None
+    # a device without a price: no cost rather than a wrong one; a scenario price fills the gap
+    paper = load_scenario(PAPER).resolve()
+    assert simulate(paper, make_plan(paper, "hpipe")).cost_usd is None
+    priced = load_scenario(PAPER, overrides=["cluster.hosts[0].devices[0].price_per_hour=0.5",
+                                             "cluster.hosts[1].devices[0].price_per_hour=0.25"]).resolve()
+    r = simulate(priced, make_plan(priced, "hpipe"))
+    n_p100 = sum(d.startswith("host-a/") for d in r.plan.devices)
+    n_3090 = sum(d.startswith("host-b/") for d in r.plan.devices)
+    assert r.cost_usd == pytest.approx((0.5 * n_p100 + 0.25 * n_3090) * r.latency_s / 3600)
+
+
+def test_single_puts_the_model_on_the_fastest_device_that_holds_it():
+    from hpipe.errors import InfeasibleError
+    from hpipe.planners import make_plan
+    from hpipe.planners.common import finish
+    from hpipe.scenario import load_scenario
+
+    # one sequence of 1024 tokens: LLaMA-2-7B fits the A100, the L4 and the T4 alone
+    setup = load_scenario(SCENARIOS / "cloud-mix.yaml",
+                          overrides=["workload.batch_size=1", "workload.seq_len=1024"]).resolve()
+    p = make_plan(setup, "single")
+    assert len(p.stages) == 1 and p.stages[0].units == (0, setup.n_units) and p.micro_batches == 1
+    # brute force: every device alone, whole sequence
+    alone = {}
+    for d in setup.cluster.device_ids:
+        try:
+            alone[d] = finish(setup, "single", [((d,), 0, setup.n_units)], [setup.seq_len], 1).predicted["latency_s"]
+        except InfeasibleError:
+            pass
+    assert len({setup.cluster.device(d).spec.name for d in alone}) >= 2, alone  # a real choice
+    assert p.stages[0].devices[0] == min(alone, key=alone.get)
+    assert p.predicted["latency_s"] <= min(alone.values()) * (1 + 1e-9)
+    assert p.predicted["single_device"] == p.stages[0].devices[0]
+    with pytest.raises(InfeasibleError, match=r"no one device holds llama-13b.*GB short"):
+        make_plan(load_scenario(SCENARIOS / "home-lab.yaml").resolve(), "single")
