@@ -74,6 +74,11 @@ def _needs_torch(command: str):
         raise
 
 
+def _costmodel_name(setup) -> str:
+    cm = setup.scenario.costmodel
+    return cm if isinstance(cm, str) else cm["kind"]
+
+
 def _check_outputs(outputs: dict[str, str | None]) -> None:
     """Output paths checked before any work: a typo fails now, not after a long run."""
     from hpipe.io import check_outputs
@@ -174,33 +179,6 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
 
 
 # ---- simulate --------------------------------------------------------------
-def _results_table(title: str, results, measured: bool = False) -> Table:
-    """One row per result; infeasible ones say so, with their reasons as the table's caption."""
-    notes = [f"{r.planner}: {r.infeasible.removeprefix(r.planner + ': ')}" for r in results if not r.feasible]
-    t = Table(title=title, caption="\n".join(notes) or None, caption_justify="left")
-    cols = ["planner", "latency s", "tokens/s", "energy J", "bubble", "max mem MB", "stages", "slices", "µbatches"]
-    if measured:
-        cols[1:1] = ["predicted s"]
-        cols += ["max |err|"]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "planner" else "right")
-    for r in results:
-        if not r.feasible:
-            t.add_row(r.planner, *(["infeasible"] if not measured else ["-", "infeasible"]),
-                      *(["-"] * (len(cols) - (2 if not measured else 3))))
-            continue
-        row = [r.planner]
-        if measured:
-            row.append(f"{r.predicted_latency_s:.4g}" if r.predicted_latency_s is not None else "-")
-        row += [f"{r.latency_s:.4g}", f"{r.throughput_tokens_per_s:,.0f}", f"{r.energy_j:,.1f}",
-                f"{r.bubble_fraction:.1%}", f"{max(r.peak_memory_mb.values(), default=0):,.0f}",
-                str(len(r.plan.stages)), str(len(r.plan.slices)), str(r.plan.micro_batches)]
-        if measured:
-            row.append(f"{r.max_abs_error:.2e}" if r.max_abs_error is not None else "-")
-        t.add_row(*row)
-    return t
-
-
 def _write_outputs(result, json_path, trace, plot):
     from hpipe.io import write_text
 
@@ -261,10 +239,55 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet)
     if con:
-        con.print(_results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
-                                 f"{setup.seq_len} tokens, {setup.scenario.costmodel if isinstance(setup.scenario.costmodel, str) else setup.scenario.costmodel['kind']} cost model)", results))
+        from hpipe.tables import results_table
+
+        con.print(results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
+                                f"{setup.seq_len} tokens, {_costmodel_name(setup)} cost model)", results))
     if results and all(not r.feasible for r in results):
-        raise InfeasibleError("no plan is feasible: " + "; ".join(f"{r.planner}: {r.infeasible}" for r in results))
+        from hpipe.tables import infeasible_notes
+
+        raise InfeasibleError("no plan is feasible" + (" (the reasons are under the table)" if con and len(results) > 1
+                                                       else ": " + "; ".join(infeasible_notes(results))))
+
+
+# ---- sweep -----------------------------------------------------------------
+@app.command()
+def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+          sets: Annotated[list[str], typer.Option(
+              "--set", metavar="KEY=V1,V2,...", help="the field to sweep and its values (one --set with "
+              "several values); other --set KEY=VALUE options change the scenario for every value")],
+          planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
+          json_path: JsonOpt = None,
+          plot: Annotated[Optional[str], typer.Option(help="latency, energy and cost against the value (.png, .svg or .pdf)", metavar="PATH")] = None,
+          quiet: QuietOpt = False):
+    """What if: simulate the scenario at several values of one field, every planner asked for."""
+    from hpipe.io import write_text
+    from hpipe.progress import progress
+    from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
+    from hpipe.tables import sweep_table
+
+    _check_outputs({"--json": json_path, "--plot": plot})
+    key, values, fixed = parse_sweep(sets)
+    first = _load_setup(scenario, fixed + [assignment(key, values[0])])
+    names = _planner_names(planner or first.scenario.planner.kind)
+    with progress(quiet) as bar:
+        task = bar.add_task("sweeping", total=len(values) * len(names))
+
+        def step(what):
+            bar.update(task, description=f"planning and simulating {what}")
+            bar.advance(task)
+
+        result = run_sweep(lambda extra: _load_setup(scenario, fixed + extra), key, values, names, on_step=step)
+    if json_path:
+        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
+    if plot:
+        sweep_plot(result, plot)
+    con = _out_console(json_path, quiet)
+    if con:
+        con.print(sweep_table(f"{first.name}: simulated at each {key} ({first.model.name}, "
+                              f"{_costmodel_name(first)} cost model)", key, values, result.runs))
+    if all(not r.feasible for run in result.runs for r in run.results):
+        raise InfeasibleError("no plan is feasible at any value" + (" (the reasons are under the table)" if con else ""))
 
 
 # ---- execute ---------------------------------------------------------------
@@ -311,7 +334,10 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     _write_outputs(result, json_path, trace, None)
     con = _out_console(json_path, quiet)
     if con:
-        con.print(_results_table(f"{setup.name}: measured on this machine", [measured], measured=True))
+        from hpipe.tables import measured_table
+
+        con.print(measured_table(f"{setup.name}: {p.planner} measured on this machine, predicted by the "
+                                 f"{_costmodel_name(setup)} cost model", measured, predicted))
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 

@@ -56,6 +56,7 @@ class RunResult(BaseModel):
     dynamic_energy_j: float | None
     """The busy-above-idle part alone."""
     peak_memory_mb: dict[str, float]
+    """Peak memory per plan device, MB (10^6 bytes, as GB in messages is 10^9)."""
     utilization: dict[str, float]
     """Busy time / latency, per device the plan uses."""
     bubble_fraction: float | None
@@ -158,7 +159,7 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
         planner=plan.planner, latency_s=latency,
         throughput_tokens_per_s=setup.batch_size * setup.seq_len / latency if latency > 0 else 0.0,
         energy_j=idle + dynamic, dynamic_energy_j=dynamic,
-        peak_memory_mb={d: b / 2**20 for d, b in peak_memory_bytes.items()},
+        peak_memory_mb={d: b / 1e6 for d, b in peak_memory_bytes.items()},
         utilization=util, bubble_fraction=bubble, plan=plan,
         events=(list(events) if t0 == 0 else
                 [e.model_copy(update={"start_s": e.start_s - t0, "end_s": e.end_s - t0}) for e in events]),

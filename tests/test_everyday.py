@@ -157,3 +157,32 @@ def test_single_puts_the_model_on_the_fastest_device_that_holds_it():
     assert p.predicted["single_device"] == p.stages[0].devices[0]
     with pytest.raises(InfeasibleError, match=r"no one device holds llama-13b.*GB short"):
         make_plan(load_scenario(SCENARIOS / "home-lab.yaml").resolve(), "single")
+
+
+# ---- sweep ---------------------------------------------------------------------------
+def test_sweep_json_table_and_plot(cli, tmp_path):
+    png = tmp_path / "sweep.png"
+    r = cli("sweep", PAPER, "--set", "cluster.network.bandwidth_gbps=0.1,1,100", "--planner", "hpipe,base,single",
+            "--set", "workload.batch_size=2", "--json", "-", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["sweep"] == "cluster.network.bandwidth_gbps" and out["values"] == [0.1, 1, 100]
+    assert len(out["runs"]) == 3 and all(len(run["results"]) == 3 for run in out["runs"])
+    base = [run["results"][1] for run in out["runs"]]
+    assert base[0]["planner"] == "base" and base[0]["latency_s"] > base[1]["latency_s"] > base[2]["latency_s"]
+    single = [run["results"][2]["latency_s"] for run in out["runs"]]
+    assert single[0] == single[2]  # one device: the network does not matter
+    # the fixed --set applied to every value: batch 2 x 2048 tokens
+    assert all(run["results"][0]["throughput_tokens_per_s"] * run["results"][0]["latency_s"] == pytest.approx(4096)
+               for run in out["runs"])
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
+    assert "bandwidth" in r.stderr and "hpipe" in r.stderr  # the table went to stderr beside JSON on stdout
+
+
+def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024")
+    assert r.returncode == 2 and "V1,V2" in r.stderr
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,2048", "--set", "workload.batch_size=1,2")
+    assert r.returncode == 2 and "one key at a time" in r.stderr
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,1000")
+    assert r.returncode == 2 and "workload.seq_len" in r.stderr and "992 or 1008" in r.stderr
