@@ -158,10 +158,10 @@ def models(json_path: JsonOpt = None):
 @app.command()
 def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
          planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
-         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout)", metavar="PATH|-")] = None,
+         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout, the table then on stderr)", metavar="PATH|-")] = None,
          quiet: QuietOpt = False,
          sets: SetOpt = None):
-    """Plan alone: print the plan, or write it as Plan JSON."""
+    """Plan alone: per stage its devices, layers, time per work item and memory; -o writes the Plan JSON."""
     from hpipe.io import write_text
     from hpipe.planners import make_plan
     from hpipe.progress import progress
@@ -174,8 +174,15 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     with progress(quiet) as bar:
         bar.add_task(f"planning {name[0]}", total=None)
         p = make_plan(setup, name[0])
-    text = p.model_dump_json(indent=2)
-    write_text(output or "-", text, make_parents=False)
+    if output:
+        write_text(output, p.model_dump_json(indent=2), make_parents=False)
+    con = _out_console(output, quiet)
+    if con:
+        from hpipe.tables import plan_table
+
+        con.print(plan_table(setup, p))
+        if output and output != "-":
+            con.print(f"wrote the Plan JSON to {escape(output)}", highlight=False)
 
 
 # ---- simulate --------------------------------------------------------------

@@ -63,6 +63,7 @@ def infeasible_notes(results) -> list[str]:
 
 def _table(title: str | None, caption: str | None = None) -> Table:
     return Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                 collapse_padding=True,
                  title_justify="left")
 
 
@@ -134,4 +135,83 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
                       sig(r.usd_per_million_tokens), shape(r.plan))
         if len(run.results) > 1 and v is not values[-1]:
             t.add_section()
+    return t
+
+
+# ---- a readable plan -------------------------------------------------------------
+def describe_units(units, start: int, end: int) -> str:
+    """Unit range [start, end) in words: 'embed + blocks 0–13 + attn of 14'.
+
+    A contiguous range holds at most a leading lone mlp, whole blocks, a trailing lone attn."""
+    sel = units[start:end]
+    blocks = [u for u in sel if u.kind in ("attn", "mlp")]
+    parts = ["embed"] if sel and sel[0].kind == "embed" else []
+    if blocks:
+        lead = blocks[0] if blocks[0].kind == "mlp" else None
+        trail = blocks[-1] if blocks[-1].kind == "attn" and (len(blocks) > 1 or lead is None) else None
+        whole = blocks[(1 if lead else 0):(len(blocks) - 1 if trail else len(blocks))]
+        if lead:
+            parts.append(f"mlp of {lead.layer}")
+        if whole:
+            parts.append(_blocks(whole[0].layer, whole[-1].layer))
+        if trail:
+            parts.append(f"attn of {trail.layer}")
+    if sel and sel[-1].kind == "head":
+        parts.append("head")
+    return " + ".join(parts)
+
+
+def _blocks(a: int, b: int) -> str:
+    return f"block {a}" if a == b else f"blocks {a}–{b}"
+
+
+def _devices(devs: list[str]) -> str:
+    if len(devs) == 1:
+        return devs[0]
+    return f"{len(devs)}×TP " + ", ".join(devs)
+
+
+def run_lengths(xs) -> str:
+    """[512, 512, 256] -> '512×2, 256'."""
+    out, k = [], 0
+    while k < len(xs):
+        j = k
+        while j + 1 < len(xs) and xs[j + 1] == xs[k]:
+            j += 1
+        out.append(f"{xs[k]}×{j - k + 1}" if j > k else str(xs[k]))
+        k = j + 1
+    return ", ".join(out)
+
+
+def plan_table(setup, plan, result=None) -> Table:
+    """Per stage: its devices, its layers in words, the predicted compute time of one work
+    item (range over slices and micro-batches), its busy time, and memory against what
+    the device has; the plan's slices, micro-batches and predicted latency above."""
+    import numpy as np
+
+    from hpipe.memory import stage_memory_bytes
+    from hpipe.planners.evaluate import item_arrays
+
+    b, n, c = item_arrays(plan, setup.batch_size)  # (items,) each
+    mb = max(plan.micro_batch_sizes(setup.batch_size))
+    lat = result.latency_s if result is not None else plan.predicted.get("latency_s")
+    title = (f"{setup.name}: {plan.planner} plan, predicted latency {sig(lat)} s\n"
+             f"{len(plan.slices)} slice{'s' if len(plan.slices) > 1 else ''} per sequence "
+             f"(tokens: {run_lengths(plan.slices)}); "
+             + (f"the batch of {setup.batch_size} at once" if plan.micro_batches == 1 else
+                f"{plan.micro_batches} micro-batches (sequences each: "
+                f"{run_lengths(plan.micro_batch_sizes(setup.batch_size))})"))
+    t = _table(title, "per item: compute of one (micro-batch, slice), transfers excluded; busy: all items; "
+                      "memory: weights + KV cache + workspace, GB (10^9 bytes)")
+    for col in ("stage", "devices", "layers", "per item\nms", "busy\ns", "memory GB\nneeds / usable"):
+        t.add_column(col, justify="right" if col not in ("devices", "layers") else "left",
+                     overflow="fold")
+    for k, st in enumerate(plan.stages):
+        times = np.asarray(setup.cost.stage_compute_s(st.start, st.end, st.devices, n, c, b), float) * np.ones_like(n)
+        per = (sig(times.min() * 1e3) if np.isclose(times.min(), times.max(), rtol=1e-3)
+               else f"{sig(times.min() * 1e3, 3)}–{sig(times.max() * 1e3, 3)}")
+        need = stage_memory_bytes(setup, st.start, st.end, st.tp, max(plan.slices), mb)
+        have = min(setup.cluster.device(d).usable_memory_bytes for d in st.devices)
+        t.add_row(str(k), _devices(st.devices), describe_units(setup.units, st.start, st.end), per,
+                  sig(float(times.sum())), f"{sig(need / 1e9, 3)} / {sig(have / 1e9, 3)}")
     return t

@@ -4,11 +4,15 @@ found afterwards by its session id in /proc."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import re
 import signal
 import subprocess
+import struct
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ class TerminalRun:
 
     def __init__(self, *args: str, columns: int = 80, env: dict | None = None):
         master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(columns), "LINES": "40",
                     "TERM": "xterm", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "hpipe", *args], stdin=slave, stdout=slave,
@@ -87,6 +92,12 @@ class TerminalRun:
     @property
     def output(self) -> str:
         return b"".join(self._chunks).decode(errors="replace")
+
+    @property
+    def text(self) -> str:
+        """The output as the terminal shows it: escape sequences and carriage returns removed."""
+        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.output)
+        return "\n".join(line.split("\r")[-1] for line in plain.replace("\r\n", "\n").split("\n"))
 
     def leftovers(self, within_s: float) -> list[int]:
         """Processes of the session still alive after ``within_s`` seconds."""

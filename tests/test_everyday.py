@@ -92,7 +92,7 @@ def test_set_on_the_command_line(cli):
     r = cli("simulate", PAPER, "--planner", "gpipe", "--set", "planner.micro_batches=3", "--json", "-")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["results"][0]["plan"]["micro_batches"] == 3
-    r = cli("--set", "planner.micro_batches=2", "plan", PAPER, "--planner", "gpipe", "-q")
+    r = cli("--set", "planner.micro_batches=2", "plan", PAPER, "--planner", "gpipe", "-q", "-o", "-")
     assert r.returncode == 0 and json.loads(r.stdout)["micro_batches"] == 2  # before the command, too
     r = cli("plan", PAPER, "--set", "cluster.hosts[0].devces[0].count=2")
     assert r.returncode == 2 and "devces" in r.stderr and "did you mean devices" in r.stderr
@@ -186,3 +186,64 @@ def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
     assert r.returncode == 2 and "one key at a time" in r.stderr
     r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,1000")
     assert r.returncode == 2 and "workload.seq_len" in r.stderr and "992 or 1008" in r.stderr
+
+
+# ---- tables on an 80-column terminal, a readable plan ------------------------------
+def _on_terminal(*args):
+    import sys
+
+    sys.path.insert(0, str(SCENARIOS.parent / "tests"))
+    from pty_helpers import TerminalRun
+
+    run = TerminalRun(*args, columns=80)
+    try:
+        code = run.wait(120)
+        return code, run.text
+    finally:
+        run.close()
+
+
+def test_tables_fit_80_columns_with_whole_names():
+    code, text = _on_terminal("simulate", PAPER, "--planner", "all")
+    assert code == 0, text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    for name in ("gpipe-balanced", "tp-terapipe", "terapipe", "megatron", "single"):
+        assert name in text
+    assert "…" not in text
+    assert "mem" in text and "GB" in text and "MB" not in text  # one unit system, said in the header
+    code, text = _on_terminal("simulate", str(SCENARIOS / "home-lab.yaml"), "--planner", "all")
+    assert code == 0 and max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    # each reason once, no doubled prefix, planners with one reason grouped
+    flat = " ".join(text.split())
+    assert "base: base:" not in flat and "gpipe, megatron infeasible:" in flat
+    assert flat.count("0.47 GB short") == 1
+
+
+def test_numbers_keep_four_significant_digits():
+    from hpipe.tables import sig
+
+    assert [sig(x) for x in (4.0, 0.002083, 12.3749, 1234.5, 0.0, 98765.4, None)] == \
+        ["4.000", "0.002083", "12.37", "1,234", "0", "98,765", "-"]
+
+
+def test_describe_units_in_words():
+    from hpipe.models import get_model
+    from hpipe.tables import describe_units
+
+    units = get_model("llama-7b").units()  # embed, (attn, mlp) x 32, head: 66 units
+    assert describe_units(units, 0, 30) == "embed + blocks 0–13 + attn of 14"
+    assert describe_units(units, 30, 66) == "mlp of 14 + blocks 15–31 + head"
+    assert describe_units(units, 29, 30) == "attn of 14"
+    assert describe_units(units, 30, 31) == "mlp of 14"
+    assert describe_units(units, 0, 66) == "embed + blocks 0–31 + head"
+    assert describe_units(units, 30, 32) == "mlp of 14 + attn of 15"
+
+
+def test_plan_prints_stages_in_words_and_says_where_it_wrote(tmp_path):
+    out = tmp_path / "plan.json"
+    code, text = _on_terminal("plan", PAPER, "-o", str(out))
+    assert code == 0, text
+    assert json.loads(out.read_text())["planner"] == "hpipe"
+    assert f"wrote the Plan JSON to {out}" in "".join(text.split("\n"))
+    assert "embed + blocks" in text and "+ head" in text and "/ 23.5" in text and "predicted latency" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
