@@ -331,9 +331,21 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         if len(names) != 1:
             raise InputError("execute runs one planner", field="--planner")
         p = make_plan(setup, names[0])
+    from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, check_cpu_memory, check_placements, cpu_estimate_s, format_duration
+
+    check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    check_cpu_memory(setup, p)
+    estimate = cpu_estimate_s(setup, p)
+    if estimate is not None and estimate[0] > CPU_ESTIMATE_WARN_S and not quiet:
+        total_s, item_s = estimate
+        err_console.print(f"[yellow]note:[/] this plan runs on this machine's CPU; a rough estimate "
+                          f"(roofline, a catalog CPU core per worker thread) is {format_duration(total_s)} "
+                          f"for the warm-up and measured runs. Ctrl-C stops it."
+                          + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
+                             if item_s > timeout / 2 else ""), highlight=False)
     token_ids = load_inputs(inputs, setup) if inputs else None
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
     measured.predicted_latency_s = predicted.latency_s
@@ -348,9 +360,13 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 
-        if measured.max_abs_error > CHECK_TOLERANCE[setup.dtype]:
+        tol = CHECK_TOLERANCE[setup.dtype]
+        if measured.max_abs_error > tol:
             raise HpipeError(f"--check failed: max |logit error| {measured.max_abs_error:.3g} exceeds "
-                             f"{CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
+                             f"{tol:g} for {setup.dtype}")
+        if con:
+            con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
+                      f"for {setup.dtype}, against the whole model in one process (float32)", highlight=False)
 
 
 # ---- profile and validate -------------------------------------------------------
@@ -486,16 +502,17 @@ def main() -> None:
         # Under standalone_mode=False typer turns Ctrl-C (and --help, typer.Exit) into a
         # *returned* exit code instead of raising it: honour it, or Ctrl-C would exit 0.
         rc = app(standalone_mode=False)
+        if rc == 130:
+            raise KeyboardInterrupt
         if isinstance(rc, int) and rc:
-            if rc == 130:
-                err_console.print("hpipe: interrupted")
             sys.exit(rc)
     except HpipeError as e:
         err_console.print(f"[bold red]hpipe:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("hpipe: interrupted")
-        sys.exit(130)
+        from hpipe.__main__ import exit_interrupted
+
+        exit_interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

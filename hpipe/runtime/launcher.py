@@ -222,6 +222,13 @@ def _forkserver_pid() -> int | None:
     return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
+def _stop_forkserver() -> None:
+    pid = _forkserver_pid()
+    if pid is not None and _running(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def _proc_stat(pid: int) -> list[str] | None:
     """/proc/PID/stat fields after the command name (state first), or None when gone."""
     try:
@@ -368,9 +375,15 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
 
     want = emulation.what_to_emulate(setup, plan.devices)
     with emulation.emulate(setup, plan.devices, **want) as em:
-        return _launch(setup, plan, em, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
-                       warmup=warmup, seed=seed, all_logits=all_logits, faults=faults, on_spawn=on_spawn,
-                       progress=progress)
+        try:
+            return _launch(setup, plan, em, ids=ids, spec=spec, timeout_s=timeout_s,
+                           startup_timeout_s=startup_timeout_s, warmup=warmup, seed=seed, all_logits=all_logits,
+                           faults=faults, on_spawn=on_spawn, progress=progress)
+        except KeyboardInterrupt:
+            # The forkserver may still be importing torch with Ctrl-C blocked; it would notice
+            # that we are gone only after that import, seconds later.  Stop it now.
+            _stop_forkserver()
+            raise
 
 
 def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup, seed, all_logits, faults,

@@ -70,3 +70,52 @@ def test_dead_forkserver_is_named_and_its_workers_stopped():
         assert "Traceback" not in run.output
     finally:
         run.close()
+
+
+def test_gpus_without_a_placement_here_are_refused_before_any_worker(cli=None):
+    import subprocess
+
+    from pty_helpers import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "hpipe", "execute", "scenarios/paper-llama7b.yaml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2, r.stderr
+    flat = " ".join(r.stderr.split())
+    assert "no `runtime:` placement" in flat and "host-a/P100-0" in flat and "RTX3090" in flat
+    assert "runtime: {device: cuda}" in flat and "--set cluster.hosts[0].devices[0].runtime.device=cpu" in flat
+    assert "Traceback" not in r.stderr
+
+
+def test_long_cpu_run_is_announced_with_an_estimate_then_ctrl_c():
+    # 8 x 4096 tokens of the small model on two 1-thread workers: minutes by the roofline estimate
+    run = TerminalRun("execute", SCENARIO, "--set", "workload.seq_len=4096", "--set", "workload.batch_size=8",
+                      columns=120)
+    try:
+        deadline = time.monotonic() + 60
+        while "rough estimate" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
+            time.sleep(0.2)
+        flat = " ".join(run.text.split())
+        import re
+
+        assert re.search(r"rough estimate .* is \d+ (s|min) for the warm-up and measured runs", flat), flat[-2000:]
+        run.ctrl_c()
+        assert run.wait(10) == 130
+        assert run.leftovers(within_s=10) == []
+    finally:
+        run.close()
+
+
+def test_cpu_workers_must_fit_this_machines_memory(monkeypatch):
+    from hpipe.errors import InfeasibleError
+    from hpipe.planners import make_plan
+    from hpipe.runtime import here
+    from hpipe.scenario import load_scenario
+
+    setup = load_scenario(Path(__file__).resolve().parents[2] / SCENARIO).resolve()
+    p = make_plan(setup)
+    here.check_cpu_memory(setup, p)  # ~0.2 GB: fits any machine
+    monkeypatch.setattr(here, "available_memory_bytes", lambda: 1e8)
+    with pytest.raises(InfeasibleError, match=r"2 CPU worker\(s\) would hold 0\.\d GB .* 0\.1 GB available"):
+        here.check_cpu_memory(setup, p)
+    total_s, item_s = here.cpu_estimate_s(setup, p)
+    assert 0 < item_s < total_s
