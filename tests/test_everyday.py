@@ -247,3 +247,42 @@ def test_plan_prints_stages_in_words_and_says_where_it_wrote(tmp_path):
     assert f"wrote the Plan JSON to {out}" in "".join(text.split("\n"))
     assert "embed + blocks" in text and "+ head" in text and "/ 23.5" in text and "predicted latency" in text
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+
+
+# ---- small things ---------------------------------------------------------------------
+def test_empty_scenario_file_says_so(cli, tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing yet\n")
+    r = cli("simulate", str(p))
+    assert r.returncode == 2 and "the file is empty" in r.stderr and "NoneType" not in r.stderr
+
+
+def test_ctrl_c_during_simulate_exits_130():
+    import time
+
+    import sys
+
+    sys.path.insert(0, str(SCENARIOS.parent / "tests"))
+    from pty_helpers import TerminalRun
+
+    # the 70B scenario plans for seconds per planner
+    run = TerminalRun("simulate", str(SCENARIOS / "llama70b-4hosts-32k.yaml"), "--planner", "all")
+    try:
+        deadline = time.monotonic() + 60
+        while "planning" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
+            time.sleep(0.1)
+        assert run.proc.poll() is None, run.text
+        run.ctrl_c()
+        assert run.wait(10) == 130, run.text
+        assert "hpipe: interrupted" in run.text and "Traceback" not in run.text
+    finally:
+        run.close()
+
+
+def test_install_script_prefers_the_cpu_index_and_falls_back_to_the_default():
+    text = (SCENARIOS.parent / "scripts" / "install.sh").read_text()
+    cpu = text.index('"torch==$TORCH_VERSION+cpu" --extra-index-url "$CPU_INDEX"')
+    default = text.index('pip install -q "torch==$TORCH_VERSION"\n')
+    assert text.index('reachable "$CPU_INDEX"') < cpu < default  # probe, CPU build first, default after
+    readme = (SCENARIOS.parent / "README.md").read_text()
+    assert "download.pytorch.org/whl/cpu" in readme and "not reachable" in readme
