@@ -192,9 +192,12 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
 
 
 def save_figure(fig, path, dpi: int = 110) -> None:
-    """Save ``fig`` atomically in the format its extension names (png, svg, pdf)."""
+    """Save ``fig`` atomically in the format its extension names (png, svg, pdf).
+
+    Like every library writer it makes missing folders; the CLI refuses a missing folder
+    the user typed before any work (``hpipe.io.check_outputs``)."""
     from pathlib import Path
 
     fmt = Path(path).suffix.lower().lstrip(".") or "png"
-    with atomic_path(path, suffix="." + fmt, make_parents=False) as tmp:
+    with atomic_path(path, suffix="." + fmt) as tmp:
         fig.savefig(tmp, dpi=dpi, format=fmt)
