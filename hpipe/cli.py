@@ -20,12 +20,34 @@ from rich.table import Table
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.scenario import PLANNER_NAMES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Plan, predict and run long-context LLM prefill over mismatched devices.")
 err_console = Console(stderr=True)
 
-JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the JSON to PATH, or '-' for stdout alone")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the JSON to PATH, or '-' for stdout alone", metavar="PATH|-")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no table or progress bar")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="change a scenario field before it is checked (dotted path, e.g. "
+    "workload.seq_len=4096, cluster.hosts[0].devices[0].count=2); repeatable")]
+
+_GLOBAL_SETS: list[str] = []
+"""`hpipe --set K=V COMMAND ...`: overrides for whatever scenario the command reads."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hpipe import __version__
+
+        print(f"hpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                        help="print the version and exit")] = False,
+                  sets: SetOpt = None):
+    """Plan, predict and run long-context LLM prefill over mismatched devices."""
+    _GLOBAL_SETS[:] = sets or []
 
 
 def _out_console(json_path: str | None, quiet: bool) -> Console | None:
@@ -52,13 +74,34 @@ def _needs_torch(command: str):
         raise
 
 
-def _load_setup(scenario: Path, *, quiet: bool = False, make_profile: bool = False):
+def _costmodel_name(setup) -> str:
+    cm = setup.scenario.costmodel
+    return cm if isinstance(cm, str) else cm["kind"]
+
+
+def _check_outputs(outputs: dict[str, str | None]) -> None:
+    """Output paths checked before any work: a typo fails now, not after a long run."""
+    from hpipe.io import check_outputs
+
+    check_outputs(outputs, plots=("--plot",))
+
+
+def _load_scenario(scenario: Path, sets: list[str] | None = None):
+    """The one place the CLI reads a scenario: the file, then the --set overrides
+    (`hpipe --set ...` before the command, then the command's own) before validation."""
+    from hpipe.scenario import load_scenario
+
+    return load_scenario(scenario, overrides=[*_GLOBAL_SETS, *(sets or [])])
+
+
+
+
+def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = False,
+                make_profile: bool = False):
     """The resolved scenario.  ``costmodel: auto``: says on stderr which model it chose; with no
     profile of this machine yet, measures a quick one first when ``make_profile`` (execute
     always; plan and simulate on a terminal, not --quiet), else says how to make one."""
-    from hpipe.scenario import load_scenario
-
-    sc = load_scenario(scenario)
+    sc = _load_scenario(scenario, sets)
     setup = sc.resolve()
     choice = getattr(setup.cost, "auto", None)
     if choice is None:
@@ -110,9 +153,10 @@ def devices(json_path: JsonOpt = None):
     from hpipe.devices import DEVICES
     from hpipe.io import write_text
 
+    _check_outputs({"--json": json_path})
     rows = [d.model_dump() for d in DEVICES.values()]
     if json_path:
-        write_text(json_path, json.dumps(rows, indent=2))
+        write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
         if json_path == "-":
             return
     t = Table(title="devices")
@@ -131,9 +175,10 @@ def models(json_path: JsonOpt = None):
     from hpipe.io import write_text
     from hpipe.models import MODELS
 
+    _check_outputs({"--json": json_path})
     rows = [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()]
     if json_path:
-        write_text(json_path, json.dumps(rows, indent=2))
+        write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
         if json_path == "-":
             return
     t = Table(title="models")
@@ -147,86 +192,70 @@ def models(json_path: JsonOpt = None):
 
 # ---- plan ------------------------------------------------------------------
 @app.command()
-def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-         planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
-         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout)")] = None,
-         quiet: QuietOpt = False):
-    """Plan alone: print the plan, or write it as Plan JSON."""
+def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+         planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
+         output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout, the table then on stderr)", metavar="PATH|-")] = None,
+         quiet: QuietOpt = False,
+         sets: SetOpt = None):
+    """Plan alone: per stage its devices, layers, time per work item and memory; -o writes the Plan JSON."""
     from hpipe.io import write_text
     from hpipe.planners import make_plan
     from hpipe.progress import progress
 
     from hpipe.progress import enabled
 
-    setup = _load_setup(scenario, quiet=quiet, make_profile=enabled(quiet))
+    _check_outputs({"--output": output})
+    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
     with progress(quiet) as bar:
         bar.add_task(f"planning {name[0]}", total=None)
         p = make_plan(setup, name[0])
-    text = p.model_dump_json(indent=2)
-    write_text(output or "-", text)
+    if output:
+        write_text(output, p.model_dump_json(indent=2), make_parents=False)
+    con = _out_console(output, quiet)
+    if con:
+        from hpipe.tables import plan_table
+
+        con.print(plan_table(setup, p))
+        if output and output != "-":
+            con.print(f"wrote the Plan JSON to {escape(output)}", highlight=False)
 
 
 # ---- simulate --------------------------------------------------------------
-def _results_table(title: str, results, measured: bool = False) -> Table:
-    """One row per result; infeasible ones say so, with their reasons as the table's caption."""
-    notes = [f"{r.planner}: {r.infeasible.removeprefix(r.planner + ': ')}" for r in results if not r.feasible]
-    t = Table(title=title, caption="\n".join(notes) or None, caption_justify="left")
-    cols = ["planner", "latency s", "tokens/s", "energy J", "bubble", "max mem MB", "stages", "slices", "µbatches"]
-    if measured:
-        cols[1:1] = ["predicted s"]
-        cols += ["max |err|"]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "planner" else "right")
-    for r in results:
-        if not r.feasible:
-            t.add_row(r.planner, *(["infeasible"] if not measured else ["-", "infeasible"]),
-                      *(["-"] * (len(cols) - (2 if not measured else 3))))
-            continue
-        row = [r.planner]
-        if measured:
-            row.append(f"{r.predicted_latency_s:.4g}" if r.predicted_latency_s is not None else "-")
-        row += [f"{r.latency_s:.4g}", f"{r.throughput_tokens_per_s:,.0f}", f"{r.energy_j:,.1f}",
-                f"{r.bubble_fraction:.1%}", f"{max(r.peak_memory_mb.values(), default=0):,.0f}",
-                str(len(r.plan.stages)), str(len(r.plan.slices)), str(r.plan.micro_batches)]
-        if measured:
-            row.append(f"{r.max_abs_error:.2e}" if r.max_abs_error is not None else "-")
-        t.add_row(*row)
-    return t
-
-
 def _write_outputs(result, json_path, trace, plot):
     from hpipe.io import write_text
 
     if trace:
         from hpipe.sim.trace import chrome_trace
 
-        write_text(trace, json.dumps(chrome_trace(result)))
+        write_text(trace, json.dumps(chrome_trace(result)), make_parents=False)
     if plot:
         from hpipe.sim.trace import gantt_png
 
         gantt_png(result, plot)
     if json_path:
-        write_text(json_path, result.model_dump_json(indent=2))
+        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
 
 
 @app.command()
-def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-             planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)")] = None,
-             plan: Annotated[Optional[Path], typer.Option("--plan", help="simulate the Plan(s) in this JSON file instead")] = None,
+def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+             planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
+             plan: Annotated[Optional[Path], typer.Option("--plan", help="simulate the Plan(s) in this JSON file instead", metavar="PLANS.json")] = None,
              json_path: JsonOpt = None,
-             trace: Annotated[Optional[str], typer.Option(help="Chrome trace (Perfetto) of the timelines")] = None,
-             plot: Annotated[Optional[str], typer.Option(help="Gantt chart PNG of the timelines")] = None,
-             quiet: QuietOpt = False):
+             trace: Annotated[Optional[str], typer.Option(help="Chrome trace (Perfetto) of the timelines", metavar="PATH")] = None,
+             plot: Annotated[Optional[str], typer.Option(help="Gantt chart of the timelines (.png, .svg or .pdf)", metavar="PATH")] = None,
+             quiet: QuietOpt = False,
+             sets: SetOpt = None):
     """Plan and simulate; a table of every planner asked for, side by side."""
     from hpipe.plan import load_plans
     from hpipe.result import Result
     from hpipe.progress import enabled
     from hpipe.sim import infeasible_result, simulate as run_sim
 
-    setup = _load_setup(scenario, quiet=quiet, make_profile=enabled(quiet))
+    _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot})
+    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     results = []
@@ -256,32 +285,79 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet)
     if con:
-        con.print(_results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
-                                 f"{setup.seq_len} tokens, {setup.scenario.costmodel if isinstance(setup.scenario.costmodel, str) else setup.scenario.costmodel['kind']} cost model)", results))
+        from hpipe.tables import results_table
+
+        con.print(results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
+                                f"{setup.seq_len} tokens, {_costmodel_name(setup)} cost model)", results))
     if results and all(not r.feasible for r in results):
-        raise InfeasibleError("no plan is feasible: " + "; ".join(f"{r.planner}: {r.infeasible}" for r in results))
+        from hpipe.tables import infeasible_notes
+
+        raise InfeasibleError("no plan is feasible" + (" (the reasons are under the table)" if con and len(results) > 1
+                                                       else ": " + "; ".join(infeasible_notes(results))))
+
+
+# ---- sweep -----------------------------------------------------------------
+@app.command()
+def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+          sets: Annotated[list[str], typer.Option(
+              "--set", metavar="KEY=V1,V2,...", help="the field to sweep and its values (one --set with "
+              "several values); other --set KEY=VALUE options change the scenario for every value")],
+          planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
+          json_path: JsonOpt = None,
+          plot: Annotated[Optional[str], typer.Option(help="latency, energy and cost against the value (.png, .svg or .pdf)", metavar="PATH")] = None,
+          quiet: QuietOpt = False):
+    """What if: simulate the scenario at several values of one field, every planner asked for."""
+    from hpipe.io import write_text
+    from hpipe.progress import progress
+    from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
+    from hpipe.tables import sweep_table
+
+    _check_outputs({"--json": json_path, "--plot": plot})
+    key, values, fixed = parse_sweep(sets)
+    first = _load_setup(scenario, fixed + [assignment(key, values[0])])
+    names = _planner_names(planner or first.scenario.planner.kind)
+    with progress(quiet) as bar:
+        task = bar.add_task("sweeping", total=len(values) * len(names))
+
+        def step(what):
+            bar.update(task, description=f"planning and simulating {what}")
+            bar.advance(task)
+
+        result = run_sweep(lambda extra: _load_setup(scenario, fixed + extra), key, values, names, on_step=step)
+    if json_path:
+        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
+    if plot:
+        sweep_plot(result, plot)
+    con = _out_console(json_path, quiet)
+    if con:
+        con.print(sweep_table(f"{first.name}: simulated at each {key} ({first.model.name}, "
+                              f"{_costmodel_name(first)} cost model)", key, values, result.runs))
+    if all(not r.feasible for run in result.runs for r in run.results):
+        raise InfeasibleError("no plan is feasible at any value" + (" (the reasons are under the table)" if con else ""))
 
 
 # ---- execute ---------------------------------------------------------------
 @app.command()
-def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-            planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
-            plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file")] = None,
+def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+            planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
+            plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
             json_path: JsonOpt = None,
-            trace: Annotated[Optional[str], typer.Option(help="Chrome trace of the measured timeline")] = None,
-            inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence")] = None,
+            trace: Annotated[Optional[str], typer.Option(help="Chrome trace of the measured timeline", metavar="PATH")] = None,
+            inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence", metavar="FILE")] = None,
             check: Annotated[bool, typer.Option(help="compare with a single-process forward; exit 1 past tolerance")] = False,
-            timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped")] = 60.0,
-            quiet: QuietOpt = False):
+            timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped", metavar="S")] = 60.0,
+            quiet: QuietOpt = False,
+            sets: SetOpt = None):
     """Run the plan for real with torch and report measured figures beside the simulated ones."""
     from hpipe.plan import load_plans
     from hpipe.planners import make_plan
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
+    _check_outputs({"--json": json_path, "--trace": trace})
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
-    setup = _load_setup(scenario, quiet=quiet, make_profile=True)
+    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True)
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     if plan is not None:
@@ -294,9 +370,21 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
         if len(names) != 1:
             raise InputError("execute runs one planner", field="--planner")
         p = make_plan(setup, names[0])
+    from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, check_cpu_memory, check_placements, cpu_estimate_s, format_duration
+
+    check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    check_cpu_memory(setup, p)
+    estimate = cpu_estimate_s(setup, p)
+    if estimate is not None and estimate[0] > CPU_ESTIMATE_WARN_S and not quiet:
+        total_s, item_s = estimate
+        err_console.print(f"[yellow]note:[/] this plan runs on this machine's CPU; a rough estimate "
+                          f"(roofline, a catalog CPU core per worker thread) is {format_duration(total_s)} "
+                          f"for the warm-up and measured runs. Ctrl-C stops it."
+                          + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
+                             if item_s > timeout / 2 else ""), highlight=False)
     token_ids = load_inputs(inputs, setup) if inputs else None
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
     measured.predicted_latency_s = predicted.latency_s
@@ -304,21 +392,26 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     _write_outputs(result, json_path, trace, None)
     con = _out_console(json_path, quiet)
     if con:
-        con.print(_results_table(f"{setup.name}: measured on this machine", [measured], measured=True))
+        from hpipe.tables import measured_table
+
+        con.print(measured_table(f"{setup.name}: {p.planner} measured on this machine, predicted by the "
+                                 f"{_costmodel_name(setup)} cost model", measured, predicted))
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 
-        if measured.max_abs_error > CHECK_TOLERANCE[setup.dtype]:
+        tol = CHECK_TOLERANCE[setup.dtype]
+        if measured.max_abs_error > tol:
             raise HpipeError(f"--check failed: max |logit error| {measured.max_abs_error:.3g} exceeds "
-                             f"{CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
+                             f"{tol:g} for {setup.dtype}")
+        if con:
+            con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
+                      f"for {setup.dtype}, against the whole model in one process (float32)", highlight=False)
 
 
 # ---- profile and validate -------------------------------------------------------
-def _scenario_for_profiling(scenario: Path):
+def _scenario_for_profiling(scenario: Path, sets: list[str] | None = None):
     """The scenario, with a cost model that needs no profile (the one being measured may not exist)."""
-    from hpipe.scenario import load_scenario
-
-    sc = load_scenario(scenario)
+    sc = _load_scenario(scenario, sets)
     return sc, sc.model_copy(update={"costmodel": "roofline"}).resolve()
 
 
@@ -334,25 +427,27 @@ def _holdout_table(report: dict, title: str) -> Table:
 
 
 @app.command()
-def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure")],
-            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)")] = None,
-            repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid")] = 5,
-            warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first")] = 2,
+def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure", metavar="SCENARIO")],
+            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)", metavar="PATH")] = None,
+            repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid", metavar="N")] = 5,
+            warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first", metavar="N")] = 2,
             quick: Annotated[bool, typer.Option(help="a coarse grid (for tests and a first look)")] = False,
             links: Annotated[bool, typer.Option(help="also measure the links between the device processes")] = True,
-            quiet: QuietOpt = False):
+            quiet: QuietOpt = False,
+            sets: SetOpt = None):
     """Measure each unit kind's time over a grid of (slice, context, batch) and the links between
     stage processes, on the devices the scenario names; write the profile the fitted cost model reads."""
     from hpipe.costmodels.fitted import FittedConfig, fit_report, summarize_holdout
     from hpipe.io import write_text
     from hpipe.validate import default_profile_path
 
+    _check_outputs({"--output": output})
     with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
-    sc, setup = _scenario_for_profiling(scenario)
+    sc, setup = _scenario_for_profiling(scenario, sets)
     out = output or str(default_profile_path(sc))
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
-    write_text(out, prof.model_dump_json(indent=1))
+    write_text(out, prof.model_dump_json(indent=1), make_parents=output is None)
     con = _out_console(None, quiet)
     if con:
         basis = FittedConfig.model_fields["basis"].default  # what predictions are made on
@@ -385,31 +480,32 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
 
 
 @app.command()
-def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine")],
+def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine", metavar="SCENARIO")],
              json_path: JsonOpt = None,
-             planners: Annotated[str, typer.Option(help="comma list of planners to validate")] = ",".join(
+             planners: Annotated[str, typer.Option(help="comma list of planners to validate", metavar="A,B,...", show_default="the seven of the paper")] = ",".join(
                  ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
-             random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario")] = 8,
-             seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
-             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile while it is current, else this machine's profile cache (measured there when missing)")] = None,
+             random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario", metavar="N")] = 8,
+             seed: Annotated[int, typer.Option(help="seed of the random plans", metavar="N")] = 0,
+             profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile while it is current, else this machine's profile cache (measured there when missing)", metavar="PATH")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
-             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case, in interleaved rounds over all cases (the fastest is compared)")] = 1,
-             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer")] = 120.0,
-             basis: Annotated[Optional[str], typer.Option(help="fit on 'cpu' time (the calling thread's CPU time, scaled by the device's cpu_quota) or 'wall' time (default: the scenario's fitted basis, else cpu)")] = None,
-             quiet: QuietOpt = False):
+             repeats: Annotated[int, typer.Option(min=1, help="measured runs per case, in interleaved rounds over all cases (the fastest is compared)", metavar="N")] = 1,
+             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer", metavar="S")] = 120.0,
+             basis: Annotated[Optional[str], typer.Option(help="fit on 'cpu' time (the calling thread's CPU time, scaled by the device's cpu_quota) or 'wall' time (default: the scenario's fitted basis, else cpu)", metavar="cpu|wall")] = None,
+             quiet: QuietOpt = False,
+             sets: SetOpt = None):
     """Profile where needed, then simulate (fitted cost model) and execute the same plans; the error of each."""
     from hpipe.io import write_text
     from hpipe.progress import progress
-    from hpipe.scenario import load_scenario
     from hpipe.validate import CaseOptions, validate as run_validate
 
+    _check_outputs({"--json": json_path})
     with _needs_torch("validate"):
         import hpipe.runtime  # noqa: F401
     if basis not in (None, "wall", "cpu"):
         raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
     names = [p.strip() for p in planners.split(",") if p.strip()]
     _planner_names(",".join(names)) if names else None
-    scs = [load_scenario(p) for p in scenarios]
+    scs = [_load_scenario(p, sets) for p in scenarios]
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")
     opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats)
@@ -421,7 +517,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                               reprofile=reprofile, quiet=quiet, log=log, on_case=lambda c: bar.advance(task),
                               basis=basis)
     if json_path:
-        write_text(json_path, result.model_dump_json(indent=2))
+        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
     if con:
         t = Table(title=f"validation: simulated (fitted profile) vs measured latency on {result.hardware or 'this machine'}")
         for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated s", "measured s", "error"):
@@ -457,13 +553,20 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Under standalone_mode=False typer turns Ctrl-C (and --help, typer.Exit) into a
+        # *returned* exit code instead of raising it: honour it, or Ctrl-C would exit 0.
+        rc = app(standalone_mode=False)
+        if rc == 130:
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except HpipeError as e:
         err_console.print(f"[bold red]hpipe:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("hpipe: interrupted")
-        sys.exit(130)
+        from hpipe.__main__ import exit_interrupted
+
+        exit_interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

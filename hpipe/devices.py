@@ -39,6 +39,9 @@ class DeviceSpec(BaseModel):
                     "which row of the roofline's efficiency table (hpipe.costmodels.roofline.GENERATIONS) "
                     "prices this device")
     source: str = ""
+    price_per_hour: float | None = Field(
+        default=None, ge=0, description="USD per device-hour, on-demand; None: no public list price")
+    price_source: str = ""
 
     @field_validator("generation")
     @classmethod
@@ -132,5 +135,22 @@ _CATALOG = [
                source="generic 8-core AVX2 desktop CPU: 8 cores x 3 GHz x 16 fp32 FMA-FLOPs; "
                       "dual-channel DDR4; shared memory between processes"),
 ]
+
+# On-demand list prices per GPU-hour, only where a cloud sells the card alone or in a
+# fixed-count instance (price / GPUs); the instance's CPUs, memory and disk are included,
+# so these are what renting the device costs, not the card alone.  AWS us-east-1 Linux
+# on-demand rates as published on aws.amazon.com/ec2/pricing/on-demand (2024); prices
+# change: set `price_per_hour` on a device entry for your own.  Cards no cloud lists
+# (P100, GeForce, ...) have none, and a plan using one reports no cost.
+_PRICES = {
+    "T4": (0.526, "AWS g4dn.xlarge (1 x T4) on-demand, us-east-1, 2024: $0.526/h"),
+    "L4": (0.8048, "AWS g6.xlarge (1 x L4) on-demand, us-east-1, 2024: $0.8048/h"),
+    "A100-40GB": (32.7726 / 8, "AWS p4d.24xlarge (8 x A100-40GB) on-demand, us-east-1, 2024: $32.7726/h / 8"),
+    "A100-80GB": (40.9657 / 8, "AWS p4de.24xlarge (8 x A100-80GB) on-demand, us-east-1, 2024: $40.9657/h / 8"),
+    "H100": (98.32 / 8, "AWS p5.48xlarge (8 x H100) on-demand, us-east-1, 2024 (before the mid-2025 cut): "
+                        "$98.32/h / 8"),
+}
+_CATALOG = [d.model_copy(update={"price_per_hour": _PRICES[d.name][0], "price_source": _PRICES[d.name][1]})
+            if d.name in _PRICES else d for d in _CATALOG]
 
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in _CATALOG}

@@ -57,6 +57,17 @@ class WorkerError(HpipeError):
     exit_code = 1
 
 
+def format_loc(loc: tuple) -> str:
+    """A field path as messages print it: ('hosts', 0, 'name') -> 'hosts[0].name'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean X, Y?)' for the closest names, or '' when none is close."""
     choices = list(choices)

@@ -16,10 +16,18 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds."""
+def atomic_path(path: str | Path, suffix: str = "", make_parents: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
+
+    ``make_parents=False`` for paths a user typed: a missing folder is their typo, not ours
+    to create (``check_output`` says so before any work is done)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    elif not target.parent.is_dir():
+        from hpipe.errors import InputError
+
+        raise InputError(f"the folder {str(target.parent)!r} does not exist", file=str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
     os.close(fd)
     # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask)
@@ -34,16 +42,58 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | Path, text: str, make_parents: bool = True) -> None:
     if str(path) == "-":
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path, make_parents=make_parents) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+"""Image formats --plot writes, named by the file's extension."""
+
+
+def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work is done, output paths that cannot be written as asked.
+
+    ``outputs`` maps an option (``--json``) to the path given (None: not asked for);
+    options in ``plots`` take an image whose format the extension names.  Problems: a
+    folder given as the file, a folder that does not exist (never created for a typo), a
+    file that cannot be written, two outputs on stdout, an image on stdout, an image
+    format that is not one of PLOT_FORMATS."""
+    from hpipe.errors import InputError
+
+    on_stdout = [opt for opt, p in outputs.items() if p == "-"]
+    if len(on_stdout) > 1:
+        raise InputError(f"{' and '.join(on_stdout)} both ask for stdout ('-'), which holds one document; "
+                         f"give one of them a file path", field=on_stdout[1])
+    for opt, p in outputs.items():
+        if p is None or p == "-" and opt not in plots:
+            continue
+        if p == "" or p == "-":
+            raise InputError("needs a file path" + (" (an image is not written to stdout)" if p == "-" else ""),
+                             field=opt)
+        path = Path(p).expanduser()
+        if path.is_dir():
+            raise InputError(f"{p!r} is a folder; give a file path inside it (e.g. {str(path / 'out')!r})",
+                             field=opt)
+        parent = path.parent
+        if not parent.exists():
+            raise InputError(f"the folder {str(parent)!r} does not exist (hpipe does not create it)", field=opt)
+        if not parent.is_dir():
+            raise InputError(f"{str(parent)!r} is not a folder", field=opt)
+        if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise InputError(f"cannot write {p!r}: permission denied", field=opt)
+        if opt in plots:
+            ext = path.suffix.lower().lstrip(".")
+            if ext not in PLOT_FORMATS:
+                raise InputError(f"{p!r}: the extension names the image format; one of "
+                                 f"{', '.join('.' + f for f in PLOT_FORMATS)}", field=opt)
 
 
 def read_json(path: str | Path):

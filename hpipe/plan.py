@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from hpipe.errors import InputError, suggest
+from hpipe.errors import InputError, format_loc, suggest
 
 
 class Stage(BaseModel):
@@ -119,8 +119,6 @@ class Plan(BaseModel):
 
 
 def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> InputError:
-    from hpipe.scenario import format_loc
-
     err = e.errors()[0]
     field = prefix + format_loc(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":

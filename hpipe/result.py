@@ -60,10 +60,16 @@ class RunResult(BaseModel):
     ``measured`` (RAPL or NVML energy counters over the run, where the machine has them;
     ``dynamic_energy_j`` is then None).  None for simulated results (always modelled)."""
     peak_memory_mb: dict[str, float]
+    """Peak memory per plan device, MB (10^6 bytes, as GB in messages is 10^9)."""
     utilization: dict[str, float]
     """Busy time / latency, per device the plan uses."""
     bubble_fraction: float | None
     """1 - (busy time summed over plan devices) / (devices x latency)."""
+    cost_usd: float | None = None
+    """What renting the plan's devices for the latency costs: sum of their price_per_hour x
+    latency.  None when a plan device has no price."""
+    usd_per_million_tokens: float | None = None
+    """cost_usd per million tokens processed (batch x (seq_len + output_tokens))."""
     plan: Plan | None
     feasible: bool = True
     infeasible: str | None = None
@@ -155,11 +161,16 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
     dynamic = sum((setup.cost.busy_power_w(d) - setup.cost.idle_power_w(d)) * busy[d] for d in devices)
     idle = sum(setup.cost.idle_power_w(d) for d in devices) * latency
     bubble = 1.0 - sum(busy.values()) / (len(devices) * latency) if latency > 0 else 0.0
+    prices = [setup.cluster.device(d).spec.price_per_hour for d in devices]
+    cost = sum(prices) * latency / 3600 if all(p is not None for p in prices) else None
+    tokens = setup.batch_size * (setup.seq_len + getattr(setup, "output_tokens", 0))
+    extra.setdefault("cost_usd", cost)
+    extra.setdefault("usd_per_million_tokens", cost / tokens * 1e6 if cost is not None and tokens else None)
     return RunResult(
         planner=plan.planner, latency_s=latency,
         throughput_tokens_per_s=setup.batch_size * setup.seq_len / latency if latency > 0 else 0.0,
         energy_j=idle + dynamic, dynamic_energy_j=dynamic,
-        peak_memory_mb={d: b / 2**20 for d, b in peak_memory_bytes.items()},
+        peak_memory_mb={d: b / 1e6 for d, b in peak_memory_bytes.items()},
         utilization=util, bubble_fraction=bubble, plan=plan,
         events=(list(events) if t0 == 0 else
                 [e.model_copy(update={"start_s": e.start_s - t0, "end_s": e.end_s - t0}) for e in events]),

@@ -18,10 +18,10 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, field_validator, model_validator)
 
 from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
-from hpipe.errors import InputError, suggest
+from hpipe.errors import InputError, format_loc, suggest
 from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping
 
-PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")
+PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe", "single")
 
 
 class _Strict(BaseModel):
@@ -126,6 +126,8 @@ class DeviceEntry(_Strict):
     """Custom device: architecture generation whose roofline efficiencies price it (pascal, volta,
     turing, ampere, ada, hopper, cpu).  Default: cpu when its runtime placement is a CPU, else ampere."""
     runtime: Placement | None = None
+    price_per_hour: NonNegativeFloat | None = None
+    """USD per device-hour for the cost figures; default: the catalog's on-demand price, if any."""
 
     @model_validator(mode="after")
     def _type_or_custom(self):
@@ -157,6 +159,9 @@ class DeviceEntry(_Strict):
 
     def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:
         if self.type is not None:
+            if self.price_per_hour is not None:
+                return DEVICES[self.type].model_copy(update={"price_per_hour": self.price_per_hour,
+                                                             "price_source": "the scenario"})
             return DEVICES[self.type]
         idle = self.idle_power_w if self.idle_power_w is not None else 0.1 * self.power_w
         generation = self.generation or (
@@ -166,7 +171,8 @@ class DeviceEntry(_Strict):
                           memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
                           power_w=self.power_w, idle_power_w=idle,
                           interconnect_gbps=interconnect.bandwidth_gbps if interconnect else 126.0,
-                          source="custom device from the scenario")
+                          source="custom device from the scenario", price_per_hour=self.price_per_hour,
+                          price_source="the scenario" if self.price_per_hour is not None else "")
 
     @property
     def label(self) -> str:
@@ -229,7 +235,7 @@ class ClusterSpec(_Strict):
 
 class PlannerSpec(_Strict):
     kind: str = "hpipe"
-    """hpipe | base | gpipe | gpipe-balanced | terapipe | megatron | tp-terapipe"""
+    """hpipe | base | gpipe | gpipe-balanced | terapipe | megatron | tp-terapipe | single"""
     token_granularity: PositiveInt = 16
     """Slice lengths are multiples of this."""
     micro_batches: PositiveInt | None = None
@@ -283,8 +289,10 @@ class Scenario(_Strict):
     def _cross(self):
         g = self.planner.token_granularity
         if self.workload.seq_len % g:
-            raise _FieldError("workload.seq_len", f"{self.workload.seq_len} is not a multiple of "
-                                                  f"planner.token_granularity ({g})")
+            n = self.workload.seq_len
+            near = sorted({v for v in (n // g * g, (n // g + 1) * g) if v > 0})
+            raise _FieldError("workload.seq_len", f"{n} is not a multiple of planner.token_granularity "
+                                                  f"({g}); the nearest that are: {' or '.join(map(str, near))}")
         spec = self.model_spec()
         if spec.family == "gpt" and self.workload.seq_len > spec.max_seq_len:
             raise _FieldError("workload.seq_len", f"{self.workload.seq_len} exceeds {spec.name}'s "
@@ -386,16 +394,6 @@ class Setup:
         return self.scenario.compression
 
 
-def format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
 def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
     problems = []
     for e in err.errors():
@@ -440,6 +438,9 @@ def _suggest_key(err: ValidationError, loc: tuple) -> str:
 
 def parse_scenario(data: Any, file: str | None = None) -> Scenario:
     """Validate already-parsed YAML/JSON data as a scenario."""
+    if data is None:
+        raise InputError("the file is empty; a scenario is a mapping of keys (name, model, workload, "
+                         "cluster, ...): see the README's scenario format or scenarios/", file=file)
     if not isinstance(data, dict):
         raise InputError(f"a scenario is a mapping of keys (name, model, workload, cluster, ...), "
                          f"got {type(data).__name__}", file=file)
@@ -451,8 +452,9 @@ def parse_scenario(data: Any, file: str | None = None) -> Scenario:
         raise e.located(file) from None
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario YAML file (safe loading only)."""
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
+    ``KEY=VALUE`` assignments (``hpipe.overrides``) applied before validation."""
     file = str(path)
     try:
         text = Path(path).read_text()
@@ -467,4 +469,19 @@ def load_scenario(path: str | Path) -> Scenario:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise InputError(f"YAML syntax error at {where}{problem}", file=file) from None
-    return parse_scenario(data, file)
+    if not overrides:
+        return parse_scenario(data, file)
+    from hpipe.overrides import apply_overrides, overridden_keys
+
+    try:
+        data = apply_overrides(data, overrides, schema=Scenario)
+    except InputError as e:
+        raise InputError(e.problem, file=file, field=e.field if (e.field or "").startswith("--set") else f"--set {e.field}") from None
+    try:
+        return parse_scenario(data, file)
+    except InputError as e:
+        hit = [(k, a) for k, a in zip(overridden_keys(overrides), overrides)
+               if e.field and (e.field == k or e.field.startswith((k + ".", k + "[")) or k.startswith(e.field + "."))]
+        if hit:
+            raise InputError(f"{e.problem} (from --set {hit[-1][1]})", file=file, field=e.field) from None
+        raise

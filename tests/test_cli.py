@@ -95,7 +95,7 @@ def test_progress_on_a_terminal_only_and_stdout_stays_json():
     code, out, err = _run_with_tty_stderr(["simulate", str(SCENARIOS / "paper-llama7b.yaml"),
                                            "--planner", "all", "--json", "-"])
     assert code == 0, err
-    assert len(json.loads(out)["results"]) == 7
+    assert len(json.loads(out)["results"]) == 8  # every planner, single included
     assert "planning" in err
     # --quiet: nothing on the terminal at all
     code, out, err = _run_with_tty_stderr(["simulate", str(SCENARIOS / "paper-llama7b.yaml"),

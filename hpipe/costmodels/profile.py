@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
 
-from hpipe.errors import InputError
+from hpipe.errors import InputError, format_loc
 
 PROFILE_FORMAT = "hpipe-profile/1"
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
@@ -229,8 +229,6 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as e:
-        from hpipe.scenario import format_loc
-
         err = e.errors()[0]
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":

@@ -23,6 +23,7 @@ REGISTRY: dict[str, Callable] = {
     "terapipe": baselines.plan_terapipe,
     "megatron": baselines.plan_megatron,
     "tp-terapipe": baselines.plan_tp_terapipe,
+    "single": baselines.plan_single,
 }
 
 

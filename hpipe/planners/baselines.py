@@ -11,6 +11,9 @@
   across hosts (pipeline parallel), whole-sequence micro-batches.
 * ``tp-terapipe`` (TP-T): the megatron stages with token slicing instead of
   micro-batches.
+* ``single``: no pipeline at all -- the whole model on the one device that runs it
+  fastest (by the scenario's cost model) among those that hold it; the question
+  "does pipelining beat my best card alone?".
 
 Micro-batches default to the scenario's ``planner.micro_batches``, else one
 sequence each.  None of them bends to fit memory: a plan that does not fit
@@ -93,3 +96,35 @@ def _token_pipeline(setup, name, stages):
     cands, _ = alg2.best_slicings(grid)
     best = min((grid.makespan(s), s) for _, s in cands)
     return finish(setup, name, stages, best[1], 1)
+
+
+def plan_single(setup):
+    """The whole model on one device: the fastest of those that hold it.
+
+    The batch runs at once (one micro-batch).  Slices come from the same DP as
+    terapipe's: on one device there is no pipeline for them to fill, so it keeps the
+    whole sequence unless smaller slices are what make the workspace fit (or save
+    time by the cost model); ``predicted["single_device"]`` names the device and
+    ``predicted["sliced_to_fit"]`` says whether the sequence had to be cut."""
+    best, reasons = None, []
+    seen = set()
+    for dev in setup.cluster.devices:
+        # devices of one spec and memory are interchangeable alone: try one of each
+        key = (dev.spec, dev.usable_memory_bytes)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            p = _token_pipeline(setup, "single", [((dev.id,), 0, setup.n_units)])
+        except InfeasibleError as e:
+            reasons.append((dev.usable_memory_bytes, str(e).removeprefix("single: ")))
+            continue
+        if best is None or p.predicted["latency_s"] < best.predicted["latency_s"]:
+            best = p
+    if best is None:
+        largest = max(reasons, key=lambda r: r[0])[1] if reasons else "the cluster has no device"
+        raise InfeasibleError(f"single: no one device holds {setup.model.name} at batch {setup.batch_size} x "
+                              f"{setup.seq_len} tokens; the largest: {largest}")
+    best.predicted["single_device"] = best.stages[0].devices[0]
+    best.predicted["sliced_to_fit"] = len(best.slices) > 1
+    return best

@@ -192,7 +192,69 @@ def _context():
     # no CUDA state is inherited, as long as the server never touches CUDA).
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["hpipe.runtime.worker"])
+    _start_forkserver()
     return ctx
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver with Ctrl-C blocked.
+
+    The forkserver ignores SIGINT only once its preload (torch, seconds) is imported; a
+    Ctrl-C to the terminal's process group during that import printed its traceback.  The
+    blocked mask is inherited across its fork and exec; here it is restored at once, so a
+    Ctrl-C that came meanwhile reaches the launcher when the mask is lifted, not lost."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()  # it lifts SIGINT's block itself: start it first
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _forkserver_pid() -> int | None:
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
+def _stop_forkserver() -> None:
+    pid = _forkserver_pid()
+    if pid is not None and _running(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state first), or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _death_of(pid: int) -> str:
+    """'was killed by SIGKILL' / 'exited with code N' of a dead child not yet reaped, from
+    /proc (its exit_code field), without reaping it: multiprocessing reaps its forkserver."""
+    st = _proc_stat(pid)
+    if st is not None and len(st) >= 50:
+        status = int(st[49])
+        if status & 0x7F:
+            sig = status & 0x7F
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+            return f"was killed by {name}"
+        return f"exited with code {status >> 8}"
+    return "is gone"
 
 
 # -- CPU quota ------------------------------------------------------------------
@@ -236,20 +298,31 @@ class _Throttle(threading.Thread):
 
 # -- supervision -----------------------------------------------------------------
 def _stop(procs) -> None:
-    """Terminate, then kill, every worker still alive; reap them all."""
+    """Terminate, then kill, every worker still alive; reap them all.
+
+    Workers are signalled by pid as well: when the forkserver (their parent) has died,
+    multiprocessing counts them as exited (code 255) though they still run, orphaned."""
     procs = [p for p in procs if p.pid is not None]  # started ones
     for p in procs:
         if p.is_alive():
             with contextlib.suppress(Exception):
                 p.terminate()
+        elif _running(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + _STOP_GRACE_S
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
+    while time.monotonic() < deadline and any(_running(p.pid) for p in procs):
+        time.sleep(0.02)
     for p in procs:
         if p.is_alive():
             with contextlib.suppress(Exception):
                 p.kill()
             p.join(1.0)
+        elif _running(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
 
 
 def _describe(cfgs, role: int) -> str:
@@ -302,9 +375,15 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
 
     want = emulation.what_to_emulate(setup, plan.devices)
     with emulation.emulate(setup, plan.devices, **want) as em:
-        return _launch(setup, plan, em, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
-                       warmup=warmup, seed=seed, all_logits=all_logits, faults=faults, on_spawn=on_spawn,
-                       progress=progress)
+        try:
+            return _launch(setup, plan, em, ids=ids, spec=spec, timeout_s=timeout_s,
+                           startup_timeout_s=startup_timeout_s, warmup=warmup, seed=seed, all_logits=all_logits,
+                           faults=faults, on_spawn=on_spawn, progress=progress)
+        except KeyboardInterrupt:
+            # The forkserver may still be importing torch with Ctrl-C blocked; it would notice
+            # that we are gone only after that import, seconds later.  Stop it now.
+            _stop_forkserver()
+            raise
 
 
 def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup, seed, all_logits, faults,
@@ -337,6 +416,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     n_items = len(cfgs[0].items())
 
     ctx = _context()
+    fs_pid = _forkserver_pid()
     q = ctx.Queue()
     procs = [ctx.Process(target=spawned_main, args=(c, q), name=f"hpipe-worker-{r}", daemon=True)
              for r, c in enumerate(cfgs)]
@@ -397,6 +477,9 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
             elif now - last > timeout_s + 5.0:
                 hung = True
                 break
+        if dead and fs_pid is not None and not _running(fs_pid):
+            raise WorkerError(f"the forkserver process that starts the workers (pid {fs_pid}) "
+                              f"{_death_of(fs_pid)} (out of memory?); its workers were stopped")
         if errors or dead or hung:
             if hung and len(ready) < len(procs):
                 missing = sorted(set(range(len(procs))) - ready)

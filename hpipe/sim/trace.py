@@ -174,8 +174,30 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
                 handles.append(Patch(color="0.55", label="TP comm"))
             ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.005, 1.0),
                       frameon=False)
+        else:  # too many to list: a colour scale of the slice (or micro-batch x slice) index
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import Normalize
+
+            bar = fig.colorbar(ScalarMappable(norm=Normalize(0, n_colours - 1), cmap=cmap), ax=ax, pad=0.01,
+                               fraction=0.03)
+            bar.set_label(f"{what} (0-{n_colours - 1})" if what else
+                          f"micro-batch x {n_slices} + slice (0-{n_colours - 1})", fontsize=7)
+            bar.ax.tick_params(labelsize=6)
+            if comm.any():
+                ax.legend(handles=[Patch(color="0.55", label="TP comm")], fontsize=6, loc="upper right")
     axes[-1].set_xlabel("time (s)")
     axes[-1].set_xlim(0, t_end * 1.01 or 1.0)  # shared: every panel on one time scale
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+    save_figure(fig, path, dpi)
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Save ``fig`` atomically in the format its extension names (png, svg, pdf).
+
+    Like every library writer it makes missing folders; the CLI refuses a missing folder
+    the user typed before any work (``hpipe.io.check_outputs``)."""
+    from pathlib import Path
+
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    with atomic_path(path, suffix="." + fmt) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)

@@ -39,6 +39,7 @@ def test_execute_check_json_and_bad_inputs(tmp_path):
     res = out["results"][0]
     assert out["mode"] == "measured" and res["max_abs_error"] < 1e-4 and len(res["next_token_ids"]) == 2
     assert res["predicted_latency_s"] > 0 and (tmp_path / "t.json").is_file()
+    assert "--check passed" in r.stderr and "0.001" in r.stderr and "float32" in r.stderr  # says so, and to what
 
     (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:5]]))
     r = _hpipe("execute", "tiny.yaml", "--inputs", "bad.json", cwd=tmp_path)

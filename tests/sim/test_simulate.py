@@ -202,7 +202,7 @@ def test_a_plan_that_overflows_memory_is_marked_infeasible(llama7b):
     r = simulate(llama7b, plan)
     assert not r.feasible
     assert "host-a/P100-0" in r.infeasible and "GB short" in r.infeasible
-    assert r.peak_memory_mb["host-a/P100-0"] * 2**20 > 16e9
+    assert r.peak_memory_mb["host-a/P100-0"] * 1e6 > 16e9
     assert r.latency_s > 0  # still simulated, so the timeline shows what it would do
 
 

@@ -1,0 +1,177 @@
+"""`--set KEY=VALUE`: change a scenario's parsed YAML before it is validated.
+
+A key is a dotted path with list indices, as error messages print fields:
+``workload.seq_len``, ``cluster.network.bandwidth_gbps``,
+``cluster.hosts[0].devices[0].count``.  A value is read as a YAML scalar (``8192``
+is an int, ``1e9`` a float, ``true`` a bool, ``null`` None, ``[a, b]`` a list).
+Overrides apply in order, before validation, so a bad value is reported at its
+key like any other field.  A key that is not in the file is accepted only where the
+schema has that field (``planner.micro_batches`` when the file gives no planner);
+anything else is an ``InputError`` naming the key.
+
+The schema is passed in (``schema=Scenario``) rather than imported, so this module
+sits below ``hpipe.scenario``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from hpipe.errors import InputError, format_loc, suggest
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]|(\.)")
+
+
+def parse_key(key: str) -> list[str | int]:
+    """``cluster.hosts[0].count`` -> ['cluster', 'hosts', 0, 'count']."""
+    if not key or key.startswith((".", "[")) or key.endswith(".") or ".." in key:
+        raise InputError(f"{key!r} is not a dotted path (e.g. workload.seq_len, cluster.hosts[0].name)",
+                         field="--set")
+    parts: list[str | int] = []
+    pos = 0
+    for m in _SEGMENT.finditer(key):
+        if m.start() != pos:
+            break
+        pos = m.end()
+        if m.group(1) is not None:
+            parts.append(m.group(1).strip())
+        elif m.group(2) is not None:
+            parts.append(int(m.group(2)))
+    if pos != len(key) or not parts or not isinstance(parts[0], str):
+        raise InputError(f"{key!r} is not a dotted path (e.g. workload.seq_len, cluster.hosts[0].name)",
+                         field="--set")
+    return parts
+
+
+def parse_value(text: str) -> Any:
+    """A value as YAML reads it (``10`` int, ``0.1`` float, ``abc`` str, ``[1, 2]`` list)."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise InputError(f"{text!r} is not a YAML value: {getattr(e, 'problem', e)}", field="--set") from None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e9 (no dot) as a string; a sweep of 1e8,1e9 means numbers
+    return value
+
+
+def split_assignment(text: str) -> tuple[str, str]:
+    """'KEY=VALUE' -> (key, raw value)."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():
+        raise InputError(f"{text!r} is not KEY=VALUE (e.g. --set workload.seq_len=4096)", field="--set")
+    return key.strip(), raw.strip()
+
+
+def split_values(raw: str) -> list[str]:
+    """'0.1,1,10' -> ['0.1', '1', '10']; commas inside [], {} or quotes do not split."""
+    out, depth, quote, cur = [], 0, None, ""
+    for ch in raw:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def format_key(parts: list[str | int]) -> str:
+    return format_loc(tuple(parts))
+
+
+def _model_of(annotation) -> tuple[type | None, bool]:
+    """(the pydantic model inside an annotation, whether it is a list of them)."""
+    from pydantic import BaseModel
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            m, is_list = _model_of(arg)
+            if m is not None:
+                return m, is_list
+        return None, False
+    if origin is list:
+        args = typing.get_args(annotation)
+        m, _ = _model_of(args[0]) if args else (None, False)
+        return m, True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None, False
+
+
+def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> None:
+    """Set ``value`` at ``parts`` inside ``data`` (in place), checked against ``schema``."""
+    node: Any = data
+    model, in_list = schema, False  # the pydantic model the current node validates against
+    key = format_key(parts)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = format_key(parts[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is not a list; "
+                                 f"[{part}] cannot index it", field=key)
+            if part >= len(node):
+                raise InputError(f"index {part} is past the end: {format_key(parts[:i])} has "
+                                 f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}", field=key)
+            in_list = False
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is {node!r}, not a mapping, so it "
+                             f"has no key {part!r}", field=key)
+        fields = None
+        if model is not None and not in_list:
+            fields = {k: f for k, f in model.model_fields.items() if k != "source_path"}
+        if part not in node and fields is not None and part not in fields:
+            raise InputError(f"unknown key {part!r} at {here}{suggest(part, fields)}", field=key)
+        if fields is not None and part in fields:
+            model, in_list = _model_of(fields[part].annotation)
+        else:
+            model, in_list = None, False
+        if last:
+            node[part] = value
+        else:
+            if part not in node or node[part] is None:
+                if isinstance(parts[i + 1], int):
+                    raise InputError(f"{here} is not in the file, so it has no entry [{parts[i + 1]}]",
+                                     field=key)
+                node[part] = {}
+            node = node[part]
+
+
+def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=None) -> Any:
+    """A copy of ``data`` with every ``KEY=VALUE`` of ``assignments`` applied in order."""
+    if not assignments:
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return data  # the scenario's own check reports it
+    out = copy.deepcopy(data)
+    for text in assignments:
+        key, raw = split_assignment(text)
+        set_path(out, parse_key(key), parse_value(raw), schema)
+    return out
+
+
+def overridden_keys(assignments) -> list[str]:
+    return [format_key(parse_key(split_assignment(a)[0])) for a in assignments or ()]

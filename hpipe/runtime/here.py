@@ -1,0 +1,126 @@
+"""Before `hpipe execute` starts workers: can this plan run on this machine, and for how long?
+
+* A plan device that stands for a GPU (a catalog GPU, a custom device) but has no
+  ``runtime:`` placement would silently become a one-thread CPU worker: refused
+  (``InputError``), naming the scenario entries and what to add.
+* CPU workers together must fit this machine's available memory (``InfeasibleError``).
+* ``cpu_estimate_s``: a rough wall time for a plan whose stages run on this CPU -- the
+  roofline with every CPU-placed device taken as ``threads`` cores of the catalog's
+  CPU -- so a run of minutes or hours is announced before it starts.
+
+The checks themselves need no torch (the package's __init__ imports it, as for all of
+``hpipe.runtime``).
+"""
+
+from __future__ import annotations
+
+from hpipe.errors import InfeasibleError, InputError
+
+CPU_ESTIMATE_WARN_S = 60.0
+"""Announce the estimate when a run is predicted to take longer than this."""
+
+
+def _entries(setup) -> dict[str, tuple[str, object]]:
+    """device id -> (field path of its scenario entry, the entry)."""
+    out = {}
+    for hi, host in enumerate(setup.scenario.cluster.hosts):
+        for ei, e in enumerate(host.devices):
+            for i in range(e.count):
+                out[f"{host.name}/{e.label}-{i}"] = (f"cluster.hosts[{hi}].devices[{ei}]", e)
+    return out
+
+
+def check_placements(setup, device_ids) -> None:
+    """Refuse a plan device that is a GPU in the scenario but has no runtime placement."""
+    entries = _entries(setup)
+    missing: dict[str, list[str]] = {}  # entry path -> its devices, in scenario order
+    for d in device_ids:
+        dev = setup.cluster.device(d)
+        if dev.placement is None and dev.spec.kind != "cpu":
+            path, _ = entries[d]
+            missing.setdefault(path, []).append(d)
+    if not missing:
+        return
+    missing = dict(sorted(missing.items()))
+    first = next(iter(missing))
+    entry = entries[missing[first][0]][1]
+    what = "; ".join(f"{p} ({entries[ids[0]][1].label} x{len(ids)}: {', '.join(ids)})" for p, ids in missing.items())
+    raise InputError(
+        f"the plan uses devices with no `runtime:` placement, so this machine has nothing to run them on "
+        f"(they would become one-thread CPU workers): {what}. Add `runtime: {{device: cuda}}` (or cuda:N) to each "
+        f"entry where this machine has such GPUs, or `runtime: {{device: cpu, threads: N}}` to run it on this "
+        f"CPU knowingly (slow), e.g. --set {first}.runtime.device=cpu",
+        file=setup.scenario.source_path, field=f"{first}.runtime")
+
+
+def available_memory_bytes() -> float | None:
+    """MemAvailable of /proc/meminfo, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_cpu_memory(setup, plan) -> None:
+    """CPU workers hold their stage's weights, KV cache and workspace (in the scenario's dtype)
+    in this machine's memory: refuse a plan whose CPU workers together would not fit."""
+    from hpipe.memory import plan_memory_bytes
+
+    have = available_memory_bytes()
+    if have is None:
+        return
+    need_by_dev = plan_memory_bytes(setup, plan)
+    cpu = {d: b for d, b in need_by_dev.items() if setup.cluster.device(d).runtime_device == "cpu"}
+    need = sum(cpu.values())
+    if need > have:
+        raise InfeasibleError(
+            f"the plan's {len(cpu)} CPU worker(s) would hold {need / 1e9:.1f} GB ({setup.model.name}'s stages, "
+            f"KV cache and workspace) but this machine has {have / 1e9:.1f} GB available: "
+            f"{(need - have) / 1e9:.1f} GB short")
+
+
+def cpu_estimate_s(setup, plan, warmup: int = 1) -> tuple[float, float] | None:
+    """Rough (wall time of ``execute``, longest single work item) in seconds when some stages
+    run on this CPU (None when none do): warm-up and measured runs of the plan, simulated
+    with each CPU-placed device taken as ``threads`` cores of the catalog's 8-core desktop
+    CPU (roofline)."""
+    from hpipe.devices import DEVICES
+    from hpipe.scenario import parse_scenario
+    from hpipe.sim import simulate
+
+    entries = _entries(setup)
+    on_cpu = {d for d in plan.devices if setup.cluster.device(d).runtime_device == "cpu"}
+    if not on_cpu:
+        return None
+    cpu = DEVICES["CPU"]
+    data = setup.scenario.model_dump(exclude_none=True)
+    data["costmodel"] = "roofline"  # a measured profile is of other devices; the estimate is rough anyway
+    for path in {entries[d][0] for d in on_cpu}:
+        hi, ei = (int(x.split("]")[0]) for x in path.split("[")[1:])
+        e = data["cluster"]["hosts"][hi]["devices"][ei]
+        entry = entries[next(d for d in on_cpu if entries[d][0] == path)][1]
+        threads = entry.runtime.threads if entry.runtime is not None else 1
+        share = min(threads, 8) / 8  # the catalog CPU has 8 cores
+        spec = setup.cluster.device(next(d for d in on_cpu if entries[d][0] == path)).spec
+        for k in ("type", "peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w", "idle_power_w"):
+            e.pop(k, None)
+        e.update(name=entry.label, peak_tflops=cpu.peak_tflops(setup.dtype) * share,
+                 memory_gb=max(spec.memory_gb, cpu.memory_gb), memory_bandwidth_gbps=cpu.memory_bandwidth_gbps,
+                 power_w=cpu.power_w * share, idle_power_w=cpu.idle_power_w * share)
+    data.pop("source_path", None)
+    est = parse_scenario(data).resolve()
+    r = simulate(est, plan)
+    longest = max((e.end_s - e.start_s for e in r.events if e.kind == "compute"), default=0.0)
+    return r.latency_s * (1 + warmup), longest
+
+
+def format_duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"

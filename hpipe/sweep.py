@@ -1,0 +1,149 @@
+"""`hpipe sweep`: one scenario field over several values, every planner asked for at each.
+
+``run_sweep`` re-reads the scenario with ``KEY=value`` (``hpipe.overrides``) for each
+value, plans and simulates; the answer is a ``SweepResult`` (DESIGN, "Overrides and
+sweeps": ``{"sweep": KEY, "values": [...], "runs": [Result JSON per value]}``).
+``sweep_plot`` draws latency, energy and cost against the value, one line per planner.
+A value the scenario refuses (bad input) stops the sweep with that error; a planner
+that cannot fit at a value is an infeasible result in that run, a gap in the plot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from hpipe.errors import InfeasibleError, InputError
+from hpipe.result import Result
+
+
+class SweepResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sweep: str
+    """The dotted key that was varied."""
+    values: list[Any]
+    """Its values, in the order given."""
+    runs: list[Result]
+    """One simulated Result per value (every planner asked for)."""
+
+
+def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
+    """(swept key, its values, the other assignments) from the --set options: exactly one
+    of them gives several comma-separated values."""
+    from hpipe.overrides import parse_value, split_assignment, split_values
+
+    swept, fixed = [], []
+    for a in assignments:
+        key, raw = split_assignment(a)
+        vals = split_values(raw)
+        (swept if len(vals) > 1 else fixed).append((key, vals, a))
+    if len(swept) != 1:
+        raise InputError("give one --set KEY=V1,V2,... to sweep" if not swept else
+                         f"one key at a time: {', '.join(k for k, _, _ in swept)} all have several values",
+                         field="--set")
+    key, raw_values, _ = swept[0]
+    return key, [parse_value(v) for v in raw_values], [a for _, _, a in fixed]
+
+
+def run_sweep(load_setup: Callable[[list[str]], Any], key: str, values: list[Any], planners: list[str],
+              on_step: Callable[[str], None] | None = None) -> SweepResult:
+    """Plan and simulate ``planners`` at every value of ``key``; ``load_setup(assignments)``
+    reads the scenario with those overrides applied."""
+    from hpipe.planners import make_plan
+    from hpipe.sim import infeasible_result, simulate
+
+    setups = [load_setup([assignment(key, v)]) for v in values]  # every value checked before any planning
+    runs = []
+    for v, setup in zip(values, setups):
+        results = []
+        for p in planners:
+            if on_step:
+                on_step(f"{key}={v}: {p}")
+            try:
+                results.append(simulate(setup, make_plan(setup, p)))
+            except InfeasibleError as e:
+                results.append(infeasible_result(setup, p, str(e)))
+        runs.append(Result(scenario=setup.name, mode="simulated", results=results))
+    return SweepResult(sweep=key, values=list(values), runs=runs)
+
+
+def assignment(key: str, value: Any) -> str:
+    """'KEY=VALUE' with a parsed value written back as YAML (flow style)."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
+
+
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 110) -> None:
+    """Latency, energy and (where the devices have prices) cost per million tokens against
+    the swept value, one line per planner; log axes where the values span decades."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from hpipe.sim.trace import save_figure
+
+    planners = list(dict.fromkeys(r.planner for run in sweep.runs for r in run.results))
+    metrics = [("latency_s", "latency (s)"), ("energy_j", "energy (J)"),
+               ("usd_per_million_tokens", "cost ($ per million tokens)")]
+    have_cost = any(r.usd_per_million_tokens is not None for run in sweep.runs for r in run.results)
+    if not have_cost:
+        metrics = metrics[:2]
+    numeric = _numeric(sweep.values)
+    xs = np.asarray(sweep.values, float) if numeric else np.arange(len(sweep.values), dtype=float)
+    log_x = numeric and (xs > 0).all() and xs.max() / xs.min() >= 100
+    fig = Figure(figsize=(4.2 * len(metrics) + 1.8, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    cmap = colormaps["tab10"]
+    markers = "osD^v<>ph*"
+    for ax, (field, label) in zip(axes, metrics):
+        ys_all = []
+        for k, p in enumerate(planners):
+            ys = []
+            for run in sweep.runs:
+                r = next((r for r in run.results if r.planner == p), None)
+                y = getattr(r, field) if r is not None and r.feasible else None
+                ys.append(np.nan if y is None else y)
+            ys = np.asarray(ys, float)
+            if np.isnan(ys).all():
+                continue
+            ys_all.append(ys[~np.isnan(ys)])
+            ax.plot(xs, ys, marker=markers[k % len(markers)], ms=4, lw=1.3, color=cmap(k % 10), label=p)
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        if log_x:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(plain)
+        if ys_all:
+            y = np.concatenate(ys_all)
+            if (y > 0).all() and y.max() / y.min() >= 5:  # planners an order apart: keep the close ones apart
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+        if not numeric:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(v) for v in sweep.values], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel(sweep.sweep, fontsize=9)
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, which="both", color="0.9", lw=0.5)
+        ax.set_axisbelow(True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    missing = sorted({r.planner for run in sweep.runs for r in run.results if not r.feasible})
+    sup = title or f"{sweep.runs[0].scenario if sweep.runs else ''}: sweep of {sweep.sweep}"
+    if missing:
+        sup += f"   (gaps: infeasible — {', '.join(missing)})"
+    if not have_cost:
+        sup += "   (no cost: a device has no price)"
+    fig.suptitle(sup, fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    save_figure(fig, path, dpi)

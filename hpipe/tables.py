@@ -1,0 +1,217 @@
+"""The tables the command line prints, and how they format numbers.
+
+One place for every table so they agree: times with four significant digits
+("4.000" beside "0.002083"), memory in GB (10^9 bytes, as every message says),
+money in US dollars; no table wider than an 80-column terminal for the usual
+case (two-line headers, stages/slices/micro-batches folded into one column, no
+vertical rules).  An infeasible planner is marked ✗ and its reason printed once,
+under the table, planners with the same reason grouped.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich import box
+from rich.table import Table
+
+MB_PER_GB = 1e3  # RunResult.peak_memory_mb is in MB (10^6 bytes)
+
+
+def sig(x: float | None, n: int = 4) -> str:
+    """``x`` with ``n`` significant digits, trailing zeros kept: 4.000, 0.002083, 12.37, 1,235."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (n - 1):
+        return f"{x:,.0f}"
+    decimals = n - 1 - math.floor(math.log10(abs(x)))
+    return f"{x:,.{max(decimals, 0)}f}"
+
+
+def money(x: float | None) -> str:
+    """US dollars, four significant digits ($0.002851, $12.37)."""
+    return "-" if x is None else "$" + sig(x)
+
+
+def gb(mb: float | None) -> str:
+    return "-" if mb is None else sig(mb / MB_PER_GB, 3)
+
+
+def shape(plan) -> str:
+    """stages/slices/micro-batches, e.g. 4/70/1."""
+    return f"{len(plan.stages)}/{len(plan.slices)}/{plan.micro_batches}" if plan is not None else "-"
+
+
+def reason_of(r) -> str:
+    """Why a result is infeasible, without the planner's name in front (it is printed beside)."""
+    text = r.infeasible or "infeasible"
+    while text.startswith(r.planner + ": "):
+        text = text[len(r.planner) + 2:]
+    return text
+
+
+def infeasible_notes(results) -> list[str]:
+    """One line per distinct reason: 'base, gpipe: <reason>'."""
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        if not r.feasible:
+            groups.setdefault(reason_of(r), []).append(r.planner)
+    return [f"{', '.join(names)} infeasible: {reason}" for reason, names in groups.items()]
+
+
+def _table(title: str | None, caption: str | None = None) -> Table:
+    return Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                 collapse_padding=True,
+                 title_justify="left")
+
+
+def _max_mem_mb(r) -> float | None:
+    return max(r.peak_memory_mb.values(), default=None) if r.peak_memory_mb else None
+
+
+RESULT_COLUMNS = ("planner", "latency\ns", "tokens\n/s", "energy\nJ", "cost\n$/Mtok", "bubble", "mem\nGB",
+                  "stages/\nslices/µb")
+
+
+def results_table(title: str, results) -> Table:
+    """simulate: one row per planner."""
+    t = _table(title, "\n".join(infeasible_notes(results)) or None)
+    for c in RESULT_COLUMNS:
+        t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
+    for r in results:
+        if r.latency_s is None:
+            t.add_row(r.planner + " ✗", *(["-"] * (len(RESULT_COLUMNS) - 1)))
+            continue
+        t.add_row(r.planner + ("" if r.feasible else " (infeasible)"), sig(r.latency_s),
+                  sig(r.throughput_tokens_per_s), sig(r.energy_j), sig(r.usd_per_million_tokens),
+                  f"{r.bubble_fraction:.1%}", gb(_max_mem_mb(r)), shape(r.plan))
+    return t
+
+
+def measured_table(title: str, measured, predicted) -> Table:
+    """execute: one row per figure, measured beside predicted (one run is read down, not across)."""
+    t = _table(title)
+    for c in ("", "measured", "predicted"):
+        t.add_column(c, justify="left" if not c else "right")
+    rows = [
+        ("latency s", sig(measured.latency_s), sig(predicted.latency_s if predicted else None)),
+        ("tokens/s", sig(measured.throughput_tokens_per_s),
+         sig(predicted.throughput_tokens_per_s if predicted else None)),
+        ("energy J", sig(measured.energy_j), sig(predicted.energy_j if predicted else None)),
+        ("cost $/Mtok", sig(measured.usd_per_million_tokens),
+         sig(predicted.usd_per_million_tokens if predicted else None)),
+        ("bubble", f"{measured.bubble_fraction:.1%}",
+         f"{predicted.bubble_fraction:.1%}" if predicted and predicted.bubble_fraction is not None else "-"),
+        ("max memory GB", gb(_max_mem_mb(measured)), gb(_max_mem_mb(predicted) if predicted else None)),
+        ("stages/slices/µbatches", shape(measured.plan), shape(measured.plan)),
+    ]
+    if measured.max_abs_error is not None:
+        rows.append(("max |logit error|", f"{measured.max_abs_error:.2e}", "-"))
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def sweep_table(title: str, key: str, values, runs) -> Table:
+    """sweep: one row per (value, planner); tokens/s is in the JSON (batch tokens / latency)."""
+    notes = infeasible_notes([r for run in runs for r in run.results])
+    t = _table(title, "\n".join(notes) or None)
+    short_key = key.rsplit(".", 1)[-1]
+    if len(short_key) > 8 and "_" in short_key:  # bandwidth_gbps -> two header lines
+        short_key = short_key.replace("_", "_\n", 1)
+    for c in (short_key, "planner", "latency\ns", "energy\nJ", "cost\n$/run", "cost\n$/Mtok",
+              "stages/\nslices/µb"):
+        t.add_column(c, justify="left" if c in ("planner",) else "right", no_wrap=True)
+    for v, run in zip(values, runs):
+        for k, r in enumerate(run.results):
+            label = str(v) if k == 0 else ""
+            if r.latency_s is None:
+                t.add_row(label, r.planner + " ✗", "-", "-", "-", "-", "-")
+                continue
+            t.add_row(label, r.planner + ("" if r.feasible else " ✗"), sig(r.latency_s),
+                      sig(r.energy_j), money(r.cost_usd),
+                      sig(r.usd_per_million_tokens), shape(r.plan))
+        if len(run.results) > 1 and v is not values[-1]:
+            t.add_section()
+    return t
+
+
+# ---- a readable plan -------------------------------------------------------------
+def describe_units(units, start: int, end: int) -> str:
+    """Unit range [start, end) in words: 'embed + blocks 0–13 + attn of 14'.
+
+    A contiguous range holds at most a leading lone mlp, whole blocks, a trailing lone attn."""
+    sel = units[start:end]
+    blocks = [u for u in sel if u.kind in ("attn", "mlp")]
+    parts = ["embed"] if sel and sel[0].kind == "embed" else []
+    if blocks:
+        lead = blocks[0] if blocks[0].kind == "mlp" else None
+        trail = blocks[-1] if blocks[-1].kind == "attn" and (len(blocks) > 1 or lead is None) else None
+        whole = blocks[(1 if lead else 0):(len(blocks) - 1 if trail else len(blocks))]
+        if lead:
+            parts.append(f"mlp of {lead.layer}")
+        if whole:
+            parts.append(_blocks(whole[0].layer, whole[-1].layer))
+        if trail:
+            parts.append(f"attn of {trail.layer}")
+    if sel and sel[-1].kind == "head":
+        parts.append("head")
+    return " + ".join(parts)
+
+
+def _blocks(a: int, b: int) -> str:
+    return f"block {a}" if a == b else f"blocks {a}–{b}"
+
+
+def _devices(devs: list[str]) -> str:
+    if len(devs) == 1:
+        return devs[0]
+    return f"{len(devs)}×TP " + ", ".join(devs)
+
+
+def run_lengths(xs) -> str:
+    """[512, 512, 256] -> '512×2, 256'."""
+    out, k = [], 0
+    while k < len(xs):
+        j = k
+        while j + 1 < len(xs) and xs[j + 1] == xs[k]:
+            j += 1
+        out.append(f"{xs[k]}×{j - k + 1}" if j > k else str(xs[k]))
+        k = j + 1
+    return ", ".join(out)
+
+
+def plan_table(setup, plan, result=None) -> Table:
+    """Per stage: its devices, its layers in words, the predicted compute time of one work
+    item (range over slices and micro-batches), its busy time, and memory against what
+    the device has; the plan's slices, micro-batches and predicted latency above."""
+    import numpy as np
+
+    from hpipe.memory import stage_memory_bytes
+    from hpipe.planners.evaluate import item_arrays
+
+    b, n, c = item_arrays(plan, setup.batch_size)  # (items,) each
+    mb = max(plan.micro_batch_sizes(setup.batch_size))
+    lat = result.latency_s if result is not None else plan.predicted.get("latency_s")
+    title = (f"{setup.name}: {plan.planner} plan, predicted latency {sig(lat)} s\n"
+             f"{len(plan.slices)} slice{'s' if len(plan.slices) > 1 else ''} per sequence "
+             f"(tokens: {run_lengths(plan.slices)}); "
+             + (f"the batch of {setup.batch_size} at once" if plan.micro_batches == 1 else
+                f"{plan.micro_batches} micro-batches (sequences each: "
+                f"{run_lengths(plan.micro_batch_sizes(setup.batch_size))})"))
+    t = _table(title, "per item: compute of one (micro-batch, slice), transfers excluded; busy: all items; "
+                      "memory: weights + KV cache + workspace, GB (10^9 bytes)")
+    for col in ("stage", "devices", "layers", "per item\nms", "busy\ns", "memory GB\nneeds / usable"):
+        t.add_column(col, justify="right" if col not in ("devices", "layers") else "left",
+                     overflow="fold")
+    for k, st in enumerate(plan.stages):
+        times = np.asarray(setup.cost.stage_compute_s(st.start, st.end, st.devices, n, c, b), float) * np.ones_like(n)
+        per = (sig(times.min() * 1e3) if np.isclose(times.min(), times.max(), rtol=1e-3)
+               else f"{sig(times.min() * 1e3, 3)}–{sig(times.max() * 1e3, 3)}")
+        need = stage_memory_bytes(setup, st.start, st.end, st.tp, max(plan.slices), mb)
+        have = min(setup.cluster.device(d).usable_memory_bytes for d in st.devices)
+        t.add_row(str(k), _devices(st.devices), describe_units(setup.units, st.start, st.end), per,
+                  sig(float(times.sum())), f"{sig(need / 1e9, 3)} / {sig(have / 1e9, 3)}")
+    return t

@@ -1,0 +1,121 @@
+"""Ctrl-C and a dead forkserver, as a user at a terminal meets them: `hpipe execute` on a
+pty in its own session; Ctrl-C goes to the whole process group, as a terminal sends it.
+Afterwards no process of the session may be left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pty_helpers import TerminalRun, children_of, proc_stat  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
+SCENARIO = "scenarios/local-cpu.yaml"
+
+
+@pytest.mark.parametrize("after_s", [1.0, 10.0], ids=["at-1s-while-starting", "at-10s-mid-run"])
+def test_ctrl_c_during_execute_exits_130_and_leaves_nothing(after_s):
+    run = TerminalRun("execute", SCENARIO)
+    try:
+        time.sleep(after_s)
+        assert run.proc.poll() is None, run.output  # still running: the Ctrl-C interrupts something
+        t0 = time.monotonic()
+        run.ctrl_c()
+        code = run.wait(10)
+        elapsed = time.monotonic() - t0
+        assert code == 130, (code, run.output[-2000:])
+        assert elapsed < 10
+        assert run.leftovers(within_s=10 - elapsed) == []
+        assert "Traceback" not in run.output, run.output[-3000:]
+        assert "hpipe: interrupted" in run.output
+    finally:
+        run.close()
+
+
+def _forkserver_with_workers(run: TerminalRun, n_workers: int, within_s: float) -> tuple[int, list[int]]:
+    """The forkserver of the run (the process whose children are the workers) once all
+    ``n_workers`` workers are up."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for pid in children_of(run.pid):
+            kids = children_of(pid)
+            if len(kids) >= n_workers:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"forkserver" in f.read():
+                        return pid, kids
+        time.sleep(0.1)
+    raise AssertionError("the workers did not start: " + run.output[-2000:])
+
+
+def test_dead_forkserver_is_named_and_its_workers_stopped():
+    run = TerminalRun("execute", SCENARIO, "--timeout", "60")
+    try:
+        fs, workers = _forkserver_with_workers(run, 2, within_s=60)
+        t0 = time.monotonic()
+        os.kill(fs, signal.SIGKILL)  # as the OOM killer would
+        code = run.wait(10)
+        elapsed = time.monotonic() - t0
+        assert code == 1, (code, run.output[-2000:])
+        assert "forkserver" in run.output and "SIGKILL" in run.output, run.output[-2000:]
+        assert run.leftovers(within_s=10 - elapsed) == []
+        assert all(proc_stat(w) is None or proc_stat(w)[0] in "ZX" for w in workers)
+        assert "Traceback" not in run.output
+    finally:
+        run.close()
+
+
+def test_gpus_without_a_placement_here_are_refused_before_any_worker(cli=None):
+    import subprocess
+
+    from pty_helpers import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "hpipe", "execute", "scenarios/paper-llama7b.yaml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2, r.stderr
+    flat = " ".join(r.stderr.split())
+    assert "no `runtime:` placement" in flat and "host-a/P100-0" in flat and "RTX3090" in flat
+    assert "runtime: {device: cuda}" in flat and "--set cluster.hosts[0].devices[0].runtime.device=cpu" in flat
+    assert "Traceback" not in r.stderr
+
+
+def test_long_cpu_run_is_announced_with_an_estimate_then_ctrl_c():
+    # 8 x 4096 tokens of the small model on two 1-thread workers: minutes by the roofline estimate
+    run = TerminalRun("execute", SCENARIO, "--set", "workload.seq_len=4096", "--set", "workload.batch_size=8",
+                      columns=120)
+    try:
+        deadline = time.monotonic() + 60
+        while "rough estimate" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
+            time.sleep(0.2)
+        flat = " ".join(run.text.split())
+        import re
+
+        assert re.search(r"rough estimate .* is \d+ (s|min) for the warm-up and measured runs", flat), flat[-2000:]
+        run.ctrl_c()
+        assert run.wait(10) == 130
+        assert run.leftovers(within_s=10) == []
+    finally:
+        run.close()
+
+
+def test_cpu_workers_must_fit_this_machines_memory(monkeypatch):
+    from hpipe.errors import InfeasibleError
+    from hpipe.planners import make_plan
+    from hpipe.runtime import here
+    from hpipe.scenario import load_scenario
+
+    setup = load_scenario(Path(__file__).resolve().parents[2] / SCENARIO).resolve()
+    p = make_plan(setup)
+    here.check_cpu_memory(setup, p)  # ~0.2 GB: fits any machine
+    monkeypatch.setattr(here, "available_memory_bytes", lambda: 1e8)
+    with pytest.raises(InfeasibleError, match=r"2 CPU worker\(s\) would hold 0\.\d GB .* 0\.1 GB available"):
+        here.check_cpu_memory(setup, p)
+    total_s, item_s = here.cpu_estimate_s(setup, p)
+    assert 0 < item_s < total_s

@@ -1,0 +1,288 @@
+"""Everyday use of the command line: output paths, tables on an 80-column terminal,
+small messages, --set overrides, sweeps, cost and the single-device planner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SCENARIOS
+
+PAPER = str(SCENARIOS / "paper-llama7b.yaml")
+
+
+# ---- output paths ------------------------------------------------------------
+@pytest.mark.parametrize("opt", ["--json", "--trace", "--plot"])
+def test_a_folder_as_output_is_exit_2_without_traceback(cli, tmp_path, opt):
+    r = cli("simulate", PAPER, opt, str(tmp_path), "-q")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "is a folder" in r.stderr and opt in r.stderr
+
+
+def test_plan_output_folder_and_missing_folder(cli, tmp_path):
+    r = cli("plan", PAPER, "-o", str(tmp_path), "-q")
+    assert r.returncode == 2 and "is a folder" in r.stderr and "Traceback" not in r.stderr
+    missing = tmp_path / "missing" / "dir"
+    r = cli("simulate", PAPER, "--plot", str(missing / "x.png"), "-q")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert not (tmp_path / "missing").exists()  # never created for a typo
+
+
+def test_plot_format_follows_the_extension(cli, tmp_path):
+    for ext, magic in (("svg", b"<?xml"), ("pdf", b"%PDF"), ("png", b"\x89PNG")):
+        out = tmp_path / f"g.{ext}"
+        r = cli("simulate", PAPER, "--plot", str(out), "-q")
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes().startswith(magic), ext
+    r = cli("simulate", PAPER, "--plot", str(tmp_path / "g.gif"), "-q")
+    assert r.returncode == 2 and ".png" in r.stderr and not (tmp_path / "g.gif").exists()
+
+
+def test_two_outputs_on_stdout_are_refused(cli):
+    r = cli("simulate", PAPER, "--json", "-", "--trace", "-")
+    assert r.returncode == 2 and "stdout" in r.stderr and r.stdout == ""
+
+
+def test_refused_output_leaves_the_other_outputs_unwritten(cli, tmp_path):
+    # checked before any work: the good --json is not written when --plot is bad
+    r = cli("simulate", PAPER, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "x.bmp"), "-q")
+    assert r.returncode == 2 and not (tmp_path / "r.json").exists()
+
+
+# ---- --set overrides ------------------------------------------------------------
+def test_overrides_apply_before_validation_in_process():
+    from hpipe.errors import InputError
+    from hpipe.scenario import load_scenario
+
+    sc = load_scenario(PAPER, overrides=["cluster.network.bandwidth_gbps=10", "workload.seq_len=4096",
+                                         "cluster.hosts[0].devices[0].count=2", "planner.micro_batches=3",
+                                         "cluster.hosts[1].devices[0].runtime.device=cuda:1"])
+    assert sc.cluster.network.bandwidth_gbps == 10.0 and sc.workload.seq_len == 4096
+    assert sc.cluster.hosts[0].devices[0].count == 2 and sc.planner.micro_batches == 3
+    assert sc.cluster.hosts[1].devices[0].runtime.device == "cuda:1"
+    assert load_scenario(PAPER).cluster.network.bandwidth_gbps == 1.0  # the file is untouched
+    cases = [
+        ("cluster.netwrk.bandwidth_gbps=1", "--set cluster.netwrk.bandwidth_gbps", "did you mean network"),
+        ("cluster.hosts[7].name=x", "--set cluster.hosts[7].name", "past the end"),
+        ("workload=3", "workload", "from --set workload=3"),
+        ("cluster.network.bandwidth_gbps=-1", "cluster.network.bandwidth_gbps", "from --set"),
+        ("workload.seq_len=1000", "workload.seq_len", "992 or 1008"),
+        ("noequals", "--set", "KEY=VALUE"),
+        ("cluster..hosts=1", "--set", "dotted path"),
+    ]
+    for assignment, field, words in cases:
+        with pytest.raises(InputError) as e:
+            load_scenario(PAPER, overrides=[assignment])
+        assert e.value.field == field, (assignment, str(e.value))
+        assert words in str(e.value), (assignment, str(e.value))
+
+
+def test_override_values_are_yaml_scalars():
+    from hpipe.overrides import parse_key, parse_value, split_values
+
+    assert parse_key("cluster.hosts[0].devices[12].count") == ["cluster", "hosts", 0, "devices", 12, "count"]
+    assert [parse_value(v) for v in ("8192", "0.1", "1e9", "true", "null", "abc", "[1, 2]")] == \
+        [8192, 0.1, 1e9, True, None, "abc", [1, 2]]
+    assert split_values("0.1,1,10") == ["0.1", "1", "10"]
+    assert split_values("[1, 2],{a: 1, b: 2},'x,y'") == ["[1, 2]", "{a: 1, b: 2}", "'x,y'"]
+
+
+def test_set_on_the_command_line(cli):
+    r = cli("simulate", PAPER, "--planner", "gpipe", "--set", "planner.micro_batches=3", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["plan"]["micro_batches"] == 3
+    r = cli("--set", "planner.micro_batches=2", "plan", PAPER, "--planner", "gpipe", "-q", "-o", "-")
+    assert r.returncode == 0 and json.loads(r.stdout)["micro_batches"] == 2  # before the command, too
+    r = cli("plan", PAPER, "--set", "cluster.hosts[0].devces[0].count=2")
+    assert r.returncode == 2 and "devces" in r.stderr and "did you mean devices" in r.stderr
+
+
+def test_version_and_help(cli):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("hpipe ")
+    r = cli("validate", "--help", env={"COLUMNS": "80"})
+    assert r.returncode == 0
+    assert "<bool>" not in r.stdout and "<str>" not in r.stdout
+    assert "gpipe-\n" not in r.stdout  # no default list cut mid-word
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+
+
+# ---- cost and the single-device planner --------------------------------------------
+def test_cost_is_price_times_latency_of_the_plan_devices():
+    from hpipe.devices import DEVICES
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import simulate
+
+    setup = load_scenario(SCENARIOS / "cloud-mix.yaml").resolve()
+    r = simulate(setup, make_plan(setup, "hpipe"))
+    price = sum(setup.cluster.device(d).spec.price_per_hour for d in r.plan.devices)
+    assert r.cost_usd == pytest.approx(price * r.latency_s / 3600, rel=1e-12)
+    tokens = setup.batch_size * setup.seq_len
+    assert r.usd_per_million_tokens == pytest.approx(r.cost_usd / tokens * 1e6, rel=1e-12)
+    assert DEVICES["A100-40GB"].price_source and DEVICES["P100"].price_per_hour is None
+    # a device without a price: no cost rather than a wrong one; a scenario price fills the gap
+    paper = load_scenario(PAPER).resolve()
+    assert simulate(paper, make_plan(paper, "hpipe")).cost_usd is None
+    priced = load_scenario(PAPER, overrides=["cluster.hosts[0].devices[0].price_per_hour=0.5",
+                                             "cluster.hosts[1].devices[0].price_per_hour=0.25"]).resolve()
+    r = simulate(priced, make_plan(priced, "hpipe"))
+    n_p100 = sum(d.startswith("host-a/") for d in r.plan.devices)
+    n_3090 = sum(d.startswith("host-b/") for d in r.plan.devices)
+    assert r.cost_usd == pytest.approx((0.5 * n_p100 + 0.25 * n_3090) * r.latency_s / 3600)
+
+
+def test_single_puts_the_model_on_the_fastest_device_that_holds_it():
+    from hpipe.errors import InfeasibleError
+    from hpipe.planners import make_plan
+    from hpipe.planners.common import finish
+    from hpipe.scenario import load_scenario
+
+    # one sequence of 1024 tokens: LLaMA-2-7B fits the A100, the L4 and the T4 alone
+    setup = load_scenario(SCENARIOS / "cloud-mix.yaml",
+                          overrides=["workload.batch_size=1", "workload.seq_len=1024"]).resolve()
+    p = make_plan(setup, "single")
+    assert len(p.stages) == 1 and p.stages[0].units == (0, setup.n_units) and p.micro_batches == 1
+    # brute force: every device alone, whole sequence
+    alone = {}
+    for d in setup.cluster.device_ids:
+        try:
+            alone[d] = finish(setup, "single", [((d,), 0, setup.n_units)], [setup.seq_len], 1).predicted["latency_s"]
+        except InfeasibleError:
+            pass
+    assert len({setup.cluster.device(d).spec.name for d in alone}) >= 2, alone  # a real choice
+    assert p.stages[0].devices[0] == min(alone, key=alone.get)
+    assert p.predicted["latency_s"] <= min(alone.values()) * (1 + 1e-9)
+    assert p.predicted["single_device"] == p.stages[0].devices[0]
+    with pytest.raises(InfeasibleError, match=r"no one device holds llama-13b.*GB short"):
+        make_plan(load_scenario(SCENARIOS / "home-lab.yaml").resolve(), "single")
+
+
+# ---- sweep ---------------------------------------------------------------------------
+def test_sweep_json_table_and_plot(cli, tmp_path):
+    png = tmp_path / "sweep.png"
+    r = cli("sweep", PAPER, "--set", "cluster.network.bandwidth_gbps=0.1,1,100", "--planner", "hpipe,base,single",
+            "--set", "workload.batch_size=2", "--json", "-", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["sweep"] == "cluster.network.bandwidth_gbps" and out["values"] == [0.1, 1, 100]
+    assert len(out["runs"]) == 3 and all(len(run["results"]) == 3 for run in out["runs"])
+    base = [run["results"][1] for run in out["runs"]]
+    assert base[0]["planner"] == "base" and base[0]["latency_s"] > base[1]["latency_s"] > base[2]["latency_s"]
+    single = [run["results"][2]["latency_s"] for run in out["runs"]]
+    assert single[0] == single[2]  # one device: the network does not matter
+    # the fixed --set applied to every value: batch 2 x 2048 tokens
+    assert all(run["results"][0]["throughput_tokens_per_s"] * run["results"][0]["latency_s"] == pytest.approx(4096)
+               for run in out["runs"])
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
+    assert "bandwidth" in r.stderr and "hpipe" in r.stderr  # the table went to stderr beside JSON on stdout
+
+
+def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024")
+    assert r.returncode == 2 and "V1,V2" in r.stderr
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,2048", "--set", "workload.batch_size=1,2")
+    assert r.returncode == 2 and "one key at a time" in r.stderr
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,1000")
+    assert r.returncode == 2 and "workload.seq_len" in r.stderr and "992 or 1008" in r.stderr
+
+
+# ---- tables on an 80-column terminal, a readable plan ------------------------------
+def _on_terminal(*args):
+    import sys
+
+    sys.path.insert(0, str(SCENARIOS.parent / "tests"))
+    from pty_helpers import TerminalRun
+
+    run = TerminalRun(*args, columns=80)
+    try:
+        code = run.wait(120)
+        return code, run.text
+    finally:
+        run.close()
+
+
+def test_tables_fit_80_columns_with_whole_names():
+    code, text = _on_terminal("simulate", PAPER, "--planner", "all")
+    assert code == 0, text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    for name in ("gpipe-balanced", "tp-terapipe", "terapipe", "megatron", "single"):
+        assert name in text
+    assert "…" not in text
+    assert "mem" in text and "GB" in text and "MB" not in text  # one unit system, said in the header
+    code, text = _on_terminal("simulate", str(SCENARIOS / "home-lab.yaml"), "--planner", "all")
+    assert code == 0 and max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    # each reason once, no doubled prefix, planners with one reason grouped
+    flat = " ".join(text.split())
+    assert "base: base:" not in flat and "gpipe, megatron infeasible:" in flat
+    assert flat.count("0.47 GB short") == 1
+
+
+def test_numbers_keep_four_significant_digits():
+    from hpipe.tables import sig
+
+    assert [sig(x) for x in (4.0, 0.002083, 12.3749, 1234.5, 0.0, 98765.4, None)] == \
+        ["4.000", "0.002083", "12.37", "1,234", "0", "98,765", "-"]
+
+
+def test_describe_units_in_words():
+    from hpipe.models import get_model
+    from hpipe.tables import describe_units
+
+    units = get_model("llama-7b").units()  # embed, (attn, mlp) x 32, head: 66 units
+    assert describe_units(units, 0, 30) == "embed + blocks 0–13 + attn of 14"
+    assert describe_units(units, 30, 66) == "mlp of 14 + blocks 15–31 + head"
+    assert describe_units(units, 29, 30) == "attn of 14"
+    assert describe_units(units, 30, 31) == "mlp of 14"
+    assert describe_units(units, 0, 66) == "embed + blocks 0–31 + head"
+    assert describe_units(units, 30, 32) == "mlp of 14 + attn of 15"
+
+
+def test_plan_prints_stages_in_words_and_says_where_it_wrote(tmp_path):
+    out = tmp_path / "plan.json"
+    code, text = _on_terminal("plan", PAPER, "-o", str(out))
+    assert code == 0, text
+    assert json.loads(out.read_text())["planner"] == "hpipe"
+    assert f"wrote the Plan JSON to {out}" in "".join(text.split("\n"))
+    assert "embed + blocks" in text and "+ head" in text and "/ 23.5" in text and "predicted latency" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+
+
+# ---- small things ---------------------------------------------------------------------
+def test_empty_scenario_file_says_so(cli, tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing yet\n")
+    r = cli("simulate", str(p))
+    assert r.returncode == 2 and "the file is empty" in r.stderr and "NoneType" not in r.stderr
+
+
+def test_ctrl_c_during_simulate_exits_130():
+    import time
+
+    import sys
+
+    sys.path.insert(0, str(SCENARIOS.parent / "tests"))
+    from pty_helpers import TerminalRun
+
+    # the 70B scenario plans for seconds per planner
+    run = TerminalRun("simulate", str(SCENARIOS / "llama70b-4hosts-32k.yaml"), "--planner", "all")
+    try:
+        deadline = time.monotonic() + 60
+        while "planning" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
+            time.sleep(0.1)
+        assert run.proc.poll() is None, run.text
+        run.ctrl_c()
+        assert run.wait(10) == 130, run.text
+        assert "hpipe: interrupted" in run.text and "Traceback" not in run.text
+    finally:
+        run.close()
+
+
+def test_install_script_prefers_the_cpu_index_and_falls_back_to_the_default():
+    text = (SCENARIOS.parent / "scripts" / "install.sh").read_text()
+    cpu = text.index('"torch==$TORCH_VERSION+cpu" --extra-index-url "$CPU_INDEX"')
+    default = text.index('pip install -q "torch==$TORCH_VERSION"\n')
+    assert text.index('reachable "$CPU_INDEX"') < cpu < default  # probe, CPU build first, default after
+    readme = (SCENARIOS.parent / "README.md").read_text()
+    assert "download.pytorch.org/whl/cpu" in readme and "not reachable" in readme
