@@ -59,3 +59,53 @@ def scenario_dicts(draw, max_layers: int = 3, max_hosts: int = 2, max_devices: i
 
 def setup_of(data):
     return parse_scenario(data).resolve()
+
+
+# ---- enumeration of the whole plan space (small cases only) -------------------------------
+def stage_groups(setup, tp: bool = True):
+    """Every device group a stage may run on: single devices, and (``tp``) groups of
+    identical devices of one host whose degree the model splits evenly.  Devices of one
+    kind are interchangeable, so one group per (kind, degree, members) is enough only
+    for costs; the enumeration keeps every member set so that disjointness is exact."""
+    import itertools
+
+    from hpipe.planners.groups import tp_degree_ok
+
+    out = [(d,) for d in setup.cluster.device_ids]
+    if not tp:
+        return out
+    kinds: dict = {}
+    for d in setup.cluster.devices:
+        kinds.setdefault((d.host, d.spec.model_dump_json(), d.usable_memory_bytes), []).append(d.id)
+    for ids in kinds.values():
+        for t in range(2, len(ids) + 1):
+            if tp_degree_ok(setup.model, t):
+                out += list(itertools.combinations(ids, t))
+    return out
+
+
+def ordered_stage_choices(setup, tp: bool = True, max_stages: int | None = None):
+    """Every ordered choice of disjoint stage groups (1 to max_stages stages)."""
+    groups = stage_groups(setup, tp)
+    limit = min(max_stages or setup.n_units, setup.n_units)
+
+    def rec(prefix, used):
+        if prefix:
+            yield tuple(prefix)
+        if len(prefix) == limit:
+            return
+        for g in groups:
+            if used.isdisjoint(g):
+                prefix.append(g)
+                yield from rec(prefix, used | set(g))
+                prefix.pop()
+
+    yield from rec([], frozenset())
+
+
+def cut_sets(n_units: int, k: int):
+    import itertools
+
+    for cuts in itertools.combinations(range(1, n_units), k - 1):
+        b = (0, *cuts, n_units)
+        yield list(zip(b, b[1:]))
