@@ -274,9 +274,8 @@ class Fitted(CostModel):
             return super().allreduce_time_s(device_ids, nbytes)
         return _affine(fit, nbytes)
 
-    def stage_compute_s(self, start, end, device_ids, n, c, b):
-        t = super().stage_compute_s(start, end, device_ids, n, c, b)
-        return t + max(self._device_profile[d].item_overhead_s for d in device_ids)
+    def stage_overhead_s(self, device_ids) -> float:
+        return max(self._device_profile[d].item_overhead_s for d in device_ids)
 
     # ---- reporting --------------------------------------------------------------
     def fit_report(self) -> dict[str, dict[str, dict]]:

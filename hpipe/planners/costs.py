@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpipe.memory import SPLIT_KINDS
+
 
 class CostTables:
     def __init__(self, setup):
@@ -176,12 +178,16 @@ class CostTables:
             return self._cache[ck]
         s = self.setup
         U = len(self.units)
+        split = np.array([u.kind in SPLIT_KINDS for u in self.units])
         w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
+        ws_ = np.where(split, w, 0)  # split across the group
+        wr = np.where(split, 0, w)   # whole on every rank (embedding, head)
         kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
         ws = np.array([float(u.workspace_bytes(max_slice, micro_batch, self.db)) for u in self.units])
-        W = np.concatenate(([0], np.cumsum(w)))
+        WS = np.concatenate(([0], np.cumsum(ws_)))
+        WR = np.concatenate(([0], np.cumsum(wr)))
         KV = np.concatenate(([0], np.cumsum(kv)))
-        wmat = (W[None, :] - W[:, None]).astype(float) / tp
+        wmat = (WS[None, :] - WS[:, None]).astype(float) / tp + (WR[None, :] - WR[:, None]).astype(float)
         kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
         # range max of the workspace: row k is the running max of ws[k:]
         # range max of the workspace: units of one class need the same workspace, so
