@@ -38,6 +38,9 @@ def scenario_dicts(draw, max_layers: int = 3, max_hosts: int = 2, max_devices: i
     for h, k in enumerate(per_host):
         devices = []
         for i in range(k):
+            if i and draw(st.booleans()):  # another of the previous kind: a possible TP group
+                devices.append({**devices[-1], "name": f"{devices[-1]['name']}c{i}"})
+                continue
             devices.append({"name": f"dev{draw(st.integers(0, 2))}x{i}",
                             "peak_tflops": draw(st.sampled_from([0.05, 0.2, 1.0, 5.0])),
                             "memory_gb": draw(mem_gb),
@@ -69,14 +72,14 @@ def stage_groups(setup, tp: bool = True):
     for costs; the enumeration keeps every member set so that disjointness is exact."""
     import itertools
 
-    from hpipe.planners.groups import tp_degree_ok
+    from hpipe.planners.groups import device_kind, tp_degree_ok
 
     out = [(d,) for d in setup.cluster.device_ids]
     if not tp:
         return out
     kinds: dict = {}
     for d in setup.cluster.devices:
-        kinds.setdefault((d.host, d.spec.model_dump_json(), d.usable_memory_bytes), []).append(d.id)
+        kinds.setdefault(device_kind(setup.cluster, d.id), []).append(d.id)
     for ids in kinds.values():
         for t in range(2, len(ids) + 1):
             if tp_degree_ok(setup.model, t):

@@ -17,31 +17,57 @@ from hpipe.planners.evaluate import split_transfer
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 
+def runs_of(setup, seq):
+    """Every sequence of disjoint, ordered runs of positions of ``seq`` a stage may use:
+    single devices, and runs of one kind whose length splits the model evenly."""
+    from hpipe.planners.groups import device_kind, tp_degree_ok
+
+    kinds = [device_kind(setup.cluster, d) for d in seq]
+
+    def rec(first, prefix):
+        if prefix:
+            yield list(prefix)
+        for f in range(first, len(seq)):
+            for t in range(1, len(seq) - f + 1):
+                if len(set(kinds[f:f + t])) > 1:
+                    break
+                if t == 1 or tp_degree_ok(setup.model, t):
+                    prefix.append(tuple(range(f, f + t)))
+                    yield from rec(f + t, prefix)
+                    prefix.pop()
+
+    yield from rec(0, [])
+
+
 def brute_force(setup, seq, slices, sizes):
-    """Every used subsequence of ``seq`` and every cut set, costed straight from the
-    cost model and memory.stage_memory_bytes: (least bottleneck, all (value, sum, stages))."""
+    """Every used sequence of runs of ``seq`` (single devices and tensor-parallel groups)
+    and every cut set, costed straight from the cost model and memory.stage_memory_bytes:
+    all (bottleneck, sum, stages)."""
     cost, U = setup.cost, setup.n_units
     n, c, b = items_arrays(slices, sizes)
     out = []
-    for r in range(1, min(len(seq), U) + 1):
-        for used in itertools.combinations(range(len(seq)), r):
-            for cuts in itertools.combinations(range(1, U), r - 1):
-                bounds = (0, *cuts, U)
-                vals, ok = [], True
-                for k, m in enumerate(used):
-                    s, e = bounds[k], bounds[k + 1]
-                    if stage_memory_bytes(setup, s, e, 1, max(slices), max(sizes)) > \
-                            setup.cluster.device(seq[m]).usable_memory_bytes:
-                        ok = False
-                        break
-                    vals.append(float(np.sum(cost.stage_compute_s(s, e, [seq[m]], n, c, b))))
-                    if k:
-                        nb = setup.units[s - 1].out_bytes(n, b, setup.dtype_bytes)
-                        src, dst = seq[used[k - 1]], seq[m]
-                        hold, _ = split_transfer(setup.cluster, src, dst, cost.transfer_time_s(src, dst, nb))
-                        vals.append(float(np.sum(hold)))  # the link's busy time
-                if ok:
-                    out.append((max(vals), sum(vals), [(m, bounds[k], bounds[k + 1]) for k, m in enumerate(used)]))
+    for used in runs_of(setup, seq):
+        r = len(used)
+        if r > U:
+            continue
+        for cuts in itertools.combinations(range(1, U), r - 1):
+            bounds = (0, *cuts, U)
+            vals, ok = [], True
+            for k, pos in enumerate(used):
+                s, e = bounds[k], bounds[k + 1]
+                devs = [seq[m] for m in pos]
+                if stage_memory_bytes(setup, s, e, len(devs), max(slices), max(sizes)) > \
+                        setup.cluster.device(devs[0]).usable_memory_bytes:
+                    ok = False
+                    break
+                vals.append(float(np.sum(cost.stage_compute_s(s, e, devs, n, c, b))))
+                if k:
+                    nb = setup.units[s - 1].out_bytes(n, b, setup.dtype_bytes)
+                    src, dst = seq[used[k - 1][0]], devs[0]
+                    hold, _ = split_transfer(setup.cluster, src, dst, cost.transfer_time_s(src, dst, nb))
+                    vals.append(float(np.sum(hold)))  # the link's busy time
+            if ok:
+                out.append((max(vals), sum(vals), [(pos, bounds[k], bounds[k + 1]) for k, pos in enumerate(used)]))
     return out
 
 
@@ -55,10 +81,10 @@ def dp_inputs(setup, slices, sizes):
 
 def stage_values(smats, links, stages):
     vals = []
-    for k, (m, s, e) in enumerate(stages):
-        vals.append(smats[m][s, e])
+    for k, (pos, s, e) in enumerate(stages):
+        vals.append(smats[pos[-1]][len(pos)][s, e])
         if k:
-            vals.append(links[stages[k - 1][0], m][s])
+            vals.append(links[stages[k - 1][0][-1], pos[0]][s])
     return vals
 
 
@@ -79,9 +105,9 @@ def test_bottleneck_dp_is_the_minimum_over_cut_sets(data, draw):
     assert math.isclose(val, best, rel_tol=1e-9)
     # the returned cut set fits memory and reproduces the value it claims
     assert math.isclose(max(stage_values(smats, links, stages)), val, rel_tol=1e-12)
-    for m, s, e in stages:
-        assert stage_memory_bytes(setup, s, e, 1, max(slices), max(sizes)) <= \
-            setup.cluster.device(seq[m]).usable_memory_bytes
+    for pos, s, e in stages:
+        assert stage_memory_bytes(setup, s, e, len(pos), max(slices), max(sizes)) <= \
+            setup.cluster.device(seq[pos[0]]).usable_memory_bytes
 
 
 @settings(max_examples=examples(30), deadline=None)

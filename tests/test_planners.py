@@ -143,4 +143,4 @@ def test_hpipe_finds_a_plan_whenever_one_exists(data):
     assert exists and plan_shortfalls(setup, plan) == []
 
 
-TP_SEARCHED = False
+TP_SEARCHED = True

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpipe.memory import SPLIT_KINDS
+from hpipe.planners.groups import device_kind, tp_degrees
 
 
 class CostTables:
@@ -48,7 +49,7 @@ class CostTables:
         self.group_rep: list[str] = []
         for d in self.devices:
             spec = setup.cluster.device(d).spec
-            key = (spec.model_dump_json(),) + tuple(
+            key = (spec.model_dump_json(exclude={"name", "source"}),) + tuple(
                 tuple(np.atleast_1d(self.cost.unit_time_s(u, d, pn, pc, pb)))
                 for u in self._kind_reps())
             if key not in gkey:
@@ -75,6 +76,13 @@ class CostTables:
         onehot[np.arange(len(self.units)), self.unit_class] = 1
         self.class_prefix = np.vstack([np.zeros(self.n_classes, int), np.cumsum(onehot, axis=0)])
         """(U+1, classes): how many units of each class lie in [0, k)."""
+        self._kind_members: dict = {}
+        for d in self.devices:
+            self._kind_members.setdefault(device_kind(setup.cluster, d), []).append(d)
+        self._kind_members = {k: tuple(v) for k, v in self._kind_members.items()}
+        biggest = max(len(v) for v in self._kind_members.values())
+        self.tp_degrees = tp_degrees(setup.model, biggest)
+        """Tensor-parallel degrees above 1 that split the model evenly and some kind has devices for."""
         self._cache: dict = {}
         self._pairs: dict = {}
         self._pair_keys: dict = {}
@@ -107,7 +115,70 @@ class CostTables:
     def range_time(self, device: str, start: int, end: int, n, c, b, key=None):
         """Time of units [start, end) on one device, per (n, c, b) element."""
         ct = self.class_times(device, n, c, b, key)
-        return np.tensordot(self.counts(start, end), ct, axes=1)
+        t = np.tensordot(self.counts(start, end), ct, axes=1)
+        ovh = self.cost.stage_overhead_s([device])
+        return t + ovh if ovh else t
+
+    # ---- tensor-parallel groups ---------------------------------------------------
+    def group_of(self, device: str, tp: int) -> tuple[str, ...]:
+        """``tp`` devices of ``device``'s kind (the first in scenario order): what a
+        group of that kind and degree costs, its members being interchangeable."""
+        if tp == 1:
+            return (device,)
+        return self._kind_members[device_kind(self.setup.cluster, device)][:tp]
+
+    def group_class_times(self, devs, n, c, b, key=None):
+        """(classes, *shape): one unit of each class on a tensor-parallel group
+        (``CostModel.tp_unit_time_s``: split units as shards plus the all-reduce, the
+        embedding and head whole)."""
+        ck = ("gct", tuple(devs), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        out = np.array([np.broadcast_to(self.cost.tp_unit_time_s(self.units[r], list(devs), n, c, b), np.shape(n))
+                        for r in self.class_rep], float)
+        if key is not None:
+            self._cache[ck] = out
+        return out
+
+    def group_prefix_totals(self, devs, n, c, b, key=None):
+        """(U+1,): total time of units [0, k) over the items on the group ``devs``."""
+        ct = self.group_class_times(devs, n, c, b, key)
+        return self.class_prefix @ ct.reshape(self.n_classes, -1).sum(axis=1)
+
+    def stage_time(self, devs, start: int, end: int, n, c, b, key=None):
+        """Time of units [start, end) on one device or a tensor-parallel group, per (n, c, b)
+        element: ``CostModel.stage_compute_s`` from the cached class times."""
+        if len(devs) == 1:
+            return self.range_time(devs[0], start, end, n, c, b, key)
+        t = np.tensordot(self.counts(start, end), self.group_class_times(devs, n, c, b, key), axes=1)
+        if start > 0:
+            t = t + self.scatter_items(devs, start, n, b, key)
+        ovh = self.cost.stage_overhead_s(list(devs))
+        return t + ovh if ovh else t
+
+    def scatter_items(self, devs, start: int, n, b, key=None):
+        """Per item: the group forwarding the input of a stage starting at ``start``."""
+        ck = ("scati", tuple(devs), int(self.unit_class[start - 1]), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        out = np.broadcast_to(self.cost.tp_scatter_s(self.class_rep[self.unit_class[start - 1]] + 1, list(devs),
+                                                     n, b), np.shape(n))
+        if key is not None:
+            self._cache[ck] = out
+        return out
+
+    def scatter_totals(self, devs, n, b, key=None):
+        """(U+1,): total time, over the items, of the group forwarding the input of a
+        stage starting at unit k to its peers (``CostModel.tp_scatter_s``); 0 at k = 0."""
+        ck = ("scat", tuple(devs), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        per_class = np.array([float(np.sum(self.cost.tp_scatter_s(r + 1, list(devs), n, b)))
+                              for r in self.class_rep])
+        out = np.concatenate(([0.0], per_class[self.unit_class]))
+        if key is not None:
+            self._cache[ck] = out
+        return out
 
     def prefix_totals(self, device: str, n, c, b, key=None):
         """(U+1,) array: total time of units [0, k) over all the given items, on ``device``.

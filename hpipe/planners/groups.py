@@ -28,6 +28,6 @@ def tp_degrees(model, max_tp: int) -> list[int]:
 
 def device_kind(cluster, device_id: str) -> tuple:
     """Devices with equal kinds may form a tensor-parallel group: same host, same
-    datasheet, same usable memory."""
+    datasheet figures (the name aside), same usable memory."""
     d = cluster.device(device_id)
-    return (d.host, d.spec.model_dump_json(), d.usable_memory_bytes)
+    return (d.host, d.spec.model_dump_json(exclude={"name", "source"}), d.usable_memory_bytes)
