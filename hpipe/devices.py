@@ -76,6 +76,14 @@ _CATALOG = [
     DeviceSpec(name="A6000", fp16_tflops=154.8, fp32_tflops=38.7, memory_gb=48, memory_bandwidth_gbps=768,
                power_w=300, idle_power_w=25, interconnect_gbps=PCIE4,
                source="NVIDIA RTX A6000 datasheet: 309.7 TF fp16 with sparsity (154.8 dense), 768 GB/s"),
+    DeviceSpec(name="A5000", fp16_tflops=111.1, fp32_tflops=27.8, memory_gb=24, memory_bandwidth_gbps=768,
+               power_w=230, idle_power_w=20, interconnect_gbps=PCIE4,
+               source="NVIDIA RTX A5000 datasheet: 222.2 TF tensor with sparsity (111.1 dense), 27.8 TF fp32, "
+                      "24 GB GDDR6, 768 GB/s, 230 W (idle power estimated)"),
+    DeviceSpec(name="A4000", fp16_tflops=76.7, fp32_tflops=19.2, memory_gb=16, memory_bandwidth_gbps=448,
+               power_w=140, idle_power_w=12, interconnect_gbps=PCIE4,
+               source="NVIDIA RTX A4000 datasheet: 153.4 TF tensor with sparsity (76.7 dense), 19.2 TF fp32, "
+                      "16 GB GDDR6, 448 GB/s, 140 W (idle power estimated)"),
     DeviceSpec(name="L40S", fp16_tflops=362, fp32_tflops=91.6, memory_gb=48, memory_bandwidth_gbps=864,
                power_w=350, idle_power_w=35, interconnect_gbps=PCIE4,
                source="NVIDIA L40S datasheet: 733 TF fp16 with sparsity (362 dense), 91.6 TF fp32, 864 GB/s"),

@@ -16,7 +16,7 @@ def examples(n: int) -> int:
 
 @st.composite
 def scenario_dicts(draw, max_layers: int = 3, max_hosts: int = 2, max_devices: int = 4, max_granules: int = 8,
-                   tight_memory: bool = True):
+                   tight_memory: bool = True, max_batch: int = 3):
     """A tiny model on a few custom devices of random speeds, memories and links.
 
     Memories are drawn around the size of a few units so that the caps bind."""
@@ -50,7 +50,7 @@ def scenario_dicts(draw, max_layers: int = 3, max_hosts: int = 2, max_devices: i
                       "interconnect": {"bandwidth_gbps": draw(st.sampled_from([10.0, 100.0])),
                                        "latency_us": draw(st.sampled_from([0.0, 10.0]))}})
     data = {"name": "random", "model": model, "dtype": "float16",
-            "workload": {"seq_len": g * granules, "batch_size": draw(st.integers(1, 3))},
+            "workload": {"seq_len": g * granules, "batch_size": draw(st.integers(1, max_batch))},
             "cluster": {"hosts": hosts},
             "costmodel": {"kind": "roofline", "kernel_overhead_us": draw(st.sampled_from([0.0, 5.0, 50.0]))},
             "planner": {"token_granularity": g, "memory_reserve_gb": 0.0}}
@@ -112,3 +112,56 @@ def cut_sets(n_units: int, k: int):
     for cuts in itertools.combinations(range(1, n_units), k - 1):
         b = (0, *cuts, n_units)
         yield list(zip(b, b[1:]))
+
+
+def compositions(L: int):
+    """Every composition of L granules (all 2^(L-1) slicings)."""
+    import itertools
+
+    for r in range(L):
+        for cuts in itertools.combinations(range(1, L), r):
+            b = (0, *cuts, L)
+            yield [y - x for x, y in zip(b, b[1:])]
+
+
+def exhaustive(setup, tp: bool = True, max_stages: int | None = None):
+    """The least exact makespan over every ordered choice of stages (single devices and,
+    with ``tp``, tensor-parallel groups), every cut set, every slicing and every
+    micro-batch count, memory respected: (latency, stages, slices, micro_batches), or
+    (inf, None, None, None) when nothing fits.
+
+    Scored with the exact evaluator's recurrence from the slice grid
+    (``SliceGrid.makespan``, checked against the simulator elsewhere).  Stage lists that
+    differ only by which interchangeable devices of a kind they use cost the same and
+    are scored once."""
+    import math
+
+    from hpipe.planners import slicing as alg2
+    from hpipe.planners.common import micro_batch_sizes
+    from hpipe.planners.costs import CostTables
+    from hpipe.planners.groups import device_kind
+
+    tables = CostTables(setup)
+    U, g = setup.n_units, setup.granularity
+    slicings = [[x * g for x in comp] for comp in compositions(setup.seq_len // g)]
+    best = (math.inf, None, None, None)
+    seen = set()
+    for groups in ordered_stage_choices(setup, tp=tp, max_stages=max_stages):
+        for ranges in cut_sets(U, len(groups)):
+            stages = [(devs, a, b) for devs, (a, b) in zip(groups, ranges)]
+            sig = tuple((device_kind(setup.cluster, devs[0]), len(devs), a, b) for devs, a, b in stages)
+            if sig in seen:
+                continue
+            seen.add(sig)
+            for m in range(1, setup.batch_size + 1):
+                sizes = micro_batch_sizes(setup.batch_size, m)
+                nmax = alg2.max_slice_tokens(tables, stages, max(sizes))
+                if nmax == 0:
+                    continue
+                grid = alg2.SliceGrid(tables, stages, sizes, nmax)
+                for s in slicings:
+                    if max(s) <= nmax:
+                        lat = grid.makespan(s)
+                        if lat < best[0]:
+                            best = (lat, stages, s, m)
+    return best

@@ -154,29 +154,35 @@ class PartitionCosts:
         self.mem = tables.memory_matrix(1, self.mem_slice, max(self.sizes))
         self.U = len(tables.units)
         self._smat: dict = {}
+        self._times: dict = {}
         self._rows: dict = {}
         self._links = None
 
-    def stage_matrix(self, device: str, tp: int = 1):
+    def stage_matrix(self, device: str, tp: int = 1, strict: bool = False):
         """(U+1, U+1): total busy time of units [k, e) over the items on ``device``
         (``tp`` 1) or on a tensor-parallel group of ``tp`` devices of its kind; inf where
-        k >= e or the stage does not fit the device's memory."""
-        ck = (self.tables.device_group[device], self.tables.capacity(device), tp)
+        k >= e or the stage does not fit the device's memory (with ``strict``, at the
+        current slices as they are, not cut down)."""
+        mem_slice = max(self.slices) if strict else self.mem_slice
+        ck = (self.tables.device_group[device], self.tables.capacity(device), tp, mem_slice)
         if ck not in self._smat:
-            if tp == 1:
-                P = self.tables.prefix_totals(device, self.n, self.c, self.b, self.key)
-                S = P[None, :] - P[:, None]
-            else:
-                devs = self.tables.group_of(device, tp)
-                P = self.tables.group_prefix_totals(devs, self.n, self.c, self.b, self.key)
-                S = P[None, :] - P[:, None] + self.tables.scatter_totals(devs, self.n, self.b, self.key)[:, None]
-            ovh = self.tables.cost.stage_overhead_s(self.tables.group_of(device, tp))
-            if ovh:
-                S = S + ovh * len(self.n)
-            mem = self.mem if tp == 1 else self.tables.memory_matrix(tp, self.mem_slice, max(self.sizes))
-            S = np.where(mem > self.tables.capacity(device), INF, S)
-            S[np.tril_indices(self.U + 1)] = INF
-            self._smat[ck] = S
+            tk = (self.tables.device_group[device], tp)
+            if tk not in self._times:
+                if tp == 1:
+                    P = self.tables.prefix_totals(device, self.n, self.c, self.b, self.key)
+                    S = P[None, :] - P[:, None]
+                else:
+                    devs = self.tables.group_of(device, tp)
+                    P = self.tables.group_prefix_totals(devs, self.n, self.c, self.b, self.key)
+                    S = P[None, :] - P[:, None] + \
+                        self.tables.scatter_totals(devs, self.n, self.b, self.key)[:, None]
+                ovh = self.tables.cost.stage_overhead_s(self.tables.group_of(device, tp))
+                if ovh:
+                    S = S + ovh * len(self.n)
+                S[np.tril_indices(self.U + 1)] = INF
+                self._times[tk] = S
+            mem = self.tables.memory_matrix(tp, mem_slice, max(self.sizes))
+            self._smat[ck] = np.where(mem > self.tables.capacity(device), INF, self._times[tk])
         return self._smat[ck]
 
     def link_totals(self, src: str, dst: str):
@@ -360,7 +366,7 @@ def _backtrack(m, e, argk, argt, src):
     return stages[::-1]
 
 
-def sequence_problem(pc: PartitionCosts, seq):
+def sequence_problem(pc: PartitionCosts, seq, strict: bool = False):
     """Stage matrices per position and degree, and the link stack, of one device order.
     A group of degree t may end at position m when the t positions up to m are devices
     of one kind (``groups.device_kind``) and t splits the model evenly."""
@@ -371,11 +377,11 @@ def sequence_problem(pc: PartitionCosts, seq):
     run = 0
     for m, d in enumerate(seq):
         run = run + 1 if m and kinds[m] == kinds[m - 1] else 1
-        opts = {1: pc.stage_matrix(d)}
+        opts = {1: pc.stage_matrix(d, 1, strict)}
         if pc.tp:
             for t in tables.tp_degrees:
                 if t <= run:
-                    opts[t] = pc.stage_matrix(d, t)
+                    opts[t] = pc.stage_matrix(d, t, strict)
         smats.append(opts)
     return smats, pc.link_stack(seq)
 
@@ -419,10 +425,20 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     if ranked_sequences is not None:
         ranked_sequences[:] = [p[2] for p in probs]
     best_b = min(p[1] for p in probs)
-    for _, val, seq, smats, links in probs[:refine]:
-        if val > best_b * (1 + keep):
-            continue
-        for _, st in minsum_dp(smats, links, [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]):
+    strict = pc.recut and max(pc.slices) > pc.mem_slice
+    for rank, (_, val, seq, smats, links) in enumerate(probs):
+        if rank >= refine or val > best_b * (1 + keep):
+            # the rest get the uncapped min-sum only (the least total work: what wins
+            # when there are too few items to pipeline, whatever the bottleneck)
+            caps = [INF]
+        else:
+            caps = [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
+        found = minsum_dp(smats, links, caps)
+        if strict:
+            # also among the partitions that hold the current slices as they are: the
+            # cheapest partition overall may need its slices cut, and lose by it
+            found += minsum_dp(sequence_problem(pc, seq, strict=True)[0], links, caps)
+        for _, st in found:
             if st is not None:
                 part = to_partition(seq, st)
                 if part not in cands:
