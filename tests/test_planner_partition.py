@@ -188,3 +188,4 @@ def test_tables_agree_with_the_cost_model(data, seed):
         for s in range(U):
             for e in range(s + 1, U + 1):
                 assert mem[s, e] == stage_memory_bytes(setup, s, e, tp, setup.granularity, 1)
+                assert mem[s, e] == tables.stage_need_bytes(tp, s, e, setup.granularity, 1)

@@ -241,36 +241,56 @@ class CostTables:
         return out
 
     # ---- memory ----------------------------------------------------------------
+    def static_memory_matrix(self, tp: int):
+        """(U+1, U+1): weights and KV cache one device of a ``tp`` group needs for units
+        [k, e) (what does not depend on the slice)."""
+        ck = ("static", tp)
+        if ck in self._cache:
+            return self._cache[ck]
+        s = self.setup
+        split = np.array([u.kind in SPLIT_KINDS for u in self.units])
+        w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
+        ws_ = np.where(split, w, 0)  # split across the group
+        wr = np.where(split, 0, w)   # whole on every rank (embedding, head)
+        kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
+        WS = np.concatenate(([0], np.cumsum(ws_)))
+        WR = np.concatenate(([0], np.cumsum(wr)))
+        KV = np.concatenate(([0], np.cumsum(kv)))
+        wmat = (WS[None, :] - WS[:, None]).astype(float) / tp + (WR[None, :] - WR[:, None]).astype(float)
+        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
+        out = wmat + kvmat
+        self._cache[ck] = out
+        return out
+
+    def class_workspace(self, max_slice: int, micro_batch: int) -> np.ndarray:
+        """(classes,): activation workspace of one unit of each class for the slice."""
+        return np.array([float(self.units[r].workspace_bytes(max_slice, micro_batch, self.db))
+                         for r in self.class_rep])
+
     def memory_matrix(self, tp: int, max_slice: int, micro_batch: int):
         """(U+1, U+1) array: bytes one device needs to hold units [k, e) as a stage of
         ``tp`` devices (``memory.stage_memory_bytes``, same arithmetic); inf for k >= e."""
         ck = ("mem", tp, max_slice, micro_batch)
         if ck in self._cache:
             return self._cache[ck]
-        s = self.setup
         U = len(self.units)
-        split = np.array([u.kind in SPLIT_KINDS for u in self.units])
-        w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
-        ws_ = np.where(split, w, 0)  # split across the group
-        wr = np.where(split, 0, w)   # whole on every rank (embedding, head)
-        kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
-        ws = np.array([float(u.workspace_bytes(max_slice, micro_batch, self.db)) for u in self.units])
-        WS = np.concatenate(([0], np.cumsum(ws_)))
-        WR = np.concatenate(([0], np.cumsum(wr)))
-        KV = np.concatenate(([0], np.cumsum(kv)))
-        wmat = (WS[None, :] - WS[:, None]).astype(float) / tp + (WR[None, :] - WR[:, None]).astype(float)
-        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
-        # range max of the workspace: row k is the running max of ws[k:]
+        ws = self.class_workspace(max_slice, micro_batch)
         # range max of the workspace: units of one class need the same workspace, so
         # it is the largest over the classes present in [k, e)
         work = np.full((U + 1, U + 1), -np.inf)
         cnt = self.class_prefix[None, :, :] - self.class_prefix[:, None, :]  # (k, e, class)
-        for cls, rep in enumerate(self.class_rep):
-            work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[rep]), work)
-        out = wmat + kvmat + work
+        for cls in range(self.n_classes):
+            work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[cls]), work)
+        out = self.static_memory_matrix(tp) + work
         out[np.tril_indices(U + 1)] = np.inf
         self._cache[ck] = out
         return out
+
+    def stage_need_bytes(self, tp: int, start: int, end: int, max_slice: int, micro_batch: int) -> float:
+        """``memory_matrix(tp, max_slice, micro_batch)[start, end]`` without building the matrix."""
+        ws = self.class_workspace(max_slice, micro_batch)
+        present = self.counts(start, end) > 0
+        return float(self.static_memory_matrix(tp)[start, end] + ws[present].max())
 
     def max_slice_tokens(self, stages, micro_batch: int) -> int:
         """Longest slice (a multiple of the granularity) whose workspace still fits
@@ -283,7 +303,7 @@ class CostTables:
 
         def fits(tokens):
             for devs, s, e in stages:
-                need = self.memory_matrix(len(devs), tokens, micro_batch)[s, e]
+                need = self.stage_need_bytes(len(devs), s, e, tokens, micro_batch)
                 if any(need > self.capacity(d) for d in devs):
                     return False
             return True

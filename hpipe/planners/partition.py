@@ -36,7 +36,8 @@ import numpy as np
 
 from hpipe.planners.common import items_arrays
 from hpipe.planners.groups import device_kind
-from hpipe.planners.evaluate import hop_resource, makespan_from_times, split_transfer
+from hpipe.planners.evaluate import (chain_completion, hop_resource, makespan_from_times, shares_resources,
+                                     split_transfer)
 
 INF = math.inf
 
@@ -203,16 +204,29 @@ class PartitionCosts:
         return self._links[np.ix_(idx, idx)]
 
 
-    def makespan(self, part: Partition):
+    def needs_recut(self, part: Partition) -> bool:
+        """Whether the partition cannot hold the current slices as they are."""
+        return self.recut and self.tables.max_slice_tokens(part.stages, max(self.sizes)) < max(self.slices)
+
+    def makespan(self, part: Partition, bound_only: bool = False):
         """(exact makespan, slices it was scored with): the current slices if the
-        partition holds them, else those cut down to its longest slice."""
+        partition holds them, else those cut down to its longest slice.  With
+        ``bound_only``, a partition whose hops share a link gets the recurrence without
+        that contention instead (a lower bound, cheap), and a third element says whether
+        the value is exact."""
         nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
         if nmax >= max(self.slices):
-            return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key, self._rows), \
-                tuple(self.slices)
-        cut = recut_slices(self.slices, nmax, self.tables.setup.granularity)
-        n, c, b = items_arrays(cut, self.sizes)
-        return table_makespan(self.tables, part.stages, n, c, b, ("items", cut, tuple(self.sizes))), cut
+            sl, n, c, b, key, rows = tuple(self.slices), self.n, self.c, self.b, self.key, self._rows
+        else:
+            sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
+            n, c, b = items_arrays(sl, self.sizes)
+            key, rows = ("items", sl, tuple(self.sizes)), None
+        t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, rows)
+        if not bound_only:
+            return makespan_from_times(t, keys, d), sl
+        if shares_resources(keys):
+            return float(chain_completion(t, d)[-1, -1]), sl, False
+        return makespan_from_times(t, None, d), sl, True
 
 
 def recut_slices(slices, max_tokens: int, granularity: int) -> tuple[int, ...]:
@@ -414,7 +428,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
         if stages is not None:
             part = to_partition(seq, stages)
             if part not in cands:
-                cands[part] = pc.makespan(part)
+                cands[part] = pc.makespan(part, bound_only=True)
             probs.append((cands[part][0], val, seq, smats, links))
     if not probs:
         return []
@@ -434,7 +448,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
         else:
             caps = [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
         found = minsum_dp(smats, links, caps)
-        if strict:
+        if strict and any(st is not None and pc.needs_recut(to_partition(seq, st)) for _, st in found):
             # also among the partitions that hold the current slices as they are: the
             # cheapest partition overall may need its slices cut, and lose by it
             found += minsum_dp(sequence_problem(pc, seq, strict=True)[0], links, caps)
@@ -442,6 +456,15 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
             if st is not None:
                 part = to_partition(seq, st)
                 if part not in cands:
-                    cands[part] = pc.makespan(part)
-    ranked = sorted(cands.items(), key=lambda kv: kv[1][0])
-    return [(v, p, sl) for p, (v, sl) in ranked[:top]]
+                    cands[part] = pc.makespan(part, bound_only=True)
+    # Partitions whose hops share a link (a pipeline that crosses between hosts twice) are
+    # scored exactly (an event loop, slow) only when their bound could reach the top.
+    while True:
+        ranked = sorted(cands.items(), key=lambda kv: kv[1][0])[:top]
+        loose = [p for p, v in ranked if not v[2]]
+        if not loose:
+            break
+        for p in loose:
+            v, sl = pc.makespan(p)
+            cands[p] = (v, sl, True)
+    return [(v, p, sl) for p, (v, sl, _) in ranked]
