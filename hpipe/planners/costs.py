@@ -264,8 +264,11 @@ class CostTables:
 
     def class_workspace(self, max_slice: int, micro_batch: int) -> np.ndarray:
         """(classes,): activation workspace of one unit of each class for the slice."""
-        return np.array([float(self.units[r].workspace_bytes(max_slice, micro_batch, self.db))
-                         for r in self.class_rep])
+        ck = ("ws", max_slice, micro_batch)
+        if ck not in self._cache:
+            self._cache[ck] = np.array([float(self.units[r].workspace_bytes(max_slice, micro_batch, self.db))
+                                        for r in self.class_rep])
+        return self._cache[ck]
 
     def memory_matrix(self, tp: int, max_slice: int, micro_batch: int):
         """(U+1, U+1) array: bytes one device needs to hold units [k, e) as a stage of
