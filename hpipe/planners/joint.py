@@ -11,11 +11,16 @@ slicing on the partition.  Starting from even slices, each round
    by exact makespan;
 
 and stops when a round does not lower the exact makespan.  Every count of
-micro-batches that divides the batch is tried (slicing and micro-batching
-compose: each micro-batch is sliced alike): the alternation itself for the
-extremes (the whole batch, one sequence per micro-batch), and a re-slicing of the
-best partitions those found for the counts between.  The plan with the least
-exact makespan wins.
+micro-batches from 1 to the batch is tried (uneven splits too; slicing and
+micro-batching compose: each micro-batch is sliced alike): the alternation itself
+for the extremes (the whole batch, one sequence per micro-batch); for the counts
+between, a re-slicing of the best partitions those found and, where that comes
+within ``mid_margin`` of the best, the alternation again from the extremes' best
+slicing (the partition search is what tells counts apart: re-slicing only the
+extremes' front runners left plans 12.8% behind exhaustive search).  Stages may be
+tensor-parallel groups (``groups``); the best one-stage plan (one device or one
+group, one slice) is always a candidate.  The plan with the least exact makespan
+wins.
 """
 
 from __future__ import annotations
