@@ -111,6 +111,16 @@ _CATALOG = [
                memory_bandwidth_gbps=696, power_w=300, idle_power_w=30, interconnect_gbps=PCIE4,
                source="NVIDIA A40 datasheet: 149.7 TF fp16 tensor (299.4 with sparsity), 37.4 TF fp32, "
                       "696 GB/s GDDR6, 300 W"),
+    DeviceSpec(name="A5000", generation="ampere",
+               fp16_tflops=111.1, fp32_tflops=27.8, memory_gb=24, memory_bandwidth_gbps=768,
+               power_w=230, idle_power_w=20, interconnect_gbps=PCIE4,
+               source="NVIDIA RTX A5000 datasheet: 222.2 TF tensor with sparsity (111.1 dense), 27.8 TF fp32, "
+                      "24 GB GDDR6, 768 GB/s, 230 W (idle power estimated)"),
+    DeviceSpec(name="A4000", generation="ampere",
+               fp16_tflops=76.7, fp32_tflops=19.2, memory_gb=16, memory_bandwidth_gbps=448,
+               power_w=140, idle_power_w=12, interconnect_gbps=PCIE4,
+               source="NVIDIA RTX A4000 datasheet: 153.4 TF tensor with sparsity (76.7 dense), 19.2 TF fp32, "
+                      "16 GB GDDR6, 448 GB/s, 140 W (idle power estimated)"),
     DeviceSpec(name="L40S", generation="ada",
                fp16_tflops=362, fp32_tflops=91.6, memory_gb=48, memory_bandwidth_gbps=864,
                power_w=350, idle_power_w=35, interconnect_gbps=PCIE4,

@@ -11,14 +11,20 @@ from dataclasses import dataclass
 
 from hpipe.errors import InfeasibleError
 
+SPLIT_KINDS = ("attn", "mlp")
+"""Unit kinds a tensor-parallel stage splits (``CostModel.SPLIT_KINDS`` alike)."""
+
 
 def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, micro_batch: int) -> float:
-    """Bytes one device of a stage needs: its share of the units' weights, the KV cache
-    of its attention units for the whole batch and sequence, and the workspace of the
-    largest slice of a micro-batch."""
+    """Bytes one device of a stage needs: its share of the units' weights (1/tp of the
+    split units, attention and MLP; the embedding and head whole, as the runtime keeps
+    them on every rank), the KV cache of its attention units for the whole batch and
+    sequence (1/tp: key/value heads are split), and the workspace of the largest slice
+    of a micro-batch."""
     units = setup.units[start:end]
     db = setup.dtype_bytes
-    weights = sum(u.weight_bytes(db) for u in units) / tp
+    split = sum(u.weight_bytes(db) for u in units if u.kind in SPLIT_KINDS)
+    weights = split / tp + sum(u.weight_bytes(db) for u in units if u.kind not in SPLIT_KINDS)
     kv = sum(u.kv_bytes_per_token(db) for u in units) * setup.seq_len * setup.batch_size / tp
     work = max(float(u.workspace_bytes(max_slice, micro_batch, db)) for u in units)
     return weights + kv + work

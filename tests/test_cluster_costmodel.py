@@ -69,6 +69,52 @@ def test_tensor_parallel_stage_adds_allreduce(setup):
     assert two == pytest.approx(shards + allreduce + bcast)
 
 
+def test_tensor_parallel_keeps_embedding_and_head_whole_on_every_rank(setup):
+    # The runtime replicates the embedding and the head on every rank: their time is not
+    # divided by tp (LLaMA-7B's head at 2048 tokens is ~12.6 ms on a 3090, not 6.3), and
+    # their weights count whole on each device.
+    from hpipe.memory import stage_memory_bytes
+
+    cost, U = setup.cost, setup.n_units
+    pair = ["a/P100-0", "a/P100-1"]
+    head = setup.units[U - 1]
+    one = float(cost.stage_compute_s(U - 1, U, ["a/P100-0"], 512, 0, 1))
+    two = float(cost.stage_compute_s(U - 1, U, pair, 512, 0, 1))
+    fwd = float(cost.transfer_time_s(pair[0], pair[1], setup.units[U - 2].out_bytes(512, 1, 2)))
+    assert two == pytest.approx(one + fwd)
+    assert float(cost.stage_compute_s(0, 1, pair, 512, 0, 1)) == pytest.approx(
+        float(cost.stage_compute_s(0, 1, ["a/P100-0"], 512, 0, 1)))
+    db = setup.dtype_bytes
+    w_head, w_embed = head.weight_bytes(db), setup.units[0].weight_bytes(db)
+    w_split = sum(u.weight_bytes(db) for u in setup.units[1:U - 1])
+    kv = sum(u.kv_bytes_per_token(db) for u in setup.units) * setup.seq_len * setup.batch_size
+    ws = max(float(u.workspace_bytes(16, 1, db)) for u in setup.units)
+    assert stage_memory_bytes(setup, 0, U, 2, 16, 1) == pytest.approx(w_embed + w_head + w_split / 2 + kv / 2 + ws)
+
+
+def test_tensor_parallel_allreduce_waits_for_the_slowest_shard_of_each_unit(setup):
+    # Two ranks whose shards are slow on alternate units: each unit's all-reduce waits for
+    # that unit's slower shard, so the stage costs the sum of per-unit maxima (4 x 3 ms),
+    # not the larger of the two ranks' sums (2 x 3 + 2 x 1 = 8 ms).
+    import types
+
+    cost = setup.cost
+    slow = {("a/P100-0", 1), ("a/P100-0", 3), ("a/P100-1", 2), ("a/P100-1", 4)}
+
+    def unit_time_s(self, unit, device_id, n, c, b, tp=1):
+        return np.asarray(3e-3 if (device_id, unit.index) in slow else 1e-3)
+
+    stub = types.SimpleNamespace(setup=setup, dtype_bytes=2, SPLIT_KINDS=cost.SPLIT_KINDS)
+    stub.unit_time_s = types.MethodType(unit_time_s, stub)
+    stub.allreduce_time_s = lambda devs, nbytes: 0.0 * np.asarray(nbytes)
+    stub.transfer_time_s = lambda a, b, nbytes: 0.0 * np.asarray(nbytes)
+    stub.stage_overhead_s = lambda devs: 0.0
+    stub.tp_unit_time_s = types.MethodType(type(cost).tp_unit_time_s, stub)
+    stub.tp_scatter_s = types.MethodType(type(cost).tp_scatter_s, stub)
+    t = type(cost).stage_compute_s(stub, 1, 5, ["a/P100-0", "a/P100-1"], 512, 0, 1)
+    assert float(t) == pytest.approx(12e-3)
+
+
 def test_power_and_memory_reserve(setup):
     d = setup.cluster.device("a/P100-0")
     assert setup.cost.busy_power_w(d.id) == 250 and setup.cost.idle_power_w(d.id) == 30

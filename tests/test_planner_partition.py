@@ -17,31 +17,57 @@ from hpipe.planners.evaluate import split_transfer
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 
+def runs_of(setup, seq):
+    """Every sequence of disjoint, ordered runs of positions of ``seq`` a stage may use:
+    single devices, and runs of one kind whose length splits the model evenly."""
+    from hpipe.planners.groups import device_kind, tp_degree_ok
+
+    kinds = [device_kind(setup.cluster, d) for d in seq]
+
+    def rec(first, prefix):
+        if prefix:
+            yield list(prefix)
+        for f in range(first, len(seq)):
+            for t in range(1, len(seq) - f + 1):
+                if len(set(kinds[f:f + t])) > 1:
+                    break
+                if t == 1 or tp_degree_ok(setup.model, t):
+                    prefix.append(tuple(range(f, f + t)))
+                    yield from rec(f + t, prefix)
+                    prefix.pop()
+
+    yield from rec(0, [])
+
+
 def brute_force(setup, seq, slices, sizes):
-    """Every used subsequence of ``seq`` and every cut set, costed straight from the
-    cost model and memory.stage_memory_bytes: (least bottleneck, all (value, sum, stages))."""
+    """Every used sequence of runs of ``seq`` (single devices and tensor-parallel groups)
+    and every cut set, costed straight from the cost model and memory.stage_memory_bytes:
+    all (bottleneck, sum, stages)."""
     cost, U = setup.cost, setup.n_units
     n, c, b = items_arrays(slices, sizes)
     out = []
-    for r in range(1, min(len(seq), U) + 1):
-        for used in itertools.combinations(range(len(seq)), r):
-            for cuts in itertools.combinations(range(1, U), r - 1):
-                bounds = (0, *cuts, U)
-                vals, ok = [], True
-                for k, m in enumerate(used):
-                    s, e = bounds[k], bounds[k + 1]
-                    if stage_memory_bytes(setup, s, e, 1, max(slices), max(sizes)) > \
-                            setup.cluster.device(seq[m]).usable_memory_bytes:
-                        ok = False
-                        break
-                    vals.append(float(np.sum(cost.stage_compute_s(s, e, [seq[m]], n, c, b))))
-                    if k:
-                        nb = setup.units[s - 1].out_bytes(n, b, setup.dtype_bytes)
-                        src, dst = seq[used[k - 1]], seq[m]
-                        hold, _ = split_transfer(setup.cluster, src, dst, cost.transfer_time_s(src, dst, nb))
-                        vals.append(float(np.sum(hold)))  # the link's busy time
-                if ok:
-                    out.append((max(vals), sum(vals), [(m, bounds[k], bounds[k + 1]) for k, m in enumerate(used)]))
+    for used in runs_of(setup, seq):
+        r = len(used)
+        if r > U:
+            continue
+        for cuts in itertools.combinations(range(1, U), r - 1):
+            bounds = (0, *cuts, U)
+            vals, ok = [], True
+            for k, pos in enumerate(used):
+                s, e = bounds[k], bounds[k + 1]
+                devs = [seq[m] for m in pos]
+                if stage_memory_bytes(setup, s, e, len(devs), max(slices), max(sizes)) > \
+                        setup.cluster.device(devs[0]).usable_memory_bytes:
+                    ok = False
+                    break
+                vals.append(float(np.sum(cost.stage_compute_s(s, e, devs, n, c, b))))
+                if k:
+                    nb = setup.units[s - 1].out_bytes(n, b, setup.dtype_bytes)
+                    src, dst = seq[used[k - 1][0]], devs[0]
+                    hold, _ = split_transfer(setup.cluster, src, dst, cost.transfer_time_s(src, dst, nb))
+                    vals.append(float(np.sum(hold)))  # the link's busy time
+            if ok:
+                out.append((max(vals), sum(vals), [(pos, bounds[k], bounds[k + 1]) for k, pos in enumerate(used)]))
     return out
 
 
@@ -55,10 +81,10 @@ def dp_inputs(setup, slices, sizes):
 
 def stage_values(smats, links, stages):
     vals = []
-    for k, (m, s, e) in enumerate(stages):
-        vals.append(smats[m][s, e])
+    for k, (pos, s, e) in enumerate(stages):
+        vals.append(smats[pos[-1]][len(pos)][s, e])
         if k:
-            vals.append(links[stages[k - 1][0], m][s])
+            vals.append(links[stages[k - 1][0][-1], pos[0]][s])
     return vals
 
 
@@ -79,9 +105,9 @@ def test_bottleneck_dp_is_the_minimum_over_cut_sets(data, draw):
     assert math.isclose(val, best, rel_tol=1e-9)
     # the returned cut set fits memory and reproduces the value it claims
     assert math.isclose(max(stage_values(smats, links, stages)), val, rel_tol=1e-12)
-    for m, s, e in stages:
-        assert stage_memory_bytes(setup, s, e, 1, max(slices), max(sizes)) <= \
-            setup.cluster.device(seq[m]).usable_memory_bytes
+    for pos, s, e in stages:
+        assert stage_memory_bytes(setup, s, e, len(pos), max(slices), max(sizes)) <= \
+            setup.cluster.device(seq[pos[0]]).usable_memory_bytes
 
 
 @settings(max_examples=examples(30), deadline=None)
@@ -100,18 +126,45 @@ def test_capped_minsum_dp_is_the_minimum_over_cut_sets(data, eps):
     # the brute force costs in a different summation order: compare with a hair of slack
     feasible = [s for v, s, _ in brute if v <= cap * (1 + 1e-9)]
     assert stages is not None
-    assert min(feasible) <= val * (1 + 1e-9)
+    # no feasible cut set has a smaller total (the DP's own cut set is one of them)
+    assert val <= min(feasible) * (1 + 1e-9)
     vals = stage_values(smats, links, stages)
     assert max(vals) <= cap and math.isclose(sum(vals), val, rel_tol=1e-9)
 
 
-def test_device_sequences_keep_hosts_together_and_cover_all_orders():
+def _host_runs(seq):
+    """How many contiguous runs of one host a device order has."""
+    hosts = [d.split("/")[0] for d in seq]
+    return 1 + sum(a != b for a, b in zip(hosts, hosts[1:]))
+
+
+def test_device_sequences_of_a_small_cluster_are_every_order_of_kinds():
+    # the paper testbed: 4 P100 + 2 RTX 3090 are 6!/(4!2!) = 15 orders of kinds, few enough
+    # to try all (hosts interleaved too, as the docstring says)
     from hpipe.scenario import load_scenario
 
     setup = load_scenario("scenarios/paper-llama7b.yaml").resolve()
     seqs = alg1.device_sequences(CostTables(setup))
-    hosts = {tuple(dict.fromkeys(d.split("/")[0] for d in s)) for s in seqs}
-    assert hosts == {("host-a", "host-b"), ("host-b", "host-a")}
+    kinds = {tuple(d.split("/")[0] for d in s) for s in seqs}
+    assert len(seqs) == len(kinds) == 15
+    assert all(sorted(s) == sorted(setup.cluster.device_ids) for s in seqs)
+
+
+def test_device_sequences_of_a_large_cluster_keep_hosts_together():
+    from hpipe.scenario import parse_scenario
+
+    def host(name, kind):
+        return {"name": name, "devices": [{"type": kind, "count": 3}, {"type": "T4", "count": 1}]}
+
+    setup = parse_scenario({"name": "big", "model": "llama-7b", "workload": {"seq_len": 256, "batch_size": 1},
+                            "cluster": {"hosts": [host("a", "P100"), host("b", "RTX3090"), host("c", "A10")],
+                                        "network": {"bandwidth_gbps": 10, "latency_us": 100}},
+                            "planner": {"token_granularity": 64}}).resolve()
+    seqs = alg1.device_sequences(CostTables(setup))
+    assert len(seqs) > 6
+    # every order of the three hosts, each host's devices in one run
+    assert all(_host_runs(s) == 3 for s in seqs)
+    assert {tuple(dict.fromkeys(d.split("/")[0] for d in s)) for s in seqs} == set(itertools.permutations("abc"))
     assert all(sorted(s) == sorted(setup.cluster.device_ids) for s in seqs)
 
 
@@ -135,3 +188,4 @@ def test_tables_agree_with_the_cost_model(data, seed):
         for s in range(U):
             for e in range(s + 1, U + 1):
                 assert mem[s, e] == stage_memory_bytes(setup, s, e, tp, setup.granularity, 1)
+                assert mem[s, e] == tables.stage_need_bytes(tp, s, e, setup.granularity, 1)

@@ -68,25 +68,49 @@ class CostModel(ABC):
         return self.cluster.device(device_id).spec.idle_power_w
 
     # ---- shared helpers ----------------------------------------------------
+    SPLIT_KINDS: ClassVar[tuple[str, ...]] = ("attn", "mlp")
+    """Unit kinds a tensor-parallel stage splits (by heads, by d_ff); the runtime keeps the
+    embedding and the head whole on every rank."""
+
+    def stage_overhead_s(self, device_ids) -> float:
+        """Fixed time a stage adds to each work item beyond its units (none in the base model)."""
+        return 0.0
+
+    def tp_unit_time_s(self, unit, device_ids, n, c, b):
+        """One unit of a stage on ``device_ids`` (one device, or a tensor-parallel group).
+
+        Split units (attention, MLP) run a 1/tp shard on every device and end with an
+        all-reduce that starts when the slowest shard is done; the embedding and the head
+        run whole on every rank (the runtime replicates them), with no all-reduce."""
+        tp = len(device_ids)
+        if tp == 1:
+            return np.asarray(self.unit_time_s(unit, device_ids[0], n, c, b), float)
+        if unit.kind not in self.SPLIT_KINDS:
+            return np.maximum.reduce([np.asarray(self.unit_time_s(unit, d, n, c, b), float) for d in device_ids])
+        shard = np.maximum.reduce([np.asarray(self.unit_time_s(unit, d, n, c, b, tp), float) for d in device_ids])
+        return shard + self.allreduce_time_s(device_ids, unit.tp_allreduce_bytes(n, b, self.dtype_bytes))
+
+    def tp_scatter_s(self, start: int, device_ids, n, b):
+        """A tensor-parallel stage's first device forwarding the stage's input to each peer,
+        one after another (nothing for the first stage, which reads the token ids)."""
+        if len(device_ids) == 1 or start == 0:
+            return np.zeros(np.shape(np.asarray(n) * np.asarray(b)))
+        in_bytes = self.setup.units[start - 1].out_bytes(n, b, self.dtype_bytes)
+        return sum(np.asarray(self.transfer_time_s(device_ids[0], d, in_bytes), float) for d in device_ids[1:])
+
     def stage_compute_s(self, start: int, end: int, device_ids, n, c, b):
         """Time a stage spends on one work item, transfers between stages excluded.
 
         One device: the sum of its units' times.  Tensor parallel (several devices):
-        the first device receives the stage's input and sends it on to each peer, one
-        after another; then every device runs its shard of each unit (the slowest
-        sets the pace) and each split unit ends with an all-reduce over the stage."""
+        the first device forwards the stage's input to each peer, one after another;
+        then each unit runs (``tp_unit_time_s``: split units as shards whose all-reduce
+        waits for the slowest, the embedding and head whole on every rank)."""
         units = self.setup.units[start:end]
-        tp = len(device_ids)
-        if tp == 1:
-            return np.asarray(sum(self.unit_time_s(u, device_ids[0], n, c, b) for u in units), float)
-        per_device = [sum(self.unit_time_s(u, d, n, c, b, tp) for u in units) for d in device_ids]
-        t = np.maximum.reduce([np.asarray(x, float) for x in per_device])
-        for u in units:
-            t = t + self.allreduce_time_s(device_ids, u.tp_allreduce_bytes(n, b, self.dtype_bytes))
-        if start > 0:
-            in_bytes = self.setup.units[start - 1].out_bytes(n, b, self.dtype_bytes)
-            t = t + sum(self.transfer_time_s(device_ids[0], d, in_bytes) for d in device_ids[1:])
-        return t
+        t = sum(self.tp_unit_time_s(u, device_ids, n, c, b) for u in units)
+        if len(device_ids) > 1:
+            t = t + self.tp_scatter_s(start, device_ids, n, b)
+        overhead = self.stage_overhead_s(device_ids)
+        return np.asarray(t + overhead if overhead else t, float)
 
     auto: Any = None
     """Set when the scenario said ``costmodel: auto``: the AutoChoice that picked this model."""

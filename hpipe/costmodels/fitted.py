@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import nnls
 
 from hpipe.costmodels import CostModel, CostModelConfig, register
 from hpipe.costmodels.profile import (DeviceProfile, Profile, UnitSamples, load_profile,
@@ -78,6 +77,8 @@ def features(kind: str, n, c, b) -> np.ndarray:
 
 def fit_samples(kind: str, s: UnitSamples, mask: np.ndarray | None = None) -> np.ndarray:
     """Non-negative least squares on relative error: coefficients, one per feature of ``kind``."""
+    from scipy.optimize import nnls  # here, not at import: scipy.optimize costs ~0.5 s of start-up
+
     n, c, b, y = (np.asarray(v, float) for v in (s.n, s.c, s.b, s.seconds))
     if mask is not None:
         n, c, b, y = n[mask], c[mask], b[mask], y[mask]
@@ -274,9 +275,8 @@ class Fitted(CostModel):
             return super().allreduce_time_s(device_ids, nbytes)
         return _affine(fit, nbytes)
 
-    def stage_compute_s(self, start, end, device_ids, n, c, b):
-        t = super().stage_compute_s(start, end, device_ids, n, c, b)
-        return t + max(self._device_profile[d].item_overhead_s for d in device_ids)
+    def stage_overhead_s(self, device_ids) -> float:
+        return max(self._device_profile[d].item_overhead_s for d in device_ids)
 
     # ---- reporting --------------------------------------------------------------
     def fit_report(self) -> dict[str, dict[str, dict]]:

@@ -62,7 +62,7 @@ def plan_gpipe(setup):
 
 def plan_gpipe_balanced(setup):
     return plan_hpipe(setup, micro_batches=default_micro_batches(setup), fixed_slices=[setup.seq_len],
-                      planner="gpipe-balanced")
+                      planner="gpipe-balanced", tensor_parallel=False)
 
 
 def plan_terapipe(setup):

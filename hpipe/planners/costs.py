@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpipe.memory import SPLIT_KINDS
+from hpipe.planners.groups import device_kind, tp_degrees
+
 
 class CostTables:
     def __init__(self, setup):
@@ -46,7 +49,7 @@ class CostTables:
         self.group_rep: list[str] = []
         for d in self.devices:
             spec = setup.cluster.device(d).spec
-            key = (spec.model_dump_json(),) + tuple(
+            key = (spec.model_dump_json(exclude={"name", "source"}),) + tuple(
                 tuple(np.atleast_1d(self.cost.unit_time_s(u, d, pn, pc, pb)))
                 for u in self._kind_reps())
             if key not in gkey:
@@ -73,6 +76,13 @@ class CostTables:
         onehot[np.arange(len(self.units)), self.unit_class] = 1
         self.class_prefix = np.vstack([np.zeros(self.n_classes, int), np.cumsum(onehot, axis=0)])
         """(U+1, classes): how many units of each class lie in [0, k)."""
+        self._kind_members: dict = {}
+        for d in self.devices:
+            self._kind_members.setdefault(device_kind(setup.cluster, d), []).append(d)
+        self._kind_members = {k: tuple(v) for k, v in self._kind_members.items()}
+        biggest = max(len(v) for v in self._kind_members.values())
+        self.tp_degrees = tp_degrees(setup.model, biggest)
+        """Tensor-parallel degrees above 1 that split the model evenly and some kind has devices for."""
         self._cache: dict = {}
         self._pairs: dict = {}
         self._pair_keys: dict = {}
@@ -105,7 +115,70 @@ class CostTables:
     def range_time(self, device: str, start: int, end: int, n, c, b, key=None):
         """Time of units [start, end) on one device, per (n, c, b) element."""
         ct = self.class_times(device, n, c, b, key)
-        return np.tensordot(self.counts(start, end), ct, axes=1)
+        t = np.tensordot(self.counts(start, end), ct, axes=1)
+        ovh = self.cost.stage_overhead_s([device])
+        return t + ovh if ovh else t
+
+    # ---- tensor-parallel groups ---------------------------------------------------
+    def group_of(self, device: str, tp: int) -> tuple[str, ...]:
+        """``tp`` devices of ``device``'s kind (the first in scenario order): what a
+        group of that kind and degree costs, its members being interchangeable."""
+        if tp == 1:
+            return (device,)
+        return self._kind_members[device_kind(self.setup.cluster, device)][:tp]
+
+    def group_class_times(self, devs, n, c, b, key=None):
+        """(classes, *shape): one unit of each class on a tensor-parallel group
+        (``CostModel.tp_unit_time_s``: split units as shards plus the all-reduce, the
+        embedding and head whole)."""
+        ck = ("gct", tuple(devs), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        out = np.array([np.broadcast_to(self.cost.tp_unit_time_s(self.units[r], list(devs), n, c, b), np.shape(n))
+                        for r in self.class_rep], float)
+        if key is not None:
+            self._cache[ck] = out
+        return out
+
+    def group_prefix_totals(self, devs, n, c, b, key=None):
+        """(U+1,): total time of units [0, k) over the items on the group ``devs``."""
+        ct = self.group_class_times(devs, n, c, b, key)
+        return self.class_prefix @ ct.reshape(self.n_classes, -1).sum(axis=1)
+
+    def stage_time(self, devs, start: int, end: int, n, c, b, key=None):
+        """Time of units [start, end) on one device or a tensor-parallel group, per (n, c, b)
+        element: ``CostModel.stage_compute_s`` from the cached class times."""
+        if len(devs) == 1:
+            return self.range_time(devs[0], start, end, n, c, b, key)
+        t = np.tensordot(self.counts(start, end), self.group_class_times(devs, n, c, b, key), axes=1)
+        if start > 0:
+            t = t + self.scatter_items(devs, start, n, b, key)
+        ovh = self.cost.stage_overhead_s(list(devs))
+        return t + ovh if ovh else t
+
+    def scatter_items(self, devs, start: int, n, b, key=None):
+        """Per item: the group forwarding the input of a stage starting at ``start``."""
+        ck = ("scati", tuple(devs), int(self.unit_class[start - 1]), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        out = np.broadcast_to(self.cost.tp_scatter_s(self.class_rep[self.unit_class[start - 1]] + 1, list(devs),
+                                                     n, b), np.shape(n))
+        if key is not None:
+            self._cache[ck] = out
+        return out
+
+    def scatter_totals(self, devs, n, b, key=None):
+        """(U+1,): total time, over the items, of the group forwarding the input of a
+        stage starting at unit k to its peers (``CostModel.tp_scatter_s``); 0 at k = 0."""
+        ck = ("scat", tuple(devs), key)
+        if key is not None and ck in self._cache:
+            return self._cache[ck]
+        per_class = np.array([float(np.sum(self.cost.tp_scatter_s(r + 1, list(devs), n, b)))
+                              for r in self.class_rep])
+        out = np.concatenate(([0.0], per_class[self.unit_class]))
+        if key is not None:
+            self._cache[ck] = out
+        return out
 
     def prefix_totals(self, device: str, n, c, b, key=None):
         """(U+1,) array: total time of units [0, k) over all the given items, on ``device``.
@@ -168,32 +241,59 @@ class CostTables:
         return out
 
     # ---- memory ----------------------------------------------------------------
+    def static_memory_matrix(self, tp: int):
+        """(U+1, U+1): weights and KV cache one device of a ``tp`` group needs for units
+        [k, e) (what does not depend on the slice)."""
+        ck = ("static", tp)
+        if ck in self._cache:
+            return self._cache[ck]
+        s = self.setup
+        split = np.array([u.kind in SPLIT_KINDS for u in self.units])
+        w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
+        ws_ = np.where(split, w, 0)  # split across the group
+        wr = np.where(split, 0, w)   # whole on every rank (embedding, head)
+        kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
+        WS = np.concatenate(([0], np.cumsum(ws_)))
+        WR = np.concatenate(([0], np.cumsum(wr)))
+        KV = np.concatenate(([0], np.cumsum(kv)))
+        wmat = (WS[None, :] - WS[:, None]).astype(float) / tp + (WR[None, :] - WR[:, None]).astype(float)
+        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
+        out = wmat + kvmat
+        self._cache[ck] = out
+        return out
+
+    def class_workspace(self, max_slice: int, micro_batch: int) -> np.ndarray:
+        """(classes,): activation workspace of one unit of each class for the slice."""
+        ck = ("ws", max_slice, micro_batch)
+        if ck not in self._cache:
+            self._cache[ck] = np.array([float(self.units[r].workspace_bytes(max_slice, micro_batch, self.db))
+                                        for r in self.class_rep])
+        return self._cache[ck]
+
     def memory_matrix(self, tp: int, max_slice: int, micro_batch: int):
         """(U+1, U+1) array: bytes one device needs to hold units [k, e) as a stage of
         ``tp`` devices (``memory.stage_memory_bytes``, same arithmetic); inf for k >= e."""
         ck = ("mem", tp, max_slice, micro_batch)
         if ck in self._cache:
             return self._cache[ck]
-        s = self.setup
         U = len(self.units)
-        w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
-        kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
-        ws = np.array([float(u.workspace_bytes(max_slice, micro_batch, self.db)) for u in self.units])
-        W = np.concatenate(([0], np.cumsum(w)))
-        KV = np.concatenate(([0], np.cumsum(kv)))
-        wmat = (W[None, :] - W[:, None]).astype(float) / tp
-        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
-        # range max of the workspace: row k is the running max of ws[k:]
+        ws = self.class_workspace(max_slice, micro_batch)
         # range max of the workspace: units of one class need the same workspace, so
         # it is the largest over the classes present in [k, e)
         work = np.full((U + 1, U + 1), -np.inf)
         cnt = self.class_prefix[None, :, :] - self.class_prefix[:, None, :]  # (k, e, class)
-        for cls, rep in enumerate(self.class_rep):
-            work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[rep]), work)
-        out = wmat + kvmat + work
+        for cls in range(self.n_classes):
+            work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[cls]), work)
+        out = self.static_memory_matrix(tp) + work
         out[np.tril_indices(U + 1)] = np.inf
         self._cache[ck] = out
         return out
+
+    def stage_need_bytes(self, tp: int, start: int, end: int, max_slice: int, micro_batch: int) -> float:
+        """``memory_matrix(tp, max_slice, micro_batch)[start, end]`` without building the matrix."""
+        ws = self.class_workspace(max_slice, micro_batch)
+        present = self.counts(start, end) > 0
+        return float(self.static_memory_matrix(tp)[start, end] + ws[present].max())
 
     def max_slice_tokens(self, stages, micro_batch: int) -> int:
         """Longest slice (a multiple of the granularity) whose workspace still fits
@@ -206,7 +306,7 @@ class CostTables:
 
         def fits(tokens):
             for devs, s, e in stages:
-                need = self.memory_matrix(len(devs), tokens, micro_batch)[s, e]
+                need = self.stage_need_bytes(len(devs), s, e, tokens, micro_batch)
                 if any(need > self.capacity(d) for d in devs):
                     return False
             return True

@@ -35,7 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpipe.planners.common import items_arrays
-from hpipe.planners.evaluate import hop_resource, makespan_from_times, split_transfer
+from hpipe.planners.groups import device_kind
+from hpipe.planners.evaluate import (chain_completion, hop_resource, makespan_from_times, shares_resources,
+                                     split_transfer)
 
 INF = math.inf
 
@@ -141,28 +143,47 @@ class PartitionCosts:
     so the slicing step can take it from there.  Without (a fixed slicing), memory
     is checked for the slices as they are."""
 
-    def __init__(self, tables, slices, sizes, recut: bool = True):
+    def __init__(self, tables, slices, sizes, recut: bool = True, tp: bool = True):
         self.tables = tables
+        self.tp = tp
+        """Whether stages may be tensor-parallel groups (``sequence_problem``)."""
         self.slices, self.sizes = list(slices), list(sizes)
         self.n, self.c, self.b = items_arrays(self.slices, self.sizes)
         self.key = ("items", tuple(self.slices), tuple(self.sizes))
         self.recut = recut
-        mem_slice = tables.setup.granularity if recut else max(self.slices)
-        self.mem = tables.memory_matrix(1, mem_slice, max(self.sizes))
+        self.mem_slice = tables.setup.granularity if recut else max(self.slices)
+        self.mem = tables.memory_matrix(1, self.mem_slice, max(self.sizes))
         self.U = len(tables.units)
         self._smat: dict = {}
+        self._times: dict = {}
         self._rows: dict = {}
         self._links = None
 
-    def stage_matrix(self, device: str):
-        """(U+1, U+1): total busy time of units [k, e) on ``device`` over the items;
-        inf where k >= e or the stage does not fit the device's memory."""
-        ck = (self.tables.device_group[device], self.tables.capacity(device))
+    def stage_matrix(self, device: str, tp: int = 1, strict: bool = False):
+        """(U+1, U+1): total busy time of units [k, e) over the items on ``device``
+        (``tp`` 1) or on a tensor-parallel group of ``tp`` devices of its kind; inf where
+        k >= e or the stage does not fit the device's memory (with ``strict``, at the
+        current slices as they are, not cut down)."""
+        mem_slice = max(self.slices) if strict else self.mem_slice
+        ck = (self.tables.device_group[device], self.tables.capacity(device), tp, mem_slice)
         if ck not in self._smat:
-            P = self.tables.prefix_totals(device, self.n, self.c, self.b, self.key)
-            S = P[None, :] - P[:, None]
-            S[self.mem > self.tables.capacity(device)] = INF
-            self._smat[ck] = S
+            tk = (self.tables.device_group[device], tp)
+            if tk not in self._times:
+                if tp == 1:
+                    P = self.tables.prefix_totals(device, self.n, self.c, self.b, self.key)
+                    S = P[None, :] - P[:, None]
+                else:
+                    devs = self.tables.group_of(device, tp)
+                    P = self.tables.group_prefix_totals(devs, self.n, self.c, self.b, self.key)
+                    S = P[None, :] - P[:, None] + \
+                        self.tables.scatter_totals(devs, self.n, self.b, self.key)[:, None]
+                ovh = self.tables.cost.stage_overhead_s(self.tables.group_of(device, tp))
+                if ovh:
+                    S = S + ovh * len(self.n)
+                S[np.tril_indices(self.U + 1)] = INF
+                self._times[tk] = S
+            mem = self.tables.memory_matrix(tp, mem_slice, max(self.sizes))
+            self._smat[ck] = np.where(mem > self.tables.capacity(device), INF, self._times[tk])
         return self._smat[ck]
 
     def link_totals(self, src: str, dst: str):
@@ -183,16 +204,29 @@ class PartitionCosts:
         return self._links[np.ix_(idx, idx)]
 
 
-    def makespan(self, part: Partition):
+    def needs_recut(self, part: Partition) -> bool:
+        """Whether the partition cannot hold the current slices as they are."""
+        return self.recut and self.tables.max_slice_tokens(part.stages, max(self.sizes)) < max(self.slices)
+
+    def makespan(self, part: Partition, bound_only: bool = False):
         """(exact makespan, slices it was scored with): the current slices if the
-        partition holds them, else those cut down to its longest slice."""
+        partition holds them, else those cut down to its longest slice.  With
+        ``bound_only``, a partition whose hops share a link gets the recurrence without
+        that contention instead (a lower bound, cheap), and a third element says whether
+        the value is exact."""
         nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
         if nmax >= max(self.slices):
-            return table_makespan(self.tables, part.stages, self.n, self.c, self.b, self.key, self._rows), \
-                tuple(self.slices)
-        cut = recut_slices(self.slices, nmax, self.tables.setup.granularity)
-        n, c, b = items_arrays(cut, self.sizes)
-        return table_makespan(self.tables, part.stages, n, c, b, ("items", cut, tuple(self.sizes))), cut
+            sl, n, c, b, key, rows = tuple(self.slices), self.n, self.c, self.b, self.key, self._rows
+        else:
+            sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
+            n, c, b = items_arrays(sl, self.sizes)
+            key, rows = ("items", sl, tuple(self.sizes)), None
+        t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, rows)
+        if not bound_only:
+            return makespan_from_times(t, keys, d), sl
+        if shares_resources(keys):
+            return float(chain_completion(t, d)[-1, -1]), sl, False
+        return makespan_from_times(t, None, d), sl, True
 
 
 def recut_slices(slices, max_tokens: int, granularity: int) -> tuple[int, ...]:
@@ -229,14 +263,9 @@ def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
             rows.append(cache[rk][0])
             delays.append(cache[rk][1])
             keys.append(hop_resource(cluster, pdevs[0], devs[0]))
-        if len(devs) == 1:
-            rk = ("stage", tables.device_group[devs[0]], s, e)
-            if rk not in cache:
-                cache[rk] = tables.range_time(devs[0], s, e, n, c, b, key)
-        else:
-            rk = ("tp", tuple(devs), s, e)
-            if rk not in cache:
-                cache[rk] = np.broadcast_to(tables.cost.stage_compute_s(s, e, list(devs), n, c, b), np.shape(n))
+        rk = ("stage", tables.device_group[devs[0]], len(devs), s, e)
+        if rk not in cache:
+            cache[rk] = tables.stage_time(devs, s, e, n, c, b, key)
         rows.append(cache[rk])
         delays.append(zero)
         keys.append(("stage", j))
@@ -251,83 +280,128 @@ def table_makespan(tables, stages, n, c, b, key=None, rows_cache=None) -> float:
 
 
 # ---- the DPs ------------------------------------------------------------------------------
-def minmax_dp(smats, links, start: float = 0.0):
-    """Least bottleneck over cut sets and used subsets of a device sequence.
+# A device sequence has M positions.  A stage is a run of positions m-t+1..m: one device
+# (t = 1) or a tensor-parallel group of t devices of one kind (``groups``).  ``smats[m]``
+# maps each degree t allowed to end at position m to its (U+1, U+1) cost matrix (inf: not
+# allowed); a bare matrix means t = 1 only.  ``links[m', m]`` is the (U+1,) cost of the
+# boundary at unit k from the stage ending at position m' to the stage starting at m
+# (devices of one kind are interchangeable, so the link from a group's last device costs
+# what the link from its first does).  Stages come back as (positions, start, end).
 
-    ``smats[m]`` is device m's (U+1, U+1) stage-cost matrix (inf: not allowed),
-    ``links[m', m]`` the (U+1,) cost of the boundary at unit k from m' to m;
+def _degrees(smats):
+    return [x if isinstance(x, dict) else {1: x} for x in smats]
+
+
+def minmax_dp(smats, links, start: float = 0.0):
+    """Least bottleneck over cut sets, used subsets and groupings of a device sequence.
+
     ``start`` is the value before the first stage (-inf for costs that may be
-    negative).  Returns (value, [(m, start, end), ...]) or (inf, None)."""
+    negative).  Returns (value, [(positions, start, end), ...]) or (inf, None)."""
+    smats = _degrees(smats)
     M = len(smats)
-    U = smats[0].shape[0] - 1
+    U = next(iter(smats[0].values())).shape[0] - 1
     A = np.full((M, U + 1), INF)
     argk = np.zeros((M, U + 1), int)
+    argt = np.ones((M, U + 1), int)
     src = np.full((M, U + 1), -1)
+    cols = np.arange(U + 1)
     for m in range(M):
-        B = np.full(U + 1, INF)
-        B[0] = start
-        if m > 0:
-            X = np.maximum(A[:m], links[:m, m])
-            B[1:] = X[:, 1:].min(axis=0)
-            src[m, 1:] = X[:, 1:].argmin(axis=0)
-        cand = np.maximum(B[:, None], smats[m])
-        argk[m] = cand.argmin(axis=0)
-        A[m] = cand[argk[m], np.arange(U + 1)]
+        for t, S in smats[m].items():
+            f = m - t + 1
+            B = np.full(U + 1, INF)
+            B[0] = start
+            sb = np.full(U + 1, -1)
+            if f > 0:
+                X = np.maximum(A[:f], links[:f, f])
+                B[1:] = X[:, 1:].min(axis=0)
+                sb[1:] = X[:, 1:].argmin(axis=0)
+            cand = np.maximum(B[:, None], S)
+            k = cand.argmin(axis=0)
+            v = cand[k, cols]
+            better = v < A[m]
+            A[m] = np.where(better, v, A[m])
+            argk[m] = np.where(better, k, argk[m])
+            argt[m] = np.where(better, t, argt[m])
+            src[m] = np.where(better, sb[k], src[m])
     m = int(A[:, U].argmin())
     val = float(A[m, U])
     if not np.isfinite(val):
         return INF, None
-    return val, _backtrack(m, U, argk, src)
+    return val, _backtrack(m, U, argk, argt, src)
 
 
 def minsum_dp(smats, links, caps):
     """For each cap T: the least total (stage totals + link totals) over partitions
     whose every stage and link costs at most T.  Returns [(value, stages or None)]."""
+    smats = _degrees(smats)
     caps = np.asarray(caps, float)
     E = len(caps)
     M = len(smats)
-    U = smats[0].shape[0] - 1
+    U = next(iter(smats[0].values())).shape[0] - 1
     A = np.full((E, M, U + 1), INF)
     argk = np.zeros((E, M, U + 1), int)
+    argt = np.ones((E, M, U + 1), int)
     src = np.full((E, M, U + 1), -1)
     for m in range(M):
-        B = np.full((E, U + 1), INF)
-        B[:, 0] = 0.0
-        if m > 0:
-            L = links[:m, m][None]  # (1, m, U+1)
-            X = np.where(L <= caps[:, None, None], A[:, :m] + L, INF)
-            B[:, 1:] = X[:, :, 1:].min(axis=1)
-            src[:, m, 1:] = X[:, :, 1:].argmin(axis=1)
-        S = smats[m][None]
-        cand = np.where(S <= caps[:, None, None], B[:, :, None] + S, INF)
-        argk[:, m] = cand.argmin(axis=1)
-        A[:, m] = np.take_along_axis(cand, argk[:, m][:, None, :], axis=1)[:, 0]
+        for t, S in smats[m].items():
+            f = m - t + 1
+            B = np.full((E, U + 1), INF)
+            B[:, 0] = 0.0
+            sb = np.full((E, U + 1), -1)
+            if f > 0:
+                L = links[:f, f][None]  # (1, f, U+1)
+                X = np.where(L <= caps[:, None, None], A[:, :f] + L, INF)
+                B[:, 1:] = X[:, :, 1:].min(axis=1)
+                sb[:, 1:] = X[:, :, 1:].argmin(axis=1)
+            cand = np.where(S[None] <= caps[:, None, None], B[:, :, None] + S[None], INF)
+            k = cand.argmin(axis=1)  # (E, U+1)
+            v = np.take_along_axis(cand, k[:, None, :], axis=1)[:, 0]
+            better = v < A[:, m]
+            A[:, m] = np.where(better, v, A[:, m])
+            argk[:, m] = np.where(better, k, argk[:, m])
+            argt[:, m] = np.where(better, t, argt[:, m])
+            src[:, m] = np.where(better, np.take_along_axis(sb, k, axis=1), src[:, m])
     out = []
     for i in range(E):
         m = int(A[i, :, U].argmin())
         val = float(A[i, m, U])
-        out.append((val, _backtrack(m, U, argk[i], src[i]) if np.isfinite(val) else None))
+        out.append((val, _backtrack(m, U, argk[i], argt[i], src[i]) if np.isfinite(val) else None))
     return out
 
 
-def _backtrack(m, e, argk, src):
+def _backtrack(m, e, argk, argt, src):
     stages = []
     while True:
-        k = int(argk[m, e])
-        stages.append((m, k, e))
+        k, t = int(argk[m, e]), int(argt[m, e])
+        stages.append((tuple(range(m - t + 1, m + 1)), k, e))
         if k == 0:
             break
-        m, e = int(src[m, k]), k
+        m, e = int(src[m, e]), k
     return stages[::-1]
 
 
-def sequence_problem(pc: PartitionCosts, seq):
-    smats = [pc.stage_matrix(d) for d in seq]
+def sequence_problem(pc: PartitionCosts, seq, strict: bool = False):
+    """Stage matrices per position and degree, and the link stack, of one device order.
+    A group of degree t may end at position m when the t positions up to m are devices
+    of one kind (``groups.device_kind``) and t splits the model evenly."""
+    tables = pc.tables
+    cluster = tables.setup.cluster
+    kinds = [device_kind(cluster, d) for d in seq]
+    smats = []
+    run = 0
+    for m, d in enumerate(seq):
+        run = run + 1 if m and kinds[m] == kinds[m - 1] else 1
+        opts = {1: pc.stage_matrix(d, 1, strict)}
+        if pc.tp:
+            for t in tables.tp_degrees:
+                if t <= run:
+                    opts[t] = pc.stage_matrix(d, t, strict)
+        smats.append(opts)
     return smats, pc.link_stack(seq)
 
 
 def to_partition(seq, stages) -> Partition:
-    return Partition(tuple(((seq[m],), s, e) for m, s, e in stages))
+    return Partition(tuple((tuple(seq[m] for m in pos), s, e) for pos, s, e in stages))
 
 
 # ---- the search over orders ---------------------------------------------------------------
@@ -354,7 +428,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
         if stages is not None:
             part = to_partition(seq, stages)
             if part not in cands:
-                cands[part] = pc.makespan(part)
+                cands[part] = pc.makespan(part, bound_only=True)
             probs.append((cands[part][0], val, seq, smats, links))
     if not probs:
         return []
@@ -365,13 +439,32 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     if ranked_sequences is not None:
         ranked_sequences[:] = [p[2] for p in probs]
     best_b = min(p[1] for p in probs)
-    for _, val, seq, smats, links in probs[:refine]:
-        if val > best_b * (1 + keep):
-            continue
-        for _, st in minsum_dp(smats, links, [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]):
+    strict = pc.recut and max(pc.slices) > pc.mem_slice
+    for rank, (_, val, seq, smats, links) in enumerate(probs):
+        if rank >= refine or val > best_b * (1 + keep):
+            # the rest get the uncapped min-sum only (the least total work: what wins
+            # when there are too few items to pipeline, whatever the bottleneck)
+            caps = [INF]
+        else:
+            caps = [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
+        found = minsum_dp(smats, links, caps)
+        if strict and any(st is not None and pc.needs_recut(to_partition(seq, st)) for _, st in found):
+            # also among the partitions that hold the current slices as they are: the
+            # cheapest partition overall may need its slices cut, and lose by it
+            found += minsum_dp(sequence_problem(pc, seq, strict=True)[0], links, caps)
+        for _, st in found:
             if st is not None:
                 part = to_partition(seq, st)
                 if part not in cands:
-                    cands[part] = pc.makespan(part)
-    ranked = sorted(cands.items(), key=lambda kv: kv[1][0])
-    return [(v, p, sl) for p, (v, sl) in ranked[:top]]
+                    cands[part] = pc.makespan(part, bound_only=True)
+    # Partitions whose hops share a link (a pipeline that crosses between hosts twice) are
+    # scored exactly (an event loop, slow) only when their bound could reach the top.
+    while True:
+        ranked = sorted(cands.items(), key=lambda kv: kv[1][0])[:top]
+        loose = [p for p, v in ranked if not v[2]]
+        if not loose:
+            break
+        for p in loose:
+            v, sl = pc.makespan(p)
+            cands[p] = (v, sl, True)
+    return [(v, p, sl) for p, (v, sl, _) in ranked]

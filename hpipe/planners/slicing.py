@@ -66,8 +66,9 @@ class SliceGrid:
                 keys.append(("link", tables.pair_group(prev[0][0], devs[0])[0], int(tables.unit_class[prev[2] - 1])))
             if len(devs) == 1:
                 keys.append(("stage", tables.device_group[devs[0]], tuple(tables.counts(s, e))))
-            else:
-                keys.append(("tp", tuple(devs), s, e))
+            else:  # a group's input forward depends on its first unit
+                keys.append(("tp", tables.device_group[devs[0]], len(devs), tuple(tables.counts(s, e)),
+                             int(tables.unit_class[s - 1]) if s else -1))
             prev = (devs, s, e)
         spec = {}
         prev = None
@@ -85,12 +86,10 @@ class SliceGrid:
                 if k[0] == "link":
                     (pd, _, pe), (dd, _, _) = what
                     rows_b[k] = tables.transfer_times(pd[0], dd[0], pe, n, bb, key=("grid", L, self.g, b, len(n)))
-                elif k[0] == "stage":
-                    devs, s_, e_ = what
-                    rows_b[k] = tables.range_time(devs[0], s_, e_, n, c, bb, key=("grid", L, self.g, b, len(n)))
                 else:
                     devs, s_, e_ = what
-                    rows_b[k] = np.broadcast_to(tables.cost.stage_compute_s(s_, e_, list(devs), n, c, bb), n.shape)
+                    rows_b[k] = np.broadcast_to(tables.stage_time(devs, s_, e_, n, c, bb,
+                                                                  key=("grid", L, self.g, b, len(n))), n.shape)
             self.rows_by_b[b] = rows_b
             hb = np.maximum.reduce(list(rows_b.values()))
             gsum += hb * micro_batch_sizes.count(b)

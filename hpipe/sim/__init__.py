@@ -63,16 +63,27 @@ def build(setup, plan: Plan) -> PipelineSpec:
         total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k)
         spec = StageSpec(devices=devs, compute_s=total)
         if st.tp > 1:
-            # The same terms stage_compute_s sums, kept apart to draw the timeline; the stage
-            # still holds its devices for exactly `total` (the all-reduces take the rest).
+            # The terms stage_compute_s sums, kept apart: the scatter and the all-reduces
+            # hold the host's links in the engine (so they queue behind pipeline hops on the
+            # same links); the shards take the rest of `total`.
             units = setup.units[st.start:st.end]
+            split = [u for u in units if u.kind in cost.SPLIT_KINDS]
             spec.device_compute_s = np.stack([
-                _vec(sum(cost.unit_time_s(u, d, n, c, b, st.tp) for u in units), k) for d in devs])
+                _vec(sum(cost.unit_time_s(u, d, n, c, b, st.tp if u.kind in cost.SPLIT_KINDS else 1)
+                         for u in units), k) for d in devs])
+            spec.allreduce_s = _vec(sum((cost.allreduce_time_s(list(devs), u.tp_allreduce_bytes(n, b, db))
+                                         for u in split), np.zeros(k)), k)
+            ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
+            spec.allreduce_links = tuple(sorted({_link_name(e) for a, z in ring
+                                                 for e in directed_links(setup.cluster.route(a, z), a)}))
             if st.start > 0:
                 in_bytes = _vec(setup.units[st.start - 1].out_bytes(n, b, db), k)
                 spec.scatter_s = np.stack([_vec(cost.transfer_time_s(devs[0], d, in_bytes), k)
                                            for d in devs[1:]])
                 spec.scatter_bytes = in_bytes
+                spec.scatter_links = tuple(tuple(_link_name(e) for e in
+                                                 directed_links(setup.cluster.route(devs[0], d), devs[0]))
+                                           for d in devs[1:])
         stages.append(spec)
 
     hops: list[HopSpec | None] = [None]

@@ -29,10 +29,14 @@ With zero transfers this is exactly C[i][j] = max(C[i-1][j], C[i][j-1]) + t[i][j
 
 Events recorded
 ---------------
-* ``compute`` on each device of a stage; a tensor-parallel stage's time is shown as
-  the input forwarded by its first device to each peer (``transfer`` with no link,
-  on the sender), each device's shard, then ``allreduce`` on every device for the
-  rest, so the phases add up to exactly the stage time the cost model gives;
+* ``compute`` on each device of a stage.  A tensor-parallel stage built with
+  ``allreduce_s`` (``hpipe.sim.build`` does) plays its phases out: it holds its
+  devices throughout, forwards the input from its first device to each peer
+  holding that link (``transfer`` with no ``link``, on the sender), runs the shards,
+  then holds the ring's links for its all-reduces (``allreduce`` on every device),
+  so these queue behind pipeline hops on the same links.  Uncontended, the phases add
+  up to exactly the cost model's stage time.  (Without ``allreduce_s`` the stage is
+  one closed-form hold whose phases are only drawn.)
 * ``transfer`` between stages: ``device`` the sender, ``dst`` the receiver, ``stage``
   the stage it feeds, ``link`` the narrowest link on the path, and the interval the
   links were held (the receiver has the bytes one route latency after ``end_s``).
@@ -62,6 +66,15 @@ class StageSpec:
     """Tensor parallel: (tp-1, n_items) the first device forwarding the input to each peer in turn."""
     scatter_bytes: np.ndarray | None = None
     """(n_items,) bytes of the input each peer receives."""
+    scatter_links: tuple[tuple[str, ...], ...] = ()
+    """Tensor parallel: the directed links each forward to a peer holds (one tuple per peer)."""
+    allreduce_s: np.ndarray | None = None
+    """Tensor parallel: (n_items,) the stage's all-reduces together.  When given, the stage's
+    phases are played out in turn, the scatter and the all-reduces holding their links
+    (``scatter_links``, ``allreduce_links``) so that they queue behind pipeline hops on
+    the same links; the compute phase takes the rest of ``compute_s``."""
+    allreduce_links: tuple[str, ...] = ()
+    """The directed links of the group's ring."""
 
     @property
     def tp(self) -> int:
@@ -129,8 +142,10 @@ def run(spec: PipelineSpec) -> list[Event]:
     n_items = len(spec.items)
     n_stages = len(spec.stages)
     devices = {d: simpy.Resource(env, capacity=1) for st in spec.stages for d in st.devices}
-    links = {name: simpy.Resource(env, capacity=1)
-             for hop in spec.hops if hop is not None for name in hop.links}
+    link_names = {name for hop in spec.hops if hop is not None for name in hop.links}
+    for st in spec.stages:
+        link_names.update(st.allreduce_links, *st.scatter_links)
+    links = {name: simpy.Resource(env, capacity=1) for name in sorted(link_names)}
     # done[j][i]: stage j finished item i; arrived[j][i]: item i's input is on stage j's first device.
     done = [[env.event() for _ in range(n_items)] for _ in range(n_stages)]
     arrived: list[list[simpy.Event] | None] = [None] + [[env.event() for _ in range(n_items)]
@@ -145,8 +160,11 @@ def run(spec: PipelineSpec) -> list[Event]:
         for i in range(n_items):
             if j > 0:
                 yield arrived[j][i]
-            t0 = yield from _occupy(env, res, compute[i])
-            _record_stage(log, j, st, i, items[i], t0, env.now)
+            if st.allreduce_s is not None:
+                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i])
+            else:
+                t0 = yield from _occupy(env, res, compute[i])
+                _record_stage(log, j, st, i, items[i], t0, env.now)
             done[j][i].succeed()
 
     def hop(j: int):
@@ -178,6 +196,46 @@ def run(spec: PipelineSpec) -> list[Event]:
     if unfinished:  # cannot happen with in-order stages and ordered link requests; guard anyway
         raise RuntimeError(f"simulation stalled: stages {unfinished} did not finish")
     return [_event(rec) for rec in log]
+
+
+def _tp_phases(env, log, links, j, st, i, mb_sl, res, total_s):
+    """A tensor-parallel stage on one item: hold the group's devices throughout; forward the
+    input to each peer (holding that link), run the shards, then all-reduce (holding the
+    ring's links).  Links are requested in one global (sorted) order, and a stage asks for
+    links only while holding its devices, never the reverse, so nothing can deadlock."""
+    with contextlib.ExitStack() as stack:
+        yield from _hold_all(res, stack)
+        scatter = 0.0
+        nb = float(st.scatter_bytes[i]) if st.scatter_bytes is not None else 0.0
+        if st.scatter_s is not None:
+            for k, peer in enumerate(st.devices[1:]):
+                dt = float(st.scatter_s[k][i])
+                if dt <= 0:
+                    continue
+                names = sorted(st.scatter_links[k]) if st.scatter_links else []
+                t0 = yield from _occupy(env, [links[x] for x in names], dt) if names else _wait(env, dt)
+                # drawn on the sender as before (no ``link``: a transfer with a link is a hop
+                # between stages to the readers of a timeline), though it held the link
+                log.append(("transfer", st.devices[0], peer, None, j, mb_sl, t0, env.now, nb))
+                scatter += dt
+        ar = float(st.allreduce_s[i])
+        busy = max(total_s - scatter - ar, 0.0)  # the shards (and any fixed per-item overhead)
+        t0 = env.now
+        yield env.timeout(busy)
+        for k, d in enumerate(st.devices):
+            dt = float(st.device_compute_s[k][i]) if st.device_compute_s is not None else busy
+            log.append(("compute", d, None, None, j, mb_sl, t0, t0 + min(dt, busy), 0.0))
+        if ar > 0:
+            names = sorted(st.allreduce_links)
+            t0 = yield from _occupy(env, [links[x] for x in names], ar) if names else _wait(env, ar)
+            for d in st.devices:
+                log.append(("allreduce", d, None, None, j, mb_sl, t0, env.now, 0.0))
+
+
+def _wait(env, duration_s: float):
+    t0 = env.now
+    yield env.timeout(duration_s)
+    return t0
 
 
 def _record_stage(log: list, j: int, st: StageSpec, i: int, mb_sl, t0: float, t1: float) -> None:

@@ -167,3 +167,29 @@ def test_stage_zero_takes_no_hop():
     with pytest.raises(ValueError):
         PipelineSpec(items=[(0, 0)], stages=[StageSpec(devices=("a",), compute_s=np.ones(1))],
                      hops=[HopSpec("x", "a", (), None, np.zeros(1), np.zeros(1), np.zeros(1))])
+
+
+def test_tensor_parallel_all_reduce_queues_behind_a_hop_on_the_same_link():
+    # Stage 0 is a TP pair (a, b): shards of 0.6, then an all-reduce of 0.4 on link L; the hop
+    # out of it to c also needs L for 0.9.  Item 1's all-reduce (ready at 1.6) waits for
+    # item 0's hop (1.0-1.9), so the pair is held 1.0-2.3 instead of 1.0-2.0.
+    tp = StageSpec(devices=("a", "b"), compute_s=np.array([1.0, 1.0]),
+                   device_compute_s=np.array([[0.6, 0.6], [0.6, 0.6]]),
+                   allreduce_s=np.array([0.4, 0.4]), allreduce_links=("L",))
+    last = StageSpec(devices=("c",), compute_s=np.array([0.5, 0.5]))
+    hop = HopSpec(src="a", dst="c", links=("L",), bottleneck="L", hold_s=np.array([0.9, 0.9]),
+                  latency_s=np.zeros(2), nbytes=np.ones(2))
+    events = run(PipelineSpec(items=[(0, 0), (0, 1)], stages=[tp, last], hops=[None, hop]))
+    got = sorted((e.kind, e.device, e.dst, e.link, e.stage, e.slice, round(e.start_s, 9), round(e.end_s, 9))
+                 for e in events)
+    want = sorted([
+        ("compute", "a", None, None, 0, 0, 0.0, 0.6), ("compute", "b", None, None, 0, 0, 0.0, 0.6),
+        ("allreduce", "a", None, None, 0, 0, 0.6, 1.0), ("allreduce", "b", None, None, 0, 0, 0.6, 1.0),
+        ("transfer", "a", "c", "L", 1, 0, 1.0, 1.9),
+        ("compute", "a", None, None, 0, 1, 1.0, 1.6), ("compute", "b", None, None, 0, 1, 1.0, 1.6),
+        ("allreduce", "a", None, None, 0, 1, 1.9, 2.3), ("allreduce", "b", None, None, 0, 1, 1.9, 2.3),
+        ("compute", "c", None, None, 1, 0, 1.9, 2.4),
+        ("transfer", "a", "c", "L", 1, 1, 2.3, 3.2),
+        ("compute", "c", None, None, 1, 1, 3.2, 3.7),
+    ])
+    assert got == want

@@ -1,0 +1,67 @@
+"""hpipe's whole search against exhaustive enumeration of the plan space on small cases.
+
+Every ordered choice of stages (single devices and tensor-parallel groups of identical
+devices), every cut set, every slicing and every micro-batch count is scored
+(``planner_cases.exhaustive``); hpipe's plan, simulated, must be within 2% of the best,
+itself simulated (the simulator cross-checks the enumeration's evaluator)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+
+from hpipe.errors import InfeasibleError
+from hpipe.plan import Plan, Stage
+from hpipe.planners import make_plan
+from hpipe.sim import simulate
+from tests.planner_cases import examples, exhaustive, scenario_dicts, setup_of
+
+BOUND = 1.02
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(scenario_dicts(max_devices=4, max_hosts=2, max_layers=2, max_granules=4, max_batch=6))
+def test_hpipe_is_within_2_percent_of_the_whole_plan_space(data):
+    setup = setup_of(data)
+    lat, stages, slices, m = exhaustive(setup)
+    try:
+        plan = make_plan(setup, "hpipe")
+    except InfeasibleError:
+        assert stages is None, "hpipe found nothing, the enumeration found a plan"
+        return
+    assert stages is not None
+    ref = Plan(planner="exhaustive", scenario=setup.name, slices=list(slices), micro_batches=m,
+               stages=[Stage(devices=list(d), units=(a, b)) for d, a, b in stages])
+    best = simulate(setup, ref).latency_s
+    assert math.isclose(best, lat, rel_tol=1e-9)  # the enumeration's evaluator is the simulator's figure
+    got = simulate(setup, plan).latency_s
+    assert got <= best * BOUND, f"hpipe {got:.6g} s vs best {best:.6g} s ({got / best - 1:.1%}): {plan} vs {ref}"
+
+
+KNOWN_GAP = {
+    "name": "random",
+    "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "vocab_size": 256,
+              "max_seq_len": 1024},
+    "dtype": "float16", "workload": {"seq_len": 24, "batch_size": 6},
+    "cluster": {"hosts": [{"name": "h0", "devices": [
+        {"name": "dev0x0", "peak_tflops": 0.05, "memory_gb": 0.0012, "memory_bandwidth_gbps": 5.0, "power_w": 100.0},
+        {"name": "dev0x0c1", "peak_tflops": 0.05, "memory_gb": 0.0012, "memory_bandwidth_gbps": 5.0,
+         "power_w": 100.0},
+        {"name": "dev0x2", "peak_tflops": 0.05, "memory_gb": 0.0012, "memory_bandwidth_gbps": 5.0, "power_w": 100.0},
+        {"name": "dev0x3", "peak_tflops": 0.05, "memory_gb": 0.00015, "memory_bandwidth_gbps": 5.0,
+         "power_w": 100.0}],
+        "interconnect": {"bandwidth_gbps": 10.0, "latency_us": 0.0}}]},
+    "costmodel": {"kind": "roofline", "kernel_overhead_us": 5.0},
+    "planner": {"token_granularity": 8, "memory_reserve_gb": 0.0}}
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (found by a 10x hypothesis soak): the best plan gives the head a "
+                                       "third stage of its own ([TP2 0-4, 4-5, 5-6] x4 micro-batches); the "
+                                       "bottleneck/min-sum DPs prefer [TP2 0-4, 4-6], 2.8% slower")
+def test_known_gap_a_stage_for_the_head_alone():
+    setup = setup_of(KNOWN_GAP)
+    lat, stages, slices, m = exhaustive(setup)
+    got = simulate(setup, make_plan(setup, "hpipe")).latency_s
+    assert got <= lat * BOUND
