@@ -12,14 +12,21 @@ from dataclasses import dataclass
 from hpipe.errors import InfeasibleError
 
 
+def kv_tokens(setup) -> int:
+    """Positions each sequence's KV cache holds: the prompt plus the generated tokens
+    (the last generated token is never fed back, but a cache sized to the whole sequence
+    is what a runtime allocates)."""
+    return setup.seq_len + setup.output_tokens
+
+
 def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, micro_batch: int) -> float:
     """Bytes one device of a stage needs: its share of the units' weights, the KV cache
-    of its attention units for the whole batch and sequence, and the workspace of the
+    of its attention units for the whole batch and sequence (prompt plus output), and the workspace of the
     largest slice of a micro-batch."""
     units = setup.units[start:end]
     db = setup.dtype_bytes
     weights = sum(u.weight_bytes(db) for u in units) / tp
-    kv = sum(u.kv_bytes_per_token(db) for u in units) * setup.seq_len * setup.batch_size / tp
+    kv = sum(u.kv_bytes_per_token(db) for u in units) * kv_tokens(setup) * setup.batch_size / tp
     work = max(float(u.workspace_bytes(max_slice, micro_batch, db)) for u in units)
     return weights + kv + work
 
@@ -60,7 +67,7 @@ def model_shortfall_bytes(setup) -> float:
     """How far the whole cluster falls short of holding the model's weights and KV cache
     (0 when it has room, by this lower bound)."""
     db = setup.dtype_bytes
-    need = sum(u.weight_bytes(db) + u.kv_bytes_per_token(db) * setup.seq_len * setup.batch_size
+    need = sum(u.weight_bytes(db) + u.kv_bytes_per_token(db) * kv_tokens(setup) * setup.batch_size
                for u in setup.units)
     if setup.model.tie_embeddings:  # counted twice above; one copy is enough on one device
         need -= setup.model.vocab_size * setup.model.d_model * db

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpipe.memory import kv_tokens
+
 
 class CostTables:
     def __init__(self, setup):
@@ -182,7 +184,7 @@ class CostTables:
         W = np.concatenate(([0], np.cumsum(w)))
         KV = np.concatenate(([0], np.cumsum(kv)))
         wmat = (W[None, :] - W[:, None]).astype(float) / tp
-        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
+        kvmat = (KV[None, :] - KV[:, None]) * kv_tokens(s) * s.batch_size / tp
         # range max of the workspace: row k is the running max of ws[k:]
         # range max of the workspace: units of one class need the same workspace, so
         # it is the largest over the classes present in [k, e)
