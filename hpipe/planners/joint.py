@@ -42,7 +42,7 @@ def micro_batch_options(batch_size: int) -> list[int]:
 
 
 def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_batches=None,
-               fixed_slices=None, planner: str = "hpipe", max_rounds: int = 8):
+               fixed_slices=None, planner: str = "hpipe", max_rounds: int = 8, decode_candidates: int = 6):
     """Search the joint plan; returns a Plan (or raises InfeasibleError).
 
     ``fixed_slices`` pins the slicing (gpipe-balanced uses the whole sequence);
@@ -57,14 +57,18 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     full = [m for m in options if m in (min(options), max(options))]
     best = (math.inf, None, None, None)
     good: dict = {}
+    scored: list = []  # every (prefill makespan, partition, slices, micro-batches) seen: generation's candidates
     for m in full:
         sizes = micro_batch_sizes(setup.batch_size, m)
         res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds)
         if res is not None and res[0] < best[0]:
             best = (res[0], res[1], res[2], m)
+        if res is not None:
+            scored.append((res[0], res[1], tuple(res[2]), m))
         for part, r in sliced.items():
             if r is not None:
                 good[part] = min(good.get(part, math.inf), r[0])
+                scored.append((r[0], part, tuple(r[1]), m))
     top = sorted(good, key=good.get)[:3]
     for m in options:
         if m in full:
@@ -74,9 +78,22 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
             r = _best_slicing(tables, part, sizes)
             if r is not None and r[0] < best[0]:
                 best = (r[0], part, r[1], m)
+            if r is not None:
+                scored.append((r[0], part, tuple(r[1]), m))
     lat, part, slices, m = best
     if part is None:
         raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner))
+    if setup.output_tokens and planner == "hpipe":
+        # Generation: the partition, slicing, micro-batches and decode groups that serve both
+        # phases best for the scenario's objective (hpipe.planners.decode).
+        from hpipe.planners import decode
+
+        cands = [(p, s, k) for _, p, s, k in sorted(scored, key=lambda x: x[0])]
+        cands = list(dict.fromkeys(cands))[:decode_candidates]
+        pick = decode.choose(tables, sequences, cands, lambda p, sz: _best_slicing(tables, p, sz),
+                             setup.objective, options, fixed_slices)
+        return finish(setup, planner, pick.partition.stages, pick.slices, pick.micro_batches,
+                      decode_groups=pick.groups)
     return finish(setup, planner, part.stages, slices, m)
 
 
