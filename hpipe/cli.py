@@ -143,6 +143,9 @@ def _results_table(title: str, results, measured: bool = False) -> Table:
     if measured:
         cols[1:1] = ["predicted s"]
         cols += ["max |err|"]
+    gen = [r for r in results if r.ttft_s is not None]
+    if gen:  # generation: end-to-end latency above, and the decode figures
+        cols += ["TTFT s", "TPOT ms", "out tok/s", "decode µb"]
     for c in cols:
         t.add_column(c, justify="left" if c == "planner" else "right")
     for r in results:
@@ -158,6 +161,11 @@ def _results_table(title: str, results, measured: bool = False) -> Table:
                 str(len(r.plan.stages)), str(len(r.plan.slices)), str(r.plan.micro_batches)]
         if measured:
             row.append(f"{r.max_abs_error:.2e}" if r.max_abs_error is not None else "-")
+        if gen:
+            row += [f"{r.ttft_s:.4g}" if r.ttft_s is not None else "-",
+                    f"{r.tpot_s * 1e3:.4g}" if r.tpot_s is not None else "-",
+                    f"{r.output_tokens_per_s:,.1f}" if r.output_tokens_per_s is not None else "-",
+                    str(r.plan.decode_micro_batches) if r.plan.decode_micro_batches else "-"]
         t.add_row(*row)
     return t
 
@@ -221,7 +229,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     con = _out_console(json_path, quiet)
     if con:
         con.print(_results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
-                                 f"{setup.seq_len} tokens, {setup.scenario.costmodel if isinstance(setup.scenario.costmodel, str) else setup.scenario.costmodel['kind']} cost model)", results))
+                                 f"{setup.seq_len} tokens{f' + {setup.output_tokens} out' if setup.output_tokens else ''}, {setup.scenario.costmodel if isinstance(setup.scenario.costmodel, str) else setup.scenario.costmodel['kind']} cost model)", results))
     if results and all(not r.feasible for r in results):
         raise InfeasibleError("no plan is feasible: " + "; ".join(f"{r.planner}: {r.infeasible}" for r in results))
 

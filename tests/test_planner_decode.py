@@ -53,8 +53,9 @@ THREE = dict(devices=[("a", "fast", 10.0, 300.0), ("a", "slow", 2.0, 100.0), ("b
 PREFILL_HEAVY = dict(devices=[("a", "x", 1.0, 200.0), ("a", "y", 1.0, 200.0)], seq_len=64, output_tokens=4)
 # Decode bound by KV-cache reads (long prompt, small model): a step's time grows with its
 # batch, so several groups in flight keep both stages busy (pipelined decode pays).
-KV_BOUND = dict(devices=[("a", "x", 1.0, 100.0), ("a", "y", 1.0, 100.0)], d_model=128, seq_len=1024,
-                granularity=256, batch=4, output_tokens=16)
+# (Two hosts: one host's pair would rather be a tensor-parallel stage.)
+KV_BOUND = dict(devices=[("a", "x", 1.0, 100.0), ("b", "y", 1.0, 100.0)], d_model=128, seq_len=1024,
+                granularity=256, batch=4, output_tokens=16, network={"bandwidth_gbps": 100.0, "latency_us": 10.0})
 CASES = {"decode-heavy": DECODE_HEAVY, "three-devices": THREE, "prefill-heavy": PREFILL_HEAVY,
          "kv-bound": KV_BOUND}
 
@@ -121,7 +122,7 @@ def test_decode_changes_the_plan_where_it_dominates():
 @pytest.mark.parametrize("name", list(CASES))
 def test_predicted_figures_are_the_simulated_ones(name):
     setup = _scenario(**CASES[name])
-    for planner in ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe"):
+    for planner in ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe"):
         plan = make_plan(setup, planner)
         r = simulate(setup, plan)
         for k in ("latency_s", "ttft_s", "tpot_s", "tpot_p90_s", "output_tokens_per_s"):
@@ -134,7 +135,7 @@ def test_pipelined_decode_groups_pay_where_steps_grow_with_the_batch():
     assert len(plan.stages) == 2 and plan.decode_micro_batches > 1
     one = simulate(setup, plan.model_copy(update={"decode_micro_batches": 1}))
     decode_s = plan.predicted["latency_s"] - plan.predicted["ttft_s"]
-    assert decode_s < 0.92 * (one.latency_s - one.ttft_s)  # measured here: 3.27 ms against 3.67
+    assert decode_s < 0.92 * (one.latency_s - one.ttft_s)  # here: 3.57 ms against 3.97
 
 
 def test_baselines_decode_as_plain_pipelines():

@@ -257,11 +257,12 @@ def score(tables, part, slices, m: int, groups: int, rows_cache=None, max_steps:
 
 
 def choose(tables, sequences, candidates, slice_for, objective: str, micro_options, fixed_slices=None,
-           group_choices=None, slice_top: int = 4, quick_steps: int = 32) -> Choice | None:
+           group_choices=None, slice_top: int = 4, quick_steps: int = 32, extra_partitions=()) -> Choice | None:
     """The best (partition, slices, micro-batches, decode groups) for ``objective``.
 
     ``candidates``: (partition, slices, micro_batches) from the prefill search, its best first;
-    the ``slice_top`` most promising decode-aware partitions are sliced and join them;
+    the ``slice_top`` most promising decode-aware partitions are sliced and join them, as do
+    ``extra_partitions`` (the baselines' splits, tensor-parallel host stages among them);
     ``slice_for(partition, sizes)`` -> (prefill makespan, slices) or None slices a
     decode-aware partition for the prefill; ``micro_options`` the micro-batch counts to try
     on those.  ``group_choices`` pins the decode group counts (default: ``group_options``)."""
@@ -293,7 +294,7 @@ def choose(tables, sequences, candidates, slice_for, objective: str, micro_optio
         # micro-batch counts: the extremes (whole batch, one sequence each) and those the best
         # prefill candidates use (slicing for every count would cost more than the rest together)
         ms = list(dict.fromkeys([min(micro_options), max(micro_options)] + [m for _, _, m in candidates[:3]]))
-        for _, _, part in sorted(quick)[:slice_top]:
+        for part in [p for _, _, p in sorted(quick)[:slice_top]] + list(extra_partitions):
             best = None
             for m in ms:
                 sizes = micro_batch_sizes(setup.batch_size, m)
