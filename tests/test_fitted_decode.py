@@ -80,3 +80,24 @@ def test_profiler_grid_has_decode_points_only_when_generating():
     L, B = s1.seq_len, s1.batch_size
     assert {c for _, c, _ in pts} >= {L, L + 31} and {b for *_, b in pts} >= {1, B}
     assert set(pts) <= set(default_grid(s1).points)
+
+
+def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_path, monkeypatch):
+    from hpipe.costmodels.profile import Hardware, Versions
+    from hpipe.runtime import profiler
+    from hpipe.scenario import parse_scenario
+
+    monkeypatch.setattr(profiler, "_hardware", lambda: Hardware(cpu_model="test", cpu_cores=2))
+    monkeypatch.setattr(profiler, "_versions", lambda: Versions(python="3", hpipe="0.1.0"))
+    data = yaml.safe_load(SCENARIO.read_text())
+    for dev in data["cluster"]["hosts"][0]["devices"]:
+        dev.pop("runtime", None)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(synthetic_profile(noise=0.0)))
+    plain = load_profile(path)
+    assert profiler.stale_reason(plain, parse_scenario(data).resolve()) is None
+    data["workload"]["output_tokens"] = 8
+    gen = parse_scenario(data).resolve()
+    assert "decode" in profiler.stale_reason(plain, gen)
+    path.write_text(json.dumps(with_decode_points(synthetic_profile(noise=0.0))))
+    assert profiler.stale_reason(load_profile(path), gen) is None
