@@ -203,9 +203,10 @@ class _ExtraItems(alg1.PartitionCosts):
 
 
 def decode_aware_partitions(tables, sequences, slices, sizes, work: DecodeWork, top_sequences: int = 4,
-                            caps=(0.0, 0.05, 0.2, 1.0, math.inf)) -> set:
-    """Partitions Algorithm 1 finds when the decode steps count too (see the module doc)."""
-    out = set()
+                            caps=(0.0, 0.05, 0.2, 1.0, math.inf)) -> dict:
+    """Partitions Algorithm 1 finds when the decode steps count too (see the module doc), in the
+    order found (a dict used as an ordered set: string hashes vary between runs, plans must not)."""
+    out: dict = {}
     for with_prefill in (True, False):
         pc = _ExtraItems(tables, slices, sizes, work, with_prefill)
         probs = []
@@ -216,11 +217,11 @@ def decode_aware_partitions(tables, sequences, slices, sizes, work: DecodeWork, 
                 probs.append((val, len(probs), seq, smats, links, st))
         probs.sort(key=lambda p: p[:2])
         for val, _, seq, smats, links, st in probs[:top_sequences]:
-            out.add(alg1.to_partition(seq, st))
+            out[alg1.to_partition(seq, st)] = None
             for _, st2 in alg1.minsum_dp(smats, links, [val * (1 + e) if math.isfinite(e) else math.inf
                                                         for e in caps]):
                 if st2 is not None:
-                    out.add(alg1.to_partition(seq, st2))
+                    out[alg1.to_partition(seq, st2)] = None
     return out
 
 
@@ -268,17 +269,17 @@ def choose(tables, sequences, candidates, slice_for, objective: str, micro_optio
     on those.  ``group_choices`` pins the decode group counts (default: ``group_options``)."""
     setup = tables.setup
     groups = group_choices or group_options(setup.batch_size)
-    cands = {(p, tuple(s), m) for p, s, m in candidates}
+    cands = dict.fromkeys((p, tuple(s), m) for p, s, m in candidates)  # ordered: deterministic ties
     # decode-aware partitions, found with the best prefill candidate's slicing and with one group
     # (the per-token loop) and with as many groups as sequences (the pipelined steady state)
     if candidates:
         base_part, base_slices, base_m = candidates[0]
         sizes = micro_batch_sizes(setup.batch_size, base_m)
-        found = set()
+        found: dict = {}
         for g in sorted({1, setup.batch_size}):
             work = DecodeWork(seq_len=setup.seq_len, output_tokens=setup.output_tokens, prefill_sizes=tuple(sizes),
                               n_slices=len(base_slices), group_sizes=tuple(micro_batch_sizes(setup.batch_size, g)))
-            found |= decode_aware_partitions(tables, sequences, base_slices, sizes, work)
+            found.update(decode_aware_partitions(tables, sequences, base_slices, sizes, work))
         # rank them with the base slicing (cut down where memory asks) and slice the best for
         # the prefill (a partition the prefill search met was sliced for its micro-batches only)
         quick = []
@@ -307,7 +308,7 @@ def choose(tables, sequences, candidates, slice_for, objective: str, micro_optio
                 if r is not None and (best is None or r[0] < best[0]):
                     best = (r[0], tuple(r[1]), m)
             if best is not None:
-                cands.add((part, best[1], best[2]))
+                cands[(part, best[1], best[2])] = None
     choice = None
     caches: dict = {}
     for part, slices, m in cands:
