@@ -38,3 +38,16 @@ def test_gpt_positions_bound_prompt_plus_output():
     with pytest.raises(InputError) as e:
         parse_scenario(d, "x.yaml")
     assert e.value.field == "workload.output_tokens" and "learned positions" in str(e.value)
+
+
+def test_decode_groups_on_a_prefill_only_scenario_are_refused_not_ignored():
+    from hpipe.plan import Plan, Stage
+
+    s0 = _paper(0)
+    plan = Plan(planner="x", scenario=s0.name, stages=[Stage(devices=[d], units=u) for d, u in
+                                                        [("host-b/RTX3090-0", (0, 33)), ("host-b/RTX3090-1", (33, 66))]],
+                slices=[2048], decode_micro_batches=2)
+    with pytest.raises(InputError) as e:
+        plan.check(s0, file="p.json")
+    assert e.value.field == "decode_micro_batches" and "output_tokens" in str(e.value)
+    plan.check(_paper(8))  # fine where the scenario generates
