@@ -287,8 +287,9 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if con:
         from hpipe.tables import results_table
 
+        out = f" + {setup.output_tokens} out" if setup.output_tokens else ""
         con.print(results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
-                                f"{setup.seq_len} tokens, {_costmodel_name(setup)} cost model)", results))
+                                f"{setup.seq_len} tokens{out}, {_costmodel_name(setup)} cost model)", results))
     if results and all(not r.feasible for r in results):
         from hpipe.tables import infeasible_notes
 

@@ -15,17 +15,24 @@ SPLIT_KINDS = ("attn", "mlp")
 """Unit kinds a tensor-parallel stage splits (``CostModel.SPLIT_KINDS`` alike)."""
 
 
+def kv_tokens(setup) -> int:
+    """Positions each sequence's KV cache holds: the prompt plus the generated tokens
+    (the last generated token is never fed back, but a cache sized to the whole sequence
+    is what a runtime allocates)."""
+    return setup.seq_len + setup.output_tokens
+
+
 def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, micro_batch: int) -> float:
     """Bytes one device of a stage needs: its share of the units' weights (1/tp of the
     split units, attention and MLP; the embedding and head whole, as the runtime keeps
     them on every rank), the KV cache of its attention units for the whole batch and
-    sequence (1/tp: key/value heads are split), and the workspace of the largest slice
+    sequence, prompt plus output (1/tp: key/value heads are split), and the workspace of the largest slice
     of a micro-batch."""
     units = setup.units[start:end]
     db = setup.dtype_bytes
     split = sum(u.weight_bytes(db) for u in units if u.kind in SPLIT_KINDS)
     weights = split / tp + sum(u.weight_bytes(db) for u in units if u.kind not in SPLIT_KINDS)
-    kv = sum(u.kv_bytes_per_token(db) for u in units) * setup.seq_len * setup.batch_size / tp
+    kv = sum(u.kv_bytes_per_token(db) for u in units) * kv_tokens(setup) * setup.batch_size / tp
     work = max(float(u.workspace_bytes(max_slice, micro_batch, db)) for u in units)
     return weights + kv + work
 
@@ -66,7 +73,7 @@ def model_shortfall_bytes(setup) -> float:
     """How far the whole cluster falls short of holding the model's weights and KV cache
     (0 when it has room, by this lower bound)."""
     db = setup.dtype_bytes
-    need = sum(u.weight_bytes(db) + u.kv_bytes_per_token(db) * setup.seq_len * setup.batch_size
+    need = sum(u.weight_bytes(db) + u.kv_bytes_per_token(db) * kv_tokens(setup) * setup.batch_size
                for u in setup.units)
     if setup.model.tie_embeddings:  # counted twice above; one copy is enough on one device
         need -= setup.model.vocab_size * setup.model.d_model * db

@@ -108,6 +108,9 @@ class Plan(BaseModel):
         if self.codecs is not None and len(self.codecs) != len(self.stages) - 1:
             bad("codecs", f"{len(self.codecs)} codecs for {len(self.stages) - 1} stage boundaries "
                           f"(one per boundary)")
+        if self.decode_micro_batches is not None and not setup.output_tokens:
+            bad("decode_micro_batches", "is for generation, but the scenario generates nothing "
+                                        "(workload.output_tokens is 0): remove it")
         if self.decode_micro_batches is not None and self.decode_micro_batches > setup.batch_size:
             bad("decode_micro_batches", f"{self.decode_micro_batches} decode micro-batches for a batch of "
                                         f"{setup.batch_size}")

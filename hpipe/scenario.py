@@ -303,10 +303,19 @@ class Scenario(_Strict):
         if isinstance(self.costmodel, dict) and "kind" not in self.costmodel:
             raise _FieldError("costmodel.kind", "missing (e.g. roofline or fitted)")
         # Round-2 contracts whose engines are being built: refuse rather than silently ignore.
-        if self.workload.output_tokens:
-            raise _FieldError("workload.output_tokens", "generation is not implemented yet; use 0")
         if self.compression is not None:
             raise _FieldError("compression", "activation compression is not implemented yet; remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_positions(self):
+        # A GPT model's learned positions bound the prompt plus the generated tokens.
+        spec = self.model_spec()
+        total = self.workload.seq_len + self.workload.output_tokens
+        if self.workload.output_tokens and spec.family == "gpt" and total > spec.max_seq_len:
+            raise _FieldError("workload.output_tokens", f"{self.workload.seq_len} prompt + "
+                              f"{self.workload.output_tokens} output tokens exceed {spec.name}'s learned "
+                              f"positions ({spec.max_seq_len})")
         return self
 
     def model_spec(self) -> ModelSpec:

@@ -75,18 +75,28 @@ RESULT_COLUMNS = ("planner", "latency\ns", "tokens\n/s", "energy\nJ", "cost\n$/M
                   "stages/\nslices/µb")
 
 
+GENERATION_COLUMNS = ("TTFT\ns", "TPOT\nms", "out\ntok/s", "decode\nµb")
+
+
 def results_table(title: str, results) -> Table:
-    """simulate: one row per planner."""
+    """simulate: one row per planner; with generation, the decode figures too (latency is then
+    end to end)."""
     t = _table(title, "\n".join(infeasible_notes(results)) or None)
-    for c in RESULT_COLUMNS:
+    gen = any(r.ttft_s is not None for r in results)
+    cols = RESULT_COLUMNS + (GENERATION_COLUMNS if gen else ())
+    for c in cols:
         t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
     for r in results:
         if r.latency_s is None:
-            t.add_row(r.planner + " ✗", *(["-"] * (len(RESULT_COLUMNS) - 1)))
+            t.add_row(r.planner + " ✗", *(["-"] * (len(cols) - 1)))
             continue
-        t.add_row(r.planner + ("" if r.feasible else " (infeasible)"), sig(r.latency_s),
-                  sig(r.throughput_tokens_per_s), sig(r.energy_j), sig(r.usd_per_million_tokens),
-                  f"{r.bubble_fraction:.1%}", gb(_max_mem_mb(r)), shape(r.plan))
+        row = [r.planner + ("" if r.feasible else " (infeasible)"), sig(r.latency_s),
+               sig(r.throughput_tokens_per_s), sig(r.energy_j), sig(r.usd_per_million_tokens),
+               f"{r.bubble_fraction:.1%}", gb(_max_mem_mb(r)), shape(r.plan)]
+        if gen:
+            row += [sig(r.ttft_s), sig(r.tpot_s * 1e3 if r.tpot_s is not None else None),
+                    sig(r.output_tokens_per_s), str(r.plan.decode_micro_batches or "-") if r.plan else "-"]
+        t.add_row(*row)
     return t
 
 

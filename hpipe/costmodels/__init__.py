@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hpipe.errors import InputError, suggest
 
+TOKEN_ID_BYTES = 8
+"""Bytes of one sampled token id on the wire (int64, as torch carries ids)."""
+
 
 class CostModelConfig(BaseModel):
     """Settings of a cost model, given in the scenario's ``costmodel:`` mapping."""
@@ -50,6 +53,11 @@ class CostModel(ABC):
             return np.zeros_like(nbytes)
         r = self.cluster.route(src, dst)
         return np.where(nbytes > 0, r.latency_s + nbytes * 8 / (r.bandwidth_gbps * 1e9), 0.0)
+
+    def token_return_s(self, src: str, dst: str, b):
+        """Generation: seconds to carry b sampled token ids from the last stage's device ``src``
+        back to the first stage's ``dst`` (the decode loop's feedback edge; latency included)."""
+        return self.transfer_time_s(src, dst, np.asarray(b, float) * TOKEN_ID_BYTES)
 
     def allreduce_time_s(self, device_ids, nbytes):
         """Ring all-reduce of nbytes over device_ids: 2(p-1) steps of nbytes/p over the slowest hop."""

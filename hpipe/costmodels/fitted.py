@@ -24,6 +24,12 @@ The model reports its own error on held-out grid points (``fit_report``):
 a fixed, seeded quarter of the points is left out of a first fit and
 predicted; the model then used is refitted on all points.
 
+Decode steps (a unit at n = 1 after c > 0 context tokens, generation) get a fit of
+their own where the profile timed such points (``DECODE_FEATURES``: a constant, b,
+and for attention b·c, the KV cache read): a step is a handful of small kernels whose
+cost the prefill fit, dominated by long slices, would only extrapolate.  A profile
+without decode points keeps the prefill fit for them (old profiles work unchanged).
+
 Transfers use the measured link figures (latency + bytes / bandwidth, fitted
 on ping-pongs between the stage processes).  A device the profile does not
 cover is an InputError naming the device and the profile; a device pair
@@ -65,24 +71,55 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "head": ("1", "b", "bn"),
 }
 
+DECODE_FEATURES: dict[str, tuple[str, ...]] = {
+    "embed": ("1", "b"),
+    "attn": ("1", "b", "bc"),
+    "mlp": ("1", "b"),
+    "head": ("1", "b"),
+}
+"""A decode step (n = 1): per-call overhead, per sequence, and for attention the KV cache read."""
+MIN_DECODE_POINTS = 3
+"""Decode points needed before they get a fit of their own."""
+
 HOLDOUT_FRACTION = 0.25
 HOLDOUT_SEED = 0
 
 
-def features(kind: str, n, c, b) -> np.ndarray:
-    """Feature matrix (..., k) for unit ``kind`` at broadcast (n, c, b)."""
+def features(kind: str, n, c, b, table: dict | None = None) -> np.ndarray:
+    """Feature matrix (..., k) for unit ``kind`` at broadcast (n, c, b) (``table``: FEATURES
+    or DECODE_FEATURES)."""
     n, c, b = np.broadcast_arrays(np.asarray(n, float), np.asarray(c, float), np.asarray(b, float))
-    return np.stack([_FEATURE_FUNCS[f](n, c, b) for f in FEATURES[kind]], axis=-1)
+    return np.stack([_FEATURE_FUNCS[f](n, c, b) for f in (table or FEATURES)[kind]], axis=-1)
 
 
-def fit_samples(kind: str, s: UnitSamples, mask: np.ndarray | None = None) -> np.ndarray:
+def is_decode(n, c):
+    """Where a unit call is a decode step: one token after some context."""
+    return (np.asarray(n) == 1) & (np.asarray(c) > 0)
+
+
+def split_decode(s: UnitSamples) -> tuple[UnitSamples, UnitSamples | None]:
+    """(prefill points, decode points or None): decode points are fitted apart when the
+    profile has at least MIN_DECODE_POINTS of them besides prefill points."""
+    dec = is_decode(s.n, s.c)
+    if dec.sum() < MIN_DECODE_POINTS or dec.all():
+        return s, None
+
+    def pick(mask):
+        return s.model_copy(update={k: [v for v, m in zip(getattr(s, k), mask) if m]
+                                    for k in ("n", "c", "b", "seconds", "spread", "cpu_seconds")
+                                    if getattr(s, k)})
+
+    return pick(~dec), pick(dec)
+
+
+def fit_samples(kind: str, s: UnitSamples, mask: np.ndarray | None = None, table: dict | None = None) -> np.ndarray:
     """Non-negative least squares on relative error: coefficients, one per feature of ``kind``."""
     from scipy.optimize import nnls  # here, not at import: scipy.optimize costs ~0.5 s of start-up
 
     n, c, b, y = (np.asarray(v, float) for v in (s.n, s.c, s.b, s.seconds))
     if mask is not None:
         n, c, b, y = n[mask], c[mask], b[mask], y[mask]
-    A = features(kind, n, c, b)
+    A = features(kind, n, c, b, table)
     w = 1.0 / y
     # Scale columns to unit norm so NNLS's tolerance treats features of very
     # different magnitudes (1 vs b·n²) alike; undo the scaling afterwards.
@@ -93,8 +130,8 @@ def fit_samples(kind: str, s: UnitSamples, mask: np.ndarray | None = None) -> np
     return coef / scale
 
 
-def predict(kind: str, coef: np.ndarray, n, c, b) -> np.ndarray:
-    return features(kind, n, c, b) @ coef
+def predict(kind: str, coef: np.ndarray, n, c, b, table: dict | None = None) -> np.ndarray:
+    return features(kind, n, c, b, table) @ coef
 
 
 def holdout_mask(k: int, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> np.ndarray:
@@ -122,14 +159,14 @@ class FitError:
                 "p90_rel_error": self.p90, "max_rel_error": self.max}
 
 
-def holdout_error(kind: str, s: UnitSamples) -> FitError:
+def holdout_error(kind: str, s: UnitSamples, table: dict | None = None) -> FitError:
     keep = holdout_mask(len(s.seconds))
     test = ~keep
     if not test.any():  # too few points to hold any out: report the in-sample error
         test = keep
-    coef = fit_samples(kind, s, keep)
+    coef = fit_samples(kind, s, keep, table)
     n, c, b, y = (np.asarray(v, float)[test] for v in (s.n, s.c, s.b, s.seconds))
-    err = np.abs(predict(kind, coef, n, c, b) - y) / y
+    err = np.abs(predict(kind, coef, n, c, b, table) - y) / y
     return FitError(int(keep.sum()), int((~keep).sum()), float(np.median(err)),
                     float(np.percentile(err, 90)), float(err.max()))
 
@@ -204,13 +241,17 @@ class Fitted(CostModel):
         for d in self.cluster.devices:
             self._device_profile[d.id] = self._match_device(d)
         self._coef: dict[tuple[str, str, int], np.ndarray] = {}  # (device, kind, tp): tp 1 is a whole unit
+        self._decode_coef: dict[tuple[str, str, int], np.ndarray] = {}  # where decode steps were timed
         for dp in {id(p): p for p in self._device_profile.values()}.values():
             for kind in ("embed", "attn", "mlp", "head"):
                 if kind not in dp.units:
                     raise InputError(f"device {dp.device!r} has no '{kind}' measurements",
                                      file=str(self.profile_path), field="devices.units")
             for kind, tp, samples in dp.all_samples():
-                self._coef[(dp.device, kind, tp)] = fit_samples(kind, basis_samples(dp, samples, config.basis))
+                prefill, decode = split_decode(basis_samples(dp, samples, config.basis))
+                self._coef[(dp.device, kind, tp)] = fit_samples(kind, prefill)
+                if decode is not None:
+                    self._decode_coef[(dp.device, kind, tp)] = fit_samples(kind, decode, table=DECODE_FEATURES)
         self._links: dict[frozenset, tuple[float, float]] = {}
         self.unmeasured_links: list[tuple[str, str]] = []
         for link in self.profile.links:
@@ -238,6 +279,22 @@ class Fitted(CostModel):
     # ---- CostModel -------------------------------------------------------------
     def unit_time_s(self, unit, device_id, n, c, b, tp=1):
         dp = self._device_profile[device_id] if device_id in self._device_profile else self._unknown(device_id)
+        t = self._prefill_time_s(dp, unit, n, c, b, tp)
+        dec = self._decode_coef.get((dp.device, unit.kind, tp))
+        if dec is None:
+            dec = self._decode_coef.get((dp.device, unit.kind, 1))
+        if dec is not None and np.any(is_decode(n, c)):
+            td = predict(unit.kind, dec, n, c, b, DECODE_FEATURES)
+            if tp > 1 and (dp.device, unit.kind, tp) not in self._decode_coef and unit.kind in ("attn", "mlp"):
+                td = dec[0] + (td - dec[0]) / tp  # shard not timed at decode: as for prefill below
+            t = np.where(is_decode(n, c), td, t)
+        return np.asarray(t, float)
+
+    def has_decode_fit(self, device_id: str) -> bool:
+        """Whether decode steps on this device come from timed decode points (else extrapolated)."""
+        return any(k[0] == self._device_profile[device_id].device for k in self._decode_coef)
+
+    def _prefill_time_s(self, dp, unit, n, c, b, tp):
         shard = self._coef.get((dp.device, unit.kind, tp)) if tp > 1 else None
         if shard is not None:  # the shard itself was timed
             return np.asarray(predict(unit.kind, shard, n, c, b), float)
@@ -295,6 +352,8 @@ class Fitted(CostModel):
         d = super().describe()
         d["profile_path"] = str(self.profile_path)
         d["profile_created"] = self.profile.created
+        if self.setup.output_tokens and not self._decode_coef:
+            d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
         return d
@@ -316,10 +375,16 @@ def _placement_key(p) -> tuple:
 
 def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dict]]:
     """Hold-out error per device and unit kind (shards as "attn/tp2", ...)."""
-    return {dp.device: {(kind if tp == 1 else f"{kind}/tp{tp}"):
-                        holdout_error(kind, basis_samples(dp, s, basis)).as_dict()
-                        for kind, tp, s in dp.all_samples()}
-            for dp in profile.devices}
+    out: dict[str, dict[str, dict]] = {}
+    for dp in profile.devices:
+        rows = out.setdefault(dp.device, {})
+        for kind, tp, s in dp.all_samples():
+            name = kind if tp == 1 else f"{kind}/tp{tp}"
+            prefill, decode = split_decode(basis_samples(dp, s, basis))
+            rows[name] = holdout_error(kind, prefill).as_dict()
+            if decode is not None:
+                rows[f"{name}/decode"] = holdout_error(kind, decode, DECODE_FEATURES).as_dict()
+    return out
 
 
 def summarize_holdout(report: dict[str, dict[str, dict]]) -> dict[str, float]:

@@ -58,16 +58,26 @@ def even_block_split(n_layers: int, n_units: int, k: int) -> list[tuple[int, int
     return list(zip(cuts, cuts[1:]))
 
 
-def finish(setup, planner: str, stages, slices, micro_batches: int, extra: dict | None = None) -> Plan:
+def finish(setup, planner: str, stages, slices, micro_batches: int, extra: dict | None = None,
+           decode_groups: int | None = None) -> Plan:
     """The Plan for this choice, checked, memory-verified and with its exact latency.
 
-    ``stages`` are (devices, start, end) triples."""
+    ``stages`` are (devices, start, end) triples.  Generation: ``decode_groups`` groups
+    decode at once (default: each micro-batch stays a group, a plain pipeline), and
+    ``predicted`` holds the end-to-end latency and the decode figures."""
     plan = Plan(planner=planner, scenario=setup.name,
                 stages=[Stage(devices=list(devs), units=(int(s), int(e))) for devs, s, e in stages],
                 slices=[int(x) for x in slices], micro_batches=int(micro_batches))
+    if setup.output_tokens:
+        plan.decode_micro_batches = int(decode_groups or micro_batches)
     plan.check(setup)
     short = plan_shortfalls(setup, plan)
     if short:
         raise InfeasibleError(f"{planner}: the plan does not fit in memory: " + "; ".join(str(s) for s in short))
-    plan.predicted = {"latency_s": makespan_s(setup, plan), **(extra or {})}
+    if setup.output_tokens:
+        from hpipe.planners.decode import plan_figures
+
+        plan.predicted = {**plan_figures(setup, plan), **(extra or {})}
+    else:
+        plan.predicted = {"latency_s": makespan_s(setup, plan), **(extra or {})}
     return plan

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpipe.memory import SPLIT_KINDS
+from hpipe.memory import SPLIT_KINDS, kv_tokens
 from hpipe.planners.groups import device_kind, tp_degrees
 
 
@@ -257,7 +257,7 @@ class CostTables:
         WR = np.concatenate(([0], np.cumsum(wr)))
         KV = np.concatenate(([0], np.cumsum(kv)))
         wmat = (WS[None, :] - WS[:, None]).astype(float) / tp + (WR[None, :] - WR[:, None]).astype(float)
-        kvmat = (KV[None, :] - KV[:, None]) * s.seq_len * s.batch_size / tp
+        kvmat = (KV[None, :] - KV[:, None]) * kv_tokens(s) * s.batch_size / tp
         out = wmat + kvmat
         self._cache[ck] = out
         return out

@@ -62,15 +62,16 @@ def split_transfer(cluster, src: str, dst: str, total):
     return total - delay, delay
 
 
-def chain_times(setup, plan):
+def chain_times(setup, plan, arrays=None):
     """Hold and delay of every work item at every chain position, and the resources.
 
     Returns ``(t, d, keys)``, t and d of shape (2*stages - 1, items); rows
     alternate stage 0, hop 0->1, stage 1, ...; ``keys[p]`` is ("stage", j) for a
-    stage, the frozenset of directed links for a hop."""
+    stage, the frozenset of directed links for a hop.  ``arrays`` (b, n, c) replaces the
+    plan's prefill items (generation: its decode steps)."""
     cost = setup.cost
     cluster = setup.cluster
-    b, n, c = item_arrays(plan, setup.batch_size)
+    b, n, c = arrays if arrays is not None else item_arrays(plan, setup.batch_size)
     rows, delays, keys = [], [], []
     zero = np.zeros_like(n)
     for j, st in enumerate(plan.stages):

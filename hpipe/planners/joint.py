@@ -50,7 +50,7 @@ def micro_batch_options(batch_size: int) -> list[int]:
 
 def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_batches=None,
                fixed_slices=None, planner: str = "hpipe", max_rounds: int = 8, tensor_parallel: bool = True,
-               mid_rounds: int = 2, mid_margin: float = 0.1):
+               mid_rounds: int = 2, mid_margin: float = 0.1, decode_candidates: int = 6):
     """Search the joint plan; returns a Plan (or raises InfeasibleError).
 
     ``fixed_slices`` pins the slicing (gpipe-balanced uses the whole sequence);
@@ -71,16 +71,21 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     full = [m for m in options if m in (min(options), max(options))]
     good: dict = {}
     seeds: list = []
+    scored: list = []  # every (prefill makespan, partition, slices, micro-batches) seen: generation's candidates
+    if best[1] is not None:
+        scored.append((best[0], best[1], tuple(best[2]), best[3]))
     for m in full:
         sizes = micro_batch_sizes(setup.batch_size, m)
         res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds, tp=tensor_parallel)
         if res is not None:
             seeds.append((res[0], list(res[2])))
+            scored.append((res[0], res[1], tuple(res[2]), m))
             if res[0] < best[0]:
                 best = (res[0], res[1], res[2], m)
         for part, r in sliced.items():
             if r is not None:
                 good[part] = min(good.get(part, math.inf), r[0])
+                scored.append((r[0], part, tuple(r[1]), m))
     top = sorted(good, key=good.get)[:3]
     for m in options:
         if m in full:
@@ -91,6 +96,7 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
             r = _best_slicing(tables, part, sizes) if fixed_slices is None else _fixed(tables, part, sizes,
                                                                                          fixed_slices)
             if r is not None:
+                scored.append((r[0], part, tuple(r[1]), m))
                 resliced = min(resliced, r[0])
                 if r[0] < best[0]:
                     best = (r[0], part, r[1], m)
@@ -100,11 +106,29 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
             seeds.sort()
             res, _ = _joint(tables, sequences, sizes, fixed_slices, mid_rounds, tp=tensor_parallel,
                             starts=[sl for _, sl in seeds[:1]])
-            if res is not None and res[0] < best[0]:
-                best = (res[0], res[1], res[2], m)
+            if res is not None:
+                scored.append((res[0], res[1], tuple(res[2]), m))
+                if res[0] < best[0]:
+                    best = (res[0], res[1], res[2], m)
     lat, part, slices, m = best
     if part is None:
         raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner))
+    if setup.output_tokens and planner == "hpipe":
+        # Generation: the partition, slicing, micro-batches and decode groups that serve both
+        # phases best for the scenario's objective (hpipe.planners.decode).
+        from hpipe.planners import decode
+
+        from hpipe.planners.baselines import even_stages, host_stages
+
+        cands = [(p, s, k) for _, p, s, k in sorted(scored, key=lambda x: x[0])]
+        cands = list(dict.fromkeys(cands))[:decode_candidates]
+        # the baselines' splits too: one tensor-parallel stage per host reads each weight once
+        # per step on every device at 1/tp, which decode (weight-read bound) rewards
+        extra = [alg1.Partition(tuple((tuple(d), s, e) for d, s, e in f(setup))) for f in (even_stages, host_stages)]
+        pick = decode.choose(tables, sequences, cands, lambda p, sz: _best_slicing(tables, p, sz),
+                             setup.objective, options, fixed_slices, extra_partitions=extra)
+        return finish(setup, planner, pick.partition.stages, pick.slices, pick.micro_batches,
+                      decode_groups=pick.groups)
     return finish(setup, planner, part.stages, slices, m)
 
 

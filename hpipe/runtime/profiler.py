@@ -99,7 +99,21 @@ def default_grid(setup, quick: bool = False) -> Grid:
         for c in cs:
             for b in bs:
                 pts.add((n, c, b))
+    pts |= set(decode_points(setup, quick))
     return Grid(tuple(sorted(pts, key=lambda p: (p[0] * p[2], p[1], p[2]))))
+
+
+def decode_points(setup, quick: bool = False) -> list[tuple[int, int, int]]:
+    """Generation: decode steps (n = 1) over the contexts the scenario's steps see (prompt to
+    prompt + output) and batches from one sequence to the batch, so the fitted model's decode
+    figures are measured, not extrapolated from prefill slices.  None for prefill only."""
+    if not setup.output_tokens:
+        return []
+    L, B, N = setup.seq_len, setup.batch_size, setup.output_tokens
+    last = L + N - 1  # the context of the last decode step
+    cs = {max(L // 4, 1), L, (L + last) // 2, last} if not quick else {L, last}
+    bs = sorted({1, B, (B + 1) // 2}) if not quick else sorted({1, B})
+    return [(1, c, b) for c in sorted(cs) for b in bs]
 
 
 def link_sizes(setup) -> list[int]:
@@ -123,6 +137,7 @@ class ProfileJob:
     spec: object
     dtype: str
     seq_len: int
+    """Positions the KV caches hold: the prompt plus the generated tokens."""
     grid: Grid
     warmup: int
     repeats: int
@@ -521,7 +536,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
         port = _free_port() if master == "127.0.0.1" else 29500 + os.getpid() % 1000
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        jobs = [ProfileJob(rank=r, devices=devices, spec=setup.model, dtype=setup.dtype, seq_len=setup.seq_len,
+        jobs = [ProfileJob(rank=r, devices=devices, spec=setup.model, dtype=setup.dtype,
+                           seq_len=setup.seq_len + setup.output_tokens,
                            grid=grid, warmup=warmup, repeats=repeats, placement=em.worker(d),
                            init_method=f"tcp://{master}:{port}", link_sizes=sizes, link_repeats=link_repeats,
                            measure_links=measure_links, tp_groups=tp_groups, timeout_s=timeout_s,
@@ -648,6 +664,9 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if (prof.versions.torch, prof.versions.python) != (v.torch, v.python):
         return (f"measured with torch {prof.versions.torch} / python {prof.versions.python}, "
                 f"this runtime has torch {v.torch} / python {v.python}")
+    if setup.output_tokens and not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c))
+                                       for dp in prof.devices):
+        return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
     for d in setup.cluster.devices:
         dp = prof.device(d.id)
         placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}

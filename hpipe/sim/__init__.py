@@ -1,7 +1,8 @@
 """The simulator behind `hpipe simulate`: a Plan on a Setup in, a RunResult out.
 
 ``build`` turns a plan into a ``PipelineSpec`` whose every duration comes from
-the scenario's cost model (the very calls the planners make, so a planner's
+the scenario's cost model (generation adds the decode steps and their feedback
+edge: ``hpipe.sim.decode``; the very calls the planners make, so a planner's
 prediction and the simulation agree wherever the plan has no contention the
 planner ignored); ``engine.run`` plays it out; ``hpipe.result.summarize``
 turns the timeline into the Result figures, the same code path as measured
@@ -16,7 +17,7 @@ import numpy as np
 
 from hpipe.memory import plan_memory_bytes, plan_shortfalls
 from hpipe.plan import Plan
-from hpipe.result import RunResult, summarize
+from hpipe.result import RunResult, decode_figures, summarize
 from hpipe.sim.engine import HopSpec, PipelineSpec, StageSpec, run
 
 __all__ = ["build", "simulate", "infeasible_result", "directed_links", "PipelineSpec"]
@@ -53,6 +54,9 @@ def build(setup, plan: Plan) -> PipelineSpec:
     cost = setup.cost
     db = setup.dtype_bytes
     items = plan.items(setup.batch_size)
+    work = DecodeWork.of(setup, plan) if setup.output_tokens else None
+    if work is not None:  # generation: the decode steps follow the prefill on every stage
+        items = items + work.items()
     k = len(items)
     mb, sl, b, n, c = (np.array(col) for col in zip(*items))
     b, n, c = b.astype(float), n.astype(float), c.astype(float)
@@ -99,14 +103,28 @@ def build(setup, plan: Plan) -> PipelineSpec:
         hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
                             bottleneck=bottleneck_link(route, edges),
                             hold_s=total - latency, latency_s=latency, nbytes=nbytes))
-    return PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops)
+    spec = PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops)
+    if work is not None and work.n_decode:
+        spec.phases = ["prefill"] * work.n_prefill + ["decode"] * work.n_decode
+        spec.feedback = feedback(setup, plan, work)
+    return spec
+
+
+from hpipe.sim.decode import DecodeWork, decode_groups, feedback, token_times  # noqa: E402  (uses the helpers above)
 
 
 def simulate(setup, plan: Plan) -> RunResult:
     """Simulate one plan; a plan that overflows a device's memory comes back with
     ``feasible`` false and the device and shortfall in ``infeasible``."""
+    if setup.output_tokens and plan.decode_micro_batches is None:
+        plan = plan.model_copy(update={"decode_micro_batches": decode_groups(plan)})
     events = run(build(setup, plan))
     result = summarize(setup, plan, events, plan_memory_bytes(setup, plan))
+    if setup.output_tokens:
+        work = DecodeWork.of(setup, plan)
+        times = token_times(work, result.events, len(plan.stages), setup.batch_size)
+        for k, v in decode_figures(times, 0.0, result.latency_s).items():
+            setattr(result, k, v)
     short = plan_shortfalls(setup, plan)
     if short:
         result.feasible = False

@@ -27,6 +27,11 @@ Processes (simpy generators)
 
 With zero transfers this is exactly C[i][j] = max(C[i-1][j], C[i][j-1]) + t[i][j].
 
+Generation (``PipelineSpec.feedback``, see ``hpipe.sim.decode``) adds one process per
+decode group: for each of the group's items in order, wait until the last stage has
+finished the items it depends on, carry the sampled ids back to stage 0 over the return
+route (links held, then latency), and only then let stage 0 start the item.
+
 Events recorded
 ---------------
 * ``compute`` on each device of a stage.  A tensor-parallel stage built with
@@ -99,12 +104,32 @@ class HopSpec:
 
 
 @dataclass
+class Feedback:
+    """Generation's feedback edge: sampled ids from the last stage back to stage 0."""
+
+    src: str
+    dst: str
+    links: tuple[str, ...]
+    bottleneck: str | None
+    hold_s: np.ndarray
+    """(n_items,) seconds the return links are held for each item's ids."""
+    latency_s: np.ndarray
+    nbytes: np.ndarray
+    chains: list[list[tuple[int, tuple[int, ...]]]]
+    """Per decode group, in order: (item, items the last stage must finish first)."""
+
+
+@dataclass
 class PipelineSpec:
     items: list[tuple[int, int]]
-    """(micro_batch, slice) of each work item, in execution order."""
+    """(micro_batch, slice) of each work item, in execution order (decode: (group, step))."""
     stages: list[StageSpec]
     hops: list[HopSpec | None] = field(default_factory=list)
     """hops[j] feeds stage j; hops[0] is None (stage 0 has its input at t = 0)."""
+    phases: list[str] | None = None
+    """Per item: "prefill" or "decode" (None: all prefill)."""
+    feedback: Feedback | None = None
+    """Generation: what decode items wait for before stage 0 may start them."""
 
     def __post_init__(self):
         if not self.hops:
@@ -151,7 +176,13 @@ def run(spec: PipelineSpec) -> list[Event]:
     arrived: list[list[simpy.Event] | None] = [None] + [[env.event() for _ in range(n_items)]
                                                          for _ in range(1, n_stages)]
     log: list[tuple] = []
-    items = spec.items
+    phases = spec.phases or ["prefill"] * n_items
+    items = [(mb, sl, ph) for (mb, sl), ph in zip(spec.items, phases)]
+    fb = spec.feedback
+    fed: dict[int, simpy.Event] = {}  # decode item -> its ids are back on stage 0
+    if fb is not None:
+        fed = {i: env.event() for chain in fb.chains for i, _ in chain}
+        links.update({name: simpy.Resource(env, capacity=1) for name in fb.links if name not in links})
 
     def stage(j: int):
         st = spec.stages[j]
@@ -160,6 +191,8 @@ def run(spec: PipelineSpec) -> list[Event]:
         for i in range(n_items):
             if j > 0:
                 yield arrived[j][i]
+            elif i in fed:
+                yield fed[i]
             if st.allreduce_s is not None:
                 yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i])
             else:
@@ -187,10 +220,28 @@ def run(spec: PipelineSpec) -> list[Event]:
             else:
                 arrived[j][i].succeed()
 
+    def feedback(chain):
+        res = [links[name] for name in sorted(fb.links)]
+        for i, deps in chain:
+            yield env.all_of([done[n_stages - 1][k] for k in deps])
+            hold, lat = float(fb.hold_s[i]), float(fb.latency_s[i])
+            if hold <= 0 and lat <= 0:
+                fed[i].succeed()
+                continue
+            t0 = yield from _occupy(env, res, hold)
+            log.append(("transfer", fb.src, fb.dst, fb.bottleneck, 0, items[i], t0, env.now, float(fb.nbytes[i])))
+            if lat > 0:
+                env.timeout(lat).callbacks.append(lambda _ev, e=fed[i]: e.succeed())
+            else:
+                fed[i].succeed()
+
     for j in range(n_stages):
         env.process(stage(j))
         if j > 0:
             env.process(hop(j))
+    if fb is not None:
+        for chain in fb.chains:
+            env.process(feedback(chain))
     env.run()
     unfinished = [j for j in range(n_stages) if n_items and not done[j][-1].processed]
     if unfinished:  # cannot happen with in-order stages and ordered link requests; guard anyway
@@ -266,7 +317,7 @@ def _record_stage(log: list, j: int, st: StageSpec, i: int, mb_sl, t0: float, t1
 
 
 def _event(rec: tuple) -> Event:
-    kind, device, dst, link, j, (mb, sl), t0, t1, nbytes = rec
+    kind, device, dst, link, j, (mb, sl, phase), t0, t1, nbytes = rec
     # Validated construction: in pydantic 2 it is faster than model_construct.
     return Event(device=device, kind=kind, stage=j, micro_batch=mb, slice=sl,
-                                 start_s=t0, end_s=t1, dst=dst, nbytes=nbytes, link=link)
+                 start_s=t0, end_s=t1, dst=dst, nbytes=nbytes, link=link, phase=phase)

@@ -12,7 +12,9 @@ times in microseconds.
 
 Gantt: one panel per result on a shared time axis, one row per device (then
 one per link), each work item a bar coloured by its slice (by micro-batch when
-the plan has a single slice), like the HPipe paper's timeline figure.
+the plan has a single slice), like the HPipe paper's timeline figure; generation's
+decode steps are drawn in shades of red (one shade per decode group) and labelled
+``decode gG tT`` in the trace.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def _tracks(r: RunResult) -> tuple[list[str], list[str]]:
 
 
 def _label(e) -> str:
+    if e.phase == "decode":
+        return f"decode g{e.micro_batch} t{e.slice}"
     return f"mb{e.micro_batch} s{e.slice}"
 
 
@@ -59,7 +63,7 @@ def chrome_trace(result: Result) -> dict:
             out.append({"ph": "M", "pid": pid, "tid": k, "name": "thread_sort_index", "args": {"sort_index": k}})
         for e in r.events:
             on_link = e.kind == "transfer" and e.link is not None
-            args = {"stage": e.stage, "micro_batch": e.micro_batch, "slice": e.slice}
+            args = {"stage": e.stage, "micro_batch": e.micro_batch, "slice": e.slice, "phase": e.phase}
             if e.kind == "transfer":
                 args.update(src=e.device, dst=e.dst, nbytes=e.nbytes)
                 name = f"{_label(e)} -> {e.dst}"
@@ -126,7 +130,7 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
             n_colours, what = n_mb, "micro-batch"
         cmap = colormaps["tab20" if n_colours <= 20 else "viridis"]
 
-        row, x0, x1, key, comm, on_link = [], [], [], [], [], []
+        row, x0, x1, key, comm, on_link, dec = [], [], [], [], [], [], []
         for e in r.events:
             link = e.link if (e.kind == "transfer" and e.link) else None
             k = row_of.get(link if link else e.device)
@@ -140,10 +144,15 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
             # all-reduce and tensor-parallel input forwarding: communication on a device
             comm.append(e.kind != "compute" and link is None)
             on_link.append(link is not None)
-        row, x0, x1, key = map(np.asarray, (row, x0, x1, key))
+            dec.append(e.micro_batch if e.phase == "decode" else -1)
+        row, x0, x1, key, dec = map(np.asarray, (row, x0, x1, key, dec))
         comm, on_link = np.asarray(comm, bool), np.asarray(on_link, bool)
         colours = (cmap(key % 20) if n_colours <= 20 else cmap(key / max(n_colours - 1, 1))) if len(key) else []
+        is_dec = dec >= 0 if len(key) else np.zeros(0, bool)
         if len(key):
+            if is_dec.any():  # decode steps: one hue, a shade per group
+                n_groups = int(dec.max()) + 1
+                colours[is_dec] = colormaps["Reds"](0.45 + 0.45 * dec[is_dec] / max(n_groups - 1, 1))
             colours[comm] = (0.55, 0.55, 0.55, 1.0)
             colours[on_link, 3] = 0.65
             h = np.where(on_link, 0.3, 0.4)
@@ -159,6 +168,8 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
         lat = f"{r.latency_s:.3g} s" if r.latency_s is not None else "-"
         bub = f", bubbles {r.bubble_fraction:.0%}" if r.bubble_fraction is not None else ""
         title = f"{result.scenario} ({result.mode}) - {r.planner}: latency {lat}{bub}"
+        if r.ttft_s is not None:
+            title += f", TTFT {r.ttft_s:.3g} s" + (f", TPOT {r.tpot_s * 1e3:.3g} ms" if r.tpot_s is not None else "")
         if not r.feasible:
             title += "  [INFEASIBLE]"
         if hidden:
@@ -172,6 +183,8 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
             handles = [Patch(color=cmap(k % 20), label=names[k]) for k in range(n_colours)]
             if comm.any():
                 handles.append(Patch(color="0.55", label="TP comm"))
+            if is_dec.any():
+                handles.append(Patch(color=colormaps["Reds"](0.7), label="decode steps (shade: group)"))
             ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.005, 1.0),
                       frameon=False)
         else:  # too many to list: a colour scale of the slice (or micro-batch x slice) index

@@ -62,3 +62,29 @@ def test_a_plan_with_a_gap_exits_2_naming_the_field(tmp_path):
     p = hpipe("simulate", SCENARIO, "--plan", plans)
     assert p.returncode == 2
     assert "stages[1].units" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_generation_scenario_shows_the_decode_columns_and_json_fields(tmp_path):
+    gen = str(SCENARIOS / "paper-llama7b-generate.yaml")
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps([{**EVEN, "scenario": "paper-llama7b-generate", "decode_micro_batches": 2}]))
+    trace = tmp_path / "t.json"
+    p = hpipe("simulate", gen, "--plan", plans, "--trace", trace)
+    assert p.returncode == 0, p.stderr
+    for col in ("TTFT s", "TPOT ms", "out tok/s", "decode µb", "+ 256 out"):
+        assert col in p.stdout
+    p = hpipe("simulate", gen, "--plan", plans, "--json", "-")
+    r = json.loads(p.stdout)["results"][0]
+    assert r["ttft_s"] < r["latency_s"] and 0 < r["tpot_s"] <= r["tpot_p90_s"]
+    assert r["output_tokens_per_s"] == pytest.approx(6 * 256 / r["latency_s"])
+    names = {e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "compute"}
+    assert "decode g1 t254" in names
+    # a prefill-only scenario's table keeps its columns
+    p = hpipe("simulate", SCENARIO, "--plan", _write(tmp_path, EVEN))
+    assert p.returncode == 0 and "TTFT" not in p.stdout
+
+
+def _write(tmp_path, plan):
+    path = tmp_path / "even.json"
+    path.write_text(json.dumps(plan))
+    return path
