@@ -127,3 +127,91 @@ def encode(tokenizer, text: str, vocab_size: int, where: str) -> list[int]:
 
 def decode_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# -- `hpipe generate`: prompts in, the scenario and plan for them ----------------------------
+DEFAULT_NEW_TOKENS = 32
+"""`hpipe generate` without --max-new-tokens, on a scenario without workload.output_tokens."""
+
+
+def prompt_ids(tokenizer, vocab_size: int, *, prompt: str | None = None, prompt_file: str | None = None,
+               inputs: str | None = None, weights: str | None = None) -> list[list[int]]:
+    """The token ids of each sequence to generate from: a text prompt (one sequence, through
+    the tokenizer) or a JSON list of token-id lists, all of one length (no padding here)."""
+    given = [n for n, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--inputs", inputs))
+             if v is not None]
+    if len(given) != 1:
+        raise InputError("give exactly one of --prompt TEXT, --prompt-file FILE or --inputs IDS.json"
+                         + (f" (got {', '.join(given)})" if given else ""), field="--prompt")
+    if inputs is not None:
+        from hpipe.io import read_json
+
+        data = read_json(inputs)
+        if not isinstance(data, list) or not data or not all(isinstance(s, list) and s for s in data):
+            raise InputError("expected a JSON list of non-empty token-id lists, one per sequence", file=inputs)
+        for i, seq in enumerate(data):
+            if len(seq) != len(data[0]):
+                raise InputError(f"{len(seq)} tokens, but sequence 0 has {len(data[0])}: sequences are not "
+                                 f"padded, give prompts of one length", file=inputs, field=f"[{i}]")
+            for j, t in enumerate(seq):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                    raise InputError(f"{t!r} is not a token id of the model (0 .. {vocab_size - 1})",
+                                     file=inputs, field=f"[{i}][{j}]")
+        return data
+    where = "--prompt" if prompt is not None else "--prompt-file"
+    if tokenizer is None:
+        why = (f"the weights folder {weights} has no tokenizer.json" if weights else
+               "the scenario has no weights folder (random weights have no tokenizer)")
+        raise InputError(f"a text prompt needs a tokenizer, but {why}; give token ids with --inputs IDS.json",
+                         field=where)
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text()
+        except FileNotFoundError:
+            raise InputError("no such file", file=prompt_file) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the file: {e}", file=prompt_file) from None
+    return [encode(tokenizer, prompt, vocab_size, where)]
+
+
+def setups_for(scenario, ids: list[list[int]], new_tokens: int):
+    """(the Setup to run, the Setup to plan on): the scenario with its workload replaced by
+    the prompts' shape (batch = prompts, seq_len = their tokens) and ``new_tokens``.
+
+    Plans slice the sequence in multiples of planner.token_granularity; a prompt of another
+    length is planned rounded up to one and the plan's last slices cut back
+    (``fit_slices``).  The Setup that runs keeps the prompt's exact length."""
+    import math
+
+    from hpipe.scenario import parse_scenario
+
+    data = scenario.model_dump(exclude_unset=True, exclude={"source_path"})
+    batch, seq_len = len(ids), len(ids[0])
+    g = scenario.planner.token_granularity
+    data["workload"] = {**data["workload"], "seq_len": seq_len, "batch_size": batch, "output_tokens": new_tokens}
+    planner = dict(data.get("planner") or {})
+    if planner.get("micro_batches"):
+        planner["micro_batches"] = min(planner["micro_batches"], batch)
+    data["planner"] = {**planner, "token_granularity": math.gcd(seq_len, g)}
+    file = scenario.source_path
+    run = parse_scenario(data, file).resolve()
+    if seq_len % g == 0:
+        return run, run
+    data["workload"]["seq_len"] = -(-seq_len // g) * g
+    data["planner"]["token_granularity"] = g
+    return run, parse_scenario(data, file).resolve()
+
+
+def fit_slices(slices: list[int], seq_len: int) -> list[int]:
+    """A plan's slices cut back from the end to ``seq_len`` tokens (or the last one grown)."""
+    out = list(slices)
+    extra = sum(out) - seq_len
+    while extra > 0:
+        cut = min(extra, out[-1] - 1) if len(out) == 1 else min(extra, out[-1])
+        out[-1] -= cut
+        extra -= cut
+        if out[-1] == 0:
+            out.pop()
+    if extra < 0:
+        out[-1] -= extra
+    return out
