@@ -408,6 +408,11 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
         ref, _ = gen.reference_generate(spec, weight_source(spec, setup.weights), gen.np.asarray(ids), new_tokens,
                                         eos=gen.eos_ids(setup.weights))
         bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
+        from hpipe.runtime import CHECK_TOLERANCE
+
+        if measured.max_abs_error is not None and measured.max_abs_error > CHECK_TOLERANCE[setup.dtype]:
+            raise HpipeError(f"--check failed: max |logit error| of the prompt's last position "
+                             f"{measured.max_abs_error:.3g} exceeds {CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
         if bad:
             k = bad[0]
             at = next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),

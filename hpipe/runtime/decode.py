@@ -196,6 +196,7 @@ class Decoder:
         self.first_leader = cfg.stages[0][0][0]
         self.next_leader = None if w.last_stage or w.tp_rank else cfg.stages[w.stage + 1][0][0]
         self.caches = None
+        self.n_prefill = len(cfg.items())  # decode steps count on from the prefill's work items
 
     @property
     def max_len(self) -> int:
@@ -343,6 +344,7 @@ class Decoder:
 
         w = self.w
         rows = self.rows[g]
+        w._fault(self.n_prefill + self.n_progress)
         w._item = (g, t)
         t0 = clock()
         with torch.inference_mode():
@@ -359,7 +361,7 @@ class Decoder:
         elif self.next_leader is not None:
             w._send(self.next_leader, (g, t, len(rows), 1, self.seq_len + t), y, log=self.sends)
         self.n_progress += 1
-        w.report("progress", len(w.cfg.items()) + self.n_progress - 1)
+        w.report("progress", self.n_prefill + self.n_progress - 1)
 
     # -- the sampler's bookkeeping ------------------------------------------------------
     def _record(self, rows: list[int], ids: list[int], t: float) -> None:

@@ -165,3 +165,37 @@ def test_eos_stops_a_sequence_and_then_its_group(llama, tmp_path):
     steps = [len([e for e in r.events if e.phase == "decode" and e.kind == "compute" and e.micro_batch == g
                   and e.device == "local/core-0"]) for g in range(3)]
     assert steps == [len(w) - 1 for w in want]
+
+
+@pytest.mark.parametrize("fault", [("kill", 1), ("hang", 2)])
+def test_a_worker_failing_mid_decode_stops_the_run(fault):
+    """Decode receives are bounded too: a stage killed or hung during decode stops the run,
+    naming it, and leaves no worker behind."""
+    import os
+    import time
+
+    from hpipe.errors import WorkerError
+
+    setup = tiny_setup(seq_len=SEQ, batch_size=BATCH, output_tokens=NEW)
+    p = plan([([0], (0, 2)), ([1], (2, 4)), ([2], (4, N))], [8, 8], decode_micro_batches=3).check(setup)
+    action, role = fault
+    n_prefill = len(p.slices)  # one prefill micro-batch
+    pids = []
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as err:
+        execute(setup, p, quiet=True, warmup=0, timeout_s=3, faults={role: (action, n_prefill + 7)},
+                on_spawn=pids.extend)
+    assert time.monotonic() - t0 < 30
+    assert f"stage {role} (local/core-{role})" in str(err.value), str(err.value)
+    deadline = time.monotonic() + 3
+    while any(_alive(q) for q in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [q for q in pids if _alive(q)], "worker processes left behind"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
