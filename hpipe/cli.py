@@ -393,7 +393,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
         from hpipe.io import write_text
 
         write_text(json_path, result.model_dump_json(indent=2))
-    if not stream and json_path != "-" and not quiet:  # the answer, on stdout
+    if not stream and json_path != "-":  # the answer, on stdout (--quiet drops only the table)
         for k, g in enumerate(measured.generated_ids):
             out = measured.text[k] if measured.text else " ".join(map(str, g))
             print(out if len(ids) == 1 else f"[{k}] {out}")

@@ -199,3 +199,19 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_gpu_stages_generate_as_the_one_process_loop(llama):
+    """A CPU stage and a GPU stage (gloo, ids and hidden states staged through host memory).
+    Not yet run on a GPU: the machine that built it had none."""
+    from runtime_helpers import CORE
+
+    folder, _, _, expect = llama
+    gpu = {"name": "gpu", "count": 1, "peak_tflops": 20, "memory_gb": 8, "memory_bandwidth_gbps": 500,
+           "power_w": 250, "runtime": {"device": "cuda"}}
+    setup = tiny_setup(seq_len=SEQ, batch_size=BATCH, output_tokens=NEW, weights=str(folder),
+                       devices=[dict(CORE, count=2), gpu])
+    for p in (plan([([0], (0, 2)), (["gpu-0"], (2, N))], [8, 8], decode_micro_batches=2),
+              plan([(["gpu-0"], (0, 3)), ([1], (3, N))], [16], micro_batches=3)):
+        assert _run(setup, p).generated_ids == expect
