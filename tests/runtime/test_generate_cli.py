@@ -101,21 +101,31 @@ def test_text_prompt_streams_text_equal_to_transformers(tmp_path):
     assert res["ttft_s"] > 0 and res["tpot_s"] > 0 and res["predicted_latency_s"] > 0
 
 
-def test_ids_without_tokenizer_and_text_refused(tmp_path):
+def _main_in_process(args, cwd, monkeypatch, capsys):
+    """The CLI's entry point in this process (an input error never starts a worker)."""
+    from hpipe.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["hpipe", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_ids_without_tokenizer_and_text_refused(tmp_path, monkeypatch, capsys):
     _scenario(tmp_path / "tiny.yaml")
-    r = _hpipe("generate", "tiny.yaml", "--prompt", "hello", cwd=tmp_path)
-    assert r.returncode == 2 and "needs a tokenizer" in r.stderr and "--inputs" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    code, err = _main_in_process(["generate", "tiny.yaml", "--prompt", "hello"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "needs a tokenizer" in err and "--inputs" in err and "Traceback" not in err, err
     ids = [[i % 128 for i in range(10)], [(5 * i) % 128 for i in range(10)]]
+    (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:4]]))
+    code, err = _main_in_process(["generate", "tiny.yaml", "--inputs", "bad.json"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "bad.json" in err and "one length" in err, err
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "5", "--stream", "--check",
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()  # two sequences: "[k] id" per token as they come
     assert len(lines) == 10 and {ln.split()[0] for ln in lines} == {"[0]", "[1]"}
-    (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:4]]))
-    r = _hpipe("generate", "tiny.yaml", "--inputs", "bad.json", cwd=tmp_path)
-    assert r.returncode == 2 and "bad.json" in r.stderr and "one length" in r.stderr
 
 
 def test_execute_reports_decode_figures(tmp_path):
