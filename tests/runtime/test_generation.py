@@ -165,6 +165,11 @@ def test_eos_stops_a_sequence_and_then_its_group(llama, tmp_path):
     steps = [len([e for e in r.events if e.phase == "decode" and e.kind == "compute" and e.micro_batch == g
                   and e.device == "local/core-0"]) for g in range(3)]
     assert steps == [len(w) - 1 for w in want]
+    # one group of all three: sequence 0 stops making tokens, the group runs on for the others
+    r = _run(setup, p.model_copy(update={"decode_micro_batches": 1}))
+    assert r.generated_ids == want
+    assert len([e for e in r.events if e.phase == "decode" and e.kind == "compute"
+                and e.device == "local/core-0"]) == max(len(w) for w in want) - 1
 
 
 @pytest.mark.parametrize("fault", [("kill", 1), ("hang", 2)])
