@@ -136,3 +136,54 @@ def test_execute_reports_decode_figures(tmp_path):
     assert [len(g) for g in res["generated_ids"]] == [6, 6]
     assert 0 < res["ttft_s"] < res["latency_s"] and res["tpot_s"] > 0 and res["tpot_p90_s"] >= res["tpot_s"]
     assert res["output_tokens_per_s"] == pytest.approx(12 / res["latency_s"])
+
+
+def test_two_hosts_with_torchrun_generate(tmp_path):
+    """Generation across two torchrun agents (emulated hosts on this machine) equals the
+    one-process loop; node ranks in the opposite order of the plan's stages."""
+    import socket
+
+    import numpy as np
+
+    from hpipe.runtime.generation import reference_generate
+    from hpipe.runtime.launcher import make_ids
+    from hpipe.runtime.weights import weight_source
+    from hpipe.scenario import load_scenario
+
+    core = {**CORE, "count": 1}
+    data = {"name": "two-hosts", "model": TINY_LLAMA, "dtype": "float32",
+            "workload": {"seq_len": 16, "batch_size": 2, "output_tokens": 8},
+            "cluster": {"hosts": [{"name": "ha", "address": "127.0.0.1", "devices": [core]},
+                                  {"name": "hb", "address": "127.0.0.1", "devices": [core]}],
+                        "network": {"bandwidth_gbps": 1, "latency_us": 100}},
+            "planner": {"kind": "hpipe", "token_granularity": 8}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(data))
+    plan = {"planner": "hand", "scenario": "two-hosts", "slices": [8, 8], "micro_batches": 1, "decode_micro_batches": 2,
+            "stages": [{"devices": ["hb/core-0"], "units": [0, 3]}, {"devices": ["ha/core-0"], "units": [3, 6]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**_env(), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node_rank, host in enumerate(["ha", "hb"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
+               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+               "-m", "hpipe.runtime.torchrun", "two.yaml", "--plan", "plan.json", "--host", host,
+               "--warmup", "0", "--timeout", "30"] + (["--json", "out.json"] if node_rank == 0 else [])
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=tmp_path, start_new_session=True))
+    try:
+        results = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    for p, (_, e) in zip(procs, results):
+        assert p.returncode == 0, e[-3000:]
+    r = json.loads((tmp_path / "out.json").read_text())["results"][0]
+    setup = load_scenario(tmp_path / "two.yaml").resolve()
+    ref, _ = reference_generate(setup.model, weight_source(setup.model, None), make_ids(setup), 8)
+    assert r["generated_ids"] == ref and r["ttft_s"] > 0 and r["tpot_s"] > 0
+    assert np.isfinite(r["output_tokens_per_s"])
