@@ -420,8 +420,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
             raise HpipeError(f"--check failed: sequence {k} differs from the one-process loop at new token {at} "
                              f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process {ref[k][at:at + 3]})")
         if not quiet:
-            _console(stderr=True).print(f"--check: the greedy ids of all {len(ids)} sequences equal the "
-                                        f"one-process loop's")
+            _console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
+                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''})")
 
 
 # ---- profile and validate -------------------------------------------------------
