@@ -347,7 +347,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
 
     with _needs_torch("generate"):
         from hpipe.runtime import generation as gen
-        from hpipe.runtime.launcher import execute as run_exec
+        from hpipe.runtime.launcher import execute as run_exec, runtime_spec
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
     if stream and json_path == "-":
@@ -402,10 +402,12 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stages)", measured, predicted))
     if check:
-        spec = gen.runtime_spec(setup)
+        import numpy as np
+
         from hpipe.runtime.weights import weight_source
 
-        ref, _ = gen.reference_generate(spec, weight_source(spec, setup.weights), gen.np.asarray(ids), new_tokens,
+        spec = runtime_spec(setup)
+        ref, _ = gen.reference_generate(spec, weight_source(spec, setup.weights), np.asarray(ids), new_tokens,
                                         eos=gen.eos_ids(setup.weights))
         bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
         from hpipe.runtime import CHECK_TOLERANCE

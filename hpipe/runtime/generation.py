@@ -14,7 +14,6 @@ import numpy as np
 
 from hpipe.errors import InputError
 from hpipe.runtime.decode import GenerationConfig, group_sizes
-from hpipe.runtime.launcher import runtime_spec  # noqa: F401  (the CLI's --check builds the model with it)
 from hpipe.runtime.sampling import Sampler, SamplingConfig
 
 

@@ -176,7 +176,6 @@ def test_eos_stops_a_sequence_and_then_its_group(llama, tmp_path):
 def test_a_worker_failing_mid_decode_stops_the_run(fault):
     """Decode receives are bounded too: a stage killed or hung during decode stops the run,
     naming it, and leaves no worker behind."""
-    import os
     import time
 
     from hpipe.errors import WorkerError
