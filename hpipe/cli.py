@@ -386,8 +386,6 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     if streamer:
         streamer.close()
     measured.predicted_latency_s = predicted.latency_s
-    if tok is not None:
-        measured.text = [gen.decode_text(tok, g) for g in measured.generated_ids]
     result = Result(scenario=setup.name, mode="measured", results=[measured])
     if json_path:
         from hpipe.io import write_text

@@ -521,7 +521,14 @@ def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float =
         run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
                      warmup=warmup, seed=seed, progress=advance, generation=generation, on_tokens=on_tokens,
                      **launch_kw)
-    return measured_result(setup, plan, run, check=check, spec=spec, seed=seed)
+    result = measured_result(setup, plan, run, check=check, spec=spec, seed=seed)
+    if generation is not None:
+        from hpipe.runtime.generation import decode_text, load_tokenizer
+
+        tok = load_tokenizer(setup.weights)
+        if tok is not None:  # the weights folder's tokenizer.json
+            result.text = [decode_text(tok, g) for g in result.generated_ids]
+    return result
 
 
 def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, seed: int = 0) -> RunResult:

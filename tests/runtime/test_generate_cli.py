@@ -1,8 +1,9 @@
 """`hpipe generate` as a user runs it: a text prompt in, text out, streamed as it is made.
 
 A tiny LLaMA saved by transformers and a word-level tokenizer trained (``tokenizers``) on
-a few sentences at test time make the weights folder.  Also: ids in and out without a
-tokenizer, a text prompt without one (exit 2), and `hpipe execute` reporting decode figures.
+a few sentences at test time make the weights folder; `hpipe execute` on it reports the
+decode figures and the text.  Also: ids in and out without a tokenizer, a text prompt
+without one (exit 2), and generation across two torchrun agents.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from runtime_helpers import CORE, TINY_LLAMA, save_hf_llama  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # several subprocesses that import torch
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park and the cat ran too",
              "long documents need long context", "pipelines split the model over devices",
@@ -100,6 +101,17 @@ def test_text_prompt_streams_text_equal_to_transformers(tmp_path):
     assert ids == hf[0, x.shape[1]:].tolist()
     assert res["ttft_s"] > 0 and res["tpot_s"] > 0 and res["predicted_latency_s"] > 0
 
+    # `hpipe execute` on the same folder: generated ids and their text in the Result
+    _scenario(tmp_path / "gen.yaml", weights="model", output_tokens=4)
+    r = subprocess.run([sys.executable, "-m", "hpipe", "execute", "gen.yaml", "--json", "-"], capture_output=True,
+                       text=True, env=_env(), timeout=150, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]
+    assert res["text"] == [tok.decode(g) for g in res["generated_ids"]]
+    assert [len(g) for g in res["generated_ids"]] == [4, 4]  # the scenario's batch of random prompts
+    assert 0 < res["ttft_s"] < res["latency_s"] and res["tpot_s"] > 0 and res["tpot_p90_s"] >= res["tpot_s"]
+    assert res["output_tokens_per_s"] == pytest.approx(8 / res["latency_s"])
+
 
 def _main_in_process(args, cwd, monkeypatch, capsys):
     """The CLI's entry point in this process (an input error never starts a worker)."""
@@ -126,16 +138,6 @@ def test_ids_without_tokenizer_and_text_refused(tmp_path, monkeypatch, capsys):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()  # two sequences: "[k] id" per token as they come
     assert len(lines) == 10 and {ln.split()[0] for ln in lines} == {"[0]", "[1]"}
-
-
-def test_execute_reports_decode_figures(tmp_path):
-    _scenario(tmp_path / "tiny.yaml", output_tokens=6)
-    r = _hpipe("execute", "tiny.yaml", "--json", "-", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)["results"][0]
-    assert [len(g) for g in res["generated_ids"]] == [6, 6]
-    assert 0 < res["ttft_s"] < res["latency_s"] and res["tpot_s"] > 0 and res["tpot_p90_s"] >= res["tpot_s"]
-    assert res["output_tokens_per_s"] == pytest.approx(12 / res["latency_s"])
 
 
 def test_two_hosts_with_torchrun_generate(tmp_path):
