@@ -397,6 +397,11 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
         con.print(measured_table(f"{setup.name}: {p.planner} measured on this machine, predicted by the "
                                  f"{_costmodel_name(setup)} cost model", measured, predicted))
+        if setup.output_tokens:
+            from hpipe.tables import generation_table
+
+            con.print(generation_table(f"{setup.name}: generation ({setup.output_tokens} new tokens per sequence)",
+                                       measured, predicted))
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 
@@ -407,6 +412,135 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         if con:
             con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
                       f"for {setup.dtype}, against the whole model in one process (float32)", highlight=False)
+
+
+# ---- generate ----------------------------------------------------------------------
+class _Streamer:
+    """Prints each sequence's new tokens to stdout as the last stage makes them: the text
+    decoded so far less what was already printed (one sequence), else one line per token."""
+
+    def __init__(self, tokenizer, batch: int):
+        self.tok, self.batch = tokenizer, batch
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.printed = [""] * batch
+
+    def __call__(self, tokens) -> None:
+        for k, tok in tokens:
+            self.ids[k].append(tok)
+            if self.tok is None:
+                piece = str(tok) + " "
+            else:
+                from hpipe.runtime.generation import decode_text
+
+                text = decode_text(self.tok, self.ids[k])
+                piece, self.printed[k] = text[len(self.printed[k]):], text
+            sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.rstrip()}\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.batch == 1:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+@app.command()
+def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
+             planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
+             plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file")] = None,
+             prompt: Annotated[Optional[str], typer.Option(help="prompt text (needs tokenizer.json in the weights folder)")] = None,
+             prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="read the prompt text from FILE")] = None,
+             inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence, all of one length")] = None,
+             max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="new tokens per sequence (default: the scenario's output_tokens, else 32)")] = None,
+             stream: Annotated[bool, typer.Option(help="print the text (or ids) to stdout as tokens arrive")] = False,
+             check: Annotated[bool, typer.Option(help="compare the greedy ids with one process; exit 1 if they differ")] = False,
+             json_path: JsonOpt = None,
+             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped", metavar="S")] = 60.0,
+             quiet: QuietOpt = False,
+             sets: SetOpt = None):
+    """Run the plan for real and generate: prompt in, text (or token ids) out."""
+    from hpipe.planners import make_plan
+    from hpipe.plan import load_plans
+    from hpipe.result import Result
+    from hpipe.sim import simulate as run_sim
+
+    _check_outputs({"--json": json_path})
+    with _needs_torch("generate"):
+        from hpipe.runtime import generation as gen
+        from hpipe.runtime.launcher import execute as run_exec, runtime_spec
+    if plan is not None and planner is not None:
+        raise InputError("give --planner or --plan, not both", field="--plan")
+    if stream and json_path == "-":
+        raise InputError("--stream and --json - would both write to standard output; give --json a file",
+                         field="--stream")
+    sc = _load_scenario(scenario, sets)
+    weights = str(sc.resolve_path(sc.weights)) if sc.weights else None
+    tok = gen.load_tokenizer(weights)
+    ids = gen.prompt_ids(tok, sc.model_spec().vocab_size, prompt=prompt, inputs=str(inputs) if inputs else None,
+                         prompt_file=str(prompt_file) if prompt_file else None, weights=weights)
+    new_tokens = max_new_tokens or sc.workload.output_tokens or gen.DEFAULT_NEW_TOKENS
+    setup, plan_setup = gen.setups_for(sc, ids, new_tokens)
+    if check and not setup.sampling.temperature == 0:
+        raise InputError(f"--check compares greedy ids, but the scenario samples (temperature "
+                         f"{setup.sampling.temperature:g})", file=str(scenario), field="workload.sampling.temperature")
+    if plan is not None:
+        plans = load_plans(plan)
+        if len(plans) != 1:
+            raise InputError(f"generate runs one plan, the file holds {len(plans)}", file=str(plan))
+        if sum(plans[0].slices) != setup.seq_len:
+            raise InputError(f"the slices sum to {sum(plans[0].slices)} tokens but the prompt has {setup.seq_len}",
+                             file=str(plan), field="slices")
+        p = plans[0].check(setup, file=str(plan))
+    else:
+        names = _planner_names(planner or sc.planner.kind)
+        if len(names) != 1:
+            raise InputError("generate runs one planner", field="--planner")
+        p = make_plan(plan_setup, names[0])
+        p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup)
+    predicted = run_sim(setup, p)
+    if not predicted.feasible:
+        raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    streamer = _Streamer(tok, len(ids)) if stream else None
+    measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,
+                        on_tokens=streamer)
+    if streamer:
+        streamer.close()
+    measured.predicted_latency_s = predicted.latency_s
+    result = Result(scenario=setup.name, mode="measured", results=[measured])
+    if json_path:
+        from hpipe.io import write_text
+
+        write_text(json_path, result.model_dump_json(indent=2))
+    if not stream and json_path != "-":  # the answer, on stdout (--quiet drops only the table)
+        for k, g in enumerate(measured.generated_ids):
+            out = measured.text[k] if measured.text else " ".join(map(str, g))
+            print(out if len(ids) == 1 else f"[{k}] {out}")
+    if not quiet:
+        _console(stderr=True).print(generation_table(
+            f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
+            f"({len(p.stages)} stages)", measured, predicted))
+    if check:
+        import numpy as np
+
+        from hpipe.runtime.weights import weight_source
+
+        spec = runtime_spec(setup)
+        ref, _ = gen.reference_generate(spec, weight_source(spec, setup.weights), np.asarray(ids), new_tokens,
+                                        eos=gen.eos_ids(setup.weights))
+        bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
+        from hpipe.runtime import CHECK_TOLERANCE
+
+        if measured.max_abs_error is not None and measured.max_abs_error > CHECK_TOLERANCE[setup.dtype]:
+            raise HpipeError(f"--check failed: max |logit error| of the prompt's last position "
+                             f"{measured.max_abs_error:.3g} exceeds {CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
+        if bad:
+            k = bad[0]
+            at = next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),
+                      min(len(ref[k]), len(measured.generated_ids[k])))
+            raise HpipeError(f"--check failed: sequence {k} differs from the one-process loop at new token {at} "
+                             f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process {ref[k][at:at + 3]})")
+        if not quiet:
+            _console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
+                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''})")
 
 
 # ---- profile and validate -------------------------------------------------------

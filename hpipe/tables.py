@@ -124,6 +124,21 @@ def measured_table(title: str, measured, predicted) -> Table:
     return t
 
 
+def generation_table(title: str, measured, predicted=None) -> Table:
+    """Generation figures, measured beside the simulator's where it predicts them."""
+    t = _table(title)
+    for c in ("", "latency s", "TTFT s", "TPOT s", "TPOT p90 s", "output tokens/s"):
+        t.add_column(c, justify="left" if not c else "right")
+
+    def row(name, r):
+        t.add_row(name, *(sig(v) for v in (r.latency_s, r.ttft_s, r.tpot_s, r.tpot_p90_s, r.output_tokens_per_s)))
+
+    if predicted is not None and predicted.feasible:
+        row("simulated", predicted)
+    row("measured", measured)
+    return t
+
+
 def sweep_table(title: str, key: str, values, runs) -> Table:
     """sweep: one row per (value, planner); tokens/s is in the JSON (batch tokens / latency)."""
     notes = infeasible_notes([r for run in runs for r in run.results])

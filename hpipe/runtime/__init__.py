@@ -9,6 +9,9 @@ behind ``hpipe execute``:
 * ``worker.py``   -- one process per plan device: the stage loop over send/recv
 * ``launcher.py`` -- starts and supervises the workers, builds the measured Result
 * ``torchrun.py`` -- the same run across several hosts, started by torchrun
+* ``decode.py``   -- generation: the decode step loop of the stage workers
+* ``sampling.py`` -- greedy and seeded temperature / top-k / top-p sampling
+* ``generation.py`` -- generation on the launcher's side: tokenizer, prompts, the one-process reference
 """
 
 import torch  # noqa: F401  (fail here, where the CLI turns a missing torch into a clear message)

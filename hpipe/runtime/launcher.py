@@ -365,12 +365,16 @@ def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progre
 
 def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
            warmup: int = 1, seed: int = 0, all_logits: bool = False, faults: dict[int, tuple[str, int]] | None = None,
-           on_spawn=None, progress=None) -> Run:
+           on_spawn=None, progress=None, generation=None, on_tokens=None) -> Run:
     """Run ``plan`` with one worker process per device; the workers' records.
 
     Where the scenario asks for slower devices (``cpu_quota``) or several hosts without
     addresses, the run is emulated (``hpipe.runtime.emulation``: cgroups, shaped network
-    namespaces) as far as this machine permits, and the emulation is removed afterwards."""
+    namespaces) as far as this machine permits, and the emulation is removed afterwards.
+
+    With ``generation`` (a ``decode.GenerationConfig``) the workers decode after the prefill;
+    ``on_tokens([(sequence, id), ...])`` then sees each step's ids as the last stage makes
+    them (when the config streams)."""
     from hpipe.runtime import emulation
 
     want = emulation.what_to_emulate(setup, plan.devices)
@@ -378,7 +382,8 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
         try:
             return _launch(setup, plan, em, ids=ids, spec=spec, timeout_s=timeout_s,
                            startup_timeout_s=startup_timeout_s, warmup=warmup, seed=seed, all_logits=all_logits,
-                           faults=faults, on_spawn=on_spawn, progress=progress)
+                           faults=faults, on_spawn=on_spawn, progress=progress, generation=generation,
+                           on_tokens=on_tokens)
         except KeyboardInterrupt:
             # The forkserver may still be importing torch with Ctrl-C blocked; it would notice
             # that we are gone only after that import, seconds later.  Stop it now.
@@ -387,7 +392,7 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
 
 
 def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup, seed, all_logits, faults,
-            on_spawn, progress) -> Run:
+            on_spawn, progress, generation=None, on_tokens=None) -> Run:
     from hpipe.runtime.worker import WorkerConfig, spawned_main
 
     spec = spec or setup.model
@@ -409,11 +414,14 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
                          init_method=f"tcp://{em.master_addr(devices[0])}:{port}", world_size=len(devices),
                          rank=role, emulation=em.worker(dev),
                          timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, warmup=warmup,
-                         all_logits=all_logits, env=env, launcher_pid=os.getpid(), fault=(faults or {}).get(role))
+                         all_logits=all_logits, env=env, launcher_pid=os.getpid(), fault=(faults or {}).get(role),
+                         generation=generation)
         if c.stage_of(role) == 0:
             c.ids = ids
         cfgs.append(c)
     n_items = len(cfgs[0].items())
+    if generation is not None:  # at most: every group takes every decode step
+        n_items += len(generation.group_sizes) * (generation.output_tokens - 1)
 
     ctx = _context()
     fs_pid = _forkserver_pid()
@@ -455,6 +463,10 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
             elif kind == "ready":
                 ready.add(role)
                 last = now
+            elif kind == "tokens":
+                last = now
+                if on_tokens:
+                    on_tokens(payload)
             elif kind == "progress":
                 prog[role] = payload
                 last = now
@@ -499,8 +511,12 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
 
 def run_from_records(records: dict[int, dict], devices, stages, ids) -> Run:
     rec = records[stages[-1][0][0]]  # the last stage's leader holds the logits
+    extra = {}
+    if "decode" in rec:  # and the generated ids, with the time each was made
+        extra = {"generated": rec["decode"]["generated"], "token_times": rec["decode"]["token_times"],
+                 "sampler_role": stages[-1][0][0]}
     return Run(records=records, devices=list(devices), logits=rec["logits"], all_logits=rec.get("all_logits"),
-               ids=ids)
+               ids=ids, extra=extra)
 
 
 # -- records -> Result ------------------------------------------------------------
@@ -518,24 +534,28 @@ def run_events(run: Run, cluster=None) -> list[Event]:
     stage = {role: r["stage"] for role, r in recs.items()}
     dev = run.devices
     events = []
-    for role, r in recs.items():
-        o = offset[role]
-        for kind, mb, s, t0, t1, nbytes in r["events"]:
-            events.append(Event(device=dev[role], kind=kind, stage=stage[role], micro_batch=mb, slice=s,
-                                start_s=t0 + o, end_s=t1 + o, nbytes=float(nbytes)))
-    issued = {}
-    for role, r in recs.items():
-        for mb, s, dst, t, nbytes in r["sends"]:
-            issued[(role, dst, mb, s)] = t + offset[role]
-    for role, r in recs.items():
-        o = offset[role]
-        for mb, s, src, t_post, t_done, nbytes in r["recvs"]:
-            t_send = issued.get((src, role, mb, s), t_post + o)
-            start = max(t_send, t_post + o)
-            link = transfer_link(cluster, dev[src], dev[role]) if cluster is not None else None
-            events.append(Event(device=dev[src], kind="transfer", stage=stage[role], micro_batch=mb, slice=s,
-                                start_s=start, end_s=max(start, t_done + o), dst=dev[role], nbytes=float(nbytes),
-                                link=link))
+    # the prefill's stamps, then (generation) the decode steps', under the same keys
+    phases = [("prefill", recs)] + ([("decode", {role: r["decode"] for role, r in recs.items()})]
+                                    if all("decode" in r for r in recs.values()) else [])
+    for phase, rs in phases:
+        for role, r in rs.items():
+            o = offset[role]
+            for kind, mb, s, t0, t1, nbytes in r["events"]:
+                events.append(Event(device=dev[role], kind=kind, stage=stage[role], micro_batch=mb, slice=s,
+                                    start_s=t0 + o, end_s=t1 + o, nbytes=float(nbytes), phase=phase))
+        issued = {}
+        for role, r in rs.items():
+            for mb, s, dst, t, nbytes in r["sends"]:
+                issued[(role, dst, mb, s)] = t + offset[role]
+        for role, r in rs.items():
+            o = offset[role]
+            for mb, s, src, t_post, t_done, nbytes in r["recvs"]:
+                t_send = issued.get((src, role, mb, s), t_post + o)
+                start = max(t_send, t_post + o)
+                link = transfer_link(cluster, dev[src], dev[role]) if cluster is not None else None
+                events.append(Event(device=dev[src], kind="transfer", stage=stage[role], micro_batch=mb, slice=s,
+                                    start_s=start, end_s=max(start, t_done + o), dst=dev[role],
+                                    nbytes=float(nbytes), link=link, phase=phase))
     events.sort(key=lambda e: (e.start_s, e.end_s))
     return events
 
@@ -554,15 +574,27 @@ def reference_logits(setup, ids: np.ndarray, spec=None, seed: int = 0, all_posit
 
 
 def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float = 60.0, quiet: bool = False,
-            warmup: int = 1, seed: int = 0, startup_timeout_s: float = 600.0, **launch_kw) -> RunResult:
+            warmup: int = 1, seed: int = 0, startup_timeout_s: float = 600.0, on_tokens=None,
+            **launch_kw) -> RunResult:
     """Run ``plan`` for real; its measured RunResult (``next_token_ids``, and ``max_abs_error``
-    against a single-process float32 forward when ``check``)."""
+    against a single-process float32 forward when ``check``).
+
+    When the scenario generates (``workload.output_tokens`` > 0) the workers decode after
+    the prefill: the result adds ``generated_ids`` and the decode figures, and
+    ``on_tokens([(sequence, id), ...])`` streams each step's ids as they are made."""
     spec = runtime_spec(setup)
     ids = make_ids(setup, inputs, seed)
     from hpipe.progress import progress
 
+    generation = None
+    if setup.output_tokens > 0:
+        from hpipe.runtime.generation import generation_config
+
+        generation = generation_config(setup, plan, spec, stream=on_tokens is not None)
     last_role = len(plan.devices) - len(plan.stages[-1].devices)
     n_items = plan.micro_batches * len(plan.slices)
+    if generation is not None:
+        n_items += len(generation.group_sizes) * (generation.output_tokens - 1)
     with progress(quiet) as bar:
         task = bar.add_task(f"executing {plan.planner}", total=(warmup + 1) * n_items)
 
@@ -576,8 +608,16 @@ def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float =
         meter = Meter(counter) if counter is not None else None
         with meter or contextlib.nullcontext():
             run = launch(setup, plan, ids=ids, spec=spec, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
-                         warmup=warmup, seed=seed, progress=advance, **launch_kw)
-    return measured_result(setup, plan, run, check=check, spec=spec, seed=seed, meter=meter)
+                         warmup=warmup, seed=seed, progress=advance, generation=generation, on_tokens=on_tokens,
+                         **launch_kw)
+    result = measured_result(setup, plan, run, check=check, spec=spec, seed=seed, meter=meter)
+    if generation is not None:
+        from hpipe.runtime.generation import decode_text, load_tokenizer
+
+        tok = load_tokenizer(setup.weights)
+        if tok is not None:  # the weights folder's tokenizer.json
+            result.text = [decode_text(tok, g) for g in result.generated_ids]
+    return result
 
 
 def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, seed: int = 0,
@@ -596,6 +636,14 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
     events = run_events(run, setup.cluster)
     one_host = len({r.get("boot_id") for r in run.records.values()}) == 1  # events on this host's clock
+    if "generated" in run.extra:  # the decode figures as the simulator defines them
+        from hpipe.result import decode_figures
+
+        o = 0.0 if one_host else -run.records[run.extra["sampler_role"]]["t_sync"]
+        t0 = min(e.start_s for e in events)
+        latency = max(e.end_s for e in events) - t0
+        times = [[t + o for t in ts] for ts in run.extra["token_times"]]
+        extra.update(decode_figures(times, t0, latency), generated_ids=run.extra["generated"])
     joules = (meter.joules_between(min(e.start_s for e in events), max(e.end_s for e in events))
               if meter is not None and events and one_host else None)
     if joules is not None:

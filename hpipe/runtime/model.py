@@ -132,6 +132,12 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of sequences [start, stop) of the batch: views, sharing the memory."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
+
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
@@ -253,6 +259,8 @@ class AttentionUnit(_Unit):
                 k, v = k.index_select(1, self.kv_of), v.index_select(1, self.kv_of)
         if pos == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        elif n == 1:  # a decode step: the one query sees every key, no mask to build
+            o = F.scaled_dot_product_attention(q, k, v, **kw)
         else:
             # Query i of the slice sits at position pos + i and sees keys 0 .. pos + i.
             mask = torch.ones(n, pos + n, dtype=torch.bool, device=x.device).tril(diagonal=pos)

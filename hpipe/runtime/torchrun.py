@@ -128,6 +128,10 @@ def _main(args) -> int:
                        threads=place.threads, cores=place.cores, backend=backend, init_method="env://",
                        world_size=int(os.environ["WORLD_SIZE"]), rank=None, host=args.host,
                        timeout_s=args.timeout, warmup=args.warmup)
+    if setup.output_tokens > 0:  # generation: decode steps follow the prefill
+        from hpipe.runtime.generation import generation_config
+
+        cfg.generation = generation_config(setup, plan, spec)
     rec = worker_main(cfg)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(rec, gathered, dst=0)
@@ -142,7 +146,7 @@ def _main(args) -> int:
             write_text(args.json_path, text)
         else:
             print(json.dumps({"latency_s": measured.latency_s, "next_token_ids": measured.next_token_ids,
-                              "max_abs_error": measured.max_abs_error}))
+                              "max_abs_error": measured.max_abs_error, "generated_ids": measured.generated_ids}))
     dist.destroy_process_group()
     return 0
 

@@ -97,6 +97,9 @@ class WorkerConfig:
     device (cgroup) or host (network namespace); None: as it is."""
     fault: tuple[str, int] | None = None
     """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item."""
+    generation: object | None = None
+    """``hpipe.runtime.decode.GenerationConfig`` when the run generates (decode steps follow
+    the prefill); None: prefill only."""
 
     def items(self) -> list[tuple[int, int, int, int, int]]:
         out = []
@@ -288,6 +291,18 @@ class StageWorker:
         if hasattr(source, "close"):
             source.close()
         self.caches: dict[int, dict] = {}
+        self.decoder = None
+        if cfg.generation is not None:
+            from hpipe.runtime.decode import Decoder
+
+            self.decoder = Decoder(self)
+            # one cache per unit for the whole batch, prompt and output long; micro-batches
+            # and decode groups use views of their rows
+            batch_caches = make_caches(self.units, sum(cfg.mb_sizes), self.decoder.max_len)
+            mb_start = [sum(cfg.mb_sizes[:m]) for m in range(len(cfg.mb_sizes) + 1)]
+            self.caches = {mb: {i: c.rows(mb_start[mb], mb_start[mb + 1]) for i, c in batch_caches.items()}
+                           for mb in range(len(cfg.mb_sizes))}
+            self.decoder.group_caches(batch_caches)
 
     # -- helpers --------------------------------------------------------------
     def describe(self, role: int) -> str:
@@ -312,7 +327,8 @@ class StageWorker:
         self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))
         return x
 
-    def _send(self, dst_role: int, item, y: torch.Tensor) -> None:
+    def _send(self, dst_role: int, item, y: torch.Tensor, log: list | bool | None = None) -> None:
+        """isend header and payload; recorded in ``log`` (default: this run's sends; False: not)."""
         t = clock()  # a GPU stage's device-to-host copy (gloo) is part of the transfer
         hdr = torch.tensor(item, dtype=torch.int64, device=self.comm_device)
         if self.cfg.backend == "gloo":
@@ -325,7 +341,9 @@ class StageWorker:
         except Exception as e:
             raise CommError(dst_role, f"sending to {self.describe(dst_role)}: {_short(e)}") from e
         self._pending.append((works, hdr, payload, dst_role))  # tensors stay alive until sent
-        self.sends.append((item[0], item[1], dst_role, t, payload.numel() * payload.element_size()))
+        if log is not False:
+            (self.sends if log is None else log).append(
+                (item[0], item[1], dst_role, t, payload.numel() * payload.element_size()))
         while len(self._pending) > MAX_PENDING_SENDS:
             self._wait_oldest_send()
 
@@ -359,11 +377,14 @@ class StageWorker:
             raise RuntimeError("injected fault")
 
     # -- the stage loop -------------------------------------------------------
-    def run_items(self) -> dict:
+    def run_items(self, final: bool = True) -> dict:
         cfg = self.cfg
         items = cfg.items()
         self.events, self.sends = [], []
         self.compute_cpu_s = 0.0  # this thread's CPU time in compute: load-independent, unlike wall time
+        dec = self.decoder
+        if dec is not None:
+            dec.begin(final)
         logits_last: dict[int, np.ndarray] = {}
         logits_all: dict[int, list] = {}
         src_role = None
@@ -389,12 +410,19 @@ class StageWorker:
                 if mb not in self.caches:
                     self.caches[mb] = make_caches(self.units, b, sum(cfg.slices))
                 self._item = (mb, s)
+                first_tokens = dec is not None and dec.sampler_role and s == len(cfg.slices) - 1
                 t0, cpu0 = clock(), time.thread_time()
                 with torch.inference_mode():
                     y = run_units(self.units, x, c, self.caches[mb])
+                    if first_tokens:  # the head's work: each sequence's first generated token
+                        rows = range(mb_start[mb], mb_start[mb + 1])
+                        new_ids = dec.prefill_tokens(rows, y[:, -1])
                 self.sync()
-                self.events.append(("compute", mb, s, t0, clock(), 0))
+                t1 = clock()
+                self.events.append(("compute", mb, s, t0, t1, 0))
                 self.compute_cpu_s += time.thread_time() - cpu0
+                if first_tokens:
+                    dec.after_prefill(rows, new_ids, t1)
                 if self.last_stage:
                     if self.tp_rank == 0:
                         if cfg.all_logits:
@@ -404,6 +432,8 @@ class StageWorker:
                 elif next_leader is not None:
                     self._send(next_leader, item, y)
                 self.report("progress", i)
+            if dec is not None:
+                dec.run()
             while self._pending:
                 self._wait_oldest_send()
         finally:
@@ -411,6 +441,8 @@ class StageWorker:
                 recv.close()
         out = {"events": self.events, "sends": self.sends, "recvs": recv.records if recv else [],
                "compute_cpu_s": self.compute_cpu_s}
+        if dec is not None:
+            out["decode"] = dec.record()
         if self.last_stage and self.tp_rank == 0:
             out["logits"] = np.concatenate([logits_last[m] for m in range(len(cfg.mb_sizes))])
             if cfg.all_logits:
@@ -424,7 +456,7 @@ class StageWorker:
         for r in range(self.cfg.warmup + 1):
             self._barrier()
             t_sync = clock()
-            out = self.run_items()
+            out = self.run_items(final=r == self.cfg.warmup)
         self._barrier()
         out["t_sync"] = t_sync
         return out

@@ -1,0 +1,217 @@
+"""Generation on the launcher's side: what the workers are told, the tokenizer, and the
+one-process reference that ``--check`` and the tests compare the pipelined ids with.
+
+The decode step loop itself runs in the workers (``decode.py``); ``launcher.execute``
+asks for it whenever the scenario's ``workload.output_tokens`` is above 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hpipe.errors import InputError
+from hpipe.runtime.decode import GenerationConfig, group_sizes
+from hpipe.runtime.sampling import Sampler, SamplingConfig
+
+
+def decode_groups(plan, batch_size: int) -> int:
+    """Sequence groups in flight during decode: the plan's ``decode_micro_batches``, else one
+    per stage (enough to keep every stage busy), at most one per sequence."""
+    return min(plan.decode_micro_batches or len(plan.stages), batch_size)
+
+
+def eos_ids(weights: str | None) -> tuple[int, ...]:
+    """The end-of-sequence ids of a Hugging Face folder (config.json, then
+    generation_config.json); none for random weights, which then stop at max tokens."""
+    if not weights:
+        return ()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(weights) / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise InputError(f"not valid JSON: {e}", file=str(path)) from None
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise InputError(f"{value!r} is not a token id or a list of them", file=str(path), field="eos_token_id")
+        return tuple(values)
+    return ()
+
+
+def check_positions(setup, spec) -> None:
+    """A GPT model has learned positions: the prompt and its output must fit them."""
+    total = setup.seq_len + setup.output_tokens
+    if spec.family == "gpt" and total > spec.max_seq_len:
+        raise InputError(f"seq_len {setup.seq_len} + output_tokens {setup.output_tokens} = {total} exceeds the "
+                         f"model's {spec.max_seq_len} positions", file=setup.scenario.source_path,
+                         field="workload.output_tokens")
+
+
+def generation_config(setup, plan, spec, stream: bool = False) -> GenerationConfig:
+    check_positions(setup, spec)
+    return GenerationConfig(output_tokens=setup.output_tokens,
+                            group_sizes=group_sizes(setup.batch_size, decode_groups(plan, setup.batch_size)),
+                            sampling=SamplingConfig.of(setup.sampling), eos_ids=eos_ids(setup.weights),
+                            stream=stream)
+
+
+def reference_generate(spec, source, ids: np.ndarray, output_tokens: int, *, eos: tuple[int, ...] = (),
+                       sampling: SamplingConfig = SamplingConfig()) -> tuple[list[list[int]], np.ndarray]:
+    """The plain loop, in this process, without a KV cache: every step runs the whole model
+    over the prompt and the tokens so far (float32, CPU) and picks from the last position.
+
+    Returns each sequence's new ids (cut after its first EOS) and the prompt's last-position
+    logits (B, V).  Deliberately nothing like the pipelined code path: no cache, no slices."""
+    import torch
+
+    from hpipe.runtime.model import build_units, run_units
+
+    units = build_units(spec, 0, spec.n_units, source, dtype="float32")
+    x = torch.from_numpy(np.ascontiguousarray(ids))  # (B, T)
+    B = x.shape[0]
+    sampler = Sampler(sampling, B)
+    out: list[list[int]] = [[] for _ in range(B)]
+    first = None
+    with torch.inference_mode():
+        for _ in range(output_tokens):
+            logits = run_units(units, x, 0)[:, -1]  # (B, V)
+            if first is None:
+                first = logits.numpy().copy()
+            active = [k for k in range(B) if not (out[k] and (out[k][-1] in eos or len(out[k]) >= output_tokens))]
+            if not active:
+                break
+            new = sampler(logits[active], active)
+            nxt = x[:, -1].clone()
+            for k, tok in zip(active, new):
+                out[k].append(int(tok))
+                nxt[k] = int(tok)
+            x = torch.cat([x, nxt[:, None]], dim=1)
+    return out, first
+
+
+def load_tokenizer(weights: str | None):
+    """The weights folder's ``tokenizer.json`` (``tokenizers`` library), or None."""
+    if not weights:
+        return None
+    path = Path(weights) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise InputError("reading tokenizer.json needs the tokenizers library: pip install tokenizers",
+                         file=str(path)) from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises its own exception types for a bad file
+        raise InputError(f"not a tokenizers file: {str(e).splitlines()[0][:200]}", file=str(path)) from None
+
+
+def encode(tokenizer, text: str, vocab_size: int, where: str) -> list[int]:
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        raise InputError("the prompt has no tokens", field=where)
+    bad = [t for t in ids if t >= vocab_size]
+    if bad:
+        raise InputError(f"the tokenizer gives id {bad[0]}, outside the model's vocabulary of {vocab_size}",
+                         field=where)
+    return ids
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# -- `hpipe generate`: prompts in, the scenario and plan for them ----------------------------
+DEFAULT_NEW_TOKENS = 32
+"""`hpipe generate` without --max-new-tokens, on a scenario without workload.output_tokens."""
+
+
+def prompt_ids(tokenizer, vocab_size: int, *, prompt: str | None = None, prompt_file: str | None = None,
+               inputs: str | None = None, weights: str | None = None) -> list[list[int]]:
+    """The token ids of each sequence to generate from: a text prompt (one sequence, through
+    the tokenizer) or a JSON list of token-id lists, all of one length (no padding here)."""
+    given = [n for n, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--inputs", inputs))
+             if v is not None]
+    if len(given) != 1:
+        raise InputError("give exactly one of --prompt TEXT, --prompt-file FILE or --inputs IDS.json"
+                         + (f" (got {', '.join(given)})" if given else ""), field="--prompt")
+    if inputs is not None:
+        from hpipe.io import read_json
+
+        data = read_json(inputs)
+        if not isinstance(data, list) or not data or not all(isinstance(s, list) and s for s in data):
+            raise InputError("expected a JSON list of non-empty token-id lists, one per sequence", file=inputs)
+        for i, seq in enumerate(data):
+            if len(seq) != len(data[0]):
+                raise InputError(f"{len(seq)} tokens, but sequence 0 has {len(data[0])}: sequences are not "
+                                 f"padded, give prompts of one length", file=inputs, field=f"[{i}]")
+            for j, t in enumerate(seq):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                    raise InputError(f"{t!r} is not a token id of the model (0 .. {vocab_size - 1})",
+                                     file=inputs, field=f"[{i}][{j}]")
+        return data
+    where = "--prompt" if prompt is not None else "--prompt-file"
+    if tokenizer is None:
+        why = (f"the weights folder {weights} has no tokenizer.json" if weights else
+               "the scenario has no weights folder (random weights have no tokenizer)")
+        raise InputError(f"a text prompt needs a tokenizer, but {why}; give token ids with --inputs IDS.json",
+                         field=where)
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text()
+        except FileNotFoundError:
+            raise InputError("no such file", file=prompt_file) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the file: {e}", file=prompt_file) from None
+    return [encode(tokenizer, prompt, vocab_size, where)]
+
+
+def setups_for(scenario, ids: list[list[int]], new_tokens: int):
+    """(the Setup to run, the Setup to plan on): the scenario with its workload replaced by
+    the prompts' shape (batch = prompts, seq_len = their tokens) and ``new_tokens``.
+
+    Plans slice the sequence in multiples of planner.token_granularity; a prompt of another
+    length is planned rounded up to one and the plan's last slices cut back
+    (``fit_slices``).  The Setup that runs keeps the prompt's exact length."""
+    import math
+
+    from hpipe.scenario import parse_scenario
+
+    data = scenario.model_dump(exclude_unset=True, exclude={"source_path"})
+    batch, seq_len = len(ids), len(ids[0])
+    g = scenario.planner.token_granularity
+    data["workload"] = {**data["workload"], "seq_len": seq_len, "batch_size": batch, "output_tokens": new_tokens}
+    planner = dict(data.get("planner") or {})
+    if planner.get("micro_batches"):
+        planner["micro_batches"] = min(planner["micro_batches"], batch)
+    data["planner"] = {**planner, "token_granularity": math.gcd(seq_len, g)}
+    file = scenario.source_path
+    run = parse_scenario(data, file).resolve()
+    if seq_len % g == 0:
+        return run, run
+    data["workload"]["seq_len"] = -(-seq_len // g) * g
+    data["planner"]["token_granularity"] = g
+    return run, parse_scenario(data, file).resolve()
+
+
+def fit_slices(slices: list[int], seq_len: int) -> list[int]:
+    """A plan's slices cut back from the end to ``seq_len`` tokens (or the last one grown)."""
+    out = list(slices)
+    extra = sum(out) - seq_len
+    while extra > 0:
+        cut = min(extra, out[-1] - 1) if len(out) == 1 else min(extra, out[-1])
+        out[-1] -= cut
+        extra -= cut
+        if out[-1] == 0:
+            out.pop()
+    if extra < 0:
+        out[-1] -= extra
+    return out

@@ -1,0 +1,191 @@
+"""`hpipe generate` as a user runs it: a text prompt in, text out, streamed as it is made.
+
+A tiny LLaMA saved by transformers and a word-level tokenizer trained (``tokenizers``) on
+a few sentences at test time make the weights folder; `hpipe execute` on it reports the
+decode figures and the text.  Also: ids in and out without a tokenizer, a text prompt
+without one (exit 2), and generation across two torchrun agents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from runtime_helpers import CORE, TINY_LLAMA, save_hf_llama  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # several subprocesses that import torch
+ROOT = Path(__file__).resolve().parents[2]
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park and the cat ran too",
+             "long documents need long context", "pipelines split the model over devices",
+             "every token crosses the slow link again", "the answer comes as text as it is written"]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _hpipe(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "hpipe", *args], capture_output=True, text=True, env=_env(),
+                          timeout=150, cwd=cwd)
+
+
+def _save_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(vocab_size=128, special_tokens=["[UNK]"]))
+    assert tok.get_vocab_size() <= 128
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def _scenario(path: Path, weights: str | None = None, **workload):
+    data = {"name": "tiny", "model": TINY_LLAMA, "dtype": "float32",
+            "workload": {"seq_len": 16, "batch_size": 2, **workload},
+            "cluster": {"hosts": [{"name": "local", "devices": [{**CORE, "count": 2}]}]},
+            "planner": {"kind": "gpipe", "token_granularity": 8}}
+    if weights:
+        data["weights"] = weights
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_text_prompt_streams_text_equal_to_transformers(tmp_path):
+    model = save_hf_llama(tmp_path / "model")
+    tok = _save_tokenizer(tmp_path / "model")
+    _scenario(tmp_path / "tiny.yaml", weights="model")
+    prompt = "the cat sat on the mat and the dog ran in the park"  # 13 tokens: not a multiple of 8
+    proc = subprocess.Popen([sys.executable, "-m", "hpipe", "generate", "tiny.yaml", "--prompt", prompt,
+                             "--max-new-tokens", "24", "--stream", "--check", "--json", "out.json"],
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "err.txt", "wb"), cwd=tmp_path, env=_env())
+    chunks = []
+
+    def read():  # every read as it comes, with its arrival time
+        while True:
+            b = os.read(proc.stdout.fileno(), 65536)
+            if not b:
+                return
+            chunks.append((time.monotonic(), b))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    proc.wait(timeout=150)
+    t_exit = time.monotonic()
+    reader.join(5)
+    err = (tmp_path / "err.txt").read_bytes()
+    assert proc.returncode == 0, err.decode()
+    streamed = b"".join(c for _, c in chunks).decode()
+    res = json.loads((tmp_path / "out.json").read_text())["results"][0]
+    ids = res["generated_ids"][0]
+    assert len(ids) == 24 and res["text"] == [tok.decode(ids)]
+    assert streamed == res["text"][0] + "\n"  # the stream is the final text
+    # streamed as made: in several pieces, the first well before the process ended (after --check)
+    assert len(chunks) >= 2 and chunks[0][0] < t_exit
+    assert "--check: the greedy ids" in err.decode()
+    # the ids are transformers' own greedy continuation of the encoded prompt
+    x = torch.tensor([tok.encode(prompt).ids])
+    with torch.no_grad():
+        hf = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24, pad_token_id=0)
+    assert ids == hf[0, x.shape[1]:].tolist()
+    assert res["ttft_s"] > 0 and res["tpot_s"] > 0 and res["predicted_latency_s"] > 0
+
+    # `hpipe execute` on the same folder: generated ids and their text in the Result
+    _scenario(tmp_path / "gen.yaml", weights="model", output_tokens=4)
+    r = subprocess.run([sys.executable, "-m", "hpipe", "execute", "gen.yaml", "--json", "-"], capture_output=True,
+                       text=True, env=_env(), timeout=150, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]
+    assert res["text"] == [tok.decode(g) for g in res["generated_ids"]]
+    assert [len(g) for g in res["generated_ids"]] == [4, 4]  # the scenario's batch of random prompts
+    assert 0 < res["ttft_s"] < res["latency_s"] and res["tpot_s"] > 0 and res["tpot_p90_s"] >= res["tpot_s"]
+    assert res["output_tokens_per_s"] == pytest.approx(8 / res["latency_s"])
+
+
+def _main_in_process(args, cwd, monkeypatch, capsys):
+    """The CLI's entry point in this process (an input error never starts a worker)."""
+    from hpipe.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["hpipe", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_ids_without_tokenizer_and_text_refused(tmp_path, monkeypatch, capsys):
+    _scenario(tmp_path / "tiny.yaml")
+    code, err = _main_in_process(["generate", "tiny.yaml", "--prompt", "hello"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "needs a tokenizer" in err and "--inputs" in err and "Traceback" not in err, err
+    ids = [[i % 128 for i in range(10)], [(5 * i) % 128 for i in range(10)]]
+    (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:4]]))
+    code, err = _main_in_process(["generate", "tiny.yaml", "--inputs", "bad.json"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "bad.json" in err and "one length" in err, err
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "5", "--stream", "--check",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()  # two sequences: "[k] id" per token as they come
+    assert len(lines) == 10 and {ln.split()[0] for ln in lines} == {"[0]", "[1]"}
+
+
+def test_two_hosts_with_torchrun_generate(tmp_path):
+    """Generation across two torchrun agents (emulated hosts on this machine) equals the
+    one-process loop; node ranks in the opposite order of the plan's stages."""
+    import socket
+
+    import numpy as np
+
+    from hpipe.runtime.generation import reference_generate
+    from hpipe.runtime.launcher import make_ids
+    from hpipe.runtime.weights import weight_source
+    from hpipe.scenario import load_scenario
+
+    core = {**CORE, "count": 1}
+    data = {"name": "two-hosts", "model": TINY_LLAMA, "dtype": "float32",
+            "workload": {"seq_len": 16, "batch_size": 2, "output_tokens": 8},
+            "cluster": {"hosts": [{"name": "ha", "address": "127.0.0.1", "devices": [core]},
+                                  {"name": "hb", "address": "127.0.0.1", "devices": [core]}],
+                        "network": {"bandwidth_gbps": 1, "latency_us": 100}},
+            "planner": {"kind": "hpipe", "token_granularity": 8}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(data))
+    plan = {"planner": "hand", "scenario": "two-hosts", "slices": [8, 8], "micro_batches": 1, "decode_micro_batches": 2,
+            "stages": [{"devices": ["hb/core-0"], "units": [0, 3]}, {"devices": ["ha/core-0"], "units": [3, 6]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**_env(), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node_rank, host in enumerate(["ha", "hb"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
+               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+               "-m", "hpipe.runtime.torchrun", "two.yaml", "--plan", "plan.json", "--host", host,
+               "--warmup", "0", "--timeout", "30"] + (["--json", "out.json"] if node_rank == 0 else [])
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=tmp_path, start_new_session=True))
+    try:
+        results = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    for p, (_, e) in zip(procs, results):
+        assert p.returncode == 0, e[-3000:]
+    r = json.loads((tmp_path / "out.json").read_text())["results"][0]
+    setup = load_scenario(tmp_path / "two.yaml").resolve()
+    ref, _ = reference_generate(setup.model, weight_source(setup.model, None), make_ids(setup), 8)
+    assert r["generated_ids"] == ref and r["ttft_s"] > 0 and r["tpot_s"] > 0
+    assert np.isfinite(r["output_tokens_per_s"])
