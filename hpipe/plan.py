@@ -116,6 +116,17 @@ class Plan(BaseModel):
                                         f"{setup.batch_size}")
         return self
 
+    def decode_groups(self, batch_size: int) -> int:
+        """Sequence groups in flight during decode: ``decode_micro_batches``, else the prefill's
+        micro-batches (each stays a group), at most one per sequence.  The simulator and the
+        runtime both take the count from here, so a plan decodes alike in both."""
+        return min(self.decode_micro_batches or self.micro_batches, batch_size)
+
+    def decode_group_sizes(self, batch_size: int) -> list[int]:
+        """Contiguous groups of the batch, the first ``batch % groups`` one sequence larger."""
+        q, r = divmod(batch_size, self.decode_groups(batch_size))
+        return [q + (1 if i < r else 0) for i in range(self.decode_groups(batch_size))]
+
     def codec_of(self, boundary: int) -> str:
         """The codec on the boundary after stage ``boundary`` ('none' when the plan has none)."""
         return self.codecs[boundary] if self.codecs else "none"

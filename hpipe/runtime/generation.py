@@ -18,9 +18,8 @@ from hpipe.runtime.sampling import Sampler, SamplingConfig
 
 
 def decode_groups(plan, batch_size: int) -> int:
-    """Sequence groups in flight during decode: the plan's ``decode_micro_batches``, else one
-    per stage (enough to keep every stage busy), at most one per sequence."""
-    return min(plan.decode_micro_batches or len(plan.stages), batch_size)
+    """Sequence groups in flight during decode (``Plan.decode_groups``, the simulator's rule)."""
+    return plan.decode_groups(batch_size)
 
 
 def eos_ids(weights: str | None) -> tuple[int, ...]:

@@ -36,8 +36,8 @@ from hpipe.sim.engine import Feedback
 
 
 def decode_groups(plan) -> int:
-    """Decode groups in flight: the plan's ``decode_micro_batches``, else its micro-batches."""
-    return plan.decode_micro_batches or plan.micro_batches
+    """Decode groups in flight (``Plan.decode_groups``, the runtime's rule too)."""
+    return plan.decode_micro_batches or plan.micro_batches  # <= batch: Plan.check bounds both
 
 
 def split_sizes(batch_size: int, parts: int) -> list[int]:
