@@ -515,6 +515,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
             out = measured.text[k] if measured.text else " ".join(map(str, g))
             print(out if len(ids) == 1 else f"[{k}] {out}")
     if not quiet:
+        from hpipe.tables import generation_table
+
         _console(stderr=True).print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stages)", measured, predicted))

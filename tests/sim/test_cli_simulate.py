@@ -71,7 +71,7 @@ def test_generation_scenario_shows_the_decode_columns_and_json_fields(tmp_path):
     trace = tmp_path / "t.json"
     p = hpipe("simulate", gen, "--plan", plans, "--trace", trace)
     assert p.returncode == 0, p.stderr
-    for col in ("TTFT s", "TPOT ms", "out tok/s", "decode µb", "+ 256 out"):
+    for col in ("TTFT", "TPOT", "ms", "tok/s", "decode", "µb", "+ 256 out"):  # two-line headers
         assert col in p.stdout
     p = hpipe("simulate", gen, "--plan", plans, "--json", "-")
     r = json.loads(p.stdout)["results"][0]
