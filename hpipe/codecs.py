@@ -1,0 +1,145 @@
+"""Activation codecs on stage boundaries, described without torch: wire bytes and codec time.
+
+A codec turns the activation a stage sends on -- k values of the scenario's
+dtype, flattened (batch, tokens, d_model) -- into bytes on the wire, and back
+on the receiving side.  This module is what the planner and the simulator
+know about a codec; ``hpipe.runtime.codecs`` is the torch implementation, and
+its bytes on the wire are exactly ``wire_bytes`` here (a test checks).
+
+| codec | per value | per block | wire bytes of k values |
+|---|---|---|---|
+| ``none`` | the dtype | - | k * dtype_bytes |
+| ``int8`` | int8 | 64 values, one fp16 scale (absmax / 127) | k + 2 * ceil(k / 64) |
+| ``fp8``  | float8 e4m3 | 64 values, one fp16 scale (absmax / 448) | k + 2 * ceil(k / 64) |
+| ``int4`` | int4, two per byte | 32 values, one fp16 scale (absmax / 7) | ceil(k / 2) + 2 * ceil(k / 32) |
+
+Blocks run along the flattened tensor; with d_model a multiple of 64 (every
+catalog model) a block never spans two tokens.  fp8 carries a block scale too:
+e4m3 alone spans 2^-9..448, and unscaled activations leave that range (an
+outlier feature of 1000 would saturate; a small residual would flush to zero).
+
+Codec time (the cost model's ``codec_time_s``): encode and decode are
+memory-bound element-wise passes over the activation, so the roofline charges
+``passes * bytes / memory bandwidth``; ``ENCODE_PASSES`` / ``DECODE_PASSES``
+count the input-sized tensors the torch implementation reads and writes (it is
+unfused: abs, block max, divide, round, clamp, cast, ...).  Who pays: the
+sender's stage encodes after its compute and the receiver's stage decodes
+before its compute, on the stage's own device, so both are charged to the
+*stage* time (simulated and measured alike: the runtime stamps them inside the
+stage's compute interval), and the hop moves only the wire bytes.
+
+Per message, a lossy codec is used only where it pays: a message whose encode
++ compressed transfer + decode would take longer than sending it raw (short,
+latency-bound messages such as decode steps) goes uncompressed
+(``pays``), and the message header names the codec actually used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCALE_BYTES = 2
+"""Every block scale travels as fp16."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    value_bits: int
+    """Bits per value on the wire (0: the dtype as it is)."""
+    block: int
+    """Values sharing one scale (0: no scale)."""
+    qmax: float
+    """Largest magnitude of the quantized grid: the block's absmax maps to it."""
+    encode_passes: float
+    """Memory traffic of encoding, in input-sized tensors read or written (roofline)."""
+    decode_passes: float
+    """Memory traffic of decoding, in output-sized tensors read or written."""
+
+    @property
+    def lossy(self) -> bool:
+        return self.name != "none"
+
+    def wire_bytes(self, k, dtype_bytes: int):
+        """Bytes on the wire for k values (an int, or a numpy array of counts)."""
+        k = np.asarray(k)
+        if not self.lossy:
+            out = k * dtype_bytes
+        else:
+            values = -(-k * self.value_bits // 8)  # ceil: int4 packs two per byte
+            out = values + SCALE_BYTES * -(-k // self.block)
+        return int(out) if out.ndim == 0 else out
+
+
+# Passes are counted from hpipe.runtime.codecs: int8 encode = view/abs (2), amax (1),
+# divide, round, clamp (2 each, in and out), cast (1.25: read fp32, write int8) ~ 10;
+# decode = cast to fp32, multiply by the broadcast scale (~ 3).  int4 adds the packing.
+CODECS: dict[str, Codec] = {
+    "none": Codec("none", 0, 0, 0.0, 0.0, 0.0),
+    "int8": Codec("int8", 8, 64, 127.0, 10.0, 3.0),
+    "fp8": Codec("fp8", 8, 64, 448.0, 9.0, 3.0),
+    "int4": Codec("int4", 4, 32, 7.0, 12.0, 5.0),
+}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; one of {', '.join(CODECS)}") from None
+
+
+def roofline_codec_time_s(codec: Codec, k, dtype_bytes: int, bandwidth_gbps: float):
+    """(encode_s, decode_s) of k values on a device with this memory bandwidth (GB/s)."""
+    k = np.asarray(k, float)
+    if not codec.lossy:
+        return np.zeros_like(k), np.zeros_like(k)
+    bw = bandwidth_gbps * 1e9
+    raw = k * dtype_bytes
+    return codec.encode_passes * raw / bw, codec.decode_passes * raw / bw
+
+
+@dataclass
+class BoundaryCost:
+    """One stage boundary's activation, per work item (numpy arrays of one value per item)."""
+
+    codec: list[str]
+    """The codec each item's message uses ('none' where the plan's codec does not pay)."""
+    wire_bytes: np.ndarray
+    encode_s: np.ndarray
+    """Charged to the sending stage."""
+    decode_s: np.ndarray
+    """Charged to the receiving stage."""
+
+
+def boundary_costs(setup, plan, boundary: int, n, b) -> BoundaryCost:
+    """What crossing the boundary after stage ``boundary`` costs, per item of (n tokens, batch b).
+
+    The one place the simulator, the planners' exact makespan and the runtime (which
+    codec each message uses) take a boundary's bytes and codec time from."""
+    cost = setup.cost
+    db = setup.dtype_bytes
+    prev, nxt = plan.stages[boundary], plan.stages[boundary + 1]
+    unit = setup.units[prev.end - 1]
+    raw = np.broadcast_to(np.asarray(unit.out_bytes(n, b, db), float), np.shape(n)).astype(float)
+    k = raw / db
+    codec = get_codec(plan.codec_of(boundary))
+    zero = np.zeros_like(raw)
+    if not codec.lossy:
+        return BoundaryCost(["none"] * raw.size, raw, zero, zero)
+    src, dst = prev.devices[0], nxt.devices[0]
+    wire = np.asarray(codec.wire_bytes(np.rint(k).astype(np.int64), db), float)
+    enc, _ = cost.codec_time_s(codec, src, k)
+    _, dec = cost.codec_time_s(codec, dst, k)
+    enc = np.broadcast_to(np.asarray(enc, float), raw.shape)
+    dec = np.broadcast_to(np.asarray(dec, float), raw.shape)
+    use = pays(cost.transfer_time_s(src, dst, raw), cost.transfer_time_s(src, dst, wire), enc, dec) & (raw > 0)
+    return BoundaryCost([codec.name if u else "none" for u in use.tolist()],
+                        np.where(use, wire, raw), np.where(use, enc, 0.0), np.where(use, dec, 0.0))
+
+
+def pays(raw_transfer_s, wire_transfer_s, encode_s, decode_s) -> np.ndarray:
+    """Per message: whether encode + compressed transfer + decode beats the raw transfer."""
+    return np.asarray(encode_s + wire_transfer_s + decode_s < raw_transfer_s)
