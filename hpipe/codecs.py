@@ -143,3 +143,18 @@ def boundary_costs(setup, plan, boundary: int, n, b) -> BoundaryCost:
 def pays(raw_transfer_s, wire_transfer_s, encode_s, decode_s) -> np.ndarray:
     """Per message: whether encode + compressed transfer + decode beats the raw transfer."""
     return np.asarray(encode_s + wire_transfer_s + decode_s < raw_transfer_s)
+
+
+def plan_boundary_costs(setup, plan, n, b) -> list[BoundaryCost]:
+    """``boundary_costs`` of every boundary of the plan (one per stage but the last)."""
+    return [boundary_costs(setup, plan, j, n, b) for j in range(len(plan.stages) - 1)]
+
+
+def stage_codec_s(costs: list[BoundaryCost], j: int):
+    """Codec time stage j spends per item: decoding its input and encoding its output."""
+    t = 0.0
+    if j > 0:
+        t = t + costs[j - 1].decode_s
+    if j < len(costs):
+        t = t + costs[j].encode_s
+    return t

@@ -287,8 +287,6 @@ class Scenario(_Strict):
         # Round-2 contracts whose engines are being built: refuse rather than silently ignore.
         if self.workload.output_tokens:
             raise _FieldError("workload.output_tokens", "generation is not implemented yet; use 0")
-        if self.compression is not None:
-            raise _FieldError("compression", "activation compression is not implemented yet; remove the key")
         return self
 
     def model_spec(self) -> ModelSpec:

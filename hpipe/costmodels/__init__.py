@@ -60,6 +60,14 @@ class CostModel(ABC):
         step = max((self.transfer_time_s(a, b, nbytes / p) for a, b in hops), key=lambda t: float(np.max(t)))
         return 2 * (p - 1) * step
 
+    def codec_time_s(self, codec, device_id: str, k):
+        """(encode_s, decode_s) of an activation of k values under ``codec`` (an
+        ``hpipe.codecs.Codec``) on ``device_id``: memory-bound passes at its bandwidth."""
+        from hpipe.codecs import roofline_codec_time_s
+
+        bw = self.cluster.device(device_id).spec.memory_bandwidth_gbps
+        return roofline_codec_time_s(codec, k, self.dtype_bytes, bw)
+
     def busy_power_w(self, device_id: str) -> float:
         return self.cluster.device(device_id).spec.power_w
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpipe.codecs import plan_boundary_costs, stage_codec_s
 from hpipe.memory import plan_memory_bytes, plan_shortfalls
 from hpipe.plan import Plan
 from hpipe.result import RunResult, summarize
@@ -57,10 +58,13 @@ def build(setup, plan: Plan) -> PipelineSpec:
     mb, sl, b, n, c = (np.array(col) for col in zip(*items))
     b, n, c = b.astype(float), n.astype(float), c.astype(float)
 
+    # Codecs on the boundaries: the stages pay encode and decode, the hops move the wire bytes.
+    codecs = plan_boundary_costs(setup, plan, n, b)
     stages = []
-    for st in plan.stages:
+    for j, st in enumerate(plan.stages):
         devs = tuple(st.devices)
-        total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k)
+        codec_s = _vec(stage_codec_s(codecs, j), k)
+        total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k) + codec_s
         spec = StageSpec(devices=devs, compute_s=total)
         if st.tp > 1:
             # The same terms stage_compute_s sums, kept apart to draw the timeline; the stage
@@ -68,6 +72,7 @@ def build(setup, plan: Plan) -> PipelineSpec:
             units = setup.units[st.start:st.end]
             spec.device_compute_s = np.stack([
                 _vec(sum(cost.unit_time_s(u, d, n, c, b, st.tp) for u in units), k) for d in devs])
+            spec.device_compute_s[0] += codec_s  # the leader decodes the input, encodes the output
             if st.start > 0:
                 in_bytes = _vec(setup.units[st.start - 1].out_bytes(n, b, db), k)
                 spec.scatter_s = np.stack([_vec(cost.transfer_time_s(devs[0], d, in_bytes), k)
@@ -76,9 +81,9 @@ def build(setup, plan: Plan) -> PipelineSpec:
         stages.append(spec)
 
     hops: list[HopSpec | None] = [None]
-    for prev, st in zip(plan.stages, plan.stages[1:]):
+    for j, (prev, st) in enumerate(zip(plan.stages, plan.stages[1:])):
         src, dst = prev.devices[0], st.devices[0]
-        nbytes = _vec(setup.units[prev.end - 1].out_bytes(n, b, db), k)
+        nbytes = _vec(codecs[j].wire_bytes, k)
         total = _vec(cost.transfer_time_s(src, dst, nbytes), k)
         route = setup.cluster.route(src, dst)
         # The cost model gives latency + bytes/bandwidth; the route says how much is latency.
