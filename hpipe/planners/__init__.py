@@ -5,7 +5,7 @@
 ``predicted["latency_s"]``, the exact makespan (``evaluate.makespan_s``); a
 request that cannot fit raises ``InfeasibleError`` saying by how much.  Where the
 scenario allows compression, hpipe's plan then gets a codec per boundary
-(``codecs.choose_codecs``).
+(``codecs.plan_compressed``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 from hpipe.errors import InputError, suggest
 from hpipe.plan import Plan
 from hpipe.planners import baselines
-from hpipe.planners.codecs import choose_codecs
+from hpipe.planners.codecs import plan_compressed
 from hpipe.planners.joint import plan_hpipe
 
 REGISTRY: dict[str, Callable] = {
@@ -35,10 +35,9 @@ def make_plan(setup, name: str | None = None) -> Plan:
     if name not in REGISTRY:
         raise InputError(f"unknown planner {name!r}{suggest(name, REGISTRY)}; one of {', '.join(REGISTRY)}",
                          field="planner")
-    plan = REGISTRY[name](setup)
     if name == "hpipe":  # the baselines stay uncompressed (hpipe.planners.codecs says why)
-        plan = choose_codecs(setup, plan)
-    return plan
+        return plan_compressed(setup, REGISTRY[name])
+    return REGISTRY[name](setup)
 
 
 __all__ = ["REGISTRY", "make_plan"]
