@@ -102,3 +102,15 @@ def decode(buf: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Ten
 def round_trip(x: torch.Tensor, name: str) -> torch.Tensor:
     """decode(encode(x)): what the receiving stage sees."""
     return decode(encode(x, name), name, x.shape, x.dtype)
+
+
+def staged_forward(units, x: torch.Tensor, pos: int, caches, boundaries: dict[int, str]) -> torch.Tensor:
+    """One slice through ``units`` in one process, with the codec round trip a pipeline applies
+    where a stage ends: ``boundaries`` maps a unit index e (a stage ends before unit e) to the
+    codec of that boundary.  The single-process reference of a compressed plan."""
+    for u in units:
+        name = boundaries.get(u.unit.index, "none")
+        if name != "none":
+            x = round_trip(x, name)
+        x = u(x, pos, caches.get(u.unit.index) if caches is not None else None)
+    return x
