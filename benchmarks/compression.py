@@ -182,7 +182,7 @@ def train_small_llama(folder: Path, train_s: float, seed: int = 0) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
     model.save_pretrained(folder, safe_serialization=True)
     return {"steps": step, "seconds": time.monotonic() - t0, "loss_first": losses[0],
@@ -244,13 +244,13 @@ def _compare(units, prompts, steps, codec_fns, ref_fn=None) -> list[tuple]:
 def accuracy(tokens: int, train_s: float, checkpoint: str) -> None:
     import torch
 
-    from hpipe.models import model_from_mapping
+    from hpipe.models import get_model
     from hpipe.runtime.codecs import HAS_FP8, round_trip
     from hpipe.runtime.model import build_units
     from hpipe.runtime.weights import HFWeights, RandomWeights, spec_from_hf_config
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)  # two threads on two oversubscribed cores only spin against each other
     codecs = ["int8", "fp8", "int4"] if HAS_FP8 else ["int8", "int4"]
     fns = {c: (lambda x, c=c: round_trip(x, c)) for c in codecs}
     fns["int8 per-tensor"] = per_tensor_int8
@@ -264,14 +264,19 @@ def accuracy(tokens: int, train_s: float, checkpoint: str) -> None:
     folder = Path(checkpoint)
     info = train_small_llama(folder, train_s)
     print(f"trained small LLaMA {SMALL} at {folder}: {info}")
-    models = {"random weights": RandomWeights(model_from_mapping({**SMALL, "name": "small-random"}), seed=0)}
+    # random weights at the catalog's small-llama width (512: 8 blocks of 64 per token, where the
+    # trained model's 128 has only 2, so an outlier's block is half of each token there)
+    models = {"random weights": RandomWeights(get_model("small-llama"), seed=0)}
     spec = spec_from_hf_config(folder)
     models["trained"] = HFWeights(folder, spec)
     for label, source in models.items():
         s = spec if label == "trained" else source.spec
         units = build_units(s, 0, s.n_units, source)
-        with torch.inference_mode():  # the residual stream's scale, to size the outliers
-            rms = float(units[0](prompts, 0).pow(2).mean().sqrt())
+        with torch.inference_mode():  # the residual stream's scale where it crosses the first boundary
+            x = prompts
+            for u in units[:CUTS[0]]:
+                x = u(x, 0)
+            rms = float(x.pow(2).mean().sqrt())
         # Two persistent outlier features (as LLMs grow: the same channels, every token), 100x the
         # residual stream's typical value, both in the first block of 64.  They ride through the
         # boundary and the receiver takes them out again (x + o -> codec -> - o), as a model that
@@ -282,7 +287,7 @@ def accuracy(tokens: int, train_s: float, checkpoint: str) -> None:
         for case, with_outliers in (("", False), (" + outliers", True)):
             wrap = (lambda fn: (lambda x: fn(x + outlier) - outlier)) if with_outliers else (lambda fn: fn)
             case_fns = {name: wrap(fn) for name, fn in fns.items()}
-            print(f"\n{label}{case}:")
+            print(f"\n{label} (d_model {s.d_model}){case}:")
             print(f"  {'codec':16s} {'max |dlogit|':>12s} {'mean |dlogit|':>13s} {'mean |logit|':>12s} "
                   f"{'argmax agree':>12s} {'greedy agree':>12s} {'tokens differing':>16s}")
             for name, mx, mean, scale, tf, free, ndiff in _compare(units, prompts, tokens, case_fns,
@@ -303,7 +308,7 @@ def main(argv=None) -> None:
     acc = sub.add_parser("accuracy")
     acc.add_argument("--tokens", type=int, default=128)
     acc.add_argument("--train-s", type=float, default=240.0)
-    acc.add_argument("--checkpoint", default="/tmp/hpipe-compression-llama.pt")
+    acc.add_argument("--checkpoint", default="/tmp/hpipe-compression-llama")
     args = ap.parse_args(argv)
     if args.what == "latency":
         latency(args.repeats)
