@@ -20,7 +20,7 @@ outlier feature of 1000 would saturate; a small residual would flush to zero).
 
 Codec time (the cost model's ``codec_time_s``): encode and decode are
 memory-bound element-wise passes over the activation, so the roofline charges
-``passes * bytes / memory bandwidth``; ``ENCODE_PASSES`` / ``DECODE_PASSES``
+``passes * bytes / memory bandwidth``; ``Codec.encode_passes`` / ``decode_passes``
 count the input-sized tensors the torch implementation reads and writes (it is
 unfused: abs, block max, divide, round, clamp, cast, ...).  Who pays: the
 sender's stage encodes after its compute and the receiver's stage decodes
