@@ -22,16 +22,16 @@ from hpipe.sim import simulate
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 
-def _two_hosts(network_gbps: float, compression=None, batch=2, seq=256):
+def _two_hosts(network_gbps: float, compression=None, batch=2, seq=256, mem_gb=1.0):
     data = {"name": "two", "model": {"family": "llama", "n_layers": 2, "d_model": 256, "n_heads": 4,
                                      "d_ff": 512, "vocab_size": 1000, "max_seq_len": 1024},
             "dtype": "float32", "workload": {"seq_len": seq, "batch_size": batch},
-            "cluster": {"hosts": [{"name": "a", "devices": [{"name": "d", "peak_tflops": 1.0, "memory_gb": 1,
+            "cluster": {"hosts": [{"name": "a", "devices": [{"name": "d", "peak_tflops": 1.0, "memory_gb": mem_gb,
                                                              "memory_bandwidth_gbps": 50, "power_w": 100}]},
-                                  {"name": "b", "devices": [{"name": "d", "peak_tflops": 1.0, "memory_gb": 1,
+                                  {"name": "b", "devices": [{"name": "d", "peak_tflops": 1.0, "memory_gb": mem_gb,
                                                              "memory_bandwidth_gbps": 50, "power_w": 100}]}],
                         "network": {"bandwidth_gbps": network_gbps, "latency_us": 100}},
-            "planner": {"token_granularity": 32}}
+            "planner": {"token_granularity": 32, "memory_reserve_gb": 0.0}}
     if compression:
         data["compression"] = compression
     return data
@@ -146,14 +146,36 @@ def test_codec_choice_within_2pct_of_brute_force(data, greedy, n_slices, mb):
 
 
 def test_hpipe_plans_codecs_end_to_end_on_random_scenarios():
-    """make_plan's hpipe output: its codecs respect the scenario and its prediction is its simulation."""
+    """make_plan's hpipe output: its codecs respect the scenario and its prediction is its simulation
+    (devices too small for the whole model, so that plans cross the link)."""
     rng = np.random.default_rng(0)
     seen_lossy = 0
     for seed in range(12):
         data = _two_hosts(float(rng.choice([0.05, 0.1, 1.0])), {"allow": ["int8", "int4"], "max_lossy_hops": 1},
-                          batch=int(rng.integers(1, 4)), seq=int(rng.choice([128, 256])))
+                          batch=int(rng.integers(1, 4)), seq=int(rng.choice([128, 256])), mem_gb=0.006)
         setup = setup_of(data)
         plan = make_plan(setup, "hpipe")
         assert plan.predicted["latency_s"] == pytest.approx(simulate(setup, plan).latency_s, rel=1e-9)
         seen_lossy += bool(plan.codecs)
     assert seen_lossy > 0
+
+
+def test_the_codec_is_chosen_per_message_by_its_size():
+    """A short message (latency-bound, as a decode step's) goes raw where a long one on the same
+    boundary is compressed: the choice is per message, so it carries over to generation."""
+    from hpipe.codecs import boundary_costs
+
+    setup = setup_of(_two_hosts(0.1, batch=1))
+    p = _plan(setup, ["int8"], slices=(32, 224))
+    n, b = np.array([1.0, 32.0, 224.0, 4096.0]), np.ones(4)
+    bc = boundary_costs(setup, p, 0, n, b)
+    assert bc.codec[0] == "none" and bc.codec[-1] == "int8", bc.codec
+    k = n * 256
+    raw = setup.cost.transfer_time_s("a/d-0", "b/d-0", 4 * k)
+    for i, c in enumerate(bc.codec):  # whichever it picked is the faster way for that message
+        wire = get_codec("int8").wire_bytes(int(k[i]), 4)
+        enc, _ = setup.cost.codec_time_s(get_codec("int8"), "a/d-0", k[i])
+        _, dec = setup.cost.codec_time_s(get_codec("int8"), "b/d-0", k[i])
+        packed = float(enc + setup.cost.transfer_time_s("a/d-0", "b/d-0", wire) + dec)
+        assert (c == "int8") == (packed < float(raw[i]))
+        assert bc.wire_bytes[i] == (wire if c == "int8" else 4 * k[i])
