@@ -118,6 +118,17 @@ def testbed() -> None:
         t = p.predicted["latency_s"]
         print(f"  allow {allow} max_lossy_hops {hops}: {t:.3f} s, speed-up {plain.predicted['latency_s'] / t - 1:+.2%}, "
               f"codecs {p.codecs}")
+    # GPT3-2.7B on the same testbed: more activation bytes against its compute
+    path3 = ROOT / "scenarios/paper-gpt3-2.7b.yaml"
+    g = yaml.safe_load(path3.read_text())
+    plain3 = make_plan(parse_scenario(g, str(path3)).resolve(), "hpipe")
+    for allow in (["int8"], ["int8", "int4"]):
+        p = make_plan(parse_scenario({**g, "compression": {"allow": allow, "max_lossy_hops": 5}}, str(path3)).resolve(),
+                      "hpipe")
+        t = p.predicted["latency_s"]
+        print(f"paper-gpt3-2.7b, allow {allow} max_lossy_hops 5: {plain3.predicted['latency_s']:.4f} -> {t:.4f} s, "
+              f"speed-up {plain3.predicted['latency_s'] / t - 1:+.2%}, codecs {p.codecs}, "
+              f"stages {[s.units for s in p.stages]} (uncompressed: {[s.units for s in plain3.stages]})")
     # where the link, not compute, sets the pace: the same testbed on 100 Mbit/s Ethernet
     slow = {**base, "cluster": {**base["cluster"], "network": {"bandwidth_gbps": 0.1, "latency_us": 200}}}
     plain = make_plan(parse_scenario(slow, str(path)).resolve(), "hpipe")

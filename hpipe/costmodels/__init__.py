@@ -63,10 +63,14 @@ class CostModel(ABC):
     def codec_time_s(self, codec, device_id: str, k):
         """(encode_s, decode_s) of an activation of k values under ``codec`` (an
         ``hpipe.codecs.Codec``) on ``device_id``: memory-bound passes at its bandwidth."""
-        from hpipe.codecs import roofline_codec_time_s
+        from hpipe.codecs import CPU_OP_OVERHEAD_S, GPU_OP_OVERHEAD_S, roofline_codec_time_s
 
-        bw = self.cluster.device(device_id).spec.memory_bandwidth_gbps
-        return roofline_codec_time_s(codec, k, self.dtype_bytes, bw)
+        dev = self.cluster.device(device_id)
+        if getattr(dev.placement, "device", None) == "cpu":  # a CPU worker: torch's eager dispatch
+            per_op = CPU_OP_OVERHEAD_S
+        else:  # an accelerator: a kernel launch per op
+            per_op = getattr(self.config, "kernel_overhead_us", GPU_OP_OVERHEAD_S * 1e6) * 1e-6
+        return roofline_codec_time_s(codec, k, self.dtype_bytes, dev.spec.memory_bandwidth_gbps, per_op)
 
     def busy_power_w(self, device_id: str) -> float:
         return self.cluster.device(device_id).spec.power_w
