@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hpipe.codecs import get_codec
-from hpipe.errors import InfeasibleError, InputError
+from hpipe.errors import InputError
 from hpipe.plan import Plan, Stage
 from hpipe.planners import codecs as pc
 from hpipe.planners import make_plan

@@ -53,10 +53,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpipe.codecs import get_codec
 from hpipe.models import ModelSpec
 from hpipe.runtime import emulation
 from hpipe.runtime.codecs import CODEC_IDS, CODEC_NAMES, decode, encode
-from hpipe.codecs import get_codec
 from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
 from hpipe.runtime.weights import weight_source
 
