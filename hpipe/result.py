@@ -98,6 +98,9 @@ class RunResult(BaseModel):
     """Measured: the new token ids, one list per sequence (EOS included where it stopped)."""
     text: list[str] | None = None
     """Measured, where the weights folder has a tokenizer: generated_ids decoded."""
+    bytes_per_link: dict[str, float] = Field(default_factory=dict)
+    """Bytes the transfers between stages put on each link (``u->v``, the narrowest of the
+    route, as ``Event.link``): what a codec on a boundary saves shows here."""
     events: list[Event] = Field(default_factory=list, exclude=True)
     """The timeline (exported as a trace, not in the JSON)."""
 
@@ -153,9 +156,12 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
     devices = plan.devices
     # One pass over the events (a long-context timeline holds tens of thousands).
     spans: dict[str, list[tuple[float, float]]] = {d: [] for d in devices}
+    link_bytes: dict[str, float] = {}
     for e in events:
         if e.kind in ("compute", "allreduce") and e.device in spans:
             spans[e.device].append((e.start_s, e.end_s))
+        elif e.kind == "transfer" and e.link is not None:
+            link_bytes[e.link] = link_bytes.get(e.link, 0.0) + e.nbytes
     busy = {d: _union_s(spans[d]) for d in devices}
     util = {d: (busy[d] / latency if latency > 0 else 0.0) for d in devices}
     dynamic = sum((setup.cost.busy_power_w(d) - setup.cost.idle_power_w(d)) * busy[d] for d in devices)
@@ -171,7 +177,7 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
         throughput_tokens_per_s=setup.batch_size * setup.seq_len / latency if latency > 0 else 0.0,
         energy_j=idle + dynamic, dynamic_energy_j=dynamic,
         peak_memory_mb={d: b / 1e6 for d, b in peak_memory_bytes.items()},
-        utilization=util, bubble_fraction=bubble, plan=plan,
+        utilization=util, bubble_fraction=bubble, plan=plan, bytes_per_link=link_bytes,
         events=(list(events) if t0 == 0 else
                 [e.model_copy(update={"start_s": e.start_s - t0, "end_s": e.end_s - t0}) for e in events]),
         **extra)

@@ -303,8 +303,6 @@ class Scenario(_Strict):
         if isinstance(self.costmodel, dict) and "kind" not in self.costmodel:
             raise _FieldError("costmodel.kind", "missing (e.g. roofline or fitted)")
         # Round-2 contracts whose engines are being built: refuse rather than silently ignore.
-        if self.compression is not None:
-            raise _FieldError("compression", "activation compression is not implemented yet; remove the key")
         return self
 
     @model_validator(mode="after")

@@ -69,6 +69,18 @@ class CostModel(ABC):
         step = max((self.transfer_time_s(a, b, nbytes / p) for a, b in hops), key=lambda t: float(np.max(t)))
         return 2 * (p - 1) * step
 
+    def codec_time_s(self, codec, device_id: str, k):
+        """(encode_s, decode_s) of an activation of k values under ``codec`` (an
+        ``hpipe.codecs.Codec``) on ``device_id``: memory-bound passes at its bandwidth."""
+        from hpipe.codecs import CPU_OP_OVERHEAD_S, GPU_OP_OVERHEAD_S, roofline_codec_time_s
+
+        dev = self.cluster.device(device_id)
+        if getattr(dev.placement, "device", None) == "cpu":  # a CPU worker: torch's eager dispatch
+            per_op = CPU_OP_OVERHEAD_S
+        else:  # an accelerator: a kernel launch per op
+            per_op = getattr(self.config, "kernel_overhead_us", GPU_OP_OVERHEAD_S * 1e6) * 1e-6
+        return roofline_codec_time_s(codec, k, self.dtype_bytes, dev.spec.memory_bandwidth_gbps, per_op)
+
     def busy_power_w(self, device_id: str) -> float:
         return self.cluster.device(device_id).spec.power_w
 

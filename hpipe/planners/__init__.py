@@ -3,7 +3,9 @@
 
 ``make_plan(setup, name)`` returns a checked ``Plan`` that fits memory and carries
 ``predicted["latency_s"]``, the exact makespan (``evaluate.makespan_s``); a
-request that cannot fit raises ``InfeasibleError`` saying by how much.
+request that cannot fit raises ``InfeasibleError`` saying by how much.  Where the
+scenario allows compression, hpipe's plan then gets a codec per boundary
+(``codecs.plan_compressed``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable
 from hpipe.errors import InputError, suggest
 from hpipe.plan import Plan
 from hpipe.planners import baselines
+from hpipe.planners.codecs import plan_compressed
 from hpipe.planners.joint import plan_hpipe
 
 REGISTRY: dict[str, Callable] = {
@@ -33,6 +36,8 @@ def make_plan(setup, name: str | None = None) -> Plan:
     if name not in REGISTRY:
         raise InputError(f"unknown planner {name!r}{suggest(name, REGISTRY)}; one of {', '.join(REGISTRY)}",
                          field="planner")
+    if name == "hpipe":  # the baselines stay uncompressed (hpipe.planners.codecs says why)
+        return plan_compressed(setup, REGISTRY[name])
     return REGISTRY[name](setup)
 
 

@@ -8,8 +8,9 @@ completion time follows the flow-shop recurrence
     C[i][p] = max(C[i-1][p], C[i][p-1] + d[i][p-1]) + t[i][p].
 
 ``t`` is how long the position's resource is held; ``d`` a pure delay after
-it.  A stage holds its devices for ``CostModel.stage_compute_s``.  A hop moves
-``units[end-1].out_bytes(n, b)`` from the previous stage's first device to
+it.  A stage holds its devices for ``CostModel.stage_compute_s`` (plus, where a
+boundary has a lossy codec, its encode or decode: ``hpipe.codecs``).  A hop moves
+``units[end-1].out_bytes(n, b)`` (or the codec's wire bytes) from the previous stage's first device to
 the stage's first device: of the cost model's ``transfer_time_s`` the route's
 latency (at most all of it) is propagation, which elapses *after* the links
 are released, and the rest holds every directed link on the route.  These are
@@ -30,6 +31,8 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+
+from hpipe.codecs import plan_boundary_costs, stage_codec_s
 
 
 def item_arrays(plan, batch_size: int):
@@ -74,16 +77,19 @@ def chain_times(setup, plan, arrays=None):
     b, n, c = arrays if arrays is not None else item_arrays(plan, setup.batch_size)
     rows, delays, keys = [], [], []
     zero = np.zeros_like(n)
+    # wire bytes; encode/decode go to the stages; decode steps (``arrays``) travel raw
+    codecs = plan_boundary_costs(setup, plan, n, b, 0 if arrays is not None else None)
     for j, st in enumerate(plan.stages):
         if j > 0:
             src, dst = plan.stages[j - 1].devices[0], st.devices[0]
-            nbytes = setup.units[plan.stages[j - 1].end - 1].out_bytes(n, b, setup.dtype_bytes)
+            nbytes = codecs[j - 1].wire_bytes
             total = np.broadcast_to(cost.transfer_time_s(src, dst, nbytes), n.shape)
             hold, delay = split_transfer(cluster, src, dst, total)
             rows.append(hold)
             delays.append(delay)
             keys.append(hop_resource(cluster, src, dst))
-        rows.append(np.broadcast_to(cost.stage_compute_s(st.start, st.end, st.devices, n, c, b), n.shape))
+        rows.append(np.broadcast_to(cost.stage_compute_s(st.start, st.end, st.devices, n, c, b)
+                                    + stage_codec_s(codecs, j), n.shape))
         delays.append(zero)
         keys.append(("stage", j))
     return np.array(rows, float), np.array(delays, float), keys

@@ -26,8 +26,8 @@ full.  Roles:
   marker (header micro-batch -1) down the pipeline.
 
 Wire protocol (after the prefill's, same connections; every receive bounded
-by ``timeout_s``): a decode step travels as the 5-int64 header (group, step,
-batch, 1, context) and its payload -- the hidden states (batch, 1, d_model)
+by ``timeout_s``): a decode step travels as the prefill's 6-int64 header (group, step,
+batch, 1, context, codec id of 'none') and its payload -- the hidden states (batch, 1, d_model)
 between stages, the ids (batch,) int64 from the driver to its peers.  The
 feedback is the header (group, step, batch, done, 0) and the ids (batch,).
 Decode events carry the group as their micro-batch and the step as their
@@ -48,7 +48,8 @@ import torch.distributed as dist
 from hpipe.runtime.model import run_units
 from hpipe.runtime.sampling import Sampler, SamplingConfig
 
-END = (-1, 0, 0, 0, 0)  # the end-of-decode marker's header
+NO_CODEC = 0  # hpipe.runtime.codecs.CODEC_IDS["none"]: decode steps are latency-bound and travel raw
+END = (-1, 0, 0, 0, 0, NO_CODEC)  # the end-of-decode marker's header
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class _Stream:
 
         w = self.w
         timeout = timedelta(seconds=w.cfg.timeout_s)
-        hdr_t = torch.empty(5, dtype=torch.int64, device=w.comm_device)
+        hdr_t = torch.empty(len(END), dtype=torch.int64, device=w.comm_device)  # the prefill's header size
         t_post = clock()
         try:
             dist.irecv(hdr_t, self.src).wait(timeout)
@@ -114,7 +115,9 @@ class _Stream:
             if hdr == END:
                 self.finished = True
                 return hdr, None, None
-            why = self.check(hdr)
+            hdr, codec = hdr[:5], hdr[5]
+            why = self.check(hdr) or (f"codec id {codec} on a decode step (they travel raw)" if codec != NO_CODEC
+                                      else None)
             if why:
                 raise CommError(self.src_role, f"protocol error in decode: {why} (header {hdr} from "
                                                f"{w.describe(self.src_role)})")

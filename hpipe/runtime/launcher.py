@@ -391,6 +391,19 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
             raise
 
 
+def item_codecs(setup, plan) -> list[list[str]] | None:
+    """Per stage boundary, the codec each work item's message uses: the plan's codec where it
+    pays for that message, as the simulator decides it (``hpipe.codecs.boundary_costs``)."""
+    if not plan.codecs or all(c == "none" for c in plan.codecs):
+        return None
+    from hpipe.codecs import plan_boundary_costs
+
+    items = plan.items(setup.batch_size)
+    b = np.array([it[2] for it in items], float)
+    n = np.array([it[3] for it in items], float)
+    return [bc.codec for bc in plan_boundary_costs(setup, plan, n, b)]
+
+
 def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup, seed, all_logits, faults,
             on_spawn, progress, generation=None, on_tokens=None) -> Run:
     from hpipe.runtime.worker import WorkerConfig, spawned_main
@@ -406,6 +419,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
             "lo" in {n for _, n in socket.if_nameindex()}:
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: the run stays on this machine
     mb_sizes = plan.micro_batch_sizes(setup.batch_size)
+    codecs = item_codecs(setup, plan)
     cfgs = []
     for role, (dev, pl) in enumerate(zip(devices, places)):
         c = WorkerConfig(role=role, devices=devices, stages=stages, spec=spec, dtype=setup.dtype,
@@ -415,7 +429,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
                          rank=role, emulation=em.worker(dev),
                          timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, warmup=warmup,
                          all_logits=all_logits, env=env, launcher_pid=os.getpid(), fault=(faults or {}).get(role),
-                         generation=generation)
+                         generation=generation, codecs=codecs)
         if c.stage_of(role) == 0:
             c.ids = ids
         cfgs.append(c)
@@ -552,7 +566,10 @@ def run_events(run: Run, cluster=None) -> list[Event]:
             for mb, s, src, t_post, t_done, nbytes in r["recvs"]:
                 t_send = issued.get((src, role, mb, s), t_post + o)
                 start = max(t_send, t_post + o)
-                link = transfer_link(cluster, dev[src], dev[role]) if cluster is not None else None
+                # a tensor-parallel leader forwarding its input to a peer is not a transfer between
+                # stages: no link, as in the simulator (and not counted in bytes_per_link)
+                between = stage.get(src, -1) != stage[role]
+                link = transfer_link(cluster, dev[src], dev[role]) if cluster is not None and between else None
                 events.append(Event(device=dev[src], kind="transfer", stage=stage[role], micro_batch=mb, slice=s,
                                     start_s=start, end_s=max(start, t_done + o), dst=dev[role],
                                     nbytes=float(nbytes), link=link, phase=phase))

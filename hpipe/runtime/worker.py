@@ -10,8 +10,13 @@ Why a loop of our own over send/recv rather than torch.distributed.pipelining:
 that library needs static shapes and has no KV cache, while token slices have
 uneven lengths and attend to a growing cache.
 
-Wire protocol between two stages, per item: a 5-int64 header (micro_batch,
-slice, batch, tokens, context) then the activation (batch, tokens, d_model).
+Wire protocol between two stages, per item: a 6-int64 header (micro_batch,
+slice, batch, tokens, context, codec) then the activation (batch, tokens,
+d_model), or, where the plan puts a lossy codec on the boundary and it pays for
+this message (``hpipe.codecs.boundary_costs``), the codec's wire bytes
+(``hpipe.runtime.codecs``).  The sender encodes right after its compute and the
+receiver decodes right before its own, both inside the stage's compute stamp (the
+simulator charges codec time to the stages too); the transfer moves the wire bytes.
 Both sides know the plan, so the receiver posts both receives ahead of time
 (a receive thread keeps up to ``RECV_DEPTH`` items in flight) and checks the
 header: a desynchronised pipeline fails loudly instead of computing garbage.
@@ -48,8 +53,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpipe.codecs import get_codec
 from hpipe.models import ModelSpec
 from hpipe.runtime import emulation
+from hpipe.runtime.codecs import CODEC_IDS, CODEC_NAMES, decode, encode
 from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
 from hpipe.runtime.weights import weight_source
 
@@ -95,6 +102,8 @@ class WorkerConfig:
     emulation: object | None = None
     """``hpipe.runtime.emulation.WorkerPlacement`` when this worker runs in an emulated slower
     device (cgroup) or host (network namespace); None: as it is."""
+    codecs: list[list[str]] | None = None
+    """Per stage boundary, the codec of each work item's message (None: all 'none')."""
     fault: tuple[str, int] | None = None
     """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item."""
     generation: object | None = None
@@ -109,6 +118,10 @@ class WorkerConfig:
                 out.append((mb, s, b, n, c))
                 c += n
         return out
+
+    def codec(self, boundary: int, i: int) -> str:
+        """The codec of item i's message across the boundary after stage ``boundary``."""
+        return self.codecs[boundary][i] if self.codecs else "none"
 
     def stage_of(self, role: int) -> int:
         return next(i for i, (roles, _, _) in enumerate(self.stages) if role in roles)
@@ -174,8 +187,10 @@ class _Receiver:
     """Receives one peer's items in order; in a thread (gloo) so arrival times are exact
     and receives overlap compute, or inline (NCCL, whose calls stay on the main thread)."""
 
-    def __init__(self, w: "StageWorker", src_role: int, items):
+    def __init__(self, w: "StageWorker", src_role: int, items, codecs: list[str] | None = None):
         self.w, self.src_role, self.items = w, src_role, items
+        self.codecs = codecs or ["none"] * len(items)
+        """The codec of each item's message (the leader's input boundary; peers get raw bytes)."""
         self.src = w.rank_of[src_role]
         self.threaded = w.cfg.backend == "gloo"
         self.records: list[tuple] = []  # (mb, slice, src_role, t_post, t_done, nbytes)
@@ -186,23 +201,25 @@ class _Receiver:
             self.thread = threading.Thread(target=self._loop, name=f"recv-from-{src_role}", daemon=True)
             self.thread.start()
 
-    def _recv_one(self, item):
+    def _recv_one(self, item, codec: str = "none"):
         w = self.w
         mb, s, b, n, c = item
         timeout = timedelta(seconds=w.cfg.timeout_s)
-        hdr = torch.empty(5, dtype=torch.int64, device=w.comm_device)
+        hdr = torch.empty(6, dtype=torch.int64, device=w.comm_device)
         t_post = clock()
         try:
             dist.irecv(hdr, self.src).wait(timeout)
             got = tuple(int(v) for v in hdr.tolist())
-            if got != item:
-                raise CommError(self.src_role, f"protocol error: expected item {item} from "
-                                               f"{w.describe(self.src_role)}, got header {got}")
-            buf = w.new_activation_buffer(b, n)
+            if got != (*item, CODEC_IDS[codec]):
+                raise CommError(self.src_role, f"protocol error: expected item {item} ({codec}) from "
+                                               f"{w.describe(self.src_role)}, got header {got[:5]} "
+                                               f"({CODEC_NAMES.get(got[5], got[5])})")
+            buf = w.new_activation_buffer(b, n, codec)
             dist.irecv(buf, self.src).wait(timeout)
             # on the stage's device before the stamp: a GPU stage's host-to-device copy (gloo)
-            # or the NCCL receive itself is part of the transfer, as the profile times it
-            x = w.as_activation(buf, b, n)
+            # or the NCCL receive itself is part of the transfer, as the profile times it.
+            # A lossy message stays encoded: the compute loop decodes it inside its stamp.
+            x = w.as_activation(buf, b, n) if codec == "none" else buf.to(w.device)
             w.sync()
         except CommError:
             raise
@@ -216,9 +233,9 @@ class _Receiver:
         return buf, x
 
     def _loop(self):
-        for item in self.items:
+        for item, codec in zip(self.items, self.codecs):
             try:
-                out = self._recv_one(item)
+                out = self._recv_one(item, codec)
             except BaseException as e:  # handed to the compute loop, which raises it
                 out = e
             while not self.stop.is_set():
@@ -232,10 +249,10 @@ class _Receiver:
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next item: as it came over the wire (to forward), and as the stage's input."""
-        item = self.items[self._next]
+        item, codec = self.items[self._next], self.codecs[self._next]
         self._next += 1
         if not self.threaded:
-            return self._recv_one(item)
+            return self._recv_one(item, codec)
         try:
             out = self.q.get(timeout=self.w.cfg.timeout_s + 5.0)
         except queue.Empty:
@@ -308,8 +325,11 @@ class StageWorker:
     def describe(self, role: int) -> str:
         return f"stage {self.cfg.stage_of(role)} ({self.cfg.devices[role]})"
 
-    def new_activation_buffer(self, b: int, n: int) -> torch.Tensor:
+    def new_activation_buffer(self, b: int, n: int, codec: str = "none") -> torch.Tensor:
         d = self.cfg.spec.d_model
+        if codec != "none":  # the codec's wire bytes, whatever the backend
+            return torch.empty(get_codec(codec).wire_bytes(b * n * d, self.dtype.itemsize), dtype=torch.uint8,
+                               device=self.comm_device)
         if self.cfg.backend == "gloo":  # raw bytes: any dtype goes over gloo
             return torch.empty(b * n * d * self.dtype.itemsize, dtype=torch.uint8)
         return torch.empty(b, n, d, dtype=self.dtype, device=self.comm_device)
@@ -327,11 +347,14 @@ class StageWorker:
         self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))
         return x
 
-    def _send(self, dst_role: int, item, y: torch.Tensor, log: list | bool | None = None) -> None:
-        """isend header and payload; recorded in ``log`` (default: this run's sends; False: not)."""
+    def _send(self, dst_role: int, item, y: torch.Tensor, codec: str = "none", log: list | bool | None = None) -> None:
+        """isend header and payload (``y`` already encoded when ``codec`` is lossy: wire bytes);
+        recorded in ``log`` (default: this run's sends; False: not)."""
         t = clock()  # a GPU stage's device-to-host copy (gloo) is part of the transfer
-        hdr = torch.tensor(item, dtype=torch.int64, device=self.comm_device)
-        if self.cfg.backend == "gloo":
+        hdr = torch.tensor((*item, CODEC_IDS[codec]), dtype=torch.int64, device=self.comm_device)
+        if codec != "none":
+            payload = y.to(self.comm_device).contiguous()
+        elif self.cfg.backend == "gloo":
             payload = y.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         else:
             payload = y.contiguous()
@@ -392,7 +415,10 @@ class StageWorker:
             src_role = self.leader
         elif self.tp_rank == 0 and self.stage > 0:
             src_role = cfg.stages[self.stage - 1][0][0]
-        recv = _Receiver(self, src_role, items) if src_role is not None else None
+        # The leader's input may come encoded (the boundary's codec); peers get it raw from the leader.
+        in_codecs = [cfg.codec(self.stage - 1, i) for i in range(len(items))] \
+            if self.stage > 0 and self.tp_rank == 0 else None
+        recv = _Receiver(self, src_role, items, in_codecs) if src_role is not None else None
         next_leader = None if self.last_stage or self.tp_rank else cfg.stages[self.stage + 1][0][0]
         ids = torch.from_numpy(cfg.ids) if self.stage == 0 else None
         mb_start = [sum(cfg.mb_sizes[:m]) for m in range(len(cfg.mb_sizes) + 1)]  # python ints: fast slicing
@@ -400,11 +426,12 @@ class StageWorker:
             for i, item in enumerate(items):
                 mb, s, b, n, c = item
                 self._fault(i)
+                in_codec = in_codecs[i] if in_codecs else "none"
                 if recv is None:
                     x = ids[mb_start[mb]:mb_start[mb + 1], c:c + n].to(self.device)  # (b, n)
                 else:
-                    buf, x = recv.get()  # x: (b, n, D) on this stage's device
-                    if self.stage > 0 and self.tp_rank == 0:
+                    buf, x = recv.get()  # x: (b, n, D) on this stage's device (or wire bytes)
+                    if self.stage > 0 and self.tp_rank == 0 and in_codec == "none":
                         for peer in self.roles[1:]:  # the leader forwards the stage input to its peers
                             self._send(peer, item, buf)
                 if mb not in self.caches:
@@ -412,11 +439,18 @@ class StageWorker:
                 self._item = (mb, s)
                 first_tokens = dec is not None and dec.sampler_role and s == len(cfg.slices) - 1
                 t0, cpu0 = clock(), time.thread_time()
+                if in_codec != "none":  # decode inside the stage's stamp, as the simulator charges it
+                    x = decode(x, in_codec, (b, n, cfg.spec.d_model), self.dtype)
+                    for peer in self.roles[1:]:  # tensor parallel: peers get the decoded input
+                        self._send(peer, item, x)
                 with torch.inference_mode():
                     y = run_units(self.units, x, c, self.caches[mb])
                     if first_tokens:  # the head's work: each sequence's first generated token
                         rows = range(mb_start[mb], mb_start[mb + 1])
                         new_ids = dec.prefill_tokens(rows, y[:, -1])
+                out_codec = cfg.codec(self.stage, i) if next_leader is not None else "none"
+                if out_codec != "none":  # encode inside the stamp too
+                    y = encode(y, out_codec)
                 self.sync()
                 t1 = clock()
                 self.events.append(("compute", mb, s, t0, t1, 0))
@@ -430,7 +464,7 @@ class StageWorker:
                         if s == len(cfg.slices) - 1:
                             logits_last[mb] = y[:, -1].float().cpu().numpy()  # (b, V)
                 elif next_leader is not None:
-                    self._send(next_leader, item, y)
+                    self._send(next_leader, item, y, out_codec)
                 self.report("progress", i)
             if dec is not None:
                 dec.run()

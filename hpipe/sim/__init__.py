@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpipe.codecs import plan_boundary_costs, stage_codec_s
 from hpipe.memory import plan_memory_bytes, plan_shortfalls
 from hpipe.plan import Plan
 from hpipe.result import RunResult, decode_figures, summarize
@@ -61,10 +62,13 @@ def build(setup, plan: Plan) -> PipelineSpec:
     mb, sl, b, n, c = (np.array(col) for col in zip(*items))
     b, n, c = b.astype(float), n.astype(float), c.astype(float)
 
+    # Codecs on the boundaries: the stages pay encode and decode, the hops move the wire bytes.
+    codecs = plan_boundary_costs(setup, plan, n, b, work.n_prefill if work is not None else None)
     stages = []
-    for st in plan.stages:
+    for j, st in enumerate(plan.stages):
         devs = tuple(st.devices)
-        total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k)
+        codec_s = _vec(stage_codec_s(codecs, j), k)
+        total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k) + codec_s
         spec = StageSpec(devices=devs, compute_s=total)
         if st.tp > 1:
             # The terms stage_compute_s sums, kept apart: the scatter and the all-reduces
@@ -75,6 +79,7 @@ def build(setup, plan: Plan) -> PipelineSpec:
             spec.device_compute_s = np.stack([
                 _vec(sum(cost.unit_time_s(u, d, n, c, b, st.tp if u.kind in cost.SPLIT_KINDS else 1)
                          for u in units), k) for d in devs])
+            spec.device_compute_s[0] += codec_s  # the leader decodes the input, encodes the output
             spec.allreduce_s = _vec(sum((cost.allreduce_time_s(list(devs), u.tp_allreduce_bytes(n, b, db))
                                          for u in split), np.zeros(k)), k)
             ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
@@ -91,9 +96,9 @@ def build(setup, plan: Plan) -> PipelineSpec:
         stages.append(spec)
 
     hops: list[HopSpec | None] = [None]
-    for prev, st in zip(plan.stages, plan.stages[1:]):
+    for j, (prev, st) in enumerate(zip(plan.stages, plan.stages[1:])):
         src, dst = prev.devices[0], st.devices[0]
-        nbytes = _vec(setup.units[prev.end - 1].out_bytes(n, b, db), k)
+        nbytes = _vec(codecs[j].wire_bytes, k)
         total = _vec(cost.transfer_time_s(src, dst, nbytes), k)
         route = setup.cluster.route(src, dst)
         # The cost model gives latency + bytes/bandwidth; the route says how much is latency.

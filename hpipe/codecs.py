@@ -1,0 +1,180 @@
+"""Activation codecs on stage boundaries, described without torch: wire bytes and codec time.
+
+A codec turns the activation a stage sends on -- k values of the scenario's
+dtype, flattened (batch, tokens, d_model) -- into bytes on the wire, and back
+on the receiving side.  This module is what the planner and the simulator
+know about a codec; ``hpipe.runtime.codecs`` is the torch implementation, and
+its bytes on the wire are exactly ``wire_bytes`` here (a test checks).
+
+| codec | per value | per block | wire bytes of k values |
+|---|---|---|---|
+| ``none`` | the dtype | - | k * dtype_bytes |
+| ``int8`` | int8 | 64 values, one fp16 scale (absmax / 127) | k + 2 * ceil(k / 64) |
+| ``fp8``  | float8 e4m3 | 64 values, one fp16 scale (absmax / 448) | k + 2 * ceil(k / 64) |
+| ``int4`` | int4, two per byte | 32 values, one fp16 scale (absmax / 7) | ceil(k / 2) + 2 * ceil(k / 32) |
+
+Blocks run along the flattened tensor; with d_model a multiple of 64 (every
+catalog model) a block never spans two tokens.  fp8 carries a block scale too:
+e4m3 alone spans 2^-9..448, and unscaled activations leave that range (an
+outlier feature of 1000 would saturate; a small residual would flush to zero).
+
+Codec time (the cost model's ``codec_time_s``): encode and decode are
+memory-bound element-wise passes over the activation, so the roofline charges
+``ops * op overhead + passes * bytes / memory bandwidth``; ``Codec.encode_passes`` / ``decode_passes``
+are the torch implementation's measured CPU time in passes (it is unfused: abs, block
+max, divide, round, clamp, cast, ...; see ``CODECS``).  A fitted profile does not time
+codecs yet: the fitted model uses the same roofline.  Who pays: the
+sender's stage encodes after its compute and the receiver's stage decodes
+before its compute, on the stage's own device, so both are charged to the
+*stage* time (simulated and measured alike: the runtime stamps them inside the
+stage's compute interval), and the hop moves only the wire bytes.
+
+Per message, a lossy codec is used only where it pays: a message whose encode
++ compressed transfer + decode would take longer than sending it raw (short,
+latency-bound messages such as decode steps) goes uncompressed
+(``pays``), and the message header names the codec actually used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCALE_BYTES = 2
+"""Every block scale travels as fp16."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    value_bits: int
+    """Bits per value on the wire (0: the dtype as it is)."""
+    block: int
+    """Values sharing one scale (0: no scale)."""
+    qmax: float
+    """Largest magnitude of the quantized grid: the block's absmax maps to it."""
+    encode_passes: float
+    """Memory traffic of encoding, in input-sized tensors read or written (roofline)."""
+    decode_passes: float
+    """Memory traffic of decoding, in output-sized tensors read or written."""
+    encode_ops: int = 0
+    """Tensor ops the torch encoder dispatches per message, whatever its size: a fixed time
+    (``op_overhead_s`` each), why short, latency-bound messages (decode steps) go raw."""
+    decode_ops: int = 0
+
+    @property
+    def lossy(self) -> bool:
+        return self.name != "none"
+
+    def wire_bytes(self, k, dtype_bytes: int):
+        """Bytes on the wire for k values (an int, or a numpy array of counts)."""
+        k = np.asarray(k)
+        if not self.lossy:
+            out = k * dtype_bytes
+        else:
+            values = -(-k * self.value_bits // 8)  # ceil: int4 packs two per byte
+            out = values + SCALE_BYTES * -(-k // self.block)
+        return int(out) if out.ndim == 0 else out
+
+
+# Passes: the CPU time of hpipe.runtime.codecs on a (2, 96, 512) float32 activation (one
+# thread, torch 2.13, AMD EPYC, 2026-12-01) over the time of one pass at the local
+# scenarios' 10 GB/s: int8 encode 0.51 ms, decode 0.20 ms; fp8 0.53 / 0.90 ms (float8 ->
+# float32 conversion is slow on CPU); int4 0.80 / 0.48 ms.  Counting the unfused tensor
+# ops instead (abs, amax, divide, round, clamp, cast) gives 10 / 3 for int8: the same order.
+CODECS: dict[str, Codec] = {
+    "none": Codec("none", 0, 0, 0.0, 0.0, 0.0),
+    "int8": Codec("int8", 8, 64, 127.0, 13.0, 5.0, 12, 6),
+    "fp8": Codec("fp8", 8, 64, 448.0, 14.0, 23.0, 12, 6),
+    "int4": Codec("int4", 4, 32, 7.0, 20.0, 12.0, 17, 9),
+}
+# Ops: one 512-value message (a decode step of a 512-wide model) costs, in CPU time on the
+# same machine and torch, int8 212 / 111 us, fp8 223 / 110 us, int4 303 / 163 us to encode
+# / decode: ~18 us per op on a CPU worker.
+CPU_OP_OVERHEAD_S = 18e-6
+GPU_OP_OVERHEAD_S = 5e-6
+"""A kernel launch, where the cost model does not say (the roofline's kernel_overhead_us)."""
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; one of {', '.join(CODECS)}") from None
+
+
+def roofline_codec_time_s(codec: Codec, k, dtype_bytes: int, bandwidth_gbps: float, op_overhead_s: float):
+    """(encode_s, decode_s) of k values on a device with this memory bandwidth (GB/s) and
+    this fixed cost per dispatched op."""
+    k = np.asarray(k, float)
+    if not codec.lossy:
+        return np.zeros_like(k), np.zeros_like(k)
+    bw = bandwidth_gbps * 1e9
+    raw = k * dtype_bytes
+    busy = k > 0
+    return (np.where(busy, codec.encode_ops * op_overhead_s + codec.encode_passes * raw / bw, 0.0),
+            np.where(busy, codec.decode_ops * op_overhead_s + codec.decode_passes * raw / bw, 0.0))
+
+
+@dataclass
+class BoundaryCost:
+    """One stage boundary's activation, per work item (numpy arrays of one value per item)."""
+
+    codec: list[str]
+    """The codec each item's message uses ('none' where the plan's codec does not pay)."""
+    wire_bytes: np.ndarray
+    encode_s: np.ndarray
+    """Charged to the sending stage."""
+    decode_s: np.ndarray
+    """Charged to the receiving stage."""
+
+
+def boundary_costs(setup, plan, boundary: int, n, b, n_prefill: int | None = None) -> BoundaryCost:
+    """What crossing the boundary after stage ``boundary`` costs, per item of (n tokens, batch b).
+    Items from ``n_prefill`` on are decode steps: latency-bound, they travel raw (as the
+    runtime sends them).
+
+    The one place the simulator, the planners' exact makespan and the runtime (which
+    codec each message uses) take a boundary's bytes and codec time from."""
+    cost = setup.cost
+    db = setup.dtype_bytes
+    prev, nxt = plan.stages[boundary], plan.stages[boundary + 1]
+    unit = setup.units[prev.end - 1]
+    raw = np.broadcast_to(np.asarray(unit.out_bytes(n, b, db), float), np.shape(n)).astype(float)
+    k = raw / db
+    codec = get_codec(plan.codec_of(boundary))
+    zero = np.zeros_like(raw)
+    if not codec.lossy:
+        return BoundaryCost(["none"] * raw.size, raw, zero, zero)
+    src, dst = prev.devices[0], nxt.devices[0]
+    wire = np.asarray(codec.wire_bytes(np.rint(k).astype(np.int64), db), float)
+    enc, _ = cost.codec_time_s(codec, src, k)
+    _, dec = cost.codec_time_s(codec, dst, k)
+    enc = np.broadcast_to(np.asarray(enc, float), raw.shape)
+    dec = np.broadcast_to(np.asarray(dec, float), raw.shape)
+    use = pays(cost.transfer_time_s(src, dst, raw), cost.transfer_time_s(src, dst, wire), enc, dec) & (raw > 0)
+    if n_prefill is not None:
+        use = use & (np.arange(use.size) < n_prefill).reshape(use.shape)
+    return BoundaryCost([codec.name if u else "none" for u in use.tolist()],
+                        np.where(use, wire, raw), np.where(use, enc, 0.0), np.where(use, dec, 0.0))
+
+
+def pays(raw_transfer_s, wire_transfer_s, encode_s, decode_s) -> np.ndarray:
+    """Per message: whether encode + compressed transfer + decode beats the raw transfer."""
+    return np.asarray(encode_s + wire_transfer_s + decode_s < raw_transfer_s)
+
+
+def plan_boundary_costs(setup, plan, n, b, n_prefill: int | None = None) -> list[BoundaryCost]:
+    """``boundary_costs`` of every boundary of the plan (one per stage but the last)."""
+    return [boundary_costs(setup, plan, j, n, b, n_prefill) for j in range(len(plan.stages) - 1)]
+
+
+def stage_codec_s(costs: list[BoundaryCost], j: int):
+    """Codec time stage j spends per item: decoding its input and encoding its output."""
+    t = 0.0
+    if j > 0:
+        t = t + costs[j - 1].decode_s
+    if j < len(costs):
+        t = t + costs[j].encode_s
+    return t

@@ -1,0 +1,123 @@
+"""Which codec each stage boundary of a plan uses: a pass after the partition and slicing.
+
+Given a plan (its stages, slices and micro-batches fixed), try every assignment of
+``none`` or an allowed codec to the boundaries with at most
+``compression.max_lossy_hops`` lossy ones, scored by the exact makespan
+(``evaluate.makespan_s``, which charges the wire bytes to the hop and encode /
+decode to the stages), and keep the fastest; ties go to fewer lossy hops, so a
+codec that saves nothing is not used.  For a fixed partition and slicing this is
+exact.  Where the assignments are too many to try (``MAX_ASSIGNMENTS``), a greedy
+pass adds one (boundary, codec) at a time, the one that shortens the makespan most.
+
+The partition and slicing are not searched jointly with the codecs, but
+``plan_compressed`` gives the codec pass more than the uncompressed plan to work on:
+it also plans as if every link carried each allowed codec's wire bytes (a cost model
+whose transfers shrink by the codec's ratio; encode and decode left out), because on a
+slow link the uncompressed search may rightly avoid the link altogether, which no
+codec choice afterwards can undo.  Each candidate then gets its exact codec
+assignment, and the fastest (by exact makespan) wins.
+
+Only the ``hpipe`` planner uses this.  The baselines stay uncompressed: they stand
+for the published systems (GPipe, TeraPipe, Megatron-LM), which send activations
+as they are, so the comparison shows what compression adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+from hpipe.codecs import get_codec
+from hpipe.errors import InfeasibleError
+from hpipe.planners.evaluate import makespan_s
+
+MAX_ASSIGNMENTS = 4096
+
+
+def assignments(n_boundaries: int, allow, max_lossy: int):
+    """Every codec assignment with at most ``max_lossy`` lossy boundaries, fewest lossy first."""
+    for k in range(min(max_lossy, n_boundaries) + 1):
+        for hops in itertools.combinations(range(n_boundaries), k):
+            for names in itertools.product(allow, repeat=k):
+                out = ["none"] * n_boundaries
+                for h, c in zip(hops, names):
+                    out[h] = c
+                yield out
+
+
+def n_assignments(n_boundaries: int, n_allow: int, max_lossy: int) -> int:
+    return sum(math.comb(n_boundaries, k) * n_allow ** k for k in range(min(max_lossy, n_boundaries) + 1))
+
+
+def _score(setup, plan, codecs) -> float:
+    return makespan_s(setup, plan.model_copy(update={"codecs": list(codecs)}))
+
+
+class _CompressedLinks:
+    """A cost model as it is, but every transfer carries ``ratio`` of its bytes (the planners'
+    view of links under a codec; the model's own all-reduces and scatters are unchanged)."""
+
+    def __init__(self, cost, ratio: float):
+        self._cost, self._ratio = cost, ratio
+
+    def __getattr__(self, name):
+        return getattr(self._cost, name)
+
+    def transfer_time_s(self, src, dst, nbytes):
+        return self._cost.transfer_time_s(src, dst, np.asarray(nbytes, float) * self._ratio)
+
+
+def plan_compressed(setup, plan_fn):
+    """``plan_fn(setup)``'s plan and the plans it makes on links shrunk by each allowed codec,
+    each with its best codecs (``choose_codecs``); the fastest.  Without compression in the
+    scenario: ``plan_fn(setup)`` as it is."""
+    plan = plan_fn(setup)
+    comp = setup.compression
+    if comp is None or comp.max_lossy_hops == 0:
+        return plan
+    best = choose_codecs(setup, plan)
+    k = 1 << 20
+    for name in dict.fromkeys(comp.allow):
+        ratio = get_codec(name).wire_bytes(k, setup.dtype_bytes) / (k * setup.dtype_bytes)
+        try:
+            cand = plan_fn(dataclasses.replace(setup, cost=_CompressedLinks(setup.cost, ratio)))
+        except InfeasibleError:  # cannot happen where the plain search found a plan; be safe
+            continue
+        cand = cand.model_copy(update={"predicted": {**cand.predicted, "latency_s": makespan_s(setup, cand)}})
+        cand = choose_codecs(setup, cand)
+        if cand.predicted["latency_s"] < best.predicted["latency_s"]:
+            best = cand
+    return best
+
+
+def choose_codecs(setup, plan):
+    """The plan with the codecs that make it fastest (at most max_lossy_hops lossy), its
+    ``predicted`` updated; unchanged when the scenario allows no compression."""
+    comp = setup.compression
+    nb = len(plan.stages) - 1
+    if comp is None or nb == 0 or comp.max_lossy_hops == 0:
+        return plan
+    allow = list(dict.fromkeys(comp.allow))
+    plain = ["none"] * nb
+    base = _score(setup, plan, plain)
+    best, best_t = plain, base
+    if n_assignments(nb, len(allow), comp.max_lossy_hops) <= MAX_ASSIGNMENTS:
+        for cand in assignments(nb, allow, comp.max_lossy_hops):
+            t = _score(setup, plan, cand)
+            if t < best_t:  # strict: fewer lossy hops win ties (they come first)
+                best, best_t = cand, t
+    else:
+        while sum(c != "none" for c in best) < comp.max_lossy_hops:
+            step = min(((_score(setup, plan, best[:h] + [c] + best[h + 1:]), h, c)
+                        for h in range(nb) if best[h] == "none" for c in allow), default=None)
+            if step is None or step[0] >= best_t:
+                break
+            best_t, h, c = step
+            best = best[:h] + [c] + best[h + 1:]
+    if best == plain:
+        return plan
+    predicted = {**plan.predicted, "latency_s": best_t, "uncompressed_latency_s": base}
+    return plan.model_copy(update={"codecs": best, "predicted": predicted})

@@ -1,0 +1,181 @@
+"""Codecs in plans: the scenario key, the simulator's charges (wire bytes on the hop, encode and
+decode on the stages), and hpipe's per-boundary choice against brute force over assignments."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from hpipe.codecs import get_codec
+from hpipe.errors import InputError
+from hpipe.plan import Plan, Stage
+from hpipe.planners import codecs as pc
+from hpipe.planners import make_plan
+from hpipe.planners.common import even_block_split, uniform_slices
+from hpipe.planners.evaluate import makespan_s
+from hpipe.scenario import parse_scenario
+from hpipe.sim import simulate
+from tests.planner_cases import examples, scenario_dicts, setup_of
+
+
+def _two_hosts(network_gbps: float, compression=None, batch=2, seq=256, mem_gb=1.0):
+    data = {"name": "two", "model": {"family": "llama", "n_layers": 2, "d_model": 256, "n_heads": 4,
+                                     "d_ff": 512, "vocab_size": 1000, "max_seq_len": 1024},
+            "dtype": "float32", "workload": {"seq_len": seq, "batch_size": batch},
+            "cluster": {"hosts": [{"name": "a", "devices": [{"name": "d", "peak_tflops": 1.0, "memory_gb": mem_gb,
+                                                             "memory_bandwidth_gbps": 50, "power_w": 100}]},
+                                  {"name": "b", "devices": [{"name": "d", "peak_tflops": 1.0, "memory_gb": mem_gb,
+                                                             "memory_bandwidth_gbps": 50, "power_w": 100}]}],
+                        "network": {"bandwidth_gbps": network_gbps, "latency_us": 100}},
+            "planner": {"token_granularity": 32, "memory_reserve_gb": 0.0}}
+    if compression:
+        data["compression"] = compression
+    return data
+
+
+def _plan(setup, codecs, slices=(128, 128)):
+    return Plan(planner="x", scenario=setup.name, slices=list(slices), codecs=codecs,
+                stages=[Stage(devices=["a/d-0"], units=(0, 3)), Stage(devices=["b/d-0"], units=(3, setup.n_units))])
+
+
+def test_compression_key_is_validated():
+    setup = setup_of(_two_hosts(0.1, {"allow": ["int8", "int4"], "max_lossy_hops": 2}))
+    assert setup.compression.allow == ["int8", "int4"] and setup.compression.max_lossy_hops == 2
+    with pytest.raises(InputError) as e:
+        parse_scenario(_two_hosts(0.1, {"allow": ["int7"]}), file="s.yaml")
+    assert e.value.field.startswith("compression.allow") and "s.yaml" in str(e.value)
+    with pytest.raises(InputError, match="missing"):
+        parse_scenario(_two_hosts(0.1, {"max_lossy_hops": 1}))
+
+
+def test_simulator_charges_wire_bytes_to_the_hop_and_codec_time_to_the_stages():
+    setup = setup_of(_two_hosts(0.1))
+    raw, int8 = simulate(setup, _plan(setup, ["none"])), simulate(setup, _plan(setup, ["int8"]))
+    k = 2 * 128 * 256  # (batch, slice, d_model) values per message
+    xfer = [e for e in int8.events if e.kind == "transfer"]
+    assert [e.nbytes for e in xfer] == [get_codec("int8").wire_bytes(k, 4)] * 2
+    assert [e.nbytes for e in raw.events if e.kind == "transfer"] == [4.0 * k] * 2
+    assert int8.bytes_per_link == {"a->b": 2.0 * get_codec("int8").wire_bytes(k, 4)}
+    enc, dec = setup.cost.codec_time_s(get_codec("int8"), "a/d-0", k)
+    assert float(enc) > 0 and float(dec) > 0
+    comp = {(r.device, r.slice): r.end_s - r.start_s for r in raw.events if r.kind == "compute"}
+    comp8 = {(r.device, r.slice): r.end_s - r.start_s for r in int8.events if r.kind == "compute"}
+    for s in (0, 1):
+        assert comp8["a/d-0", s] == pytest.approx(comp["a/d-0", s] + float(enc), rel=1e-9)
+        assert comp8["b/d-0", s] == pytest.approx(comp["b/d-0", s] + float(dec), rel=1e-9)
+    # the planners' exact makespan agrees with the simulation, codecs included
+    assert makespan_s(setup, _plan(setup, ["int8"])) == pytest.approx(int8.latency_s, rel=1e-9)
+    assert int8.latency_s < raw.latency_s  # 100 Mbit/s: the transfer dominates
+
+
+def test_a_codec_that_does_not_pay_leaves_the_message_raw():
+    # 1000 Gbit/s: encode + decode cost more than the bytes they save, message by message
+    setup = setup_of(_two_hosts(1000.0))
+    res = simulate(setup, _plan(setup, ["int8"]))
+    assert [e.nbytes for e in res.events if e.kind == "transfer"] == [4.0 * 2 * 128 * 256] * 2
+    assert res.latency_s == pytest.approx(simulate(setup, _plan(setup, ["none"])).latency_s, rel=1e-12)
+
+
+def test_hpipe_compresses_the_slow_hop_and_not_a_fast_one():
+    slow = setup_of(_two_hosts(0.1, {"allow": ["int8"], "max_lossy_hops": 1}))
+    plan = make_plan(slow, "hpipe")
+    if len(plan.stages) == 2:
+        assert plan.codecs == ["int8"]
+        assert plan.predicted["latency_s"] < plan.predicted["uncompressed_latency_s"]
+    assert make_plan(slow, "gpipe").codecs is None  # baselines stay uncompressed
+    fast = setup_of(_two_hosts(1000.0, {"allow": ["int8"], "max_lossy_hops": 1}))
+    assert make_plan(fast, "hpipe").codecs is None
+    off = setup_of(_two_hosts(0.1, {"allow": ["int8"], "max_lossy_hops": 0}))
+    assert make_plan(off, "hpipe").codecs is None
+
+
+def _brute_force(setup, plan, allow, max_lossy):
+    """The fastest simulated latency over every assignment (an independent scorer: the simulator)."""
+    nb = len(plan.stages) - 1
+    best = np.inf
+    for cand in itertools.product(["none", *allow], repeat=nb):
+        if sum(c != "none" for c in cand) > max_lossy:
+            continue
+        best = min(best, simulate(setup, plan.model_copy(update={"codecs": list(cand)})).latency_s)
+    return best
+
+
+@st.composite
+def compressed_scenarios(draw):
+    data = draw(scenario_dicts(max_layers=3, max_hosts=3, max_devices=4, tight_memory=False))
+    allow = draw(st.lists(st.sampled_from(["int8", "fp8", "int4"]), min_size=1, max_size=3, unique=True))
+    data["compression"] = {"allow": allow, "max_lossy_hops": draw(st.integers(0, 3))}
+    data["dtype"] = draw(st.sampled_from(["float16", "float32"]))
+    return data
+
+
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=compressed_scenarios(), greedy=st.booleans(), n_slices=st.integers(1, 4), mb=st.integers(1, 3))
+def test_codec_choice_within_2pct_of_brute_force(data, greedy, n_slices, mb):
+    """For a fixed partition (one stage per device, an even split), the codec pass against every
+    assignment scored by the simulator; ``greedy``: the fallback for many boundaries."""
+    setup = setup_of(data)
+    devs = setup.cluster.device_ids
+    k = min(len(devs), setup.n_units)
+    assume(k >= 2)
+    cuts = even_block_split(setup.model.n_layers, setup.n_units, k)
+    plan = Plan(planner="hpipe", scenario=setup.name, stages=[Stage(devices=[d], units=c) for d, c in zip(devs, cuts)],
+                slices=uniform_slices(setup.seq_len, setup.granularity, n_slices),
+                micro_batches=min(mb, setup.batch_size))
+    saved = pc.MAX_ASSIGNMENTS
+    pc.MAX_ASSIGNMENTS = 0 if greedy else saved
+    try:
+        chosen = pc.choose_codecs(setup, plan)
+    finally:
+        pc.MAX_ASSIGNMENTS = saved
+    comp = setup.compression
+    codecs = chosen.codecs or ["none"] * (k - 1)
+    assert sum(c != "none" for c in codecs) <= comp.max_lossy_hops
+    assert set(codecs) <= {"none", *comp.allow}
+    got = simulate(setup, chosen).latency_s
+    assert chosen.predicted.get("latency_s", got) == pytest.approx(got, rel=1e-9)
+    best = _brute_force(setup, plan, comp.allow, comp.max_lossy_hops)
+    if greedy:
+        assert got <= 1.02 * best + 1e-12, (codecs, got, best)
+    else:  # exhaustive: exact up to the simulator's float sums
+        assert got <= best * (1 + 1e-9), (codecs, got, best)
+
+
+def test_hpipe_plans_codecs_end_to_end_on_random_scenarios():
+    """make_plan's hpipe output: its codecs respect the scenario and its prediction is its simulation
+    (devices too small for the whole model, so that plans cross the link)."""
+    rng = np.random.default_rng(0)
+    seen_lossy = 0
+    for seed in range(12):
+        data = _two_hosts(float(rng.choice([0.05, 0.1, 1.0])), {"allow": ["int8", "int4"], "max_lossy_hops": 1},
+                          batch=int(rng.integers(1, 4)), seq=int(rng.choice([128, 256])), mem_gb=0.006)
+        setup = setup_of(data)
+        plan = make_plan(setup, "hpipe")
+        assert plan.predicted["latency_s"] == pytest.approx(simulate(setup, plan).latency_s, rel=1e-9)
+        seen_lossy += bool(plan.codecs)
+    assert seen_lossy > 0
+
+
+def test_the_codec_is_chosen_per_message_by_its_size():
+    """A short message (latency-bound, as a decode step's) goes raw where a long one on the same
+    boundary is compressed: the choice is per message, so it carries over to generation."""
+    from hpipe.codecs import boundary_costs
+
+    setup = setup_of(_two_hosts(0.1, batch=1))
+    p = _plan(setup, ["int8"], slices=(32, 224))
+    n, b = np.array([1.0, 32.0, 224.0, 4096.0]), np.ones(4)
+    bc = boundary_costs(setup, p, 0, n, b)
+    assert bc.codec[0] == "none" and bc.codec[-1] == "int8", bc.codec
+    k = n * 256
+    raw = setup.cost.transfer_time_s("a/d-0", "b/d-0", 4 * k)
+    for i, c in enumerate(bc.codec):  # whichever it picked is the faster way for that message
+        wire = get_codec("int8").wire_bytes(int(k[i]), 4)
+        enc, _ = setup.cost.codec_time_s(get_codec("int8"), "a/d-0", k[i])
+        _, dec = setup.cost.codec_time_s(get_codec("int8"), "b/d-0", k[i])
+        packed = float(enc + setup.cost.transfer_time_s("a/d-0", "b/d-0", wire) + dec)
+        assert (c == "int8") == (packed < float(raw[i]))
+        assert bc.wire_bytes[i] == (wire if c == "int8" else 4 * k[i])
