@@ -56,7 +56,8 @@ def _forkserver_with_workers(run: TerminalRun, n_workers: int, within_s: float) 
 
 
 def test_dead_forkserver_is_named_and_its_workers_stopped():
-    run = TerminalRun("execute", SCENARIO, "--timeout", "60")
+    # on the roofline: under costmodel auto a first execute would profile before any worker starts
+    run = TerminalRun("execute", SCENARIO, "--timeout", "60", "--set", "costmodel=roofline")
     try:
         fs, workers = _forkserver_with_workers(run, 2, within_s=60)
         t0 = time.monotonic()
@@ -88,8 +89,9 @@ def test_gpus_without_a_placement_here_are_refused_before_any_worker(cli=None):
 
 def test_long_cpu_run_is_announced_with_an_estimate_then_ctrl_c():
     # 8 x 4096 tokens of the small model on two 1-thread workers: minutes by the roofline estimate
+    # (on the roofline: under costmodel auto the first execute of a new shape profiles first)
     run = TerminalRun("execute", SCENARIO, "--set", "workload.seq_len=4096", "--set", "workload.batch_size=8",
-                      columns=120)
+                      "--set", "costmodel=roofline", columns=120)
     try:
         deadline = time.monotonic() + 60
         while "rough estimate" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
