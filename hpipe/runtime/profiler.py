@@ -48,6 +48,7 @@ import platform
 import queue as queue_mod
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, DevicePr
                                       Versions)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.runtime import emulation
+from hpipe.runtime.worker import _watch_launcher
 
 TRIM = 0.2  # trimmed mean: drop this share of samples at each end
 CHAIN_MIN_BLOCKS = 2  # distinct transformer blocks in the timed chain, at least
@@ -441,6 +443,12 @@ def profile_worker(job: ProfileJob, q) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A parent killed with SIGKILL cannot stop us (daemon processes end only at its normal
+    # exit): watch it and leave, as the runtime's workers do.
+    # The pid the parent had when it spawned us, not os.getppid(): if it died while we were
+    # still importing, we have been handed to init by now.
+    parent = mp.parent_process()
+    threading.Thread(target=_watch_launcher, args=(parent.pid if parent else os.getppid(),), daemon=True).start()
     code = 0
     try:
         emulation.enter(job.placement)

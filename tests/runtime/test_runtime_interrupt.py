@@ -121,3 +121,40 @@ def test_cpu_workers_must_fit_this_machines_memory(monkeypatch):
         here.check_cpu_memory(setup, p)
     total_s, item_s = here.cpu_estimate_s(setup, p)
     assert 0 < item_s < total_s
+
+
+def test_profile_killed_with_sigkill_leaves_no_profiling_worker(tmp_path):
+    # Found in a test run: an `execute` killed while costmodel auto profiled left both profiling
+    # workers running for 20 minutes (spawned daemons end only at the parent's normal exit).
+    run = TerminalRun("profile", SCENARIO, "--quick", "-o", str(tmp_path / "p.json"))
+    try:
+        deadline = time.monotonic() + 90
+        workers: list[int] = []
+        while time.monotonic() < deadline and run.proc.poll() is None:
+            workers = children_of(run.proc.pid)
+            workers = [w for w in workers if "hpipe-profile" in _cmdline(w) or "spawn_main" in _cmdline(w)]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) >= 2, run.output[-2000:]
+        run.proc.kill()  # SIGKILL: no handler of the parent runs
+        run.proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        run.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
