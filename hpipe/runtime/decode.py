@@ -36,7 +36,6 @@ slice; the launcher marks them ``phase="decode"``.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -88,8 +87,9 @@ class _Stream:
         self.records: list[tuple] = []  # (group, step, src_role, t_post, t_done, nbytes)
         self.threaded = w.cfg.backend == "gloo"
         if self.threaded:
-            self.q: queue.Queue = queue.Queue(maxsize=4)
-            self.stop = threading.Event()
+            from hpipe.runtime.worker import _Inbox
+
+            self.inbox = _Inbox(w, src_role, depth=4)
             self.thread = threading.Thread(target=self._loop, name=f"decode-from-{src_role}", daemon=True)
             self.thread.start()
 
@@ -145,38 +145,22 @@ class _Stream:
         return hdr, buf, x
 
     def _loop(self):
-        while not self.finished and not self.stop.is_set():
+        while not self.finished and not self.inbox.stop.is_set():
             try:
                 out = self._recv_one()
             except BaseException as e:  # handed to the compute loop, which raises it
                 out = e
-            while not self.stop.is_set():
-                try:
-                    self.q.put(out, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            self.inbox.put(out)
             if isinstance(out, BaseException):
                 return
 
     def get(self):
         """(header, payload as received, payload as the step's input)."""
-        from hpipe.runtime.worker import CommError
-
-        if not self.threaded:
-            return self._recv_one()
-        try:
-            out = self.q.get(timeout=self.w.cfg.timeout_s + 5.0)
-        except queue.Empty:
-            raise CommError(self.src_role, f"timed out after {self.w.cfg.timeout_s:g}s waiting for "
-                                           f"{self.w.describe(self.src_role)}") from None
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return self.inbox.take() if self.threaded else self._recv_one()
 
     def close(self):
         if self.threaded:
-            self.stop.set()
+            self.inbox.close()
 
 
 class Decoder:

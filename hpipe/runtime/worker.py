@@ -183,6 +183,40 @@ def apply_placement(cfg: WorkerConfig) -> None:
         torch.cuda.set_device(torch.device(cfg.device))
 
 
+class _Inbox:
+    """What a receiving thread hands the compute loop, in order: each received message, or the
+    exception that stopped the thread.  Bounded (the thread receives at most ``depth`` ahead);
+    every wait is bounded too, so a dead peer ends in a named timeout, never a hang."""
+
+    def __init__(self, w: "StageWorker", src_role: int, depth: int):
+        self.w, self.src_role = w, src_role
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def put(self, out) -> None:
+        """From the receiving thread; gives up once the compute loop has closed the inbox."""
+        while not self.stop.is_set():
+            try:
+                self.q.put(out, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def take(self):
+        """From the compute loop: the next message, or raise what stopped the thread."""
+        try:
+            out = self.q.get(timeout=self.w.cfg.timeout_s + 5.0)
+        except queue.Empty:
+            raise CommError(self.src_role, f"timed out after {self.w.cfg.timeout_s:g}s waiting for "
+                                           f"{self.w.describe(self.src_role)}") from None
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def close(self) -> None:
+        self.stop.set()
+
+
 class _Receiver:
     """Receives one peer's items in order; in a thread (gloo) so arrival times are exact
     and receives overlap compute, or inline (NCCL, whose calls stay on the main thread)."""
@@ -196,8 +230,7 @@ class _Receiver:
         self.records: list[tuple] = []  # (mb, slice, src_role, t_post, t_done, nbytes)
         self._next = 0
         if self.threaded:
-            self.q: queue.Queue = queue.Queue(maxsize=RECV_DEPTH)
-            self.stop = threading.Event()
+            self.inbox = _Inbox(w, src_role, RECV_DEPTH)
             self.thread = threading.Thread(target=self._loop, name=f"recv-from-{src_role}", daemon=True)
             self.thread.start()
 
@@ -238,33 +271,19 @@ class _Receiver:
                 out = self._recv_one(item, codec)
             except BaseException as e:  # handed to the compute loop, which raises it
                 out = e
-            while not self.stop.is_set():
-                try:
-                    self.q.put(out, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(out, BaseException) or self.stop.is_set():
+            self.inbox.put(out)
+            if isinstance(out, BaseException) or self.inbox.stop.is_set():
                 return
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next item: as it came over the wire (to forward), and as the stage's input."""
         item, codec = self.items[self._next], self.codecs[self._next]
         self._next += 1
-        if not self.threaded:
-            return self._recv_one(item, codec)
-        try:
-            out = self.q.get(timeout=self.w.cfg.timeout_s + 5.0)
-        except queue.Empty:
-            raise CommError(self.src_role, f"timed out after {self.w.cfg.timeout_s:g}s waiting for "
-                                           f"{self.w.describe(self.src_role)}") from None
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return self.inbox.take() if self.threaded else self._recv_one(item, codec)
 
     def close(self):
         if self.threaded:
-            self.stop.set()
+            self.inbox.close()
 
 
 def _short(e: BaseException) -> str:
