@@ -12,7 +12,10 @@ each it prints, per decode step and stage, in milliseconds (medians over steps a
   measured and simulated -- with one decode group no device is busy with another group, so
   this is the whole cost of a message between stages in the step loop (send, wire, the
   receiving thread, the hand-over to the compute loop);
-* TPOT simulated and measured.
+* TPOT simulated and measured;
+* CPU time per decode step beyond the compute stamps, of the stage's decode loop thread and of
+  its whole process (receiving threads, sends): the per-step work the simulator has no term
+  for, in a load-insensitive unit.
 
 Load-insensitive reading: the CPU-time column against the predicted one is the cost
 model's own error; the hop columns are small intervals, so read the medians, and compare
@@ -31,7 +34,8 @@ from pathlib import Path
 
 from hpipe.costmodels.cache import cpu_model
 from hpipe.plan import Plan, Stage
-from hpipe.runtime import execute
+from hpipe.runtime.launcher import launch, make_ids, measured_result, runtime_spec
+from hpipe.runtime.generation import generation_config
 from hpipe.scenario import load_scenario
 from hpipe.sim import simulate
 from hpipe.validate import ensure_profile, with_fitted, with_output_tokens
@@ -82,10 +86,17 @@ def main() -> None:
     plans = {k: p.check(setup) for k, p in plans.items()}
     sims = {k: simulate(setup, p) for k, p in plans.items()}
     load0 = os.getloadavg()
-    runs = defaultdict(list)
+    runs, overhead = defaultdict(list), defaultdict(list)
+    spec, ids = runtime_spec(setup), make_ids(setup)
     for _ in range(args.repeats):  # interleaved: drifting load hits every plan alike
         for k, p in plans.items():
-            runs[k].append(execute(setup, p, quiet=True, timeout_s=120))
+            run = launch(setup, p, ids=ids, spec=spec, timeout_s=120, generation=generation_config(setup, p, spec))
+            runs[k].append(measured_result(setup, p, run, spec=spec))
+            for role, rec in run.records.items():  # CPU time per decode item beyond the compute stamps
+                d = rec["decode"]
+                n = len(d["events"]) or 1
+                overhead[(k, rec["stage"])].append(((d["loop_cpu_s"] - d["compute_cpu_s"]) / n,
+                                                    (d["process_cpu_s"] - d["compute_cpu_s"]) / n))
     load1 = os.getloadavg()
     steps = args.output_tokens - 1
     print(f"{setup.name}: {setup.model.name}, batch {setup.batch_size} x {setup.seq_len}, {args.output_tokens} new "
@@ -111,6 +122,10 @@ def main() -> None:
                 cpu = [r.decode_compute_cpu_s[dev] / (steps * groups) for r in rs if r.decode_compute_cpu_s]
                 if cpu:
                     line += f"  cpu {statistics.median(cpu) * ms:7.3f}"
+                o = overhead[(k, j)]
+                if o:
+                    line += (f"  beyond the stamps, CPU per step: loop thread {statistics.median(x[0] for x in o) * ms:6.3f}"
+                             f", process {statistics.median(x[1] for x in o) * ms:6.3f}")
             print(line)
 
 

@@ -256,6 +256,9 @@ class Decoder:
         """After the prefill loop: the decode steps of this worker."""
         w = self.w
         prefill_events, w.events = w.events, self.events  # all-reduces land in the decode list
+        # CPU time of the whole decode loop, this thread's and the process's (receiving threads,
+        # sends): what a step costs beyond its compute stamps, hardly moved by other processes
+        cpu0, proc0 = time.thread_time(), time.process_time()
         try:
             if self.driver:
                 self._drive()
@@ -264,13 +267,15 @@ class Decoder:
                     self.inputs = self._stream(w.leader if w.tp_rank else w.cfg.stages[w.stage - 1][0][0], "act")
                 self._follow()
         finally:
+            self.loop_cpu_s, self.process_cpu_s = time.thread_time() - cpu0, time.process_time() - proc0
             w.events = prefill_events
             for s in self.streams:
                 s.close()
 
     def record(self) -> dict:
         out = {"events": self.events, "sends": self.sends,
-               "recvs": [r for s in self.streams for r in s.records], "compute_cpu_s": self.compute_cpu_s}
+               "recvs": [r for s in self.streams for r in s.records], "compute_cpu_s": self.compute_cpu_s,
+               "loop_cpu_s": getattr(self, "loop_cpu_s", None), "process_cpu_s": getattr(self, "process_cpu_s", None)}
         if self.sampler_role:
             out["generated"] = self.out
             out["token_times"] = self.times
