@@ -188,3 +188,11 @@ def test_validate_decode_cases_end_to_end(tmp_path):
     # the table shows the decode columns and the summary lines
     assert "TPOT err" in r.stdout and "decode TPOT: n 2" in r.stdout and "kind decode: n 2" in r.stdout
     assert "prefill" in r.stdout
+
+
+def test_no_prefill_without_decode_cases_is_refused():
+    pytest.importorskip("torch")
+    from tests.conftest import run_cli
+
+    r = run_cli("validate", str(LOCAL), "--no-prefill")
+    assert r.returncode == 2 and "--no-prefill" in r.stderr and "--output-tokens" in r.stderr
