@@ -5,7 +5,12 @@ random plans, measured here over every planner's plan and random plans of the
 ready scenarios that run on this machine, in interleaved rounds:
 
     PYTHONPATH=. python benchmarks/validate.py [--repeats 3] [--random 8] [--json out.json]
+        [--decode-tokens 32 [--decode-random 4] [--no-prefill]]
         [scenarios/local-cpu.yaml scenarios/local-cpu-hetero.yaml scenarios/local-cpu-4dev.yaml]
+
+``--decode-tokens N`` adds decode cases: every scenario generating N tokens per
+sequence, planned by the planners and as random plans (random decode
+micro-batch counts too), compared end to end, on TPOT and on TTFT.
 
 It prints the CPU, the load average before and after (this figure depends on
 other work on the machine: on a shared VM say so beside it), each case, and
@@ -26,7 +31,7 @@ import sys
 from hpipe.costmodels.cache import cpu_model
 from hpipe.runtime.emulation import emulation_unsupported
 from hpipe.scenario import load_scenario
-from hpipe.validate import CaseOptions, validate
+from hpipe.validate import CaseOptions, error_summary, validate
 
 READY = ["scenarios/local-cpu.yaml", "scenarios/local-cpu-hetero.yaml", "scenarios/local-cpu-4dev.yaml"]
 
@@ -37,6 +42,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--random", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode-tokens", type=int, default=None,
+                    help="decode cases at N new tokens per sequence (default: the scenario's output_tokens)")
+    ap.add_argument("--decode-random", type=int, default=None, help="random plans among the decode cases")
+    ap.add_argument("--no-prefill", action="store_true", help="decode cases only")
     ap.add_argument("--json", help="write the Validation JSON here")
     args = ap.parse_args()
     scs = []
@@ -52,17 +61,27 @@ def main() -> None:
     load0 = os.getloadavg()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average at start "
           f"{', '.join(f'{x:.1f}' for x in load0)}", flush=True)
-    res = validate(scs, opts=CaseOptions(n_random=args.random, seed=args.seed, repeats=args.repeats),
+    res = validate(scs, opts=CaseOptions(n_random=args.random, seed=args.seed, repeats=args.repeats,
+                                         output_tokens=args.decode_tokens, decode_random=args.decode_random,
+                                         prefill=not args.no_prefill),
                    log=lambda m: print(m, flush=True), quiet=True)
     load1 = os.getloadavg()
+
+    def pct(v, w=8):
+        return f"{v:+{w}.1%}" if v is not None else f"{'-':>{w}}"
+
     print(f"{'scenario':<18}{'planner':<28}{'kind':<16}{'stages':>6}{'sim s':>8}{'meas s':>8}{'error':>8}"
-          f"{'cpu err':>8}{'cpu share':>10}")
+          f"{'cpu err':>8}{'cpu share':>10}{'groups':>7}{'tpot sim':>9}{'tpot meas':>10}{'tpot err':>9}"
+          f"{'ttft err':>9}{'dec cpu':>8}")
     for c in res.cases:
         name = c.planner + "".join(f"={o}" for o in c.same_plan_as)
-        print(f"{c.scenario:<18}{name[:27]:<28}{c.kind:<16}{c.n_stages:>6}{c.simulated_latency_s:8.3f}"
-              f"{c.measured_latency_s:8.3f}{c.error:+8.1%}"
-              + (f"{c.compute_error:+8.1%}" if c.compute_error is not None else f"{'-':>8}")
-              + (f"{c.cpu_share:10.0%}" if c.cpu_share is not None else f"{'-':>10}"))
+        line = (f"{c.scenario:<18}{name[:27]:<28}{c.kind:<16}{c.n_stages:>6}{c.simulated_latency_s:8.3f}"
+                f"{c.measured_latency_s:8.3f}{c.error:+8.1%}" + pct(c.compute_error)
+                + (f"{c.cpu_share:10.0%}" if c.cpu_share is not None else f"{'-':>10}"))
+        if c.output_tokens:
+            line += (f"{c.decode_micro_batches:>7}{c.simulated_tpot_s * 1e3:7.2f}ms{c.measured_tpot_s * 1e3:8.2f}ms"
+                     + pct(c.tpot_error, 9) + pct(c.ttft_error, 9) + pct(c.decode_compute_error))
+        print(line)
     n3 = sum(c.n_stages >= 3 for c in res.cases)
     print(f"\n{len(res.cases)} distinct cases ({n3} with >= 3 stages) over {len(scs)} scenarios: "
           f"median |error| {res.median_abs_error:.1%}, p90 {res.p90_abs_error:.1%}, signed bias {res.signed_bias:+.1%}")
@@ -74,6 +93,14 @@ def main() -> None:
     if res.compute and res.compute.n:
         print(f"  compute alone (CPU time): median |error| {res.compute.median_abs_error:.1%}, "
               f"p90 {res.compute.p90_abs_error:.1%}, bias {res.compute.signed_bias:+.1%}")
+    prefill = error_summary(c.error for c in res.cases if not c.output_tokens)
+    for label, e in (("prefill cases, end to end", prefill),
+                     (f"decode cases ({args.decode_tokens or 'own'} tokens), end to end", res.by_kind.get("decode")),
+                     ("decode TPOT", res.decode_tpot), ("decode TTFT", res.decode_ttft),
+                     ("decode compute alone (CPU time)", res.decode_compute)):
+        if e is not None and e.n:
+            print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, p90 {e.p90_abs_error:.1%}, "
+                  f"bias {e.signed_bias:+.1%}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

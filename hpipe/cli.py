@@ -626,6 +626,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
              profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile while it is current, else this machine's profile cache (measured there when missing)", metavar="PATH")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
              repeats: Annotated[int, typer.Option(min=1, help="measured runs per case, in interleaved rounds over all cases (the fastest is compared)", metavar="N")] = 1,
+             output_tokens: Annotated[Optional[int], typer.Option("--output-tokens", min=0, help="decode cases: generate N tokens per sequence and compare TPOT, TTFT and end-to-end latency (0: none)", metavar="N", show_default="the scenario's workload.output_tokens")] = None,
+             decode_random: Annotated[Optional[int], typer.Option("--decode-random", min=0, help="random valid plans among the decode cases", metavar="N", show_default="--random")] = None,
+             prefill: Annotated[bool, typer.Option(help="run the prefill cases (the scenario without generation)")] = True,
              timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer", metavar="S")] = 120.0,
              basis: Annotated[Optional[str], typer.Option(help="fit on 'cpu' time (the calling thread's CPU time, scaled by the device's cpu_quota) or 'wall' time (default: the scenario's fitted basis, else cpu)", metavar="cpu|wall")] = None,
              quiet: QuietOpt = False,
@@ -645,7 +648,12 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     scs = [_load_scenario(p, sets) for p in scenarios]
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")
-    opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats)
+    opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats,
+                       output_tokens=output_tokens, decode_random=decode_random, prefill=prefill)
+    if not prefill and not any((output_tokens if output_tokens is not None else sc.workload.output_tokens)
+                               for sc in scs):
+        raise InputError("--no-prefill leaves no case: no decode cases either (give --output-tokens N)",
+                         field="--no-prefill")
     con = _out_console(json_path, quiet)
     log = (lambda msg: err_console.print(msg, highlight=False)) if not quiet else None
     with progress(quiet) as bar:
@@ -657,14 +665,22 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
     if con:
         t = Table(title=f"validation: simulated (fitted profile) vs measured latency on {result.hardware or 'this machine'}")
-        for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated s", "measured s", "error"):
+        decoding = any(c.output_tokens for c in result.cases)
+        for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated s", "measured s", "error",
+                  *(("tokens", "TPOT sim ms", "TPOT meas ms", "TPOT err", "TTFT err") if decoding else ())):
             t.add_column(c, justify="left" if c in ("scenario", "planner", "stages") else "right")
         for c in result.cases:
             stages = " | ".join(f"{d[0].split('/', 1)[1]}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
                                 for d, u in c.stages)
+            dec = ()
+            if decoding:
+                ms = lambda v: f"{v * 1e3:.2f}" if v is not None else "-"  # noqa: E731
+                pct = lambda v: f"{v:+.1%}" if v is not None else "-"  # noqa: E731
+                dec = ((f"{c.output_tokens} x {c.decode_micro_batches}g", ms(c.simulated_tpot_s), ms(c.measured_tpot_s),
+                        pct(c.tpot_error), pct(c.ttft_error)) if c.output_tokens else ("prefill", "", "", "", ""))
             t.add_row(c.scenario, c.planner + "".join(f" = {o}" for o in c.same_plan_as), stages, str(len(c.slices)), str(c.micro_batches),
                       f"{c.simulated_latency_s:.3f}", f"{c.measured_latency_s:.3f}", f"{c.error:+.1%}"
-                      + (" *" if c.oversubscribed else ""))
+                      + (" *" if c.oversubscribed else ""), *dec)
         con.print(t)
         if result.median_abs_error is not None:
             con.print(f"{len(result.cases)} distinct cases: median |error| {result.median_abs_error:.1%}, "
@@ -680,6 +696,11 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                     if e.n:
                         con.print(f"  {label} {k}: n {e.n}, median |error| {e.median_abs_error:.1%}, "
                                   f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
+            for label, e in (("decode TPOT", result.decode_tpot), ("decode TTFT", result.decode_ttft),
+                             ("decode compute alone, in CPU time", result.decode_compute)):
+                if e is not None and e.n:
+                    con.print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, "
+                              f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
         for s in result.skipped:

@@ -82,6 +82,9 @@ class RunResult(BaseModel):
     """Measured, CPU devices: CPU seconds each device's stage thread spent in its units (with one
     intra-op thread, the compute itself): unlike wall time, hardly inflated by other processes
     competing for the cores.  Compare with the cost model's ``stage_compute_s``."""
+    decode_compute_cpu_s: dict[str, float] | None = None
+    """Measured generation, CPU devices: the decode steps' part of ``compute_cpu_s`` (the
+    sampler's work on the last stage included, as in the steps' compute stamps)."""
     next_token_ids: list[int] | None = None
     """Measured: argmax of the last position's logits, one per sequence."""
     # ---- generation (workload.output_tokens > 0); latency_s is then end to end ----

@@ -12,6 +12,15 @@ signed (negative: predicted too fast), measured being the fastest of
 and 90th percentile of |error|, the signed bias (mean error), and the same by
 plan kind and for the planners' picks apart from the random plans.
 
+Decode cases (``CaseOptions.output_tokens``, ``--output-tokens``; default the
+scenario's own ``workload.output_tokens``): the same scenario generating N
+tokens per sequence, planned by the planners (whose objective then covers the
+decode) and as random plans with random decode micro-batch counts; each is
+simulated and executed as a generation and compared end to end (``error``,
+the ``decode`` kind) and on TPOT and TTFT (``tpot_error``, ``ttft_error``).
+The prefill cases run the scenario without generation, so a plan appears once
+as a prefill case and once as a decode case: two runs, two cases.
+
 Nothing here imports torch at module level: the runtime is imported when a
 plan is executed."""
 
@@ -27,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.plan import Plan, Stage
-from hpipe.scenario import PLANNER_NAMES, Scenario
+from hpipe.scenario import PLANNER_NAMES, Scenario, parse_scenario
 
 DEFAULT_PLANNERS = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")
 
@@ -65,6 +74,24 @@ class Case(BaseModel):
     cpu_share: float | None = None
     """Compute CPU time / compute wall time in the fastest run, lowest device: about 1 (or the
     device's cpu_quota) on a quiet machine, lower when other processes took the cores."""
+    # ---- decode cases (None in prefill cases) ----
+    output_tokens: int = 0
+    """New tokens per sequence the case generated (0: a prefill case)."""
+    decode_micro_batches: int | None = None
+    """Decode groups in flight (``Plan.decode_groups``)."""
+    simulated_tpot_s: float | None = None
+    measured_tpot_s: float | None = None
+    """The fastest measured run's ``tpot_s`` (median time between a sequence's tokens), fastest
+    over runs as ``measured_latency_s``."""
+    tpot_error: float | None = None
+    """(simulated - measured) / measured TPOT."""
+    simulated_ttft_s: float | None = None
+    measured_ttft_s: float | None = None
+    ttft_error: float | None = None
+    decode_compute_error: float | None = None
+    """As ``compute_error``, for the decode steps alone: the predicted decode compute against the
+    CPU time of the stage threads in decode steps (the sampler included): the fitted model's
+    decode points, load set aside."""
 
 
 class ErrorSummary(BaseModel):
@@ -85,6 +112,11 @@ class Validation(BaseModel):
     """Mean of the cases' signed ``error``."""
     compute: ErrorSummary | None = None
     """The cases' ``compute_error`` (CPU time): the cost model alone, load set aside."""
+    decode_tpot: ErrorSummary | None = None
+    """Decode cases: ``tpot_error`` (their end-to-end ``error`` is ``by_kind["decode"]``)."""
+    decode_ttft: ErrorSummary | None = None
+    decode_compute: ErrorSummary | None = None
+    """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
     by_kind: dict[str, ErrorSummary] = {}
     by_origin: dict[str, ErrorSummary] = {}
     """``planner``: the planners' picks; ``random``: random valid plans.  Apart because a planner
@@ -210,7 +242,7 @@ def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, repr
 
 
 # ---- plans ----------------------------------------------------------------------------------
-def random_plan(setup, rng: np.random.Generator, name: str) -> Plan:
+def random_plan(setup, rng: np.random.Generator, name: str, decode_rng: np.random.Generator | None = None) -> Plan:
     """A random valid plan: 1 to min(devices, 4) pipeline stages on distinct devices, in a random
     order, cut at random unit boundaries; slices a random composition of the sequence in
     multiples of the granularity (1 to 16 slices); 1 to batch micro-batches."""
@@ -228,7 +260,24 @@ def random_plan(setup, rng: np.random.Generator, name: str) -> Plan:
     edges = [0, *cut, blocks]
     slices = [(b - a) * g for a, b in zip(edges, edges[1:])]
     mb = int(rng.integers(1, setup.batch_size + 1))
-    return Plan(planner=name, scenario=setup.name, stages=stages, slices=slices, micro_batches=mb).check(setup)
+    # generation: 1 to batch decode groups, from their own generator (``decode_rng``) where given,
+    # so that the K-th random plan's prefill part is the same with and without generation
+    dmb = int((decode_rng or rng).integers(1, setup.batch_size + 1)) if setup.output_tokens else None
+    return Plan(planner=name, scenario=setup.name, stages=stages, slices=slices, micro_batches=mb,
+                decode_micro_batches=dmb).check(setup)
+
+
+def with_output_tokens(scenario: Scenario, n: int) -> Scenario:
+    """The scenario generating ``n`` tokens per sequence, validated again (a GPT model's learned
+    positions must hold the prompt and the output)."""
+    if scenario.workload.output_tokens == n:
+        return scenario
+    data = scenario.model_dump(exclude_unset=True)
+    data.setdefault("workload", {})["output_tokens"] = n
+    try:
+        return parse_scenario(data, file=scenario.source_path)
+    except InputError as e:
+        raise InputError(f"{e} (with --output-tokens {n})", field="--output-tokens") from None
 
 
 def usable_cpus() -> int:
@@ -241,6 +290,13 @@ class CaseOptions:
     n_random: int = 8
     seed: int = 0
     timeout_s: float = 120.0
+    output_tokens: int | None = None
+    """Decode cases at this many new tokens per sequence (None: the scenario's own
+    ``workload.output_tokens``; 0: none)."""
+    decode_random: int | None = None
+    """Random valid plans among the decode cases (None: ``n_random``)."""
+    prefill: bool = True
+    """Run the prefill cases (the scenario with no generation)."""
     repeats: int = 1
     """Measured runs per case (after the runtime's warm-up run); the fastest is reported: the
     profile predicts an undisturbed machine (CPU time, trimmed means), and other work on a
@@ -248,22 +304,29 @@ class CaseOptions:
     extra: dict = field(default_factory=dict)
 
 
-def plans_for(setup, opts: CaseOptions, skipped: list[str]) -> list[Plan]:
+def plans_for(setup, opts: CaseOptions, skipped: list[str], n_random: int | None = None) -> list[Plan]:
+    """The planners' plans and ``n_random`` random ones (default ``opts.n_random``); in a
+    generating setup every plan names its decode groups (a default spelled out), so two plans
+    that decode alike deduplicate."""
     from hpipe.planners import make_plan
 
+    n_random = opts.n_random if n_random is None else n_random
     plans = []
+    what = f"{setup.name}{' (decode)' if setup.output_tokens else ''}"
     for name in opts.planners:
         if name not in PLANNER_NAMES:
             raise InputError(f"unknown planner {name!r}; one of {', '.join(PLANNER_NAMES)}", field="--planners")
         try:
             plans.append(make_plan(setup, name))
         except InfeasibleError as e:
-            skipped.append(f"{setup.name}: {name}: {e}")
+            skipped.append(f"{what}: {name}: {e}")
         except InputError as e:  # e.g. tensor parallelism the model cannot be split for
-            skipped.append(f"{setup.name}: {name}: {e}")
-    rng = np.random.default_rng(opts.seed)
-    for i in range(opts.n_random):
-        plans.append(random_plan(setup, rng, f"random-{i}"))
+            skipped.append(f"{what}: {name}: {e}")
+    rng, decode_rng = np.random.default_rng(opts.seed), np.random.default_rng([opts.seed, 1])
+    for i in range(n_random):
+        plans.append(random_plan(setup, rng, f"random-{i}", decode_rng))
+    if setup.output_tokens:
+        plans = [p.model_copy(update={"decode_micro_batches": p.decode_groups(setup.batch_size)}) for p in plans]
     return plans
 
 
@@ -300,13 +363,42 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
                 wall[e.device] = wall.get(e.device, 0.0) + e.end_s - e.start_s
         shares = [fastest.compute_cpu_s[d] / wall[d] for d in wall if wall[d] > 0 and d in fastest.compute_cpu_s]
         cpu_share = min(shares) if shares else None
-    return Case(compute_error=compute_error, cpu_share=cpu_share,planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
+    case = Case(compute_error=compute_error, cpu_share=cpu_share,planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
                 error=(simulated_s - meas) / meas, scenario=setup.name,
                 stages=[[st.devices, list(st.units)] for st in plan.stages], slices=list(plan.slices),
                 micro_batches=plan.micro_batches, oversubscribed=len(plan.devices) > usable_cpus(),
                 kind=plan_kind(setup, plan), n_stages=len(plan.stages),
                 chosen_by_planner=not plan.planner.startswith("random-"), same_plan_as=same_as,
                 measured_runs_s=list(runs_s))
+    if setup.output_tokens:
+        case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
+    return case
+
+
+def _rel(simulated, measured) -> float | None:
+    if simulated is None or not measured:
+        return None
+    return (simulated - measured) / measured
+
+
+def decode_fields(setup, plan: Plan, sim, runs: list) -> dict:
+    """A decode case's TPOT, TTFT and decode-compute figures: simulated against the fastest
+    measured (load only ever slows a run down; each figure's fastest run, as for latency)."""
+    tpots = [r.tpot_s for r in runs if r.tpot_s is not None]
+    ttfts = [r.ttft_s for r in runs if r.ttft_s is not None]
+    out = {"output_tokens": setup.output_tokens, "decode_micro_batches": plan.decode_groups(setup.batch_size),
+           "simulated_tpot_s": sim.tpot_s, "measured_tpot_s": min(tpots) if tpots else None,
+           "simulated_ttft_s": sim.ttft_s, "measured_ttft_s": min(ttfts) if ttfts else None}
+    out["tpot_error"] = _rel(out["simulated_tpot_s"], out["measured_tpot_s"])
+    out["ttft_error"] = _rel(out["simulated_ttft_s"], out["measured_ttft_s"])
+    cpu_runs = [r.decode_compute_cpu_s for r in runs if r.decode_compute_cpu_s]
+    if cpu_runs and set(cpu_runs[0]) == set(plan.devices):
+        predicted = sum(e.end_s - e.start_s for e in sim.events if e.kind == "compute" and e.phase == "decode")
+        slow = {d: 1.0 / min(float(getattr(setup.cluster.device(d).placement, "cpu_quota", None) or 1.0), 1.0)
+                for d in plan.devices}
+        measured = float(np.median([sum(t * slow[d] for d, t in c.items()) for c in cpu_runs]))
+        out["decode_compute_error"] = _rel(predicted, measured)
+    return out
 
 
 def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
@@ -347,21 +439,29 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         why = emulation_unsupported(base)
         if why:
             raise HpipeError(f"cannot validate {sc.name} on this machine: {why}")
+        n_out = sc.workload.output_tokens if opts.output_tokens is None else opts.output_tokens
+        # (scenario, random plans): the prefill cases without generation, the decode cases with it
+        variants = ([(with_output_tokens(sc, 0), opts.n_random)] if opts.prefill else []) + \
+            ([(with_output_tokens(sc, n_out), opts.n_random if opts.decode_random is None else opts.decode_random)]
+             if n_out else [])
         asked = profile_paths.get(sc.name)
-        path, reason = ensure_profile(sc, Path(asked) if asked else None, reprofile=reprofile, quiet=quiet,
-                                      log=log, **(profile_kw or {}))
+        # one profile serves both: measured with the decode points where there are decode cases
+        path, reason = ensure_profile(variants[-1][0] if variants else sc, Path(asked) if asked else None,
+                                      reprofile=reprofile, quiet=quiet, log=log, **(profile_kw or {}))
         if reason:
             profiled.append(f"{sc.name}: {reason} (wrote {path})")
-        setup = with_fitted(sc, path, basis).resolve()
         used[sc.name] = str(path)
-        hardware = setup.cost.profile.hardware.cpu_model
-        emulated[sc.name] = _emulation_summary(setup)
-        for plan, same_as in dedup(plans_for(setup, opts, skipped)):
-            sim = simulate(setup, plan)
-            if not sim.feasible:
-                skipped.append(f"{sc.name}: {plan.planner}: {sim.infeasible}")
-                continue
-            jobs.append((setup, plan, same_as, sim))
+        for variant, n_random in variants:
+            setup = with_fitted(variant, path, basis).resolve()
+            hardware = setup.cost.profile.hardware.cpu_model
+            emulated[sc.name] = _emulation_summary(setup)
+            for plan, same_as in dedup(plans_for(setup, opts, skipped, n_random)):
+                sim = simulate(setup, plan)
+                if not sim.feasible:
+                    skipped.append(f"{sc.name}{' (decode)' if setup.output_tokens else ''}: {plan.planner}: "
+                                   f"{sim.infeasible}")
+                    continue
+                jobs.append((setup, plan, same_as, sim))
     runs: list[list] = [[] for _ in jobs]
     for rnd in range(opts.repeats):
         for k, (setup, plan, _, _) in enumerate(jobs):
@@ -374,10 +474,18 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     by_kind = {k: error_summary(c.error for c in cases if c.kind == k) for k in kinds}
     by_origin = {"planner": error_summary(c.error for c in cases if c.chosen_by_planner),
                  "random": error_summary(c.error for c in cases if not c.chosen_by_planner)}
+    decode = [c for c in cases if c.output_tokens]
     return Validation(cases=cases, median_abs_error=med, p90_abs_error=p90,
                       signed_bias=float(np.mean([c.error for c in cases])) if cases else None,
                       by_kind=by_kind, by_origin=by_origin,
-                      compute=error_summary(c.compute_error for c in cases if c.compute_error is not None), scenarios=[s.name for s in scenarios],
+                      compute=error_summary(c.compute_error for c in cases if c.compute_error is not None),
+                      decode_tpot=error_summary(c.tpot_error for c in decode if c.tpot_error is not None)
+                      if decode else None,
+                      decode_ttft=error_summary(c.ttft_error for c in decode if c.ttft_error is not None)
+                      if decode else None,
+                      decode_compute=error_summary(c.decode_compute_error for c in decode
+                                                   if c.decode_compute_error is not None) if decode else None,
+                      scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
 
 

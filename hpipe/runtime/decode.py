@@ -37,6 +37,7 @@ slice; the launcher marks them ``phase="decode"``.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
@@ -204,6 +205,7 @@ class Decoder:
         self.local_feedback: deque = deque()
         self.feedback_sent = [False] * len(self.rows)
         self.n_progress = 0
+        self.compute_cpu_s = 0.0  # the decode steps' share of the stage thread's compute CPU time
         if self.sampler_role:
             self.sampler = Sampler(self.gen.sampling, self.batch)  # fresh: a warm-up draws nothing of the run's
             self.out: list[list[int]] = [[] for _ in range(self.batch)]
@@ -254,6 +256,9 @@ class Decoder:
         """After the prefill loop: the decode steps of this worker."""
         w = self.w
         prefill_events, w.events = w.events, self.events  # all-reduces land in the decode list
+        # CPU time of the whole decode loop, this thread's and the process's (receiving threads,
+        # sends): what a step costs beyond its compute stamps, hardly moved by other processes
+        cpu0, proc0 = time.thread_time(), time.process_time()
         try:
             if self.driver:
                 self._drive()
@@ -262,13 +267,15 @@ class Decoder:
                     self.inputs = self._stream(w.leader if w.tp_rank else w.cfg.stages[w.stage - 1][0][0], "act")
                 self._follow()
         finally:
+            self.loop_cpu_s, self.process_cpu_s = time.thread_time() - cpu0, time.process_time() - proc0
             w.events = prefill_events
             for s in self.streams:
                 s.close()
 
     def record(self) -> dict:
         out = {"events": self.events, "sends": self.sends,
-               "recvs": [r for s in self.streams for r in s.records]}
+               "recvs": [r for s in self.streams for r in s.records], "compute_cpu_s": self.compute_cpu_s,
+               "loop_cpu_s": getattr(self, "loop_cpu_s", None), "process_cpu_s": getattr(self, "process_cpu_s", None)}
         if self.sampler_role:
             out["generated"] = self.out
             out["token_times"] = self.times
@@ -333,7 +340,7 @@ class Decoder:
         rows = self.rows[g]
         w._fault(self.n_prefill + self.n_progress)
         w._item = (g, t)
-        t0 = clock()
+        t0, cpu0 = clock(), time.thread_time()
         with torch.inference_mode():
             y = run_units(w.units, x, self.seq_len + t, self.caches[g])  # (b, 1, D) or logits (b, 1, V)
             if self.sampler_role:
@@ -341,6 +348,9 @@ class Decoder:
                 ids = self.sampler(y[[k - rows.start for k in active], -1], active)
         w.sync()
         t1 = clock()
+        cpu_s = time.thread_time() - cpu0
+        self.compute_cpu_s += cpu_s
+        w.compute_cpu_s += cpu_s  # the run's compute CPU time covers its decode steps too
         self.events.append(("compute", g, t, t0, t1, 0))
         if self.sampler_role:
             self._record(active, ids, t1)

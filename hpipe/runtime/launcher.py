@@ -647,6 +647,10 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
            if "compute_cpu_s" in r and setup.cluster.device(run.devices[role]).runtime_device == "cpu"}
     if cpu:
         extra["compute_cpu_s"] = cpu
+        dec_cpu = {d: float(run.records[role]["decode"]["compute_cpu_s"]) for role, d in enumerate(run.devices)
+                   if d in cpu and "compute_cpu_s" in run.records.get(role, {}).get("decode", {})}
+        if dec_cpu:
+            extra["decode_compute_cpu_s"] = dec_cpu
     if check:
         ref = reference_logits(setup, run.ids, spec, seed)
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())

@@ -1,0 +1,133 @@
+"""Where a decode step's time goes, measured against the simulator's account of it.
+
+For a scenario that runs here, generating ``--output-tokens`` tokens per sequence, three
+plans run interleaved ``--repeats`` times: the whole model on one device, and two stages
+(the blocks split evenly) with one decode group and with one group per sequence.  For
+each it prints, per decode step and stage, in milliseconds (medians over steps and runs):
+
+* compute: predicted (fitted model), measured wall, measured CPU time of the stage thread
+  (``decode_compute_cpu_s`` / steps; hardly moved by other processes);
+* hop: from one stage's compute end to the next stage's compute start for the same step,
+  and the return hop (last stage's end of step t to stage 0's start of step t + 1),
+  measured and simulated -- with one decode group no device is busy with another group, so
+  this is the whole cost of a message between stages in the step loop (send, wire, the
+  receiving thread, the hand-over to the compute loop);
+* TPOT simulated and measured;
+* CPU time per decode step beyond the compute stamps, of the stage's decode loop thread and of
+  its whole process (receiving threads, sends): the per-step work the simulator has no term
+  for, in a load-insensitive unit.
+
+Load-insensitive reading: the CPU-time column against the predicted one is the cost
+model's own error; the hop columns are small intervals, so read the medians, and compare
+plans run back to back rather than absolute figures on a loaded machine.
+
+    PYTHONPATH=. python benchmarks/decode_gaps.py [scenarios/local-cpu.yaml] [--output-tokens 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from hpipe.costmodels.cache import cpu_model
+from hpipe.plan import Plan, Stage
+from hpipe.runtime.launcher import launch, make_ids, measured_result, runtime_spec
+from hpipe.runtime.generation import generation_config
+from hpipe.scenario import load_scenario
+from hpipe.sim import simulate
+from hpipe.validate import ensure_profile, with_fitted, with_output_tokens
+
+
+def step_times(events) -> dict:
+    """{(stage, group, step): (start, end)} of the decode compute (a stage's first device)."""
+    out = {}
+    for e in events:
+        if e.kind == "compute" and e.phase == "decode":
+            key = (e.stage, e.micro_batch, e.slice)
+            a, b = out.get(key, (e.start_s, e.end_s))
+            out[key] = (min(a, e.start_s), max(b, e.end_s))
+    return out
+
+
+def breakdown(events, n_stages: int) -> dict[str, list[float]]:
+    """Per-step intervals (seconds): compute per stage, hop per boundary, and the return hop."""
+    st = step_times(events)
+    out: dict[str, list[float]] = defaultdict(list)
+    for (j, g, t), (a, b) in st.items():
+        out[f"compute {j}"].append(b - a)
+        if j > 0 and (j - 1, g, t) in st:
+            out[f"hop {j - 1}->{j}"].append(a - st[(j - 1, g, t)][1])
+        if j == 0 and t > 0 and (n_stages - 1, g, t - 1) in st:
+            out["return"].append(a - st[(n_stages - 1, g, t - 1)][1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", nargs="?", default="scenarios/local-cpu.yaml")
+    ap.add_argument("--output-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    sc = with_output_tokens(load_scenario(args.scenario), args.output_tokens)
+    path, why = ensure_profile(sc, log=print, quiet=True)
+    setup = with_fitted(sc, Path(path)).resolve()
+    d0, d1 = setup.cluster.device_ids[:2]
+    half = 1 + 2 * (setup.model.n_layers // 2)
+    two = [Stage(devices=[d0], units=(0, half)), Stage(devices=[d1], units=(half, setup.n_units))]
+    plans = {"1 stage": Plan(planner="one", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
+                             stages=[Stage(devices=[d0], units=(0, setup.n_units))])}
+    for g in sorted({1, setup.batch_size}):
+        plans[f"2 stages, {g} group{'s' if g > 1 else ''}"] = Plan(
+            planner=f"even-{g}", scenario=setup.name, slices=[setup.seq_len], stages=two, decode_micro_batches=g)
+    plans = {k: p.check(setup) for k, p in plans.items()}
+    sims = {k: simulate(setup, p) for k, p in plans.items()}
+    load0 = os.getloadavg()
+    runs, overhead = defaultdict(list), defaultdict(list)
+    spec, ids = runtime_spec(setup), make_ids(setup)
+    for _ in range(args.repeats):  # interleaved: drifting load hits every plan alike
+        for k, p in plans.items():
+            run = launch(setup, p, ids=ids, spec=spec, timeout_s=120, generation=generation_config(setup, p, spec))
+            runs[k].append(measured_result(setup, p, run, spec=spec))
+            for role, rec in run.records.items():  # CPU time per decode item beyond the compute stamps
+                d = rec["decode"]
+                n = len(d["events"]) or 1
+                overhead[(k, rec["stage"])].append(((d["loop_cpu_s"] - d["compute_cpu_s"]) / n,
+                                                    (d["process_cpu_s"] - d["compute_cpu_s"]) / n))
+    load1 = os.getloadavg()
+    steps = args.output_tokens - 1
+    print(f"{setup.name}: {setup.model.name}, batch {setup.batch_size} x {setup.seq_len}, {args.output_tokens} new "
+          f"tokens; CPU {cpu_model()}; load average {load0[0]:.1f} -> {load1[0]:.1f}; profile {path}")
+    ms = 1e3
+    for k, p in plans.items():
+        sim, rs = sims[k], runs[k]
+        tpot_m = min(r.tpot_s for r in rs)
+        print(f"\n{k}: TPOT simulated {sim.tpot_s * ms:.2f} ms, measured {tpot_m * ms:.2f} ms "
+              f"(fastest of {len(rs)}), error {(sim.tpot_s - tpot_m) / tpot_m:+.1%}; end to end "
+              f"{sim.latency_s:.3f} s vs {min(r.latency_s for r in rs):.3f} s")
+        sb = breakdown(sim.events, len(p.stages))
+        mb = defaultdict(list)
+        for r in rs:
+            for name, xs in breakdown(r.events, len(p.stages)).items():
+                mb[name].extend(xs)
+        groups = p.decode_groups(setup.batch_size)
+        for name in sorted(sb):
+            line = f"  {name:<12} simulated {statistics.median(sb[name]) * ms:7.3f}  measured {statistics.median(mb[name]) * ms:7.3f}"
+            if name.startswith("compute"):
+                j = int(name.split()[1])
+                dev = p.stages[j].devices[0]
+                cpu = [r.decode_compute_cpu_s[dev] / (steps * groups) for r in rs if r.decode_compute_cpu_s]
+                if cpu:
+                    line += f"  cpu {statistics.median(cpu) * ms:7.3f}"
+                o = overhead[(k, j)]
+                if o:
+                    line += (f"  beyond the stamps, CPU per step: loop thread {statistics.median(x[0] for x in o) * ms:6.3f}"
+                             f", process {statistics.median(x[1] for x in o) * ms:6.3f}")
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""`hpipe validate` with decode cases: the plans, the figures of a case, the JSON and the table.
+
+The first tests need no worker processes (plans, the case arithmetic on hand-made results,
+the JSON's backward compatibility); the last one validates a tiny scenario end to end (a quick
+profile with decode points, then prefill and decode cases executed for real) and checks the new
+fields against what ``simulate`` says for the same plans and against each other.  Nothing here
+bounds an error: the figures depend on the machine's load (benchmarks/validate.py measures them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hpipe.errors import InputError
+from hpipe.plan import Plan, Stage
+from hpipe.result import Event, RunResult
+from hpipe.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = ROOT / "scenarios" / "local-cpu.yaml"
+
+
+def test_with_output_tokens_validates_again(tmp_path):
+    from hpipe.validate import with_output_tokens
+
+    sc = load_scenario(LOCAL)
+    assert with_output_tokens(sc, 0) is sc  # the scenario's own: untouched
+    gen = with_output_tokens(sc, 16)
+    assert gen.workload.output_tokens == 16 and gen.workload.seq_len == sc.workload.seq_len
+    assert gen.source_path == sc.source_path and gen.costmodel == sc.costmodel
+    # a GPT's learned positions must hold the prompt and the output: refused, naming the option
+    data = yaml.safe_load((ROOT / "scenarios" / "local-cpu.yaml").read_text())
+    data.update(model="tiny-gpt", workload={"seq_len": 1984, "batch_size": 2})
+    path = tmp_path / "gpt.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="--output-tokens 100"):
+        with_output_tokens(load_scenario(path), 100)
+
+
+def test_decode_plans_name_their_groups_and_prefill_plans_stay():
+    from hpipe.validate import CaseOptions, plans_for, with_output_tokens
+
+    sc = load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"})
+    opts = CaseOptions(planners=("hpipe", "base", "gpipe"), n_random=6, seed=3)
+    prefill = plans_for(sc.resolve(), opts, [])
+    setup = with_output_tokens(sc, 8).resolve()
+    decode = plans_for(setup, opts, [])
+    # every decode plan spells its decode groups out (so two plans that decode alike dedup)
+    assert all(1 <= p.decode_micro_batches <= setup.batch_size for p in decode)
+    assert all(p.decode_micro_batches is None for p in prefill)
+    # the random plans draw their decode groups from a generator of their own: the K-th random
+    # plan is the same plan as a prefill case and as a decode case (paired comparisons)
+    rand_pre = [p for p in prefill if p.planner.startswith("random-")]
+    rand_dec = [p for p in decode if p.planner.startswith("random-")]
+    assert [(p.stages, p.slices, p.micro_batches) for p in rand_pre] == \
+        [(p.stages, p.slices, p.micro_batches) for p in rand_dec]
+    # the seed covers both group counts over six plans of a batch of 2
+    assert {p.decode_micro_batches for p in rand_dec} == {1, 2}
+
+
+def _result(latency, tpot, ttft, cpu=None, dec_cpu=None, events=()):
+    return RunResult(planner="p", latency_s=latency, throughput_tokens_per_s=1.0, energy_j=0.0,
+                     dynamic_energy_j=0.0, peak_memory_mb={}, utilization={}, bubble_fraction=0.0, plan=None,
+                     tpot_s=tpot, ttft_s=ttft, compute_cpu_s=cpu, decode_compute_cpu_s=dec_cpu,
+                     events=list(events))
+
+
+def test_decode_case_figures_by_hand():
+    """A decode case's TPOT/TTFT errors against the fastest measured figure of each, and the
+    decode compute error against the decode steps' CPU time (quota-scaled), on hand-made results."""
+    from hpipe.validate import make_case, with_output_tokens
+
+    sc = load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"})
+    setup = with_output_tokens(sc, 4).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=2,
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    ev = [Event(device=d0, kind="compute", stage=0, micro_batch=0, slice=0, start_s=0.0, end_s=1.0),
+          Event(device=d1, kind="compute", stage=1, micro_batch=0, slice=0, start_s=1.0, end_s=2.0),
+          Event(device=d0, kind="compute", stage=0, micro_batch=0, slice=0, start_s=2.0, end_s=2.25, phase="decode"),
+          Event(device=d1, kind="compute", stage=1, micro_batch=0, slice=0, start_s=2.25, end_s=2.5, phase="decode")]
+    sim = _result(3.0, 0.10, 2.0, events=ev)
+    runs = [_result(4.0, 0.125, 2.5, {d0: 1.2, d1: 1.2}, {d0: 0.2, d1: 0.3}),
+            _result(3.5, 0.150, 2.4, {d0: 1.2, d1: 1.2}, {d0: 0.25, d1: 0.25})]
+    c = make_case(setup, plan, [], sim, runs)
+    assert c.kind == "decode" and c.output_tokens == 4 and c.decode_micro_batches == 2
+    assert c.measured_latency_s == 3.5 and c.error == pytest.approx(-0.5 / 3.5)
+    assert c.measured_tpot_s == 0.125 and c.tpot_error == pytest.approx((0.10 - 0.125) / 0.125)
+    assert c.measured_ttft_s == 2.4 and c.ttft_error == pytest.approx((2.0 - 2.4) / 2.4)
+    # predicted decode compute 0.5 s; measured 0.5 s in both runs (median)
+    assert c.decode_compute_error == pytest.approx(0.0)
+    assert c.compute_error == pytest.approx((2.5 - 2.4) / 2.4)
+    # a prefill case has none of them
+    pre = make_case(sc.resolve(), plan.model_copy(update={"decode_micro_batches": None}), [], sim, runs)
+    assert pre.output_tokens == 0 and pre.tpot_error is None and pre.measured_tpot_s is None
+    assert pre.decode_compute_error is None and pre.kind != "decode"
+
+
+def test_old_validation_json_still_loads():
+    from hpipe.validate import Validation
+
+    old = {"cases": [{"planner": "base", "simulated_latency_s": 1.0, "measured_latency_s": 1.1, "error": -0.09,
+                      "scenario": "s", "stages": [[["a/x-0"], [0, 3]]], "slices": [64], "micro_batches": 1}],
+           "median_abs_error": 0.09, "p90_abs_error": 0.09, "scenarios": ["s"], "profiles": {}}
+    v = Validation.model_validate(old)
+    assert v.decode_tpot is None and v.cases[0].output_tokens == 0 and v.cases[0].tpot_error is None
+    assert Validation.model_validate_json(v.model_dump_json()) == v
+
+
+# ---- end to end, with worker processes ------------------------------------------------------
+TINY = {
+    "name": "tiny-dec",
+    "model": "tiny-llama",
+    "dtype": "float32",
+    "workload": {"seq_len": 128, "batch_size": 2},
+    "cluster": {"hosts": [{"name": "local", "devices": [
+        {"name": "core", "count": 2, "peak_tflops": 0.06, "memory_gb": 4, "memory_bandwidth_gbps": 10,
+         "power_w": 15, "idle_power_w": 2, "runtime": {"device": "cpu", "threads": 1}}],
+        "interconnect": {"bandwidth_gbps": 20, "latency_us": 50}}]},
+    "costmodel": {"kind": "fitted", "profile": "tiny-dec.json"},
+    "planner": {"kind": "hpipe", "token_granularity": 32},
+}
+NEW = 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_validate_decode_cases_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("hpipe.runtime.launcher")
+    from tests.conftest import run_cli
+
+    from hpipe.sim import simulate
+    from hpipe.validate import Validation, with_fitted, with_output_tokens
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    prof = tmp_path / "tiny-dec.json"
+    # the profile of the generating scenario: it times decode steps
+    r = run_cli("profile", str(path), "--set", f"workload.output_tokens={NEW}", "--quick", "--repeats", "2",
+                "--warmup", "1", "--quiet", "-o", str(prof), timeout=1200)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "v.json"
+    r = run_cli("validate", str(path), "--planners", "base", "--random", "0", "--output-tokens", str(NEW),
+                "--decode-random", "1", "--json", str(out), timeout=1200)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    v = Validation.model_validate(data)
+    assert Validation.model_validate_json(out.read_text()) == v  # round trip
+    assert data["profiled"] == []  # the profile had decode points: not measured again
+    pre = [c for c in v.cases if c.output_tokens == 0]
+    dec = [c for c in v.cases if c.output_tokens == NEW]
+    assert len(pre) == 1 and len(dec) == 2 and len(v.cases) == 3
+    # the same plan as a prefill case and as a decode case: two cases, two runs
+    (base_pre,) = pre
+    base_dec = next(c for c in dec if c.planner == "base")
+    assert (base_pre.stages, base_pre.slices) == (base_dec.stages, base_dec.slices)
+    assert base_pre.kind != "decode" and base_pre.tpot_error is None
+    assert base_pre.measured_runs_s != base_dec.measured_runs_s
+    sc = load_scenario(path)
+    setup = with_fitted(with_output_tokens(sc, NEW), prof).resolve()
+    for c in dec:
+        assert c.kind == "decode" and 1 <= c.decode_micro_batches <= 2
+        # the simulated figures are simulate's for the same plan
+        plan = Plan(planner=c.planner, scenario=setup.name, slices=c.slices, micro_batches=c.micro_batches,
+                    decode_micro_batches=c.decode_micro_batches,
+                    stages=[Stage(devices=d, units=tuple(u)) for d, u in c.stages])
+        sim = simulate(setup, plan)
+        assert c.simulated_latency_s == pytest.approx(sim.latency_s)
+        assert c.simulated_tpot_s == pytest.approx(sim.tpot_s) and c.simulated_ttft_s == pytest.approx(sim.ttft_s)
+        # the errors are of these figures, and the measured ones hang together: the first token
+        # comes before the end, and at least one gap between tokens follows it
+        assert c.tpot_error == pytest.approx((c.simulated_tpot_s - c.measured_tpot_s) / c.measured_tpot_s)
+        assert c.ttft_error == pytest.approx((c.simulated_ttft_s - c.measured_ttft_s) / c.measured_ttft_s)
+        assert 0 < c.measured_ttft_s < c.measured_ttft_s + c.measured_tpot_s <= c.measured_latency_s * 1.001
+        assert c.decode_compute_error is not None and c.compute_error is not None
+        # in CPU time (load hardly moves it): the run's compute CPU time covers the decode steps
+        # as the prediction does -- without them it came out +100% and more here
+        assert abs(c.compute_error) < 0.5 and abs(c.decode_compute_error) < 0.5, c
+        assert c.measured_latency_s == min(c.measured_runs_s)
+    assert v.by_kind["decode"].n == 2 and v.decode_tpot.n == 2 and v.decode_ttft.n == 2
+    assert v.decode_tpot.median_abs_error == pytest.approx(float(np.median([abs(c.tpot_error) for c in dec])))
+    # the table shows the decode columns and the summary lines
+    assert "TPOT err" in r.stdout and "decode TPOT: n 2" in r.stdout and "kind decode: n 2" in r.stdout
+    assert "prefill" in r.stdout
+
+
+def test_no_prefill_without_decode_cases_is_refused():
+    pytest.importorskip("torch")
+    from tests.conftest import run_cli
+
+    r = run_cli("validate", str(LOCAL), "--no-prefill")
+    assert r.returncode == 2 and "--no-prefill" in r.stderr and "--output-tokens" in r.stderr
