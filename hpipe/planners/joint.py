@@ -80,12 +80,13 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     full = [m for m in options if m in (min(options), max(options))]
     good: dict = {}
     seeds: list = []
+    front: list = []  # the device orders the extremes' first rounds ranked best (what the counts between search)
     scored: list = []  # every (prefill makespan, partition, slices, micro-batches) seen: generation's candidates
     if best[1] is not None:
         scored.append((best[0], best[1], tuple(best[2]), best[3]))
     for m in full:
         sizes = micro_batch_sizes(setup.batch_size, m)
-        res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds, tp=tensor_parallel)
+        res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds, tp=tensor_parallel, front=front)
         if res is not None:
             seeds.append((res[0], list(res[2])))
             scored.append((res[0], res[1], tuple(res[2]), m))
@@ -113,7 +114,7 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
         # further (a heuristic cut, measured against exhaustive search in the tests)
         if seeds and resliced <= best[0] * (1 + mid_margin):
             seeds.sort()
-            res, _ = _joint(tables, sequences, sizes, fixed_slices, mid_rounds, tp=tensor_parallel,
+            res, _ = _joint(tables, front or sequences, sizes, fixed_slices, mid_rounds, tp=tensor_parallel,
                             starts=[sl for _, sl in seeds[:1]])
             if res is not None:
                 scored.append((res[0], res[1], tuple(res[2]), m))
@@ -178,7 +179,8 @@ def _best_one_stage(tables, options, fixed_slices, tensor_parallel):
                 if tables.max_slice_tokens(part.stages, max(sizes)) < max(slices):
                     continue
                 n, c, b = items_arrays(slices, sizes)
-                lat = alg1.table_makespan(tables, part.stages, n, c, b)
+                key = ("items", tuple(slices), tuple(sizes))
+                lat = alg1.table_makespan(tables, part.stages, n, c, b, key, tables.rows_cache(key))
                 if lat < best[0]:
                     best = (lat, part, slices, m)
     return best
@@ -188,11 +190,12 @@ def _fixed(tables, part, sizes, slices):
     if tables.max_slice_tokens(part.stages, max(sizes)) < max(slices):
         return None
     n, c, b = items_arrays(slices, sizes)
-    return alg1.table_makespan(tables, part.stages, n, c, b), tuple(slices)
+    key = ("items", tuple(slices), tuple(sizes))
+    return alg1.table_makespan(tables, part.stages, n, c, b, key, tables.rows_cache(key)), tuple(slices)
 
 
 def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3,
-           second_start_margin: float = 0.1, tp: bool = True, starts=None):
+           second_start_margin: float = 0.1, tp: bool = True, starts=None, front: list | None = None):
     """Alternate partition and slicing for one micro-batch split.  Returns (best, sliced):
     best is (latency, partition, slices) or None when nothing fits; sliced maps every
     partition that was sliced to its (latency, slices) or None."""
@@ -218,13 +221,13 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
         seqs = sequences
         for rnd in range(max_rounds):
             t0 = time.perf_counter()
-            pc = alg1.PartitionCosts(tables, slices, sizes, recut=fixed_slices is None, tp=tp)
-            ranked: list = []
-            parts = alg1.search(pc, seqs, ranked_sequences=ranked)
+            parts, ranked = _search(tables, slices, sizes, seqs, fixed_slices is None, tp)
             if not parts:
                 break
             # later rounds change the slices, not which orders are good: keep the front runners
             seqs = ranked[:keep_sequences]
+            if front is not None and rnd == 0:
+                front.extend(s_ for s_ in seqs if s_ not in front)
             round_best = parts[0]
             if fixed_slices is None:
                 # the runners-up too: a partition that is worse with these slices may
@@ -250,6 +253,21 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
         if found[1] is not None and start_no >= 1:
             break  # the fallbacks only serve when neither start fits
     return (found if found[1] is not None else None), sliced
+
+
+def _search(tables, slices, sizes, seqs, recut: bool, tp: bool):
+    """``partition.search`` over ``seqs`` for these slices and micro-batch sizes, and the
+    sequences it ranked; remembered in the tables, as the alternation often searches
+    the same item list over the same sequences again (a round whose slicing did not
+    change, a later start that reaches the slicing an earlier one did)."""
+    ck = ("search", tuple(slices), tuple(sizes), tuple(seqs), recut, tp)
+    if ck not in tables._cache:
+        pc = alg1.PartitionCosts(tables, slices, sizes, recut=recut, tp=tp)
+        ranked: list = []
+        parts = alg1.search(pc, seqs, ranked_sequences=ranked)
+        tables._cache[ck] = (parts, ranked)
+    parts, ranked = tables._cache[ck]
+    return list(parts), list(ranked)
 
 
 def _best_slicing(tables, part, sizes, top: int = 8):
