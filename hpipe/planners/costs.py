@@ -140,8 +140,7 @@ class CostTables:
         if key is not None and ck in self._cache:
             return self._cache[ck]
         rep = self.group_rep[grp]
-        out = self._from_grid(key, n, c, b, lambda bv: self.class_times(rep, *self._grid_items(bv),
-                                                                        key=self._grid_key(bv)))
+        out = self._from_grid(key, n, c, b, lambda bv: self._cache.get(("ct", grp, self._grid_key(bv))))
         if out is None:
             out = np.array([np.broadcast_to(self.cost.unit_time_s(self.units[r], rep, n, c, b), np.shape(n))
                             for r in self.class_rep], float)
@@ -153,23 +152,16 @@ class CostTables:
     # Every slice of a slicing on the granule grid is one of the L (L + 1) / 2 slices
     # (q, p) that ``slicing.SliceGrid`` costs for each micro-batch size: an item list
     # of the search (key "items": its slices, cut down or not, and micro-batch sizes)
-    # takes its unit times from there instead of calling the cost model again.
+    # takes its unit times from there, once a grid has been costed, instead of calling
+    # the cost model again.
     def _grid_key(self, b):
         return ("grid", self.setup.seq_len // self.setup.granularity, self.setup.granularity, b)
 
-    def _grid_items(self, b):
-        """(n, c, b) arrays of every slice (q, p), in ``np.triu_indices`` order."""
-        L, g = self.setup.seq_len // self.setup.granularity, self.setup.granularity
-        ck = ("grid-items", L)
-        if ck not in self._cache:
-            q, p = np.triu_indices(L + 1, k=1)
-            self._cache[ck] = (((p - q) * g).astype(float), (q * g).astype(float))
-        n, c = self._cache[ck]
-        return n, c, np.full_like(n, float(b))
-
     def _from_grid(self, key, n, c, b, grid_times):
-        """(classes, items) gathered from ``grid_times(b)`` (classes, every slice) for an
-        "items" list, or None when the items are not slices of the grid."""
+        """(classes, items) gathered from ``grid_times(b)`` (classes, every slice; None
+        where no grid has been costed for that size yet: costing one for a few items
+        would cost more than it saves) for an "items" list, or None when the items are
+        not slices of a costed grid."""
         if key is None or key[0] != "items" or np.ndim(n) != 1:
             return None
         g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
@@ -182,8 +174,11 @@ class CostTables:
         idx = q * (L + 1) - q * (q + 1) // 2 + (p - q - 1)
         out = np.empty((self.n_classes, len(n)))
         for bv in np.unique(b):
+            table = grid_times(float(bv))
+            if table is None:
+                return None
             sel = b == bv
-            out[:, sel] = grid_times(float(bv))[:, idx[sel]]
+            out[:, sel] = table[:, idx[sel]]
         return out
 
     def counts(self, start, end):
@@ -223,8 +218,7 @@ class CostTables:
         ck = ("gct", devs, key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
-        out = self._from_grid(key, n, c, b, lambda bv: self.group_class_times(devs, *self._grid_items(bv),
-                                                                              key=self._grid_key(bv)))
+        out = self._from_grid(key, n, c, b, lambda bv: self._cache.get(("gct", devs, self._grid_key(bv))))
         if out is None:
             out = np.array([np.broadcast_to(self.cost.tp_unit_time_s(self.units[r], list(devs), n, c, b),
                                             np.shape(n)) for r in self.class_rep], float)
