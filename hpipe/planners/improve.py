@@ -57,7 +57,7 @@ def neighbours(tables, part: alg1.Partition, m: int, options) -> list[tuple[alg1
         (da, a, _), (db, _, e) = st[j], st[j + 1]
         for devs in (da, db):
             add(st[:j] + [(devs, a, e)] + st[j + 2:])
-    # split a stage onto an unused device (one of each kind)
+    # the unused devices, one of each kind (devices of a kind are interchangeable)
     used = set(part.devices)
     spare: dict = {}
     for d in tables.devices:
@@ -68,6 +68,7 @@ def neighbours(tables, part: alg1.Partition, m: int, options) -> list[tuple[alg1
         for d in spare.values():
             if len(devs) == 1 and tables.kind[d] != tables.kind[devs[0]]:
                 add(st[:j] + [((d,), a, e)] + st[j + 1:])
+    # split a stage onto an unused device
     if spare:
         prefix = _prefix_probe(tables)
         for j, (devs, a, e) in enumerate(st):

@@ -15,9 +15,12 @@ micro-batches from 1 to the batch is tried (uneven splits too; slicing and
 micro-batching compose: each micro-batch is sliced alike): the alternation itself
 for the extremes (the whole batch, one sequence per micro-batch); for the counts
 between, a re-slicing of the best partitions those found and, where that comes
-within ``mid_margin`` of the best, the alternation again from the extremes' best
-slicing (the partition search is what tells counts apart: re-slicing only the
-extremes' front runners left plans 12.8% behind exhaustive search).  Stages may be
+within ``mid_margin`` of the best, ``mid_rounds`` (one) round of the alternation
+from the extremes' best slicing, over the device orders the extremes' first rounds
+ranked best (the partition search is what tells counts apart: re-slicing only the
+extremes' front runners left plans 12.8% behind exhaustive search; one round rather
+than two, and the ranked orders rather than all, are heuristic cuts for planning
+time, checked against exhaustive search in the tests and a 4x soak).  Stages may be
 tensor-parallel groups (``groups``); the best one-stage plan (one device or one
 group, one slice) is always a candidate.  Last, the best few plans get a local
 improvement pass (``improve``: a cut moved by one unit, a stage split onto an idle
