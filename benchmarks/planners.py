@@ -380,13 +380,14 @@ def main():
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--plans", action="store_true", help="hpipe's plan on every ready scenario")
+    ap.add_argument("--sizes", default="8,32,128,512", help="device counts for --scaling (comma-separated)")
     args = ap.parse_args()
     if not args.skip_quality:
         quality(args.cases, args.seed)
     if not args.skip_speed:
         speed(args.repeat, args.profile)
     if args.scaling:
-        scaling()
+        scaling(tuple(int(x) for x in args.sizes.split(",")))
     if args.plans:
         ready_plans()
 
