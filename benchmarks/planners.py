@@ -1,7 +1,7 @@
 """Planner benchmark: plan quality against exhaustive search, planning time, and how it scales.
 
     PYTHONPATH=. python benchmarks/planners.py [--cases N] [--seed S] [--skip-quality] [--skip-speed]
-                                               [--scaling] [--profile]
+                                               [--scaling] [--profile] [--plans] [--repeat N]
 
 1. Quality.  On small random heterogeneous scenarios (2-5 custom devices over 1-2
    hosts, some of them identical so that tensor-parallel groups exist, a 2-block
@@ -14,9 +14,17 @@
 2. Speed.  CPU time of ``make_plan`` (the search alone) for the paper's LLaMA-7B
    testbed (target < 0.5 s) and for llama-2-70b over 32 devices of four types in
    four hosts at 32k tokens, granularity 64 (target < 10 s), TP groups searched;
-   ``--profile`` prints where the time goes (cProfile).
+   where the time goes (one run under cProfile, by phase); and the command line as a
+   user runs it, start-up included (``hpipe plan scenarios/paper-llama7b.yaml``,
+   target <= 1.5 s wall; also the interpreter alone, ``import hpipe.cli`` and loading
+   the scenario).  ``--profile`` prints the raw cProfile listing too.
 3. Scaling (``--scaling``).  Planning time for 8 / 32 / 128 / 512 devices (hosts of
    8 devices, four GPU types), llama-2-70b at 32k tokens.
+4. Ready scenarios (``--plans``).  hpipe's plan, predicted latency and planning CPU time
+   on every scenario in scenarios/ that plans without a profile of its own.
+
+For the planning-time figures alone (quiet machine):
+    PYTHONPATH=. python benchmarks/planners.py --skip-quality --scaling --plans
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ def scorer():
 
         return "simulated (hpipe.sim)", lambda setup, plan: simulate(setup, plan).latency_s
     except Exception:  # noqa: BLE001 - not merged yet
+        from hpipe.planners.evaluate import makespan_s
+
         return "exact recurrence (hpipe.planners.evaluate; simulator not merged)", makespan_s
 
 
@@ -172,11 +182,16 @@ def time_plan(setup, name, repeat):
 
 
 def speed(repeat: int, profile: bool):
-    print(f"2. Planning time (make_plan only, CPU seconds; median and best of runs; {cpu_name()})")
-    paper = load_scenario(ROOT / "scenarios" / "paper-llama7b.yaml").resolve()
+    print(f"2. Planning time (make_plan only, CPU seconds; median and best of runs; {cpu_name()}; "
+          f"load average {load_average()})")
+    paper_yaml = ROOT / "scenarios" / "paper-llama7b.yaml"
+    t0 = time.process_time()
+    paper = load_scenario(paper_yaml).resolve()
+    t_load = time.process_time() - t0
     big_yaml = ROOT / "scenarios" / "llama70b-4hosts-32k.yaml"
     big = (load_scenario(big_yaml) if big_yaml.exists() else parse_scenario(llama70b_scenario())).resolve()
     make_plan(paper, "base")  # warm imports
+    print(f"   loading and resolving paper-llama7b.yaml: {t_load:.3f} s CPU (first load in this process)")
     for label, setup, target, reps in [("paper LLaMA-7B testbed (6 devices, 2 hosts, 2048 tokens, g=16)", paper, 0.5, repeat),
                                         (f"llama-2-70b, {len(big.cluster.devices)} devices of 4 types in "
                                          f"{len(big.cluster.hosts)} hosts, {big.seq_len} tokens, g={big.granularity}",
@@ -186,6 +201,8 @@ def speed(repeat: int, profile: bool):
               f"{'PASS' if med < target else 'FAIL'}); plan: {len(plan.stages)} stages "
               f"(TP degrees {[s.tp for s in plan.stages]}), {len(plan.slices)} slices, "
               f"{plan.micro_batches} micro-batches, predicted {plan.predicted['latency_s']:.4f} s")
+        if setup is paper:
+            where_the_time_goes(setup)
         if profile:
             import cProfile
             import pstats
@@ -201,6 +218,113 @@ def speed(repeat: int, profile: bool):
                 print(f"      {name:<15} {med:7.3f} s   predicted {p.predicted['latency_s']:.4f} s")
             except InfeasibleError as e:
                 print(f"      {name:<15} infeasible: {str(e)[:100]}")
+    startup(paper_yaml, repeat)
+
+
+# what ``where_the_time_goes`` reports: (label, module file, function), cumulative
+PHASES = [
+    ("make_plan (everything)", "planners/__init__.py", "make_plan"),
+    ("  one-stage plans", "planners/joint.py", "_best_one_stage"),
+    ("  alternation (_joint)", "planners/joint.py", "_joint"),
+    ("    Algorithm 1 over device orders (search)", "planners/partition.py", "search"),
+    ("      stage/link tables (sequence_problem)", "planners/partition.py", "sequence_problem"),
+    ("      bottleneck DP (minmax_dp)", "planners/partition.py", "minmax_dp"),
+    ("      min-sum DP (minsum_dp)", "planners/partition.py", "minsum_dp"),
+    ("      exact scoring, batched (PartitionCosts.bounds)", "planners/partition.py", "bounds"),
+    ("  Algorithm 2 + exact scoring (_best_slicings)", "planners/joint.py", "_best_slicings"),
+    ("    slice grid (SliceGrid.__init__)", "planners/slicing.py", "__init__"),
+    ("    t_max DP (best_slicings_many)", "planners/slicing.py", "best_slicings_many"),
+    ("      batched DP (_batch_dp, _batch_dp_many)", "planners/slicing.py", "_batch_dp*"),
+    ("    exact scoring, batched (SliceGrid.makespans)", "planners/slicing.py", "makespans"),
+    ("  local improvement (improve)", "planners/improve.py", "improve"),
+    ("  memory caps (max_slice_tokens)", "planners/costs.py", "max_slice_tokens"),
+    ("  cost tables (CostTables.__init__)", "planners/costs.py", "__init__"),
+    ("  the Plan, checked, predicted (finish)", "planners/common.py", "finish"),
+]
+
+
+def where_the_time_goes(setup):
+    """One profiled make_plan: calls and cumulative CPU seconds of each phase (the profiler
+    slows calls down, so the shares matter more than the seconds)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    make_plan(setup, "hpipe")
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = None
+    print("   where the time goes (one run under cProfile, CPU s; nested rows are part of the row above):")
+    for label, path, func in PHASES:
+        hits = [(v[1], v[3]) for (f, _, fn), v in stats.items()
+                if f.endswith(path) and (fn == func or func.endswith("*") and fn.startswith(func[:-1]))]
+        calls, cum = sum(h[0] for h in hits), sum(h[1] for h in hits)
+        total = total or cum
+        print(f"      {label:<48} {calls:>6} calls {cum:>7.3f} s {cum / total:>6.1%}")
+
+
+def startup(scenario_yaml, repeat: int):
+    """Wall clock and CPU of the command line as a user runs it (a fresh interpreter each
+    time, start-up included), and of its parts."""
+    import os
+    import resource
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rel = os.path.relpath(scenario_yaml, ROOT)
+    cmds = [("python -c pass (the interpreter alone)", [sys.executable, "-c", "pass"]),
+            ("import hpipe.cli", [sys.executable, "-c", "import hpipe.cli"]),
+            ("load + resolve the scenario", [sys.executable, "-c",
+                                             f"from hpipe.scenario import load_scenario; load_scenario({rel!r}).resolve()"]),
+            (f"hpipe plan {rel}", [sys.executable, "-m", "hpipe.cli", "plan", rel])]
+    print(f"   start-up included (fresh interpreter each run; median of {repeat}; wall s and CPU s of the child):")
+    for label, cmd in cmds:
+        walls, cpus = [], []
+        for _ in range(repeat):
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls.append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+        target = "  (target <= 1.5 s wall: " + ("PASS)" if statistics.median(walls) <= 1.5 else "FAIL)") \
+            if label.startswith("hpipe plan") else ""
+        print(f"      {label:<48} wall {statistics.median(walls):6.3f} s   CPU {statistics.median(cpus):6.3f} s{target}")
+
+
+READY = ["paper-llama7b", "paper-gpt3-2.7b", "hexgen-70b", "llama70b-4hosts-32k", "local-cpu", "local-cpu-4dev",
+         "local-cpu-hetero", "local-cpu-hetero-int8", "local-cpu-gpu", "home-lab", "cloud-mix"]
+
+
+def ready_plans(names=READY):
+    """hpipe's plan for each ready scenario: what it chose, its predicted latency, CPU s."""
+    print(f"4. hpipe's plans on the ready scenarios ({cpu_name()}; load average {load_average()})")
+    print(f"   {'scenario':<24} {'cost model':<16} {'CPU s':>6} {'predicted s':>12}  plan (stages as tp:units, slices, "
+          f"micro-batches)")
+    for name in names:
+        path = ROOT / "scenarios" / f"{name}.yaml"
+        if not path.exists():
+            continue
+        setup = load_scenario(path).resolve()
+        t0 = time.process_time()
+        try:
+            plan = make_plan(setup)
+        except InfeasibleError as e:
+            print(f"   {name:<24} infeasible: {str(e)[:80]}")
+            continue
+        dt = time.process_time() - t0
+        print(f"   {name:<24} {type(setup.cost).__name__[:16]:<16} {dt:>6.2f} {plan.predicted['latency_s']:>12.6f}  "
+              f"{_brief(plan)}", flush=True)
+
+
+def load_average() -> str:
+    import os
+
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def scaling_scenario(n_devices: int) -> dict:
@@ -255,13 +379,17 @@ def main():
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--plans", action="store_true", help="hpipe's plan on every ready scenario")
+    ap.add_argument("--sizes", default="8,32,128,512", help="device counts for --scaling (comma-separated)")
     args = ap.parse_args()
     if not args.skip_quality:
         quality(args.cases, args.seed)
     if not args.skip_speed:
         speed(args.repeat, args.profile)
     if args.scaling:
-        scaling()
+        scaling(tuple(int(x) for x in args.sizes.split(",")))
+    if args.plans:
+        ready_plans()
 
 
 if __name__ == "__main__":

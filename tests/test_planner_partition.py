@@ -189,3 +189,37 @@ def test_tables_agree_with_the_cost_model(data, seed):
             for e in range(s + 1, U + 1):
                 assert mem[s, e] == stage_memory_bytes(setup, s, e, tp, setup.granularity, 1)
                 assert mem[s, e] == tables.stage_need_bytes(tp, s, e, setup.granularity, 1)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(scenario_dicts(max_devices=4, max_granules=8), st.integers(0, 10**6))
+def test_longest_slice_a_partition_holds_is_what_memory_says(data, seed):
+    """``CostTables.max_slice_tokens`` (a lookup per stage) against
+    ``memory.stage_memory_bytes`` at every slice length: the longest length that the
+    partition, and every shorter one, holds."""
+    setup = setup_of(data)
+    tables = CostTables(setup)
+    rng = np.random.default_rng(seed)
+    U, g, L = setup.n_units, setup.granularity, setup.seq_len // setup.granularity
+    ids = setup.cluster.device_ids
+    for _ in range(4):
+        k = int(rng.integers(1, min(U, len(ids)) + 1))
+        cuts = sorted(rng.choice(np.arange(1, U), size=k - 1, replace=False).tolist()) if k > 1 else []
+        bounds = [0, *cuts, U]
+        devs = rng.permutation(ids)[:k]
+        tp = int(rng.integers(1, 3))
+        stages = [((str(d),), a, b) for d, a, b in zip(devs, bounds, bounds[1:])]
+        if tp == 2 and 2 in tables.tp_degrees:  # the first stage as a group of its kind, where it has two
+            grp = tables.group_of(stages[0][0][0], 2)
+            if len(grp) == 2 and not set(grp) & {s[0][0] for s in stages[1:]}:
+                stages[0] = (grp, stages[0][1], stages[0][2])
+        mb = int(rng.integers(1, setup.batch_size + 1))
+
+        def holds(tokens):
+            return all(stage_memory_bytes(setup, a, b, len(d), tokens, mb) <= setup.cluster.device(d[0]).usable_memory_bytes
+                       for d, a, b in stages)
+
+        want = 0
+        while want < L and holds((want + 1) * g):
+            want += 1
+        assert tables.max_slice_tokens(stages, mb) == want * g

@@ -115,3 +115,28 @@ def test_grid_makespan_is_the_exact_makespan(case, draw):
                 stages=[Stage(devices=list(d), units=(a, b)) for d, a, b in stages])
     assert plan.micro_batch_sizes(setup.batch_size) == sizes
     assert math.isclose(grid.makespan(s), makespan_s(setup, plan), rel_tol=1e-9)
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(st.lists(sliced_case(), min_size=2, max_size=3), st.sampled_from([("bisect", 2), ("bisect", 16), ("sweep", 2)]))
+def test_slicings_run_side_by_side_are_each_grids_own(cases, method):
+    """``best_slicings_many`` (one DP pass for several grids) answers what ``best_slicings``
+    answers for each grid alone: the same slicings, the same bounds."""
+    # grids of one scenario (one L): the first case's setup with each case's stage shapes
+    setup = cases[0][0]
+    tables = CostTables(setup)
+    ids = setup.cluster.device_ids
+    grids = []
+    for _, stages, sizes in cases:
+        U = setup.n_units
+        k = min(len(stages), len(ids), U)
+        bounds = [0, *[min(max(st[2], i + 1), U - k + i + 1) for i, st in enumerate(stages[:k - 1])], U]
+        bounds = sorted(set(bounds))
+        st_ = [((ids[i],), a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        sz = [min(x, setup.batch_size) for x in sizes] or [1]
+        nmax = alg2.max_slice_tokens(tables, st_, max(sz))
+        if nmax:
+            grids.append(alg2.SliceGrid(tables, st_, sz, nmax))
+    together = alg2.best_slicings_many(grids, top=4, method=method[0], fan=method[1])
+    for grid, got in zip(grids, together):
+        assert got == alg2.best_slicings(grid, top=4, method=method[0], fan=method[1])

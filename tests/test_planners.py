@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hpipe.errors import InfeasibleError
 from hpipe.memory import plan_shortfalls
 from hpipe.planners import REGISTRY, make_plan
+from hpipe.planners.joint import plan_hpipe
 from hpipe.sim import simulate
 from hpipe.scenario import PLANNER_NAMES, load_scenario, parse_scenario
 from tests.planner_cases import examples, scenario_dicts, setup_of
@@ -128,6 +129,66 @@ def _some_plan_fits(setup, tp: bool) -> bool:
                    for devs, (s, e) in zip(groups, ranges)):
                 return True
     return False
+
+
+def _least_shortfall_bytes(setup, tp: bool) -> float:
+    """The least, over every ordered choice of stages (single devices and, with ``tp``, TP
+    groups) and cut set, of the worst stage's shortfall (one granule per slice, one
+    sequence per micro-batch): what the planner's refusal must name."""
+    from hpipe.memory import stage_memory_bytes
+    from tests.planner_cases import cut_sets, ordered_stage_choices
+
+    g, cap = setup.granularity, {d.id: d.usable_memory_bytes for d in setup.cluster.devices}
+    return min(max(stage_memory_bytes(setup, s, e, len(devs), g, 1) - min(cap[d] for d in devs)
+                   for devs, (s, e) in zip(groups, ranges))
+               for groups in ordered_stage_choices(setup, tp=tp)
+               for ranges in cut_sets(setup.n_units, len(groups)))
+
+
+def _mlp_only_a_pair_can_nearly_hold():
+    """One block whose MLP (3 x 128 x 8192 fp16 = 6.3 MB) no 3 MB device holds, two identical
+    3 MB devices that would as a TP pair if they had ~0.2 MB more, and a third 3 MB device of
+    another kind: 9 MB in all for a ~6.5 MB model, so only the split fails."""
+    dev = {"peak_tflops": 1.0, "memory_gb": 0.003, "memory_bandwidth_gbps": 100.0, "power_w": 50.0}
+    return parse_scenario({
+        "name": "tp-short", "model": {"family": "llama", "n_layers": 1, "d_model": 128, "n_heads": 4,
+                                      "d_ff": 8192, "vocab_size": 256, "max_seq_len": 512},
+        "workload": {"seq_len": 64, "batch_size": 1},
+        "cluster": {"hosts": [{"name": "h", "devices": [{**dev, "name": "a0"}, {**dev, "name": "a1"},
+                                                         {**dev, "name": "b0", "peak_tflops": 2.0}]}]},
+        "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}).resolve()
+
+
+def test_the_shortfall_of_a_refusal_counts_tensor_parallel_groups():
+    from hpipe.planners.joint import gb
+
+    setup = _mlp_only_a_pair_can_nearly_hold()
+    with_tp, single = _least_shortfall_bytes(setup, tp=True), _least_shortfall_bytes(setup, tp=False)
+    assert 0 < with_tp < single / 4  # the case tells the two apart
+    with pytest.raises(InfeasibleError) as e:
+        make_plan(setup, "hpipe")
+    assert re.search(r"leaves a device ([\d.e-]+) GB short", str(e.value)).group(1) == gb(with_tp), str(e.value)
+    # without TP groups in the search, the single-device figure
+    with pytest.raises(InfeasibleError) as e:
+        plan_hpipe(setup, tensor_parallel=False)
+    assert re.search(r"leaves a device ([\d.e-]+) GB short", str(e.value)).group(1) == gb(single), str(e.value)
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(scenario_dicts(max_devices=4, max_hosts=2, max_layers=2))
+def test_a_refusal_names_the_least_shortfall_over_the_whole_plan_space(data):
+    from hpipe.memory import model_shortfall_bytes
+    from hpipe.planners.joint import gb
+
+    setup = setup_of(data)
+    if model_shortfall_bytes(setup) > 0:
+        return  # refused before any split is searched (its own message)
+    try:
+        make_plan(setup, "hpipe")
+    except InfeasibleError as e:
+        m = re.search(r"no split .* leaves a device ([\d.e-]+) GB short", str(e))
+        assert m, str(e)
+        assert m.group(1) == gb(_least_shortfall_bytes(setup, tp=True)), str(e)
 
 
 @settings(max_examples=examples(25), deadline=None)

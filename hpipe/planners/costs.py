@@ -25,7 +25,36 @@ from __future__ import annotations
 import numpy as np
 
 from hpipe.memory import SPLIT_KINDS, kv_tokens
+from hpipe.planners.evaluate import hop_resource
 from hpipe.planners.groups import device_kind, tp_degrees
+
+
+def _weighted(counts, ct):
+    """``np.tensordot(counts, ct, axes=1)`` (units of each class times each class's time),
+    the same dot product without tensordot's per-call overhead."""
+    return np.dot(counts.reshape(1, -1), ct.reshape(len(counts), -1)).reshape(ct.shape[1:])
+
+
+GRID_ROWS_BYTES = 256 << 20
+"""How much the slice grids' rows may keep between partitions (oldest dropped first)."""
+
+
+class BoundedCache:
+    """A dict of numpy arrays that drops its oldest entries beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes, self._d = max_bytes, 0, {}
+
+    def get(self, key):
+        return self._d.get(key)
+
+    def put(self, key, value: np.ndarray) -> None:
+        if key in self._d:
+            return
+        self._d[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.max_bytes and len(self._d) > 1:
+            self.nbytes -= self._d.pop(next(iter(self._d))).nbytes
 
 
 class CostTables:
@@ -72,13 +101,19 @@ class CostTables:
                 self.class_rep.append(u.index)
             self.unit_class[u.index] = key_of[key]
         self.n_classes = len(self.class_rep)
+        self.lower_triangle = np.tril_indices(len(self.units) + 1)
+        """Indices of the (U+1, U+1) entries [k, e) with k >= e: no stage."""
+        self.unit_class_list = [int(x) for x in self.unit_class]
+        """``unit_class`` as Python ints (looked up per stage in the search's inner loops)."""
         onehot = np.zeros((len(self.units), self.n_classes), int)
         onehot[np.arange(len(self.units)), self.unit_class] = 1
         self.class_prefix = np.vstack([np.zeros(self.n_classes, int), np.cumsum(onehot, axis=0)])
         """(U+1, classes): how many units of each class lie in [0, k)."""
+        self.kind: dict[str, tuple] = {d: device_kind(setup.cluster, d) for d in self.devices}
+        """``groups.device_kind`` of every device (devices of one kind may form a TP group)."""
         self._kind_members: dict = {}
         for d in self.devices:
-            self._kind_members.setdefault(device_kind(setup.cluster, d), []).append(d)
+            self._kind_members.setdefault(self.kind[d], []).append(d)
         self._kind_members = {k: tuple(v) for k, v in self._kind_members.items()}
         biggest = max(len(v) for v in self._kind_members.values())
         self.tp_degrees = tp_degrees(setup.model, biggest)
@@ -86,6 +121,9 @@ class CostTables:
         self._cache: dict = {}
         self._pairs: dict = {}
         self._pair_keys: dict = {}
+        self._hops: dict = {}
+        self.grid_rows = BoundedCache(GRID_ROWS_BYTES)
+        """``slicing.SliceGrid``'s rows over every slice, per (stage or hop key, micro-batch size)."""
 
     def _kind_reps(self):
         seen = {}
@@ -102,10 +140,45 @@ class CostTables:
         if key is not None and ck in self._cache:
             return self._cache[ck]
         rep = self.group_rep[grp]
-        out = np.array([np.broadcast_to(self.cost.unit_time_s(self.units[r], rep, n, c, b), np.shape(n))
-                        for r in self.class_rep], float)
+        out = self._from_grid(key, n, c, b, lambda bv: self._cache.get(("ct", grp, self._grid_key(bv))))
+        if out is None:
+            out = np.array([np.broadcast_to(self.cost.unit_time_s(self.units[r], rep, n, c, b), np.shape(n))
+                            for r in self.class_rep], float)
         if key is not None:
             self._cache[ck] = out
+        return out
+
+    # ---- items on the granule grid ---------------------------------------------------
+    # Every slice of a slicing on the granule grid is one of the L (L + 1) / 2 slices
+    # (q, p) that ``slicing.SliceGrid`` costs for each micro-batch size: an item list
+    # of the search (key "items": its slices, cut down or not, and micro-batch sizes)
+    # takes its unit times from there, once a grid has been costed, instead of calling
+    # the cost model again.
+    def _grid_key(self, b):
+        return ("grid", self.setup.seq_len // self.setup.granularity, self.setup.granularity, b)
+
+    def _from_grid(self, key, n, c, b, grid_times):
+        """(classes, items) gathered from ``grid_times(b)`` (classes, every slice; None
+        where no grid has been costed for that size yet: costing one for a few items
+        would cost more than it saves) for an "items" list, or None when the items are
+        not slices of a costed grid."""
+        if key is None or key[0] != "items" or np.ndim(n) != 1:
+            return None
+        g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
+        n, c, b = np.asarray(n, float), np.asarray(c, float), np.broadcast_to(np.asarray(b, float), np.shape(n))
+        q, p = c / g, (c + n) / g
+        if not (np.all(q == np.floor(q)) and np.all(p == np.floor(p)) and np.all(q >= 0) and np.all(p > q)
+                and np.all(p <= L)):
+            return None
+        q, p = q.astype(np.int64), p.astype(np.int64)
+        idx = q * (L + 1) - q * (q + 1) // 2 + (p - q - 1)
+        out = np.empty((self.n_classes, len(n)))
+        for bv in np.unique(b):
+            table = grid_times(float(bv))
+            if table is None:
+                return None
+            sel = b == bv
+            out[:, sel] = table[:, idx[sel]]
         return out
 
     def counts(self, start, end):
@@ -115,7 +188,7 @@ class CostTables:
     def range_time(self, device: str, start: int, end: int, n, c, b, key=None):
         """Time of units [start, end) on one device, per (n, c, b) element."""
         ct = self.class_times(device, n, c, b, key)
-        t = np.tensordot(self.counts(start, end), ct, axes=1)
+        t = _weighted(self.counts(start, end), ct)
         ovh = self.cost.stage_overhead_s([device])
         return t + ovh if ovh else t
 
@@ -125,17 +198,30 @@ class CostTables:
         group of that kind and degree costs, its members being interchangeable."""
         if tp == 1:
             return (device,)
-        return self._kind_members[device_kind(self.setup.cluster, device)][:tp]
+        return self._kind_members[self.kind[device]][:tp]
+
+    def canonical_group(self, devs) -> tuple[str, ...]:
+        """The devices that stand for the group ``devs`` in the tables: the first of their
+        kind (``group_of``) when all are of one kind (members are interchangeable, so
+        every such group shares one entry), else the devices as given."""
+        devs = tuple(devs)
+        kind = self.kind[devs[0]]
+        if len(devs) > 1 and all(self.kind[d] == kind for d in devs):
+            return self.group_of(devs[0], len(devs))
+        return devs
 
     def group_class_times(self, devs, n, c, b, key=None):
         """(classes, *shape): one unit of each class on a tensor-parallel group
         (``CostModel.tp_unit_time_s``: split units as shards plus the all-reduce, the
         embedding and head whole)."""
-        ck = ("gct", tuple(devs), key)
+        devs = self.canonical_group(devs)
+        ck = ("gct", devs, key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
-        out = np.array([np.broadcast_to(self.cost.tp_unit_time_s(self.units[r], list(devs), n, c, b), np.shape(n))
-                        for r in self.class_rep], float)
+        out = self._from_grid(key, n, c, b, lambda bv: self._cache.get(("gct", devs, self._grid_key(bv))))
+        if out is None:
+            out = np.array([np.broadcast_to(self.cost.tp_unit_time_s(self.units[r], list(devs), n, c, b),
+                                            np.shape(n)) for r in self.class_rep], float)
         if key is not None:
             self._cache[ck] = out
         return out
@@ -150,7 +236,7 @@ class CostTables:
         element: ``CostModel.stage_compute_s`` from the cached class times."""
         if len(devs) == 1:
             return self.range_time(devs[0], start, end, n, c, b, key)
-        t = np.tensordot(self.counts(start, end), self.group_class_times(devs, n, c, b, key), axes=1)
+        t = _weighted(self.counts(start, end), self.group_class_times(devs, n, c, b, key))
         if start > 0:
             t = t + self.scatter_items(devs, start, n, b, key)
         ovh = self.cost.stage_overhead_s(list(devs))
@@ -158,7 +244,8 @@ class CostTables:
 
     def scatter_items(self, devs, start: int, n, b, key=None):
         """Per item: the group forwarding the input of a stage starting at ``start``."""
-        ck = ("scati", tuple(devs), int(self.unit_class[start - 1]), key)
+        devs = self.canonical_group(devs)
+        ck = ("scati", devs, int(self.unit_class[start - 1]), key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
         out = np.broadcast_to(self.cost.tp_scatter_s(self.class_rep[self.unit_class[start - 1]] + 1, list(devs),
@@ -170,7 +257,8 @@ class CostTables:
     def scatter_totals(self, devs, n, b, key=None):
         """(U+1,): total time, over the items, of the group forwarding the input of a
         stage starting at unit k to its peers (``CostModel.tp_scatter_s``); 0 at k = 0."""
-        ck = ("scat", tuple(devs), key)
+        devs = self.canonical_group(devs)
+        ck = ("scat", devs, key)
         if key is not None and ck in self._cache:
             return self._cache[ck]
         per_class = np.array([float(np.sum(self.cost.tp_scatter_s(r + 1, list(devs), n, b)))
@@ -223,6 +311,13 @@ class CostTables:
         if key is not None:
             self._cache[ck] = out
         return out
+
+    def hop_resource(self, src: str, dst: str):
+        """``evaluate.hop_resource``, remembered per pair."""
+        hit = self._hops.get((src, dst))
+        if hit is None:
+            hit = self._hops[(src, dst)] = hop_resource(self.setup.cluster, src, dst)
+        return hit
 
     def latency_s(self, src: str, dst: str) -> float:
         return 0.0 if src == dst else self.setup.cluster.route(src, dst).latency_s
@@ -285,7 +380,7 @@ class CostTables:
         for cls in range(self.n_classes):
             work = np.where(cnt[:, :, cls] > 0, np.maximum(work, ws[cls]), work)
         out = self.static_memory_matrix(tp) + work
-        out[np.tril_indices(U + 1)] = np.inf
+        out[self.lower_triangle] = np.inf
         self._cache[ck] = out
         return out
 
@@ -298,29 +393,82 @@ class CostTables:
     def max_slice_tokens(self, stages, micro_batch: int) -> int:
         """Longest slice (a multiple of the granularity) whose workspace still fits
         every stage of a partition, given as (devices, start, end); 0 if not even one
-        granule fits."""
+        granule fits.  The least over the stages of ``max_granules_matrix``: a lookup
+        per stage, where the search asks this of thousands of partitions."""
         ck = ("nmax", tuple(stages), micro_batch)
-        if ck in self._cache:
-            return self._cache[ck]
-        g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
+        hit = self._cache.get(ck)
+        if hit is not None:
+            return hit
+        best = self.setup.seq_len // self.setup.granularity
+        for devs, s, e in stages:
+            for d in dict.fromkeys(self.capacity(x) for x in devs):
+                best = min(best, int(self.max_granules_matrix(len(devs), d, micro_batch)[s, e]))
+        out = best * self.setup.granularity
+        self._cache[ck] = out
+        return out
 
-        def fits(tokens):
-            for devs, s, e in stages:
-                need = self.stage_need_bytes(len(devs), s, e, tokens, micro_batch)
-                if any(need > self.capacity(d) for d in devs):
-                    return False
-            return True
+    def max_granules_matrix(self, tp: int, capacity: float, micro_batch: int) -> np.ndarray:
+        """(U+1, U+1) ints: for a stage [k, e) of ``tp`` devices of ``capacity`` bytes,
+        the most granules a slice may have (0..L) with the stage fitting at that length
+        and every shorter one (``stage_need_bytes``, the same arithmetic; 0 for k >= e).
 
-        # memory grows with the slice length: binary search the longest that fits
-        best, lo, hi = 0, 1, L
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if fits(mid * g):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        self._cache[ck] = best * g
-        return best * g
+        Per unit class, the fitting lengths are a prefix of 1..L (workspace grows with
+        the slice; a running max makes that so), so a binary search per class gives its
+        count and the stage's is the least over the classes it holds.  Sums that round
+        differently from ``stage_need_bytes`` at the boundary are checked and nudged, so
+        the answer is what that function's comparison says."""
+        ck = ("gmax", tp, capacity, micro_batch)
+        out = self._cache.get(ck)
+        if out is not None:
+            return out
+        L = self.setup.seq_len // self.setup.granularity
+        ws = self.class_workspace_table(micro_batch)  # (L, classes): running max over lengths
+        static = self.static_memory_matrix(tp)
+        U = len(self.units)
+        present = (self.class_prefix[None, :, :] - self.class_prefix[:, None, :]) > 0  # (k, e, class)
+        budget = capacity - static
+        count = np.full((U + 1, U + 1), L, dtype=np.int64)
+        for cls in range(self.n_classes):
+            c = np.searchsorted(ws[:, cls], budget, side="right")
+            count = np.where(present[:, :, cls], np.minimum(count, c), count)
+        valid = np.triu(np.ones((U + 1, U + 1), bool), k=1)
+        count = np.where(valid, count, 0)
+
+        def fits(k):  # (U+1, U+1) bools: the stage fits with k granules, as stage_need_bytes adds up
+            wmax = np.where(present, ws[np.clip(k, 1, L) - 1], -np.inf)  # (U+1, U+1, classes)
+            return (static + wmax.max(axis=2)) <= capacity
+
+        # rounding at the boundary: step down while the count does not fit, up while one more does
+        for _ in range(L + 1):
+            bad = valid & (count > 0) & ~fits(count)
+            if not bad.any():
+                break
+            count = np.where(bad, count - 1, count)
+        for _ in range(L + 1):
+            more = valid & (count < L) & fits(count + 1)
+            if not more.any():
+                break
+            count = np.where(more, count + 1, count)
+        self._cache[ck] = count
+        return count
+
+    def class_workspace_table(self, micro_batch: int) -> np.ndarray:
+        """(L, classes): workspace of one unit of each class for slices of 1..L granules
+        (``class_workspace``), as a running max over the lengths."""
+        ck = ("wstab", micro_batch)
+        out = self._cache.get(ck)
+        if out is None:
+            g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
+            out = np.maximum.accumulate(np.array([self.class_workspace(k * g, micro_batch) for k in range(1, L + 1)]),
+                                        axis=0)
+            self._cache[ck] = out
+        return out
+
+    def rows_cache(self, key) -> dict:
+        """A dict for ``partition.chain_rows`` to keep stage and hop rows in, one per
+        item list (``key``): partitions share most of their stages, and the rounds,
+        starts and micro-batch counts of the search meet the same item lists again."""
+        return self._cache.setdefault(("rows", key), {})
 
     def capacity(self, device: str) -> float:
         return self.setup.cluster.device(device).usable_memory_bytes

@@ -15,12 +15,22 @@ micro-batches from 1 to the batch is tried (uneven splits too; slicing and
 micro-batching compose: each micro-batch is sliced alike): the alternation itself
 for the extremes (the whole batch, one sequence per micro-batch); for the counts
 between, a re-slicing of the best partitions those found and, where that comes
-within ``mid_margin`` of the best, the alternation again from the extremes' best
-slicing (the partition search is what tells counts apart: re-slicing only the
-extremes' front runners left plans 12.8% behind exhaustive search).  Stages may be
+within ``mid_margin`` of the best, ``mid_rounds`` (one) round of the alternation
+from the extremes' best slicing, over the device orders the extremes' first rounds
+ranked best (the partition search is what tells counts apart: re-slicing only the
+extremes' front runners left plans 12.8% behind exhaustive search; one round rather
+than two, and the ranked orders rather than all, are heuristic cuts for planning
+time, checked against exhaustive search in the tests and a 4x soak).  Stages may be
 tensor-parallel groups (``groups``); the best one-stage plan (one device or one
-group, one slice) is always a candidate.  The plan with the least exact makespan
-wins.
+group, one slice) is always a candidate.  Last, the best few plans get a local
+improvement pass (``improve``: a cut moved by one unit, a stage split onto an idle
+device, two merged, one micro-batch more or fewer, each scored by exact makespan).
+The plan with the least exact makespan wins.
+
+Slicings are remembered per (partition, micro-batch sizes) for the whole search
+(``_best_slicing``), as are stage and hop rows per item list (``CostTables``): the
+rounds, starts, micro-batch counts and the improvement pass meet the same ones
+again and again.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import numpy as np
 
 from hpipe.errors import InfeasibleError
 from hpipe.memory import raise_if_model_cannot_fit
+from hpipe.planners import improve as local
 from hpipe.planners import partition as alg1
 from hpipe.planners import slicing as alg2
 from hpipe.planners.common import finish, items_arrays, micro_batch_sizes, uniform_slices
@@ -50,12 +61,13 @@ def micro_batch_options(batch_size: int) -> list[int]:
 
 def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_batches=None,
                fixed_slices=None, planner: str = "hpipe", max_rounds: int = 8, tensor_parallel: bool = True,
-               mid_rounds: int = 2, mid_margin: float = 0.1, decode_candidates: int = 6):
+               mid_rounds: int = 1, mid_margin: float = 0.1, decode_candidates: int = 6, improve_top: int = 2):
     """Search the joint plan; returns a Plan (or raises InfeasibleError).
 
     ``fixed_slices`` pins the slicing (gpipe-balanced uses the whole sequence);
     ``micro_batches`` pins the micro-batch count; ``tensor_parallel`` lets a stage be a
-    group of identical devices of one host (``groups``)."""
+    group of identical devices of one host (``groups``); ``improve_top`` best plans get the
+    local-improvement pass (``improve``; 0: none)."""
     raise_if_model_cannot_fit(setup)
     tables = tables or CostTables(setup)
     sequences = sequences or alg1.device_sequences(tables)
@@ -71,12 +83,13 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     full = [m for m in options if m in (min(options), max(options))]
     good: dict = {}
     seeds: list = []
+    front: list = []  # the device orders the extremes' first rounds ranked best (what the counts between search)
     scored: list = []  # every (prefill makespan, partition, slices, micro-batches) seen: generation's candidates
     if best[1] is not None:
         scored.append((best[0], best[1], tuple(best[2]), best[3]))
     for m in full:
         sizes = micro_batch_sizes(setup.batch_size, m)
-        res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds, tp=tensor_parallel)
+        res, sliced = _joint(tables, sequences, sizes, fixed_slices, max_rounds, tp=tensor_parallel, front=front)
         if res is not None:
             seeds.append((res[0], list(res[2])))
             scored.append((res[0], res[1], tuple(res[2]), m))
@@ -92,9 +105,9 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
             continue
         sizes = micro_batch_sizes(setup.batch_size, m)
         resliced = math.inf
-        for part in top:
-            r = _best_slicing(tables, part, sizes) if fixed_slices is None else _fixed(tables, part, sizes,
-                                                                                         fixed_slices)
+        rs = (_best_slicings(tables, top, sizes) if fixed_slices is None else
+              [_fixed(tables, part, sizes, fixed_slices) for part in top])
+        for part, r in zip(top, rs):
             if r is not None:
                 scored.append((r[0], part, tuple(r[1]), m))
                 resliced = min(resliced, r[0])
@@ -104,15 +117,31 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
         # further (a heuristic cut, measured against exhaustive search in the tests)
         if seeds and resliced <= best[0] * (1 + mid_margin):
             seeds.sort()
-            res, _ = _joint(tables, sequences, sizes, fixed_slices, mid_rounds, tp=tensor_parallel,
+            res, _ = _joint(tables, front or sequences, sizes, fixed_slices, mid_rounds, tp=tensor_parallel,
                             starts=[sl for _, sl in seeds[:1]])
             if res is not None:
                 scored.append((res[0], res[1], tuple(res[2]), m))
                 if res[0] < best[0]:
                     best = (res[0], res[1], res[2], m)
+    # a local-improvement pass over the best few (``improve``: small moves, exact scores);
+    # hpipe's own search only (gpipe-balanced stands for the balanced partition alone)
+    if best[1] is not None and improve_top and planner == "hpipe":
+        slice_for = ((lambda p, sz: _best_slicing(tables, p, sz)) if fixed_slices is None else
+                     (lambda p, sz: _fixed(tables, p, sz, fixed_slices)))
+        firsts: dict = {}  # each partition's best (latency, slices, micro-batches) seen, best first
+        for v, p, s_, k in sorted(scored, key=lambda x: x[0]):
+            firsts.setdefault(p, (v, s_, k))
+        for p, (v, s_, k) in list(firsts.items())[:improve_top]:
+            r = local.improve(tables, (v, p, s_, k), slice_for, options, recut=fixed_slices is None,
+                              slice_many=(lambda ps, sz: _best_slicings(tables, ps, sz)) if fixed_slices is None
+                              else None)
+            if r[1] is not p or r[3] != k:
+                scored.append((r[0], r[1], tuple(r[2]), r[3]))
+            if r[0] < best[0]:
+                best = r
     lat, part, slices, m = best
     if part is None:
-        raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner))
+        raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner, tensor_parallel))
     if setup.output_tokens and planner == "hpipe":
         # Generation: the partition, slicing, micro-batches and decode groups that serve both
         # phases best for the scenario's objective (hpipe.planners.decode).
@@ -153,7 +182,8 @@ def _best_one_stage(tables, options, fixed_slices, tensor_parallel):
                 if tables.max_slice_tokens(part.stages, max(sizes)) < max(slices):
                     continue
                 n, c, b = items_arrays(slices, sizes)
-                lat = alg1.table_makespan(tables, part.stages, n, c, b)
+                key = ("items", tuple(slices), tuple(sizes))
+                lat = alg1.table_makespan(tables, part.stages, n, c, b, key, tables.rows_cache(key))
                 if lat < best[0]:
                     best = (lat, part, slices, m)
     return best
@@ -163,11 +193,12 @@ def _fixed(tables, part, sizes, slices):
     if tables.max_slice_tokens(part.stages, max(sizes)) < max(slices):
         return None
     n, c, b = items_arrays(slices, sizes)
-    return alg1.table_makespan(tables, part.stages, n, c, b), tuple(slices)
+    key = ("items", tuple(slices), tuple(sizes))
+    return alg1.table_makespan(tables, part.stages, n, c, b, key, tables.rows_cache(key)), tuple(slices)
 
 
 def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: int = 8, slice_top: int = 3,
-           second_start_margin: float = 0.1, tp: bool = True, starts=None):
+           second_start_margin: float = 0.1, tp: bool = True, starts=None, front: list | None = None):
     """Alternate partition and slicing for one micro-batch split.  Returns (best, sliced):
     best is (latency, partition, slices) or None when nothing fits; sliced maps every
     partition that was sliced to its (latency, slices) or None."""
@@ -193,20 +224,20 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
         seqs = sequences
         for rnd in range(max_rounds):
             t0 = time.perf_counter()
-            pc = alg1.PartitionCosts(tables, slices, sizes, recut=fixed_slices is None, tp=tp)
-            ranked: list = []
-            parts = alg1.search(pc, seqs, ranked_sequences=ranked)
+            parts, ranked = _search(tables, slices, sizes, seqs, fixed_slices is None, tp)
             if not parts:
                 break
             # later rounds change the slices, not which orders are good: keep the front runners
             seqs = ranked[:keep_sequences]
+            if front is not None and rnd == 0:
+                front.extend(s_ for s_ in seqs if s_ not in front)
             round_best = parts[0]
             if fixed_slices is None:
                 # the runners-up too: a partition that is worse with these slices may
                 # be better with its own
+                new = [part for _, part, _ in parts[:slice_top] if part not in sliced]
+                sliced.update(zip(new, _best_slicings(tables, new, sizes)))
                 for _, part, _ in parts[:slice_top]:
-                    if part not in sliced:
-                        sliced[part] = _best_slicing(tables, part, sizes)
                     cand = sliced[part]
                     if cand is not None and cand[0] < round_best[0]:
                         round_best = (cand[0], part, cand[1])
@@ -227,26 +258,66 @@ def _joint(tables, sequences, sizes, fixed_slices, max_rounds, keep_sequences: i
     return (found if found[1] is not None else None), sliced
 
 
+def _search(tables, slices, sizes, seqs, recut: bool, tp: bool):
+    """``partition.search`` over ``seqs`` for these slices and micro-batch sizes, and the
+    sequences it ranked; remembered in the tables, as the alternation often searches
+    the same item list over the same sequences again (a round whose slicing did not
+    change, a later start that reaches the slicing an earlier one did)."""
+    ck = ("search", tuple(slices), tuple(sizes), tuple(seqs), recut, tp)
+    if ck not in tables._cache:
+        pc = alg1.PartitionCosts(tables, slices, sizes, recut=recut, tp=tp)
+        ranked: list = []
+        parts = alg1.search(pc, seqs, ranked_sequences=ranked)
+        tables._cache[ck] = (parts, ranked)
+    parts, ranked = tables._cache[ck]
+    return list(parts), list(ranked)
+
+
 def _best_slicing(tables, part, sizes, top: int = 8):
-    nmax = alg2.max_slice_tokens(tables, part.stages, max(sizes))
-    if nmax == 0:
-        return None
-    grid = alg2.SliceGrid(tables, part.stages, sizes, nmax)
-    cands, _ = alg2.best_slicings(grid, top=top)
-    scored = [(grid.makespan(s), s) for _, s in cands]
-    return min(scored, default=None)
+    """(exact makespan, slices) of the partition's best slicing for these micro-batch
+    sizes (Algorithm 2's best few by its bound, scored exactly), or None when not even
+    one granule fits.  Remembered in the tables: the alternation, the micro-batch
+    counts, the improvement pass and generation's search ask again for the same ones."""
+    return _best_slicings(tables, [part], sizes, top)[0]
 
 
-def _no_fit_message(setup, tables, sequences, fixed_slices, planner):
+def _best_slicings(tables, parts, sizes, top: int = 8) -> list:
+    """``_best_slicing`` of several partitions, their Algorithm 2 searches run side by side
+    (``slicing.best_slicings_many``: one DP pass for all)."""
+    keys = [("best-slicing", p.stages, tuple(sizes), top) for p in parts]
+    todo = {}
+    for p, ck in zip(parts, keys):
+        if ck not in tables._cache and ck not in todo:
+            nmax = alg2.max_slice_tokens(tables, p.stages, max(sizes))
+            if nmax == 0:
+                tables._cache[ck] = None
+            else:
+                todo[ck] = alg2.SliceGrid(tables, p.stages, sizes, nmax)
+    if todo:
+        for (ck, grid), (cands, _) in zip(todo.items(), alg2.best_slicings_many(list(todo.values()), top=top)):
+            slicings = [s for _, s in cands]
+            tables._cache[ck] = min(zip(grid.makespans(slicings), slicings), default=None)
+    return [tables._cache[ck] for ck in keys]
+
+
+def _no_fit_message(setup, tables, sequences, fixed_slices, planner, tp: bool = True):
     """Why nothing fits, in GB: the least possible worst shortfall over all splits of
-    the model over the devices (finest slices, one sequence per micro-batch)."""
+    the model over the devices (finest slices, one sequence per micro-batch), stages
+    being single devices or (``tp``) tensor-parallel groups, as the search has them
+    (``partition.sequence_problem``): a model that only a group can hold is not
+    reported short by what a single device lacks."""
     g = setup.granularity
     max_slice = max(fixed_slices) if fixed_slices else g
-    mem = tables.memory_matrix(1, max_slice, 1)
     worst = math.inf
     for seq in sequences:
-        smats = [mem - tables.capacity(d) for d in seq]
-        links = np.full((len(seq), len(seq), mem.shape[0]), -math.inf)
+        kinds = [tables.kind[d] for d in seq]
+        smats, run = [], 0
+        for m, d in enumerate(seq):
+            run = run + 1 if m and kinds[m] == kinds[m - 1] else 1
+            degrees = [1] + ([t for t in tables.tp_degrees if t <= run] if tp else [])
+            smats.append({t: tables.memory_matrix(t, max_slice, 1) - tables.capacity(d) for t in degrees})
+        U = setup.n_units
+        links = np.full((len(seq), len(seq), U + 1), -math.inf)
         val, _ = alg1.minmax_dp(smats, links, start=-math.inf)
         worst = min(worst, val)
     return (f"{planner}: no split of {setup.model.name} (batch {setup.batch_size} x {setup.seq_len} tokens) "

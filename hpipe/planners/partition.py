@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpipe.planners.common import items_arrays
-from hpipe.planners.groups import device_kind
-from hpipe.planners.evaluate import (chain_completion, hop_resource, makespan_from_times, shares_resources,
+from hpipe.planners.evaluate import (chain_completion, makespan_from_times, shares_resources,
                                      split_transfer)
 
 INF = math.inf
@@ -156,7 +155,6 @@ class PartitionCosts:
         self.U = len(tables.units)
         self._smat: dict = {}
         self._times: dict = {}
-        self._rows: dict = {}
         self._links = None
 
     def stage_matrix(self, device: str, tp: int = 1, strict: bool = False):
@@ -180,7 +178,7 @@ class PartitionCosts:
                 ovh = self.tables.cost.stage_overhead_s(self.tables.group_of(device, tp))
                 if ovh:
                     S = S + ovh * len(self.n)
-                S[np.tril_indices(self.U + 1)] = INF
+                S[self.tables.lower_triangle] = INF
                 self._times[tk] = S
             mem = self.tables.memory_matrix(tp, mem_slice, max(self.sizes))
             self._smat[ck] = np.where(mem > self.tables.capacity(device), INF, self._times[tk])
@@ -216,17 +214,58 @@ class PartitionCosts:
         the value is exact."""
         nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
         if nmax >= max(self.slices):
-            sl, n, c, b, key, rows = tuple(self.slices), self.n, self.c, self.b, self.key, self._rows
+            sl, n, c, b, key = tuple(self.slices), self.n, self.c, self.b, self.key
         else:
             sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
             n, c, b = items_arrays(sl, self.sizes)
-            key, rows = ("items", sl, tuple(self.sizes)), None
+            key = ("items", sl, tuple(self.sizes))
+        rows = self.tables.rows_cache(key)
         t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, rows)
         if not bound_only:
             return makespan_from_times(t, keys, d), sl
         if shares_resources(keys):
             return float(chain_completion(t, d)[-1, -1]), sl, False
         return makespan_from_times(t, None, d), sl, True
+
+
+    def bounds(self, parts) -> list[tuple]:
+        """``makespan(part, bound_only=True)`` of many partitions at once: those whose
+        chains have the same shape are scanned together (``batch_completion``), which is
+        what the search spends its time on otherwise (numpy's per-call overhead)."""
+        out: list = [None] * len(parts)
+        groups: dict = {}
+        for i, part in enumerate(parts):
+            nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
+            if nmax >= max(self.slices):
+                sl, n, c, b, key = tuple(self.slices), self.n, self.c, self.b, self.key
+            else:
+                sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
+                n, c, b = items_arrays(sl, self.sizes)
+                key = ("items", sl, tuple(self.sizes))
+            t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, self.tables.rows_cache(key))
+            exact = not shares_resources(keys)
+            groups.setdefault(t.shape, []).append((i, t, d, sl, exact))
+        for members in groups.values():
+            C = batch_completion(np.stack([m[1] for m in members]), np.stack([m[2] for m in members]))
+            for (i, _, _, sl, exact), v in zip(members, C.tolist()):
+                out[i] = (v, sl, exact)
+        return out
+
+
+def batch_completion(t, d) -> np.ndarray:
+    """(N,): the last completion time of N chains of one shape (N, positions, items),
+    each position a resource of its own: ``evaluate.chain_completion``'s scan, the same
+    arithmetic, on all chains at once."""
+    N, P, I = t.shape
+    arrive = np.zeros((N, I))
+    zero = np.zeros((N, 1))
+    C = arrive
+    for p in range(P):
+        s = np.cumsum(t[:, p], axis=1)
+        prev = np.concatenate((zero, s[:, :-1]), axis=1)
+        C = s + np.maximum.accumulate(np.maximum(arrive, 0.0) - prev, axis=1)
+        arrive = C + d[:, p]
+    return C[:, -1] if I else np.zeros(N)
 
 
 def recut_slices(slices, max_tokens: int, granularity: int) -> tuple[int, ...]:
@@ -250,23 +289,30 @@ def chain_rows(tables, stages, n, c, b, key=None, rows_cache=None):
     remembers rows between candidates."""
     cache = rows_cache if rows_cache is not None else {}
     cluster = tables.setup.cluster
+    unit_class = tables.unit_class_list
+    groups = tables.device_group
     rows, delays, keys = [], [], []
-    zero = np.zeros(np.shape(n))
+    zero = cache.get("zero")
+    if zero is None:
+        zero = cache["zero"] = np.zeros(np.shape(n))
     prev = None
     for j, (devs, s, e) in enumerate(stages):
         if prev is not None:
             pdevs, ps, pe = prev
-            rk = ("link", pdevs[0], devs[0], int(tables.unit_class[pe - 1]))
-            if rk not in cache:
+            rk = ("link", pdevs[0], devs[0], unit_class[pe - 1])
+            hit = cache.get(rk)
+            if hit is None:
                 total = tables.transfer_times(pdevs[0], devs[0], pe, n, b, key)
-                cache[rk] = split_transfer(cluster, pdevs[0], devs[0], total)
-            rows.append(cache[rk][0])
-            delays.append(cache[rk][1])
-            keys.append(hop_resource(cluster, pdevs[0], devs[0]))
-        rk = ("stage", tables.device_group[devs[0]], len(devs), s, e)
-        if rk not in cache:
-            cache[rk] = tables.stage_time(devs, s, e, n, c, b, key)
-        rows.append(cache[rk])
+                hit = cache[rk] = split_transfer(cluster, pdevs[0], devs[0], total)
+            rows.append(hit[0])
+            delays.append(hit[1])
+            keys.append(tables.hop_resource(pdevs[0], devs[0]))
+        # a group's rows depend on its kind (its host's links), not only its device type
+        rk = ("stage", groups[devs[0]], s, e) if len(devs) == 1 else ("tp", tables.canonical_group(devs), s, e)
+        hit = cache.get(rk)
+        if hit is None:
+            hit = cache[rk] = tables.stage_time(devs, s, e, n, c, b, key)
+        rows.append(hit)
         delays.append(zero)
         keys.append(("stage", j))
         prev = (devs, s, e)
@@ -342,6 +388,8 @@ def minsum_dp(smats, links, caps):
     argk = np.zeros((E, M, U + 1), int)
     argt = np.ones((E, M, U + 1), int)
     src = np.full((E, M, U + 1), -1)
+    capped: dict = {}  # id(S) -> S with entries above each cap at inf: positions of one kind share S
+    rows = np.arange(E)[:, None]
     for m in range(M):
         for t, S in smats[m].items():
             f = m - t + 1
@@ -353,14 +401,16 @@ def minsum_dp(smats, links, caps):
                 X = np.where(L <= caps[:, None, None], A[:, :f] + L, INF)
                 B[:, 1:] = X[:, :, 1:].min(axis=1)
                 sb[:, 1:] = X[:, :, 1:].argmin(axis=1)
-            cand = np.where(S[None] <= caps[:, None, None], B[:, :, None] + S[None], INF)
+            if id(S) not in capped:
+                capped[id(S)] = (S, np.where(S[None] <= caps[:, None, None], S[None], INF))  # (E, U+1, U+1)
+            cand = B[:, :, None] + capped[id(S)][1]  # inf where over the cap (B + inf = inf)
             k = cand.argmin(axis=1)  # (E, U+1)
-            v = np.take_along_axis(cand, k[:, None, :], axis=1)[:, 0]
+            v = cand.min(axis=1)  # the value at k
             better = v < A[:, m]
             A[:, m] = np.where(better, v, A[:, m])
             argk[:, m] = np.where(better, k, argk[:, m])
             argt[:, m] = np.where(better, t, argt[:, m])
-            src[:, m] = np.where(better, np.take_along_axis(sb, k, axis=1), src[:, m])
+            src[:, m] = np.where(better, sb[rows, k], src[:, m])
     out = []
     for i in range(E):
         m = int(A[i, :, U].argmin())
@@ -385,8 +435,7 @@ def sequence_problem(pc: PartitionCosts, seq, strict: bool = False):
     A group of degree t may end at position m when the t positions up to m are devices
     of one kind (``groups.device_kind``) and t splits the model evenly."""
     tables = pc.tables
-    cluster = tables.setup.cluster
-    kinds = [device_kind(cluster, d) for d in seq]
+    kinds = [tables.kind[d] for d in seq]
     smats = []
     run = 0
     for m, d in enumerate(seq):
@@ -410,6 +459,13 @@ EPSILONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 2.5, INF)
 to no cap at all (the least total work: few, fast devices, no pipeline to fill)."""
 
 
+def _score_new(pc: PartitionCosts, cands: dict) -> None:
+    """Lower-bound makespans (exact unless hops share a link) for the candidates not yet scored."""
+    new = [p for p, v in cands.items() if v is None]
+    for p, v in zip(new, pc.bounds(new)):
+        cands[p] = v
+
+
 def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, refine: int = 6, top: int = 4,
            ranked_sequences: list | None = None):
     """Best partitions over the given device sequences, by exact makespan.
@@ -427,11 +483,12 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
         val, stages = minmax_dp(smats, links)
         if stages is not None:
             part = to_partition(seq, stages)
-            if part not in cands:
-                cands[part] = pc.makespan(part, bound_only=True)
-            probs.append((cands[part][0], val, seq, smats, links))
+            cands.setdefault(part, None)
+            probs.append((part, val, seq, smats, links))
     if not probs:
         return []
+    _score_new(pc, cands)
+    probs = [(cands[p][0], val, seq, smats, links) for p, val, seq, smats, links in probs]
     # Orders rank by the exact makespan of their bottleneck-optimal partition: the
     # bottleneck alone hardly tells orders apart when links are not the bottleneck,
     # while fill and drain (which devices come first and last) do.
@@ -454,9 +511,8 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
             found += minsum_dp(sequence_problem(pc, seq, strict=True)[0], links, caps)
         for _, st in found:
             if st is not None:
-                part = to_partition(seq, st)
-                if part not in cands:
-                    cands[part] = pc.makespan(part, bound_only=True)
+                cands.setdefault(to_partition(seq, st), None)
+    _score_new(pc, cands)
     # Partitions whose hops share a link (a pipeline that crosses between hosts twice) are
     # scored exactly (an event loop, slow) only when their bound could reach the top.
     while True:

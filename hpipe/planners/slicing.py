@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from hpipe.planners.evaluate import hop_resource, makespan_from_times
+from hpipe.planners.evaluate import hop_resource, makespan_from_times, shares_resources
 
 INF = math.inf
 
@@ -50,11 +50,13 @@ class SliceGrid:
         self.g = setup.granularity
         self.L = L = setup.seq_len // self.g
         q, p = np.triu_indices(L + 1, k=1)
-        if max_slice_tokens is not None:  # slices longer than memory allows are never costed
-            keep = (p - q) * self.g <= max_slice_tokens
+        n_all = ((p - q) * self.g).astype(float)
+        c_all = (q * self.g).astype(float)
+        keep = None
+        if max_slice_tokens is not None and max_slice_tokens < setup.seq_len:
+            keep = n_all <= max_slice_tokens  # slices longer than memory allows are never used
             q, p = q[keep], p[keep]
-        n = ((p - q) * self.g).astype(float)
-        c = (q * self.g).astype(float)
+        n = n_all if keep is None else n_all[keep]
         sizes = sorted(set(micro_batch_sizes))
         bmax = max(sizes)
         # Chain positions that cost alike (same device type and unit counts, or the same
@@ -67,8 +69,8 @@ class SliceGrid:
             if len(devs) == 1:
                 keys.append(("stage", tables.device_group[devs[0]], tuple(tables.counts(s, e))))
             else:  # a group's input forward depends on its first unit
-                keys.append(("tp", tables.device_group[devs[0]], len(devs), tuple(tables.counts(s, e)),
-                             int(tables.unit_class[s - 1]) if s else -1))
+                keys.append(("tp", tables.canonical_group(devs), tuple(tables.counts(s, e)),
+                             int(tables.unit_class[s - 1]) if s else -1))  # a group's kind, its host included
             prev = (devs, s, e)
         spec = {}
         prev = None
@@ -80,16 +82,23 @@ class SliceGrid:
         gsum = np.zeros_like(n)
         self.rows_by_b = {}
         for b in sizes:
-            bb = np.full_like(n, float(b))
             rows_b = {}
             for k, what in spec.items():
-                if k[0] == "link":
-                    (pd, _, pe), (dd, _, _) = what
-                    rows_b[k] = tables.transfer_times(pd[0], dd[0], pe, n, bb, key=("grid", L, self.g, b, len(n)))
-                else:
-                    devs, s_, e_ = what
-                    rows_b[k] = np.broadcast_to(tables.stage_time(devs, s_, e_, n, c, bb,
-                                                                  key=("grid", L, self.g, b, len(n))), n.shape)
+                # each row over every (q, p) slice, kept in the tables: partitions share
+                # most of their stages and hops, so most rows are found there
+                ck = (k, b)
+                full = tables.grid_rows.get(ck)
+                if full is None:
+                    bb = np.full_like(n_all, float(b))
+                    if k[0] == "link":
+                        (pd, _, pe), (dd, _, _) = what
+                        full = tables.transfer_times(pd[0], dd[0], pe, n_all, bb, key=("grid", L, self.g, b))
+                    else:
+                        devs, s_, e_ = what
+                        full = tables.stage_time(devs, s_, e_, n_all, c_all, bb, key=("grid", L, self.g, b))
+                    full = np.array(np.broadcast_to(full, n_all.shape), float)
+                    tables.grid_rows.put(ck, full)
+                rows_b[k] = full if keep is None else full[keep]
             self.rows_by_b[b] = rows_b
             hb = np.maximum.reduce(list(rows_b.values()))
             gsum += hb * micro_batch_sizes.count(b)
@@ -109,6 +118,7 @@ class SliceGrid:
         # for exact makespans of candidate slicings straight from the rows
         self.keys = keys
         self.sizes = list(micro_batch_sizes)
+        self._stack = None
         self.pair_index = np.full((L + 1, L + 1), -1)
         self.pair_index[p, q] = np.arange(len(p))
         cluster = setup.cluster
@@ -125,16 +135,38 @@ class SliceGrid:
     def makespan(self, slices_tokens) -> float:
         """Exact makespan (``evaluate``'s recurrence) of this partition with these slices,
         from the grid's rows: no cost-model calls."""
-        pos = np.concatenate(([0], np.cumsum(slices_tokens) // self.g)).astype(int)
-        idx = self.pair_index[pos[1:], pos[:-1]]
-        if np.any(idx < 0):
-            return INF
-        # rows hold whole transfer times (latency included: an upper bound for the DP);
-        # the recurrence wants the links' hold and the latency apart
-        total = np.concatenate([np.array([self.rows_by_b[b][k][idx] for k in self.keys]) for b in self.sizes],
-                               axis=1)
-        delay = np.minimum(np.array(self.latency)[:, None], total)
-        return makespan_from_times(total - delay, self.resources, delay)
+        return self.makespans([slices_tokens])[0]
+
+    def makespans(self, slicings) -> list[float]:
+        """``makespan`` of each slicing; those with as many slices are scanned together
+        (``partition.batch_completion``, the same arithmetic)."""
+        from hpipe.planners.partition import batch_completion
+
+        if self._stack is None:  # (positions, slices of the grid) per micro-batch size
+            self._stack = {b: np.array([r[k] for k in self.keys]) for b, r in self.rows_by_b.items()}
+            self._lat = np.array(self.latency)[:, None]
+            self._shared = shares_resources(self.resources)
+        out: list = [INF] * len(slicings)
+        groups: dict = {}
+        for i, sl in enumerate(slicings):
+            pos = np.concatenate(([0], np.cumsum(sl) // self.g)).astype(int)
+            idx = self.pair_index[pos[1:], pos[:-1]]
+            if np.any(idx < 0):
+                continue
+            # rows hold whole transfer times (latency included: an upper bound for the DP);
+            # the recurrence wants the links' hold and the latency apart
+            per_b = {b: st[:, idx] for b, st in self._stack.items()}
+            total = np.concatenate([per_b[b] for b in self.sizes], axis=1)
+            delay = np.minimum(self._lat, total)
+            if self._shared:
+                out[i] = makespan_from_times(total - delay, self.resources, delay)
+            else:
+                groups.setdefault(total.shape, []).append((i, total - delay, delay))
+        for members in groups.values():
+            C = batch_completion(np.stack([m[1] for m in members]), np.stack([m[2] for m in members]))
+            for (i, _, _), v in zip(members, C.tolist()):
+                out[i] = v
+        return out
 
     def objective(self, slices_tokens) -> float:
         """sum g + w * max h of a slicing given in tokens."""
@@ -154,24 +186,80 @@ def _batch_dp(GT, HT, t, qmin):
     (memory caps on slice length)."""
     L = GT.shape[0] - 1
     K = len(t)
+    t = np.asarray(t, float)
     # position-major (L+1, K): each step reads a contiguous block of rows; the loop is
-    # bound by numpy's per-call overhead, so it keeps to few calls per position
+    # bound by numpy's per-call overhead, so it keeps to few calls per position (the max
+    # h of each path is read off the back-pointers afterwards, not carried along)
     f = np.full((L + 1, K), INF)
     f[0] = 0.0
-    hm = np.zeros((L + 1, K))
-    back = np.zeros((L + 1, K), int)
+    back = np.zeros((L + 1, K), np.intp)
     ar = np.arange(K)
+    starts = [int(x) for x in qmin]
+    capped = bool(np.isfinite(t).any())
     for p in range(1, L + 1):
-        q0 = int(qmin[p])
-        hrow = HT[p, q0:p]
+        q0 = starts[p]
         vals = f[q0:p] + GT[p, q0:p, None]  # (p - q0, K)
-        vals[hrow[:, None] > t] = INF
+        if capped:
+            np.putmask(vals, HT[p, q0:p, None] > t, INF)
         j = vals.argmin(axis=0)
         f[p] = vals[j, ar]
-        jq = j + q0
-        back[p] = jq
-        hm[p] = np.maximum(hm[jq, ar], hrow[j])
-    return f[L], hm[L], back.T
+        j += q0
+        back[p] = j
+    # max h along each threshold's path, walking all paths back at once
+    hm = np.zeros(K)
+    pos = np.full(K, L)
+    live = pos > 0
+    while live.any():
+        prev = back[pos, ar]
+        hm = np.where(live, np.maximum(hm, HT[pos, prev]), hm)
+        pos = np.where(live, prev, pos)
+        live = pos > 0
+    return f[L], hm, back.T
+
+
+def _batch_dp_many(problems):
+    """``_batch_dp`` of several (GT, HT, thresholds, earliest starts) of one L at once:
+    the thresholds of all side by side, each column reading its own grid.  The window
+    is the union of theirs; rows outside a problem's own window hold inf for its
+    columns (slices too long for memory, or above its threshold), so every column's
+    minimum, and the first position of it, is what ``_batch_dp`` finds alone."""
+    if len(problems) == 1:
+        return [_batch_dp(*problems[0])]
+    L = problems[0][0].shape[0] - 1
+    GT3 = np.stack([p[0] for p in problems], axis=2)  # (L+1, L+1, N)
+    HT3 = np.stack([p[1] for p in problems], axis=2)
+    t = np.concatenate([np.asarray(p[2], float) for p in problems])
+    col = np.concatenate([np.full(len(p[2]), i) for i, p in enumerate(problems)])
+    K = len(t)
+    starts = np.minimum.reduce([np.asarray(p[3]) for p in problems]).tolist()
+    capped = bool(np.isfinite(t).any())
+    f = np.full((L + 1, K), INF)
+    f[0] = 0.0
+    back = np.zeros((L + 1, K), np.intp)
+    ar = np.arange(K)
+    for p in range(1, L + 1):
+        q0 = starts[p]
+        vals = f[q0:p] + GT3[p, q0:p][:, col]  # (p - q0, K)
+        if capped:
+            np.putmask(vals, HT3[p, q0:p][:, col] > t, INF)
+        j = vals.argmin(axis=0)
+        f[p] = vals[j, ar]
+        j += q0
+        back[p] = j
+    hm = np.zeros(K)
+    pos = np.full(K, L)
+    live = pos > 0
+    while live.any():
+        prev = back[pos, ar]
+        hm = np.where(live, np.maximum(hm, HT3[pos, prev, col]), hm)
+        pos = np.where(live, prev, pos)
+        live = pos > 0
+    out, lo = [], 0
+    for p_ in problems:
+        hi = lo + len(p_[2])
+        out.append((f[L, lo:hi], hm[lo:hi], back[:, lo:hi].T))
+        lo = hi
+    return out
 
 
 def _window(HT, tmax):
@@ -209,11 +297,43 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
     """The ``top`` best slicings by the bound (sum g + w max h), best first, as
     [(bound, slices in tokens)]; also returns the number of thresholds tried.
     Empty when no slicing fits."""
+    return best_slicings_many([grid], top, batch, method, fan)[0]
+
+
+def best_slicings_many(grids, top: int = 8, batch: int = 128, method: str = "bisect", fan: int = 16):
+    """``best_slicings`` of several grids (partitions of one scenario) at once, the same
+    answers: each grid's search runs as before, but the threshold batches of all of
+    them go through one DP pass (``_batch_dp_many``), so the loop over positions, whose
+    numpy calls are what the slicing costs, runs once for all."""
+    gens = [_search(g, top, batch, method, fan) for g in grids]
+    out: list = [None] * len(gens)
+    pending = {}
+    for i, gen in enumerate(gens):
+        try:
+            pending[i] = next(gen)
+        except StopIteration as stop:
+            out[i] = stop.value
+    while pending:
+        results = _batch_dp_many(list(pending.values()))
+        nxt = {}
+        for (i, _), res in zip(pending.items(), results):
+            try:
+                nxt[i] = gens[i].send(res)
+            except StopIteration as stop:
+                out[i] = stop.value
+        pending = nxt
+    return out
+
+
+def _search(grid: SliceGrid, top: int, batch: int, method: str, fan: int):
+    """``best_slicings`` of one grid as a generator: it yields each batch of thresholds
+    as (GT, HT, thresholds, earliest starts) and is sent ``_batch_dp``'s answer."""
     L, g = grid.L, grid.g
     GT, HT = grid.GT, grid.HT
     finite = np.isfinite(HT)
     # earliest start per end position: slices longer than the memory allows are out
-    qmin = np.array([int(np.argmax(finite[p, :p])) if p and finite[p, :p].any() else p for p in range(L + 1)])
+    # (HT[p, q] is finite only for q < p: the first finite column of row p is its first start)
+    qmin = np.where(finite.any(axis=1), np.argmax(finite, axis=1), np.arange(L + 1))
     qmin[0] = 0
     t_lb = _minmax_dp(HT, qmin)
     if not np.isfinite(t_lb):
@@ -225,7 +345,7 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
 
     def consider(ts):
         ts = np.asarray(ts, float)
-        fL, hL, back = _batch_dp(GT, HT, ts, np.maximum(qmin, _window(HT, ts.max())))
+        fL, hL, back = yield (GT, HT, ts, np.maximum(qmin, _window(HT, ts.max())))
         vals = fL + grid.w * hL
         worst = max((v[0] for v in found.values()), default=INF)
         for k in np.argsort(vals, kind="stable"):
@@ -239,7 +359,7 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
                 worst = max(v[0] for v in found.values())
         return fL
 
-    f_inf = float(consider([INF])[0])
+    f_inf = float((yield from consider([INF]))[0])
     tried = 1
     best = min(v[0] for v in found.values())
     if grid.w > 0:  # thresholds above this cannot win: f_inf + w t >= best
@@ -254,7 +374,7 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
             if grid.w > 0:
                 hi = min(hi, int(np.searchsorted(thresholds, (best - f_inf) / grid.w, side="left")))
             hi = max(hi, i + 1)
-            consider(thresholds[i:hi])
+            yield from consider(thresholds[i:hi])
             tried += hi - i
             best = min(v[0] for v in found.values())
             i = hi
@@ -271,7 +391,7 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
         F = {}
         for lo in range(0, len(first), batch):
             chunk = first[lo:lo + batch]
-            for k, f in zip(chunk, consider(thresholds[chunk])):
+            for k, f in zip(chunk, (yield from consider(thresholds[chunk]))):
                 F[k] = f
         tried += len(first)
         best = min(v[0] for v in found.values())
@@ -287,7 +407,7 @@ def best_slicings(grid: SliceGrid, top: int = 8, batch: int = 128, method: str =
                 nxt += list(zip(bounds, bounds[1:]))
             for lo in range(0, len(mids), batch):
                 chunk = mids[lo:lo + batch]
-                for k, f in zip(chunk, consider(thresholds[chunk])):
+                for k, f in zip(chunk, (yield from consider(thresholds[chunk]))):
                     F[k] = f
                 best = min(v[0] for v in found.values())
             tried += len(mids)

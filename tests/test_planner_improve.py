@@ -1,0 +1,74 @@
+"""The local-improvement pass (``hpipe.planners.improve``): the moves it looks at, and that
+what it accepts only ever lowers the exact makespan of a plan that still fits."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+
+from hpipe.memory import plan_shortfalls
+from hpipe.plan import Plan, Stage
+from hpipe.planners import improve as local
+from hpipe.planners.costs import CostTables
+from hpipe.planners.evaluate import makespan_s
+from hpipe.planners.joint import _best_slicing, plan_hpipe
+from hpipe.planners.partition import Partition
+from hpipe.scenario import parse_scenario
+from tests.planner_cases import examples, scenario_dicts, setup_of
+
+
+def _three_devices():
+    dev = {"peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0, "power_w": 50.0}
+    return parse_scenario({
+        "name": "three", "model": {"family": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 128,
+                                   "vocab_size": 1000, "max_seq_len": 512},
+        "workload": {"seq_len": 64, "batch_size": 4},
+        "cluster": {"hosts": [{"name": "h", "devices": [{**dev, "name": "a"}, {**dev, "name": "b", "peak_tflops": 2.0},
+                                                         {**dev, "name": "c", "peak_tflops": 4.0}]}]},
+        "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}).resolve()
+
+
+def test_the_moves_of_a_two_stage_plan():
+    setup = _three_devices()
+    tables = CostTables(setup)
+    a, b, c = setup.cluster.device_ids
+    part = Partition((((a,), 0, 3), ((b,), 3, 6)))
+    got = set(local.neighbours(tables, part, 2, options=[1, 2, 3, 4]))
+    P = lambda *st: Partition(tuple(st))  # noqa: E731
+    expected = {
+        (P(((a,), 0, 2), ((b,), 2, 6)), 2), (P(((a,), 0, 4), ((b,), 4, 6)), 2),  # shift the cut
+        (P(((a,), 0, 6)), 2), (P(((b,), 0, 6)), 2),  # merge
+        (P(((c,), 0, 3), ((b,), 3, 6)), 2), (P(((a,), 0, 3), ((c,), 3, 6)), 2),  # move to the unused kind
+        (P(((a,), 0, 3), ((b,), 3, 5), ((c,), 5, 6)), 2),  # split: the head alone on the unused device
+        (P(((c,), 0, 1), ((a,), 1, 3), ((b,), 3, 6)), 2),  # split: the embedding alone
+        (part, 1), (part, 3),  # one micro-batch fewer, one more
+    }
+    assert expected <= got
+    for p, m in got:  # every neighbour is a plan: contiguous units, disjoint devices
+        assert p.stages[0][1] == 0 and p.stages[-1][2] == setup.n_units
+        assert all(x[2] == y[1] for x, y in zip(p.stages, p.stages[1:]))
+        assert len(set(p.devices)) == len(p.devices) and m in (1, 2, 3, 4)
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(scenario_dicts(max_devices=4, max_hosts=2, max_layers=2, max_granules=4, max_batch=4))
+def test_the_pass_only_lowers_the_exact_makespan_of_a_plan_that_fits(data):
+    from hpipe.errors import InfeasibleError
+
+    setup = setup_of(data)
+    try:
+        plan = plan_hpipe(setup, improve_top=0)
+    except InfeasibleError:
+        return
+    tables = CostTables(setup)
+    part = Partition(tuple((tuple(s.devices), s.start, s.end) for s in plan.stages))
+    start = (plan.predicted["latency_s"], part, tuple(plan.slices), plan.micro_batches)
+    lat, part2, slices, m = local.improve(tables, start, lambda p, sz: _best_slicing(tables, p, sz),
+                                          list(range(1, setup.batch_size + 1)))
+    assert lat <= start[0]
+    got = Plan(planner="hpipe", scenario=setup.name, slices=list(slices), micro_batches=m,
+               stages=[Stage(devices=list(d), units=(s, e)) for d, s, e in part2.stages])
+    got.check(setup)
+    assert plan_shortfalls(setup, got) == []
+    assert math.isclose(makespan_s(setup, got), lat, rel_tol=1e-9)
