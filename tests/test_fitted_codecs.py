@@ -97,3 +97,24 @@ def test_the_planner_drops_a_codec_the_profile_says_is_too_slow(tmp_path):
     assert make_plan(slow, "hpipe").codecs is None
     fast = load_scenario(_with_codecs(tmp_path, enc=(1e-5, 1e-10), dec=(1e-5, 1e-10))).resolve()
     assert make_plan(fast, "hpipe").codecs == ["int8"]
+
+
+def test_a_profile_without_the_allowed_codecs_is_stale(tmp_path, monkeypatch):
+    """validate and the latency benchmark re-measure a profile that did not time the codecs a
+    scenario allows, as they do one without decode points for a generating scenario."""
+    pytest.importorskip("torch")
+    from hpipe.costmodels.profile import load_profile
+    from hpipe.runtime import profiler
+
+    old = load_profile(OLD_PROFILE)
+    monkeypatch.setattr(profiler, "_hardware", lambda: old.hardware)
+    monkeypatch.setattr(profiler, "_versions", lambda: old.versions)
+    allows = load_scenario(HETERO_INT8).resolve()
+    assert "int8" in profiler.stale_reason(old, allows) and "compression" in profiler.stale_reason(old, allows)
+    data = yaml.safe_load(HETERO_INT8.read_text())
+    data.pop("compression")
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({**data, "costmodel": {"kind": "fitted",
+                                                                               "profile": str(OLD_PROFILE)}}))
+    assert profiler.stale_reason(old, load_scenario(tmp_path / "plain.yaml").resolve()) is None
+    timed = _with_codecs(tmp_path).parent / "prof.json"
+    assert profiler.stale_reason(load_profile(timed), allows) is None
