@@ -81,9 +81,10 @@ def _profiled_setup(profile: str):
         measure_into_cache(base, cached, **kw)
     data["costmodel"] = {"kind": "fitted", "profile": str(cached)}
     setup = parse_scenario(data, str(path)).resolve()
+    plain = parse_scenario({k: v for k, v in data.items() if k != "compression"}, str(path)).resolve()
     print(f"cost model: fitted on {cached} (measured {setup.cost.profile.created}); "
           f"codec time {setup.cost.describe().get('codec_time')}")
-    return setup
+    return setup, plain
 
 
 def _iqr(xs) -> str:
@@ -102,16 +103,25 @@ def latency(repeats: int, profile: str = "full") -> None:
     if why:
         print(f"skipped: this machine cannot emulate local-cpu-hetero ({why})")
         return
-    setup = _profiled_setup(profile)
+    from hpipe.validate import plan_key
+
+    setup, no_compression = _profiled_setup(profile)
     hp = make_plan(setup, "hpipe")
+    own = make_plan(no_compression, "hpipe")  # what hpipe plans when compression is not allowed
     gp = make_plan(setup, "gpipe")  # one slice over two stages: the transfer is on the critical path
     if not hp.codecs:
         print(f"  hpipe chose no codec on this profile (predicted {hp.predicted['latency_s']:.3f} s): "
               f"int8 does not pay here; comparing the one-slice plan only")
-    plans = {}
+    plans, pairs = {}, []  # pairs: (compressed, what it is compared with)
     if hp.codecs:
-        plans.update({f"hpipe {hp.codecs}": hp, "hpipe same plan, none": hp.model_copy(update={"codecs": None})})
+        comp = f"hpipe {hp.codecs}"
+        plans.update({comp: hp, "hpipe same plan, none": hp.model_copy(update={"codecs": None})})
+        pairs.append((comp, "hpipe same plan, none"))
+        if plan_key(own) != plan_key(hp.model_copy(update={"codecs": None})):
+            plans["hpipe, int8 not allowed"] = own
+            pairs.append((comp, "hpipe, int8 not allowed"))
     plans.update({"one-slice int8": gp.model_copy(update={"codecs": ["int8"]}), "one-slice none": gp})
+    pairs.append(("one-slice int8", "one-slice none"))
     print(f"{setup.name}: {_cpu_name()}, load average {_load()} at start (2 CPUs; other work on the machine "
           f"shows in it)")
     for name, p in plans.items():
@@ -137,7 +147,7 @@ def latency(repeats: int, profile: str = "full") -> None:
         print(f"  {k:24s} {s:11.3f} {m:9.3f} {med[k]:8.3f} {(s - m) / m:+7.1%} {spread:7.1%} {hs:14.4f} {hm:13.4f}"
               f"  {best[k].bytes_per_link}")
     print("  (error: simulated against the fastest run; spread: (slowest - fastest) / median of the runs)")
-    for comp, plain in zip(keys[::2], keys[1::2]):
+    for comp, plain in pairs:
         ps = sim[plain].latency_s / sim[comp].latency_s - 1
         pm = best[plain].latency_s / best[comp].latency_s - 1
         paired = [a.latency_s / b.latency_s - 1 for a, b in zip(meas[plain], meas[comp])]  # same round
