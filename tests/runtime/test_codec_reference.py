@@ -62,7 +62,8 @@ def test_the_reference_generates_what_the_compressed_pipeline_generates(saved, c
     assert cr.compressed_share() == pytest.approx(sum(c != "none" for c in codecs) / len(codecs))
     eos = eos_ids(setup.weights)
     ids, first = generate(units, PROMPTS, NEW, cr, eos=eos)
-    run = launch(setup, p, ids=PROMPTS, warmup=0, timeout_s=30, generation=generation_config(setup, p, spec))
+    run = launch(setup, p, ids=PROMPTS, spec=spec, warmup=0, timeout_s=30,
+                 generation=generation_config(setup, p, spec))
     assert run.extra["generated"] == ids
     assert np.abs(run.logits - first).max() < 1e-4
     # the codecs are really applied: the same run without them computes other logits
