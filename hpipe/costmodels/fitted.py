@@ -410,9 +410,10 @@ class Fitted(CostModel):
             d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
-        if self.setup.compression is not None:
-            modelled = [f"{c} on {dev}" for dev in self.cluster.device_ids for c in self.setup.compression.allow
-                        if not self.has_codec_timing(dev, c)]
+        if self.setup.compression is not None or self.modelled_codecs:
+            allow = self.setup.compression.allow if self.setup.compression is not None else []
+            pairs = dict.fromkeys([(dev, c) for dev in self.cluster.device_ids for c in allow] + self.modelled_codecs)
+            modelled = [f"{c} on {dev}" for dev, c in pairs if not self.has_codec_timing(dev, c)]
             d["codec_time"] = ("timed by the profile" if not modelled else
                                "modelled as memory passes at the device bandwidth (the profile timed no codec) for "
                                + ", ".join(modelled))
