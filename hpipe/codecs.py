@@ -22,8 +22,10 @@ Codec time (the cost model's ``codec_time_s``): encode and decode are
 memory-bound element-wise passes over the activation, so the roofline charges
 ``ops * op overhead + passes * bytes / memory bandwidth``; ``Codec.encode_passes`` / ``decode_passes``
 are the torch implementation's measured CPU time in passes (it is unfused: abs, block
-max, divide, round, clamp, cast, ...; see ``CODECS``).  A fitted profile does not time
-codecs yet: the fitted model uses the same roofline.  Who pays: the
+max, divide, round, clamp, cast, ...; see ``CODECS``).  ``hpipe profile`` times each codec
+on the device, and the fitted model prices codecs from those timings (a constant plus a
+time per value); only on a profile made before codecs were timed does it fall back to
+these passes (``describe()`` says so).  Who pays: the
 sender's stage encodes after its compute and the receiver's stage decodes
 before its compute, on the stage's own device, so both are charged to the
 *stage* time (simulated and measured alike: the runtime stamps them inside the

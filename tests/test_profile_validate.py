@@ -25,6 +25,8 @@ pytest.importorskip("hpipe.runtime.launcher")
 from hpipe.costmodels.fitted import fit_link  # noqa: E402
 from hpipe.costmodels.profile import load_profile  # noqa: E402
 from hpipe.runtime import emulation as em  # noqa: E402
+from hpipe.runtime.profiler import codec_sizes  # noqa: E402
+from hpipe.scenario import load_scenario as load_scenario_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -81,6 +83,14 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
         (shard,) = d.shards
         assert shard.tp == 2 and set(shard.units) == {"attn", "mlp"}
         assert shard.units["mlp"].n == d.units["mlp"].n
+        # every codec this torch has, timed encoding and decoding on the device over a few sizes
+        from hpipe.runtime.codecs import HAS_FP8
+
+        assert set(d.codecs) == ({"int8", "fp8", "int4"} if HAS_FP8 else {"int8", "int4"})
+        for cs in d.codecs.values():
+            assert cs.values == codec_sizes(load_scenario_file(path).resolve())
+            assert len(cs.encode_cpu_s) == len(cs.decode_cpu_s) == len(cs.values)
+            assert cs.encode_cpu_s[-1] > cs.encode_cpu_s[0]  # 512K values take longer than 64
     assert len(prof.links) == 1 and prof.links[0].bandwidth_gbps > 0
     # the two devices of the host form a tensor-parallel group: its all-reduce is timed,
     # and the fitted model charges that, not a ring built from the ping-pong
@@ -98,6 +108,15 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     lat, per_byte = fit_link(ar.sizes_bytes, ar.seconds)
     assert float(setup.cost.allreduce_time_s(["local/core-0", "local/core-1"], 65536)) == \
         pytest.approx(lat + 65536 * per_byte)
+    # the fitted model prices int8 from the profile's timings: near the measured CPU time at
+    # the largest size (a two-coefficient fit over six sizes), not the memory-pass model
+    from hpipe.codecs import get_codec
+
+    cs = prof.device("local/core-0").codecs["int8"]
+    assert setup.cost.has_codec_timing("local/core-0", "int8")
+    enc, dec = setup.cost.codec_time_s(get_codec("int8"), "local/core-0", cs.values[-1])
+    assert float(enc) == pytest.approx(cs.encode_cpu_s[-1], rel=0.3)
+    assert float(dec) == pytest.approx(cs.decode_cpu_s[-1], rel=0.3)
 
 
 def test_chain_outweighs_the_cache():
@@ -318,6 +337,7 @@ def test_profile_times_a_gpu_on_the_gpu(tmp_path):
     cpu, gpu = prof.device("local/core-0"), prof.device("local/gpu-0")
     assert gpu.placement["device"] == "cuda:0" and gpu.cpu_share is None
     assert all(not s.cpu_seconds for s in gpu.units.values())  # GPU time, not the launching thread's
+    assert gpu.codecs and all(cs.encode_s and not cs.encode_cpu_s for cs in gpu.codecs.values())
     assert cpu.cpu_share is not None and all(s.cpu_seconds for s in cpu.units.values())
     # the GPU link goes through host memory over gloo (a CPU stage is in the group)
     assert len(prof.links) == 1 and prof.links[0].bandwidth_gbps > 0

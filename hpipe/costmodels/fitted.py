@@ -30,6 +30,11 @@ and for attention b·c, the KV cache read): a step is a handful of small kernels
 cost the prefill fit, dominated by long slices, would only extrapolate.  A profile
 without decode points keeps the prefill fit for them (old profiles work unchanged).
 
+Codecs (``codec_time_s``): where the profile timed a codec on the device, its encode and
+decode times are each fitted as a constant plus a time per value (non-negative, relative
+error, on the CPU-time basis like the units); where it did not (profiles made before codecs
+were timed), the memory-pass model the roofline uses, and ``describe()`` says so.
+
 Transfers use the measured link figures (latency + bytes / bandwidth, fitted
 on ping-pongs between the stage processes).  A device the profile does not
 cover is an InputError naming the device and the profile; a device pair
@@ -46,7 +51,7 @@ from typing import Literal
 import numpy as np
 
 from hpipe.costmodels import CostModel, CostModelConfig, register
-from hpipe.costmodels.profile import (DeviceProfile, Profile, UnitSamples, load_profile,
+from hpipe.costmodels.profile import (CodecSamples, DeviceProfile, Profile, UnitSamples, load_profile,
                                       model_mismatch)
 from hpipe.errors import InputError
 
@@ -171,6 +176,29 @@ def holdout_error(kind: str, s: UnitSamples, table: dict | None = None) -> FitEr
                     float(np.percentile(err, 90)), float(err.max()))
 
 
+def fit_codec(dp: DeviceProfile, s: CodecSamples, basis: str) -> tuple[np.ndarray, np.ndarray]:
+    """(encode, decode) coefficients of [1, k] (seconds, seconds per value) of a timed codec:
+    non-negative least squares on relative error, on CPU time scaled by the quota (``basis``
+    cpu, single-threaded CPU devices) or wall time."""
+    from scipy.optimize import nnls
+
+    k = np.asarray(s.values, float)
+    threads = int(dp.placement.get("threads", 1) or 1)
+    quota = dp.placement.get("cpu_quota")
+    slowdown = 1.0 / min(float(quota), 1.0) if quota else 1.0
+    out = []
+    for what in ("encode", "decode"):
+        cpu = getattr(s, f"{what}_cpu_s")
+        y = np.asarray(cpu, float) * slowdown if basis == "cpu" and cpu and threads == 1 else \
+            np.asarray(getattr(s, f"{what}_s"), float)
+        A = np.stack([np.ones_like(k), k], axis=1) / y[:, None]
+        scale = np.linalg.norm(A, axis=0)
+        scale[scale == 0] = 1.0
+        coef, _ = nnls(A / scale, np.ones_like(y))
+        out.append(coef / scale)
+    return out[0], out[1]
+
+
 def fit_link(sizes_bytes, one_way_s) -> tuple[float, float]:
     """(latency_s, seconds per byte) of one-way times.
 
@@ -252,6 +280,12 @@ class Fitted(CostModel):
                 self._coef[(dp.device, kind, tp)] = fit_samples(kind, prefill)
                 if decode is not None:
                     self._decode_coef[(dp.device, kind, tp)] = fit_samples(kind, decode, table=DECODE_FEATURES)
+        self._codec_coef: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # (device, codec)
+        for dp in {id(p): p for p in self._device_profile.values()}.values():
+            for name, samples in dp.codecs.items():
+                self._codec_coef[(dp.device, name)] = fit_codec(dp, samples, config.basis)
+        self.modelled_codecs: list[tuple[str, str]] = []
+        """(device, codec) priced by the memory-pass model: the profile did not time them."""
         self._links: dict[frozenset, tuple[float, float]] = {}
         self.unmeasured_links: list[tuple[str, str]] = []
         for link in self.profile.links:
@@ -307,6 +341,26 @@ class Fitted(CostModel):
             t = fixed + (t - fixed) / tp
         return np.asarray(t, float)
 
+    def codec_time_s(self, codec, device_id, k):
+        """(encode_s, decode_s) of k values: the profile's timings of the codec on the device,
+        fitted; the memory-pass model where it timed none (listed in ``describe()``)."""
+        if not codec.lossy:
+            return super().codec_time_s(codec, device_id, k)
+        dp = self._device_profile[device_id] if device_id in self._device_profile else self._unknown(device_id)
+        fit = self._codec_coef.get((dp.device, codec.name))
+        if fit is None:
+            if (device_id, codec.name) not in self.modelled_codecs:
+                self.modelled_codecs.append((device_id, codec.name))
+            return super().codec_time_s(codec, device_id, k)
+        k = np.asarray(k, float)
+        (e0, e1), (d0, d1) = fit
+        busy = k > 0
+        return np.where(busy, e0 + e1 * k, 0.0), np.where(busy, d0 + d1 * k, 0.0)
+
+    def has_codec_timing(self, device_id: str, name: str) -> bool:
+        """Whether the profile timed codec ``name`` on this device (else it is modelled)."""
+        return (self._device_profile[device_id].device, name) in self._codec_coef
+
     def _unknown(self, device_id):
         raise InputError(f"unknown device {device_id!r}", file=str(self.profile_path))
 
@@ -356,6 +410,13 @@ class Fitted(CostModel):
             d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
+        if self.setup.compression is not None or self.modelled_codecs:
+            allow = self.setup.compression.allow if self.setup.compression is not None else []
+            pairs = dict.fromkeys([(dev, c) for dev in self.cluster.device_ids for c in allow] + self.modelled_codecs)
+            modelled = [f"{c} on {dev}" for dev, c in pairs if not self.has_codec_timing(dev, c)]
+            d["codec_time"] = ("timed by the profile" if not modelled else
+                               "modelled as memory passes at the device bandwidth (the profile timed no codec) for "
+                               + ", ".join(modelled))
         return d
 
 

@@ -15,6 +15,7 @@ Layout (JSON)::
      "settings": {"warmup": 2, "repeats": 7, "statistic": "trimmed-mean"},
      "devices": [{"device": "local/core-0", "label": "core", "placement": {...},
                   "units": {"attn": {"n": [..], "c": [..], "b": [..], "seconds": [..]}, ...},
+                  "codecs": {"int8": {"values": [..], "encode_s": [..], "decode_s": [..]}, ...},
                   "item_overhead_s": 0.0001}],
      "links": [{"between": ["a/core-0", "b/core-0"], "sizes_bytes": [..], "one_way_s": [..],
                 "bandwidth_gbps": 0.19, "latency_us": 640.0, "emulated": {...}}],
@@ -108,6 +109,32 @@ class ShardSamples(_Strict):
     units: dict[Literal["attn", "mlp"], UnitSamples]
 
 
+class CodecSamples(_Strict):
+    """Seconds one activation codec takes on the device to encode and to decode k values
+    (``hpipe.runtime.codecs``, the code the stage workers run), over a few sizes k."""
+
+    values: list[int]
+    encode_s: list[float]
+    """Per size: trimmed mean wall time of the repeats."""
+    decode_s: list[float]
+    encode_cpu_s: list[float] = []
+    """Per size: mean CPU time of the calling thread (CPU devices)."""
+    decode_cpu_s: list[float] = []
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        k = len(self.values)
+        if k == 0:
+            raise ValueError("no samples")
+        for name in ("encode_s", "decode_s", "encode_cpu_s", "decode_cpu_s"):
+            xs = getattr(self, name)
+            if (xs or name in ("encode_s", "decode_s")) and len(xs) != k:
+                raise ValueError(f"'{name}' has {len(xs)} entries, 'values' has {k}")
+            if any(x <= 0 for x in xs):
+                raise ValueError(f"every time in '{name}' must be positive")
+        return self
+
+
 class DeviceProfile(_Strict):
     device: str
     """Scenario device id (HOST/NAME-i) the measurements were taken on."""
@@ -121,6 +148,9 @@ class DeviceProfile(_Strict):
     estimated as the unit's fixed cost plus 1/tp of the rest)."""
     item_overhead_s: NonNegativeFloat = 0.0
     """Per work item and stage, beyond its units: the stage loop's own bookkeeping."""
+    codecs: dict[Literal["int8", "fp8", "int4"], CodecSamples] = {}
+    """Activation codecs timed on the device (profiles made before they were timed have none:
+    the fitted model then models codec time as memory passes, as the roofline does)."""
     cpu_share: float | None = None
     """CPU time / wall time over the timed unit calls: about 1 on a quiet machine, about the
     cpu_quota on a throttled device, lower when other processes competed for the CPU."""

@@ -35,6 +35,13 @@ the activation bytes; a GPU endpoint over gloo pays the copies through host
 memory, as a GPU stage does); half the round trip is the one-way time (its
 lower quartile over the repeats).
 
+Codecs: each activation codec this torch has (``hpipe.runtime.codecs``: int8, fp8, int4) is
+timed encoding and decoding activations of a few sizes (``codec_sizes``: a decode step of one
+sequence and of the batch, a slice of the token granularity, the whole prefill), on the
+device and in the device's placement, ``warmup`` + ``repeats`` sweeps as for the units.  The
+fitted model prices a boundary's encode and decode from these instead of the memory-pass
+model (on this CPU the codecs' unfused ops made the passes model a rough guess).
+
 The profile records the machine, the library versions and the date (see
 ``hpipe.costmodels.profile``).
 """
@@ -56,8 +63,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, DeviceProfile, EmulatedLink, Hardware,
-                                      LinkProfile, Profile, Settings, ShardSamples, UnitSamples,
+from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
+                                      Hardware, LinkProfile, Profile, Settings, ShardSamples, UnitSamples,
                                       Versions)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.runtime import emulation
@@ -118,6 +125,14 @@ def decode_points(setup, quick: bool = False) -> list[tuple[int, int, int]]:
     return [(1, c, b) for c in sorted(cs) for b in bs]
 
 
+def codec_sizes(setup) -> list[int]:
+    """Activation sizes (values) the codecs are timed at: a decode step of one sequence and of
+    the batch, a slice of the token granularity (one sequence, the batch), half and all of the
+    batch's prefill."""
+    d, L, g, B = setup.model.d_model, setup.seq_len, setup.granularity, setup.batch_size
+    return sorted({d, d * B, d * g, d * g * B, d * L * B // 2, d * L * B})
+
+
 def link_sizes(setup) -> list[int]:
     """Message sizes for the ping-pong: 1 KiB up to the largest activation a stage sends."""
     biggest = setup.batch_size * setup.seq_len * setup.model.d_model * setup.dtype_bytes
@@ -163,6 +178,8 @@ class ProfileJob:
     waits this long for the slowest at the rendezvous; a dead worker stops the run sooner
     (the parent watches them)."""
     env: dict[str, str] = field(default_factory=dict)
+    codec_sizes: list[int] = field(default_factory=list)
+    """Activation sizes (values) each codec is timed at (none: codecs not timed)."""
 
 
 def _trimmed_mean(xs) -> float:
@@ -255,6 +272,59 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], f
     shards = [{"tp": tp, "units": {kind: summary((tp, kind)) for kind in ("attn", "mlp")}}
               for tp in chains if tp > 1]
     return units_out, shards, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
+
+
+def _time_codecs(job: ProfileJob) -> dict[str, dict]:
+    """Encode and decode seconds of every codec this torch has, per size of ``job.codec_sizes``,
+    as the stage workers call them (``hpipe.runtime.codecs``) on this device."""
+    import torch
+
+    from hpipe.codecs import CODECS
+    from hpipe.runtime.codecs import HAS_FP8, decode, encode
+    from hpipe.runtime.model import TORCH_DTYPES
+
+    if not job.codec_sizes:
+        return {}
+    device = torch.device(job.torch_device)
+    gpu = device.type == "cuda"
+    dtype = TORCH_DTYPES[job.dtype]
+    names = [c for c in CODECS if CODECS[c].lossy and (c != "fp8" or HAS_FP8)]
+    g = torch.Generator().manual_seed(1)
+    xs = {k: torch.randn(k, generator=g).to(device, dtype) for k in job.codec_sizes}  # activation-like values
+
+    def timed(fn):
+        if gpu:
+            torch.cuda.synchronize(device)
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        out = fn()
+        if gpu:
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t0, None if gpu else time.thread_time() - cpu0
+
+    wall: dict[tuple, list] = {}
+    cpu: dict[tuple, list] = {}
+    with torch.inference_mode():
+        for rep in range(job.warmup + job.repeats):  # sweeps, as for the units: a burst spoils one sample each
+            for name in names:
+                for k, x in xs.items():
+                    buf, enc_s, enc_cpu = timed(lambda: encode(x, name))
+                    _, dec_s, dec_cpu = timed(lambda: decode(buf, name, x.shape, dtype))
+                    if rep < job.warmup:
+                        continue
+                    for what, dt, dc in (("encode", enc_s, enc_cpu), ("decode", dec_s, dec_cpu)):
+                        wall.setdefault((name, what, k), []).append(dt)
+                        if dc is not None:
+                            cpu.setdefault((name, what, k), []).append(dc)
+    out = {}
+    for name in names:
+        ks = sorted(xs)
+        rec = {"values": ks}
+        for what in ("encode", "decode"):
+            rec[f"{what}_s"] = [max(_trimmed_mean(wall[(name, what, k)]), 1e-7) for k in ks]
+            if not gpu:
+                rec[f"{what}_cpu_s"] = [max(float(np.mean(cpu[(name, what, k)])), 1e-7) for k in ks]
+        out[name] = rec
+    return out
 
 
 def _cpu_chain(units, x, c, caches) -> tuple[list[float], list[float]]:
@@ -461,6 +531,7 @@ def profile_worker(job: ProfileJob, q) -> None:
             q.put((kind, job.rank, k))
 
         units, shards, cpu_share = _time_units(job, report)
+        codecs = _time_codecs(job)
         links, all_reduces = [], []
         if job.measure_links and len(job.devices) > 1:
             import torch.distributed as dist
@@ -470,7 +541,7 @@ def profile_worker(job: ProfileJob, q) -> None:
             links = _ping_pong(job, report)
             all_reduces = _all_reduces(job, report)
         q.put(("done", job.rank, {"units": units, "shards": shards, "links": links, "all_reduces": all_reduces,
-                                  "cpu_share": cpu_share}))
+                                  "cpu_share": cpu_share, "codecs": codecs}))
     except BaseException as e:
         q.put(("error", job.rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
         code = 1
@@ -516,8 +587,9 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 5, link_repeats: int = 8,
             measure_links: bool = True, quick: bool = False, timeout_s: float = 1800.0, quiet: bool = False,
-            on_spawn=None) -> Profile:
-    """Measure ``setup``'s devices and links; the Profile (not yet written anywhere).
+            on_spawn=None, time_codecs: bool = True) -> Profile:
+    """Measure ``setup``'s devices and links (and codecs, unless ``time_codecs`` is False);
+    the Profile (not yet written anywhere).
 
     ``on_spawn(pids)`` is told the worker pids (tests use it to kill a run midway)."""
     from hpipe.progress import progress
@@ -551,7 +623,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            measure_links=measure_links, tp_groups=tp_groups, timeout_s=timeout_s,
                            torch_device=torch_devices[r], backend=backend,
                            tp=len(by_host[setup.cluster.device(d).host]),
-                           env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"})
+                           env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"},
+                           codec_sizes=codec_sizes(setup) if time_codecs else [])
                 for r, d in enumerate(devices)]
         procs = [ctx.Process(target=profile_worker, args=(j, q), name=f"hpipe-profile-{j.rank}", daemon=True)
                  for j in jobs]
@@ -620,6 +693,7 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                                   shards=[ShardSamples(tp=sh["tp"], units={k: UnitSamples(**v)
                                                                            for k, v in sh["units"].items()})
                                           for sh in results[r].get("shards", [])],
+                                  codecs={k: CodecSamples(**v) for k, v in results[r].get("codecs", {}).items()},
                                   cpu_share=results[r]["cpu_share"]))
     shaped = {frozenset(lk["between"]): lk for lk in emulated.get("links", [])}
     links = []
@@ -680,6 +754,9 @@ def stale_reason(prof: Profile, setup) -> str | None:
         placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}
         if dp is None or dp.placement != placement:
             return f"device {d.id} is not measured with its placement {placement}"
+        if setup.compression is not None and not set(setup.compression.allow) <= set(dp.codecs):
+            return f"the profile timed no {', '.join(sorted(set(setup.compression.allow) - set(dp.codecs)))} " \
+                   f"codec on {d.id} and the scenario allows compression"
     return None
 
 
