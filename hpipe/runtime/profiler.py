@@ -51,11 +51,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import queue as queue_mod
 import socket
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -67,8 +67,8 @@ from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, CodecSam
                                       Hardware, LinkProfile, Profile, Settings, ShardSamples, UnitSamples,
                                       Versions)
 from hpipe.errors import HpipeError, WorkerError
+from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
-from hpipe.runtime.worker import _watch_launcher
 
 TRIM = 0.2  # trimmed mean: drop this share of samples at each end
 CHAIN_MIN_BLOCKS = 2  # distinct transformer blocks in the timed chain, at least
@@ -513,12 +513,8 @@ def profile_worker(job: ProfileJob, q) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # A parent killed with SIGKILL cannot stop us (daemon processes end only at its normal
-    # exit): watch it and leave, as the runtime's workers do.
-    # The pid the parent had when it spawned us, not os.getppid(): if it died while we were
-    # still importing, we have been handed to init by now.
-    parent = mp.parent_process()
-    threading.Thread(target=_watch_launcher, args=(parent.pid if parent else os.getppid(),), daemon=True).start()
+    # started through procwatch.run_watched: it watches the parent (a parent killed with
+    # SIGKILL cannot stop us) from before this module, and torch, were imported
     code = 0
     try:
         emulation.enter(job.placement)
@@ -626,7 +622,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"},
                            codec_sizes=codec_sizes(setup) if time_codecs else [])
                 for r, d in enumerate(devices)]
-        procs = [ctx.Process(target=profile_worker, args=(j, q), name=f"hpipe-profile-{j.rank}", daemon=True)
+        procs = [ctx.Process(target=run_watched, args=(f"{__name__}:profile_worker", pickle.dumps(j), q),
+                             name=f"hpipe-profile-{j.rank}", daemon=True)
                  for j in jobs]
         with progress(quiet) as bar:
             task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices) + n_links)

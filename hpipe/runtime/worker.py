@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from hpipe.codecs import get_codec
 from hpipe.models import ModelSpec
+from hpipe.procwatch import start_watching
 from hpipe.runtime import emulation
 from hpipe.runtime.codecs import CODEC_IDS, CODEC_NAMES, decode, encode
 from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
@@ -584,35 +585,10 @@ def _map_roles(cfg: WorkerConfig) -> list[int]:
 
 
 # -- process entry (multiprocessing) -------------------------------------------
-def _proc_state(pid: int) -> tuple[str, str] | None:
-    """(state, start time) of a process from /proc, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _watch_launcher(pid: int) -> None:
-    # A launcher killed with SIGKILL cannot stop its workers, so they watch it and leave.
-    # Not os.getppid(): a forkserver worker's parent is the forkserver, which lives on
-    # while any worker holds its "alive" pipe -- that is, as long as we do.
-    first = _proc_state(pid)
-    if first is None and not os.path.isdir("/proc"):  # no procfs: the parent will have to do
-        first = ("R", "")
-    while True:
-        time.sleep(0.5)
-        now = _proc_state(pid) if os.path.isdir("/proc") else ("R", "")
-        # gone, a zombie not yet reaped, or the pid reused by another process
-        if now is None or now[0] in ("Z", "X") or (first and now[1] != first[1]):
-            os._exit(1)
-
-
 def spawned_main(cfg: WorkerConfig, q) -> None:
     """Entry of a worker started by the launcher: messages go back on ``q``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    threading.Thread(target=_watch_launcher, args=(cfg.launcher_pid or os.getppid(),), daemon=True).start()
+    start_watching(cfg.launcher_pid or os.getppid())  # a launcher killed with SIGKILL cannot stop us
     code = 0
     try:
         rec = worker_main(cfg, lambda kind, i: q.put((kind, cfg.role, i)))
