@@ -206,21 +206,24 @@ class PartitionCosts:
         """Whether the partition cannot hold the current slices as they are."""
         return self.recut and self.tables.max_slice_tokens(part.stages, max(self.sizes)) < max(self.slices)
 
+    def items_for(self, part: Partition):
+        """(slices, n, c, b, cache key) a partition is scored with: the current slices if it
+        holds them, else those cut down to its longest slice."""
+        nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
+        if nmax >= max(self.slices):
+            return tuple(self.slices), self.n, self.c, self.b, self.key
+        sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
+        n, c, b = items_arrays(sl, self.sizes)
+        return sl, n, c, b, ("items", sl, tuple(self.sizes))
+
     def makespan(self, part: Partition, bound_only: bool = False):
         """(exact makespan, slices it was scored with): the current slices if the
         partition holds them, else those cut down to its longest slice.  With
         ``bound_only``, a partition whose hops share a link gets the recurrence without
         that contention instead (a lower bound, cheap), and a third element says whether
         the value is exact."""
-        nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
-        if nmax >= max(self.slices):
-            sl, n, c, b, key = tuple(self.slices), self.n, self.c, self.b, self.key
-        else:
-            sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
-            n, c, b = items_arrays(sl, self.sizes)
-            key = ("items", sl, tuple(self.sizes))
-        rows = self.tables.rows_cache(key)
-        t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, rows)
+        sl, n, c, b, key = self.items_for(part)
+        t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, self.tables.rows_cache(key))
         if not bound_only:
             return makespan_from_times(t, keys, d), sl
         if shares_resources(keys):
@@ -235,13 +238,7 @@ class PartitionCosts:
         out: list = [None] * len(parts)
         groups: dict = {}
         for i, part in enumerate(parts):
-            nmax = self.tables.max_slice_tokens(part.stages, max(self.sizes)) if self.recut else max(self.slices)
-            if nmax >= max(self.slices):
-                sl, n, c, b, key = tuple(self.slices), self.n, self.c, self.b, self.key
-            else:
-                sl = recut_slices(self.slices, nmax, self.tables.setup.granularity)
-                n, c, b = items_arrays(sl, self.sizes)
-                key = ("items", sl, tuple(self.sizes))
+            sl, n, c, b, key = self.items_for(part)
             t, d, keys = chain_rows(self.tables, part.stages, n, c, b, key, self.tables.rows_cache(key))
             exact = not shares_resources(keys)
             groups.setdefault(t.shape, []).append((i, t, d, sl, exact))

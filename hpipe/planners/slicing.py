@@ -205,16 +205,23 @@ def _batch_dp(GT, HT, t, qmin):
         f[p] = vals[j, ar]
         j += q0
         back[p] = j
-    # max h along each threshold's path, walking all paths back at once
+    return f[L], _path_max_h(back, L, lambda pos, prev: HT[pos, prev]), back.T
+
+
+def _path_max_h(back, L, h_of):
+    """Max h along each column's path in ``back`` (L+1, K), all paths walked back at once;
+    ``h_of(pos, prev)`` gives each column's h of the slice [prev, pos)."""
+    K = back.shape[1]
+    ar = np.arange(K)
     hm = np.zeros(K)
     pos = np.full(K, L)
     live = pos > 0
     while live.any():
         prev = back[pos, ar]
-        hm = np.where(live, np.maximum(hm, HT[pos, prev]), hm)
+        hm = np.where(live, np.maximum(hm, h_of(pos, prev)), hm)
         pos = np.where(live, prev, pos)
         live = pos > 0
-    return f[L], hm, back.T
+    return hm
 
 
 def _batch_dp_many(problems):
@@ -246,14 +253,7 @@ def _batch_dp_many(problems):
         f[p] = vals[j, ar]
         j += q0
         back[p] = j
-    hm = np.zeros(K)
-    pos = np.full(K, L)
-    live = pos > 0
-    while live.any():
-        prev = back[pos, ar]
-        hm = np.where(live, np.maximum(hm, HT3[pos, prev, col]), hm)
-        pos = np.where(live, prev, pos)
-        live = pos > 0
+    hm = _path_max_h(back, L, lambda pos, prev: HT3[pos, prev, col])
     out, lo = [], 0
     for p_ in problems:
         hi = lo + len(p_[2])
