@@ -104,7 +104,7 @@ class _Stream:
         return torch.empty(b, dtype=torch.int64, device=w.comm_device)
 
     def _recv_one(self):
-        from hpipe.runtime.worker import CommError, _short, clock
+        from hpipe.runtime.worker import CommError, clock, receive_failure
 
         w = self.w
         timeout = timedelta(seconds=w.cfg.timeout_s)
@@ -132,10 +132,7 @@ class _Stream:
         except CommError:
             raise
         except Exception as e:
-            what = f"a decode step from {w.describe(self.src_role)}"
-            if "timed out" in str(e).lower():
-                raise CommError(self.src_role, f"timed out after {w.cfg.timeout_s:g}s waiting for {what}") from e
-            raise CommError(self.src_role, f"receiving {what}: {_short(e)}") from e
+            raise receive_failure(w, self.src_role, "a decode step", e) from e
         t_done = clock()
         done = self.kind == "feedback" and hdr[3] == 1
         if done:

@@ -258,10 +258,7 @@ class _Receiver:
         except CommError:
             raise
         except Exception as e:
-            what = f"micro-batch {mb} slice {s} from {w.describe(self.src_role)}"
-            if "timed out" in str(e).lower():
-                raise CommError(self.src_role, f"timed out after {w.cfg.timeout_s:g}s waiting for {what}") from e
-            raise CommError(self.src_role, f"receiving {what}: {_short(e)}") from e
+            raise receive_failure(w, self.src_role, f"micro-batch {mb} slice {s}", e) from e
         t_done = clock()
         self.records.append((mb, s, self.src_role, t_post, t_done, buf.numel() * buf.element_size()))
         return buf, x
@@ -293,6 +290,15 @@ def _short(e: BaseException) -> str:
     if msg.startswith("[") and "] " in msg:
         msg = msg.split("] ", 1)[1]
     return msg[:300]
+
+
+def receive_failure(w, src_role: str, what: str, e: BaseException) -> CommError:
+    """The CommError for a failed receive of ``what`` from ``src_role``: a timeout named as
+    one (with the worker's timeout), anything else with gloo's message shortened."""
+    what = f"{what} from {w.describe(src_role)}"
+    if "timed out" in str(e).lower():
+        return CommError(src_role, f"timed out after {w.cfg.timeout_s:g}s waiting for {what}")
+    return CommError(src_role, f"receiving {what}: {_short(e)}")
 
 
 class StageWorker:

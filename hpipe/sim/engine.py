@@ -104,17 +104,10 @@ class HopSpec:
 
 
 @dataclass
-class Feedback:
-    """Generation's feedback edge: sampled ids from the last stage back to stage 0."""
+class Feedback(HopSpec):
+    """Generation's feedback edge: sampled ids from the last stage back to stage 0 (a hop
+    whose ``hold_s`` and ``latency_s`` are per item's ids)."""
 
-    src: str
-    dst: str
-    links: tuple[str, ...]
-    bottleneck: str | None
-    hold_s: np.ndarray
-    """(n_items,) seconds the return links are held for each item's ids."""
-    latency_s: np.ndarray
-    nbytes: np.ndarray
     chains: list[list[tuple[int, tuple[int, ...]]]]
     """Per decode group, in order: (item, items the last stage must finish first)."""
 
