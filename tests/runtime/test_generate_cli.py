@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from runtime_helpers import CORE, TINY_LLAMA, save_hf_llama  # noqa: E402
+from runtime_helpers import CORE, TINY_LLAMA, run_two_hosts_with_torchrun, save_hf_llama  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # several subprocesses that import torch
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,8 +143,6 @@ def test_ids_without_tokenizer_and_text_refused(tmp_path, monkeypatch, capsys):
 def test_two_hosts_with_torchrun_generate(tmp_path):
     """Generation across two torchrun agents (emulated hosts on this machine) equals the
     one-process loop; node ranks in the opposite order of the plan's stages."""
-    import socket
-
     import numpy as np
 
     from hpipe.runtime.generation import reference_generate
@@ -163,27 +161,8 @@ def test_two_hosts_with_torchrun_generate(tmp_path):
     plan = {"planner": "hand", "scenario": "two-hosts", "slices": [8, 8], "micro_batches": 1, "decode_micro_batches": 2,
             "stages": [{"devices": ["hb/core-0"], "units": [0, 3]}, {"devices": ["ha/core-0"], "units": [3, 6]}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     env = {**_env(), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = []
-    for node_rank, host in enumerate(["ha", "hb"]):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "hpipe.runtime.torchrun", "two.yaml", "--plan", "plan.json", "--host", host,
-               "--warmup", "0", "--timeout", "30"] + (["--json", "out.json"] if node_rank == 0 else [])
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                      cwd=tmp_path, start_new_session=True))
-    try:
-        results = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
-    for p, (_, e) in zip(procs, results):
-        assert p.returncode == 0, e[-3000:]
+    run_two_hosts_with_torchrun("two.yaml", "plan.json", [], "out.json", env=env, cwd=tmp_path)
     r = json.loads((tmp_path / "out.json").read_text())["results"][0]
     setup = load_scenario(tmp_path / "two.yaml").resolve()
     ref, _ = reference_generate(setup.model, weight_source(setup.model, None), make_ids(setup), 8)

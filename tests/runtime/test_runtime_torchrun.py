@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 
 pytest.importorskip("torch")
 
-from runtime_helpers import CORE, TINY_LLAMA  # noqa: E402
+from runtime_helpers import CORE, TINY_LLAMA, run_two_hosts_with_torchrun  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,28 +46,9 @@ def test_two_hosts_with_torchrun(tmp_path):
     assert "--node-rank=0 --nproc-per-node=1 --master-addr=127.0.0.1" in printed.stdout
     assert "--host hb --json result.json" in printed.stdout  # the first stage's host is node 0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     out = tmp_path / "result.json"
-    procs = []
     # Node 0 is host ha here, which holds the *second* stage: roles follow hosts, not node ranks.
-    for node_rank, host in enumerate(["ha", "hb"]):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "hpipe.runtime.torchrun", str(scenario), "--plan", str(plan_path), "--host", host,
-               "--warmup", "0", "--timeout", "30", "--check"] + (["--json", str(out)] if node_rank == 0 else [])
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                      cwd=ROOT, start_new_session=True))
-    try:
-        results = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait()
-    for p, (o, e) in zip(procs, results):
-        assert p.returncode == 0, e[-3000:]
+    run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
     result = json.loads(out.read_text())
     assert result["mode"] == "measured"
     r = result["results"][0]
