@@ -223,3 +223,37 @@ def test_features_broadcast():
 def test_fitted_imports_no_torch():
     code = "import sys, hpipe.costmodels.fitted, hpipe.costmodels.profile; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_units_timed_alone_give_the_colocation_interference(tmp_path):
+    """A profile whose devices ran 0.8x as long when timed alone: a unit alone costs 0.8 of
+    its time beside a busy neighbour; the two devices form one co-located group; a one-stage
+    plan (the other core idle throughout) is simulated at the alone time, a two-stage
+    pipeline between the two."""
+    from hpipe.plan import Plan, Stage
+    from hpipe.sim import simulate
+
+    prof = synthetic_profile(noise=0.0)
+    for d in prof["devices"]:
+        d["alone"] = {k: dict(u, seconds=[0.8 * t for t in u["seconds"]]) for k, u in d["units"].items()}
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    attn = setup.units[1]
+    n = np.array([32, 64, 128])
+    np.testing.assert_allclose(setup.cost.unit_time_alone_s(attn, "local/core-0", n, 64, 2),
+                               0.8 * setup.cost.unit_time_s(attn, "local/core-0", n, 64, 2), rtol=1e-6)
+    assert setup.cost.colocated() == [frozenset({"local/core-0", "local/core-1"})]
+    end = len(setup.units)
+    one = Plan(planner="t", scenario="local-cpu", stages=[Stage(devices=["local/core-0"], units=(0, end))],
+               slices=[512], micro_batches=1)
+    busy = float(setup.cost.stage_compute_s(0, end, ["local/core-0"], 512, 0, 2))
+    assert simulate(setup, one).latency_s == pytest.approx(0.8 * busy, rel=1e-6)
+    two = Plan(planner="t", scenario="local-cpu", slices=[128] * 4, micro_batches=1,
+               stages=[Stage(devices=["local/core-0"], units=(0, end // 2)),
+                       Stage(devices=["local/core-1"], units=(end // 2, end))])
+    r = simulate(setup, two)
+    del prof["devices"][0]["alone"], prof["devices"][1]["alone"]
+    plain = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    assert plain.cost.colocated() == [] and plain.cost.unit_time_alone_s(attn, "local/core-0", n, 64, 2) is None
+    r_busy = simulate(plain, two)
+    # the fill and drain run alone, the overlap beside a busy neighbour
+    assert 0.8 * r_busy.latency_s < r.latency_s < r_busy.latency_s

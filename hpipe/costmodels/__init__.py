@@ -81,6 +81,18 @@ class CostModel(ABC):
             per_op = getattr(self.config, "kernel_overhead_us", GPU_OP_OVERHEAD_S * 1e6) * 1e-6
         return roofline_codec_time_s(codec, k, self.dtype_bytes, dev.spec.memory_bandwidth_gbps, per_op)
 
+    def unit_time_alone_s(self, unit, device_id: str, n, c, b):
+        """``unit_time_s`` (whole unit) while every device co-located with ``device_id`` is idle;
+        None where the model knows no co-location interference (the unit takes ``unit_time_s``
+        whatever its neighbours do: datasheet models, GPUs)."""
+        return None
+
+    def colocated(self) -> list[frozenset[str]]:
+        """Groups of devices that share one machine's caches and memory bus: a unit on one of
+        them takes ``unit_time_s`` while all the others compute, ``unit_time_alone_s`` while
+        none does (the simulator interpolates by how many are busy).  None by default."""
+        return []
+
     def busy_power_w(self, device_id: str) -> float:
         return self.cluster.device(device_id).spec.power_w
 
@@ -131,6 +143,18 @@ class CostModel(ABC):
             t = t + self.tp_scatter_s(start, device_ids, n, b)
         overhead = self.stage_overhead_s(device_ids)
         return np.asarray(t + overhead if overhead else t, float)
+
+    def stage_compute_alone_s(self, start: int, end: int, device_ids, n, c, b):
+        """``stage_compute_s`` of a one-device stage while its co-located devices are idle; None
+        for tensor-parallel stages (their devices are each other's neighbours, busy together)
+        and where the model knows no interference."""
+        if len(device_ids) != 1:
+            return None
+        parts = [self.unit_time_alone_s(u, device_ids[0], n, c, b) for u in self.setup.units[start:end]]
+        if not parts or any(p is None for p in parts):
+            return None
+        overhead = self.stage_overhead_s(device_ids)
+        return np.asarray(sum(parts) + overhead if overhead else sum(parts), float)
 
     auto: Any = None
     """Set when the scenario said ``costmodel: auto``: the AutoChoice that picked this model."""

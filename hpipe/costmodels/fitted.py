@@ -280,6 +280,15 @@ class Fitted(CostModel):
                 self._coef[(dp.device, kind, tp)] = fit_samples(kind, prefill)
                 if decode is not None:
                     self._decode_coef[(dp.device, kind, tp)] = fit_samples(kind, decode, table=DECODE_FEATURES)
+        # Co-location: the same units timed with the profile's other devices idle, fitted alike.
+        self._alone_coef: dict[tuple[str, str], np.ndarray] = {}  # (device, kind)
+        self._alone_decode_coef: dict[tuple[str, str], np.ndarray] = {}
+        for dp in {id(p): p for p in self._device_profile.values()}.values():
+            for kind, samples in dp.alone.items():
+                prefill, decode = split_decode(basis_samples(dp, samples, config.basis))
+                self._alone_coef[(dp.device, kind)] = fit_samples(kind, prefill)
+                if decode is not None:
+                    self._alone_decode_coef[(dp.device, kind)] = fit_samples(kind, decode, table=DECODE_FEATURES)
         self._codec_coef: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # (device, codec)
         for dp in {id(p): p for p in self._device_profile.values()}.values():
             for name, samples in dp.codecs.items():
@@ -323,6 +332,32 @@ class Fitted(CostModel):
                 td = dec[0] + (td - dec[0]) / tp  # shard not timed at decode: as for prefill below
             t = np.where(is_decode(n, c), td, t)
         return np.asarray(t, float)
+
+    def unit_time_alone_s(self, unit, device_id, n, c, b):
+        """``unit_time_s`` scaled by the profile's alone-to-busy ratio for the unit at this shape
+        (both fitted the same way, so a systematic error of the fit cancels); None where the
+        profile timed the device only beside busy neighbours."""
+        dp = self._device_profile[device_id] if device_id in self._device_profile else self._unknown(device_id)
+        alone = self._alone_coef.get((dp.device, unit.kind))
+        if alone is None:
+            return None
+        ratio = predict(unit.kind, alone, n, c, b) / predict(unit.kind, self._coef[(dp.device, unit.kind, 1)], n, c, b)
+        dec_alone = self._alone_decode_coef.get((dp.device, unit.kind))
+        dec = self._decode_coef.get((dp.device, unit.kind, 1))
+        if np.any(is_decode(n, c)):
+            dec_ratio = (predict(unit.kind, dec_alone, n, c, b, DECODE_FEATURES)
+                         / predict(unit.kind, dec, n, c, b, DECODE_FEATURES)) if dec_alone is not None else 1.0
+            ratio = np.where(is_decode(n, c), dec_ratio, ratio)
+        # A ratio of two noisy fits can wander far outside the grid: a busy neighbour does not
+        # make a unit twice as slow, and an idle one does not make it much slower (a little
+        # above 1 is the profile's noise, kept so that it averages out).
+        return self.unit_time_s(unit, device_id, n, c, b) * np.clip(ratio, 0.5, 1.25)
+
+    def colocated(self) -> list[frozenset[str]]:
+        """The scenario's devices whose profile entries were also timed alone: the profiler
+        measured them on this one machine, side by side."""
+        group = frozenset(d for d, dp in self._device_profile.items() if dp.alone)
+        return [group] if len(group) > 1 else []
 
     def has_decode_fit(self, device_id: str) -> bool:
         """Whether decode steps on this device come from timed decode points (else extrapolated)."""

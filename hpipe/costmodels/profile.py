@@ -15,6 +15,7 @@ Layout (JSON)::
      "settings": {"warmup": 2, "repeats": 7, "statistic": "trimmed-mean"},
      "devices": [{"device": "local/core-0", "label": "core", "placement": {...},
                   "units": {"attn": {"n": [..], "c": [..], "b": [..], "seconds": [..]}, ...},
+                  "alone": {"attn": {same layout as units, timed with the other devices idle}, ...},
                   "codecs": {"int8": {"values": [..], "encode_s": [..], "decode_s": [..]}, ...},
                   "item_overhead_s": 0.0001}],
      "links": [{"between": ["a/core-0", "b/core-0"], "sizes_bytes": [..], "one_way_s": [..],
@@ -151,6 +152,13 @@ class DeviceProfile(_Strict):
     codecs: dict[Literal["int8", "fp8", "int4"], CodecSamples] = {}
     """Activation codecs timed on the device (profiles made before they were timed have none:
     the fitted model then models codec time as memory passes, as the roofline does)."""
+    alone: dict[Literal["embed", "attn", "mlp", "head"], UnitSamples] = {}
+    """The same units timed again while every other device of the profile waited idle (CPU
+    devices that share this machine's caches and memory bus; empty for GPUs and for profiles
+    made before 2026-12).  ``units`` are timed with all devices busy at once, as in a full
+    pipeline; the two together give the fitted model its co-location interference (on the
+    2-core AMD EPYC VM, attention at 32 tokens took 1.75 ms alone and 2.1-2.6 ms beside a busy
+    neighbour)."""
     cpu_share: float | None = None
     """CPU time / wall time over the timed unit calls: about 1 on a quiet machine, about the
     cpu_quota on a throttled device, lower when other processes competed for the CPU."""

@@ -27,6 +27,13 @@ A device whose ``runtime.device`` is ``cuda:N`` is timed on that GPU, with CUDA
 events around each unit of the chain (no synchronisation between units, so
 launch overhead is hidden or shown as in a stage); it has no CPU time.
 
+Alone: the devices of one machine share its last-level cache and memory bus, so a unit
+runs slower while a neighbour computes (attention at 32 tokens on the 2-core AMD EPYC VM:
+1.75 ms alone, 2.1-2.6 ms beside a busy core).  A pipeline leaves devices idle part of the
+time (filling, draining, one-stage plans), so after the sweeps above each CPU device in turn
+sweeps its units again while the others wait at a barrier (``DeviceProfile.alone``); the
+fitted model prices a unit between the two by how many neighbours are busy.
+
 Links: after the units, the device processes join one group with the backend
 the runtime would use (NCCL when every device is a GPU, else gloo, over the
 emulated network when there is one) and each pair ping-pongs messages of
@@ -180,6 +187,9 @@ class ProfileJob:
     env: dict[str, str] = field(default_factory=dict)
     codec_sizes: list[int] = field(default_factory=list)
     """Activation sizes (values) each codec is timed at (none: codecs not timed)."""
+    alone_ranks: list[int] = field(default_factory=list)
+    """Ranks that, in this order, time their units again while all others wait idle (the CPU
+    devices, when there are two or more: they share the machine's caches and memory bus)."""
 
 
 def _trimmed_mean(xs) -> float:
@@ -193,9 +203,13 @@ def _spread(xs) -> float:
     return float((q75 - q25) / q50) if q50 > 0 else 0.0
 
 
-def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], float | None]:
-    """Samples per unit kind, per tensor-parallel shard kind, and the share of wall time this
-    process had a CPU (None on a GPU)."""
+def _time_units(job: ProfileJob, report, turns=None) -> tuple[dict[str, dict], list[dict], float | None, dict]:
+    """Samples per unit kind, per tensor-parallel shard kind, the share of wall time this
+    process had a CPU (None on a GPU), and the units timed alone (empty unless ``turns``).
+
+    ``turns`` (a barrier of every profiling process): after the sweeps with all devices busy
+    at once, each CPU device in rank order sweeps its whole units again while the others wait
+    at the barrier, so the profile has each unit both beside busy neighbours and alone."""
     import torch
 
     from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel, make_caches
@@ -220,32 +234,22 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], f
         chains[job.tp] = [u for i in blocks for u in build_units(
             spec, i, i + 1, source, dtype=job.dtype, device=device, tp_rank=0, tp_size=job.tp,
             all_reduce=lambda x: x)]
-    samples: dict[tuple, dict[tuple, list]] = {}  # (tp, kind) -> point -> seconds
-    cpu_samples: dict[tuple, dict[tuple, list]] = {}
     g = torch.Generator().manual_seed(0)
     g_dev = torch.Generator(device=device).manual_seed(0)  # fills caches where they live
     wall_cpu = [0.0, 0.0]  # seconds of wall clock and of this thread's CPU time in timed calls
     caches = {}
-    with torch.inference_mode():
-        for tp, units in chains.items():
-            for b in sorted({b for _, _, b in job.grid.points}):
-                caches[(tp, b)] = make_caches(units, b, job.seq_len)
-                for cache in caches[(tp, b)].values():  # uninitialised memory may hold NaNs or denormals
-                    cache.k.normal_(generator=g_dev)
-                    cache.v.normal_(generator=g_dev)
-        # Passes over the whole grid, not repeats of one point back to back: a burst of
-        # load from another process then spoils one sample of many points, which the
-        # trimmed mean drops, instead of every sample of a few points.
-        ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g).to(device) for p in job.grid.points}
-        hidden = {p: torch.randn(p[2], p[0], spec.d_model, generator=g).to(device, TORCH_DTYPES[job.dtype])
-                  for p in job.grid.points} if len(chains) > 1 else {}
-        for rep in range(job.warmup + job.repeats):
+
+    def sweep(chains, warmup: int, repeats: int, samples: dict, cpu_samples: dict) -> None:
+        """Passes over the whole grid, not repeats of one point back to back: a burst of
+        load from another process then spoils one sample of many points, which the
+        trimmed mean drops, instead of every sample of a few points."""
+        for rep in range(warmup + repeats):
             for (n, c, b) in job.grid.points:
                 x = ids[(n, c, b)]
                 for tp, units in chains.items():
                     inp = x if tp == 1 else hidden[(n, c, b)]  # shard chains start at a block
                     times, cpu_times = (_gpu_chain if gpu else _cpu_chain)(units, inp, c, caches[(tp, b)])
-                    if rep < job.warmup:
+                    if rep < warmup:
                         continue
                     for u, dt, dcpu in zip(units, times, cpu_times):
                         samples.setdefault((tp, u.unit.kind), {}).setdefault((n, c, b), []).append(dt)
@@ -253,9 +257,31 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], f
                             cpu_samples.setdefault((tp, u.unit.kind), {}).setdefault((n, c, b), []).append(dcpu)
                             wall_cpu[0] += dt
                             wall_cpu[1] += dcpu
-            report("progress", rep + 1)
+            report("progress", 1)
 
-    def summary(key) -> dict:
+    samples: dict[tuple, dict[tuple, list]] = {}  # (tp, kind) -> point -> seconds
+    cpu_samples: dict[tuple, dict[tuple, list]] = {}
+    alone: dict[tuple, dict[tuple, list]] = {}
+    alone_cpu: dict[tuple, dict[tuple, list]] = {}
+    with torch.inference_mode():
+        for tp, units in chains.items():
+            for b in sorted({b for _, _, b in job.grid.points}):
+                caches[(tp, b)] = make_caches(units, b, job.seq_len)
+                for cache in caches[(tp, b)].values():  # uninitialised memory may hold NaNs or denormals
+                    cache.k.normal_(generator=g_dev)
+                    cache.v.normal_(generator=g_dev)
+        ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g).to(device) for p in job.grid.points}
+        hidden = {p: torch.randn(p[2], p[0], spec.d_model, generator=g).to(device, TORCH_DTYPES[job.dtype])
+                  for p in job.grid.points} if len(chains) > 1 else {}
+        sweep(chains, job.warmup, job.repeats, samples, cpu_samples)
+        if turns is not None:
+            for rank in job.alone_ranks:
+                turns.wait(timeout=job.timeout_s)  # everyone is idle from here ...
+                if rank == job.rank:  # one sweep to warm this device's caches again, then the repeats
+                    sweep({1: chains[1]}, min(job.warmup, 1), job.repeats, alone, alone_cpu)
+                turns.wait(timeout=job.timeout_s)  # ... until this device is done
+
+    def summary(key, samples, cpu_samples) -> dict:
         by_point = samples[key]
         pts = sorted(by_point)
         out = {"n": [p[0] for p in pts], "c": [p[1] for p in pts], "b": [p[2] for p in pts],
@@ -268,10 +294,12 @@ def _time_units(job: ProfileJob, report) -> tuple[dict[str, dict], list[dict], f
             out["cpu_seconds"] = [max(float(np.mean(cpu_samples[key][p])), 1e-7) for p in pts]
         return out
 
-    units_out = {kind: summary((1, kind)) for kind in ("embed", "attn", "mlp", "head")}
-    shards = [{"tp": tp, "units": {kind: summary((tp, kind)) for kind in ("attn", "mlp")}}
+    kinds = ("embed", "attn", "mlp", "head")
+    units_out = {kind: summary((1, kind), samples, cpu_samples) for kind in kinds}
+    shards = [{"tp": tp, "units": {kind: summary((tp, kind), samples, cpu_samples) for kind in ("attn", "mlp")}}
               for tp in chains if tp > 1]
-    return units_out, shards, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None)
+    alone_out = {kind: summary((1, kind), alone, alone_cpu) for kind in kinds} if alone else {}
+    return units_out, shards, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None), alone_out
 
 
 def _time_codecs(job: ProfileJob) -> dict[str, dict]:
@@ -508,7 +536,7 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     return out
 
 
-def profile_worker(job: ProfileJob, q) -> None:
+def profile_worker(job: ProfileJob, q, turns=None) -> None:
     """Entry of one profiling process: place itself, time the units, then the links."""
     import signal
 
@@ -526,7 +554,7 @@ def profile_worker(job: ProfileJob, q) -> None:
         def report(kind, k):
             q.put((kind, job.rank, k))
 
-        units, shards, cpu_share = _time_units(job, report)
+        units, shards, cpu_share, alone = _time_units(job, report, turns if job.alone_ranks else None)
         codecs = _time_codecs(job)
         links, all_reduces = [], []
         if job.measure_links and len(job.devices) > 1:
@@ -537,7 +565,8 @@ def profile_worker(job: ProfileJob, q) -> None:
             links = _ping_pong(job, report)
             all_reduces = _all_reduces(job, report)
         q.put(("done", job.rank, {"units": units, "shards": shards, "links": links, "all_reduces": all_reduces,
-                                  "cpu_share": cpu_share, "codecs": codecs}))
+                                  "cpu_share": cpu_share, "codecs": codecs,
+                                  "alone": alone}))
     except BaseException as e:
         q.put(("error", job.rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
         code = 1
@@ -583,9 +612,10 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 5, link_repeats: int = 8,
             measure_links: bool = True, quick: bool = False, timeout_s: float = 1800.0, quiet: bool = False,
-            on_spawn=None, time_codecs: bool = True) -> Profile:
-    """Measure ``setup``'s devices and links (and codecs, unless ``time_codecs`` is False);
-    the Profile (not yet written anywhere).
+            on_spawn=None, time_codecs: bool = True, time_alone: bool = True) -> Profile:
+    """Measure ``setup``'s devices and links (and codecs, unless ``time_codecs`` is False;
+    and, unless ``time_alone`` is False, each CPU device's units alone as well as beside the
+    others); the Profile (not yet written anywhere).
 
     ``on_spawn(pids)`` is told the worker pids (tests use it to kill a run midway)."""
     from hpipe.progress import progress
@@ -606,6 +636,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
         by_host.setdefault(setup.cluster.device(d).host, []).append(r)
     tp_groups = [ranks for ranks in by_host.values() if len(ranks) > 1] if measure_links else []
     n_links = (len(devices) * (len(devices) - 1) // 2 + len(tp_groups)) if measure_links else 0
+    cpu_ranks = [r for r, t in enumerate(torch_devices) if t == "cpu"]
+    alone_ranks = cpu_ranks if time_alone and len(cpu_ranks) > 1 else []
     results: dict[int, dict] = {}
     with emulation.emulate(setup, devices) as em:
         master = em.master_addr(devices[0])
@@ -620,13 +652,16 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            torch_device=torch_devices[r], backend=backend,
                            tp=len(by_host[setup.cluster.device(d).host]),
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"},
-                           codec_sizes=codec_sizes(setup) if time_codecs else [])
+                           codec_sizes=codec_sizes(setup) if time_codecs else [], alone_ranks=alone_ranks)
                 for r, d in enumerate(devices)]
-        procs = [ctx.Process(target=run_watched, args=(f"{__name__}:profile_worker", pickle.dumps(j), q),
+        turns = ctx.Barrier(len(jobs))
+        procs = [ctx.Process(target=run_watched, args=(f"{__name__}:profile_worker", pickle.dumps(j), q, turns),
                              name=f"hpipe-profile-{j.rank}", daemon=True)
                  for j in jobs]
         with progress(quiet) as bar:
-            task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices) + n_links)
+            task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices)
+                                                                    + (min(warmup, 1) + repeats) * len(alone_ranks)
+                                                                    + n_links)
             try:
                 for p in procs:
                     p.start()
@@ -691,6 +726,7 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                                                                            for k, v in sh["units"].items()})
                                           for sh in results[r].get("shards", [])],
                                   codecs={k: CodecSamples(**v) for k, v in results[r].get("codecs", {}).items()},
+                                  alone={k: UnitSamples(**v) for k, v in results[r].get("alone", {}).items()},
                                   cpu_share=results[r]["cpu_share"]))
     shaped = {frozenset(lk["between"]): lk for lk in emulated.get("links", [])}
     links = []

@@ -70,6 +70,9 @@ def build(setup, plan: Plan) -> PipelineSpec:
         codec_s = _vec(stage_codec_s(codecs, j), k)
         total = _vec(cost.stage_compute_s(st.start, st.end, list(devs), n, c, b), k) + codec_s
         spec = StageSpec(devices=devs, compute_s=total)
+        alone = cost.stage_compute_alone_s(st.start, st.end, list(devs), n, c, b)
+        if alone is not None:
+            spec.alone_compute_s = _vec(alone, k) + codec_s
         if st.tp > 1:
             # The terms stage_compute_s sums, kept apart: the scatter and the all-reduces
             # hold the host's links in the engine (so they queue behind pipeline hops on the
@@ -108,7 +111,8 @@ def build(setup, plan: Plan) -> PipelineSpec:
         hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
                             bottleneck=bottleneck_link(route, edges),
                             hold_s=total - latency, latency_s=latency, nbytes=nbytes))
-    spec = PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops)
+    spec = PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops,
+                        colocated=cost.colocated())
     if work is not None and work.n_decode:
         spec.phases = ["prefill"] * work.n_prefill + ["decode"] * work.n_decode
         spec.feedback = feedback(setup, plan, work)

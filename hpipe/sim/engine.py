@@ -80,6 +80,9 @@ class StageSpec:
     the same links; the compute phase takes the rest of ``compute_s``."""
     allreduce_links: tuple[str, ...] = ()
     """The directed links of the group's ring."""
+    alone_compute_s: np.ndarray | None = None
+    """One device in a co-located group (``PipelineSpec.colocated``): (n_items,) the item's time
+    while no other device of the group computes; ``compute_s`` is its time while all do."""
 
     @property
     def tp(self) -> int:
@@ -123,6 +126,8 @@ class PipelineSpec:
     """Per item: "prefill" or "decode" (None: all prefill)."""
     feedback: Feedback | None = None
     """Generation: what decode items wait for before stage 0 may start them."""
+    colocated: list[frozenset[str]] = field(default_factory=list)
+    """Devices that share one machine's caches and memory bus (see ``_Colocation``)."""
 
     def __post_init__(self):
         if not self.hops:
@@ -154,6 +159,56 @@ def _occupy(env, resources, duration_s: float):
     return t0
 
 
+class _Colocation:
+    """Which devices of each co-located group are computing, and an event that fires each time
+    that changes.
+
+    A stage with ``alone_compute_s`` runs its item at a rate set by its busy neighbours: the
+    item needs ``alone`` seconds while none computes, ``together`` while all do, and a time
+    in proportion between for some of them (four devices on two cores: one, two or three
+    busy).  When a neighbour starts or stops, the rest of the item's work is re-timed at the
+    new rate (processor sharing, not a price fixed when the item starts: in a two-stage
+    pipeline the second stage starts just after the first starts its next item)."""
+
+    def __init__(self, env, groups: list[frozenset[str]]):
+        self.env = env
+        self.neighbours = {d: g - {d} for g in groups for d in g}
+        self.computing: set[str] = set()
+        self.changed = env.event()
+
+    def _set(self, devices, busy: bool) -> None:
+        touched = [d for d in devices if d in self.neighbours]
+        if not touched:
+            return
+        (self.computing.update if busy else self.computing.difference_update)(touched)
+        fired, self.changed = self.changed, self.env.event()
+        fired.succeed()
+
+    @contextlib.contextmanager
+    def hold(self, devices):
+        """Mark ``devices`` computing for the duration of a ``with`` block (any stage's item)."""
+        self._set(devices, True)
+        try:
+            yield
+        finally:
+            self._set(devices, False)
+
+    def run(self, device: str, alone_s: float, together_s: float):
+        """Compute one item on ``device`` (already held) at the rate its neighbours allow."""
+        others = self.neighbours[device]
+        left = 1.0  # share of the item's work still to do
+        with self.hold([device]):
+            while left > 1e-12:
+                busy = len(others & self.computing) / len(others)
+                whole_s = alone_s + (together_s - alone_s) * busy  # the item at this rate
+                changed, t0 = self.changed, self.env.now
+                done = self.env.timeout(left * whole_s)
+                fired = yield done | changed
+                if done in fired:  # (a Timeout counts as triggered from its creation: ask the condition)
+                    break
+                left -= (self.env.now - t0) / whole_s if whole_s > 0 else left
+
+
 def run(spec: PipelineSpec) -> list[Event]:
     """Play the pipeline out; return every compute, all-reduce and transfer interval."""
     env = simpy.Environment()
@@ -173,6 +228,7 @@ def run(spec: PipelineSpec) -> list[Event]:
     items = [(mb, sl, ph) for (mb, sl), ph in zip(spec.items, phases)]
     fb = spec.feedback
     fed: dict[int, simpy.Event] = {}  # decode item -> its ids are back on stage 0
+    coloc = _Colocation(env, spec.colocated)
     if fb is not None:
         fed = {i: env.event() for chain in fb.chains for i, _ in chain}
         links.update({name: simpy.Resource(env, capacity=1) for name in fb.links if name not in links})
@@ -181,15 +237,25 @@ def run(spec: PipelineSpec) -> list[Event]:
         st = spec.stages[j]
         res = [devices[d] for d in st.devices]
         compute = np.asarray(st.compute_s, float).tolist()
+        alone = (np.asarray(st.alone_compute_s, float).tolist()
+                 if st.alone_compute_s is not None and st.devices[0] in coloc.neighbours else None)
         for i in range(n_items):
             if j > 0:
                 yield arrived[j][i]
             elif i in fed:
                 yield fed[i]
-            if st.allreduce_s is not None:
-                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i])
+            if alone is not None:
+                with res[0].request() as req:
+                    yield req
+                    t0 = env.now
+                    yield from coloc.run(st.devices[0], alone[i], compute[i])
+                _record_stage(log, j, st, i, items[i], t0, env.now)
+            elif st.allreduce_s is not None:
+                with coloc.hold(st.devices):  # busy neighbours of co-located devices
+                    yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i])
             else:
-                t0 = yield from _occupy(env, res, compute[i])
+                with coloc.hold(st.devices):
+                    t0 = yield from _occupy(env, res, compute[i])
                 _record_stage(log, j, st, i, items[i], t0, env.now)
             done[j][i].succeed()
 

@@ -193,3 +193,46 @@ def test_tensor_parallel_all_reduce_queues_behind_a_hop_on_the_same_link():
         ("compute", "c", None, None, 1, 1, 3.2, 3.7),
     ])
     assert got == want
+
+
+# ---- co-located devices ------------------------------------------------------------------
+def _coloc_spec(alone, together, colocated=True):
+    """Two stages on d0, d1 with no transfers; alone/together[i][j]: item i on stage j."""
+    alone, together = np.asarray(alone, float), np.asarray(together, float)
+    stages = [StageSpec(devices=(f"d{j}",), compute_s=together[:, j], alone_compute_s=alone[:, j])
+              for j in range(2)]
+    hops = [None, HopSpec(src="d0", dst="d1", links=(), bottleneck=None, hold_s=np.zeros(len(alone)),
+                          latency_s=np.zeros(len(alone)), nbytes=np.zeros(len(alone)))]
+    return PipelineSpec(items=[(0, i) for i in range(len(alone))], stages=stages, hops=hops,
+                        colocated=[frozenset({"d0", "d1"})] if colocated else [])
+
+
+def _log(events):
+    return sorted((e.device, e.slice, round(e.start_s, 9), round(e.end_s, 9)) for e in events)
+
+
+def test_colocated_items_run_at_the_rate_their_neighbours_allow():
+    """Hand-checked.  Item 0 on stage 0 runs alone (d1 has nothing yet): 1 s.  At t = 1 stage 0
+    starts item 1 (alone 3, together 6) and stage 1 item 0 (alone 2, together 4): both busy,
+    so stage 1 ends at 1 + 4 = 5, when stage 0 has done 4/6 of its item; the last third runs
+    alone, 3/3 = 1 s more: t = 6.  Stage 1's item 1 then runs alone: 1 s, t = 7."""
+    alone = [[1, 2], [3, 1]]
+    together = [[2, 4], [6, 2]]
+    assert _log(run(_coloc_spec(alone, together))) == [
+        ("d0", 0, 0.0, 1.0), ("d0", 1, 1.0, 6.0), ("d1", 0, 1.0, 5.0), ("d1", 1, 6.0, 7.0)]
+    # Without the group each item takes its `compute_s` (the together time), as before.
+    assert _log(run(_coloc_spec(alone, together, colocated=False))) == [
+        ("d0", 0, 0.0, 2.0), ("d0", 1, 2.0, 8.0), ("d1", 0, 2.0, 6.0), ("d1", 1, 8.0, 10.0)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids(max_stages=2).filter(lambda t: len(t[0]) == 2), st.floats(0.3, 1.0))
+def test_colocated_latency_lies_between_all_alone_and_all_together(t, ratio):
+    """Whatever the overlap, every item takes between its alone and its together time, so the
+    pipeline's latency lies between the two plain pipelines'."""
+    together = np.asarray(t, float)
+    alone = together * ratio
+    lat = max(e.end_s for e in run(_coloc_spec(alone, together))) if together.any() else 0.0
+    lo = _recurrence(alone)[-1, -1]
+    hi = _recurrence(together)[-1, -1]
+    assert lo - 1e-9 <= lat <= hi + 1e-9
