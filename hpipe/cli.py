@@ -574,7 +574,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
             sets: SetOpt = None):
     """Measure each unit kind's time over a grid of (slice, context, batch) and the links between
     stage processes, on the devices the scenario names; write the profile the fitted cost model reads."""
-    from hpipe.costmodels.fitted import FittedConfig, fit_report, summarize_holdout
+    from hpipe.costmodels.fitted import FittedConfig, alone_ratios, fit_report, summarize_holdout
     from hpipe.io import write_text
     from hpipe.validate import default_profile_path
 
@@ -606,6 +606,11 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
                   f"p90 {h['worst_p90_rel_error']:.1%} (on wall time: median {wall['worst_median_rel_error']:.1%}, "
                   f"p90 {wall['worst_p90_rel_error']:.1%}); cpu share per device: "
                   + ", ".join(f"{d.device} {d.cpu_share:.0%}" for d in prof.devices if d.cpu_share is not None))
+        alone = alone_ratios(prof, basis)
+        if alone:
+            con.print("co-location: units timed alone take " + ", ".join(f"{r:.0%} on {d}" for d, r in alone.items())
+                      + " of their time beside busy neighbours (median over the grid); the simulator prices "
+                      "each item by how many of its device's neighbours compute meanwhile")
         for d in prof.devices:
             quota = d.placement.get("cpu_quota")
             expect = min(1.0, float(quota)) if quota else 1.0

@@ -483,6 +483,20 @@ def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dic
     return out
 
 
+def alone_ratios(profile: Profile, basis: str = "wall") -> dict[str, float]:
+    """Per device timed alone too: the median over its grid points and unit kinds of its time
+    alone over its time beside busy neighbours (1: no interference; 0.8: a busy neighbour
+    makes its units 25% slower)."""
+    out = {}
+    for dp in profile.devices:
+        ratios = [a / t for kind, s in dp.alone.items() if kind in dp.units
+                  for a, t in zip(basis_samples(dp, s, basis).seconds,
+                                  basis_samples(dp, dp.units[kind], basis).seconds)]
+        if ratios:
+            out[dp.device] = float(np.median(ratios))
+    return out
+
+
 def summarize_holdout(report: dict[str, dict[str, dict]]) -> dict[str, float]:
     """One line over all devices and kinds: worst median and worst p90 of the hold-out errors."""
     meds = [k["median_rel_error"] for d in report.values() for k in d.values()]

@@ -165,6 +165,16 @@ def shared_completion(t, keys, d=None):
 
 
 def makespan_s(setup, plan) -> float:
-    """The plan's exact makespan (seconds) under the scenario's cost model."""
+    """The plan's exact makespan (seconds) under the scenario's cost model.
+
+    Where devices share a machine (``CostModel.colocated``: a profile that timed them alone
+    too), an item's time depends on what its neighbours do meanwhile, which the recurrence
+    cannot express: the simulator plays the plan out instead.  The searches still rank
+    candidates with the recurrence at the busy-neighbour prices (conservative for plans
+    that leave a device idle)."""
+    if setup.cost.colocated():
+        from hpipe.sim import simulate
+
+        return simulate(setup, plan).latency_s
     t, d, keys = chain_times(setup, plan)
     return makespan_from_times(t, keys, d)
