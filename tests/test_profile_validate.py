@@ -177,7 +177,9 @@ def test_validate_json_contract(tiny):
 # * ROUNDS: medians over three runs, not two.  This VM's speed drifts from run to run by
 #   itself: the same one-device plan took 1.20 s and 1.43 s of CPU time, then 1.89 s and
 #   1.36 s, in consecutive runs on a machine otherwise idle (2026-12-01), and the mean of
-#   two such runs (what a median of two is) missed COMPUTE_BOUND in 2 of 5 tries.
+#   two such runs (what a median of two is) missed COMPUTE_BOUND in 2 of 5 tries; the median
+#   of three in 1 of 7.  A plan that misses a bound is measured ROUNDS times more and judged on
+#   the median of all its runs: a drift passes, a model error (systematic) still misses.
 # * Co-location: a quiet run in which one core idles is faster than the profile timed beside
 #   a busy neighbour (one-device plans 25% over their prediction); the profile now times each
 #   device alone too, and the simulator prices the idle-neighbour stretches alone.
@@ -245,25 +247,38 @@ def test_compute_cpu_time_and_replayed_latency_agree(local_cpu, plan):
     predicted = _compute_by_device(simulate(setup, plan).events)
     cpu, replay_errors = {d: [] for d in plan.devices}, []
     unit_time_s = setup.cost.unit_time_s
-    for _ in range(ROUNDS):
-        m = execute(setup, plan, quiet=True, timeout_s=120)
-        for d, t in m.compute_cpu_s.items():
-            cpu[d].append(t)
-        slowdown = {d: w / predicted[d] for d, w in _compute_by_device(m.events).items()}
-        setup.cost.unit_time_s = (lambda unit, d, n, c, b, tp=1:
-                                  unit_time_s(unit, d, n, c, b, tp) * slowdown[d])
-        try:
-            replayed = simulate(setup, plan).latency_s
-        finally:
-            del setup.cost.unit_time_s
-        replay_errors.append((replayed - m.latency_s) / m.latency_s)
-    total = sum(statistics.median(ts) for ts in cpu.values())
-    for d in plan.devices:
-        measured = statistics.median(cpu[d])
-        # relative to the device's compute, or to a quarter of the plan's for a device that does
-        # little (an embedding-only stage: 1.0 ms predicted, 2.5 ms measured, of 800 ms)
-        assert abs(predicted[d] - measured) <= COMPUTE_BOUND * max(measured, total / 4), (plan, d, predicted[d], cpu[d])
-    assert abs(statistics.median(replay_errors)) <= REPLAY_BOUND, (plan, replay_errors)
+
+    def measure_rounds():
+        for _ in range(ROUNDS):
+            m = execute(setup, plan, quiet=True, timeout_s=120)
+            for d, t in m.compute_cpu_s.items():
+                cpu[d].append(t)
+            slowdown = {d: w / predicted[d] for d, w in _compute_by_device(m.events).items()}
+            setup.cost.unit_time_s = (lambda unit, d, n, c, b, tp=1:
+                                      unit_time_s(unit, d, n, c, b, tp) * slowdown[d])
+            try:
+                replayed = simulate(setup, plan).latency_s
+            finally:
+                del setup.cost.unit_time_s
+            replay_errors.append((replayed - m.latency_s) / m.latency_s)
+
+    def misses() -> list:
+        total = sum(statistics.median(ts) for ts in cpu.values())
+        out = []
+        for d in plan.devices:
+            measured = statistics.median(cpu[d])
+            # relative to the device's compute, or to a quarter of the plan's for a device that does
+            # little (an embedding-only stage: 1.0 ms predicted, 2.5 ms measured, of 800 ms)
+            if abs(predicted[d] - measured) > COMPUTE_BOUND * max(measured, total / 4):
+                out.append(("compute", d, predicted[d], cpu[d]))
+        if abs(statistics.median(replay_errors)) > REPLAY_BOUND:
+            out.append(("replay", replay_errors))
+        return out
+
+    measure_rounds()
+    if misses():  # a drift of the machine's speed, or the model?  ROUNDS more runs decide (see ROUNDS)
+        measure_rounds()
+    assert not misses(), (plan, misses())
 
 
 def _compute_by_device(events) -> dict[str, float]:
