@@ -570,6 +570,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
             warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first", metavar="N")] = 2,
             quick: Annotated[bool, typer.Option(help="a coarse grid (for tests and a first look)")] = False,
             links: Annotated[bool, typer.Option(help="also measure the links between the device processes")] = True,
+            alone: Annotated[bool, typer.Option(help="also time each CPU device's units while the others idle (co-location interference; one sweep per device, in turn)")] = True,
             quiet: QuietOpt = False,
             sets: SetOpt = None):
     """Measure each unit kind's time over a grid of (slice, context, batch) and the links between
@@ -583,7 +584,8 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
         from hpipe.runtime.profiler import profile as run_profile
     sc, setup = _scenario_for_profiling(scenario, sets)
     out = output or str(default_profile_path(sc))
-    prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet)
+    prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet,
+                       time_alone=alone)
     write_text(out, prof.model_dump_json(indent=1), make_parents=output is None)
     con = _out_console(None, quiet)
     if con:

@@ -83,6 +83,9 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
         (shard,) = d.shards
         assert shard.tp == 2 and set(shard.units) == {"attn", "mlp"}
         assert shard.units["mlp"].n == d.units["mlp"].n
+        # two CPU devices share this machine: each also timed alone, over the same grid
+        assert set(d.alone) == set(d.units)
+        assert all(d.alone[k].n == d.units[k].n and d.alone[k].cpu_seconds for k in d.units)
         # every codec this torch has, timed encoding and decoding on the device over a few sizes
         from hpipe.runtime.codecs import HAS_FP8
 
@@ -101,10 +104,12 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     # on CPU time, the basis predictions use, and the command says where it wrote the profile
     assert "(cpu time)" in r.stdout and prof.holdout["basis"] == "cpu"
     assert f"wrote {prof_path}" in r.stderr
+    assert "co-location: units timed alone take" in r.stdout
     from hpipe.scenario import load_scenario
 
     setup = load_scenario(path).resolve()
     assert setup.cost.name == "fitted"
+    assert setup.cost.colocated() == [frozenset({"local/core-0", "local/core-1"})]
     lat, per_byte = fit_link(ar.sizes_bytes, ar.seconds)
     assert float(setup.cost.allreduce_time_s(["local/core-0", "local/core-1"], 65536)) == \
         pytest.approx(lat + 65536 * per_byte)
