@@ -153,7 +153,7 @@ class DeviceProfile(_Strict):
     """Activation codecs timed on the device (profiles made before they were timed have none:
     the fitted model then models codec time as memory passes, as the roofline does)."""
     alone: dict[Literal["embed", "attn", "mlp", "head"], UnitSamples] = {}
-    """The same units timed again while every other device of the profile waited idle (CPU
+    """The same units timed again (half the repeats) while every other device of the profile waited idle (CPU
     devices that share this machine's caches and memory bus; empty for GPUs and for profiles
     made before 2026-12).  ``units`` are timed with all devices busy at once, as in a full
     pipeline; the two together give the fitted model its co-location interference (on the

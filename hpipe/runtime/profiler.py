@@ -192,6 +192,14 @@ class ProfileJob:
     devices, when there are two or more: they share the machine's caches and memory bus)."""
 
 
+def alone_repeats(repeats: int) -> int:
+    """Timed sweeps of a device's units alone: half the profile's.  What the fitted model takes
+    from them is one ratio (alone over busy) fitted across the whole grid, which averages the
+    noise of single points, and the sweeps run one device at a time (four devices with CPU
+    quotas of 0.4-0.6 would otherwise triple the profile's time)."""
+    return max(1, (repeats + 1) // 2)
+
+
 def _trimmed_mean(xs) -> float:
     xs = np.sort(np.asarray(xs, float))
     k = int(len(xs) * TRIM)
@@ -278,7 +286,7 @@ def _time_units(job: ProfileJob, report, turns=None) -> tuple[dict[str, dict], l
             for rank in job.alone_ranks:
                 turns.wait(timeout=job.timeout_s)  # everyone is idle from here ...
                 if rank == job.rank:  # one sweep to warm this device's caches again, then the repeats
-                    sweep({1: chains[1]}, min(job.warmup, 1), job.repeats, alone, alone_cpu)
+                    sweep({1: chains[1]}, min(job.warmup, 1), alone_repeats(job.repeats), alone, alone_cpu)
                 turns.wait(timeout=job.timeout_s)  # ... until this device is done
 
     def summary(key, samples, cpu_samples) -> dict:
@@ -660,7 +668,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                  for j in jobs]
         with progress(quiet) as bar:
             task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices)
-                                                                    + (min(warmup, 1) + repeats) * len(alone_ranks)
+                                                                    + (min(warmup, 1) + alone_repeats(repeats))
+                                                                    * len(alone_ranks)
                                                                     + n_links)
             try:
                 for p in procs:
