@@ -387,6 +387,7 @@ def minsum_dp(smats, links, caps):
     src = np.full((E, M, U + 1), -1)
     capped: dict = {}  # id(S) -> S with entries above each cap at inf: positions of one kind share S
     rows = np.arange(E)[:, None]
+    uncapped = bool(np.all(caps == INF))  # S <= inf everywhere (S is never nan)
     for m in range(M):
         for t, S in smats[m].items():
             f = m - t + 1
@@ -399,7 +400,8 @@ def minsum_dp(smats, links, caps):
                 B[:, 1:] = X[:, :, 1:].min(axis=1)
                 sb[:, 1:] = X[:, :, 1:].argmin(axis=1)
             if id(S) not in capped:
-                capped[id(S)] = (S, np.where(S[None] <= caps[:, None, None], S[None], INF))  # (E, U+1, U+1)
+                # (E, U+1, U+1), or S itself when no cap binds (the uncapped search of most orders)
+                capped[id(S)] = (S, S[None] if uncapped else np.where(S[None] <= caps[:, None, None], S[None], INF))
             cand = B[:, :, None] + capped[id(S)][1]  # inf where over the cap (B + inf = inf)
             k = cand.argmin(axis=1)  # (E, U+1)
             v = cand.min(axis=1)  # the value at k
