@@ -358,9 +358,10 @@ def minmax_dp(smats, links, start: float = 0.0):
                 X = np.maximum(A[:f], links[:f, f])
                 B[1:] = X[:, 1:].min(axis=0)
                 sb[1:] = X[:, 1:].argmin(axis=0)
-            cand = np.maximum(B[:, None], S)
-            k = cand.argmin(axis=0)
-            v = cand[k, cols]
+            # [e, k]: numpy's argmin copies its input unless it reduces over the last axis
+            cand = np.maximum(B[None, :], S.T)
+            k = cand.argmin(axis=1)
+            v = cand[cols, k]
             better = v < A[m]
             A[m] = np.where(better, v, A[m])
             argk[m] = np.where(better, k, argk[m])
@@ -373,9 +374,11 @@ def minmax_dp(smats, links, start: float = 0.0):
     return val, _backtrack(m, U, argk, argt, src)
 
 
-def minsum_dp(smats, links, caps):
+def minsum_dp(smats, links, caps, block_width: int = 40):
     """For each cap T: the least total (stage totals + link totals) over partitions
-    whose every stage and link costs at most T.  Returns [(value, stages or None)]."""
+    whose every stage and link costs at most T.  Returns [(value, stages or None)].
+    (``block_width``: end units per block of ``_capped_blocks``; the answer does not
+    depend on it.)"""
     smats = _degrees(smats)
     caps = np.asarray(caps, float)
     E = len(caps)
@@ -400,11 +403,14 @@ def minsum_dp(smats, links, caps):
                 B[:, 1:] = X[:, :, 1:].min(axis=1)
                 sb[:, 1:] = X[:, :, 1:].argmin(axis=1)
             if id(S) not in capped:
-                # (E, U+1, U+1), or S itself when no cap binds (the uncapped search of most orders)
-                capped[id(S)] = (S, S[None] if uncapped else np.where(S[None] <= caps[:, None, None], S[None], INF))
-            cand = B[:, :, None] + capped[id(S)][1]  # inf where over the cap (B + inf = inf)
-            k = cand.argmin(axis=1)  # (E, U+1)
-            v = cand.min(axis=1)  # the value at k
+                capped[id(S)] = (S, _capped_blocks(S, caps, uncapped, block_width))
+            k = np.empty((E, U + 1), np.intp)
+            v = np.empty((E, U + 1))
+            for e0, e1, ke, C in capped[id(S)][1]:
+                cand = B[:, None, :ke] + C  # (E, e, k); inf where over the cap (B + inf = inf)
+                kb = cand.argmin(axis=2)
+                k[:, e0:e1] = kb
+                v[:, e0:e1] = cand.reshape(-1, ke)[np.arange(kb.size), kb.ravel()].reshape(kb.shape)
             better = v < A[:, m]
             A[:, m] = np.where(better, v, A[:, m])
             argk[:, m] = np.where(better, k, argk[:, m])
@@ -415,6 +421,28 @@ def minsum_dp(smats, links, caps):
         m = int(A[i, :, U].argmin())
         val = float(A[i, m, U])
         out.append((val, _backtrack(m, U, argk[i], argt[i], src[i]) if np.isfinite(val) else None))
+    return out
+
+
+def _capped_blocks(S, caps, uncapped: bool, width: int = 40):
+    """S (U+1, U+1) as ``minsum_dp`` reads it: for each block of end units [e0, e1), the
+    entries S[k, e] above each cap set to inf, transposed to (E, e, k) (numpy's argmin
+    copies its input unless it reduces over the last axis) and contiguous (a strided
+    operand makes the sums many times slower), with k only up to the last row of S
+    that is finite in the block (stages end after they start: half of S is inf).  The
+    rows left out are inf in S, so they are inf in every sum, and the first minimum
+    over k, and its value, are what the whole of S gives (all inf: argmin 0 either way).
+    Returns [(e0, e1, k_end, (E, e1 - e0, k_end) array)]."""
+    U1 = S.shape[0]
+    finite = np.isfinite(S)
+    last = np.where(finite.any(axis=0), U1 - 1 - np.argmax(finite[::-1], axis=0), -1)  # per e: last finite k
+    n_blocks = max(1, U1 // width)
+    bounds = np.linspace(0, U1, n_blocks + 1).round().astype(int)
+    out = []
+    for e0, e1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        ke = max(int(last[e0:e1].max()) + 1, 1)
+        ST = np.ascontiguousarray(S[:ke, e0:e1].T)[None]  # (1, e, k)
+        out.append((e0, e1, ke, ST if uncapped else np.where(ST <= caps[:, None, None], ST, INF)))
     return out
 
 
