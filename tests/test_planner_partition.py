@@ -293,3 +293,58 @@ def test_minsum_dp_blocks_are_the_plain_dp(seed, M, U, ties, width, full):
     caps = sorted(rng.choice([0.5, 1.0, 2.0, 2.5, 3.0, 4.0], size=rng.integers(1, 4)).tolist()) + [math.inf]
     for cs in (caps, [math.inf]):
         assert alg1.minsum_dp(smats, links, cs, block_width=width) == _minsum_reference(smats, links, cs)
+
+
+def _minmax_reference(smats, links, start=0.0):
+    """``minmax_dp`` as it was before its blocked form: the plain DP over whole matrices."""
+    smats = alg1._degrees(smats)
+    M = len(smats)
+    U = next(iter(smats[0].values())).shape[0] - 1
+    A = np.full((M, U + 1), math.inf)
+    argk = np.zeros((M, U + 1), int)
+    argt = np.ones((M, U + 1), int)
+    src = np.full((M, U + 1), -1)
+    cols = np.arange(U + 1)
+    for m in range(M):
+        for t, S in smats[m].items():
+            f = m - t + 1
+            B = np.full(U + 1, math.inf)
+            B[0] = start
+            sb = np.full(U + 1, -1)
+            if f > 0:
+                X = np.maximum(A[:f], links[:f, f])
+                B[1:] = X[:, 1:].min(axis=0)
+                sb[1:] = X[:, 1:].argmin(axis=0)
+            cand = np.maximum(B[:, None], S)
+            k = cand.argmin(axis=0)
+            v = cand[k, cols]
+            better = v < A[m]
+            A[m] = np.where(better, v, A[m])
+            argk[m] = np.where(better, k, argk[m])
+            argt[m] = np.where(better, t, argt[m])
+            src[m] = np.where(better, sb[k], src[m])
+    m = int(A[:, U].argmin())
+    val = float(A[m, U])
+    return (math.inf, None) if not np.isfinite(val) else (val, alg1._backtrack(m, U, argk, argt, src))
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), M=st.integers(1, 5), U=st.integers(1, 90), ties=st.booleans(),
+       full=st.booleans(), start=st.sampled_from([0.0, -math.inf]))
+def test_minmax_dp_blocks_are_the_plain_dp(seed, M, U, ties, full, start):
+    """The blocked bottleneck DP gives exactly the plain DP's value and stages, also for
+    matrices finite below the diagonal and negative (``_no_fit_message``'s shortfalls, start -inf)."""
+    rng = np.random.default_rng(seed)
+    draw = (lambda *sh: rng.integers(-1, 4, sh).astype(float)) if ties else (lambda *sh: rng.random(sh) - 0.2)
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        if not full:
+            S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    kinds = [matrix() for _ in range(2)]
+    smats = [{1: kinds[m % 2], **({2: matrix()} if m and rng.random() < 0.5 else {})} for m in range(M)]
+    links = draw(M, M, U + 1) * 0.3
+    assert alg1.minmax_dp(smats, links, start) == _minmax_reference(smats, links, start)

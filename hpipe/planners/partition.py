@@ -348,6 +348,7 @@ def minmax_dp(smats, links, start: float = 0.0):
     argt = np.ones((M, U + 1), int)
     src = np.full((M, U + 1), -1)
     cols = np.arange(U + 1)
+    blocks: dict = {}  # id(S) -> (S, its blocks): positions of one kind share S
     for m in range(M):
         for t, S in smats[m].items():
             f = m - t + 1
@@ -358,10 +359,15 @@ def minmax_dp(smats, links, start: float = 0.0):
                 X = np.maximum(A[:f], links[:f, f])
                 B[1:] = X[:, 1:].min(axis=0)
                 sb[1:] = X[:, 1:].argmin(axis=0)
-            # [e, k]: numpy's argmin copies its input unless it reduces over the last axis
-            cand = np.maximum(B[None, :], S.T)
-            k = cand.argmin(axis=1)
-            v = cand[cols, k]
+            if id(S) not in blocks:  # S as (e, k) blocks (``_capped_blocks``: the same minima)
+                blocks[id(S)] = (S, _capped_blocks(S, None, True))
+            k = np.empty(U + 1, np.intp)
+            v = np.empty(U + 1)
+            for e0, e1, ke, C in blocks[id(S)][1]:
+                cand = np.maximum(B[None, :ke], C[0])  # (e, k)
+                kb = cand.argmin(axis=1)
+                k[e0:e1] = kb
+                v[e0:e1] = cand[cols[:e1 - e0], kb]
             better = v < A[m]
             A[m] = np.where(better, v, A[m])
             argk[m] = np.where(better, k, argk[m])
@@ -425,8 +431,8 @@ def minsum_dp(smats, links, caps, block_width: int = 40):
 
 
 def _capped_blocks(S, caps, uncapped: bool, width: int = 40):
-    """S (U+1, U+1) as ``minsum_dp`` reads it: for each block of end units [e0, e1), the
-    entries S[k, e] above each cap set to inf, transposed to (E, e, k) (numpy's argmin
+    """S (U+1, U+1) as ``minsum_dp`` (and ``minmax_dp``, uncapped) reads it: for each block
+    of end units [e0, e1), the entries S[k, e] above each cap set to inf, transposed to (E, e, k) (numpy's argmin
     copies its input unless it reduces over the last axis) and contiguous (a strided
     operand makes the sums many times slower), with k only up to the last row of S
     that is finite in the block (stages end after they start: half of S is inf).  The
