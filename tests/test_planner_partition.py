@@ -348,3 +348,38 @@ def test_minmax_dp_blocks_are_the_plain_dp(seed, M, U, ties, full, start):
     smats = [{1: kinds[m % 2], **({2: matrix()} if m and rng.random() < 0.5 else {})} for m in range(M)]
     links = draw(M, M, U + 1) * 0.3
     assert alg1.minmax_dp(smats, links, start) == _minmax_reference(smats, links, start)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), M=st.integers(1, 4), U=st.integers(1, 50),
+       E=st.integers(1, 4), max_cells=st.sampled_from([1, 5000, 1 << 19]))
+def test_dps_side_by_side_are_each_problems_own(seed, n, M, U, E, max_cells):
+    """Device orders run side by side (``_dp_many``: different degrees per position and
+    problem, some matrices shared, own caps each, groups of any size) give each problem
+    exactly what it gets alone, for both DPs."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *sh: rng.integers(1, 4, sh).astype(float)  # noqa: E731 - ties on purpose
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    pool = [matrix() for _ in range(3)]
+    problems, caps_list = [], []
+    for _ in range(n):
+        smats = []
+        for m in range(M):
+            opts = {1: pool[rng.integers(0, 3)]}
+            for t in (2, 4):
+                if m + 1 >= t and rng.random() < 0.5:
+                    opts[t] = matrix()
+            smats.append(opts)
+        problems.append((smats, draw(M, M, U + 1) * 0.5))
+        caps_list.append(sorted(rng.choice([1.0, 2.0, 3.0, 5.0, math.inf], size=E).tolist()))
+    alone = [alg1.minsum_dp(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]
+    assert alg1._dp_many(problems, caps_list, np.add, 0.0, max_cells=max_cells) == alone
+    assert alg1.minmax_dp_many(problems) == [_minmax_reference(sm, lk) for sm, lk in problems]
+    assert alg1.minsum_dp_many(problems, caps_list) == [_minsum_reference(sm, lk, c)
+                                                         for (sm, lk), c in zip(problems, caps_list)]
