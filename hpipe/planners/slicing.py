@@ -241,6 +241,7 @@ def _batch_dp_many(problems, block_cells: int = 1 << 21):
     N = len(problems)
     t = np.concatenate([np.asarray(p[2], float) for p in problems])
     col = np.concatenate([np.full(len(p[2]), i) for i, p in enumerate(problems)])
+    edges = np.cumsum([0] + [len(p[2]) for p in problems]).tolist()  # each problem's columns
     K = len(t)
     starts = np.minimum.reduce([np.asarray(p[3]) for p in problems]).astype(np.intp)
     starts[0] = 0
@@ -265,10 +266,12 @@ def _batch_dp_many(problems, block_cells: int = 1 << 21):
         bl = lens[p:p_hi]
         pp = np.repeat(np.arange(p, p_hi), bl)
         qq = np.arange(hi - lo) - np.repeat(offs[p:p_hi] - lo, bl) + np.repeat(starts[p:p_hi], bl)
-        G = np.stack([pr[0][pp, qq] for pr in problems])[col]  # (K, band)
-        if capped:
-            H = np.stack([pr[1][pp, qq] for pr in problems])[col]
-            G = np.where(H > t[:, None], INF, G)
+        G = np.empty((K, hi - lo))  # (K, band): each problem's grid in its columns, inf above its thresholds
+        for i, pr in enumerate(problems):
+            dst = G[edges[i]:edges[i + 1]]
+            dst[:] = pr[0][pp, qq]
+            if capped:
+                np.putmask(dst, pr[1][pp, qq] > t[edges[i]:edges[i + 1], None], INF)
         for r in range(p, p_hi):
             q0, a = starts_l[r], offs_l[r] - lo
             vals = f[:, q0:r] + G[:, a:a + r - q0]  # (K, r - q0)
