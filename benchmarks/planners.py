@@ -231,8 +231,8 @@ PHASES = [
     ("  alternation (_joint)", "planners/joint.py", "_joint"),
     ("    Algorithm 1 over device orders (search)", "planners/partition.py", "search"),
     ("      stage/link tables (sequence_problem)", "planners/partition.py", "sequence_problem"),
-    ("      bottleneck DP (minmax_dp)", "planners/partition.py", "minmax_dp"),
-    ("      min-sum DP (minsum_dp)", "planners/partition.py", "minsum_dp"),
+    ("      bottleneck DP, orders side by side (minmax_dp_many)", "planners/partition.py", "minmax_dp_many"),
+    ("      min-sum DP (minsum_dp_many, minsum_dp)", "planners/partition.py", "minsum_dp*"),
     ("      exact scoring, batched (PartitionCosts.bounds)", "planners/partition.py", "bounds"),
     ("  Algorithm 2 + exact scoring (_best_slicings)", "planners/joint.py", "_best_slicings"),
     ("    slice grid (SliceGrid.__init__)", "planners/slicing.py", "__init__"),
@@ -264,7 +264,7 @@ def where_the_time_goes(setup):
                 if f.endswith(path) and (fn == func or func.endswith("*") and fn.startswith(func[:-1]))]
         calls, cum = sum(h[0] for h in hits), sum(h[1] for h in hits)
         total = total or cum
-        print(f"      {label:<48} {calls:>6} calls {cum:>7.3f} s {cum / total:>6.1%}")
+        print(f"      {label:<58} {calls:>6} calls {cum:>7.3f} s {cum / total:>6.1%}")
 
 
 def startup(scenario_yaml, repeat: int):
