@@ -277,8 +277,9 @@ def _batch_dp_many(problems, block_cells: int = 1 << 21):
             vals = f[:, q0:r] + G[:, a:a + r - q0]  # (K, r - q0)
             j = vals.argmin(axis=1)
             f[:, r] = vals[ar, j]
-            back[:, r] = j + q0
+            back[:, r] = j  # relative to the window's start: made absolute after the loop
         p = p_hi
+    back += starts  # (K, L+1) + (L+1,): one call instead of one per position
     if N == 1:
         HT = problems[0][1]
         hm = _path_max_h(back.T, L, lambda pos, prev: HT[pos, prev])
