@@ -22,6 +22,9 @@
    8 devices, four GPU types), llama-2-70b at 32k tokens.
 4. Ready scenarios (``--plans``).  hpipe's plan, predicted latency and planning CPU time
    on every scenario in scenarios/ that plans without a profile of its own.
+5. Against another checkout (``--against PATH [--rounds N]``, e.g. a worktree of the
+   commit before a speed-up): planning CPU time, start-up and ``hpipe plan`` in
+   interleaved fresh processes, ratios, and whether every ready scenario's plan is the same.
 
 For the planning-time figures alone (quiet machine):
     PYTHONPATH=. python benchmarks/planners.py --skip-quality --scaling --plans
@@ -228,8 +231,8 @@ PHASES = [
     ("  alternation (_joint)", "planners/joint.py", "_joint"),
     ("    Algorithm 1 over device orders (search)", "planners/partition.py", "search"),
     ("      stage/link tables (sequence_problem)", "planners/partition.py", "sequence_problem"),
-    ("      bottleneck DP (minmax_dp)", "planners/partition.py", "minmax_dp"),
-    ("      min-sum DP (minsum_dp)", "planners/partition.py", "minsum_dp"),
+    ("      bottleneck DP, orders side by side (minmax_dp_many)", "planners/partition.py", "minmax_dp_many"),
+    ("      min-sum DP (minsum_dp_many, minsum_dp)", "planners/partition.py", "minsum_dp*"),
     ("      exact scoring, batched (PartitionCosts.bounds)", "planners/partition.py", "bounds"),
     ("  Algorithm 2 + exact scoring (_best_slicings)", "planners/joint.py", "_best_slicings"),
     ("    slice grid (SliceGrid.__init__)", "planners/slicing.py", "__init__"),
@@ -261,7 +264,7 @@ def where_the_time_goes(setup):
                 if f.endswith(path) and (fn == func or func.endswith("*") and fn.startswith(func[:-1]))]
         calls, cum = sum(h[0] for h in hits), sum(h[1] for h in hits)
         total = total or cum
-        print(f"      {label:<48} {calls:>6} calls {cum:>7.3f} s {cum / total:>6.1%}")
+        print(f"      {label:<58} {calls:>6} calls {cum:>7.3f} s {cum / total:>6.1%}")
 
 
 def startup(scenario_yaml, repeat: int):
@@ -316,6 +319,98 @@ def ready_plans(names=READY):
         dt = time.process_time() - t0
         print(f"   {name:<24} {type(setup.cost).__name__[:16]:<16} {dt:>6.2f} {plan.predicted['latency_s']:>12.6f}  "
               f"{_brief(plan)}", flush=True)
+
+
+# ---- 5. this tree against another checkout -----------------------------------------------------
+_CHILD = """
+import json, sys, time
+from hpipe.scenario import load_scenario
+from hpipe.planners import make_plan
+what, reps = sys.argv[1], int(sys.argv[2])
+if what == "plans":  # every ready scenario's plan, whole (stages, slices, codecs, predicted)
+    out = {}
+    for path in sys.argv[3:]:
+        try:
+            out[path] = make_plan(load_scenario(path).resolve()).model_dump(mode="json")
+        except Exception as e:  # noqa: BLE001 - reported, compared as text
+            out[path] = f"{type(e).__name__}: {e}"
+    print(json.dumps(out))
+else:  # CPU seconds of make_plan, best of ``reps`` in this process (imports warmed first)
+    setup = load_scenario(what).resolve()
+    make_plan(setup, "base")
+    times = []
+    for _ in range(reps):
+        setup = load_scenario(what).resolve()
+        t0 = time.process_time()
+        plan = make_plan(setup)
+        times.append(time.process_time() - t0)
+    print(json.dumps([min(times), plan.predicted["latency_s"]]))
+"""
+
+
+def against(other: Path, rounds: int, reps: int = 3):
+    """This tree against another checkout of hpipe (``--against PATH``, e.g. a worktree of
+    the commit before a speed-up): rounds interleaved A, B, A, B..., each a fresh
+    interpreter with that tree alone on the path (run from a neutral directory: ``python
+    -c`` puts the working directory first on sys.path, which would load this tree for both).
+    Prints medians over rounds and the ratio this/other of: make_plan CPU s (best of
+    ``reps`` in a process) on the paper testbed and the 70B x 32 devices scenario;
+    ``import hpipe.cli``, loading the scenario and ``hpipe plan`` with start-up (wall and
+    CPU of the child); then whether every ready scenario's plan is the same."""
+    import json
+    import os
+    import resource
+    import subprocess
+    import tempfile
+
+    trees = {"this": ROOT, "other": other.resolve()}
+    neutral = tempfile.mkdtemp(prefix="hpipe-against-")
+    paper = str(ROOT / "scenarios" / "paper-llama7b.yaml")
+    big = str(ROOT / "scenarios" / "llama70b-4hosts-32k.yaml")
+
+    def child(tree, args):
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, *args], cwd=neutral, env=env, check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return out.stdout, wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+
+    print(f"5. This tree ({ROOT}) against {trees['other']} ({cpu_name()}; load average {load_average()}); "
+          f"{rounds} interleaved rounds, medians; ratio = this / other")
+    cases = [("make_plan paper testbed, CPU s", ["-c", _CHILD, paper, str(reps)], "plan"),
+             ("make_plan 70B x 32 devices x 32k, CPU s", ["-c", _CHILD, big, "1"], "plan"),
+             ("import hpipe.cli", ["-c", "import hpipe.cli"], "wall"),
+             ("load + resolve paper-llama7b.yaml", ["-c", "from hpipe.scenario import load_scenario; "
+                                                          f"load_scenario({paper!r}).resolve()"], "wall"),
+             ("hpipe plan paper-llama7b.yaml", ["-m", "hpipe.cli", "plan", paper, "-q"], "wall")]
+    for label, args, kind in cases:
+        got: dict = {"this": [], "other": []}
+        for _ in range(rounds):
+            for name, tree in trees.items():
+                out, wall, cpu = child(tree, args)
+                got[name].append(json.loads(out.strip().splitlines()[-1]) if kind == "plan" else (wall, cpu))
+        med = {n: [statistics.median(x[i] for x in v) for i in range(2)] for n, v in got.items()}
+        if kind == "plan":
+            print(f"   {label:<44} this {med['this'][0]:7.3f}  other {med['other'][0]:7.3f}  "
+                  f"ratio {med['this'][0] / med['other'][0]:.2f}   predicted latency this "
+                  f"{got['this'][0][1]:.6f} s, other {got['other'][0][1]:.6f} s", flush=True)
+        else:
+            print(f"   {label:<44} wall this {med['this'][0]:6.3f} other {med['other'][0]:6.3f} "
+                  f"(ratio {med['this'][0] / med['other'][0]:.2f});  CPU this {med['this'][1]:6.3f} "
+                  f"other {med['other'][1]:6.3f} (ratio {med['this'][1] / med['other'][1]:.2f})", flush=True)
+    paths = [str(p) for p in sorted((ROOT / "scenarios").glob("*.yaml"))]
+    plans = {n: json.loads(child(t, ["-c", _CHILD, "plans", "0", *paths])[0].strip().splitlines()[-1])
+             for n, t in trees.items()}
+    print("   the plans on every ready scenario (whole Plan JSON compared; predicted latency this / other):")
+    for path in paths:
+        a, b = plans["this"][path], plans["other"][path]
+        la = a["predicted"]["latency_s"] if isinstance(a, dict) else math.nan
+        lb = b["predicted"]["latency_s"] if isinstance(b, dict) else math.nan
+        verdict = ("identical" if a == b else "better" if la < lb else "worse" if la > lb else
+                   "different plan, same latency")
+        print(f"      {Path(path).stem:<26} {verdict:<12} {la:.6f} / {lb:.6f} s")
 
 
 def load_average() -> str:
@@ -381,6 +476,10 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--plans", action="store_true", help="hpipe's plan on every ready scenario")
     ap.add_argument("--sizes", default="8,32,128,512", help="device counts for --scaling (comma-separated)")
+    ap.add_argument("--against", type=Path, metavar="PATH",
+                    help="also compare this tree with another checkout of hpipe (its repository root): planning "
+                         "CPU time, start-up and every ready scenario's plan, interleaved fresh processes")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for --against")
     args = ap.parse_args()
     if not args.skip_quality:
         quality(args.cases, args.seed)
@@ -390,6 +489,8 @@ def main():
         scaling(tuple(int(x) for x in args.sizes.split(",")))
     if args.plans:
         ready_plans()
+    if args.against:
+        against(args.against, args.rounds)
 
 
 if __name__ == "__main__":

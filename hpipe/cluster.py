@@ -1,4 +1,5 @@
-"""The cluster graph: devices and the links between them, as a networkx graph.
+"""The cluster graph: devices and the links between them (``LinkGraph``; ``Cluster.graph``
+gives it as a networkx graph on demand).
 
 Nodes are devices (``HOST/NAME-i``) and one network interface per host
 (``HOST``).  Devices of a host are joined pairwise by the host's interconnect;
@@ -6,15 +7,20 @@ each device reaches its host's interface over the same interconnect (half its
 latency on each side); interfaces are joined by the network or a per-pair override.
 A transfer between two devices follows the path of least latency; its
 bandwidth is the narrowest link on the path and its latency the sum.
+
+Routes are found by ``_dijkstra_paths``, networkx's Dijkstra step for step (the same
+visiting order and tie-breaking, so the same paths, as tests/test_cluster_routes.py
+checks), without importing networkx: that import was a third of ``hpipe plan``'s
+start-up.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-
-import networkx as nx
 
 from hpipe.devices import DeviceSpec
 from hpipe.errors import InputError, suggest
@@ -69,15 +75,86 @@ class Route:
         return out
 
 
+class LinkGraph:
+    """An undirected graph with node and edge attributes, kept as networkx.Graph keeps it
+    (``adj[u][v]`` is the edge's attribute dict, shared by both directions; neighbours in
+    the order their edges were added), which is what ``_dijkstra_paths`` walks."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+        self.adj: dict[str, dict[str, dict]] = {}
+
+    def add_node(self, n: str, **attrs) -> None:
+        if n not in self.nodes:
+            self.nodes[n] = {}
+            self.adj[n] = {}
+        self.nodes[n].update(attrs)
+
+    def add_edge(self, u: str, v: str, **attrs) -> None:
+        for n in (u, v):
+            if n not in self.nodes:
+                self.add_node(n)
+        data = self.adj[u].get(v, {})
+        data.update(attrs)
+        self.adj[u][v] = data
+        self.adj[v][u] = data
+
+    def to_networkx(self):
+        import networkx as nx
+
+        g = nx.Graph()
+        for n, attrs in self.nodes.items():
+            g.add_node(n, **attrs)
+        for u, nbrs in self.adj.items():
+            for v, data in nbrs.items():
+                if not g.has_edge(u, v):
+                    g.add_edge(u, v, **data)
+        return g
+
+
+def _dijkstra_paths(adj: dict[str, dict[str, dict]], source: str, weight) -> dict[str, list[str]]:
+    """Least-weight paths from ``source`` to every node it reaches: networkx's
+    ``_dijkstra_multisource`` (networkx 3.x) step for step -- a heap of (distance, push
+    count, node), a neighbour's predecessor replaced only on a strictly shorter distance --
+    so ties between equally short paths resolve as ``nx.all_pairs_dijkstra_path`` does."""
+    dist: dict[str, float] = {}
+    seen = {source: 0}
+    pred: dict[str, str] = {}
+    c = itertools.count()
+    fringe = [(0, next(c), source)]
+    while fringe:
+        d_v, _, v = heapq.heappop(fringe)
+        if v in dist:
+            continue
+        dist[v] = d_v
+        for u, e in adj[v].items():
+            vu = d_v + weight(e)
+            if u in dist:
+                continue
+            if u not in seen or vu < seen[u]:
+                seen[u] = vu
+                heapq.heappush(fringe, (vu, next(c), u))
+                pred[u] = v
+    paths = {source: [source]}
+    for v in itertools.islice(dist, 1, None):  # in order of distance: a predecessor's path is ready
+        paths[v] = paths[pred[v]] + [v]
+    return paths
+
+
 class Cluster:
-    def __init__(self, graph: nx.Graph, devices: list[Device]):
-        self.graph = graph
+    def __init__(self, link_graph: LinkGraph, devices: list[Device]):
+        self.link_graph = link_graph
         self.devices = devices
         self._by_id = {d.id: d for d in devices}
 
+    @cached_property
+    def graph(self):
+        """The cluster as a ``networkx.Graph`` (built on first use: the planners do not need it)."""
+        return self.link_graph.to_networkx()
+
     @classmethod
     def from_spec(cls, spec, memory_reserve_gb: float = 0.0) -> "Cluster":
-        g = nx.Graph()
+        g = LinkGraph()
         devices: list[Device] = []
         for host in spec.hosts:
             g.add_node(host.name, kind="nic", host=host.name)
@@ -140,17 +217,18 @@ class Cluster:
     @cached_property
     def _routes(self) -> dict[tuple[str, str], Route]:
         routes = {}
-        paths = dict(nx.all_pairs_dijkstra_path(self.graph, weight=lambda u, v, e: e["latency_s"] + 1e-12))
+        adj = self.link_graph.adj
         for a in self.device_ids:
+            paths = _dijkstra_paths(adj, a, lambda e: e["latency_s"] + 1e-12)
             for b in self.device_ids:
                 if a == b:
                     continue
-                path = paths[a][b]
+                path = paths[b]
                 edges = [tuple(sorted((u, v))) for u, v in zip(path, path[1:])]
-                data = [self.graph.edges[e] for e in edges]
+                data = [adj[u][v] for u, v in edges]
                 bw = min(d["bandwidth_gbps"] for d in data)
                 # bottleneck first, so simulators that hold one resource hold the narrowest
-                edges.sort(key=lambda e: self.graph.edges[e]["bandwidth_gbps"])
+                edges.sort(key=lambda e: adj[e[0]][e[1]]["bandwidth_gbps"])
                 routes[(a, b)] = Route(bandwidth_gbps=bw, latency_s=sum(d["latency_s"] for d in data),
                                        links=tuple(edges))
         return routes

@@ -223,3 +223,163 @@ def test_longest_slice_a_partition_holds_is_what_memory_says(data, seed):
         while want < L and holds((want + 1) * g):
             want += 1
         assert tables.max_slice_tokens(stages, mb) == want * g
+
+
+def _minsum_reference(smats, links, caps):
+    """``minsum_dp`` as it was before its blocked, transposed form: the plain DP over the
+    whole (E, U+1, U+1) array, what the fast form must reproduce exactly."""
+    smats = alg1._degrees(smats)
+    caps = np.asarray(caps, float)
+    E, M = len(caps), len(smats)
+    U = next(iter(smats[0].values())).shape[0] - 1
+    A = np.full((E, M, U + 1), math.inf)
+    argk = np.zeros((E, M, U + 1), int)
+    argt = np.ones((E, M, U + 1), int)
+    src = np.full((E, M, U + 1), -1)
+    rows = np.arange(E)[:, None]
+    for m in range(M):
+        for t, S in smats[m].items():
+            f = m - t + 1
+            B = np.full((E, U + 1), math.inf)
+            B[:, 0] = 0.0
+            sb = np.full((E, U + 1), -1)
+            if f > 0:
+                L = links[:f, f][None]
+                X = np.where(L <= caps[:, None, None], A[:, :f] + L, math.inf)
+                B[:, 1:] = X[:, :, 1:].min(axis=1)
+                sb[:, 1:] = X[:, :, 1:].argmin(axis=1)
+            cand = B[:, :, None] + np.where(S[None] <= caps[:, None, None], S[None], math.inf)
+            k = cand.argmin(axis=1)
+            v = cand.min(axis=1)
+            better = v < A[:, m]
+            A[:, m] = np.where(better, v, A[:, m])
+            argk[:, m] = np.where(better, k, argk[:, m])
+            argt[:, m] = np.where(better, t, argt[:, m])
+            src[:, m] = np.where(better, sb[rows, k], src[:, m])
+    out = []
+    for i in range(E):
+        m = int(A[i, :, U].argmin())
+        val = float(A[i, m, U])
+        out.append((val, alg1._backtrack(m, U, argk[i], argt[i], src[i]) if np.isfinite(val) else None))
+    return out
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), M=st.integers(1, 5), U=st.integers(1, 30), ties=st.booleans(),
+       width=st.sampled_from([1, 3, 7, 40]), full=st.booleans())
+def test_minsum_dp_blocks_are_the_plain_dp(seed, M, U, ties, width, full):
+    """The blocked, transposed min-sum DP gives exactly the plain DP's values and stages
+    (ties too: first minimum), whatever the block width, for matrices inf below the
+    diagonal as the tables make them and (``full``) for matrices finite anywhere."""
+    rng = np.random.default_rng(seed)
+    draw = (lambda *sh: rng.integers(1, 4, sh).astype(float)) if ties else (lambda *sh: rng.random(sh))
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        if not full:
+            S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf  # memory caps
+        return S
+
+    kinds = [matrix() for _ in range(2)]
+    smats = []
+    for m in range(M):
+        opts = {1: kinds[m % 2]}
+        if m and rng.random() < 0.5:
+            opts[2] = matrix()
+        smats.append(opts)
+    links = draw(M, M, U + 1) * 0.3
+    # caps equal to entries (the integer draws) check that a cap admits what equals it
+    caps = sorted(rng.choice([0.5, 1.0, 2.0, 2.5, 3.0, 4.0], size=rng.integers(1, 4)).tolist()) + [math.inf]
+    for cs in (caps, [math.inf]):
+        assert alg1.minsum_dp(smats, links, cs, block_width=width) == _minsum_reference(smats, links, cs)
+
+
+def _minmax_reference(smats, links, start=0.0):
+    """``minmax_dp`` as it was before its blocked form: the plain DP over whole matrices."""
+    smats = alg1._degrees(smats)
+    M = len(smats)
+    U = next(iter(smats[0].values())).shape[0] - 1
+    A = np.full((M, U + 1), math.inf)
+    argk = np.zeros((M, U + 1), int)
+    argt = np.ones((M, U + 1), int)
+    src = np.full((M, U + 1), -1)
+    cols = np.arange(U + 1)
+    for m in range(M):
+        for t, S in smats[m].items():
+            f = m - t + 1
+            B = np.full(U + 1, math.inf)
+            B[0] = start
+            sb = np.full(U + 1, -1)
+            if f > 0:
+                X = np.maximum(A[:f], links[:f, f])
+                B[1:] = X[:, 1:].min(axis=0)
+                sb[1:] = X[:, 1:].argmin(axis=0)
+            cand = np.maximum(B[:, None], S)
+            k = cand.argmin(axis=0)
+            v = cand[k, cols]
+            better = v < A[m]
+            A[m] = np.where(better, v, A[m])
+            argk[m] = np.where(better, k, argk[m])
+            argt[m] = np.where(better, t, argt[m])
+            src[m] = np.where(better, sb[k], src[m])
+    m = int(A[:, U].argmin())
+    val = float(A[m, U])
+    return (math.inf, None) if not np.isfinite(val) else (val, alg1._backtrack(m, U, argk, argt, src))
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), M=st.integers(1, 5), U=st.integers(1, 90), ties=st.booleans(),
+       full=st.booleans(), start=st.sampled_from([0.0, -math.inf]))
+def test_minmax_dp_blocks_are_the_plain_dp(seed, M, U, ties, full, start):
+    """The blocked bottleneck DP gives exactly the plain DP's value and stages, also for
+    matrices finite below the diagonal and negative (``_no_fit_message``'s shortfalls, start -inf)."""
+    rng = np.random.default_rng(seed)
+    draw = (lambda *sh: rng.integers(-1, 4, sh).astype(float)) if ties else (lambda *sh: rng.random(sh) - 0.2)
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        if not full:
+            S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    kinds = [matrix() for _ in range(2)]
+    smats = [{1: kinds[m % 2], **({2: matrix()} if m and rng.random() < 0.5 else {})} for m in range(M)]
+    links = draw(M, M, U + 1) * 0.3
+    assert alg1.minmax_dp(smats, links, start) == _minmax_reference(smats, links, start)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), M=st.integers(1, 4), U=st.integers(1, 50),
+       E=st.integers(1, 4), max_cells=st.sampled_from([1, 5000, 1 << 19]))
+def test_dps_side_by_side_are_each_problems_own(seed, n, M, U, E, max_cells):
+    """Device orders run side by side (``_dp_many``: different degrees per position and
+    problem, some matrices shared, own caps each, groups of any size) give each problem
+    exactly what it gets alone, for both DPs."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *sh: rng.integers(1, 4, sh).astype(float)  # noqa: E731 - ties on purpose
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    pool = [matrix() for _ in range(3)]
+    problems, caps_list = [], []
+    for _ in range(n):
+        smats = []
+        for m in range(M):
+            opts = {1: pool[rng.integers(0, 3)]}
+            for t in (2, 4):
+                if m + 1 >= t and rng.random() < 0.5:
+                    opts[t] = matrix()
+            smats.append(opts)
+        problems.append((smats, draw(M, M, U + 1) * 0.5))
+        caps_list.append(sorted(rng.choice([1.0, 2.0, 3.0, 5.0, math.inf], size=E).tolist()))
+    alone = [alg1.minsum_dp(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]
+    assert alg1._dp_many(problems, caps_list, np.add, 0.0, max_cells=max_cells) == alone
+    assert alg1.minmax_dp_many(problems) == [_minmax_reference(sm, lk) for sm, lk in problems]
+    assert alg1.minsum_dp_many(problems, caps_list) == [_minsum_reference(sm, lk, c)
+                                                         for (sm, lk), c in zip(problems, caps_list)]

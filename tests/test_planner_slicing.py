@@ -140,3 +140,40 @@ def test_slicings_run_side_by_side_are_each_grids_own(cases, method):
     together = alg2.best_slicings_many(grids, top=4, method=method[0], fan=method[1])
     for grid, got in zip(grids, together):
         assert got == alg2.best_slicings(grid, top=4, method=method[0], fan=method[1])
+
+
+def _random_dp_problem(rng, L, ties: bool):
+    """(GT, HT, thresholds, earliest starts) as ``_search`` makes them: finite only below the
+    diagonal and within the earliest start, a few thresholds (inf among them)."""
+    # few distinct values: equal sums, so the first-minimum tie-breaking is tested too
+    vals = (lambda n: rng.integers(1, 4, n).astype(float)) if ties else (lambda n: rng.random(n))
+    GT = np.full((L + 1, L + 1), INF := math.inf)
+    HT = np.full((L + 1, L + 1), INF)
+    qmin = np.zeros(L + 1, int)
+    for p in range(1, L + 1):
+        qmin[p] = rng.integers(max(0, p - 1 - rng.integers(0, L)), p)
+        GT[p, qmin[p]:p] = vals(p - qmin[p])
+        HT[p, qmin[p]:p] = vals(p - qmin[p])
+    finite = HT[np.isfinite(HT)]
+    t = list(rng.choice(finite, size=rng.integers(1, 6)))
+    if rng.random() < 0.5:
+        t.append(INF)
+    return GT, HT, t, qmin
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 24), n=st.integers(1, 4), ties=st.booleans(),
+       block=st.sampled_from([1, 7, 50, 1 << 21]))
+def test_batched_dp_is_each_problems_own(seed, L, n, ties, block):
+    """``_batch_dp_many`` (band gathered in blocks) gives every problem exactly what
+    ``_batch_dp`` gives it alone: values, max h along the path, back-pointers."""
+    rng = np.random.default_rng(seed)
+    problems = [_random_dp_problem(rng, L, ties) for _ in range(n)]
+    for prob, (f, hm, back) in zip(problems, alg2._batch_dp_many(problems, block_cells=block)):
+        f0, hm0, back0 = alg2._batch_dp(*prob)
+        np.testing.assert_array_equal(f, f0)
+        # where no slicing meets a threshold, the path (and its max h) is arbitrary
+        reach = np.isfinite(f0)
+        np.testing.assert_array_equal(hm[reach], hm0[reach])
+        for k in np.flatnonzero(reach):
+            assert alg2._path(back[k], L, 1) == alg2._path(back0[k], L, 1)

@@ -176,9 +176,9 @@ def register(cls: type[CostModel]) -> type[CostModel]:
 
 def make_costmodel(spec: str | dict, setup) -> CostModel:
     """Build the cost model a scenario names (a string, or a mapping with ``kind``)."""
-    _load_builtin()
     data = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = data.get("kind")
+    _load_builtin(kind)
     if kind == "auto":
         from hpipe.costmodels.auto import AutoConfig, choose
 
@@ -203,5 +203,15 @@ def _validated(cls, data: dict):
         raise InputError(msg, field=field) from None
 
 
-def _load_builtin() -> None:
-    from hpipe.costmodels import fitted, roofline  # noqa: F401
+_BUILTIN = {"roofline": "hpipe.costmodels.roofline", "fitted": "hpipe.costmodels.fitted"}
+"""The built-in models' modules (each registers itself on import)."""
+
+
+def _load_builtin(kind=None) -> None:
+    """Import the named built-in model's module, or all of them for any other name (to list
+    the choices): only what the scenario uses, as importing fitted's profile machinery
+    costs a plan that runs on the roofline start-up time for nothing."""
+    import importlib
+
+    for name in ([_BUILTIN[kind]] if kind in _BUILTIN else _BUILTIN.values()):
+        importlib.import_module(name)

@@ -173,7 +173,7 @@ class CostTables:
         q, p = q.astype(np.int64), p.astype(np.int64)
         idx = q * (L + 1) - q * (q + 1) // 2 + (p - q - 1)
         out = np.empty((self.n_classes, len(n)))
-        for bv in np.unique(b):
+        for bv in sorted(set(b.tolist())):  # np.unique's values and order (np.unique would import numpy.ma)
             table = grid_times(float(bv))
             if table is None:
                 return None

@@ -340,79 +340,155 @@ def minmax_dp(smats, links, start: float = 0.0):
 
     ``start`` is the value before the first stage (-inf for costs that may be
     negative).  Returns (value, [(positions, start, end), ...]) or (inf, None)."""
-    smats = _degrees(smats)
-    M = len(smats)
-    U = next(iter(smats[0].values())).shape[0] - 1
-    A = np.full((M, U + 1), INF)
-    argk = np.zeros((M, U + 1), int)
-    argt = np.ones((M, U + 1), int)
-    src = np.full((M, U + 1), -1)
-    cols = np.arange(U + 1)
-    for m in range(M):
-        for t, S in smats[m].items():
-            f = m - t + 1
-            B = np.full(U + 1, INF)
-            B[0] = start
-            sb = np.full(U + 1, -1)
-            if f > 0:
-                X = np.maximum(A[:f], links[:f, f])
-                B[1:] = X[:, 1:].min(axis=0)
-                sb[1:] = X[:, 1:].argmin(axis=0)
-            cand = np.maximum(B[:, None], S)
-            k = cand.argmin(axis=0)
-            v = cand[k, cols]
-            better = v < A[m]
-            A[m] = np.where(better, v, A[m])
-            argk[m] = np.where(better, k, argk[m])
-            argt[m] = np.where(better, t, argt[m])
-            src[m] = np.where(better, sb[k], src[m])
-    m = int(A[:, U].argmin())
-    val = float(A[m, U])
-    if not np.isfinite(val):
-        return INF, None
-    return val, _backtrack(m, U, argk, argt, src)
+    return minmax_dp_many([(smats, links)], start)[0]
 
 
-def minsum_dp(smats, links, caps):
+def minmax_dp_many(problems, start: float = 0.0) -> list:
+    """``minmax_dp`` of several (smats, links) of one shape (device orders of one cluster),
+    run side by side (``_dp_many``); the same answers."""
+    return [(v, st) if st is not None else (INF, None)
+            for ((v, st),) in _dp_many(problems, [[INF]] * len(problems), np.maximum, start)]
+
+
+def minsum_dp(smats, links, caps, block_width: int = 40):
     """For each cap T: the least total (stage totals + link totals) over partitions
-    whose every stage and link costs at most T.  Returns [(value, stages or None)]."""
-    smats = _degrees(smats)
-    caps = np.asarray(caps, float)
-    E = len(caps)
-    M = len(smats)
-    U = next(iter(smats[0].values())).shape[0] - 1
-    A = np.full((E, M, U + 1), INF)
-    argk = np.zeros((E, M, U + 1), int)
-    argt = np.ones((E, M, U + 1), int)
-    src = np.full((E, M, U + 1), -1)
-    capped: dict = {}  # id(S) -> S with entries above each cap at inf: positions of one kind share S
-    rows = np.arange(E)[:, None]
+    whose every stage and link costs at most T.  Returns [(value, stages or None)].
+    (``block_width``: end units per block of ``_dp_many``; the answer does not
+    depend on it.)"""
+    return _dp_many([(smats, links)], [caps], np.add, 0.0, block_width)[0]
+
+
+def minsum_dp_many(problems, caps_list, block_width: int = 40) -> list:
+    """``minsum_dp`` of several (smats, links) of one shape, each with its caps (as many
+    for each), run side by side (``_dp_many``); the same answers."""
+    return _dp_many(problems, caps_list, np.add, 0.0, block_width)
+
+
+def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: int = 1 << 19,
+             max_side_by_side: int = 1 << 16) -> list:
+    """The DP behind ``minmax_dp`` (``op`` max, caps inf) and ``minsum_dp`` (``op`` add) for
+    several problems (smats, links) with as many positions and units, each with its caps
+    (E of them for all): for each problem, [(value, stages or None)] per cap.
+
+    A stage [k, e) of degree t ending at position m costs op(best value up to k, S[k, e]),
+    S above the cap counting as inf; the value at (m, e) is the least over k and t, the
+    first k and the first t (in ascending order) on ties.  What numpy costs here is calls,
+    not arithmetic, for small models (orders run side by side: one call for all) and
+    memory traffic for large ones (each S read as column blocks, transposed so that the
+    argmin reduces over the last axis -- numpy's argmin copies its input otherwise --
+    contiguous, and only up to the last row finite in the block: stages end after they
+    start, so half of S is inf).  Rows left out are inf in every S, so inf in every
+    candidate, and the first minimum and its value are what the whole of S gives (all
+    inf: argmin 0 either way).  Problems run side by side only when each position's
+    degrees are in ascending order in every problem (the order ties are broken in), and
+    only while one problem's candidates (E (U+1)^2) number at most ``max_side_by_side``
+    (beyond that the arithmetic, not the calls, is what costs, and stacking the capped
+    matrices of the problems would add to it); groups are sized to about ``max_cells``
+    candidate values."""
+    if not problems:
+        return []
+    smats_l = [_degrees(p[0]) for p in problems]
+    E = len(caps_list[0])
+    assert all(len(c) == E for c in caps_list), "problems run side by side need as many caps"
+    U1 = next(iter(smats_l[0][0].values())).shape[0]
+    ascending = all(list(d) == sorted(d) for sm in smats_l for d in sm)
+    cells = E * U1 * U1
+    per = max(1, max_cells // cells) if ascending and cells <= max_side_by_side else 1
+    out: list = []
+    for lo in range(0, len(problems), per):
+        out += _dp_chunk(smats_l[lo:lo + per], [p[1] for p in problems[lo:lo + per]],
+                         np.array(caps_list[lo:lo + per], float), op, start, block_width)
+    return out
+
+
+def _dp_chunk(smats_l, links_l, caps, op, start, width):
+    """``_dp_many`` of one group: N problems side by side, caps (N, E)."""
+    N, E = caps.shape
+    M = len(smats_l[0])
+    U = next(iter(smats_l[0][0].values())).shape[0] - 1
+    U1 = U + 1
+    links = np.stack(links_l)  # (N, M, M, U+1)
+    A = np.full((N, E, M, U1), INF)
+    argk = np.zeros((N, E, M, U1), int)
+    argt = np.ones((N, E, M, U1), int)
+    src = np.full((N, E, M, U1), -1)
+    uncapped = bool(np.all(caps == INF))  # S <= inf everywhere (S is never nan)
+    # column blocks of S, k up to the last row finite in any S of the group
+    distinct = {id(S): S for sm in smats_l for d in sm for S in d.values()}
+    last = np.full(U1, -1)
+    for S in distinct.values():
+        fin = np.isfinite(S)
+        last = np.maximum(last, np.where(fin.any(axis=0), U1 - 1 - np.argmax(fin[::-1], axis=0), -1))
+    bounds = np.linspace(0, U1, max(1, U1 // width) + 1).round().astype(int).tolist()
+    blocks = [(e0, e1, max(int(last[e0:e1].max()) + 1, 1)) for e0, e1 in zip(bounds, bounds[1:])]
+    blocked: dict = {}  # (id(S), caps, block) -> (E or 1, e, k) contiguous
+
+    def block_of(S, cap_row, b):
+        key = (id(S), None if uncapped else cap_row.tobytes(), b)
+        if key not in blocked:
+            e0, e1, ke = blocks[b]
+            ST = np.ascontiguousarray(S[:ke, e0:e1].T)[None]  # (1, e, k); strided operands are slow
+            blocked[key] = ST if uncapped else np.where(ST <= cap_row[:, None, None], ST, INF)
+        return blocked[key]
+
     for m in range(M):
-        for t, S in smats[m].items():
+        for t in sorted({t for sm in smats_l for t in sm[m]}):
+            sel = [i for i in range(N) if t in smats_l[i][m]]
+            ns = len(sel)
+            ix = slice(None) if ns == N else np.array(sel)
             f = m - t + 1
-            B = np.full((E, U + 1), INF)
-            B[:, 0] = 0.0
-            sb = np.full((E, U + 1), -1)
+            B = np.full((ns, E, U1), INF)
+            B[:, :, 0] = start
+            sb = np.full((ns, E, U1), -1)
             if f > 0:
-                L = links[:f, f][None]  # (1, f, U+1)
-                X = np.where(L <= caps[:, None, None], A[:, :f] + L, INF)
-                B[:, 1:] = X[:, :, 1:].min(axis=1)
-                sb[:, 1:] = X[:, :, 1:].argmin(axis=1)
-            if id(S) not in capped:
-                capped[id(S)] = (S, np.where(S[None] <= caps[:, None, None], S[None], INF))  # (E, U+1, U+1)
-            cand = B[:, :, None] + capped[id(S)][1]  # inf where over the cap (B + inf = inf)
-            k = cand.argmin(axis=1)  # (E, U+1)
-            v = cand.min(axis=1)  # the value at k
-            better = v < A[:, m]
-            A[:, m] = np.where(better, v, A[:, m])
-            argk[:, m] = np.where(better, k, argk[:, m])
-            argt[:, m] = np.where(better, t, argt[:, m])
-            src[:, m] = np.where(better, sb[rows, k], src[:, m])
+                L = links[ix, :f, f][:, None]  # (ns, 1, f, U+1)
+                X = op(A[ix, :, :f], L)
+                if not uncapped:
+                    X = np.where(L <= caps[ix][:, :, None, None], X, INF)
+                B[:, :, 1:] = X[..., 1:].min(axis=2)
+                sb[:, :, 1:] = X[..., 1:].argmin(axis=2)
+            Ss = [smats_l[i][m][t] for i in sel]
+            # uncapped, the problems that share a matrix (devices of one kind at m) read it
+            # once, broadcast; capped, each its own (its caps), stacked
+            if uncapped:
+                groups: dict = {}
+                for j, S in enumerate(Ss):
+                    groups.setdefault(id(S), (S, []))[1].append(j)
+                parts = [(S, js if len(js) < ns else slice(None)) for S, js in groups.values()]
+            else:
+                parts = [(None, slice(None))]
+            k = np.empty((ns, E, U1), np.intp)
+            v = np.empty((ns, E, U1))
+            for S, js in parts:
+                Bj = B[js]
+                for b, (e0, e1, ke) in enumerate(blocks):
+                    if S is not None:
+                        C = block_of(S, None, b)[None]  # (1, 1, e, k)
+                    else:
+                        C = np.stack([block_of(S_, caps[i], b) for S_, i in zip(Ss, sel)])  # (ns, E, e, k)
+                    cand = op(Bj[:, :, None, :ke], C)  # (n, E, e, k); inf where over the cap
+                    kb = cand.argmin(axis=3)
+                    vb = cand.reshape(-1, ke)[np.arange(kb.size), kb.ravel()].reshape(kb.shape)
+                    if isinstance(js, slice):
+                        k[:, :, e0:e1] = kb
+                        v[:, :, e0:e1] = vb
+                    else:
+                        k[js, :, e0:e1] = kb
+                        v[js, :, e0:e1] = vb
+            Am = A[ix, :, m]
+            better = v < Am
+            A[ix, :, m] = np.where(better, v, Am)
+            argk[ix, :, m] = np.where(better, k, argk[ix, :, m])
+            argt[ix, :, m] = np.where(better, t, argt[ix, :, m])
+            src[ix, :, m] = np.where(better, np.take_along_axis(sb, k, axis=2), src[ix, :, m])
     out = []
-    for i in range(E):
-        m = int(A[i, :, U].argmin())
-        val = float(A[i, m, U])
-        out.append((val, _backtrack(m, U, argk[i], argt[i], src[i]) if np.isfinite(val) else None))
+    for n in range(N):
+        res = []
+        for e in range(E):
+            mm = int(A[n, e, :, U].argmin())
+            val = float(A[n, e, mm, U])
+            res.append((val, _backtrack(mm, U, argk[n, e], argt[n, e], src[n, e]) if np.isfinite(val) else None))
+        out.append(res)
     return out
 
 
@@ -475,9 +551,8 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     receives the feasible sequences, best first."""
     probs = []
     cands: dict[Partition, tuple] = {}
-    for seq in sequences:
-        smats, links = sequence_problem(pc, seq)
-        val, stages = minmax_dp(smats, links)
+    problems = [sequence_problem(pc, seq) for seq in sequences]
+    for seq, (smats, links), (val, stages) in zip(sequences, problems, minmax_dp_many(problems)):
         if stages is not None:
             part = to_partition(seq, stages)
             cands.setdefault(part, None)
@@ -494,14 +569,20 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
         ranked_sequences[:] = [p[2] for p in probs]
     best_b = min(p[1] for p in probs)
     strict = pc.recut and max(pc.slices) > pc.mem_slice
+    caps_of = [[INF] if rank >= refine or val > best_b * (1 + keep) else
+               [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
+               for rank, (_, val, _, _, _) in enumerate(probs)]
+    # the min-sum DPs of all orders side by side, those with the same number of caps together
+    founds: list = [None] * len(probs)
+    for n_caps in dict.fromkeys(len(c) for c in caps_of):
+        idx = [i for i, c in enumerate(caps_of) if len(c) == n_caps]
+        for i, r in zip(idx, minsum_dp_many([probs[i][3:5] for i in idx], [caps_of[i] for i in idx])):
+            founds[i] = r
     for rank, (_, val, seq, smats, links) in enumerate(probs):
-        if rank >= refine or val > best_b * (1 + keep):
-            # the rest get the uncapped min-sum only (the least total work: what wins
-            # when there are too few items to pipeline, whatever the bottleneck)
-            caps = [INF]
-        else:
-            caps = [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
-        found = minsum_dp(smats, links, caps)
+        # the refined orders get caps B*(1+eps); the rest the uncapped min-sum only (the least
+        # total work: what wins when there are too few items to pipeline, whatever the bottleneck)
+        caps = caps_of[rank]
+        found = founds[rank]
         if strict and any(st is not None and pc.needs_recut(to_partition(seq, st)) for _, st in found):
             # also among the partitions that hold the current slices as they are: the
             # cheapest partition overall may need its slices cut, and lose by it

@@ -224,40 +224,72 @@ def _path_max_h(back, L, h_of):
     return hm
 
 
-def _batch_dp_many(problems):
+def _batch_dp_many(problems, block_cells: int = 1 << 21):
     """``_batch_dp`` of several (GT, HT, thresholds, earliest starts) of one L at once:
     the thresholds of all side by side, each column reading its own grid.  The window
     is the union of theirs; rows outside a problem's own window hold inf for its
     columns (slices too long for memory, or above its threshold), so every column's
-    minimum, and the first position of it, is what ``_batch_dp`` finds alone."""
-    if len(problems) == 1:
-        return [_batch_dp(*problems[0])]
+    minimum, and the first position of it, is what ``_batch_dp`` finds alone.
+
+    The loop over end positions is bound by numpy's per-call overhead, so each column's
+    grid entries, masked by its threshold, are gathered before it for a block of rows at
+    a time (the band of (p, q) with starts[p] <= q < p, at most ``block_cells`` values a
+    block): the loop itself then adds, takes the argmin and reads off the minimum.  The
+    same sums and comparisons as ``_batch_dp``, so the same values and back-pointers
+    (inf + f is inf, as ``_batch_dp``'s masked entries are)."""
     L = problems[0][0].shape[0] - 1
-    GT3 = np.stack([p[0] for p in problems], axis=2)  # (L+1, L+1, N)
-    HT3 = np.stack([p[1] for p in problems], axis=2)
+    N = len(problems)
     t = np.concatenate([np.asarray(p[2], float) for p in problems])
     col = np.concatenate([np.full(len(p[2]), i) for i, p in enumerate(problems)])
+    edges = np.cumsum([0] + [len(p[2]) for p in problems]).tolist()  # each problem's columns
     K = len(t)
-    starts = np.minimum.reduce([np.asarray(p[3]) for p in problems]).tolist()
+    starts = np.minimum.reduce([np.asarray(p[3]) for p in problems]).astype(np.intp)
+    starts[0] = 0
     capped = bool(np.isfinite(t).any())
-    f = np.full((L + 1, K), INF)
-    f[0] = 0.0
-    back = np.zeros((L + 1, K), np.intp)
+    lens = np.arange(L + 1) - starts  # window length per end position
+    lens[0] = 0
+    offs = np.concatenate(([0], np.cumsum(lens)))
+    # threshold-major (K, positions): numpy's argmin copies its input unless it reduces
+    # over the last axis, so each column's window lies along that axis
+    f = np.full((K, L + 1), INF)
+    f[:, 0] = 0.0
+    back = np.zeros((K, L + 1), np.intp)
     ar = np.arange(K)
-    for p in range(1, L + 1):
-        q0 = starts[p]
-        vals = f[q0:p] + GT3[p, q0:p][:, col]  # (p - q0, K)
-        if capped:
-            np.putmask(vals, HT3[p, q0:p][:, col] > t, INF)
-        j = vals.argmin(axis=0)
-        f[p] = vals[j, ar]
-        j += q0
-        back[p] = j
-    hm = _path_max_h(back, L, lambda pos, prev: HT3[pos, prev, col])
+    starts_l, offs_l = starts.tolist(), offs.tolist()
+    p = 1
+    while p <= L:
+        # a block of rows [p, p_hi): its band gathered at once
+        p_hi = p + 1
+        while p_hi <= L and (offs_l[p_hi + 1] - offs_l[p]) * K <= block_cells:
+            p_hi += 1
+        lo, hi = offs_l[p], offs_l[p_hi]
+        bl = lens[p:p_hi]
+        pp = np.repeat(np.arange(p, p_hi), bl)
+        qq = np.arange(hi - lo) - np.repeat(offs[p:p_hi] - lo, bl) + np.repeat(starts[p:p_hi], bl)
+        G = np.empty((K, hi - lo))  # (K, band): each problem's grid in its columns, inf above its thresholds
+        for i, pr in enumerate(problems):
+            dst = G[edges[i]:edges[i + 1]]
+            dst[:] = pr[0][pp, qq]
+            if capped:
+                np.putmask(dst, pr[1][pp, qq] > t[edges[i]:edges[i + 1], None], INF)
+        for r in range(p, p_hi):
+            q0, a = starts_l[r], offs_l[r] - lo
+            vals = f[:, q0:r] + G[:, a:a + r - q0]  # (K, r - q0)
+            j = vals.argmin(axis=1)
+            f[:, r] = vals[ar, j]
+            back[:, r] = j  # relative to the window's start: made absolute after the loop
+        p = p_hi
+    back += starts  # (K, L+1) + (L+1,): one call instead of one per position
+    if N == 1:
+        HT = problems[0][1]
+        hm = _path_max_h(back.T, L, lambda pos, prev: HT[pos, prev])
+    else:
+        HT3 = np.stack([pr[1] for pr in problems], axis=2)
+        hm = _path_max_h(back.T, L, lambda pos, prev: HT3[pos, prev, col])
     out, lo = [], 0
     for p_ in problems:
         hi = lo + len(p_[2])
-        out.append((f[L, lo:hi], hm[lo:hi], back[:, lo:hi].T))
+        out.append((f[lo:hi, L], hm[lo:hi], back[lo:hi]))
         lo = hi
     return out
 
@@ -338,7 +370,9 @@ def _search(grid: SliceGrid, top: int, batch: int, method: str, fan: int):
     t_lb = _minmax_dp(HT, qmin)
     if not np.isfinite(t_lb):
         return [], 0
-    thresholds = np.unique(HT[finite & (HT >= t_lb)])
+    thresholds = np.sort(HT[finite & (HT >= t_lb)])
+    # distinct values, as np.unique gives them (which would import numpy.ma: start-up time)
+    thresholds = thresholds[np.concatenate(([True], thresholds[1:] != thresholds[:-1]))[:len(thresholds)]]
     # candidates keyed by (sum g, max h): one slicing reached from several thresholds
     # gives the same pair, so paths are rebuilt only for the final few
     found: dict[tuple[float, float], tuple[float, np.ndarray, int]] = {}
