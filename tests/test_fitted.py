@@ -241,7 +241,7 @@ def test_units_timed_alone_give_the_colocation_interference(tmp_path):
     n = np.array([32, 64, 128])
     np.testing.assert_allclose(setup.cost.unit_time_alone_s(attn, "local/core-0", n, 64, 2),
                                0.8 * setup.cost.unit_time_s(attn, "local/core-0", n, 64, 2), rtol=1e-6)
-    assert setup.cost.colocated() == [frozenset({"local/core-0", "local/core-1"})]
+    assert setup.cost.colocated() == [(frozenset({"local/core-0", "local/core-1"}), 2)]
     end = len(setup.units)
     one = Plan(planner="t", scenario="local-cpu", stages=[Stage(devices=["local/core-0"], units=(0, end))],
                slices=[512], micro_batches=1)
@@ -257,3 +257,26 @@ def test_units_timed_alone_give_the_colocation_interference(tmp_path):
     r_busy = simulate(plain, two)
     # the fill and drain run alone, the overlap beside a busy neighbour
     assert 0.8 * r_busy.latency_s < r.latency_s < r_busy.latency_s
+
+
+def test_colocation_covers_the_devices_the_profile_timed_by_id(tmp_path):
+    """A third core priced by another core's entry (same type and placement) is not in the
+    group: the profile does not say where it runs.  The group keeps the profile's count of
+    devices timed together.  A generation plan's predicted figures are the simulated ones."""
+    from hpipe.planners import make_plan
+    from hpipe.sim import simulate
+
+    prof = synthetic_profile(noise=0.0)
+    for d in prof["devices"]:
+        d["alone"] = {k: dict(u, seconds=[0.8 * t for t in u["seconds"]]) for k, u in d["units"].items()}
+    path = fitted_scenario(tmp_path, prof)
+    data = yaml.safe_load(path.read_text())
+    data["cluster"]["hosts"][0]["devices"][0]["count"] = 3
+    data["workload"]["output_tokens"] = 4
+    path.write_text(yaml.safe_dump(data))
+    setup = load_scenario(path).resolve()
+    assert setup.cost.colocated() == [(frozenset({"local/core-0", "local/core-1"}), 2)]
+    plan = make_plan(setup)
+    r = simulate(setup, plan)
+    assert plan.predicted["latency_s"] == pytest.approx(r.latency_s, rel=1e-9)
+    assert plan.predicted["tpot_s"] == pytest.approx(r.tpot_s, rel=1e-9)

@@ -109,7 +109,7 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
 
     setup = load_scenario(path).resolve()
     assert setup.cost.name == "fitted"
-    assert setup.cost.colocated() == [frozenset({"local/core-0", "local/core-1"})]
+    assert setup.cost.colocated() == [(frozenset({"local/core-0", "local/core-1"}), 2)]
     lat, per_byte = fit_link(ar.sizes_bytes, ar.seconds)
     assert float(setup.cost.allreduce_time_s(["local/core-0", "local/core-1"], 65536)) == \
         pytest.approx(lat + 65536 * per_byte)

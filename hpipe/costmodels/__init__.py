@@ -87,10 +87,12 @@ class CostModel(ABC):
         whatever its neighbours do: datasheet models, GPUs)."""
         return None
 
-    def colocated(self) -> list[frozenset[str]]:
-        """Groups of devices that share one machine's caches and memory bus: a unit on one of
-        them takes ``unit_time_s`` while all the others compute, ``unit_time_alone_s`` while
-        none does (the simulator interpolates by how many are busy).  None by default."""
+    def colocated(self) -> list[tuple[frozenset[str], int]]:
+        """Groups of devices that share one machine's caches and memory bus, each with the
+        number of devices that shared it when ``unit_time_s`` was measured (at least the
+        group's size): a unit takes ``unit_time_s`` while that many less one neighbours
+        compute, ``unit_time_alone_s`` while none does (the simulator interpolates by how
+        many are busy).  None by default."""
         return []
 
     def busy_power_w(self, device_id: str) -> float:

@@ -341,23 +341,28 @@ class Fitted(CostModel):
         alone = self._alone_coef.get((dp.device, unit.kind))
         if alone is None:
             return None
-        ratio = predict(unit.kind, alone, n, c, b) / predict(unit.kind, self._coef[(dp.device, unit.kind, 1)], n, c, b)
+        ratio = _ratio(predict(unit.kind, alone, n, c, b),
+                       predict(unit.kind, self._coef[(dp.device, unit.kind, 1)], n, c, b))
         dec_alone = self._alone_decode_coef.get((dp.device, unit.kind))
         dec = self._decode_coef.get((dp.device, unit.kind, 1))
         if np.any(is_decode(n, c)):
-            dec_ratio = (predict(unit.kind, dec_alone, n, c, b, DECODE_FEATURES)
-                         / predict(unit.kind, dec, n, c, b, DECODE_FEATURES)) if dec_alone is not None else 1.0
+            dec_ratio = (_ratio(predict(unit.kind, dec_alone, n, c, b, DECODE_FEATURES),
+                                predict(unit.kind, dec, n, c, b, DECODE_FEATURES))
+                         if dec_alone is not None and dec is not None else 1.0)
             ratio = np.where(is_decode(n, c), dec_ratio, ratio)
         # A ratio of two noisy fits can wander far outside the grid: a busy neighbour does not
         # make a unit twice as slow, and an idle one does not make it much slower (a little
         # above 1 is the profile's noise, kept so that it averages out).
         return self.unit_time_s(unit, device_id, n, c, b) * np.clip(ratio, 0.5, 1.25)
 
-    def colocated(self) -> list[frozenset[str]]:
-        """The scenario's devices whose profile entries were also timed alone: the profiler
-        measured them on this one machine, side by side."""
-        group = frozenset(d for d, dp in self._device_profile.items() if dp.alone)
-        return [group] if len(group) > 1 else []
+    def colocated(self) -> list[tuple[frozenset[str], int]]:
+        """The scenario's devices that the profile measured by their own ids, side by side on
+        one machine, and timed alone too; with the number of devices the profile timed
+        together.  A device priced by another's entry (same type and placement) is left out:
+        where it runs, and beside what, the profile does not say."""
+        profiled = sum(1 for dp in self.profile.devices if dp.alone)
+        group = frozenset(d for d, dp in self._device_profile.items() if dp.alone and dp.device == d)
+        return [(group, profiled)] if len(group) > 1 else []
 
     def has_decode_fit(self, device_id: str) -> bool:
         """Whether decode steps on this device come from timed decode points (else extrapolated)."""
@@ -481,6 +486,13 @@ def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dic
             if decode is not None:
                 rows[f"{name}/decode"] = holdout_error(kind, decode, DECODE_FEATURES).as_dict()
     return out
+
+
+def _ratio(alone: np.ndarray, busy: np.ndarray) -> np.ndarray:
+    """alone / busy, and 1 where the busy fit predicts nothing (0/0 would reach the simulator
+    as NaN times)."""
+    alone, busy = np.asarray(alone, float), np.asarray(busy, float)
+    return np.divide(alone, busy, out=np.ones(np.broadcast(alone, busy).shape), where=busy > 0)
 
 
 def alone_ratios(profile: Profile, basis: str = "wall") -> dict[str, float]:

@@ -154,8 +154,8 @@ class DeviceProfile(_Strict):
     the fitted model then models codec time as memory passes, as the roofline does)."""
     alone: dict[Literal["embed", "attn", "mlp", "head"], UnitSamples] = {}
     """The same units timed again (half the repeats) while every other device of the profile waited idle (CPU
-    devices that share this machine's caches and memory bus; empty for GPUs and for profiles
-    made before 2026-12).  ``units`` are timed with all devices busy at once, as in a full
+    devices that share this machine's caches and memory bus; empty for GPUs, for a lone CPU
+    device, with ``hpipe profile --no-alone`` and in profiles made before 2026-12).  ``units`` are timed with all devices busy at once, as in a full
     pipeline; the two together give the fitted model its co-location interference (on the
     2-core AMD EPYC VM, attention at 32 tokens took 1.75 ms alone and 2.1-2.6 ms beside a busy
     neighbour)."""

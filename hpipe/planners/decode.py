@@ -169,7 +169,7 @@ def prefill_times(rows: Rows) -> np.ndarray:
 
 
 def simulated_figures(setup, plan) -> dict:
-    """The simulator's figures (plans whose hops share a link)."""
+    """The simulator's figures (plans whose hops share a link, or devices a machine)."""
     from hpipe.sim import simulate
 
     r = simulate(setup, plan)
@@ -183,7 +183,7 @@ def plan_figures(setup, plan) -> dict:
     plan = plan if plan.decode_micro_batches else plan.model_copy(update={"decode_micro_batches": decode_groups(plan)})
     work = DecodeWork.of(setup, plan)
     rows = rows_from_cost(setup, plan, work)
-    if rows.shared:
+    if rows.shared or setup.cost.colocated():
         return simulated_figures(setup, plan)
     return timeline(rows, work, setup.batch_size)
 

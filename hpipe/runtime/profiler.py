@@ -32,7 +32,9 @@ runs slower while a neighbour computes (attention at 32 tokens on the 2-core AMD
 1.75 ms alone, 2.1-2.6 ms beside a busy core).  A pipeline leaves devices idle part of the
 time (filling, draining, one-stage plans), so after the sweeps above each CPU device in turn
 sweeps its units again while the others wait at a barrier (``DeviceProfile.alone``); the
-fitted model prices a unit between the two by how many neighbours are busy.
+fitted model prices a unit between the two by how many neighbours are busy.  (A device
+done with its timed sweeps first keeps computing, untimed, until all are done, so that
+the slower devices' last sweeps are not timed beside an idle neighbour.)
 
 Links: after the units, the device processes join one group with the backend
 the runtime would use (NCCL when every device is a GPU, else gloo, over the
@@ -211,13 +213,18 @@ def _spread(xs) -> float:
     return float((q75 - q25) / q50) if q50 > 0 else 0.0
 
 
-def _time_units(job: ProfileJob, report, turns=None) -> tuple[dict[str, dict], list[dict], float | None, dict]:
+def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dict[str, dict], list[dict],
+                                                                            float | None, dict]:
     """Samples per unit kind, per tensor-parallel shard kind, the share of wall time this
     process had a CPU (None on a GPU), and the units timed alone (empty unless ``turns``).
 
-    ``turns`` (a barrier of every profiling process): after the sweeps with all devices busy
-    at once, each CPU device in rank order sweeps its whole units again while the others wait
-    at the barrier, so the profile has each unit both beside busy neighbours and alone."""
+    ``finished`` (a counter shared by every profiling process): a device done with its timed
+    sweeps keeps running the chain, untimed, until every device is done -- a fast device that
+    went idle would leave a slower one's last sweeps timed beside an idle neighbour (a device
+    with half a core runs twice as long as a whole one).  ``turns`` (a barrier of every
+    profiling process): then each device of ``job.alone_ranks`` in turn sweeps its whole units
+    again while the others wait at the barrier, so the profile has each unit both beside busy
+    neighbours and alone."""
     import torch
 
     from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel, make_caches
@@ -282,7 +289,15 @@ def _time_units(job: ProfileJob, report, turns=None) -> tuple[dict[str, dict], l
         hidden = {p: torch.randn(p[2], p[0], spec.d_model, generator=g).to(device, TORCH_DTYPES[job.dtype])
                   for p in job.grid.points} if len(chains) > 1 else {}
         sweep(chains, job.warmup, job.repeats, samples, cpu_samples)
-        if turns is not None:
+        if finished is not None:
+            with finished.get_lock():
+                finished.value += 1
+            while finished.value < len(job.devices):
+                for p in job.grid.points:
+                    if finished.value >= len(job.devices):
+                        break
+                    (_gpu_chain if gpu else _cpu_chain)(chains[1], ids[p], p[1], caches[(1, p[2])])
+        if turns is not None and job.alone_ranks:
             for rank in job.alone_ranks:
                 turns.wait(timeout=job.timeout_s)  # everyone is idle from here ...
                 if rank == job.rank:  # one sweep to warm this device's caches again, then the repeats
@@ -544,7 +559,7 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     return out
 
 
-def profile_worker(job: ProfileJob, q, turns=None) -> None:
+def profile_worker(job: ProfileJob, q, turns=None, finished=None) -> None:
     """Entry of one profiling process: place itself, time the units, then the links."""
     import signal
 
@@ -562,7 +577,7 @@ def profile_worker(job: ProfileJob, q, turns=None) -> None:
         def report(kind, k):
             q.put((kind, job.rank, k))
 
-        units, shards, cpu_share, alone = _time_units(job, report, turns if job.alone_ranks else None)
+        units, shards, cpu_share, alone = _time_units(job, report, turns, finished)
         codecs = _time_codecs(job)
         links, all_reduces = [], []
         if job.measure_links and len(job.devices) > 1:
@@ -662,8 +677,9 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"},
                            codec_sizes=codec_sizes(setup) if time_codecs else [], alone_ranks=alone_ranks)
                 for r, d in enumerate(devices)]
-        turns = ctx.Barrier(len(jobs))
-        procs = [ctx.Process(target=run_watched, args=(f"{__name__}:profile_worker", pickle.dumps(j), q, turns),
+        turns, finished = ctx.Barrier(len(jobs)), ctx.Value("i", 0)
+        procs = [ctx.Process(target=run_watched, args=(f"{__name__}:profile_worker", pickle.dumps(j), q, turns,
+                                                       finished),
                              name=f"hpipe-profile-{j.rank}", daemon=True)
                  for j in jobs]
         with progress(quiet) as bar:

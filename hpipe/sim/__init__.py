@@ -50,12 +50,13 @@ def transfer_link(cluster, src: str, dst: str) -> str | None:
     return bottleneck_link(route, directed_links(route, src))
 
 
-def build(setup, plan: Plan) -> PipelineSpec:
-    """Every duration of the plan, from the setup's cost model, vectorised over work items."""
+def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
+    """Every duration of the plan, from the setup's cost model, vectorised over work items
+    (generation's decode steps too, unless ``decode`` is False)."""
     cost = setup.cost
     db = setup.dtype_bytes
     items = plan.items(setup.batch_size)
-    work = DecodeWork.of(setup, plan) if setup.output_tokens else None
+    work = DecodeWork.of(setup, plan) if setup.output_tokens and decode else None
     if work is not None:  # generation: the decode steps follow the prefill on every stage
         items = items + work.items()
     k = len(items)

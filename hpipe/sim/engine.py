@@ -25,7 +25,13 @@ Processes (simpy generators)
   j-1 to finish it, take the links, hold them, release, and let the latency
   elapse before stage j sees the input.
 
-With zero transfers this is exactly C[i][j] = max(C[i-1][j], C[i][j-1]) + t[i][j].
+With zero transfers this is exactly C[i][j] = max(C[i-1][j], C[i][j-1]) + t[i][j]
+(unless devices are co-located, below).
+
+Co-located devices (``PipelineSpec.colocated``: emulated devices sharing one machine's
+caches and memory bus) run a one-device stage's item at a rate set by how many of their
+neighbours compute meanwhile, between ``StageSpec.alone_compute_s`` and ``compute_s``
+(``_Colocation``: processor sharing, re-timed whenever a neighbour starts or stops).
 
 Generation (``PipelineSpec.feedback``, see ``hpipe.sim.decode``) adds one process per
 decode group: for each of the group's items in order, wait until the last stage has
@@ -126,8 +132,9 @@ class PipelineSpec:
     """Per item: "prefill" or "decode" (None: all prefill)."""
     feedback: Feedback | None = None
     """Generation: what decode items wait for before stage 0 may start them."""
-    colocated: list[frozenset[str]] = field(default_factory=list)
-    """Devices that share one machine's caches and memory bus (see ``_Colocation``)."""
+    colocated: list[tuple[frozenset[str], int]] = field(default_factory=list)
+    """Devices that share one machine's caches and memory bus, each group with the number of
+    devices that were busy together when ``compute_s`` was measured (see ``_Colocation``)."""
 
     def __post_init__(self):
         if not self.hops:
@@ -170,9 +177,13 @@ class _Colocation:
     new rate (processor sharing, not a price fixed when the item starts: in a two-stage
     pipeline the second stage starts just after the first starts its next item)."""
 
-    def __init__(self, env, groups: list[frozenset[str]]):
+    def __init__(self, env, groups: list[tuple[frozenset[str], int]]):
         self.env = env
-        self.neighbours = {d: g - {d} for g in groups for d in g}
+        # A group's `together` time was measured with `size - 1` neighbours busy (the profile
+        # may have timed more devices than the plan's scenario groups here).
+        groups = [(g, max(size, len(g))) for g, size in groups if len(g) > 1]
+        self.neighbours = {d: g - {d} for g, _ in groups for d in g}
+        self.together = {d: size - 1 for g, size in groups for d in g}
         self.computing: set[str] = set()
         self.changed = env.event()
 
@@ -195,11 +206,11 @@ class _Colocation:
 
     def run(self, device: str, alone_s: float, together_s: float):
         """Compute one item on ``device`` (already held) at the rate its neighbours allow."""
-        others = self.neighbours[device]
+        others, together = self.neighbours[device], self.together[device]
         left = 1.0  # share of the item's work still to do
         with self.hold([device]):
             while left > 1e-12:
-                busy = len(others & self.computing) / len(others)
+                busy = len(others & self.computing) / together
                 whole_s = alone_s + (together_s - alone_s) * busy  # the item at this rate
                 changed, t0 = self.changed, self.env.now
                 done = self.env.timeout(left * whole_s)
@@ -238,7 +249,7 @@ def run(spec: PipelineSpec) -> list[Event]:
         res = [devices[d] for d in st.devices]
         compute = np.asarray(st.compute_s, float).tolist()
         alone = (np.asarray(st.alone_compute_s, float).tolist()
-                 if st.alone_compute_s is not None and st.devices[0] in coloc.neighbours else None)
+                 if st.alone_compute_s is not None and st.tp == 1 and st.devices[0] in coloc.neighbours else None)
         for i in range(n_items):
             if j > 0:
                 yield arrived[j][i]
@@ -251,8 +262,7 @@ def run(spec: PipelineSpec) -> list[Event]:
                     yield from coloc.run(st.devices[0], alone[i], compute[i])
                 _record_stage(log, j, st, i, items[i], t0, env.now)
             elif st.allreduce_s is not None:
-                with coloc.hold(st.devices):  # busy neighbours of co-located devices
-                    yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i])
+                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i], coloc)
             else:
                 with coloc.hold(st.devices):
                     t0 = yield from _occupy(env, res, compute[i])
@@ -308,7 +318,7 @@ def run(spec: PipelineSpec) -> list[Event]:
     return [_event(rec) for rec in log]
 
 
-def _tp_phases(env, log, links, j, st, i, mb_sl, res, total_s):
+def _tp_phases(env, log, links, j, st, i, mb_sl, res, total_s, coloc: _Colocation):
     """A tensor-parallel stage on one item: hold the group's devices throughout; forward the
     input to each peer (holding that link), run the shards, then all-reduce (holding the
     ring's links).  Links are requested in one global (sorted) order, and a stage asks for
@@ -331,7 +341,8 @@ def _tp_phases(env, log, links, j, st, i, mb_sl, res, total_s):
         ar = float(st.allreduce_s[i])
         busy = max(total_s - scatter - ar, 0.0)  # the shards (and any fixed per-item overhead)
         t0 = env.now
-        yield env.timeout(busy)
+        with coloc.hold(st.devices):  # computing, for co-located neighbours: the shards only
+            yield env.timeout(busy)
         for k, d in enumerate(st.devices):
             dt = float(st.device_compute_s[k][i]) if st.device_compute_s is not None else busy
             log.append(("compute", d, None, None, j, mb_sl, t0, t0 + min(dt, busy), 0.0))

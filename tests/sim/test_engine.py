@@ -204,7 +204,7 @@ def _coloc_spec(alone, together, colocated=True):
     hops = [None, HopSpec(src="d0", dst="d1", links=(), bottleneck=None, hold_s=np.zeros(len(alone)),
                           latency_s=np.zeros(len(alone)), nbytes=np.zeros(len(alone)))]
     return PipelineSpec(items=[(0, i) for i in range(len(alone))], stages=stages, hops=hops,
-                        colocated=[frozenset({"d0", "d1"})] if colocated else [])
+                        colocated=[(frozenset({"d0", "d1"}), 2)] if colocated else [])
 
 
 def _log(events):
@@ -236,3 +236,14 @@ def test_colocated_latency_lies_between_all_alone_and_all_together(t, ratio):
     lo = _recurrence(alone)[-1, -1]
     hi = _recurrence(together)[-1, -1]
     assert lo - 1e-9 <= lat <= hi + 1e-9
+
+
+def test_together_means_every_neighbour_the_profile_had_busy():
+    """The group's together time was measured with two neighbours busy (a profile of three
+    devices) and the plan uses two of them: one busy neighbour is half way.  Hand-checked:
+    at t = 1 both compute, so stage 0's item 1 would take 3 + (6 - 3)/2 = 4.5 and stage 1's
+    item 0 2 + (4 - 2)/2 = 3, ending at t = 4 with 2/3 of stage 0's item done; its last
+    third runs alone (3 s for a whole item): t = 5; stage 1's item 1 alone: t = 6."""
+    spec = _coloc_spec([[1, 2], [3, 1]], [[2, 4], [6, 2]])
+    spec.colocated = [(frozenset({"d0", "d1"}), 3)]
+    assert _log(run(spec)) == [("d0", 0, 0.0, 1.0), ("d0", 1, 1.0, 5.0), ("d1", 0, 1.0, 4.0), ("d1", 1, 5.0, 6.0)]
