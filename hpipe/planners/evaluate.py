@@ -170,8 +170,8 @@ def makespan_s(setup, plan) -> float:
     Where devices share a machine (``CostModel.colocated``: a profile that timed them alone
     too), an item's time depends on what its neighbours do meanwhile, which the recurrence
     cannot express: the simulator plays the plan out instead.  The searches still rank
-    candidates with the recurrence at the busy-neighbour prices (which over-price plans that
-    leave a device idle, where the profile measured a real difference)."""
+    candidates with the recurrence at the busy-neighbour prices (which misprice plans that
+    leave a device idle, where the profile measured a difference)."""
     if setup.cost.colocated():
         from hpipe.sim import build, run
 
