@@ -49,6 +49,14 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C acts as on a terminal.  A test run started in the
+    background by a non-interactive shell (``cmd &``) inherits SIGINT ignored, and so would
+    every hpipe it starts: CPython leaves an inherited SIG_IGN alone (five Ctrl-C tests
+    failed so when CI was launched with ``&``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class TerminalRun:
     """``hpipe ARGS`` on a pty of 80 columns, in a session of its own."""
 
@@ -58,7 +66,8 @@ class TerminalRun:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(columns), "LINES": "40",
                     "TERM": "xterm", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "hpipe", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=full_env, cwd=ROOT, start_new_session=True)
+                                     stderr=slave, env=full_env, cwd=ROOT, start_new_session=True,
+                                     preexec_fn=default_sigint)
         os.close(slave)
         self._master = master
         self._chunks: list[bytes] = []

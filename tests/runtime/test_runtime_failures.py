@@ -93,6 +93,8 @@ def test_launcher_signal_stops_every_worker(tmp_path, sig):
     """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # Ctrl-C acts even when the test run was started with `&` (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             text=True, env=env)
     try:
         line = proc.stdout.readline()
