@@ -276,19 +276,17 @@ class Fitted(CostModel):
                     raise InputError(f"device {dp.device!r} has no '{kind}' measurements",
                                      file=str(self.profile_path), field="devices.units")
             for kind, tp, samples in dp.all_samples():
-                prefill, decode = split_decode(basis_samples(dp, samples, config.basis))
-                self._coef[(dp.device, kind, tp)] = fit_samples(kind, prefill)
+                self._coef[(dp.device, kind, tp)], decode = _fit_phases(dp, kind, samples, config.basis)
                 if decode is not None:
-                    self._decode_coef[(dp.device, kind, tp)] = fit_samples(kind, decode, table=DECODE_FEATURES)
+                    self._decode_coef[(dp.device, kind, tp)] = decode
         # Co-location: the same units timed with the profile's other devices idle, fitted alike.
         self._alone_coef: dict[tuple[str, str], np.ndarray] = {}  # (device, kind)
         self._alone_decode_coef: dict[tuple[str, str], np.ndarray] = {}
         for dp in {id(p): p for p in self._device_profile.values()}.values():
             for kind, samples in dp.alone.items():
-                prefill, decode = split_decode(basis_samples(dp, samples, config.basis))
-                self._alone_coef[(dp.device, kind)] = fit_samples(kind, prefill)
+                self._alone_coef[(dp.device, kind)], decode = _fit_phases(dp, kind, samples, config.basis)
                 if decode is not None:
-                    self._alone_decode_coef[(dp.device, kind)] = fit_samples(kind, decode, table=DECODE_FEATURES)
+                    self._alone_decode_coef[(dp.device, kind)] = decode
         self._codec_coef: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # (device, codec)
         for dp in {id(p): p for p in self._device_profile.values()}.values():
             for name, samples in dp.codecs.items():
@@ -490,6 +488,12 @@ def fit_report(profile: Profile, basis: str = "wall") -> dict[str, dict[str, dic
             if decode is not None:
                 rows[f"{name}/decode"] = holdout_error(kind, decode, DECODE_FEATURES).as_dict()
     return out
+
+
+def _fit_phases(dp: DeviceProfile, kind: str, samples: UnitSamples, basis: str):
+    """(prefill coefficients, decode coefficients or None) of one unit kind's samples."""
+    prefill, decode = split_decode(basis_samples(dp, samples, basis))
+    return fit_samples(kind, prefill), (fit_samples(kind, decode, table=DECODE_FEATURES) if decode is not None else None)
 
 
 def _ratio(alone: np.ndarray, busy: np.ndarray) -> np.ndarray:
