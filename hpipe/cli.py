@@ -613,6 +613,11 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
             con.print("co-location: units timed alone take " + ", ".join(f"{r:.0%} on {d}" for d, r in alone.items())
                       + " of their time beside busy neighbours (median over the grid); the simulator prices "
                       "each item by how many of its device's neighbours compute meanwhile")
+        if prof.step_hops:
+            waits = ", ".join(f"{d.after_wait.ratio:.0%} on {d.device}" for d in prof.devices if d.after_wait)
+            hops = ", ".join(f"{' <-> '.join(sh.between)} {sh.two_hops_s / 2 * 1e3:.2f} ms" for sh in prof.step_hops)
+            con.print(f"decode step loop (probe): a message to a waiting stage takes {hops} one way (median); "
+                      f"a decode step after a wait takes {waits} of its back-to-back CPU time")
         for d in prof.devices:
             quota = d.placement.get("cpu_quota")
             expect = min(1.0, float(quota)) if quota else 1.0

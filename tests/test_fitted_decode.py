@@ -32,6 +32,38 @@ def with_decode_points(prof, contexts=(128, 512, 520, 530), batches=(1, 2)):
     return prof
 
 
+def with_step_probe(prof, two_hops_s=(0.004, 0.005, 0.0045), ratio=1.2):
+    """The step-loop probe's entries (``hpipe.runtime.step_probe``) for the first two devices."""
+    a, b = (d["device"] for d in prof["devices"][:2])
+    prof["step_hops"] = [{"between": [a, b], "point": [1, 512, 2], "forward_bytes": 4096, "return_bytes": 16,
+                          "hops_s": list(two_hops_s)}]
+    for d in prof["devices"]:
+        d["after_wait"] = {"point": [1, 512, 2], "cpu_seconds": [0.01 * ratio, 0.01 * ratio],
+                           "back_to_back_cpu_seconds": 0.01}
+    return prof
+
+
+def test_step_loop_costs_come_from_the_probe(tmp_path):
+    """A decode message costs the ping-pong's time plus half of what the probe's two hops took
+    beyond it; a stage after a wait computes the probe's after-wait ratio longer."""
+    prof = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)), two_hops_s=(0.004, 0.009, 0.005),
+                           ratio=1.2)
+    setup = load_scenario(fitted_scenario(tmp_path, prof, "probe.json")).resolve()
+    cost = setup.cost
+    a, b = setup.cluster.device_ids[:2]
+    wire = float(cost.transfer_time_s(a, b, 4096) + cost.transfer_time_s(a, b, 16))
+    assert cost.step_overhead_s(a, b) == pytest.approx((0.005 - wire) / 2)  # the median round
+    assert cost.step_overhead_s(b, a) == cost.step_overhead_s(a, b) and cost.step_overhead_s(a, a) == 0.0
+    assert cost.after_wait_factor(a) == pytest.approx(1.2)
+    # without the probe: no overhead, no factor (and a ratio below 1 is not believed)
+    plain = load_scenario(fitted_scenario(tmp_path, with_step_probe(with_decode_points(
+        synthetic_profile(noise=0.0)), ratio=0.7), "low.json")).resolve()
+    assert plain.cost.after_wait_factor(a) == 1.0
+    none = load_scenario(fitted_scenario(tmp_path, with_decode_points(synthetic_profile(noise=0.0)),
+                                         "none.json")).resolve()
+    assert none.cost.step_overhead_s(a, b) == 0.0 and none.cost.after_wait_factor(a) == 1.0
+
+
 def test_decode_points_get_their_own_fit(tmp_path):
     plain = load_scenario(fitted_scenario(tmp_path, synthetic_profile(noise=0.0), "plain.json")).resolve()
     setup = load_scenario(fitted_scenario(tmp_path, with_decode_points(synthetic_profile(noise=0.0)),
@@ -99,5 +131,9 @@ def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_
     data["workload"]["output_tokens"] = 8
     gen = parse_scenario(data).resolve()
     assert "decode" in profiler.stale_reason(plain, gen)
-    path.write_text(json.dumps(with_decode_points(synthetic_profile(noise=0.0))))
+    prof = with_decode_points(synthetic_profile(noise=0.0))
+    path.write_text(json.dumps(prof))
+    # two CPU devices: the decode step loop's hops and waits must be probed too
+    assert "step-loop probe" in profiler.stale_reason(load_profile(path), gen)
+    path.write_text(json.dumps(with_step_probe(prof)))
     assert profiler.stale_reason(load_profile(path), gen) is None

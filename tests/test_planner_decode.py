@@ -140,6 +140,29 @@ def test_predicted_figures_are_the_simulated_ones(name):
             assert plan.predicted[k] == pytest.approx(getattr(r, k), rel=1e-9), (planner, k)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_loop_costs_are_priced_alike_by_planner_and_simulator(name):
+    """With a cost model that knows the decode step loop's costs (a hop's hand-over to an idle
+    loop, compute after a wait), the planners' exact timeline still gives the simulator's
+    figures, and the costs make decode slower."""
+    from hpipe.planners.decode import plan_figures
+
+    setup = _scenario(**CASES[name])
+    plans = {p: make_plan(setup, p) for p in ("hpipe", "gpipe", "terapipe")}
+    before = {p: simulate(setup, plan).latency_s for p, plan in plans.items()}
+    setup.cost.step_overhead_s = lambda src, dst: 0.0 if src == dst else 0.002
+    setup.cost.after_wait_factor = lambda device_id: 1.3
+    for p, plan in plans.items():
+        r = simulate(setup, plan)
+        fig = plan_figures(setup, plan)
+        for k in ("latency_s", "ttft_s", "tpot_s", "tpot_p90_s"):
+            assert fig[k] == pytest.approx(getattr(r, k), rel=1e-9), (p, k)
+        if len(plan.stages) > 1:
+            assert r.latency_s > before[p] * 1.01, p
+        assert make_plan(setup, "hpipe").predicted["latency_s"] <= min(
+            simulate(setup, q).latency_s for q in plans.values()) * (1 + 1e-9)
+
+
 def test_pipelined_decode_groups_pay_where_steps_grow_with_the_batch():
     setup = _scenario(**KV_BOUND)
     plan = make_plan(setup, "hpipe")

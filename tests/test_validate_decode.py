@@ -145,6 +145,14 @@ def test_validate_decode_cases_end_to_end(tmp_path):
     r = run_cli("profile", str(path), "--set", f"workload.output_tokens={NEW}", "--quick", "--repeats", "2",
                 "--warmup", "1", "--quiet", "-o", str(prof), timeout=1200)
     assert r.returncode == 0, r.stderr
+    # two CPU devices: the decode step loop is probed (a hop to a waiting stage, a step after a wait)
+    from hpipe.costmodels.profile import load_profile
+
+    p = load_profile(prof)
+    (sh,) = p.step_hops
+    assert set(sh.between) == {"local/core-0", "local/core-1"} and len(sh.hops_s) >= 2 and sh.two_hops_s > 0
+    assert sh.point[0] == 1 and sh.forward_bytes == sh.point[2] * 4 * load_scenario(path).resolve().model.d_model
+    assert all(d.after_wait is not None and 0.5 < d.after_wait.ratio < 3 for d in p.devices)
     out = tmp_path / "v.json"
     r = run_cli("validate", str(path), "--planners", "base", "--random", "0", "--output-tokens", str(NEW),
                 "--decode-random", "1", "--json", str(out), timeout=1200)

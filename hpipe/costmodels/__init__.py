@@ -95,6 +95,18 @@ class CostModel(ABC):
         many are busy).  None by default."""
         return []
 
+    # ---- the decode step loop (generation) -------------------------------------
+    def step_overhead_s(self, src: str, dst: str) -> float:
+        """Seconds a decode step's message from ``src`` to ``dst`` takes beyond
+        ``transfer_time_s``: the hand-over from the receiving thread to a stage loop that sat
+        idle waiting for it.  None known by default."""
+        return 0.0
+
+    def after_wait_factor(self, device_id: str) -> float:
+        """How much longer a decode step computes on ``device_id`` when the device sat idle
+        waiting for it (a stage of a multi-stage decode) than back to back.  1 by default."""
+        return 1.0
+
     def busy_power_w(self, device_id: str) -> float:
         return self.cluster.device(device_id).spec.power_w
 

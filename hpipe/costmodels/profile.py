@@ -31,7 +31,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError,
+                      model_validator)
 
 from hpipe.errors import InputError, format_loc
 
@@ -136,6 +137,25 @@ class CodecSamples(_Strict):
         return self
 
 
+class AfterWait(_Strict):
+    """A device's decode chain timed in the step-loop probe (``hpipe.runtime.step_probe``):
+    each run came after the device sat idle waiting for its peer, as a stage of a
+    multi-stage decode does."""
+
+    point: tuple[int, int, int]
+    """(n = 1, c, b): the decode point the chain ran at."""
+    cpu_seconds: list[PositiveFloat] = Field(min_length=1)
+    """The chain's CPU time after each wait."""
+    back_to_back_cpu_seconds: PositiveFloat
+    """The same chain's CPU time in the profile's sweeps, run back to back."""
+
+    @property
+    def ratio(self) -> float:
+        """After a wait over back to back (the mean of the runs: CPU time has no preemption
+        spikes to drop)."""
+        return float(sum(self.cpu_seconds) / len(self.cpu_seconds)) / self.back_to_back_cpu_seconds
+
+
 class DeviceProfile(_Strict):
     device: str
     """Scenario device id (HOST/NAME-i) the measurements were taken on."""
@@ -159,6 +179,9 @@ class DeviceProfile(_Strict):
     pipeline; the two together give the fitted model its co-location interference (on the
     2-core AMD EPYC VM, attention at 32 tokens took 1.75 ms alone and 2.1-2.6 ms beside a busy
     neighbour)."""
+    after_wait: AfterWait | None = None
+    """Its decode chain after waits in the step-loop probe (absent: not probed -- prefill only,
+    a GPU, one device, or a profile made before 2026-12-02)."""
     cpu_share: float | None = None
     """CPU time / wall time over the timed unit calls: about 1 on a quiet machine, about the
     cpu_quota on a throttled device, lower when other processes competed for the CPU."""
@@ -217,6 +240,28 @@ class AllReduceProfile(_Strict):
         return self
 
 
+class StepHopProfile(_Strict):
+    """Two devices' step-loop probe (``hpipe.runtime.step_probe``): per round, an activation
+    from the first to the second and token ids back, each through the receiver's thread to
+    its compute loop, which had sat idle waiting."""
+
+    between: tuple[str, str]
+    point: tuple[int, int, int]
+    """(n = 1, c, b): the decode point whose activation went forward."""
+    forward_bytes: PositiveInt
+    return_bytes: PositiveInt
+    hops_s: list[NonNegativeFloat] = Field(min_length=1)
+    """The two hops of each round: the first device's round trip less the second's chain."""
+
+    @property
+    def two_hops_s(self) -> float:
+        """The median round's two hops (unlike the ping-pong's lower quartile: the wake-up of
+        a loop that sat idle is the very thing measured, so the middle, not the low end)."""
+        xs = sorted(self.hops_s)
+        k = len(xs) // 2
+        return xs[k] if len(xs) % 2 else (xs[k - 1] + xs[k]) / 2
+
+
 class Profile(_Strict):
     format: Literal["hpipe-profile/1"] = PROFILE_FORMAT
     created: str
@@ -232,6 +277,9 @@ class Profile(_Strict):
     links: list[LinkProfile] = []
     all_reduces: list[AllReduceProfile] = []
     """Tensor-parallel groups' all-reduces (profiles written before they were measured have none)."""
+    step_hops: list[StepHopProfile] = []
+    """The step-loop probe per pair of devices (profiles of prefill-only scenarios, of GPUs, and
+    made before 2026-12-02 have none)."""
     holdout: dict[str, Any] = {}
     """The fitted model's error on held-out points when the profile was written (informational)."""
 

@@ -44,6 +44,7 @@ from hpipe.planners.evaluate import (chain_completion, hop_resource, shares_reso
                                      split_transfer)
 from hpipe.result import decode_figures
 from hpipe.sim.decode import DecodeWork
+from hpipe.sim.engine import WAIT_MIN_S
 
 OBJECTIVES = ("latency", "ttft", "tpot", "throughput")
 
@@ -80,6 +81,9 @@ class Rows:
     ret_delay: np.ndarray
     keys: list
     ret_key: frozenset
+    wait_factor: list | None = None
+    """Per position: how much longer a decode item computes there after its stage sat idle
+    (``CostModel.after_wait_factor``; 1 on hops; None: never longer)."""
 
     @property
     def shared(self) -> bool:
@@ -95,7 +99,7 @@ def rows_from_tables(tables, stages, work: DecodeWork, slices, sizes, rows_cache
     db_, dn, dc = work.arrays()
     dec_t, dec_d, _ = alg1.chain_rows(tables, stages, dn, dc, db_, ("decode", work.steps, work.group_sizes),
                                       cache.setdefault(("dec", work.steps, work.group_sizes), {}))
-    return Rows(pre_t, pre_d, dec_t, dec_d, *_return_rows(tables.setup, stages, db_))
+    return _step_loop(tables.setup, stages, Rows(pre_t, pre_d, dec_t, dec_d, *_return_rows(tables.setup, stages, db_)))
 
 
 def rows_from_cost(setup, plan, work: DecodeWork) -> Rows:
@@ -106,7 +110,30 @@ def rows_from_cost(setup, plan, work: DecodeWork) -> Rows:
     pre_t, pre_d, keys = chain_times(setup, plan)
     db_, dn, dc = work.arrays()
     dec_t, dec_d, _ = chain_times(setup, plan, arrays=(db_, dn, dc))
-    return Rows(pre_t, pre_d, dec_t, dec_d, *_return_rows(setup, stages, db_))
+    return _step_loop(setup, stages, Rows(pre_t, pre_d, dec_t, dec_d, *_return_rows(setup, stages, db_)))
+
+
+def _step_loop(setup, stages, rows: Rows) -> Rows:
+    """The decode step loop's own costs, as the simulator adds them (``hpipe.sim.build``):
+    each hop's and the return's message wakes an idle stage loop (``step_overhead_s``, added
+    to the delay), and a one-device stage of a multi-stage plan computes a decode item slower
+    when it sat idle before it (``wait_factor``)."""
+    cost = setup.cost
+    if len(stages) < 2:
+        return rows
+    dec_d = rows.dec_d
+    extra = [cost.step_overhead_s(stages[j - 1][0][0], stages[j][0][0]) for j in range(1, len(stages))]
+    if any(extra):
+        dec_d = dec_d.copy()
+        for j, x in enumerate(extra, start=1):
+            dec_d[2 * j - 1] += x  # positions: stage 0, hop 1, stage 1, hop 2, ...
+    ret = cost.step_overhead_s(stages[-1][0][0], stages[0][0][0])
+    factor = [1.0] * dec_d.shape[0]
+    for j, (devs, _, _) in enumerate(stages):
+        if len(devs) == 1:
+            factor[2 * j] = cost.after_wait_factor(devs[0])
+    return Rows(rows.pre_t, rows.pre_d, rows.dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret if ret else rows.ret_delay,
+                rows.keys, rows.ret_key, factor if any(f != 1.0 for f in factor) else None)
 
 
 def _return_rows(setup, stages, b):
@@ -142,6 +169,7 @@ def timeline(rows: Rows, work: DecodeWork, batch_size: int, prefill_completion=N
     rh, rd = rows.ret_hold.tolist(), rows.ret_delay.tolist()
     ret_free = 0.0
     n_pre = work.n_prefill
+    wf = rows.wait_factor
     deps = [work.deps(s, g) for s in range(work.steps) for g in range(work.n_groups)]
     for k in range(work.n_decode):
         dep = max(c_last[x] for x in deps[k])
@@ -151,10 +179,17 @@ def timeline(rows: Rows, work: DecodeWork, batch_size: int, prefill_completion=N
         else:
             arrive = dep
         tk, dk = t[k], d[k]
-        for p in range(P):
-            end = (last[p] if last[p] > arrive else arrive) + tk[p]
-            last[p] = end
-            arrive = end + dk[p]
+        if wf is None:
+            for p in range(P):
+                end = (last[p] if last[p] > arrive else arrive) + tk[p]
+                last[p] = end
+                arrive = end + dk[p]
+        else:  # as the engine: an item that finds its stage idle WAIT_MIN_S or more computes slower
+            for p in range(P):
+                end = (arrive + tk[p] * wf[p] if arrive - last[p] >= WAIT_MIN_S
+                       else (last[p] if last[p] > arrive else arrive) + tk[p])
+                last[p] = end
+                arrive = end + dk[p]
         c_last[n_pre + k] = last[P - 1]
     latency = max(last) if last else 0.0
     times = [[c_last[i] for i in work.token_items(s)] for s in range(batch_size)]

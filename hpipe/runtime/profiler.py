@@ -72,9 +72,9 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from hpipe.costmodels.profile import (PROFILE_FORMAT, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
-                                      Hardware, LinkProfile, Profile, Settings, ShardSamples, UnitSamples,
-                                      Versions)
+from hpipe.costmodels.profile import (PROFILE_FORMAT, AfterWait, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
+                                      Hardware, LinkProfile, Profile, Settings, ShardSamples, StepHopProfile,
+                                      UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
@@ -189,6 +189,9 @@ class ProfileJob:
     env: dict[str, str] = field(default_factory=dict)
     codec_sizes: list[int] = field(default_factory=list)
     """Activation sizes (values) each codec is timed at (none: codecs not timed)."""
+    step_probe: bool = False
+    """Play a two-stage decode step loop between every pair (``step_probe``): the scenario
+    generates tokens, every device is a CPU (gloo), and the links are measured."""
     alone_ranks: list[int] = field(default_factory=list)
     """Ranks that, in this order, time their units again while all others wait idle (the CPU
     devices, when there are two or more: they share the machine's caches and memory bus)."""
@@ -214,9 +217,11 @@ def _spread(xs) -> float:
 
 
 def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dict[str, dict], list[dict],
-                                                                            float | None, dict]:
+                                                                            float | None, dict, object]:
     """Samples per unit kind, per tensor-parallel shard kind, the share of wall time this
-    process had a CPU (None on a GPU), and the units timed alone (empty unless ``turns``).
+    process had a CPU (None on a GPU), the units timed alone (empty unless ``turns``), and
+    the chain at a decode point for the step-loop probe (``step_probe.DecodeChain``; None
+    without decode points or on a GPU).
 
     ``finished`` (a counter shared by every profiling process): a device done with its timed
     sweeps keeps running the chain, untimed, until every device is done -- a fast device that
@@ -319,10 +324,31 @@ def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dic
 
     kinds = ("embed", "attn", "mlp", "head")
     units_out = {kind: summary((1, kind), samples, cpu_samples) for kind in kinds}
+    probe = None
+    decode_pts = [p for p in job.grid.points if p[0] == 1 and p[1] > 0]
+    if decode_pts and not gpu:
+        # The step-loop probe's point: the batch's decode step at the middle context timed.
+        bmax = max(p[2] for p in decode_pts)
+        cs = sorted(p[1] for p in decode_pts if p[2] == bmax)
+        point = (1, cs[len(cs) // 2], bmax)
+        units1, cache1, x1 = chains[1], caches[(1, point[2])], ids[point]
+
+        def run_chain():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                _, cpu_times = _cpu_chain(units1, x1, point[1], cache1)
+            return time.perf_counter() - t0, sum(cpu_times)
+
+        from hpipe.models import DTYPE_BYTES
+        from hpipe.runtime.step_probe import DecodeChain
+
+        b2b = sum(float(np.mean(cpu_samples[(1, u.unit.kind)][point])) for u in units1)
+        probe = DecodeChain(point=point, run=run_chain, back_to_back_cpu_s=b2b, d_model=spec.d_model,
+                            dtype_bytes=DTYPE_BYTES[job.dtype])
     shards = [{"tp": tp, "units": {kind: summary((tp, kind), samples, cpu_samples) for kind in ("attn", "mlp")}}
               for tp in chains if tp > 1]
     alone_out = {kind: summary((1, kind), alone, alone_cpu) for kind in kinds} if alone else {}
-    return units_out, shards, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None), alone_out
+    return units_out, shards, (wall_cpu[1] / wall_cpu[0] if wall_cpu[0] > 0 else None), alone_out, probe
 
 
 def _time_codecs(job: ProfileJob) -> dict[str, dict]:
@@ -524,6 +550,35 @@ def _ping_pong(job: ProfileJob, report) -> list[dict]:
     return links
 
 
+def _step_probes(job: ProfileJob, report, chain) -> tuple[list[dict], dict | None]:
+    """Every pair of devices in turn plays a two-stage decode step loop
+    (``hpipe.runtime.step_probe``): the two hops of each round (on the pair's first rank),
+    and this device's chain CPU time after its waits, over all its pairs."""
+    from hpipe.runtime.step_probe import probe_pair
+
+    wire = _Wire(job, timedelta(seconds=job.timeout_s))
+    world = len(job.devices)
+    hops_out, cpu = [], []
+    for i in range(world):
+        for j in range(i + 1, world):
+            wire.barrier()
+            if job.rank not in (i, j):
+                continue
+            hops, c = probe_pair(job.rank, i, j, chain, rounds=job.link_repeats, warmup=2,
+                                 timeout_s=job.timeout_s)
+            cpu += c
+            if job.rank == i:
+                b = chain.point[2]
+                hops_out.append({"between": [job.devices[i], job.devices[j]], "point": list(chain.point),
+                                 "forward_bytes": b * chain.d_model * chain.dtype_bytes, "return_bytes": b * 8,
+                                 "hops_s": hops})
+            report("link", 1)
+    wire.barrier()
+    after = ({"point": list(chain.point), "cpu_seconds": cpu, "back_to_back_cpu_seconds": chain.back_to_back_cpu_s}
+             if cpu else None)
+    return hops_out, after
+
+
 def _all_reduces(job: ProfileJob, report) -> list[dict]:
     """Every tensor-parallel group in turn: time of an all-reduce of each message size.
 
@@ -577,19 +632,21 @@ def profile_worker(job: ProfileJob, q, turns=None, finished=None) -> None:
         def report(kind, k):
             q.put((kind, job.rank, k))
 
-        units, shards, cpu_share, alone = _time_units(job, report, turns, finished)
+        units, shards, cpu_share, alone, chain = _time_units(job, report, turns, finished)
         codecs = _time_codecs(job)
-        links, all_reduces = [], []
+        links, all_reduces, step_hops, after_wait = [], [], [], None
         if job.measure_links and len(job.devices) > 1:
             import torch.distributed as dist
 
             dist.init_process_group(job.backend, init_method=job.init_method, rank=job.rank,
                                     world_size=len(job.devices), timeout=timedelta(seconds=job.timeout_s))
             links = _ping_pong(job, report)
+            if job.step_probe:
+                step_hops, after_wait = _step_probes(job, report, chain)
             all_reduces = _all_reduces(job, report)
         q.put(("done", job.rank, {"units": units, "shards": shards, "links": links, "all_reduces": all_reduces,
                                   "cpu_share": cpu_share, "codecs": codecs,
-                                  "alone": alone}))
+                                  "alone": alone, "step_hops": step_hops, "after_wait": after_wait}))
     except BaseException as e:
         q.put(("error", job.rank, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
         code = 1
@@ -661,6 +718,9 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     n_links = (len(devices) * (len(devices) - 1) // 2 + len(tp_groups)) if measure_links else 0
     cpu_ranks = [r for r, t in enumerate(torch_devices) if t == "cpu"]
     alone_ranks = cpu_ranks if time_alone and len(cpu_ranks) > 1 else []
+    step_probe = (measure_links and len(devices) > 1 and len(cpu_ranks) == len(devices)
+                  and any(n == 1 and c > 0 for n, c, _ in grid.points))
+    n_pairs = len(devices) * (len(devices) - 1) // 2
     results: dict[int, dict] = {}
     with emulation.emulate(setup, devices) as em:
         master = em.master_addr(devices[0])
@@ -675,7 +735,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                            torch_device=torch_devices[r], backend=backend,
                            tp=len(by_host[setup.cluster.device(d).host]),
                            env={} if em.worker(d).ifname else {"GLOO_SOCKET_IFNAME": "lo"},
-                           codec_sizes=codec_sizes(setup) if time_codecs else [], alone_ranks=alone_ranks)
+                           codec_sizes=codec_sizes(setup) if time_codecs else [], alone_ranks=alone_ranks,
+                           step_probe=step_probe)
                 for r, d in enumerate(devices)]
         turns, finished = ctx.Barrier(len(jobs)), ctx.Value("i", 0)
         procs = [ctx.Process(target=run_watched, args=(f"{__name__}:profile_worker", pickle.dumps(j), q, turns,
@@ -686,7 +747,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
             task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices)
                                                                     + (min(warmup, 1) + alone_repeats(repeats))
                                                                     * len(alone_ranks)
-                                                                    + n_links)
+                                                                    + n_links + (n_pairs if step_probe else 0))
             try:
                 for p in procs:
                     p.start()
@@ -727,6 +788,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                     if p.is_alive():
                         p.terminate()
                 for p in procs:
+                    if p.pid is None:  # never started (an earlier start failed)
+                        continue
                     p.join(2.0)
                     if p.is_alive():
                         p.kill()
@@ -752,6 +815,8 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                                           for sh in results[r].get("shards", [])],
                                   codecs={k: CodecSamples(**v) for k, v in results[r].get("codecs", {}).items()},
                                   alone={k: UnitSamples(**v) for k, v in results[r].get("alone", {}).items()},
+                                  after_wait=(AfterWait(**results[r]["after_wait"])
+                                              if results[r].get("after_wait") else None),
                                   cpu_share=results[r]["cpu_share"]))
     shaped = {frozenset(lk["between"]): lk for lk in emulated.get("links", [])}
     links = []
@@ -772,13 +837,14 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
             all_reduces.append(AllReduceProfile(devices=ar["devices"], sizes_bytes=ar["sizes_bytes"],
                                                 seconds=ar["seconds"], latency_us=lat * 1e6,
                                                 bandwidth_gbps=8 / per_byte / 1e9 if per_byte > 0 else 1e6))
+    step_hops = [StepHopProfile(**h) for r in sorted(results) for h in results[r].get("step_hops", [])]
     prof = Profile(format=PROFILE_FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    hardware=_hardware(), versions=_versions(), scenario=setup.name, model=setup.model.to_dict(),
                    dtype=setup.dtype,
                    settings=Settings(warmup=warmup, repeats=repeats,
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
                                      cfs_period_us=emulated.get("cfs_period_us")),
-                   devices=devs, links=links, all_reduces=all_reduces)
+                   devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops)
     from hpipe.costmodels.fitted import FittedConfig
 
     report = fit_report(prof, FittedConfig.model_fields["basis"].default)  # the basis predictions use
@@ -807,6 +873,9 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if setup.output_tokens and not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c))
                                        for dp in prof.devices):
         return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
+    cpus = [d for d in setup.cluster.devices if getattr(d.placement, "device", "cpu") == "cpu"]
+    if setup.output_tokens and len(cpus) == len(setup.cluster.devices) > 1 and not prof.step_hops:
+        return "the profile has no decode step-loop probe and the scenario generates tokens"
     for d in setup.cluster.devices:
         dp = prof.device(d.id)
         placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}

@@ -74,6 +74,11 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         alone = cost.stage_compute_alone_s(st.start, st.end, list(devs), n, c, b)
         if alone is not None:
             spec.alone_compute_s = _vec(alone, k) + codec_s
+        if work is not None and work.n_decode and len(plan.stages) > 1 and st.tp == 1:
+            # A decode step that finds its stage idle (it waited for the previous stage or the
+            # sampled ids) computes slower than the profile's back-to-back chain.
+            spec.wait_factor = np.ones(k)
+            spec.wait_factor[work.n_prefill:] = cost.after_wait_factor(devs[0])
         if st.tp > 1:
             # The terms stage_compute_s sums, kept apart: the scatter and the all-reduces
             # hold the host's links in the engine (so they queue behind pipeline hops on the
@@ -108,10 +113,13 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         # The cost model gives latency + bytes/bandwidth; the route says how much is latency.
         # The links are held for the rest; latency elapses after they are free.
         latency = np.minimum(route.latency_s, total)
+        hold = total - latency
+        if work is not None and work.n_decode:  # a decode step's message wakes an idle stage loop
+            latency = latency + np.where(np.arange(k) >= work.n_prefill, cost.step_overhead_s(src, dst), 0.0)
         edges = directed_links(route, src)
         hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
                             bottleneck=bottleneck_link(route, edges),
-                            hold_s=total - latency, latency_s=latency, nbytes=nbytes))
+                            hold_s=hold, latency_s=latency, nbytes=nbytes))
     spec = PipelineSpec(items=[(int(a), int(s)) for a, s in zip(mb, sl)], stages=stages, hops=hops,
                         colocated=cost.colocated())
     if work is not None and work.n_decode:
