@@ -148,7 +148,7 @@ def test_step_loop_costs_are_priced_alike_by_planner_and_simulator(name):
     from hpipe.planners.decode import plan_figures
 
     setup = _scenario(**CASES[name])
-    plans = {p: make_plan(setup, p) for p in ("hpipe", "gpipe", "terapipe")}
+    plans = {p: make_plan(setup, p) for p in ("hpipe", "gpipe", "terapipe", "megatron", "tp-terapipe")}
     before = {p: simulate(setup, plan).latency_s for p, plan in plans.items()}
     setup.cost.step_overhead_s = lambda src, dst: 0.0 if src == dst else 0.002
     setup.cost.after_wait_factor = lambda device_id: 1.3

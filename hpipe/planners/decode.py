@@ -43,6 +43,7 @@ from hpipe.planners.common import items_arrays, micro_batch_sizes
 from hpipe.planners.evaluate import (chain_completion, hop_resource, shares_resources, shared_completion,
                                      split_transfer)
 from hpipe.result import decode_figures
+from hpipe.sim import tp_step_overhead_s
 from hpipe.sim.decode import DecodeWork
 from hpipe.sim.engine import WAIT_MIN_S
 
@@ -116,8 +117,9 @@ def rows_from_cost(setup, plan, work: DecodeWork) -> Rows:
 def _step_loop(setup, stages, rows: Rows) -> Rows:
     """The decode step loop's own costs, as the simulator adds them (``hpipe.sim.build``):
     each hop's and the return's message wakes an idle stage loop (``step_overhead_s``, added
-    to the delay), and a one-device stage of a multi-stage plan computes a decode item slower
-    when it sat idle before it (``wait_factor``)."""
+    to the delay; a tensor-parallel stage's leader wakes its peers too, ``tp_step_overhead_s``),
+    and a stage of a multi-stage plan computes a decode item slower when it sat idle before it
+    (``wait_factor``)."""
     cost = setup.cost
     if len(stages) < 2:
         return rows
@@ -129,10 +131,14 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
             dec_d[2 * j - 1] += x  # positions: stage 0, hop 1, stage 1, hop 2, ...
     ret = cost.step_overhead_s(stages[-1][0][0], stages[0][0][0])
     factor = [1.0] * dec_d.shape[0]
+    dec_t = rows.dec_t
     for j, (devs, _, _) in enumerate(stages):
-        if len(devs) == 1:
-            factor[2 * j] = cost.after_wait_factor(devs[0])
-    return Rows(rows.pre_t, rows.pre_d, rows.dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret if ret else rows.ret_delay,
+        factor[2 * j] = max(cost.after_wait_factor(d) for d in devs)
+        tp_extra = tp_step_overhead_s(cost, devs)
+        if tp_extra:
+            dec_t = dec_t.copy() if dec_t is rows.dec_t else dec_t
+            dec_t[2 * j] += tp_extra
+    return Rows(rows.pre_t, rows.pre_d, dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret if ret else rows.ret_delay,
                 rows.keys, rows.ret_key, factor if any(f != 1.0 for f in factor) else None)
 
 

@@ -50,6 +50,12 @@ def transfer_link(cluster, src: str, dst: str) -> str | None:
     return bottleneck_link(route, directed_links(route, src))
 
 
+def tp_step_overhead_s(cost, devices) -> float:
+    """A tensor-parallel stage's decode step: the leader's hand-over of the step's input to its
+    slowest peer's waiting loop (``CostModel.step_overhead_s``), which the shards then wait for."""
+    return max((cost.step_overhead_s(devices[0], d) for d in devices[1:]), default=0.0)
+
+
 def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
     """Every duration of the plan, from the setup's cost model, vectorised over work items
     (generation's decode steps too, unless ``decode`` is False)."""
@@ -74,11 +80,12 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         alone = cost.stage_compute_alone_s(st.start, st.end, list(devs), n, c, b)
         if alone is not None:
             spec.alone_compute_s = _vec(alone, k) + codec_s
-        if work is not None and work.n_decode and len(plan.stages) > 1 and st.tp == 1:
+        decoding = work is not None and work.n_decode and len(plan.stages) > 1
+        if decoding:
             # A decode step that finds its stage idle (it waited for the previous stage or the
             # sampled ids) computes slower than the profile's back-to-back chain.
             spec.wait_factor = np.ones(k)
-            spec.wait_factor[work.n_prefill:] = cost.after_wait_factor(devs[0])
+            spec.wait_factor[work.n_prefill:] = max(cost.after_wait_factor(d) for d in devs)
         if st.tp > 1:
             # The terms stage_compute_s sums, kept apart: the scatter and the all-reduces
             # hold the host's links in the engine (so they queue behind pipeline hops on the
@@ -94,10 +101,14 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
             ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
             spec.allreduce_links = tuple(sorted({_link_name(e) for a, z in ring
                                                  for e in directed_links(setup.cluster.route(a, z), a)}))
+            if decoding:
+                # the leader hands each decode step's input to its peers' waiting loops too
+                extra = np.where(np.arange(k) >= work.n_prefill, tp_step_overhead_s(cost, devs), 0.0)
+                spec.compute_s = spec.compute_s + extra
             if st.start > 0:
                 in_bytes = _vec(setup.units[st.start - 1].out_bytes(n, b, db), k)
                 spec.scatter_s = np.stack([_vec(cost.transfer_time_s(devs[0], d, in_bytes), k)
-                                           for d in devs[1:]])
+                                           + (extra if decoding else 0.0) for d in devs[1:]])
                 spec.scatter_bytes = in_bytes
                 spec.scatter_links = tuple(tuple(_link_name(e) for e in
                                                  directed_links(setup.cluster.route(devs[0], d), devs[0]))

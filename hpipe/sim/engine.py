@@ -95,7 +95,8 @@ class StageSpec:
     """One device in a co-located group (``PipelineSpec.colocated``): (n_items,) the item's time
     while no other device of the group computes; ``compute_s`` is its time while all do."""
     wait_factor: np.ndarray | None = None
-    """One-device stage: (n_items,) how much longer the item computes when the stage sat idle
+    """(n_items,) how much longer the item computes (a tensor-parallel stage: its whole time,
+    the extra going to the shards) when the stage sat idle
     at least ``WAIT_MIN_S`` before it (a decode step after waiting for its input;
     ``CostModel.after_wait_factor``).  None: never longer."""
 
@@ -274,7 +275,7 @@ def run(spec: PipelineSpec) -> list[Event]:
                     yield from coloc.run(st.devices[0], alone[i] * scale, compute[i] * scale)
                 _record_stage(log, j, st, i, items[i], t0, env.now)
             elif st.allreduce_s is not None:
-                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i], coloc)
+                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i] * scale, coloc)
             else:
                 with coloc.hold(st.devices):
                     t0 = yield from _occupy(env, res, compute[i] * scale)
