@@ -147,7 +147,7 @@ class AfterWait(_Strict):
     cpu_seconds: list[PositiveFloat] = Field(min_length=1)
     """The chain's CPU time after each wait."""
     back_to_back_cpu_seconds: PositiveFloat
-    """The same chain's CPU time in the profile's sweeps, run back to back."""
+    """The same chain's CPU time run back to back in the probe, its peer idle (mean)."""
 
     @property
     def ratio(self) -> float:

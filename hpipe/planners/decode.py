@@ -121,8 +121,14 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
     and a stage of a multi-stage plan computes a decode item slower when it sat idle before it
     (``wait_factor``)."""
     cost = setup.cost
-    if len(stages) < 2:
-        return rows
+    dec_t = rows.dec_t
+    for j, (devs, _, _) in enumerate(stages):
+        tp_extra = tp_step_overhead_s(cost, devs)
+        if tp_extra:
+            dec_t = dec_t.copy() if dec_t is rows.dec_t else dec_t
+            dec_t[2 * j] += tp_extra
+    if len(stages) < 2:  # one stage: no hop, the sampler feeds the driver in-process, nobody waits
+        return Rows(rows.pre_t, rows.pre_d, dec_t, rows.dec_d, rows.ret_hold, rows.ret_delay, rows.keys, rows.ret_key)
     dec_d = rows.dec_d
     extra = [cost.step_overhead_s(stages[j - 1][0][0], stages[j][0][0]) for j in range(1, len(stages))]
     if any(extra):
@@ -131,13 +137,8 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
             dec_d[2 * j - 1] += x  # positions: stage 0, hop 1, stage 1, hop 2, ...
     ret = cost.step_overhead_s(stages[-1][0][0], stages[0][0][0])
     factor = [1.0] * dec_d.shape[0]
-    dec_t = rows.dec_t
     for j, (devs, _, _) in enumerate(stages):
         factor[2 * j] = max(cost.after_wait_factor(d) for d in devs)
-        tp_extra = tp_step_overhead_s(cost, devs)
-        if tp_extra:
-            dec_t = dec_t.copy() if dec_t is rows.dec_t else dec_t
-            dec_t[2 * j] += tp_extra
     return Rows(rows.pre_t, rows.pre_d, dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret if ret else rows.ret_delay,
                 rows.keys, rows.ret_key, factor if any(f != 1.0 for f in factor) else None)
 

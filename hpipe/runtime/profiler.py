@@ -349,9 +349,7 @@ def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dic
         from hpipe.models import DTYPE_BYTES
         from hpipe.runtime.step_probe import DecodeChain
 
-        b2b = sum(float(np.mean(cpu_samples[(1, u.unit.kind)][point])) for u in units1)
-        probe = DecodeChain(point=point, run=run_chain, back_to_back_cpu_s=b2b, d_model=spec.d_model,
-                            dtype_bytes=DTYPE_BYTES[job.dtype])
+        probe = DecodeChain(point=point, run=run_chain, d_model=spec.d_model, dtype_bytes=DTYPE_BYTES[job.dtype])
     shards = [{"tp": tp, "units": {kind: summary((tp, kind), samples, cpu_samples) for kind in ("attn", "mlp")}}
               for tp in chains if tp > 1]
     alone_out = {kind: summary((1, kind), alone, alone_cpu) for kind in kinds} if alone else {}
@@ -552,7 +550,7 @@ def _ping_pong(job: ProfileJob, report) -> list[dict]:
             if job.rank == i:
                 links.append({"between": [job.devices[i], job.devices[j]], "sizes_bytes": list(job.link_sizes),
                               "one_way_s": one_way})
-            report("link", 1)
+                report("link", 1)  # once per pair, as the bar's total counts them
     wire.barrier()
     return links
 
@@ -565,24 +563,26 @@ def _step_probes(job: ProfileJob, report, chain) -> tuple[list[dict], dict | Non
 
     wire = _Wire(job, timedelta(seconds=job.timeout_s))
     world = len(job.devices)
-    hops_out, cpu = [], []
+    hops_out, cpu, b2b = [], [], []
     for i in range(world):
         for j in range(i + 1, world):
             wire.barrier()
             if job.rank not in (i, j):
                 continue
-            hops, c = probe_pair(job.rank, i, j, chain, rounds=job.link_repeats, warmup=2,
-                                 timeout_s=job.timeout_s)
+            hops, c, c0 = probe_pair(job.rank, i, j, chain, rounds=job.link_repeats, warmup=2,
+                                     timeout_s=job.timeout_s)
             cpu += c
+            b2b += c0
             if job.rank == i:
                 b = chain.point[2]
                 hops_out.append({"between": [job.devices[i], job.devices[j]], "point": list(chain.point),
                                  "forward_bytes": b * chain.d_model * chain.dtype_bytes, "return_bytes": b * 8,
                                  "hops_s": hops})
-            report("link", 1)
+                report("link", 1)
     wire.barrier()
-    after = ({"point": list(chain.point), "cpu_seconds": cpu, "back_to_back_cpu_seconds": chain.back_to_back_cpu_s}
-             if cpu else None)
+    # thread_time ticks may be coarser than a tiny chain: never report zero
+    after = ({"point": list(chain.point), "cpu_seconds": [max(x, 1e-7) for x in cpu],
+              "back_to_back_cpu_seconds": max(float(np.mean(b2b)), 1e-7)} if cpu and b2b else None)
     return hops_out, after
 
 
@@ -616,7 +616,8 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
             if job.rank == ranks[0]:
                 out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": list(job.link_sizes),
                             "seconds": secs})
-        report("link", 1)
+        if job.rank == 0:
+            report("link", 1)  # once per group, as the bar's total counts them
         wire.barrier()
     return out
 
@@ -725,7 +726,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     n_links = (len(devices) * (len(devices) - 1) // 2 + len(tp_groups)) if measure_links else 0
     cpu_ranks = [r for r, t in enumerate(torch_devices) if t == "cpu"]
     alone_ranks = cpu_ranks if time_alone and len(cpu_ranks) > 1 else []
-    step_probe = (measure_links and len(devices) > 1 and len(cpu_ranks) == len(devices)
+    step_probe = (setup.output_tokens > 0 and measure_links and len(devices) > 1 and len(cpu_ranks) == len(devices)
                   and any(n == 1 and c > 0 for n, c, _ in grid.points))
     n_pairs = len(devices) * (len(devices) - 1) // 2
     results: dict[int, dict] = {}
@@ -881,7 +882,8 @@ def stale_reason(prof: Profile, setup) -> str | None:
                                        for dp in prof.devices):
         return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
     cpus = [d for d in setup.cluster.devices if getattr(d.placement, "device", "cpu") == "cpu"]
-    if setup.output_tokens and len(cpus) == len(setup.cluster.devices) > 1 and not prof.step_hops:
+    # (a profile made without links, `--no-links`, has no probe either: that was asked for)
+    if setup.output_tokens and len(cpus) == len(setup.cluster.devices) > 1 and prof.links and not prof.step_hops:
         return "the profile has no decode step-loop probe and the scenario generates tokens"
     for d in setup.cluster.devices:
         dp = prof.device(d.id)

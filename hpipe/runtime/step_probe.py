@@ -16,9 +16,9 @@ i runs the decode chain (the profile's own chain of units, at one decode point),
 activation (a 6-int64 header and (b, 1, D) values) and waits; j's receiving thread takes
 the message and queues it; j's loop takes it, runs the chain, and sends back b token ids
 with the wall time of its chain in the header; i's receiving thread hands them to i's loop.
-Per round, i's round trip from its send to its take, less j's chain, is the two hops
-(``StepProbe.hops_s``); each side's chain CPU time after its wait, over the same chain's
-CPU time in the sweeps, is its after-wait ratio.
+Per round, i's round trip from its send to its take, less j's chain, is the two hops; each
+side's chain CPU time after its waits, over the same chain's run back to back just before
+(its peer idle then too), is its after-wait ratio.
 
 gloo only: with NCCL the runtime receives inline, without a thread, and the probe is not run.
 """
@@ -42,8 +42,6 @@ class DecodeChain:
     """(n = 1, c, b) of the decode point."""
     run: object
     """() -> (wall seconds, CPU seconds of this thread) of one pass over the chain."""
-    back_to_back_cpu_s: float
-    """The chain's CPU time at this point in the profile's sweeps (sum of its units' means)."""
     d_model: int
     dtype_bytes: int
 
@@ -89,12 +87,17 @@ def _send(peer: int, header: list[int], payload) -> tuple:
     return (dist.isend(hdr, peer), dist.isend(payload, peer)), hdr, payload
 
 
+BACK_TO_BACK_RUNS = 3
+"""Chains each side runs back to back, its peer idle, before the rounds: the ratio's
+denominator, under the rounds' own conditions (the sweeps ran every device at once)."""
+
+
 def probe_pair(rank: int, i: int, j: int, chain: DecodeChain, rounds: int, warmup: int,
-               timeout_s: float) -> tuple[list[float], list[float]]:
+               timeout_s: float) -> tuple[list[float], list[float], list[float]]:
     """Play the two-stage step loop between ranks i and j (this process is one of them).
 
     Returns (the two hops of each timed round, seconds: only on i, else empty; this side's
-    chain CPU seconds after each timed wait)."""
+    chain CPU seconds after each timed wait; this side's chain CPU seconds back to back)."""
     import torch
 
     timeout = timedelta(seconds=timeout_s)
@@ -102,10 +105,24 @@ def probe_pair(rank: int, i: int, j: int, chain: DecodeChain, rounds: int, warmu
     b = chain.point[2]
     act = torch.zeros(b * chain.d_model * chain.dtype_bytes, dtype=torch.uint8)  # (b, 1, D) as bytes
     ids = torch.zeros(b * 8, dtype=torch.uint8)  # (b,) int64 token ids as bytes
-    inbox = _Inbox(peer, warmup + rounds, timeout)
-    hops, cpu = [], []
+    inbox = _Inbox(peer, 1 + warmup + rounds, timeout)
+    hops, cpu, b2b = [], [], []
     pending = []
+
+    def back_to_back():
+        chain.run()  # warm
+        b2b.extend(chain.run()[1] for _ in range(BACK_TO_BACK_RUNS))
+
     try:
+        # in turn, each side's chain back to back while the other waits for a go
+        if rank == i:
+            back_to_back()
+            pending.append(_send(peer, [-1, 0, ids.numel(), 0, 0, 0], ids))
+            inbox.take(timeout_s + 5.0)
+        else:
+            inbox.take(timeout_s + 5.0)
+            back_to_back()
+            pending.append(_send(peer, [-1, 0, ids.numel(), 0, 0, 0], ids))
         for r in range(warmup + rounds):
             if rank == i:
                 wall, c = chain.run()
@@ -129,7 +146,8 @@ def probe_pair(rank: int, i: int, j: int, chain: DecodeChain, rounds: int, warmu
         for works, _, _ in pending:
             for w in works:
                 w.wait(timeout)
-    finally:
-        inbox.thread.join(timeout_s)
-    return hops, cpu
+    except BaseException:
+        raise  # the receiving thread is a daemon, maybe blocked on a peer that failed: not joined
+    inbox.thread.join(timeout_s)  # it has received every message
+    return hops, cpu, b2b
 

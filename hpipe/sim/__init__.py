@@ -101,14 +101,15 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
             ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
             spec.allreduce_links = tuple(sorted({_link_name(e) for a, z in ring
                                                  for e in directed_links(setup.cluster.route(a, z), a)}))
-            if decoding:
-                # the leader hands each decode step's input to its peers' waiting loops too
-                extra = np.where(np.arange(k) >= work.n_prefill, tp_step_overhead_s(cost, devs), 0.0)
-                spec.compute_s = spec.compute_s + extra
+            if work is not None and work.n_decode:
+                # The leader hands each decode step's input (stage 0: the ids) to its peers'
+                # waiting loops, one stage or many; the shards wait for the slowest hand-over.
+                spec.compute_s = spec.compute_s + np.where(np.arange(k) >= work.n_prefill,
+                                                           tp_step_overhead_s(cost, devs), 0.0)
             if st.start > 0:
                 in_bytes = _vec(setup.units[st.start - 1].out_bytes(n, b, db), k)
                 spec.scatter_s = np.stack([_vec(cost.transfer_time_s(devs[0], d, in_bytes), k)
-                                           + (extra if decoding else 0.0) for d in devs[1:]])
+                                           for d in devs[1:]])
                 spec.scatter_bytes = in_bytes
                 spec.scatter_links = tuple(tuple(_link_name(e) for e in
                                                  directed_links(setup.cluster.route(devs[0], d), devs[0]))
