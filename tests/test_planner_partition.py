@@ -383,3 +383,48 @@ def test_dps_side_by_side_are_each_problems_own(seed, n, M, U, E, max_cells):
     assert alg1.minmax_dp_many(problems) == [_minmax_reference(sm, lk) for sm, lk in problems]
     assert alg1.minsum_dp_many(problems, caps_list) == [_minsum_reference(sm, lk, c)
                                                          for (sm, lk), c in zip(problems, caps_list)]
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), M=st.integers(1, 4), U=st.integers(1, 30),
+       ties=st.booleans(), E=st.integers(1, 6))
+def test_minsum_caps_at_or_above_the_uncapped_answer_are_reused_exactly(seed, n, M, U, ties, E):
+    """``minsum_dp_reusing`` (caps at or above the uncapped answer's largest cost answered
+    by it, the rest run) gives exactly the plain DP's value and stages at every cap, ties
+    included, with caps drawn around the uncapped answer's largest cost (equal to it too)."""
+    rng = np.random.default_rng(seed)
+    draw = (lambda *sh: rng.integers(1, 5, sh).astype(float)) if ties else (lambda *sh: rng.random(sh))
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    pool = [matrix() for _ in range(3)]
+    problems, caps_list = [], []
+    for _ in range(n):
+        smats = [{1: pool[rng.integers(0, 3)], **({2: matrix()} if m and rng.random() < 0.5 else {})}
+                 for m in range(M)]
+        links = draw(M, M, U + 1) * 0.5
+        problems.append((smats, links))
+        [(_, st0)] = alg1.minsum_dp(smats, links, [math.inf])
+        z = alg1.path_max_cost(smats, links, st0) if st0 is not None else 1.0
+        pool_caps = [z * 0.5, z * 0.9, z, z * 1.5, 1.0, 2.0, 3.0, math.inf]
+        caps_list.append(sorted(rng.choice(pool_caps, size=E).tolist()))
+    want = [_minsum_reference(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]
+    assert alg1.minsum_dp_reusing(problems, caps_list) == want
+    unc = [alg1.minsum_dp(sm, lk, [math.inf])[0] for sm, lk in problems]
+    assert alg1.minsum_dp_reusing(problems, caps_list, unc) == want
+
+
+def test_path_max_cost_is_the_largest_term_on_the_path():
+    """A two-stage path: the largest of its two stage costs and its link cost."""
+    S = np.full((4, 4), math.inf)
+    S[0, 2], S[2, 3], S[0, 3] = 5.0, 1.0, 9.0
+    links = np.zeros((2, 2, 4))
+    links[0, 1, 2] = 7.0
+    stages = [((0,), 0, 2), ((1,), 2, 3)]
+    assert alg1.path_max_cost([S, S], links, stages) == 7.0
+    links[0, 1, 2] = 0.5
+    assert alg1.path_max_cost([S, S], links, stages) == 5.0

@@ -364,6 +364,50 @@ def minsum_dp_many(problems, caps_list, block_width: int = 40) -> list:
     return _dp_many(problems, caps_list, np.add, 0.0, block_width)
 
 
+def path_max_cost(smats, links, stages) -> float:
+    """The largest stage or link cost along ``stages`` ((positions, start, end), as the DPs
+    return them): the least cap under which the min-sum DP still admits every one of them."""
+    smats = _degrees(smats)
+    z, prev = -INF, None
+    for pos, s, e in stages:
+        z = max(z, float(smats[pos[-1]][len(pos)][s, e]))
+        if prev is not None:
+            z = max(z, float(links[prev, pos[0], s]))
+        prev = pos[-1]
+    return z
+
+
+def minsum_dp_reusing(problems, caps_list, uncapped=None, block_width: int = 40) -> list:
+    """``minsum_dp_many``'s answers, exactly, without running the DP for the caps that
+    cannot change the uncapped answer.  ``uncapped`` (each problem's ``(value, stages)``
+    with no cap; found here if not given); each caps list ascending.
+
+    Why it is exact: let P be the uncapped answer and Z the largest stage or link cost on
+    it (``path_max_cost``).  A cap T >= Z admits every stage and link of P.  Capping only
+    turns candidates into inf, so every DP cell's capped value is >= its uncapped value;
+    along P, by induction from its first stage, each cell's capped value is <= what P's
+    prefix costs (all of P's terms are admitted and summed in the same order), which is
+    the uncapped value: equal.  Ties go to the first minimum (k, degree t, source
+    position, last position): an index before P's with capped value <= the minimum would
+    have uncapped value <= it too, hence equal, and the uncapped DP would have taken that
+    earlier index instead.  So at every cell on P the capped DP picks P's own choice, and
+    its answer is P, value and stages alike.  If nothing fits uncapped, nothing fits
+    under any cap.  Caps below Z are run (``minsum_dp_many``), the same count for all
+    problems (the most any needs), so they still run side by side."""
+    if not problems:
+        return []
+    if uncapped is None:
+        uncapped = [r[0] for r in minsum_dp_many(problems, [[INF]] * len(problems), block_width)]
+    need = []
+    for (smats, links), caps, (_, st) in zip(problems, caps_list, uncapped):
+        assert list(caps) == sorted(caps), "caps ascending"
+        z = path_max_cost(smats, links, st) if st is not None else -INF
+        need.append(sum(1 for c in caps if c < z))
+    E = max(need)
+    run = minsum_dp_many(problems, [list(c)[:E] for c in caps_list], block_width) if E else [[] for _ in problems]
+    return [r + [u] * (len(c) - E) for r, u, c in zip(run, uncapped, caps_list)]
+
+
 def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: int = 1 << 19,
              max_side_by_side: int = 1 << 16) -> list:
     """The DP behind ``minmax_dp`` (``op`` max, caps inf) and ``minsum_dp`` (``op`` add) for
@@ -422,6 +466,7 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
     bounds = np.linspace(0, U1, max(1, U1 // width) + 1).round().astype(int).tolist()
     blocks = [(e0, e1, max(int(last[e0:e1].max()) + 1, 1)) for e0, e1 in zip(bounds, bounds[1:])]
     blocked: dict = {}  # (id(S), caps, block) -> (E or 1, e, k) contiguous
+    buf = np.empty(N * E * max(e1 - e0 for e0, e1, _ in blocks) * U1)
 
     def block_of(S, cap_row, b):
         key = (id(S), None if uncapped else cap_row.tobytes(), b)
@@ -461,12 +506,16 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
             v = np.empty((ns, E, U1))
             for S, js in parts:
                 Bj = B[js]
+                nj = Bj.shape[0]
                 for b, (e0, e1, ke) in enumerate(blocks):
+                    # candidates written into one reused buffer (contiguous): a fresh array
+                    # per block costs its page faults, and the capped matrices are not stacked
+                    cand = buf[:nj * E * (e1 - e0) * ke].reshape(nj, E, e1 - e0, ke)  # (n, E, e, k)
                     if S is not None:
-                        C = block_of(S, None, b)[None]  # (1, 1, e, k)
+                        op(Bj[:, :, None, :ke], block_of(S, None, b)[None], out=cand)
                     else:
-                        C = np.stack([block_of(S_, caps[i], b) for S_, i in zip(Ss, sel)])  # (ns, E, e, k)
-                    cand = op(Bj[:, :, None, :ke], C)  # (n, E, e, k); inf where over the cap
+                        for j, (S_, i) in enumerate(zip(Ss, sel)):  # inf where over the cap
+                            op(Bj[j, :, None, :ke], block_of(S_, caps[i], b), out=cand[j])
                     kb = cand.argmin(axis=3)
                     vb = cand.reshape(-1, ke)[np.arange(kb.size), kb.ravel()].reshape(kb.shape)
                     if isinstance(js, slice):
@@ -572,12 +621,14 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     caps_of = [[INF] if rank >= refine or val > best_b * (1 + keep) else
                [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
                for rank, (_, val, _, _, _) in enumerate(probs)]
-    # the min-sum DPs of all orders side by side, those with the same number of caps together
-    founds: list = [None] * len(probs)
-    for n_caps in dict.fromkeys(len(c) for c in caps_of):
-        idx = [i for i, c in enumerate(caps_of) if len(c) == n_caps]
-        for i, r in zip(idx, minsum_dp_many([probs[i][3:5] for i in idx], [caps_of[i] for i in idx])):
-            founds[i] = r
+    # the min-sum DPs of all orders side by side: every order uncapped, then the refined
+    # orders at those of their caps that can change that answer (``minsum_dp_reusing``: the
+    # same answers as running every cap)
+    founds = minsum_dp_many([p[3:5] for p in probs], [[INF]] * len(probs))
+    refined = [i for i, c in enumerate(caps_of) if len(c) > 1]
+    for i, r in zip(refined, minsum_dp_reusing([probs[i][3:5] for i in refined], [caps_of[i] for i in refined],
+                                               [founds[i][0] for i in refined])):
+        founds[i] = r
     for rank, (_, val, seq, smats, links) in enumerate(probs):
         # the refined orders get caps B*(1+eps); the rest the uncapped min-sum only (the least
         # total work: what wins when there are too few items to pipeline, whatever the bottleneck)
