@@ -317,6 +317,25 @@ def _minmax_dp(HT, qmin):
     return float(f[L])
 
 
+def _minmax_dp_many(HTs, qmins) -> list[float]:
+    """``_minmax_dp`` of several grids of one L side by side (one loop over positions for
+    all).  Each row scans from the earliest start of any grid; a grid's entries before its
+    own earliest start are inf (``qmin`` is the first finite column of each row), and
+    max(f, inf) = inf never lowers a minimum (nor raises one that is inf anyway): the
+    same max and min over the same finite values, so the same floats."""
+    if len(HTs) <= 1:
+        return [_minmax_dp(H, q) for H, q in zip(HTs, qmins)]
+    L = HTs[0].shape[0] - 1
+    H = np.stack(HTs)  # (N, L+1, L+1)
+    q = np.minimum.reduce([np.asarray(x) for x in qmins]).tolist()
+    f = np.full((len(HTs), L + 1), INF)
+    f[:, 0] = 0.0
+    for p in range(1, L + 1):
+        q0 = q[p]
+        f[:, p] = np.maximum(f[:, q0:p], H[:, p, q0:p]).min(axis=1)
+    return [float(x) for x in f[:, L]]
+
+
 def _path(back_row, L, g):
     pos = [L]
     while pos[-1] > 0:
@@ -337,7 +356,9 @@ def best_slicings_many(grids, top: int = 8, batch: int = 128, method: str = "bis
     answers: each grid's search runs as before, but the threshold batches of all of
     them go through one DP pass (``_batch_dp_many``), so the loop over positions, whose
     numpy calls are what the slicing costs, runs once for all."""
-    gens = [_search(g, top, batch, method, fan) for g in grids]
+    qmins = [_earliest_starts(g) for g in grids]
+    t_lbs = _minmax_dp_many([g.HT for g in grids], qmins)
+    gens = [_search(g, top, batch, method, fan, qm, t) for g, qm, t in zip(grids, qmins, t_lbs)]
     out: list = [None] * len(gens)
     pending = {}
     for i, gen in enumerate(gens):
@@ -357,17 +378,26 @@ def best_slicings_many(grids, top: int = 8, batch: int = 128, method: str = "bis
     return out
 
 
-def _search(grid: SliceGrid, top: int, batch: int, method: str, fan: int):
+def _earliest_starts(grid: SliceGrid):
+    """Earliest start per end position: slices longer than the memory allows are out
+    (HT[p, q] is finite only for q < p: the first finite column of row p is its first start)."""
+    finite = np.isfinite(grid.HT)
+    qmin = np.where(finite.any(axis=1), np.argmax(finite, axis=1), np.arange(grid.L + 1))
+    qmin[0] = 0
+    return qmin
+
+
+def _search(grid: SliceGrid, top: int, batch: int, method: str, fan: int, qmin=None, t_lb=None):
     """``best_slicings`` of one grid as a generator: it yields each batch of thresholds
-    as (GT, HT, thresholds, earliest starts) and is sent ``_batch_dp``'s answer."""
+    as (GT, HT, thresholds, earliest starts) and is sent ``_batch_dp``'s answer.
+    (``qmin``, ``t_lb``: its ``_earliest_starts`` and least max h, if found already.)"""
     L, g = grid.L, grid.g
     GT, HT = grid.GT, grid.HT
     finite = np.isfinite(HT)
-    # earliest start per end position: slices longer than the memory allows are out
-    # (HT[p, q] is finite only for q < p: the first finite column of row p is its first start)
-    qmin = np.where(finite.any(axis=1), np.argmax(finite, axis=1), np.arange(L + 1))
-    qmin[0] = 0
-    t_lb = _minmax_dp(HT, qmin)
+    if qmin is None:
+        qmin = _earliest_starts(grid)
+    if t_lb is None:
+        t_lb = _minmax_dp(HT, qmin)
     if not np.isfinite(t_lb):
         return [], 0
     thresholds = np.sort(HT[finite & (HT >= t_lb)])
