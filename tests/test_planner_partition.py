@@ -428,3 +428,46 @@ def test_path_max_cost_is_the_largest_term_on_the_path():
     assert alg1.path_max_cost([S, S], links, stages) == 7.0
     links[0, 1, 2] = 0.5
     assert alg1.path_max_cost([S, S], links, stages) == 5.0
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_dev=st.integers(1, 5), U=st.integers(1, 30), E=st.integers(1, 3),
+       n=st.integers(1, 8), same_caps=st.booleans())
+def test_orders_sharing_a_prefix_share_its_dp_cells_exactly(seed, n_dev, U, E, n, same_caps):
+    """Device orders given with their ``prefixes`` (each position computed once per distinct
+    prefix and caps, copied to the rest) get exactly what they get without: problems built
+    as ``sequence_problem`` builds them, from the order's devices alone (a matrix per kind
+    and degree, a link row per device pair), orders drawn from a small multiset so that
+    many share prefixes, ties on purpose."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *sh: rng.integers(1, 4, sh).astype(float)  # noqa: E731 - ties on purpose
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    kind = rng.integers(0, 2, n_dev)
+    mats = {(k, t): matrix() for k in (0, 1) for t in (1, 2)}
+    pair = draw(n_dev, n_dev, U + 1) * 0.5
+    seqs, problems = [], []
+    for _ in range(n):
+        seq = [int(d) for d in rng.permutation(n_dev)]
+        if seqs and rng.random() < 0.5:  # often an order seen before, or one that shares its start
+            base = seqs[rng.integers(0, len(seqs))]
+            cut = int(rng.integers(0, n_dev + 1))
+            seq = base[:cut] + [d for d in seq if d not in base[:cut]]
+        smats, run = [], 0
+        for m, d in enumerate(seq):
+            run = run + 1 if m and kind[d] == kind[seq[m - 1]] else 1
+            smats.append({1: mats[kind[d], 1], **({2: mats[kind[d], 2]} if run >= 2 else {})})
+        links = np.stack([np.stack([pair[a, b] for b in seq]) for a in seq])  # (M, M, U+1)
+        seqs.append(seq)
+        problems.append((smats, links))
+    base_caps = sorted(rng.choice([1.0, 2.0, 3.0, 5.0, math.inf], size=E).tolist())
+    caps_list = [base_caps if same_caps or rng.random() < 0.5 else
+                 sorted(rng.choice([1.0, 2.0, 3.0, 5.0, math.inf], size=E).tolist()) for _ in range(n)]
+    assert alg1.minmax_dp_many(problems, prefixes=seqs) == alg1.minmax_dp_many(problems)
+    assert alg1.minsum_dp_many(problems, caps_list, prefixes=seqs) == [
+        _minsum_reference(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]

@@ -343,11 +343,11 @@ def minmax_dp(smats, links, start: float = 0.0):
     return minmax_dp_many([(smats, links)], start)[0]
 
 
-def minmax_dp_many(problems, start: float = 0.0) -> list:
+def minmax_dp_many(problems, start: float = 0.0, prefixes=None) -> list:
     """``minmax_dp`` of several (smats, links) of one shape (device orders of one cluster),
     run side by side (``_dp_many``); the same answers."""
     return [(v, st) if st is not None else (INF, None)
-            for ((v, st),) in _dp_many(problems, [[INF]] * len(problems), np.maximum, start)]
+            for ((v, st),) in _dp_many(problems, [[INF]] * len(problems), np.maximum, start, prefixes=prefixes)]
 
 
 def minsum_dp(smats, links, caps, block_width: int = 40):
@@ -358,10 +358,10 @@ def minsum_dp(smats, links, caps, block_width: int = 40):
     return _dp_many([(smats, links)], [caps], np.add, 0.0, block_width)[0]
 
 
-def minsum_dp_many(problems, caps_list, block_width: int = 40) -> list:
+def minsum_dp_many(problems, caps_list, block_width: int = 40, prefixes=None) -> list:
     """``minsum_dp`` of several (smats, links) of one shape, each with its caps (as many
     for each), run side by side (``_dp_many``); the same answers."""
-    return _dp_many(problems, caps_list, np.add, 0.0, block_width)
+    return _dp_many(problems, caps_list, np.add, 0.0, block_width, prefixes=prefixes)
 
 
 def path_max_cost(smats, links, stages) -> float:
@@ -409,7 +409,7 @@ def minsum_dp_reusing(problems, caps_list, uncapped=None, block_width: int = 40)
 
 
 def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: int = 1 << 19,
-             max_side_by_side: int = 1 << 16) -> list:
+             max_side_by_side: int = 1 << 16, prefixes=None) -> list:
     """The DP behind ``minmax_dp`` (``op`` max, caps inf) and ``minsum_dp`` (``op`` add) for
     several problems (smats, links) with as many positions and units, each with its caps
     (E of them for all): for each problem, [(value, stages or None)] per cap.
@@ -428,7 +428,14 @@ def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: i
     only while one problem's candidates (E (U+1)^2) number at most ``max_side_by_side``
     (beyond that the arithmetic, not the calls, is what costs, and stacking the capped
     matrices of the problems would add to it); groups are sized to about ``max_cells``
-    candidate values."""
+    candidate values.
+
+    ``prefixes`` (optional, one sequence per problem: its device order) says which
+    problems agree up to a position: where two have equal ``prefix[:m + 1]`` their stage
+    matrices and links up to position m are the same (``sequence_problem`` builds them
+    from the order's prefix alone), so with equal caps every DP cell up to m is too.
+    Position m is then computed for the first of them only and copied to the others:
+    the 15 orders of the paper testbed have 54 distinct prefixes among their 90."""
     if not problems:
         return []
     smats_l = [_degrees(p[0]) for p in problems]
@@ -441,11 +448,12 @@ def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: i
     out: list = []
     for lo in range(0, len(problems), per):
         out += _dp_chunk(smats_l[lo:lo + per], [p[1] for p in problems[lo:lo + per]],
-                         np.array(caps_list[lo:lo + per], float), op, start, block_width)
+                         np.array(caps_list[lo:lo + per], float), op, start, block_width,
+                         None if prefixes is None else prefixes[lo:lo + per])
     return out
 
 
-def _dp_chunk(smats_l, links_l, caps, op, start, width):
+def _dp_chunk(smats_l, links_l, caps, op, start, width, prefixes=None):
     """``_dp_many`` of one group: N problems side by side, caps (N, E)."""
     N, E = caps.shape
     M = len(smats_l[0])
@@ -476,9 +484,15 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
             blocked[key] = ST if uncapped else np.where(ST <= cap_row[:, None, None], ST, INF)
         return blocked[key]
 
+    cap_rows = [c.tobytes() for c in caps]
     for m in range(M):
-        for t in sorted({t for sm in smats_l for t in sm[m]}):
-            sel = [i for i in range(N) if t in smats_l[i][m]]
+        live = range(N)
+        if prefixes is not None:  # the first problem of each (prefix up to m, caps) computes it
+            first: dict = {}
+            rep = [first.setdefault((tuple(prefixes[i][:m + 1]), cap_rows[i]), i) for i in range(N)]
+            live = [i for i in range(N) if rep[i] == i]
+        for t in sorted({t for i in live for t in smats_l[i][m]}):
+            sel = [i for i in live if t in smats_l[i][m]]
             ns = len(sel)
             ix = slice(None) if ns == N else np.array(sel)
             f = m - t + 1
@@ -530,6 +544,11 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
             argk[ix, :, m] = np.where(better, k, argk[ix, :, m])
             argt[ix, :, m] = np.where(better, t, argt[ix, :, m])
             src[ix, :, m] = np.where(better, np.take_along_axis(sb, k, axis=2), src[ix, :, m])
+        if len(live) < N:
+            dup = [i for i in range(N) if rep[i] != i]
+            of = [rep[i] for i in dup]
+            for X in (A, argk, argt, src):
+                X[dup, :, m] = X[of, :, m]
     out = []
     for n in range(N):
         res = []
@@ -601,7 +620,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     probs = []
     cands: dict[Partition, tuple] = {}
     problems = [sequence_problem(pc, seq) for seq in sequences]
-    for seq, (smats, links), (val, stages) in zip(sequences, problems, minmax_dp_many(problems)):
+    for seq, (smats, links), (val, stages) in zip(sequences, problems, minmax_dp_many(problems, prefixes=sequences)):
         if stages is not None:
             part = to_partition(seq, stages)
             cands.setdefault(part, None)
@@ -624,7 +643,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     # the min-sum DPs of all orders side by side: every order uncapped, then the refined
     # orders at those of their caps that can change that answer (``minsum_dp_reusing``: the
     # same answers as running every cap)
-    founds = minsum_dp_many([p[3:5] for p in probs], [[INF]] * len(probs))
+    founds = minsum_dp_many([p[3:5] for p in probs], [[INF]] * len(probs), prefixes=[p[2] for p in probs])
     refined = [i for i, c in enumerate(caps_of) if len(c) > 1]
     for i, r in zip(refined, minsum_dp_reusing([probs[i][3:5] for i in refined], [caps_of[i] for i in refined],
                                                [founds[i][0] for i in refined])):
