@@ -218,8 +218,8 @@ def _path_max_h(back, L, h_of):
     live = pos > 0
     while live.any():
         prev = back[pos, ar]
-        hm = np.where(live, np.maximum(hm, h_of(pos, prev)), hm)
-        pos = np.where(live, prev, pos)
+        np.maximum(hm, h_of(pos, prev), out=hm, where=live)  # a finished path stays at 0 (back[0] is 0)
+        pos = prev
         live = pos > 0
     return hm
 
@@ -284,8 +284,8 @@ def _batch_dp_many(problems, block_cells: int = 1 << 21):
         HT = problems[0][1]
         hm = _path_max_h(back.T, L, lambda pos, prev: HT[pos, prev])
     else:
-        HT3 = np.stack([pr[1] for pr in problems], axis=2)
-        hm = _path_max_h(back.T, L, lambda pos, prev: HT3[pos, prev, col])
+        HT3 = np.stack([pr[1] for pr in problems])  # (N, L+1, L+1): a contiguous copy, not a strided one
+        hm = _path_max_h(back.T, L, lambda pos, prev: HT3[col, pos, prev])
     out, lo = [], 0
     for p_ in problems:
         hi = lo + len(p_[2])
