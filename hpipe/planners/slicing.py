@@ -49,13 +49,25 @@ class SliceGrid:
         setup = tables.setup
         self.g = setup.granularity
         self.L = L = setup.seq_len // self.g
-        q, p = np.triu_indices(L + 1, k=1)
-        n_all = ((p - q) * self.g).astype(float)
-        c_all = (q * self.g).astype(float)
-        keep = None
-        if max_slice_tokens is not None and max_slice_tokens < setup.seq_len:
-            keep = n_all <= max_slice_tokens  # slices longer than memory allows are never used
-            q, p = q[keep], p[keep]
+        # the slices (q, p) of the grid, those memory allows, and where each lies in the
+        # list: the same for every partition of this length and memory cap (read-only)
+        cap = max_slice_tokens if max_slice_tokens is not None and max_slice_tokens < setup.seq_len else None
+        ck = ("slice-grid", L, self.g, cap)
+        if ck not in tables._cache:
+            q, p = np.triu_indices(L + 1, k=1)
+            n_all = ((p - q) * self.g).astype(float)
+            c_all = (q * self.g).astype(float)
+            keep = None
+            if cap is not None:
+                keep = n_all <= cap  # slices longer than memory allows are never used
+                q, p = q[keep], p[keep]
+            pair_index = np.full((L + 1, L + 1), -1)
+            pair_index[p, q] = np.arange(len(p))
+            for a in (q, p, n_all, c_all, pair_index, keep):
+                if a is not None:
+                    a.flags.writeable = False
+            tables._cache[ck] = (q, p, n_all, c_all, keep, pair_index)
+        q, p, n_all, c_all, keep, self.pair_index = tables._cache[ck]
         n = n_all if keep is None else n_all[keep]
         sizes = sorted(set(micro_batch_sizes))
         bmax = max(sizes)
@@ -106,8 +118,9 @@ class SliceGrid:
                 h, rows = hb, rows_b
         with np.errstate(invalid="ignore", divide="ignore"):
             safe = np.where(h > 0, h, 1.0)
-            rho_of = {k: float(np.clip(np.max(np.where(h > 0, r / safe, 0.0), initial=0.0), 0.0, 1.0))
-                      for k, r in rows.items()}
+            # every row at once: the same divisions and maxima as row by row
+            ratio = np.max(np.where(h > 0, np.array(list(rows.values())) / safe, 0.0), axis=1, initial=0.0)
+            rho_of = {k: float(np.clip(x, 0.0, 1.0)) for k, x in zip(rows, ratio)}
         self.rho = np.array([rho_of[k] for k in keys])
         rho = self.rho
         self.w = float(rho.sum() - max(rho[0], rho[-1])) if len(rho) > 1 else 0.0
@@ -119,8 +132,6 @@ class SliceGrid:
         self.keys = keys
         self.sizes = list(micro_batch_sizes)
         self._stack = None
-        self.pair_index = np.full((L + 1, L + 1), -1)
-        self.pair_index[p, q] = np.arange(len(p))
         cluster = setup.cluster
         self.resources = []
         self.latency = []  # per chain position: the propagation after a hop releases its links
