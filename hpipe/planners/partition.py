@@ -544,7 +544,9 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width, prefixes=None):
             A[ix, :, m] = np.where(better, v, Am)
             argk[ix, :, m] = np.where(better, k, argk[ix, :, m])
             argt[ix, :, m] = np.where(better, t, argt[ix, :, m])
-            src[ix, :, m] = np.where(better, np.take_along_axis(sb, k, axis=2), src[ix, :, m])
+            # sb's entry at k along its last axis (take_along_axis), read off the flat array
+            src_k = sb.reshape(-1)[(np.arange(0, sb.size, U1).reshape(ns, E, 1) + k).reshape(-1)].reshape(k.shape)
+            src[ix, :, m] = np.where(better, src_k, src[ix, :, m])
         if len(live) < N:
             dup = [i for i in range(N) if rep[i] != i]
             of = [rep[i] for i in dup]
