@@ -118,9 +118,8 @@ class SliceGrid:
                 h, rows = hb, rows_b
         with np.errstate(invalid="ignore", divide="ignore"):
             safe = np.where(h > 0, h, 1.0)
-            # every row at once: the same divisions and maxima as row by row
-            ratio = np.max(np.where(h > 0, np.array(list(rows.values())) / safe, 0.0), axis=1, initial=0.0)
-            rho_of = {k: float(np.clip(x, 0.0, 1.0)) for k, x in zip(rows, ratio)}
+            rho_of = {k: float(np.clip(np.max(np.where(h > 0, r / safe, 0.0), initial=0.0), 0.0, 1.0))
+                      for k, r in rows.items()}
         self.rho = np.array([rho_of[k] for k in keys])
         rho = self.rho
         self.w = float(rho.sum() - max(rho[0], rho[-1])) if len(rho) > 1 else 0.0
