@@ -481,8 +481,18 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width, prefixes=None):
         if key not in blocked:
             e0, e1, ke = blocks[b]
             ST = np.ascontiguousarray(S[:ke, e0:e1].T)[None]  # (1, e, k); strided operands are slow
-            blocked[key] = ST if uncapped else np.where(ST <= cap_row[:, None, None], ST, INF)
+            X = ST if uncapped else np.where(ST <= cap_row[:, None, None], ST, INF)
+            fin = np.isfinite(X).any(axis=(0, 1))
+            blocked[key] = X, (int(fin.argmax()) if fin.any() else ke)  # and its first row with a finite entry
         return blocked[key]
+
+    # Rows before the first finite one of every block a candidate array reads are inf (over
+    # the cap, or the stage does not fit), so their candidates op(B, inf) are inf: leaving
+    # them out changes no finite minimum nor its first position (shifted back by the rows
+    # left out), and a cell whose candidates are all inf is not taken (v < A fails) whatever
+    # position its argmin names.  op(B, inf) is inf for max always, for + unless B = -inf,
+    # which only a start of -inf makes.
+    trim = op is np.maximum or start > -INF
 
     cap_rows = [c.tobytes() for c in caps]
     for m in range(M):
@@ -522,17 +532,22 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width, prefixes=None):
                 Bj = B[js]
                 nj = Bj.shape[0]
                 for b, (e0, e1, ke) in enumerate(blocks):
+                    mats = [block_of(S, None, b)] if S is not None else \
+                        [block_of(S_, caps[i], b) for S_, i in zip(Ss, sel)]  # inf where over the cap
+                    k0 = min(min(x[1] for x in mats), ke - 1) if trim else 0
+                    w = ke - k0
                     # candidates written into one reused buffer (contiguous): a fresh array
                     # per block costs its page faults, and the capped matrices are not stacked
-                    cand = buf[:nj * E * (e1 - e0) * ke].reshape(nj, E, e1 - e0, ke)  # (n, E, e, k)
+                    cand = buf[:nj * E * (e1 - e0) * w].reshape(nj, E, e1 - e0, w)  # (n, E, e, k - k0)
                     if S is not None:
-                        op(Bj[:, :, None, :ke], block_of(S, None, b)[None], out=cand)
+                        op(Bj[:, :, None, k0:ke], mats[0][0][None, ..., k0:], out=cand)
                     else:
-                        for j, (S_, i) in enumerate(zip(Ss, sel)):  # inf where over the cap
-                            op(Bj[j, :, None, :ke], block_of(S_, caps[i], b), out=cand[j])
+                        for j, (X, _) in enumerate(mats):
+                            op(Bj[j, :, None, k0:ke], X[..., k0:], out=cand[j])
                     kb = cand.argmin(axis=3)
                     # the minima read off the flat array (one index array: quicker than two)
-                    vb = cand.reshape(-1)[np.arange(0, kb.size * ke, ke) + kb.ravel()].reshape(kb.shape)
+                    vb = cand.reshape(-1)[np.arange(0, kb.size * w, w) + kb.ravel()].reshape(kb.shape)
+                    kb += k0
                     if isinstance(js, slice):
                         k[:, :, e0:e1] = kb
                         v[:, :, e0:e1] = vb
