@@ -62,12 +62,13 @@ class SliceGrid:
                 keep = n_all <= cap  # slices longer than memory allows are never used
                 q, p = q[keep], p[keep]
             pair_index = np.full((L + 1, L + 1), -1)
-            pair_index[p, q] = np.arange(len(p))
-            for a in (q, p, n_all, c_all, pair_index, keep):
+            flat = p * (L + 1) + q  # where (p, q) lies in a flat (L+1, L+1) array
+            pair_index.reshape(-1)[flat] = np.arange(len(p))
+            for a in (q, p, n_all, c_all, pair_index, keep, flat):
                 if a is not None:
                     a.flags.writeable = False
-            tables._cache[ck] = (q, p, n_all, c_all, keep, pair_index)
-        q, p, n_all, c_all, keep, self.pair_index = tables._cache[ck]
+            tables._cache[ck] = (q, p, n_all, c_all, keep, pair_index, flat)
+        q, p, n_all, c_all, keep, self.pair_index, flat = tables._cache[ck]
         n = n_all if keep is None else n_all[keep]
         sizes = sorted(set(micro_batch_sizes))
         bmax = max(sizes)
@@ -112,21 +113,24 @@ class SliceGrid:
                     tables.grid_rows.put(ck, full)
                 rows_b[k] = full if keep is None else full[keep]
             self.rows_by_b[b] = rows_b
-            hb = np.maximum.reduce(list(rows_b.values()))
+            it = iter(rows_b.values())
+            hb = np.array(next(it), float)  # the elementwise max of the rows, one row at a time
+            for r in it:                      # (max is exact: the order does not matter)
+                np.maximum(hb, r, out=hb)
             gsum += hb * micro_batch_sizes.count(b)
             if b == bmax:
                 h, rows = hb, rows_b
         with np.errstate(invalid="ignore", divide="ignore"):
             safe = np.where(h > 0, h, 1.0)
-            rho_of = {k: float(np.clip(np.max(np.where(h > 0, r / safe, 0.0), initial=0.0), 0.0, 1.0))
-                      for k, r in rows.items()}
+            pos = h > 0  # the max of r / h where h > 0 (0 if none), without the 0s written out
+            rho_of = {k: float(np.clip(np.max(r / safe, where=pos, initial=0.0), 0.0, 1.0)) for k, r in rows.items()}
         self.rho = np.array([rho_of[k] for k in keys])
         rho = self.rho
         self.w = float(rho.sum() - max(rho[0], rho[-1])) if len(rho) > 1 else 0.0
         self.HT = np.full((L + 1, L + 1), INF)
         self.GT = np.full((L + 1, L + 1), INF)
-        self.HT[p, q] = h
-        self.GT[p, q] = gsum
+        self.HT.reshape(-1)[flat] = h  # [p, q], one flat index array
+        self.GT.reshape(-1)[flat] = gsum
         # for exact makespans of candidate slicings straight from the rows
         self.keys = keys
         self.sizes = list(micro_batch_sizes)
