@@ -232,7 +232,7 @@ PHASES = [
     ("    Algorithm 1 over device orders (search)", "planners/partition.py", "search"),
     ("      stage/link tables (sequence_problem)", "planners/partition.py", "sequence_problem"),
     ("      bottleneck DP, orders side by side (minmax_dp_many)", "planners/partition.py", "minmax_dp_many"),
-    ("      min-sum DP (minsum_dp_many, minsum_dp)", "planners/partition.py", "minsum_dp*"),
+    ("      min-sum DP (minsum_dp_many, minsum_dp)", "planners/partition.py", "minsum_dp_many|minsum_dp"),
     ("      exact scoring, batched (PartitionCosts.bounds)", "planners/partition.py", "bounds"),
     ("  Algorithm 2 + exact scoring (_best_slicings)", "planners/joint.py", "_best_slicings"),
     ("    slice grid (SliceGrid.__init__)", "planners/slicing.py", "__init__"),
@@ -260,8 +260,10 @@ def where_the_time_goes(setup):
     total = None
     print("   where the time goes (one run under cProfile, CPU s; nested rows are part of the row above):")
     for label, path, func in PHASES:
+        # func: a name, names joined by "|", or a prefix ending in "*" (not nested in one another:
+        # their cumulative times are summed)
         hits = [(v[1], v[3]) for (f, _, fn), v in stats.items()
-                if f.endswith(path) and (fn == func or func.endswith("*") and fn.startswith(func[:-1]))]
+                if f.endswith(path) and (fn in func.split("|") or func.endswith("*") and fn.startswith(func[:-1]))]
         calls, cum = sum(h[0] for h in hits), sum(h[1] for h in hits)
         total = total or cum
         print(f"      {label:<58} {calls:>6} calls {cum:>7.3f} s {cum / total:>6.1%}")

@@ -383,3 +383,91 @@ def test_dps_side_by_side_are_each_problems_own(seed, n, M, U, E, max_cells):
     assert alg1.minmax_dp_many(problems) == [_minmax_reference(sm, lk) for sm, lk in problems]
     assert alg1.minsum_dp_many(problems, caps_list) == [_minsum_reference(sm, lk, c)
                                                          for (sm, lk), c in zip(problems, caps_list)]
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), M=st.integers(1, 4), U=st.integers(1, 30),
+       ties=st.booleans(), E=st.integers(1, 6))
+def test_minsum_caps_at_or_above_the_uncapped_answer_are_reused_exactly(seed, n, M, U, ties, E):
+    """``minsum_dp_reusing`` (caps at or above the uncapped answer's largest cost answered
+    by it, the rest run) gives exactly the plain DP's value and stages at every cap, ties
+    included, with caps drawn around the uncapped answer's largest cost (equal to it too)."""
+    rng = np.random.default_rng(seed)
+    draw = (lambda *sh: rng.integers(1, 5, sh).astype(float)) if ties else (lambda *sh: rng.random(sh))
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    pool = [matrix() for _ in range(3)]
+    problems, caps_list = [], []
+    for _ in range(n):
+        smats = [{1: pool[rng.integers(0, 3)], **({2: matrix()} if m and rng.random() < 0.5 else {})}
+                 for m in range(M)]
+        links = draw(M, M, U + 1) * 0.5
+        problems.append((smats, links))
+        [(_, st0)] = alg1.minsum_dp(smats, links, [math.inf])
+        z = alg1.path_max_cost(smats, links, st0) if st0 is not None else 1.0
+        pool_caps = [z * 0.5, z * 0.9, z, z * 1.5, 1.0, 2.0, 3.0, math.inf]
+        caps_list.append(sorted(rng.choice(pool_caps, size=E).tolist()))
+    want = [_minsum_reference(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]
+    assert alg1.minsum_dp_reusing(problems, caps_list) == want
+    unc = [alg1.minsum_dp(sm, lk, [math.inf])[0] for sm, lk in problems]
+    assert alg1.minsum_dp_reusing(problems, caps_list, unc) == want
+
+
+def test_path_max_cost_is_the_largest_term_on_the_path():
+    """A two-stage path: the largest of its two stage costs and its link cost."""
+    S = np.full((4, 4), math.inf)
+    S[0, 2], S[2, 3], S[0, 3] = 5.0, 1.0, 9.0
+    links = np.zeros((2, 2, 4))
+    links[0, 1, 2] = 7.0
+    stages = [((0,), 0, 2), ((1,), 2, 3)]
+    assert alg1.path_max_cost([S, S], links, stages) == 7.0
+    links[0, 1, 2] = 0.5
+    assert alg1.path_max_cost([S, S], links, stages) == 5.0
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_dev=st.integers(1, 5), U=st.integers(1, 30), E=st.integers(1, 3),
+       n=st.integers(1, 8), same_caps=st.booleans())
+def test_orders_sharing_a_prefix_share_its_dp_cells_exactly(seed, n_dev, U, E, n, same_caps):
+    """Device orders given with their ``prefixes`` (each position computed once per distinct
+    prefix and caps, copied to the rest) get exactly what they get without: problems built
+    as ``sequence_problem`` builds them, from the order's devices alone (a matrix per kind
+    and degree, a link row per device pair), orders drawn from a small multiset so that
+    many share prefixes, ties on purpose."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *sh: rng.integers(1, 4, sh).astype(float)  # noqa: E731 - ties on purpose
+
+    def matrix():
+        S = draw(U + 1, U + 1)
+        S[np.tril_indices(U + 1)] = math.inf
+        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+        return S
+
+    kind = rng.integers(0, 2, n_dev)
+    mats = {(k, t): matrix() for k in (0, 1) for t in (1, 2)}
+    pair = draw(n_dev, n_dev, U + 1) * 0.5
+    seqs, problems = [], []
+    for _ in range(n):
+        seq = [int(d) for d in rng.permutation(n_dev)]
+        if seqs and rng.random() < 0.5:  # often an order seen before, or one that shares its start
+            base = seqs[rng.integers(0, len(seqs))]
+            cut = int(rng.integers(0, n_dev + 1))
+            seq = base[:cut] + [d for d in seq if d not in base[:cut]]
+        smats, run = [], 0
+        for m, d in enumerate(seq):
+            run = run + 1 if m and kind[d] == kind[seq[m - 1]] else 1
+            smats.append({1: mats[kind[d], 1], **({2: mats[kind[d], 2]} if run >= 2 else {})})
+        links = np.stack([np.stack([pair[a, b] for b in seq]) for a in seq])  # (M, M, U+1)
+        seqs.append(seq)
+        problems.append((smats, links))
+    base_caps = sorted(rng.choice([1.0, 2.0, 3.0, 5.0, math.inf], size=E).tolist())
+    caps_list = [base_caps if same_caps or rng.random() < 0.5 else
+                 sorted(rng.choice([1.0, 2.0, 3.0, 5.0, math.inf], size=E).tolist()) for _ in range(n)]
+    assert alg1.minmax_dp_many(problems, prefixes=seqs) == alg1.minmax_dp_many(problems)
+    assert alg1.minsum_dp_many(problems, caps_list, prefixes=seqs) == [
+        _minsum_reference(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]

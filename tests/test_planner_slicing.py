@@ -177,3 +177,14 @@ def test_batched_dp_is_each_problems_own(seed, L, n, ties, block):
         np.testing.assert_array_equal(hm[reach], hm0[reach])
         for k in np.flatnonzero(reach):
             assert alg2._path(back[k], L, 1) == alg2._path(back0[k], L, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 24), n=st.integers(1, 4), ties=st.booleans())
+def test_least_max_h_side_by_side_is_each_grids_own(seed, L, n, ties):
+    """``_minmax_dp_many`` (grids side by side, each with its own earliest starts: slices
+    too long for its memory inf) gives each grid exactly what ``_minmax_dp`` gives it alone."""
+    rng = np.random.default_rng(seed)
+    problems = [_random_dp_problem(rng, L, ties) for _ in range(n)]
+    HTs, qmins = [p[1] for p in problems], [p[3] for p in problems]
+    assert alg2._minmax_dp_many(HTs, qmins) == [alg2._minmax_dp(H, q) for H, q in zip(HTs, qmins)]

@@ -343,11 +343,11 @@ def minmax_dp(smats, links, start: float = 0.0):
     return minmax_dp_many([(smats, links)], start)[0]
 
 
-def minmax_dp_many(problems, start: float = 0.0) -> list:
+def minmax_dp_many(problems, start: float = 0.0, prefixes=None) -> list:
     """``minmax_dp`` of several (smats, links) of one shape (device orders of one cluster),
     run side by side (``_dp_many``); the same answers."""
     return [(v, st) if st is not None else (INF, None)
-            for ((v, st),) in _dp_many(problems, [[INF]] * len(problems), np.maximum, start)]
+            for ((v, st),) in _dp_many(problems, [[INF]] * len(problems), np.maximum, start, prefixes=prefixes)]
 
 
 def minsum_dp(smats, links, caps, block_width: int = 40):
@@ -358,14 +358,58 @@ def minsum_dp(smats, links, caps, block_width: int = 40):
     return _dp_many([(smats, links)], [caps], np.add, 0.0, block_width)[0]
 
 
-def minsum_dp_many(problems, caps_list, block_width: int = 40) -> list:
+def minsum_dp_many(problems, caps_list, block_width: int = 40, prefixes=None) -> list:
     """``minsum_dp`` of several (smats, links) of one shape, each with its caps (as many
     for each), run side by side (``_dp_many``); the same answers."""
-    return _dp_many(problems, caps_list, np.add, 0.0, block_width)
+    return _dp_many(problems, caps_list, np.add, 0.0, block_width, prefixes=prefixes)
+
+
+def path_max_cost(smats, links, stages) -> float:
+    """The largest stage or link cost along ``stages`` ((positions, start, end), as the DPs
+    return them): the least cap under which the min-sum DP still admits every one of them."""
+    smats = _degrees(smats)
+    z, prev = -INF, None
+    for pos, s, e in stages:
+        z = max(z, float(smats[pos[-1]][len(pos)][s, e]))
+        if prev is not None:
+            z = max(z, float(links[prev, pos[0], s]))
+        prev = pos[-1]
+    return z
+
+
+def minsum_dp_reusing(problems, caps_list, uncapped=None, block_width: int = 40) -> list:
+    """``minsum_dp_many``'s answers, exactly, without running the DP for the caps that
+    cannot change the uncapped answer.  ``uncapped`` (each problem's ``(value, stages)``
+    with no cap; found here if not given); each caps list ascending.
+
+    Why it is exact: let P be the uncapped answer and Z the largest stage or link cost on
+    it (``path_max_cost``).  A cap T >= Z admits every stage and link of P.  Capping only
+    turns candidates into inf, so every DP cell's capped value is >= its uncapped value;
+    along P, by induction from its first stage, each cell's capped value is <= what P's
+    prefix costs (all of P's terms are admitted and summed in the same order), which is
+    the uncapped value: equal.  Ties go to the first minimum (k, degree t, source
+    position, last position): an index before P's with capped value <= the minimum would
+    have uncapped value <= it too, hence equal, and the uncapped DP would have taken that
+    earlier index instead.  So at every cell on P the capped DP picks P's own choice, and
+    its answer is P, value and stages alike.  If nothing fits uncapped, nothing fits
+    under any cap.  Caps below Z are run (``minsum_dp_many``), the same count for all
+    problems (the most any needs), so they still run side by side."""
+    if not problems:
+        return []
+    if uncapped is None:
+        uncapped = [r[0] for r in minsum_dp_many(problems, [[INF]] * len(problems), block_width)]
+    need = []
+    for (smats, links), caps, (_, st) in zip(problems, caps_list, uncapped):
+        assert list(caps) == sorted(caps), "caps ascending"
+        z = path_max_cost(smats, links, st) if st is not None else -INF
+        need.append(sum(1 for c in caps if c < z))
+    E = max(need)
+    run = minsum_dp_many(problems, [list(c)[:E] for c in caps_list], block_width) if E else [[] for _ in problems]
+    return [r + [u] * (len(c) - E) for r, u, c in zip(run, uncapped, caps_list)]
 
 
 def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: int = 1 << 19,
-             max_side_by_side: int = 1 << 16) -> list:
+             max_side_by_side: int = 1 << 16, prefixes=None) -> list:
     """The DP behind ``minmax_dp`` (``op`` max, caps inf) and ``minsum_dp`` (``op`` add) for
     several problems (smats, links) with as many positions and units, each with its caps
     (E of them for all): for each problem, [(value, stages or None)] per cap.
@@ -384,7 +428,14 @@ def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: i
     only while one problem's candidates (E (U+1)^2) number at most ``max_side_by_side``
     (beyond that the arithmetic, not the calls, is what costs, and stacking the capped
     matrices of the problems would add to it); groups are sized to about ``max_cells``
-    candidate values."""
+    candidate values.
+
+    ``prefixes`` (optional, one sequence per problem: its device order) says which
+    problems agree up to a position: where two have equal ``prefix[:m + 1]`` their stage
+    matrices and links up to position m are the same (``sequence_problem`` builds them
+    from the order's prefix alone), so with equal caps every DP cell up to m is too.
+    Position m is then computed for the first of them only and copied to the others:
+    the 15 orders of the paper testbed have 54 distinct prefixes among their 90."""
     if not problems:
         return []
     smats_l = [_degrees(p[0]) for p in problems]
@@ -397,11 +448,12 @@ def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: i
     out: list = []
     for lo in range(0, len(problems), per):
         out += _dp_chunk(smats_l[lo:lo + per], [p[1] for p in problems[lo:lo + per]],
-                         np.array(caps_list[lo:lo + per], float), op, start, block_width)
+                         np.array(caps_list[lo:lo + per], float), op, start, block_width,
+                         None if prefixes is None else prefixes[lo:lo + per])
     return out
 
 
-def _dp_chunk(smats_l, links_l, caps, op, start, width):
+def _dp_chunk(smats_l, links_l, caps, op, start, width, prefixes=None):
     """``_dp_many`` of one group: N problems side by side, caps (N, E)."""
     N, E = caps.shape
     M = len(smats_l[0])
@@ -422,18 +474,35 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
     bounds = np.linspace(0, U1, max(1, U1 // width) + 1).round().astype(int).tolist()
     blocks = [(e0, e1, max(int(last[e0:e1].max()) + 1, 1)) for e0, e1 in zip(bounds, bounds[1:])]
     blocked: dict = {}  # (id(S), caps, block) -> (E or 1, e, k) contiguous
+    buf = np.empty(N * E * max(e1 - e0 for e0, e1, _ in blocks) * U1)
 
     def block_of(S, cap_row, b):
         key = (id(S), None if uncapped else cap_row.tobytes(), b)
         if key not in blocked:
             e0, e1, ke = blocks[b]
             ST = np.ascontiguousarray(S[:ke, e0:e1].T)[None]  # (1, e, k); strided operands are slow
-            blocked[key] = ST if uncapped else np.where(ST <= cap_row[:, None, None], ST, INF)
+            X = ST if uncapped else np.where(ST <= cap_row[:, None, None], ST, INF)
+            fin = np.isfinite(X).any(axis=(0, 1))
+            blocked[key] = X, (int(fin.argmax()) if fin.any() else ke)  # and its first row with a finite entry
         return blocked[key]
 
+    # Rows before the first finite one of every block a candidate array reads are inf (over
+    # the cap, or the stage does not fit), so their candidates op(B, inf) are inf: leaving
+    # them out changes no finite minimum nor its first position (shifted back by the rows
+    # left out), and a cell whose candidates are all inf is not taken (v < A fails) whatever
+    # position its argmin names.  op(B, inf) is inf for max always, for + unless B = -inf,
+    # which only a start of -inf makes.
+    trim = op is np.maximum or start > -INF
+
+    cap_rows = [c.tobytes() for c in caps]
     for m in range(M):
-        for t in sorted({t for sm in smats_l for t in sm[m]}):
-            sel = [i for i in range(N) if t in smats_l[i][m]]
+        live = range(N)
+        if prefixes is not None:  # the first problem of each (prefix up to m, caps) computes it
+            first: dict = {}
+            rep = [first.setdefault((tuple(prefixes[i][:m + 1]), cap_rows[i]), i) for i in range(N)]
+            live = [i for i in range(N) if rep[i] == i]
+        for t in sorted({t for i in live for t in smats_l[i][m]}):
+            sel = [i for i in live if t in smats_l[i][m]]
             ns = len(sel)
             ix = slice(None) if ns == N else np.array(sel)
             f = m - t + 1
@@ -461,14 +530,24 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
             v = np.empty((ns, E, U1))
             for S, js in parts:
                 Bj = B[js]
+                nj = Bj.shape[0]
                 for b, (e0, e1, ke) in enumerate(blocks):
+                    mats = [block_of(S, None, b)] if S is not None else \
+                        [block_of(S_, caps[i], b) for S_, i in zip(Ss, sel)]  # inf where over the cap
+                    k0 = min(min(x[1] for x in mats), ke - 1) if trim else 0
+                    w = ke - k0
+                    # candidates written into one reused buffer (contiguous): a fresh array
+                    # per block costs its page faults, and the capped matrices are not stacked
+                    cand = buf[:nj * E * (e1 - e0) * w].reshape(nj, E, e1 - e0, w)  # (n, E, e, k - k0)
                     if S is not None:
-                        C = block_of(S, None, b)[None]  # (1, 1, e, k)
+                        op(Bj[:, :, None, k0:ke], mats[0][0][None, ..., k0:], out=cand)
                     else:
-                        C = np.stack([block_of(S_, caps[i], b) for S_, i in zip(Ss, sel)])  # (ns, E, e, k)
-                    cand = op(Bj[:, :, None, :ke], C)  # (n, E, e, k); inf where over the cap
+                        for j, (X, _) in enumerate(mats):
+                            op(Bj[j, :, None, k0:ke], X[..., k0:], out=cand[j])
                     kb = cand.argmin(axis=3)
-                    vb = cand.reshape(-1, ke)[np.arange(kb.size), kb.ravel()].reshape(kb.shape)
+                    # the minima read off the flat array (one index array: quicker than two)
+                    vb = cand.reshape(-1)[np.arange(0, kb.size * w, w) + kb.ravel()].reshape(kb.shape)
+                    kb += k0
                     if isinstance(js, slice):
                         k[:, :, e0:e1] = kb
                         v[:, :, e0:e1] = vb
@@ -480,7 +559,14 @@ def _dp_chunk(smats_l, links_l, caps, op, start, width):
             A[ix, :, m] = np.where(better, v, Am)
             argk[ix, :, m] = np.where(better, k, argk[ix, :, m])
             argt[ix, :, m] = np.where(better, t, argt[ix, :, m])
-            src[ix, :, m] = np.where(better, np.take_along_axis(sb, k, axis=2), src[ix, :, m])
+            # sb's entry at k along its last axis (take_along_axis), read off the flat array
+            src_k = sb.reshape(-1)[(np.arange(0, sb.size, U1).reshape(ns, E, 1) + k).reshape(-1)].reshape(k.shape)
+            src[ix, :, m] = np.where(better, src_k, src[ix, :, m])
+        if len(live) < N:
+            dup = [i for i in range(N) if rep[i] != i]
+            of = [rep[i] for i in dup]
+            for X in (A, argk, argt, src):
+                X[dup, :, m] = X[of, :, m]
     out = []
     for n in range(N):
         res = []
@@ -552,7 +638,7 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     probs = []
     cands: dict[Partition, tuple] = {}
     problems = [sequence_problem(pc, seq) for seq in sequences]
-    for seq, (smats, links), (val, stages) in zip(sequences, problems, minmax_dp_many(problems)):
+    for seq, (smats, links), (val, stages) in zip(sequences, problems, minmax_dp_many(problems, prefixes=sequences)):
         if stages is not None:
             part = to_partition(seq, stages)
             cands.setdefault(part, None)
@@ -572,12 +658,14 @@ def search(pc: PartitionCosts, sequences, epsilons=EPSILONS, keep: float = 0.1, 
     caps_of = [[INF] if rank >= refine or val > best_b * (1 + keep) else
                [val * (1 + e) if math.isfinite(e) else INF for e in epsilons]
                for rank, (_, val, _, _, _) in enumerate(probs)]
-    # the min-sum DPs of all orders side by side, those with the same number of caps together
-    founds: list = [None] * len(probs)
-    for n_caps in dict.fromkeys(len(c) for c in caps_of):
-        idx = [i for i, c in enumerate(caps_of) if len(c) == n_caps]
-        for i, r in zip(idx, minsum_dp_many([probs[i][3:5] for i in idx], [caps_of[i] for i in idx])):
-            founds[i] = r
+    # the min-sum DPs of all orders side by side: every order uncapped, then the refined
+    # orders at those of their caps that can change that answer (``minsum_dp_reusing``: the
+    # same answers as running every cap)
+    founds = minsum_dp_many([p[3:5] for p in probs], [[INF]] * len(probs), prefixes=[p[2] for p in probs])
+    refined = [i for i, c in enumerate(caps_of) if len(c) > 1]
+    for i, r in zip(refined, minsum_dp_reusing([probs[i][3:5] for i in refined], [caps_of[i] for i in refined],
+                                               [founds[i][0] for i in refined])):
+        founds[i] = r
     for rank, (_, val, seq, smats, links) in enumerate(probs):
         # the refined orders get caps B*(1+eps); the rest the uncapped min-sum only (the least
         # total work: what wins when there are too few items to pipeline, whatever the bottleneck)

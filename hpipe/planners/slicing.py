@@ -49,13 +49,26 @@ class SliceGrid:
         setup = tables.setup
         self.g = setup.granularity
         self.L = L = setup.seq_len // self.g
-        q, p = np.triu_indices(L + 1, k=1)
-        n_all = ((p - q) * self.g).astype(float)
-        c_all = (q * self.g).astype(float)
-        keep = None
-        if max_slice_tokens is not None and max_slice_tokens < setup.seq_len:
-            keep = n_all <= max_slice_tokens  # slices longer than memory allows are never used
-            q, p = q[keep], p[keep]
+        # the slices (q, p) of the grid, those memory allows, and where each lies in the
+        # list: the same for every partition of this length and memory cap (read-only)
+        cap = max_slice_tokens if max_slice_tokens is not None and max_slice_tokens < setup.seq_len else None
+        ck = ("slice-grid", L, self.g, cap)
+        if ck not in tables._cache:
+            q, p = np.triu_indices(L + 1, k=1)
+            n_all = ((p - q) * self.g).astype(float)
+            c_all = (q * self.g).astype(float)
+            keep = None
+            if cap is not None:
+                keep = n_all <= cap  # slices longer than memory allows are never used
+                q, p = q[keep], p[keep]
+            pair_index = np.full((L + 1, L + 1), -1)
+            flat = p * (L + 1) + q  # where (p, q) lies in a flat (L+1, L+1) array
+            pair_index.reshape(-1)[flat] = np.arange(len(p))
+            for a in (q, p, n_all, c_all, pair_index, keep, flat):
+                if a is not None:
+                    a.flags.writeable = False
+            tables._cache[ck] = (q, p, n_all, c_all, keep, pair_index, flat)
+        q, p, n_all, c_all, keep, self.pair_index, flat = tables._cache[ck]
         n = n_all if keep is None else n_all[keep]
         sizes = sorted(set(micro_batch_sizes))
         bmax = max(sizes)
@@ -100,27 +113,28 @@ class SliceGrid:
                     tables.grid_rows.put(ck, full)
                 rows_b[k] = full if keep is None else full[keep]
             self.rows_by_b[b] = rows_b
-            hb = np.maximum.reduce(list(rows_b.values()))
+            it = iter(rows_b.values())
+            hb = np.array(next(it), float)  # the elementwise max of the rows, one row at a time
+            for r in it:                      # (max is exact: the order does not matter)
+                np.maximum(hb, r, out=hb)
             gsum += hb * micro_batch_sizes.count(b)
             if b == bmax:
                 h, rows = hb, rows_b
         with np.errstate(invalid="ignore", divide="ignore"):
             safe = np.where(h > 0, h, 1.0)
-            rho_of = {k: float(np.clip(np.max(np.where(h > 0, r / safe, 0.0), initial=0.0), 0.0, 1.0))
-                      for k, r in rows.items()}
+            pos = h > 0  # the max of r / h where h > 0 (0 if none), without the 0s written out
+            rho_of = {k: float(np.clip(np.max(r / safe, where=pos, initial=0.0), 0.0, 1.0)) for k, r in rows.items()}
         self.rho = np.array([rho_of[k] for k in keys])
         rho = self.rho
         self.w = float(rho.sum() - max(rho[0], rho[-1])) if len(rho) > 1 else 0.0
         self.HT = np.full((L + 1, L + 1), INF)
         self.GT = np.full((L + 1, L + 1), INF)
-        self.HT[p, q] = h
-        self.GT[p, q] = gsum
+        self.HT.reshape(-1)[flat] = h  # [p, q], one flat index array
+        self.GT.reshape(-1)[flat] = gsum
         # for exact makespans of candidate slicings straight from the rows
         self.keys = keys
         self.sizes = list(micro_batch_sizes)
         self._stack = None
-        self.pair_index = np.full((L + 1, L + 1), -1)
-        self.pair_index[p, q] = np.arange(len(p))
         cluster = setup.cluster
         self.resources = []
         self.latency = []  # per chain position: the propagation after a hop releases its links
@@ -218,8 +232,26 @@ def _path_max_h(back, L, h_of):
     live = pos > 0
     while live.any():
         prev = back[pos, ar]
-        hm = np.where(live, np.maximum(hm, h_of(pos, prev)), hm)
-        pos = np.where(live, prev, pos)
+        np.maximum(hm, h_of(pos, prev), out=hm, where=live)  # a finished path stays at 0 (back[0] is 0)
+        pos = prev
+        live = pos > 0
+    return hm
+
+
+def _path_max_h_flat(back, L, h_flat, base):
+    """``_path_max_h`` of ``back`` (K, L+1), contiguous, each column's h of the slice
+    [prev, pos) at ``h_flat[base + pos (L+1) + prev]``: every read one flat index array
+    (numpy's indexing with two arrays costs about twice as much), the same values."""
+    K = back.shape[0]
+    b_flat = back.reshape(-1)
+    row = np.arange(K) * (L + 1)
+    hm = np.zeros(K)
+    pos = np.full(K, L)
+    live = pos > 0
+    while live.any():
+        prev = b_flat[row + pos]
+        np.maximum(hm, h_flat[base + pos * (L + 1) + prev], out=hm, where=live)  # a finished path stays (back[0] is 0)
+        pos = prev
         live = pos > 0
     return hm
 
@@ -274,18 +306,15 @@ def _batch_dp_many(problems, block_cells: int = 1 << 21):
                 np.putmask(dst, pr[1][pp, qq] > t[edges[i]:edges[i + 1], None], INF)
         for r in range(p, p_hi):
             q0, a = starts_l[r], offs_l[r] - lo
-            vals = f[:, q0:r] + G[:, a:a + r - q0]  # (K, r - q0)
+            vals = f[:, q0:r] + G[:, a:a + r - q0]  # (K, r - q0), contiguous
             j = vals.argmin(axis=1)
-            f[:, r] = vals[ar, j]
+            # vals[ar, j] read off the flat array: one index array is about twice as quick
+            f[:, r] = vals.ravel()[ar * (r - q0) + j]
             back[:, r] = j  # relative to the window's start: made absolute after the loop
         p = p_hi
     back += starts  # (K, L+1) + (L+1,): one call instead of one per position
-    if N == 1:
-        HT = problems[0][1]
-        hm = _path_max_h(back.T, L, lambda pos, prev: HT[pos, prev])
-    else:
-        HT3 = np.stack([pr[1] for pr in problems], axis=2)
-        hm = _path_max_h(back.T, L, lambda pos, prev: HT3[pos, prev, col])
+    HT = problems[0][1] if N == 1 else np.stack([pr[1] for pr in problems])  # (N, L+1, L+1), contiguous
+    hm = _path_max_h_flat(back, L, HT.reshape(-1), col * (L + 1) ** 2)
     out, lo = [], 0
     for p_ in problems:
         hi = lo + len(p_[2])
@@ -317,6 +346,25 @@ def _minmax_dp(HT, qmin):
     return float(f[L])
 
 
+def _minmax_dp_many(HTs, qmins) -> list[float]:
+    """``_minmax_dp`` of several grids of one L side by side (one loop over positions for
+    all).  Each row scans from the earliest start of any grid; a grid's entries before its
+    own earliest start are inf (``qmin`` is the first finite column of each row), and
+    max(f, inf) = inf never lowers a minimum (nor raises one that is inf anyway): the
+    same max and min over the same finite values, so the same floats."""
+    if len(HTs) <= 1:
+        return [_minmax_dp(H, q) for H, q in zip(HTs, qmins)]
+    L = HTs[0].shape[0] - 1
+    H = np.stack(HTs)  # (N, L+1, L+1)
+    q = np.minimum.reduce([np.asarray(x) for x in qmins]).tolist()
+    f = np.full((len(HTs), L + 1), INF)
+    f[:, 0] = 0.0
+    for p in range(1, L + 1):
+        q0 = q[p]
+        f[:, p] = np.maximum(f[:, q0:p], H[:, p, q0:p]).min(axis=1)
+    return [float(x) for x in f[:, L]]
+
+
 def _path(back_row, L, g):
     pos = [L]
     while pos[-1] > 0:
@@ -337,7 +385,9 @@ def best_slicings_many(grids, top: int = 8, batch: int = 128, method: str = "bis
     answers: each grid's search runs as before, but the threshold batches of all of
     them go through one DP pass (``_batch_dp_many``), so the loop over positions, whose
     numpy calls are what the slicing costs, runs once for all."""
-    gens = [_search(g, top, batch, method, fan) for g in grids]
+    qmins = [_earliest_starts(g) for g in grids]
+    t_lbs = _minmax_dp_many([g.HT for g in grids], qmins)
+    gens = [_search(g, top, batch, method, fan, qm, t) for g, qm, t in zip(grids, qmins, t_lbs)]
     out: list = [None] * len(gens)
     pending = {}
     for i, gen in enumerate(gens):
@@ -357,17 +407,26 @@ def best_slicings_many(grids, top: int = 8, batch: int = 128, method: str = "bis
     return out
 
 
-def _search(grid: SliceGrid, top: int, batch: int, method: str, fan: int):
+def _earliest_starts(grid: SliceGrid):
+    """Earliest start per end position: slices longer than the memory allows are out
+    (HT[p, q] is finite only for q < p: the first finite column of row p is its first start)."""
+    finite = np.isfinite(grid.HT)
+    qmin = np.where(finite.any(axis=1), np.argmax(finite, axis=1), np.arange(grid.L + 1))
+    qmin[0] = 0
+    return qmin
+
+
+def _search(grid: SliceGrid, top: int, batch: int, method: str, fan: int, qmin=None, t_lb=None):
     """``best_slicings`` of one grid as a generator: it yields each batch of thresholds
-    as (GT, HT, thresholds, earliest starts) and is sent ``_batch_dp``'s answer."""
+    as (GT, HT, thresholds, earliest starts) and is sent ``_batch_dp``'s answer.
+    (``qmin``, ``t_lb``: its ``_earliest_starts`` and least max h, if found already.)"""
     L, g = grid.L, grid.g
     GT, HT = grid.GT, grid.HT
     finite = np.isfinite(HT)
-    # earliest start per end position: slices longer than the memory allows are out
-    # (HT[p, q] is finite only for q < p: the first finite column of row p is its first start)
-    qmin = np.where(finite.any(axis=1), np.argmax(finite, axis=1), np.arange(L + 1))
-    qmin[0] = 0
-    t_lb = _minmax_dp(HT, qmin)
+    if qmin is None:
+        qmin = _earliest_starts(grid)
+    if t_lb is None:
+        t_lb = _minmax_dp(HT, qmin)
     if not np.isfinite(t_lb):
         return [], 0
     thresholds = np.sort(HT[finite & (HT >= t_lb)])
