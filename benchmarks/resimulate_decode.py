@@ -1,0 +1,61 @@
+"""Re-simulate the decode cases of `hpipe validate --json` files under this tree's model.
+
+As ``resimulate.py`` does for prefill: the measured runs do not depend on the cost model,
+so each decode case is simulated again from the profile the file names and its TPOT and
+end-to-end errors printed per scenario (median and p90 of |error|, signed bias).
+``--without`` drops the decode step loop's terms to see what each is worth:
+``step-overhead`` (a message's hand-over to an idle loop), ``after-wait`` (compute after
+a wait), or ``both``.
+
+    PYTHONPATH=. python benchmarks/resimulate_decode.py benchmarks/results/validate-decode-2026-12-02-quiet.json
+"""
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from hpipe.costmodels.fitted import Fitted
+from hpipe.plan import Plan, Stage
+from hpipe.scenario import load_scenario
+from hpipe.sim import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("files", nargs="+")
+ap.add_argument("--without", choices=["step-overhead", "after-wait", "both"])
+args = ap.parse_args()
+if args.without in ("step-overhead", "both"):
+    Fitted.step_overhead_s = lambda self, src, dst: 0.0
+if args.without in ("after-wait", "both"):
+    Fitted.after_wait_factor = lambda self, device_id: 1.0
+rows = []
+for path in args.files:
+    d = json.load(open(path))
+    for sc, prof in d["profiles"].items():
+        cases = [c for c in d["cases"] if c["scenario"] == sc and c.get("output_tokens")]
+        if not cases:
+            continue
+        data = yaml.safe_load((ROOT / "scenarios" / f"{sc}.yaml").read_text())
+        data["costmodel"] = {"kind": "fitted", "profile": str(ROOT / prof)}
+        data["workload"]["output_tokens"] = cases[0]["output_tokens"]
+        tmp = Path(tempfile.mkdtemp())
+        (tmp / "s.yaml").write_text(yaml.safe_dump(data))
+        setup = load_scenario(tmp / "s.yaml").resolve()
+        for c in cases:
+            plan = Plan(planner="x", scenario=sc, stages=[Stage(devices=s[0], units=tuple(s[1])) for s in c["stages"]],
+                        slices=c["slices"], micro_batches=c["micro_batches"],
+                        decode_micro_batches=c["decode_micro_batches"])
+            r = simulate(setup, plan)
+            rows.append((sc, (r.tpot_s - c["measured_tpot_s"]) / c["measured_tpot_s"],
+                         (r.latency_s - c["measured_latency_s"]) / c["measured_latency_s"]))
+for sc in [*dict.fromkeys(r[0] for r in rows), "all"]:
+    sel = [r for r in rows if sc in ("all", r[0])]
+    for i, name in ((1, "TPOT"), (2, "end to end")):
+        e = [r[i] for r in sel]
+        a = [abs(x) for x in e]
+        print(f"{sc:16s} {name:10s} n {len(e):2d} median {statistics.median(a):5.1%} p90 {np.percentile(a, 90):5.1%} "
+              f"bias {statistics.mean(e):+.1%}")
