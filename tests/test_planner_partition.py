@@ -360,11 +360,7 @@ def test_dps_side_by_side_are_each_problems_own(seed, n, M, U, E, max_cells):
     rng = np.random.default_rng(seed)
     draw = lambda *sh: rng.integers(1, 4, sh).astype(float)  # noqa: E731 - ties on purpose
 
-    def matrix():
-        S = draw(U + 1, U + 1)
-        S[np.tril_indices(U + 1)] = math.inf
-        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
-        return S
+    matrix = lambda: _random_stage_matrix(rng, draw, U)  # noqa: E731
 
     pool = [matrix() for _ in range(3)]
     problems, caps_list = [], []
@@ -385,6 +381,14 @@ def test_dps_side_by_side_are_each_problems_own(seed, n, M, U, E, max_cells):
                                                          for (sm, lk), c in zip(problems, caps_list)]
 
 
+def _random_stage_matrix(rng, draw, U):
+    """A stage-time matrix over U units: upper triangle drawn, a fifth of it infeasible (inf)."""
+    S = draw(U + 1, U + 1)
+    S[np.tril_indices(U + 1)] = math.inf
+    S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
+    return S
+
+
 @settings(max_examples=examples(60), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), M=st.integers(1, 4), U=st.integers(1, 30),
        ties=st.booleans(), E=st.integers(1, 6))
@@ -395,11 +399,7 @@ def test_minsum_caps_at_or_above_the_uncapped_answer_are_reused_exactly(seed, n,
     rng = np.random.default_rng(seed)
     draw = (lambda *sh: rng.integers(1, 5, sh).astype(float)) if ties else (lambda *sh: rng.random(sh))
 
-    def matrix():
-        S = draw(U + 1, U + 1)
-        S[np.tril_indices(U + 1)] = math.inf
-        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
-        return S
+    matrix = lambda: _random_stage_matrix(rng, draw, U)  # noqa: E731
 
     pool = [matrix() for _ in range(3)]
     problems, caps_list = [], []
@@ -442,11 +442,7 @@ def test_orders_sharing_a_prefix_share_its_dp_cells_exactly(seed, n_dev, U, E, n
     rng = np.random.default_rng(seed)
     draw = lambda *sh: rng.integers(1, 4, sh).astype(float)  # noqa: E731 - ties on purpose
 
-    def matrix():
-        S = draw(U + 1, U + 1)
-        S[np.tril_indices(U + 1)] = math.inf
-        S[rng.random((U + 1, U + 1)) < 0.2] = math.inf
-        return S
+    matrix = lambda: _random_stage_matrix(rng, draw, U)  # noqa: E731
 
     kind = rng.integers(0, 2, n_dev)
     mats = {(k, t): matrix() for k in (0, 1) for t in (1, 2)}
