@@ -13,6 +13,9 @@ each it prints, per decode step and stage, in milliseconds (medians over steps a
   this is the whole cost of a message between stages in the step loop (send, wire, the
   receiving thread, the hand-over to the compute loop);
 * TPOT simulated and measured;
+* each measured hop split where the receiving thread had the message: sender's compute end
+  to received ("wire"), then to the receiver's compute start ("to compute": the hand-over to
+  the loop, or the wait behind its compute of another group);
 * CPU time per decode step beyond the compute stamps, of the stage's decode loop thread and of
   its whole process (receiving threads, sends): the per-step work the simulator has no term
   for, in a load-insensitive unit.
@@ -65,6 +68,29 @@ def breakdown(events, n_stages: int) -> dict[str, list[float]]:
     return out
 
 
+def arrival_split(run, n_stages: int) -> dict[str, list[float]]:
+    """Measured, one-device stages: each decode message's hop split at the moment the
+    receiving thread had it (its record's end): sender's compute end -> received ("wire"),
+    received -> the receiver's compute start ("to compute": the hand-over to the loop, or
+    the wait behind the loop's own compute of another group).  Raw clock of one host."""
+    comp, recv = {}, {}
+    for rec in run.records.values():
+        d, j = rec["decode"], rec["stage"]
+        for kind, g, t, t0, t1, _ in d["events"]:
+            if kind == "compute":
+                comp[(j, g, t)] = (t0, t1)
+        for g, t, _src, _post, done, _nb in d["recvs"]:
+            recv[(j, g, t)] = done
+    out: dict[str, list[float]] = defaultdict(list)
+    for (j, g, t), done in recv.items():
+        prev = (j - 1, g, t) if j > 0 else (n_stages - 1, g, t - 1)  # stage 0 gets step t's ids from t - 1
+        name = f"hop {j - 1}->{j}" if j > 0 else "return"
+        if prev in comp and (j, g, t) in comp:
+            out[f"{name} wire"].append(done - comp[prev][1])
+            out[f"{name} to compute"].append(comp[(j, g, t)][0] - done)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", nargs="?", default="scenarios/local-cpu.yaml")
@@ -86,12 +112,14 @@ def main() -> None:
     plans = {k: p.check(setup) for k, p in plans.items()}
     sims = {k: simulate(setup, p) for k, p in plans.items()}
     load0 = os.getloadavg()
-    runs, overhead = defaultdict(list), defaultdict(list)
+    runs, overhead, splits = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
     spec, ids = runtime_spec(setup), make_ids(setup)
     for _ in range(args.repeats):  # interleaved: drifting load hits every plan alike
         for k, p in plans.items():
             run = launch(setup, p, ids=ids, spec=spec, timeout_s=120, generation=generation_config(setup, p, spec))
             runs[k].append(measured_result(setup, p, run, spec=spec))
+            for name, xs in arrival_split(run, len(p.stages)).items():
+                splits[k][name].extend(xs)
             for role, rec in run.records.items():  # CPU time per decode item beyond the compute stamps
                 d = rec["decode"]
                 n = len(d["events"]) or 1
@@ -127,6 +155,8 @@ def main() -> None:
                     line += (f"  beyond the stamps, CPU per step: loop thread {statistics.median(x[0] for x in o) * ms:6.3f}"
                              f", process {statistics.median(x[1] for x in o) * ms:6.3f}")
             print(line)
+        for name in sorted(splits[k]):
+            print(f"  {name:<22} measured {statistics.median(splits[k][name]) * ms:7.3f}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from hpipe.planners.evaluate import (chain_completion, hop_resource, shares_reso
 from hpipe.result import decode_figures
 from hpipe.sim import tp_step_overhead_s
 from hpipe.sim.decode import DecodeWork
-from hpipe.sim.engine import WAIT_MIN_S
 
 OBJECTIVES = ("latency", "ttft", "tpot", "throughput")
 
@@ -82,9 +81,6 @@ class Rows:
     ret_delay: np.ndarray
     keys: list
     ret_key: frozenset
-    wait_factor: list | None = None
-    """Per position: how much longer a decode item computes there after its stage sat idle
-    (``CostModel.after_wait_factor``; 1 on hops; None: never longer)."""
 
     @property
     def shared(self) -> bool:
@@ -116,31 +112,24 @@ def rows_from_cost(setup, plan, work: DecodeWork) -> Rows:
 
 def _step_loop(setup, stages, rows: Rows) -> Rows:
     """The decode step loop's own costs, as the simulator adds them (``hpipe.sim.build``):
-    each hop's and the return's message wakes an idle stage loop (``step_overhead_s``, added
-    to the delay; a tensor-parallel stage's leader wakes its peers too, ``tp_step_overhead_s``),
-    and a stage of a multi-stage plan computes a decode item slower when it sat idle before it
-    (``wait_factor``)."""
+    in a multi-stage plan every stage computes its decode steps ``after_wait_factor`` slower
+    than back to back, and each hop's and the return's message takes ``step_overhead_s`` more
+    (added to the delay); a tensor-parallel stage's leader hands each step's input to its
+    peers (``tp_step_overhead_s``, one stage or many)."""
     cost = setup.cost
-    dec_t = rows.dec_t
+    multi = len(stages) > 1
+    dec_t = rows.dec_t.copy()
     for j, (devs, _, _) in enumerate(stages):
-        tp_extra = tp_step_overhead_s(cost, devs)
-        if tp_extra:
-            dec_t = dec_t.copy() if dec_t is rows.dec_t else dec_t
-            dec_t[2 * j] += tp_extra
-    if len(stages) < 2:  # one stage: no hop, the sampler feeds the driver in-process, nobody waits
+        if multi:
+            dec_t[2 * j] *= max(cost.after_wait_factor(d) for d in devs)
+        dec_t[2 * j] += tp_step_overhead_s(cost, devs)
+    if not multi:  # one stage: no hop, the sampler feeds the driver in-process
         return Rows(rows.pre_t, rows.pre_d, dec_t, rows.dec_d, rows.ret_hold, rows.ret_delay, rows.keys, rows.ret_key)
-    dec_d = rows.dec_d
-    extra = [cost.step_overhead_s(stages[j - 1][0][0], stages[j][0][0]) for j in range(1, len(stages))]
-    if any(extra):
-        dec_d = dec_d.copy()
-        for j, x in enumerate(extra, start=1):
-            dec_d[2 * j - 1] += x  # positions: stage 0, hop 1, stage 1, hop 2, ...
+    dec_d = rows.dec_d.copy()
+    for j in range(1, len(stages)):  # positions: stage 0, hop 1, stage 1, hop 2, ...
+        dec_d[2 * j - 1] += cost.step_overhead_s(stages[j - 1][0][0], stages[j][0][0])
     ret = cost.step_overhead_s(stages[-1][0][0], stages[0][0][0])
-    factor = [1.0] * dec_d.shape[0]
-    for j, (devs, _, _) in enumerate(stages):
-        factor[2 * j] = max(cost.after_wait_factor(d) for d in devs)
-    return Rows(rows.pre_t, rows.pre_d, dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret if ret else rows.ret_delay,
-                rows.keys, rows.ret_key, factor if any(f != 1.0 for f in factor) else None)
+    return Rows(rows.pre_t, rows.pre_d, dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret, rows.keys, rows.ret_key)
 
 
 def _return_rows(setup, stages, b):
@@ -176,7 +165,6 @@ def timeline(rows: Rows, work: DecodeWork, batch_size: int, prefill_completion=N
     rh, rd = rows.ret_hold.tolist(), rows.ret_delay.tolist()
     ret_free = 0.0
     n_pre = work.n_prefill
-    wf = rows.wait_factor
     deps = [work.deps(s, g) for s in range(work.steps) for g in range(work.n_groups)]
     for k in range(work.n_decode):
         dep = max(c_last[x] for x in deps[k])
@@ -186,17 +174,10 @@ def timeline(rows: Rows, work: DecodeWork, batch_size: int, prefill_completion=N
         else:
             arrive = dep
         tk, dk = t[k], d[k]
-        if wf is None:
-            for p in range(P):
-                end = (last[p] if last[p] > arrive else arrive) + tk[p]
-                last[p] = end
-                arrive = end + dk[p]
-        else:  # as the engine: an item that finds its stage idle WAIT_MIN_S or more computes slower
-            for p in range(P):
-                end = (arrive + tk[p] * wf[p] if arrive - last[p] >= WAIT_MIN_S
-                       else (last[p] if last[p] > arrive else arrive) + tk[p])
-                last[p] = end
-                arrive = end + dk[p]
+        for p in range(P):
+            end = (last[p] if last[p] > arrive else arrive) + tk[p]
+            last[p] = end
+            arrive = end + dk[p]
         c_last[n_pre + k] = last[P - 1]
     latency = max(last) if last else 0.0
     times = [[c_last[i] for i in work.token_items(s)] for s in range(batch_size)]

@@ -63,11 +63,6 @@ import simpy
 
 from hpipe.result import Event
 
-WAIT_MIN_S = 1e-3
-"""An idle gap shorter than this before an item is taken as no wait (``StageSpec.wait_factor``):
-a guest kernel polls a short while before it halts an idle CPU, and the step-loop probe that
-measures the factor waits 10-30 ms."""
-
 
 @dataclass
 class StageSpec:
@@ -94,11 +89,6 @@ class StageSpec:
     alone_compute_s: np.ndarray | None = None
     """One device in a co-located group (``PipelineSpec.colocated``): (n_items,) the item's time
     while no other device of the group computes; ``compute_s`` is its time while all do."""
-    wait_factor: np.ndarray | None = None
-    """(n_items,) how much longer the item computes (a tensor-parallel stage: its whole time,
-    the extra going to the shards) when the stage sat idle
-    at least ``WAIT_MIN_S`` before it (a decode step after waiting for its input;
-    ``CostModel.after_wait_factor``).  None: never longer."""
 
     @property
     def tp(self) -> int:
@@ -260,27 +250,23 @@ def run(spec: PipelineSpec) -> list[Event]:
         compute = np.asarray(st.compute_s, float).tolist()
         alone = (np.asarray(st.alone_compute_s, float).tolist()
                  if st.alone_compute_s is not None and st.tp == 1 and st.devices[0] in coloc.neighbours else None)
-        factor = np.asarray(st.wait_factor, float).tolist() if st.wait_factor is not None else None
-        free_at = 0.0  # when the stage finished its previous item (its devices are its own)
         for i in range(n_items):
             if j > 0:
                 yield arrived[j][i]
             elif i in fed:
                 yield fed[i]
-            scale = factor[i] if factor is not None and env.now - free_at >= WAIT_MIN_S else 1.0
             if alone is not None:
                 with res[0].request() as req:
                     yield req
                     t0 = env.now
-                    yield from coloc.run(st.devices[0], alone[i] * scale, compute[i] * scale)
+                    yield from coloc.run(st.devices[0], alone[i], compute[i])
                 _record_stage(log, j, st, i, items[i], t0, env.now)
             elif st.allreduce_s is not None:
-                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i] * scale, coloc)
+                yield from _tp_phases(env, log, links, j, st, i, items[i], res, compute[i], coloc)
             else:
                 with coloc.hold(st.devices):
-                    t0 = yield from _occupy(env, res, compute[i] * scale)
+                    t0 = yield from _occupy(env, res, compute[i])
                 _record_stage(log, j, st, i, items[i], t0, env.now)
-            free_at = env.now
             done[j][i].succeed()
 
     def hop(j: int):

@@ -65,38 +65,6 @@ def test_hand_computed_decode_timeline():
     assert fig["ttft_s"] == 9.0 and fig["tpot_s"] == 4.5 and fig["output_tokens_per_s"] == 6 / 20.0
 
 
-def test_a_decode_step_that_finds_its_stage_idle_computes_longer():
-    # The timeline above with StageSpec.wait_factor 2 on every decode item of both stages: an
-    # item whose stage sat idle (>= WAIT_MIN_S) before it takes twice as long, one that was
-    # queued behind the previous item does not.
-    work = DecodeWork(seq_len=16, output_tokens=3, prefill_sizes=(2,), n_slices=1, group_sizes=(1, 1))
-    spec = _decode_spec(work, stage_s=[[4, 1, 1, 1, 1], [4, 2, 2, 2, 2]],
-                        hop_hold_s=[None, [1, .5, .5, .5, .5]], ret_hold_s=0.5, ret_lat_s=0.5)
-    for st in spec.stages:
-        st.wait_factor = np.array([1.0, 2, 2, 2, 2])  # the prefill item waits too, but is not a decode step
-    got = sorted((e.kind, e.device, e.stage, e.phase, e.micro_batch, e.slice, e.start_s, e.end_s)
-                 for e in run(spec))
-    P, D = "prefill", "decode"
-    want = sorted([
-        ("compute", "d0", 0, P, 0, 0, 0.0, 4.0), ("transfer", "d0", 1, P, 0, 0, 4.0, 5.0),
-        ("compute", "d1", 1, P, 0, 0, 5.0, 9.0),
-        ("transfer", "d1", 0, D, 0, 0, 9.0, 9.5), ("transfer", "d1", 0, D, 1, 0, 9.5, 10.0),
-        ("compute", "d0", 0, D, 0, 0, 10.0, 12.0),  # idle since 4: x2
-        ("transfer", "d0", 1, D, 0, 0, 12.0, 12.5),
-        ("compute", "d0", 0, D, 1, 0, 12.0, 13.0),  # its ids were back at 10.5: queued, no wait
-        ("transfer", "d0", 1, D, 1, 0, 13.0, 13.5),
-        ("compute", "d1", 1, D, 0, 0, 12.5, 16.5),  # idle since 9: x2
-        ("compute", "d1", 1, D, 1, 0, 16.5, 18.5),  # arrived at 13.5: queued
-        ("transfer", "d1", 0, D, 0, 1, 16.5, 17.0), ("compute", "d0", 0, D, 0, 1, 17.5, 19.5),  # idle since 13
-        ("transfer", "d0", 1, D, 0, 1, 19.5, 20.0),
-        ("transfer", "d1", 0, D, 1, 1, 18.5, 19.0), ("compute", "d0", 0, D, 1, 1, 19.5, 20.5),  # fed at 19.5
-        ("transfer", "d0", 1, D, 1, 1, 20.5, 21.0),
-        ("compute", "d1", 1, D, 0, 1, 20.0, 24.0),  # idle since 18.5: x2
-        ("compute", "d1", 1, D, 1, 1, 24.0, 26.0),
-    ])
-    assert got == want
-
-
 def test_first_decode_step_waits_for_its_own_micro_batch_only():
     # 3 sequences prefilled as 3 micro-batches of 2 slices; decode in 2 groups {0,1} and {2}
     work = DecodeWork(seq_len=32, output_tokens=2, prefill_sizes=(1, 1, 1), n_slices=2, group_sizes=(2, 1))
