@@ -103,8 +103,9 @@ class CostModel(ABC):
         return 0.0
 
     def after_wait_factor(self, device_id: str) -> float:
-        """How much longer a decode step computes on ``device_id`` when the device sat idle
-        waiting for it (a stage of a multi-stage decode) than back to back.  1 by default."""
+        """How much longer a decode step computes on ``device_id`` as a stage of a multi-stage
+        decode (in a step loop, after waits for its input, beside receiving threads) than back
+        to back.  1 by default."""
         return 1.0
 
     def busy_power_w(self, device_id: str) -> float:

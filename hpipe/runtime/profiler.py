@@ -47,8 +47,8 @@ lower quartile over the repeats).
 Decode step loop: when the scenario generates tokens and every device is a CPU, each pair
 then plays a two-stage decode step loop (``hpipe.runtime.step_probe``): a message handed by
 the runtime's kind of receiving thread to a loop that sat idle, and a decode chain run after
-that wait.  The fitted model adds the hand-over to decode hops and prices a decode step
-after a wait by the probe's ratio (on local-cpu: hops of 1.6-1.8 ms between stages'
+that wait.  The fitted model adds the hand-over to decode hops and prices the decode steps
+of a multi-stage plan by the probe's ratio (on local-cpu: hops of 1.6-1.8 ms between stages'
 compute stamps against the ping-pong's 0.28 ms, compute 20-27% over the sweeps).
 
 Codecs: each activation codec this torch has (``hpipe.runtime.codecs``: int8, fp8, int4) is
