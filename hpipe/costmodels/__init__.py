@@ -102,6 +102,11 @@ class CostModel(ABC):
         idle waiting for it.  None known by default."""
         return 0.0
 
+    def tp_step_overhead_s(self, device_ids) -> float:
+        """A tensor-parallel stage's decode step: its leader's hand-over of the step's input to
+        the slowest peer's waiting loop (``step_overhead_s``), which the shards wait for."""
+        return max((self.step_overhead_s(device_ids[0], d) for d in device_ids[1:]), default=0.0)
+
     def after_wait_factor(self, device_id: str) -> float:
         """How much longer a decode step computes on ``device_id`` as a stage of a multi-stage
         decode (in a step loop, after waits for its input, beside receiving threads) than back

@@ -28,6 +28,7 @@ Nothing here imports torch: planning with a profile works without it.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Literal
 
@@ -257,9 +258,7 @@ class StepHopProfile(_Strict):
     def two_hops_s(self) -> float:
         """The median round's two hops (unlike the ping-pong's lower quartile: the wake-up of
         a loop that sat idle is the very thing measured, so the middle, not the low end)."""
-        xs = sorted(self.hops_s)
-        k = len(xs) // 2
-        return xs[k] if len(xs) % 2 else (xs[k - 1] + xs[k]) / 2
+        return statistics.median(self.hops_s)
 
 
 class Profile(_Strict):

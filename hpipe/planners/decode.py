@@ -43,7 +43,6 @@ from hpipe.planners.common import items_arrays, micro_batch_sizes
 from hpipe.planners.evaluate import (chain_completion, hop_resource, shares_resources, shared_completion,
                                      split_transfer)
 from hpipe.result import decode_figures
-from hpipe.sim import tp_step_overhead_s
 from hpipe.sim.decode import DecodeWork
 
 OBJECTIVES = ("latency", "ttft", "tpot", "throughput")
@@ -115,14 +114,14 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
     in a multi-stage plan every stage computes its decode steps ``after_wait_factor`` slower
     than back to back, and each hop's and the return's message takes ``step_overhead_s`` more
     (added to the delay); a tensor-parallel stage's leader hands each step's input to its
-    peers (``tp_step_overhead_s``, one stage or many)."""
+    peers (``CostModel.tp_step_overhead_s``, one stage or many)."""
     cost = setup.cost
     multi = len(stages) > 1
     dec_t = rows.dec_t.copy()
     for j, (devs, _, _) in enumerate(stages):
         if multi:
             dec_t[2 * j] *= max(cost.after_wait_factor(d) for d in devs)
-        dec_t[2 * j] += tp_step_overhead_s(cost, devs)
+        dec_t[2 * j] += cost.tp_step_overhead_s(devs)
     if not multi:  # one stage: no hop, the sampler feeds the driver in-process
         return Rows(rows.pre_t, rows.pre_d, dec_t, rows.dec_d, rows.ret_hold, rows.ret_delay, rows.keys, rows.ret_key)
     dec_d = rows.dec_d.copy()

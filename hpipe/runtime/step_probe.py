@@ -113,41 +113,39 @@ def probe_pair(rank: int, i: int, j: int, chain: DecodeChain, rounds: int, warmu
         chain.run()  # warm
         b2b.extend(chain.run()[1] for _ in range(BACK_TO_BACK_RUNS))
 
-    try:
-        # in turn, each side's chain back to back while the other waits for a go
+    # in turn, each side's chain back to back while the other waits for a go
+    if rank == i:
+        back_to_back()
+        pending.append(_send(peer, [-1, 0, ids.numel(), 0, 0, 0], ids))
+        inbox.take(timeout_s + 5.0)
+    else:
+        inbox.take(timeout_s + 5.0)
+        back_to_back()
+        pending.append(_send(peer, [-1, 0, ids.numel(), 0, 0, 0], ids))
+    for r in range(warmup + rounds):
         if rank == i:
-            back_to_back()
-            pending.append(_send(peer, [-1, 0, ids.numel(), 0, 0, 0], ids))
-            inbox.take(timeout_s + 5.0)
+            _, c = chain.run()
+            if r >= max(warmup, 1):  # i's chain after waiting for the previous round's ids
+                cpu.append(c)
+            t_send = time.perf_counter()
+            pending.append(_send(peer, [r, 0, act.numel(), 1, chain.point[1], 0], act))
+            h, _ = inbox.take(timeout_s + 5.0)
+            t_back = time.perf_counter()
+            if r >= warmup:
+                hops.append(t_back - t_send - h[1] * 1e-9)
         else:
-            inbox.take(timeout_s + 5.0)
-            back_to_back()
-            pending.append(_send(peer, [-1, 0, ids.numel(), 0, 0, 0], ids))
-        for r in range(warmup + rounds):
-            if rank == i:
-                wall, c = chain.run()
-                if r >= max(warmup, 1):  # i's chain after waiting for the previous round's ids
-                    cpu.append(c)
-                t_send = time.perf_counter()
-                pending.append(_send(peer, [r, 0, act.numel(), 1, chain.point[1], 0], act))
-                h, _ = inbox.take(timeout_s + 5.0)
-                t_back = time.perf_counter()
-                if r >= warmup:
-                    hops.append(t_back - t_send - h[1] * 1e-9)
-            else:
-                h, _ = inbox.take(timeout_s + 5.0)
-                wall, c = chain.run()
-                if r >= warmup:
-                    cpu.append(c)
-                pending.append(_send(peer, [r, int(wall * 1e9), ids.numel(), 0, 0, 0], ids))
-            while len(pending) > 2:
-                for w in pending.pop(0)[0]:
-                    w.wait(timeout)
-        for works, _, _ in pending:
-            for w in works:
+            h, _ = inbox.take(timeout_s + 5.0)
+            wall, c = chain.run()
+            if r >= warmup:
+                cpu.append(c)
+            pending.append(_send(peer, [r, int(wall * 1e9), ids.numel(), 0, 0, 0], ids))
+        while len(pending) > 2:
+            for w in pending.pop(0)[0]:
                 w.wait(timeout)
-    except BaseException:
-        raise  # the receiving thread is a daemon, maybe blocked on a peer that failed: not joined
-    inbox.thread.join(timeout_s)  # it has received every message
+    for works, _, _ in pending:
+        for w in works:
+            w.wait(timeout)
+    # reached only once every message arrived; on an error the receiving thread (a daemon,
+    # maybe blocked on a peer that failed) is left behind rather than joined
+    inbox.thread.join(timeout_s)
     return hops, cpu, b2b
-

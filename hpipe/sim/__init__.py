@@ -50,12 +50,6 @@ def transfer_link(cluster, src: str, dst: str) -> str | None:
     return bottleneck_link(route, directed_links(route, src))
 
 
-def tp_step_overhead_s(cost, devices) -> float:
-    """A tensor-parallel stage's decode step: the leader's hand-over of the step's input to its
-    slowest peer's waiting loop (``CostModel.step_overhead_s``), which the shards then wait for."""
-    return max((cost.step_overhead_s(devices[0], d) for d in devices[1:]), default=0.0)
-
-
 def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
     """Every duration of the plan, from the setup's cost model, vectorised over work items
     (generation's decode steps too, unless ``decode`` is False)."""
@@ -66,6 +60,8 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
     if work is not None:  # generation: the decode steps follow the prefill on every stage
         items = items + work.items()
     k = len(items)
+    # the decode steps among the items (none: prefill only), which the step loop's terms price
+    decoding = np.arange(k) >= work.n_prefill if work is not None and work.n_decode else None
     mb, sl, b, n, c = (np.array(col) for col in zip(*items))
     b, n, c = b.astype(float), n.astype(float), c.astype(float)
 
@@ -80,11 +76,11 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         alone = cost.stage_compute_alone_s(st.start, st.end, list(devs), n, c, b)
         if alone is not None:
             spec.alone_compute_s = _vec(alone, k) + codec_s
-        if work is not None and work.n_decode and len(plan.stages) > 1:
+        if decoding is not None and len(plan.stages) > 1:
             # A stage of a multi-stage decode computes its steps slower than the profile's
             # back-to-back chain, whether it waited for its input (one group) or found it
             # queued (two groups: +15-18% CPU time, no wait; decode_gaps, quiet).
-            scale = np.where(np.arange(k) >= work.n_prefill, max(cost.after_wait_factor(d) for d in devs), 1.0)
+            scale = np.where(decoding, max(cost.after_wait_factor(d) for d in devs), 1.0)
             spec.compute_s = spec.compute_s * scale
             if spec.alone_compute_s is not None:
                 spec.alone_compute_s = spec.alone_compute_s * scale
@@ -103,11 +99,10 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
             ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
             spec.allreduce_links = tuple(sorted({_link_name(e) for a, z in ring
                                                  for e in directed_links(setup.cluster.route(a, z), a)}))
-            if work is not None and work.n_decode:
+            if decoding is not None:
                 # The leader hands each decode step's input (stage 0: the ids) to its peers'
                 # waiting loops, one stage or many; the shards wait for the slowest hand-over.
-                spec.compute_s = spec.compute_s + np.where(np.arange(k) >= work.n_prefill,
-                                                           tp_step_overhead_s(cost, devs), 0.0)
+                spec.compute_s = spec.compute_s + np.where(decoding, cost.tp_step_overhead_s(devs), 0.0)
             if st.start > 0:
                 in_bytes = _vec(setup.units[st.start - 1].out_bytes(n, b, db), k)
                 spec.scatter_s = np.stack([_vec(cost.transfer_time_s(devs[0], d, in_bytes), k)
@@ -128,8 +123,8 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         # The links are held for the rest; latency elapses after they are free.
         latency = np.minimum(route.latency_s, total)
         hold = total - latency
-        if work is not None and work.n_decode:  # a decode step's message wakes an idle stage loop
-            latency = latency + np.where(np.arange(k) >= work.n_prefill, cost.step_overhead_s(src, dst), 0.0)
+        if decoding is not None:  # a decode step's message wakes an idle stage loop
+            latency = latency + np.where(decoding, cost.step_overhead_s(src, dst), 0.0)
         edges = directed_links(route, src)
         hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
                             bottleneck=bottleneck_link(route, edges),
