@@ -179,3 +179,56 @@ def test_unsupported_says_why(monkeypatch):
     monkeypatch.setattr(em, "_NETNS_PROBE", {})
     assert "root" in em.cgroup_unsupported()
     assert "root" in em.netns_unsupported()
+
+
+# ---- pacing: a quota device is uniformly slower, also in short bursts ------------------------
+def _spin_cpu(seconds):
+    c0 = time.thread_time()
+    while time.thread_time() - c0 < seconds:
+        pass
+
+
+def test_pace_stretches_compute_to_cpu_time_over_quota():
+    pace = em.Pace(0.5)
+    t0 = time.perf_counter()
+    c0 = time.thread_time()
+    _spin_cpu(0.02)
+    pace.wait()
+    cpu, wall = time.thread_time() - c0, time.perf_counter() - t0
+    assert wall >= cpu / 0.5 * 0.99, (wall, cpu)  # at least CPU time / quota, however loaded the machine
+    assert pace.slept_s > 0
+
+
+def test_pace_leaves_waiting_and_full_speed_devices_alone():
+    idle = em.Pace(0.5)
+    time.sleep(0.03)  # waiting for a message is not compute
+    idle.wait()
+    assert idle.slept_s < 0.01
+    for quota in (None, 1.0, 2.0):
+        fast = em.Pace(quota)
+        _spin_cpu(0.01)
+        fast.wait()
+        assert fast.slept_s == 0.0
+
+
+@needs_cgroup
+def test_short_decode_steps_on_a_quota_device_run_at_its_quota():
+    """Without pacing, a tiny model's decode steps (well under a millisecond) fit in one CFS
+    period's share and run at full speed on a device held to 0.4 of a core."""
+    from hpipe.runtime.generation import generation_config
+    from hpipe.runtime.launcher import launch, make_ids, runtime_spec
+    from tests.runtime.runtime_helpers import CORE, TINY_LLAMA, plan, tiny_setup
+
+    quota = 0.4
+    slow = {**CORE, "name": "slow", "count": 1, "runtime": {"device": "cpu", "threads": 1, "cpu_quota": quota}}
+    setup = tiny_setup(TINY_LLAMA, seq_len=16, batch_size=2, output_tokens=24, devices=[slow])
+    p = plan([(["slow-0"], (0, 6))], [16]).check(setup)
+    spec = runtime_spec(setup)
+    run = launch(setup, p, ids=make_ids(setup), spec=spec, warmup=0, timeout_s=60,
+                 generation=generation_config(setup, p, spec))
+    rec = run.records[0]
+    steps = [e for e in rec["decode"]["events"] if e[0] == "compute"]
+    assert len(steps) >= 20
+    busy_s = sum(t1 - t0 for _, _, _, t0, t1, _ in steps)
+    cpu_s = float(rec["decode"]["compute_cpu_s"])
+    assert busy_s >= cpu_s / quota * 0.95, f"decode steps took {busy_s:.4f} s for {cpu_s:.4f} s CPU at quota {quota}"

@@ -337,6 +337,7 @@ class Decoder:
         rows = self.rows[g]
         w._fault(self.n_prefill + self.n_progress)
         w._item = (g, t)
+        w.pace.mark()
         t0, cpu0 = clock(), time.thread_time()
         with torch.inference_mode():
             y = run_units(w.units, x, self.seq_len + t, self.caches[g])  # (b, 1, D) or logits (b, 1, V)
@@ -344,6 +345,7 @@ class Decoder:
                 active = [k for k in rows if not self.finished[k]]
                 ids = self.sampler(y[[k - rows.start for k in active], -1], active)
         w.sync()
+        w.pace.wait()
         t1 = clock()
         cpu_s = time.thread_time() - cpu0
         self.compute_cpu_s += cpu_s

@@ -11,6 +11,17 @@ make them so:
   20 ms item either runs at full speed or stalls for 50 ms.  Shorter than
   about twice ``sched_cfs_bandwidth_slice_us`` (5 ms) throttling turns
   erratic, so not shorter.
+* **Uniformly slower.** A quota caps a device's CPU time per period, not its
+  speed: a worker that sat idle starts the next period with its whole share
+  and runs a short burst at full speed (a 3 ms burst at quota 0.4 took 3.0 ms,
+  not 7.5; an 8 ms burst 9.9 ms, not 20: 2-core AMD EPYC VM, 2026-12-02).  A
+  decode step is such a burst, so a quota device decoded 25-30% faster than
+  the q-times-slower device the scenario describes and the cost model prices.
+  Shorter periods do not help here (at 1 ms this kernel stopped throttling at
+  all).  So the worker paces itself (``Pace``): after each stretch of compute
+  it sleeps until the stretch has lasted its CPU time / q, as a q-times
+  slower device would have taken; under the quota a long stretch has already
+  lasted that long and sleeps not at all.
 * **Slower link.** When a scenario has several hosts and gives none of them an
   ``address``, each host is emulated by a network namespace on this machine;
   every pair of namespaces is joined by a veth pair whose two ends are shaped
@@ -44,6 +55,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +324,8 @@ class WorkerPlacement:
     """Address this worker binds gloo to; the master address when it is rank 0's."""
     ifname: str | None = None
     """Interface holding ``address`` (GLOO_SOCKET_IFNAME)."""
+    cpu_quota: float | None = None
+    """The quota the cgroup holds this worker to; its compute paces itself to it (``Pace``)."""
 
     def env(self) -> dict[str, str]:
         """Environment a worker sets before torch.distributed starts (gloo's interface)."""
@@ -341,6 +355,38 @@ def enter(worker: WorkerPlacement | None) -> None:
         os.sched_setaffinity(0, worker.cores)
     for k, v in worker.env().items():
         os.environ[k] = v
+
+
+class Pace:
+    """A q-times-slower device out of a CPU held to quota q: every stretch of compute lasts at
+    least its CPU time (this thread's) / q.
+
+    ``mark()`` where a stretch starts; ``wait()`` where its result leaves the device (a send,
+    an all-reduce, the end of a work item): sleeps the rest of CPU time / q, then marks again.
+    Waiting for messages between stretches is not compute and is not stretched.  A device
+    with no quota (or quota >= 1) never sleeps."""
+
+    def __init__(self, quota: float | None):
+        self.slowdown = 1.0 / quota if quota and quota < 1.0 else 1.0
+        self.slept_s = 0.0
+        """Seconds slept so far (how much faster the bursts ran than the device they emulate)."""
+        self.mark()
+
+    def mark(self) -> None:
+        self.t0, self.cpu0 = time.perf_counter(), time.thread_time()
+
+    def wait(self) -> None:
+        if self.slowdown > 1.0:
+            due = self.t0 + (time.thread_time() - self.cpu0) * self.slowdown
+            rest = due - time.perf_counter()
+            if rest > 0:
+                time.sleep(rest)
+                self.slept_s += rest
+        self.mark()
+
+    @classmethod
+    def of(cls, worker: "WorkerPlacement | None") -> "Pace":
+        return cls(worker.cpu_quota if worker is not None else None)
 
 
 @dataclass
@@ -452,6 +498,7 @@ def _placement(d, cgroup: CpuLimit | None, net: Network | None) -> WorkerPlaceme
         device=d.id, threads=getattr(p, "threads", 1) or 1,
         cores=tuple(p.cores) if getattr(p, "cores", None) else None,
         cgroup_procs=cgroup.procs_file if cgroup else None,
+        cpu_quota=cgroup.quota_cpus if cgroup else None,
         netns=net.namespaces[d.host] if net else None,
         address=net.addresses[d.host] if net else None,
         ifname=Network.IDENTITY_IF if net else None)

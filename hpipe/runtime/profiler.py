@@ -340,10 +340,14 @@ def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dic
         point = (1, cs[len(cs) // 2], bmax)
         units1, cache1, x1 = chains[1], caches[(1, point[2])], ids[point]
 
+        pace = emulation.Pace.of(job.placement)  # the runtime's decode step paces itself too
+
         def run_chain():
+            pace.mark()
             t0 = time.perf_counter()
             with torch.inference_mode():
                 _, cpu_times = _cpu_chain(units1, x1, point[1], cache1)
+            pace.wait()
             return time.perf_counter() - t0, sum(cpu_times)
 
         from hpipe.models import DTYPE_BYTES

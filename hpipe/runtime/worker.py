@@ -319,6 +319,8 @@ class StageWorker:
         self.sends: list[tuple] = []  # (mb, slice, dst_role, t_issue, nbytes)
         self._pending: list[tuple] = []
         self._item = (0, 0)
+        # an emulated slower device (cgroup quota) stretches its compute to the quota
+        self.pace = emulation.Pace.of(cfg.emulation)
 
         # Every process creates every tensor-parallel group, in the same order (a collective).
         self.group = None
@@ -367,9 +369,11 @@ class StageWorker:
             torch.cuda.current_stream(self.device).synchronize()
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.pace.wait()  # this shard's compute, at the device's speed, before its part leaves
         t0 = clock()
         dist.all_reduce(x, group=self.group)
         self.sync()
+        self.pace.mark()  # the wait for the other shards is not compute
         self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))
         return x
 
@@ -464,6 +468,7 @@ class StageWorker:
                     self.caches[mb] = make_caches(self.units, b, sum(cfg.slices))
                 self._item = (mb, s)
                 first_tokens = dec is not None and dec.sampler_role and s == len(cfg.slices) - 1
+                self.pace.mark()
                 t0, cpu0 = clock(), time.thread_time()
                 if in_codec != "none":  # decode inside the stage's stamp, as the simulator charges it
                     x = decode(x, in_codec, (b, n, cfg.spec.d_model), self.dtype)
@@ -478,6 +483,7 @@ class StageWorker:
                 if out_codec != "none":  # encode inside the stamp too
                     y = encode(y, out_codec)
                 self.sync()
+                self.pace.wait()
                 t1 = clock()
                 self.events.append(("compute", mb, s, t0, t1, 0))
                 self.compute_cpu_s += time.thread_time() - cpu0
