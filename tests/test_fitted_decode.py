@@ -62,6 +62,9 @@ def test_step_loop_costs_come_from_the_probe(tmp_path):
     none = load_scenario(fitted_scenario(tmp_path, with_decode_points(synthetic_profile(noise=0.0)),
                                          "none.json")).resolve()
     assert none.cost.step_overhead_s(a, b) == 0.0 and none.cost.after_wait_factor(a) == 1.0
+    # ... and it says so: the pairs it priced without a probe, not the probed ones
+    assert none.cost.describe()["unprobed_step_pairs"] == [[a, b]]
+    assert "unprobed_step_pairs" not in cost.describe()
 
 
 def test_decode_points_get_their_own_fit(tmp_path):

@@ -295,6 +295,8 @@ class Fitted(CostModel):
         """(device, codec) priced by the memory-pass model: the profile did not time them."""
         self._links: dict[frozenset, tuple[float, float]] = {}
         self.unmeasured_links: list[tuple[str, str]] = []
+        self.unprobed_step_pairs: list[tuple[str, str]] = []
+        """Decode hops priced without the step loop's hand-over: the profile's probe did not play them."""
         for link in self.profile.links:
             self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
         # The decode step loop (hpipe.runtime.step_probe): per pair, the two hops of a round less
@@ -445,7 +447,12 @@ class Fitted(CostModel):
         if src == dst:
             return 0.0
         a, b = self._device_profile[src].device, self._device_profile[dst].device
-        return self._step_overhead.get(frozenset((a, b)), 0.0)
+        got = self._step_overhead.get(frozenset((a, b)))
+        if got is None:  # not probed (a GPU, or a profile made before the probe): priced at none
+            if self.setup.output_tokens and (src, dst) not in self.unprobed_step_pairs:
+                self.unprobed_step_pairs.append((src, dst))
+            return 0.0
+        return got
 
     def after_wait_factor(self, device_id) -> float:
         aw = self._device_profile[device_id].after_wait
@@ -476,6 +483,8 @@ class Fitted(CostModel):
             d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
+        if self.unprobed_step_pairs:
+            d["unprobed_step_pairs"] = [list(p) for p in self.unprobed_step_pairs]
         if self.setup.compression is not None or self.modelled_codecs:
             allow = self.setup.compression.allow if self.setup.compression is not None else []
             pairs = dict.fromkeys([(dev, c) for dev in self.cluster.device_ids for c in allow] + self.modelled_codecs)
