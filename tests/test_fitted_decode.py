@@ -62,9 +62,21 @@ def test_step_loop_costs_come_from_the_probe(tmp_path):
     none = load_scenario(fitted_scenario(tmp_path, with_decode_points(synthetic_profile(noise=0.0)),
                                          "none.json")).resolve()
     assert none.cost.step_overhead_s(a, b) == 0.0 and none.cost.after_wait_factor(a) == 1.0
-    # ... and it says so: the pairs it priced without a probe, not the probed ones
-    assert none.cost.describe()["unprobed_step_pairs"] == [[a, b]]
-    assert "unprobed_step_pairs" not in cost.describe()
+    assert "unprobed_step_pairs" not in none.cost.describe()  # prefill only: no decode hop to price
+    # generating, it says which decode hops it priced without a probe (and not the probed ones)
+    def generating(prof, name):
+        path = fitted_scenario(tmp_path, prof, name)
+        data = yaml.safe_load(path.read_text())
+        data["workload"]["output_tokens"] = 8
+        path.write_text(yaml.safe_dump(data))
+        return load_scenario(path).resolve().cost
+
+    unprobed = generating(with_decode_points(synthetic_profile(noise=0.0)), "none.json")
+    assert unprobed.step_overhead_s(a, b) == 0.0
+    assert unprobed.describe()["unprobed_step_pairs"] == [[a, b]]
+    probed = generating(with_step_probe(with_decode_points(synthetic_profile(noise=0.0))), "probed.json")
+    assert probed.step_overhead_s(a, b) > 0.0
+    assert "unprobed_step_pairs" not in probed.describe()
 
 
 def test_decode_points_get_their_own_fit(tmp_path):
