@@ -43,7 +43,6 @@ def check_placements(setup, device_ids) -> None:
         return
     missing = dict(sorted(missing.items()))
     first = next(iter(missing))
-    entry = entries[missing[first][0]][1]
     what = "; ".join(f"{p} ({entries[ids[0]][1].label} x{len(ids)}: {', '.join(ids)})" for p, ids in missing.items())
     raise InputError(
         f"the plan uses devices with no `runtime:` placement, so this machine has nothing to run them on "
