@@ -590,17 +590,31 @@ def _step_probes(job: ProfileJob, report, chain) -> tuple[list[dict], dict | Non
     return hops_out, after
 
 
+ALL_REDUCE_CHAIN = 32
+"""All-reduces timed per message size (see ``_all_reduces``)."""
+
+
 def _all_reduces(job: ProfileJob, report) -> list[dict]:
     """Every tensor-parallel group in turn: time of an all-reduce of each message size.
 
     Timed as a whole rather than built from the ping-pong: gloo's all-reduce on CPU costs
     several times what a ring of one-way sends predicts (1.2 ms against 0.5 ms for 4 KiB
-    between two processes here), and a tensor-parallel stage does two per block."""
+    between two processes here), and a tensor-parallel stage does two per block.
+
+    Timed as a stage pays them: a chain of ``ALL_REDUCE_CHAIN`` all-reduces, a little compute
+    before each (so the members arrive at slightly different times, as shards do), and the
+    *mean* of their times, since a stage's step pays their sum.  A barrier before each one
+    and the median of 8 gave 0.97 ms in one quiet profile and 2.2 ms in another for the
+    same two cores (2-core AMD EPYC VM), while the all-reduces of a real tensor-parallel
+    decode step took 2.2-3.1 ms on average (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02."""
     import torch
     import torch.distributed as dist
 
     out = []
     wire = _Wire(job, timedelta(seconds=job.timeout_s))
+    g = torch.Generator().manual_seed(job.rank)
+    w = torch.randn(512, 512, generator=g).to(wire.device)
+    h = torch.randn(512, 4, generator=g).to(wire.device)
     for ranks in job.tp_groups:
         group = dist.new_group(ranks)  # collective: every process creates every group, in order
         if job.rank in ranks:
@@ -608,15 +622,17 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
             for size in job.link_sizes:
                 x = wire.tensor(max(size // 4, 1), torch.float32)  # on the device, as a stage reduces it
                 times = []
-                for rep in range(2 + job.link_repeats):
-                    wire.barrier(group)
+                wire.barrier(group)
+                for rep in range(2 + ALL_REDUCE_CHAIN):
+                    for _ in range(4):  # a shard's worth of work between two all-reduces
+                        h = torch.tanh(w @ h)
+                    wire.sync()
                     t0 = time.perf_counter()
                     dist.all_reduce(x, group=group)
                     wire.sync()
                     if rep >= 2:
                         times.append(time.perf_counter() - t0)
-                # the median: a collective waits for its slowest member, and so does a real run
-                secs.append(float(np.median(times)))
+                secs.append(float(np.mean(times)))
             if job.rank == ranks[0]:
                 out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": list(job.link_sizes),
                             "seconds": secs})
