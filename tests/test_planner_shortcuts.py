@@ -2,9 +2,8 @@
 
 The partition DPs skip work that provably cannot change their answers: caps at or above
 the uncapped min-sum answer's largest cost reuse that answer (``minsum_dp_reusing``),
-device orders that share a prefix compute its cells once (``prefixes``), each block
-of candidates starts at its first finite row, and Algorithm 2 runs its DP problems in
-groups of similar windows (``_batch_dp_grouped``).  ``tests/test_planner_partition.py`` checks
+device orders that share a prefix compute its cells once (``prefixes``), and each block
+of candidates starts at its first finite row.  ``tests/test_planner_partition.py`` checks
 each against the plain DPs on random matrices; here the whole planner runs once as it is
 and once with the plain DPs (no shortcut at all: the reference DPs of those tests), and
 the Plans must be equal, field for field, on ready scenarios and on random small cases.
@@ -14,14 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 
 from hpipe.planners import make_plan
 from hpipe.planners import partition as alg1
 from hpipe.planners import slicing as alg2
-from hpipe.planners.costs import CostTables
 from hpipe.scenario import load_scenario
 from tests.planner_cases import examples, scenario_dicts, setup_of
 from tests.test_planner_partition import _minmax_reference, _minsum_reference
@@ -44,7 +41,6 @@ def _plain(monkeypatch):
     monkeypatch.setattr(alg1, "minsum_dp", lambda smats, links, caps, block_width=40:
                         _minsum_reference(smats, links, caps))
     monkeypatch.setattr(alg2, "_minmax_dp_many", lambda HTs, qmins: [alg2._minmax_dp(H, q) for H, q in zip(HTs, qmins)])
-    monkeypatch.setattr(alg2, "_batch_dp_grouped", lambda problems: [alg2._batch_dp_many([p])[0] for p in problems])
 
 
 def _both(monkeypatch, setup_fn):
@@ -75,35 +71,3 @@ def test_random_cases_plan_the_same_without_the_shortcuts(data):
             assert str(again.value) == str(e)
             return
     assert fast == plain
-
-
-def _paper():
-    return load_scenario(ROOT / "scenarios" / "paper-llama7b.yaml").resolve()
-
-
-def test_grouped_slicing_dp_gives_each_problem_its_answer_alone(monkeypatch):
-    """Algorithm 2's DP problems of a real search (paper testbed), run in window groups --
-    the default split, every problem apart, all in one group -- against each alone."""
-    seen: list = []
-    real = alg2._batch_dp_grouped
-    monkeypatch.setattr(alg2, "_batch_dp_grouped", lambda problems: seen.append(problems) or real(problems))
-    make_plan(_paper())
-    batches = [b for b in seen if len(b) > 1][:6]
-    assert batches
-    for cells in (alg2.CALL_CELLS, 0, 1 << 60):
-        monkeypatch.setattr(alg2, "CALL_CELLS", cells)
-        for problems in batches:
-            for p, (f, h, back) in zip(problems, real(problems)):
-                f0, h0, back0 = alg2._batch_dp_many([p])[0]
-                assert np.array_equal(f, f0) and np.array_equal(h, h0) and np.array_equal(back, back0)
-
-
-def test_workspace_table_is_each_length_alone():
-    """``class_workspace_table`` (every slice length in one call) against ``class_workspace``
-    length by length."""
-    setup = _paper()
-    tables = CostTables(setup)
-    g, L = setup.granularity, setup.seq_len // setup.granularity
-    for b in (1, 2, 6):
-        ref = np.maximum.accumulate(np.array([tables.class_workspace(k * g, b) for k in range(1, L + 1)]), axis=0)
-        assert np.array_equal(tables.class_workspace_table(b), ref)

@@ -459,12 +459,8 @@ class CostTables:
         out = self._cache.get(ck)
         if out is None:
             g, L = self.setup.granularity, self.setup.seq_len // self.setup.granularity
-            # every length at once: ``workspace_bytes`` is float64 arithmetic element by
-            # element, so each entry is the float ``class_workspace`` computes alone
-            tokens = np.arange(1, L + 1) * g
-            per_class = [np.broadcast_to(self.units[r].workspace_bytes(tokens, micro_batch, self.db), tokens.shape)
-                         for r in self.class_rep]
-            out = np.maximum.accumulate(np.array(per_class, float).T, axis=0)  # (L, classes)
+            out = np.maximum.accumulate(np.array([self.class_workspace(k * g, micro_batch) for k in range(1, L + 1)]),
+                                        axis=0)
             self._cache[ck] = out
         return out
 
