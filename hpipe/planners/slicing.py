@@ -323,48 +323,6 @@ def _batch_dp_many(problems, block_cells: int = 1 << 21):
     return out
 
 
-CALL_CELLS = 1 << 18
-"""What one more pass of ``_batch_dp_many``'s loop over end positions costs (numpy's
-per-call overhead, about eight calls per position), in window cells (one column, one
-start): ``_batch_dp_grouped`` splits a batch where that saves more cells than it costs."""
-
-
-def _batch_dp_grouped(problems) -> list:
-    """``_batch_dp_many``'s answers, the problems run in groups of similar windows.
-
-    One pass scans, for every column, the union of the windows of its group (each row
-    from the earliest start of any problem in it), so one problem that may start
-    anywhere (an unbounded threshold) widens the scan of all the others.  Problems are
-    taken widest first and a problem starts a new group when the cells its group would
-    scan beyond its members' own windows exceed ``CALL_CELLS`` (what another pass
-    costs).  Each column's answer does not depend on its neighbours (``_batch_dp_many``),
-    so the grouping changes no answer."""
-    if len(problems) <= 1:
-        return _batch_dp_many(problems) if problems else []
-    L = problems[0][0].shape[0] - 1
-    ar = np.arange(1, L + 1)
-    starts = [np.asarray(p[3])[1:] for p in problems]
-    width = [int((ar - st).sum()) for st in starts]
-    order = sorted(range(len(problems)), key=lambda i: -width[i])
-    groups: list = []
-    for i in order:
-        k = len(problems[i][2])
-        if groups:
-            g = groups[-1]
-            union = np.minimum(g["starts"], starts[i])
-            extra = (g["k"] + k) * int((ar - union).sum()) - g["own"] - k * width[i]
-            if extra <= CALL_CELLS:
-                g["members"].append(i)
-                g["starts"], g["k"], g["own"] = union, g["k"] + k, g["own"] + k * width[i]
-                continue
-        groups.append({"members": [i], "starts": starts[i], "k": k, "own": k * width[i]})
-    out: list = [None] * len(problems)
-    for g in groups:
-        for i, r in zip(g["members"], _batch_dp_many([problems[i] for i in g["members"]])):
-            out[i] = r
-    return out
-
-
 def _window(HT, tmax):
     """Earliest useful slice start per end position when no slice may cost more than
     ``tmax``: long slices are out, so the DP scans a few columns instead of all."""
@@ -438,7 +396,7 @@ def best_slicings_many(grids, top: int = 8, batch: int = 128, method: str = "bis
         except StopIteration as stop:
             out[i] = stop.value
     while pending:
-        results = _batch_dp_grouped(list(pending.values()))
+        results = _batch_dp_many(list(pending.values()))
         nxt = {}
         for (i, _), res in zip(pending.items(), results):
             try:
