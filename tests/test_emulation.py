@@ -196,7 +196,6 @@ def test_pace_stretches_compute_to_cpu_time_over_quota():
     pace.wait()
     cpu, wall = time.thread_time() - c0, time.perf_counter() - t0
     assert wall >= cpu / 0.5 * 0.99, (wall, cpu)  # at least CPU time / quota, however loaded the machine
-    assert pace.slept_s > 0
 
 
 def test_pace_leaves_waiting_and_full_speed_devices_alone():

@@ -320,7 +320,7 @@ class StageWorker:
         self._pending: list[tuple] = []
         self._item = (0, 0)
         # an emulated slower device (cgroup quota) stretches its compute to the quota
-        self.pace = emulation.Pace.of(cfg.emulation)
+        self.pace = emulation.Pace.of(cfg.emulation if self.device.type == "cpu" else None)
 
         # Every process creates every tensor-parallel group, in the same order (a collective).
         self.group = None
@@ -472,8 +472,11 @@ class StageWorker:
                 t0, cpu0 = clock(), time.thread_time()
                 if in_codec != "none":  # decode inside the stage's stamp, as the simulator charges it
                     x = decode(x, in_codec, (b, n, cfg.spec.d_model), self.dtype)
-                    for peer in self.roles[1:]:  # tensor parallel: peers get the decoded input
-                        self._send(peer, item, x)
+                    if len(self.roles) > 1:  # tensor parallel: peers get the decoded input
+                        self.pace.wait()  # the decode, at this device's speed, before it leaves
+                        for peer in self.roles[1:]:
+                            self._send(peer, item, x)
+                        self.pace.mark()
                 with torch.inference_mode():
                     y = run_units(self.units, x, c, self.caches[mb])
                     if first_tokens:  # the head's work: each sequence's first generated token
