@@ -113,6 +113,11 @@ class CostModel(ABC):
         to back.  1 by default."""
         return 1.0
 
+    def stage_after_wait_factor(self, device_ids) -> float:
+        """A stage's ``after_wait_factor``: its devices compute each step together, so the
+        slowest to resume sets it."""
+        return max(self.after_wait_factor(d) for d in device_ids)
+
     def busy_power_w(self, device_id: str) -> float:
         return self.cluster.device(device_id).spec.power_w
 

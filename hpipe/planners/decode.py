@@ -120,7 +120,7 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
     dec_t = rows.dec_t.copy()
     for j, (devs, _, _) in enumerate(stages):
         if multi:
-            dec_t[2 * j] *= max(cost.after_wait_factor(d) for d in devs)
+            dec_t[2 * j] *= cost.stage_after_wait_factor(devs)
         dec_t[2 * j] += cost.tp_step_overhead_s(devs)
     if not multi:  # one stage: no hop, the sampler feeds the driver in-process
         return Rows(rows.pre_t, rows.pre_d, dec_t, rows.dec_d, rows.ret_hold, rows.ret_delay, rows.keys, rows.ret_key)

@@ -344,7 +344,8 @@ def enter(worker: WorkerPlacement | None) -> None:
         Path(worker.cgroup_procs).write_text(str(os.getpid()))
     if worker.cpu_quota:
         # Pace's sleeps overshoot by the timer slack (50 us by default; measured 80-105 us
-        # late, 40-80 us with 1 us of slack here), once per stretch: a TP decode step has 16
+        # late, 40-80 us with 1 us of slack here), once per stretch, and a TP decode step
+        # has 16 stretches (one before each all-reduce)
         _prctl(PR_SET_TIMERSLACK, 1000)
     if worker.netns:
         libc = ctypes.CDLL(None, use_errno=True)

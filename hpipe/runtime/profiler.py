@@ -606,10 +606,10 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     microseconds of compute before each (the members arrive with the jitter of shards that
     just computed, but not after a slower member's longer work, which the cost model
     already charges as the slowest shard), and the *mean* of their times, since a stage's
-    step pays their sum.  A barrier before each one
-    and the median of 8 gave 0.97 ms in one quiet profile and 2.2 ms in another for the
-    same two cores (2-core AMD EPYC VM), while the all-reduces of a real tensor-parallel
-    decode step took 2.2-3.1 ms on average (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02."""
+    step pays their sum.  A barrier before each one and the median of 8 gave 0.97 ms in one
+    quiet profile and 2.2 ms in another for the same two cores (2-core AMD EPYC VM), while
+    the all-reduces of a real tensor-parallel decode step took 2.2-3.1 ms on average
+    (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02."""
     import torch
     import torch.distributed as dist
 

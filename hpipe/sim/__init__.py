@@ -80,7 +80,7 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
             # A stage of a multi-stage decode computes its steps slower than the profile's
             # back-to-back chain, whether it waited for its input (one group) or found it
             # queued (two groups: +15-18% CPU time, no wait; decode_gaps, quiet).
-            scale = np.where(decoding, max(cost.after_wait_factor(d) for d in devs), 1.0)
+            scale = np.where(decoding, cost.stage_after_wait_factor(devs), 1.0)
             spec.compute_s = spec.compute_s * scale
             if spec.alone_compute_s is not None:
                 spec.alone_compute_s = spec.alone_compute_s * scale
