@@ -101,6 +101,9 @@ def main() -> None:
         if e is not None and e.n:
             print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, p90 {e.p90_abs_error:.1%}, "
                   f"bias {e.signed_bias:+.1%}")
+    if res.run_spread is not None and res.run_spread.n:
+        print(f"  the machine's noise: one plan's runs spread (slowest / fastest - 1) median "
+              f"{res.run_spread.median_abs_error:.1%}, p90 {res.run_spread.p90_abs_error:.1%}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

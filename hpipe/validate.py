@@ -117,6 +117,10 @@ class Validation(BaseModel):
     decode_ttft: ErrorSummary | None = None
     decode_compute: ErrorSummary | None = None
     """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
+    run_spread: ErrorSummary | None = None
+    """The machine's own noise, beside the errors: per case with two or more runs, how far its
+    runs spread ((slowest - fastest) / fastest; signed_bias is their mean).  On a VM whose
+    speed drifts, no prediction meets the fastest run more closely than this allows."""
     by_kind: dict[str, ErrorSummary] = {}
     by_origin: dict[str, ErrorSummary] = {}
     """``planner``: the planners' picks; ``random``: random valid plans.  Apart because a planner
@@ -144,6 +148,12 @@ def error_summary(errors) -> ErrorSummary:
     med, p90 = summarize_errors(errors)
     return ErrorSummary(median_abs_error=med, p90_abs_error=p90,
                         signed_bias=float(np.mean(errors)) if errors else None, n=len(errors))
+
+
+def run_spread(cases) -> ErrorSummary | None:
+    """``Validation.run_spread`` of the cases measured more than once (None: no such case)."""
+    spreads = [max(c.measured_runs_s) / min(c.measured_runs_s) - 1 for c in cases if len(c.measured_runs_s) > 1]
+    return error_summary(spreads) if spreads else None
 
 
 def plan_kind(setup, plan: Plan) -> str:
@@ -485,6 +495,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       if decode else None,
                       decode_compute=error_summary(c.decode_compute_error for c in decode
                                                    if c.decode_compute_error is not None) if decode else None,
+                      run_spread=run_spread(cases),
                       scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
 

@@ -204,3 +204,17 @@ def test_no_prefill_without_decode_cases_is_refused():
 
     r = run_cli("validate", str(LOCAL), "--no-prefill")
     assert r.returncode == 2 and "--no-prefill" in r.stderr and "--output-tokens" in r.stderr
+
+
+def test_run_spread_is_the_machines_noise_beside_the_errors():
+    from hpipe.validate import Case, run_spread
+
+    def case(runs):
+        return Case(planner="x", simulated_latency_s=1.0, measured_latency_s=min(runs), error=0.0, scenario="s",
+                    stages=[], slices=[1], micro_batches=1,
+                    measured_runs_s=runs)
+
+    s = run_spread([case([1.0, 1.2, 1.1]), case([2.0, 2.0]), case([1.0])])
+    assert s.n == 2 and s.median_abs_error == pytest.approx(0.1) and s.signed_bias == pytest.approx(0.1)
+    assert s.p90_abs_error == pytest.approx(0.18)
+    assert run_spread([case([1.0])]) is None  # one run each: nothing to say
