@@ -29,7 +29,6 @@ def with_decode_points(prof, contexts=(128, 512, 520, 530), batches=(1, 2)):
                 for b in batches:
                     u["n"].append(1), u["c"].append(c), u["b"].append(b)
                     u["seconds"].append(float(decode_law(kind, c, b)))
-    prof["settings"]["decode_together"] = True  # timed in their own phase, as the profiler does
     return prof
 
 
@@ -153,21 +152,3 @@ def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_
     assert "step-loop probe" in profiler.stale_reason(load_profile(path), gen)
     path.write_text(json.dumps(with_step_probe(prof)))
     assert profiler.stale_reason(load_profile(path), gen) is None
-    # decode steps timed beside the others' prefill (before they had a phase of their own)
-    prof["settings"]["decode_together"] = False
-    path.write_text(json.dumps(prof))
-    assert "beside prefill" in profiler.stale_reason(load_profile(path), gen)
-
-
-def test_decode_points_are_timed_in_a_phase_of_their_own_when_devices_sweep_together():
-    from hpipe.runtime.profiler import default_grid, together_phases
-    from hpipe.scenario import parse_scenario
-
-    data = yaml.safe_load(SCENARIO.read_text())
-    data["workload"]["output_tokens"] = 16
-    grid = default_grid(parse_scenario(data).resolve())
-    prefill, decode = together_phases(grid.points, True)
-    assert decode and all(n == 1 and c > 0 for n, c, _ in decode)
-    assert prefill and not any(n == 1 and c > 0 for n, c, _ in prefill)
-    assert sorted(prefill + decode) == sorted(grid.points)
-    assert together_phases(grid.points, False) == (list(grid.points), [])  # one device: one phase

@@ -70,9 +70,6 @@ class Settings(_Strict):
     """How repeats become one figure (e.g. trimmed-mean: mean of the middle repeats)."""
     cfs_period_us: int | None = None
     """cgroup CPU period used for devices with cpu_quota."""
-    decode_together: bool = False
-    """Decode points were timed in a phase of their own with every device stepping decode at
-    once (they contend for memory bandwidth), not beside the others' prefill points."""
 
 
 class UnitSamples(_Strict):

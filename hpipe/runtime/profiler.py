@@ -204,17 +204,6 @@ class ProfileJob:
     devices, when there are two or more: they share the machine's caches and memory bus)."""
 
 
-def together_phases(points, together: bool) -> tuple[list, list]:
-    """The grid's points as the busy sweeps time them: (prefill points, decode points).  With
-    ``together`` (several devices, synchronised) decode points (n = 1, c > 0) get a phase of
-    their own, in which every device sweeps them at once; else all points are one phase."""
-    from hpipe.costmodels.fitted import is_decode
-
-    points = list(points)
-    decode = [bool(is_decode(n, c)) for n, c, _ in points] if together else [False] * len(points)
-    return [p for p, d in zip(points, decode) if not d], [p for p, d in zip(points, decode) if d]
-
-
 def alone_repeats(repeats: int) -> int:
     """Timed sweeps of a device's units alone: half the profile's.  What the fitted model takes
     from them is one ratio (alone over busy) fitted across the whole grid, which averages the
@@ -277,12 +266,12 @@ def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dic
     wall_cpu = [0.0, 0.0]  # seconds of wall clock and of this thread's CPU time in timed calls
     caches = {}
 
-    def sweep(chains, warmup: int, repeats: int, samples: dict, cpu_samples: dict, points) -> None:
+    def sweep(chains, warmup: int, repeats: int, samples: dict, cpu_samples: dict) -> None:
         """Passes over the whole grid, not repeats of one point back to back: a burst of
         load from another process then spoils one sample of many points, which the
         trimmed mean drops, instead of every sample of a few points."""
         for rep in range(warmup + repeats):
-            for (n, c, b) in points:
+            for (n, c, b) in job.grid.points:
                 x = ids[(n, c, b)]
                 for tp, units in chains.items():
                     inp = x if tp == 1 else hidden[(n, c, b)]  # shard chains start at a block
@@ -311,36 +300,20 @@ def _time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dic
         ids = {p: torch.randint(0, spec.vocab_size, (p[2], p[0]), generator=g).to(device) for p in job.grid.points}
         hidden = {p: torch.randn(p[2], p[0], spec.d_model, generator=g).to(device, TORCH_DTYPES[job.dtype])
                   for p in job.grid.points} if len(chains) > 1 else {}
-        def keep_busy(points, phase: int) -> None:
-            """Done with this phase's timed sweeps: run its points, untimed, until every device is."""
-            if finished is None:
-                return
+        sweep(chains, job.warmup, job.repeats, samples, cpu_samples)
+        if finished is not None:
             with finished.get_lock():
                 finished.value += 1
-            while finished.value < phase * len(job.devices):
-                for p in points:
-                    if finished.value >= phase * len(job.devices):
+            while finished.value < len(job.devices):
+                for p in job.grid.points:
+                    if finished.value >= len(job.devices):
                         break
                     (_gpu_chain if gpu else _cpu_chain)(chains[1], ids[p], p[1], caches[(1, p[2])])
-
-        prefill_pts, decode_pts = together_phases(job.grid.points, turns is not None and len(job.devices) > 1)
-        sweep(chains, job.warmup, job.repeats, samples, cpu_samples, prefill_pts)
-        keep_busy(prefill_pts, 1)
-        if decode_pts:
-            # Decode steps stream every weight from memory; beside a neighbour that does the same
-            # (the stages of a pipeline with several decode groups in flight, tensor-parallel
-            # shards) one costs 13-22% more CPU time than beside a neighbour's prefill, which
-            # barely touches memory (+3%; half of small-llama per core, quiet 2-core AMD EPYC VM,
-            # 2026-12-02).  So they are timed in a phase of their own, every device at once.
-            turns.wait(timeout=job.timeout_s)
-            sweep(chains, job.warmup, job.repeats, samples, cpu_samples, decode_pts)
-            keep_busy(decode_pts, 2)
         if turns is not None and job.alone_ranks:
             for rank in job.alone_ranks:
                 turns.wait(timeout=job.timeout_s)  # everyone is idle from here ...
                 if rank == job.rank:  # one sweep to warm this device's caches again, then the repeats
-                    sweep({1: chains[1]}, min(job.warmup, 1), alone_repeats(job.repeats), alone, alone_cpu,
-                          job.grid.points)
+                    sweep({1: chains[1]}, min(job.warmup, 1), alone_repeats(job.repeats), alone, alone_cpu)
                 turns.wait(timeout=job.timeout_s)  # ... until this device is done
 
     def summary(key, samples, cpu_samples) -> dict:
@@ -801,8 +774,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                              name=f"hpipe-profile-{j.rank}", daemon=True)
                  for j in jobs]
         with progress(quiet) as bar:
-            phases = 1 + bool(together_phases(grid.points, len(devices) > 1)[1])
-            task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices) * phases
+            task = bar.add_task(f"profiling {setup.name}", total=(warmup + repeats) * len(devices)
                                                                     + (min(warmup, 1) + alone_repeats(repeats))
                                                                     * len(alone_ranks)
                                                                     + n_links + (n_pairs if step_probe else 0))
@@ -901,8 +873,7 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                    dtype=setup.dtype,
                    settings=Settings(warmup=warmup, repeats=repeats,
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
-                                     cfs_period_us=emulated.get("cfs_period_us"),
-                                     decode_together=bool(together_phases(grid.points, len(devices) > 1)[1])),
+                                     cfs_period_us=emulated.get("cfs_period_us")),
                    devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops)
     from hpipe.costmodels.fitted import FittedConfig
 
@@ -936,8 +907,6 @@ def stale_reason(prof: Profile, setup) -> str | None:
     # (a profile made without links, `--no-links`, has no probe either: that was asked for)
     if setup.output_tokens and len(cpus) == len(setup.cluster.devices) > 1 and prof.links and not prof.step_hops:
         return "the profile has no decode step-loop probe and the scenario generates tokens"
-    if setup.output_tokens and len(cpus) > 1 and not prof.settings.decode_together:
-        return "the profile timed decode steps beside prefill, not beside each other, and the scenario generates tokens"
     for d in setup.cluster.devices:
         dp = prof.device(d.id)
         placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}
