@@ -66,9 +66,18 @@ def main() -> None:
                                          prefill=not args.no_prefill),
                    log=lambda m: print(m, flush=True), quiet=True)
     load1 = os.getloadavg()
+    if args.json:  # first: a printing error below must not lose the measurements
+        from hpipe.io import write_text
+
+        write_text(args.json, res.model_dump_json(indent=2))
+    if not res.cases:
+        sys.exit("no case ran:\n" + "\n".join(f"skipped {s}" for s in res.skipped))
 
     def pct(v, w=8):
         return f"{v:+{w}.1%}" if v is not None else f"{'-':>{w}}"
+
+    def ms(v, w):
+        return f"{v * 1e3:{w}.2f}ms" if v is not None else f"{'-':>{w + 2}}"
 
     print(f"{'scenario':<18}{'planner':<28}{'kind':<16}{'stages':>6}{'sim s':>8}{'meas s':>8}{'error':>8}"
           f"{'cpu err':>8}{'cpu share':>10}{'groups':>7}{'tpot sim':>9}{'tpot meas':>10}{'tpot err':>9}"
@@ -79,7 +88,7 @@ def main() -> None:
                 f"{c.measured_latency_s:8.3f}{c.error:+8.1%}" + pct(c.compute_error)
                 + (f"{c.cpu_share:10.0%}" if c.cpu_share is not None else f"{'-':>10}"))
         if c.output_tokens:
-            line += (f"{c.decode_micro_batches:>7}{c.simulated_tpot_s * 1e3:7.2f}ms{c.measured_tpot_s * 1e3:8.2f}ms"
+            line += (f"{c.decode_micro_batches:>7}{ms(c.simulated_tpot_s, 7)}{ms(c.measured_tpot_s, 8)}"
                      + pct(c.tpot_error, 9) + pct(c.ttft_error, 9) + pct(c.decode_compute_error))
         print(line)
     n3 = sum(c.n_stages >= 3 for c in res.cases)
@@ -101,16 +110,13 @@ def main() -> None:
         if e is not None and e.n:
             print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, p90 {e.p90_abs_error:.1%}, "
                   f"bias {e.signed_bias:+.1%}")
-    if res.run_spread is not None and res.run_spread.n:
-        print(f"  the machine's noise: one plan's runs spread (slowest / fastest - 1) median "
-              f"{res.run_spread.median_abs_error:.1%}, p90 {res.run_spread.p90_abs_error:.1%}")
+    if res.run_spread is not None:
+        sp = res.run_spread
+        print(f"  the machine's noise: one plan's {sp.runs} runs spread (slowest / fastest - 1) by a median "
+              f"{sp.median:.1%}, p90 {sp.p90:.1%}; an error much smaller cannot be told from it")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")
-    if args.json:
-        from hpipe.io import write_text
-
-        write_text(args.json, res.model_dump_json(indent=2))
 
 
 if __name__ == "__main__":

@@ -713,9 +713,10 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                 if e is not None and e.n:
                     con.print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, "
                               f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
-            if result.run_spread is not None and result.run_spread.n:
-                con.print(f"  the machine's noise: one plan's runs spread (slowest / fastest - 1) median "
-                          f"{result.run_spread.median_abs_error:.1%}, p90 {result.run_spread.p90_abs_error:.1%}")
+            if result.run_spread is not None:
+                sp = result.run_spread
+                con.print(f"  the machine's noise: one plan's {sp.runs} runs spread (slowest / fastest - 1) by a "
+                          f"median {sp.median:.1%}, p90 {sp.p90:.1%}; an error much smaller cannot be told from it")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
         for s in result.skipped:

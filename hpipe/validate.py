@@ -65,7 +65,8 @@ class Case(BaseModel):
     same_plan_as: list[str] = []
     """Other planners that chose this very plan: it is measured and counted once."""
     measured_runs_s: list[float] = []
-    """Every measured run of the case (runs of all cases interleaved, round by round)."""
+    """Every measured run of the case (in ``validate``, the runs of all cases interleaved round
+    by round; in ``run_case``, back to back)."""
     compute_error: float | None = None
     """(predicted - measured) / measured of the plan's compute summed over its CPU devices, measured
     in CPU time of the stage threads (divided by a device's cpu_quota, as the fitted model's CPU
@@ -103,6 +104,21 @@ class ErrorSummary(BaseModel):
     n: int
 
 
+class RunSpread(BaseModel):
+    """How far one plan's measured runs spread: per case, (slowest - fastest) / fastest of its
+    ``runs`` runs; summarized over the cases.  An error much smaller than this cannot be told
+    from the machine's noise (the range of N runs grows with N: compare at the same N)."""
+
+    model_config = ConfigDict(extra="forbid")
+    median: float
+    p90: float
+    mean: float
+    runs: int
+    """Runs per case (the most any case had)."""
+    n: int
+    """Cases with two runs or more."""
+
+
 class Validation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cases: list[Case]
@@ -117,10 +133,8 @@ class Validation(BaseModel):
     decode_ttft: ErrorSummary | None = None
     decode_compute: ErrorSummary | None = None
     """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
-    run_spread: ErrorSummary | None = None
-    """The machine's own noise, beside the errors: per case with two or more runs, how far its
-    runs spread ((slowest - fastest) / fastest; signed_bias is their mean).  On a VM whose
-    speed drifts, no prediction meets the fastest run more closely than this allows."""
+    run_spread: RunSpread | None = None
+    """The machine's run-to-run noise, beside the errors (None: every case ran once)."""
     by_kind: dict[str, ErrorSummary] = {}
     by_origin: dict[str, ErrorSummary] = {}
     """``planner``: the planners' picks; ``random``: random valid plans.  Apart because a planner
@@ -150,10 +164,14 @@ def error_summary(errors) -> ErrorSummary:
                         signed_bias=float(np.mean(errors)) if errors else None, n=len(errors))
 
 
-def run_spread(cases) -> ErrorSummary | None:
+def run_spread(cases) -> RunSpread | None:
     """``Validation.run_spread`` of the cases measured more than once (None: no such case)."""
-    spreads = [max(c.measured_runs_s) / min(c.measured_runs_s) - 1 for c in cases if len(c.measured_runs_s) > 1]
-    return error_summary(spreads) if spreads else None
+    many = [c.measured_runs_s for c in cases if len(c.measured_runs_s) > 1]
+    if not many:
+        return None
+    spreads = [max(r) / min(r) - 1 for r in many]
+    return RunSpread(median=float(np.median(spreads)), p90=float(np.percentile(spreads, 90)),
+                     mean=float(np.mean(spreads)), runs=max(len(r) for r in many), n=len(many))
 
 
 def plan_kind(setup, plan: Plan) -> str:
@@ -359,14 +377,15 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
     simulated_s = sim.latency_s
     compute_error = cpu_share = None
     cpu_runs = [r.compute_cpu_s for r in runs if r.compute_cpu_s]
-    if cpu_runs and set(cpu_runs[0]) == set(plan.devices):
+    fastest = min(runs, key=lambda r: r.latency_s)
+    if (cpu_runs and all(set(c) == set(plan.devices) for c in cpu_runs)
+            and fastest.compute_cpu_s and set(fastest.compute_cpu_s) == set(plan.devices)):
         predicted = sum(e.end_s - e.start_s for e in sim.events if e.kind == "compute")
         # as the fitted model's CPU basis does: a device held to a quota q runs 1/q as long as it computes
         slow = {d: 1.0 / min(float(getattr(setup.cluster.device(d).placement, "cpu_quota", None) or 1.0), 1.0)
                 for d in plan.devices}
         measured_cpu = float(np.median([sum(t * slow[d] for d, t in c.items()) for c in cpu_runs]))
         compute_error = (predicted - measured_cpu) / measured_cpu
-        fastest = min(runs, key=lambda r: r.latency_s)
         wall: dict[str, float] = {}
         for e in fastest.events:
             if e.kind == "compute":

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, Phase, given, settings
@@ -142,7 +143,8 @@ def test_chain_outweighs_the_cache():
 
 def test_validate_json_contract(tiny):
     path, _, _ = tiny
-    r = run_cli("validate", str(path), "--planners", "hpipe,base", "--random", "1", "--json", "-", "--quiet")
+    r = run_cli("validate", str(path), "--planners", "hpipe,base", "--random", "1", "--repeats", "2",
+                "--json", "-", "--quiet")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)  # stdout holds the JSON alone
     assert {"cases", "median_abs_error", "p90_abs_error"} <= set(data)
@@ -162,6 +164,11 @@ def test_validate_json_contract(tiny):
     for c in data["cases"]:
         assert c["n_stages"] == len(c["stages"]) and c["chosen_by_planner"] == (not c["planner"].startswith("random"))
         assert c["compute_error"] is not None and 0 < c["cpu_share"] <= 1.05
+    # the machine's noise beside the errors: every case ran twice
+    spread = data["run_spread"]
+    assert spread["runs"] == 2 and spread["n"] == len(data["cases"])
+    assert spread["median"] == pytest.approx(float(np.median(
+        [max(c["measured_runs_s"]) / min(c["measured_runs_s"]) - 1 for c in data["cases"]])))
 
 
 # The property below is split in two claims, each measured so that a loaded 2-core machine

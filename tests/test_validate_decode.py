@@ -215,6 +215,6 @@ def test_run_spread_is_the_machines_noise_beside_the_errors():
                     measured_runs_s=runs)
 
     s = run_spread([case([1.0, 1.2, 1.1]), case([2.0, 2.0]), case([1.0])])
-    assert s.n == 2 and s.median_abs_error == pytest.approx(0.1) and s.signed_bias == pytest.approx(0.1)
-    assert s.p90_abs_error == pytest.approx(0.18)
+    assert s.n == 2 and s.runs == 3 and s.median == pytest.approx(0.1) and s.mean == pytest.approx(0.1)
+    assert s.p90 == pytest.approx(0.18)
     assert run_spread([case([1.0])]) is None  # one run each: nothing to say
