@@ -25,6 +25,7 @@ model's own error; the hop columns are small intervals, so read the medians, and
 plans run back to back rather than absolute figures on a loaded machine.
 
     PYTHONPATH=. python benchmarks/decode_gaps.py [scenarios/local-cpu.yaml] [--output-tokens 32] [--repeats 3]
+        [--devices A,B]
 """
 
 from __future__ import annotations
@@ -96,12 +97,20 @@ def main() -> None:
     ap.add_argument("scenario", nargs="?", default="scenarios/local-cpu.yaml")
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--devices", help="the two devices, A,B (default: the scenario's first two)")
     args = ap.parse_args()
 
     sc = with_output_tokens(load_scenario(args.scenario), args.output_tokens)
     path, why = ensure_profile(sc, log=print, quiet=True)
     setup = with_fitted(sc, Path(path)).resolve()
     d0, d1 = setup.cluster.device_ids[:2]
+    if args.devices:
+        pair = [d.strip() for d in args.devices.split(",")]
+        unknown = [d for d in pair if d not in setup.cluster.device_ids]
+        if len(pair) != 2 or unknown or pair[0] == pair[1]:
+            ap.error(f"--devices: two distinct devices of {setup.name} ({', '.join(setup.cluster.device_ids)}), "
+                     f"got {args.devices!r}")
+        d0, d1 = pair
     half = 1 + 2 * (setup.model.n_layers // 2)
     two = [Stage(devices=[d0], units=(0, half)), Stage(devices=[d1], units=(half, setup.n_units))]
     plans = {"1 stage": Plan(planner="one", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
