@@ -101,16 +101,13 @@ def main() -> None:
     args = ap.parse_args()
 
     sc = with_output_tokens(load_scenario(args.scenario), args.output_tokens)
+    ids = sc.model_copy(update={"costmodel": "roofline"}).resolve().cluster.device_ids
+    pair = [d.strip() for d in args.devices.split(",")] if args.devices else ids[:2]
+    if len(pair) != 2 or set(pair) - set(ids) or pair[0] == pair[1]:  # before a profile is measured
+        ap.error(f"--devices: two distinct devices of {sc.name} ({', '.join(ids)}), got {args.devices!r}")
     path, why = ensure_profile(sc, log=print, quiet=True)
     setup = with_fitted(sc, Path(path)).resolve()
-    d0, d1 = setup.cluster.device_ids[:2]
-    if args.devices:
-        pair = [d.strip() for d in args.devices.split(",")]
-        unknown = [d for d in pair if d not in setup.cluster.device_ids]
-        if len(pair) != 2 or unknown or pair[0] == pair[1]:
-            ap.error(f"--devices: two distinct devices of {setup.name} ({', '.join(setup.cluster.device_ids)}), "
-                     f"got {args.devices!r}")
-        d0, d1 = pair
+    d0, d1 = pair
     half = 1 + 2 * (setup.model.n_layers // 2)
     two = [Stage(devices=[d0], units=(0, half)), Stage(devices=[d1], units=(half, setup.n_units))]
     plans = {"1 stage": Plan(planner="one", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
