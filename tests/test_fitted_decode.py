@@ -79,6 +79,28 @@ def test_step_loop_costs_come_from_the_probe(tmp_path):
     assert "unprobed_step_pairs" not in probed.describe()
 
 
+def test_a_decode_hop_costs_what_the_probe_measured_even_where_the_ping_pong_was_slower(tmp_path):
+    """Two quota devices sharing a core ping-ponged at ~10 ms one way, the step loop hopped in ~4:
+    the hop is priced at the probe's, not at the ping-pong's (nor below nothing)."""
+    prof = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)), two_hops_s=(0.008, 0.008, 0.008))
+    for lk in prof["links"]:
+        lk["one_way_s"] = [0.010 + 1e-9 * n for n in lk["sizes_bytes"]]  # a 10 ms ping-pong
+    setup = load_scenario(fitted_scenario(tmp_path, prof, "slow-ping.json")).resolve()
+    cost = setup.cost
+    a, b = setup.cluster.device_ids[:2]
+    hop = cost.transfer_time_s(a, b, 4096) + cost.step_overhead_s(a, b)
+    back = cost.transfer_time_s(b, a, 16) + cost.step_overhead_s(b, a)
+    assert hop + back == pytest.approx(0.008, rel=1e-3)  # the probe's two hops, not 20 ms
+    assert hop > 0 and back > 0
+    assert cost.tp_step_overhead_s([a, b]) == 0.0  # a hand-over never shortens a TP stage's compute
+    # a probe faster than the link's latency allows: each message still costs at least nothing
+    fast = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)), two_hops_s=(1e-4,) * 3)
+    for lk in fast["links"]:
+        lk["one_way_s"] = [0.010 + 1e-9 * n for n in lk["sizes_bytes"]]
+    cost = load_scenario(fitted_scenario(tmp_path, fast, "fast-probe.json")).resolve().cost
+    assert cost.transfer_time_s(a, b, 16) + cost.step_overhead_s(a, b) >= 0.0
+
+
 def test_decode_points_get_their_own_fit(tmp_path):
     plain = load_scenario(fitted_scenario(tmp_path, synthetic_profile(noise=0.0), "plain.json")).resolve()
     setup = load_scenario(fitted_scenario(tmp_path, with_decode_points(synthetic_profile(noise=0.0)),

@@ -99,13 +99,14 @@ class CostModel(ABC):
     def step_overhead_s(self, src: str, dst: str) -> float:
         """Seconds a decode step's message from ``src`` to ``dst`` takes beyond
         ``transfer_time_s``: the hand-over from the receiving thread to a stage loop that sat
-        idle waiting for it.  None known by default."""
+        idle waiting for it (negative where the step loop was measured faster than the link's
+        ping-pong, never below minus the link's latency).  None known by default."""
         return 0.0
 
     def tp_step_overhead_s(self, device_ids) -> float:
         """A tensor-parallel stage's decode step: its leader's hand-over of the step's input to
         the slowest peer's waiting loop (``step_overhead_s``), which the shards wait for."""
-        return max((self.step_overhead_s(device_ids[0], d) for d in device_ids[1:]), default=0.0)
+        return max([0.0, *(self.step_overhead_s(device_ids[0], d) for d in device_ids[1:])])
 
     def after_wait_factor(self, device_id: str) -> float:
         """How much longer a decode step computes on ``device_id`` as a stage of a multi-stage

@@ -301,14 +301,18 @@ class Fitted(CostModel):
             self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
         # The decode step loop (hpipe.runtime.step_probe): per pair, the two hops of a round less
         # what the ping-pong fit gives for their bytes, halved; per device, the after-wait ratio.
+        # Below zero where the ping-pong is slower than the step loop: so a decode hop costs what
+        # the probe measured.  Two quota devices sharing a core (local-cpu-4dev) ping-ponged at
+        # 7.4-9.9 ms one way, while the probe's hops were ~4 ms and the runtime's step-loop hops
+        # 3.5-4.4 ms (quiet 2-core AMD EPYC VM, 2026-12-02); clipped at zero, those hops were
+        # priced at 10 ms.  At least minus the fit's latency, so no message costs less than nothing.
         self._step_overhead: dict[frozenset, float] = {}
         for sh in self.profile.step_hops:
             fit = self._links.get(frozenset(sh.between))
             if fit is None:
                 continue
-            wire = float(_affine(fit, np.asarray(sh.forward_bytes, float)) + _affine(fit, np.asarray(sh.return_bytes,
-                                                                                                    float)))
-            self._step_overhead[frozenset(sh.between)] = max(0.0, (sh.two_hops_s - wire) / 2)
+            fwd, ret = (float(_affine(fit, np.asarray(x, float))) for x in (sh.forward_bytes, sh.return_bytes))
+            self._step_overhead[frozenset(sh.between)] = max(-max(fit[0], 0.0), (sh.two_hops_s - fwd - ret) / 2)
         self._all_reduces: dict[frozenset, tuple[float, float]] = {
             frozenset(ar.devices): fit_link(ar.sizes_bytes, ar.seconds) for ar in self.profile.all_reduces}
 
