@@ -93,12 +93,15 @@ def test_a_decode_hop_costs_what_the_probe_measured_even_where_the_ping_pong_was
     assert hop + back == pytest.approx(0.008, rel=1e-3)  # the probe's two hops, not 20 ms
     assert hop > 0 and back > 0
     assert cost.tp_step_overhead_s([a, b]) == 0.0  # a hand-over never shortens a TP stage's compute
-    # a probe faster than the link's latency allows: each message still costs at least nothing
-    fast = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)), two_hops_s=(1e-4,) * 3)
+    # a probe faster than the link's latency allows: the overhead stops at minus the fit's
+    # latency, so each message still costs at least nothing (unbounded: 16 bytes would cost -2 ms)
+    fast = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)), two_hops_s=(0.0,) * 3)
     for lk in fast["links"]:
-        lk["one_way_s"] = [0.010 + 1e-9 * n for n in lk["sizes_bytes"]]
+        lk["one_way_s"] = [0.010 + 1e-6 * n for n in lk["sizes_bytes"]]
     cost = load_scenario(fitted_scenario(tmp_path, fast, "fast-probe.json")).resolve().cost
-    assert cost.transfer_time_s(a, b, 16) + cost.step_overhead_s(a, b) >= 0.0
+    latency = 0.010 + 256e-6  # the fit's latency: its fastest small message (256 bytes)
+    assert cost.step_overhead_s(a, b) == pytest.approx(-latency, rel=1e-6)
+    assert 0.0 <= cost.transfer_time_s(a, b, 16) + cost.step_overhead_s(a, b) < 1e-4
 
 
 def test_decode_points_get_their_own_fit(tmp_path):

@@ -163,6 +163,42 @@ def test_step_loop_costs_are_priced_alike_by_planner_and_simulator(name):
             simulate(setup, q).latency_s for q in plans.values()) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_step_loop_faster_than_the_ping_pong_is_priced_alike_by_planner_and_simulator(name):
+    """A negative step overhead (the step loop measured faster than the link's ping-pong),
+    larger than the route's latency: it shortens the hop's delay and then its hold, alike in
+    the planners' timeline and the simulator, and makes decode faster."""
+    from hpipe.planners.decode import plan_figures
+
+    setup = _scenario(**CASES[name])
+    plans = {p: make_plan(setup, p) for p in ("hpipe", "gpipe", "terapipe")}
+    before = {p: simulate(setup, plan).latency_s for p, plan in plans.items()}
+    smallest = setup.model.d_model * 4  # one sequence's decode message (float32)
+    real = setup.cost.transfer_time_s
+
+    def faster(src, dst):  # past the route's latency, into the hold, never past the whole transfer
+        if src == dst:
+            return 0.0
+        lat = setup.cluster.route(src, dst).latency_s
+        return -(lat + 0.5 * (float(real(src, dst, 8)) - lat))
+
+    assert any(faster(a, b) < -setup.cluster.route(a, b).latency_s
+               for a in setup.cluster.device_ids for b in setup.cluster.device_ids if a != b)
+    assert all(float(real(a, b, min(8, smallest))) + faster(a, b) >= 0
+               for a in setup.cluster.device_ids for b in setup.cluster.device_ids if a != b)
+    setup.cost.step_overhead_s = faster
+    after = {}
+    for p, plan in plans.items():
+        r = simulate(setup, plan)
+        fig = plan_figures(setup, plan)
+        for k in ("latency_s", "ttft_s", "tpot_s", "tpot_p90_s"):
+            assert fig[k] == pytest.approx(getattr(r, k), rel=1e-9), (p, k)
+        after[p] = r.latency_s
+        assert r.latency_s <= before[p] * (1 + 1e-12), p
+    # (a plan bound by its compute may not notice its hops)
+    assert any(after[p] < before[p] * (1 - 1e-6) for p, plan in plans.items() if len(plan.stages) > 1)
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_a_tensor_parallel_stage_after_the_first_pays_one_hand_over(tp):
     """A hand-built plan whose second stage is tensor parallel over 2 or 4 devices: the leader's

@@ -100,12 +100,14 @@ class CostModel(ABC):
         """Seconds a decode step's message from ``src`` to ``dst`` takes beyond
         ``transfer_time_s``: the hand-over from the receiving thread to a stage loop that sat
         idle waiting for it (negative where the step loop was measured faster than the link's
-        ping-pong, never below minus the link's latency).  None known by default."""
+        ping-pong, never below minus the fitted link's latency, so that transfer plus overhead
+        stays at least zero; apply it with ``with_step_overhead``).  None known by default."""
         return 0.0
 
     def tp_step_overhead_s(self, device_ids) -> float:
         """A tensor-parallel stage's decode step: its leader's hand-over of the step's input to
-        the slowest peer's waiting loop (``step_overhead_s``), which the shards wait for."""
+        the slowest peer's waiting loop (``step_overhead_s``), which the shards wait for; at
+        least zero (it lengthens the stage's compute; the scatter keeps its own price)."""
         return max([0.0, *(self.step_overhead_s(device_ids[0], d) for d in device_ids[1:])])
 
     def after_wait_factor(self, device_id: str) -> float:
@@ -241,3 +243,12 @@ def _load_builtin(kind=None) -> None:
 
     for name in ([_BUILTIN[kind]] if kind in _BUILTIN else _BUILTIN.values()):
         importlib.import_module(name)
+
+
+def with_step_overhead(hold_s, delay_s, overhead_s):
+    """A decode message's (hold, delay) with ``CostModel.step_overhead_s`` applied: a positive
+    overhead lengthens the delay; a negative one (the step loop measured faster than the
+    ping-pong) shortens the delay to zero, then the hold.  The simulator and the planner's
+    decode timeline both price a decode hop this way."""
+    delay = np.asarray(delay_s, float) + overhead_s
+    return np.maximum(np.asarray(hold_s, float) + np.minimum(delay, 0.0), 0.0), np.maximum(delay, 0.0)

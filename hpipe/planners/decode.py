@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpipe.costmodels import with_step_overhead
 from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes
 from hpipe.planners.evaluate import (chain_completion, hop_resource, shares_resources, shared_completion,
@@ -113,7 +114,7 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
     """The decode step loop's own costs, as the simulator adds them (``hpipe.sim.build``):
     in a multi-stage plan every stage computes its decode steps ``after_wait_factor`` slower
     than back to back, and each hop's and the return's message takes ``step_overhead_s`` more
-    (added to the delay); a tensor-parallel stage's leader hands each step's input to its
+    (``with_step_overhead``: the delay, or less where it is negative); a tensor-parallel stage's leader hands each step's input to its
     peers (``CostModel.tp_step_overhead_s``, one stage or many)."""
     cost = setup.cost
     multi = len(stages) > 1
@@ -126,9 +127,11 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
         return Rows(rows.pre_t, rows.pre_d, dec_t, rows.dec_d, rows.ret_hold, rows.ret_delay, rows.keys, rows.ret_key)
     dec_d = rows.dec_d.copy()
     for j in range(1, len(stages)):  # positions: stage 0, hop 1, stage 1, hop 2, ...
-        dec_d[2 * j - 1] += cost.step_overhead_s(stages[j - 1][0][0], stages[j][0][0])
-    ret = cost.step_overhead_s(stages[-1][0][0], stages[0][0][0])
-    return Rows(rows.pre_t, rows.pre_d, dec_t, dec_d, rows.ret_hold, rows.ret_delay + ret, rows.keys, rows.ret_key)
+        dec_t[2 * j - 1], dec_d[2 * j - 1] = with_step_overhead(
+            dec_t[2 * j - 1], dec_d[2 * j - 1], cost.step_overhead_s(stages[j - 1][0][0], stages[j][0][0]))
+    ret_hold, ret_delay = with_step_overhead(rows.ret_hold, rows.ret_delay,
+                                             cost.step_overhead_s(stages[-1][0][0], stages[0][0][0]))
+    return Rows(rows.pre_t, rows.pre_d, dec_t, dec_d, ret_hold, ret_delay, rows.keys, rows.ret_key)
 
 
 def _return_rows(setup, stages, b):

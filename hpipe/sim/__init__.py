@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpipe.codecs import plan_boundary_costs, stage_codec_s
+from hpipe.costmodels import with_step_overhead
 from hpipe.memory import plan_memory_bytes, plan_shortfalls
 from hpipe.plan import Plan
 from hpipe.result import RunResult, decode_figures, summarize
@@ -124,7 +125,7 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         latency = np.minimum(route.latency_s, total)
         hold = total - latency
         if decoding is not None:  # a decode step's message wakes an idle stage loop
-            latency = latency + np.where(decoding, cost.step_overhead_s(src, dst), 0.0)
+            hold, latency = with_step_overhead(hold, latency, np.where(decoding, cost.step_overhead_s(src, dst), 0.0))
         edges = directed_links(route, src)
         hops.append(HopSpec(src=src, dst=dst, links=tuple(_link_name(e) for e in edges),
                             bottleneck=bottleneck_link(route, edges),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpipe.costmodels import TOKEN_ID_BYTES
+from hpipe.costmodels import TOKEN_ID_BYTES, with_step_overhead
 from hpipe.sim.engine import Feedback
 
 
@@ -141,7 +141,8 @@ def feedback(setup, plan, work: DecodeWork) -> Feedback | None:
         latency = np.minimum(route.latency_s, total)
     hold = total - latency
     if src != dst:  # the ids wake the driver's loop, idle since its last step (CostModel.step_overhead_s)
-        latency = latency + np.where(np.arange(n_items) >= work.n_prefill, setup.cost.step_overhead_s(src, dst), 0.0)
+        hold, latency = with_step_overhead(hold, latency, np.where(np.arange(n_items) >= work.n_prefill,
+                                                                   setup.cost.step_overhead_s(src, dst), 0.0))
     chains = [[(work.index(t, g), work.deps(t, g)) for t in range(work.steps)] for g in range(work.n_groups)]
     return Feedback(src=src, dst=dst, links=links, bottleneck=bottleneck, hold_s=hold,
                     latency_s=latency, nbytes=b * TOKEN_ID_BYTES, chains=chains)
