@@ -111,9 +111,7 @@ def main() -> None:
             print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, p90 {e.p90_abs_error:.1%}, "
                   f"bias {e.signed_bias:+.1%}")
     if res.run_spread is not None:
-        sp = res.run_spread
-        print(f"  the machine's noise: one plan's {sp.runs} runs spread (slowest / fastest - 1) by a median "
-              f"{sp.median:.1%}, p90 {sp.p90:.1%}; an error much smaller cannot be told from it")
+        print(f"  {res.run_spread.line()}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

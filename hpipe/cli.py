@@ -714,9 +714,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                     con.print(f"  {label}: n {e.n}, median |error| {e.median_abs_error:.1%}, "
                               f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
             if result.run_spread is not None:
-                sp = result.run_spread
-                con.print(f"  the machine's noise: one plan's {sp.runs} runs spread (slowest / fastest - 1) by a "
-                          f"median {sp.median:.1%}, p90 {sp.p90:.1%}; an error much smaller cannot be told from it")
+                con.print(f"  {result.run_spread.line()}")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
         for s in result.skipped:

@@ -118,6 +118,11 @@ class RunSpread(BaseModel):
     n: int
     """Cases with two runs or more."""
 
+    def line(self) -> str:
+        """The summary line the validate command and the benchmark print."""
+        return (f"the machine's noise: one plan's {self.runs} runs spread (slowest / fastest - 1) by a median "
+                f"{self.median:.1%}, p90 {self.p90:.1%}; an error much smaller cannot be told from it")
+
 
 class Validation(BaseModel):
     model_config = ConfigDict(extra="forbid")

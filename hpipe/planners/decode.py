@@ -114,8 +114,9 @@ def _step_loop(setup, stages, rows: Rows) -> Rows:
     """The decode step loop's own costs, as the simulator adds them (``hpipe.sim.build``):
     in a multi-stage plan every stage computes its decode steps ``after_wait_factor`` slower
     than back to back, and each hop's and the return's message takes ``step_overhead_s`` more
-    (``with_step_overhead``: the delay, or less where it is negative); a tensor-parallel stage's leader hands each step's input to its
-    peers (``CostModel.tp_step_overhead_s``, one stage or many)."""
+    (``with_step_overhead``: on the delay, and off the hold too where it is negative); a
+    tensor-parallel stage's leader hands each step's input to its peers
+    (``CostModel.tp_step_overhead_s``, one stage or many)."""
     cost = setup.cost
     multi = len(stages) > 1
     dec_t = rows.dec_t.copy()
