@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpipe.plan import Plan, Stage
-from hpipe.planners.evaluate import (chain_completion, chain_times, makespan_s, scan, shared_completion,
+from hpipe.planners.evaluate import (chain_bound, chain_completion, chain_times, makespan_s, scan, shared_completion,
                                      shares_resources)
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
@@ -117,3 +117,31 @@ def test_a_pipeline_crossing_the_network_twice_matches_the_simulator(n_slices, m
                 stages=[Stage(devices=[d], units=(a, b)) for d, (a, b) in zip(order, [(0, 2), (2, 3), (3, 5), (5, 6)])])
     assert shares_resources(chain_times(setup, plan)[2])
     assert np.isclose(makespan_s(setup, plan), simulate(setup, plan).latency_s, rtol=1e-9)
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_chain_bound_is_a_lower_bound_met_by_a_lone_bottleneck(P, I, seed):
+    rng = np.random.default_rng(seed)
+    t = rng.exponential(1.0, (P, I)) * (rng.random((P, I)) > 0.1)
+    d = rng.exponential(0.3, (P, I)) * (rng.random((P, I)) > 0.5)
+    exact = naive(t, d)[-1, -1]
+    assert chain_bound(t, d) <= exact * (1 + 1e-12)
+    # links shared by every hop: contention only delays, the bound still holds
+    keys = [frozenset([("r", 0)]) if p % 2 else ("stage", p) for p in range(P)]
+    assert chain_bound(t, d) <= shared_completion(t, keys, d)[-1, -1] * (1 + 1e-12)
+    # one position far slower than the rest: it is busy without a gap from the moment the first
+    # item reaches it, so the makespan is exactly the bound (its first item's way in, its
+    # total, the last item's way out)
+    slow = rng.integers(P)
+    t[slow] += 100.0
+    assert np.isclose(chain_bound(t, d), naive(t, d)[-1, -1], rtol=1e-12)
+
+
+def test_chain_bound_by_hand():
+    # two positions, two items: position 1 waits for item 0 (2 + delay 1), holds 5 + 5,
+    # nothing after it; position 0 holds 2 + 2 then item 1 still needs 1 + 5 after it
+    t = np.array([[2.0, 2.0], [5.0, 5.0]])
+    d = np.array([[1.0, 1.0], [0.0, 0.0]])
+    assert chain_bound(t, d) == max(0 + 4 + (1 + 5), (2 + 1) + 10 + 0) == 13.0
+    assert naive(t, d)[-1, -1] == 13.0

@@ -72,3 +72,30 @@ def test_the_pass_only_lowers_the_exact_makespan_of_a_plan_that_fits(data):
     got.check(setup)
     assert plan_shortfalls(setup, got) == []
     assert math.isclose(makespan_s(setup, got), lat, rel_tol=1e-9)
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(scenario_dicts(max_devices=4, max_hosts=2, max_layers=2, max_granules=4, max_batch=4))
+def test_ranking_by_bound_first_is_the_ranking_of_every_neighbour_scored(data):
+    """``_ranked`` skips candidates whose lower bound is past the k-th best; its answer is
+    the plain one: score every neighbour exactly, sort by (makespan, index), keep k."""
+    from hpipe.errors import InfeasibleError
+
+    setup = setup_of(data)
+    try:
+        plan = plan_hpipe(setup, improve_top=0)
+    except InfeasibleError:
+        return
+    tables = CostTables(setup)
+    part = Partition(tuple((tuple(s.devices), s.start, s.end) for s in plan.stages))
+    options = list(range(1, setup.batch_size + 1))
+    cands = local.neighbours(tables, part, plan.micro_batches, options)
+    for recut in (True, False):
+        plain = []
+        for i, (p, mm) in enumerate(cands):
+            v, sl = local.quick_makespan(tables, p, tuple(plan.slices), mm, {}, recut)
+            if math.isfinite(v):
+                plain.append((v, i, p, mm, sl))
+        plain.sort(key=lambda x: x[:2])
+        for k in (1, 3):
+            assert local._ranked(tables, cands, tuple(plan.slices), {}, recut, k) == plain[:k]

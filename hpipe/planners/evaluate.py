@@ -113,6 +113,22 @@ def chain_completion(t, d=None):
     return C
 
 
+def chain_bound(t, d=None) -> float:
+    """A lower bound on ``chain_completion(t, d)[-1, -1]``, and so on the makespan with
+    shared links too (sharing only delays): for each position p, the first item cannot
+    reach it before the hold times and delays of the positions ahead of it, p then holds
+    every item in turn, and the last item still has to pass the positions after it.  A
+    few array sums, where the scan is a loop over the positions."""
+    P, I = t.shape
+    if I == 0:
+        return 0.0
+    dd = np.zeros_like(t) if d is None else d
+    head = np.concatenate(([0.0], np.cumsum(t[:-1, 0] + dd[:-1, 0])))   # (P,) item 0 reaches p
+    after = t[1:, -1] + dd[:-1, -1]                                       # last item: p -> p+1 and its hold
+    tail = np.concatenate((np.cumsum(after[::-1])[::-1], [0.0]))         # (P,) from p to the end
+    return float(np.max(head + t.sum(axis=1) + tail))
+
+
 def shares_resources(keys) -> bool:
     """Whether two hops need a common directed link."""
     seen: set = set()

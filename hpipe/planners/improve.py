@@ -35,6 +35,7 @@ import numpy as np
 
 from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes
+from hpipe.planners.evaluate import chain_bound, makespan_from_times
 
 
 def neighbours(tables, part: alg1.Partition, m: int, options) -> list[tuple[alg1.Partition, int]]:
@@ -116,18 +117,59 @@ def _split_points(prefix, devs, new, a: int, e: int, first_new: bool) -> list[in
     return sorted({a + 1, e - 1, int(ks[int(np.argmin(cost))])})
 
 
-def quick_makespan(tables, part: alg1.Partition, slices, m: int, caches: dict, recut: bool = True):
-    """(exact makespan, slices) of ``part`` with ``slices``, cut down to what its memory
-    allows (``recut``; else inf where they do not fit as they are)."""
+def quick_rows(tables, part: alg1.Partition, slices, m: int, caches: dict, recut: bool = True):
+    """(hold times, delays, resources, slices) of ``part``'s chain with ``slices``, cut down
+    to what its memory allows (``recut``); None where they do not fit (not even one granule,
+    or without ``recut``, not as they are)."""
     setup = tables.setup
     sizes = micro_batch_sizes(setup.batch_size, m)
     nmax = tables.max_slice_tokens(part.stages, max(sizes))
     if nmax == 0 or (not recut and nmax < max(slices)):
-        return math.inf, None
+        return None
     sl = alg1.recut_slices(slices, nmax, setup.granularity)
     key = ("items", sl, tuple(sizes))
     n, c, b = items_arrays(sl, sizes)
-    return alg1.table_makespan(tables, part.stages, n, c, b, key, caches.setdefault(key, {})), sl
+    t, d, keys = alg1.chain_rows(tables, part.stages, n, c, b, key, caches.setdefault(key, {}))
+    return t, d, keys, sl
+
+
+def quick_makespan(tables, part: alg1.Partition, slices, m: int, caches: dict, recut: bool = True):
+    """(exact makespan, slices) of ``part`` with ``slices``, cut down to what its memory
+    allows (``recut``; else inf where they do not fit as they are)."""
+    r = quick_rows(tables, part, slices, m, caches, recut)
+    if r is None:
+        return math.inf, None
+    t, d, keys, sl = r
+    return makespan_from_times(t, keys, d), sl
+
+
+def _ranked(tables, cands, slices, caches, recut, k):
+    """The ``k`` best of ``cands`` = [(partition, micro-batches)] by exact makespan with
+    ``slices`` (ties: the earlier first), as (makespan, index, partition, micro-batches,
+    slices), best first; those that do not fit are left out.
+
+    The same answer as scoring every candidate, for less: each gets a cheap lower bound
+    first (``chain_bound``), and candidates are scored exactly in the order of their bounds
+    until the next bound exceeds the k-th best exact score.  On a large cluster most of
+    the one-move neighbours of a plan are then never scanned."""
+    bounded = []
+    for i, (p, mm) in enumerate(cands):
+        r = quick_rows(tables, p, slices, mm, caches, recut)
+        if r is not None:
+            t, d, keys, sl = r
+            bounded.append((chain_bound(t, d), i, p, mm, sl, t, d, keys))
+    bounded.sort(key=lambda x: x[:2])
+    best: list = []
+    for lb, i, p, mm, sl, t, d, keys in bounded:
+        # the bound is a sum in another order than the scan: allow for its rounding
+        if len(best) == k and lb * (1 - 1e-9) > best[-1][0]:
+            break
+        v = makespan_from_times(t, keys, d)
+        if math.isfinite(v):
+            best.append((v, i, p, mm, sl))
+            best.sort(key=lambda x: x[:2])
+            del best[k:]
+    return best
 
 
 def improve(tables, start, slice_for, options, max_steps: int = 6, reslice: int = 3, recut: bool = True,
@@ -144,14 +186,8 @@ def improve(tables, start, slice_for, options, max_steps: int = 6, reslice: int 
     seen = {(start[1], start[3])}
     for _ in range(max_steps):
         lat, part, slices, m = best
-        quick = []
-        for i, (p, mm) in enumerate(neighbours(tables, part, m, options)):
-            if (p, mm) in seen:
-                continue
-            v, sl = quick_makespan(tables, p, slices, mm, caches, recut)
-            if math.isfinite(v):
-                quick.append((v, i, p, mm, sl))
-        quick.sort(key=lambda x: x[:2])
+        cands = [x for x in neighbours(tables, part, m, options) if x not in seen]
+        quick = _ranked(tables, cands, slices, caches, recut, reslice)
         step = None
         if slice_many is not None:
             for mm in dict.fromkeys(x[3] for x in quick[:reslice]):
