@@ -51,18 +51,25 @@ def test_the_moves_of_a_two_stage_plan():
         assert len(set(p.devices)) == len(p.devices) and m in (1, 2, 3, 4)
 
 
-@settings(max_examples=examples(12), deadline=None)
-@given(scenario_dicts(max_devices=4, max_hosts=2, max_layers=2, max_granules=4, max_batch=4))
-def test_the_pass_only_lowers_the_exact_makespan_of_a_plan_that_fits(data):
+def _unimproved(data):
+    """(setup, hpipe's plan without the pass, its cost tables, its partition); None if infeasible."""
     from hpipe.errors import InfeasibleError
 
     setup = setup_of(data)
     try:
         plan = plan_hpipe(setup, improve_top=0)
     except InfeasibleError:
+        return None
+    return setup, plan, CostTables(setup), Partition(tuple((tuple(s.devices), s.start, s.end) for s in plan.stages))
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(scenario_dicts(max_devices=4, max_hosts=2, max_layers=2, max_granules=4, max_batch=4))
+def test_the_pass_only_lowers_the_exact_makespan_of_a_plan_that_fits(data):
+    got = _unimproved(data)
+    if got is None:
         return
-    tables = CostTables(setup)
-    part = Partition(tuple((tuple(s.devices), s.start, s.end) for s in plan.stages))
+    setup, plan, tables, part = got
     start = (plan.predicted["latency_s"], part, tuple(plan.slices), plan.micro_batches)
     lat, part2, slices, m = local.improve(tables, start, lambda p, sz: _best_slicing(tables, p, sz),
                                           list(range(1, setup.batch_size + 1)))
@@ -79,15 +86,10 @@ def test_the_pass_only_lowers_the_exact_makespan_of_a_plan_that_fits(data):
 def test_ranking_by_bound_first_is_the_ranking_of_every_neighbour_scored(data):
     """``_ranked`` skips candidates whose lower bound is past the k-th best; its answer is
     the plain one: score every neighbour exactly, sort by (makespan, index), keep k."""
-    from hpipe.errors import InfeasibleError
-
-    setup = setup_of(data)
-    try:
-        plan = plan_hpipe(setup, improve_top=0)
-    except InfeasibleError:
+    got = _unimproved(data)
+    if got is None:
         return
-    tables = CostTables(setup)
-    part = Partition(tuple((tuple(s.devices), s.start, s.end) for s in plan.stages))
+    setup, plan, tables, part = got
     options = list(range(1, setup.batch_size + 1))
     cands = local.neighbours(tables, part, plan.micro_batches, options)
     for recut in (True, False):
@@ -99,3 +101,25 @@ def test_ranking_by_bound_first_is_the_ranking_of_every_neighbour_scored(data):
         plain.sort(key=lambda x: x[:2])
         for k in (1, 3):
             assert local._ranked(tables, cands, tuple(plan.slices), {}, recut, k) == plain[:k]
+
+
+def test_best_by_bound_is_the_plain_top_k_with_ties_infinities_and_any_k():
+    # (bound, index, item); exact(item) -> (value, extra).  Item "c" ties "a" on value and
+    # comes first by index; "d" does not fit (inf); with k = 3, "e"'s bound is the 3rd best
+    # value ("b"'s) but for rounding, so it must still be scored, and it wins the tie on
+    # index; "f" is past it.
+    values = {"a": 2.0, "b": 3.0, "c": 2.0, "d": math.inf, "e": 3.0, "f": 9.0}
+    bounded = [(1.0, 5, "a"), (2.5, 6, "b"), (1.5, 2, "c"), (0.5, 0, "d"), (3.0 * (1 + 1e-12), 1, "e"), (8.0, 7, "f")]
+    scored = []
+
+    def exact(item):
+        scored.append(item)
+        return values[item], item.upper()
+
+    plain = sorted((values[x], i, x, x.upper()) for _, i, x in bounded if math.isfinite(values[x]))
+    for k in range(0, 8):
+        scored.clear()
+        assert local.best_by_bound(bounded, exact, k) == plain[:k]
+    scored.clear()
+    assert [x[2] for x in local.best_by_bound(bounded, exact, 3)] == ["c", "a", "e"]
+    assert "f" not in scored and "e" in scored  # pruned past the bound, scored at the tie

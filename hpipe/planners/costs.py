@@ -119,6 +119,7 @@ class CostTables:
         self.tp_degrees = tp_degrees(setup.model, biggest)
         """Tensor-parallel degrees above 1 that split the model evenly and some kind has devices for."""
         self._cache: dict = {}
+        self._stage_granules: dict = {}  # ((devices, start, end), micro-batch) -> max_slice_tokens' term
         self._pairs: dict = {}
         self._pair_keys: dict = {}
         self._hops: dict = {}
@@ -400,9 +401,15 @@ class CostTables:
         if hit is not None:
             return hit
         best = self.setup.seq_len // self.setup.granularity
-        for devs, s, e in stages:
-            for d in dict.fromkeys(self.capacity(x) for x in devs):
-                best = min(best, int(self.max_granules_matrix(len(devs), d, micro_batch)[s, e]))
+        per_stage = self._stage_granules
+        for st in stages:
+            g = per_stage.get((st, micro_batch))
+            if g is None:
+                devs, s, e = st
+                g = per_stage[(st, micro_batch)] = min(
+                    int(self.max_granules_matrix(len(devs), d, micro_batch)[s, e])
+                    for d in dict.fromkeys(self.capacity(x) for x in devs))
+            best = min(best, g)
         out = best * self.setup.granularity
         self._cache[ck] = out
         return out

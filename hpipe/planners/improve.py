@@ -16,9 +16,11 @@ micro-batch count):
 * **move**: a single-device stage moved to an unused device of another kind;
 * **micro-batches**: one more or one fewer.
 
-Every neighbour is first scored by exact makespan with the candidate's slices (cut
-down where its memory asks), which is cheap; the best ``reslice`` of them are then
-sliced anew (Algorithm 2, ``slice_for``) and scored by exact makespan.  The best
+Every neighbour is first ranked by exact makespan with the candidate's slices (cut
+down where its memory asks), which is cheap: each gets a lower bound, and only those
+that can still be among the best ``reslice`` are scanned (``_ranked``).  Those best
+``reslice`` are then sliced anew (Algorithm 2, ``slice_for``) and scored by exact
+makespan.  The best
 strictly better neighbour replaces the candidate, until none is (steepest descent,
 at most ``max_steps`` moves).
 
@@ -135,7 +137,7 @@ def quick_rows(tables, part: alg1.Partition, slices, m: int, caches: dict, recut
 
 def quick_makespan(tables, part: alg1.Partition, slices, m: int, caches: dict, recut: bool = True):
     """(exact makespan, slices) of ``part`` with ``slices``, cut down to what its memory
-    allows (``recut``; else inf where they do not fit as they are)."""
+    allows (``recut``; else (inf, None) where they do not fit as they are)."""
     r = quick_rows(tables, part, slices, m, caches, recut)
     if r is None:
         return math.inf, None
@@ -148,25 +150,40 @@ def _ranked(tables, cands, slices, caches, recut, k):
     ``slices`` (ties: the earlier first), as (makespan, index, partition, micro-batches,
     slices), best first; those that do not fit are left out.
 
-    The same answer as scoring every candidate, for less: each gets a cheap lower bound
-    first (``chain_bound``), and candidates are scored exactly in the order of their bounds
-    until the next bound exceeds the k-th best exact score.  On a large cluster most of
-    the one-move neighbours of a plan are then never scanned."""
+    The same answer as scoring every candidate (``quick_makespan``), for less: each gets a
+    cheap lower bound first (``chain_bound``), and only those that can still be among the
+    k best are scanned (``best_by_bound``).  On a large cluster most of the one-move
+    neighbours of a plan are then never scanned.  Rows are not kept between the two: they
+    come from the caches again for the few scanned."""
     bounded = []
     for i, (p, mm) in enumerate(cands):
         r = quick_rows(tables, p, slices, mm, caches, recut)
         if r is not None:
-            t, d, keys, sl = r
-            bounded.append((chain_bound(t, d), i, p, mm, sl, t, d, keys))
-    bounded.sort(key=lambda x: x[:2])
+            bounded.append((chain_bound(r[0], r[1]), i, (p, mm)))
+
+    def exact(x):
+        p, mm = x
+        return quick_makespan(tables, p, slices, mm, caches, recut)
+
+    return [(v, i, p, mm, sl) for v, i, (p, mm), sl in best_by_bound(bounded, exact, k)]
+
+
+def best_by_bound(bounded, exact, k: int) -> list:
+    """The ``k`` smallest (value, index, item, extra) by (value, index), best first, of
+    ``bounded`` = [(lower bound, index, item)] where ``exact(item)`` -> (value, extra); items
+    of infinite value are left out.  Items are scored in the order of their bounds, and
+    scoring stops once the next bound exceeds the k-th best value (allowing for the
+    bound's rounding: it sums in another order than the exact scan), so the answer is what
+    scoring every item would give, ties included."""
     best: list = []
-    for lb, i, p, mm, sl, t, d, keys in bounded:
-        # the bound is a sum in another order than the scan: allow for its rounding
+    if k <= 0:
+        return best
+    for lb, i, item in sorted(bounded, key=lambda x: x[:2]):
         if len(best) == k and lb * (1 - 1e-9) > best[-1][0]:
             break
-        v = makespan_from_times(t, keys, d)
+        v, extra = exact(item)
         if math.isfinite(v):
-            best.append((v, i, p, mm, sl))
+            best.append((v, i, item, extra))
             best.sort(key=lambda x: x[:2])
             del best[k:]
     return best
