@@ -119,6 +119,7 @@ class CostTables:
         self.tp_degrees = tp_degrees(setup.model, biggest)
         """Tensor-parallel degrees above 1 that split the model evenly and some kind has devices for."""
         self._cache: dict = {}
+        self._canonical: dict = {}  # canonical_group's answers
         self._stage_granules: dict = {}  # ((devices, start, end), micro-batch) -> max_slice_tokens' term
         self._pairs: dict = {}
         self._pair_keys: dict = {}
@@ -206,10 +207,12 @@ class CostTables:
         kind (``group_of``) when all are of one kind (members are interchangeable, so
         every such group shares one entry), else the devices as given."""
         devs = tuple(devs)
-        kind = self.kind[devs[0]]
-        if len(devs) > 1 and all(self.kind[d] == kind for d in devs):
-            return self.group_of(devs[0], len(devs))
-        return devs
+        hit = self._canonical.get(devs)
+        if hit is None:
+            kind = self.kind[devs[0]]
+            hit = self._canonical[devs] = (self.group_of(devs[0], len(devs))
+                                           if len(devs) > 1 and all(self.kind[d] == kind for d in devs) else devs)
+        return hit
 
     def group_class_times(self, devs, n, c, b, key=None):
         """(classes, *shape): one unit of each class on a tensor-parallel group

@@ -128,9 +128,12 @@ def quick_rows(tables, part: alg1.Partition, slices, m: int, caches: dict, recut
     nmax = tables.max_slice_tokens(part.stages, max(sizes))
     if nmax == 0 or (not recut and nmax < max(slices)):
         return None
-    sl = alg1.recut_slices(slices, nmax, setup.granularity)
-    key = ("items", sl, tuple(sizes))
-    n, c, b = items_arrays(sl, sizes)
+    # the neighbours of a plan share its slices and mostly their cut-down forms too
+    ik = ("recut", tuple(slices), nmax, tuple(sizes))
+    if ik not in caches:
+        sl = alg1.recut_slices(slices, nmax, setup.granularity)
+        caches[ik] = sl, ("items", sl, tuple(sizes)), items_arrays(sl, sizes)
+    sl, key, (n, c, b) = caches[ik]
     t, d, keys = alg1.chain_rows(tables, part.stages, n, c, b, key, caches.setdefault(key, {}))
     return t, d, keys, sl
 
