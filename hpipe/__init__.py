@@ -1,3 +1,3 @@
-"""hpipe: plan, predict and run long-context LLM prefill over mismatched devices."""
+"""hpipe: plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices."""
 
 __version__ = "0.1.0"

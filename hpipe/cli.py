@@ -21,7 +21,7 @@ from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.scenario import PLANNER_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Plan, predict and run long-context LLM prefill over mismatched devices.")
+                  help="Plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices.")
 err_console = Console(stderr=True)
 
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the JSON to PATH, or '-' for stdout alone", metavar="PATH|-")]
@@ -46,7 +46,7 @@ def _version(value: bool) -> None:
 def _main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                         help="print the version and exit")] = False,
                   sets: SetOpt = None):
-    """Plan, predict and run long-context LLM prefill over mismatched devices."""
+    """Plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices."""
     _GLOBAL_SETS[:] = sets or []
 
 
