@@ -13,7 +13,7 @@ from hpipe.planners import improve as local
 from hpipe.planners.costs import CostTables
 from hpipe.planners.evaluate import makespan_s
 from hpipe.planners.joint import _best_slicing, plan_hpipe
-from hpipe.planners.partition import Partition
+from hpipe.planners.partition import Partition, recut_slices, table_makespan
 from hpipe.scenario import parse_scenario
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
@@ -86,21 +86,61 @@ def test_the_pass_only_lowers_the_exact_makespan_of_a_plan_that_fits(data):
 def test_ranking_by_bound_first_is_the_ranking_of_every_neighbour_scored(data):
     """``_ranked`` skips candidates whose lower bound is past the k-th best; its answer is
     the plain one: score every neighbour exactly, sort by (makespan, index), keep k."""
-    got = _unimproved(data)
-    if got is None:
+    unimproved = _unimproved(data)
+    if unimproved is None:
         return
-    setup, plan, tables, part = got
+    setup, plan, tables, part = unimproved
     options = list(range(1, setup.batch_size + 1))
     cands = local.neighbours(tables, part, plan.micro_batches, options)
     for recut in (True, False):
-        plain = []
-        for i, (p, mm) in enumerate(cands):
-            v, sl = local.quick_makespan(tables, p, tuple(plan.slices), mm, {}, recut)
-            if math.isfinite(v):
-                plain.append((v, i, p, mm, sl))
-        plain.sort(key=lambda x: x[:2])
+        plain = sorted(x for x in (_plain_score(tables, p, tuple(plan.slices), mm, recut, i)
+                                   for i, (p, mm) in enumerate(cands)) if x is not None)
         for k in (1, 3):
             assert local._ranked(tables, cands, tuple(plan.slices), {}, recut, k) == plain[:k]
+
+
+def _plain_score(tables, part, slices, m, recut, i):
+    """(makespan, i, partition, m, slices) the plain way, beside ``quick_rows``' caches: the
+    slices cut down to what the partition holds, the exact makespan from the tables; None
+    where it does not fit."""
+    from hpipe.planners.common import items_arrays, micro_batch_sizes
+
+    sizes = micro_batch_sizes(tables.setup.batch_size, m)
+    nmax = tables.max_slice_tokens(part.stages, max(sizes))
+    if nmax == 0 or (not recut and nmax < max(slices)):
+        return None
+    sl = recut_slices(slices, nmax, tables.setup.granularity)
+    n, c, b = items_arrays(sl, sizes)
+    v = table_makespan(tables, part.stages, n, c, b)
+    return (v, i, part, m, sl) if math.isfinite(v) else None
+
+
+def test_ranking_by_bound_first_skips_most_neighbours_of_a_deep_pipeline(monkeypatch):
+    """The bound is what saves the time: on a plan of many stages, most one-move neighbours
+    are never scanned (and the answer is still the plain ranking)."""
+    setup = parse_scenario({
+        "name": "deep", "model": {"family": "llama", "n_layers": 8, "d_model": 64, "n_heads": 4, "d_ff": 128,
+                                  "vocab_size": 1000, "max_seq_len": 512},
+        "workload": {"seq_len": 256, "batch_size": 1},
+        "cluster": {"hosts": [{"name": "h", "devices": [
+            {"name": f"d{i}", "peak_tflops": 1.0 + i, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,
+             "power_w": 50.0} for i in range(6)]}]},
+        "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}).resolve()
+    tables = CostTables(setup)
+    ids = setup.cluster.device_ids
+    U = setup.n_units
+    cuts = [0, 3, 6, 9, 12, 15, U]
+    part = Partition(tuple(((ids[j],), a, e) for j, (a, e) in enumerate(zip(cuts, cuts[1:]))))
+    slices = (64, 64, 64, 64)
+    cands = local.neighbours(tables, part, 1, [1])
+    scanned = []
+    real = local.quick_makespan
+    monkeypatch.setattr(local, "quick_makespan", lambda *a, **k: scanned.append(a[1]) or real(*a, **k))
+    got = local._ranked(tables, cands, slices, {}, True, 3)
+    plain = sorted(x for x in (_plain_score(tables, p, slices, mm, True, i) for i, (p, mm) in enumerate(cands))
+                   if x is not None)
+    assert got == plain[:3]
+    assert len(cands) >= 20 and len(scanned) < len(cands) / 2
 
 
 def test_best_by_bound_is_the_plain_top_k_with_ties_infinities_and_any_k():

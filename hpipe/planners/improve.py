@@ -16,13 +16,12 @@ micro-batch count):
 * **move**: a single-device stage moved to an unused device of another kind;
 * **micro-batches**: one more or one fewer.
 
-Every neighbour is first ranked by exact makespan with the candidate's slices (cut
+The neighbours are first ranked by exact makespan with the candidate's slices (cut
 down where its memory asks), which is cheap: each gets a lower bound, and only those
 that can still be among the best ``reslice`` are scanned (``_ranked``).  Those best
 ``reslice`` are then sliced anew (Algorithm 2, ``slice_for``) and scored by exact
-makespan.  The best
-strictly better neighbour replaces the candidate, until none is (steepest descent,
-at most ``max_steps`` moves).
+makespan.  The best strictly better neighbour replaces the candidate, until none is
+(steepest descent, at most ``max_steps`` moves).
 
 Which neighbours are looked at is a heuristic (the split points, the pre-ranking with
 the old slices); what is accepted is exact: the pass only ever lowers the exact
