@@ -22,12 +22,18 @@ def naive(t, d=None):
     return C
 
 
-@settings(max_examples=examples(60), deadline=None)
-@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
-def test_chain_matches_recurrence_and_event_loop(P, I, seed):
+def random_chain(P, I, seed):
+    """(hold times, delays, the generator): P positions x I items, some zero."""
     rng = np.random.default_rng(seed)
     t = rng.exponential(1.0, (P, I)) * (rng.random((P, I)) > 0.1)
     d = rng.exponential(0.3, (P, I)) * (rng.random((P, I)) > 0.5)
+    return t, d, rng
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_chain_matches_recurrence_and_event_loop(P, I, seed):
+    t, d, _ = random_chain(P, I, seed)
     C = naive(t, d)
     assert np.allclose(chain_completion(t, d), C, rtol=1e-12, atol=1e-12)
     keys = [frozenset([("r", p)]) for p in range(P)]
@@ -122,9 +128,7 @@ def test_a_pipeline_crossing_the_network_twice_matches_the_simulator(n_slices, m
 @settings(max_examples=examples(60), deadline=None)
 @given(st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
 def test_chain_bound_is_a_lower_bound_met_by_a_lone_bottleneck(P, I, seed):
-    rng = np.random.default_rng(seed)
-    t = rng.exponential(1.0, (P, I)) * (rng.random((P, I)) > 0.1)
-    d = rng.exponential(0.3, (P, I)) * (rng.random((P, I)) > 0.5)
+    t, d, rng = random_chain(P, I, seed)
     exact = naive(t, d)[-1, -1]
     assert chain_bound(t, d) <= exact * (1 + 1e-12)
     # links shared by every hop: contention only delays, the bound still holds
