@@ -13,7 +13,7 @@ from hpipe.memory import stage_memory_bytes
 from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes, uniform_slices
 from hpipe.planners.costs import CostTables
-from hpipe.planners.evaluate import split_transfer
+from hpipe.costmodels import split_transfer
 from tests.planner_cases import examples, scenario_dicts, setup_of
 
 

@@ -245,6 +245,17 @@ def _load_builtin(kind=None) -> None:
         importlib.import_module(name)
 
 
+def split_transfer(cluster, src: str, dst: str, total):
+    """(hold, delay): the part of a transfer time that holds the links and the propagation
+    latency after them (the route's latency, at most the whole time).  The cost model gives
+    latency + bytes / bandwidth; the route says how much of it is latency.  The simulator and
+    the planners split every transfer this way."""
+    total = np.asarray(total, float)
+    lat = 0.0 if src == dst else cluster.route(src, dst).latency_s
+    delay = np.minimum(lat, total)
+    return total - delay, delay
+
+
 def with_step_overhead(hold_s, delay_s, overhead_s):
     """A decode message's (hold, delay) with ``CostModel.step_overhead_s`` applied: a positive
     overhead lengthens the delay; a negative one (the step loop measured faster than the

@@ -38,11 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpipe.costmodels import with_step_overhead
+from hpipe.costmodels import split_transfer, with_step_overhead
 from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes
-from hpipe.planners.evaluate import (chain_completion, hop_resource, shares_resources, shared_completion,
-                                     split_transfer)
+from hpipe.planners.evaluate import chain_completion, hop_resource, shares_resources, shared_completion
 from hpipe.result import decode_figures
 from hpipe.sim.decode import DecodeWork
 

@@ -33,6 +33,7 @@ import heapq
 import numpy as np
 
 from hpipe.codecs import plan_boundary_costs, stage_codec_s
+from hpipe.costmodels import split_transfer
 
 
 def item_arrays(plan, batch_size: int):
@@ -54,15 +55,6 @@ def hop_resource(cluster, src: str, dst: str):
     if src == dst:
         return frozenset()
     return directed_links(cluster.route(src, dst), src)
-
-
-def split_transfer(cluster, src: str, dst: str, total):
-    """(hold, delay): the part of a transfer time that holds the links and the
-    propagation latency after them (the route's latency, at most the whole time)."""
-    total = np.asarray(total, float)
-    lat = 0.0 if src == dst else cluster.route(src, dst).latency_s
-    delay = np.minimum(lat, total)
-    return total - delay, delay
 
 
 def chain_times(setup, plan, arrays=None):

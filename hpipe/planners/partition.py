@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpipe.costmodels import split_transfer
 from hpipe.planners.common import items_arrays
-from hpipe.planners.evaluate import (chain_completion, makespan_from_times, shares_resources,
-                                     split_transfer)
+from hpipe.planners.evaluate import chain_completion, makespan_from_times, shares_resources
 
 INF = math.inf
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpipe.codecs import plan_boundary_costs, stage_codec_s
-from hpipe.costmodels import with_step_overhead
+from hpipe.costmodels import split_transfer, with_step_overhead
 from hpipe.memory import plan_memory_bytes, plan_shortfalls
 from hpipe.plan import Plan
 from hpipe.result import RunResult, decode_figures, summarize
@@ -120,10 +120,8 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
         nbytes = _vec(codecs[j].wire_bytes, k)
         total = _vec(cost.transfer_time_s(src, dst, nbytes), k)
         route = setup.cluster.route(src, dst)
-        # The cost model gives latency + bytes/bandwidth; the route says how much is latency.
-        # The links are held for the rest; latency elapses after they are free.
-        latency = np.minimum(route.latency_s, total)
-        hold = total - latency
+        # The links are held for the transfer less its latency; latency elapses after they are free.
+        hold, latency = split_transfer(setup.cluster, src, dst, total)
         if decoding is not None:  # a decode step's message wakes an idle stage loop
             hold, latency = with_step_overhead(hold, latency, np.where(decoding, cost.step_overhead_s(src, dst), 0.0))
         edges = directed_links(route, src)

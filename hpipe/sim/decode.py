@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpipe.costmodels import TOKEN_ID_BYTES, with_step_overhead
+from hpipe.costmodels import TOKEN_ID_BYTES, split_transfer, with_step_overhead
 from hpipe.sim.engine import Feedback
 
 
@@ -133,13 +133,12 @@ def feedback(setup, plan, work: DecodeWork) -> Feedback | None:
     b[work.n_prefill:] = work.arrays()[0]
     total = np.asarray(np.broadcast_to(setup.cost.token_return_s(src, dst, b), (n_items,)), float)
     if src == dst:
-        links, bottleneck, latency = (), None, np.zeros(n_items)
+        links, bottleneck = (), None
     else:
         route = setup.cluster.route(src, dst)
         edges = directed_links(route, src)
         links, bottleneck = tuple(_link_name(e) for e in edges), bottleneck_link(route, edges)
-        latency = np.minimum(route.latency_s, total)
-    hold = total - latency
+    hold, latency = split_transfer(setup.cluster, src, dst, total)
     if src != dst:  # the ids wake the driver's loop, idle since its last step (CostModel.step_overhead_s)
         hold, latency = with_step_overhead(hold, latency, np.where(np.arange(n_items) >= work.n_prefill,
                                                                    setup.cost.step_overhead_s(src, dst), 0.0))
