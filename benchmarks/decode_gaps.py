@@ -25,7 +25,10 @@ model's own error; the hop columns are small intervals, so read the medians, and
 plans run back to back rather than absolute figures on a loaded machine.
 
     PYTHONPATH=. python benchmarks/decode_gaps.py [scenarios/local-cpu.yaml] [--output-tokens 32] [--repeats 3]
-        [--devices A,B]
+        [--devices A,B | --plans PLAN.json ...]
+
+``--plans`` runs the given Plan JSONs (``hpipe plan --json``, any number of stages)
+instead of the three built-in plans, under their file names.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hpipe.costmodels.cache import cpu_model
-from hpipe.plan import Plan, Stage
+from hpipe.plan import Plan, Stage, load_plans
 from hpipe.runtime.launcher import launch, make_ids, measured_result, runtime_spec
 from hpipe.runtime.generation import generation_config
 from hpipe.scenario import load_scenario
@@ -98,7 +101,11 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--devices", help="the two devices, A,B (default: the scenario's first two)")
+    ap.add_argument("--plans", nargs="+", type=Path, metavar="PLAN.json",
+                    help="run these plans instead of the built-in three")
     args = ap.parse_args()
+    if args.plans and args.devices:
+        ap.error("--plans and --devices: one or the other")
 
     sc = with_output_tokens(load_scenario(args.scenario), args.output_tokens)
     ids = sc.model_copy(update={"costmodel": "roofline"}).resolve().cluster.device_ids
@@ -115,6 +122,11 @@ def main() -> None:
     for g in sorted({1, setup.batch_size}):
         plans[f"2 stages, {g} group{'s' if g > 1 else ''}"] = Plan(
             planner=f"even-{g}", scenario=setup.name, slices=[setup.seq_len], stages=two, decode_micro_batches=g)
+    if args.plans:
+        plans = {}
+        for f in args.plans:
+            for i, p in enumerate(load_plans(f)):  # file-named errors (InputError)
+                plans[f.name if i == 0 else f"{f.name}[{i}]"] = p.check(setup, file=str(f))
     plans = {k: p.check(setup) for k, p in plans.items()}
     sims = {k: simulate(setup, p) for k, p in plans.items()}
     load0 = os.getloadavg()
