@@ -81,7 +81,7 @@ def main() -> None:
 
     print(f"{'scenario':<18}{'planner':<28}{'kind':<16}{'stages':>6}{'sim s':>8}{'meas s':>8}{'error':>8}"
           f"{'cpu err':>8}{'cpu share':>10}{'groups':>7}{'tpot sim':>9}{'tpot meas':>10}{'tpot err':>9}"
-          f"{'ttft err':>9}{'dec cpu':>8}")
+          f"{'ttft err':>9}{'dec cpu':>8}{'drift':>8}{'adj err':>8}{'adj tpot':>9}")
     for c in res.cases:
         name = c.planner + "".join(f"={o}" for o in c.same_plan_as)
         line = (f"{c.scenario:<18}{name[:27]:<28}{c.kind:<16}{c.n_stages:>6}{c.simulated_latency_s:8.3f}"
@@ -90,6 +90,10 @@ def main() -> None:
         if c.output_tokens:
             line += (f"{c.decode_micro_batches:>7}{ms(c.simulated_tpot_s, 7)}{ms(c.measured_tpot_s, 8)}"
                      + pct(c.tpot_error, 9) + pct(c.ttft_error, 9) + pct(c.decode_compute_error))
+        else:
+            line += " " * (7 + 9 + 10 + 9 + 9 + 8)
+        # the machine's change of speed since the profile, and the errors with it set aside
+        line += pct(c.machine_drift) + pct(c.drift_adjusted_error) + pct(c.drift_adjusted_tpot_error, 9)
         print(line)
     n3 = sum(c.n_stages >= 3 for c in res.cases)
     print(f"\n{len(res.cases)} distinct cases ({n3} with >= 3 stages) over {len(scs)} scenarios: "
@@ -112,6 +116,8 @@ def main() -> None:
                   f"bias {e.signed_bias:+.1%}")
     if res.run_spread is not None:
         print(f"  {res.run_spread.line()}")
+    for line in res.drift_lines():
+        print(f"  {line}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

@@ -93,6 +93,19 @@ class Case(BaseModel):
     """As ``compute_error``, for the decode steps alone: the predicted decode compute against the
     CPU time of the stage threads in decode steps (the sampler included): the fitted model's
     decode points, load set aside."""
+    # ---- the machine's speed against the profile's (None: the profile has no speed probe) ----
+    measured_probes_s: list[float] = []
+    """``hpipe.runtime.speed.probe_s`` just before each measured run (the order of
+    ``measured_runs_s``)."""
+    machine_drift: float | None = None
+    """The probe before the fastest run / the profile's probe - 1: how much slower (positive)
+    the machine did the same fixed work than while it was profiled."""
+    drift_adjusted_error: float | None = None
+    """``error`` had every cost moved with the probe: (simulated (1 + machine_drift) -
+    measured) / measured.  Not a prediction (the probe is read at run time): what is left
+    of the error once the machine's own change of speed is set aside."""
+    drift_adjusted_tpot_error: float | None = None
+    """``tpot_error`` so adjusted, by the probe before the run with the fastest TPOT."""
 
 
 class ErrorSummary(BaseModel):
@@ -138,6 +151,13 @@ class Validation(BaseModel):
     decode_ttft: ErrorSummary | None = None
     decode_compute: ErrorSummary | None = None
     """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
+    machine_drift: ErrorSummary | None = None
+    """The cases' ``machine_drift``: its signed_bias is the mean change of the machine's speed
+    since the profile (None: the profile has no speed probe)."""
+    drift_adjusted: ErrorSummary | None = None
+    """The cases' ``drift_adjusted_error``."""
+    decode_tpot_drift_adjusted: ErrorSummary | None = None
+    """Decode cases: ``drift_adjusted_tpot_error``."""
     run_spread: RunSpread | None = None
     """The machine's run-to-run noise, beside the errors (None: every case ran once)."""
     by_kind: dict[str, ErrorSummary] = {}
@@ -153,6 +173,21 @@ class Validation(BaseModel):
     """Cases that could not run (infeasible plan, a planner without a plan), with the reason."""
     hardware: str = ""
     emulation: dict[str, dict] = {}
+
+    def drift_lines(self) -> list[str]:
+        """The lines on the machine's drift the validate command and the benchmark print."""
+        d = self.machine_drift
+        if d is None or not d.n:
+            return []
+        out = [f"the machine against its profile: the speed probe took {d.signed_bias:+.1%} longer on average "
+               f"(median |drift| {d.median_abs_error:.1%}, p90 {d.p90_abs_error:.1%}) before the fastest runs "
+               f"than while profiled"]
+        for label, e in (("end to end", self.drift_adjusted), ("decode TPOT", self.decode_tpot_drift_adjusted)):
+            if e is not None and e.n:
+                out.append(f"  {label}, every cost moved with the probe: median |error| {e.median_abs_error:.1%}, "
+                           f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%} (not a prediction: what is "
+                           f"left once the machine's change is set aside)")
+        return out
 
 
 def summarize_errors(errors) -> tuple[float | None, float | None]:
@@ -375,8 +410,11 @@ def dedup(plans: list[Plan]) -> list[tuple[Plan, list[str]]]:
     return list(seen.values())
 
 
-def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
-    """The case of ``plan`` from its simulated RunResult and its measured RunResults."""
+def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, probes_s=None,
+              profile_probe_s: float | None = None) -> Case:
+    """The case of ``plan`` from its simulated RunResult and its measured RunResults
+    (``probes_s``: the speed probe before each run, if measured; ``profile_probe_s``: the
+    profile's, if it has one)."""
     runs_s = [r.latency_s for r in runs]
     meas = float(min(runs_s))
     simulated_s = sim.latency_s
@@ -406,7 +444,31 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list) -> Case:
                 measured_runs_s=list(runs_s))
     if setup.output_tokens:
         case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
+    if probes_s:
+        case = case.model_copy(update=drift_fields(case, runs, list(probes_s), profile_probe_s))
     return case
+
+
+def drift_fields(case: Case, runs: list, probes_s: list[float], ref: float | None) -> dict:
+    """A case's ``measured_probes_s``, ``machine_drift`` and the errors adjusted by it: each
+    figure's fastest run set against the probe taken just before that run (``ref``: the
+    profile's probe; None: no drift to tell)."""
+    assert len(probes_s) == len(runs), "one probe before each run"
+    out: dict = {"measured_probes_s": probes_s}
+    if not ref:
+        return out
+
+    def drift(run_index: int) -> float:
+        return probes_s[run_index] / ref - 1
+
+    fastest = min(range(len(runs)), key=lambda i: runs[i].latency_s)
+    out["machine_drift"] = drift(fastest)
+    out["drift_adjusted_error"] = _rel(case.simulated_latency_s * (1 + drift(fastest)), case.measured_latency_s)
+    tpots = [i for i in range(len(runs)) if runs[i].tpot_s is not None]
+    if case.simulated_tpot_s is not None and tpots:
+        i = min(tpots, key=lambda i: runs[i].tpot_s)
+        out["drift_adjusted_tpot_error"] = _rel(case.simulated_tpot_s * (1 + drift(i)), runs[i].tpot_s)
+    return out
 
 
 def _rel(simulated, measured) -> float | None:
@@ -438,13 +500,17 @@ def decode_fields(setup, plan: Plan, sim, runs: list) -> dict:
 def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
     """One case on its own: simulate, then ``opts.repeats`` measured runs back to back."""
     from hpipe.runtime import execute
+    from hpipe.runtime.speed import probe_s
     from hpipe.sim import simulate
 
     sim = simulate(setup, plan)
     if not sim.feasible:
         raise InfeasibleError(sim.infeasible)
-    runs = [execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet) for _ in range(opts.repeats)]
-    return make_case(setup, plan, [], sim, runs)
+    runs, probes = [], []
+    for _ in range(opts.repeats):
+        probes.append(probe_s())
+        runs.append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet))
+    return make_case(setup, plan, [], sim, runs, probes, profile_probe(setup))
 
 
 def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, profile_paths=None,
@@ -457,6 +523,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     spoiling all runs of one; each case keeps its fastest run (the profile's CPU-time basis
     predicts an undisturbed machine, and load only ever slows a run down)."""
     from hpipe.runtime import execute
+    from hpipe.runtime.speed import probe_s
     from hpipe.runtime.emulation import emulation_unsupported
     from hpipe.sim import simulate
 
@@ -497,12 +564,15 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                     continue
                 jobs.append((setup, plan, same_as, sim))
     runs: list[list] = [[] for _ in jobs]
+    probes: list[list] = [[] for _ in jobs]
     for rnd in range(opts.repeats):
         for k, (setup, plan, _, _) in enumerate(jobs):
+            probes[k].append(probe_s())  # the machine's speed just before the run (no worker is running)
             runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
             if on_case and rnd == opts.repeats - 1:
                 on_case(k)
-    cases = [make_case(setup, plan, same_as, sim, rs) for (setup, plan, same_as, sim), rs in zip(jobs, runs)]
+    cases = [make_case(setup, plan, same_as, sim, rs, ps, profile_probe(setup))
+             for (setup, plan, same_as, sim), rs, ps in zip(jobs, runs, probes)]
     med, p90 = summarize_errors(c.error for c in cases)
     kinds = sorted({c.kind for c in cases})
     by_kind = {k: error_summary(c.error for c in cases if c.kind == k) for k in kinds}
@@ -520,8 +590,28 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       decode_compute=error_summary(c.decode_compute_error for c in decode
                                                    if c.decode_compute_error is not None) if decode else None,
                       run_spread=run_spread(cases),
+                      **drift_summaries(cases),
                       scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
+
+
+def profile_probe(setup) -> float | None:
+    """The speed probe of the profile ``setup`` is priced from (None: not a fitted model, or a
+    profile without one)."""
+    profile = getattr(getattr(setup, "cost", None), "profile", None)
+    return getattr(profile, "probe_s", None)
+
+
+def drift_summaries(cases) -> dict:
+    """``Validation``'s machine_drift, drift_adjusted and decode_tpot_drift_adjusted (absent
+    where no case has them)."""
+    out = {}
+    for key, field in (("machine_drift", "machine_drift"), ("drift_adjusted", "drift_adjusted_error"),
+                       ("decode_tpot_drift_adjusted", "drift_adjusted_tpot_error")):
+        xs = [getattr(c, field) for c in cases if getattr(c, field) is not None]
+        if xs:
+            out[key] = error_summary(xs)
+    return out
 
 
 def _emulation_summary(setup) -> dict:

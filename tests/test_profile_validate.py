@@ -104,6 +104,8 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     assert "held-out" in r.stdout and "median" in r.stdout
     # on CPU time, the basis predictions use, and the command says where it wrote the profile
     assert "(cpu time)" in r.stdout and prof.holdout["basis"] == "cpu"
+    # the machine's speed before and after, for later runs to be set against
+    assert len(prof.speed_probe_s) == 2 and all(0 < x < 5 for x in prof.speed_probe_s)
     assert f"wrote {prof_path}" in r.stderr
     assert "co-location: units timed alone take" in r.stdout
     from hpipe.scenario import load_scenario
@@ -167,6 +169,14 @@ def test_validate_json_contract(tiny):
     # the machine's noise beside the errors: every case ran twice
     spread = data["run_spread"]
     assert spread["runs"] == 2 and spread["n"] == len(data["cases"])
+    # and the machine's drift since the profile: a probe before every run, the fastest run's
+    # against the profile's
+    ref = load_profile(tiny[1]).probe_s
+    for c in data["cases"]:
+        assert len(c["measured_probes_s"]) == 2
+        fastest = c["measured_runs_s"].index(c["measured_latency_s"])
+        assert c["machine_drift"] == pytest.approx(c["measured_probes_s"][fastest] / ref - 1)
+    assert data["machine_drift"]["n"] == data["drift_adjusted"]["n"] == len(data["cases"])
     assert spread["median"] == pytest.approx(float(np.median(
         [max(c["measured_runs_s"]) / min(c["measured_runs_s"]) - 1 for c in data["cases"]])))
 

@@ -101,6 +101,39 @@ def test_decode_case_figures_by_hand():
     assert pre.decode_compute_error is None and pre.kind != "decode"
 
 
+def test_machine_drift_sets_each_figure_against_the_probe_before_its_run():
+    """The drift of the run with the fastest latency adjusts the latency error; that of the run
+    with the fastest TPOT (another run here) the TPOT error; by hand."""
+    from hpipe.validate import Validation, drift_summaries, make_case, with_output_tokens
+
+    setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 4).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    sim = _result(3.0, 0.10, 2.0)
+    runs = [_result(4.0, 0.125, 2.5), _result(3.5, 0.150, 2.4)]  # fastest latency: run 1; fastest TPOT: run 0
+    c = make_case(setup, plan, [], sim, runs, probes_s=[0.030, 0.022], profile_probe_s=0.020)
+    assert c.measured_probes_s == [0.030, 0.022]
+    assert c.machine_drift == pytest.approx(0.1)  # run 1's probe: 10% slower than while profiled
+    assert c.drift_adjusted_error == pytest.approx((3.0 * 1.1 - 3.5) / 3.5)
+    assert c.drift_adjusted_tpot_error == pytest.approx((0.10 * 1.5 - 0.125) / 0.125)  # run 0's probe: +50%
+    # a profile without a probe: the probes are kept, nothing is adjusted
+    old = make_case(setup, plan, [], sim, runs, probes_s=[0.030, 0.022], profile_probe_s=None)
+    assert old.measured_probes_s == [0.030, 0.022] and old.machine_drift is None
+    assert old.drift_adjusted_error is None and old.drift_adjusted_tpot_error is None
+    assert drift_summaries([old]) == {}
+    s = drift_summaries([c, c.model_copy(update={"machine_drift": -0.3, "drift_adjusted_error": 0.0,
+                                                 "drift_adjusted_tpot_error": None})])
+    assert s["machine_drift"].n == 2 and s["machine_drift"].signed_bias == pytest.approx(-0.1)
+    assert s["drift_adjusted"].n == 2 and s["decode_tpot_drift_adjusted"].n == 1
+    v = Validation(cases=[c], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={},
+                   **drift_summaries([c]))
+    lines = v.drift_lines()
+    assert "+10.0% longer" in lines[0] and "end to end" in lines[1] and "decode TPOT" in lines[2]
+    assert Validation(cases=[old], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
+                      profiles={}).drift_lines() == []
+
+
 def test_old_validation_json_still_loads():
     from hpipe.validate import Validation
 

@@ -281,6 +281,15 @@ class Profile(_Strict):
     made before 2026-12-02 have none)."""
     holdout: dict[str, Any] = {}
     """The fitted model's error on held-out points when the profile was written (informational)."""
+    speed_probe_s: list[float] = []
+    """``hpipe.runtime.speed.probe_s`` before and after the measurement: how fast the machine
+    was while it was profiled, to compare later runs' probes with (profiles written before
+    2026-12-02 afternoon have none)."""
+
+    @property
+    def probe_s(self) -> float | None:
+        """The machine's speed while profiled (the mean of the probes), or None."""
+        return statistics.mean(self.speed_probe_s) if self.speed_probe_s else None
 
     def device(self, device_id: str) -> DeviceProfile | None:
         for d in self.devices:

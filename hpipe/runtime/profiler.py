@@ -85,6 +85,7 @@ from hpipe.costmodels.profile import (PROFILE_FORMAT, AfterWait, AllReduceProfil
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
+from hpipe.runtime.speed import probe_s
 
 TRIM = 0.2  # trimmed mean: drop this share of samples at each end
 CHAIN_MIN_BLOCKS = 2  # distinct transformer blocks in the timed chain, at least
@@ -752,6 +753,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                   and any(n == 1 and c > 0 for n, c, _ in grid.points))
     n_pairs = len(devices) * (len(devices) - 1) // 2
     results: dict[int, dict] = {}
+    probes = [probe_s()]  # the machine's speed, before and after (no worker runs then)
     with emulation.emulate(setup, devices) as em:
         master = em.master_addr(devices[0])
         port = _free_port() if master == "127.0.0.1" else 29500 + os.getpid() % 1000
@@ -827,10 +829,11 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                 q.close()
                 q.cancel_join_thread()
         emulated = em.describe()
-    return _assemble(setup, devices, results, grid, warmup, repeats, emulated)
+    probes.append(probe_s())
+    return _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes)
 
 
-def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profile:
+def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=()) -> Profile:
     from hpipe.costmodels.fitted import fit_link, fit_report, summarize_holdout
 
     devs = []
@@ -874,7 +877,8 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated) -> Profi
                    settings=Settings(warmup=warmup, repeats=repeats,
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
                                      cfs_period_us=emulated.get("cfs_period_us")),
-                   devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops)
+                   devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops,
+                   speed_probe_s=list(probes))
     from hpipe.costmodels.fitted import FittedConfig
 
     report = fit_report(prof, FittedConfig.model_fields["basis"].default)  # the basis predictions use
