@@ -606,9 +606,9 @@ def drift_summaries(cases) -> dict:
     """``Validation``'s machine_drift, drift_adjusted and decode_tpot_drift_adjusted (absent
     where no case has them)."""
     out = {}
-    for key, field in (("machine_drift", "machine_drift"), ("drift_adjusted", "drift_adjusted_error"),
-                       ("decode_tpot_drift_adjusted", "drift_adjusted_tpot_error")):
-        xs = [getattr(c, field) for c in cases if getattr(c, field) is not None]
+    for key, attr in (("machine_drift", "machine_drift"), ("drift_adjusted", "drift_adjusted_error"),
+                      ("decode_tpot_drift_adjusted", "drift_adjusted_tpot_error")):
+        xs = [getattr(c, attr) for c in cases if getattr(c, attr) is not None]
         if xs:
             out[key] = error_summary(xs)
     return out
