@@ -27,8 +27,8 @@ plans run back to back rather than absolute figures on a loaded machine.
     PYTHONPATH=. python benchmarks/decode_gaps.py [scenarios/local-cpu.yaml] [--output-tokens 32] [--repeats 3]
         [--devices A,B | --plans PLAN.json ...]
 
-``--plans`` runs the given Plan JSONs (``hpipe plan --json``, any number of stages)
-instead of the three built-in plans, under their file names.
+``--plans`` runs the given Plan JSON files (``hpipe plan -o``: any number of stages, one
+device each) instead of the three built-in plans, under their paths.
 """
 
 from __future__ import annotations
@@ -95,6 +95,19 @@ def arrival_split(run, n_stages: int) -> dict[str, list[float]]:
     return out
 
 
+def builtin_plans(setup, d0: str, d1: str) -> dict:
+    """The whole model on ``d0``; the blocks split evenly over ``d0`` and ``d1``, with one decode
+    group and with one per sequence."""
+    half = 1 + 2 * (setup.model.n_layers // 2)
+    two = [Stage(devices=[d0], units=(0, half)), Stage(devices=[d1], units=(half, setup.n_units))]
+    plans = {"1 stage": Plan(planner="one", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
+                             stages=[Stage(devices=[d0], units=(0, setup.n_units))])}
+    for g in sorted({1, setup.batch_size}):
+        plans[f"2 stages, {g} group{'s' if g > 1 else ''}"] = Plan(
+            planner=f"even-{g}", scenario=setup.name, slices=[setup.seq_len], stages=two, decode_micro_batches=g)
+    return plans
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", nargs="?", default="scenarios/local-cpu.yaml")
@@ -110,24 +123,21 @@ def main() -> None:
     sc = with_output_tokens(load_scenario(args.scenario), args.output_tokens)
     ids = sc.model_copy(update={"costmodel": "roofline"}).resolve().cluster.device_ids
     pair = [d.strip() for d in args.devices.split(",")] if args.devices else ids[:2]
-    if len(pair) != 2 or set(pair) - set(ids) or pair[0] == pair[1]:  # before a profile is measured
+    if not args.plans and (len(pair) != 2 or set(pair) - set(ids) or pair[0] == pair[1]):  # before a profile is measured
         ap.error(f"--devices: two distinct devices of {sc.name} ({', '.join(ids)}), got {args.devices!r}")
+    given = {}
+    for f in args.plans or []:
+        for i, p in enumerate(load_plans(f)):  # file-named errors (InputError)
+            if p.scenario != sc.name:
+                ap.error(f"--plans: {f}: a plan of {p.scenario!r}, not of {sc.name!r}")
+            if any(len(st.devices) > 1 for st in p.stages):
+                # the breakdown reads one device per stage (its stamps, its CPU time)
+                ap.error(f"--plans: {f}: tensor-parallel stages are not broken down here")
+            given[str(f) if i == 0 else f"{f}[{i}]"] = p
     path, why = ensure_profile(sc, log=print, quiet=True)
     setup = with_fitted(sc, Path(path)).resolve()
-    d0, d1 = pair
-    half = 1 + 2 * (setup.model.n_layers // 2)
-    two = [Stage(devices=[d0], units=(0, half)), Stage(devices=[d1], units=(half, setup.n_units))]
-    plans = {"1 stage": Plan(planner="one", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
-                             stages=[Stage(devices=[d0], units=(0, setup.n_units))])}
-    for g in sorted({1, setup.batch_size}):
-        plans[f"2 stages, {g} group{'s' if g > 1 else ''}"] = Plan(
-            planner=f"even-{g}", scenario=setup.name, slices=[setup.seq_len], stages=two, decode_micro_batches=g)
-    if args.plans:
-        plans = {}
-        for f in args.plans:
-            for i, p in enumerate(load_plans(f)):  # file-named errors (InputError)
-                plans[f.name if i == 0 else f"{f.name}[{i}]"] = p.check(setup, file=str(f))
-    plans = {k: p.check(setup) for k, p in plans.items()}
+    plans = given or builtin_plans(setup, *pair)
+    plans = {k: p.check(setup, file=k) for k, p in plans.items()}
     sims = {k: simulate(setup, p) for k, p in plans.items()}
     load0 = os.getloadavg()
     runs, overhead, splits = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
