@@ -93,19 +93,23 @@ class Case(BaseModel):
     """As ``compute_error``, for the decode steps alone: the predicted decode compute against the
     CPU time of the stage threads in decode steps (the sampler included): the fitted model's
     decode points, load set aside."""
-    # ---- the machine's speed against the profile's (None: the profile has no speed probe) ----
-    measured_probes_s: list[float] = []
-    """``hpipe.runtime.speed.probe_s`` just before each measured run (the order of
-    ``measured_runs_s``)."""
+    # ---- the machine's speed against the profile's (empty or None: the profile has no speed probe) ----
+    run_drifts: list[float] = []
+    """Per measured run (the order of ``measured_runs_s``): how much longer (positive) the
+    speed probe (``hpipe.runtime.speed``) took just before it, on the plan's cores, than
+    while the profile was measured (the mean of the profile's probes before and after)."""
     machine_drift: float | None = None
-    """The probe before the fastest run / the profile's probe - 1: how much slower (positive)
-    the machine did the same fixed work than while it was profiled."""
+    """``run_drifts`` of the run with the fastest latency (``measured_latency_s``'s)."""
     drift_adjusted_error: float | None = None
-    """``error`` had every cost moved with the probe: (simulated (1 + machine_drift) -
-    measured) / measured.  Not a prediction (the probe is read at run time): what is left
-    of the error once the machine's own change of speed is set aside."""
+    """``error`` with every predicted cost moved with that drift: (simulated (1 + machine_drift)
+    - measured) / measured.  Not a prediction (the probe is read at run time): what is left of
+    the error once the machine's own change of speed is set aside.  It moves link time too,
+    which a shaped link does not change: plans whose hops weigh much are over-corrected by
+    up to the hops' share times the drift."""
+    tpot_machine_drift: float | None = None
+    """``run_drifts`` of the run with the fastest TPOT (``measured_tpot_s``'s)."""
     drift_adjusted_tpot_error: float | None = None
-    """``tpot_error`` so adjusted, by the probe before the run with the fastest TPOT."""
+    """``tpot_error`` so adjusted, by ``tpot_machine_drift``."""
 
 
 class ErrorSummary(BaseModel):
@@ -152,8 +156,9 @@ class Validation(BaseModel):
     decode_compute: ErrorSummary | None = None
     """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
     machine_drift: ErrorSummary | None = None
-    """The cases' ``machine_drift``: its signed_bias is the mean change of the machine's speed
-    since the profile (None: the profile has no speed probe)."""
+    """The cases' ``machine_drift``: its signed_bias is the mean change of the probe's time
+    since the profile, positive when the machine got slower (None: the profile has no speed
+    probe)."""
     drift_adjusted: ErrorSummary | None = None
     """The cases' ``drift_adjusted_error``."""
     decode_tpot_drift_adjusted: ErrorSummary | None = None
@@ -178,10 +183,11 @@ class Validation(BaseModel):
         """The lines on the machine's drift the validate command and the benchmark print."""
         d = self.machine_drift
         if d is None or not d.n:
-            return []
-        out = [f"the machine against its profile: the speed probe took {d.signed_bias:+.1%} longer on average "
-               f"(median |drift| {d.median_abs_error:.1%}, p90 {d.p90_abs_error:.1%}) before the fastest runs "
-               f"than while profiled"]
+            return ["the machine against its profile: not known (the profile has no speed probe of this "
+                    "version; --reprofile measures one)"] if self.cases else []
+        out = [f"the machine against its profile: the speed probe took {abs(d.signed_bias):.1%} "
+               f"{'longer' if d.signed_bias >= 0 else 'less time'} on average before the fastest runs than "
+               f"while profiled (median |drift| {d.median_abs_error:.1%}, p90 {d.p90_abs_error:.1%})"]
         for label, e in (("end to end", self.drift_adjusted), ("decode TPOT", self.decode_tpot_drift_adjusted)):
             if e is not None and e.n:
                 out.append(f"  {label}, every cost moved with the probe: median |error| {e.median_abs_error:.1%}, "
@@ -410,11 +416,9 @@ def dedup(plans: list[Plan]) -> list[tuple[Plan, list[str]]]:
     return list(seen.values())
 
 
-def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, probes_s=None,
-              profile_probe_s: float | None = None) -> Case:
+def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, drifts=None) -> Case:
     """The case of ``plan`` from its simulated RunResult and its measured RunResults
-    (``probes_s``: the speed probe before each run, if measured; ``profile_probe_s``: the
-    profile's, if it has one)."""
+    (``drifts``: each run's ``run_drifts``, if known)."""
     runs_s = [r.latency_s for r in runs]
     meas = float(min(runs_s))
     simulated_s = sim.latency_s
@@ -444,30 +448,24 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, probes_s=N
                 measured_runs_s=list(runs_s))
     if setup.output_tokens:
         case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
-    if probes_s:
-        case = case.model_copy(update=drift_fields(case, runs, list(probes_s), profile_probe_s))
+    if drifts is not None and None not in drifts:
+        case = case.model_copy(update=drift_fields(case, runs, list(drifts)))
     return case
 
 
-def drift_fields(case: Case, runs: list, probes_s: list[float], ref: float | None) -> dict:
-    """A case's ``measured_probes_s``, ``machine_drift`` and the errors adjusted by it: each
-    figure's fastest run set against the probe taken just before that run (``ref``: the
-    profile's probe; None: no drift to tell)."""
-    assert len(probes_s) == len(runs), "one probe before each run"
-    out: dict = {"measured_probes_s": probes_s}
-    if not ref:
-        return out
-
-    def drift(run_index: int) -> float:
-        return probes_s[run_index] / ref - 1
-
+def drift_fields(case: Case, runs: list, drifts: list[float]) -> dict:
+    """A case's ``run_drifts``, ``machine_drift`` and ``tpot_machine_drift`` and the errors
+    adjusted by them: each figure's fastest run with the drift measured just before it."""
+    assert len(drifts) == len(runs), "one drift per run"
     fastest = min(range(len(runs)), key=lambda i: runs[i].latency_s)
-    out["machine_drift"] = drift(fastest)
-    out["drift_adjusted_error"] = _rel(case.simulated_latency_s * (1 + drift(fastest)), case.measured_latency_s)
+    out: dict = {"run_drifts": drifts, "machine_drift": drifts[fastest],
+                 "drift_adjusted_error": _rel(case.simulated_latency_s * (1 + drifts[fastest]),
+                                              case.measured_latency_s)}
     tpots = [i for i in range(len(runs)) if runs[i].tpot_s is not None]
     if case.simulated_tpot_s is not None and tpots:
         i = min(tpots, key=lambda i: runs[i].tpot_s)
-        out["drift_adjusted_tpot_error"] = _rel(case.simulated_tpot_s * (1 + drift(i)), runs[i].tpot_s)
+        out["tpot_machine_drift"] = drifts[i]
+        out["drift_adjusted_tpot_error"] = _rel(case.simulated_tpot_s * (1 + drifts[i]), runs[i].tpot_s)
     return out
 
 
@@ -500,17 +498,16 @@ def decode_fields(setup, plan: Plan, sim, runs: list) -> dict:
 def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
     """One case on its own: simulate, then ``opts.repeats`` measured runs back to back."""
     from hpipe.runtime import execute
-    from hpipe.runtime.speed import probe_s
     from hpipe.sim import simulate
 
     sim = simulate(setup, plan)
     if not sim.feasible:
         raise InfeasibleError(sim.infeasible)
-    runs, probes = [], []
+    runs, drifts = [], []
     for _ in range(opts.repeats):
-        probes.append(probe_s())
+        drifts.append(machine_drift(setup, plan))
         runs.append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet))
-    return make_case(setup, plan, [], sim, runs, probes, profile_probe(setup))
+    return make_case(setup, plan, [], sim, runs, drifts)
 
 
 def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, profile_paths=None,
@@ -523,7 +520,6 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     spoiling all runs of one; each case keeps its fastest run (the profile's CPU-time basis
     predicts an undisturbed machine, and load only ever slows a run down)."""
     from hpipe.runtime import execute
-    from hpipe.runtime.speed import probe_s
     from hpipe.runtime.emulation import emulation_unsupported
     from hpipe.sim import simulate
 
@@ -564,15 +560,15 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                     continue
                 jobs.append((setup, plan, same_as, sim))
     runs: list[list] = [[] for _ in jobs]
-    probes: list[list] = [[] for _ in jobs]
+    drifts: list[list] = [[] for _ in jobs]
     for rnd in range(opts.repeats):
         for k, (setup, plan, _, _) in enumerate(jobs):
-            probes[k].append(probe_s())  # the machine's speed just before the run (no worker is running)
+            drifts[k].append(machine_drift(setup, plan))  # just before the run (no worker is running)
             runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
             if on_case and rnd == opts.repeats - 1:
                 on_case(k)
-    cases = [make_case(setup, plan, same_as, sim, rs, ps, profile_probe(setup))
-             for (setup, plan, same_as, sim), rs, ps in zip(jobs, runs, probes)]
+    cases = [make_case(setup, plan, same_as, sim, rs, ds)
+             for (setup, plan, same_as, sim), rs, ds in zip(jobs, runs, drifts)]
     med, p90 = summarize_errors(c.error for c in cases)
     kinds = sorted({c.kind for c in cases})
     by_kind = {k: error_summary(c.error for c in cases if c.kind == k) for k in kinds}
@@ -595,11 +591,17 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
 
 
-def profile_probe(setup) -> float | None:
-    """The speed probe of the profile ``setup`` is priced from (None: not a fitted model, or a
-    profile without one)."""
+def machine_drift(setup, plan: Plan) -> float | None:
+    """How much longer (positive) the speed probe takes now on the plan's cores than while the
+    profile ``setup`` is priced from was measured (``hpipe.runtime.speed``); None, and no probe
+    run, when the setup is not priced from a profile with a probe of this version."""
+    from hpipe.runtime import speed
+
     profile = getattr(getattr(setup, "cost", None), "profile", None)
-    return getattr(profile, "probe_s", None)
+    ref = getattr(profile, "speed_probe", None)
+    if ref is None or ref.version != speed.PROBE_VERSION:
+        return None
+    return speed.drift(speed.probe_by_core(speed.device_cores(setup, plan.devices)), ref.by_core())
 
 
 def drift_summaries(cases) -> dict:

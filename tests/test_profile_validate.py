@@ -104,8 +104,12 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     assert "held-out" in r.stdout and "median" in r.stdout
     # on CPU time, the basis predictions use, and the command says where it wrote the profile
     assert "(cpu time)" in r.stdout and prof.holdout["basis"] == "cpu"
-    # the machine's speed before and after, for later runs to be set against
-    assert len(prof.speed_probe_s) == 2 and all(0 < x < 5 for x in prof.speed_probe_s)
+    # the machine's speed before and after, on the devices' cores, for later runs to be set against
+    from hpipe.runtime.speed import PROBE_VERSION
+
+    probe = prof.speed_probe
+    assert probe.version == PROBE_VERSION and probe.cores == [None]  # the devices are not pinned
+    assert all(0 < x < 5 for x in probe.before_s + probe.after_s) and len(probe.before_s) == len(probe.after_s) == 2
     assert f"wrote {prof_path}" in r.stderr
     assert "co-location: units timed alone take" in r.stdout
     from hpipe.scenario import load_scenario
@@ -171,14 +175,47 @@ def test_validate_json_contract(tiny):
     assert spread["runs"] == 2 and spread["n"] == len(data["cases"])
     # and the machine's drift since the profile: a probe before every run, the fastest run's
     # against the profile's
-    ref = load_profile(tiny[1]).probe_s
     for c in data["cases"]:
-        assert len(c["measured_probes_s"]) == 2
+        assert len(c["run_drifts"]) == 2 and all(-0.9 < x < 10 for x in c["run_drifts"])
         fastest = c["measured_runs_s"].index(c["measured_latency_s"])
-        assert c["machine_drift"] == pytest.approx(c["measured_probes_s"][fastest] / ref - 1)
+        assert c["machine_drift"] == c["run_drifts"][fastest]
     assert data["machine_drift"]["n"] == data["drift_adjusted"]["n"] == len(data["cases"])
     assert spread["median"] == pytest.approx(float(np.median(
         [max(c["measured_runs_s"]) / min(c["measured_runs_s"]) - 1 for c in data["cases"]])))
+
+
+def test_validate_probes_the_machine_just_before_each_run(tiny, monkeypatch):
+    """Round by round, every case: the probe, then its run (no worker running during a probe),
+    each case's drifts in its runs' order; the runs faked, the probe counted."""
+    import hpipe.runtime
+    import hpipe.validate as hv
+    from hpipe.result import RunResult
+
+    path, prof_path, _ = tiny
+    log = []
+    counter = iter(range(1000))
+
+    def fake_drift(setup, plan):
+        log.append(("probe", plan.planner))
+        return next(counter) / 100
+
+    def fake_execute(setup, plan, **kw):
+        log.append(("run", plan.planner))
+        return RunResult(planner=plan.planner, latency_s=1.0 + len(log) / 1000, throughput_tokens_per_s=1.0,
+                         energy_j=0.0, dynamic_energy_j=0.0, peak_memory_mb={}, utilization={},
+                         bubble_fraction=0.0, plan=None, events=[])
+
+    monkeypatch.setattr(hv, "machine_drift", fake_drift)
+    monkeypatch.setattr(hpipe.runtime, "execute", fake_execute)
+    sc = load_scenario_file(path)
+    res = hv.validate([sc], opts=hv.CaseOptions(planners=("hpipe", "base"), n_random=1, repeats=2),
+                      profile_paths={sc.name: str(prof_path)}, quiet=True)
+    n = len(res.cases)
+    assert log == [(kind, c.planner) for _ in range(2) for c in res.cases for kind in ("probe", "run")]
+    for k, c in enumerate(res.cases):
+        # drifts handed out in probe order: case k's are k/100 (round 1) and (n + k)/100 (round 2);
+        # the first run of each is the faster (fake latencies grow with the log)
+        assert c.run_drifts == [k / 100, (n + k) / 100] and c.machine_drift == k / 100
 
 
 # The property below is split in two claims, each measured so that a loaded 2-core machine

@@ -112,15 +112,17 @@ def test_machine_drift_sets_each_figure_against_the_probe_before_its_run():
                 stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
     sim = _result(3.0, 0.10, 2.0)
     runs = [_result(4.0, 0.125, 2.5), _result(3.5, 0.150, 2.4)]  # fastest latency: run 1; fastest TPOT: run 0
-    c = make_case(setup, plan, [], sim, runs, probes_s=[0.030, 0.022], profile_probe_s=0.020)
-    assert c.measured_probes_s == [0.030, 0.022]
-    assert c.machine_drift == pytest.approx(0.1)  # run 1's probe: 10% slower than while profiled
+    c = make_case(setup, plan, [], sim, runs, drifts=[0.5, 0.1])
+    assert c.run_drifts == [0.5, 0.1]
+    assert c.machine_drift == pytest.approx(0.1)  # run 1: 10% slower than while profiled
     assert c.drift_adjusted_error == pytest.approx((3.0 * 1.1 - 3.5) / 3.5)
-    assert c.drift_adjusted_tpot_error == pytest.approx((0.10 * 1.5 - 0.125) / 0.125)  # run 0's probe: +50%
-    # a profile without a probe: the probes are kept, nothing is adjusted
-    old = make_case(setup, plan, [], sim, runs, probes_s=[0.030, 0.022], profile_probe_s=None)
-    assert old.measured_probes_s == [0.030, 0.022] and old.machine_drift is None
-    assert old.drift_adjusted_error is None and old.drift_adjusted_tpot_error is None
+    assert c.tpot_machine_drift == pytest.approx(0.5)  # run 0: +50%
+    assert c.drift_adjusted_tpot_error == pytest.approx((0.10 * 1.5 - 0.125) / 0.125)
+    # a profile without a probe: nothing is adjusted
+    for drifts in (None, [None, None]):
+        old = make_case(setup, plan, [], sim, runs, drifts=drifts)
+        assert old.run_drifts == [] and old.machine_drift is None
+        assert old.drift_adjusted_error is None and old.drift_adjusted_tpot_error is None
     assert drift_summaries([old]) == {}
     s = drift_summaries([c, c.model_copy(update={"machine_drift": -0.3, "drift_adjusted_error": 0.0,
                                                  "drift_adjusted_tpot_error": None})])
@@ -129,9 +131,20 @@ def test_machine_drift_sets_each_figure_against_the_probe_before_its_run():
     v = Validation(cases=[c], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={},
                    **drift_summaries([c]))
     lines = v.drift_lines()
-    assert "+10.0% longer" in lines[0] and "end to end" in lines[1] and "decode TPOT" in lines[2]
-    assert Validation(cases=[old], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
-                      profiles={}).drift_lines() == []
+    assert "10.0% longer" in lines[0] and "end to end" in lines[1] and "decode TPOT" in lines[2]
+    faster = Validation(cases=[c], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={},
+                        **drift_summaries([c.model_copy(update={"machine_drift": -0.2})]))
+    assert "20.0% less time" in faster.drift_lines()[0]
+    assert "not known" in Validation(cases=[old], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
+                                     profiles={}).drift_lines()[0]
+
+
+def test_speed_drift_is_the_mean_ratio_over_the_cores_probed_both_times():
+    from hpipe.runtime.speed import drift
+
+    assert drift({0: 1.2, 1: 2.0}, {0: 1.0, 1: 2.5, 2: 9.0}) == pytest.approx((0.2 - 0.2) / 2)
+    assert drift({0: 1.5}, {0: 1.0, 1: 3.0}) == pytest.approx(0.5)
+    assert drift({None: 1.1}, {0: 1.0}) is None  # unpinned now, pinned then: nothing to compare
 
 
 def test_old_validation_json_still_loads():

@@ -261,6 +261,22 @@ class StepHopProfile(_Strict):
         return statistics.median(self.hops_s)
 
 
+class SpeedProbe(_Strict):
+    """``hpipe.runtime.speed.probe_by_core`` before and after a profile's measurement."""
+
+    version: int
+    """``hpipe.runtime.speed.PROBE_VERSION`` of the work timed."""
+    cores: list[int | None]
+    """The cores probed (the scenario's devices' pinned cores; None: unpinned)."""
+    before_s: list[float]
+    after_s: list[float]
+    """Seconds of one repeat on each core, before and after the measurement (``cores``' order)."""
+
+    def by_core(self) -> dict:
+        """{core: the mean of its two probes}: the reference later probes are set against."""
+        return {c: (a + b) / 2 for c, a, b in zip(self.cores, self.before_s, self.after_s)}
+
+
 class Profile(_Strict):
     format: Literal["hpipe-profile/1"] = PROFILE_FORMAT
     created: str
@@ -281,15 +297,9 @@ class Profile(_Strict):
     made before 2026-12-02 have none)."""
     holdout: dict[str, Any] = {}
     """The fitted model's error on held-out points when the profile was written (informational)."""
-    speed_probe_s: list[float] = []
-    """``hpipe.runtime.speed.probe_s`` before and after the measurement: how fast the machine
-    was while it was profiled, to compare later runs' probes with (profiles written before
-    2026-12-02 afternoon have none)."""
-
-    @property
-    def probe_s(self) -> float | None:
-        """The machine's speed while profiled (the mean of the probes), or None."""
-        return statistics.mean(self.speed_probe_s) if self.speed_probe_s else None
+    speed_probe: SpeedProbe | None = None
+    """How fast the machine was while it was profiled, to set later runs against (profiles
+    written before 2026-12-02 afternoon have none)."""
 
     def device(self, device_id: str) -> DeviceProfile | None:
         for d in self.devices:

@@ -80,12 +80,12 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from hpipe.costmodels.profile import (PROFILE_FORMAT, AfterWait, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
-                                      Hardware, LinkProfile, Profile, Settings, ShardSamples, StepHopProfile,
+                                      Hardware, LinkProfile, Profile, Settings, ShardSamples, SpeedProbe, StepHopProfile,
                                       UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
-from hpipe.runtime.speed import probe_s
+from hpipe.runtime import speed
 
 TRIM = 0.2  # trimmed mean: drop this share of samples at each end
 CHAIN_MIN_BLOCKS = 2  # distinct transformer blocks in the timed chain, at least
@@ -753,7 +753,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                   and any(n == 1 and c > 0 for n, c, _ in grid.points))
     n_pairs = len(devices) * (len(devices) - 1) // 2
     results: dict[int, dict] = {}
-    probes = [probe_s()]  # the machine's speed, before and after (no worker runs then)
+    cores = speed.device_cores(setup, devices)
+    probes = [speed.probe_by_core(cores)]  # the machine's speed, before and after (no worker runs then)
     with emulation.emulate(setup, devices) as em:
         master = em.master_addr(devices[0])
         port = _free_port() if master == "127.0.0.1" else 29500 + os.getpid() % 1000
@@ -829,11 +830,12 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                 q.close()
                 q.cancel_join_thread()
         emulated = em.describe()
-    probes.append(probe_s())
+    probes.append(speed.probe_by_core(cores))
     return _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes)
 
 
 def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=()) -> Profile:
+    """The Profile of the workers' ``results`` (``probes``: the speed probe before and after)."""
     from hpipe.costmodels.fitted import fit_link, fit_report, summarize_holdout
 
     devs = []
@@ -878,7 +880,9 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
                                      cfs_period_us=emulated.get("cfs_period_us")),
                    devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops,
-                   speed_probe_s=list(probes))
+                   speed_probe=SpeedProbe(version=speed.PROBE_VERSION, cores=list(probes[0]),
+                                          before_s=list(probes[0].values()), after_s=list(probes[1].values()))
+                   if len(probes) == 2 else None)
     from hpipe.costmodels.fitted import FittedConfig
 
     report = fit_report(prof, FittedConfig.model_fields["basis"].default)  # the basis predictions use
