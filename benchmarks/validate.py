@@ -81,7 +81,7 @@ def main() -> None:
 
     print(f"{'scenario':<18}{'planner':<28}{'kind':<16}{'stages':>6}{'sim s':>8}{'meas s':>8}{'error':>8}"
           f"{'cpu err':>8}{'cpu share':>10}{'groups':>7}{'tpot sim':>9}{'tpot meas':>10}{'tpot err':>9}"
-          f"{'ttft err':>9}{'dec cpu':>8}{'drift':>8}{'adj err':>8}{'adj tpot':>9}")
+          f"{'ttft err':>9}{'dec cpu':>8}{'drift':>8}")
     for c in res.cases:
         name = c.planner + "".join(f"={o}" for o in c.same_plan_as)
         line = (f"{c.scenario:<18}{name[:27]:<28}{c.kind:<16}{c.n_stages:>6}{c.simulated_latency_s:8.3f}"
@@ -92,8 +92,9 @@ def main() -> None:
                      + pct(c.tpot_error, 9) + pct(c.ttft_error, 9) + pct(c.decode_compute_error))
         else:
             line += " " * (7 + 9 + 10 + 9 + 9 + 8)
-        # the machine's change of speed since the profile, and the errors with it set aside
-        line += pct(c.machine_drift) + pct(c.drift_adjusted_error) + pct(c.drift_adjusted_tpot_error, 9)
+        # the machine's change of speed since the profile, before the fastest run
+        fastest = c.measured_runs_s.index(c.measured_latency_s) if c.measured_runs_s else None
+        line += pct(c.run_drifts[fastest] if c.run_drifts and fastest is not None else None)
         print(line)
     n3 = sum(c.n_stages >= 3 for c in res.cases)
     print(f"\n{len(res.cases)} distinct cases ({n3} with >= 3 stages) over {len(scs)} scenarios: "
@@ -116,8 +117,8 @@ def main() -> None:
                   f"bias {e.signed_bias:+.1%}")
     if res.run_spread is not None:
         print(f"  {res.run_spread.line()}")
-    for line in res.drift_lines():
-        print(f"  {line}")
+    if res.drift_line():
+        print(f"  {res.drift_line()}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

@@ -93,23 +93,11 @@ class Case(BaseModel):
     """As ``compute_error``, for the decode steps alone: the predicted decode compute against the
     CPU time of the stage threads in decode steps (the sampler included): the fitted model's
     decode points, load set aside."""
-    # ---- the machine's speed against the profile's (empty or None: the profile has no speed probe) ----
     run_drifts: list[float] = []
     """Per measured run (the order of ``measured_runs_s``): how much longer (positive) the
     speed probe (``hpipe.runtime.speed``) took just before it, on the plan's cores, than
-    while the profile was measured (the mean of the profile's probes before and after)."""
-    machine_drift: float | None = None
-    """``run_drifts`` of the run with the fastest latency (``measured_latency_s``'s)."""
-    drift_adjusted_error: float | None = None
-    """``error`` with every predicted cost moved with that drift: (simulated (1 + machine_drift)
-    - measured) / measured.  Not a prediction (the probe is read at run time): what is left of
-    the error once the machine's own change of speed is set aside.  It moves link time too,
-    which a shaped link does not change: plans whose hops weigh much are over-corrected by
-    up to the hops' share times the drift."""
-    tpot_machine_drift: float | None = None
-    """``run_drifts`` of the run with the fastest TPOT (``measured_tpot_s``'s)."""
-    drift_adjusted_tpot_error: float | None = None
-    """``tpot_error`` so adjusted, by ``tpot_machine_drift``."""
+    while the profile was measured (the mean of the profile's probes before and after);
+    empty when the profile has no probe."""
 
 
 class ErrorSummary(BaseModel):
@@ -156,13 +144,12 @@ class Validation(BaseModel):
     decode_compute: ErrorSummary | None = None
     """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
     machine_drift: ErrorSummary | None = None
-    """The cases' ``machine_drift``: its signed_bias is the mean change of the probe's time
-    since the profile, positive when the machine got slower (None: the profile has no speed
-    probe)."""
-    drift_adjusted: ErrorSummary | None = None
-    """The cases' ``drift_adjusted_error``."""
-    decode_tpot_drift_adjusted: ErrorSummary | None = None
-    """Decode cases: ``drift_adjusted_tpot_error``."""
+    """Every run's ``run_drifts``: the signed_bias is the mean, positive when the machine did the
+    probe's work slower than while profiled (None: the profile has no speed probe).  A single
+    probe is noisy (5-10% on the 2-core VM, and now and then 50% for one probe), so the runs'
+    median says whether the machine moved, not one case's probe."""
+    machine_drift_by_round: list[float] = []
+    """The median of each round's ``run_drifts`` (round r: every case's r-th run)."""
     run_spread: RunSpread | None = None
     """The machine's run-to-run noise, beside the errors (None: every case ran once)."""
     by_kind: dict[str, ErrorSummary] = {}
@@ -179,21 +166,17 @@ class Validation(BaseModel):
     hardware: str = ""
     emulation: dict[str, dict] = {}
 
-    def drift_lines(self) -> list[str]:
-        """The lines on the machine's drift the validate command and the benchmark print."""
+    def drift_line(self) -> str | None:
+        """The line on the machine's drift the validate command and the benchmark print."""
         d = self.machine_drift
         if d is None or not d.n:
-            return ["the machine against its profile: not known (the profile has no speed probe of this "
-                    "version; --reprofile measures one)"] if self.cases else []
-        out = [f"the machine against its profile: the speed probe took {abs(d.signed_bias):.1%} "
-               f"{'longer' if d.signed_bias >= 0 else 'less time'} on average before the fastest runs than "
-               f"while profiled (median |drift| {d.median_abs_error:.1%}, p90 {d.p90_abs_error:.1%})"]
-        for label, e in (("end to end", self.drift_adjusted), ("decode TPOT", self.decode_tpot_drift_adjusted)):
-            if e is not None and e.n:
-                out.append(f"  {label}, every cost moved with the probe: median |error| {e.median_abs_error:.1%}, "
-                           f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%} (not a prediction: what is "
-                           f"left once the machine's change is set aside)")
-        return out
+            return ("the machine against its profile: not known (the profile has no speed probe of this "
+                    "version; --reprofile measures one)") if self.cases else None
+        med = float(np.median([x for c in self.cases for x in c.run_drifts]))
+        return (f"the machine against its profile: the speed probe took {abs(med):.1%} "
+                f"{'longer' if med >= 0 else 'less time'} than while profiled (median over {d.n} runs; "
+                f"by round {', '.join(f'{x:+.1%}' for x in self.machine_drift_by_round)}; "
+                f"p90 |drift| {d.p90_abs_error:.1%})")
 
 
 def summarize_errors(errors) -> tuple[float | None, float | None]:
@@ -449,24 +432,9 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, drifts=Non
     if setup.output_tokens:
         case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
     if drifts is not None and None not in drifts:
-        case = case.model_copy(update=drift_fields(case, runs, list(drifts)))
+        assert len(drifts) == len(runs), "one drift per run"
+        case = case.model_copy(update={"run_drifts": list(drifts)})
     return case
-
-
-def drift_fields(case: Case, runs: list, drifts: list[float]) -> dict:
-    """A case's ``run_drifts``, ``machine_drift`` and ``tpot_machine_drift`` and the errors
-    adjusted by them: each figure's fastest run with the drift measured just before it."""
-    assert len(drifts) == len(runs), "one drift per run"
-    fastest = min(range(len(runs)), key=lambda i: runs[i].latency_s)
-    out: dict = {"run_drifts": drifts, "machine_drift": drifts[fastest],
-                 "drift_adjusted_error": _rel(case.simulated_latency_s * (1 + drifts[fastest]),
-                                              case.measured_latency_s)}
-    tpots = [i for i in range(len(runs)) if runs[i].tpot_s is not None]
-    if case.simulated_tpot_s is not None and tpots:
-        i = min(tpots, key=lambda i: runs[i].tpot_s)
-        out["tpot_machine_drift"] = drifts[i]
-        out["drift_adjusted_tpot_error"] = _rel(case.simulated_tpot_s * (1 + drifts[i]), runs[i].tpot_s)
-    return out
 
 
 def _rel(simulated, measured) -> float | None:
@@ -605,15 +573,14 @@ def machine_drift(setup, plan: Plan) -> float | None:
 
 
 def drift_summaries(cases) -> dict:
-    """``Validation``'s machine_drift, drift_adjusted and decode_tpot_drift_adjusted (absent
-    where no case has them)."""
-    out = {}
-    for key, attr in (("machine_drift", "machine_drift"), ("drift_adjusted", "drift_adjusted_error"),
-                      ("decode_tpot_drift_adjusted", "drift_adjusted_tpot_error")):
-        xs = [getattr(c, attr) for c in cases if getattr(c, attr) is not None]
-        if xs:
-            out[key] = error_summary(xs)
-    return out
+    """``Validation``'s machine_drift and machine_drift_by_round (absent where no case has drifts)."""
+    with_drift = [c.run_drifts for c in cases if c.run_drifts]
+    if not with_drift:
+        return {}
+    rounds = max(len(d) for d in with_drift)
+    return {"machine_drift": error_summary(x for d in with_drift for x in d),
+            "machine_drift_by_round": [float(np.median([d[r] for d in with_drift if len(d) > r]))
+                                       for r in range(rounds)]}
 
 
 def _emulation_summary(setup) -> dict:

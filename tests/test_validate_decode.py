@@ -101,42 +101,38 @@ def test_decode_case_figures_by_hand():
     assert pre.decode_compute_error is None and pre.kind != "decode"
 
 
-def test_machine_drift_sets_each_figure_against_the_probe_before_its_run():
-    """The drift of the run with the fastest latency adjusts the latency error; that of the run
-    with the fastest TPOT (another run here) the TPOT error; by hand."""
-    from hpipe.validate import Validation, drift_summaries, make_case, with_output_tokens
+def test_machine_drift_is_summarized_over_every_run_and_by_round():
+    """Each case keeps its runs' drifts; the summary is over every run, the rounds' medians
+    apart, and the line says longer or less time; by hand."""
+    from hpipe.validate import Case, Validation, drift_summaries, make_case, with_output_tokens
 
     setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 4).resolve()
     d0, d1 = setup.cluster.device_ids
     plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
                 stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
-    sim = _result(3.0, 0.10, 2.0)
-    runs = [_result(4.0, 0.125, 2.5), _result(3.5, 0.150, 2.4)]  # fastest latency: run 1; fastest TPOT: run 0
-    c = make_case(setup, plan, [], sim, runs, drifts=[0.5, 0.1])
+    runs = [_result(4.0, 0.125, 2.5), _result(3.5, 0.150, 2.4)]
+    c = make_case(setup, plan, [], _result(3.0, 0.10, 2.0), runs, drifts=[0.5, 0.1])
     assert c.run_drifts == [0.5, 0.1]
-    assert c.machine_drift == pytest.approx(0.1)  # run 1: 10% slower than while profiled
-    assert c.drift_adjusted_error == pytest.approx((3.0 * 1.1 - 3.5) / 3.5)
-    assert c.tpot_machine_drift == pytest.approx(0.5)  # run 0: +50%
-    assert c.drift_adjusted_tpot_error == pytest.approx((0.10 * 1.5 - 0.125) / 0.125)
-    # a profile without a probe: nothing is adjusted
-    for drifts in (None, [None, None]):
-        old = make_case(setup, plan, [], sim, runs, drifts=drifts)
-        assert old.run_drifts == [] and old.machine_drift is None
-        assert old.drift_adjusted_error is None and old.drift_adjusted_tpot_error is None
-    assert drift_summaries([old]) == {}
-    s = drift_summaries([c, c.model_copy(update={"machine_drift": -0.3, "drift_adjusted_error": 0.0,
-                                                 "drift_adjusted_tpot_error": None})])
-    assert s["machine_drift"].n == 2 and s["machine_drift"].signed_bias == pytest.approx(-0.1)
-    assert s["drift_adjusted"].n == 2 and s["decode_tpot_drift_adjusted"].n == 1
-    v = Validation(cases=[c], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={},
-                   **drift_summaries([c]))
-    lines = v.drift_lines()
-    assert "10.0% longer" in lines[0] and "end to end" in lines[1] and "decode TPOT" in lines[2]
-    faster = Validation(cases=[c], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={},
-                        **drift_summaries([c.model_copy(update={"machine_drift": -0.2})]))
-    assert "20.0% less time" in faster.drift_lines()[0]
-    assert "not known" in Validation(cases=[old], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
-                                     profiles={}).drift_lines()[0]
+    for drifts in (None, [None, None]):  # a profile without a probe
+        assert make_case(setup, plan, [], _result(3.0, 0.10, 2.0), runs, drifts=drifts).run_drifts == []
+
+    def case(drifts):
+        return Case(planner="x", simulated_latency_s=1.0, measured_latency_s=1.0, error=0.0, scenario="s",
+                    stages=[], slices=[1], micro_batches=1, measured_runs_s=[1.0] * len(drifts), run_drifts=drifts)
+
+    cases = [case([0.5, 0.0, -0.1]), case([0.1, 0.02, -0.05]), case([0.0, 0.04, -0.02])]
+    s = drift_summaries(cases)
+    assert s["machine_drift"].n == 9 and s["machine_drift"].signed_bias == pytest.approx(0.49 / 9)
+    assert s["machine_drift_by_round"] == pytest.approx([0.1, 0.02, -0.05])
+    assert drift_summaries([case([])]) == {}
+    v = Validation(cases=cases, median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={}, **s)
+    line = v.drift_line()
+    assert "0.0% longer" in line and "median over 9 runs" in line and "+10.0%, +2.0%, -5.0%" in line
+    slower = [case([-0.2, -0.3])]
+    assert "25.0% less time" in Validation(cases=slower, median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
+                                           profiles={}, **drift_summaries(slower)).drift_line()
+    assert "not known" in Validation(cases=[case([])], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
+                                     profiles={}).drift_line()
 
 
 def test_speed_drift_is_the_mean_ratio_over_the_cores_probed_both_times():
