@@ -186,7 +186,7 @@ def time_plan(setup, name, repeat):
 
 def speed(repeat: int, profile: bool):
     print(f"2. Planning time (make_plan only, CPU seconds; median and best of runs; {cpu_name()}; "
-          f"load average {load_average()}; a fixed pure-Python loop takes {python_speed_ms():.1f} ms now)")
+          f"load average {load_average()}; a fixed pure-Python loop takes {python_speed_ms():.1f} ms CPU now)")
     paper_yaml = ROOT / "scenarios" / "paper-llama7b.yaml"
     t0 = time.process_time()
     paper = load_scenario(paper_yaml).resolve()
@@ -380,7 +380,7 @@ def against(other: Path, rounds: int, reps: int = 3):
         return out.stdout, wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
 
     print(f"5. This tree ({ROOT}) against {trees['other']} ({cpu_name()}; load average {load_average()}; "
-          f"a fixed pure-Python loop takes {python_speed_ms():.1f} ms now); "
+          f"a fixed pure-Python loop takes {python_speed_ms():.1f} ms CPU now); "
           f"{rounds} interleaved rounds, medians; ratio = this / other")
     cases = [("make_plan paper testbed, CPU s", ["-c", _CHILD, paper, str(reps)], "plan"),
              ("make_plan 70B x 32 devices x 32k, CPU s", ["-c", _CHILD, big, "1"], "plan"),
@@ -426,16 +426,17 @@ def load_average() -> str:
 
 
 def python_speed_ms(repeats: int = 5) -> float:
-    """Median milliseconds of a fixed pure-Python loop: how fast this (shared, drifting) machine
-    runs interpreted code right now, the kind of work planning is.  The same code planned in
-    0.60 s and in 1.19 s on one VM on one day; set figures against this one to compare them."""
+    """Median CPU milliseconds of a fixed pure-Python loop: how fast this (shared, drifting)
+    machine runs interpreted code right now, the kind of work planning is.  449feb7 planned
+    the paper testbed in 0.600 s and in 0.794 s twenty minutes apart on one VM (2026-12-02);
+    set figures against this one to compare them."""
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         acc = 0
         for i in range(300_000):
             acc += i * i
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -453,7 +454,7 @@ def scaling_scenario(n_devices: int) -> dict:
 
 def scaling(sizes=(8, 32, 128, 512)):
     print(f"3. Scaling: llama-2-70b, 32k tokens, g=64, hosts of 8 GPUs of four types ({cpu_name()}; "
-          f"a fixed pure-Python loop takes {python_speed_ms():.1f} ms now)")
+          f"a fixed pure-Python loop takes {python_speed_ms():.1f} ms CPU now)")
     print(f"   {'devices':>7} {'hosts':>5} {'load s':>7} {'plan CPU s':>10} {'stages':>6} {'TP':>14} {'predicted s':>11}")
     for n in sizes:
         t0 = time.process_time()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 from hpipe.costmodels.cache import cpu_model
@@ -92,9 +93,9 @@ def main() -> None:
                      + pct(c.tpot_error, 9) + pct(c.ttft_error, 9) + pct(c.decode_compute_error))
         else:
             line += " " * (7 + 9 + 10 + 9 + 9 + 8)
-        # the machine's change of speed since the profile, before the fastest run
-        fastest = c.measured_runs_s.index(c.measured_latency_s) if c.measured_runs_s else None
-        line += pct(c.run_drifts[fastest] if c.run_drifts and fastest is not None else None)
+        # the machine's change of speed since the profile: the median over the case's runs (one
+        # probe is noisy; the summary line below is the figure to read)
+        line += pct(statistics.median(c.run_drifts) if c.run_drifts else None)
         print(line)
     n3 = sum(c.n_stages >= 3 for c in res.cases)
     print(f"\n{len(res.cases)} distinct cases ({n3} with >= 3 stages) over {len(scs)} scenarios: "
@@ -117,8 +118,9 @@ def main() -> None:
                   f"bias {e.signed_bias:+.1%}")
     if res.run_spread is not None:
         print(f"  {res.run_spread.line()}")
-    if res.drift_line():
-        print(f"  {res.drift_line()}")
+    drift = res.drift_line()
+    if drift:
+        print(f"  {drift}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

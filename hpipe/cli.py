@@ -715,8 +715,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                               f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
             if result.run_spread is not None:
                 con.print(f"  {result.run_spread.line()}")
-            if result.drift_line():
-                con.print(f"  {result.drift_line()}")
+            drift = result.drift_line()
+            if drift:
+                con.print(f"  {drift}")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
         for s in result.skipped:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.plan import Plan, Stage
@@ -97,7 +97,13 @@ class Case(BaseModel):
     """Per measured run (the order of ``measured_runs_s``): how much longer (positive) the
     speed probe (``hpipe.runtime.speed``) took just before it, on the plan's cores, than
     while the profile was measured (the mean of the profile's probes before and after);
-    empty when the profile has no probe."""
+    empty when there is nothing to compare (``probe_drift``)."""
+
+    @model_validator(mode="after")
+    def _one_drift_per_run(self):
+        if self.run_drifts and len(self.run_drifts) != len(self.measured_runs_s):
+            raise ValueError(f"run_drifts has {len(self.run_drifts)} values for {len(self.measured_runs_s)} runs")
+        return self
 
 
 class ErrorSummary(BaseModel):
@@ -129,6 +135,23 @@ class RunSpread(BaseModel):
                 f"{self.median:.1%}, p90 {self.p90:.1%}; an error much smaller cannot be told from it")
 
 
+class DriftSummary(BaseModel):
+    """The runs' ``run_drifts`` summarized: positive values mean the machine did the probe's
+    work slower than while it was profiled."""
+
+    model_config = ConfigDict(extra="forbid")
+    median: float
+    """Median over every run of the cases that have drifts."""
+    p90_abs: float
+    mean: float
+    n: int
+    """Runs."""
+    cases: int
+    """Cases with drifts (the others: no probe to compare, ``probe_drift``)."""
+    by_round: list[float]
+    """The median of each round's drifts (round r: the r-th run of each case that has one)."""
+
+
 class Validation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cases: list[Case]
@@ -143,13 +166,11 @@ class Validation(BaseModel):
     decode_ttft: ErrorSummary | None = None
     decode_compute: ErrorSummary | None = None
     """Decode cases: ``decode_compute_error`` (CPU time of the decode steps)."""
-    machine_drift: ErrorSummary | None = None
-    """Every run's ``run_drifts``: the signed_bias is the mean, positive when the machine did the
-    probe's work slower than while profiled (None: the profile has no speed probe).  A single
-    probe is noisy (5-10% on the 2-core VM, and now and then 50% for one probe), so the runs'
-    median says whether the machine moved, not one case's probe."""
-    machine_drift_by_round: list[float] = []
-    """The median of each round's ``run_drifts`` (round r: every case's r-th run)."""
+    machine_drift: DriftSummary | None = None
+    """Every run's ``run_drifts`` (None: no case had any).  One probe is noisy (on the 2-core
+    VM, 2026-12-02: p90 |drift| 9.5% with the probe as it is, and 19% with its first version,
+    three of whose 33 probes came out 50-55% slow), so the median over the runs says whether
+    the machine moved, not one case's probe."""
     run_spread: RunSpread | None = None
     """The machine's run-to-run noise, beside the errors (None: every case ran once)."""
     by_kind: dict[str, ErrorSummary] = {}
@@ -167,16 +188,18 @@ class Validation(BaseModel):
     emulation: dict[str, dict] = {}
 
     def drift_line(self) -> str | None:
-        """The line on the machine's drift the validate command and the benchmark print."""
+        """The line the validate command and the benchmark print on the machine's drift since
+        the profile: ``machine_drift``'s median, rounds and p90, with how many of the cases had
+        a probe to compare; or why there is none."""
         d = self.machine_drift
-        if d is None or not d.n:
-            return ("the machine against its profile: not known (the profile has no speed probe of this "
-                    "version; --reprofile measures one)") if self.cases else None
-        med = float(np.median([x for c in self.cases for x in c.run_drifts]))
-        return (f"the machine against its profile: the speed probe took {abs(med):.1%} "
-                f"{'longer' if med >= 0 else 'less time'} than while profiled (median over {d.n} runs; "
-                f"by round {', '.join(f'{x:+.1%}' for x in self.machine_drift_by_round)}; "
-                f"p90 |drift| {d.p90_abs_error:.1%})")
+        if d is None:
+            return ("the machine against its profile: not known (no case had a speed probe to compare: a "
+                    "profile made before the probe or with another version of it, or devices not on "
+                    "this CPU; measuring the profile again gives one)") if self.cases else None
+        return (f"the machine against its profile: the speed probe took {abs(d.median):.1%} "
+                f"{'longer' if d.median >= 0 else 'less time'} than while profiled (median over {d.n} runs of "
+                f"{d.cases} of {len(self.cases)} cases; by round {', '.join(f'{x:+.1%}' for x in d.by_round)}; "
+                f"p90 |drift| {d.p90_abs:.1%})")
 
 
 def summarize_errors(errors) -> tuple[float | None, float | None]:
@@ -432,8 +455,7 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, drifts=Non
     if setup.output_tokens:
         case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
     if drifts is not None and None not in drifts:
-        assert len(drifts) == len(runs), "one drift per run"
-        case = case.model_copy(update={"run_drifts": list(drifts)})
+        case = Case.model_validate({**case.model_dump(), "run_drifts": list(drifts)})  # one per run, checked
     return case
 
 
@@ -473,7 +495,7 @@ def run_case(setup, plan: Plan, opts: CaseOptions, quiet: bool = True) -> Case:
         raise InfeasibleError(sim.infeasible)
     runs, drifts = [], []
     for _ in range(opts.repeats):
-        drifts.append(machine_drift(setup, plan))
+        drifts.append(probe_drift(setup, plan))
         runs.append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=quiet))
     return make_case(setup, plan, [], sim, runs, drifts)
 
@@ -531,7 +553,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     drifts: list[list] = [[] for _ in jobs]
     for rnd in range(opts.repeats):
         for k, (setup, plan, _, _) in enumerate(jobs):
-            drifts[k].append(machine_drift(setup, plan))  # just before the run (no worker is running)
+            drifts[k].append(probe_drift(setup, plan))  # just before the run (no worker is running)
             runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
             if on_case and rnd == opts.repeats - 1:
                 on_case(k)
@@ -554,33 +576,36 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       decode_compute=error_summary(c.decode_compute_error for c in decode
                                                    if c.decode_compute_error is not None) if decode else None,
                       run_spread=run_spread(cases),
-                      **drift_summaries(cases),
+                      machine_drift=drift_summary(cases),
                       scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
 
 
-def machine_drift(setup, plan: Plan) -> float | None:
+def probe_drift(setup, plan: Plan) -> float | None:
     """How much longer (positive) the speed probe takes now on the plan's cores than while the
     profile ``setup`` is priced from was measured (``hpipe.runtime.speed``); None, and no probe
-    run, when the setup is not priced from a profile with a probe of this version."""
+    run, when there is nothing to compare: the setup is not priced from a profile with a probe
+    of this version, or a device of the plan is not a CPU."""
     from hpipe.runtime import speed
 
     profile = getattr(getattr(setup, "cost", None), "profile", None)
     ref = getattr(profile, "speed_probe", None)
-    if ref is None or ref.version != speed.PROBE_VERSION:
+    cores = speed.cpu_device_cores(setup, plan.devices)
+    if ref is None or ref.version != speed.PROBE_VERSION or cores is None:
         return None
-    return speed.drift(speed.probe_by_core(speed.device_cores(setup, plan.devices)), ref.by_core())
+    return speed.drift(speed.probe_by_core(cores), ref.by_core())
 
 
-def drift_summaries(cases) -> dict:
-    """``Validation``'s machine_drift and machine_drift_by_round (absent where no case has drifts)."""
+def drift_summary(cases) -> DriftSummary | None:
+    """``Validation.machine_drift`` of the cases (None: no case has drifts)."""
     with_drift = [c.run_drifts for c in cases if c.run_drifts]
     if not with_drift:
-        return {}
+        return None
+    xs = np.array([x for d in with_drift for x in d])
     rounds = max(len(d) for d in with_drift)
-    return {"machine_drift": error_summary(x for d in with_drift for x in d),
-            "machine_drift_by_round": [float(np.median([d[r] for d in with_drift if len(d) > r]))
-                                       for r in range(rounds)]}
+    return DriftSummary(median=float(np.median(xs)), p90_abs=float(np.percentile(np.abs(xs), 90)),
+                        mean=float(np.mean(xs)), n=len(xs), cases=len(with_drift),
+                        by_round=[float(np.median([d[r] for d in with_drift if len(d) > r])) for r in range(rounds)])
 
 
 def _emulation_summary(setup) -> dict:

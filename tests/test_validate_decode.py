@@ -102,9 +102,10 @@ def test_decode_case_figures_by_hand():
 
 
 def test_machine_drift_is_summarized_over_every_run_and_by_round():
-    """Each case keeps its runs' drifts; the summary is over every run, the rounds' medians
-    apart, and the line says longer or less time; by hand."""
-    from hpipe.validate import Case, Validation, drift_summaries, make_case, with_output_tokens
+    """Each case keeps its runs' drifts (one per run, or none); the summary is over every run
+    of the cases that have them, the rounds' medians apart (a case with fewer runs counts in
+    the rounds it has), and the line says longer or less time; by hand."""
+    from hpipe.validate import Case, Validation, drift_summary, make_case, with_output_tokens
 
     setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 4).resolve()
     d0, d1 = setup.cluster.device_ids
@@ -113,34 +114,88 @@ def test_machine_drift_is_summarized_over_every_run_and_by_round():
     runs = [_result(4.0, 0.125, 2.5), _result(3.5, 0.150, 2.4)]
     c = make_case(setup, plan, [], _result(3.0, 0.10, 2.0), runs, drifts=[0.5, 0.1])
     assert c.run_drifts == [0.5, 0.1]
-    for drifts in (None, [None, None]):  # a profile without a probe
+    for drifts in (None, [None, None], [0.1, None]):  # nothing to compare, for one run or all
         assert make_case(setup, plan, [], _result(3.0, 0.10, 2.0), runs, drifts=drifts).run_drifts == []
+    with pytest.raises(ValueError, match="run_drifts has 1 values for 2 runs"):
+        make_case(setup, plan, [], _result(3.0, 0.10, 2.0), runs, drifts=[0.5])
 
-    def case(drifts):
+    def case(drifts, runs=None):
         return Case(planner="x", simulated_latency_s=1.0, measured_latency_s=1.0, error=0.0, scenario="s",
-                    stages=[], slices=[1], micro_batches=1, measured_runs_s=[1.0] * len(drifts), run_drifts=drifts)
+                    stages=[], slices=[1], micro_batches=1, measured_runs_s=[1.0] * (runs or len(drifts)),
+                    run_drifts=drifts)
 
-    cases = [case([0.5, 0.0, -0.1]), case([0.1, 0.02, -0.05]), case([0.0, 0.04, -0.02])]
-    s = drift_summaries(cases)
-    assert s["machine_drift"].n == 9 and s["machine_drift"].signed_bias == pytest.approx(0.49 / 9)
-    assert s["machine_drift_by_round"] == pytest.approx([0.1, 0.02, -0.05])
-    assert drift_summaries([case([])]) == {}
-    v = Validation(cases=cases, median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={}, **s)
+    # overall median 0.04 (mean 0.1, per-round medians 0.1 / 0.04 / -0.05, per-case medians 0.0 / 0.06 / 0.4)
+    cases = [case([0.5, 0.0, -0.1]), case([0.1, 0.04, -0.05]), case([0.6, 0.4]), case([], runs=3)]
+    d = drift_summary(cases)
+    assert d.n == 8 and d.cases == 3 and d.median == pytest.approx(0.07)
+    assert d.mean == pytest.approx(1.49 / 8) and d.by_round == pytest.approx([0.5, 0.04, -0.075])
+    assert d.p90_abs == pytest.approx(0.53)
+    assert drift_summary([case([], runs=2)]) is None
+    v = Validation(cases=cases, median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={},
+                   machine_drift=d)
     line = v.drift_line()
-    assert "0.0% longer" in line and "median over 9 runs" in line and "+10.0%, +2.0%, -5.0%" in line
-    slower = [case([-0.2, -0.3])]
-    assert "25.0% less time" in Validation(cases=slower, median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
-                                           profiles={}, **drift_summaries(slower)).drift_line()
-    assert "not known" in Validation(cases=[case([])], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
-                                     profiles={}).drift_line()
+    assert "7.0% longer" in line and "median over 8 runs of 3 of 4 cases" in line
+    assert "+50.0%, +4.0%, -7.5%" in line and "p90 |drift| 53.0%" in line
+    faster = [case([-0.2, -0.3])]
+    assert "25.0% less time" in Validation(cases=faster, median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"],
+                                           profiles={}, machine_drift=drift_summary(faster)).drift_line()
+    assert "not known" in Validation(cases=[case([], runs=1)], median_abs_error=0.1, p90_abs_error=0.1,
+                                     scenarios=["s"], profiles={}).drift_line()
 
 
 def test_speed_drift_is_the_mean_ratio_over_the_cores_probed_both_times():
+    from hpipe.costmodels.profile import SpeedProbe
     from hpipe.runtime.speed import drift
 
-    assert drift({0: 1.2, 1: 2.0}, {0: 1.0, 1: 2.5, 2: 9.0}) == pytest.approx((0.2 - 0.2) / 2)
+    # mean of the ratios (1.2, 0.8) - 1 = 0: not the ratio of the sums (3.2 / 3.5 - 1) nor anything of core 2
+    assert drift({0: 1.2, 1: 2.0}, {0: 1.0, 1: 2.5, 2: 9.0}) == pytest.approx(0.0)
+    assert drift({0: 1.5, 1: 2.0}, {0: 1.0, 1: 2.5, 2: 9.0}) == pytest.approx((1.5 + 0.8) / 2 - 1)
     assert drift({0: 1.5}, {0: 1.0, 1: 3.0}) == pytest.approx(0.5)
     assert drift({None: 1.1}, {0: 1.0}) is None  # unpinned now, pinned then: nothing to compare
+    probe = SpeedProbe(version=2, cores=[0, 1], before_s=[1.0, 2.0], after_s=[3.0, 2.5])
+    assert probe.by_core() == {0: 2.0, 1: 2.25}
+    with pytest.raises(ValueError, match="differ in length"):
+        SpeedProbe(version=2, cores=[0, 1], before_s=[1.0], after_s=[3.0, 2.5])
+
+
+def test_probe_drift_is_none_without_a_probe_of_this_version_and_runs_none():
+    """No profile probe, another version, or a GPU device: None, and the probe is not run."""
+    from types import SimpleNamespace
+
+    import hpipe.runtime.speed as speed
+    from hpipe.costmodels.profile import SpeedProbe
+    from hpipe.validate import probe_drift
+
+    setup = load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}).resolve()
+    plan = Plan(planner="one", scenario=setup.name, slices=[setup.seq_len],
+                stages=[Stage(devices=[setup.cluster.device_ids[0]], units=(0, setup.n_units))])
+    calls = []
+    real = speed.probe_by_core
+    speed.probe_by_core = lambda cores=None, repeats=5: calls.append(cores) or {c: 1.1 for c in cores or [None]}
+    try:
+        assert probe_drift(setup, plan) is None  # the roofline: no profile
+        for version in (speed.PROBE_VERSION - 1, speed.PROBE_VERSION):
+            cores = speed.cpu_device_cores(setup, plan.devices) or [None]
+            ref = SpeedProbe(version=version, cores=cores, before_s=[1.0] * len(cores), after_s=[1.0] * len(cores))
+            fake = SimpleNamespace(setup=setup, cost=SimpleNamespace(profile=SimpleNamespace(speed_probe=ref)),
+                                   cluster=setup.cluster)
+            got = probe_drift(fake, plan)
+            assert got is None if version != speed.PROBE_VERSION else got == pytest.approx(0.1)
+        assert len(calls) == 1  # only the probe of this version was compared
+    finally:
+        speed.probe_by_core = real
+
+
+def test_probe_restores_the_threads_and_the_affinity():
+    torch = pytest.importorskip("torch")
+    import os
+
+    from hpipe.runtime.speed import probe_by_core
+
+    threads, cores = torch.get_num_threads(), os.sched_getaffinity(0)
+    out = probe_by_core([0, 10_000], repeats=1)  # core 10000 does not exist: probed unpinned, keyed None
+    assert set(out) == {0, None} and all(v > 0 for v in out.values())
+    assert torch.get_num_threads() == threads and os.sched_getaffinity(0) == cores
 
 
 def test_old_validation_json_still_loads():

@@ -269,8 +269,16 @@ class SpeedProbe(_Strict):
     cores: list[int | None]
     """The cores probed (the scenario's devices' pinned cores; None: unpinned)."""
     before_s: list[float]
+    """Seconds of one repeat on each core before the measurement (``cores``' order)."""
     after_s: list[float]
-    """Seconds of one repeat on each core, before and after the measurement (``cores``' order)."""
+    """And after it."""
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if not len(self.cores) == len(self.before_s) == len(self.after_s):
+            raise ValueError(f"cores, before_s and after_s differ in length "
+                             f"({len(self.cores)}, {len(self.before_s)}, {len(self.after_s)})")
+        return self
 
     def by_core(self) -> dict:
         """{core: the mean of its two probes}: the reference later probes are set against."""

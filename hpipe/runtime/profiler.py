@@ -753,8 +753,9 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                   and any(n == 1 and c > 0 for n, c, _ in grid.points))
     n_pairs = len(devices) * (len(devices) - 1) // 2
     results: dict[int, dict] = {}
-    cores = speed.device_cores(setup, devices)
-    probes = [speed.probe_by_core(cores)]  # the machine's speed, before and after (no worker runs then)
+    # the machine's speed, before and after (no worker runs then); CPU devices only
+    cores = speed.cpu_device_cores(setup, devices)
+    probes = [speed.probe_by_core(cores)] if cores is not None else []
     with emulation.emulate(setup, devices) as em:
         master = em.master_addr(devices[0])
         port = _free_port() if master == "127.0.0.1" else 29500 + os.getpid() % 1000
@@ -830,7 +831,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                 q.close()
                 q.cancel_join_thread()
         emulated = em.describe()
-    probes.append(speed.probe_by_core(cores))
+    if cores is not None:
+        probes.append(speed.probe_by_core(cores))
     return _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes)
 
 
