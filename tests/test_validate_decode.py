@@ -182,6 +182,15 @@ def test_probe_drift_is_none_without_a_probe_of_this_version_and_runs_none():
             got = probe_drift(fake, plan)
             assert got is None if version != speed.PROBE_VERSION else got == pytest.approx(0.1)
         assert len(calls) == 1  # only the probe of this version was compared
+        # a plan with a GPU device: the CPU probe says nothing about it
+        gpu = load_scenario(ROOT / "scenarios" / "local-cpu-gpu.yaml").model_copy(
+            update={"costmodel": "roofline"}).resolve()
+        gpu_plan = Plan(planner="one", scenario=gpu.name, slices=[gpu.seq_len],
+                        stages=[Stage(devices=["local/H100-0"], units=(0, gpu.n_units))])
+        ref = SpeedProbe(version=speed.PROBE_VERSION, cores=[None], before_s=[1.0], after_s=[1.0])
+        fake = SimpleNamespace(cost=SimpleNamespace(profile=SimpleNamespace(speed_probe=ref)), cluster=gpu.cluster)
+        assert speed.cpu_device_cores(gpu, gpu_plan.devices) is None
+        assert probe_drift(fake, gpu_plan) is None and len(calls) == 1
     finally:
         speed.probe_by_core = real
 
