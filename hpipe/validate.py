@@ -445,17 +445,17 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, drifts=Non
                 wall[e.device] = wall.get(e.device, 0.0) + e.end_s - e.start_s
         shares = [fastest.compute_cpu_s[d] / wall[d] for d in wall if wall[d] > 0 and d in fastest.compute_cpu_s]
         cpu_share = min(shares) if shares else None
-    case = Case(compute_error=compute_error, cpu_share=cpu_share,planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
+    case = Case(compute_error=compute_error, cpu_share=cpu_share, planner=plan.planner, simulated_latency_s=simulated_s, measured_latency_s=meas,
                 error=(simulated_s - meas) / meas, scenario=setup.name,
                 stages=[[st.devices, list(st.units)] for st in plan.stages], slices=list(plan.slices),
                 micro_batches=plan.micro_batches, oversubscribed=len(plan.devices) > usable_cpus(),
                 kind=plan_kind(setup, plan), n_stages=len(plan.stages),
                 chosen_by_planner=not plan.planner.startswith("random-"), same_plan_as=same_as,
-                measured_runs_s=list(runs_s))
+                measured_runs_s=list(runs_s),
+                # one per run (checked by Case), or none where a run had nothing to compare
+                run_drifts=list(drifts) if drifts is not None and None not in drifts else [])
     if setup.output_tokens:
         case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
-    if drifts is not None and None not in drifts:
-        case = Case.model_validate({**case.model_dump(), "run_drifts": list(drifts)})  # one per run, checked
     return case
 
 
