@@ -610,7 +610,14 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     step pays their sum.  A barrier before each one and the median of 8 gave 0.97 ms in one
     quiet profile and 2.2 ms in another for the same two cores (2-core AMD EPYC VM), while
     the all-reduces of a real tensor-parallel decode step took 2.2-3.1 ms on average
-    (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02."""
+    (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02.
+
+    Each call's time is the *last member's* (the least over the group): a member that
+    arrives early waits for the others, and the cost model charges that wait already, as the
+    slowest shard's compute.  Timed on the first member alone, the chain priced local-cpu-4dev's
+    pairs at 0.87 and 1.87 ms, while inside their decode steps the last member's all-reduces
+    took 0.44-0.95 ms on average (2-core Intel Xeon VM, 2026-12-02), which put most of the
+    tensor-parallel plans' 17-18 ms a token of over-prediction there."""
     import torch
     import torch.distributed as dist
 
@@ -619,23 +626,16 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     g = torch.Generator().manual_seed(job.rank)
     w = torch.randn(64, 64, generator=g).to(wire.device)
     h = torch.randn(64, 4, generator=g).to(wire.device)
+
+    def work():  # what a shard computes between two all-reduces, kept tiny
+        nonlocal h
+        h = torch.tanh(w @ h)
+
     for ranks in job.tp_groups:
         group = dist.new_group(ranks)  # collective: every process creates every group, in order
         if job.rank in ranks:
-            secs = []
-            for size in job.link_sizes:
-                x = wire.tensor(max(size // 4, 1), torch.float32)  # on the device, as a stage reduces it
-                times = []
-                wire.barrier(group)
-                for rep in range(2 + ALL_REDUCE_CHAIN):
-                    h = torch.tanh(w @ h)  # the work between two all-reduces, kept tiny
-                    wire.sync()
-                    t0 = time.perf_counter()
-                    dist.all_reduce(x, group=group)
-                    wire.sync()
-                    if rep >= 2:
-                        times.append(time.perf_counter() - t0)
-                secs.append(float(np.mean(times)))
+            secs = [all_reduce_chain_s(wire.tensor(max(size // 4, 1), torch.float32), group, wire, work)
+                    for size in job.link_sizes]  # on the device, as a stage reduces it
             if job.rank == ranks[0]:
                 out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": list(job.link_sizes),
                             "seconds": secs})
@@ -643,6 +643,30 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
             report("link", 1)  # once per group, as the bar's total counts them
         wire.barrier()
     return out
+
+
+def all_reduce_chain_s(x, group, wire, work) -> float:
+    """Mean seconds of a chain of ``ALL_REDUCE_CHAIN`` all-reduces of ``x`` over ``group`` (after
+    two untimed), ``work()`` before each; each call counted as its last member saw it, the least
+    of the members' times (``_all_reduces``).  Every member of the group calls it and gets the
+    same figure."""
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    wire.barrier(group)
+    for rep in range(2 + ALL_REDUCE_CHAIN):
+        work()
+        wire.sync()
+        t0 = time.perf_counter()
+        dist.all_reduce(x, group=group)
+        wire.sync()
+        if rep >= 2:
+            times.append(time.perf_counter() - t0)
+    mine = torch.tensor(times, dtype=torch.float64, device=wire.device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return float(torch.stack(every).min(dim=0).values.mean())
 
 
 def profile_worker(job: ProfileJob, q, turns=None, finished=None) -> None:
