@@ -612,12 +612,14 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     the all-reduces of a real tensor-parallel decode step took 2.2-3.1 ms on average
     (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02.
 
-    Each call's time is the *last member's* (the least over the group): a member that
-    arrives early waits for the others, and the cost model charges that wait already, as the
-    slowest shard's compute.  Timed on the first member alone, the chain priced local-cpu-4dev's
-    pairs at 0.87 and 1.87 ms, while inside their decode steps the last member's all-reduces
-    took 0.44-0.95 ms on average (2-core Intel Xeon VM, 2026-12-02), which put most of the
-    tensor-parallel plans' 17-18 ms a token of over-prediction there."""
+    Each call is timed from the last member in to the last member out: a member that arrives
+    early waits for the others, and the cost model charges that wait already, as the slowest
+    shard's compute; what the stage pays on top is the rest, up to when every member can go on
+    (the early one's wake-up included).  Timed on the first member alone, the chain priced
+    local-cpu-4dev's pairs at 0.87 and 1.87 ms, while inside their decode steps the last
+    member's all-reduces took 0.44-0.95 ms on average (2-core Intel Xeon VM, 2026-12-02), which
+    made most of the tensor-parallel plans' 17-18 ms a token of over-prediction there.  (The
+    last member's own time alone, tried first, leaves the early member's wake-up out.)"""
     import torch
     import torch.distributed as dist
 
@@ -647,13 +649,14 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
 
 def all_reduce_chain_s(x, group, wire, work) -> float:
     """Mean seconds of a chain of ``ALL_REDUCE_CHAIN`` all-reduces of ``x`` over ``group`` (after
-    two untimed), ``work()`` before each; each call counted as its last member saw it, the least
-    of the members' times (``_all_reduces``).  Every member of the group calls it and gets the
-    same figure."""
+    two untimed), ``work()`` before each; each call counted from the moment its last member
+    entered it to the moment its last member left it (``_all_reduces``).  The members are
+    processes of one host (a tensor-parallel group never spans hosts), so their
+    ``perf_counter`` clocks agree.  Every member of the group calls it and gets the same figure."""
     import torch
     import torch.distributed as dist
 
-    times = []
+    stamps = []  # (in, out) of each timed call on this member's clock
     wire.barrier(group)
     for rep in range(2 + ALL_REDUCE_CHAIN):
         work()
@@ -662,11 +665,12 @@ def all_reduce_chain_s(x, group, wire, work) -> float:
         dist.all_reduce(x, group=group)
         wire.sync()
         if rep >= 2:
-            times.append(time.perf_counter() - t0)
-    mine = torch.tensor(times, dtype=torch.float64, device=wire.device)
+            stamps.append((t0, time.perf_counter()))
+    mine = torch.tensor(stamps, dtype=torch.float64, device=wire.device)  # (calls, 2)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    return float(torch.stack(every).min(dim=0).values.mean())
+    both = torch.stack(every).max(dim=0).values  # (calls, 2): the last member in, the last member out
+    return float((both[:, 1] - both[:, 0]).mean())
 
 
 def profile_worker(job: ProfileJob, q, turns=None, finished=None) -> None:

@@ -1,5 +1,6 @@
-"""The profiler prices an all-reduce as its last member sees it: a member that arrives late
-(a slower shard) is charged by the cost model as that shard's compute, not again here."""
+"""The profiler prices an all-reduce from its last member in to its last member out: a member
+that arrives late (a slower shard) is charged by the cost model as that shard's compute, not
+again here."""
 
 import multiprocessing as mp
 import socket
@@ -31,7 +32,7 @@ def _member(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-def test_an_all_reduce_is_timed_as_its_last_member_saw_it():
+def test_an_all_reduce_is_timed_from_the_last_member_in_to_the_last_out():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
