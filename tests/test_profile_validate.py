@@ -100,6 +100,9 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     # and the fitted model charges that, not a ring built from the ping-pong
     (ar,) = prof.all_reduces
     assert ar.devices == ["local/core-0", "local/core-1"] and len(ar.seconds) == len(ar.sizes_bytes)
+    # of what the runtime reduces: whole rows of d_model, each the fresh output of a shard
+    row_bytes = load_scenario_file(path).resolve().model.d_model * 4  # float32
+    assert ar.sizes_bytes == sorted(set(ar.sizes_bytes)) and all(s % row_bytes == 0 for s in ar.sizes_bytes)
     # the hold-out error is printed, and the fitted model loads from the scenario
     assert "held-out" in r.stdout and "median" in r.stdout
     # on CPU time, the basis predictions use, and the command says where it wrote the profile

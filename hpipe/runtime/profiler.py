@@ -603,14 +603,16 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     several times what a ring of one-way sends predicts (1.2 ms against 0.5 ms for 4 KiB
     between two processes here), and a tensor-parallel stage does two per block.
 
-    Timed as a stage pays them: a chain of ``ALL_REDUCE_CHAIN`` all-reduces, a few
-    microseconds of compute before each (the members arrive with the jitter of shards that
-    just computed, but not after a slower member's longer work, which the cost model
-    already charges as the slowest shard), and the *mean* of their times, since a stage's
-    step pays their sum.  A barrier before each one and the median of 8 gave 0.97 ms in one
-    quiet profile and 2.2 ms in another for the same two cores (2-core AMD EPYC VM), while
-    the all-reduces of a real tensor-parallel decode step took 2.2-3.1 ms on average
-    (medians 1.6-2.5 ms, p90 5-6 ms), 2026-12-02.
+    Timed as a stage pays them: a chain of ``ALL_REDUCE_CHAIN`` all-reduces, each of a tensor
+    that the group's shards have just computed, and the *mean* of their times, since a
+    stage's step pays their sum.  The tensor is the output of an MLP shard of the scenario's
+    own model at the message's rows (``b * n`` tokens of ``d_model``), computed fresh before
+    every call, as the runtime reduces each split unit's output: an all-reduce that follows a
+    shard's compute costs more than one that follows another all-reduce.  Two cores of a quiet
+    2-core Intel Xeon VM (gVisor), 2 MiB, last member in to last member out, 2026-12-02:
+    2.8-3.1 ms back to back (what a chain with a few microseconds of compute between its
+    calls timed), 3.7-3.9 ms after a GEMM, 3.8 ms mean inside a real tensor-parallel prefill
+    (local-cpu, tp-terapipe), where the profile's chain priced it at 2.2-2.5 ms.
 
     Each call is timed from the last member in to the last member out: a member that arrives
     early waits for the others, and the cost model charges that wait already, as the slowest
@@ -619,39 +621,51 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     local-cpu-4dev's pairs at 0.87 and 1.87 ms, while inside their decode steps the last
     member's all-reduces took 0.44-0.95 ms on average (2-core Intel Xeon VM, 2026-12-02), which
     made most of the tensor-parallel plans' 17-18 ms a token of over-prediction there.  (The
-    last member's own time alone, tried first, leaves the early member's wake-up out.)"""
+    last member's own time alone, tried first, leaves the early member's wake-up out.)
+
+    The sizes timed are whole rows of ``d_model`` (the runtime reduces nothing else): each of
+    ``job.link_sizes`` rounded to rows, at least one, and the entry records the bytes reduced."""
     import torch
     import torch.distributed as dist
 
+    from hpipe.runtime.model import TORCH_DTYPES, build_units
+    from hpipe.runtime.weights import RandomWeights
+
     out = []
     wire = _Wire(job, timedelta(seconds=job.timeout_s))
+    spec, dtype = job.spec, TORCH_DTYPES[job.dtype]
+    row_bytes = spec.d_model * dtype.itemsize
+    rows = sorted({max(1, round(size / row_bytes)) for size in job.link_sizes})
     g = torch.Generator().manual_seed(job.rank)
-    w = torch.randn(64, 64, generator=g).to(wire.device)
-    h = torch.randn(64, 4, generator=g).to(wire.device)
-
-    def work():  # what a shard computes between two all-reduces, kept tiny
-        nonlocal h
-        h = torch.tanh(w @ h)
-
+    mlp = next(i for i, u in enumerate(spec.units()) if u.kind == "mlp")
     for ranks in job.tp_groups:
         group = dist.new_group(ranks)  # collective: every process creates every group, in order
         if job.rank in ranks:
-            secs = [all_reduce_chain_s(wire.tensor(max(size // 4, 1), torch.float32), group, wire, work)
-                    for size in job.link_sizes]  # on the device, as a stage reduces it
+            shard = build_units(spec, mlp, mlp + 1, RandomWeights(spec, seed=0), dtype=job.dtype,
+                                device=wire.device, tp_rank=ranks.index(job.rank), tp_size=len(ranks),
+                                all_reduce=lambda x: x)[0]
+            secs = []
+            for r in rows:
+                x = torch.randn(1, r, spec.d_model, generator=g).to(wire.device, dtype)  # (1, rows, D)
+
+                with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
+                    # the shard's output, fresh each call, as the runtime reduces it
+                    secs.append(all_reduce_chain_s(lambda x=x: shard(x, 0, None), group, wire))
             if job.rank == ranks[0]:
-                out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": list(job.link_sizes),
+                out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": [r * row_bytes for r in rows],
                             "seconds": secs})
+            del shard
         if job.rank == 0:
             report("link", 1)  # once per group, as the bar's total counts them
         wire.barrier()
     return out
 
 
-def all_reduce_chain_s(x, group, wire, work) -> float:
-    """Mean seconds of a chain of ``ALL_REDUCE_CHAIN`` all-reduces of ``x`` over ``group`` (after
-    two untimed), ``work()`` before each; each call counted from the moment its last member
-    entered it to the moment its last member left it (``_all_reduces``).  The members are
-    processes of one host (a tensor-parallel group never spans hosts), so their
+def all_reduce_chain_s(produce, group, wire) -> float:
+    """Mean seconds of a chain of ``ALL_REDUCE_CHAIN`` all-reduces over ``group`` (after two
+    untimed), each of the tensor ``produce()`` returns; each call counted from the moment its
+    last member entered it to the moment its last member left it (``_all_reduces``).  The
+    members are processes of one host (a tensor-parallel group never spans hosts), so their
     ``perf_counter`` clocks agree.  Every member of the group calls it and gets the same figure."""
     import torch
     import torch.distributed as dist
@@ -659,7 +673,7 @@ def all_reduce_chain_s(x, group, wire, work) -> float:
     stamps = []  # (in, out) of each timed call on this member's clock
     wire.barrier(group)
     for rep in range(2 + ALL_REDUCE_CHAIN):
-        work()
+        x = produce()
         wire.sync()
         t0 = time.perf_counter()
         dist.all_reduce(x, group=group)

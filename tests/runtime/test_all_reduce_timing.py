@@ -26,8 +26,14 @@ def _member(rank: int, port: int, out) -> None:
         from datetime import timedelta
 
         wire = _Wire(types.SimpleNamespace(torch_device="cpu", backend="gloo"), timedelta(seconds=60))
-        work = (lambda: time.sleep(LATE_S)) if rank == 1 else (lambda: None)
-        out.put((rank, all_reduce_chain_s(torch.zeros(1024), dist.group.WORLD, wire, work)))
+        x = torch.zeros(1024)
+
+        def produce():  # member 1 is the slower shard: it computes LATE_S before every call
+            if rank == 1:
+                time.sleep(LATE_S)
+            return x
+
+        out.put((rank, all_reduce_chain_s(produce, dist.group.WORLD, wire)))
     finally:
         dist.destroy_process_group()
 
