@@ -612,7 +612,9 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     2-core Intel Xeon VM (gVisor), 2 MiB, last member in to last member out, 2026-12-02:
     2.8-3.1 ms back to back (what a chain with a few microseconds of compute between its
     calls timed), 3.7-3.9 ms after a GEMM, 3.8 ms mean inside a real tensor-parallel prefill
-    (local-cpu, tp-terapipe), where the profile's chain priced it at 2.2-2.5 ms.
+    (local-cpu, tp-terapipe), where the profile's chain priced it at 2.2-2.5 ms.  A device held
+    to a CPU quota paces the shard as the runtime does (``emulation.Pace``): unpaced, its
+    bursts ran into the cgroup's throttling inside the all-reduce (2 MiB at 11 ms).
 
     Each call is timed from the last member in to the last member out: a member that arrives
     early waits for the others, and the cost model charges that wait already, as the slowest
@@ -638,6 +640,7 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     rows = sorted({max(1, round(size / row_bytes)) for size in job.link_sizes})
     g = torch.Generator().manual_seed(job.rank)
     mlp = next(i for i, u in enumerate(spec.units()) if u.kind == "mlp")
+    pace = emulation.Pace.of(job.placement)
     for ranks in job.tp_groups:
         group = dist.new_group(ranks)  # collective: every process creates every group, in order
         if job.rank in ranks:
@@ -648,9 +651,14 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
             for r in rows:
                 x = torch.randn(1, r, spec.d_model, generator=g).to(wire.device, dtype)  # (1, rows, D)
 
+                def produce(x=x):  # the shard's output, fresh each call, as the runtime reduces it
+                    pace.mark()
+                    y = shard(x, 0, None)
+                    pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce:
+                    return y     # unpaced, a quota device's bursts ran into its cgroup's throttling
+
                 with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
-                    # the shard's output, fresh each call, as the runtime reduces it
-                    secs.append(all_reduce_chain_s(lambda x=x: shard(x, 0, None), group, wire))
+                    secs.append(all_reduce_chain_s(produce, group, wire))
             if job.rank == ranks[0]:
                 out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": [r * row_bytes for r in rows],
                             "seconds": secs})
