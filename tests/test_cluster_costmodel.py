@@ -104,7 +104,8 @@ def test_tensor_parallel_allreduce_waits_for_the_slowest_shard_of_each_unit(setu
     def unit_time_s(self, unit, device_id, n, c, b, tp=1):
         return np.asarray(3e-3 if (device_id, unit.index) in slow else 1e-3)
 
-    stub = types.SimpleNamespace(setup=setup, dtype_bytes=2, SPLIT_KINDS=cost.SPLIT_KINDS)
+    stub = types.SimpleNamespace(setup=setup, dtype_bytes=2, SPLIT_KINDS=cost.SPLIT_KINDS,
+                                 LEADER_KINDS=cost.LEADER_KINDS)
     stub.unit_time_s = types.MethodType(unit_time_s, stub)
     stub.allreduce_time_s = lambda devs, nbytes: 0.0 * np.asarray(nbytes)
     stub.transfer_time_s = lambda a, b, nbytes: 0.0 * np.asarray(nbytes)
@@ -113,6 +114,22 @@ def test_tensor_parallel_allreduce_waits_for_the_slowest_shard_of_each_unit(setu
     stub.tp_scatter_s = types.MethodType(type(cost).tp_scatter_s, stub)
     t = type(cost).stage_compute_s(stub, 1, 5, ["a/P100-0", "a/P100-1"], 512, 0, 1)
     assert float(t) == pytest.approx(12e-3)
+
+
+def test_a_tensor_parallel_head_runs_on_the_leader_alone_and_the_embedding_on_every_rank(setup):
+    # The runtime reads the leader's logits only, so its peers skip the head; every rank needs
+    # the embedding's output, so the slowest rank's embedding counts.
+    cost = setup.cost
+    units = setup.units
+    head, embed = units[-1], units[0]
+    assert head.kind == "head" and embed.kind == "embed"
+    lead, peer = "a/P100-0", "b/RTX3090-0"  # a slower leader than its peer, and the other way round
+    for devs in ([lead, peer], [peer, lead]):
+        assert float(cost.tp_unit_time_s(head, devs, 512, 0, 1)) == pytest.approx(
+            float(cost.unit_time_s(head, devs[0], 512, 0, 1)))
+        assert float(cost.tp_unit_time_s(embed, devs, 512, 0, 1)) == pytest.approx(
+            max(float(cost.unit_time_s(embed, d, 512, 0, 1)) for d in devs))
+    assert float(cost.unit_time_s(head, lead, 512, 0, 1)) != pytest.approx(float(cost.unit_time_s(head, peer, 512, 0, 1)))
 
 
 def test_power_and_memory_reserve(setup):

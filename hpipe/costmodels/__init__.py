@@ -130,7 +130,12 @@ class CostModel(ABC):
     # ---- shared helpers ----------------------------------------------------
     SPLIT_KINDS: ClassVar[tuple[str, ...]] = ("attn", "mlp")
     """Unit kinds a tensor-parallel stage splits (by heads, by d_ff); the runtime keeps the
-    embedding and the head whole on every rank."""
+    embedding whole on every rank, and the head on the first (``LEADER_KINDS``)."""
+    LEADER_KINDS: ClassVar[tuple[str, ...]] = ("head",)
+    """Unit kinds a tensor-parallel stage runs on its first device only: the head, whose logits
+    only the leader reads (it samples and relays).  Run on every member, the head's large output
+    cost a slow member of local-cpu-4dev 71-157 ms against 38-44 ms on its fast partner (2-core
+    Intel Xeon VM, 2026-12-02), all of it on the stage's critical path."""
 
     def stage_overhead_s(self, device_ids) -> float:
         """Fixed time a stage adds to each work item beyond its units (none in the base model)."""
@@ -140,10 +145,11 @@ class CostModel(ABC):
         """One unit of a stage on ``device_ids`` (one device, or a tensor-parallel group).
 
         Split units (attention, MLP) run a 1/tp shard on every device and end with an
-        all-reduce that starts when the slowest shard is done; the embedding and the head
-        run whole on every rank (the runtime replicates them), with no all-reduce."""
+        all-reduce that starts when the slowest shard is done; the embedding runs whole on
+        every rank (each needs its output), with no all-reduce; the head runs on the first
+        device alone (the leader, whose logits are the only ones read)."""
         tp = len(device_ids)
-        if tp == 1:
+        if tp == 1 or unit.kind in self.LEADER_KINDS:
             return np.asarray(self.unit_time_s(unit, device_ids[0], n, c, b), float)
         if unit.kind not in self.SPLIT_KINDS:
             return np.maximum.reduce([np.asarray(self.unit_time_s(unit, d, n, c, b), float) for d in device_ids])

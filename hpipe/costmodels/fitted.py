@@ -394,7 +394,7 @@ class Fitted(CostModel):
         t = predict(unit.kind, coef, n, c, b)
         if tp > 1 and unit.kind in ("attn", "mlp"):
             # Not timed: a shard does 1/tp of the work but keeps the fixed overhead (optimistic:
-            # smaller GEMMs run less efficiently).  Embedding and head are replicated.
+            # smaller GEMMs run less efficiently).  Embedding and head are never split.
             fixed = coef[0]
             t = fixed + (t - fixed) / tp
         return np.asarray(t, float)

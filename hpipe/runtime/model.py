@@ -26,8 +26,9 @@ attention), the MLP by the columns of its first and the rows of its second
 projection; each split unit sums its partial output with the ``all_reduce``
 it is given, then adds the (unsplit) output bias.  Parts may be uneven (the
 first ranks get one head or column more), so any size up to ``n_heads`` works.  Embedding and
-head are replicated on every tensor-parallel rank (they are one unit each,
-and replicating them needs no communication).
+head are built whole on every tensor-parallel rank (they are one unit each,
+and replicating them needs no communication); a stage worker then runs the head on its
+leader alone, the one rank whose logits are read.
 
 Weights come from a *weight source* (see ``weights.py``): an object with
 ``get(unit, name, shard) -> Tensor`` returning the tensor in this module's

@@ -335,6 +335,11 @@ class StageWorker:
                                  tp_rank=self.tp_rank, tp_size=self.tp_size, all_reduce=self._all_reduce)
         if hasattr(source, "close"):
             source.close()
+        if self.tp_rank > 0 and self.units and self.units[-1].unit.kind == "head":
+            # Only the leader's logits are read (it samples and relays them): a peer stops at its
+            # last all-reduce (``CostModel.LEADER_KINDS``).  Built first, so every rank draws
+            # the same random weights in the same order.
+            self.units = self.units[:-1]
         self.caches: dict[int, dict] = {}
         self.decoder = None
         if cfg.generation is not None:

@@ -93,7 +93,8 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
             split = [u for u in units if u.kind in cost.SPLIT_KINDS]
             spec.device_compute_s = np.stack([
                 _vec(sum(cost.unit_time_s(u, d, n, c, b, st.tp if u.kind in cost.SPLIT_KINDS else 1)
-                         for u in units), k) for d in devs])
+                         for u in units if i == 0 or u.kind not in cost.LEADER_KINDS), k)
+                for i, d in enumerate(devs)])
             spec.device_compute_s[0] += codec_s  # the leader decodes the input, encodes the output
             spec.allreduce_s = _vec(sum((cost.allreduce_time_s(list(devs), u.tp_allreduce_bytes(n, b, db))
                                          for u in split), np.zeros(k)), k)
