@@ -502,7 +502,9 @@ class StageWorker:
                         if cfg.all_logits:
                             logits_all.setdefault(mb, []).append(y.float().cpu().numpy())
                         if s == len(cfg.slices) - 1:
-                            logits_last[mb] = y[:, -1].float().cpu().numpy()  # (b, V)
+                            # a copy: a view would keep the whole (b, n, V) logits alive, and the
+                            # next micro-batch's head would fault in fresh pages for its own
+                            logits_last[mb] = y[:, -1].float().cpu().numpy().copy()  # (b, V)
                 elif next_leader is not None:
                     self._send(next_leader, item, y, out_codec)
                 self.report("progress", i)
