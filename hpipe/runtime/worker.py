@@ -331,15 +331,16 @@ class StageWorker:
                     self.group = g
 
         source = weight_source(cfg.spec, cfg.weights, cfg.seed)
-        self.units = build_units(cfg.spec, self.start, self.end, source, dtype=self.dtype, device=self.device,
-                                 tp_rank=self.tp_rank, tp_size=self.tp_size, all_reduce=self._all_reduce)
+        end = self.end
+        if self.tp_rank > 0 and cfg.spec.units()[end - 1].kind == "head":
+            # Only the leader's logits are read (it samples and relays them): a peer stops at its
+            # last all-reduce and never loads the head (``CostModel.LEADER_KINDS``).
+            end -= 1
+        self.units = build_units(cfg.spec, self.start, end, source, dtype=self.dtype, device=self.device,
+                                 tp_rank=self.tp_rank, tp_size=self.tp_size,
+                                 all_reduce=self._all_reduce) if end > self.start else []
         if hasattr(source, "close"):
             source.close()
-        if self.tp_rank > 0 and self.units and self.units[-1].unit.kind == "head":
-            # Only the leader's logits are read (it samples and relays them): a peer stops at its
-            # last all-reduce (``CostModel.LEADER_KINDS``).  Built first, so every rank draws
-            # the same random weights in the same order.
-            self.units = self.units[:-1]
         self.caches: dict[int, dict] = {}
         self.decoder = None
         if cfg.generation is not None:
@@ -507,6 +508,9 @@ class StageWorker:
                             logits_last[mb] = y[:, -1].float().cpu().numpy().copy()  # (b, V)
                 elif next_leader is not None:
                     self._send(next_leader, item, y, out_codec)
+                # let go of this item's output (on the last stage, its whole (b, n, V) logits) before
+                # the next item's units allocate theirs; a send in flight keeps its own reference
+                y = None
                 self.report("progress", i)
             if dec is not None:
                 dec.run()
