@@ -24,8 +24,8 @@ def kv_tokens(setup) -> int:
 
 def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, micro_batch: int) -> float:
     """Bytes one device of a stage needs: its share of the units' weights (1/tp of the
-    split units, attention and MLP; the embedding and head whole, as the runtime keeps
-    them on every rank), the KV cache of its attention units for the whole batch and
+    split units, attention and MLP; the embedding and head whole, as the leader holds
+    them: a TP peer holds no head and needs less), the KV cache of its attention units for the whole batch and
     sequence, prompt plus output (1/tp: key/value heads are split), and the workspace of the largest slice
     of a micro-batch."""
     units = setup.units[start:end]

@@ -170,7 +170,7 @@ class CostModel(ABC):
         One device: the sum of its units' times.  Tensor parallel (several devices):
         the first device forwards the stage's input to each peer, one after another;
         then each unit runs (``tp_unit_time_s``: split units as shards whose all-reduce
-        waits for the slowest, the embedding and head whole on every rank)."""
+        waits for the slowest, the embedding whole on every rank, the head on the first)."""
         units = self.setup.units[start:end]
         t = sum(self.tp_unit_time_s(u, device_ids, n, c, b) for u in units)
         if len(device_ids) > 1:

@@ -217,7 +217,7 @@ class CostTables:
     def group_class_times(self, devs, n, c, b, key=None):
         """(classes, *shape): one unit of each class on a tensor-parallel group
         (``CostModel.tp_unit_time_s``: split units as shards plus the all-reduce, the
-        embedding and head whole)."""
+        embedding whole on every rank, the head on the leader)."""
         devs = self.canonical_group(devs)
         ck = ("gct", devs, key)
         if key is not None and ck in self._cache:
@@ -350,7 +350,7 @@ class CostTables:
         split = np.array([u.kind in SPLIT_KINDS for u in self.units])
         w = np.array([u.weight_bytes(self.db) for u in self.units], dtype=np.int64)
         ws_ = np.where(split, w, 0)  # split across the group
-        wr = np.where(split, 0, w)   # whole on every rank (embedding, head)
+        wr = np.where(split, 0, w)   # whole: the embedding on every rank, the head on the leader (its need)
         kv = np.array([u.kv_bytes_per_token(self.db) for u in self.units], dtype=np.int64)
         WS = np.concatenate(([0], np.cumsum(ws_)))
         WR = np.concatenate(([0], np.cumsum(wr)))

@@ -630,7 +630,7 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from hpipe.runtime.model import TORCH_DTYPES, build_units
+    from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel
     from hpipe.runtime.weights import RandomWeights
 
     out = []
@@ -640,10 +640,11 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     rows = sorted({max(1, round(size / row_bytes)) for size in job.link_sizes})
     g = torch.Generator().manual_seed(job.rank)
     mlp = next(i for i, u in enumerate(spec.units()) if u.kind == "mlp")
-    pace = emulation.Pace.of(job.placement)
+    pace = emulation.Pace.of(job.placement if wire.device.type == "cpu" else None)  # as the runtime paces
     for ranks in job.tp_groups:
         group = dist.new_group(ranks)  # collective: every process creates every group, in order
-        if job.rank in ranks:
+        # a host with more devices than the model splits into is never one TP stage: nothing to price
+        if job.rank in ranks and check_tensor_parallel(spec, len(ranks)) is None:
             shard = build_units(spec, mlp, mlp + 1, RandomWeights(spec, seed=0), dtype=job.dtype,
                                 device=wire.device, tp_rank=ranks.index(job.rank), tp_size=len(ranks),
                                 all_reduce=lambda x: x)[0]
