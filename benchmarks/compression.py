@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/compression.py latency [--repeats 5] [--profile full|quick]
     PYTHONPATH=. python benchmarks/compression.py testbed
-    PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--train-s 240] [--train-more-s S]
+    PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--prompts 16] [--checkpoint DIR]
 
 ``latency``: on ``scenarios/local-cpu-hetero-int8.yaml`` (a 100 Mbit/s shaped link
 between two emulated hosts; needs root, ip, tc and cgroups), planned with the fitted model
@@ -23,6 +23,7 @@ on one hop, and on up to all hops: hpipe's simulated latency against uncompresse
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -228,63 +229,74 @@ def _corpus(pattern: str, limit_bytes: int) -> bytes:
     return b"\n".join(out)[:limit_bytes]
 
 
-def train_small_llama(folder: Path, train_s: float, seed: int = 0, more_s: float = 0.0) -> dict:
-    """Train SMALL as a transformers LlamaForCausalLM on bytes for ``train_s`` seconds, or reuse
-    the checkpoint already in ``folder``; ``more_s`` > 0 trains that checkpoint that much longer
-    (its optimizer state and step count are kept in ``train_state.pt``).  Saved as safetensors
-    for ``HFWeights``; ``train_log.json`` says how it was trained."""
+# How the small LLaMA is trained.  The context covers the prompt plus every generated
+# token: a model trained on 64-byte windows and asked for positions up to 224 (the
+# recipe before 2026-12-02 night) wrote garbage past its window, full of near-ties that
+# any perturbation flips.  A fixed step count with the schedule tied to it makes the
+# checkpoint the same on any machine of one kind, however loaded.
+TRAIN = dict(steps=8000, batch=8, context=256, peak_lr=3e-3, warmup_steps=200, final_lr_frac=0.1,
+             betas=(0.9, 0.95), weight_decay=0.01, seed=0)
+
+
+def _lr(step: int) -> float:
+    """Linear warm-up, then cosine decay to ``final_lr_frac`` of the peak at the last step."""
+    t = TRAIN
+    warm = min(1.0, (step + 1) / t["warmup_steps"])
+    cos = 0.5 * (1 + math.cos(math.pi * step / t["steps"]))
+    return t["peak_lr"] * warm * (t["final_lr_frac"] + (1 - t["final_lr_frac"]) * cos)
+
+
+def train_small_llama(folder: Path) -> dict:
+    """Train SMALL as a transformers LlamaForCausalLM on bytes by the TRAIN recipe, or reuse the
+    checkpoint in ``folder`` when ``train_log.json`` there names the same model and recipe.
+    Saved as safetensors for ``HFWeights``; ``train_log.json`` says how it was trained."""
     import json
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    log_path, state_path = folder / "train_log.json", folder / "train_state.pt"
-    log = json.loads(log_path.read_text()) if log_path.exists() else {}
-    have = (folder / "config.json").exists()
-    if have and more_s <= 0:
-        return {"reused": str(folder), **(log or {"log": "none (trained before train_log.json was kept)"})}
-    torch.manual_seed(seed)
-    if have:
-        model = LlamaForCausalLM.from_pretrained(folder)
-    else:
-        cfg = LlamaConfig(vocab_size=256, hidden_size=SMALL["d_model"], intermediate_size=SMALL["d_ff"],
-                          num_hidden_layers=SMALL["n_layers"], num_attention_heads=SMALL["n_heads"],
-                          num_key_value_heads=SMALL["n_kv_heads"], max_position_embeddings=1024,
-                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-        model = LlamaForCausalLM(cfg)
+    recipe = {"model": SMALL, "train": {k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN.items()},
+              "corpus": CORPUS_GLOB}
+    log_path = folder / "train_log.json"
+    if (folder / "config.json").exists():
+        log = json.loads(log_path.read_text()) if log_path.exists() else {}
+        if log.get("recipe") != recipe:
+            raise SystemExit(f"{folder}: a checkpoint trained by another recipe ({log_path} "
+                             f"{'says ' + json.dumps(log.get('recipe')) if log else 'is missing'}); "
+                             f"remove the folder or pass another --checkpoint")
+        return {"reused": str(folder), **log}
+    t = TRAIN
+    torch.manual_seed(t["seed"])
+    torch.set_num_threads(2)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=SMALL["d_model"], intermediate_size=SMALL["d_ff"],
+                      num_hidden_layers=SMALL["n_layers"], num_attention_heads=SMALL["n_heads"],
+                      num_key_value_heads=SMALL["n_kv_heads"], max_position_embeddings=1024,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
     model.train()
     data = torch.frombuffer(bytearray(_corpus(CORPUS_GLOB, 4 << 20)), dtype=torch.uint8).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    step, seconds = 0, 0.0
-    if have and state_path.exists():
-        state = torch.load(state_path)
-        opt.load_state_dict(state["optimizer"])
-        step, seconds = state["step"], state["seconds"]
-    elif have:
-        log["note"] = "continued from a checkpoint without optimizer state or step count (fresh AdamW)"
-    g = torch.Generator().manual_seed(seed + step)  # resumed runs draw other batches
-    T, B = 64, 8  # small steps: the 2 shared cores give this a fraction of one
-    budget = more_s if have else train_s
+    opt = torch.optim.AdamW(model.parameters(), lr=t["peak_lr"], betas=t["betas"], weight_decay=t["weight_decay"])
+    g = torch.Generator().manual_seed(t["seed"])
+    T, B = t["context"], t["batch"]
     t0, losses = time.monotonic(), []
-    while time.monotonic() - t0 < budget:
+    for step in range(t["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step)
         idx = torch.randint(0, data.numel() - T - 1, (B,), generator=g)
-        x = torch.stack([data[i:i + T + 1] for i in idx.tolist()])
-        loss = model(input_ids=x[:, :-1], labels=x[:, :-1].clone()).loss  # shifts inside
+        x = torch.stack([data[i:i + T] for i in idx.tolist()])  # (B, T)
+        loss = model(input_ids=x, labels=x.clone()).loss  # shifts inside
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        step += 1
-    seconds += time.monotonic() - t0
+        if (step + 1) % 1000 == 0:
+            print(f"  step {step + 1}: loss {sum(losses[-100:]) / 100:.3f} (last 100), "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    torch.save({"optimizer": opt.state_dict(), "step": step, "seconds": seconds}, state_path)
-    sessions = log.get("sessions", []) + [{"steps_to": step, "seconds": round(time.monotonic() - t0, 1),
-                                           "loss_first": round(losses[0], 4),
-                                           "loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-                                           "load_average": _load(), "cpu": _cpu_name()}]
-    log.update(steps=step, seconds=round(seconds, 1), sessions=sessions,
-               loss_last_50=sessions[-1]["loss_last_50"])
+    log = {"recipe": recipe, "seconds": round(time.monotonic() - t0, 1), "loss_first": round(losses[0], 4),
+           "loss_last_100": round(sum(losses[-100:]) / 100, 4), "load_average": _load(), "cpu": _cpu_name()}
     from hpipe.io import write_text
 
     write_text(log_path, json.dumps(log, indent=1))
@@ -412,7 +424,7 @@ def _print_as_run(rows, B: int, tokens: int) -> None:
               f"{r['greedy']:12.2%} {r['differ']:5d}/{B * tokens}  {div}")
 
 
-def accuracy(tokens: int, train_s: float, checkpoint: str, more_s: float = 0.0, n_prompts: int = 4) -> None:
+def accuracy(tokens: int, checkpoint: str, n_prompts: int = 16) -> None:
     import torch
 
     from hpipe.models import get_model
@@ -421,7 +433,6 @@ def accuracy(tokens: int, train_s: float, checkpoint: str, more_s: float = 0.0, 
     from hpipe.runtime.weights import HFWeights, RandomWeights, spec_from_hf_config
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # two threads on two oversubscribed cores only spin against each other
     codecs = ["int8", "fp8", "int4"] if HAS_FP8 else ["int8", "int4"]
     fns = {c: (lambda x, c=c: round_trip(x, c)) for c in codecs}
     fns["int8 per-tensor"] = per_tensor_int8
@@ -432,8 +443,12 @@ def accuracy(tokens: int, train_s: float, checkpoint: str, more_s: float = 0.0, 
     prompts = torch.tensor([list(held[s:s + T]) for s in starts], dtype=torch.long)
     print(f"{_cpu_name()}, loaded by other work (load average {_load()}); {B} prompts of {T} bytes "
           f"(held-out Python source), {tokens} greedy tokens each (no EOS stop)")
+    if T + tokens > TRAIN["context"]:
+        raise SystemExit(f"--tokens {tokens}: the prompt ({T}) plus the output would run past the "
+                         f"{TRAIN['context']} positions the model is trained on")
     folder = Path(checkpoint)
-    info = train_small_llama(folder, train_s, more_s=more_s)
+    info = train_small_llama(folder)  # on two threads: a quiet machine's both cores
+    torch.set_num_threads(1)  # the measurement: one core, as a stage worker has
     print(f"trained small LLaMA {SMALL} at {folder}: {info}")
     spec = spec_from_hf_config(folder)
     trained = HFWeights(folder, spec)
@@ -499,18 +514,16 @@ def main(argv=None) -> None:
     sub.add_parser("testbed")
     acc = sub.add_parser("accuracy")
     acc.add_argument("--tokens", type=int, default=128)
-    acc.add_argument("--train-s", type=float, default=240.0)
-    acc.add_argument("--checkpoint", default="/tmp/hpipe-compression-llama")
-    acc.add_argument("--train-more-s", type=float, default=0.0,
-                     help="train the checkpoint this many seconds longer before measuring")
-    acc.add_argument("--prompts", type=int, default=4)
+    acc.add_argument("--checkpoint", default="/tmp/hpipe-compression-llama-ctx256",
+                     help="where the trained model is kept (trained there first, by TRAIN, when absent)")
+    acc.add_argument("--prompts", type=int, default=16)
     args = ap.parse_args(argv)
     if args.what == "latency":
         latency(args.repeats, args.profile)
     elif args.what == "testbed":
         testbed()
     else:
-        accuracy(args.tokens, args.train_s, args.checkpoint, args.train_more_s, args.prompts)
+        accuracy(args.tokens, args.checkpoint, args.prompts)
 
 
 if __name__ == "__main__":
