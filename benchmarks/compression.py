@@ -441,7 +441,7 @@ def accuracy(tokens: int, checkpoint: str, n_prompts: int = 16) -> None:
     # evenly spaced through the held-out text, never chosen by outcome
     starts = [len(held) * (i + 1) // (B + 1) for i in range(B)]
     prompts = torch.tensor([list(held[s:s + T]) for s in starts], dtype=torch.long)
-    print(f"{_cpu_name()}, loaded by other work (load average {_load()}); {B} prompts of {T} bytes "
+    print(f"{_cpu_name()}, load average {_load()} at start (2 CPUs; other work shows in it); {B} prompts of {T} bytes "
           f"(held-out Python source), {tokens} greedy tokens each (no EOS stop)")
     if T + tokens > TRAIN["context"]:
         raise SystemExit(f"--tokens {tokens}: the prompt ({T}) plus the output would run past the "
