@@ -75,6 +75,15 @@ def test_key_changes_with_what_the_profile_measured(tmp_path, cache):
     assert profile_key(load_scenario(p).resolve()) == profile_key(base)
 
 
+def test_key_changes_with_the_profilers_method(monkeypatch, cache):
+    from hpipe.costmodels import profile as profile_mod
+
+    setup = load_scenario(LOCAL).resolve()
+    before = profile_key(setup)
+    monkeypatch.setattr(profile_mod, "PROFILER_METHOD", profile_mod.PROFILER_METHOD + 1)
+    assert profile_key(setup) != before  # a profile measured the old way is not found, so measured again
+
+
 def test_auto_without_runtime_placements_is_roofline(tmp_path, cache):
     data = yaml.safe_load((ROOT / "scenarios" / "paper-llama7b.yaml").read_text())
     data["costmodel"] = "auto"

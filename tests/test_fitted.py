@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from hpipe.costmodels.fitted import Fitted, features, fit_link, fit_samples, holdout_error, predict
-from hpipe.costmodels.profile import PROFILE_FORMAT, UnitSamples, load_profile
+from hpipe.costmodels.profile import PROFILE_FORMAT, PROFILER_METHOD, UnitSamples, load_profile
 from hpipe.errors import InputError
 from hpipe.models import get_model
 from hpipe.scenario import load_scenario
@@ -69,7 +69,7 @@ def synthetic_profile(devices=("local/core-0", "local/core-1"), slow=None, noise
                                   "bandwidth_gbps": 1.0, "latency_us": 200.0})
     return {"format": PROFILE_FORMAT, "created": "2025-01-01T00:00:00Z",
             "hardware": {"cpu_model": "test", "cpu_cores": 2},
-            "versions": {"python": "3", "hpipe": "0.1.0"}, "scenario": "local-cpu",
+            "versions": {"python": "3", "hpipe": "0.1.0", "profiler": PROFILER_METHOD}, "scenario": "local-cpu",
             "model": get_model(model).to_dict(), "dtype": dtype,
             "settings": {"warmup": 1, "repeats": 3, "statistic": "synthetic"},
             "devices": devs, "links": link_list}

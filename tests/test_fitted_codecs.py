@@ -109,6 +109,7 @@ def test_a_profile_without_the_allowed_codecs_is_stale(tmp_path, monkeypatch):
     old = load_profile(OLD_PROFILE)
     monkeypatch.setattr(profiler, "_hardware", lambda: old.hardware)
     monkeypatch.setattr(profiler, "_versions", lambda: old.versions)
+    monkeypatch.setattr(profiler, "PROFILER_METHOD", old.versions.profiler)  # a committed profile, older
     allows = load_scenario(HETERO_INT8).resolve()
     assert "int8" in profiler.stale_reason(old, allows) and "compression" in profiler.stale_reason(old, allows)
     data = yaml.safe_load(HETERO_INT8.read_text())

@@ -177,3 +177,26 @@ def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_
     assert "step-loop probe" in profiler.stale_reason(load_profile(path), gen)
     path.write_text(json.dumps(with_step_probe(prof)))
     assert profiler.stale_reason(load_profile(path), gen) is None
+
+
+def test_a_profile_measured_by_another_profiler_method_is_stale(tmp_path, monkeypatch):
+    from hpipe.costmodels.profile import PROFILER_METHOD, Hardware, Versions
+    from hpipe.runtime import profiler
+    from hpipe.scenario import parse_scenario
+
+    monkeypatch.setattr(profiler, "_hardware", lambda: Hardware(cpu_model="test", cpu_cores=2))
+    monkeypatch.setattr(profiler, "_versions", lambda: Versions(python="3", hpipe="0.1.0"))
+    data = yaml.safe_load(SCENARIO.read_text())
+    for dev in data["cluster"]["hosts"][0]["devices"]:
+        dev.pop("runtime", None)
+    setup = parse_scenario(data).resolve()
+    prof = synthetic_profile(noise=0.0)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    assert profiler.stale_reason(load_profile(path), setup) is None
+    prof["versions"]["profiler"] = PROFILER_METHOD - 1
+    path.write_text(json.dumps(prof))
+    assert f"profiler method {PROFILER_METHOD - 1}" in profiler.stale_reason(load_profile(path), setup)
+    del prof["versions"]["profiler"]  # a profile from before the method was recorded
+    path.write_text(json.dumps(prof))
+    assert "profiler method 1" in profiler.stale_reason(load_profile(path), setup)

@@ -12,7 +12,7 @@ another).
     (else $XDG_CACHE_HOME/hpipe/profiles/..., else ~/.cache/hpipe/profiles/...)
 
 ``key`` is a short hash of the machine (CPU model, logical CPUs, RAM), the
-versions (python, torch, hpipe) and what the profile measured (model shape,
+versions (python, torch, hpipe, the profiler's method: PROFILER_METHOD) and what the profile measured (model shape,
 dtype, workload shape, device ids with their runtime placements, the links the
 scenario shapes).  Change any of them and the scenario gets another file, so a
 cached profile that exists is one made for this very setup.
@@ -71,10 +71,11 @@ def torch_version() -> str | None:
 def machine() -> dict:
     """What of this machine and its software a profile depends on."""
     import hpipe
+    from hpipe.costmodels.profile import PROFILER_METHOD
 
     return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count() or 0, "ram_gib": ram_gib(),
             "python": platform.python_version(), "torch": torch_version(),
-            "hpipe": getattr(hpipe, "__version__", "0")}
+            "hpipe": getattr(hpipe, "__version__", "0"), "profiler": PROFILER_METHOD}
 
 
 def _placement(d) -> dict:

@@ -38,6 +38,12 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 from hpipe.errors import InputError, format_loc
 
 PROFILE_FORMAT = "hpipe-profile/1"
+PROFILER_METHOD = 2
+"""How ``hpipe.runtime.profiler`` measures.  Bump it whenever a change makes the numbers of a
+profile mean something else (what a unit, hop or all-reduce is timed after, how a quota device
+is paced), so that a profile measured the old way is measured again rather than mixed with the
+new cost model: it is in the profile cache's key and ``stale_reason`` checks it.  1: profiles
+before it was recorded; 2 (2026-12-03): all-reduces timed after a paced MLP shard of the model."""
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
 
 
@@ -61,6 +67,8 @@ class Versions(_Strict):
     torch: str | None = None
     hpipe: str
     numpy: str | None = None
+    profiler: int = 1
+    """The PROFILER_METHOD that measured it (profiles before it was recorded have none: 1)."""
 
 
 class Settings(_Strict):

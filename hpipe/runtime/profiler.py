@@ -79,7 +79,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from hpipe.costmodels.profile import (PROFILE_FORMAT, AfterWait, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
+from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
                                       Hardware, LinkProfile, Profile, Settings, ShardSamples, SpeedProbe, StepHopProfile,
                                       UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
@@ -763,7 +763,7 @@ def _versions() -> Versions:
     import hpipe
 
     return Versions(python=platform.python_version(), torch=torch.__version__,
-                    hpipe=getattr(hpipe, "__version__", "0"), numpy=np.__version__)
+                    hpipe=getattr(hpipe, "__version__", "0"), numpy=np.__version__, profiler=PROFILER_METHOD)
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -961,6 +961,9 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if (prof.versions.torch, prof.versions.python) != (v.torch, v.python):
         return (f"measured with torch {prof.versions.torch} / python {prof.versions.python}, "
                 f"this runtime has torch {v.torch} / python {v.python}")
+    if prof.versions.profiler != PROFILER_METHOD:
+        return (f"measured by profiler method {prof.versions.profiler}, this hpipe measures by method "
+                f"{PROFILER_METHOD} (hpipe.costmodels.profile.PROFILER_METHOD)")
     if setup.output_tokens and not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c))
                                        for dp in prof.devices):
         return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
