@@ -39,6 +39,8 @@ HAND = {
     "tp-middle": plan([([0], (0, 1)), ([1, 2], (1, 5)), ([3], (5, N))], [8, 8], decode_micro_batches=2),
     # tensor-parallel first and last stages, prefill micro-batches that cut across the decode groups
     "tp-ends": plan([([0, 1], (0, 3)), ([2, 3], (3, N))], [8, 8], micro_batches=2, decode_micro_batches=3),
+    # a TP last stage of the head alone: its peer has no unit to run (only the leader's logits are read)
+    "tp-head-only": plan([([0], (0, N - 1)), ([1, 2], (N - 1, N))], [8, 8], decode_micro_batches=2),
     # two stages, one decode group (nothing else in flight)
     "one-group": plan([([0], (0, 2)), ([1], (2, N))], [16], micro_batches=3, decode_micro_batches=1),
 }

@@ -27,6 +27,8 @@ SHAPES = {
     "micro-batches": plan([([0], (0, 3)), ([1], (3, 4)), ([2], (4, N))], [32, 16], micro_batches=2),
     "tp-middle": plan([([0], (0, 1)), ([1, 2], (1, 5)), ([3], (5, N))], [16, 16, 16]),
     "tp-ends": plan([([0, 1], (0, 3)), ([2, 3], (3, N))], [40, 8], micro_batches=3),
+    # the peer of a TP stage skips the head, so here it has no unit at all (leader-only work)
+    "tp-head-only": plan([([0], (0, N - 1)), ([1, 2], (N - 1, N))], [24, 24], micro_batches=2),
     "single-stage": plan([([0], (0, N))], [8, 24, 16]),
     "base": plan([([0], (0, 4)), ([1], (4, N))], [48]),
 }

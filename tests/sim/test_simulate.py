@@ -272,3 +272,25 @@ def test_gantt_of_results_without_a_timeline_still_writes_a_png(llama7b, tmp_pat
                  results=[infeasible_result(llama7b, "megatron", "no split fits")])
     gantt_png(res, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tensor_parallel_stage_prices_the_head_on_its_leader_alone(llama7b):
+    # The runtime's TP peers skip the head (only the leader's logits are read): in the engine a
+    # head-only TP stage keeps its leader busy for the head and its peer idle, whichever leads.
+    from hpipe.sim import build
+
+    setup = llama7b
+    devs = setup.cluster.device_ids
+    head = setup.units[-1]
+    n_units = setup.n_units
+    for lead, peer in ((devs[4], devs[5]), (devs[5], devs[4])):
+        p = Plan(planner="hand", scenario=setup.name, slices=[1024, 1024],
+                 stages=[{"devices": [devs[0]], "units": [0, n_units - 1]},
+                         {"devices": [lead, peer], "units": [n_units - 1, n_units]}]).check(setup)
+        last = build(setup, p).stages[-1]
+        n = np.array([1024.0, 1024.0])
+        c = np.array([0.0, 1024.0])
+        assert np.allclose(last.device_compute_s[0], setup.cost.unit_time_s(head, lead, n, c, setup.batch_size))
+        assert not last.device_compute_s[1].any()
+        util = simulate(setup, p).utilization
+        assert util[lead] > 0 and util[peer] == 0
