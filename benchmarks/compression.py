@@ -33,17 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from hpipe.costmodels.cache import cpu_model  # noqa: E402
 from hpipe.scenario import load_scenario, parse_scenario  # noqa: E402
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return cpu_model()
 
 
 def _load() -> str:

@@ -21,12 +21,12 @@ printed, so a load that drifts over the run hits every configuration alike.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from hpipe.costmodels.cache import cpu_model
 from hpipe.plan import Plan, Stage
 from hpipe.runtime.launcher import execute, make_ids, runtime_spec
 from hpipe.runtime.model import build_units, make_caches, run_units
@@ -35,14 +35,7 @@ from hpipe.scenario import load_scenario, parse_scenario
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpu_model()
 
 
 def one_process(setup, ids) -> dict:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import sys
@@ -42,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hpipe.costmodels.cache import cpu_model  # noqa: E402
 from hpipe.errors import InfeasibleError  # noqa: E402
 from hpipe.memory import stage_memory_bytes  # noqa: E402
 from hpipe.plan import Plan, Stage  # noqa: E402
@@ -473,15 +475,7 @@ def scaling(sizes=(8, 32, 128, 512)):
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {__import__('os').cpu_count()} cores"
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def main():
