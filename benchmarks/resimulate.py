@@ -1,9 +1,10 @@
 """Re-simulate the cases of `hpipe validate --json` files under this tree's model.
 
 The measured runs do not depend on the cost model, so a model change can be judged on
-runs already made: each case is simulated again from the profile the file names, and its
-error printed as run and now, per scenario and together (median and p90 of |error|, signed
-bias), as in the README's validation tables.
+runs already made: each prefill case is simulated again from the profile the file names,
+and its error printed as run and now, per scenario and together (median and p90 of
+|error|, signed bias), as in the README's validation tables.  Generating cases are left
+out (and counted): benchmarks/resimulate_decode.py re-simulates those.
 
     PYTHONPATH=. python benchmarks/resimulate.py benchmarks/results/validate-*-2026-12-02-quiet.json
 """
@@ -15,7 +16,7 @@ from hpipe.scenario import load_scenario
 from hpipe.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-rows = []
+rows, skipped = [], 0
 for path in sys.argv[1:]:
     d = json.load(open(path))
     setups = {}
@@ -26,6 +27,9 @@ for path in sys.argv[1:]:
         (tmp / "s.yaml").write_text(yaml.safe_dump(data))
         setups[sc] = load_scenario(tmp / "s.yaml").resolve()
     for c in d["cases"]:
+        if c.get("output_tokens"):  # a generating case: benchmarks/resimulate_decode.py
+            skipped += 1
+            continue
         plan = Plan(planner="x", scenario=c["scenario"], stages=[Stage(devices=s[0], units=tuple(s[1])) for s in c["stages"]],
                     slices=c["slices"], micro_batches=c["micro_batches"])
         sim = simulate(setups[c["scenario"]], plan).latency_s
@@ -38,6 +42,8 @@ def stat(name, sel):
         print(f"{name:28s} {key:5s} n {len(e):2d} median {statistics.median(a):5.1%} p90 {np.percentile(a, 90):5.1%} bias {statistics.mean(e):+.1%}")
 for sc in dict.fromkeys(r["sc"] for r in rows):
     stat(sc, [r for r in rows if r["sc"] == sc])
+if skipped:
+    print(f"({skipped} generating cases left out: benchmarks/resimulate_decode.py re-simulates those)")
 stat("all", rows)
 stat(">= 3 stages", [r for r in rows if r["stages"] >= 3])
 stat("tensor-parallel", [r for r in rows if r["kind"] == "tensor-parallel"])
