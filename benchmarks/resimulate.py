@@ -36,6 +36,9 @@ for path in sys.argv[1:]:
         rows.append(dict(sc=c["scenario"], stages=len(c["stages"]), kind=c["kind"], origin=c["chosen_by_planner"],
                          asrun=c["error"], now=(sim - c["measured_latency_s"]) / c["measured_latency_s"]))
 def stat(name, sel):
+    if not sel:
+        print(f"{name:28s} n  0")
+        return
     for key in ("asrun", "now"):
         e = [r[key] for r in sel]
         a = [abs(x) for x in e]
