@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/compression.py latency [--repeats 5] [--profile full|quick]
     PYTHONPATH=. python benchmarks/compression.py testbed
-    PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--prompts 16] [--checkpoint DIR]
+    PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--prompts 16] [--seed 0] [--checkpoint DIR]
 
 ``latency``: on ``scenarios/local-cpu-hetero-int8.yaml`` (a 100 Mbit/s shaped link
 between two emulated hosts; needs root, ip, tc and cgroups), planned with the fitted model
@@ -241,16 +241,18 @@ def _lr(step: int) -> float:
     return t["peak_lr"] * warm * (t["final_lr_frac"] + (1 - t["final_lr_frac"]) * cos)
 
 
-def train_small_llama(folder: Path) -> dict:
-    """Train SMALL as a transformers LlamaForCausalLM on bytes by the TRAIN recipe, or reuse the
-    checkpoint in ``folder`` when ``train_log.json`` there names the same model and recipe.
+def train_small_llama(folder: Path, seed: int = 0) -> dict:
+    """Train SMALL as a transformers LlamaForCausalLM on bytes by the TRAIN recipe with ``seed``
+    (the initial weights and the batches drawn), or reuse the checkpoint in ``folder`` when
+    ``train_log.json`` there names the same model and recipe.
     Saved as safetensors for ``HFWeights``; ``train_log.json`` says how it was trained."""
     import json
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    recipe = {"model": SMALL, "train": {k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN.items()},
+    t = {**TRAIN, "seed": seed}
+    recipe = {"model": SMALL, "train": {k: list(v) if isinstance(v, tuple) else v for k, v in t.items()},
               "corpus": CORPUS_GLOB}
     log_path = folder / "train_log.json"
     if (folder / "config.json").exists():
@@ -260,7 +262,6 @@ def train_small_llama(folder: Path) -> dict:
                              f"{'says ' + json.dumps(log.get('recipe')) if log else 'is missing'}); "
                              f"remove the folder or pass another --checkpoint")
         return {"reused": str(folder), **log}
-    t = TRAIN
     torch.manual_seed(t["seed"])
     torch.set_num_threads(2)
     cfg = LlamaConfig(vocab_size=256, hidden_size=SMALL["d_model"], intermediate_size=SMALL["d_ff"],
@@ -419,7 +420,7 @@ def _print_as_run(rows, B: int, tokens: int) -> None:
               f"{r['greedy']:12.2%} {r['differ']:5d}/{B * tokens}  {div}")
 
 
-def accuracy(tokens: int, checkpoint: str, n_prompts: int = 16) -> None:
+def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 16, seed: int = 0) -> None:
     import torch
 
     from hpipe.models import get_model
@@ -441,8 +442,8 @@ def accuracy(tokens: int, checkpoint: str, n_prompts: int = 16) -> None:
     if T + tokens > TRAIN["context"]:
         raise SystemExit(f"--tokens {tokens}: the prompt ({T}) plus the output would run past the "
                          f"{TRAIN['context']} positions the model is trained on")
-    folder = Path(checkpoint)
-    info = train_small_llama(folder)  # on two threads: a quiet machine's both cores
+    folder = Path(checkpoint or f"/tmp/hpipe-compression-llama-ctx256{f'-seed{seed}' if seed else ''}")
+    info = train_small_llama(folder, seed)  # on two threads: a quiet machine's both cores
     torch.set_num_threads(1)  # the measurement: one core, as a stage worker has
     print(f"trained small LLaMA {SMALL} at {folder}: {info}")
     spec = spec_from_hf_config(folder)
@@ -509,8 +510,10 @@ def main(argv=None) -> None:
     sub.add_parser("testbed")
     acc = sub.add_parser("accuracy")
     acc.add_argument("--tokens", type=int, default=128)
-    acc.add_argument("--checkpoint", default="/tmp/hpipe-compression-llama-ctx256",
-                     help="where the trained model is kept (trained there first, by TRAIN, when absent)")
+    acc.add_argument("--checkpoint", default=None,
+                     help="where the trained model is kept (trained there first, by TRAIN, when absent); "
+                          "default /tmp/hpipe-compression-llama-ctx256[-seedN]")
+    acc.add_argument("--seed", type=int, default=0, help="the training seed (initial weights, batches)")
     acc.add_argument("--prompts", type=int, default=16)
     args = ap.parse_args(argv)
     if args.what == "latency":
@@ -518,7 +521,7 @@ def main(argv=None) -> None:
     elif args.what == "testbed":
         testbed()
     else:
-        accuracy(args.tokens, args.checkpoint, args.prompts)
+        accuracy(args.tokens, args.checkpoint, args.prompts, args.seed)
 
 
 if __name__ == "__main__":
