@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def latency(repeats: int, profile: str = "full") -> None:
             pairs.append((comp, "hpipe, int8 not allowed"))
     plans.update({"one-slice int8": gp.model_copy(update={"codecs": ["int8"]}), "one-slice none": gp})
     pairs.append(("one-slice int8", "one-slice none"))
-    print(f"{setup.name}: {_cpu_name()}, load average {_load()} at start (2 CPUs; other work on the machine "
+    print(f"{setup.name}: {_cpu_name()}, load average {_load()} at start ({os.cpu_count()} CPUs; other work on the machine "
           f"shows in it)")
     for name, p in plans.items():
         print(f"  {name:24s} stages {[s.units for s in p.stages]} slices {p.slices} mb {p.micro_batches}")
@@ -228,7 +229,8 @@ def _corpus(pattern: str, limit_bytes: int) -> bytes:
 # token: a model trained on 64-byte windows and asked for positions up to 224 (the
 # recipe before 2026-12-02 night) wrote garbage past its window, full of near-ties that
 # any perturbation flips.  A fixed step count with the schedule tied to it makes the
-# checkpoint the same on any machine of one kind, however loaded.
+# checkpoint the same however loaded the machine (for one CPU kind, torch build and
+# Python, whose standard library is the text).
 TRAIN = dict(steps=8000, batch=8, context=256, peak_lr=3e-3, warmup_steps=200, final_lr_frac=0.1,
              betas=(0.9, 0.95), weight_decay=0.01, seed=0)
 
@@ -437,7 +439,7 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 16, seed: int
     # evenly spaced through the held-out text, never chosen by outcome
     starts = [len(held) * (i + 1) // (B + 1) for i in range(B)]
     prompts = torch.tensor([list(held[s:s + T]) for s in starts], dtype=torch.long)
-    print(f"{_cpu_name()}, load average {_load()} at start (2 CPUs; other work shows in it); {B} prompts of {T} bytes "
+    print(f"{_cpu_name()}, load average {_load()} at start ({os.cpu_count()} CPUs; other work shows in it); {B} prompts of {T} bytes "
           f"(held-out Python source), {tokens} greedy tokens each (no EOS stop)")
     if T + tokens > TRAIN["context"]:
         raise SystemExit(f"--tokens {tokens}: the prompt ({T}) plus the output would run past the "

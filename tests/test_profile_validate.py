@@ -24,7 +24,7 @@ pytest.importorskip("torch")
 pytest.importorskip("hpipe.runtime.launcher")
 
 from hpipe.costmodels.fitted import fit_link  # noqa: E402
-from hpipe.costmodels.profile import load_profile  # noqa: E402
+from hpipe.costmodels.profile import PROFILER_METHOD, load_profile  # noqa: E402
 from hpipe.runtime import emulation as em  # noqa: E402
 from hpipe.runtime.profiler import codec_sizes  # noqa: E402
 from hpipe.scenario import load_scenario as load_scenario_file  # noqa: E402
@@ -75,6 +75,7 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     path, prof_path, r = tiny
     prof = load_profile(prof_path)
     assert prof.versions.torch and prof.hardware.cpu_model and prof.created
+    assert prof.versions.profiler == PROFILER_METHOD  # else every fresh profile would read as stale
     assert {d.device for d in prof.devices} == {"local/core-0", "local/core-1"}
     for d in prof.devices:
         assert set(d.units) == {"embed", "attn", "mlp", "head"}

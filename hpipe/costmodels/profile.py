@@ -10,7 +10,7 @@ the serving engine changed version).
 Layout (JSON)::
 
     {"format": "hpipe-profile/1", "created": "2025-..Z",
-     "hardware": {...}, "versions": {"python": .., "torch": .., "hpipe": ..},
+     "hardware": {...}, "versions": {"python": .., "torch": .., "hpipe": .., "numpy": .., "profiler": 2},
      "scenario": "local-cpu", "model": {ModelSpec fields}, "dtype": "float32",
      "settings": {"warmup": 2, "repeats": 7, "statistic": "trimmed-mean"},
      "devices": [{"device": "local/core-0", "label": "core", "placement": {...},
@@ -42,8 +42,9 @@ PROFILER_METHOD = 2
 """How ``hpipe.runtime.profiler`` measures.  Bump it whenever a change makes the numbers of a
 profile mean something else (what a unit, hop or all-reduce is timed after, how a quota device
 is paced), so that a profile measured the old way is measured again rather than mixed with the
-new cost model: it is in the profile cache's key and ``stale_reason`` checks it.  1: profiles
-before it was recorded; 2 (2026-12-03): all-reduces timed after a paced MLP shard of the model."""
+new cost model: it is in the profile cache's key and ``stale_reason`` checks it.  1: every
+profile from before it was recorded (2026-12-02, 23:35 UTC), whatever it measured; 2: all-reduces
+timed after a paced MLP shard of the model (the method of stop 20, first recorded then)."""
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
 
 

@@ -947,8 +947,9 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(
 def stale_reason(prof: Profile, setup) -> str | None:
     """Why a profile should be measured again for ``setup`` on this machine, or None.
 
-    Profiles must come from the very runtime that executes (versions) and machine
-    (CPU model), and cover every device of the scenario with its placement."""
+    Profiles must come from the very runtime that executes (versions), be measured by this
+    hpipe's profiler method (``PROFILER_METHOD``) on this machine (CPU model), and cover every
+    device of the scenario with its placement."""
     from hpipe.costmodels.profile import model_mismatch
 
     why = model_mismatch(prof, setup.model, setup.dtype)
