@@ -154,16 +154,24 @@ def test_profiler_grid_has_decode_points_only_when_generating():
     assert set(pts) <= set(default_grid(s1).points)
 
 
-def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_path, monkeypatch):
+def _on_the_synthetic_profiles_machine(monkeypatch):
+    """(the profiler module, the scenario's data without runtime placements), with this machine
+    and its versions made those that synthetic_profile records."""
     from hpipe.costmodels.profile import Hardware, Versions
     from hpipe.runtime import profiler
-    from hpipe.scenario import parse_scenario
 
     monkeypatch.setattr(profiler, "_hardware", lambda: Hardware(cpu_model="test", cpu_cores=2))
     monkeypatch.setattr(profiler, "_versions", lambda: Versions(python="3", hpipe="0.1.0"))
     data = yaml.safe_load(SCENARIO.read_text())
     for dev in data["cluster"]["hosts"][0]["devices"]:
         dev.pop("runtime", None)
+    return profiler, data
+
+
+def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_path, monkeypatch):
+    from hpipe.scenario import parse_scenario
+
+    profiler, data = _on_the_synthetic_profiles_machine(monkeypatch)
     path = tmp_path / "p.json"
     path.write_text(json.dumps(synthetic_profile(noise=0.0)))
     plain = load_profile(path)
@@ -180,15 +188,10 @@ def test_a_profile_without_decode_points_is_stale_for_a_generating_scenario(tmp_
 
 
 def test_a_profile_measured_by_another_profiler_method_is_stale(tmp_path, monkeypatch):
-    from hpipe.costmodels.profile import PROFILER_METHOD, Hardware, Versions
-    from hpipe.runtime import profiler
+    from hpipe.costmodels.profile import PROFILER_METHOD
     from hpipe.scenario import parse_scenario
 
-    monkeypatch.setattr(profiler, "_hardware", lambda: Hardware(cpu_model="test", cpu_cores=2))
-    monkeypatch.setattr(profiler, "_versions", lambda: Versions(python="3", hpipe="0.1.0"))
-    data = yaml.safe_load(SCENARIO.read_text())
-    for dev in data["cluster"]["hosts"][0]["devices"]:
-        dev.pop("runtime", None)
+    profiler, data = _on_the_synthetic_profiles_machine(monkeypatch)
     setup = parse_scenario(data).resolve()
     prof = synthetic_profile(noise=0.0)
     path = tmp_path / "p.json"
