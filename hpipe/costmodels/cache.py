@@ -12,9 +12,9 @@ another).
     (else $XDG_CACHE_HOME/hpipe/profiles/..., else ~/.cache/hpipe/profiles/...)
 
 ``key`` is a short hash of the machine (CPU model, logical CPUs, RAM), the
-versions (python, torch, hpipe, the profiler's method: PROFILER_METHOD) and what the profile measured (model shape,
-dtype, workload shape, device ids with their runtime placements, the links the
-scenario shapes).  Change any of them and the scenario gets another file, so a
+versions (python, torch, hpipe, the profiler's method ``PROFILER_METHOD``) and what
+the profile measured (model shape, dtype, workload shape, device ids with their
+runtime placements, the links the scenario shapes).  Change any of them and the scenario gets another file, so a
 cached profile that exists is one made for this very setup.
 
 Nothing here imports torch (the torch version is read from the installed
