@@ -124,15 +124,21 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     lat, per_byte = fit_link(ar.sizes_bytes, ar.seconds)
     assert float(setup.cost.allreduce_time_s(["local/core-0", "local/core-1"], 65536)) == \
         pytest.approx(lat + 65536 * per_byte)
-    # the fitted model prices int8 from the profile's timings: near the measured CPU time at
-    # the largest size (a two-coefficient fit over six sizes), not the memory-pass model
+    # the fitted model prices int8 from the profile's timings (a two-coefficient fit over six
+    # sizes), not the memory-pass model; the fit follows the timings at most sizes (a median
+    # over sizes: one size timed while the machine was loaded must not fail it)
     from hpipe.codecs import get_codec
+    from hpipe.costmodels import CostModel
 
     cs = prof.device("local/core-0").codecs["int8"]
     assert setup.cost.has_codec_timing("local/core-0", "int8")
-    enc, dec = setup.cost.codec_time_s(get_codec("int8"), "local/core-0", cs.values[-1])
-    assert float(enc) == pytest.approx(cs.encode_cpu_s[-1], rel=0.3)
-    assert float(dec) == pytest.approx(cs.decode_cpu_s[-1], rel=0.3)
+    int8 = get_codec("int8")
+    k = np.asarray(cs.values, float)
+    enc, dec = setup.cost.codec_time_s(int8, "local/core-0", k)
+    pass_enc, pass_dec = CostModel.codec_time_s(setup.cost, int8, "local/core-0", k)
+    assert not np.allclose(enc, pass_enc) and not np.allclose(dec, pass_dec)
+    assert np.median(np.abs(enc / np.asarray(cs.encode_cpu_s) - 1)) < 0.3
+    assert np.median(np.abs(dec / np.asarray(cs.decode_cpu_s) - 1)) < 0.3
 
 
 def test_chain_outweighs_the_cache():
