@@ -38,10 +38,6 @@ from hpipe.costmodels.cache import cpu_model  # noqa: E402
 from hpipe.scenario import load_scenario, parse_scenario  # noqa: E402
 
 
-def _cpu_name() -> str:
-    return cpu_model()
-
-
 def _load() -> str:
     try:
         return open("/proc/loadavg").read().split()[0]
@@ -119,7 +115,7 @@ def latency(repeats: int, profile: str = "full") -> None:
             pairs.append((comp, "hpipe, int8 not allowed"))
     plans.update({"one-slice int8": gp.model_copy(update={"codecs": ["int8"]}), "one-slice none": gp})
     pairs.append(("one-slice int8", "one-slice none"))
-    print(f"{setup.name}: {_cpu_name()}, load average {_load()} at start ({os.cpu_count()} CPUs; other work on the machine "
+    print(f"{setup.name}: {cpu_model()}, load average {_load()} at start ({os.cpu_count()} CPUs; other work on the machine "
           f"shows in it)")
     for name, p in plans.items():
         print(f"  {name:24s} stages {[s.units for s in p.stages]} slices {p.slices} mb {p.micro_batches}")
@@ -294,7 +290,7 @@ def train_small_llama(folder: Path, seed: int = 0) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     log = {"recipe": recipe, "seconds": round(time.monotonic() - t0, 1), "loss_first": round(losses[0], 4),
-           "loss_last_100": round(sum(losses[-100:]) / 100, 4), "load_average": _load(), "cpu": _cpu_name()}
+           "loss_last_100": round(sum(losses[-100:]) / 100, 4), "load_average": _load(), "cpu": cpu_model()}
     from hpipe.io import write_text
 
     write_text(log_path, json.dumps(log, indent=1))
@@ -439,7 +435,7 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 16, seed: int
     # evenly spaced through the held-out text, never chosen by outcome
     starts = [len(held) * (i + 1) // (B + 1) for i in range(B)]
     prompts = torch.tensor([list(held[s:s + T]) for s in starts], dtype=torch.long)
-    print(f"{_cpu_name()}, load average {_load()} at start ({os.cpu_count()} CPUs; other work shows in it); {B} prompts of {T} bytes "
+    print(f"{cpu_model()}, load average {_load()} at start ({os.cpu_count()} CPUs; other work shows in it); {B} prompts of {T} bytes "
           f"(held-out Python source), {tokens} greedy tokens each (no EOS stop)")
     if T + tokens > TRAIN["context"]:
         raise SystemExit(f"--tokens {tokens}: the prompt ({T}) plus the output would run past the "

@@ -34,10 +34,6 @@ from hpipe.runtime.weights import RandomWeights
 from hpipe.scenario import load_scenario, parse_scenario
 
 
-def cpu_name() -> str:
-    return cpu_model()
-
-
 def one_process(setup, ids) -> dict:
     """Prefill, then greedy cached decode steps, in this process on one thread."""
     torch.set_num_threads(1)
@@ -95,7 +91,7 @@ def main() -> None:
             runs[name].append(one_process(setup, ids) if plan is None else pipelined(setup, plan.check(setup), ids))
 
     print(f"{setup.model.name}, batch {args.batch} x {args.seq_len} prompt tokens, {args.output_tokens} new tokens, "
-          f"{setup.dtype}; CPU: {cpu_name()}; median of {args.repeats} interleaved runs")
+          f"{setup.dtype}; CPU: {cpu_model()}; median of {args.repeats} interleaved runs")
     cols = ["prefill_s", "decode_s", "decode_tokens_per_s", "ttft_s", "tpot_s"]
     print(f"{'configuration':34s} " + " ".join(f"{c:>20s}" for c in cols) + f" {'decode share':>13s}")
     for name, rs in runs.items():

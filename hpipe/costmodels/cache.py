@@ -14,8 +14,9 @@ another).
 ``key`` is a short hash of the machine (CPU model, logical CPUs, RAM), the
 versions (python, torch, hpipe, the profiler's method ``PROFILER_METHOD``) and what
 the profile measured (model shape, dtype, workload shape, device ids with their
-runtime placements, the links the scenario shapes).  Change any of them and the scenario gets another file, so a
-cached profile that exists is one made for this very setup.
+runtime placements, the links the scenario shapes).  Change any of them and the
+scenario gets another file, so a cached profile that exists is one made for this very
+setup.
 
 Nothing here imports torch (the torch version is read from the installed
 package's metadata): planning with ``costmodel: auto`` stays torch-free.
