@@ -97,12 +97,16 @@ def _load_scenario(scenario: Path, sets: list[str] | None = None):
 
 
 def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = False,
-                make_profile: bool = False):
+                make_profile: bool = False, check=None):
     """The resolved scenario.  ``costmodel: auto``: says on stderr which model it chose; with no
     profile of this machine yet, measures a quick one first when ``make_profile`` (execute
-    always; plan and simulate on a terminal, not --quiet), else says how to make one."""
+    always; plan and simulate on a terminal, not --quiet), else says how to make one.
+    ``check(setup)``: the command's own input checks against the scenario, run before that
+    profile, so that a typo costs seconds, not a profile's minute."""
     sc = _load_scenario(scenario, sets)
     setup = sc.resolve()
+    if check is not None:
+        check(setup)
     choice = getattr(setup.cost, "auto", None)
     if choice is None:
         return setup
@@ -133,17 +137,38 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     return setup
 
 
+PLANNER_ABBREVIATIONS = {"gp-b": "gpipe-balanced", "tp-t": "tp-terapipe"}
+"""The short names the README's tables use (and the paper's GP-B, TP-T): suggested, not accepted."""
+
+
 def _planner_names(planner: str) -> list[str]:
-    if planner == "all":
+    """``all``, one planner or a comma list, each once, in the order given."""
+    if planner.strip() == "all":
         return list(PLANNER_NAMES)
     names = [p.strip() for p in planner.split(",") if p.strip()]
+    if not names:
+        raise InputError(f"no planner named; one of {', '.join(PLANNER_NAMES)} or all", field="--planner")
     for n in names:
+        if n == "all":
+            raise InputError("'all' already names every planner; give it alone", field="--planner")
         if n not in PLANNER_NAMES:
             from hpipe.errors import suggest
 
-            raise InputError(f"unknown planner {n!r}{suggest(n, PLANNER_NAMES)}; one of "
-                             f"{', '.join(PLANNER_NAMES)} or all", field="--planner")
-    return names
+            hint = (f" (did you mean {PLANNER_ABBREVIATIONS[n.lower()]}?)" if n.lower() in PLANNER_ABBREVIATIONS
+                    else suggest(n, PLANNER_NAMES))
+            raise InputError(f"unknown planner {n!r}{hint}; one of {', '.join(PLANNER_NAMES)} or all",
+                             field="--planner")
+    return list(dict.fromkeys(names))  # a planner named twice runs once
+
+
+def _check_timeout(timeout_s: float) -> None:
+    if not timeout_s > 0:
+        raise InputError(f"must be a number of seconds above 0, not {timeout_s:g}", field="--timeout")
+
+
+def _no_global_sets(command: str) -> None:
+    if _GLOBAL_SETS:  # `hpipe --set k=v devices`: nothing to apply it to, and silence would mislead
+        raise InputError(f"{command} reads no scenario, so there is nothing to apply --set to", field="--set")
 
 
 # ---- catalogs --------------------------------------------------------------
@@ -153,20 +178,16 @@ def devices(json_path: JsonOpt = None):
     from hpipe.devices import DEVICES
     from hpipe.io import write_text
 
+    _no_global_sets("devices")
     _check_outputs({"--json": json_path})
     rows = [d.model_dump() for d in DEVICES.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
         if json_path == "-":
             return
-    t = Table(title="devices")
-    for col in ("name", "generation", "fp16 TFLOPS", "fp32 TFLOPS", "memory GB", "mem GB/s", "power W", "idle W",
-                "link Gbit/s"):
-        t.add_column(col, justify="left" if col == "name" else "right")
-    for d in DEVICES.values():
-        t.add_row(d.name, d.generation, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
-                  f"{d.memory_bandwidth_gbps:g}", f"{d.power_w:g}", f"{d.idle_power_w:g}", f"{d.interconnect_gbps:g}")
-    _console().print(t)
+    from hpipe.tables import devices_table
+
+    _console().print(devices_table(DEVICES.values()))
 
 
 @app.command()
@@ -175,19 +196,16 @@ def models(json_path: JsonOpt = None):
     from hpipe.io import write_text
     from hpipe.models import MODELS
 
+    _no_global_sets("models")
     _check_outputs({"--json": json_path})
     rows = [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
         if json_path == "-":
             return
-    t = Table(title="models")
-    for col in ("name", "family", "params", "layers", "d_model", "heads", "kv heads", "d_ff", "vocab"):
-        t.add_column(col, justify="left" if col in ("name", "family") else "right")
-    for m in MODELS.values():
-        t.add_row(m.name, m.family, f"{m.param_count() / 1e9:.3f} B", str(m.n_layers), str(m.d_model),
-                  str(m.n_heads), str(m.n_kv_heads), str(m.d_ff), str(m.vocab_size))
-    _console().print(t)
+    from hpipe.tables import models_table
+
+    _console().print(models_table(MODELS.values()))
 
 
 # ---- plan ------------------------------------------------------------------
@@ -276,14 +294,16 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                 bar.update(task, description=f"planning and simulating {name}")
                 try:
                     results.append(run_sim(setup, make_plan(setup, name)))
-                except InfeasibleError as e:
-                    if len(names) == 1:
-                        raise
+                except InfeasibleError as e:  # written to --json as well, then exit 3 below
                     results.append(infeasible_result(setup, name, str(e)))
                 bar.advance(task)
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet)
+    if len(results) == 1 and not results[0].feasible:  # one planner: its reason is the whole message
+        from hpipe.tables import reason_of
+
+        raise InfeasibleError(reason_of(results[0]))
     if con:
         from hpipe.tables import results_table
 
@@ -356,23 +376,31 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     from hpipe.sim import simulate as run_sim
 
     _check_outputs({"--json": json_path, "--trace": trace})
+    _check_timeout(timeout)
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
-    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True)
-    if plan is not None and planner is not None:
-        raise InputError("give --planner or --plan, not both", field="--plan")
-    if plan is not None:
-        plans = load_plans(plan)
-        if len(plans) != 1:
-            raise InputError(f"execute runs one plan, the file holds {len(plans)}", file=str(plan))
-        p = plans[0].check(setup, file=str(plan))
-    else:
-        names = _planner_names(planner or setup.scenario.planner.kind)
-        if len(names) != 1:
-            raise InputError("execute runs one planner", field="--planner")
-        p = make_plan(setup, names[0])
     from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, check_cpu_memory, check_placements, cpu_estimate_s, format_duration
 
+    if plan is not None and planner is not None:
+        raise InputError("give --planner or --plan, not both", field="--plan")
+    plans = load_plans(plan) if plan is not None else None
+    if plans is not None and len(plans) != 1:
+        raise InputError(f"execute runs one plan, the file holds {len(plans)}", file=str(plan))
+    if planner is not None and len(_planner_names(planner)) != 1:
+        raise InputError("execute runs one planner", field="--planner")
+    token_ids = None
+
+    def inputs_fit(setup):  # before a first run measures this machine's profile
+        nonlocal token_ids
+        if plans is not None:
+            check_placements(setup, plans[0].check(setup, file=str(plan)).devices)
+        token_ids = load_inputs(inputs, setup) if inputs else None
+
+    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=inputs_fit)
+    if plans is not None:
+        p = plans[0].check(setup, file=str(plan))
+    else:
+        p = make_plan(setup, _planner_names(planner or setup.scenario.planner.kind)[0])
     check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
     predicted = run_sim(setup, p)
     if not predicted.feasible:
@@ -386,7 +414,6 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
                           f"for the warm-up and measured runs. Ctrl-C stops it."
                           + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
                              if item_s > timeout / 2 else ""), highlight=False)
-    token_ids = load_inputs(inputs, setup) if inputs else None
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
     measured.predicted_latency_s = predicted.latency_s
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
@@ -444,13 +471,13 @@ class _Streamer:
 
 
 @app.command()
-def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
-             planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)")] = None,
-             plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file")] = None,
-             prompt: Annotated[Optional[str], typer.Option(help="prompt text (needs tokenizer.json in the weights folder)")] = None,
-             prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="read the prompt text from FILE")] = None,
-             inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence, all of one length")] = None,
-             max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="new tokens per sequence (default: the scenario's output_tokens, else 32)")] = None,
+def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
+             planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
+             plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
+             prompt: Annotated[Optional[str], typer.Option(help="prompt text (needs tokenizer.json in the weights folder)", metavar="TEXT")] = None,
+             prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="read the prompt text from FILE", metavar="FILE")] = None,
+             inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence, all of one length", metavar="IDS.json")] = None,
+             max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="new tokens per sequence (default: the scenario's output_tokens, else 32)", metavar="N")] = None,
              stream: Annotated[bool, typer.Option(help="print the text (or ids) to stdout as tokens arrive")] = False,
              check: Annotated[bool, typer.Option(help="compare the greedy ids with one process; exit 1 if they differ")] = False,
              json_path: JsonOpt = None,
@@ -464,6 +491,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
     from hpipe.sim import simulate as run_sim
 
     _check_outputs({"--json": json_path})
+    _check_timeout(timeout)
     with _needs_torch("generate"):
         from hpipe.runtime import generation as gen
         from hpipe.runtime.launcher import execute as run_exec, runtime_spec
@@ -519,7 +547,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML")],
 
         _console(stderr=True).print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
-            f"({len(p.stages)} stages)", measured, predicted))
+            f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
     if check:
         import numpy as np
 

@@ -2,7 +2,10 @@
 
 Every file hpipe writes goes to a temporary file in the same folder and is
 renamed over the target, so an interrupted run leaves the old file or none,
-never a torn one.  ``-`` means standard output.
+never a torn one.  ``-`` means standard output.  A symlink is followed (the file it
+points to is replaced, the link stays); a target that exists and is not a regular file
+(``/dev/stdout``, a pipe such as bash's ``>(...)``) is written in place, since nothing can
+be renamed over it.  A write that fails is an InputError naming the file.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ def atomic_path(path: str | Path, suffix: str = "", make_parents: bool = True) -
 
     ``make_parents=False`` for paths a user typed: a missing folder is their typo, not ours
     to create (``check_output`` says so before any work is done)."""
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # a symlink: replace the file it points to, keep the link
     if make_parents:
         target.parent.mkdir(parents=True, exist_ok=True)
     elif not target.parent.is_dir():
         from hpipe.errors import InputError
 
         raise InputError(f"the folder {str(target.parent)!r} does not exist", file=str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix, dir=target.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     os.close(fd)
     # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask)
     umask = os.umask(0)
@@ -36,7 +42,10 @@ def atomic_path(path: str | Path, suffix: str = "", make_parents: bool = True) -
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            raise _cannot_write(path, e) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -47,11 +56,33 @@ def write_text(path: str | Path, text: str, make_parents: bool = True) -> None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
         return
+    if is_special(path):
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise _cannot_write(path, e) from None
+        return
     with atomic_path(path, make_parents=make_parents) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _cannot_write(path, e) from None
+
+
+def is_special(path: str | Path) -> bool:
+    """An existing target that is not a regular file (a device, a pipe): written in place."""
+    p = Path(path)
+    return p.exists() and not p.is_file()
+
+
+def _cannot_write(path, e: OSError):
+    from hpipe.errors import InputError
+
+    return InputError(f"cannot write the file: {e.strerror or e}", file=str(path))
 
 
 PLOT_FORMATS = ("png", "svg", "pdf")
@@ -94,6 +125,22 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
             if ext not in PLOT_FORMATS:
                 raise InputError(f"{p!r}: the extension names the image format; one of "
                                  f"{', '.join('.' + f for f in PLOT_FORMATS)}", field=opt)
+
+
+def document_kind(data) -> str | None:
+    """Which of hpipe's own documents ``data`` looks like (a Plan, a Result, a sweep), so that
+    a file passed in the wrong place is named for what it is; None for anything else."""
+    items = data if isinstance(data, list) and data else [data]
+    if not all(isinstance(d, dict) for d in items):
+        return None
+    keys = set(items[0])
+    if {"mode", "results"} <= keys:
+        return "a Result JSON (the output of simulate or execute)"
+    if {"sweep", "runs"} <= keys:
+        return "a sweep's JSON (the output of hpipe sweep)"
+    if {"stages", "slices"} <= keys:
+        return "a Plan JSON" if len(items) == 1 else "a list of Plans"
+    return None
 
 
 def read_json(path: str | Path):

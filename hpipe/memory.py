@@ -69,24 +69,29 @@ def plan_shortfalls(setup, plan) -> list[Shortfall]:
             if need > setup.cluster.device(d).usable_memory_bytes]
 
 
+def _model_need_bytes(setup) -> tuple[float, float]:
+    """(weights, KV cache) bytes of the whole model at the workload's batch and context."""
+    db = setup.dtype_bytes
+    weights = sum(u.weight_bytes(db) for u in setup.units)
+    if setup.model.tie_embeddings:  # counted twice by the units; one copy is enough on one device
+        weights -= setup.model.vocab_size * setup.model.d_model * db
+    kv = sum(u.kv_bytes_per_token(db) for u in setup.units) * kv_tokens(setup) * setup.batch_size
+    return weights, kv
+
+
 def model_shortfall_bytes(setup) -> float:
     """How far the whole cluster falls short of holding the model's weights and KV cache
     (0 when it has room, by this lower bound)."""
-    db = setup.dtype_bytes
-    need = sum(u.weight_bytes(db) + u.kv_bytes_per_token(db) * kv_tokens(setup) * setup.batch_size
-               for u in setup.units)
-    if setup.model.tie_embeddings:  # counted twice above; one copy is enough on one device
-        need -= setup.model.vocab_size * setup.model.d_model * db
     have = sum(d.usable_memory_bytes for d in setup.cluster.devices)
-    return max(need - have, 0.0)
+    return max(sum(_model_need_bytes(setup)) - have, 0.0)
 
 
 def raise_if_model_cannot_fit(setup) -> None:
     short = model_shortfall_bytes(setup)
     if short > 0:
-        db = setup.dtype_bytes
+        weights, kv = _model_need_bytes(setup)
         raise InfeasibleError(
             f"{setup.model.name} at batch {setup.batch_size} x {setup.seq_len} tokens ({setup.dtype}) "
             f"does not fit in the cluster's memory: {short / 1e9:.2f} GB short "
-            f"(weights {sum(u.weight_bytes(db) for u in setup.units) / 1e9:.2f} GB + KV cache, "
+            f"(weights {weights / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB, "
             f"{sum(d.usable_memory_bytes for d in setup.cluster.devices) / 1e9:.2f} GB usable)")

@@ -135,14 +135,21 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             else:
                 node = node[part]
             continue
+        if isinstance(node, list):  # cluster.hosts.0: list entries are indexed in brackets
+            indexed = [int(x) if isinstance(x, str) and x.isdigit() else x for x in parts]
+            hint = (f"; did you mean {format_key(indexed)}?" if part.isdigit()
+                    else f" (e.g. {format_key([*parts[:i], 0])})")
+            raise InputError(f"{format_key(parts[:i])} is a list, indexed in brackets{hint}", field=key)
         if not isinstance(node, dict):
-            raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is {node!r}, not a mapping, so it "
+            shown = repr(node) if len(repr(node)) <= 40 else type(node).__name__
+            raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is {shown}, not a mapping, so it "
                              f"has no key {part!r}", field=key)
         fields = None
         if model is not None and not in_list:
             fields = {k: f for k, f in model.model_fields.items() if k != "source_path"}
         if part not in node and fields is not None and part not in fields:
-            raise InputError(f"unknown key {part!r} at {here}{suggest(part, fields)}", field=key)
+            hint = suggest(part, fields) or f"; the keys here: {', '.join(fields)}"
+            raise InputError(f"unknown key {part!r} at {here}{hint}", field=key)
         if fields is not None and part in fields:
             model, in_list = _model_of(fields[part].annotation)
         else:

@@ -146,10 +146,14 @@ def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> Input
 
 def load_plans(path: str | Path) -> list[Plan]:
     """One Plan or a JSON list of Plans."""
-    from hpipe.io import read_json
+    from hpipe.io import document_kind, read_json
 
     file = str(path)
     data = read_json(path)
+    kind = document_kind(data)
+    if kind and "Plan" not in kind:
+        raise InputError(f"this is {kind}, not a Plan; each result's plan is its 'plan' field, or "
+                         f"`hpipe plan SCENARIO -o plan.json` writes one", file=file)
     items = data if isinstance(data, list) else [data]
     if not items:
         raise InputError("an empty list: no plan to use", file=file)

@@ -40,9 +40,16 @@ def progress(quiet: bool = False) -> Iterator[Progress | _Null]:
         return
     # imported only when a bar is drawn: `hpipe plan` off a terminal need not pay for it
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    class Count(ProgressColumn):
+        """'3/7'; nothing for a task of unknown length (``total=None``: a pulsing bar)."""
+
+        def render(self, task) -> Text:
+            return Text("" if task.total is None else f"{task.completed:g}/{task.total:g}")
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     with bar:
         yield bar

@@ -476,6 +476,13 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise InputError(f"YAML syntax error at {where}{problem}", file=file) from None
+    from hpipe.io import document_kind
+
+    kind = document_kind(data)  # JSON is YAML too: hpipe's own outputs parse, then miss every field
+    if kind:
+        raise InputError(f"this is {kind}, not a scenario: a scenario is a YAML file such as "
+                         f"scenarios/paper-llama7b.yaml" + ("; a plan is given with --plan" if "Plan" in kind else ""),
+                         file=file)
     if not overrides:
         return parse_scenario(data, file)
     from hpipe.overrides import apply_overrides, overridden_keys

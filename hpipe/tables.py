@@ -75,28 +75,33 @@ RESULT_COLUMNS = ("planner", "latency\ns", "tokens\n/s", "energy\nJ", "cost\n$/M
                   "stages/\nslices/µb")
 
 
-GENERATION_COLUMNS = ("TTFT\ns", "TPOT\nms", "out\ntok/s", "decode\nµb")
+GENERATION_RESULT_COLUMNS = ("planner", "latency\ns", "TTFT\ns", "TPOT\nms", "out\ntok/s", "energy\nJ",
+                             "mem\nGB", "stages/\nslices/µb", "decode\nµb")
+"""simulate with generation: end-to-end latency and the decode figures; prompt tokens/s, the
+bubble and the cost stay in the JSON, so that the table fits 80 columns."""
 
 
 def results_table(title: str, results) -> Table:
-    """simulate: one row per planner; with generation, the decode figures too (latency is then
-    end to end)."""
+    """simulate: one row per planner; with generation, the decode figures instead of the
+    prefill's tokens/s and bubble (latency is then end to end)."""
     t = _table(title, "\n".join(infeasible_notes(results)) or None)
     gen = any(r.ttft_s is not None for r in results)
-    cols = RESULT_COLUMNS + (GENERATION_COLUMNS if gen else ())
+    cols = GENERATION_RESULT_COLUMNS if gen else RESULT_COLUMNS
     for c in cols:
         t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
     for r in results:
         if r.latency_s is None:
             t.add_row(r.planner + " ✗", *(["-"] * (len(cols) - 1)))
             continue
-        row = [r.planner + ("" if r.feasible else " (infeasible)"), sig(r.latency_s),
-               sig(r.throughput_tokens_per_s), sig(r.energy_j), sig(r.usd_per_million_tokens),
-               f"{r.bubble_fraction:.1%}", gb(_max_mem_mb(r)), shape(r.plan)]
+        name = r.planner + ("" if r.feasible else " (infeasible)")
         if gen:
-            row += [sig(r.ttft_s), sig(r.tpot_s * 1e3 if r.tpot_s is not None else None),
-                    sig(r.output_tokens_per_s), str(r.plan.decode_micro_batches or "-") if r.plan else "-"]
-        t.add_row(*row)
+            t.add_row(name, sig(r.latency_s), sig(r.ttft_s), sig(r.tpot_s * 1e3 if r.tpot_s is not None else None),
+                      sig(r.output_tokens_per_s), sig(r.energy_j), gb(_max_mem_mb(r)), shape(r.plan),
+                      str(r.plan.decode_micro_batches or "-") if r.plan else "-")
+        else:
+            t.add_row(name, sig(r.latency_s), sig(r.throughput_tokens_per_s), sig(r.energy_j),
+                      sig(r.usd_per_million_tokens), f"{r.bubble_fraction:.1%}", gb(_max_mem_mb(r)),
+                      shape(r.plan))
     return t
 
 
@@ -160,6 +165,36 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
                       sig(r.usd_per_million_tokens), shape(r.plan))
         if len(run.results) > 1 and v is not values[-1]:
             t.add_section()
+    return t
+
+
+# ---- the catalogs -----------------------------------------------------------------
+def devices_table(devices) -> Table:
+    """hpipe devices: datasheet figures, one row per catalog type (the sources are in the JSON)."""
+    t = _table("devices (datasheet figures; $/h: on-demand USD per device-hour, where a cloud lists one)")
+    for c in ("name", "gener-\nation", "fp16\nTFLOPS", "fp32\nTFLOPS", "mem\nGB", "mem\nGB/s", "power\nW",
+              "idle\nW", "link\nGbit/s", "price\n$/h"):
+        t.add_column(c, justify="left" if c == "name" else "right", no_wrap=True)
+    for d in devices:
+        t.add_row(d.name, d.generation, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
+                  f"{d.memory_bandwidth_gbps:g}", f"{d.power_w:g}", f"{d.idle_power_w:g}", f"{d.interconnect_gbps:g}",
+                  "-" if d.price_per_hour is None else f"{d.price_per_hour:g}")
+    return t
+
+
+def params(n: float) -> str:
+    """A parameter count: 6.74B, 68.98B, 3.2M."""
+    return f"{sig(n / 1e9, 3)}B" if n >= 1e9 else f"{sig(n / 1e6, 3)}M"
+
+
+def models_table(models) -> Table:
+    """hpipe models: the catalog's shapes."""
+    t = _table("models")
+    for c in ("name", "family", "params", "layers", "d_model", "heads", "kv\nheads", "d_ff", "vocab"):
+        t.add_column(c, justify="left" if c in ("name", "family") else "right", no_wrap=True)
+    for m in models:
+        t.add_row(m.name, m.family, params(m.param_count()), str(m.n_layers), str(m.d_model), str(m.n_heads),
+                  str(m.n_kv_heads), str(m.d_ff), str(m.vocab_size))
     return t
 
 

@@ -217,6 +217,13 @@ def test_tables_fit_80_columns_with_whole_names():
     flat = " ".join(text.split())
     assert "base: base:" not in flat and "gpipe, megatron infeasible:" in flat
     assert flat.count("0.47 GB short") == 1
+    code, text = _on_terminal("simulate", str(SCENARIOS / "paper-llama7b-generate.yaml"), "--planner", "all")
+    assert code == 0 and max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    assert "…" not in text and "TPOT" in text and "gpipe-balanced" in text
+    for catalog, whole in (("devices", "A100-80GB"), ("models", "llama-2-70b")):
+        code, text = _on_terminal(catalog)
+        assert code == 0 and max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+        assert "…" not in text and whole in text
 
 
 def test_numbers_keep_four_significant_digits():
@@ -286,3 +293,65 @@ def test_install_script_prefers_the_cpu_index_and_falls_back_to_the_default():
     assert text.index('reachable "$CPU_INDEX"') < cpu < default  # probe, CPU build first, default after
     readme = (SCENARIOS.parent / "README.md").read_text()
     assert "download.pytorch.org/whl/cpu" in readme and "not reachable" in readme
+
+
+# ---- what a new user mistypes --------------------------------------------------------
+def test_planner_lists(cli):
+    r = cli("simulate", PAPER, "--planner", "hpipe,base,hpipe", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert [x["planner"] for x in json.loads(r.stdout)["results"]] == ["hpipe", "base"]  # each once, in order
+    r = cli("simulate", PAPER, "--planner", ",", "-q")
+    assert r.returncode == 2 and "no planner named" in r.stderr
+    r = cli("simulate", PAPER, "--planner", "all,hpipe", "-q")
+    assert r.returncode == 2 and "give it alone" in r.stderr
+    r = cli("simulate", PAPER, "--planner", "gp-b", "-q")  # the README's tables abbreviate so
+    assert r.returncode == 2 and "did you mean gpipe-balanced" in r.stderr
+
+
+def test_set_says_how_to_index_and_which_keys_exist(cli):
+    r = cli("simulate", PAPER, "--set", "cluster.hosts.0.devices.0.count=2", "-q")
+    assert r.returncode == 2 and "did you mean cluster.hosts[0].devices[0].count" in r.stderr
+    assert "host-a" not in r.stderr  # not the list's contents
+    r = cli("simulate", PAPER, "--set", "foo=3", "-q")
+    assert r.returncode == 2 and "workload" in r.stderr and "cluster" in r.stderr
+    r = cli("--set", "workload.seq_len=4096", "devices")
+    assert r.returncode == 2 and "nothing to apply --set to" in r.stderr
+
+
+def test_one_infeasible_planner_writes_its_json_and_exits_3(cli, tmp_path):
+    out = tmp_path / "r.json"
+    r = cli("simulate", str(SCENARIOS / "home-lab.yaml"), "--set", "model=llama-2-70b", "--planner", "hpipe",
+            "--json", str(out))
+    assert r.returncode == 3, r.stderr
+    assert "GB short" in r.stderr and "KV cache 2.68 GB" in r.stderr  # how much of the need is the cache
+    (res,) = json.loads(out.read_text())["results"]  # written as with several planners
+    assert not res["feasible"] and "GB short" in res["infeasible"]
+
+
+def test_hpipe_documents_in_the_wrong_place_are_named(cli, tmp_path):
+    plan, result = tmp_path / "plan.json", tmp_path / "result.json"
+    assert cli("plan", PAPER, "-o", str(plan), "-q").returncode == 0
+    assert cli("simulate", PAPER, "--json", str(result), "-q").returncode == 0
+    r = cli("simulate", str(plan))
+    assert r.returncode == 2 and "is a Plan JSON, not a scenario" in r.stderr and "--plan" in r.stderr
+    r = cli("simulate", str(result))
+    assert r.returncode == 2 and "is a Result JSON" in r.stderr
+    r = cli("simulate", PAPER, "--plan", str(result))
+    assert r.returncode == 2 and "is a Result JSON" in r.stderr and "not a Plan" in r.stderr
+
+
+def test_execute_checks_its_inputs_before_measuring_a_profile(cli, tmp_path):
+    pytest.importorskip("torch")
+    plan = tmp_path / "paper-plan.json"
+    assert cli("plan", PAPER, "-o", str(plan), "-q").returncode == 0
+    cache = tmp_path / "cache"
+    local = str(SCENARIOS / "local-cpu.yaml")  # costmodel: auto, and no profile in this empty cache
+    r = cli("execute", local, "--plan", str(plan), "-q", env={"HPIPE_CACHE_DIR": str(cache)})
+    assert r.returncode == 2 and "is not in the scenario" in r.stderr
+    assert "measuring" not in r.stderr and not cache.exists()  # refused before a profile's minute
+    bad = tmp_path / "ids.json"
+    bad.write_text("[[1, 2, 3]]")
+    r = cli("execute", local, "--inputs", str(bad), "-q", env={"HPIPE_CACHE_DIR": str(cache)})
+    assert r.returncode == 2 and "measuring" not in r.stderr and not cache.exists()
+    r = cli("execute", local, "--timeout", "0", "-q", env={"HPIPE_CACHE_DIR": str(cache)})
+    assert r.returncode == 2 and "--timeout" in r.stderr and not cache.exists()

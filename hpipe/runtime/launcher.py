@@ -71,7 +71,7 @@ def check_inputs(data, setup, file: str | None = None) -> None:
     if not isinstance(data, list) or not all(isinstance(s, list) for s in data):
         raise InputError("expected a JSON list of token-id lists, one per sequence", file=file)
     if len(data) != setup.batch_size:
-        raise InputError(f"{len(data)} sequences, but the scenario's batch_size is {setup.batch_size}", file=file)
+        raise InputError(f"{len(data)} sequence{'s' if len(data) != 1 else ''}, but the scenario's batch_size is {setup.batch_size}", file=file)
     for i, seq in enumerate(data):
         if len(seq) != setup.seq_len:
             raise InputError(f"{len(seq)} tokens, but the scenario's seq_len is {setup.seq_len}",

@@ -19,7 +19,7 @@ decode steps are drawn in shades of red (one shade per decode group) and labelle
 
 from __future__ import annotations
 
-from hpipe.io import atomic_path
+from hpipe.io import atomic_path, is_special
 from hpipe.result import Result, RunResult
 
 _US = 1e6
@@ -212,5 +212,8 @@ def save_figure(fig, path, dpi: int = 110) -> None:
     from pathlib import Path
 
     fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    if is_special(path):  # a pipe or device: nothing to rename over it
+        fig.savefig(path, dpi=dpi, format=fmt)
+        return
     with atomic_path(path, suffix="." + fmt) as tmp:
         fig.savefig(tmp, dpi=dpi, format=fmt)
