@@ -38,13 +38,15 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 from hpipe.errors import InputError, format_loc
 
 PROFILE_FORMAT = "hpipe-profile/1"
-PROFILER_METHOD = 2
+PROFILER_METHOD = 3
 """How ``hpipe.runtime.profiler`` measures.  Bump it whenever a change makes the numbers of a
 profile mean something else (what a unit, hop or all-reduce is timed after, how a quota device
 is paced), so that a profile measured the old way is measured again rather than mixed with the
 new cost model: it is in the profile cache's key and ``stale_reason`` checks it.  1: every
 profile from before it was recorded (2026-12-02, 23:35 UTC), whatever it measured; 2: all-reduces
-timed after a paced MLP shard of the model (the method of stop 20, first recorded then)."""
+timed after a paced MLP shard of the model (the method of stop 20, first recorded then); 3: a
+slower device emulated by a cgroup weight and pacing instead of a CFS quota (2026-12-03), which
+makes its tensor-parallel shards and short stretches faster (``hpipe.runtime.emulation``)."""
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
 
 
@@ -78,7 +80,8 @@ class Settings(_Strict):
     statistic: str
     """How repeats become one figure (e.g. trimmed-mean: mean of the middle repeats)."""
     cfs_period_us: int | None = None
-    """cgroup CPU period used for devices with cpu_quota."""
+    """cgroup CPU period of devices with cpu_quota, in profiles of method 2 and before (which
+    emulated them by a CFS quota); None since."""
 
 
 class UnitSamples(_Strict):

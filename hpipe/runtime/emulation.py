@@ -1,27 +1,25 @@
-"""Heterogeneous devices and links on one machine: cgroup CPU quotas and shaped network namespaces.
+"""Heterogeneous devices and links on one machine: paced workers in weighted cgroups, shaped network namespaces.
 
 A scenario says how fast its devices and links are; on a single CPU box we
 make them so:
 
-* **Slower device.** A device whose placement has ``cpu_quota: q`` runs its
-  worker in a cgroup allowed q CPUs' worth of time per period (cgroup v1
-  ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, or v2 ``cpu.max``).  The
-  period is short (10 ms) so a throttled worker alternates run/stall at a
-  grain finer than a stage's work item: with the kernel's default 100 ms a
-  20 ms item either runs at full speed or stalls for 50 ms.  Shorter than
-  about twice ``sched_cfs_bandwidth_slice_us`` (5 ms) throttling turns
-  erratic, so not shorter.
-* **Uniformly slower.** A quota caps a device's CPU time per period, not its
-  speed: a worker that sat idle starts the next period with its whole share
-  and runs a short burst at full speed (a 3 ms burst at quota 0.4 took 3.0 ms,
-  not 7.5; an 8 ms burst 9.9 ms, not 20: 2-core AMD EPYC VM, 2026-12-02).  A
-  decode step is such a burst, so a quota device decoded 25-30% faster than
-  the q-times-slower device the scenario describes and the cost model prices.
-  Shorter periods do not help here (at 1 ms this kernel stopped throttling at
-  all).  So the worker paces itself (``Pace``): after each stretch of compute
-  it sleeps until the stretch has lasted its CPU time / q, as a q-times
-  slower device would have taken; under the quota a long stretch has already
-  lasted that long and sleeps not at all.
+* **Slower device.** A device whose placement has ``cpu_quota: q`` runs at q of a
+  core.  Its worker paces itself (``Pace``): after each stretch of compute it sleeps until
+  the stretch has lasted its CPU time / q, as a q-times-slower device would have taken.
+  Devices that share a core (their quotas adding up to at most one) each sit in a cgroup
+  weighted by its quota (v1 ``cpu.shares`` = 1024 q, v2 ``cpu.weight`` = 100 q), so that
+  while both compute the kernel splits the core between them q : q', and each runs at its
+  own speed at every moment, not only on average.
+* **Why weights, not a CPU quota.** Until 2026-12-03 each worker was held to a CFS
+  bandwidth quota (q x 10 ms per 10 ms period).  A quota caps CPU time per period, not
+  speed: a worker that sat idle starts the next period with its whole share and runs a
+  short burst at full speed (a 3 ms burst at quota 0.4 took 3.0 ms, not 7.5: 2-core AMD
+  EPYC VM, 2026-12-02), which is why ``Pace`` exists; and a stretch that used up its
+  period's budget leaves the next one to start throttled, time that nothing can give
+  back.  A tensor-parallel shard between two all-reduces (10-20 ms) paid that at every
+  all-reduce: on local-cpu-4dev a TP pair over the whole model ran 0.77-0.80 s under
+  quotas and 0.66-0.67 s with weights, predicted 10-12% and 1-2% too fast (3 interleaved
+  rounds each, fresh profiles, 2-core Intel Xeon VM, 2026-12-03).
 * **Slower link.** When a scenario has several hosts and gives none of them an
   ``address``, each host is emulated by a network namespace on this machine;
   every pair of namespaces is joined by a veth pair whose two ends are shaped
@@ -62,8 +60,6 @@ from pathlib import Path
 
 from hpipe.errors import HpipeError
 
-CFS_PERIOD_US = 10_000
-"""cgroup CPU period for emulated slow devices (see the module docstring for why 10 ms)."""
 PREFIX = "hpipe-"
 SUBNET = "10.213"
 """Private addresses used only inside the emulation's own namespaces (the root namespace's
@@ -83,7 +79,7 @@ class EmulationError(HpipeError):
 
 # ---- what the machine permits --------------------------------------------------------------
 def _cgroup_cpu_root() -> tuple[Path, int] | None:
-    """(directory, cgroup version) where CPU quotas can be set, or None."""
+    """(directory, cgroup version) where CPU weights can be set, or None."""
     v1 = Path("/sys/fs/cgroup/cpu")
     if (v1 / "cpu.cfs_quota_us").exists():
         return v1, 1
@@ -94,9 +90,9 @@ def _cgroup_cpu_root() -> tuple[Path, int] | None:
 
 
 def cgroup_unsupported() -> str | None:
-    """Why a CPU quota cannot be emulated here, or None when it can."""
+    """Why a slower device (``cpu_quota``) cannot be emulated here, or None when it can."""
     if os.geteuid() != 0:
-        return "emulating a slower device with a cgroup CPU quota needs root"
+        return "emulating a slower device (cpu_quota) with a cgroup needs root"
     root = _cgroup_cpu_root()
     if root is None:
         return "no cgroup CPU controller mounted (neither /sys/fs/cgroup/cpu nor cgroup v2 with cpu)"
@@ -162,35 +158,36 @@ def _ip(*args: str) -> str:
     return _run(["ip", *args])
 
 
-# ---- CPU quota ------------------------------------------------------------------------------
+# ---- CPU weight -----------------------------------------------------------------------------
 @dataclass
 class CpuLimit:
-    """A cgroup holding one worker to ``quota_cpus`` CPUs' worth of time."""
+    """A cgroup weighting one worker by ``quota_cpus`` against the others on its core (the
+    worker's ``Pace`` holds it to that speed when it computes alone)."""
 
     path: Path
     version: int
     quota_cpus: float
-    period_us: int
 
     @property
     def procs_file(self) -> str:
         return str(self.path / "cgroup.procs")
 
+    @property
+    def weight(self) -> int:
+        """cpu.shares (v1, default 1024) or cpu.weight (v2, default 100) in proportion to the quota."""
+        return max(2, round(1024 * self.quota_cpus)) if self.version == 1 else max(1, round(100 * self.quota_cpus))
 
-def _make_cgroup(name: str, quota_cpus: float, period_us: int = CFS_PERIOD_US) -> CpuLimit:
+
+def _make_cgroup(name: str, quota_cpus: float) -> CpuLimit:
     why = cgroup_unsupported()
     if why:
         raise EmulationError(why)
     root, version = _cgroup_cpu_root()
     path = root / name
     path.mkdir()
-    quota_us = max(1000, int(round(quota_cpus * period_us)))
-    if version == 1:
-        (path / "cpu.cfs_period_us").write_text(str(period_us))
-        (path / "cpu.cfs_quota_us").write_text(str(quota_us))
-    else:
-        (path / "cpu.max").write_text(f"{quota_us} {period_us}")
-    return CpuLimit(path, version, quota_cpus, period_us)
+    limit = CpuLimit(path, version, quota_cpus)
+    (path / ("cpu.shares" if version == 1 else "cpu.weight")).write_text(str(limit.weight))
+    return limit
 
 
 def _remove_cgroup(path: Path) -> None:
@@ -325,7 +322,8 @@ class WorkerPlacement:
     ifname: str | None = None
     """Interface holding ``address`` (GLOO_SOCKET_IFNAME)."""
     cpu_quota: float | None = None
-    """The quota the cgroup holds this worker to; its compute paces itself to it (``Pace``)."""
+    """The device's speed as a share of a core: its compute paces itself to it (``Pace``), and
+    its cgroup weighs it by it against the other devices on its core."""
 
     def env(self) -> dict[str, str]:
         """Environment a worker sets before torch.distributed starts (gloo's interface)."""
@@ -335,7 +333,7 @@ class WorkerPlacement:
 def enter(worker: WorkerPlacement | None) -> None:
     """In the worker process, before any work: join the cgroup, enter the namespace, pin to cores.
 
-    The cgroup first, so nothing the worker does runs unthrottled; the namespace before
+    The cgroup first, so everything the worker does is weighted; the namespace before
     torch.distributed opens any socket (setns moves the calling thread, and threads
     started afterwards inherit it)."""
     if worker is None:
@@ -372,7 +370,7 @@ def _prctl(option: int, value: int) -> bool:
 
 
 class Pace:
-    """A q-times-slower device out of a CPU held to quota q: every stretch of compute lasts at
+    """A q-times-slower device out of a full-speed core: every stretch of compute lasts at
     least its CPU time (this thread's) / q.
 
     ``mark()`` where a stretch starts; ``wait()`` where its result leaves the device (a send,
@@ -381,7 +379,7 @@ class Pace:
     with no quota (or quota >= 1) never sleeps.  The compute thread's CPU time stands for
     the device's work, as in the fitted model's CPU basis: right for ``threads: 1``, the
     placement of every emulated slow device here.  Each sleep ends 40-80 us late (``enter``
-    sets 1 us of timer slack).  Not used on a GPU, nor where no cgroup holds the quota (the
+    sets 1 us of timer slack).  Not used on a GPU, nor where cgroups are not permitted (the
     launcher's SIGSTOP duty cycle then slows every stretch alike)."""
 
     def __init__(self, quota: float | None):
@@ -431,7 +429,7 @@ class Emulation:
         out: dict = {}
         if self.cgroups:
             out["cpu_quota"] = {d: c.quota_cpus for d, c in self.cgroups.items()}
-            out["cfs_period_us"] = CFS_PERIOD_US
+            out["cpu_weight"] = {d: c.weight for d, c in self.cgroups.items()}
         if self.network:
             out["links"] = [{"between": list(lk.hosts), "bandwidth_gbps": lk.bandwidth_gbps,
                              "latency_us": lk.latency_us if lk.latency_emulated else None}

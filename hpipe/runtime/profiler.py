@@ -15,7 +15,7 @@ inside a 32 MB L3) the profile was 20% faster than the stages it predicted.
 The grid is swept ``warmup`` times untimed, then ``repeats`` times; a
 point's figure is the trimmed mean of its samples (the middle 60%): robust to
 the odd preemption by other processes, yet, unlike the median, still an
-average over the run/stall cycles of a CPU quota.
+average over the slow calls every run pays too.
 
 Each call is also timed in CPU time of the calling thread (``thread_time``; a point's
 figure is the plain mean, see ``summary``):
@@ -612,9 +612,10 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     2-core Intel Xeon VM (gVisor), 2 MiB, last member in to last member out, 2026-12-02:
     2.8-3.1 ms back to back (what a chain with a few microseconds of compute between its
     calls timed), 3.7-3.9 ms after a GEMM, 3.8 ms mean inside a real tensor-parallel prefill
-    (local-cpu, tp-terapipe), where the profile's chain priced it at 2.2-2.5 ms.  A device held
-    to a CPU quota paces the shard as the runtime does (``emulation.Pace``): unpaced, its
-    bursts ran into the cgroup's throttling inside the all-reduce (2 MiB at 11 ms).
+    (local-cpu, tp-terapipe), where the profile's chain priced it at 2.2-2.5 ms.  A device with
+    a ``cpu_quota`` paces the shard as the runtime does (``emulation.Pace``): when slower
+    devices were emulated by a CFS quota, an unpaced shard's bursts ran into the cgroup's
+    throttling inside the all-reduce (2 MiB at 11 ms).
 
     Each call is timed from the last member in to the last member out: a member that arrives
     early waits for the others, and the cost model charges that wait already, as the slowest
@@ -655,8 +656,8 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
                 def produce(x=x):  # the shard's output, fresh each call, as the runtime reduces it
                     pace.mark()
                     y = shard(x, 0, None)
-                    pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce:
-                    return y     # unpaced, a quota device's bursts ran into its cgroup's throttling
+                    pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce
+                    return y
 
                 with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
                     secs.append(all_reduce_chain_s(produce, group, wire))
@@ -930,8 +931,7 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(
                    hardware=_hardware(), versions=_versions(), scenario=setup.name, model=setup.model.to_dict(),
                    dtype=setup.dtype,
                    settings=Settings(warmup=warmup, repeats=repeats,
-                                     statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats",
-                                     cfs_period_us=emulated.get("cfs_period_us")),
+                                     statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats"),
                    devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops,
                    speed_probe=SpeedProbe(version=speed.PROBE_VERSION, cores=list(probes[0]),
                                           before_s=list(probes[0].values()), after_s=list(probes[1].values()))
