@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hpipe.errors import HpipeError, InfeasibleError, InputError
+from hpipe.io import is_stdout
 from hpipe.scenario import PLANNER_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -54,7 +55,7 @@ def _out_console(json_path: str | None, quiet: bool) -> Console | None:
     """Where tables go: stdout, unless stdout carries the JSON (then stderr), or nowhere when quiet."""
     if quiet:
         return None
-    return _console(stderr=json_path == "-")
+    return _console(stderr=json_path is not None and is_stdout(json_path))
 
 
 def _console(stderr: bool = False) -> Console:
@@ -162,7 +163,9 @@ def _planner_names(planner: str) -> list[str]:
 
 
 def _check_timeout(timeout_s: float) -> None:
-    if not timeout_s > 0:
+    import math
+
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
         raise InputError(f"must be a number of seconds above 0, not {timeout_s:g}", field="--timeout")
 
 
@@ -183,7 +186,7 @@ def devices(json_path: JsonOpt = None):
     rows = [d.model_dump() for d in DEVICES.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
-        if json_path == "-":
+        if is_stdout(json_path):
             return
     from hpipe.tables import devices_table
 
@@ -201,7 +204,7 @@ def models(json_path: JsonOpt = None):
     rows = [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
-        if json_path == "-":
+        if is_stdout(json_path):
             return
     from hpipe.tables import models_table
 
@@ -237,7 +240,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
         from hpipe.tables import plan_table
 
         con.print(plan_table(setup, p))
-        if output and output != "-":
+        if output and not is_stdout(output):
             con.print(f"wrote the Plan JSON to {escape(output)}", highlight=False)
 
 
@@ -300,7 +303,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet)
-    if len(results) == 1 and not results[0].feasible:  # one planner: its reason is the whole message
+    if len(results) == 1 and results[0].latency_s is None:  # one planner found no plan: its reason says it all
         from hpipe.tables import reason_of
 
         raise InfeasibleError(reason_of(results[0]))
@@ -379,6 +382,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     _check_timeout(timeout)
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
+    from hpipe.memory import raise_if_model_cannot_fit
     from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, check_cpu_memory, check_placements, cpu_estimate_s, format_duration
 
     if plan is not None and planner is not None:
@@ -392,8 +396,11 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
     def inputs_fit(setup):  # before a first run measures this machine's profile
         nonlocal token_ids
+        raise_if_model_cannot_fit(setup)
         if plans is not None:
-            check_placements(setup, plans[0].check(setup, file=str(plan)).devices)
+            p0 = plans[0].check(setup, file=str(plan))
+            check_placements(setup, p0.devices)
+            check_cpu_memory(setup, p0)
         token_ids = load_inputs(inputs, setup) if inputs else None
 
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=inputs_fit)
@@ -497,7 +504,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.runtime.launcher import execute as run_exec, runtime_spec
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
-    if stream and json_path == "-":
+    if stream and json_path is not None and is_stdout(json_path):
         raise InputError("--stream and --json - would both write to standard output; give --json a file",
                          field="--stream")
     sc = _load_scenario(scenario, sets)
@@ -538,7 +545,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.io import write_text
 
         write_text(json_path, result.model_dump_json(indent=2))
-    if not stream and json_path != "-":  # the answer, on stdout (--quiet drops only the table)
+    if not stream and not (json_path is not None and is_stdout(json_path)):  # the answer, on stdout (--quiet drops only the table)
         for k, g in enumerate(measured.generated_ids):
             out = measured.text[k] if measured.text else " ".join(map(str, g))
             print(out if len(ids) == 1 else f"[{k}] {out}")

@@ -52,7 +52,7 @@ def atomic_path(path: str | Path, suffix: str = "", make_parents: bool = True) -
 
 
 def write_text(path: str | Path, text: str, make_parents: bool = True) -> None:
-    if str(path) == "-":
+    if is_stdout(path):  # '-', or /dev/stdout and the like: through sys.stdout, in order with the rest
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
         return
@@ -74,9 +74,23 @@ def write_text(path: str | Path, text: str, make_parents: bool = True) -> None:
 
 
 def is_special(path: str | Path) -> bool:
-    """An existing target that is not a regular file (a device, a pipe): written in place."""
+    """An existing target that is neither a regular file nor a folder (a device, a pipe):
+    written in place."""
     p = Path(path)
-    return p.exists() and not p.is_file()
+    return p.exists() and not p.is_file() and not p.is_dir()
+
+
+def is_stdout(path: str | Path) -> bool:
+    """``-``, or a path naming this process's standard output (``/dev/stdout``, ``/proc/self/fd/1``):
+    one document goes there, and the tables move to stderr."""
+    if str(path) == "-":
+        return True
+    try:
+        a, b = os.stat(path), os.fstat(1)
+    except (OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and not Path(path).is_file() or \
+        str(path) in ("/dev/stdout", "/proc/self/fd/1", "/dev/fd/1")
 
 
 def _cannot_write(path, e: OSError):
@@ -99,7 +113,7 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
     format that is not one of PLOT_FORMATS."""
     from hpipe.errors import InputError
 
-    on_stdout = [opt for opt, p in outputs.items() if p == "-"]
+    on_stdout = [opt for opt, p in outputs.items() if p is not None and is_stdout(p)]
     if len(on_stdout) > 1:
         raise InputError(f"{' and '.join(on_stdout)} both ask for stdout ('-'), which holds one document; "
                          f"give one of them a file path", field=on_stdout[1])
@@ -113,6 +127,13 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
         if path.is_dir():
             raise InputError(f"{p!r} is a folder; give a file path inside it (e.g. {str(path / 'out')!r})",
                              field=opt)
+        if is_special(path):  # /dev/stdout, a pipe: written in place, so only the file itself matters
+            if opt in plots and is_stdout(p):
+                raise InputError("needs a file path (an image is not written to stdout)", field=opt)
+            if not os.access(path, os.W_OK):
+                raise InputError(f"cannot write {p!r}: permission denied", field=opt)
+            continue
+        path = Path(os.path.realpath(path))  # a symlink: the file it points to is what gets replaced
         parent = path.parent
         if not parent.exists():
             raise InputError(f"the folder {str(parent)!r} does not exist (hpipe does not create it)", field=opt)

@@ -136,8 +136,11 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
                 node = node[part]
             continue
         if isinstance(node, list):  # cluster.hosts.0: list entries are indexed in brackets
-            indexed = [int(x) if isinstance(x, str) and x.isdigit() else x for x in parts]
-            hint = (f"; did you mean {format_key(indexed)}?" if part.isdigit()
+            def index(x):
+                return isinstance(x, str) and x.isascii() and x.isdecimal()
+
+            indexed = [int(x) if index(x) else x for x in parts]
+            hint = (f"; did you mean {format_key(indexed)}?" if index(part)
                     else f" (e.g. {format_key([*parts[:i], 0])})")
             raise InputError(f"{format_key(parts[:i])} is a list, indexed in brackets{hint}", field=key)
         if not isinstance(node, dict):

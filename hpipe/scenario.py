@@ -91,7 +91,9 @@ class Placement(_Strict):
     cores: list[int] | None = None
     """CPU cores the worker is pinned to (sched_setaffinity); none: not pinned."""
     cpu_quota: PositiveFloat | None = None
-    """Emulate a slower device: the worker gets this many CPUs' worth of time (cgroup cpu.max)."""
+    """Emulate a slower device, this many cores' worth: a one-thread worker below one core paces its
+    compute and is weighted on its core by it (cgroup cpu.shares); other workers are held to it
+    by a CFS quota (cgroup cpu.max).  See hpipe.runtime.emulation."""
 
     @field_validator("device")
     @classmethod

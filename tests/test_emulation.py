@@ -67,9 +67,10 @@ def _send(worker, addr, port, nbytes, q):
 
 
 # ---- tests ------------------------------------------------------------------------------------
-def _spin_in(procs_file, seconds, q):
+def _spin_in(procs_file, core, start, seconds, q):
     Path(procs_file).write_text(str(os.getpid()))
-    os.sched_setaffinity(0, {0})
+    os.sched_setaffinity(0, {core})
+    start.wait()  # both spin over one window, however long each took to start
     t0, c0 = time.perf_counter(), time.process_time()
     x = 0
     while time.perf_counter() - t0 < seconds:
@@ -89,8 +90,9 @@ def test_devices_sharing_a_core_split_it_by_their_quotas(tmp_path):
         assert w.cgroup_procs and w.netns is None and w.cpu_quota == 0.3  # one host used: no network
         other = em._make_cgroup(f"{e.owner}-c9", 0.7)  # removed with the rest: named after the owner
         ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        ps = [ctx.Process(target=_spin_in, args=(f, 1.5, q)) for f in (w.cgroup_procs, other.procs_file)]
+        q, start = ctx.Queue(), ctx.Barrier(2)
+        core = min(os.sched_getaffinity(0))
+        ps = [ctx.Process(target=_spin_in, args=(f, core, start, 1.5, q)) for f in (w.cgroup_procs, other.procs_file)]
         for p in ps:
             p.start()
         cpu = dict(q.get(timeout=60) for _ in ps)
@@ -220,8 +222,8 @@ def test_pace_leaves_waiting_and_full_speed_devices_alone():
 
 @needs_cgroup
 def test_short_decode_steps_on_a_quota_device_run_at_its_quota():
-    """Without pacing, a tiny model's decode steps (well under a millisecond) fit in one CFS
-    period's share and run at full speed on a device held to 0.4 of a core."""
+    """Without pacing, a tiny model's decode steps (well under a millisecond) would run at full
+    speed on a device of 0.4 of a core: nothing but Pace slows a device that computes alone."""
     from hpipe.runtime.generation import generation_config
     from hpipe.runtime.launcher import launch, make_ids, runtime_spec
     from tests.runtime.runtime_helpers import CORE, TINY_LLAMA, plan, tiny_setup

@@ -352,6 +352,15 @@ def test_execute_checks_its_inputs_before_measuring_a_profile(cli, tmp_path):
     bad = tmp_path / "ids.json"
     bad.write_text("[[1, 2, 3]]")
     r = cli("execute", local, "--inputs", str(bad), "-q", env={"HPIPE_CACHE_DIR": str(cache)})
-    assert r.returncode == 2 and "measuring" not in r.stderr and not cache.exists()
+    assert r.returncode == 2 and "batch_size" in r.stderr and "measuring" not in r.stderr and not cache.exists()
     r = cli("execute", local, "--timeout", "0", "-q", env={"HPIPE_CACHE_DIR": str(cache)})
     assert r.returncode == 2 and "--timeout" in r.stderr and not cache.exists()
+
+
+def test_json_to_dev_stdout_is_stdout(cli):
+    r = cli("simulate", PAPER, "--planner", "hpipe", "--json", "/dev/stdout")  # a pipe here, as under | jq
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["planner"] == "hpipe"  # the JSON alone: the table went to stderr
+    assert "latency" in r.stderr
+    r = cli("simulate", PAPER, "--json", "/dev/stdout", "--trace", "-")
+    assert r.returncode == 2 and "stdout" in r.stderr

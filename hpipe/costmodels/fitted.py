@@ -231,15 +231,19 @@ class FittedConfig(CostModelConfig):
     the device's cpu_quota -- what the device costs on a quiet machine, robust to other
     processes that competed for the cores while the profile was measured (on a shared
     2-core box, hold-out error 2-5% where wall time gave 10-20%).  Single-threaded
-    devices only; others keep wall time.  wall: the measured wall-clock times."""
+    devices only; others keep wall time.  wall: the measured wall-clock times, except on a
+    single-threaded device with a cpu_quota below one core: the runtime paces it, the
+    profile's unit sweeps do not (their wall time is the full-speed core's), so it is priced
+    by CPU time / quota on either basis."""
 
 
 def basis_samples(dp: DeviceProfile, s: UnitSamples, basis: str) -> UnitSamples:
     """The samples a fit on ``dp``'s ``s`` uses: measured wall time, or CPU time scaled by the quota."""
     threads = int(dp.placement.get("threads", 1) or 1)
-    if basis == "wall" or not s.cpu_seconds or threads != 1:
-        return s
     quota = dp.placement.get("cpu_quota")
+    paced = bool(quota) and float(quota) < 1.0
+    if (basis == "wall" and not paced) or not s.cpu_seconds or threads != 1:
+        return s
     slowdown = 1.0 / min(float(quota), 1.0) if quota else 1.0
     return s.model_copy(update={"seconds": [t * slowdown for t in s.cpu_seconds]})
 
@@ -369,8 +373,8 @@ class Fitted(CostModel):
         # their units 1.19-1.38x as long alone as beside busy neighbours (quiet 2-core AMD EPYC
         # VM, 2026-12-02), and capping the ratio at 1 left that scenario predicted 26% too fast
         # (10.5% with the ratios as measured).  A likely cause, not verified: a device throttled
-        # by its quota leaves its core idle, the hypervisor halts the vCPU, and the device
-        # resumes on cold caches.
+        # by its quota (slower devices were emulated by CFS quotas then) leaves its core idle,
+        # the hypervisor halts the vCPU, and the device resumes on cold caches.
         return self.unit_time_s(unit, device_id, n, c, b) * np.clip(ratio, 0.5, 1.5)
 
     def colocated(self) -> list[tuple[frozenset[str], int]]:

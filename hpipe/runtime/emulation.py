@@ -9,7 +9,11 @@ make them so:
   Devices that share a core (their quotas adding up to at most one) each sit in a cgroup
   weighted by its quota (v1 ``cpu.shares`` = 1024 q, v2 ``cpu.weight`` = 100 q), so that
   while both compute the kernel splits the core between them q : q', and each runs at its
-  own speed at every moment, not only on average.
+  own speed at every moment, not only on average.  The weights hold where a core carries
+  only such devices: a process of weight 1024 beside them (another program, a device
+  without ``cpu_quota``) takes its own share first.  A device that pacing cannot hold to its
+  speed (``threads`` above one: Pace times one thread; a quota of a core or more) is also
+  held to its quota by CFS bandwidth, as before.
 * **Why weights, not a CPU quota.** Until 2026-12-03 each worker was held to a CFS
   bandwidth quota (q x 10 ms per 10 ms period).  A quota caps CPU time per period, not
   speed: a worker that sat idle starts the next period with its whole share and runs a
@@ -19,7 +23,9 @@ make them so:
   back.  A tensor-parallel shard between two all-reduces (10-20 ms) paid that at every
   all-reduce: on local-cpu-4dev a TP pair over the whole model ran 0.77-0.80 s under
   quotas and 0.66-0.67 s with weights, predicted 10-12% and 1-2% too fast (3 interleaved
-  rounds each, fresh profiles, 2-core Intel Xeon VM, 2026-12-03).
+  rounds each, fresh profiles, 2-core Intel Xeon VM, 2026-12-03;
+  ``benchmarks/results/emulation-quota-vs-weights-4dev-2026-12-03-xeon.txt``; the same pair
+  under quotas measured 0.72-0.79 s, −2.9…−11%, three hours earlier).
 * **Slower link.** When a scenario has several hosts and gives none of them an
   ``address``, each host is emulated by a network namespace on this machine;
   every pair of namespaces is joined by a veth pair whose two ends are shaped
@@ -81,7 +87,7 @@ class EmulationError(HpipeError):
 def _cgroup_cpu_root() -> tuple[Path, int] | None:
     """(directory, cgroup version) where CPU weights can be set, or None."""
     v1 = Path("/sys/fs/cgroup/cpu")
-    if (v1 / "cpu.cfs_quota_us").exists():
+    if (v1 / "cpu.shares").exists():
         return v1, 1
     v2 = Path("/sys/fs/cgroup")
     if (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.controllers").read_text().split():
@@ -167,6 +173,9 @@ class CpuLimit:
     path: Path
     version: int
     quota_cpus: float
+    capped: bool = False
+    """Also held to ``quota_cpus`` CPUs per period by a CFS quota: only for a device that
+    ``Pace`` cannot hold to its speed (several threads, or a quota of a core or more)."""
 
     @property
     def procs_file(self) -> str:
@@ -174,19 +183,32 @@ class CpuLimit:
 
     @property
     def weight(self) -> int:
-        """cpu.shares (v1, default 1024) or cpu.weight (v2, default 100) in proportion to the quota."""
-        return max(2, round(1024 * self.quota_cpus)) if self.version == 1 else max(1, round(100 * self.quota_cpus))
+        """cpu.shares (v1, default 1024) or cpu.weight (v2, 1-10000, default 100) in proportion to the quota."""
+        if self.version == 1:
+            return max(2, round(1024 * self.quota_cpus))
+        return min(10000, max(1, round(100 * self.quota_cpus)))
 
 
-def _make_cgroup(name: str, quota_cpus: float) -> CpuLimit:
+CFS_PERIOD_US = 10_000
+"""The CFS period of a capped device's quota (a capped device is rare: see ``CpuLimit.capped``)."""
+
+
+def _make_cgroup(name: str, quota_cpus: float, threads: int = 1) -> CpuLimit:
     why = cgroup_unsupported()
     if why:
         raise EmulationError(why)
     root, version = _cgroup_cpu_root()
     path = root / name
     path.mkdir()
-    limit = CpuLimit(path, version, quota_cpus)
+    limit = CpuLimit(path, version, quota_cpus, capped=threads > 1 or quota_cpus >= 1)
     (path / ("cpu.shares" if version == 1 else "cpu.weight")).write_text(str(limit.weight))
+    if limit.capped:  # Pace times one thread, and never slows a device of a core or more
+        quota_us = max(1000, round(quota_cpus * CFS_PERIOD_US))
+        if version == 1:
+            (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (path / "cpu.cfs_quota_us").write_text(str(quota_us))
+        else:
+            (path / "cpu.max").write_text(f"{quota_us} {CFS_PERIOD_US}")
     return limit
 
 
@@ -498,7 +520,7 @@ def emulate(setup, device_ids: list[str] | None = None, *, quotas: bool = True,
         for i, d in enumerate(devices):
             quota = getattr(d.placement, "cpu_quota", None)
             if quota and want_quota:
-                cgroups[d.id] = _make_cgroup(f"{owner}-c{i}", quota)
+                cgroups[d.id] = _make_cgroup(f"{owner}-c{i}", quota, getattr(d.placement, "threads", 1) or 1)
             workers[d.id] = _placement(d, cgroups.get(d.id), net)
         yield Emulation(owner, workers, net, cgroups)
     finally:

@@ -13,8 +13,8 @@ caches (prefill is bound by arithmetic) and a matrix-vector product over a matri
 than the last-level cache (a decode step reads its weights from memory).  It runs in the
 launcher process while no worker runs, pinned in turn to each core the devices are
 pinned to (a core's neighbours on the host are what slows it).  It is a proxy: it runs
-without the devices' CPU quotas, and time stolen by the hypervisor lengthens it in full
-where a quota device, idle part of each period, may hide some of it.
+unpaced, at the core's own speed, and time stolen by the hypervisor lengthens it in full
+where a paced (slower) device, idle part of each stretch, may hide some of it.
 """
 
 from __future__ import annotations

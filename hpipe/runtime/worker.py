@@ -319,7 +319,7 @@ class StageWorker:
         self.sends: list[tuple] = []  # (mb, slice, dst_role, t_issue, nbytes)
         self._pending: list[tuple] = []
         self._item = (0, 0)
-        # an emulated slower device (cgroup quota) stretches its compute to the quota
+        # an emulated slower device (cpu_quota) stretches its compute to its speed
         self.pace = emulation.Pace.of(cfg.emulation if self.device.type == "cpu" else None)
 
         # Every process creates every tensor-parallel group, in the same order (a collective).
