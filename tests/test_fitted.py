@@ -259,6 +259,24 @@ def test_units_timed_alone_give_the_colocation_interference(tmp_path):
     assert 0.8 * r_busy.latency_s < r.latency_s < r_busy.latency_s
 
 
+def test_a_paced_device_alone_costs_what_it_does_beside_busy_neighbours(tmp_path):
+    """A device slowed by cpu_quota (one thread, below a core) is paced in a run but not in
+    the profile's alone sweeps, so since profiler method 3 its alone price is its busy one;
+    a profile of the quota era (method 2) keeps the ratio it measured."""
+    prof = synthetic_profile(noise=0.0)
+    for d in prof["devices"]:
+        d["placement"] = {"threads": 1, "cpu_quota": 0.5}
+        d["alone"] = {k: dict(u, seconds=[0.8 * t for t in u["seconds"]]) for k, u in d["units"].items()}
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    attn, n = setup.units[1], np.array([32, 64, 128])
+    busy = setup.cost.unit_time_s(attn, "local/core-0", n, 64, 2)
+    np.testing.assert_allclose(setup.cost.unit_time_alone_s(attn, "local/core-0", n, 64, 2), busy, rtol=1e-9)
+    prof["versions"]["profiler"] = 2
+    old = load_scenario(fitted_scenario(tmp_path, prof, "old.json")).resolve()
+    np.testing.assert_allclose(old.cost.unit_time_alone_s(attn, "local/core-0", n, 64, 2),
+                               0.8 * old.cost.unit_time_s(attn, "local/core-0", n, 64, 2), rtol=1e-6)
+
+
 def test_colocation_covers_the_devices_the_profile_timed_by_id(tmp_path):
     """A third core priced by another core's entry (same type and placement) is not in the
     group: the profile does not say where it runs.  The group keeps the profile's count of
