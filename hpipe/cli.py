@@ -55,7 +55,7 @@ def _out_console(json_path: str | None, quiet: bool) -> Console | None:
     """Where tables go: stdout, unless stdout carries the JSON (then stderr), or nowhere when quiet."""
     if quiet:
         return None
-    return _console(stderr=json_path is not None and is_stdout(json_path))
+    return _console(stderr=is_stdout(json_path))
 
 
 def _console(stderr: bool = False) -> Console:
@@ -392,23 +392,21 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         raise InputError(f"execute runs one plan, the file holds {len(plans)}", file=str(plan))
     if planner is not None and len(_planner_names(planner)) != 1:
         raise InputError("execute runs one planner", field="--planner")
-    token_ids = None
+    token_ids, p = None, None
 
     def inputs_fit(setup):  # before a first run measures this machine's profile
-        nonlocal token_ids
+        nonlocal token_ids, p
         raise_if_model_cannot_fit(setup)
         if plans is not None:
-            p0 = plans[0].check(setup, file=str(plan))
-            check_placements(setup, p0.devices)
-            check_cpu_memory(setup, p0)
+            p = plans[0].check(setup, file=str(plan))
+            check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
+            check_cpu_memory(setup, p)
         token_ids = load_inputs(inputs, setup) if inputs else None
 
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=inputs_fit)
-    if plans is not None:
-        p = plans[0].check(setup, file=str(plan))
-    else:
+    if p is None:
         p = make_plan(setup, _planner_names(planner or setup.scenario.planner.kind)[0])
-    check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
+        check_placements(setup, p.devices)
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
@@ -504,7 +502,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.runtime.launcher import execute as run_exec, runtime_spec
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
-    if stream and json_path is not None and is_stdout(json_path):
+    if stream and is_stdout(json_path):
         raise InputError("--stream and --json - would both write to standard output; give --json a file",
                          field="--stream")
     sc = _load_scenario(scenario, sets)
@@ -545,7 +543,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.io import write_text
 
         write_text(json_path, result.model_dump_json(indent=2))
-    if not stream and not (json_path is not None and is_stdout(json_path)):  # the answer, on stdout (--quiet drops only the table)
+    if not stream and not is_stdout(json_path):  # the answer, on stdout (--quiet drops only the table)
         for k, g in enumerate(measured.generated_ids):
             out = measured.text[k] if measured.text else " ".join(map(str, g))
             print(out if len(ids) == 1 else f"[{k}] {out}")

@@ -12,6 +12,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
+def paced(cpu_quota: float | None, threads: int | None = 1) -> bool:
+    """Whether an emulated slower CPU device (``runtime.cpu_quota``) is held to its speed by
+    pacing its compute (``hpipe.runtime.emulation.Pace``): one thread, below one core.  The
+    runtime paces it and the profiler's unit sweeps do not, so the fitted model prices it by
+    CPU time / quota; any other slowed device is held to its quota by CFS bandwidth."""
+    return bool(cpu_quota) and float(cpu_quota) < 1.0 and int(threads or 1) == 1
+
+
 GENERATIONS = ("pascal", "volta", "turing", "ampere", "ada", "hopper", "cpu")
 """Architecture generations the roofline cost model has constants for (one row each in
 ``hpipe.costmodels.roofline.GENERATIONS``)."""

@@ -80,17 +80,19 @@ def is_special(path: str | Path) -> bool:
     return p.exists() and not p.is_file() and not p.is_dir()
 
 
-def is_stdout(path: str | Path) -> bool:
-    """``-``, or a path naming this process's standard output (``/dev/stdout``, ``/proc/self/fd/1``):
-    one document goes there, and the tables move to stderr."""
+def is_stdout(path: str | Path | None) -> bool:
+    """``-``, or a path naming the file this process's standard output is (``/dev/stdout``, or
+    the file stdout is redirected to): one document goes there, through ``sys.stdout`` so that
+    nothing else written there overwrites it, and the tables move to stderr.  None: no."""
+    if path is None:
+        return False
     if str(path) == "-":
         return True
     try:
         a, b = os.stat(path), os.fstat(1)
     except (OSError, ValueError):
         return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and not Path(path).is_file() or \
-        str(path) in ("/dev/stdout", "/proc/self/fd/1", "/dev/fd/1")
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _cannot_write(path, e: OSError):
@@ -113,7 +115,7 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
     format that is not one of PLOT_FORMATS."""
     from hpipe.errors import InputError
 
-    on_stdout = [opt for opt, p in outputs.items() if p is not None and is_stdout(p)]
+    on_stdout = [opt for opt, p in outputs.items() if is_stdout(p)]
     if len(on_stdout) > 1:
         raise InputError(f"{' and '.join(on_stdout)} both ask for stdout ('-'), which holds one document; "
                          f"give one of them a file path", field=on_stdout[1])

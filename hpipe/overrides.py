@@ -114,6 +114,11 @@ def _model_of(annotation) -> tuple[type | None, bool]:
     return None, False
 
 
+def _looks_like_index(part: str | int) -> bool:
+    """A dotted segment that meant a list index (``hosts.0``; ASCII digits only: '²'.isdigit())."""
+    return isinstance(part, str) and part.isascii() and part.isdecimal()
+
+
 def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> None:
     """Set ``value`` at ``parts`` inside ``data`` (in place), checked against ``schema``."""
     node: Any = data
@@ -136,11 +141,8 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
                 node = node[part]
             continue
         if isinstance(node, list):  # cluster.hosts.0: list entries are indexed in brackets
-            def index(x):
-                return isinstance(x, str) and x.isascii() and x.isdecimal()
-
-            indexed = [int(x) if index(x) else x for x in parts]
-            hint = (f"; did you mean {format_key(indexed)}?" if index(part)
+            indexed = [int(x) if _looks_like_index(x) else x for x in parts]
+            hint = (f"; did you mean {format_key(indexed)}?" if _looks_like_index(part)
                     else f" (e.g. {format_key([*parts[:i], 0])})")
             raise InputError(f"{format_key(parts[:i])} is a list, indexed in brackets{hint}", field=key)
         if not isinstance(node, dict):

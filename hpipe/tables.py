@@ -183,7 +183,7 @@ def devices_table(devices) -> Table:
 
 
 def params(n: float) -> str:
-    """A parameter count: 6.74B, 68.98B, 3.2M."""
+    """A parameter count, three significant digits: 6.74B, 69.0B, 3.41M."""
     return f"{sig(n / 1e9, 3)}B" if n >= 1e9 else f"{sig(n / 1e6, 3)}M"
 
 

@@ -53,6 +53,7 @@ import numpy as np
 from hpipe.costmodels import CostModel, CostModelConfig, register
 from hpipe.costmodels.profile import (CodecSamples, DeviceProfile, Profile, UnitSamples, load_profile,
                                       model_mismatch)
+from hpipe.devices import paced
 from hpipe.errors import InputError
 
 # ---- features --------------------------------------------------------------
@@ -238,10 +239,7 @@ class FittedConfig(CostModelConfig):
 
 
 def _paced(dp: DeviceProfile) -> bool:
-    """A one-thread device slowed by a cpu_quota below one core: the runtime paces it (and the
-    profiler's unit sweeps do not)."""
-    quota = dp.placement.get("cpu_quota")
-    return bool(quota) and float(quota) < 1.0 and int(dp.placement.get("threads", 1) or 1) == 1
+    return paced(dp.placement.get("cpu_quota"), dp.placement.get("threads", 1))
 
 
 def basis_samples(dp: DeviceProfile, s: UnitSamples, basis: str) -> UnitSamples:

@@ -64,6 +64,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpipe.devices import paced
 from hpipe.errors import HpipeError
 
 PREFIX = "hpipe-"
@@ -200,7 +201,7 @@ def _make_cgroup(name: str, quota_cpus: float, threads: int = 1) -> CpuLimit:
     root, version = _cgroup_cpu_root()
     path = root / name
     path.mkdir()
-    limit = CpuLimit(path, version, quota_cpus, capped=threads > 1 or quota_cpus >= 1)
+    limit = CpuLimit(path, version, quota_cpus, capped=not paced(quota_cpus, threads))
     (path / ("cpu.shares" if version == 1 else "cpu.weight")).write_text(str(limit.weight))
     if limit.capped:  # Pace times one thread, and never slows a device of a core or more
         quota_us = max(1000, round(quota_cpus * CFS_PERIOD_US))
