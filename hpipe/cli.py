@@ -240,11 +240,17 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
         from hpipe.tables import plan_table
 
         con.print(plan_table(setup, p))
-        if output and not is_stdout(output):
-            con.print(f"wrote the Plan JSON to {escape(output)}", highlight=False)
+        _say_written(con, {"Plan JSON": output})
 
 
 # ---- simulate --------------------------------------------------------------
+def _say_written(con, outputs: dict[str, str | None]) -> None:
+    """Under the table: which files this command wrote (what stdout carried goes unsaid)."""
+    for what, path in outputs.items():
+        if con and path and not is_stdout(path):
+            con.print(f"wrote the {what} to {escape(path)}", highlight=False)
+
+
 def _write_outputs(result, json_path, trace, plot):
     from hpipe.io import write_text
 
@@ -313,6 +319,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         out = f" + {setup.output_tokens} out" if setup.output_tokens else ""
         con.print(results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
                                 f"{setup.seq_len} tokens{out}, {_costmodel_name(setup)} cost model)", results))
+        _say_written(con, {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot})
     if results and all(not r.feasible for r in results):
         from hpipe.tables import infeasible_notes
 
@@ -434,6 +441,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
             con.print(generation_table(f"{setup.name}: generation ({setup.output_tokens} new tokens per sequence)",
                                        measured, predicted))
+        _say_written(con, {"Result JSON": json_path, "Chrome trace": trace})
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 

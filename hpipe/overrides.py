@@ -179,9 +179,16 @@ def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=
     if not isinstance(data, dict):
         return data  # the scenario's own check reports it
     out = copy.deepcopy(data)
+    given: dict[str, str] = {}
     for text in assignments:
         key, raw = split_assignment(text)
-        set_path(out, parse_key(key), parse_value(raw), schema)
+        parts = parse_key(key)
+        canonical = format_key(parts)
+        if canonical in given:  # which one was meant is a guess: say so rather than keep the last
+            raise InputError(f"{canonical} is set twice ({given[canonical]!r}, then {raw!r}); give it once",
+                             field="--set")
+        given[canonical] = raw
+        set_path(out, parts, parse_value(raw), schema)
     return out
 
 

@@ -256,6 +256,16 @@ def test_plan_prints_stages_in_words_and_says_where_it_wrote(tmp_path):
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
 
 
+def test_simulate_says_which_files_it_wrote(cli, tmp_path):
+    res, trace = tmp_path / "r.json", tmp_path / "t.json"
+    r = cli("simulate", PAPER, "--json", str(res), "--trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote the Result JSON to {res}" in r.stdout and f"wrote the Chrome trace to {trace}" in r.stdout
+    r = cli("simulate", PAPER, "--json", "-", "--trace", str(trace))  # the JSON on stdout goes unsaid
+    assert r.returncode == 0 and json.loads(r.stdout)["mode"] == "simulated"
+    assert "wrote the Result" not in r.stderr and f"wrote the Chrome trace to {trace}" in r.stderr
+
+
 # ---- small things ---------------------------------------------------------------------
 def test_empty_scenario_file_says_so(cli, tmp_path):
     p = tmp_path / "empty.yaml"
@@ -316,6 +326,9 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     assert r.returncode == 2 and "workload" in r.stderr and "cluster" in r.stderr
     r = cli("--set", "workload.seq_len=4096", "devices")
     assert r.returncode == 2 and "nothing to apply --set to" in r.stderr
+    # one key twice (here once spelled with a space): which was meant is a guess, so refused
+    r = cli("simulate", PAPER, "--set", "workload.seq_len=1024", "--set", "workload. seq_len=4096", "-q")
+    assert r.returncode == 2 and "workload.seq_len is set twice ('1024', then '4096')" in r.stderr
 
 
 def test_one_infeasible_planner_writes_its_json_and_exits_3(cli, tmp_path):
