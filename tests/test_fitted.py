@@ -298,3 +298,40 @@ def test_colocation_covers_the_devices_the_profile_timed_by_id(tmp_path):
     r = simulate(setup, plan)
     assert plan.predicted["latency_s"] == pytest.approx(r.latency_s, rel=1e-9)
     assert plan.predicted["tpot_s"] == pytest.approx(r.tpot_s, rel=1e-9)
+
+
+def test_shards_between_all_reduces_and_busy_all_reduces_cost_what_the_chain_timed(tmp_path):
+    # The all-reduce chain timed each member's MLP shard back to back and right after an
+    # all-reduce at 1, 128 and 1024 rows (small-llama: 2048 bytes a row); the ratios scale the
+    # shards' price, interpolated in log rows and kept within [1, 1.5].
+    prof = synthetic_profile(noise=0.0)
+    for d in prof["devices"]:
+        d["shards"] = [{"tp": 2, "units": {k: dict(d["units"][k], seconds=[0.5 * t for t in d["units"][k]["seconds"]])
+                                           for k in ("attn", "mlp")}}]
+    sizes = [2048, 128 * 2048, 1024 * 2048]
+    prof["all_reduces"] = [{"devices": ["local/core-0", "local/core-1"], "sizes_bytes": sizes,
+                            "seconds": [1e-4, 5e-4, 2e-3], "bandwidth_gbps": 1.0, "latency_us": 100.0,
+                            "seconds_together": [1e-3, 3e-3, 6e-3],
+                            "shard_cpu_s": [[1.0, 2.0, 4.0], [1.0, 1.0, 1.0]],
+                            "shard_after_wait_cpu_s": [[1.3, 2.4, 4.4], [0.9, 2.0, 1.0]]}]
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    cost, mlp = setup.cost, setup.units[2]
+    n = np.array([0.5, 64, 512, 2048])  # rows at b = 2: 1, 128, 1024, 4096
+    whole = cost.unit_time_s(mlp, "local/core-0", n, 0, 2)
+    np.testing.assert_allclose(cost.unit_time_s(mlp, "local/core-0", n, 0, 2, tp=2),
+                               0.5 * whole * [1.3, 1.2, 1.1, 1.1], rtol=1e-6)
+    np.testing.assert_allclose(cost.tp_shard_factor("local/core-1", n, 2), [1.0, 1.5, 1.0, 1.0])
+    # between two sizes: linear in log rows (1 and 128 rows: 1.3 and 1.2; sqrt(128) is halfway)
+    np.testing.assert_allclose(cost.tp_shard_factor("local/core-0", np.sqrt(128) / 2, 2), 1.25)
+    np.testing.assert_allclose(cost.unit_time_s(mlp, "local/core-0", n, 0, 2), whole)  # whole units: no wait
+    # the busy all-reduce is the fit of the chain timed with every group at once
+    lat, per_byte = fit_link(sizes, [1e-3, 3e-3, 6e-3])
+    np.testing.assert_allclose(cost.allreduce_busy_time_s(["local/core-0", "local/core-1"], 65536),
+                               lat + per_byte * 65536)
+    assert cost.allreduce_busy_time_s(["local/core-0"], 65536) is None
+    # a profile without these timings: factor 1, no busy price
+    del prof["all_reduces"][0]["seconds_together"], prof["all_reduces"][0]["shard_after_wait_cpu_s"]
+    del prof["all_reduces"][0]["shard_cpu_s"]
+    plain = load_scenario(fitted_scenario(tmp_path, prof, "plain.json")).resolve().cost
+    np.testing.assert_allclose(plain.unit_time_s(mlp, "local/core-0", n, 0, 2, tp=2), 0.5 * whole, rtol=1e-6)
+    assert plain.allreduce_busy_time_s(["local/core-0", "local/core-1"], 65536) is None

@@ -104,6 +104,12 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     # of what the runtime reduces: whole rows of d_model, each the fresh output of a shard
     row_bytes = load_scenario_file(path).resolve().model.d_model * 4  # float32
     assert ar.sizes_bytes == sorted(set(ar.sizes_bytes)) and all(s % row_bytes == 0 for s in ar.sizes_bytes)
+    # one group: nothing to time it beside; each member's shard back to back and between
+    # all-reduces, at every size, for the shards' after-wait ratio
+    assert ar.seconds_together is None
+    for timings in (ar.shard_cpu_s, ar.shard_after_wait_cpu_s):
+        assert len(timings) == 2 and all(len(t) == len(ar.sizes_bytes) and min(t) > 0 for t in timings)
+        assert all(t[-1] > t[0] for t in timings)  # the largest shard takes longer than one row's
     # the hold-out error is printed, and the fitted model loads from the scenario
     assert "held-out" in r.stdout and "median" in r.stdout
     # on CPU time, the basis predictions use, and the command says where it wrote the profile
@@ -429,6 +435,32 @@ def test_profile_times_a_gpu_on_the_gpu(tmp_path):
     assert cpu.cpu_share is not None and all(s.cpu_seconds for s in cpu.units.values())
     # the GPU link goes through host memory over gloo (a CPU stage is in the group)
     assert len(prof.links) == 1 and prof.links[0].bandwidth_gbps > 0
+
+
+@pytest.mark.skipif(bool(em.netns_unsupported()), reason=str(em.netns_unsupported()))
+@pytest.mark.timeout(600)
+def test_two_groups_time_their_all_reduces_alone_and_together(tmp_path):
+    """Two emulated hosts of two devices each: two tensor-parallel groups, whose all-reduce
+    chains are timed each in turn and then both at once (what a stage pays while the other
+    host's devices compute), and the fitted model prices the busy all-reduce from the latter."""
+    host = TINY["cluster"]["hosts"][0]
+    sc = {**TINY, "name": "tiny-2x2", "costmodel": {"kind": "fitted", "profile": "tiny-2x2.json"},
+          "cluster": {"hosts": [dict(host, name="a"), dict(host, name="b")],
+                      "network": {"bandwidth_gbps": 0.2, "latency_us": 100}}}
+    path = tmp_path / "tiny-2x2.yaml"
+    path.write_text(yaml.safe_dump(sc))
+    r = run_cli("profile", str(path), "--quick", "--repeats", "1", "--warmup", "1",
+                "-o", str(tmp_path / "tiny-2x2.json"))
+    assert r.returncode == 0, r.stderr
+    prof = load_profile(tmp_path / "tiny-2x2.json")
+    assert sorted(ar.devices for ar in prof.all_reduces) == [["a/core-0", "a/core-1"], ["b/core-0", "b/core-1"]]
+    for ar in prof.all_reduces:
+        assert len(ar.seconds_together) == len(ar.seconds) == len(ar.sizes_bytes)
+        assert min(ar.seconds_together) > 0 and len(ar.shard_after_wait_cpu_s) == 2
+    setup = load_scenario_file(path).resolve()
+    ar = prof.all_reduces[0]
+    lat, per_byte = fit_link(ar.sizes_bytes, ar.seconds_together)
+    assert float(setup.cost.allreduce_busy_time_s(ar.devices, 65536)) == pytest.approx(lat + per_byte * 65536)
 
 
 @pytest.mark.skipif(bool(em.netns_unsupported() or em.cgroup_unsupported()),

@@ -69,6 +69,12 @@ class CostModel(ABC):
         step = max((self.transfer_time_s(a, b, nbytes / p) for a, b in hops), key=lambda t: float(np.max(t)))
         return 2 * (p - 1) * step
 
+    def allreduce_busy_time_s(self, device_ids, nbytes):
+        """``allreduce_time_s`` while devices co-located with the group (``colocated``), outside
+        it, compute: their work delays each member's wake-up.  None where the model knows no
+        such difference (the simulator then prices every all-reduce at ``allreduce_time_s``)."""
+        return None
+
     def codec_time_s(self, codec, device_id: str, k):
         """(encode_s, decode_s) of an activation of k values under ``codec`` (an
         ``hpipe.codecs.Codec``) on ``device_id``: memory-bound passes at its bandwidth."""

@@ -323,6 +323,19 @@ class Fitted(CostModel):
             self._step_overhead[frozenset(sh.between)] = max(-max(fit[0], 0.0), (sh.two_hops_s - fwd - ret) / 2)
         self._all_reduces: dict[frozenset, tuple[float, float]] = {
             frozenset(ar.devices): fit_link(ar.sizes_bytes, ar.seconds) for ar in self.profile.all_reduces}
+        self._all_reduces_busy: dict[frozenset, tuple[float, float]] = {
+            frozenset(ar.devices): fit_link(ar.sizes_bytes, ar.seconds_together)
+            for ar in self.profile.all_reduces if ar.seconds_together is not None}
+        # A shard computed between all-reduces against back to back, per device: (rows, ratio)
+        # at the sizes the chain ran, for ``tp_shard_factor``.
+        self._shard_ratio: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        row_bytes = setup.model.d_model * setup.dtype_bytes
+        for ar in self.profile.all_reduces:
+            if ar.shard_cpu_s is None or ar.shard_after_wait_cpu_s is None:
+                continue
+            rows = np.maximum(np.asarray(ar.sizes_bytes, float) / row_bytes, 1.0)
+            for dev, b2b, after in zip(ar.devices, ar.shard_cpu_s, ar.shard_after_wait_cpu_s):
+                self._shard_ratio[dev] = (rows, np.asarray(after, float) / np.asarray(b2b, float))
 
     def _match_device(self, dev) -> DeviceProfile:
         """The profile entry for a scenario device: its own id, else the one entry of the same
@@ -407,15 +420,15 @@ class Fitted(CostModel):
 
     def _prefill_time_s(self, dp, unit, n, c, b, tp):
         shard = self._coef.get((dp.device, unit.kind, tp)) if tp > 1 else None
-        if shard is not None:  # the shard itself was timed
-            return np.asarray(predict(unit.kind, shard, n, c, b), float)
+        if shard is not None:  # the shard itself was timed (back to back)
+            return np.asarray(predict(unit.kind, shard, n, c, b) * self.tp_shard_factor(dp.device, n, b), float)
         coef = self._coef[(dp.device, unit.kind, 1)]
         t = predict(unit.kind, coef, n, c, b)
         if tp > 1 and unit.kind in ("attn", "mlp"):
             # Not timed: a shard does 1/tp of the work but keeps the fixed overhead (optimistic:
             # smaller GEMMs run less efficiently).  Embedding and head are never split.
             fixed = coef[0]
-            t = fixed + (t - fixed) / tp
+            t = (fixed + (t - fixed) / tp) * self.tp_shard_factor(dp.device, n, b)
         return np.asarray(t, float)
 
     def codec_time_s(self, codec, device_id, k):
@@ -462,6 +475,30 @@ class Fitted(CostModel):
         if fit is None:
             return super().allreduce_time_s(device_ids, nbytes)
         return _affine(fit, nbytes)
+
+    def allreduce_busy_time_s(self, device_ids, nbytes):
+        """The group's all-reduce timed while every other group ran its own (method-4 profiles
+        of two or more groups), else None."""
+        if len(device_ids) <= 1:
+            return None
+        fit = self._all_reduces_busy.get(frozenset(self._device_profile[d].device for d in device_ids))
+        return None if fit is None else _affine(fit, np.asarray(nbytes, float))
+
+    def tp_shard_factor(self, device: str, n, b):
+        """How much longer a tensor-parallel shard of ``n * b`` rows computes in a stage, right
+        after an all-reduce and paced, than back to back (the profile's shards and units): the
+        all-reduce chain's ratio at its sizes, interpolated in log rows, held at the ends, and
+        kept within [1, 1.5] (a wait that made compute cheaper has no mechanism here; one
+        size's ratio is a median of 32 calls over another median, and can be noisy).  1 where
+        the profile has no such timing (before method 4, or a device in no group)."""
+        got = self._shard_ratio.get(device)
+        rows = np.asarray(n, float) * np.asarray(b, float)
+        if got is None:
+            return np.ones_like(rows)
+        at, ratio = got
+        order = np.argsort(at)
+        f = np.interp(np.log(np.maximum(rows, 1.0)), np.log(at[order]), ratio[order])
+        return np.clip(f, 1.0, 1.5)
 
     def stage_overhead_s(self, device_ids) -> float:
         return max(self._device_profile[d].item_overhead_s for d in device_ids)

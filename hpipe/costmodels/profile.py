@@ -38,7 +38,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 from hpipe.errors import InputError, format_loc
 
 PROFILE_FORMAT = "hpipe-profile/1"
-PROFILER_METHOD = 3
+PROFILER_METHOD = 4
 """How ``hpipe.runtime.profiler`` measures.  Bump it whenever a change makes the numbers of a
 profile mean something else (what a unit, hop or all-reduce is timed after, how a quota device
 is paced), so that a profile measured the old way is measured again rather than mixed with the
@@ -46,7 +46,9 @@ new cost model: it is in the profile cache's key and ``stale_reason`` checks it.
 profile from before it was recorded (2026-12-02, 23:35 UTC), whatever it measured; 2: all-reduces
 timed after a paced MLP shard of the model (the method of stop 20, first recorded then); 3: a
 slower device emulated by a cgroup weight and pacing instead of a CFS quota (2026-12-03), which
-makes its tensor-parallel shards and short stretches faster (``hpipe.runtime.emulation``)."""
+makes its tensor-parallel shards and short stretches faster (``hpipe.runtime.emulation``); 4: the
+all-reduce chain also timed with every group at once, and its shards' CPU time after each
+all-reduce against back to back (2026-12-03)."""
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
 
 
@@ -245,11 +247,29 @@ class AllReduceProfile(_Strict):
     """Fitted: 8 * bytes / (seconds - latency)."""
     latency_us: NonNegativeFloat
     """Fitted intercept: an all-reduce of an empty message."""
+    seconds_together: list[float] | None = None
+    """The same chain timed while every other group ran its own at once (``seconds`` is timed
+    with the other devices idle): what an all-reduce costs while co-located neighbours compute.
+    None: the scenario has no other group (or a profile made before method 4)."""
+    shard_cpu_s: list[list[float]] | None = None
+    """Per member (in ``devices`` order), per size: CPU seconds of the chain's MLP shard run
+    back to back, the whole group at once, at the size's rows (``sizes_bytes`` / d_model's bytes)."""
+    shard_after_wait_cpu_s: list[list[float]] | None = None
+    """The same shard's CPU seconds inside the chain, each run after an all-reduce (and paced),
+    as a tensor-parallel stage runs every split unit: the shards' price is scaled by the ratio
+    of the two (``Fitted.tp_shard_factor``)."""
 
     @model_validator(mode="after")
     def _same_length(self):
-        if len(self.sizes_bytes) != len(self.seconds):
-            raise ValueError(f"'sizes_bytes' has {len(self.sizes_bytes)} entries, 'seconds' has {len(self.seconds)}")
+        k = len(self.sizes_bytes)
+        if len(self.seconds) != k:
+            raise ValueError(f"'sizes_bytes' has {k} entries, 'seconds' has {len(self.seconds)}")
+        if self.seconds_together is not None and len(self.seconds_together) != k:
+            raise ValueError(f"'sizes_bytes' has {k} entries, 'seconds_together' has {len(self.seconds_together)}")
+        for name in ("shard_cpu_s", "shard_after_wait_cpu_s"):
+            rows = getattr(self, name)
+            if rows is not None and (len(rows) != len(self.devices) or any(len(r) != k for r in rows)):
+                raise ValueError(f"'{name}' must hold one list of {k} entries per device ({len(self.devices)})")
         return self
 
 

@@ -627,14 +627,29 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     last member's own time alone, tried first, leaves the early member's wake-up out.)
 
     The sizes timed are whole rows of ``d_model`` (the runtime reduces nothing else): each of
-    ``job.link_sizes`` rounded to rows, at least one, and the entry records the bytes reduced."""
+    ``job.link_sizes`` rounded to rows, at least one, and the entry records the bytes reduced.
+
+    Two more things a tensor-parallel stage meets in a run, timed in the same chain (method 4):
+
+    * **Neighbours computing.**  With two or more groups, every group then runs its chain at
+      once (``seconds_together``).  A member that waits in an all-reduce sleeps, and wakes on a
+      core that a co-located device of another stage is computing on.  In a measured
+      tp-terapipe run on local-cpu-4dev (two TP pairs, each member sharing its core with a member
+      of the other pair; 2-core Intel Xeon VM, quiet, 2026-12-03) the all-reduces of the first
+      slice, the other pair idle, took 0.4-0.5 ms last member in to last member out, and those of
+      the later slices 2.4-3.0 ms on average, the other pair computing; timed so, 0.9-1.6 ms
+      alone against 3.6-4.0 ms together at 256 KiB.
+    * **Shards computed between all-reduces.**  The runtime runs each split unit's shard right
+      after the previous all-reduce, paced.  Its CPU time there (``shard_after_wait_cpu_s``)
+      came out 4-27% above the same shard's back to back (``shard_cpu_s``, the whole group at
+      once, as the unit sweeps time it) on that VM, the more for small shards; tp-terapipe's
+      shards between all-reduces ran 1.2-1.4x their back-to-back price in that run."""
     import torch
     import torch.distributed as dist
 
     from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel
     from hpipe.runtime.weights import RandomWeights
 
-    out = []
     wire = _Wire(job, timedelta(seconds=job.timeout_s))
     spec, dtype = job.spec, TORCH_DTYPES[job.dtype]
     row_bytes = spec.d_model * dtype.itemsize
@@ -642,33 +657,78 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     g = torch.Generator().manual_seed(job.rank)
     mlp = next(i for i, u in enumerate(spec.units()) if u.kind == "mlp")
     pace = emulation.Pace.of(job.placement if wire.device.type == "cpu" else None)  # as the runtime paces
-    for ranks in job.tp_groups:
-        group = dist.new_group(ranks)  # collective: every process creates every group, in order
-        # a host with more devices than the model splits into is never one TP stage: nothing to price
-        if job.rank in ranks and check_tensor_parallel(spec, len(ranks)) is None:
-            shard = build_units(spec, mlp, mlp + 1, RandomWeights(spec, seed=0), dtype=job.dtype,
-                                device=wire.device, tp_rank=ranks.index(job.rank), tp_size=len(ranks),
-                                all_reduce=lambda x: x)[0]
-            secs = []
-            for r in rows:
-                x = torch.randn(1, r, spec.d_model, generator=g).to(wire.device, dtype)  # (1, rows, D)
+    # collective: every process creates every group, in order.  A host with more devices than
+    # the model splits into is never one TP stage: nothing to price.
+    groups = [(ranks, dist.new_group(ranks)) for ranks in job.tp_groups]
+    timed = [(ranks, group) for ranks, group in groups if check_tensor_parallel(spec, len(ranks)) is None]
+    mine = next(((ranks, group) for ranks, group in timed if job.rank in ranks), None)
+    shard = None
+    if mine is not None:
+        ranks, group = mine
+        shard = build_units(spec, mlp, mlp + 1, RandomWeights(spec, seed=0), dtype=job.dtype, device=wire.device,
+                            tp_rank=ranks.index(job.rank), tp_size=len(ranks), all_reduce=lambda x: x)[0]
+    inputs = {r: torch.randn(1, r, spec.d_model, generator=g).to(wire.device, dtype) for r in rows}  # (1, rows, D)
 
-                def produce(x=x):  # the shard's output, fresh each call, as the runtime reduces it
-                    pace.mark()
-                    y = shard(x, 0, None)
-                    pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce
-                    return y
+    def sweep(group):
+        """(seconds, shard CPU back to back, shard CPU after an all-reduce) per size."""
+        secs, b2b, after = [], [], []
+        for r in rows:
+            x = inputs[r]
+            shard_cpu: list[float] = []
 
-                with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
-                    secs.append(all_reduce_chain_s(produce, group, wire))
-            if job.rank == ranks[0]:
-                out.append({"devices": [job.devices[r] for r in ranks], "sizes_bytes": [r * row_bytes for r in rows],
-                            "seconds": secs})
-            del shard
+            def produce(x=x):  # the shard's output, fresh each call, as the runtime reduces it
+                pace.mark()
+                c0 = time.thread_time()
+                y = shard(x, 0, None)
+                shard_cpu.append(time.thread_time() - c0)
+                pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce
+                return y
+
+            with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
+                b2b.append(shard_back_to_back_cpu_s(shard, x, group, wire))
+                secs.append(all_reduce_chain_s(produce, group, wire))
+            after.append(float(np.median(shard_cpu[2:])))  # the chain's timed calls
+        return secs, b2b, after
+
+    out = {}
+    for ranks, group in groups:  # each group in turn, the other devices idle
+        if mine is not None and mine[0] is ranks:
+            out[tuple(ranks)] = sweep(group)
         if job.rank == 0:
             report("link", 1)  # once per group, as the bar's total counts them
         wire.barrier()
-    return out
+    together = None
+    if len(timed) > 1:  # every group at once: each member's neighbours are busy
+        if mine is not None:
+            together = sweep(mine[1])[0]
+        wire.barrier()
+    if mine is None:
+        return []
+    ranks, group = mine
+    secs, b2b, after = out[tuple(ranks)]
+    cpu = torch.tensor([b2b, after], dtype=torch.float64, device=wire.device)  # (2, sizes)
+    every = [torch.empty_like(cpu) for _ in ranks]
+    dist.all_gather(every, cpu, group=group)
+    if job.rank != ranks[0]:
+        return []
+    # thread_time ticks may be coarser than a tiny shard: never record zero
+    return [{"devices": [job.devices[r] for r in ranks], "sizes_bytes": [r * row_bytes for r in rows],
+             "seconds": secs, "seconds_together": together,
+             "shard_cpu_s": [[max(v, 1e-7) for v in m[0].tolist()] for m in every],
+             "shard_after_wait_cpu_s": [[max(v, 1e-7) for v in m[1].tolist()] for m in every]}]
+
+
+def shard_back_to_back_cpu_s(shard, x, group, wire, calls: int = 8) -> float:
+    """Median CPU seconds of ``shard(x)`` run ``calls`` times back to back (after two untimed),
+    the whole group starting together, unpaced: as the unit sweeps time a shard."""
+    wire.barrier(group)
+    cpu = []
+    for rep in range(2 + calls):
+        c0 = time.thread_time()
+        shard(x, 0, None)
+        if rep >= 2:
+            cpu.append(time.thread_time() - c0)
+    return float(np.median(cpu))
 
 
 def all_reduce_chain_s(produce, group, wire) -> float:
@@ -924,7 +984,10 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(
         for ar in results[r].get("all_reduces", []):
             lat, per_byte = fit_link(ar["sizes_bytes"], ar["seconds"])
             all_reduces.append(AllReduceProfile(devices=ar["devices"], sizes_bytes=ar["sizes_bytes"],
-                                                seconds=ar["seconds"], latency_us=lat * 1e6,
+                                                seconds=ar["seconds"], seconds_together=ar.get("seconds_together"),
+                                                shard_cpu_s=ar.get("shard_cpu_s"),
+                                                shard_after_wait_cpu_s=ar.get("shard_after_wait_cpu_s"),
+                                                latency_us=lat * 1e6,
                                                 bandwidth_gbps=8 / per_byte / 1e9 if per_byte > 0 else 1e6))
     step_hops = [StepHopProfile(**h) for r in sorted(results) for h in results[r].get("step_hops", [])]
     prof = Profile(format=PROFILE_FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

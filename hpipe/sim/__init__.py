@@ -98,6 +98,9 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
             spec.device_compute_s[0] += codec_s  # the leader decodes the input, encodes the output
             spec.allreduce_s = _vec(sum((cost.allreduce_time_s(list(devs), u.tp_allreduce_bytes(n, b, db))
                                          for u in split), np.zeros(k)), k)
+            busy = [cost.allreduce_busy_time_s(list(devs), u.tp_allreduce_bytes(n, b, db)) for u in split]
+            if split and all(x is not None for x in busy):
+                spec.allreduce_busy_s = _vec(sum(busy), k)
             ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
             spec.allreduce_links = tuple(sorted({_link_name(e) for a, z in ring
                                                  for e in directed_links(setup.cluster.route(a, z), a)}))

@@ -45,7 +45,8 @@ Events recorded
   devices throughout, forwards the input from its first device to each peer
   holding that link (``transfer`` with no ``link``, on the sender), runs the shards,
   then holds the ring's links for its all-reduces (``allreduce`` on every device),
-  so these queue behind pipeline hops on the same links.  Uncontended, the phases add
+  so these queue behind pipeline hops on the same links.  Uncontended, and with no
+  co-located device outside the group computing (``allreduce_busy_s``), the phases add
   up to exactly the cost model's stage time.  (Without ``allreduce_s`` the stage is
   one closed-form hold whose phases are only drawn.)
 * ``transfer`` between stages: ``device`` the sender, ``dst`` the receiver, ``stage``
@@ -86,6 +87,10 @@ class StageSpec:
     the same links; the compute phase takes the rest of ``compute_s``."""
     allreduce_links: tuple[str, ...] = ()
     """The directed links of the group's ring."""
+    allreduce_busy_s: np.ndarray | None = None
+    """Tensor parallel, co-located: (n_items,) ``allreduce_s`` while every co-located device
+    outside the group computes; the all-reduces are priced between the two by the share of
+    those devices computing when they start (``_Colocation.busy_outside``)."""
     alone_compute_s: np.ndarray | None = None
     """One device in a co-located group (``PipelineSpec.colocated``): (n_items,) the item's time
     while no other device of the group computes; ``compute_s`` is its time while all do."""
@@ -203,6 +208,11 @@ class _Colocation:
             yield
         finally:
             self._set(devices, False)
+
+    def busy_outside(self, devices) -> float:
+        """The share of the co-located neighbours of ``devices``, outside them, computing now."""
+        others = set().union(*(self.neighbours.get(d, set()) for d in devices)) - set(devices)
+        return len(others & self.computing) / len(others) if others else 0.0
 
     def run(self, device: str, alone_s: float, together_s: float):
         """Compute one item on ``device`` (already held) at the rate its neighbours allow."""
@@ -346,6 +356,8 @@ def _tp_phases(env, log, links, j, st, i, mb_sl, res, total_s, coloc: _Colocatio
         for k, d in enumerate(st.devices):
             dt = float(st.device_compute_s[k][i]) if st.device_compute_s is not None else busy
             log.append(("compute", d, None, None, j, mb_sl, t0, t0 + min(dt, busy), 0.0))
+        if st.allreduce_busy_s is not None:
+            ar += (float(st.allreduce_busy_s[i]) - ar) * coloc.busy_outside(st.devices)
         if ar > 0:
             names = sorted(st.allreduce_links)
             t0 = yield from _occupy(env, [links[x] for x in names], ar) if names else _wait(env, ar)

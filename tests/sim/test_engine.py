@@ -247,3 +247,31 @@ def test_together_means_every_neighbour_the_profile_had_busy():
     spec = _coloc_spec([[1, 2], [3, 1]], [[2, 4], [6, 2]])
     spec.colocated = [(frozenset({"d0", "d1"}), 3)]
     assert _log(run(spec)) == [("d0", 0, 0.0, 1.0), ("d0", 1, 1.0, 5.0), ("d1", 0, 1.0, 4.0), ("d1", 1, 5.0, 6.0)]
+
+
+def test_an_all_reduce_costs_its_busy_price_while_a_colocated_neighbour_computes():
+    """Hand-checked.  Stage 0 is device c (2 s an item, no transfers), stage 1 a TP pair (a, b)
+    co-located with c: 1 s of shards, then all-reduces of 0.5 s with c idle, 2 s with c
+    computing.  Item 0 reaches the pair at 2, while c computes item 1 (2-4): shards 2-3,
+    all-reduce 3-5 at the busy price.  Item 1 reaches it at 5 (the pair was held till 5), c idle
+    now: shards 5-6, all-reduce 6-6.5.  Outside a co-located group the all-reduce is 0.5 s."""
+    def spec(colocated):
+        c = StageSpec(devices=("c",), compute_s=np.array([2.0, 2.0]))
+        tp = StageSpec(devices=("a", "b"), compute_s=np.array([1.5, 1.5]),
+                       allreduce_s=np.array([0.5, 0.5]), allreduce_busy_s=np.array([2.0, 2.0]))
+        hop = HopSpec(src="c", dst="a", links=(), bottleneck=None, hold_s=np.zeros(2), latency_s=np.zeros(2),
+                      nbytes=np.zeros(2))
+        return PipelineSpec(items=[(0, 0), (0, 1)], stages=[c, tp], hops=[None, hop],
+                            colocated=[(frozenset({"a", "b", "c"}), 3)] if colocated else [])
+
+    def log(events):
+        return sorted((e.kind, e.device, e.slice, round(e.start_s, 9), round(e.end_s, 9)) for e in events)
+
+    assert log(run(spec(True))) == sorted([
+        ("compute", "c", 0, 0.0, 2.0), ("compute", "c", 1, 2.0, 4.0),
+        ("compute", "a", 0, 2.0, 3.0), ("compute", "b", 0, 2.0, 3.0),
+        ("allreduce", "a", 0, 3.0, 5.0), ("allreduce", "b", 0, 3.0, 5.0),
+        ("compute", "a", 1, 5.0, 6.0), ("compute", "b", 1, 5.0, 6.0),
+        ("allreduce", "a", 1, 6.0, 6.5), ("allreduce", "b", 1, 6.0, 6.5)])
+    assert [x for x in log(run(spec(False))) if x[:2] == ("allreduce", "b")] == [
+        ("allreduce", "b", 0, 3.0, 3.5), ("allreduce", "b", 1, 5.0, 5.5)]
