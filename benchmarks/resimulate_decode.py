@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("files", nargs="+")
 ap.add_argument("--without", choices=["step-overhead", "after-wait", "both"])
+ap.add_argument("--cases", action="store_true", help="print each case's TPOT error as run and now")
 args = ap.parse_args()
 if args.without in ("step-overhead", "both"):
     Fitted.step_overhead_s = lambda self, src, dst: 0.0
@@ -52,6 +53,9 @@ for path in args.files:
             r = simulate(setup, plan)
             rows.append((sc, (r.tpot_s - c["measured_tpot_s"]) / c["measured_tpot_s"],
                          (r.latency_s - c["measured_latency_s"]) / c["measured_latency_s"]))
+            if args.cases:
+                print(f"{sc:16s} {c['planner']:26s} TPOT error as run {c['tpot_error']:+.1%}, now {rows[-1][1]:+.1%}; "
+                      f"end to end {c['error']:+.1%}, now {rows[-1][2]:+.1%}")
 for sc in [*dict.fromkeys(r[0] for r in rows), "all"]:
     sel = [r for r in rows if sc in ("all", r[0])]
     for i, name in ((1, "TPOT"), (2, "end to end")):

@@ -203,3 +203,20 @@ def test_a_profile_measured_by_another_profiler_method_is_stale(tmp_path, monkey
     del prof["versions"]["profiler"]  # a profile from before the method was recorded
     path.write_text(json.dumps(prof))
     assert "profiler method 1" in profiler.stale_reason(load_profile(path), setup)
+
+
+def test_a_decode_steps_shards_are_scaled_by_the_all_reduce_chains_ratio(tmp_path):
+    """A TP stage's decode step runs its shards between all-reduces as a prefill slice does:
+    the shard's decode price times the chain's after-wait ratio at its rows (b, one token each)."""
+    prof = with_decode_points(synthetic_profile(noise=0.0))
+    plain = load_scenario(fitted_scenario(tmp_path, prof, "plain.json")).resolve().cost
+    prof["all_reduces"] = [{"devices": ["local/core-0", "local/core-1"], "sizes_bytes": [2048, 4096, 1 << 20],
+                            "seconds": [1e-4, 1e-4, 1e-3], "bandwidth_gbps": 1.0, "latency_us": 100.0,
+                            "shard_cpu_s": [[1.0, 1.0, 1.0]] * 2, "shard_after_wait_cpu_s": [[1.3, 1.2, 1.0]] * 2}]
+    cost = load_scenario(fitted_scenario(tmp_path, prof, "ratio.json")).resolve().cost
+    mlp, c = cost.setup.units[2], np.array([200, 515])
+    for b, ratio in ((1, 1.3), (2, 1.2)):
+        np.testing.assert_allclose(cost.unit_time_s(mlp, "local/core-0", 1, c, b, tp=2),
+                                   ratio * plain.unit_time_s(mlp, "local/core-0", 1, c, b, tp=2), rtol=1e-9)
+    np.testing.assert_allclose(cost.unit_time_s(mlp, "local/core-0", 1, c, 2),  # a whole unit: no all-reduce
+                               plain.unit_time_s(mlp, "local/core-0", 1, c, 2), rtol=1e-9)

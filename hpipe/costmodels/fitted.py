@@ -365,6 +365,8 @@ class Fitted(CostModel):
             td = predict(unit.kind, dec, n, c, b, DECODE_FEATURES)
             if tp > 1 and (dp.device, unit.kind, tp) not in self._decode_coef and unit.kind in ("attn", "mlp"):
                 td = dec[0] + (td - dec[0]) / tp  # shard not timed at decode: as for prefill below
+            if tp > 1:  # a decode step's shards run between all-reduces too
+                td = td * self.tp_shard_factor(dp.device, n, b)
             t = np.where(is_decode(n, c), td, t)
         return np.asarray(t, float)
 
@@ -485,8 +487,9 @@ class Fitted(CostModel):
         return None if fit is None else _affine(fit, np.asarray(nbytes, float))
 
     def tp_shard_factor(self, device: str, n, b):
-        """How much longer a tensor-parallel shard of ``n * b`` rows computes in a stage, right
-        after an all-reduce and paced, than back to back (the profile's shards and units): the
+        """How much longer a tensor-parallel shard of ``n * b`` rows (a prefill slice's, or a
+        decode step's at n = 1) computes in a stage, right after an all-reduce and paced, than
+        back to back (the profile's shards and units): the
         all-reduce chain's ratio at its sizes, interpolated in log rows, held at the ends, and
         kept within [1, 1.5] (a wait that made compute cheaper has no mechanism here; one
         size's ratio is a median of 32 calls over another median, and can be noisy).  1 where

@@ -190,6 +190,8 @@ class _Colocation:
         self.neighbours = {d: g - {d} for g, _ in groups for d in g}
         self.together = {d: size - 1 for g, size in groups for d in g}
         self.computing: set[str] = set()
+        self.in_item: set[str] = set()
+        """Devices of tensor-parallel stages in an item, all-reduces included (``busy_outside``)."""
         self.changed = env.event()
 
     def _set(self, devices, busy: bool) -> None:
@@ -209,10 +211,22 @@ class _Colocation:
         finally:
             self._set(devices, False)
 
+    @contextlib.contextmanager
+    def in_tp_item(self, devices):
+        """Mark a tensor-parallel stage's ``devices`` busy, for ``busy_outside``, for the whole of
+        an item: the profile's together all-reduce was timed beside other groups running their
+        own chains, all-reduces and all, as a TP stage runs an item."""
+        self.in_item.update(devices)
+        try:
+            yield
+        finally:
+            self.in_item.difference_update(devices)
+
     def busy_outside(self, devices) -> float:
-        """The share of the co-located neighbours of ``devices``, outside them, computing now."""
+        """The share of the co-located neighbours of ``devices``, outside them, at work now:
+        computing, or in a tensor-parallel stage's item."""
         others = set().union(*(self.neighbours.get(d, set()) for d in devices)) - set(devices)
-        return len(others & self.computing) / len(others) if others else 0.0
+        return len(others & (self.computing | self.in_item)) / len(others) if others else 0.0
 
     def run(self, device: str, alone_s: float, together_s: float):
         """Compute one item on ``device`` (already held) at the rate its neighbours allow."""
@@ -335,6 +349,7 @@ def _tp_phases(env, log, links, j, st, i, mb_sl, res, total_s, coloc: _Colocatio
     links only while holding its devices, never the reverse, so nothing can deadlock."""
     with contextlib.ExitStack() as stack:
         yield from _hold_all(res, stack)
+        stack.enter_context(coloc.in_tp_item(st.devices))
         scatter = 0.0
         nb = float(st.scatter_bytes[i]) if st.scatter_bytes is not None else 0.0
         if st.scatter_s is not None:

@@ -275,3 +275,23 @@ def test_an_all_reduce_costs_its_busy_price_while_a_colocated_neighbour_computes
         ("allreduce", "a", 1, 6.0, 6.5), ("allreduce", "b", 1, 6.0, 6.5)])
     assert [x for x in log(run(spec(False))) if x[:2] == ("allreduce", "b")] == [
         ("allreduce", "b", 0, 3.0, 3.5), ("allreduce", "b", 1, 5.0, 5.5)]
+
+
+def test_a_tp_stage_in_its_all_reduces_counts_as_busy_for_another_stages_all_reduce():
+    """Hand-checked.  Two co-located TP pairs: (a, b) takes 0.7 s of shards and 0.5 s of
+    all-reduce an item whatever its neighbours do; (c, d) takes 1 s of shards and 0.5 s of
+    all-reduce alone, 2 s beside busy neighbours.  (a, b): item 0 0-1.2, item 1 1.2-2.4 (its
+    all-reduce 1.9-2.4).  (c, d) gets item 0 at 1.2, shards 1.2-2.2; its all-reduce starts at
+    2.2, while (a, b) is in its all-reduce (not computing, but in an item, as the profile's
+    together chain was): 2.2-4.2.  Item 1 then runs 4.2-5.2 and all-reduces alone, 5.2-5.7."""
+    first = StageSpec(devices=("a", "b"), compute_s=np.array([1.2, 1.2]), allreduce_s=np.array([0.5, 0.5]),
+                      allreduce_busy_s=np.array([0.5, 0.5]))
+    second = StageSpec(devices=("c", "d"), compute_s=np.array([1.5, 1.5]), allreduce_s=np.array([0.5, 0.5]),
+                       allreduce_busy_s=np.array([2.0, 2.0]))
+    hop = HopSpec(src="a", dst="c", links=(), bottleneck=None, hold_s=np.zeros(2), latency_s=np.zeros(2),
+                  nbytes=np.zeros(2))
+    events = run(PipelineSpec(items=[(0, 0), (0, 1)], stages=[first, second], hops=[None, hop],
+                              colocated=[(frozenset("abcd"), 4)]))
+    got = sorted((e.kind, e.slice, round(e.start_s, 9), round(e.end_s, 9)) for e in events if e.device == "c")
+    assert got == [("allreduce", 0, 2.2, 4.2), ("allreduce", 1, 5.2, 5.7),
+                   ("compute", 0, 1.2, 2.2), ("compute", 1, 4.2, 5.2)]
