@@ -51,11 +51,12 @@ def _main_options(version: Annotated[bool, typer.Option("--version", callback=_v
     _GLOBAL_SETS[:] = sets or []
 
 
-def _out_console(json_path: str | None, quiet: bool) -> Console | None:
-    """Where tables go: stdout, unless stdout carries the JSON (then stderr), or nowhere when quiet."""
+def _out_console(json_path: str | None, quiet: bool, *more_outputs: str | None) -> Console | None:
+    """Where tables go: stdout, unless stdout carries the JSON or another output (a trace)
+    (then stderr), or nowhere when quiet."""
     if quiet:
         return None
-    return _console(stderr=is_stdout(json_path))
+    return _console(stderr=any(is_stdout(p) for p in (json_path, *more_outputs)))
 
 
 def _console(stderr: bool = False) -> Console:
@@ -308,10 +309,12 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                 bar.advance(task)
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
-    con = _out_console(json_path, quiet)
+    con = _out_console(json_path, quiet, trace, plot)
+    written = {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot}
     if len(results) == 1 and results[0].latency_s is None:  # one planner found no plan: its reason says it all
         from hpipe.tables import reason_of
 
+        _say_written(_console(stderr=True) if con else None, written)
         raise InfeasibleError(reason_of(results[0]))
     if con:
         from hpipe.tables import results_table
@@ -319,7 +322,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         out = f" + {setup.output_tokens} out" if setup.output_tokens else ""
         con.print(results_table(f"{setup.name}: simulated ({setup.model.name}, batch {setup.batch_size} x "
                                 f"{setup.seq_len} tokens{out}, {_costmodel_name(setup)} cost model)", results))
-        _say_written(con, {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot})
+        _say_written(con, written)
     if results and all(not r.feasible for r in results):
         from hpipe.tables import infeasible_notes
 
@@ -430,7 +433,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     measured.predicted_latency_s = predicted.latency_s
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, None)
-    con = _out_console(json_path, quiet)
+    con = _out_console(json_path, quiet, trace)
     if con:
         from hpipe.tables import measured_table
 

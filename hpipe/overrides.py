@@ -185,8 +185,8 @@ def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=
         parts = parse_key(key)
         canonical = format_key(parts)
         if canonical in given:  # which one was meant is a guess: say so rather than keep the last
-            raise InputError(f"{canonical} is set twice ({given[canonical]!r}, then {raw!r}); give it once",
-                             field="--set")
+            raise InputError(f"{canonical} is set twice ({given[canonical]!r}, then {raw!r}); give it once "
+                             f"(a --set before the command counts too)", field="--set")
         given[canonical] = raw
         set_path(out, parts, parse_value(raw), schema)
     return out

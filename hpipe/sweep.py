@@ -32,11 +32,15 @@ class SweepResult(BaseModel):
 def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
     """(swept key, its values, the other assignments) from the --set options: exactly one
     of them gives several comma-separated values."""
-    from hpipe.overrides import parse_value, split_assignment, split_values
+    from hpipe.overrides import format_key, parse_key, parse_value, split_assignment, split_values
 
-    swept, fixed = [], []
+    swept, fixed, seen = [], [], set()
     for a in assignments:
         key, raw = split_assignment(a)
+        canonical = format_key(parse_key(key))
+        if canonical in seen:
+            raise InputError(f"{canonical} is given twice in --set; give it once", field="--set")
+        seen.add(canonical)
         vals = split_values(raw)
         (swept if len(vals) > 1 else fixed).append((key, vals, a))
     if len(swept) != 1:

@@ -329,6 +329,8 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     # one key twice (here once spelled with a space): which was meant is a guess, so refused
     r = cli("simulate", PAPER, "--set", "workload.seq_len=1024", "--set", "workload. seq_len=4096", "-q")
     assert r.returncode == 2 and "workload.seq_len is set twice ('1024', then '4096')" in r.stderr
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,2048", "--set", "workload.seq_len=4096", "-q")
+    assert r.returncode == 2 and "workload.seq_len is given twice in --set" in r.stderr
 
 
 def test_one_infeasible_planner_writes_its_json_and_exits_3(cli, tmp_path):
@@ -339,6 +341,7 @@ def test_one_infeasible_planner_writes_its_json_and_exits_3(cli, tmp_path):
     assert "GB short" in r.stderr and "KV cache 2.68 GB" in r.stderr  # how much of the need is the cache
     (res,) = json.loads(out.read_text())["results"]  # written as with several planners
     assert not res["feasible"] and "GB short" in res["infeasible"]
+    assert f"wrote the Result JSON to {out}" in r.stderr
 
 
 def test_hpipe_documents_in_the_wrong_place_are_named(cli, tmp_path):
@@ -377,3 +380,5 @@ def test_json_to_dev_stdout_is_stdout(cli):
     assert "latency" in r.stderr
     r = cli("simulate", PAPER, "--json", "/dev/stdout", "--trace", "-")
     assert r.returncode == 2 and "stdout" in r.stderr
+    r = cli("simulate", PAPER, "--trace", "-")  # the trace alone on stdout: the table goes to stderr
+    assert r.returncode == 0 and "traceEvents" in json.loads(r.stdout) and "latency" in r.stderr

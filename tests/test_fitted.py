@@ -335,3 +335,24 @@ def test_shards_between_all_reduces_and_busy_all_reduces_cost_what_the_chain_tim
     plain = load_scenario(fitted_scenario(tmp_path, prof, "plain.json")).resolve().cost
     np.testing.assert_allclose(plain.unit_time_s(mlp, "local/core-0", n, 0, 2, tp=2), 0.5 * whole, rtol=1e-6)
     assert plain.allreduce_busy_time_s(["local/core-0", "local/core-1"], 65536) is None
+
+
+def test_a_busy_all_reduce_never_costs_less_than_alone_and_floored_timings_give_no_ratio(tmp_path):
+    from hpipe.plan import Plan, Stage
+    from hpipe.sim import build
+
+    prof = synthetic_profile(noise=0.0)
+    sizes = [2048, 128 * 2048, 1024 * 2048]
+    prof["all_reduces"] = [{"devices": ["local/core-0", "local/core-1"], "sizes_bytes": sizes,
+                            "seconds": [1e-3, 3e-3, 6e-3], "bandwidth_gbps": 1.0, "latency_us": 1000.0,
+                            "seconds_together": [1e-4, 5e-4, 2e-3],  # crossed below alone: two noisy fits
+                            "shard_cpu_s": [[1e-7, 1.0, 1.0], [1.0, 1.0, 1.0]],  # 1e-7: the profiler's floor
+                            "shard_after_wait_cpu_s": [[5e-3, 1.2, 1.2], [1.2, 1.2, 1.2]]}]
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    # one row on core-0: its back-to-back time sat at the clock's floor, so no ratio from it
+    np.testing.assert_allclose(setup.cost.tp_shard_factor("local/core-0", np.array([1, 64]), 2), [1.2, 1.2])
+    plan = Plan(planner="x", scenario=setup.name, slices=[256, 256],
+                stages=[Stage(devices=["local/core-0", "local/core-1"], units=(0, setup.n_units))])
+    (st,) = build(setup, plan.check(setup)).stages
+    assert st.allreduce_busy_s is not None
+    np.testing.assert_allclose(st.allreduce_busy_s, st.allreduce_s)

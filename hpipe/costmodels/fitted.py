@@ -335,7 +335,10 @@ class Fitted(CostModel):
                 continue
             rows = np.maximum(np.asarray(ar.sizes_bytes, float) / row_bytes, 1.0)
             for dev, b2b, after in zip(ar.devices, ar.shard_cpu_s, ar.shard_after_wait_cpu_s):
-                self._shard_ratio[dev] = (rows, np.asarray(after, float) / np.asarray(b2b, float))
+                b2b, after = np.asarray(b2b, float), np.asarray(after, float)
+                ok = (b2b > 1e-6) & (after > 1e-6)  # the profiler floors a time below its clock's tick at 1e-7
+                if ok.any():
+                    self._shard_ratio[dev] = (rows[ok], after[ok] / b2b[ok])
 
     def _match_device(self, dev) -> DeviceProfile:
         """The profile entry for a scenario device: its own id, else the one entry of the same

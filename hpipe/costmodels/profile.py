@@ -247,14 +247,14 @@ class AllReduceProfile(_Strict):
     """Fitted: 8 * bytes / (seconds - latency)."""
     latency_us: NonNegativeFloat
     """Fitted intercept: an all-reduce of an empty message."""
-    seconds_together: list[float] | None = None
+    seconds_together: list[PositiveFloat] | None = None
     """The same chain timed while every other group ran its own at once (``seconds`` is timed
     with the other devices idle): what an all-reduce costs while co-located neighbours compute.
     None: the scenario has no other group (or a profile made before method 4)."""
-    shard_cpu_s: list[list[float]] | None = None
+    shard_cpu_s: list[list[PositiveFloat]] | None = None
     """Per member (in ``devices`` order), per size: CPU seconds of the chain's MLP shard run
     back to back, the whole group at once, at the size's rows (``sizes_bytes`` / d_model's bytes)."""
-    shard_after_wait_cpu_s: list[list[float]] | None = None
+    shard_after_wait_cpu_s: list[list[PositiveFloat]] | None = None
     """The same shard's CPU seconds inside the chain, each run after an all-reduce (and paced),
     as a tensor-parallel stage runs every split unit: the shards' price is scaled by the ratio
     of the two (``Fitted.tp_shard_factor``)."""

@@ -632,7 +632,7 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
     Two more things a tensor-parallel stage meets in a run, timed in the same chain (method 4):
 
     * **Neighbours computing.**  With two or more groups, every group then runs its chain at
-      once (``seconds_together``).  A member that waits in an all-reduce sleeps, and wakes on a
+      once, size by size (``seconds_together``).  A member that waits in an all-reduce sleeps, and wakes on a
       core that a co-located device of another stage is computing on.  In a measured
       tp-terapipe run on local-cpu-4dev (two TP pairs, each member sharing its core with a member
       of the other pair; 2-core Intel Xeon VM, quiet, 2026-12-03) the all-reduces of the first
@@ -669,53 +669,56 @@ def _all_reduces(job: ProfileJob, report) -> list[dict]:
                             tp_rank=ranks.index(job.rank), tp_size=len(ranks), all_reduce=lambda x: x)[0]
     inputs = {r: torch.randn(1, r, spec.d_model, generator=g).to(wire.device, dtype) for r in rows}  # (1, rows, D)
 
-    def sweep(group):
-        """(seconds, shard CPU back to back, shard CPU after an all-reduce) per size."""
-        secs, b2b, after = [], [], []
-        for r in rows:
-            x = inputs[r]
-            shard_cpu: list[float] = []
+    def one_size(group, r, back_to_back: bool):
+        """(seconds, shard CPU back to back or None, shard CPU after an all-reduce) at r rows."""
+        x = inputs[r]
+        shard_cpu: list[float] = []
 
-            def produce(x=x):  # the shard's output, fresh each call, as the runtime reduces it
-                pace.mark()
-                c0 = time.thread_time()
-                y = shard(x, 0, None)
-                shard_cpu.append(time.thread_time() - c0)
-                pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce
-                return y
+        def produce():  # the shard's output, fresh each call, as the runtime reduces it
+            pace.mark()
+            c0 = time.thread_time()
+            y = shard(x, 0, None)
+            shard_cpu.append(time.thread_time() - c0)
+            pace.wait()  # at the device's speed, as the runtime's shard before its all-reduce
+            return y
 
-            with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
-                b2b.append(shard_back_to_back_cpu_s(shard, x, group, wire))
-                secs.append(all_reduce_chain_s(produce, group, wire))
-            after.append(float(np.median(shard_cpu[2:])))  # the chain's timed calls
-        return secs, b2b, after
+        with torch.inference_mode():  # as the stage loop runs its units and their all-reduces
+            b2b = shard_back_to_back_cpu_s(shard, x, group, wire) if back_to_back else None
+            secs = all_reduce_chain_s(produce, group, wire)
+        return secs, b2b, float(np.median(shard_cpu[2:]))  # the chain's timed calls
 
-    out = {}
+    out = None
     for ranks, group in groups:  # each group in turn, the other devices idle
         if mine is not None and mine[0] is ranks:
-            out[tuple(ranks)] = sweep(group)
+            out = [one_size(group, r, back_to_back=True) for r in rows]
         if job.rank == 0:
             report("link", 1)  # once per group, as the bar's total counts them
         wire.barrier()
     together = None
-    if len(timed) > 1:  # every group at once: each member's neighbours are busy
-        if mine is not None:
-            together = sweep(mine[1])[0]
-        wire.barrier()
+    if len(timed) > 1:  # every group at once, size by size, so that each member's neighbours are busy
+        together = []
+        for r in rows:
+            wire.barrier()  # every rank, members or not: the groups start each size together
+            if mine is not None:
+                together.append(one_size(mine[1], r, back_to_back=False)[0])
+        wire.barrier()  # no rank leaves while another group still reduces
     if mine is None:
         return []
     ranks, group = mine
-    secs, b2b, after = out[tuple(ranks)]
+    secs, b2b, after = (list(col) for col in zip(*out))
     cpu = torch.tensor([b2b, after], dtype=torch.float64, device=wire.device)  # (2, sizes)
     every = [torch.empty_like(cpu) for _ in ranks]
     dist.all_gather(every, cpu, group=group)
     if job.rank != ranks[0]:
         return []
-    # thread_time ticks may be coarser than a tiny shard: never record zero
+    # On a GPU the thread's CPU time is the kernel launches', not the shard's: no ratio there.
+    # thread_time ticks may be coarser than a tiny shard: never record zero (the fitted model
+    # takes no ratio from a size whose back-to-back time is at that floor).
+    cpu_timed = wire.device.type == "cpu"
     return [{"devices": [job.devices[r] for r in ranks], "sizes_bytes": [r * row_bytes for r in rows],
              "seconds": secs, "seconds_together": together,
-             "shard_cpu_s": [[max(v, 1e-7) for v in m[0].tolist()] for m in every],
-             "shard_after_wait_cpu_s": [[max(v, 1e-7) for v in m[1].tolist()] for m in every]}]
+             "shard_cpu_s": [[max(v, 1e-7) for v in m[0].tolist()] for m in every] if cpu_timed else None,
+             "shard_after_wait_cpu_s": [[max(v, 1e-7) for v in m[1].tolist()] for m in every] if cpu_timed else None}]
 
 
 def shard_back_to_back_cpu_s(shard, x, group, wire, calls: int = 8) -> float:

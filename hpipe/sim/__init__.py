@@ -100,7 +100,9 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
                                          for u in split), np.zeros(k)), k)
             busy = [cost.allreduce_busy_time_s(list(devs), u.tp_allreduce_bytes(n, b, db)) for u in split]
             if split and all(x is not None for x in busy):
-                spec.allreduce_busy_s = _vec(sum(busy), k)
+                # never below the alone price: two noisy fits can cross at large sizes (1-4 MiB on
+                # local-cpu-4dev, 2026-12-03), and busy neighbours make nothing cheaper
+                spec.allreduce_busy_s = np.maximum(_vec(sum(busy), k), spec.allreduce_s)
             ring = [(devs[i], devs[(i + 1) % st.tp]) for i in range(st.tp)]
             spec.allreduce_links = tuple(sorted({_link_name(e) for a, z in ring
                                                  for e in directed_links(setup.cluster.route(a, z), a)}))

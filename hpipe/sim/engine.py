@@ -45,9 +45,11 @@ Events recorded
   devices throughout, forwards the input from its first device to each peer
   holding that link (``transfer`` with no ``link``, on the sender), runs the shards,
   then holds the ring's links for its all-reduces (``allreduce`` on every device),
-  so these queue behind pipeline hops on the same links.  Uncontended, and with no
-  co-located device outside the group computing (``allreduce_busy_s``), the phases add
-  up to exactly the cost model's stage time.  (Without ``allreduce_s`` the stage is
+  so these queue behind pipeline hops on the same links; with ``allreduce_busy_s`` the
+  all-reduces cost more by the share of co-located devices outside the group at work when
+  they start (the share is read once, at that moment, for the item's all-reduces together).
+  Uncontended, and with no such device at work, the phases add up to exactly the cost
+  model's stage time.  (Without ``allreduce_s`` the stage is
   one closed-form hold whose phases are only drawn.)
 * ``transfer`` between stages: ``device`` the sender, ``dst`` the receiver, ``stage``
   the stage it feeds, ``link`` the narrowest link on the path, and the interval the
@@ -89,8 +91,9 @@ class StageSpec:
     """The directed links of the group's ring."""
     allreduce_busy_s: np.ndarray | None = None
     """Tensor parallel, co-located: (n_items,) ``allreduce_s`` while every co-located device
-    outside the group computes; the all-reduces are priced between the two by the share of
-    those devices computing when they start (``_Colocation.busy_outside``)."""
+    outside the group is at work; the all-reduces are priced between the two by the share of
+    those devices at work (computing, or inside a TP stage's item) when they start
+    (``_Colocation.busy_outside``)."""
     alone_compute_s: np.ndarray | None = None
     """One device in a co-located group (``PipelineSpec.colocated``): (n_items,) the item's time
     while no other device of the group computes; ``compute_s`` is its time while all do."""
