@@ -249,9 +249,16 @@ def train_small_llama(folder: Path, seed: int = 0) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    import hashlib
+    import platform
+
     t = {**TRAIN, "seed": seed}
+    # The text is this Python's own standard library: another Python version is other text,
+    # so the recipe names the version and a hash of the bytes trained on.
+    corpus = _corpus(CORPUS_GLOB, 4 << 20)
     recipe = {"model": SMALL, "train": {k: list(v) if isinstance(v, tuple) else v for k, v in t.items()},
-              "corpus": CORPUS_GLOB}
+              "corpus": CORPUS_GLOB, "python": platform.python_version(),
+              "corpus_sha256": hashlib.sha256(corpus).hexdigest()}
     log_path = folder / "train_log.json"
     if (folder / "config.json").exists():
         log = json.loads(log_path.read_text()) if log_path.exists() else {}
@@ -268,7 +275,7 @@ def train_small_llama(folder: Path, seed: int = 0) -> dict:
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     model.train()
-    data = torch.frombuffer(bytearray(_corpus(CORPUS_GLOB, 4 << 20)), dtype=torch.uint8).long()
+    data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
     opt = torch.optim.AdamW(model.parameters(), lr=t["peak_lr"], betas=t["betas"], weight_decay=t["weight_decay"])
     g = torch.Generator().manual_seed(t["seed"])
     T, B = t["context"], t["batch"]
