@@ -118,9 +118,9 @@ def main() -> None:
                   f"bias {e.signed_bias:+.1%}")
     if res.run_spread is not None:
         print(f"  {res.run_spread.line()}")
-    drift = res.drift_line()
-    if drift:
-        print(f"  {drift}")
+    for line in (res.drift_line(), res.other_load_line()):
+        if line:
+            print(f"  {line}")
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -445,6 +446,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
             con.print(generation_table(f"{setup.name}: generation ({setup.output_tokens} new tokens per sequence)",
                                        measured, predicted))
         _say_written(con, {"Result JSON": json_path, "Chrome trace": trace})
+        _note_other_load(con, measured)
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 
@@ -455,6 +457,18 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         if con:
             con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
                       f"for {setup.dtype}, against the whole model in one process (float32)", highlight=False)
+
+
+def _note_other_load(con, measured) -> None:
+    """Say so when other processes computed beside the run: its times then include them."""
+    from hpipe.runtime.machine_load import OTHER_CPU_NOTE_CORES
+
+    other = measured.other_cpu_cores
+    if other is not None and other >= OTHER_CPU_NOTE_CORES:
+        con.print(f"[yellow]note:[/] other processes kept {other:.1f} of this machine's {os.cpu_count()} CPUs "
+                  f"busy on average during the run; the measured times include their interference "
+                  f"(other_cpu_cores in the JSON). For figures to compare with the prediction, run on a "
+                  f"quiet machine.", highlight=False)
 
 
 # ---- generate ----------------------------------------------------------------------
@@ -564,6 +578,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         _console(stderr=True).print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
+        _note_other_load(_console(stderr=True), measured)
     if check:
         import numpy as np
 
@@ -759,9 +774,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                               f"p90 {e.p90_abs_error:.1%}, bias {e.signed_bias:+.1%}")
             if result.run_spread is not None:
                 con.print(f"  {result.run_spread.line()}")
-            drift = result.drift_line()
-            if drift:
-                con.print(f"  {drift}")
+            for line in (result.drift_line(), result.other_load_line()):
+                if line:
+                    con.print(f"  {line}")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
         for s in result.skipped:

@@ -82,6 +82,11 @@ class RunResult(BaseModel):
     """Measured, CPU devices: CPU seconds each device's stage thread spent in its units (with one
     intra-op thread, the compute itself): unlike wall time, hardly inflated by other processes
     competing for the cores.  Compare with the cost model's ``stage_compute_s``."""
+    other_cpu_cores: float | None = None
+    """Measured: how many cores other processes on this machine kept busy on average while the
+    run went on (its machine's busy CPU time less the run's own processes'; see
+    ``hpipe.runtime.machine_load``).  Well above 0, the measured times include their
+    interference.  None where the machine does not say (not Linux) and for simulated results."""
     decode_compute_cpu_s: dict[str, float] | None = None
     """Measured generation, CPU devices: the decode steps' part of ``compute_cpu_s`` (the
     sampler's work on the last stage included, as in the steps' compute stamps)."""

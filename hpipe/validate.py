@@ -99,6 +99,11 @@ class Case(BaseModel):
     while the profile was measured (the mean of the profile's probes before and after);
     empty when there is nothing to compare (``probe_drift``)."""
 
+    other_cpu_cores: list[float] = []
+    """Per measured run (the order of ``measured_runs_s``): how many cores other processes on
+    this machine kept busy on average during it (``RunResult.other_cpu_cores``); empty where
+    a run could not tell."""
+
     @model_validator(mode="after")
     def _one_drift_per_run(self):
         if self.run_drifts and len(self.run_drifts) != len(self.measured_runs_s):
@@ -186,6 +191,14 @@ class Validation(BaseModel):
     """Cases that could not run (infeasible plan, a planner without a plan), with the reason."""
     hardware: str = ""
     emulation: dict[str, dict] = {}
+
+    def other_load_line(self) -> str | None:
+        """The line on other processes beside the measured runs (None: no run could tell)."""
+        xs = [x for c in self.cases for x in c.other_cpu_cores]
+        if not xs:
+            return None
+        return (f"other processes beside the runs: {float(np.median(xs)):.2f} cores busy on average (median over "
+                f"{len(xs)} runs; p90 {float(np.percentile(xs, 90)):.2f}, most {max(xs):.2f})")
 
     def drift_line(self) -> str | None:
         """The line the validate command and the benchmark print on the machine's drift since
@@ -453,7 +466,9 @@ def make_case(setup, plan: Plan, same_as: list[str], sim, runs: list, drifts=Non
                 chosen_by_planner=not plan.planner.startswith("random-"), same_plan_as=same_as,
                 measured_runs_s=list(runs_s),
                 # one per run (checked by Case), or none where a run had nothing to compare
-                run_drifts=list(drifts) if drifts is not None and None not in drifts else [])
+                run_drifts=list(drifts) if drifts is not None and None not in drifts else [],
+                other_cpu_cores=[r.other_cpu_cores for r in runs] if all(r.other_cpu_cores is not None for r in runs)
+                else [])
     if setup.output_tokens:
         case = case.model_copy(update=decode_fields(setup, plan, sim, runs))
     return case

@@ -192,6 +192,7 @@ def test_validate_json_contract(tiny):
     # and the machine's drift since the profile: a probe before every run, against the profile's
     for c in data["cases"]:
         assert len(c["run_drifts"]) == 2 and all(-0.9 < x < 10 for x in c["run_drifts"])
+        assert len(c["other_cpu_cores"]) == 2 and all(x >= 0 for x in c["other_cpu_cores"])  # Linux: /proc/stat
     drift = data["machine_drift"]
     assert drift["n"] == 2 * len(data["cases"]) == 2 * drift["cases"] and len(drift["by_round"]) == 2
     assert spread["median"] == pytest.approx(float(np.median(

@@ -143,6 +143,32 @@ def test_machine_drift_is_summarized_over_every_run_and_by_round():
                                      scenarios=["s"], profiles={}).drift_line()
 
 
+def test_other_processes_per_run_and_their_line():
+    """Each case keeps every run's other_cpu_cores, in run order, or none when a run could not
+    tell; the line is the median, p90 and most over every run; by hand."""
+    from hpipe.validate import Validation, make_case, with_output_tokens
+
+    setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 4).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+
+    def runs(*others):
+        return [_result(4.0 - k, 0.125, 2.5).model_copy(update={"other_cpu_cores": o}) for k, o in enumerate(others)]
+
+    sim = _result(3.0, 0.10, 2.0)
+    a = make_case(setup, plan, [], sim, runs(0.0, 0.9))
+    b = make_case(setup, plan, [], sim, runs(0.1, 0.2, 0.05))
+    assert a.other_cpu_cores == [0.0, 0.9] and b.other_cpu_cores == [0.1, 0.2, 0.05]
+    assert make_case(setup, plan, [], sim, runs(0.1, None)).other_cpu_cores == []
+    v = Validation(cases=[a, b], median_abs_error=0.1, p90_abs_error=0.1, scenarios=["s"], profiles={})
+    # 0, 0.05, 0.1, 0.2, 0.9: median 0.10, p90 0.62 (numpy's linear rule), most 0.90
+    assert v.other_load_line() == ("other processes beside the runs: 0.10 cores busy on average (median over 5 "
+                                   "runs; p90 0.62, most 0.90)")
+    assert Validation(cases=[], median_abs_error=None, p90_abs_error=None, scenarios=["s"],
+                      profiles={}).other_load_line() is None
+
+
 def test_speed_drift_is_the_mean_ratio_over_the_cores_probed_both_times():
     from hpipe.costmodels.profile import SpeedProbe
     from hpipe.runtime.speed import drift

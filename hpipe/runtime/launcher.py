@@ -32,6 +32,7 @@ import numpy as np
 
 from hpipe.errors import InputError, WorkerError
 from hpipe.result import Event, RunResult, summarize
+from hpipe.runtime.machine_load import LoadWindow
 
 # Largest |logit difference| against the single-process float32 forward that --check accepts.
 # float32: pipelining changes only the order of floating-point sums; 16-bit types round every
@@ -52,6 +53,9 @@ class Run:
     all_logits: np.ndarray | None = None  # (batch, seq_len, vocab) when asked for
     ids: np.ndarray | None = None
     wall_s: float = 0.0
+    other_cpu_cores: float | None = None
+    """Cores other processes on this machine kept busy on average during the run
+    (``hpipe.runtime.machine_load``); None where it cannot be read."""
     extra: dict = field(default_factory=dict)
 
 
@@ -449,6 +453,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     ready: set[int] = set()
     throttle = None
     t_start = time.monotonic()
+    load = LoadWindow.start([fs_pid] if fs_pid else [])  # the forkserver has imported torch by now
     try:
         for p in procs:
             p.start()
@@ -520,6 +525,9 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
         q.cancel_join_thread()
     run = run_from_records(records, devices, stages, ids)
     run.wall_s = time.monotonic() - t_start
+    if load is not None:  # every worker of this run is on this machine
+        run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()),
+                                                   [fs_pid] if fs_pid else [])
     return run
 
 
@@ -642,7 +650,8 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
     """The run's RunResult through the simulator's ``summarize``; with ``check``, the
     largest logit error against one process.  Energy is modelled (``energy_source``) unless
     ``meter`` (``hpipe.runtime.energy``) read counters over the whole measured run."""
-    extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)], "energy_source": "modelled"}
+    extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)], "energy_source": "modelled",
+             "other_cpu_cores": run.other_cpu_cores}
     cpu = {run.devices[role]: float(r["compute_cpu_s"]) for role, r in run.records.items()
            if "compute_cpu_s" in r and setup.cluster.device(run.devices[role]).runtime_device == "cpu"}
     if cpu:

@@ -572,7 +572,8 @@ def worker_main(cfg: WorkerConfig, report=None) -> dict:
         how = ("RSS high-water during the run" if hwm_reset else "RSS high-water") + \
             " above the RSS before the weights were loaded"
     rec.update(role=cfg.role, stage=worker.stage, device_id=cfg.devices[cfg.role], host=socket.gethostname(),
-               peak_bytes=peak, peak_how=how, boot_id=_boot_id())
+               peak_bytes=peak, peak_how=how, boot_id=_boot_id(),
+               process_cpu_s=time.process_time())  # all of this worker's CPU: the launcher sets it apart from others'
     return rec
 
 

@@ -49,6 +49,8 @@ def test_plan_shape_matches_single_process(llama_setup, shape):
     p = SHAPES[shape].check(llama_setup)
     run = _check_all_positions(llama_setup, p)
     assert set(run.records) == set(range(len(p.devices)))
+    # every worker says how much CPU it used, so the launcher can tell other processes' apart
+    assert all(r["process_cpu_s"] > 0 for r in run.records.values())
 
 
 def test_gpt_tensor_parallel_and_slices():
@@ -64,6 +66,7 @@ def test_execute_result_fields(llama_setup):
     assert r.next_token_ids == [int(t) for t in reference_logits(llama_setup, ids).argmax(-1)]
     assert r.latency_s > 0 and r.throughput_tokens_per_s == pytest.approx(3 * 48 / r.latency_s)
     assert set(r.peak_memory_mb) == set(p.devices) and all(v >= 0 for v in r.peak_memory_mb.values())
+    assert r.other_cpu_cores is not None and r.other_cpu_cores >= 0.0  # Linux: /proc/stat
     kinds = {(e.kind, e.device, e.dst) for e in r.events}
     # stage 0 -> the TP leader, the leader -> its peer, the leader -> stage 2
     assert ("transfer", "local/core-0", "local/core-1") in kinds
