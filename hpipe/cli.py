@@ -82,11 +82,12 @@ def _costmodel_name(setup) -> str:
     return cm if isinstance(cm, str) else cm["kind"]
 
 
-def _check_outputs(outputs: dict[str, str | None]) -> None:
-    """Output paths checked before any work: a typo fails now, not after a long run."""
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, Path | None] | None = None) -> None:
+    """Output paths checked before any work: a typo fails now, not after a long run, and no
+    output replaces a file the command reads (``inputs``: what it is -> its path)."""
     from hpipe.io import check_outputs
 
-    check_outputs(outputs, plots=("--plot",))
+    check_outputs(outputs, plots=("--plot",), inputs=inputs)
 
 
 def _load_scenario(scenario: Path, sets: list[str] | None = None):
@@ -227,7 +228,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
 
     from hpipe.progress import enabled
 
-    _check_outputs({"--output": output})
+    _check_outputs({"--output": output}, {"the scenario file": scenario})
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
@@ -283,7 +284,8 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.progress import enabled
     from hpipe.sim import infeasible_result, simulate as run_sim
 
-    _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot})
+    _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
+                   {"the scenario file": scenario, "the --plan file": plan})
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
@@ -347,7 +349,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
     from hpipe.tables import sweep_table
 
-    _check_outputs({"--json": json_path, "--plot": plot})
+    _check_outputs({"--json": json_path, "--plot": plot}, {"the scenario file": scenario})
     key, values, fixed = parse_sweep(sets)
     first = _load_setup(scenario, fixed + [assignment(key, values[0])])
     names = _planner_names(planner or first.scenario.planner.kind)
@@ -389,7 +391,8 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
-    _check_outputs({"--json": json_path, "--trace": trace})
+    _check_outputs({"--json": json_path, "--trace": trace},
+                   {"the scenario file": scenario, "the --plan file": plan, "the --inputs file": inputs})
     _check_timeout(timeout)
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
@@ -520,7 +523,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
-    _check_outputs({"--json": json_path})
+    _check_outputs({"--json": json_path}, {"the scenario file": scenario, "the --plan file": plan,
+                                          "the --prompt-file": prompt_file, "the --inputs file": inputs})
     _check_timeout(timeout)
     with _needs_torch("generate"):
         from hpipe.runtime import generation as gen
@@ -638,7 +642,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     from hpipe.io import write_text
     from hpipe.validate import default_profile_path
 
-    _check_outputs({"--output": output})
+    _check_outputs({"--output": output}, {"the scenario file": scenario})
     with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
     sc, setup = _scenario_for_profiling(scenario, sets)
@@ -709,7 +713,8 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     from hpipe.progress import progress
     from hpipe.validate import CaseOptions, validate as run_validate
 
-    _check_outputs({"--json": json_path})
+    _check_outputs({"--json": json_path}, {**{f"the scenario file {s}": s for s in scenarios},
+                                          "the --profile file": profile_path})
     with _needs_torch("validate"):
         import hpipe.runtime  # noqa: F401
     if basis not in (None, "wall", "cpu"):

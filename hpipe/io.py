@@ -105,12 +105,22 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 """Image formats --plot writes, named by the file's extension."""
 
 
-def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()) -> None:
+def _same_file(p: str) -> str | None:
+    """The real path a file argument names (links and ``..`` resolved), or None for stdout."""
+    if p is None or p == "" or is_stdout(p):
+        return None
+    return os.path.realpath(Path(p).expanduser())
+
+
+def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = (),
+                  inputs: dict[str, str | Path | None] | None = None) -> None:
     """Refuse, before any work is done, output paths that cannot be written as asked.
 
     ``outputs`` maps an option (``--json``) to the path given (None: not asked for);
-    options in ``plots`` take an image whose format the extension names.  Problems: a
-    folder given as the file, a folder that does not exist (never created for a typo), a
+    options in ``plots`` take an image whose format the extension names; ``inputs`` maps
+    what the command reads (``the scenario``, ``--plan``) to its path.  Problems: an output
+    that is one of the inputs (written over, the input is lost), two outputs on one file,
+    a folder given as the file, a folder that does not exist (never created for a typo), a
     file that cannot be written, two outputs on stdout, an image on stdout, an image
     format that is not one of PLOT_FORMATS."""
     from hpipe.errors import InputError
@@ -119,6 +129,19 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
     if len(on_stdout) > 1:
         raise InputError(f"{' and '.join(on_stdout)} both ask for stdout ('-'), which holds one document; "
                          f"give one of them a file path", field=on_stdout[1])
+    read = {_same_file(str(p)): name for name, p in (inputs or {}).items() if p is not None}
+    written: dict[str, str] = {}
+    for opt, p in outputs.items():
+        real = _same_file(p)
+        if real is None or is_special(Path(real)):
+            continue
+        if real in read:
+            raise InputError(f"{p!r} is {read[real]} this command reads; writing there would replace it. "
+                             f"Give another path", field=opt)
+        if real in written:
+            raise InputError(f"{p!r} is also given to {written[real]}; one would write over the other. "
+                             f"Give each output its own path", field=opt)
+        written[real] = opt
     for opt, p in outputs.items():
         if p is None or p == "-" and opt not in plots:
             continue

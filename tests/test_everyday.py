@@ -50,6 +50,31 @@ def test_refused_output_leaves_the_other_outputs_unwritten(cli, tmp_path):
     assert r.returncode == 2 and not (tmp_path / "r.json").exists()
 
 
+def test_an_output_never_replaces_an_input_or_another_output(cli, tmp_path):
+    """The scenario (or --plan) given as an output, directly, through '..' or a symlink, is
+    refused before any work, and so are two outputs on one file; every file stays as it was."""
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text((SCENARIOS / "paper-llama7b.yaml").read_text())
+    (tmp_path / "link.yaml").symlink_to(scenario)
+    before = scenario.read_bytes()
+    (tmp_path / "sub").mkdir()
+    for args in (["simulate", str(scenario), "--json", str(scenario)],
+                 ["simulate", str(scenario), "--trace", str(tmp_path / "sub" / ".." / "s.yaml")],
+                 ["simulate", str(scenario), "--plot", str(tmp_path / "link.yaml")],
+                 ["plan", str(scenario), "-o", str(scenario)],
+                 ["sweep", str(scenario), "--set", "workload.seq_len=1024,2048", "--json", str(scenario)]):
+        r = cli(*args, "-q")
+        assert r.returncode == 2 and "the scenario file" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert scenario.read_bytes() == before
+    plan = tmp_path / "p.json"
+    assert cli("plan", str(scenario), "-o", str(plan), "-q").returncode == 0
+    r = cli("simulate", str(scenario), "--plan", str(plan), "--json", str(plan), "-q")
+    assert r.returncode == 2 and "the --plan file" in r.stderr
+    out = tmp_path / "x.json"
+    r = cli("simulate", str(scenario), "--json", str(out), "--trace", str(out), "-q")
+    assert r.returncode == 2 and "also given to --json" in r.stderr and not out.exists()
+
+
 # ---- --set overrides ------------------------------------------------------------
 def test_overrides_apply_before_validation_in_process():
     from hpipe.errors import InputError
