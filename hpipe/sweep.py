@@ -48,6 +48,10 @@ def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
                          f"one key at a time: {', '.join(k for k, _, _ in swept)} all have several values",
                          field="--set")
     key, raw_values, _ = swept[0]
+    if format_key(parse_key(key)) in ("planner", "planner.kind"):
+        # the planners to compare are not a scenario value: every value would run the same ones
+        raise InputError(f"{key} cannot be swept: to compare planners give --planner {','.join(raw_values)}, "
+                         f"and sweep a scenario field (each planner runs at every value)", field="--set")
     return key, [parse_value(v) for v in raw_values], [a for _, _, a in fixed]
 
 

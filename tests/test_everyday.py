@@ -211,6 +211,10 @@ def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
     assert r.returncode == 2 and "one key at a time" in r.stderr
     r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,1000")
     assert r.returncode == 2 and "workload.seq_len" in r.stderr and "992 or 1008" in r.stderr
+    # the planner is not a scenario value to sweep (every value ran the same planner): --planner says how
+    for key in ("planner.kind", "planner"):
+        r = cli("sweep", PAPER, "--set", f"{key}=hpipe,gpipe")
+        assert r.returncode == 2 and "--planner hpipe,gpipe" in r.stderr, r.stderr
 
 
 # ---- tables on an 80-column terminal, a readable plan ------------------------------
