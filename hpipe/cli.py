@@ -396,6 +396,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     _check_timeout(timeout)
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
+        from hpipe.runtime.launcher import runtime_spec
     from hpipe.memory import raise_if_model_cannot_fit
     from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, check_cpu_memory, check_placements, cpu_estimate_s, format_duration
 
@@ -416,6 +417,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
             check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
             check_cpu_memory(setup, p)
         token_ids = load_inputs(inputs, setup) if inputs else None
+        runtime_spec(setup)  # the weights folder: there, readable and the scenario's model
 
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=inputs_fit)
     if p is None:
@@ -534,6 +536,9 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if stream and is_stdout(json_path):
         raise InputError("--stream and --json - would both write to standard output; give --json a file",
                          field="--stream")
+    if prompt_file is not None and not prompt_file.is_file():
+        raise InputError("no such file" if not prompt_file.exists() else "not a file", file=str(prompt_file),
+                         field="--prompt-file")
     sc = _load_scenario(scenario, sets)
     weights = str(sc.resolve_path(sc.weights)) if sc.weights else None
     tok = gen.load_tokenizer(weights)

@@ -536,6 +536,11 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     emulated: dict[str, dict] = {}
     hardware = ""
     jobs = []  # (setup, plan, same_as, simulated_s)
+    from hpipe.runtime.here import check_placements
+
+    for sc in scenarios:  # every scenario's devices, before any is profiled or run
+        base = sc.model_copy(update={"costmodel": "roofline"}).resolve()
+        check_placements(base, base.cluster.device_ids, who="validation profiles and runs every device; the scenario has")
     for sc in scenarios:
         base = sc.model_copy(update={"costmodel": "roofline"}).resolve()
         why = emulation_unsupported(base)

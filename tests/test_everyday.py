@@ -400,6 +400,21 @@ def test_execute_checks_its_inputs_before_measuring_a_profile(cli, tmp_path):
     assert r.returncode == 2 and "batch_size" in r.stderr and "measuring" not in r.stderr and not cache.exists()
     r = cli("execute", local, "--timeout", "0", "-q", env={"HPIPE_CACHE_DIR": str(cache)})
     assert r.returncode == 2 and "--timeout" in r.stderr and not cache.exists()
+    r = cli("execute", local, "--set", f"weights={tmp_path / 'nope'}", "-q", env={"HPIPE_CACHE_DIR": str(cache)})
+    assert r.returncode == 2 and "config.json" in r.stderr and "measuring" not in r.stderr and not cache.exists()
+
+
+def test_profile_and_validate_refuse_gpus_with_nowhere_to_run(cli, tmp_path):
+    """A GPU scenario with no runtime: placement would become one-thread CPU workers (the paper's
+    six, 4 GB each, ran this VM out of memory): refused before any worker starts, naming the entries."""
+    pytest.importorskip("torch")
+    out = tmp_path / "p.json"
+    for args in (["profile", PAPER, "--quick", "-o", str(out)],
+                 ["validate", PAPER, "--random", "0", "--json", str(tmp_path / "v.json")]):
+        r = cli(*args, "-q", env={"HPIPE_CACHE_DIR": str(tmp_path / "cache")})
+        assert r.returncode == 2, (args, r.stderr)
+        assert "cluster.hosts[0].devices[0].runtime" in r.stderr and "P100 x4" in r.stderr and "RTX3090 x2" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
 
 
 def test_json_to_dev_stdout_is_stdout(cli):

@@ -30,8 +30,9 @@ def _entries(setup) -> dict[str, tuple[str, object]]:
     return out
 
 
-def check_placements(setup, device_ids) -> None:
-    """Refuse a plan device that is a GPU in the scenario but has no runtime placement."""
+def check_placements(setup, device_ids, who: str = "the plan uses") -> None:
+    """Refuse a device (of a plan, or the scenario's own for a profile) that is a GPU in the
+    scenario but has no runtime placement; ``who`` starts the message."""
     entries = _entries(setup)
     missing: dict[str, list[str]] = {}  # entry path -> its devices, in scenario order
     for d in device_ids:
@@ -45,7 +46,7 @@ def check_placements(setup, device_ids) -> None:
     first = next(iter(missing))
     what = "; ".join(f"{p} ({entries[ids[0]][1].label} x{len(ids)}: {', '.join(ids)})" for p, ids in missing.items())
     raise InputError(
-        f"the plan uses devices with no `runtime:` placement, so this machine has nothing to run them on "
+        f"{who} devices with no `runtime:` placement, so this machine has nothing to run them on "
         f"(they would become one-thread CPU workers): {what}. Add `runtime: {{device: cuda}}` (or cuda:N) to each "
         f"entry where this machine has such GPUs, or `runtime: {{device: cpu, threads: N}}` to run it on this "
         f"CPU knowingly (slow), e.g. --set {first}.runtime.device=cpu",

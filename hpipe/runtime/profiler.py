@@ -848,6 +848,9 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
 
     from hpipe.runtime.launcher import backend_for, placements
 
+    from hpipe.runtime.here import check_placements
+
+    check_placements(setup, setup.cluster.device_ids, who="a profile measures every device of the scenario; it has")
     why = emulation.emulation_unsupported(setup)
     if why:
         raise HpipeError(f"cannot profile {setup.name} as its scenario describes it: {why}")

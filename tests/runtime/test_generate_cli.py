@@ -128,6 +128,8 @@ def test_ids_without_tokenizer_and_text_refused(tmp_path, monkeypatch, capsys):
     _scenario(tmp_path / "tiny.yaml")
     code, err = _main_in_process(["generate", "tiny.yaml", "--prompt", "hello"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "needs a tokenizer" in err and "--inputs" in err and "Traceback" not in err, err
+    code, err = _main_in_process(["generate", "tiny.yaml", "--prompt-file", "missing.txt"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "missing.txt" in err and "no such file" in err, err  # the file, not the tokenizer
     ids = [[i % 128 for i in range(10)], [(5 * i) % 128 for i in range(10)]]
     (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:4]]))
     code, err = _main_in_process(["generate", "tiny.yaml", "--inputs", "bad.json"], tmp_path, monkeypatch, capsys)
