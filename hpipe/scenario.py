@@ -461,6 +461,33 @@ def parse_scenario(data: Any, file: str | None = None) -> Scenario:
         raise e.located(file) from None
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping: YAML lets the last one win,
+    so a second ``workload:`` block would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+                seen[key] = key_node.start_mark
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise _DuplicateKey(
+                    None, None, f"{key!r} is given again (first at line {first.line + 1}); YAML would "
+                    f"silently keep this one: give it once",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
     ``KEY=VALUE`` assignments (``hpipe.overrides``) applied before validation."""
@@ -472,12 +499,13 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the file: {e}", file=file) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise InputError(f"YAML syntax error at {where}{problem}", file=file) from None
+        kind = "" if isinstance(e, _DuplicateKey) else "YAML syntax error at "
+        raise InputError(f"{kind}{where}{problem}", file=file) from None
     from hpipe.io import document_kind
 
     kind = document_kind(data)  # JSON is YAML too: hpipe's own outputs parse, then miss every field

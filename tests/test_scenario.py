@@ -8,6 +8,8 @@ import yaml
 from hpipe.errors import InputError
 from hpipe.scenario import load_scenario, parse_scenario
 
+from conftest import SCENARIOS
+
 BASE = {
     "name": "t",
     "model": "tiny-llama",
@@ -93,6 +95,26 @@ def test_yaml_syntax_error_names_line(tmp_path):
     p.write_text("name: x\nmodel: [tiny-llama\nworkload: {}\n")
     with pytest.raises(InputError, match=r"s\.yaml: YAML syntax error at line \d+"):
         load_scenario(p)
+
+
+def test_a_key_given_twice_is_refused_at_any_depth(tmp_path):
+    """YAML keeps the last of two equal keys silently; hpipe names both places instead.  A
+    merge key's values may still be overridden (not a duplicate)."""
+    base = (SCENARIOS / "local-cpu.yaml").read_text()
+    p = tmp_path / "s.yaml"
+    p.write_text(base + "workload:\n  seq_len: 1024\n")
+    first = 1 + next(i for i, ln in enumerate(base.splitlines()) if ln.startswith("workload:"))
+    last = len(base.splitlines()) + 1
+    with pytest.raises(InputError, match=rf"s\.yaml: line {last}, column 1: 'workload' is given again "
+                                         rf"\(first at line {first}\)"):
+        load_scenario(p)
+    p.write_text(base.replace("workload:", "workload:\n  batch_size: 1\n  batch_size: 2", 1))
+    with pytest.raises(InputError, match="'batch_size' is given again"):
+        load_scenario(p)
+    from hpipe.scenario import _UniqueKeyLoader
+
+    merged = yaml.load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n", Loader=_UniqueKeyLoader)
+    assert merged["other"] == {"x": 1, "y": 3}
 
 
 def test_not_a_mapping_and_missing_file(tmp_path):
