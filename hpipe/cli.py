@@ -796,6 +796,11 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 
 
 def main() -> None:
+    import signal
+
+    from hpipe.__main__ import on_sigterm
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # stopped as Ctrl-C stops it: workers first, exit 143
     try:
         # Under standalone_mode=False typer turns Ctrl-C (and --help, typer.Exit) into a
         # *returned* exit code instead of raising it: honour it, or Ctrl-C would exit 0.
@@ -807,10 +812,10 @@ def main() -> None:
     except HpipeError as e:
         err_console.print(f"[bold red]hpipe:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         from hpipe.__main__ import exit_interrupted
 
-        exit_interrupted()
+        exit_interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

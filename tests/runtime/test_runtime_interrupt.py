@@ -40,6 +40,30 @@ def test_ctrl_c_during_execute_exits_130_and_leaves_nothing(after_s):
         run.close()
 
 
+def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_path):
+    """`kill` (SIGTERM) to hpipe alone, as a job scheduler sends it: the workers are stopped,
+    exit 143 with one line, and multiprocessing's temporary folder (the forkserver's socket),
+    which its own exit handler would remove, is gone too (as after Ctrl-C)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run = TerminalRun("execute", SCENARIO, "--set", "costmodel=roofline", "--set", "workload.batch_size=64",
+                      env={"TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp.glob("pymp-*")) and time.monotonic() < deadline:  # the forkserver is up
+            time.sleep(0.1)
+        time.sleep(2.0)
+        assert run.proc.poll() is None, run.output
+        os.kill(run.pid, signal.SIGTERM)
+        code = run.wait(10)
+        assert code == 143, (code, run.output[-2000:])
+        assert run.leftovers(within_s=10) == []
+        assert "hpipe: terminated" in run.output and "Traceback" not in run.output, run.output[-3000:]
+        assert list(tmp.glob("pymp-*")) == []
+    finally:
+        run.close()
+
+
 def _forkserver_with_workers(run: TerminalRun, n_workers: int, within_s: float) -> tuple[int, list[int]]:
     """The forkserver of the run (the process whose children are the workers) once all
     ``n_workers`` workers are up."""
