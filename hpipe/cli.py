@@ -1,7 +1,7 @@
 """The `hpipe` command line (typer).  Files are written here, never in the engines.
 
 Exit codes: 0 done; 2 bad input (file, field and problem, no traceback);
-3 infeasible (says by how much); 1 anything else; 130 interrupted.
+3 infeasible (says by how much); 1 anything else; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
