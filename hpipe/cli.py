@@ -145,23 +145,29 @@ PLANNER_ABBREVIATIONS = {"gp-b": "gpipe-balanced", "tp-t": "tp-terapipe"}
 """The short names the README's tables use (and the paper's GP-B, TP-T): suggested, not accepted."""
 
 
-def _planner_names(planner: str) -> list[str]:
-    """``all``, one planner or a comma list, each once, in the order given."""
+def _planner_names(planner: str, field: str = "--planner", allow_none: bool = False) -> list[str]:
+    """``all``, one planner or a comma list, each once, in the order given (``allow_none``:
+    an empty string names none; ``field``: the option, for messages)."""
     if planner.strip() == "all":
         return list(PLANNER_NAMES)
-    names = [p.strip() for p in planner.split(",") if p.strip()]
+    if allow_none and not planner.strip():
+        return []
+    parts = [p.strip() for p in planner.split(",")]
+    names = [p for p in parts if p]
     if not names:
-        raise InputError(f"no planner named; one of {', '.join(PLANNER_NAMES)} or all", field="--planner")
+        raise InputError(f"no planner named; one of {', '.join(PLANNER_NAMES)} or all", field=field)
+    if len(names) < len(parts):
+        raise InputError(f"{planner!r} has an empty name (two commas together, or one at an end); give A,B,...", field=field)
     for n in names:
         if n == "all":
-            raise InputError("'all' already names every planner; give it alone", field="--planner")
+            raise InputError("'all' already names every planner; give it alone", field=field)
         if n not in PLANNER_NAMES:
             from hpipe.errors import suggest
 
             hint = (f" (did you mean {PLANNER_ABBREVIATIONS[n.lower()]}?)" if n.lower() in PLANNER_ABBREVIATIONS
                     else suggest(n, PLANNER_NAMES))
             raise InputError(f"unknown planner {n!r}{hint}; one of {', '.join(PLANNER_NAMES)} or all",
-                             field="--planner")
+                             field=field)
     return list(dict.fromkeys(names))  # a planner named twice runs once
 
 
@@ -369,6 +375,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     if con:
         con.print(sweep_table(f"{first.name}: simulated at each {key} ({first.model.name}, "
                               f"{_costmodel_name(first)} cost model)", key, values, result.runs))
+        _say_written(con, {"sweep JSON": json_path, "sweep chart": plot})
     if all(not r.feasible for run in result.runs for r in run.results):
         raise InfeasibleError("no plan is feasible at any value" + (" (the reasons are under the table)" if con else ""))
 
@@ -587,6 +594,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         _console(stderr=True).print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
+        _say_written(_console(stderr=True), {"Result JSON": json_path})
         _note_other_load(_console(stderr=True), measured)
     if check:
         import numpy as np
@@ -724,8 +732,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         import hpipe.runtime  # noqa: F401
     if basis not in (None, "wall", "cpu"):
         raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
-    names = [p.strip() for p in planners.split(",") if p.strip()]
-    _planner_names(",".join(names)) if names else None
+    names = _planner_names(planners, field="--planners", allow_none=True)
     scs = [_load_scenario(p, sets) for p in scenarios]
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")

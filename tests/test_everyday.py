@@ -293,6 +293,10 @@ def test_simulate_says_which_files_it_wrote(cli, tmp_path):
     r = cli("simulate", PAPER, "--json", "-", "--trace", str(trace))  # the JSON on stdout goes unsaid
     assert r.returncode == 0 and json.loads(r.stdout)["mode"] == "simulated"
     assert "wrote the Result" not in r.stderr and f"wrote the Chrome trace to {trace}" in r.stderr
+    sweep, chart = tmp_path / "s.json", tmp_path / "s.svg"
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,2048", "--json", str(sweep), "--plot", str(chart))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote the sweep JSON to {sweep}" in r.stdout and f"wrote the sweep chart to {chart}" in r.stdout
 
 
 # ---- small things ---------------------------------------------------------------------
@@ -345,6 +349,11 @@ def test_planner_lists(cli):
     assert r.returncode == 2 and "give it alone" in r.stderr
     r = cli("simulate", PAPER, "--planner", "gp-b", "-q")  # the README's tables abbreviate so
     assert r.returncode == 2 and "did you mean gpipe-balanced" in r.stderr
+    for bad in ("hpipe,,gpipe", "hpipe,"):  # a name lost between commas is not dropped silently
+        r = cli("simulate", PAPER, "--planner", bad, "-q")
+        assert r.returncode == 2 and "empty name" in r.stderr, r.stderr
+    r = cli("validate", PAPER, "--planners", "foo", "-q")  # named by its own option
+    assert r.returncode == 2 and "field '--planners'" in r.stderr and "unknown planner 'foo'" in r.stderr
 
 
 def test_set_says_how_to_index_and_which_keys_exist(cli):
