@@ -543,9 +543,9 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if stream and is_stdout(json_path):
         raise InputError("--stream and --json - would both write to standard output; give --json a file",
                          field="--stream")
-    if prompt_file is not None and not prompt_file.is_file():
-        raise InputError("no such file" if not prompt_file.exists() else "not a file", file=str(prompt_file),
-                         field="--prompt-file")
+    if prompt_file is not None and (not prompt_file.exists() or prompt_file.is_dir()):  # a pipe reads fine
+        raise InputError("no such file" if not prompt_file.exists() else "a folder, not a file",
+                         file=str(prompt_file), field="--prompt-file")
     sc = _load_scenario(scenario, sets)
     weights = str(sc.resolve_path(sc.weights)) if sc.weights else None
     tok = gen.load_tokenizer(weights)
@@ -726,8 +726,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     from hpipe.progress import progress
     from hpipe.validate import CaseOptions, validate as run_validate
 
-    _check_outputs({"--json": json_path}, {**{f"the scenario file {s}": s for s in scenarios},
-                                          "the --profile file": profile_path})
+    # --profile is read when current and written when not: an output as much as an input
+    _check_outputs({"--json": json_path, "--profile": profile_path},
+                   {f"the scenario file {s}": s for s in scenarios})
     with _needs_torch("validate"):
         import hpipe.runtime  # noqa: F401
     if basis not in (None, "wall", "cpu"):
@@ -805,9 +806,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 def main() -> None:
     import signal
 
-    from hpipe.__main__ import on_sigterm
+    from hpipe.stopping import install_sigterm
 
-    signal.signal(signal.SIGTERM, on_sigterm)  # stopped as Ctrl-C stops it: workers first, exit 143
+    before = install_sigterm()  # stopped as Ctrl-C stops it: workers first, exit 143
     try:
         # Under standalone_mode=False typer turns Ctrl-C (and --help, typer.Exit) into a
         # *returned* exit code instead of raising it: honour it, or Ctrl-C would exit 0.
@@ -820,7 +821,7 @@ def main() -> None:
         err_console.print(f"[bold red]hpipe:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
-        from hpipe.__main__ import exit_interrupted
+        from hpipe.stopping import exit_interrupted
 
         exit_interrupted(e)
     except typer.Exit as e:
@@ -834,6 +835,10 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    finally:
+        if before is not None:  # an in-process caller (tests) gets its own handler back
+            signal.signal(signal.SIGTERM, before)
+
 
 if __name__ == "__main__":
     main()

@@ -105,11 +105,17 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 """Image formats --plot writes, named by the file's extension."""
 
 
-def _same_file(p: str) -> str | None:
-    """The real path a file argument names (links and ``..`` resolved), or None for stdout."""
+def _same_file(p: str):
+    """What identifies the file a path argument names: its device and inode where it exists
+    (a symlink, ``..`` or a hard link name the same), else its real path; None for stdout."""
     if p is None or p == "" or is_stdout(p):
         return None
-    return os.path.realpath(Path(p).expanduser())
+    real = os.path.realpath(Path(p).expanduser())
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return (st.st_dev, st.st_ino)
 
 
 def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = (),
@@ -129,11 +135,12 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
     if len(on_stdout) > 1:
         raise InputError(f"{' and '.join(on_stdout)} both ask for stdout ('-'), which holds one document; "
                          f"give one of them a file path", field=on_stdout[1])
-    read = {_same_file(str(p)): name for name, p in (inputs or {}).items() if p is not None}
-    written: dict[str, str] = {}
+    # an input that does not exist is its own command's error ("no such file"), not this one's
+    read = {_same_file(str(p)): name for name, p in (inputs or {}).items() if p is not None and Path(p).exists()}
+    written: dict = {}
     for opt, p in outputs.items():
         real = _same_file(p)
-        if real is None or is_special(Path(real)):
+        if real is None or is_special(Path(p).expanduser()):
             continue
         if real in read:
             raise InputError(f"{p!r} is {read[real]} this command reads; writing there would replace it. "

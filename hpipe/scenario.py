@@ -467,25 +467,37 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """Safe loading that refuses a key given twice in one mapping: YAML lets the last one win,
-    so a second ``workload:`` block would silently replace the first."""
+    so a second ``workload:`` block would silently replace the first.  Checked on the
+    document as written, before construction: PyYAML expands merge keys (``<<: *base``) in
+    place, after which a merged key and its override would look like two."""
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-                seen[key] = key_node.start_mark
-            except TypeError:  # an unhashable key: the base class says so
-                break
-            if first is not None:
-                raise _DuplicateKey(
-                    None, None, f"{key!r} is given again (first at line {first.line + 1}); YAML would "
-                    f"silently keep this one: give it once",
-                    key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._check_unique(node, set())
+        return self.construct_document(node)
+
+    def _check_unique(self, node, done: set) -> None:
+        if id(node) in done:  # an alias: its anchor was checked
+            return
+        done.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in first:
+                        raise _DuplicateKey(
+                            None, None, f"{key_node.value!r} is given again (first at line "
+                            f"{first[key].line + 1}); YAML would silently keep this one: give it once",
+                            key_node.start_mark)
+                    first[key] = key_node.start_mark
+                self._check_unique(key_node, done)
+                self._check_unique(value_node, done)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._check_unique(item, done)
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:

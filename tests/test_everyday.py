@@ -56,11 +56,14 @@ def test_an_output_never_replaces_an_input_or_another_output(cli, tmp_path):
     scenario = tmp_path / "s.yaml"
     scenario.write_text((SCENARIOS / "paper-llama7b.yaml").read_text())
     (tmp_path / "link.yaml").symlink_to(scenario)
+    (tmp_path / "hard.yaml").hardlink_to(scenario)
     before = scenario.read_bytes()
     (tmp_path / "sub").mkdir()
     for args in (["simulate", str(scenario), "--json", str(scenario)],
                  ["simulate", str(scenario), "--trace", str(tmp_path / "sub" / ".." / "s.yaml")],
                  ["simulate", str(scenario), "--plot", str(tmp_path / "link.yaml")],
+                 ["simulate", str(scenario), "--json", str(tmp_path / "hard.yaml")],
+                 ["validate", str(scenario), "--profile", str(scenario)],  # written when not a current profile
                  ["plan", str(scenario), "-o", str(scenario)],
                  ["sweep", str(scenario), "--set", "workload.seq_len=1024,2048", "--json", str(scenario)]):
         r = cli(*args, "-q")

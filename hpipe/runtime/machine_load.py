@@ -21,6 +21,9 @@ OTHER_CPU_NOTE_CORES = 0.25
 """``execute`` prints a note when other processes used at least this many cores on average."""
 
 
+_clock = time.monotonic  # the wall clock of a window (tests replace it)
+
+
 def _clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
@@ -69,15 +72,19 @@ class LoadWindow:
         busy = machine_busy_cpu_s()
         if busy is None:
             return None
-        return cls(time.monotonic(), busy, own_cpu_s(helper_pids))
+        return cls(_clock(), busy, own_cpu_s(helper_pids))
 
     def other_cpu_cores(self, workers_cpu_s: float, helper_pids=()) -> float | None:
         """Cores other processes kept busy on average since ``start``: the machine's busy CPU
         time less the launcher's own and ``workers_cpu_s`` (the run's workers on this host),
-        over the wall time; never below 0 (the clocks tick at 10 ms)."""
+        over the wall time; never below 0 (the clocks tick at 10 ms).  None when the machine's
+        counters did not see even half of the run's own CPU time: a sandbox that reports
+        ``/proc/stat`` as zeros (gVisor before 2026-06) would otherwise read as a quiet machine."""
         busy = machine_busy_cpu_s()
-        wall = time.monotonic() - self.wall_s
+        wall = _clock() - self.wall_s
         if busy is None or wall <= 0:
             return None
-        other = (busy - self.busy_s) - (own_cpu_s(helper_pids) - self.own_s) - workers_cpu_s
-        return max(other, 0.0) / wall
+        ours = (own_cpu_s(helper_pids) - self.own_s) + workers_cpu_s
+        if busy - self.busy_s < 0.5 * ours:
+            return None
+        return max((busy - self.busy_s) - ours, 0.0) / wall

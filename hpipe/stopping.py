@@ -1,0 +1,66 @@
+"""How hpipe stops when asked to: Ctrl-C (exit 130) and SIGTERM (exit 143).
+
+SIGTERM is turned into a KeyboardInterrupt (``Terminated``) in the main thread, so the
+clean-up written for Ctrl-C runs for it too: the workers are stopped first, nothing is
+left running.  Kept apart from ``hpipe.__main__``, which ``python -m hpipe`` loads a
+second time as ``__main__``: the flag below must be one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+_terminated = False
+"""Set by SIGTERM: click turns any KeyboardInterrupt into its own Abort, losing the subclass."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler), raised where Ctrl-C would be."""
+
+
+def on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+def install_sigterm():
+    """Handle SIGTERM as above; the handler it replaces (None off the main thread, where no
+    handler can be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def exit_interrupted(e: BaseException | None = None) -> None:
+    """Exit 130 after a Ctrl-C (143 after SIGTERM), for certain.
+
+    ``sys.exit(130)`` is not enough: when the KeyboardInterrupt escaped code run by
+    ``exec`` of a string (dataclasses build their methods so, e.g. during an import),
+    CPython 3.11 has already marked it "unhandled" and kills itself with SIGINT at exit,
+    whatever we raise.  The workers are stopped by then; the forkserver and resource
+    tracker leave when our end of their pipes closes.  ``os._exit`` skips multiprocessing's
+    own clean-up at exit, so its temporary folder (the forkserver's socket) goes here."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the exit
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    term = _terminated or isinstance(e, Terminated)
+    sys.stderr.write("hpipe: terminated\n" if term else "hpipe: interrupted\n")
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    mp = sys.modules.get("multiprocessing.process")
+    tmp = mp.current_process()._config.get("tempdir") if mp is not None else None
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    os._exit(143 if term else 130)
