@@ -405,7 +405,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         from hpipe.runtime import execute as run_exec, load_inputs
         from hpipe.runtime.launcher import runtime_spec
     from hpipe.memory import raise_if_model_cannot_fit
-    from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, check_cpu_memory, check_placements, cpu_estimate_s, format_duration
+    from hpipe.runtime.here import check_cpu_memory, check_placements
 
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
@@ -434,14 +434,8 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     check_cpu_memory(setup, p)
-    estimate = cpu_estimate_s(setup, p)
-    if estimate is not None and estimate[0] > CPU_ESTIMATE_WARN_S and not quiet:
-        total_s, item_s = estimate
-        err_console.print(f"[yellow]note:[/] this plan runs on this machine's CPU; a rough estimate "
-                          f"(roofline, a catalog CPU core per worker thread) is {format_duration(total_s)} "
-                          f"for the warm-up and measured runs. Ctrl-C stops it."
-                          + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
-                             if item_s > timeout / 2 else ""), highlight=False)
+    if not quiet:
+        _announce_long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
     measured.predicted_latency_s = predicted.latency_s
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
@@ -469,6 +463,23 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         if con:
             con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
                       f"for {setup.dtype}, against the whole model in one process (float32)", highlight=False)
+
+
+def _announce_long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
+    """Before a run on this machine's CPU that the roofline puts past a minute: say so, and
+    how long one work item may take where that nears ``--timeout``."""
+    from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, cpu_estimate_s, format_duration
+
+    estimate = cpu_estimate_s(setup, p, warmup=warmup)
+    if estimate is None or estimate[0] <= CPU_ESTIMATE_WARN_S:
+        return
+    total_s, item_s = estimate
+    runs = "the warm-up and measured runs" if warmup else "the run"
+    err_console.print(f"[yellow]note:[/] this plan runs on this machine's CPU; a rough estimate "
+                      f"(roofline, a catalog CPU core per worker thread) is {format_duration(total_s)} "
+                      f"for {runs}. Ctrl-C stops it."
+                      + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
+                         if item_s > timeout / 2 else ""), highlight=False)
 
 
 def _note_other_load(con, measured) -> None:
@@ -573,6 +584,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    if not quiet:
+        _announce_long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
     measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,
                         on_tokens=streamer)

@@ -131,6 +131,30 @@ def test_long_cpu_run_is_announced_with_an_estimate_then_ctrl_c():
         run.close()
 
 
+def test_long_generation_is_announced_too(tmp_path):
+    """generate of 3,000 new tokens for 8 sequences on the small model: the same rough
+    estimate as execute gives (the run alone: generate has no warm-up), then Ctrl-C."""
+    import json
+
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[k % 100 + 1] * 64 for k in range(8)]))
+    run = TerminalRun("generate", SCENARIO, "--inputs", str(ids), "--max-new-tokens", "3000",
+                      "--set", "costmodel=roofline", columns=120)
+    try:
+        deadline = time.monotonic() + 60
+        while "rough estimate" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
+            time.sleep(0.2)
+        flat = " ".join(run.text.split())
+        import re
+
+        assert re.search(r"rough estimate .* is \d+ (s|min) for the run\.", flat), flat[-2000:]
+        run.ctrl_c()
+        assert run.wait(10) == 130
+        assert run.leftovers(within_s=10) == []
+    finally:
+        run.close()
+
+
 def test_cpu_workers_must_fit_this_machines_memory(monkeypatch):
     from hpipe.errors import InfeasibleError
     from hpipe.planners import make_plan
