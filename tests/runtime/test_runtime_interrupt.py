@@ -114,16 +114,22 @@ def test_gpus_without_a_placement_here_are_refused_before_any_worker(cli=None):
 def test_long_cpu_run_is_announced_with_an_estimate_then_ctrl_c():
     # 8 x 4096 tokens of the small model on two 1-thread workers: minutes by the roofline estimate
     # (on the roofline: under costmodel auto the first execute of a new shape profiles first)
-    run = TerminalRun("execute", SCENARIO, "--set", "workload.seq_len=4096", "--set", "workload.batch_size=8",
-                      "--set", "costmodel=roofline", columns=120)
+    _announced_then_ctrl_c(TerminalRun("execute", SCENARIO, "--set", "workload.seq_len=4096", "--set",
+                                       "workload.batch_size=8", "--set", "costmodel=roofline", columns=120),
+                           r"rough estimate .* is \d+ (s|min) for the warm-up and measured runs")
+
+
+def _announced_then_ctrl_c(run: TerminalRun, pattern: str) -> None:
+    """The run says ``pattern`` (a regex over its text, whitespace folded) within a minute,
+    then Ctrl-C stops it: exit 130, nothing left."""
+    import re
+
     try:
         deadline = time.monotonic() + 60
         while "rough estimate" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
             time.sleep(0.2)
         flat = " ".join(run.text.split())
-        import re
-
-        assert re.search(r"rough estimate .* is \d+ (s|min) for the warm-up and measured runs", flat), flat[-2000:]
+        assert re.search(pattern, flat), flat[-2000:]
         run.ctrl_c()
         assert run.wait(10) == 130
         assert run.leftovers(within_s=10) == []
@@ -138,21 +144,9 @@ def test_long_generation_is_announced_too(tmp_path):
 
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[k % 100 + 1] * 64 for k in range(8)]))
-    run = TerminalRun("generate", SCENARIO, "--inputs", str(ids), "--max-new-tokens", "3000",
-                      "--set", "costmodel=roofline", columns=120)
-    try:
-        deadline = time.monotonic() + 60
-        while "rough estimate" not in run.text and time.monotonic() < deadline and run.proc.poll() is None:
-            time.sleep(0.2)
-        flat = " ".join(run.text.split())
-        import re
-
-        assert re.search(r"rough estimate .* is \d+ (s|min) for the run\.", flat), flat[-2000:]
-        run.ctrl_c()
-        assert run.wait(10) == 130
-        assert run.leftovers(within_s=10) == []
-    finally:
-        run.close()
+    _announced_then_ctrl_c(TerminalRun("generate", SCENARIO, "--inputs", str(ids), "--max-new-tokens", "3000",
+                                       "--set", "costmodel=roofline", columns=120),
+                           r"rough estimate .* is \d+ (s|min) for the run\.")
 
 
 def test_cpu_workers_must_fit_this_machines_memory(monkeypatch):
