@@ -604,11 +604,12 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if not quiet:
         from hpipe.tables import generation_table
 
-        _console(stderr=True).print(generation_table(
+        err = _console(stderr=True)
+        err.print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
-        _say_written(_console(stderr=True), {"Result JSON": json_path})
-        _note_other_load(_console(stderr=True), measured)
+        _say_written(err, {"Result JSON": json_path})
+        _note_other_load(err, measured)
     if check:
         import numpy as np
 

@@ -19,14 +19,19 @@ import threading
 import time
 
 
-def proc_state(pid: int) -> tuple[str, str] | None:
-    """(state, start time) of a process from /proc, or None when it is gone."""
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state first), or None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def proc_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc, or None when it is gone."""
+    fields = proc_stat(pid)
+    return None if fields is None or len(fields) < 20 else (fields[0], fields[19])
 
 
 def watch_parent(pid: int, poll_s: float = 0.5) -> None:

@@ -42,17 +42,17 @@ def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
             raise InputError(f"{canonical} is given twice in --set; give it once", field="--set")
         seen.add(canonical)
         vals = split_values(raw)
-        (swept if len(vals) > 1 else fixed).append((key, vals, a))
+        (swept if len(vals) > 1 else fixed).append((key, vals, a, canonical))
     if len(swept) != 1:
         raise InputError("give one --set KEY=V1,V2,... to sweep" if not swept else
-                         f"one key at a time: {', '.join(k for k, _, _ in swept)} all have several values",
+                         f"one key at a time: {', '.join(k for k, _, _, _ in swept)} all have several values",
                          field="--set")
-    key, raw_values, _ = swept[0]
-    if format_key(parse_key(key)) in ("planner", "planner.kind"):
+    key, raw_values, _, canonical = swept[0]
+    if canonical in ("planner", "planner.kind"):
         # the planners to compare are not a scenario value: every value would run the same ones
         raise InputError(f"{key} cannot be swept: to compare planners give --planner {','.join(raw_values)}, "
                          f"and sweep a scenario field (each planner runs at every value)", field="--set")
-    return key, [parse_value(v) for v in raw_values], [a for _, _, a in fixed]
+    return key, [parse_value(v) for v in raw_values], [a for _, _, a, _ in fixed]
 
 
 def run_sweep(load_setup: Callable[[list[str]], Any], key: str, values: list[Any], planners: list[str],

@@ -538,11 +538,10 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     jobs = []  # (setup, plan, same_as, simulated_s)
     from hpipe.runtime.here import check_placements
 
-    for sc in scenarios:  # every scenario's devices, before any is profiled or run
-        base = sc.model_copy(update={"costmodel": "roofline"}).resolve()
+    bases = [sc.model_copy(update={"costmodel": "roofline"}).resolve() for sc in scenarios]
+    for base in bases:  # every scenario's devices, before any is profiled or run
         check_placements(base, base.cluster.device_ids, who="validation profiles and runs every device; the scenario has")
-    for sc in scenarios:
-        base = sc.model_copy(update={"costmodel": "roofline"}).resolve()
+    for sc, base in zip(scenarios, bases):
         why = emulation_unsupported(base)
         if why:
             raise HpipeError(f"cannot validate {sc.name} on this machine: {why}")

@@ -326,8 +326,8 @@ class Fitted(CostModel):
         self._all_reduces_busy: dict[frozenset, tuple[float, float]] = {
             frozenset(ar.devices): fit_link(ar.sizes_bytes, ar.seconds_together)
             for ar in self.profile.all_reduces if ar.seconds_together is not None}
-        # A shard computed between all-reduces against back to back, per device: (rows, ratio)
-        # at the sizes the chain ran, for ``tp_shard_factor``.
+        # A shard computed between all-reduces against back to back, per device: (log rows,
+        # ratio) at the sizes the chain ran, ascending, for ``tp_shard_factor``.
         self._shard_ratio: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         row_bytes = setup.model.d_model * setup.dtype_bytes
         for ar in self.profile.all_reduces:
@@ -337,8 +337,9 @@ class Fitted(CostModel):
             for dev, b2b, after in zip(ar.devices, ar.shard_cpu_s, ar.shard_after_wait_cpu_s):
                 b2b, after = np.asarray(b2b, float), np.asarray(after, float)
                 ok = (b2b > 1e-6) & (after > 1e-6)  # the profiler floors a time below its clock's tick at 1e-7
-                if ok.any():
-                    self._shard_ratio[dev] = (rows[ok], after[ok] / b2b[ok])
+                if ok.any():  # sorted by rows, in log rows, for np.interp
+                    order = np.argsort(rows[ok])
+                    self._shard_ratio[dev] = (np.log(rows[ok][order]), (after[ok] / b2b[ok])[order])
 
     def _match_device(self, dev) -> DeviceProfile:
         """The profile entry for a scenario device: its own id, else the one entry of the same
@@ -501,9 +502,8 @@ class Fitted(CostModel):
         rows = np.asarray(n, float) * np.asarray(b, float)
         if got is None:
             return np.ones_like(rows)
-        at, ratio = got
-        order = np.argsort(at)
-        f = np.interp(np.log(np.maximum(rows, 1.0)), np.log(at[order]), ratio[order])
+        log_rows, ratio = got
+        f = np.interp(np.log(np.maximum(rows, 1.0)), log_rows, ratio)
         return np.clip(f, 1.0, 1.5)
 
     def stage_overhead_s(self, device_ids) -> float:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from hpipe.errors import InputError, WorkerError
+from hpipe.procwatch import proc_stat
 from hpipe.result import Event, RunResult, summarize
 from hpipe.runtime.machine_load import LoadWindow
 
@@ -233,24 +234,15 @@ def _stop_forkserver() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat fields after the command name (state first), or None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def _running(pid: int) -> bool:
-    st = _proc_stat(pid)
+    st = proc_stat(pid)
     return st is not None and st[0] not in ("Z", "X")
 
 
 def _death_of(pid: int) -> str:
     """'was killed by SIGKILL' / 'exited with code N' of a dead child not yet reaped, from
     /proc (its exit_code field), without reaping it: multiprocessing reaps its forkserver."""
-    st = _proc_stat(pid)
+    st = proc_stat(pid)
     if st is not None and len(st) >= 50:
         status = int(st[49])
         if status & 0x7F:
@@ -453,7 +445,8 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     ready: set[int] = set()
     throttle = None
     t_start = time.monotonic()
-    load = LoadWindow.start([fs_pid] if fs_pid else [])  # the forkserver has imported torch by now
+    helpers = [fs_pid] if fs_pid else []  # the forkserver: the run's own CPU, beside the workers'
+    load = LoadWindow.start(helpers)  # the forkserver has imported torch by now
     try:
         for p in procs:
             p.start()
@@ -526,8 +519,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     run = run_from_records(records, devices, stages, ids)
     run.wall_s = time.monotonic() - t_start
     if load is not None:  # every worker of this run is on this machine
-        run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()),
-                                                   [fs_pid] if fs_pid else [])
+        run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()), helpers)
     return run
 
 

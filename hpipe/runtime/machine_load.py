@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from hpipe.procwatch import proc_stat
+
 OTHER_CPU_NOTE_CORES = 0.25
 """``execute`` prints a note when other processes used at least this many cores on average."""
 
@@ -44,10 +46,8 @@ def machine_busy_cpu_s() -> float | None:
 
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a live process has used; 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    rest = proc_stat(pid)
+    if rest is None:
         return 0.0
     return (int(rest[11]) + int(rest[12])) / _clock_ticks()  # utime, stime (fields 14, 15)
 

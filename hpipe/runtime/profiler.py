@@ -846,9 +846,8 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     ``on_spawn(pids)`` is told the worker pids (tests use it to kill a run midway)."""
     from hpipe.progress import progress
 
-    from hpipe.runtime.launcher import backend_for, placements
-
     from hpipe.runtime.here import check_placements
+    from hpipe.runtime.launcher import backend_for, placements
 
     check_placements(setup, setup.cluster.device_ids, who="a profile measures every device of the scenario; it has")
     why = emulation.emulation_unsupported(setup)
