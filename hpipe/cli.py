@@ -435,6 +435,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     check_cpu_memory(setup, p)
     if not quiet:
+        _note_past_context(setup, runtime_spec(setup))
         _announce_long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
     measured.predicted_latency_s = predicted.latency_s
@@ -480,6 +481,14 @@ def _announce_long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
                       f"for {runs}. Ctrl-C stops it."
                       + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
                          if item_s > timeout / 2 else ""), highlight=False)
+
+
+def _note_past_context(setup, spec) -> None:
+    from hpipe.runtime.generation import past_trained_context
+
+    note = past_trained_context(setup, spec)
+    if note:
+        err_console.print(f"[yellow]note:[/] {note}.", highlight=False)
 
 
 def _note_other_load(con, measured) -> None:
@@ -585,6 +594,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     if not quiet:
+        _note_past_context(setup, runtime_spec(setup))
         _announce_long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
     measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,

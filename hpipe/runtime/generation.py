@@ -53,6 +53,20 @@ def check_positions(setup, spec) -> None:
                          field="workload.output_tokens")
 
 
+def past_trained_context(setup, spec) -> str | None:
+    """A rotary (LLaMA) model computes at any position, but was trained on ``spec.max_seq_len``
+    of them and writes worse text past that: the note to give before such a run, or None.
+    (A GPT model's learned positions end there: ``check_positions`` refuses.)"""
+    total = setup.seq_len + setup.output_tokens
+    if spec.family == "gpt" or not setup.output_tokens or total <= spec.max_seq_len:
+        return None
+    source = ("max_position_embeddings in the weights' config.json" if setup.weights
+              else f"the catalog's {spec.name}")
+    return (f"{setup.seq_len} prompt + {setup.output_tokens} new tokens = {total} positions, past the "
+            f"{spec.max_seq_len} the model was trained on ({source}); rotary positions compute there, "
+            f"but the text usually degrades")
+
+
 def generation_config(setup, plan, spec, stream: bool = False) -> GenerationConfig:
     check_positions(setup, spec)
     return GenerationConfig(output_tokens=setup.output_tokens,

@@ -55,10 +55,10 @@ def save_hf_llama(folder, seed=0, **cfg):
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      initializer_range=HF_INIT_STD, bos_token_id=None, eos_token_id=None,
-                                      pad_token_id=0, **cfg)
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, initializer_range=HF_INIT_STD,
+               bos_token_id=None, eos_token_id=None, pad_token_id=0) | cfg
+    config = transformers.LlamaConfig(**cfg)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     return model
