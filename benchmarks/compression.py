@@ -27,6 +27,8 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,10 +385,38 @@ def _three_stage_plan(setup, codecs):
                 stages=[Stage(devices=[f"h{i}/core-0"], units=u) for i, u in enumerate(cuts)]).check(setup)
 
 
-def _as_run(units, setup, prompts, tokens: int, configs: dict) -> list[tuple]:
-    """Per config (label -> codecs per boundary): logit errors teacher-forced, argmax and greedy
-    agreement against the same plan uncompressed, and the near-tie evidence: the reference's
-    top-1 minus top-2 logit margin where each diverging prompt first differs."""
+@dataclass(frozen=True)
+class Config:
+    """One row of the as-run table: the plan's codec per boundary, and what happens to the
+    messages the runtime's rule sends through it."""
+
+    codecs: tuple[str, ...]
+    cast: object = None
+    """None: the codec itself.  A torch dtype: those messages are cast to it and back
+    instead (calibration: precisions that GPU deployments ship as 'uncompressed')."""
+    one_slice: bool = False
+    """No codec; the prefill in one slice instead of the plan's (calibration: float32's own
+    rounding, from a different but mathematically equal schedule)."""
+
+
+@contextmanager
+def _cast_instead(dtype):
+    """The reference's codec round trip replaced by a cast to ``dtype`` and back, for the
+    messages the codec would have carried (benchmark calibration only)."""
+    import hpipe.runtime.codec_reference as ref
+
+    saved = ref.round_trip
+    ref.round_trip = lambda x, name: x.to(dtype).to(x.dtype)
+    try:
+        yield
+    finally:
+        ref.round_trip = saved
+
+
+def _as_run(units, setup, prompts, tokens: int, configs: dict[str, Config]) -> list[dict]:
+    """Per config: logit errors teacher-forced, argmax and greedy agreement against the same
+    plan uncompressed, and the near-tie evidence: the reference's top-1 minus top-2 logit
+    margin where each diverging prompt first differs."""
     from hpipe.runtime.codec_reference import CompressedRun, generate
 
     B, V = prompts.shape[0], SMALL["vocab_size"]
@@ -397,16 +427,20 @@ def _as_run(units, setup, prompts, tokens: int, configs: dict) -> list[tuple]:
     top2 = np.sort(ref_logits, axis=-1)[..., -2:]
     margin = top2[..., 1] - top2[..., 0]  # (B, tokens)
     rows = []
-    for label, codecs in configs.items():
-        run = CompressedRun.of(setup, _three_stage_plan(setup, codecs))
-        free, _ = generate(units, prompts, tokens, run)
-        free = np.asarray(free)
+    for label, cfg in configs.items():
+        if cfg.one_slice:
+            run = replace(ref_run, slices=(PROMPT_BYTES,))
+        else:
+            run = CompressedRun.of(setup, _three_stage_plan(setup, list(cfg.codecs)))
         tf_logits = np.zeros_like(ref_logits)
-        generate(units, prompts, tokens, run, teacher=ref_ids, step_logits=tf_logits)
+        with _cast_instead(cfg.cast) if cfg.cast is not None else nullcontext():
+            free, _ = generate(units, prompts, tokens, run)
+            generate(units, prompts, tokens, run, teacher=ref_ids, step_logits=tf_logits)
+        free = np.asarray(free)
         err = np.abs(tf_logits - ref_logits)
-        diverge = [(int(np.argmax(free[k] != ref_ids[k])), float(margin[k, np.argmax(free[k] != ref_ids[k])]))
-                   for k in range(B) if (free[k] != ref_ids[k]).any()]
-        lossy = [c for j, per in enumerate(run.item_codecs or ()) if codecs[j] != "none" for c in per]
+        first = [int(np.argmax(free[k] != ref_ids[k])) for k in range(B)]
+        diverge = [(first[k], float(margin[k, first[k]])) for k in range(B) if (free[k] != ref_ids[k]).any()]
+        lossy = [c for j, per in enumerate(run.item_codecs or ()) if cfg.codecs[j] != "none" for c in per]
         rows.append(dict(label=label, share=sum(c != "none" for c in lossy) / max(len(lossy), 1), max=float(err.max()), mean=float(err.mean()),
                          scale=float(np.abs(ref_logits).mean()),
                          argmax=float((tf_logits.argmax(-1) == ref_ids).mean()),
@@ -416,13 +450,33 @@ def _as_run(units, setup, prompts, tokens: int, configs: dict) -> list[tuple]:
 
 
 def _print_as_run(rows, B: int, tokens: int) -> None:
-    print(f"  {'codecs (boundary 1, 2)':26s} {'compressed':>12s} {'max |dlogit|':>12s} {'mean |dlogit|':>13s} "
-          f"{'argmax agree':>12s} {'greedy agree':>12s} {'differing':>10s}  first divergence (step, ref top1-top2 "
+    print(f"  {'codecs (boundary 1, 2)':30s} {'compressed':>10s} {'max |dlogit|':>12s} {'mean |dlogit|':>13s} "
+          f"{'argmax agree':>12s} {'greedy agree':>12s} {'differing':>11s}  first divergence (step, ref top1-top2 "
           f"margin, its percentile)")
     for r in rows:
         div = ", ".join(f"({s}, {m:.3f}, p{100 * p:.0f})" for (s, m), p in zip(r["diverge"], r["margin_pct"])) or "-"
-        print(f"  {r['label']:26s} {r['share']:12.0%} {r['max']:12.4f} {r['mean']:13.5f} {r['argmax']:12.2%} "
+        print(f"  {r['label']:30s} {r['share']:10.0%} {r['max']:12.4f} {r['mean']:13.5f} {r['argmax']:12.2%} "
               f"{r['greedy']:12.2%} {r['differ']:5d}/{B * tokens}  {div}")
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
+def _print_summary(rows, families: dict[str, list[str]], B: int, tokens: int) -> None:
+    """Per codec (or calibration), over its placements: tokens agreeing free-running, and the
+    share of prompt runs that diverge at all, with its 95% interval."""
+    print(f"\n  over the placements: {'':22s} {'greedy agree':>12s}   diverging prompt runs (95% interval)")
+    by_label = {r["label"]: r for r in rows}
+    for fam, labels in families.items():
+        rs = [by_label[x] for x in labels]
+        k, n = sum(len(r["diverge"]) for r in rs), B * len(rs)
+        agree = 1 - sum(r["differ"] for r in rs) / (n * tokens)
+        lo, hi = _wilson(k, n)
+        print(f"  {fam:44s} {agree:12.2%}   {k:3d} / {n} = {k / n:5.1%} ({lo:.1%}-{hi:.1%})")
 
 
 def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 16, seed: int = 0) -> None:
@@ -457,17 +511,31 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 16, seed: int
 
     # 1. as hpipe runs it
     setup = _accuracy_setup(folder, B, tokens)
-    configs = {}
+    configs, families = {}, {}
+    placements = ((0,), (1,), (0, 1))
+
+    def at(name, js):
+        return tuple(name if j in js else "none" for j in range(len(CUTS)))
+
     for c in codecs:
-        configs[f"{c}, none"] = [c, "none"]
-        configs[f"none, {c}"] = ["none", c]
-        configs[f"{c}, {c}"] = [c, c]
+        families[c] = [", ".join(at(c, js)) for js in placements]
+        configs.update({", ".join(at(c, js)): Config(at(c, js)) for js in placements})
+    # Calibration: how often free-running greedy agreement breaks for perturbations that nobody
+    # calls lossy: the same messages cast to bf16 / fp16 and back (what GPU runs ship between
+    # stages), and float32 with the prefill in one slice instead of three.
+    for name, dtype in (("bf16 cast", torch.bfloat16), ("fp16 cast", torch.float16)):
+        families[name] = [", ".join(at(name, js)) for js in placements]
+        configs.update({", ".join(at(name, js)): Config(at("int8", js), cast=dtype) for js in placements})
+    families["fp32, prefill in one slice"] = ["fp32, prefill in one slice"]
+    configs["fp32, prefill in one slice"] = Config(("none", "none"), one_slice=True)
     print(f"\ntrained, as hpipe runs it: a three-stage plan (units {[0, *CUTS, spec.n_units]}), prefill in "
           f"{T // SLICE} slices of {SLICE}, the codec on each prefill message where it pays (the runtime's "
           f"rule, 100 Mbit/s links), decode steps raw; against the same plan uncompressed; logit errors "
           f"teacher-forced on the uncompressed tokens; 'compressed': share of the prefill messages on the lossy "
           f"boundaries that the rule compressed:")
-    _print_as_run(_as_run(units, setup, prompts.numpy(), tokens, configs), B, tokens)
+    rows = _as_run(units, setup, prompts.numpy(), tokens, configs)
+    _print_as_run(rows, B, tokens)
+    _print_summary(rows, families, B, tokens)
 
     # 2. harsh: every message, decode steps included, at both boundaries
     # random weights at the catalog's small-llama width (512: 8 blocks of 64 per token, where the
