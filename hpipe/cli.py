@@ -101,44 +101,55 @@ def _load_scenario(scenario: Path, sets: list[str] | None = None):
 
 
 def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = False,
-                make_profile: bool = False, check=None):
+                make_profile: bool = False, check=None, say: bool = True):
     """The resolved scenario.  ``costmodel: auto``: says on stderr which model it chose; with no
     profile of this machine yet, measures a quick one first when ``make_profile`` (execute
     always; plan and simulate on a terminal, not --quiet), else says how to make one.
     ``check(setup)``: the command's own input checks against the scenario, run before that
-    profile, so that a typo costs seconds, not a profile's minute."""
+    profile, so that a typo costs seconds, not a profile's minute.  ``say=False``: nothing
+    printed (the caller gathers ``_auto_notes`` itself)."""
     sc = _load_scenario(scenario, sets)
     setup = sc.resolve()
     if check is not None:
         check(setup)
     choice = getattr(setup.cost, "auto", None)
-    if choice is None:
+    if choice is None or not say:
         return setup
-    if choice.used == "roofline" and choice.runs_here:
+    if choice.used == "roofline" and choice.runs_here and make_profile:
         from hpipe.costmodels.cache import estimate_profile_s, measure_into_cache
 
-        eta = estimate_profile_s(setup)
-        if make_profile:
-            with _needs_torch("profile"):
-                from hpipe.runtime.emulation import emulation_unsupported
-            why = emulation_unsupported(setup)
-            if why:  # a profile must measure the devices as the scenario describes them
-                err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
-                                  f"figures", highlight=False, soft_wrap=True)
-                return setup
-            err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
-                              f"one (about {eta:.0f} s, once) into {choice.profile_path}", highlight=False, soft_wrap=True)
-            with _needs_torch("profile"):
-                measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
-            setup = sc.resolve()
-            choice = setup.cost.auto
-        else:
-            err_console.print(f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
-                              f"`hpipe profile {scenario}` measures this machine once (about {eta:.0f} s) and "
-                              f"later runs plan on it", highlight=False, soft_wrap=True)
+        with _needs_torch("profile"):
+            from hpipe.runtime.emulation import emulation_unsupported
+        why = emulation_unsupported(setup)
+        if why:  # a profile must measure the devices as the scenario describes them
+            err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
+                              f"figures", highlight=False, soft_wrap=True)
             return setup
-    err_console.print(choice.note(), highlight=False, soft_wrap=True)
+        err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
+                          f"one (about {estimate_profile_s(setup):.0f} s, once) into {choice.profile_path}",
+                          highlight=False, soft_wrap=True)
+        with _needs_torch("profile"):
+            measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
+        setup = sc.resolve()
+    note, warning = _auto_notes(setup, scenario)
+    if warning or not quiet:  # which model, from which profile: the Result's cost_model keeps it too
+        err_console.print(note, highlight=False, soft_wrap=True)
     return setup
+
+
+def _auto_notes(setup, scenario: Path) -> tuple[str | None, bool]:
+    """What ``costmodel: auto`` chose for ``setup`` and why, for stderr, and whether it is a
+    warning (datasheet figures where a profile could be measured: said even with --quiet)."""
+    choice = getattr(setup.cost, "auto", None)
+    if choice is None:
+        return None, False
+    if choice.used == "roofline" and choice.runs_here:
+        from hpipe.costmodels.cache import estimate_profile_s
+
+        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
+                f"`hpipe profile {scenario}` measures this machine once (about {estimate_profile_s(setup):.0f} s) "
+                f"and later runs plan on it"), True
+    return choice.note(), False
 
 
 PLANNER_ABBREVIATIONS = {"gp-b": "gpipe-balanced", "tp-t": "tp-terapipe"}
@@ -357,8 +368,16 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
 
     _check_outputs({"--json": json_path, "--plot": plot}, {"the scenario file": scenario})
     key, values, fixed = parse_sweep(sets)
-    first = _load_setup(scenario, fixed + [assignment(key, values[0])])
+    first = _load_setup(scenario, fixed + [assignment(key, values[0])], say=False)
     names = _planner_names(planner or first.scenario.planner.kind)
+    notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
+
+    def load(extra):
+        setup = _load_setup(scenario, fixed + extra, say=False)
+        note, warning = _auto_notes(setup, scenario)
+        if note and (warning or not quiet):
+            notes.setdefault(note, []).append(extra[-1].split("=", 1)[1])
+        return setup
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
 
@@ -366,7 +385,12 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
             bar.update(task, description=f"planning and simulating {what}")
             bar.advance(task)
 
-        result = run_sweep(lambda extra: _load_setup(scenario, fixed + extra), key, values, names, on_step=step)
+        result = run_sweep(load, key, values, names, on_step=step)
+    for note, at in notes.items():
+        first_line, _, rest = note.partition("\n")
+        where = "" if len(at) == len(values) else f" [{key} = {', '.join(at)}]"
+        err_console.print(first_line + where + (f"\n{rest}" if rest else ""), markup=False, highlight=False,
+                          soft_wrap=True)
     if json_path:
         write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
     if plot:

@@ -160,3 +160,29 @@ def test_energy_meter_interpolates_and_unrolls_wraps(tmp_path, monkeypatch):
 class _Dev:
     def __init__(self, runtime_device):
         self.runtime_device = runtime_device
+
+
+def test_quiet_drops_the_which_model_note_and_sweep_says_each_note_once(cli, cache):
+    """-q keeps the datasheet warning (it changes what the figures mean) but not the plain
+    'fitted, from this profile' line; a sweep says each distinct note once, naming the values
+    it holds for, instead of once per value (and twice for the first)."""
+    pytest.importorskip("torch")
+    path = cached_profile_path(load_scenario(LOCAL).resolve())  # seq_len 512
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)
+    r = cli("simulate", str(LOCAL), "-q")
+    assert r.returncode == 0 and "cost model auto" not in r.stderr, r.stderr
+    r = cli("simulate", str(LOCAL))
+    assert r.returncode == 0 and r.stderr.count("cost model auto: fitted") == 1, r.stderr
+
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256,128")
+    assert r.returncode == 0, r.stderr
+    err = " ".join(r.stderr.split())
+    assert err.count("cost model auto: fitted") == 1 and "[workload.seq_len = 512]" in err, r.stderr
+    assert err.count("cost model auto: roofline") == 2 and err.count("planning on datasheet figures") == 2, r.stderr
+    assert "[workload.seq_len = 256]" in err and "[workload.seq_len = 128]" in err  # two profiles, one each
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256", "-q")
+    assert r.returncode == 0 and "cost model auto: fitted" not in r.stderr, r.stderr
+    assert r.stderr.count("cost model auto: roofline") == 1 and "[workload.seq_len = 256]" in r.stderr
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,512")  # one note for all: no values named
+    assert r.returncode == 0 and r.stderr.count("cost model auto: fitted") == 1 and "[" not in r.stderr, r.stderr
