@@ -38,7 +38,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 from hpipe.errors import InputError, format_loc
 
 PROFILE_FORMAT = "hpipe-profile/1"
-PROFILER_METHOD = 4
+PROFILER_METHOD = 5
 """How ``hpipe.runtime.profiler`` measures.  Bump it whenever a change makes the numbers of a
 profile mean something else (what a unit, hop or all-reduce is timed after, how a quota device
 is paced), so that a profile measured the old way is measured again rather than mixed with the
@@ -48,7 +48,8 @@ timed after a paced MLP shard of the model (the method of stop 20, first recorde
 slower device emulated by a cgroup weight and pacing instead of a CFS quota (2026-12-03), which
 makes its tensor-parallel shards and short stretches faster (``hpipe.runtime.emulation``); 4: the
 all-reduce chain also timed with every group at once, and its shards' CPU time after each
-all-reduce against back to back (2026-12-03)."""
+all-reduce against back to back (2026-12-03); 5: the codecs lay a message out channel-major
+(2026-12-03), a transposing copy more to time."""
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
 
 

@@ -1,6 +1,8 @@
 """The torch side of the activation codecs: a tensor to bytes on the wire and back.
 
-``encode(x, name)`` flattens x, cuts it into blocks of ``Codec.block`` values
+``encode(x, name)`` flattens x channel-major (the last dimension outermost:
+each channel's values over the tokens in a row; see ``_channel_major``), cuts
+it into blocks of ``Codec.block`` values
 (the last one padded with zeros, which are not sent), gives each block one
 fp16 scale (its absmax over the grid's largest value, rounded *up* to fp16 so
 that no value leaves the grid), and returns one uint8 tensor: the quantized
@@ -25,9 +27,30 @@ CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HAS_FP8 = hasattr(torch, "float8_e4m3fn")
 
 
+def _channel_major(x: torch.Tensor) -> torch.Tensor:
+    """x's values (1-D) with its last dimension, the model's channels, outermost: channel 0
+    over every token, then channel 1, ...  A block then holds one channel's values over
+    consecutive tokens.  An LLM's outlier features are whole channels, large in every token
+    (LLM.int8(), SmoothQuant); blocks along a token would put each one in a block with 63
+    ordinary channels and coarsen their grid, token after token.  (Matmul kernels quantize
+    activations per token because of how GEMMs consume them; a message on the wire has no
+    such constraint.)  A message of one token (a decode step) keeps its order."""
+    if x.dim() < 2:
+        return x.reshape(-1)
+    return x.reshape(-1, x.shape[-1]).t().reshape(-1)
+
+
+def _from_channel_major(v: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of ``_channel_major``: k values back to ``shape``."""
+    if len(shape) < 2:
+        return v.view(*shape)
+    d = int(shape[-1])
+    return v.view(d, -1).t().reshape(*shape)
+
+
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """x flattened to float32 and zero-padded to (n_blocks, block); and the value count."""
-    v = x.detach().reshape(-1).float()
+    """x channel-major as float32, zero-padded to (n_blocks, block); and the value count."""
+    v = _channel_major(x.detach()).float()
     k = v.numel()
     pad = -k % block
     if pad:
@@ -96,7 +119,7 @@ def decode(buf: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Ten
     pad = nb * codec.block - k
     if pad:
         y = torch.cat([y, y.new_zeros(pad)])
-    return (y.view(nb, codec.block) * s[:, None]).reshape(-1)[:k].view(*shape).to(dtype)
+    return _from_channel_major((y.view(nb, codec.block) * s[:, None]).reshape(-1)[:k], shape).to(dtype)
 
 
 def round_trip(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -30,9 +30,9 @@ CASES = {
     # both boundaries int8, prefill micro-batches that cut across two decode groups
     "int8-both": (plan([([0], (0, 3)), ([1], (3, 4)), ([2], (4, N))], [8, 8], micro_batches=2,
                        decode_micro_batches=2), ["int8", "int8"]),
-    # one lossy hop: int4 (coarse enough to change the ids) on the second boundary only
+    # one lossy hop: int4 (coarse enough to change the ids) on the first boundary only
     "int4-one": (plan([([0], (0, 2)), ([1], (2, 4)), ([2], (4, N))], [4, 12], decode_micro_batches=3),
-                 ["none", "int4"]),
+                 ["int4", "none"]),
 }
 if HAS_FP8:
     CASES["fp8-one"] = (plan([([0], (0, 3)), ([1], (3, N))], [16], micro_batches=3), ["fp8"])
@@ -81,7 +81,7 @@ def test_compressing_decode_steps_too_changes_what_is_generated(saved):
     """The harsher setting the benchmark also reports (every message through the codec) is not
     what the runtime does; on this model int4 on decode steps changes the ids."""
     setup, _, units = saved
-    p = CASES["int4-one"][0].model_copy(update={"codecs": ["none", "int4"]}).check(setup)
+    p = CASES["int4-one"][0].model_copy(update={"codecs": ["int4", "none"]}).check(setup)
     as_run, _ = generate(units, PROMPTS, NEW, CompressedRun.of(setup, p))
-    harsh, _ = generate(units, PROMPTS, NEW, CompressedRun.of(setup, p, decode_codecs=["none", "int4"]))
+    harsh, _ = generate(units, PROMPTS, NEW, CompressedRun.of(setup, p, decode_codecs=["int4", "none"]))
     assert harsh != as_run

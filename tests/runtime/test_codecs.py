@@ -18,13 +18,31 @@ LOSSY = [c for c in CODECS if c != "none" and (c != "fp8" or HAS_FP8)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _channel_major_index(shape) -> torch.Tensor:
+    """For each value of a tensor of ``shape`` (flattened as torch stores it), its place on
+    the wire: channels (the last dimension) outermost, each over every token in turn."""
+    k = 1
+    for d in shape:
+        k *= int(d)
+    if len(shape) < 2:
+        return torch.arange(k)
+    d = int(shape[-1])
+    rows, ch = torch.arange(k) // d, torch.arange(k) % d
+    return ch * (k // d) + rows
+
+
+def _block_of(shape, name: str) -> torch.Tensor:
+    """Each value's block on the wire."""
+    return _channel_major_index(shape) // get_codec(name).block
+
+
 def _block_scales(x: torch.Tensor, name: str) -> torch.Tensor:
     """Each value's block scale, as the wire carries it (fp16, after the quantized values)."""
     codec = get_codec(name)
     buf = encode(x, name)
     nb = -(-x.numel() // codec.block)
     s = buf[buf.numel() - 2 * nb:].clone().view(torch.float16).float()
-    return s.repeat_interleave(codec.block)[:x.numel()]
+    return s[_block_of(x.shape, name)]
 
 
 def _bound(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -39,14 +57,17 @@ values = st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, m
 
 
 @settings(max_examples=150, deadline=None)
-@given(vals=values, name=st.sampled_from(LOSSY), scale=st.sampled_from([1e-3, 1.0, 30.0]))
-def test_round_trip_error_within_half_the_block_scale(vals, name, scale):
+@given(vals=values, name=st.sampled_from(LOSSY), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       width=st.sampled_from([0, 1, 3, 64, 100]))
+def test_round_trip_error_within_half_the_block_scale(vals, name, scale, width):
     x = torch.tensor(vals, dtype=torch.float32) * scale
+    if width and x.numel() >= width:  # as a message: (tokens, channels), blocks channel-major
+        x = x[:x.numel() // width * width].view(-1, width)
     y = round_trip(x, name)
     assert y.shape == x.shape and y.dtype == x.dtype
-    err = (y - x).abs()
+    err = (y - x).abs().reshape(-1)
     # float32 division and multiplication add a rounding of the value itself
-    slack = x.abs() * 2e-6 + 1e-30
+    slack = x.abs().reshape(-1) * 2e-6 + 1e-30
     assert bool((err <= _bound(x, name) + slack).all()), float((err - _bound(x, name)).max())
 
 
@@ -80,19 +101,34 @@ def test_an_outlier_only_hurts_its_own_block(name):
     x = torch.randn(4, 256, generator=g)  # 16 blocks of 64 (32 of 32 for int4)
     clean = (round_trip(x, name) - x).abs()
     x2 = x.clone()
-    x2[1, 70] = 1000.0  # one outlier feature
+    x2[1, 70] = 1000.0  # one outlier value
     hurt = (round_trip(x2, name) - x2).abs()
-    block = get_codec(name).block
     flat_c, flat_h = clean.reshape(-1), hurt.reshape(-1)
-    i = 256 + 70
-    own = slice(i // block * block, (i // block + 1) * block)
-    mask = torch.ones_like(flat_c, dtype=torch.bool)
-    mask[own] = False
-    assert torch.equal(flat_h[mask], flat_c[mask])  # every other block bit for bit unchanged
+    blocks = _block_of(x.shape, name)
+    own = blocks == blocks[256 + 70]
+    assert int(own.sum()) == get_codec(name).block
+    assert torch.equal(flat_h[~own], flat_c[~own])  # every other block bit for bit unchanged
     if name == "fp8":  # relative precision: only the block's smallest values (now subnormal) suffer
         assert float(flat_h[own].mean()) > float(flat_c[own].mean())
     else:  # a uniform grid: the whole block's step grows with the outlier
         assert float(flat_h[own].max()) > 10 * float(flat_c[own].max())
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_an_outlier_channel_leaves_the_other_channels_alone(name):
+    """An LLM's outlier features are channels, large in every token.  Blocks run along a
+    channel's tokens, so every other channel's values round exactly as without it; blocks
+    along a token would have coarsened 63 neighbours in each of the 128 tokens."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 256, generator=g)  # (batch, tokens, channels)
+    clean = (round_trip(x, name) - x).abs()
+    x2 = x.clone()
+    x2[..., 70] += 100.0  # every token
+    hurt = (round_trip(x2, name) - x2).abs()
+    others = torch.ones(256, dtype=torch.bool)
+    others[70] = False
+    assert torch.equal(hurt[..., others], clean[..., others])
+    assert float(hurt[..., 70].mean()) > 2 * float(clean[..., 70].mean())
 
 
 @pytest.mark.parametrize("name", list(CODECS))
