@@ -131,7 +131,9 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
         with _needs_torch("profile"):
             measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
         setup = sc.resolve()
-    note, warning = _auto_notes(setup, scenario)
+        note, warning = setup.cost.auto.note(), setup.cost.auto.used == "roofline"  # no advice to measure again
+    else:
+        note, warning = _auto_notes(setup, scenario)
     if warning or not quiet:  # which model, from which profile: the Result's cost_model keeps it too
         err_console.print(note, highlight=False, soft_wrap=True)
     return setup

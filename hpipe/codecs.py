@@ -14,9 +14,10 @@ its bytes on the wire are exactly ``wire_bytes`` here (a test checks).
 | ``int4`` | int4, two per byte | 32 values, one fp16 scale (absmax / 7) | ceil(k / 2) + 2 * ceil(k / 32) |
 
 Blocks run channel-major: the message (batch, tokens, d_model) is laid out
-channel by channel, each over all its rows, so a block holds one channel's
-values over 64 consecutive tokens (where a message has fewer rows, a block
-spans neighbouring channels).  An LLM's outlier features are whole channels,
+channel by channel, each over all its rows (batch x tokens), so where the rows
+are a multiple of the block a block holds one channel's values over 64
+consecutive rows; otherwise blocks straddle neighbouring channels (a decode
+step of g sequences: 64 / g channels a block).  An LLM's outlier features are whole channels,
 large in every token; blocks along a token would put each in a block with 63
 ordinary channels, token after token.  On the trained small LLaMA of
 ``benchmarks/compression.py`` this cut the int8 error at the boundaries from
@@ -91,14 +92,16 @@ class Codec:
 # scenarios' 10 GB/s: int8 encode 0.51 ms, decode 0.20 ms; fp8 0.53 / 0.90 ms (float8 ->
 # float32 conversion is slow on CPU); int4 0.80 / 0.48 ms.  Counting the unfused tensor
 # ops instead (abs, amax, divide, round, clamp, cast) gives 10 / 3 for int8: the same order.
-# The channel-major layout (2026-12-03) adds a transposing copy on each side: on the 2-core
-# Intel Xeon VM it took encode x1.9 / x1.5 / x1.4 and decode x1.2 / x1.0 / x1.05 (int8 /
-# fp8 / int4) the time of the flat layout, and the passes are scaled by those ratios.
+# The channel-major layout (2026-12-03) adds a transposing copy on each side.  Measured on
+# another machine (the 2-core Intel Xeon VM this session had), on the same activation,
+# it took encode x1.9 / x1.5 / x1.4 and decode x1.2 / x1.0 / x1.05 (int8 / fp8 / int4) the
+# CPU time of the flat layout; the EPYC pass counts are scaled by those ratios.  A one-row
+# message (the op counts' case below) has no copy to make.
 CODECS: dict[str, Codec] = {
     "none": Codec("none", 0, 0, 0.0, 0.0, 0.0),
-    "int8": Codec("int8", 8, 64, 127.0, 25.0, 6.0, 13, 7),
-    "fp8": Codec("fp8", 8, 64, 448.0, 21.0, 23.0, 13, 7),
-    "int4": Codec("int4", 4, 32, 7.0, 28.0, 13.0, 18, 10),
+    "int8": Codec("int8", 8, 64, 127.0, 25.0, 6.0, 12, 6),
+    "fp8": Codec("fp8", 8, 64, 448.0, 21.0, 23.0, 12, 6),
+    "int4": Codec("int4", 4, 32, 7.0, 28.0, 13.0, 17, 9),
 }
 # Ops: one 512-value message (a decode step of a 512-wide model) costs, in CPU time on the
 # same machine and torch, int8 212 / 111 us, fp8 223 / 110 us, int4 303 / 163 us to encode

@@ -29,20 +29,22 @@ HAS_FP8 = hasattr(torch, "float8_e4m3fn")
 
 def _channel_major(x: torch.Tensor) -> torch.Tensor:
     """x's values (1-D) with its last dimension, the model's channels, outermost: channel 0
-    over every token, then channel 1, ...  A block then holds one channel's values over
-    consecutive tokens.  An LLM's outlier features are whole channels, large in every token
-    (LLM.int8(), SmoothQuant); blocks along a token would put each one in a block with 63
-    ordinary channels and coarsen their grid, token after token.  (Matmul kernels quantize
-    activations per token because of how GEMMs consume them; a message on the wire has no
-    such constraint.)  A message of one token (a decode step) keeps its order."""
-    if x.dim() < 2:
+    over every row (batch x tokens), then channel 1, ...  Where the rows are a multiple of
+    the block, a block holds one channel's values over consecutive rows; otherwise blocks
+    straddle neighbouring channels (g rows of one token each, a decode group's step: 64 / g
+    channels a block; one row keeps the order).  An LLM's outlier features are whole
+    channels, large in every token (LLM.int8(), SmoothQuant); blocks along a token would put
+    each one in a block with 63 ordinary channels and coarsen their grid, token after token.
+    (Matmul kernels quantize activations per token because of how GEMMs consume them; a
+    message on the wire has no such constraint.)"""
+    if x.dim() < 2 or x.shape[-1] == 0:
         return x.reshape(-1)
     return x.reshape(-1, x.shape[-1]).t().reshape(-1)
 
 
 def _from_channel_major(v: torch.Tensor, shape) -> torch.Tensor:
     """The inverse of ``_channel_major``: k values back to ``shape``."""
-    if len(shape) < 2:
+    if len(shape) < 2 or int(shape[-1]) == 0:
         return v.view(*shape)
     d = int(shape[-1])
     return v.view(d, -1).t().reshape(*shape)

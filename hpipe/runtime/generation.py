@@ -57,14 +57,14 @@ def past_trained_context(setup, spec) -> str | None:
     """A rotary (LLaMA) model computes at any position, but was trained on ``spec.max_seq_len``
     of them and writes worse text past that: the note to give before such a run, or None.
     (A GPT model's learned positions end there: ``check_positions`` refuses.)"""
-    total = setup.seq_len + setup.output_tokens
-    if spec.family == "gpt" or not setup.output_tokens or total <= spec.max_seq_len:
+    used = setup.seq_len + setup.output_tokens - 1  # the last new token is never fed back
+    if spec.family == "gpt" or not setup.output_tokens or used <= spec.max_seq_len:
         return None
-    source = ("max_position_embeddings in the weights' config.json" if setup.weights
+    source = ("max_position_embeddings in the weights' config.json, 2048 where it has none" if setup.weights
               else f"the catalog's {spec.name}")
-    return (f"{setup.seq_len} prompt + {setup.output_tokens} new tokens = {total} positions, past the "
-            f"{spec.max_seq_len} the model was trained on ({source}); rotary positions compute there, "
-            f"but the text usually degrades")
+    return (f"{setup.seq_len} prompt + {setup.output_tokens} new tokens run the model at {used} positions "
+            f"(the last new token is not fed back), past the {spec.max_seq_len} it was trained on ({source}); "
+            f"rotary positions compute there, but the text usually degrades")
 
 
 def generation_config(setup, plan, spec, stream: bool = False) -> GenerationConfig:

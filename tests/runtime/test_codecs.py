@@ -148,3 +148,23 @@ def test_decode_refuses_a_short_buffer():
     buf = encode(torch.randn(128), "int8")
     with pytest.raises(ValueError, match="bytes on the wire"):
         decode(buf[:-1], "int8", (128,), torch.float32)
+
+
+def test_the_profiler_times_codecs_on_message_shaped_tensors(monkeypatch):
+    """A message is (batch, tokens, d_model) and the codecs lay it out channel-major; a 1-D
+    tensor would skip that copy, and the profile would price the codecs below what they cost."""
+    from types import SimpleNamespace
+
+    import hpipe.runtime.codecs as codecs_mod
+    from hpipe.models import get_model
+    from hpipe.runtime.profiler import _time_codecs
+
+    spec = get_model("tiny-llama")
+    shapes = []
+    real = codecs_mod.encode
+    monkeypatch.setattr(codecs_mod, "encode", lambda x, name: shapes.append(tuple(x.shape)) or real(x, name))
+    job = SimpleNamespace(codec_sizes=[spec.d_model, 8 * spec.d_model], torch_device="cpu", dtype="float32",
+                          warmup=0, repeats=1, spec=spec)
+    out = _time_codecs(job)
+    assert set(out) == set(LOSSY) and shapes
+    assert set(shapes) == {(1, spec.d_model), (8, spec.d_model)}

@@ -182,17 +182,20 @@ def test_a_run_past_the_trained_context_is_announced(tmp_path):
 
     spec = get_model("tiny-llama")  # 2048 positions
     at = lambda n, new: SimpleNamespace(seq_len=n, output_tokens=new, weights=None)  # noqa: E731
-    assert past_trained_context(at(2000, 48), spec) is None
-    assert "2049 positions, past the 2048" in past_trained_context(at(2000, 49), spec)
+    # 2000 + 49: positions 0..2047 computed (the 49th new token is never fed back)
+    assert past_trained_context(at(2000, 49), spec) is None
+    assert "at 2049 positions" in past_trained_context(at(2000, 50), spec)
+    assert "past the 2048" in past_trained_context(at(2000, 50), spec)
     assert past_trained_context(at(2100, 0), spec) is None  # prefill only: nothing generated there
-    assert past_trained_context(at(2000, 49), get_model("gpt3-2.7b")) is None  # refused elsewhere
+    assert past_trained_context(at(2000, 50), get_model("gpt3-2.7b")) is None  # refused elsewhere
 
     save_hf_llama(tmp_path / "model", max_position_embeddings=16)
     _scenario(tmp_path / "tiny.yaml", weights="model")
     (tmp_path / "ids.json").write_text(json.dumps([[i % 128 for i in range(10)]]))
     r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "10 prompt + 8 new tokens = 18 positions, past the 16" in " ".join(r.stderr.split()), r.stderr
-    assert "max_position_embeddings" in r.stderr and len(r.stdout.split()) == 8
-    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "6", cwd=tmp_path)
+    err = " ".join(r.stderr.split())
+    assert "10 prompt + 8 new tokens run the model at 17 positions" in err, r.stderr
+    assert "past the 16" in err and "max_position_embeddings" in err and len(r.stdout.split()) == 8
+    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "7", cwd=tmp_path)
     assert r.returncode == 0 and "past the" not in r.stderr, r.stderr
