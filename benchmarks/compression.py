@@ -467,16 +467,51 @@ def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _print_summary(rows, families: dict[str, list[str]], B: int, tokens: int) -> None:
-    """Per codec (or calibration), over its placements: tokens agreeing free-running, and the
-    share of prompt runs that diverge at all, with its 95% interval."""
-    print(f"\n  over the placements: {'':22s} {'greedy agree':>12s}   diverging prompt runs (95% interval)")
+    """Per codec (or calibration): the generated tokens agreeing free-running over its
+    placements, and per placement the prompts whose generation diverges at all, with a 95%
+    interval (placements share their prompts and near-ties, so each is its own sample)."""
+    print(f"\n  {'':30s} {'greedy agree':>12s}   diverging prompts of {B}, per placement (95% interval)")
     by_label = {r["label"]: r for r in rows}
     for fam, labels in families.items():
         rs = [by_label[x] for x in labels]
-        k, n = sum(len(r["diverge"]) for r in rs), B * len(rs)
-        agree = 1 - sum(r["differ"] for r in rs) / (n * tokens)
-        lo, hi = _wilson(k, n)
-        print(f"  {fam:44s} {agree:12.2%}   {k:3d} / {n} = {k / n:5.1%} ({lo:.1%}-{hi:.1%})")
+        agree = 1 - sum(r["differ"] for r in rs) / (B * tokens * len(rs))
+        per = []
+        for r in rs:
+            k = len(r["diverge"])
+            lo, hi = _wilson(k, B)
+            per.append(f"{k} ({lo:.1%}-{hi:.1%})")
+        print(f"  {fam:30s} {agree:12.2%}   {', '.join(per)}")
+
+
+def _print_boundary_error(units, prompts, codecs) -> None:
+    """RMS round-trip error of each codec on the residual stream where each stage begins, as a
+    share of its RMS, on the plan's prefill messages (the prompts' rows, slices of SLICE
+    tokens): channel-major blocks (hpipe's) and blocks along each token (the flattened
+    message, as the codecs cut it before 2026-12-03; a 1-D tensor keeps that order)."""
+    import torch
+
+    from hpipe.runtime.codecs import round_trip
+
+    acts = {}
+    with torch.inference_mode():
+        x = prompts
+        for u in units:
+            if u.unit.index in CUTS:
+                acts[u.unit.index] = x.clone()  # (B, T, D)
+            x = u(x, 0)
+    print(f"\nround-trip error at the boundaries, % of the residual stream's RMS ({prompts.shape[0]} prompts' "
+          f"prefill messages of {SLICE} tokens): channel-major blocks (hpipe's) / blocks along a token")
+    for cut, a in acts.items():
+        rms = float(a.pow(2).mean().sqrt())
+        msgs = [a[:, i:i + SLICE] for i in range(0, a.shape[1], SLICE)]
+        cells = []
+        for c in codecs:
+            err = []
+            for layout in (lambda m: round_trip(m, c), lambda m: round_trip(m.reshape(-1), c).view(m.shape)):
+                e = torch.cat([(layout(m) - m).reshape(-1) for m in msgs])
+                err.append(float(e.pow(2).mean().sqrt()) / rms)
+            cells.append(f"{c} {err[0]:.2%} / {err[1]:.2%}")
+        print(f"  stage starting at unit {cut}: " + "; ".join(cells))
 
 
 def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: int = 0) -> None:
@@ -523,6 +558,9 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
     spec = spec_from_hf_config(folder)
     trained = HFWeights(folder, spec)
     units = build_units(spec, 0, spec.n_units, trained)
+
+    # 0. the codecs' error where the stages meet, on the plan's prefill messages
+    _print_boundary_error(units, prompts[:16], codecs)
 
     # 1. as hpipe runs it
     setup = _accuracy_setup(folder, B, tokens)

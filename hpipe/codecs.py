@@ -13,7 +13,7 @@ its bytes on the wire are exactly ``wire_bytes`` here (a test checks).
 | ``fp8``  | float8 e4m3 | 64 values, one fp16 scale (absmax / 448) | k + 2 * ceil(k / 64) |
 | ``int4`` | int4, two per byte | 32 values, one fp16 scale (absmax / 7) | ceil(k / 2) + 2 * ceil(k / 32) |
 
-Blocks run channel-major: the message (batch, tokens, d_model) is laid out
+int8 and int4 blocks run channel-major: the message (batch, tokens, d_model) is laid out
 channel by channel, each over all its rows (batch x tokens), so where the rows
 are a multiple of the block a block holds one channel's values over 64
 consecutive rows; otherwise blocks straddle neighbouring channels (a decode
@@ -21,7 +21,10 @@ step of g sequences: 64 / g channels a block).  An LLM's outlier features are wh
 large in every token; blocks along a token would put each in a block with 63
 ordinary channels, token after token.  On the trained small LLaMA of
 ``benchmarks/compression.py`` this cut the int8 error at the boundaries from
-0.85-0.91% of the residual stream's RMS to 0.59-0.63%.  fp8 carries a block scale too:
+0.86-0.94% of the residual stream's RMS to 0.58-0.63%, and int4's from 12.7-13.3% to
+9.5-10.1%.  fp8 keeps blocks along a token: its error is relative to each value (a
+float's mantissa), the block only sets the range, and its largest value is the one it
+carries exactly, so channel-major gained nothing there (2.47% against 2.26-2.32%).  fp8 carries a block scale:
 e4m3 alone spans 2^-9..448, and unscaled activations leave that range (an
 outlier feature of 1000 would saturate; a small residual would flush to zero).
 
@@ -71,6 +74,8 @@ class Codec:
     """Tensor ops the torch encoder dispatches per message, whatever its size: a fixed time
     (``op_overhead_s`` each), why short, latency-bound messages (decode steps) go raw."""
     decode_ops: int = 0
+    channel_major: bool = False
+    """Blocks run along each channel's rows rather than along each token (see above)."""
 
     @property
     def lossy(self) -> bool:
@@ -92,16 +97,16 @@ class Codec:
 # scenarios' 10 GB/s: int8 encode 0.51 ms, decode 0.20 ms; fp8 0.53 / 0.90 ms (float8 ->
 # float32 conversion is slow on CPU); int4 0.80 / 0.48 ms.  Counting the unfused tensor
 # ops instead (abs, amax, divide, round, clamp, cast) gives 10 / 3 for int8: the same order.
-# The channel-major layout (2026-12-03) adds a transposing copy on each side.  Measured on
-# another machine (the 2-core Intel Xeon VM this session had), on the same activation,
-# it took encode x1.9 / x1.5 / x1.4 and decode x1.2 / x1.0 / x1.05 (int8 / fp8 / int4) the
-# CPU time of the flat layout; the EPYC pass counts are scaled by those ratios.  A one-row
+# The channel-major layout of int8 and int4 (2026-12-03) adds a transposing copy on each
+# side.  Measured on another machine (the 2-core Intel Xeon VM this session had), on the
+# same activation, it took encode x1.9 / x1.4 and decode x1.2 / x1.05 (int8 / int4) the CPU
+# time of the flat layout; the EPYC pass counts are scaled by those ratios.  A one-row
 # message (the op counts' case below) has no copy to make.
 CODECS: dict[str, Codec] = {
     "none": Codec("none", 0, 0, 0.0, 0.0, 0.0),
-    "int8": Codec("int8", 8, 64, 127.0, 25.0, 6.0, 12, 6),
-    "fp8": Codec("fp8", 8, 64, 448.0, 21.0, 23.0, 12, 6),
-    "int4": Codec("int4", 4, 32, 7.0, 28.0, 13.0, 17, 9),
+    "int8": Codec("int8", 8, 64, 127.0, 25.0, 6.0, 12, 6, channel_major=True),
+    "fp8": Codec("fp8", 8, 64, 448.0, 14.0, 23.0, 12, 6),
+    "int4": Codec("int4", 4, 32, 7.0, 28.0, 13.0, 17, 9, channel_major=True),
 }
 # Ops: one 512-value message (a decode step of a 512-wide model) costs, in CPU time on the
 # same machine and torch, int8 212 / 111 us, fp8 223 / 110 us, int4 303 / 163 us to encode

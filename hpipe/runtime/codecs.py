@@ -1,7 +1,8 @@
 """The torch side of the activation codecs: a tensor to bytes on the wire and back.
 
-``encode(x, name)`` flattens x channel-major (the last dimension outermost:
-each channel's values over the tokens in a row; see ``_channel_major``), cuts
+``encode(x, name)`` flattens x, channel-major for int8 and int4 (the last
+dimension outermost: each channel's values over the tokens in a row; see
+``_channel_major``) and as stored for fp8 (``Codec.channel_major``), cuts
 it into blocks of ``Codec.block`` values
 (the last one padded with zeros, which are not sent), gives each block one
 fp16 scale (its absmax over the grid's largest value, rounded *up* to fp16 so
@@ -50,9 +51,10 @@ def _from_channel_major(v: torch.Tensor, shape) -> torch.Tensor:
     return v.view(d, -1).t().reshape(*shape)
 
 
-def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """x channel-major as float32, zero-padded to (n_blocks, block); and the value count."""
-    v = _channel_major(x.detach()).float()
+def _blocks(x: torch.Tensor, block: int, channel_major: bool) -> tuple[torch.Tensor, int]:
+    """x as float32 (channel-major, or as stored), zero-padded to (n_blocks, block); and the
+    value count."""
+    v = (_channel_major(x.detach()) if channel_major else x.detach().reshape(-1)).float()
     k = v.numel()
     pad = -k % block
     if pad:
@@ -75,7 +77,7 @@ def encode(x: torch.Tensor, name: str) -> torch.Tensor:
     codec = get_codec(name)
     if not codec.lossy:
         return x.detach().contiguous().reshape(-1).view(torch.uint8)
-    v, k = _blocks(x, codec.block)  # (nb, block)
+    v, k = _blocks(x, codec.block, codec.channel_major)  # (nb, block)
     s = _scales(v, codec.qmax)  # (nb,) fp16
     safe = torch.where(s == 0, torch.ones_like(s), s).float()[:, None]  # all-zero blocks
     y = v / safe
@@ -121,7 +123,8 @@ def decode(buf: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Ten
     pad = nb * codec.block - k
     if pad:
         y = torch.cat([y, y.new_zeros(pad)])
-    return _from_channel_major((y.view(nb, codec.block) * s[:, None]).reshape(-1)[:k], shape).to(dtype)
+    v = (y.view(nb, codec.block) * s[:, None]).reshape(-1)[:k]
+    return (_from_channel_major(v, shape) if codec.channel_major else v.view(*shape)).to(dtype)
 
 
 def round_trip(x: torch.Tensor, name: str) -> torch.Tensor:
