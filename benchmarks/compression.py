@@ -486,10 +486,12 @@ def _print_summary(rows, families: dict[str, list[str]], B: int, tokens: int) ->
 def _print_boundary_error(units, prompts, codecs) -> None:
     """RMS round-trip error of each codec on the residual stream where each stage begins, as a
     share of its RMS, on the plan's prefill messages (the prompts' rows, slices of SLICE
-    tokens): channel-major blocks (hpipe's) and blocks along each token (the flattened
-    message, as the codecs cut it before 2026-12-03; a 1-D tensor keeps that order)."""
+    tokens), with blocks along each token and with blocks along each channel's rows (a 1-D
+    tensor keeps its order, so each layout is laid out here and handed over flat); '*' marks
+    the layout the codec uses (``Codec.channel_major``)."""
     import torch
 
+    from hpipe.codecs import get_codec
     from hpipe.runtime.codecs import round_trip
 
     acts = {}
@@ -499,18 +501,25 @@ def _print_boundary_error(units, prompts, codecs) -> None:
             if u.unit.index in CUTS:
                 acts[u.unit.index] = x.clone()  # (B, T, D)
             x = u(x, 0)
+
+    def along_token(m, c):
+        return round_trip(m.reshape(-1), c).view(m.shape)
+
+    def along_channel(m, c):
+        cm = m.reshape(-1, m.shape[-1]).t().contiguous()  # (D, rows)
+        return round_trip(cm.reshape(-1), c).view(cm.shape).t().reshape(m.shape)
+
     print(f"\nround-trip error at the boundaries, % of the residual stream's RMS ({prompts.shape[0]} prompts' "
-          f"prefill messages of {SLICE} tokens): channel-major blocks (hpipe's) / blocks along a token")
+          f"prefill messages of {SLICE} tokens): blocks along a token / along a channel ('*': the codec's)")
     for cut, a in acts.items():
         rms = float(a.pow(2).mean().sqrt())
         msgs = [a[:, i:i + SLICE] for i in range(0, a.shape[1], SLICE)]
         cells = []
         for c in codecs:
-            err = []
-            for layout in (lambda m: round_trip(m, c), lambda m: round_trip(m.reshape(-1), c).view(m.shape)):
-                e = torch.cat([(layout(m) - m).reshape(-1) for m in msgs])
-                err.append(float(e.pow(2).mean().sqrt()) / rms)
-            cells.append(f"{c} {err[0]:.2%} / {err[1]:.2%}")
+            err = [float(torch.cat([(f(m, c) - m).reshape(-1) for m in msgs]).pow(2).mean().sqrt()) / rms
+                   for f in (along_token, along_channel)]
+            mark = ("", "*") if get_codec(c).channel_major else ("*", "")
+            cells.append(f"{c} {err[0]:.2%}{mark[0]} / {err[1]:.2%}{mark[1]}")
         print(f"  stage starting at unit {cut}: " + "; ".join(cells))
 
 
@@ -560,7 +569,7 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
     units = build_units(spec, 0, spec.n_units, trained)
 
     # 0. the codecs' error where the stages meet, on the plan's prefill messages
-    _print_boundary_error(units, prompts[:16], codecs)
+    _print_boundary_error(units, prompts[::max(1, B // 16)][:16], codecs)  # 16, spread over the text
 
     # 1. as hpipe runs it
     setup = _accuracy_setup(folder, B, tokens)
