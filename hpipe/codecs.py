@@ -21,10 +21,11 @@ step of g sequences: 64 / g channels a block).  An LLM's outlier features are wh
 large in every token; blocks along a token would put each in a block with 63
 ordinary channels, token after token.  On the trained small LLaMA of
 ``benchmarks/compression.py`` this cut the int8 error at the boundaries from
-0.86-0.94% of the residual stream's RMS to 0.58-0.63%, and int4's from 12.7-13.3% to
-9.5-10.1%.  fp8 keeps blocks along a token: its error is relative to each value (a
+0.85-0.91% of the residual stream's RMS to 0.59-0.62%, and int4's from 12.6-12.8% to
+9.5-10.0%.  fp8 keeps blocks along a token: its error is relative to each value (a
 float's mantissa), the block only sets the range, and its largest value is the one it
-carries exactly, so channel-major gained nothing there (2.47% against 2.26-2.32%).  fp8 carries a block scale:
+carries exactly, so channel-major gained nothing there (2.48-2.50% against 2.29-2.32%).
+fp8 carries a block scale:
 e4m3 alone spans 2^-9..448, and unscaled activations leave that range (an
 outlier feature of 1000 would saturate; a small residual would flush to zero).
 
