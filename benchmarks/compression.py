@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/compression.py latency [--repeats 5] [--profile full|quick]
     PYTHONPATH=. python benchmarks/compression.py testbed
+    PYTHONPATH=. python benchmarks/compression.py codec-time
     PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--prompts 256] [--seed 0] [--checkpoint DIR]
 
 ``latency``: on ``scenarios/local-cpu-hetero-int8.yaml`` (a 100 Mbit/s shaped link
@@ -17,7 +18,7 @@ fastest-of-N and paired round by round, and the bytes measured per link.
 ``testbed``: the paper's testbed (``scenarios/paper-llama7b.yaml``) with int8 allowed
 on one hop, and on up to all hops: hpipe's simulated latency against uncompressed hpipe.
 
-``accuracy``: see ``accuracy`` below.
+``codec-time``: see ``codec_time`` below.  ``accuracy``: see ``accuracy`` below.
 """
 
 from __future__ import annotations
@@ -195,6 +196,50 @@ def testbed() -> None:
         t = p.predicted["latency_s"]
         print(f"  allow {allow} max_lossy_hops 1: {t:.3f} s, speed-up {plain.predicted['latency_s'] / t - 1:+.2%}, "
               f"codecs {p.codecs}, stages {[s.units for s in p.stages]}")
+
+
+# -- codec time ---------------------------------------------------------------------
+def codec_time(repeats: int = 7) -> None:
+    """Each codec's encode and decode CPU time on one thread, for a prefill message of
+    small-llama at batch 2 (2 x 512 tokens x 512) and a one-token decode step, against the
+    roofline's memory-pass model at the local scenarios' 10 GB/s and CPU op overhead; both
+    block layouts (the codec's own marked '*'; the other one by handing the codec a 1-D
+    tensor already laid out so, which it keeps in order)."""
+    import torch
+
+    from hpipe.codecs import CPU_OP_OVERHEAD_S, get_codec, roofline_codec_time_s
+    from hpipe.runtime.codecs import HAS_FP8, decode, encode
+
+    torch.set_num_threads(1)
+
+    def median_cpu_s(fn, reps):
+        fn()
+        out = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            for _ in range(reps):
+                fn()
+            out.append((time.process_time() - t0) / reps)
+        return sorted(out)[len(out) // 2]
+
+    print(f"{cpu_model()}, load average {_load()} at start; one thread, CPU time, median of {repeats}")
+    for shape, reps in (((2, 512, 512), 20), ((1, 1, 512), 2000)):
+        x = torch.randn(*shape)
+        layouts = {"along a token": x.reshape(-1), "channel-major": x.reshape(-1, shape[-1]).t().contiguous().reshape(-1)}
+        for name in ("int8", "fp8", "int4") if HAS_FP8 else ("int8", "int4"):
+            codec = get_codec(name)
+            model = [float(t) * 1e3 for t in roofline_codec_time_s(codec, x.numel(), 4, 10.0, CPU_OP_OVERHEAD_S)]
+            cells = []
+            for label, flat in layouts.items():
+                own = (label == "channel-major") == codec.channel_major
+                # the codec's own layout timed as the runtime calls it (the copy included)
+                v = x if own else flat
+                buf = encode(v, name)
+                e = median_cpu_s(lambda: encode(v, name), reps) * 1e3
+                d = median_cpu_s(lambda: decode(buf, name, v.shape, v.dtype), reps) * 1e3
+                cells.append(f"{label}{'*' if own else ''} {e:.3f} / {d:.3f}")
+            print(f"  {str(shape):14s} {name}: encode / decode ms: {'; '.join(cells)}; "
+                  f"pass model {model[0]:.3f} / {model[1]:.3f}")
 
 
 # -- accuracy -----------------------------------------------------------------------
@@ -426,6 +471,9 @@ def _as_run(units, setup, prompts, tokens: int, configs: dict[str, Config]) -> l
     ref_ids = np.asarray(ref_ids)
     top2 = np.sort(ref_logits, axis=-1)[..., -2:]
     margin = top2[..., 1] - top2[..., 0]  # (B, tokens)
+    print("  the uncompressed model's top-1 minus top-2 logit margins: "
+          + ", ".join(f"{(margin < m).mean():.2%} under {m}" for m in (0.01, 0.02, 0.05))
+          + f" (of {margin.size} positions)")
     rows = []
     for label, cfg in configs.items():
         if cfg.one_slice:
@@ -454,7 +502,7 @@ def _print_as_run(rows, B: int, tokens: int) -> None:
           f"{'argmax agree':>12s} {'greedy agree':>12s} {'differing':>11s}  first divergence (step, ref top1-top2 "
           f"margin, its percentile)")
     for r in rows:
-        div = ", ".join(f"({s}, {m:.3f}, p{100 * p:.0f})" for (s, m), p in zip(r["diverge"], r["margin_pct"])) or "-"
+        div = ", ".join(f"({s}, {m:.3f}, p{100 * p:.1f})" for (s, m), p in zip(r["diverge"], r["margin_pct"])) or "-"
         print(f"  {r['label']:30s} {r['share']:10.0%} {r['max']:12.4f} {r['mean']:13.5f} {r['argmax']:12.2%} "
               f"{r['greedy']:12.2%} {r['differ']:5d}/{B * tokens}  {div}")
 
@@ -520,6 +568,9 @@ def _print_boundary_error(units, prompts, codecs) -> None:
                    for f in (along_token, along_channel)]
             mark = ("", "*") if get_codec(c).channel_major else ("*", "")
             cells.append(f"{c} {err[0]:.2%}{mark[0]} / {err[1]:.2%}{mark[1]}")
+        for name, dtype in (("bf16 cast", torch.bfloat16), ("fp16 cast", torch.float16)):
+            e = torch.cat([(m.to(dtype).to(m.dtype) - m).reshape(-1) for m in msgs])
+            cells.append(f"{name} {float(e.pow(2).mean().sqrt()) / rms:.3%}")
         print(f"  stage starting at unit {cut}: " + "; ".join(cells))
 
 
@@ -534,8 +585,10 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
        uncompressed model's top-1 minus top-2 margin there.  Calibration rows put the same
        messages through casts nobody calls lossy (bf16, fp16: what GPU runs ship between
        stages) and float32 with the prefill in one slice, to show what free-running agreement
-       can be with perturbations that small; a summary gives each its share of prompt runs
-       that diverge at all, with a 95% interval.
+       can be with perturbations that small; a summary gives each its greedy agreement over
+       the placements and, per placement, the prompts that diverge at all with a 95% interval;
+       and the share of the uncompressed model's top-1 minus top-2 margins under 0.01, 0.02
+       and 0.05 (the near-ties a perturbation can flip).
     2. *harsh* (not how hpipe runs): every message compressed at both boundaries, decode steps
        included, with and without two persistent outlier channels at 100x the RMS, and int8
        with one scale per tensor beside the blockwise codecs."""
@@ -647,6 +700,7 @@ def main(argv=None) -> None:
     lat.add_argument("--profile", choices=["full", "quick"], default="full",
                      help="the profile to measure into the cache when it has none that fits")
     sub.add_parser("testbed")
+    sub.add_parser("codec-time")
     acc = sub.add_parser("accuracy")
     acc.add_argument("--tokens", type=int, default=128)
     acc.add_argument("--checkpoint", default=None,
@@ -660,6 +714,8 @@ def main(argv=None) -> None:
         latency(args.repeats, args.profile)
     elif args.what == "testbed":
         testbed()
+    elif args.what == "codec-time":
+        codec_time()
     else:
         accuracy(args.tokens, args.checkpoint, args.prompts, args.seed)
 

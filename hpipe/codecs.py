@@ -15,9 +15,9 @@ its bytes on the wire are exactly ``wire_bytes`` here (a test checks).
 
 int8 and int4 blocks run channel-major: the message (batch, tokens, d_model) is laid out
 channel by channel, each over all its rows (batch x tokens), so where the rows
-are a multiple of the block a block holds one channel's values over 64
-consecutive rows; otherwise blocks straddle neighbouring channels (a decode
-step of g sequences: 64 / g channels a block).  An LLM's outlier features are whole channels,
+are a multiple of the block (64 values, int4 32) a block holds one channel's
+values over that many consecutive rows; otherwise blocks straddle neighbouring
+channels (a decode step of g sequences: block / g channels a block).  An LLM's outlier features are whole channels,
 large in every token; blocks along a token would put each in a block with 63
 ordinary channels, token after token.  On the trained small LLaMA of
 ``benchmarks/compression.py`` this cut the int8 error at the boundaries from

@@ -48,8 +48,9 @@ timed after a paced MLP shard of the model (the method of stop 20, first recorde
 slower device emulated by a cgroup weight and pacing instead of a CFS quota (2026-12-03), which
 makes its tensor-parallel shards and short stretches faster (``hpipe.runtime.emulation``); 4: the
 all-reduce chain also timed with every group at once, and its shards' CPU time after each
-all-reduce against back to back (2026-12-03); 5: the codecs lay a message out channel-major
-(2026-12-03), a transposing copy more to time."""
+all-reduce against back to back (2026-12-03); 5: int8 and int4 lay a message out
+channel-major (2026-12-03), a transposing copy more to time, and the codecs are timed on
+message-shaped tensors."""
 UNIT_KINDS = ("embed", "attn", "mlp", "head")
 
 

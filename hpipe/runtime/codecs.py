@@ -32,7 +32,7 @@ def _channel_major(x: torch.Tensor) -> torch.Tensor:
     """x's values (1-D) with its last dimension, the model's channels, outermost: channel 0
     over every row (batch x tokens), then channel 1, ...  Where the rows are a multiple of
     the block, a block holds one channel's values over consecutive rows; otherwise blocks
-    straddle neighbouring channels (g rows of one token each, a decode group's step: 64 / g
+    straddle neighbouring channels (g rows of one token each, a decode group's step: block / g
     channels a block; one row keeps the order).  An LLM's outlier features are whole
     channels, large in every token (LLM.int8(), SmoothQuant); blocks along a token would put
     each one in a block with 63 ordinary channels and coarsen their grid, token after token.
@@ -46,7 +46,7 @@ def _channel_major(x: torch.Tensor) -> torch.Tensor:
 def _from_channel_major(v: torch.Tensor, shape) -> torch.Tensor:
     """The inverse of ``_channel_major``: k values back to ``shape``."""
     if len(shape) < 2 or int(shape[-1]) == 0:
-        return v.view(*shape)
+        return v.view(tuple(shape))
     d = int(shape[-1])
     return v.view(d, -1).t().reshape(*shape)
 
@@ -105,7 +105,7 @@ def decode(buf: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Ten
     for d in shape:
         k *= int(d)
     if not codec.lossy:
-        return buf.view(dtype).view(*shape)
+        return buf.view(dtype).view(tuple(shape))
     expect = codec.wire_bytes(k, torch.tensor([], dtype=dtype).element_size())
     if buf.numel() != expect:
         raise ValueError(f"{name}: {buf.numel()} bytes on the wire, expected {expect} for {k} values")
@@ -124,7 +124,7 @@ def decode(buf: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Ten
     if pad:
         y = torch.cat([y, y.new_zeros(pad)])
     v = (y.view(nb, codec.block) * s[:, None]).reshape(-1)[:k]
-    return (_from_channel_major(v, shape) if codec.channel_major else v.view(*shape)).to(dtype)
+    return (_from_channel_major(v, shape) if codec.channel_major else v.view(tuple(shape))).to(dtype)
 
 
 def round_trip(x: torch.Tensor, name: str) -> torch.Tensor:

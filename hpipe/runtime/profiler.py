@@ -379,8 +379,8 @@ def _time_codecs(job: ProfileJob) -> dict[str, dict]:
     names = [c for c in CODECS if CODECS[c].lossy and (c != "fp8" or HAS_FP8)]
     g = torch.Generator().manual_seed(1)
     d = job.spec.d_model
-    # activation-like values, shaped as a message's rows of d_model: the codecs lay rows out
-    # channel-major, and a 1-D tensor would skip that copy
+    # activation-like values, shaped as a message's rows of d_model: int8 and int4 lay rows
+    # out channel-major, and a 1-D tensor would skip that copy
     xs = {k: torch.randn(k // d, d, generator=g).to(device, dtype) if k % d == 0
           else torch.randn(k, generator=g).to(device, dtype) for k in job.codec_sizes}
 

@@ -65,7 +65,7 @@ values = st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, m
        width=st.sampled_from([0, 1, 3, 64, 100]))
 def test_round_trip_error_within_half_the_block_scale(vals, name, scale, width):
     x = torch.tensor(vals, dtype=torch.float32) * scale
-    if width and x.numel() >= width:  # as a message: (tokens, channels), blocks channel-major
+    if width and x.numel() >= width:  # as a message: (tokens, channels); int8, int4: channel-major
         x = x[:x.numel() // width * width].view(-1, width)
     y = round_trip(x, name)
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -141,6 +141,8 @@ def test_zeros_and_bfloat16_round_trip(name):
         pytest.skip("no float8 in this torch")
     z = torch.zeros(3, 5, 64, dtype=torch.bfloat16)
     assert torch.equal(round_trip(z, name), z)
+    for odd in (torch.tensor(1.5), torch.zeros(2, 0), torch.zeros(0, 7)):  # a scalar, no values
+        assert round_trip(odd, name).shape == odd.shape
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
     y = round_trip(x, name)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
@@ -155,8 +157,8 @@ def test_decode_refuses_a_short_buffer():
 
 
 def test_the_profiler_times_codecs_on_message_shaped_tensors(monkeypatch):
-    """A message is (batch, tokens, d_model) and the codecs lay it out channel-major; a 1-D
-    tensor would skip that copy, and the profile would price the codecs below what they cost."""
+    """A message is (batch, tokens, d_model) and int8 and int4 lay it out channel-major; a 1-D
+    tensor would skip that copy, and the profile would price them below what they cost."""
     from types import SimpleNamespace
 
     import hpipe.runtime.codecs as codecs_mod
