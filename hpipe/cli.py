@@ -440,17 +440,17 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         raise InputError(f"execute runs one plan, the file holds {len(plans)}", file=str(plan))
     if planner is not None and len(_planner_names(planner)) != 1:
         raise InputError("execute runs one planner", field="--planner")
-    token_ids, p = None, None
+    token_ids, p, spec = None, None, None
 
     def inputs_fit(setup):  # before a first run measures this machine's profile
-        nonlocal token_ids, p
+        nonlocal token_ids, p, spec
         raise_if_model_cannot_fit(setup)
         if plans is not None:
             p = plans[0].check(setup, file=str(plan))
             check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
             check_cpu_memory(setup, p)
         token_ids = load_inputs(inputs, setup) if inputs else None
-        runtime_spec(setup)  # the weights folder: there, readable and the scenario's model
+        spec = runtime_spec(setup)  # the weights folder: there, readable and the scenario's model
 
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=inputs_fit)
     if p is None:
@@ -461,9 +461,9 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     check_cpu_memory(setup, p)
     if not quiet:
-        _note_past_context(setup, runtime_spec(setup))
+        _note_past_context(setup, spec)
         _announce_long_cpu_run(setup, p, timeout, warmup=1)
-    measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet)
+    measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
     measured.predicted_latency_s = predicted.latency_s
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, None)
@@ -616,15 +616,16 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             raise InputError("generate runs one planner", field="--planner")
         p = make_plan(plan_setup, names[0])
         p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup)
+    spec = runtime_spec(setup)  # the weights' own (max positions, norm epsilon)
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     if not quiet:
-        _note_past_context(setup, runtime_spec(setup))
+        _note_past_context(setup, spec)
         _announce_long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
     measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,
-                        on_tokens=streamer)
+                        on_tokens=streamer, spec=spec)
     if streamer:
         streamer.close()
     measured.predicted_latency_s = predicted.latency_s
@@ -651,7 +652,6 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 
         from hpipe.runtime.weights import weight_source
 
-        spec = runtime_spec(setup)
         ref, _ = gen.reference_generate(spec, weight_source(spec, setup.weights), np.asarray(ids), new_tokens,
                                         eos=gen.eos_ids(setup.weights))
         bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]

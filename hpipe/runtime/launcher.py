@@ -591,15 +591,16 @@ def reference_logits(setup, ids: np.ndarray, spec=None, seed: int = 0, all_posit
 
 
 def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float = 60.0, quiet: bool = False,
-            warmup: int = 1, seed: int = 0, startup_timeout_s: float = 600.0, on_tokens=None,
+            warmup: int = 1, seed: int = 0, startup_timeout_s: float = 600.0, on_tokens=None, spec=None,
             **launch_kw) -> RunResult:
     """Run ``plan`` for real; its measured RunResult (``next_token_ids``, and ``max_abs_error``
     against a single-process float32 forward when ``check``).
 
     When the scenario generates (``workload.output_tokens`` > 0) the workers decode after
     the prefill: the result adds ``generated_ids`` and the decode figures, and
-    ``on_tokens([(sequence, id), ...])`` streams each step's ids as they are made."""
-    spec = runtime_spec(setup)
+    ``on_tokens([(sequence, id), ...])`` streams each step's ids as they are made.  ``spec``:
+    ``runtime_spec(setup)`` where the caller has it already."""
+    spec = spec or runtime_spec(setup)
     ids = make_ids(setup, inputs, seed)
     from hpipe.progress import progress
 
