@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
@@ -18,13 +19,12 @@ LOSSY = [c for c in CODECS if c != "none" and (c != "fp8" or HAS_FP8)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _channel_major_index(shape) -> torch.Tensor:
+def _wire_order(shape, channel_major: bool) -> torch.Tensor:
     """For each value of a tensor of ``shape`` (flattened as torch stores it), its place on
-    the wire: channels (the last dimension) outermost, each over every token in turn."""
-    k = 1
-    for d in shape:
-        k *= int(d)
-    if len(shape) < 2:
+    the wire: as stored, or channel-major (the last dimension outermost, each channel over
+    every token in turn)."""
+    k = math.prod(int(d) for d in shape)
+    if not channel_major or len(shape) < 2:
         return torch.arange(k)
     d = int(shape[-1])
     rows, ch = torch.arange(k) // d, torch.arange(k) % d
@@ -34,10 +34,7 @@ def _channel_major_index(shape) -> torch.Tensor:
 def _block_of(shape, name: str) -> torch.Tensor:
     """Each value's block on the wire."""
     codec = get_codec(name)
-    k = 1
-    for d in shape:
-        k *= int(d)
-    return (_channel_major_index(shape) if codec.channel_major else torch.arange(k)) // codec.block
+    return _wire_order(shape, codec.channel_major) // codec.block
 
 
 def _block_scales(x: torch.Tensor, name: str) -> torch.Tensor:
