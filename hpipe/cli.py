@@ -370,16 +370,15 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
 
     _check_outputs({"--json": json_path, "--plot": plot}, {"the scenario file": scenario})
     key, values, fixed = parse_sweep(sets)
-    first = _load_setup(scenario, fixed + [assignment(key, values[0])], say=False)
-    names = _planner_names(planner or first.scenario.planner.kind)
-    notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
+    loaded: dict[tuple, object] = {}  # each value's setup, resolved once
 
     def load(extra):
-        setup = _load_setup(scenario, fixed + extra, say=False)
-        note, warning = _auto_notes(setup, scenario)
-        if note and (warning or not quiet):
-            notes.setdefault(note, []).append(extra[-1].split("=", 1)[1])
-        return setup
+        if tuple(extra) not in loaded:
+            loaded[tuple(extra)] = _load_setup(scenario, fixed + extra, say=False)
+        return loaded[tuple(extra)]
+
+    first = load([assignment(key, values[0])])
+    names = _planner_names(planner or first.scenario.planner.kind)
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
 
@@ -388,6 +387,11 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
             bar.advance(task)
 
         result = run_sweep(load, key, values, names, on_step=step)
+    notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
+    for v in values:
+        note, warning = _auto_notes(load([assignment(key, v)]), scenario)
+        if note and (warning or not quiet):
+            notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in notes.items():
         first_line, _, rest = note.partition("\n")
         where = "" if len(at) == len(values) else f" [{key} = {', '.join(at)}]"
