@@ -622,7 +622,8 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
     units = build_units(spec, 0, spec.n_units, trained)
 
     # 0. the codecs' error where the stages meet, on the plan's prefill messages
-    _print_boundary_error(units, prompts[::max(1, B // 16)][:16], codecs)  # 16, spread over the text
+    spread = prompts[::max(1, B // 16)][:16]  # 16 of the prompts, spread over the text
+    _print_boundary_error(units, spread, codecs)
 
     # 1. as hpipe runs it
     setup = _accuracy_setup(folder, B, tokens)
@@ -655,8 +656,7 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
     # 2. harsh: every message, decode steps included, at both boundaries; 16 of the prompts
     # (the random-weights model is 30x the trained one's compute per token)
     # random weights at the catalog's small-llama width (512 channels)
-    prompts = prompts[::max(1, B // 16)][:16]
-    B = prompts.shape[0]
+    prompts, B = spread, spread.shape[0]
     models = {"trained": (spec, units), }
     rw = RandomWeights(get_model("small-llama"), seed=0)
     models["random weights"] = (rw.spec, build_units(rw.spec, 0, rw.spec.n_units, rw))
