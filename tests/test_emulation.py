@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -64,6 +65,16 @@ def _send(worker, addr, port, nbytes, q):
     c.sendall(nbytes.to_bytes(8, "little") + b"x" * nbytes)
     c.recv(1)
     q.put(time.perf_counter() - t0)
+
+
+def _name_of(worker, addr, q):
+    em.enter(worker)
+    try:
+        # c10d's sockets are IPv6: a peer's address comes IPv4-mapped
+        q.put((socket.getnameinfo((addr, 0), socket.NI_NAMEREQD)[0],
+               socket.getnameinfo((f"::ffff:{addr}", 0, 0, 0), socket.NI_NAMEREQD)[0]))
+    except socket.gaierror as e:
+        q.put((f"error {e.errno}",))
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -124,6 +135,37 @@ def test_shaped_link_between_namespaces(tmp_path):
     gbps = nbytes * 8 / seconds / 1e9
     assert 0.035 < gbps < 0.065, f"shaped to 0.05 Gbit/s, measured {gbps:.3f}"
     assert not em.leftovers(os.getpid())
+
+
+@needs_netns
+def test_workers_find_each_emulated_host_by_name(tmp_path):
+    """Inside a namespace no name server can be reached, so a reverse lookup of a peer's address
+    failed (EAI_AGAIN) and c10d printed a warning for every connection to its store.  A worker
+    now has its own hosts file naming every emulated host; the machine's /etc/hosts stays as
+    it was."""
+    setup = two_host_setup(tmp_path)
+    a, b = setup.cluster.device_ids
+    before = Path("/etc/hosts").read_bytes()
+    ctx = mp.get_context("spawn")
+    with em.emulate(setup) as e:
+        wa, wb = e.worker(a), e.worker(b)
+        q = ctx.Queue()
+        p = ctx.Process(target=_name_of, args=(wb, wa.address, q))
+        p.start()
+        names = q.get(timeout=60)
+        p.join(10)
+    host_a = setup.cluster.device(a).host
+    assert names == (em.host_name(host_a),) * 2 and em.host_name(host_a) == host_a + ".hpipe"
+    assert Path("/etc/hosts").read_bytes() == before
+    assert not list(Path(tempfile.gettempdir()).glob("hpipe-hosts-*"))
+    assert not em.leftovers(os.getpid())
+
+
+def test_host_names_are_valid_labels_that_shadow_nothing():
+    assert em.host_name("west") == "west.hpipe"
+    assert em.host_name("box 1/gpu_0") == "box-1-gpu-0.hpipe"
+    assert em.host_name("localhost") == "localhost.hpipe"
+    assert em.host_name("__") == "host.hpipe"
 
 
 @needs_netns

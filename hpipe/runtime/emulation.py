@@ -42,7 +42,8 @@ and removed when the ``emulate`` block ends, also on an exception or SIGTERM
 cannot clean up: the next ``emulate`` sweeps resources whose owner is dead.
 
 Workers call ``enter(worker)`` first thing in their process: join the cgroup,
-move into the namespace (setns) and pin to the placement's cores.
+move into the namespace (setns), give themselves a hosts file naming the emulated
+hosts (in a mount namespace of their own) and pin to the placement's cores.
 
 This module needs root, ``ip`` and ``tc`` and a cgroup file system; the
 ``*_unsupported()`` functions say why not when they are missing, and tests skip
@@ -55,9 +56,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -72,6 +75,8 @@ SUBNET = "10.213"
 """Private addresses used only inside the emulation's own namespaces (the root namespace's
 routing is never touched), so they cannot clash with this machine's networks."""
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000  # linux/sched.h
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000  # linux/mount.h
 LINK_MTU = 16000
 """MTU of the shaped veth pairs.  Their packets are handled on the *sender's* CPU (tbf,
 then the veth hands each packet to the receiving stack in the same softirq), so the
@@ -255,6 +260,8 @@ class Network:
     """host -> netns name"""
     addresses: dict[str, str] = field(default_factory=dict)
     """host -> identity address every worker of that host binds to"""
+    names: dict[str, str] = field(default_factory=dict)
+    """host -> the name its identity address has in the workers' hosts file (``host_name``)"""
     links: list[ShapedLink] = field(default_factory=list)
 
     IDENTITY_IF = "hpid"
@@ -293,6 +300,7 @@ def _make_network(owner: str, hosts: list[str], link_of) -> Network:
         net.namespaces[h] = ns
         addr = f"{SUBNET}.0.{i + 1}"
         net.addresses[h] = addr
+        net.names[h] = host_name(h)
         _ip("-n", ns, "link", "set", "lo", "up")
         # identity address: on one end of a veth pair kept inside the namespace (no dummy links here)
         _ip("-n", ns, "link", "add", Network.IDENTITY_IF, "type", "veth", "peer", "name", "hpidp")
@@ -324,6 +332,47 @@ def _make_network(owner: str, hosts: list[str], link_of) -> Network:
     return net
 
 
+def host_name(host: str) -> str:
+    """The emulated host's name in the workers' hosts file: the scenario's name made a valid
+    hostname label, under ``.hpipe`` so it can never shadow a real name such as localhost."""
+    return (re.sub(r"[^A-Za-z0-9-]+", "-", host).strip("-") or "host") + ".hpipe"
+
+
+def _name_hosts(entries: tuple[tuple[str, str], ...]) -> bool:
+    """Give this process (a worker inside a namespace) a hosts file that names every emulated
+    host's identity address, in a mount namespace of its own; the machine's /etc/hosts is
+    not touched.  Best effort: whether it took.
+
+    Why: c10d looks up the name behind every socket that connects to its store.  Inside
+    the namespaces the address is in no hosts file and no name server can be reached, so
+    glibc answers EAI_AGAIN and c10d prints "The hostname of the client socket cannot be
+    retrieved" once per connection (92 lines in one compression latency benchmark).  Its
+    sockets are IPv6, the addresses IPv4-mapped, which glibc looks up as written: each
+    address is named in both forms.  ``ip netns exec`` gives a namespace its own hosts file
+    the same way (/etc/netns/NAME/hosts).  Like setns, unshare acts on the calling thread;
+    the threads torch.distributed starts later inherit it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return False
+    # private first: the bind mount must not propagate back to the machine's namespace
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return False
+    try:
+        base = Path("/etc/hosts").read_text()
+    except OSError:
+        base = "127.0.0.1 localhost\n"
+    ours = "".join(f"{a} {n}\n::ffff:{a} {n}\n" for a, n in entries)
+    text = base.rstrip("\n") + "\n# hpipe's emulated hosts\n" + ours
+    fd, tmp = tempfile.mkstemp(prefix="hpipe-hosts-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        # the mount holds the file open; its name can go at once
+        return libc.mount(tmp.encode(), b"/etc/hosts", None, MS_BIND, None) == 0
+    finally:
+        os.unlink(tmp)
+
+
 def _remove_namespace(ns: str) -> None:
     subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
@@ -344,6 +393,8 @@ class WorkerPlacement:
     """Address this worker binds gloo to; the master address when it is rank 0's."""
     ifname: str | None = None
     """Interface holding ``address`` (GLOO_SOCKET_IFNAME)."""
+    host_names: tuple[tuple[str, str], ...] = ()
+    """(address, name) of every emulated host, for the worker's own hosts file (``_name_hosts``)."""
     cpu_quota: float | None = None
     """The device's speed as a share of a core: its compute paces itself to it (``Pace``), and
     its cgroup weighs it by it against the other devices on its core."""
@@ -377,6 +428,9 @@ def enter(worker: WorkerPlacement | None) -> None:
                 raise EmulationError(f"setns into {worker.netns}: {os.strerror(err)}")
         finally:
             os.close(fd)
+        if worker.host_names:
+            # where the sandbox forbids it, c10d's name-lookup warnings are all that changes
+            _name_hosts(worker.host_names)
     if worker.cores:
         os.sched_setaffinity(0, worker.cores)
     for k, v in worker.env().items():
@@ -540,7 +594,8 @@ def _placement(d, cgroup: CpuLimit | None, net: Network | None) -> WorkerPlaceme
         cpu_quota=cgroup.quota_cpus if cgroup else None,
         netns=net.namespaces[d.host] if net else None,
         address=net.addresses[d.host] if net else None,
-        ifname=Network.IDENTITY_IF if net else None)
+        ifname=Network.IDENTITY_IF if net else None,
+        host_names=tuple((net.addresses[h], net.names[h]) for h in net.addresses) if net else ())
 
 
 _RUNS = iter(range(1, 1 << 30))
