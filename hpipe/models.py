@@ -238,6 +238,12 @@ MODELS: dict[str, ModelSpec] = {
 _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}
 
 
+def positions_used(seq_len: int, output_tokens: int) -> int:
+    """Positions a run computes: the prompt's, then one per new token fed back; the last new
+    token is never fed back (the first comes from the prompt's own logits)."""
+    return seq_len + max(output_tokens - 1, 0)
+
+
 def get_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]

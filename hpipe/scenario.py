@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 
 from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
 from hpipe.errors import InputError, format_loc, suggest
-from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping
+from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping, positions_used
 
 PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe", "single")
 
@@ -311,11 +311,12 @@ class Scenario(_Strict):
     def _generation_positions(self):
         # A GPT model's learned positions bound the prompt plus the generated tokens.
         spec = self.model_spec()
-        total = self.workload.seq_len + self.workload.output_tokens
-        if self.workload.output_tokens and spec.family == "gpt" and total > spec.max_seq_len:
-            raise _FieldError("workload.output_tokens", f"{self.workload.seq_len} prompt + "
-                              f"{self.workload.output_tokens} output tokens exceed {spec.name}'s learned "
-                              f"positions ({spec.max_seq_len})")
+        w = self.workload
+        used = positions_used(w.seq_len, w.output_tokens)
+        if w.output_tokens and spec.family == "gpt" and used > spec.max_seq_len:
+            raise _FieldError("workload.output_tokens", f"{w.seq_len} prompt + {w.output_tokens} output tokens "
+                              f"use {used} positions (the last new token is not fed back), more than "
+                              f"{spec.name}'s learned positions ({spec.max_seq_len})")
         return self
 
     def model_spec(self) -> ModelSpec:

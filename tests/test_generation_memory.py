@@ -33,11 +33,16 @@ def test_kv_cache_grows_by_the_output_tokens_exactly():
 
 
 def test_gpt_positions_bound_prompt_plus_output():
+    """A 2048-token prompt fills gpt3-2.7b's 2048 learned positions.  Its first new token comes
+    from the prompt's logits (no new position); the second needs position 2048."""
     d = yaml.safe_load((ROOT / "scenarios/paper-gpt3-2.7b.yaml").read_text())
     d["workload"]["output_tokens"] = 1
+    parse_scenario(d, "x.yaml")
+    d["workload"]["output_tokens"] = 2
     with pytest.raises(InputError) as e:
         parse_scenario(d, "x.yaml")
-    assert e.value.field == "workload.output_tokens" and "learned positions" in str(e.value)
+    assert e.value.field == "workload.output_tokens" and "learned positions (2048)" in str(e.value)
+    assert "use 2049 positions" in str(e.value)
 
 
 def test_decode_groups_on_a_prefill_only_scenario_are_refused_not_ignored():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hpipe.errors import InputError
+from hpipe.models import positions_used
 from hpipe.runtime.decode import GenerationConfig, group_sizes
 from hpipe.runtime.sampling import Sampler, SamplingConfig
 
@@ -45,19 +46,20 @@ def eos_ids(weights: str | None) -> tuple[int, ...]:
 
 
 def check_positions(setup, spec) -> None:
-    """A GPT model has learned positions: the prompt and its output must fit them."""
-    total = setup.seq_len + setup.output_tokens
-    if spec.family == "gpt" and total > spec.max_seq_len:
-        raise InputError(f"seq_len {setup.seq_len} + output_tokens {setup.output_tokens} = {total} exceeds the "
-                         f"model's {spec.max_seq_len} positions", file=setup.scenario.source_path,
-                         field="workload.output_tokens")
+    """A GPT model has learned positions: the prompt and its output must fit them (``spec`` is
+    the weights' own, which may have fewer positions than the catalog's)."""
+    used = positions_used(setup.seq_len, setup.output_tokens)
+    if spec.family == "gpt" and used > spec.max_seq_len:
+        raise InputError(f"seq_len {setup.seq_len} + output_tokens {setup.output_tokens} use {used} positions "
+                         f"(the last new token is not fed back), more than the model's {spec.max_seq_len}",
+                         file=setup.scenario.source_path, field="workload.output_tokens")
 
 
 def past_trained_context(setup, spec) -> str | None:
     """A rotary (LLaMA) model computes at any position, but was trained on ``spec.max_seq_len``
     of them and writes worse text past that: the note to give before such a run, or None.
     (A GPT model's learned positions end there: ``check_positions`` refuses.)"""
-    used = setup.seq_len + setup.output_tokens - 1  # the last new token is never fed back
+    used = positions_used(setup.seq_len, setup.output_tokens)
     if spec.family == "gpt" or not setup.output_tokens or used <= spec.max_seq_len:
         return None
     source = ("max_position_embeddings in the weights' config.json, 2048 where it has none" if setup.weights

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hpipe.errors import InfeasibleError  # noqa: E402
+from hpipe.errors import InfeasibleError, InputError  # noqa: E402
 from hpipe.runtime.generation import reference_generate  # noqa: E402
 from hpipe.runtime.launcher import execute, runtime_spec  # noqa: E402
 from hpipe.runtime.sampling import SamplingConfig  # noqa: E402
@@ -131,6 +131,23 @@ def test_gpt2_generates_what_transformers_does(gpt2, shape):
     _, _, setup, expect = gpt2
     r = _run(setup, HAND[shape])
     assert r.generated_ids == expect
+
+
+def test_gpt2_fills_its_learned_positions_and_no_more(gpt2):
+    """16 prompt + 113 new tokens compute positions 0..127, all of the model's 128 (the last
+    new token is never fed back): allowed, and what transformers makes; one more is refused."""
+    folder, model, _, _ = gpt2
+    new = 128 - SEQ + 1
+    setup = tiny_setup(TINY_GPT, seq_len=SEQ, batch_size=BATCH, output_tokens=new, weights=str(folder))
+    r = _run(setup, HAND["tp-middle"])
+    assert r.generated_ids == _hf_generate(model, PROMPTS, new)
+    with pytest.raises(InputError, match="use 129 positions .* more than custom's learned positions"):
+        tiny_setup(TINY_GPT, seq_len=SEQ, batch_size=BATCH, output_tokens=new + 1, weights=str(folder))
+    # a scenario that claims more positions than the weights have: the weights' config.json decides
+    claims = tiny_setup({**TINY_GPT, "max_seq_len": 2048}, seq_len=SEQ, batch_size=BATCH, output_tokens=new + 1,
+                        weights=str(folder))
+    with pytest.raises(InputError, match="use 129 positions .* more than the model's 128"):
+        _run(claims, HAND["tp-middle"])
 
 
 def test_seeded_sampling_repeats_across_runs_and_plans(llama):
