@@ -61,9 +61,10 @@ def _out_console(json_path: str | None, quiet: bool, *more_outputs: str | None) 
 
 
 def _console(stderr: bool = False) -> Console:
-    """A console for tables; when piped, wide enough that the table is not squeezed to 80 columns."""
-    con = Console(stderr=stderr)
-    return con if con.is_terminal else Console(stderr=stderr, width=160)
+    """A console for tables (``tables.console``: piped, no wrapped titles or padded lines)."""
+    from hpipe.tables import console
+
+    return console(stderr)
 
 
 @contextlib.contextmanager

@@ -5,14 +5,18 @@ One place for every table so they agree: times with four significant digits
 money in US dollars; no table wider than an 80-column terminal for the usual
 case (two-line headers, stages/slices/micro-batches folded into one column, no
 vertical rules).  An infeasible planner is marked ✗ and its reason printed once,
-under the table, planners with the same reason grouped.
+under the table, planners with the same reason grouped.  Piped into a file or
+another program, a table's title and caption are whole lines and no line ends in
+spaces (``console``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 MB_PER_GB = 1e3  # RunResult.peak_memory_mb is in MB (10^6 bytes)
@@ -65,6 +69,35 @@ def _table(title: str | None, caption: str | None = None) -> Table:
     return Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                  collapse_padding=True,
                  title_justify="left")
+
+
+class PipedConsole(Console):
+    """A console writing to a pipe or a file, where rich would wrap a table's title and caption
+    to the table's width and pad every line with spaces to it: both get in the way of grep,
+    diff and a reader's own terminal width.  Tables print as their title, the table and their
+    caption, each line as it is; everything else prints as on any console."""
+
+    def print(self, *objects, **kw):
+        if len(objects) != 1 or not isinstance(objects[0], Table):
+            return super().print(*objects, **kw)
+        table = copy.copy(objects[0])
+        title, caption = table.title, table.caption
+        table.title = table.caption = None
+        with self.capture() as cap:
+            super().print(table, **kw)
+        body = "\n".join(line.rstrip() for line in cap.get().rstrip("\n").split("\n"))
+        if title:
+            super().print(title, highlight=False, soft_wrap=True)
+        super().print(body, markup=False, highlight=False, soft_wrap=True)
+        if caption:
+            super().print(caption, highlight=False, soft_wrap=True)
+
+
+def console(stderr: bool = False) -> Console:
+    """The console tables go to: the terminal's, or a ``PipedConsole`` 160 columns wide (so a
+    table is not squeezed to 80) when stdout (``stderr``: stderr) is not a terminal."""
+    con = Console(stderr=stderr)
+    return con if con.is_terminal else PipedConsole(stderr=stderr, width=160)
 
 
 def _max_mem_mb(r) -> float | None:

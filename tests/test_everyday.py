@@ -258,6 +258,22 @@ def test_tables_fit_80_columns_with_whole_names():
         assert "…" not in text and whole in text
 
 
+def test_piped_tables_keep_titles_and_captions_whole_and_lines_unpadded(cli):
+    """Into a pipe, rich wrapped a table's title and caption to the table's width and padded
+    every line with spaces; grep and diff saw broken sentences and trailing blanks."""
+    r = cli("plan", str(SCENARIOS / "local-cpu-hetero.yaml"), "--set", "costmodel=roofline")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines and all(line == line.rstrip() for line in lines), r.stdout
+    assert lines[0].startswith("local-cpu-hetero: hpipe plan, predicted latency ")  # the title, first
+    (caption,) = [line for line in lines if line.startswith("per item:")]
+    assert caption.endswith("GB (10^9 bytes)"), caption  # one line, not wrapped at the table's edge
+    r = cli("simulate", PAPER, "--planner", "all")
+    assert r.returncode == 0 and all(line == line.rstrip() for line in r.stdout.splitlines()), r.stdout
+    (title,) = [line for line in r.stdout.splitlines() if line.startswith("paper-llama7b: simulated")]
+    assert title.endswith("cost model)"), title
+
+
 def test_numbers_keep_four_significant_digits():
     from hpipe.tables import sig
 
