@@ -91,6 +91,12 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, Path | None
     check_outputs(outputs, plots=("--plot",), inputs=inputs)
 
 
+def _reads(scenario: Path, sets: list[str] | None = None, **more: Path | None) -> dict[str, Path | None]:
+    """What a command reads, for ``_check_outputs``: the scenario file, the files its cost
+    model names (a profile, a calibration), and ``more`` (its other inputs, by name)."""
+    return {"the scenario file": scenario, **_load_scenario(scenario, sets).files_read(), **more}
+
+
 def _load_scenario(scenario: Path, sets: list[str] | None = None):
     """The one place the CLI reads a scenario: the file, then the --set overrides
     (`hpipe --set ...` before the command, then the command's own) before validation."""
@@ -248,7 +254,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
 
     from hpipe.progress import enabled
 
-    _check_outputs({"--output": output}, {"the scenario file": scenario})
+    _check_outputs({"--output": output}, _reads(scenario, sets))
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
@@ -305,7 +311,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.sim import infeasible_result, simulate as run_sim
 
     _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
-                   {"the scenario file": scenario, "the --plan file": plan})
+                   _reads(scenario, sets, **{"the --plan file": plan}))
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
@@ -369,8 +375,8 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
     from hpipe.tables import sweep_table
 
-    _check_outputs({"--json": json_path, "--plot": plot}, {"the scenario file": scenario})
     key, values, fixed = parse_sweep(sets)
+    _check_outputs({"--json": json_path, "--plot": plot}, _reads(scenario, fixed))
     loaded: dict[tuple, object] = {}  # each value's setup, resolved once
 
     def load(extra):
@@ -430,7 +436,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     from hpipe.sim import simulate as run_sim
 
     _check_outputs({"--json": json_path, "--trace": trace},
-                   {"the scenario file": scenario, "the --plan file": plan, "the --inputs file": inputs})
+                   _reads(scenario, sets, **{"the --plan file": plan, "the --inputs file": inputs}))
     _check_timeout(timeout)
     with _needs_torch("execute"):
         from hpipe.runtime import execute as run_exec, load_inputs
@@ -583,8 +589,9 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
-    _check_outputs({"--json": json_path}, {"the scenario file": scenario, "the --plan file": plan,
-                                          "the --prompt-file": prompt_file, "the --inputs file": inputs})
+    _check_outputs({"--json": json_path}, _reads(scenario, sets, **{"the --plan file": plan,
+                                                                    "the --prompt-file": prompt_file,
+                                                                    "the --inputs file": inputs}))
     _check_timeout(timeout)
     with _needs_torch("generate"):
         from hpipe.runtime import generation as gen
@@ -784,6 +791,8 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     # --profile is read when current and written when not: an output as much as an input
     _check_outputs({"--json": json_path, "--profile": profile_path},
                    {f"the scenario file {s}": s for s in scenarios})
+    for s in scenarios:  # the profile a scenario's cost model reads is --profile's to refresh, not --json's
+        _check_outputs({"--json": json_path}, _load_scenario(s, sets).files_read())
     with _needs_torch("validate"):
         import hpipe.runtime  # noqa: F401
     if basis not in (None, "wall", "cpu"):

@@ -324,6 +324,17 @@ class Scenario(_Strict):
             return get_model(self.model)
         return model_from_mapping(self.model)
 
+    def files_read(self) -> dict[str, Path]:
+        """The files the scenario's cost model reads, by what they are (an output must not
+        replace them): a fitted model's profile, a roofline's calibration profile."""
+        cm = self.costmodel
+        if not isinstance(cm, dict):
+            return {}
+        named = {"costmodel.profile": cm.get("profile"), "costmodel.calibration": cm.get("calibration")}
+        if isinstance(cm.get("roofline"), dict):  # auto: the roofline it falls back to
+            named["costmodel.roofline.calibration"] = cm["roofline"].get("calibration")
+        return {f"the scenario's {k} file": self.resolve_path(v) for k, v in named.items() if isinstance(v, str)}
+
     def resolve_path(self, p: str) -> Path:
         path = Path(p).expanduser()
         if not path.is_absolute() and self.source_path:

@@ -78,6 +78,33 @@ def test_an_output_never_replaces_an_input_or_another_output(cli, tmp_path):
     assert r.returncode == 2 and "also given to --json" in r.stderr and not out.exists()
 
 
+def test_an_output_never_replaces_the_profile_the_cost_model_reads(cli, tmp_path):
+    """A fitted model's profile and a roofline's calibration are inputs too: --json, --trace or
+    -o onto one is refused before any work (it was replaced by the Result JSON, and the next
+    run failed on it).  Only `profile -o` and `validate --profile` write a profile there."""
+    import yaml
+
+    profile = tmp_path / "prof.json"
+    profile.write_text((SCENARIOS / "profiles" / "local-cpu.json").read_text())
+    before = profile.read_bytes()
+    data = yaml.safe_load((SCENARIOS / "local-cpu.yaml").read_text())
+    for name, costmodel in (("fit.yaml", {"kind": "fitted", "profile": "prof.json"}),
+                            ("cal.yaml", {"kind": "roofline", "calibration": "prof.json"}),
+                            ("auto.yaml", {"kind": "auto", "roofline": {"calibration": "prof.json"}})):
+        (tmp_path / name).write_text(yaml.safe_dump({**data, "costmodel": costmodel}))
+    for args in (["simulate", "fit.yaml", "--json", "prof.json"],
+                 ["simulate", "cal.yaml", "--trace", "prof.json"],
+                 ["simulate", "auto.yaml", "--plot", "prof.json"],
+                 ["plan", "fit.yaml", "-o", "prof.json"],
+                 ["sweep", "fit.yaml", "--set", "workload.batch_size=1,2", "--json", "prof.json"],
+                 ["execute", "fit.yaml", "--json", "prof.json"],
+                 ["generate", "fit.yaml", "--prompt", "hi", "--json", "prof.json"],
+                 ["validate", "fit.yaml", "--json", "prof.json"]):
+        r = cli(*[str(tmp_path / a) if a.endswith((".yaml", ".json")) else a for a in args], "-q")
+        assert r.returncode == 2 and "costmodel." in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert profile.read_bytes() == before
+
+
 # ---- --set overrides ------------------------------------------------------------
 def test_overrides_apply_before_validation_in_process():
     from hpipe.errors import InputError
