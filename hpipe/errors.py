@@ -9,6 +9,8 @@ where the problem is (file and field) and what it is.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from collections.abc import Iterable
 
 
@@ -76,3 +78,33 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
         lowered = {c.lower(): c for c in choices}
         close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)]
     return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+
+def boolean_for_number(model_cls, data) -> str | None:
+    """The first key of ``data`` (a mapping about to become a ``model_cls``) whose value is a
+    boolean where the field takes only numbers, or None.  pydantic reads true as 1 there,
+    and YAML reads yes, no, on and off as booleans: ``batch_size: yes`` ran a batch of 1."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        field = model_cls.model_fields.get(key) if isinstance(key, str) else None
+        if isinstance(value, bool) and field is not None and _numbers_only(field.annotation):
+            return key
+    return None
+
+
+def _numbers_only(annotation) -> bool:
+    """Whether a field's type takes numbers (int, float, constrained ones; None too) and nothing else."""
+    leaves, todo = set(), [annotation]
+    while todo:
+        t = todo.pop()
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if origin is typing.Annotated:
+            todo.append(args[0])
+        elif origin in (typing.Union, types.UnionType):
+            todo.extend(args)
+        else:
+            leaves.add(t)
+    leaves.discard(type(None))
+    return bool(leaves) and leaves <= {int, float}

@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, field_validator, model_validator)
 
 from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
-from hpipe.errors import InputError, format_loc, suggest
+from hpipe.errors import InputError, boolean_for_number, format_loc, suggest
 from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping, positions_used
 
 PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe", "single")
@@ -26,6 +26,15 @@ PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatr
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, data):
+        key = boolean_for_number(cls, data)
+        if key is not None:
+            raise _FieldError(key, f"expected a number, got {str(data[key]).lower()} (a boolean; "
+                                   f"YAML reads yes/no/on/off as booleans too)")
+        return data
 
 
 class Sampling(_Strict):

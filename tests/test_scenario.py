@@ -73,6 +73,15 @@ def test_base_is_valid_and_ids_are_stable():
     (("costmodel",), {"kind": "roofline", "version": 1, "compute_efficiency": 2}, "costmodel.compute_efficiency", "less than or equal to 1"),
     (("model",), {"family": "llama", "n_layers": 2}, "model.d_model", "missing"),
     (("dtype",), "int8", "dtype", "float16"),
+    # a boolean where a number belongs (pydantic read true as 1; YAML reads yes/on as true)
+    (("workload", "batch_size"), True, "workload.batch_size", "expected a number, got true"),
+    (("cluster", "network", "bandwidth_gbps"), True, "cluster.network.bandwidth_gbps", "expected a number"),
+    (("cluster", "hosts", 0, "devices", 0, "count"), True, "cluster.hosts[0].devices[0].count", "expected a number"),
+    (("cluster", "hosts", 1, "devices", 0, "peak_tflops"), False, "cluster.hosts[1].devices[0].peak_tflops",
+     "got false"),
+    (("costmodel",), {"kind": "roofline", "link_efficiency": True}, "costmodel.link_efficiency", "expected a number"),
+    (("model",), {"family": "llama", "n_layers": True, "d_model": 64, "n_heads": 4, "d_ff": 128, "vocab_size": 100},
+     "model.n_layers", "must be an integer, got True"),  # refused already
 ])
 def test_bad_scenarios_name_field_and_problem(path, value, field, problem):
     data = with_change(path, value)

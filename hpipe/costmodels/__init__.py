@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hpipe.errors import InputError, suggest
+from hpipe.errors import InputError, boolean_for_number, suggest
 
 TOKEN_ID_BYTES = 8
 """Bytes of one sampled token id on the wire (int64, as torch carries ids)."""
@@ -234,6 +234,9 @@ def make_costmodel(spec: str | dict, setup) -> CostModel:
 
 
 def _validated(cls, data: dict):
+    key = boolean_for_number(cls, data)
+    if key is not None:
+        raise InputError(f"expected a number, got {str(data[key]).lower()} (a boolean)", field=key)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
