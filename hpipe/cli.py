@@ -410,11 +410,17 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         sweep_plot(result, plot)
     con = _out_console(json_path, quiet)
     if con:
-        con.print(sweep_table(f"{first.name}: simulated at each {key} ({first.model.name}, "
-                              f"{_costmodel_name(first)} cost model)", key, values, result.runs))
+        model = "" if key == "model" or key.startswith("model.") else f"{first.model.name}, "  # else it varies
+        con.print(sweep_table(f"{first.name}: simulated at each {key} ({model}{_costmodel_name(first)} cost model)",
+                              key, values, result.runs))
         _say_written(con, {"sweep JSON": json_path, "sweep chart": plot})
     if all(not r.feasible for run in result.runs for r in run.results):
-        raise InfeasibleError("no plan is feasible at any value" + (" (the reasons are under the table)" if con else ""))
+        from hpipe.tables import infeasible_notes
+
+        why = "".join(f"\n  {key} = {v}: " + "; ".join(infeasible_notes(run.results))
+                      for v, run in zip(values, result.runs))
+        raise InfeasibleError("no plan is feasible at any value" + (" (the reasons are under the table)" if con
+                                                                    else ":" + why))
 
 
 # ---- execute ---------------------------------------------------------------

@@ -234,6 +234,19 @@ def test_sweep_json_table_and_plot(cli, tmp_path):
     assert "bandwidth" in r.stderr and "hpipe" in r.stderr  # the table went to stderr beside JSON on stdout
 
 
+def test_sweep_with_nothing_feasible_says_why_at_each_value_even_quiet(cli):
+    r = cli("sweep", PAPER, "--set", "model=llama-2-70b,llama-13b", "--planner", "single", "-q")
+    assert r.returncode == 3 and "(the reasons are under the table)" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "hpipe: no plan is feasible at any value:"
+    assert lines[1].startswith("  model = llama-2-70b: single infeasible: ") and lines[1].endswith("118.50 GB short")
+    assert lines[2].startswith("  model = llama-13b: single infeasible: ") and lines[2].endswith("12.61 GB short")
+    r = cli("sweep", PAPER, "--set", "model=llama-2-70b,llama-13b", "--planner", "single")
+    assert r.returncode == 3 and "(the reasons are under the table)" in r.stderr
+    # the swept key is the model: the title does not name the scenario's own
+    assert r.stdout.splitlines()[0] == "paper-llama7b: simulated at each model (roofline cost model)", r.stdout
+
+
 def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
     r = cli("sweep", PAPER, "--set", "workload.seq_len=1024")
     assert r.returncode == 2 and "V1,V2" in r.stderr
