@@ -362,9 +362,9 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 # ---- sweep -----------------------------------------------------------------
 @app.command()
 def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
-          sets: Annotated[list[str], typer.Option(
+          sets: Annotated[Optional[list[str]], typer.Option(
               "--set", metavar="KEY=V1,V2,...", help="the field to sweep and its values (one --set with "
-              "several values); other --set KEY=VALUE options change the scenario for every value")],
+              "several values); other --set KEY=VALUE options change the scenario for every value")] = None,
           planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
           json_path: JsonOpt = None,
           plot: Annotated[Optional[str], typer.Option(help="latency, energy and cost against the value (.png, .svg or .pdf)", metavar="PATH")] = None,
@@ -375,7 +375,9 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
     from hpipe.tables import sweep_table
 
-    key, values, fixed = parse_sweep(sets)
+    # `hpipe --set K=V1,V2 sweep ...` sweeps too: the global --set options are this command's
+    key, values, fixed = parse_sweep([*_GLOBAL_SETS, *(sets or [])])
+    _GLOBAL_SETS.clear()
     _check_outputs({"--json": json_path, "--plot": plot}, _reads(scenario, fixed))
     loaded: dict[tuple, object] = {}  # each value's setup, resolved once
 

@@ -560,5 +560,9 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         hit = [(k, a) for k, a in zip(overridden_keys(overrides), overrides)
                if e.field and (e.field == k or e.field.startswith((k + ".", k + "[")) or k.startswith(e.field + "."))]
         if hit:
-            raise InputError(f"{e.problem} (from --set {hit[-1][1]})", file=file, field=e.field) from None
+            given = hit[-1][1]
+            several = "," in given.split("=", 1)[-1]  # K=V1,V2 is a sweep's, not one value
+            raise InputError(f"{e.problem} (from --set {given}" + ("; to run at each of several values, "
+                             "`hpipe sweep SCENARIO --set K=V1,V2`" if several else "") + ")",
+                             file=file, field=e.field) from None
         raise

@@ -44,7 +44,7 @@ def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
         vals = split_values(raw)
         (swept if len(vals) > 1 else fixed).append((key, vals, a, canonical))
     if len(swept) != 1:
-        raise InputError("give one --set KEY=V1,V2,... to sweep" if not swept else
+        raise InputError("give one --set KEY=V1,V2,... with two or more values to sweep" if not swept else
                          f"one key at a time: {', '.join(k for k, _, _, _ in swept)} all have several values",
                          field="--set")
     key, raw_values, _, canonical = swept[0]

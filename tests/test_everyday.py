@@ -247,6 +247,20 @@ def test_sweep_with_nothing_feasible_says_why_at_each_value_even_quiet(cli):
     assert r.stdout.splitlines()[0] == "paper-llama7b: simulated at each model (roofline cost model)", r.stdout
 
 
+def test_sweep_takes_its_values_from_a_global_set_and_simulate_points_to_sweep(cli):
+    # `hpipe --set K=V1,V2 sweep ...`: the README says --set also goes before the command
+    r = cli("--set", "workload.batch_size=1,2", "sweep", PAPER, "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sweep"] == "workload.batch_size" and json.loads(r.stdout)["values"] == [1, 2]
+    r = cli("--set", "workload.seq_len=1024", "sweep", PAPER, "--set", "workload.batch_size=1,2", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert [sum(run["results"][0]["plan"]["slices"]) for run in json.loads(r.stdout)["runs"]] == [1024, 1024]
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024")
+    assert r.returncode == 2 and "two or more values" in r.stderr
+    r = cli("simulate", PAPER, "--set", "workload.seq_len=1024,2048")
+    assert r.returncode == 2 and "`hpipe sweep SCENARIO --set K=V1,V2`" in r.stderr, r.stderr
+
+
 def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
     r = cli("sweep", PAPER, "--set", "workload.seq_len=1024")
     assert r.returncode == 2 and "V1,V2" in r.stderr
