@@ -219,7 +219,9 @@ def devices(json_path: JsonOpt = None):
             return
     from hpipe.tables import devices_table
 
-    _console().print(devices_table(DEVICES.values()))
+    con = _console()
+    con.print(devices_table(DEVICES.values()))
+    _say_written(con, {"device catalog JSON": json_path})
 
 
 @app.command()
@@ -237,7 +239,9 @@ def models(json_path: JsonOpt = None):
             return
     from hpipe.tables import models_table
 
-    _console().print(models_table(MODELS.values()))
+    con = _console()
+    con.print(models_table(MODELS.values()))
+    _say_written(con, {"model catalog JSON": json_path})
 
 
 # ---- plan ------------------------------------------------------------------

@@ -211,7 +211,7 @@ def devices_table(devices) -> Table:
     for d in devices:
         t.add_row(d.name, d.generation, f"{d.fp16_tflops:g}", f"{d.fp32_tflops:g}", f"{d.memory_gb:g}",
                   f"{d.memory_bandwidth_gbps:g}", f"{d.power_w:g}", f"{d.idle_power_w:g}", f"{d.interconnect_gbps:g}",
-                  "-" if d.price_per_hour is None else f"{d.price_per_hour:g}")
+                  "-" if d.price_per_hour is None else sig(d.price_per_hour))  # four digits, as money()
     return t
 
 

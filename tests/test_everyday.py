@@ -328,6 +328,15 @@ def test_piped_tables_keep_titles_and_captions_whole_and_lines_unpadded(cli):
     assert title.endswith("cost model)"), title
 
 
+def test_catalogs_say_where_they_wrote_and_keep_four_digits(cli, tmp_path):
+    for catalog, what in (("devices", "device catalog JSON"), ("models", "model catalog JSON")):
+        out = tmp_path / f"{catalog}.json"
+        r = cli(catalog, "--json", str(out))
+        assert r.returncode == 0 and f"wrote the {what} to {out}" in r.stdout and json.loads(out.read_text())
+    a100 = [line for line in cli("devices").stdout.splitlines() if line.split()[:1] == ["A100-40GB"]]
+    assert a100 and a100[0].split()[-1] == "4.097", a100  # $/h as money() gives it, not 4.09657
+
+
 def test_numbers_keep_four_significant_digits():
     from hpipe.tables import sig
 
