@@ -21,10 +21,12 @@ from rich.table import Table
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.io import is_stdout
 from hpipe.scenario import PLANNER_NAMES
+from hpipe.tables import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices.")
-err_console = Console(stderr=True)
+err_console = console(stderr=True)
+"""Notes and errors: on a terminal, wrapped to it; into a pipe or a file, each one line (``PipedConsole``)."""
 
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="write the JSON to PATH, or '-' for stdout alone", metavar="PATH|-")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no table or progress bar")]
@@ -62,8 +64,6 @@ def _out_console(json_path: str | None, quiet: bool, *more_outputs: str | None) 
 
 def _console(stderr: bool = False) -> Console:
     """A console for tables (``tables.console``: piped, no wrapped titles or padded lines)."""
-    from hpipe.tables import console
-
     return console(stderr)
 
 

@@ -75,10 +75,11 @@ class PipedConsole(Console):
     """A console writing to a pipe or a file, where rich would wrap a table's title and caption
     to the table's width and pad every line with spaces to it: both get in the way of grep,
     diff and a reader's own terminal width.  Tables print as their title, the table and their
-    caption, each line as it is; everything else prints as on any console."""
+    caption, each line as it is; text is never wrapped (``soft_wrap``)."""
 
     def print(self, *objects, **kw):
         if len(objects) != 1 or not isinstance(objects[0], Table):
+            kw.setdefault("soft_wrap", True)  # a note is one line however long: the reader's terminal wraps it
             return super().print(*objects, **kw)
         table = copy.copy(objects[0])
         title, caption = table.title, table.caption
