@@ -259,6 +259,8 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     from hpipe.progress import enabled
 
     _check_outputs({"--output": output}, _reads(scenario, sets))
+    if planner is not None:  # a typo says so before the cost model's note (or its profile)
+        _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
@@ -316,9 +318,11 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 
     _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
                    _reads(scenario, sets, **{"the --plan file": plan}))
-    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
+    if planner is not None:  # a typo says so before the cost model's note (or its profile)
+        _planner_names(planner)
+    setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     results = []
     if plan is not None:
         for i, p in enumerate(load_plans(plan)):
@@ -383,6 +387,8 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     key, values, fixed = parse_sweep([*_GLOBAL_SETS, *(sets or [])])
     _GLOBAL_SETS.clear()
     _check_outputs({"--json": json_path, "--plot": plot}, _reads(scenario, fixed))
+    if planner is not None:  # before the first value is resolved (a profile, maybe)
+        _planner_names(planner)
     loaded: dict[tuple, object] = {}  # each value's setup, resolved once
 
     def load(extra):
@@ -610,6 +616,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.runtime.launcher import execute as run_exec, runtime_spec
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
+    if planner is not None:  # a typo says so before the tokenizer and the cost model
+        _planner_names(planner)
     if stream and is_stdout(json_path):
         raise InputError("--stream and --json - would both write to standard output; give --json a file",
                          field="--stream")

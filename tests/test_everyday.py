@@ -421,6 +421,16 @@ def test_install_script_prefers_the_cpu_index_and_falls_back_to_the_default():
 
 
 # ---- what a new user mistypes --------------------------------------------------------
+def test_a_misspelled_planner_is_the_first_thing_said(cli):
+    """Before the fix, costmodel auto's note (or a profile's minute) came first."""
+    local = str(SCENARIOS / "local-cpu.yaml")
+    for args in (["simulate", local], ["plan", local], ["sweep", local, "--set", "workload.batch_size=1,2"],
+                 ["generate", local, "--prompt", "hi"]):
+        r = cli(*args, "--planner", "hpip")
+        assert r.returncode == 2 and r.stderr.startswith("hpipe: field '--planner': unknown planner 'hpip'"), \
+            (args, r.stderr)
+
+
 def test_planner_lists(cli):
     r = cli("simulate", PAPER, "--planner", "hpipe,base,hpipe", "--json", "-")
     assert r.returncode == 0, r.stderr
