@@ -421,6 +421,16 @@ def test_install_script_prefers_the_cpu_index_and_falls_back_to_the_default():
 
 
 # ---- what a new user mistypes --------------------------------------------------------
+def test_a_piped_note_is_one_line_however_long():
+    import io
+
+    from hpipe.tables import PipedConsole
+
+    buf = io.StringIO()
+    PipedConsole(file=buf, width=160).print("[yellow]note:[/] " + "a long note " * 40)
+    assert buf.getvalue() == "note: " + "a long note " * 40 + "\n"
+
+
 def test_a_misspelled_planner_is_the_first_thing_said(cli):
     """Before the fix, costmodel auto's note (or a profile's minute) came first."""
     local = str(SCENARIOS / "local-cpu.yaml")
