@@ -79,8 +79,12 @@ def _needs_torch(command: str):
 
 
 def _costmodel_name(setup) -> str:
+    """The cost model a table's title names: the scenario's kind, and for auto the one it chose
+    (with --quiet the choice is said nowhere else)."""
     cm = setup.scenario.costmodel
-    return cm if isinstance(cm, str) else cm["kind"]
+    kind = cm if isinstance(cm, str) else cm["kind"]
+    choice = getattr(setup.cost, "auto", None)
+    return f"{kind} ({choice.used})" if kind == "auto" and choice is not None else kind
 
 
 def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, Path | None] | None = None) -> None:

@@ -421,6 +421,13 @@ def test_install_script_prefers_the_cpu_index_and_falls_back_to_the_default():
 
 
 # ---- what a new user mistypes --------------------------------------------------------
+def test_a_title_names_the_cost_model_auto_chose(cli, tmp_path, monkeypatch):
+    """With --quiet nothing else says which model costmodel auto used."""
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "empty"))
+    r = cli("simulate", str(SCENARIOS / "local-cpu.yaml"))
+    assert r.returncode == 0 and r.stdout.splitlines()[0].endswith(", auto (roofline) cost model)"), r.stdout
+
+
 def test_a_piped_note_is_one_line_however_long():
     import io
 
