@@ -16,7 +16,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.io import is_stdout
@@ -714,17 +713,6 @@ def _scenario_for_profiling(scenario: Path, sets: list[str] | None = None):
     return sc, sc.model_copy(update={"costmodel": "roofline"}).resolve()
 
 
-def _holdout_table(report: dict, title: str) -> Table:
-    t = Table(title=title)
-    for c in ("device", "unit", "points fit", "held out", "median err", "p90 err", "max err"):
-        t.add_column(c, justify="left" if c in ("device", "unit") else "right")
-    for dev, kinds in report.items():
-        for kind, e in kinds.items():
-            t.add_row(dev, kind, str(e["n_fit"]), str(e["n_holdout"]), f"{e['median_rel_error']:.1%}",
-                      f"{e['p90_rel_error']:.1%}", f"{e['max_rel_error']:.1%}")
-    return t
-
-
 @app.command()
 def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure", metavar="SCENARIO")],
             output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)", metavar="PATH")] = None,
@@ -739,6 +727,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     stage processes, on the devices the scenario names; write the profile the fitted cost model reads."""
     from hpipe.costmodels.fitted import FittedConfig, alone_ratios, fit_report, summarize_holdout
     from hpipe.io import write_text
+    from hpipe.tables import holdout_table, links_table
     from hpipe.validate import default_profile_path
 
     _check_outputs({"--output": output}, {"the scenario file": scenario})
@@ -752,18 +741,10 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     con = _out_console(None, quiet)
     if con:
         basis = FittedConfig.model_fields["basis"].default  # what predictions are made on
-        con.print(_holdout_table(fit_report(prof, basis), f"{setup.name}: fitted model ({basis} time), error on "
-                                                          f"held-out grid points"))
+        con.print(holdout_table(fit_report(prof, basis), f"{setup.name}: fitted model ({basis} time), error on "
+                                                         f"held-out grid points"))
         if prof.links:
-            t = Table(title="links (fitted on ping-pong between the device processes)")
-            for c in ("between", "latency us", "bandwidth Gbit/s", "emulated as"):
-                t.add_column(c, justify="left" if c == "between" else "right")
-            for lk in prof.links:
-                em = (f"{lk.emulated.bandwidth_gbps:g} Gbit/s" + (f", {lk.emulated.latency_us:g} us" if lk.emulated.latency_us is not None else ", latency not emulated")) if lk.emulated else "-"
-                t.add_row(" <-> ".join(lk.between), f"{lk.latency_us:,.0f}", f"{lk.bandwidth_gbps:.3g}", em)
-            for ar in prof.all_reduces:
-                t.add_row("all-reduce " + ", ".join(ar.devices), f"{ar.latency_us:,.0f}", f"{ar.bandwidth_gbps:.3g}", "-")
-            con.print(t)
+            con.print(links_table(prof))
         h = prof.holdout
         wall = summarize_holdout(fit_report(prof, "wall"))
         con.print(f"hold-out error on {basis} time (worst device and unit): median {h['worst_median_rel_error']:.1%}, "
@@ -841,24 +822,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     if json_path:
         write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
     if con:
-        t = Table(title=f"validation: simulated (fitted profile) vs measured latency on {result.hardware or 'this machine'}")
-        decoding = any(c.output_tokens for c in result.cases)
-        for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated s", "measured s", "error",
-                  *(("tokens", "TPOT sim ms", "TPOT meas ms", "TPOT err", "TTFT err") if decoding else ())):
-            t.add_column(c, justify="left" if c in ("scenario", "planner", "stages") else "right")
-        for c in result.cases:
-            stages = " | ".join(f"{d[0].split('/', 1)[1]}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
-                                for d, u in c.stages)
-            dec = ()
-            if decoding:
-                ms = lambda v: f"{v * 1e3:.2f}" if v is not None else "-"  # noqa: E731
-                pct = lambda v: f"{v:+.1%}" if v is not None else "-"  # noqa: E731
-                dec = ((f"{c.output_tokens} x {c.decode_micro_batches}g", ms(c.simulated_tpot_s), ms(c.measured_tpot_s),
-                        pct(c.tpot_error), pct(c.ttft_error)) if c.output_tokens else ("prefill", "", "", "", ""))
-            t.add_row(c.scenario, c.planner + "".join(f" = {o}" for o in c.same_plan_as), stages, str(len(c.slices)), str(c.micro_batches),
-                      f"{c.simulated_latency_s:.3f}", f"{c.measured_latency_s:.3f}", f"{c.error:+.1%}"
-                      + (" *" if c.oversubscribed else ""), *dec)
-        con.print(t)
+        from hpipe.tables import validation_table
+
+        con.print(validation_table(result))
         if result.median_abs_error is not None:
             con.print(f"{len(result.cases)} distinct cases: median |error| {result.median_abs_error:.1%}, "
                       f"p90 |error| {result.p90_abs_error:.1%}, signed bias {result.signed_bias:+.1%}")

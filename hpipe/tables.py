@@ -309,3 +309,60 @@ def plan_table(setup, plan, result=None) -> Table:
         t.add_row(str(k), _devices(st.devices), describe_units(setup.units, st.start, st.end), per,
                   sig(float(times.sum())), f"{sig(need / 1e9, 3)} / {sig(have / 1e9, 3)}")
     return t
+
+
+# ---- profile and validate ---------------------------------------------------------------
+def holdout_table(report: dict, title: str) -> Table:
+    """hpipe profile: the fitted model's error on the grid points it was not fitted on."""
+    t = _table(title)
+    for c in ("device", "unit", "points\nfit", "held\nout", "median\nerror", "p90\nerror", "max\nerror"):
+        t.add_column(c, justify="left" if c in ("device", "unit") else "right", no_wrap=True)
+    for dev, kinds in report.items():
+        for kind, e in kinds.items():
+            t.add_row(dev, kind, str(e["n_fit"]), str(e["n_holdout"]), f"{e['median_rel_error']:.1%}",
+                      f"{e['p90_rel_error']:.1%}", f"{e['max_rel_error']:.1%}")
+    return t
+
+
+def links_table(prof) -> Table:
+    """hpipe profile: each link and all-reduce group as fitted (latency + bytes / bandwidth)."""
+    t = _table("links (fitted on ping-pong between the device processes)")
+    for c in ("between", "latency\nus", "bandwidth\nGbit/s", "emulated as"):
+        t.add_column(c, justify="left" if c in ("between", "emulated as") else "right")
+    for lk in prof.links:
+        em = "-"
+        if lk.emulated:
+            lat = (f", {lk.emulated.latency_us:g} us" if lk.emulated.latency_us is not None
+                   else ", latency not emulated")
+            em = f"{lk.emulated.bandwidth_gbps:g} Gbit/s{lat}"
+        t.add_row(" <-> ".join(lk.between), f"{lk.latency_us:,.0f}", f"{lk.bandwidth_gbps:.3g}", em)
+    for ar in prof.all_reduces:
+        t.add_row("all-reduce " + ", ".join(ar.devices), f"{ar.latency_us:,.0f}", f"{ar.bandwidth_gbps:.3g}", "-")
+    return t
+
+
+def validation_table(result) -> Table:
+    """hpipe validate: each distinct case, simulated against measured (and decode's figures)."""
+    t = _table(f"validation: simulated (fitted profile) vs measured latency on {result.hardware or 'this machine'}")
+    decoding = any(c.output_tokens for c in result.cases)
+    for c in ("scenario", "planner", "stages", "slices", "µbatches", "simulated\ns", "measured\ns", "error",
+              *(("tokens", "TPOT sim\nms", "TPOT meas\nms", "TPOT\nerror", "TTFT\nerror") if decoding else ())):
+        t.add_column(c, justify="left" if c in ("scenario", "planner", "stages") else "right")
+
+    def ms(v):
+        return f"{v * 1e3:.2f}" if v is not None else "-"
+
+    def pct(v):
+        return f"{v:+.1%}" if v is not None else "-"
+
+    for c in result.cases:
+        stages = " | ".join(f"{d[0].split('/', 1)[1]}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
+                            for d, u in c.stages)
+        dec = ()
+        if decoding:
+            dec = ((f"{c.output_tokens} x {c.decode_micro_batches}g", ms(c.simulated_tpot_s), ms(c.measured_tpot_s),
+                    pct(c.tpot_error), pct(c.ttft_error)) if c.output_tokens else ("prefill", "", "", "", ""))
+        t.add_row(c.scenario, c.planner + "".join(f" = {o}" for o in c.same_plan_as), stages, str(len(c.slices)),
+                  str(c.micro_batches), f"{c.simulated_latency_s:.3f}", f"{c.measured_latency_s:.3f}",
+                  f"{c.error:+.1%}" + (" *" if c.oversubscribed else ""), *dec)
+    return t

@@ -326,7 +326,7 @@ def test_validate_decode_cases_end_to_end(tmp_path):
     assert v.by_kind["decode"].n == 2 and v.decode_tpot.n == 2 and v.decode_ttft.n == 2
     assert v.decode_tpot.median_abs_error == pytest.approx(float(np.median([abs(c.tpot_error) for c in dec])))
     # the table shows the decode columns and the summary lines
-    assert "TPOT err" in r.stdout and "decode TPOT: n 2" in r.stdout and "kind decode: n 2" in r.stdout
+    assert "TPOT sim" in r.stdout and "TPOT meas" in r.stdout and "decode TPOT: n 2" in r.stdout and "kind decode: n 2" in r.stdout
     assert "prefill" in r.stdout
 
 
