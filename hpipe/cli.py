@@ -629,6 +629,10 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                          file=str(prompt_file), field="--prompt-file")
     sc = _load_scenario(scenario, sets)
     weights = str(sc.resolve_path(sc.weights)) if sc.weights else None
+    if weights:
+        from hpipe.runtime.weights import check_folder
+
+        check_folder(weights, sc.source_path)
     tok = gen.load_tokenizer(weights)
     ids = gen.prompt_ids(tok, sc.model_spec().vocab_size, prompt=prompt, inputs=str(inputs) if inputs else None,
                          prompt_file=str(prompt_file) if prompt_file else None, weights=weights)

@@ -438,6 +438,14 @@ def test_a_piped_note_is_one_line_however_long():
     assert buf.getvalue() == "note: " + "a long note " * 40 + "\n"
 
 
+def test_a_weights_folder_that_is_not_there_is_named_against_the_scenario(cli):
+    local = str(SCENARIOS / "local-cpu.yaml")
+    for args in (["execute", local], ["generate", local, "--prompt", "hi"]):
+        r = cli(*args, "--set", "weights=nowhere/", "-q")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"{local}: field 'weights': " in r.stderr and "nowhere does not exist" in r.stderr, r.stderr
+
+
 def test_a_misspelled_planner_is_the_first_thing_said(cli):
     """Before the fix, costmodel auto's note (or a profile's minute) came first."""
     local = str(SCENARIOS / "local-cpu.yaml")

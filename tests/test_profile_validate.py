@@ -417,7 +417,8 @@ def test_profile_of_a_gpu_this_machine_lacks_is_an_input_error(tmp_path):
     r = run_cli("profile", str(path), "--quick")
     # not timed on the CPU instead: the file, the field and what this machine has
     assert r.returncode == 2, r.stderr
-    assert "s.yaml" in r.stderr and "local/gpu-0 runtime.device" in r.stderr and "cuda:7" in r.stderr
+    assert "s.yaml: field 'cluster.hosts[0].devices[" in r.stderr and "].runtime.device'" in r.stderr
+    assert "local/gpu-0 runs on cuda:7" in r.stderr
     assert not (tmp_path / "tiny.json").exists()
 
 

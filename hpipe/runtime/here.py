@@ -30,6 +30,11 @@ def _entries(setup) -> dict[str, tuple[str, object]]:
     return out
 
 
+def entry_path(setup, device_id: str) -> str:
+    """The field path of the scenario entry ``device_id`` comes from (``cluster.hosts[0].devices[1]``)."""
+    return _entries(setup)[device_id][0]
+
+
 def check_placements(setup, device_ids, who: str = "the plan uses") -> None:
     """Refuse a device (of a plan, or the scenario's own for a profile) that is a GPU in the
     scenario but has no runtime placement; ``who`` starts the message."""

@@ -33,6 +33,7 @@ import numpy as np
 from hpipe.errors import InputError, WorkerError
 from hpipe.procwatch import proc_stat
 from hpipe.result import Event, RunResult, summarize
+from hpipe.runtime.here import entry_path
 from hpipe.runtime.machine_load import LoadWindow
 
 # Largest |logit difference| against the single-process float32 forward that --check accepts.
@@ -102,8 +103,9 @@ def runtime_spec(setup):
     (whose norm epsilon and rotary base must be used for its logits to be right)."""
     if not setup.weights:
         return setup.model
-    from hpipe.runtime.weights import spec_from_hf_config
+    from hpipe.runtime.weights import check_folder, spec_from_hf_config
 
+    check_folder(setup.weights, setup.scenario.source_path)
     hf = spec_from_hf_config(setup.weights)
     for f in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         if getattr(hf, f) != getattr(setup.model, f):
@@ -132,20 +134,20 @@ def placement_of(setup, dev_id: str, usable_cores=None) -> _Placement:
     d = setup.cluster.device(dev_id)
     p = d.placement
     device = d.runtime_device
-    where = f"device {dev_id} runtime"
+    where = f"{entry_path(setup, dev_id)}.runtime"
     if device.startswith("cuda"):
         import torch
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         idx = int(device.split(":")[1]) if ":" in device else 0
         if idx >= n:
-            raise InputError(f"{device}, but this machine has {n} CUDA device(s)",
+            raise InputError(f"{dev_id} runs on {device}, but this machine has {n} CUDA device(s)",
                              file=setup.scenario.source_path, field=f"{where}.device")
     cores = list(p.cores) if p is not None and p.cores else None
     if usable_cores is None and hasattr(os, "sched_getaffinity"):
         usable_cores = os.sched_getaffinity(0)
     if cores and usable_cores is not None and not set(cores) <= set(usable_cores):
-        raise InputError(f"cores {sorted(set(cores) - set(usable_cores))} are not available here "
+        raise InputError(f"{dev_id}: cores {sorted(set(cores) - set(usable_cores))} are not available here "
                          f"(usable: {sorted(usable_cores)})", file=setup.scenario.source_path, field=f"{where}.cores")
     return _Placement(device=device, threads=p.threads if p is not None else 1, cores=cores,
                       cpu_quota=getattr(p, "cpu_quota", None) if p is not None else None)
@@ -161,7 +163,7 @@ def placements(setup, device_ids) -> list[_Placement]:
             if p.device in seen:
                 raise InputError(f"{d} and {seen[p.device]} would both run on {p.device}; give each "
                                  f"its own GPU (device: cuda:N)", file=setup.scenario.source_path,
-                                 field=f"device {d} runtime.device")
+                                 field=f"{entry_path(setup, d)}.runtime.device")
             seen[p.device] = d
     return out
 

@@ -59,6 +59,15 @@ class RandomWeights:
         return _cut(t, shard)
 
 
+def check_folder(weights: str | Path, scenario_file: str | None) -> None:
+    """Refuse a scenario's ``weights`` that is no folder, naming the scenario that gives it."""
+    folder = Path(weights)
+    if not folder.is_dir():
+        raise InputError(f"{weights} " + ("is a file, not a folder" if folder.exists() else "does not exist")
+                         + " (a Hugging Face folder: config.json and *.safetensors)", file=scenario_file,
+                         field="weights")
+
+
 def _config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():

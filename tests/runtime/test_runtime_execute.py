@@ -139,10 +139,11 @@ def test_placement_errors_are_input_errors():
     object.__setattr__(d, "placement", d.placement.model_copy(update={"device": "cuda:7"}))
     p = plan([([0], (0, 3)), ([1], (3, N))], [48]).check(setup)
     if torch.cuda.device_count() < 8:
-        with pytest.raises(InputError, match=r"device local/core-1 runtime.device.*cuda:7, but this machine has"):
+        with pytest.raises(InputError, match=r"field 'cluster\.hosts\[0\]\.devices\[\d\]\.runtime\.device': "
+                                             r"local/core-1 runs on cuda:7, but this machine has"):
             placements(setup, p.devices)
     object.__setattr__(d, "placement", d.placement.model_copy(update={"device": "cpu", "cores": [4096]}))
-    with pytest.raises(InputError, match=r"cores \[4096\] are not available here"):
+    with pytest.raises(InputError, match=r"runtime\.cores': local/core-1: cores \[4096\] are not available here"):
         placements(setup, p.devices)
 
 
