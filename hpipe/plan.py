@@ -94,8 +94,10 @@ class Plan(BaseModel):
             expect = b
             for k, d in enumerate(st.devices):
                 if d not in setup.cluster:
+                    other = (f"; the plan was made for scenario {self.scenario!r}, this is {setup.name!r}"
+                             if self.scenario and self.scenario != setup.name else "")
                     bad(f"stages[{i}].devices[{k}]",
-                        f"device {d!r} is not in the scenario{suggest(d, setup.cluster.device_ids)}")
+                        f"device {d!r} is not in the scenario{suggest(d, setup.cluster.device_ids)}{other}")
                 if d in seen:
                     bad(f"stages[{i}].devices[{k}]", f"device {d!r} is already used by stage {seen[d]}")
                 seen[d] = i
@@ -133,7 +135,9 @@ class Plan(BaseModel):
 
 
 def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> InputError:
-    err = e.errors()[0]
+    errors = e.errors()
+    # an unknown key first: a misspelled 'stages' is also a missing one, and the spelling is the news
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     field = prefix + format_loc(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":
         msg = f"unknown key{suggest(str(err['loc'][-1]), Plan.model_fields)}"

@@ -42,6 +42,8 @@ def test_good_plan_and_items(setup, tmp_path):
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 0]}, {"devices": ["a/P100-1"], "units": [0, 10]}]},
      "stages[0].units", "empty"),
     ({"stages": [{"devices": ["a/P100-9"], "units": [0, 10]}]}, "stages[0].devices[0]", "not in the scenario"),
+    ({"stages": [{"devices": ["x/P100-0"], "units": [0, 10]}], "scenario": "other"}, "stages[0].devices[0]",
+     "; the plan was made for scenario 'other', this is 't'"),
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 5]}, {"devices": ["a/P100-0"], "units": [5, 10]}]},
      "stages[1].devices[0]", "already used by stage 0"),
     ({"slices": [32, 16]}, "slices", "not the sequence length 64"),
@@ -61,6 +63,9 @@ def test_inconsistent_plans(setup, change, field, problem):
     ('[{"planner": "x", "scenario": "t", "stages": [], "slices": [64]}]', "field '[0].stages'"),
     ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [64], "colour": 1}',
      "field 'colour': unknown key"),
+    # a misspelled required key: its spelling, not only the key it leaves missing
+    ('{"planner": "x", "scenario": "t", "stagez": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [64]}',
+     "field 'stagez': unknown key (did you mean stages?)"),
     ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [0, 64]}',
      "field 'slices[0]'"),
 ])
