@@ -778,7 +778,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
 @app.command()
 def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine", metavar="SCENARIO")],
              json_path: JsonOpt = None,
-             planners: Annotated[str, typer.Option(help="comma list of planners to validate", metavar="A,B,...", show_default="the seven of the paper")] = ",".join(
+             planners: Annotated[str, typer.Option("--planners", "--planner", help="comma list of planners to validate (--planner is the same)", metavar="A,B,...", show_default="the seven of the paper")] = ",".join(
                  ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
              random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario", metavar="N")] = 8,
              seed: Annotated[int, typer.Option(help="seed of the random plans", metavar="N")] = 0,
