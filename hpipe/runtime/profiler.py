@@ -83,6 +83,7 @@ from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait
                                       Hardware, LinkProfile, Profile, Settings, ShardSamples, SpeedProbe, StepHopProfile,
                                       UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
+from hpipe.models import positions_used
 from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
 from hpipe.runtime import speed
@@ -136,8 +137,12 @@ def decode_points(setup, quick: bool = False) -> list[tuple[int, int, int]]:
     if not setup.output_tokens:
         return []
     L, B, N = setup.seq_len, setup.batch_size, setup.output_tokens
-    last = L + N - 1  # the context of the last decode step
+    # the context of the last decode step, which is also the position it feeds: step t feeds
+    # position L + t, the last step is t = N - 2 (the last new token is never fed back); a
+    # GPT at its last learned position has none beyond it to time
+    last = positions_used(L, N) - 1
     cs = {max(L // 4, 1), L, (L + last) // 2, last} if not quick else {L, last}
+    cs = {min(c, last) for c in cs}
     bs = sorted({1, B, (B + 1) // 2}) if not quick else sorted({1, B})
     return [(1, c, b) for c in sorted(cs) for b in bs]
 
