@@ -38,6 +38,9 @@ class Device:
     """i in HOST/NAME-i."""
     usable_memory_bytes: float
     """Memory a plan may fill: the device's memory less the framework reserve."""
+    entry: tuple[int, int] = (0, 0)
+    """(host, entry) indices of the scenario entry it comes from, for messages that name the
+    field: ``cluster.hosts[h].devices[e]`` (``i`` counts per name across a host's entries)."""
 
     @property
     def runtime_device(self) -> str:
@@ -156,11 +159,11 @@ class Cluster:
     def from_spec(cls, spec, memory_reserve_gb: float = 0.0) -> "Cluster":
         g = LinkGraph()
         devices: list[Device] = []
-        for host in spec.hosts:
+        for hi, host in enumerate(spec.hosts):
             g.add_node(host.name, kind="nic", host=host.name)
             counts: Counter[str] = Counter()
             members = []
-            for entry in host.devices:
+            for ei, entry in enumerate(host.devices):
                 dspec = entry.spec(host.interconnect)
                 for _ in range(entry.count):
                     i = counts[entry.label]
@@ -168,7 +171,7 @@ class Cluster:
                     reserve = memory_reserve_gb * 1e9 if dspec.kind == "gpu" else 0.0
                     dev = Device(id=f"{host.name}/{entry.label}-{i}", host=host.name, spec=dspec,
                                  placement=entry.runtime, ordinal=i,
-                                 usable_memory_bytes=max(dspec.memory_bytes - reserve, 0.0))
+                                 usable_memory_bytes=max(dspec.memory_bytes - reserve, 0.0), entry=(hi, ei))
                     devices.append(dev)
                     members.append(dev)
                     g.add_node(dev.id, kind="device", host=host.name, spec=dspec)

@@ -21,13 +21,12 @@ CPU_ESTIMATE_WARN_S = 60.0
 
 
 def _entries(setup) -> dict[str, tuple[str, object]]:
-    """device id -> (field path of its scenario entry, the entry)."""
-    out = {}
-    for hi, host in enumerate(setup.scenario.cluster.hosts):
-        for ei, e in enumerate(host.devices):
-            for i in range(e.count):
-                out[f"{host.name}/{e.label}-{i}"] = (f"cluster.hosts[{hi}].devices[{ei}]", e)
-    return out
+    """device id -> (field path of its scenario entry, the entry).  From the cluster's own
+    record: ids count per name across a host's entries, so two entries of one name give
+    c-0 and c-1, not two c-0."""
+    hosts = setup.scenario.cluster.hosts
+    return {d.id: (f"cluster.hosts[{d.entry[0]}].devices[{d.entry[1]}]", hosts[d.entry[0]].devices[d.entry[1]])
+            for d in setup.cluster.devices}
 
 
 def entry_path(setup, device_id: str) -> str:

@@ -147,6 +147,27 @@ def test_placement_errors_are_input_errors():
         placements(setup, p.devices)
 
 
+def test_placement_errors_name_the_entry_when_two_entries_share_a_name():
+    """Two entries named c on one host make a/c-0 and a/c-1; the second's error names
+    cluster.hosts[0].devices[1] (it raised KeyError: 'a/c-1')."""
+    from hpipe.errors import InputError
+    from hpipe.runtime.here import entry_path
+    from hpipe.runtime.launcher import placements
+    from hpipe.scenario import parse_scenario
+
+    dev = {"name": "c", "peak_tflops": 0.06, "memory_gb": 4, "memory_bandwidth_gbps": 10, "power_w": 15}
+    data = {"name": "dup", "model": "tiny-llama", "workload": {"seq_len": 32, "batch_size": 2},
+            "cluster": {"hosts": [{"name": "a", "devices": [{**dev, "runtime": {"device": "cpu"}},
+                                                            {**dev, "runtime": {"device": "cpu", "cores": [4096]}}]}]},
+            "planner": {"token_granularity": 16}}
+    setup = parse_scenario(data, "dup.yaml").resolve()
+    assert [entry_path(setup, d) for d in ("a/c-0", "a/c-1")] == ["cluster.hosts[0].devices[0]",
+                                                                 "cluster.hosts[0].devices[1]"]
+    with pytest.raises(InputError, match=r"dup.yaml: field 'cluster\.hosts\[0\]\.devices\[1\]\.runtime\.cores': "
+                                         r"a/c-1: cores \[4096\]"):
+        placements(setup, ["a/c-0", "a/c-1"])
+
+
 def test_weights_that_do_not_match_the_scenario(tmp_path):
     transformers = pytest.importorskip("transformers")
     from hpipe.errors import InputError
