@@ -100,12 +100,21 @@ def _reads(scenario: Path, sets: list[str] | None = None, **more: Path | None) -
     return {"the scenario file": scenario, **_load_scenario(scenario, sets).files_read(), **more}
 
 
+_LOADED: dict[tuple, object] = {}
+"""Scenarios read so far, by (path, overrides): the output check reads the scenario before the
+command does, and a scenario given as a pipe (/dev/stdin) can be read only once."""
+
+
 def _load_scenario(scenario: Path, sets: list[str] | None = None):
     """The one place the CLI reads a scenario: the file, then the --set overrides
     (`hpipe --set ...` before the command, then the command's own) before validation."""
     from hpipe.scenario import load_scenario
 
-    return load_scenario(scenario, overrides=[*_GLOBAL_SETS, *(sets or [])])
+    overrides = [*_GLOBAL_SETS, *(sets or [])]
+    key = (str(scenario), tuple(overrides))
+    if key not in _LOADED:
+        _LOADED[key] = load_scenario(scenario, overrides=overrides)
+    return _LOADED[key]
 
 
 
@@ -389,7 +398,12 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     # `hpipe --set K=V1,V2 sweep ...` sweeps too: the global --set options are this command's
     key, values, fixed = parse_sweep([*_GLOBAL_SETS, *(sets or [])])
     _GLOBAL_SETS.clear()
-    _check_outputs({"--json": json_path, "--plot": plot}, _reads(scenario, fixed))
+    reads: dict[str, Path | None] = {}  # at every value: the swept key may be the cost model's file
+    for v in values:
+        at = assignment(key, v)
+        reads.update({what if what == "the scenario file" else f"{what} (at {at})": path
+                      for what, path in _reads(scenario, fixed + [at]).items()})
+    _check_outputs({"--json": json_path, "--plot": plot}, reads)
     if planner is not None:  # before the first value is resolved (a profile, maybe)
         _planner_names(planner)
     loaded: dict[tuple, object] = {}  # each value's setup, resolved once

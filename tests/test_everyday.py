@@ -97,6 +97,7 @@ def test_an_output_never_replaces_the_profile_the_cost_model_reads(cli, tmp_path
                  ["simulate", "auto.yaml", "--plot", "prof.json"],
                  ["plan", "fit.yaml", "-o", "prof.json"],
                  ["sweep", "fit.yaml", "--set", "workload.batch_size=1,2", "--json", "prof.json"],
+                 ["sweep", "fit.yaml", "--set", "costmodel.profile=other.json,prof.json", "--json", "prof.json"],
                  ["execute", "fit.yaml", "--json", "prof.json"],
                  ["generate", "fit.yaml", "--prompt", "hi", "--json", "prof.json"],
                  ["validate", "fit.yaml", "--json", "prof.json"]):
@@ -259,6 +260,29 @@ def test_sweep_takes_its_values_from_a_global_set_and_simulate_points_to_sweep(c
     assert r.returncode == 2 and "two or more values" in r.stderr
     r = cli("simulate", PAPER, "--set", "workload.seq_len=1024,2048")
     assert r.returncode == 2 and "`hpipe sweep SCENARIO --set K=V1,V2`" in r.stderr, r.stderr
+
+
+def test_sweep_of_a_scenario_valid_only_at_the_swept_values(cli, tmp_path):
+    """The output check read the scenario without the swept value and refused it."""
+    import yaml
+
+    data = yaml.safe_load(open(PAPER))
+    data["workload"]["seq_len"] = 1000  # not a multiple of the token granularity; 1024 and 2048 are
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = cli("sweep", str(path), "--set", "workload.seq_len=1024,2048", "--json", str(tmp_path / "o.json"), "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_scenario_from_a_pipe_is_read_once():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "hpipe", "simulate", "/dev/stdin", "-q", "--json", "-"],
+                       input=open(PAPER).read(), capture_output=True, text=True, cwd=ROOT, timeout=120)  # a pipe
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["latency_s"] > 0, r.stderr
 
 
 def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
