@@ -548,7 +548,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
                          file=file)
     if not overrides:
         return parse_scenario(data, file)
-    from hpipe.overrides import apply_overrides, overridden_keys
+    from hpipe.overrides import apply_overrides, overridden_keys, split_assignment, split_values
 
     try:
         data = apply_overrides(data, overrides, schema=Scenario)
@@ -561,7 +561,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
                if e.field and (e.field == k or e.field.startswith((k + ".", k + "[")) or k.startswith(e.field + "."))]
         if hit:
             given = hit[-1][1]
-            several = "," in given.split("=", 1)[-1]  # K=V1,V2 is a sweep's, not one value
+            several = len(split_values(split_assignment(given)[1])) > 1  # K=V1,V2 is a sweep's (sweep's rule)
             raise InputError(f"{e.problem} (from --set {given}" + ("; to run at each of several values, "
                              "`hpipe sweep SCENARIO --set K=V1,V2`" if several else "") + ")",
                              file=file, field=e.field) from None

@@ -260,6 +260,8 @@ def test_sweep_takes_its_values_from_a_global_set_and_simulate_points_to_sweep(c
     assert r.returncode == 2 and "two or more values" in r.stderr
     r = cli("simulate", PAPER, "--set", "workload.seq_len=1024,2048")
     assert r.returncode == 2 and "`hpipe sweep SCENARIO --set K=V1,V2`" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, "--set", "workload={seq_len: 30, batch_size: 2}")  # one value with a comma
+    assert r.returncode == 2 and "hpipe sweep" not in r.stderr, r.stderr
 
 
 def test_sweep_of_a_scenario_valid_only_at_the_swept_values(cli, tmp_path):
