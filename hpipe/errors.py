@@ -81,22 +81,46 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
 
 
 
-def boolean_for_number(model_cls, data) -> str | None:
-    """The first key of ``data`` (a mapping about to become a ``model_cls``) whose value is a
-    boolean where the field takes only numbers, or None.  pydantic reads true as 1 there,
-    and YAML reads yes, no, on and off as booleans: ``batch_size: yes`` ran a batch of 1."""
+
+def boolean_for_number(model_cls, data) -> tuple[str, bool] | None:
+    """(field path below the model, the value) of the first boolean in ``data`` (a mapping about
+    to become a ``model_cls``) where the field takes only numbers: a number field, an item of
+    a list of numbers, a value of a mapping to numbers; None when there is none.  pydantic
+    reads true as 1 there, and YAML reads yes, no, on and off as booleans: ``batch_size: yes``
+    ran a batch of 1, ``version: true`` the version-1 roofline."""
     if not isinstance(data, dict):
         return None
     for key, value in data.items():
         field = model_cls.model_fields.get(key) if isinstance(key, str) else None
-        if isinstance(value, bool) and field is not None and _numbers_only(field.annotation):
-            return key
+        where = _boolean_in(value, field.annotation) if field is not None else None
+        if where is not None:
+            return key + where[0], where[1]
     return None
 
 
-def _numbers_only(annotation) -> bool:
-    """Whether a field's type takes numbers (int, float, constrained ones; None too) and nothing else."""
-    leaves, todo = set(), [annotation]
+def _boolean_in(value, annotation) -> tuple[str, bool] | None:
+    leaves = _leaves(annotation)
+    if isinstance(value, bool):
+        return ("", value) if leaves and all(_number_type(t) for t in leaves) else None
+    for t in leaves:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if isinstance(value, list) and origin in (list, tuple, set, frozenset) and args:
+            for i, item in enumerate(value):
+                where = _boolean_in(item, args[0] if origin is not tuple or args[-1] is ... else
+                                    (args[i] if i < len(args) else None))
+                if where is not None:
+                    return f"[{i}]{where[0]}", where[1]
+        if isinstance(value, dict) and origin is dict and len(args) == 2:
+            for k, item in value.items():
+                where = _boolean_in(item, args[1])
+                if where is not None:
+                    return f".{k}{where[0]}", where[1]
+    return None
+
+
+def _leaves(annotation) -> list:
+    """The types a field's annotation allows, through Annotated (constraints) and unions; None dropped."""
+    out, todo = [], [annotation]
     while todo:
         t = todo.pop()
         origin, args = typing.get_origin(t), typing.get_args(t)
@@ -104,7 +128,14 @@ def _numbers_only(annotation) -> bool:
             todo.append(args[0])
         elif origin in (typing.Union, types.UnionType):
             todo.extend(args)
-        else:
-            leaves.add(t)
-    leaves.discard(type(None))
-    return bool(leaves) and leaves <= {int, float}
+        elif t is not type(None) and t is not None:
+            out.append(t)
+    return out
+
+
+def _number_type(t) -> bool:
+    """int, float, or a Literal of ints (``version: Literal[1, 2]``)."""
+    if t in (int, float):
+        return True
+    return typing.get_origin(t) is typing.Literal and all(
+        isinstance(a, int) and not isinstance(a, bool) for a in typing.get_args(t))

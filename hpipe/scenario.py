@@ -30,10 +30,10 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_boolean_for_a_number(cls, data):
-        key = boolean_for_number(cls, data)
-        if key is not None:
-            raise _FieldError(key, f"expected a number, got {str(data[key]).lower()} (a boolean; "
-                                   f"YAML reads yes/no/on/off as booleans too)")
+        found = boolean_for_number(cls, data)
+        if found is not None:
+            raise _FieldError(found[0], f"expected a number, got {str(found[1]).lower()} (a boolean; "
+                                        f"YAML reads yes/no/on/off as booleans too)")
         return data
 
 

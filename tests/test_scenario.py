@@ -80,6 +80,11 @@ def test_base_is_valid_and_ids_are_stable():
     (("cluster", "hosts", 1, "devices", 0, "peak_tflops"), False, "cluster.hosts[1].devices[0].peak_tflops",
      "got false"),
     (("costmodel",), {"kind": "roofline", "link_efficiency": True}, "costmodel.link_efficiency", "expected a number"),
+    (("costmodel",), {"kind": "roofline", "version": True}, "costmodel.version", "expected a number"),  # ran v1
+    (("costmodel",), {"kind": "roofline", "version": 1, "kernels_per_unit": {"attn": True}},
+     "costmodel.kernels_per_unit.attn", "expected a number"),
+    (("cluster", "hosts", 0, "devices", 0, "runtime"), {"device": "cpu", "cores": [0, True]},
+     "cluster.hosts[0].devices[0].runtime.cores[1]", "expected a number, got true"),
     (("model",), {"family": "llama", "n_layers": True, "d_model": 64, "n_heads": 4, "d_ff": 128, "vocab_size": 100},
      "model.n_layers", "must be an integer, got True"),  # refused already
 ])

@@ -234,9 +234,9 @@ def make_costmodel(spec: str | dict, setup) -> CostModel:
 
 
 def _validated(cls, data: dict):
-    key = boolean_for_number(cls, data)
-    if key is not None:
-        raise InputError(f"expected a number, got {str(data[key]).lower()} (a boolean)", field=key)
+    found = boolean_for_number(cls, data)
+    if found is not None:
+        raise InputError(f"expected a number, got {str(found[1]).lower()} (a boolean)", field=found[0])
     try:
         return cls.model_validate(data)
     except ValidationError as e:
