@@ -560,7 +560,7 @@ def _note_past_context(setup, spec) -> None:
 
     note = past_trained_context(setup, spec)
     if note:
-        err_console.print(f"[yellow]note:[/] {note}.", highlight=False)
+        err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
 
 
 def _note_other_load(con, measured) -> None:
@@ -783,10 +783,10 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
             quota = d.placement.get("cpu_quota")
             expect = min(1.0, float(quota)) if quota else 1.0
             if d.cpu_share is not None and d.cpu_share < 0.8 * expect:
-                con.print(f"[yellow]note:[/] {d.device} had a CPU for {d.cpu_share:.0%} of its wall time "
+                con.print(f"[yellow]note:[/] {escape(d.device)} had a CPU for {d.cpu_share:.0%} of its wall time "
                           f"(expected about {expect:.0%}): other processes competed for the cores; the fitted "
                           f"model uses CPU time, but measured runs will be slower until the machine is quiet")
-    err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)  # said even with --quiet: where the profile went
+    err_console.print(f"wrote {escape(out)}", highlight=False, soft_wrap=True)  # said even with --quiet: where the profile went
 
 
 @app.command()

@@ -18,6 +18,7 @@ import math
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 MB_PER_GB = 1e3  # RunResult.peak_memory_mb is in MB (10^6 bytes)
 
@@ -66,7 +67,10 @@ def infeasible_notes(results) -> list[str]:
 
 
 def _table(title: str | None, caption: str | None = None) -> Table:
-    return Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+    # plain text, never markup: titles carry the user's names (a scenario named "a[/]b" raised
+    # rich's MarkupError) and captions the planners' reasons
+    return Table(title=Text(title) if title else None, caption=Text(caption) if caption else None,
+                 caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                  collapse_padding=True,
                  title_justify="left")
 

@@ -454,6 +454,11 @@ def test_a_title_names_the_cost_model_auto_chose(cli, tmp_path, monkeypatch):
     assert r.returncode == 0 and r.stdout.splitlines()[0].endswith(", auto (roofline) cost model)"), r.stdout
 
 
+def test_user_names_in_titles_are_text_not_markup(cli):
+    r = cli("simulate", PAPER, "--set", "name=tiny[/]x", "--set", "cluster.hosts[0].name=[bold]a")
+    assert r.returncode == 0 and r.stdout.startswith("tiny[/]x: simulated"), r.stderr  # rich's MarkupError before
+
+
 def test_a_piped_note_is_one_line_however_long():
     import io
 

@@ -363,12 +363,17 @@ def _name_hosts(entries: tuple[tuple[str, str], ...]) -> bool:
         base = "127.0.0.1 localhost\n"
     ours = "".join(f"{a} {n}\n::ffff:{a} {n}\n" for a, n in entries)
     text = base.rstrip("\n") + "\n# hpipe's emulated hosts\n" + ours
-    fd, tmp = tempfile.mkstemp(prefix="hpipe-hosts-")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="hpipe-hosts-")
+    except OSError:  # no writable temporary folder: the worker runs on, only c10d's warnings return
+        return False
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         # the mount holds the file open; its name can go at once
         return libc.mount(tmp.encode(), b"/etc/hosts", None, MS_BIND, None) == 0
+    except OSError:
+        return False
     finally:
         os.unlink(tmp)
 
