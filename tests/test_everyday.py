@@ -455,7 +455,7 @@ def test_a_title_names_the_cost_model_auto_chose(cli, tmp_path, monkeypatch):
 
 
 def test_user_names_in_titles_are_text_not_markup(cli):
-    r = cli("simulate", PAPER, "--set", "name=tiny[/]x", "--set", "cluster.hosts[0].name=[bold]a")
+    r = cli("simulate", PAPER, "--set", "name=tiny[/]x")  # host and device names allow no brackets
     assert r.returncode == 0 and r.stdout.startswith("tiny[/]x: simulated"), r.stderr  # rich's MarkupError before
 
 
