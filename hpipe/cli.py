@@ -51,6 +51,7 @@ def _main_options(version: Annotated[bool, typer.Option("--version", callback=_v
                   sets: SetOpt = None):
     """Plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices."""
     _GLOBAL_SETS[:] = sets or []
+    _LOADED.clear()  # one command's reads: a second main() in this process reads its files afresh
 
 
 def _out_console(json_path: str | None, quiet: bool, *more_outputs: str | None) -> Console | None:
@@ -111,7 +112,7 @@ def _load_scenario(scenario: Path, sets: list[str] | None = None):
     from hpipe.scenario import load_scenario
 
     overrides = [*_GLOBAL_SETS, *(sets or [])]
-    key = (str(scenario), tuple(overrides))
+    key = (str(Path(scenario).resolve()), tuple(overrides))
     if key not in _LOADED:
         _LOADED[key] = load_scenario(scenario, overrides=overrides)
     return _LOADED[key]
@@ -142,11 +143,11 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
         why = emulation_unsupported(setup)
         if why:  # a profile must measure the devices as the scenario describes them
             err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
-                              f"figures", highlight=False, soft_wrap=True)
+                              f"figures", markup=False, highlight=False, soft_wrap=True)
             return setup
         err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
                           f"one (about {estimate_profile_s(setup):.0f} s, once) into {choice.profile_path}",
-                          highlight=False, soft_wrap=True)
+                          markup=False, highlight=False, soft_wrap=True)
         with _needs_torch("profile"):
             measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
         setup = sc.resolve()
@@ -154,7 +155,7 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     else:
         note, warning = _auto_notes(setup, scenario)
     if warning or not quiet:  # which model, from which profile: the Result's cost_model keeps it too
-        err_console.print(note, highlight=False, soft_wrap=True)
+        err_console.print(note, markup=False, highlight=False, soft_wrap=True)  # names and paths: no markup
     return setup
 
 
@@ -831,7 +832,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         raise InputError("--no-prefill leaves no case: no decode cases either (give --output-tokens N)",
                          field="--no-prefill")
     con = _out_console(json_path, quiet)
-    log = (lambda msg: err_console.print(msg, highlight=False)) if not quiet else None
+    log = (lambda msg: err_console.print(msg, markup=False, highlight=False)) if not quiet else None
     with progress(quiet) as bar:
         task = bar.add_task("validating", total=None)
         result = run_validate(scs, opts=opts, profile_paths={scs[0].name: profile_path} if profile_path else None,

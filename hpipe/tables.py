@@ -69,7 +69,8 @@ def infeasible_notes(results) -> list[str]:
 def _table(title: str | None, caption: str | None = None) -> Table:
     # plain text, never markup: titles carry the user's names (a scenario named "a[/]b" raised
     # rich's MarkupError) and captions the planners' reasons
-    return Table(title=Text(title) if title else None, caption=Text(caption) if caption else None,
+    return Table(title=Text(title, style="table.title") if title else None,
+                 caption=Text(caption, style="table.caption") if caption else None,
                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                  collapse_padding=True,
                  title_justify="left")

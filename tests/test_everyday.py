@@ -276,6 +276,28 @@ def test_sweep_of_a_scenario_valid_only_at_the_swept_values(cli, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_the_cli_in_one_process_reads_each_commands_scenario_afresh(tmp_path, monkeypatch, capsys):
+    """Scenarios are read once per command (the output check and the command share the read),
+    not once per process: a second command sees the file as it is now."""
+    import sys
+
+    import yaml
+
+    from hpipe.cli import main
+
+    path = tmp_path / "s.yaml"
+    data = yaml.safe_load(open(PAPER))
+    monkeypatch.chdir(tmp_path)
+    for name in ("first", "second"):
+        path.write_text(yaml.safe_dump({**data, "name": name}))
+        monkeypatch.setattr(sys, "argv", ["hpipe", "simulate", "s.yaml", "--json", "-", "-q"])
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["scenario"] == name
+
+
 def test_a_scenario_from_a_pipe_is_read_once():
     import subprocess
     import sys

@@ -150,7 +150,9 @@ def test_profiler_grid_has_decode_points_only_when_generating():
     s1 = parse_scenario(data).resolve()
     pts = decode_points(s1)
     L, B = s1.seq_len, s1.batch_size
-    assert {c for _, c, _ in pts} >= {L, L + 31} and {b for *_, b in pts} >= {1, B}
+    # 32 new tokens: 31 decode steps at contexts L .. L + 30 (the last new token is not fed back)
+    assert max(c for _, c, _ in pts) == L + 30 and {c for _, c, _ in pts} >= {L, L + 30}
+    assert {b for *_, b in pts} >= {1, B}
     assert set(pts) <= set(default_grid(s1).points)
 
 

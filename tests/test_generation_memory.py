@@ -45,7 +45,16 @@ def test_gpt_positions_bound_prompt_plus_output():
     assert "use 2049 positions" in str(e.value)
 
 
-@pytest.mark.parametrize("output_tokens", [1, 2, 33])
+def _gpt_at(seq_len, output_tokens, batch_size=2):
+    d = {"name": "t", "model": {"family": "gpt", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 256,
+                                "vocab_size": 128, "max_seq_len": 64},
+         "workload": {"seq_len": seq_len, "batch_size": batch_size, "output_tokens": output_tokens},
+         "cluster": {"hosts": [{"name": "a", "devices": [{"type": "P100"}]}]},
+         "planner": {"token_granularity": 1}}
+    return parse_scenario(d, "t.yaml").resolve()
+
+
+@pytest.mark.parametrize("output_tokens", [2, 33])
 def test_profiled_decode_contexts_stay_within_the_positions_a_run_uses(output_tokens):
     """The profiler times decode steps up to the last one a run makes: step t feeds position
     seq_len + t, the last t = output_tokens - 2.  It timed one past that, which a GPT filling
@@ -54,16 +63,22 @@ def test_profiled_decode_contexts_stay_within_the_positions_a_run_uses(output_to
     pytest.importorskip("torch")
     from hpipe.runtime.profiler import decode_points
 
-    d = {"name": "t", "model": {"family": "gpt", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 256,
-                                "vocab_size": 128, "max_seq_len": 64},
-         "workload": {"seq_len": 65 - output_tokens if output_tokens > 1 else 64, "batch_size": 2,
-                      "output_tokens": output_tokens},
-         "cluster": {"hosts": [{"name": "a", "devices": [{"type": "P100"}]}]},
-         "planner": {"token_granularity": 1}}
-    setup = parse_scenario(d, "t.yaml").resolve()
+    setup = _gpt_at(65 - output_tokens, output_tokens)
     for quick in (True, False):
         contexts = {c for _, c, _ in decode_points(setup, quick)}
         assert contexts and max(contexts) == 63, contexts  # the last position, 0-based
+
+
+def test_no_decode_points_without_decode_steps_and_enough_for_a_fit_with_one():
+    """One new token comes from the prefill's logits: no decode step to time (the profile is not
+    asked for one, and is not stale without).  One step of one sequence still gets the three
+    points a decode fit of its own needs."""
+    pytest.importorskip("torch")
+    from hpipe.costmodels.fitted import MIN_DECODE_POINTS
+    from hpipe.runtime.profiler import decode_points
+
+    assert decode_points(_gpt_at(64, 1)) == [] and decode_points(_gpt_at(64, 0)) == []
+    assert len(decode_points(_gpt_at(32, 2, batch_size=1))) >= MIN_DECODE_POINTS
 
 
 def test_decode_groups_on_a_prefill_only_scenario_are_refused_not_ignored():

@@ -515,7 +515,7 @@ class Fitted(CostModel):
         a, b = self._device_profile[src].device, self._device_profile[dst].device
         got = self._step_overhead.get(frozenset((a, b)))
         if got is None:  # not probed (a GPU, or a profile made before the probe): priced at none
-            if self.setup.output_tokens and (src, dst) not in self.unprobed_step_pairs:
+            if self.setup.output_tokens > 1 and (src, dst) not in self.unprobed_step_pairs:  # decode steps run
                 self.unprobed_step_pairs.append((src, dst))
             return 0.0
         return got
@@ -545,7 +545,7 @@ class Fitted(CostModel):
         d = super().describe()
         d["profile_path"] = str(self.profile_path)
         d["profile_created"] = self.profile.created
-        if self.setup.output_tokens and not self._decode_coef:
+        if self.setup.output_tokens > 1 and not self._decode_coef:  # decode steps run
             d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]

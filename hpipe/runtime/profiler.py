@@ -133,8 +133,11 @@ def default_grid(setup, quick: bool = False) -> Grid:
 def decode_points(setup, quick: bool = False) -> list[tuple[int, int, int]]:
     """Generation: decode steps (n = 1) over the contexts the scenario's steps see (prompt to
     prompt + output) and batches from one sequence to the batch, so the fitted model's decode
-    figures are measured, not extrapolated from prefill slices.  None for prefill only."""
-    if not setup.output_tokens:
+    figures are measured, not extrapolated from prefill slices.  None where no decode step
+    runs: prefill only, or one new token (it comes from the prefill's logits)."""
+    from hpipe.costmodels.fitted import MIN_DECODE_POINTS
+
+    if not has_decode_steps(setup):
         return []
     L, B, N = setup.seq_len, setup.batch_size, setup.output_tokens
     # the context of the last decode step, which is also the position it feeds: step t feeds
@@ -142,9 +145,15 @@ def decode_points(setup, quick: bool = False) -> list[tuple[int, int, int]]:
     # GPT at its last learned position has none beyond it to time
     last = positions_used(L, N) - 1
     cs = {max(L // 4, 1), L, (L + last) // 2, last} if not quick else {L, last}
-    cs = {min(c, last) for c in cs}
     bs = sorted({1, B, (B + 1) // 2}) if not quick else sorted({1, B})
+    if not quick and len(cs) * len(bs) < MIN_DECODE_POINTS:  # one sequence, one step: a fit of its own still
+        cs.add(max(L // 2, 1))
     return [(1, c, b) for c in sorted(cs) for b in bs]
+
+
+def has_decode_steps(setup) -> bool:
+    """Whether a run makes decode steps: two or more new tokens per sequence."""
+    return setup.output_tokens > 1
 
 
 def codec_sizes(setup) -> list[int]:
@@ -875,7 +884,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     n_links = (len(devices) * (len(devices) - 1) // 2 + len(tp_groups)) if measure_links else 0
     cpu_ranks = [r for r, t in enumerate(torch_devices) if t == "cpu"]
     alone_ranks = cpu_ranks if time_alone and len(cpu_ranks) > 1 else []
-    step_probe = (setup.output_tokens > 0 and measure_links and len(devices) > 1 and len(cpu_ranks) == len(devices)
+    step_probe = (has_decode_steps(setup) and measure_links and len(devices) > 1 and len(cpu_ranks) == len(devices)
                   and any(n == 1 and c > 0 for n, c, _ in grid.points))
     n_pairs = len(devices) * (len(devices) - 1) // 2
     results: dict[int, dict] = {}
@@ -1042,12 +1051,12 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if prof.versions.profiler != PROFILER_METHOD:
         return (f"measured by profiler method {prof.versions.profiler}, this hpipe measures by method "
                 f"{PROFILER_METHOD} (hpipe.costmodels.profile.PROFILER_METHOD)")
-    if setup.output_tokens and not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c))
+    if has_decode_steps(setup) and not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c))
                                        for dp in prof.devices):
         return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
     cpus = [d for d in setup.cluster.devices if getattr(d.placement, "device", "cpu") == "cpu"]
     # (a profile made without links, `--no-links`, has no probe either: that was asked for)
-    if setup.output_tokens and len(cpus) == len(setup.cluster.devices) > 1 and prof.links and not prof.step_hops:
+    if has_decode_steps(setup) and len(cpus) == len(setup.cluster.devices) > 1 and prof.links and not prof.step_hops:
         return "the profile has no decode step-loop probe and the scenario generates tokens"
     for d in setup.cluster.devices:
         dp = prof.device(d.id)
