@@ -81,6 +81,11 @@ def test_base_is_valid_and_ids_are_stable():
      "got false"),
     (("costmodel",), {"kind": "roofline", "link_efficiency": True}, "costmodel.link_efficiency", "expected a number"),
     (("costmodel",), {"kind": "roofline", "version": True}, "costmodel.version", "expected a number"),  # ran v1
+    # auto's settings, both checked whichever it chooses, named where they sit
+    (("costmodel",), {"kind": "auto", "roofline": {"version": True}}, "costmodel.roofline.version", "a boolean"),
+    (("costmodel",), {"kind": "auto", "fitted": {"basis": "walll"}}, "costmodel.fitted.basis", "'wall' or 'cpu'"),
+    (("costmodel",), {"kind": "auto", "fitted": {"profile": "x.json"}}, "costmodel.fitted.profile",
+     "use kind: fitted"),
     (("costmodel",), {"kind": "roofline", "version": 1, "kernels_per_unit": {"attn": True}},
      "costmodel.kernels_per_unit.attn", "expected a number"),
     (("cluster", "hosts", 0, "devices", 0, "runtime"), {"device": "cpu", "cores": [0, True]},

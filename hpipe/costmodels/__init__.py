@@ -214,36 +214,45 @@ def register(cls: type[CostModel]) -> type[CostModel]:
     return cls
 
 
-def make_costmodel(spec: str | dict, setup) -> CostModel:
-    """Build the cost model a scenario names (a string, or a mapping with ``kind``)."""
+def make_costmodel(spec: str | dict, setup, _under: str = "") -> CostModel:
+    """Build the cost model a scenario names (a string, or a mapping with ``kind``).
+    (``_under``: where auto's chosen settings sit in the scenario, for messages.)"""
     data = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = data.get("kind")
     _load_builtin(kind)
     if kind == "auto":
         from hpipe.costmodels.auto import AutoConfig, choose
 
-        chosen, why = choose(_validated(AutoConfig, data), setup)
-        model = make_costmodel(chosen, setup)
+        config = _validated(AutoConfig, data)
+        # both settings checked now, not only the one chosen today: a typo in the other would
+        # surface only on the day the cache changes
+        _validated(REGISTRY["roofline"].Config, {**config.roofline, "kind": "roofline"}, "roofline.")
+        if "profile" in config.fitted:
+            raise InputError("auto reads this machine's cached profile; to name one, use kind: fitted",
+                             field="fitted.profile")
+        _validated(REGISTRY["fitted"].Config, {**config.fitted, "kind": "fitted", "profile": ""}, "fitted.")
+        chosen, why = choose(config, setup)
+        model = make_costmodel(chosen, setup, _under=f"{why.used}.")  # auto's roofline: or fitted: settings
         model.auto = why
         return model
     if kind not in REGISTRY:
         names = [*REGISTRY, "auto"]
         raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), names)}; "
                          f"one of {', '.join(names)}", field="kind")
-    return REGISTRY[kind](_validated(REGISTRY[kind].Config, data), setup)
+    return REGISTRY[kind](_validated(REGISTRY[kind].Config, data, _under), setup)
 
 
-def _validated(cls, data: dict):
+def _validated(cls, data: dict, under: str = ""):
     found = boolean_for_number(cls, data)
     if found is not None:
-        raise InputError(f"expected a number, got {str(found[1]).lower()} (a boolean)", field=found[0])
+        raise InputError(f"expected a number, got {str(found[1]).lower()} (a boolean)", field=under + found[0])
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise InputError(msg, field=field) from None
+        raise InputError(msg, field=under + field) from None
 
 
 _BUILTIN = {"roofline": "hpipe.costmodels.roofline", "fitted": "hpipe.costmodels.fitted"}
