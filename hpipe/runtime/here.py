@@ -14,6 +14,8 @@ The checks themselves need no torch (the package's __init__ imports it, as for a
 
 from __future__ import annotations
 
+import re
+
 from hpipe.errors import InfeasibleError, InputError
 
 CPU_ESTIMATE_WARN_S = 60.0
@@ -46,7 +48,7 @@ def check_placements(setup, device_ids, who: str = "the plan uses") -> None:
             missing.setdefault(path, []).append(d)
     if not missing:
         return
-    missing = dict(sorted(missing.items()))
+    missing = dict(sorted(missing.items(), key=lambda kv: [int(x) for x in re.findall(r"\d+", kv[0])]))  # hosts[2] < hosts[10]
     first = next(iter(missing))
     what = "; ".join(f"{p} ({entries[ids[0]][1].label} x{len(ids)}: {', '.join(ids)})" for p, ids in missing.items())
     raise InputError(

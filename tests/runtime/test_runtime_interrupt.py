@@ -154,6 +154,24 @@ def test_long_generation_is_announced_too(tmp_path):
                            r"rough estimate .* is \d+ (s|min) for the run\.")
 
 
+def test_gpus_without_placements_are_listed_in_scenario_order():
+    """hosts[2] before hosts[10] (the paths were sorted as strings)."""
+    from hpipe.errors import InputError
+    from hpipe.runtime.here import check_placements
+    from hpipe.scenario import parse_scenario
+
+    data = {"name": "many", "model": "tiny-llama", "workload": {"seq_len": 64, "batch_size": 2},
+            "cluster": {"hosts": [{"name": f"h{i}", "devices": [{"type": "P100"}]} for i in range(11)],
+                        "network": {"bandwidth_gbps": 1, "latency_us": 100}},
+            "planner": {"token_granularity": 16}}
+    setup = parse_scenario(data, "many.yaml").resolve()
+    with pytest.raises(InputError) as e:
+        check_placements(setup, ["h10/P100-0", "h2/P100-0"])
+    msg = str(e.value)
+    assert msg.index("cluster.hosts[2].devices[0]") < msg.index("cluster.hosts[10].devices[0]"), msg
+    assert e.value.field == "cluster.hosts[2].devices[0].runtime"
+
+
 def test_cpu_workers_must_fit_this_machines_memory(monkeypatch):
     from hpipe.errors import InfeasibleError
     from hpipe.planners import make_plan
