@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/compression.py latency [--repeats 5] [--profile full|quick]
     PYTHONPATH=. python benchmarks/compression.py testbed
     PYTHONPATH=. python benchmarks/compression.py codec-time
-    PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--prompts 256] [--seed 0] [--checkpoint DIR]
+    PYTHONPATH=. python benchmarks/compression.py accuracy [--tokens 128] [--prompts 256] [--seed 0] [--checkpoint DIR] [--what-if]
 
 ``latency``: on ``scenarios/local-cpu-hetero-int8.yaml`` (a 100 Mbit/s shaped link
 between two emulated hosts; needs root, ip, tc and cgroups), planned with the fitted model
@@ -438,24 +438,65 @@ class Config:
     codecs: tuple[str, ...]
     cast: object = None
     """None: the codec itself.  A torch dtype: those messages are cast to it and back
-    instead (calibration: precisions that GPU deployments ship as 'uncompressed')."""
+    instead (calibration: precisions that GPU deployments ship as 'uncompressed').  A
+    function x -> x: that round trip instead (``--what-if``: variants of int8 that spend
+    more bytes)."""
     one_slice: bool = False
     """No codec; the prefill in one slice instead of the plan's (calibration: float32's own
     rounding, from a different but mathematically equal schedule)."""
 
 
 @contextmanager
-def _cast_instead(dtype):
-    """The reference's codec round trip replaced by a cast to ``dtype`` and back, for the
-    messages the codec would have carried (benchmark calibration only)."""
+def _cast_instead(cast):
+    """The reference's codec round trip replaced by a cast to ``cast`` (a dtype) and back, or by
+    the round trip ``cast`` (a function), for the messages the codec would have carried
+    (benchmark calibration and what-ifs only)."""
+    import torch
+
     import hpipe.runtime.codec_reference as ref
 
     saved = ref.round_trip
-    ref.round_trip = lambda x, name: x.to(dtype).to(x.dtype)
+    ref.round_trip = ((lambda x, name: x.to(cast).to(x.dtype)) if isinstance(cast, torch.dtype)
+                      else (lambda x, name: cast(x)))
     try:
         yield
     finally:
         ref.round_trip = saved
+
+
+def int8_variant(block: int, zero_point: bool = False):
+    """A round trip (x -> x) of int8 as the codec lays it out (channel-major blocks, an fp16
+    scale rounded up) with ``block`` values a block, and with ``zero_point`` an asymmetric grid
+    (uint8 values, a one-byte zero point per block: the grid spans min..max instead of
+    -absmax..absmax).  Not a codec hpipe ships: ``--what-if`` measures what more bytes would buy.
+    Wire bytes per value: 1 + 2 / block, plus 1 / block with the zero point."""
+    import torch
+
+    from hpipe.runtime.codecs import _blocks, _from_channel_major, _scales
+
+    def rt(x):
+        v, k = _blocks(x, block, channel_major=True)  # (nb, block)
+        if zero_point:
+            # the grid holds zero (as asymmetric int8 does): a one-signed block's zero point stays in 0..255
+            lo, hi = v.amin(dim=1).clamp(max=0), v.amax(dim=1).clamp(min=0)
+            s = _scales(((hi - lo) / 2)[:, None], 127.5).float()  # >= (hi - lo) / 255
+            safe = torch.where(s == 0, torch.ones_like(s), s)
+            zp = torch.round(-lo / safe).clamp(0, 255)
+            q = (torch.round(v / safe[:, None]) + zp[:, None]).clamp(0, 255)
+            y = (q - zp[:, None]) * s[:, None]
+        else:
+            s = _scales(v, 127.0).float()
+            safe = torch.where(s == 0, torch.ones_like(s), s)
+            y = (v / safe[:, None]).round().clamp(-127, 127) * s[:, None]
+        return _from_channel_major(y.reshape(-1)[:k], x.shape).to(x.dtype)
+
+    return rt
+
+
+WHAT_IF = {"int8, blocks of 32": (32, False), "int8, blocks of 16": (16, False),
+           "int8 + zero point, blocks of 64": (64, True)}
+"""``accuracy --what-if``: int8 variants that spend more wire bytes than the codec (1.031 B per
+value): 1.0625, 1.125 and 1.047 B per value."""
 
 
 def _as_run(units, setup, prompts, tokens: int, configs: dict[str, Config]) -> list[dict]:
@@ -574,7 +615,7 @@ def _print_boundary_error(units, prompts, codecs) -> None:
         print(f"  stage starting at unit {cut}: " + "; ".join(cells))
 
 
-def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: int = 0) -> None:
+def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: int = 0, what_if: bool = False) -> None:
     """What the codecs cost in accuracy, on the small LLaMA trained here (``TRAIN``, ``seed``)
     and on random weights, against the same plan uncompressed, per codec:
 
@@ -591,7 +632,9 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
        and 0.05 (the near-ties a perturbation can flip).
     2. *harsh* (not how hpipe runs): every message compressed at both boundaries, decode steps
        included, with and without two persistent outlier channels at 100x the RMS, and int8
-       with one scale per tensor beside the blockwise codecs."""
+       with one scale per tensor beside the blockwise codecs.
+
+    ``what_if``: part 1 only, for int8 and the variants in ``WHAT_IF`` (more bytes per value)."""
     import torch
 
     from hpipe.models import get_model
@@ -633,9 +676,22 @@ def accuracy(tokens: int, checkpoint: str | None, n_prompts: int = 256, seed: in
     def at(name, js):
         return tuple(name if j in js else "none" for j in range(len(CUTS)))
 
+    if what_if:
+        codecs = ["int8"]
     for c in codecs:
         families[c] = [", ".join(at(c, js)) for js in placements]
         configs.update({", ".join(at(c, js)): Config(at(c, js)) for js in placements})
+    if what_if:
+        for name, (block, zp) in WHAT_IF.items():
+            families[name] = [", ".join(at(name, js)) for js in placements]
+            configs.update({", ".join(at(name, js)): Config(at("int8", js), cast=int8_variant(block, zp))
+                            for js in placements})
+        print(f"\nwhat if int8 spent more bytes (trained, as hpipe runs it: units {[0, *CUTS, spec.n_units]}, "
+              f"prefill in {T // SLICE} slices of {SLICE}, decode steps raw):")
+        rows = _as_run(units, setup, prompts.numpy(), tokens, configs)
+        _print_as_run(rows, B, tokens)
+        _print_summary(rows, families, B, tokens)
+        return
     # Calibration: how often free-running greedy agreement breaks for perturbations that nobody
     # calls lossy: the same messages cast to bf16 / fp16 and back (what GPU runs ship between
     # stages), and float32 with the prefill in one slice instead of three.
@@ -707,6 +763,8 @@ def main(argv=None) -> None:
                      help="where the trained model is kept (trained there first, by TRAIN, when absent); "
                           "default /tmp/hpipe-compression-llama-ctx256[-seedN]")
     acc.add_argument("--seed", type=int, default=0, help="the training seed (initial weights, batches)")
+    acc.add_argument("--what-if", action="store_true",
+                     help="only int8 and variants that spend more bytes (WHAT_IF), as hpipe runs it")
     acc.add_argument("--prompts", type=int, default=256,
                      help="prompts, evenly spaced through the held-out text (a divergence is rare: many are needed)")
     args = ap.parse_args(argv)
@@ -717,7 +775,7 @@ def main(argv=None) -> None:
     elif args.what == "codec-time":
         codec_time()
     else:
-        accuracy(args.tokens, args.checkpoint, args.prompts, args.seed)
+        accuracy(args.tokens, args.checkpoint, args.prompts, args.seed, args.what_if)
 
 
 if __name__ == "__main__":
