@@ -238,10 +238,16 @@ MODELS: dict[str, ModelSpec] = {
 _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}
 
 
+def decode_steps(output_tokens: int) -> int:
+    """Decode steps a sequence makes for ``output_tokens`` new tokens: the first comes from the
+    prefill's own logits, each further one from a step."""
+    return max(output_tokens - 1, 0)
+
+
 def positions_used(seq_len: int, output_tokens: int) -> int:
-    """Positions a run computes: the prompt's, then one per new token fed back; the last new
-    token is never fed back (the first comes from the prompt's own logits)."""
-    return seq_len + max(output_tokens - 1, 0)
+    """Positions a run computes: the prompt's, then one per decode step (each feeds back the
+    token before it; the last new token is never fed back)."""
+    return seq_len + decode_steps(output_tokens)
 
 
 def get_model(name: str) -> ModelSpec:

@@ -55,6 +55,7 @@ from hpipe.costmodels.profile import (CodecSamples, DeviceProfile, Profile, Unit
                                       model_mismatch)
 from hpipe.devices import paced
 from hpipe.errors import InputError
+from hpipe.models import decode_steps
 
 # ---- features --------------------------------------------------------------
 # Names -> functions of broadcast float arrays (n, c, b).  "later" marks a slice
@@ -515,7 +516,7 @@ class Fitted(CostModel):
         a, b = self._device_profile[src].device, self._device_profile[dst].device
         got = self._step_overhead.get(frozenset((a, b)))
         if got is None:  # not probed (a GPU, or a profile made before the probe): priced at none
-            if self.setup.output_tokens > 1 and (src, dst) not in self.unprobed_step_pairs:  # decode steps run
+            if decode_steps(self.setup.output_tokens) and (src, dst) not in self.unprobed_step_pairs:
                 self.unprobed_step_pairs.append((src, dst))
             return 0.0
         return got
@@ -545,7 +546,7 @@ class Fitted(CostModel):
         d = super().describe()
         d["profile_path"] = str(self.profile_path)
         d["profile_created"] = self.profile.created
-        if self.setup.output_tokens > 1 and not self._decode_coef:  # decode steps run
+        if decode_steps(self.setup.output_tokens) and not self._decode_coef:
             d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]

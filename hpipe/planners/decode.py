@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpipe.costmodels import split_transfer, with_step_overhead
+from hpipe.models import decode_steps
 from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes
 from hpipe.planners.evaluate import chain_completion, hop_resource, shares_resources, shared_completion
@@ -268,7 +269,7 @@ def score(tables, part, slices, m: int, groups: int, rows_cache=None, max_steps:
     setup = tables.setup
     cache = rows_cache if rows_cache is not None else {}
     sizes = micro_batch_sizes(setup.batch_size, m)
-    steps = max(setup.output_tokens - 1, 0)
+    steps = decode_steps(setup.output_tokens)
     played = min(steps, max_steps) if max_steps else steps
     work = DecodeWork(seq_len=setup.seq_len, output_tokens=played + 1, prefill_sizes=tuple(sizes),
                       n_slices=len(slices), group_sizes=tuple(micro_batch_sizes(setup.batch_size, groups)))

@@ -83,7 +83,7 @@ from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait
                                       Hardware, LinkProfile, Profile, Settings, ShardSamples, SpeedProbe, StepHopProfile,
                                       UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
-from hpipe.models import positions_used
+from hpipe.models import decode_steps, positions_used
 from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
 from hpipe.runtime import speed
@@ -153,7 +153,7 @@ def decode_points(setup, quick: bool = False) -> list[tuple[int, int, int]]:
 
 def has_decode_steps(setup) -> bool:
     """Whether a run makes decode steps: two or more new tokens per sequence."""
-    return setup.output_tokens > 1
+    return decode_steps(setup.output_tokens) > 0
 
 
 def codec_sizes(setup) -> list[int]:

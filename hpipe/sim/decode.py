@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpipe.costmodels import TOKEN_ID_BYTES, split_transfer, with_step_overhead
+from hpipe.models import decode_steps
 from hpipe.sim.engine import Feedback
 
 
@@ -65,7 +66,7 @@ class DecodeWork:
 
     @property
     def steps(self) -> int:
-        return max(self.output_tokens - 1, 0)
+        return decode_steps(self.output_tokens)
 
     @property
     def n_groups(self) -> int:
