@@ -214,9 +214,8 @@ def register(cls: type[CostModel]) -> type[CostModel]:
     return cls
 
 
-def make_costmodel(spec: str | dict, setup, _under: str = "") -> CostModel:
-    """Build the cost model a scenario names (a string, or a mapping with ``kind``).
-    (``_under``: where auto's chosen settings sit in the scenario, for messages.)"""
+def make_costmodel(spec: str | dict, setup) -> CostModel:
+    """Build the cost model a scenario names (a string, or a mapping with ``kind``)."""
     data = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = data.get("kind")
     _load_builtin(kind)
@@ -232,14 +231,14 @@ def make_costmodel(spec: str | dict, setup, _under: str = "") -> CostModel:
                              field="fitted.profile")
         _validated(REGISTRY["fitted"].Config, {**config.fitted, "kind": "fitted", "profile": ""}, "fitted.")
         chosen, why = choose(config, setup)
-        model = make_costmodel(chosen, setup, _under=f"{why.used}.")  # auto's roofline: or fitted: settings
+        model = make_costmodel(chosen, setup)  # its settings were checked above, named where they sit
         model.auto = why
         return model
     if kind not in REGISTRY:
         names = [*REGISTRY, "auto"]
         raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), names)}; "
                          f"one of {', '.join(names)}", field="kind")
-    return REGISTRY[kind](_validated(REGISTRY[kind].Config, data, _under), setup)
+    return REGISTRY[kind](_validated(REGISTRY[kind].Config, data), setup)
 
 
 def _validated(cls, data: dict, under: str = ""):
