@@ -27,13 +27,13 @@ def _entries(setup) -> dict[str, tuple[str, object]]:
     record: ids count per name across a host's entries, so two entries of one name give
     c-0 and c-1, not two c-0."""
     hosts = setup.scenario.cluster.hosts
-    return {d.id: (f"cluster.hosts[{d.entry[0]}].devices[{d.entry[1]}]", hosts[d.entry[0]].devices[d.entry[1]])
-            for d in setup.cluster.devices}
+    return {d.id: (entry_path(setup, d.id), hosts[d.entry[0]].devices[d.entry[1]]) for d in setup.cluster.devices}
 
 
 def entry_path(setup, device_id: str) -> str:
     """The field path of the scenario entry ``device_id`` comes from (``cluster.hosts[0].devices[1]``)."""
-    return _entries(setup)[device_id][0]
+    h, e = setup.cluster.device(device_id).entry
+    return f"cluster.hosts[{h}].devices[{e}]"
 
 
 def check_placements(setup, device_ids, who: str = "the plan uses") -> None:
