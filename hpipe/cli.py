@@ -59,12 +59,7 @@ def _out_console(json_path: str | None, quiet: bool, *more_outputs: str | None) 
     (then stderr), or nowhere when quiet."""
     if quiet:
         return None
-    return _console(stderr=any(is_stdout(p) for p in (json_path, *more_outputs)))
-
-
-def _console(stderr: bool = False) -> Console:
-    """A console for tables (``tables.console``: piped, no wrapped titles or padded lines)."""
-    return console(stderr)
+    return console(stderr=any(is_stdout(p) for p in (json_path, *more_outputs)))
 
 
 @contextlib.contextmanager
@@ -232,7 +227,7 @@ def devices(json_path: JsonOpt = None):
             return
     from hpipe.tables import devices_table
 
-    con = _console()
+    con = console()
     con.print(devices_table(DEVICES.values()))
     _say_written(con, {"device catalog JSON": json_path})
 
@@ -252,7 +247,7 @@ def models(json_path: JsonOpt = None):
             return
     from hpipe.tables import models_table
 
-    con = _console()
+    con = console()
     con.print(models_table(MODELS.values()))
     _say_written(con, {"model catalog JSON": json_path})
 
@@ -364,7 +359,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if len(results) == 1 and results[0].latency_s is None:  # one planner found no plan: its reason says it all
         from hpipe.tables import reason_of
 
-        _say_written(_console(stderr=True) if con else None, written)
+        _say_written(console(stderr=True) if con else None, written)
         raise InfeasibleError(reason_of(results[0]))
     if con:
         from hpipe.tables import results_table
@@ -695,7 +690,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if not quiet:
         from hpipe.tables import generation_table
 
-        err = _console(stderr=True)
+        err = console(stderr=True)
         err.print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
@@ -721,7 +716,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             raise HpipeError(f"--check failed: sequence {k} differs from the one-process loop at new token {at} "
                              f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process {ref[k][at:at + 3]})")
         if not quiet:
-            _console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
+            console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
                                         f"({len(ids)} sequence{'s' if len(ids) > 1 else ''})")
 
 
