@@ -581,7 +581,7 @@ def _print_boundary_error(units, prompts, codecs) -> None:
     import torch
 
     from hpipe.codecs import get_codec
-    from hpipe.runtime.codecs import round_trip
+    from hpipe.runtime.codecs import _channel_major, _from_channel_major, round_trip
 
     acts = {}
     with torch.inference_mode():
@@ -595,8 +595,7 @@ def _print_boundary_error(units, prompts, codecs) -> None:
         return round_trip(m.reshape(-1), c).view(m.shape)
 
     def along_channel(m, c):
-        cm = m.reshape(-1, m.shape[-1]).t().contiguous()  # (D, rows)
-        return round_trip(cm.reshape(-1), c).view(cm.shape).t().reshape(m.shape)
+        return _from_channel_major(round_trip(_channel_major(m), c), m.shape)
 
     print(f"\nround-trip error at the boundaries, % of the residual stream's RMS ({prompts.shape[0]} prompts' "
           f"prefill messages of {SLICE} tokens): blocks along a token / along a channel ('*': the codec's)")
