@@ -97,19 +97,23 @@ def _reads(scenario: Path, sets: list[str] | None = None, **more: Path | None) -
 
 
 _LOADED: dict[tuple, object] = {}
-"""Scenarios read so far, by (path, overrides): the output check reads the scenario before the
-command does, and a scenario given as a pipe (/dev/stdin) can be read only once."""
+"""Scenarios read so far, by (path, overrides), and their files' texts, by (path,): the output
+check reads the scenario before the command does, a sweep reads it once per value, and a
+scenario given as a pipe (/dev/stdin) can be read only once."""
 
 
 def _load_scenario(scenario: Path, sets: list[str] | None = None):
     """The one place the CLI reads a scenario: the file, then the --set overrides
     (`hpipe --set ...` before the command, then the command's own) before validation."""
-    from hpipe.scenario import load_scenario
+    from hpipe.scenario import load_scenario, read_scenario_text
 
     overrides = [*_GLOBAL_SETS, *(sets or [])]
-    key = (str(Path(scenario).resolve()), tuple(overrides))
+    path = str(Path(scenario).resolve())
+    if (path,) not in _LOADED:
+        _LOADED[(path,)] = read_scenario_text(scenario)
+    key = (path, tuple(overrides))
     if key not in _LOADED:
-        _LOADED[key] = load_scenario(scenario, overrides=overrides)
+        _LOADED[key] = load_scenario(scenario, overrides=overrides, text=_LOADED[(path,)])
     return _LOADED[key]
 
 

@@ -521,16 +521,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 self._check_unique(item, done)
 
 
-def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
-    """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
-    ``KEY=VALUE`` assignments (``hpipe.overrides``) applied before validation."""
-    file = str(path)
+def read_scenario_text(path: str | Path) -> str:
+    """A scenario file's text, or an InputError naming the file."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except FileNotFoundError:
-        raise InputError("no such file", file=file) from None
+        raise InputError("no such file", file=str(path)) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the file: {e}", file=file) from None
+        raise InputError(f"cannot read the file: {e}", file=str(path)) from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                  text: str | None = None) -> Scenario:
+    """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
+    ``KEY=VALUE`` assignments (``hpipe.overrides``) applied before validation.  ``text``:
+    the file's text, already read (a pipe such as /dev/stdin can be read only once)."""
+    file = str(path)
+    if text is None:
+        text = read_scenario_text(path)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:

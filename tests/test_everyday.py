@@ -307,6 +307,12 @@ def test_a_scenario_from_a_pipe_is_read_once():
     r = subprocess.run([sys.executable, "-m", "hpipe", "simulate", "/dev/stdin", "-q", "--json", "-"],
                        input=open(PAPER).read(), capture_output=True, text=True, cwd=ROOT, timeout=120)  # a pipe
     assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["latency_s"] > 0, r.stderr
+    # a sweep resolves the scenario once per value: the pipe is still read once
+    r = subprocess.run([sys.executable, "-m", "hpipe", "sweep", "/dev/stdin", "-q", "--json", "-",
+                        "--set", "workload.seq_len=1024,2048"],
+                       input=open(PAPER).read(), capture_output=True, text=True, cwd=ROOT, timeout=120)
+    runs = json.loads(r.stdout)["runs"] if r.returncode == 0 else []
+    assert [run["results"][0]["latency_s"] > 0 for run in runs] == [True, True], r.stderr
 
 
 def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
