@@ -202,7 +202,7 @@ def testbed() -> None:
 def codec_time(repeats: int = 7) -> None:
     """Each codec's encode and decode CPU time on one thread, for a prefill message of
     small-llama at batch 2 (2 x 512 tokens x 512) and a one-token decode step, against the
-    roofline's memory-pass model at the local scenarios' 10 GB/s and CPU op overhead; both
+    roofline (its counted bytes and ops) at the local scenarios' 10 GB/s and CPU op overhead; both
     block layouts (the codec's own marked '*'; the other one by handing the codec a 1-D
     tensor already laid out so, which it keeps in order)."""
     import torch
@@ -239,7 +239,7 @@ def codec_time(repeats: int = 7) -> None:
                 d = median_cpu_s(lambda: decode(buf, name, v.shape, v.dtype), reps) * 1e3
                 cells.append(f"{label}{'*' if own else ''} {e:.3f} / {d:.3f}")
             print(f"  {str(shape):14s} {name}: encode / decode ms: {'; '.join(cells)}; "
-                  f"pass model {model[0]:.3f} / {model[1]:.3f}")
+                  f"roofline {model[0]:.3f} / {model[1]:.3f}")
 
 
 # -- accuracy -----------------------------------------------------------------------

@@ -29,14 +29,14 @@ fp8 carries a block scale:
 e4m3 alone spans 2^-9..448, and unscaled activations leave that range (an
 outlier feature of 1000 would saturate; a small residual would flush to zero).
 
-Codec time (the cost model's ``codec_time_s``): encode and decode are
-memory-bound element-wise passes over the activation, so the roofline charges
-``ops * op overhead + passes * bytes / memory bandwidth``; ``Codec.encode_passes`` / ``decode_passes``
-are the torch implementation's measured CPU time in passes (it is unfused: abs, block
-max, divide, round, clamp, cast, ...; see ``CODECS``).  ``hpipe profile`` times each codec
-on the device, and the fitted model prices codecs from those timings (a constant plus a
-time per value); only on a profile made before codecs were timed does it fall back to
-these passes (``describe()`` says so).  Who pays: the
+Codec time (the cost model's ``codec_time_s``): encode and decode are unfused
+element-wise torch ops over the activation (abs, block max, divide, round, clamp, cast,
+...), memory-bound, so the roofline charges ``ops * op overhead + bytes moved / memory
+bandwidth``, with the ops and the bytes each op reads and writes counted from the aten
+ops the torch codec dispatches (``Codec.traffic``; a test recounts them).  ``hpipe
+profile`` times each codec on the device, and the fitted model prices codecs from those
+timings (a constant plus a time per value); only on a profile made before codecs were
+timed does it fall back to this count (``describe()`` says so).  Who pays: the
 sender's stage encodes after its compute and the receiver's stage decodes
 before its compute, on the stage's own device, so both are charged to the
 *stage* time (simulated and measured alike: the runtime stamps them inside the
@@ -67,13 +67,15 @@ class Codec:
     """Values sharing one scale (0: no scale)."""
     qmax: float
     """Largest magnitude of the quantized grid: the block's absmax maps to it."""
-    encode_passes: float
-    """Memory traffic of encoding, in input-sized tensors read or written (roofline)."""
-    decode_passes: float
-    """Memory traffic of decoding, in output-sized tensors read or written."""
+    encode_bytes: float = 0.0
+    """Bytes the encoder's float32 work reads and writes per value (``traffic`` adds the
+    input's own copies)."""
+    decode_bytes: float = 0.0
+    """Bytes the decoder reads and writes per value, up to its float32 result."""
     encode_ops: int = 0
-    """Tensor ops the torch encoder dispatches per message, whatever its size: a fixed time
-    (``op_overhead_s`` each), why short, latency-bound messages (decode steps) go raw."""
+    """Tensor ops the torch encoder dispatches on a float32 message of one row, whatever its
+    size: a fixed time (``op_overhead_s`` each), why short, latency-bound messages (decode
+    steps) go raw."""
     decode_ops: int = 0
     channel_major: bool = False
     """Blocks run along each channel's rows rather than along each token (see above)."""
@@ -92,27 +94,42 @@ class Codec:
             out = values + SCALE_BYTES * -(-k // self.block)
         return int(out) if out.ndim == 0 else out
 
+    def traffic(self, dtype_bytes: int) -> tuple[tuple[float, int], tuple[float, int]]:
+        """((encode bytes per value, encode ops), (decode bytes per value, decode ops)) for
+        an activation of this many bytes per value.  A float16 or bfloat16 activation is cast
+        to float32 first and back last (one more op each side, reading and writing both
+        widths); a channel-major codec copies its input transposed (read and write, in the
+        input's width; no op counted, since a one-row message, the short one where ops
+        matter, is already in order)."""
+        if not self.lossy:
+            return (0.0, 0), (0.0, 0)
+        cast = 0 if dtype_bytes == 4 else 1
+        encode = self.encode_bytes + cast * (dtype_bytes + 4) + (2 * dtype_bytes if self.channel_major else 0)
+        decode = self.decode_bytes + cast * (4 + dtype_bytes)
+        return (encode, self.encode_ops + cast), (decode, self.decode_ops + cast)
 
-# Passes: the CPU time of hpipe.runtime.codecs on a (2, 96, 512) float32 activation (one
-# thread, torch 2.13, AMD EPYC, 2026-12-01) over the time of one pass at the local
-# scenarios' 10 GB/s: int8 encode 0.51 ms, decode 0.20 ms; fp8 0.53 / 0.90 ms (float8 ->
-# float32 conversion is slow on CPU); int4 0.80 / 0.48 ms.  Counting the unfused tensor
-# ops instead (abs, amax, divide, round, clamp, cast) gives 10 / 3 for int8: the same order.
-# The channel-major layout of int8 and int4 (2026-12-03) adds a transposing copy on each
-# side.  Measured on another machine (the 2-core Intel Xeon VM this session had), on the
-# same activation, it took encode x1.9 / x1.4 and decode x1.2 / x1.05 (int8 / int4) the CPU
-# time of the flat layout; the EPYC pass counts are scaled by those ratios.  A one-row
-# message (the op counts' case below) has no copy to make.
+
+# Bytes and ops: hpipe.runtime.codecs's aten ops, counted on float32 messages (a torch
+# dispatch mode; tests/runtime/test_codecs.py recounts them).  Per value, int8's encode
+# reads and writes abs 8, block max 4, divide 8, round 8, clamp 8, cast to int8 5, the
+# concatenation with the scales 2, and ~2.4 for the ops on one scale per block (scales
+# rounded up to fp16: 12 small ops); decode: int8 to float32 5, times the scale 8 (the
+# channel-major order comes back as a view).  fp8 has no round; int4 adds the packing into
+# nibbles (int16 6, +8 4, shift 2, or 3, to uint8 1.5) and its unpacking.  These replace
+# pass counts scaled from one machine's CPU time (an AMD EPYC VM, 2026-12-01), which priced
+# the Xeon VM of 2026-12-03 3-3.5x too slow.
 CODECS: dict[str, Codec] = {
-    "none": Codec("none", 0, 0, 0.0, 0.0, 0.0),
-    "int8": Codec("int8", 8, 64, 127.0, 25.0, 6.0, 12, 6, channel_major=True),
-    "fp8": Codec("fp8", 8, 64, 448.0, 14.0, 23.0, 12, 6),
-    "int4": Codec("int4", 4, 32, 7.0, 28.0, 13.0, 17, 9, channel_major=True),
+    "none": Codec("none", 0, 0, 0.0),
+    "int8": Codec("int8", 8, 64, 127.0, 44.36, 13.22, 21, 4, channel_major=True),
+    "fp8": Codec("fp8", 8, 64, 448.0, 36.36, 13.22, 20, 4),
+    "int4": Codec("int4", 4, 32, 7.0, 56.22, 27.94, 25, 9, channel_major=True),
 }
-# Ops: one 512-value message (a decode step of a 512-wide model) costs, in CPU time on the
-# same machine and torch, int8 212 / 111 us, fp8 223 / 110 us, int4 303 / 163 us to encode
-# / decode: ~18 us per op on a CPU worker.
-CPU_OP_OVERHEAD_S = 18e-6
+# Ops: a one-row int8 message (a decode step of a 512-wide model) took 212 / 111 us of CPU
+# time to encode / decode on the AMD EPYC VM (2026-12-01) and 65 / 30 us on the 2-core Intel
+# Xeon VM (2026-12-03), with 21 / 4 ops: 13 us per op on the first (the decode's Python
+# around its few ops counts too), 3.8 us on the second.  The larger is kept: it errs towards
+# sending short messages raw, which loses nothing; a profile times the device's own.
+CPU_OP_OVERHEAD_S = 13e-6
 GPU_OP_OVERHEAD_S = 5e-6
 """A kernel launch, where the cost model does not say (the roofline's kernel_overhead_us)."""
 
@@ -131,10 +148,10 @@ def roofline_codec_time_s(codec: Codec, k, dtype_bytes: int, bandwidth_gbps: flo
     if not codec.lossy:
         return np.zeros_like(k), np.zeros_like(k)
     bw = bandwidth_gbps * 1e9
-    raw = k * dtype_bytes
     busy = k > 0
-    return (np.where(busy, codec.encode_ops * op_overhead_s + codec.encode_passes * raw / bw, 0.0),
-            np.where(busy, codec.decode_ops * op_overhead_s + codec.decode_passes * raw / bw, 0.0))
+    (enc_b, enc_ops), (dec_b, dec_ops) = codec.traffic(dtype_bytes)
+    return (np.where(busy, enc_ops * op_overhead_s + enc_b * k / bw, 0.0),
+            np.where(busy, dec_ops * op_overhead_s + dec_b * k / bw, 0.0))
 
 
 @dataclass

@@ -77,7 +77,8 @@ class CostModel(ABC):
 
     def codec_time_s(self, codec, device_id: str, k):
         """(encode_s, decode_s) of an activation of k values under ``codec`` (an
-        ``hpipe.codecs.Codec``) on ``device_id``: memory-bound passes at its bandwidth."""
+        ``hpipe.codecs.Codec``) on ``device_id``: the bytes its ops move at the device's memory
+        bandwidth, plus a fixed cost per op (``roofline_codec_time_s``)."""
         from hpipe.codecs import CPU_OP_OVERHEAD_S, GPU_OP_OVERHEAD_S, roofline_codec_time_s
 
         dev = self.cluster.device(device_id)

@@ -171,3 +171,52 @@ def test_the_profiler_times_codecs_on_message_shaped_tensors(monkeypatch):
     out = _time_codecs(job)
     assert set(out) == set(LOSSY) and shapes
     assert set(shapes) == {(1, spec.d_model), (8, spec.d_model)}
+
+
+# ---- the roofline's count of the codecs' memory traffic and ops --------------------------------
+_VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "alias", "detach", "as_strided",
+          "unsqueeze", "expand", "lift_fresh"}
+
+
+def _dispatched(fn) -> tuple[int, int]:
+    """(ops that touch memory, bytes they read and write) of ``fn()``, counted at torch's
+    dispatch: every non-view aten op's tensor arguments and results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    def nbytes(tree):
+        return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
+
+    class Count(TorchDispatchMode):
+        ops = moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ not in _VIEWS:
+                Count.ops += 1
+                Count.moved += nbytes(args) + nbytes(kwargs or {}) + nbytes(out)
+            return out
+
+    with Count():
+        fn()
+    return Count.ops, Count.moved
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_roofline_counts_the_codecs_own_traffic_and_ops(name, dtype):
+    """``Codec.traffic`` is what the torch codec does: a change to hpipe.runtime.codecs that
+    adds a pass or an op fails here until the roofline's count follows it."""
+    codec, dt = get_codec(name), DTYPES[dtype]
+    (enc_b, enc_ops), (dec_b, dec_ops) = codec.traffic(torch.tensor([], dtype=dt).element_size())
+    for shape in ((2, 256, 128), (1, 1, 512)):  # a prefill message; a decode step's one row
+        x = torch.randn(*shape).to(dt)
+        k = x.numel()
+        buf = encode(x, name)
+        e_ops, e_moved = _dispatched(lambda: encode(x, name))
+        d_ops, d_moved = _dispatched(lambda: decode(buf, name, x.shape, dt))
+        if shape[0] > 1:  # bytes: per value, within the scales' share (1/block of them)
+            assert e_moved / k == pytest.approx(enc_b, rel=0.02), (shape, e_moved / k)
+            assert d_moved / k == pytest.approx(dec_b, rel=0.02), (shape, d_moved / k)
+        else:  # ops: one row is already in channel order (no transposing copy)
+            assert (e_ops, d_ops) == (enc_ops, dec_ops)
