@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 from hypothesis import given, settings
 
 from hpipe.errors import InfeasibleError
