@@ -529,13 +529,23 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 
+        from hpipe.runtime.launcher import within_tolerance
+
         tol = CHECK_TOLERANCE[setup.dtype]
-        if measured.max_abs_error > tol:
+        if not within_tolerance(measured.max_abs_error, setup.dtype):
             raise HpipeError(f"--check failed: max |logit error| {measured.max_abs_error:.3g} exceeds "
                              f"{tol:g} for {setup.dtype}")
         if con:
             con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
-                      f"for {setup.dtype}, against the whole model in one process (float32)", highlight=False)
+                      f"for {setup.dtype}, against the whole model in one process (float32{_with_codecs(p)})",
+                      highlight=False)
+
+
+def _with_codecs(plan) -> str:
+    """What a --check compares a lossy plan against, beyond the model itself."""
+    from hpipe.runtime.launcher import lossy
+
+    return ", with the plan's codec round trips on the messages it compresses" if lossy(plan) else ""
 
 
 def _announce_long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
@@ -703,14 +713,12 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if check:
         import numpy as np
 
-        from hpipe.runtime.weights import weight_source
-
-        ref, _ = gen.reference_generate(spec, weight_source(spec, setup.weights), np.asarray(ids), new_tokens,
-                                        eos=gen.eos_ids(setup.weights))
-        bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
         from hpipe.runtime import CHECK_TOLERANCE
+        from hpipe.runtime.launcher import plan_reference, within_tolerance
 
-        if measured.max_abs_error is not None and measured.max_abs_error > CHECK_TOLERANCE[setup.dtype]:
+        ref, _ = plan_reference(setup, p, np.asarray(ids), new_tokens, spec, eos=gen.eos_ids(setup.weights))
+        bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
+        if measured.max_abs_error is not None and not within_tolerance(measured.max_abs_error, setup.dtype):
             raise HpipeError(f"--check failed: max |logit error| of the prompt's last position "
                              f"{measured.max_abs_error:.3g} exceeds {CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
         if bad:
@@ -721,7 +729,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                              f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process {ref[k][at:at + 3]})")
         if not quiet:
             console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
-                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''})")
+                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''}{_with_codecs(p)})")
 
 
 # ---- profile and validate -------------------------------------------------------

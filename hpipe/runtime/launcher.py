@@ -592,11 +592,43 @@ def reference_logits(setup, ids: np.ndarray, spec=None, seed: int = 0, all_posit
     return (logits if all_positions else logits[:, -1]).numpy()
 
 
+def within_tolerance(max_abs_error: float, dtype: str) -> bool:
+    """Whether a --check's largest logit error passes for ``dtype`` (NaN does not)."""
+    return bool(max_abs_error <= CHECK_TOLERANCE[dtype])
+
+
+def lossy(plan) -> bool:
+    """Whether the plan sends some activations through a lossy codec."""
+    return any(c != "none" for c in plan.codecs or ())
+
+
+def plan_reference(setup, plan, ids: np.ndarray, output_tokens: int = 1, spec=None, seed: int = 0, eos=()):
+    """What ``plan`` computes, in this process (float32, CPU): each sequence's new ids and the
+    prompt's last-position logits (B, V).  A plan with lossy codecs is replayed with their
+    round trips on exactly the messages the runtime compresses
+    (``hpipe.runtime.codec_reference``); any other plan computes the model itself, which the
+    plain loop without a KV cache gives (``generation.reference_generate``)."""
+    from hpipe.runtime.weights import weight_source
+
+    spec = spec or setup.model
+    source = weight_source(spec, setup.weights, seed)
+    if not lossy(plan):
+        from hpipe.runtime.generation import reference_generate
+
+        return reference_generate(spec, source, ids, output_tokens, eos=eos)
+    from hpipe.runtime.codec_reference import CompressedRun, generate
+    from hpipe.runtime.model import build_units
+
+    units = build_units(spec, 0, spec.n_units, source, dtype="float32")
+    return generate(units, ids, output_tokens, CompressedRun.of(setup, plan), eos=eos)
+
+
 def execute(setup, plan, *, inputs=None, check: bool = False, timeout_s: float = 60.0, quiet: bool = False,
             warmup: int = 1, seed: int = 0, startup_timeout_s: float = 600.0, on_tokens=None, spec=None,
             **launch_kw) -> RunResult:
     """Run ``plan`` for real; its measured RunResult (``next_token_ids``, and ``max_abs_error``
-    against a single-process float32 forward when ``check``).
+    against a single-process float32 forward when ``check``: the plan's codecs applied where
+    it has lossy ones).
 
     When the scenario generates (``workload.output_tokens`` > 0) the workers decode after
     the prefill: the result adds ``generated_ids`` and the decode figures, and
@@ -655,8 +687,9 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
                    if d in cpu and "compute_cpu_s" in run.records.get(role, {}).get("decode", {})}
         if dec_cpu:
             extra["decode_compute_cpu_s"] = dec_cpu
-    if check:
-        ref = reference_logits(setup, run.ids, spec, seed)
+    if check:  # against what the plan computes: its codecs' round trips included
+        ref = (reference_logits(setup, run.ids, spec, seed) if not lossy(plan)
+               else plan_reference(setup, plan, run.ids, 1, spec, seed)[1])
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
     events = run_events(run, setup.cluster)

@@ -85,3 +85,32 @@ def test_compressing_decode_steps_too_changes_what_is_generated(saved):
     as_run, _ = generate(units, PROMPTS, NEW, CompressedRun.of(setup, p))
     harsh, _ = generate(units, PROMPTS, NEW, CompressedRun.of(setup, p, decode_codecs=["int4", "none"]))
     assert harsh != as_run
+
+
+def test_check_compares_a_lossy_plan_with_its_own_codecs(saved):
+    """``execute --check`` and ``generate --check`` replay the plan's codecs: against the
+    plain model a lossy plan's logits are off by its codec's error (int4: far past float32's
+    tolerance), against the replay by float noise, and the replay generates its ids."""
+    from hpipe.runtime import CHECK_TOLERANCE
+    from hpipe.runtime.launcher import execute, plan_reference, reference_logits, within_tolerance
+
+    setup, spec, _ = saved
+    p = CASES["int4-one"][0].model_copy(update={"codecs": ["int4", "none"]}).check(setup)
+    got = execute(setup, p, inputs=PROMPTS.tolist(), check=True, warmup=0, timeout_s=30, quiet=True, spec=spec)
+    assert got.max_abs_error < 1e-4 and within_tolerance(got.max_abs_error, "float32")
+    ids, _ = plan_reference(setup, p, PROMPTS, NEW, spec, eos=eos_ids(setup.weights))
+    assert ids == got.generated_ids
+    plain_ids, plain_first = plan_reference(setup, p.model_copy(update={"codecs": None}), PROMPTS, NEW, spec,
+                                            eos=eos_ids(setup.weights))
+    _, lossy_first = plan_reference(setup, p, PROMPTS, 1, spec)
+    assert np.abs(plain_first - lossy_first).max() > CHECK_TOLERANCE["float32"]  # what --check used to compare
+    assert plain_ids != ids
+    # uncompressed, the one-pass forward and the replay agree
+    assert np.abs(reference_logits(setup, PROMPTS, spec) - plain_first).max() < 1e-4
+
+
+def test_a_nan_error_is_not_within_tolerance():
+    from hpipe.runtime.launcher import within_tolerance
+
+    assert within_tolerance(0.0, "float32") and not within_tolerance(2e-3, "float32")
+    assert not within_tolerance(float("nan"), "float32") and not within_tolerance(float("inf"), "bfloat16")
