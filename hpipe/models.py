@@ -11,6 +11,7 @@ tabulate whole grids at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -21,6 +22,14 @@ from hpipe.errors import InputError, suggest
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 UnitKind = Literal["embed", "attn", "mlp", "head"]
+
+
+class SpecError(ValueError):
+    """A model shape that cannot be: the field and the problem."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
 
 
 @dataclass(frozen=True)
@@ -54,13 +63,17 @@ class ModelSpec:
     def __post_init__(self):
         for f in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
             if getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+                raise SpecError(f, f"must be positive, got {getattr(self, f)}")
+        for f in ("norm_eps", "rope_theta"):  # a zero or negative one makes NaN or garbage logits
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f, f"must be a positive number, got {v!r}")
         if self.family not in ("llama", "gpt"):
-            raise ValueError(f"family must be 'llama' or 'gpt', got {self.family!r}")
+            raise SpecError("family", f"must be 'llama' or 'gpt', got {self.family!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+            raise SpecError("d_model", f"{self.d_model} must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise SpecError("n_kv_heads", f"{self.n_kv_heads} must divide n_heads ({self.n_heads})")
 
     @property
     def head_dim(self) -> int:
@@ -276,5 +289,7 @@ def model_from_mapping(spec: dict) -> ModelSpec:
             raise InputError(f"must be an integer, got {spec[k]!r}", field=k)
     try:
         return ModelSpec(**spec)
+    except SpecError as e:
+        raise InputError(e.problem, field=e.field) from None
     except (ValueError, TypeError) as e:
         raise InputError(str(e)) from None

@@ -80,3 +80,17 @@ def test_inline_model_validation():
     with pytest.raises(InputError, match="multiple of n_heads"):
         model_from_mapping({"family": "llama", "n_layers": 2, "d_model": 65, "n_heads": 4,
                             "d_ff": 128, "vocab_size": 100})
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("n_layers", 0, "must be positive"), ("n_kv_heads", 3, "must divide n_heads"),
+    ("d_model", 66, "multiple of n_heads"), ("rope_theta", -1.0, "positive number"),
+    ("norm_eps", 0.0, "positive number"), ("norm_eps", float("nan"), "positive number"),
+    ("rope_theta", float("inf"), "positive number"), ("norm_eps", True, "positive number")])
+def test_an_impossible_shape_names_its_field(field, value, problem):
+    """A zero norm epsilon or a negative rotary base computes NaN or garbage logits (which a
+    --check once passed); every such error names the field, not just `model`."""
+    base = {"family": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 128, "vocab_size": 100}
+    with pytest.raises(InputError, match=problem) as e:
+        model_from_mapping({**base, field: value})
+    assert e.value.field == field
