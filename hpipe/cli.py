@@ -661,7 +661,12 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     ids = gen.prompt_ids(tok, sc.model_spec().vocab_size, prompt=prompt, inputs=str(inputs) if inputs else None,
                          prompt_file=str(prompt_file) if prompt_file else None, weights=weights)
     new_tokens = max_new_tokens or sc.workload.output_tokens or gen.DEFAULT_NEW_TOKENS
-    setup, plan_setup = gen.setups_for(sc, ids, new_tokens)
+    try:
+        setup, plan_setup = gen.setups_for(sc, ids, new_tokens)
+    except InputError as e:
+        if max_new_tokens and e.field == "workload.output_tokens":  # the number came from the flag
+            raise InputError(e.problem, field="--max-new-tokens") from None
+        raise
     if check and not setup.sampling.temperature == 0:
         raise InputError(f"--check compares greedy ids, but the scenario samples (temperature "
                          f"{setup.sampling.temperature:g})", file=str(scenario), field="workload.sampling.temperature")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
 from hpipe.errors import InputError, boolean_for_number, format_loc, suggest
@@ -317,8 +317,11 @@ class Scenario(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _generation_positions(self):
-        # A GPT model's learned positions bound the prompt plus the generated tokens.
+    def _generation_positions(self, info: ValidationInfo):
+        # A GPT model's learned positions bound the prompt plus the generated tokens; not those
+        # of a prompt rounded up to the token granularity only to plan on (hpipe generate).
+        if (info.context or {}).get("planning_only"):
+            return self
         spec = self.model_spec()
         w = self.workload
         used = positions_used(w.seq_len, w.output_tokens)
@@ -466,8 +469,10 @@ def _suggest_key(err: ValidationError, loc: tuple) -> str:
     return suggest(str(loc[-1]), [k for k in model.model_fields if k != "source_path"])
 
 
-def parse_scenario(data: Any, file: str | None = None) -> Scenario:
-    """Validate already-parsed YAML/JSON data as a scenario."""
+def parse_scenario(data: Any, file: str | None = None, *, planning_only: bool = False) -> Scenario:
+    """Validate already-parsed YAML/JSON data as a scenario.  ``planning_only``: a workload
+    that is planned on but never run (a prompt rounded up to the token granularity), whose
+    positions a GPT model's table need not hold."""
     if data is None:
         raise InputError("the file is empty; a scenario is a mapping of keys (name, model, workload, "
                          "cluster, ...): see the README's scenario format or scenarios/", file=file)
@@ -475,7 +480,7 @@ def parse_scenario(data: Any, file: str | None = None) -> Scenario:
         raise InputError(f"a scenario is a mapping of keys (name, model, workload, cluster, ...), "
                          f"got {type(data).__name__}", file=file)
     try:
-        return Scenario.model_validate({**data, "source_path": file})
+        return Scenario.model_validate({**data, "source_path": file}, context={"planning_only": planning_only})
     except ValidationError as e:
         raise _pydantic_error(e, file) from None
     except InputError as e:

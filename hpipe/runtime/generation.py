@@ -214,7 +214,7 @@ def setups_for(scenario, ids: list[list[int]], new_tokens: int):
         return run, run
     data["workload"]["seq_len"] = -(-seq_len // g) * g
     data["planner"]["token_granularity"] = g
-    return run, parse_scenario(data, file).resolve()
+    return run, parse_scenario(data, file, planning_only=True).resolve()
 
 
 def fit_slices(slices: list[int], seq_len: int) -> list[int]:

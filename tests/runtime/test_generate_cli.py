@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from hpipe.errors import InputError  # noqa: E402
+
 from runtime_helpers import CORE, TINY_LLAMA, run_two_hosts_with_torchrun, save_hf_llama  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(360), pytest.mark.slow]  # several subprocesses that import torch
@@ -199,3 +201,28 @@ def test_a_run_past_the_trained_context_is_announced(tmp_path):
     assert "past the 16" in err and "max_position_embeddings" in err and len(r.stdout.split()) == 8
     r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "7", cwd=tmp_path)
     assert r.returncode == 0 and "past the" not in r.stderr, r.stderr
+
+
+def test_a_gpt_prompt_off_the_granularity_is_held_to_its_own_positions(tmp_path):
+    """A 25-token prompt is planned as 32 (granularity 8) but runs at 25: with 8 new tokens it
+    computes 32 positions, all of a 32-position GPT's, and is allowed; 9 are refused with the
+    prompt's real length, and at --max-new-tokens when that set the number."""
+    from hpipe.runtime.generation import setups_for
+    from hpipe.scenario import load_scenario
+
+    from runtime_helpers import TINY_GPT
+
+    data = {"name": "tgpt", "model": {**TINY_GPT, "max_seq_len": 32}, "dtype": "float32",
+            "workload": {"seq_len": 16, "batch_size": 1},
+            "cluster": {"hosts": [{"name": "local", "devices": [{**CORE, "count": 2}]}]},
+            "planner": {"kind": "gpipe", "token_granularity": 8}}
+    (tmp_path / "tgpt.yaml").write_text(yaml.safe_dump(data))
+    ids = [[i % 100 for i in range(25)]]
+    run, plan_on = setups_for(load_scenario(tmp_path / "tgpt.yaml"), ids, 8)
+    assert (run.seq_len, plan_on.seq_len, run.output_tokens) == (25, 32, 8)
+    with pytest.raises(InputError, match="25 prompt \\+ 9 output tokens use 33 positions") as e:
+        setups_for(load_scenario(tmp_path / "tgpt.yaml"), ids, 9)
+    assert e.value.field == "workload.output_tokens"
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    r = _hpipe("generate", "tgpt.yaml", "--inputs", "ids.json", "--max-new-tokens", "9", cwd=tmp_path)
+    assert r.returncode == 2 and "'--max-new-tokens'" in r.stderr and "33 positions" in r.stderr, r.stderr
