@@ -337,15 +337,24 @@ class Scenario(_Strict):
         return model_from_mapping(self.model)
 
     def files_read(self) -> dict[str, Path]:
-        """The files the scenario's cost model reads, by what they are (an output must not
-        replace them): a fitted model's profile, a roofline's calibration profile."""
+        """The files the scenario names that a command may read, by what they are (an output
+        must not replace them): a fitted model's profile, a roofline's calibration profile,
+        and the weights folder's files (its config, tokenizer and safetensors)."""
+        out = {}
+        if self.weights:
+            folder = self.resolve_path(self.weights)
+            if folder.is_dir():
+                for f in sorted(folder.iterdir()):
+                    if f.suffix == ".safetensors" or f.name in WEIGHTS_FOLDER_FILES:
+                        out[f"the weights folder's {f.name}"] = f
         cm = self.costmodel
         if not isinstance(cm, dict):
-            return {}
+            return out
         named = {"costmodel.profile": cm.get("profile"), "costmodel.calibration": cm.get("calibration")}
         if isinstance(cm.get("roofline"), dict):  # auto: the roofline it falls back to
             named["costmodel.roofline.calibration"] = cm["roofline"].get("calibration")
-        return {f"the scenario's {k} file": self.resolve_path(v) for k, v in named.items() if isinstance(v, str)}
+        return {**out, **{f"the scenario's {k} file": self.resolve_path(v) for k, v in named.items()
+                          if isinstance(v, str)}}
 
     def resolve_path(self, p: str) -> Path:
         path = Path(p).expanduser()
@@ -524,6 +533,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         elif isinstance(node, yaml.SequenceNode):
             for item in node.value:
                 self._check_unique(item, done)
+
+
+WEIGHTS_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json")
+"""What hpipe.runtime reads from a weights folder besides its *.safetensors files."""
 
 
 def read_scenario_text(path: str | Path) -> str:

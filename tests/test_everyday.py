@@ -106,6 +106,29 @@ def test_an_output_never_replaces_the_profile_the_cost_model_reads(cli, tmp_path
     assert profile.read_bytes() == before
 
 
+def test_an_output_never_replaces_a_file_of_the_weights_folder(cli, tmp_path):
+    """The weights folder's config, tokenizer and safetensors are read by execute and
+    generate: --json onto config.json replaced it, and the next run failed on it."""
+    import yaml
+
+    (tmp_path / "model").mkdir()
+    files = {n: f"{{\"{n}\": 1}}" for n in ("config.json", "tokenizer.json")}
+    files["model.safetensors"] = "not read here"
+    for n, text in files.items():
+        (tmp_path / "model" / n).write_text(text)
+    data = yaml.safe_load((SCENARIOS / "local-cpu.yaml").read_text())
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**data, "weights": "model", "costmodel": "roofline"}))
+    for args in (["simulate", "--json", "model/config.json"], ["execute", "--json", "model/tokenizer.json"],
+                 ["execute", "--trace", "model/model.safetensors"],
+                 ["generate", "--prompt", "hi", "--json", "model/config.json"]):
+        r = cli(args[0], str(tmp_path / "s.yaml"), *[str(tmp_path / a) if "/" in a else a for a in args[1:]], "-q")
+        assert r.returncode == 2 and "the weights folder's" in r.stderr, (args, r.stderr)
+    assert {n: (tmp_path / "model" / n).read_text() for n in files} == files
+    # a new file beside them is fine: nothing is read from it
+    r = cli("simulate", str(tmp_path / "s.yaml"), "--json", str(tmp_path / "model" / "result.json"), "-q")
+    assert r.returncode == 0, r.stderr
+
+
 # ---- --set overrides ------------------------------------------------------------
 def test_overrides_apply_before_validation_in_process():
     from hpipe.errors import InputError
