@@ -8,6 +8,7 @@ second time as ``__main__``: the flag below must be one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -34,6 +35,29 @@ def install_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@contextlib.contextmanager
+def signals_held(sigs=(signal.SIGINT, signal.SIGTERM)):
+    """Run a clean-up that must finish with Ctrl-C and SIGTERM held: one that arrives
+    meanwhile is acted on, by the handler it was meant for, once the block ends.  A second
+    Ctrl-C (``timeout -s INT`` sends two) once interrupted the removal of emulated hosts
+    half-way and left namespaces and cgroups behind.  Off the main thread, where no handler
+    can be set, the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def exit_interrupted(e: BaseException | None = None) -> None:

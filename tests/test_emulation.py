@@ -180,6 +180,29 @@ def test_cleanup_on_exception(tmp_path):
     assert not em.leftovers(os.getpid())
 
 
+@needs_netns
+@needs_cgroup
+def test_a_second_ctrl_c_during_cleanup_waits_for_it(tmp_path, monkeypatch):
+    """Ctrl-C, then another while the hosts are being removed (``timeout -s INT`` sends two):
+    every namespace and cgroup still goes, and the second one is acted on after."""
+    setup = two_host_setup(tmp_path)
+    real = em._remove_namespace
+    calls = []
+
+    def interrupted_again(ns):  # the second Ctrl-C lands mid-cleanup, at the first namespace
+        calls.append(ns)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(ns)
+
+    monkeypatch.setattr(em, "_remove_namespace", interrupted_again)
+    with pytest.raises(KeyboardInterrupt):
+        with em.emulate(setup):
+            raise KeyboardInterrupt  # the first
+    assert len(calls) == 2 and not em.leftovers(os.getpid())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 _HOLDER = textwrap.dedent("""
     import sys, time
     from hpipe.runtime import emulation as em

@@ -69,6 +69,7 @@ from pathlib import Path
 
 from hpipe.devices import paced
 from hpipe.errors import HpipeError
+from hpipe.stopping import signals_held
 
 PREFIX = "hpipe-"
 SUBNET = "10.213"
@@ -585,7 +586,8 @@ def emulate(setup, device_ids: list[str] | None = None, *, quotas: bool = True,
         yield Emulation(owner, workers, net, cgroups)
     finally:
         try:
-            _cleanup(owner)
+            with signals_held():  # a second Ctrl-C must not leave hosts half removed
+                _cleanup(owner)
         finally:
             restore()
 
