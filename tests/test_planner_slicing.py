@@ -188,3 +188,25 @@ def test_least_max_h_side_by_side_is_each_grids_own(seed, L, n, ties):
     problems = [_random_dp_problem(rng, L, ties) for _ in range(n)]
     HTs, qmins = [p[1] for p in problems], [p[3] for p in problems]
     assert alg2._minmax_dp_many(HTs, qmins) == [alg2._minmax_dp(H, q) for H, q in zip(HTs, qmins)]
+
+
+def test_too_many_token_units_is_bad_input_naming_a_granularity_that_fits():
+    """1M tokens in units of 32 would need (32768+1)^2-sized tables: the planner was killed at
+    24 GB.  It is refused at once, with the smallest granularity that divides the sequence."""
+    import pytest
+
+    from hpipe.errors import InputError
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+
+    from conftest import ROOT
+
+    sets = ["cluster.hosts[0].devices[0].memory_gb=1000000", "costmodel=roofline"]
+    setup = load_scenario(ROOT / "scenarios" / "local-cpu.yaml", overrides=[*sets, "workload.seq_len=1048576"]).resolve()
+    with pytest.raises(InputError, match="32768 token units .* give planner.token_granularity 256 or more") as e:
+        make_plan(setup, "hpipe")
+    assert e.value.field == "planner.token_granularity"
+    at_most = load_scenario(ROOT / "scenarios" / "local-cpu.yaml",
+                            overrides=[*sets, "workload.seq_len=12288", "planner.token_granularity=3"]).resolve()
+    assert at_most.seq_len // at_most.granularity == alg2.MAX_TOKEN_UNITS
+    alg2.check_token_units(at_most)  # 4096 units: allowed

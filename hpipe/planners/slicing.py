@@ -40,6 +40,27 @@ import numpy as np
 from hpipe.planners.evaluate import hop_resource, makespan_from_times, shares_resources
 
 INF = math.inf
+MAX_TOKEN_UNITS = 4096
+"""Most token units (seq_len / token_granularity) the DP slices: its tables hold every (q, p)
+pair, so time and memory grow with the square.  Planning hpipe at 16, 32 and 64k tokens
+in units of 16 (1024-4096 units) took 3.5, 11.8 and 52 s and 0.34, 1.1 and 3.7 GB; 1M
+tokens (65,536 units) was killed at 24 GB (2-core Intel Xeon VM, 2026-12-03)."""
+
+
+def check_token_units(setup) -> None:
+    """An InputError naming planner.token_granularity, with the smallest that would do, where
+    the sequence has more token units than the DP can hold."""
+    from hpipe.errors import InputError
+
+    L = setup.seq_len // setup.granularity
+    if L <= MAX_TOKEN_UNITS:
+        return
+    least = -(-setup.seq_len // MAX_TOKEN_UNITS)
+    fits = next(g for g in range(least, setup.seq_len + 1) if setup.seq_len % g == 0)
+    raise InputError(f"{setup.seq_len} tokens in units of {setup.granularity} make {L} token units to slice; "
+                     f"the slicing DP's time and memory grow with their square (at most {MAX_TOKEN_UNITS}): "
+                     f"give planner.token_granularity {fits} or more",
+                     file=getattr(setup.scenario, "source_path", None), field="planner.token_granularity")
 
 
 class SliceGrid:
@@ -47,6 +68,7 @@ class SliceGrid:
 
     def __init__(self, tables, stages, micro_batch_sizes, max_slice_tokens: int | None = None):
         setup = tables.setup
+        check_token_units(setup)
         self.g = setup.granularity
         self.L = L = setup.seq_len // self.g
         # the slices (q, p) of the grid, those memory allows, and where each lies in the
