@@ -25,7 +25,7 @@ PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatr
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf TFLOP/s simulated as 0 s
 
     @model_validator(mode="before")
     @classmethod
@@ -97,7 +97,7 @@ class Placement(_Strict):
     """cpu, cuda (cuda:i for the i-th of the entry's count) or cuda:N."""
     threads: PositiveInt = 1
     """torch intra-op threads of the worker (CPU)."""
-    cores: list[int] | None = None
+    cores: list[NonNegativeInt] | None = Field(None, min_length=1)
     """CPU cores the worker is pinned to (sched_setaffinity); none: not pinned."""
     cpu_quota: PositiveFloat | None = None
     """Emulate a slower device, this many cores' worth: a one-thread worker below one core paces its
@@ -110,6 +110,14 @@ class Placement(_Strict):
         if not _RUNTIME_DEVICE.match(v):
             raise ValueError(f"must be 'cpu', 'cuda' or 'cuda:N', got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _quota_within_threads(self):
+        if self.cpu_quota is not None and self.cpu_quota > self.threads:
+            raise _FieldError("cpu_quota", f"{self.cpu_quota:g} cores' worth is more than the worker's "
+                                           f"{self.threads} thread{'s' if self.threads > 1 else ''} can use; "
+                                           f"a quota emulates a slower device (at most threads)")
+        return self
 
 
 MAX_DEVICES_PER_ENTRY = 256
@@ -166,6 +174,9 @@ class DeviceEntry(_Strict):
             if missing:
                 raise _FieldError(missing[0], f"missing: custom device {self.name!r} needs "
                                               f"{', '.join(missing)}")
+            if self.idle_power_w is not None and self.idle_power_w > self.power_w:
+                raise _FieldError("idle_power_w", f"{self.idle_power_w:g} W idle is more than power_w "
+                                                  f"({self.power_w:g} W, the device busy)")
         return self
 
     def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:

@@ -166,3 +166,19 @@ def test_roundtrip_of_ready_scenarios():
         s = load_scenario(f)
         assert yaml.safe_load(f.read_text())["name"] == s.name
         s.resolve()
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("cluster.hosts[0].devices[0].peak_tflops", ".inf", "finite"),  # was simulated at 0 s
+    ("cluster.network.bandwidth_gbps", ".nan", "finite"),
+    ("cluster.hosts[0].devices[0].idle_power_w", "100", "more than power_w"),
+    ("cluster.hosts[0].devices[0].runtime.cores", "[]", "at least 1"),
+    ("cluster.hosts[0].devices[0].runtime.cores", "[-1]", "greater than or equal to 0"),
+    ("cluster.hosts[0].devices[0].runtime.cpu_quota", "2", "more than the worker's 1 thread")])
+def test_values_a_device_cannot_have_are_refused_at_their_field(key, value, problem):
+    with pytest.raises(InputError, match=problem) as e:
+        load_scenario(SCENARIOS / "local-cpu.yaml", overrides=[f"{key}={value}"])
+    assert e.value.field.startswith(key), e.value.field
+    # the same entry within bounds is fine
+    load_scenario(SCENARIOS / "local-cpu.yaml", overrides=["cluster.hosts[0].devices[0].idle_power_w=15",
+                                                           "cluster.hosts[0].devices[0].runtime.cpu_quota=1"])
