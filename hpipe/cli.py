@@ -571,6 +571,23 @@ def _note_past_context(setup, spec) -> None:
     note = past_trained_context(setup, spec)
     if note:
         err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
+    _note_foreign_profile(setup)
+
+
+def _note_foreign_profile(setup) -> None:
+    """Before a run measured beside its prediction: say so when the scenario's fitted profile
+    does not describe this machine (made on another CPU, by another torch or profiler), so
+    the prediction is another machine's.  ``costmodel: auto`` picks this machine's own."""
+    from hpipe.costmodels.fitted import Fitted
+    from hpipe.runtime.profiler import stale_reason
+
+    if not isinstance(setup.cost, Fitted) or getattr(setup.cost, "auto", None) is not None:
+        return
+    why = stale_reason(setup.cost.profile, setup)
+    if why:
+        err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
+                          f"describe this run ({escape(why)}): the prediction beside the measurement is not this "
+                          f"machine's; `hpipe profile SCENARIO -o PROFILE.json` measures it", highlight=False)
 
 
 def _note_other_load(con, measured) -> None:

@@ -1043,7 +1043,8 @@ def stale_reason(prof: Profile, setup) -> str | None:
         return why
     here = _hardware()
     if prof.hardware.cpu_model != here.cpu_model or prof.hardware.gpus != here.gpus:
-        return f"measured on {prof.hardware.cpu_model} {prof.hardware.gpus or ''}, this machine is {here.cpu_model}"
+        there = ", ".join([prof.hardware.cpu_model, *prof.hardware.gpus])
+        return f"measured on {there}, this machine is {', '.join([here.cpu_model, *here.gpus])}"
     v = _versions()
     if (prof.versions.torch, prof.versions.python) != (v.torch, v.python):
         return (f"measured with torch {prof.versions.torch} / python {prof.versions.python}, "

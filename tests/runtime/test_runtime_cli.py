@@ -44,3 +44,19 @@ def test_execute_check_json_and_bad_inputs(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:5]]))
     r = _hpipe("execute", "tiny.yaml", "--inputs", "bad.json", cwd=tmp_path)
     assert r.returncode == 2 and "bad.json" in r.stderr and "[1]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_profile_from_another_machine_is_named_before_the_run(tmp_path):
+    """A fitted profile made on another CPU prices another machine: execute still runs it
+    (asked for by name), but says so, with how to measure this one."""
+    prof = json.loads((ROOT / "scenarios" / "profiles" / "local-cpu.json").read_text())
+    prof["hardware"]["cpu_model"] = "Imaginary CPU 9000"
+    (tmp_path / "p.json").write_text(json.dumps(prof))
+    data = yaml.safe_load((ROOT / "scenarios" / "local-cpu.yaml").read_text())
+    data["costmodel"] = {"kind": "fitted", "profile": "p.json"}
+    data["workload"] = {**data["workload"], "seq_len": 64, "batch_size": 1}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    r = _hpipe("execute", "s.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "measured on Imaginary CPU 9000, this machine is" in err and "hpipe profile SCENARIO" in err, r.stderr
