@@ -45,8 +45,21 @@ def gb(mb: float | None) -> str:
 
 
 def shape(plan) -> str:
-    """stages/slices/micro-batches, e.g. 4/70/1."""
-    return f"{len(plan.stages)}/{len(plan.slices)}/{plan.micro_batches}" if plan is not None else "-"
+    """stages/slices/micro-batches, e.g. 4/70/1, and the plan's lossy codecs: 2/6/1 int8."""
+    if plan is None:
+        return "-"
+    lossy = codecs_of(plan)
+    return f"{len(plan.stages)}/{len(plan.slices)}/{plan.micro_batches}" + (f" {lossy}" if lossy else "")
+
+
+def codecs_of(plan) -> str:
+    """The plan's lossy codecs, each with its number of boundaries past one: 'int8', 'int8×2,int4'
+    ('' when it compresses nothing)."""
+    counts: dict[str, int] = {}
+    for c in plan.codecs or ():
+        if c != "none":
+            counts[c] = counts.get(c, 0) + 1
+    return ",".join(c if k == 1 else f"{c}×{k}" for c, k in counts.items())
 
 
 def reason_of(r) -> str:
@@ -300,6 +313,9 @@ def plan_table(setup, plan, result=None) -> Table:
              + (f"the batch of {setup.batch_size} at once" if plan.micro_batches == 1 else
                 f"{plan.micro_batches} micro-batches (sequences each: "
                 f"{run_lengths(plan.micro_batch_sizes(setup.batch_size))})"))
+    hops = [f"{c} from stage {j} to {j + 1}" for j, c in enumerate(plan.codecs or ()) if c != "none"]
+    if hops:  # per message, where encode + compressed transfer + decode beats sending it raw
+        title += "\nactivations compressed: " + ", ".join(hops) + " (each message where that pays)"
     t = _table(title, "per item: compute of one (micro-batch, slice), transfers excluded; busy: all items; "
                       "memory: weights + KV cache + workspace, GB (10^9 bytes)")
     for col in ("stage", "devices", "layers", "per item\nms", "busy\ns", "memory GB\nneeds / usable"):

@@ -179,3 +179,21 @@ def test_the_codec_is_chosen_per_message_by_its_size():
         packed = float(enc + setup.cost.transfer_time_s("a/d-0", "b/d-0", wire) + dec)
         assert (c == "int8") == (packed < float(raw[i]))
         assert bc.wire_bytes[i] == (wire if c == "int8" else 4 * k[i])
+
+
+def test_the_tables_say_which_codec_a_plan_uses(cli):
+    """A sweep of max_lossy_hops 0,1 printed two identical shapes: the shape now ends with the
+    plan's lossy codecs, and `hpipe plan` names the boundary."""
+    from types import SimpleNamespace
+
+    from hpipe.tables import codecs_of, shape
+
+    p = SimpleNamespace(stages=[0] * 4, slices=[8, 8], micro_batches=1, codecs=["int8", "none", "int8"])
+    assert (shape(p), codecs_of(SimpleNamespace(codecs=["int4", "int8", "int4"]))) == ("4/2/1 int8×2", "int4×2,int8")
+    assert shape(SimpleNamespace(stages=[0] * 4, slices=[8, 8], micro_batches=1, codecs=None)) == "4/2/1"
+    from conftest import SCENARIOS
+
+    r = cli("sweep", str(SCENARIOS / "local-cpu-hetero-int8.yaml"), "--set", "compression.max_lossy_hops=0,1")
+    assert r.returncode == 0 and "2/6/1 int8" in r.stdout and r.stdout.count("2/6/1") == 2, r.stdout
+    r = cli("plan", str(SCENARIOS / "local-cpu-hetero-int8.yaml"))
+    assert "activations compressed: int8 from stage 0 to 1" in " ".join(r.stdout.split()), r.stdout
