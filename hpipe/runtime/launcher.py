@@ -341,7 +341,8 @@ def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progre
     for role, e in sorted(local.items()):
         lines.append(f"{_describe(cfgs, role)} failed: {e['message']}")
     # A communication error points at the peer; the peer is the suspect unless it reported itself.
-    for role, e in sorted(comm.items()):
+    # A worker that timed out first: its peers then see the connection close (the effect).
+    for role, e in sorted(comm.items(), key=lambda kv: ("timed out after" not in kv[1]["message"], kv[0])):
         lines.append(f"{_describe(cfgs, role)}: {e['message']}")
     if not lines and hung:
         waiting = [r for r in range(len(cfgs)) if progress.get(r, -1) < n_items - 1]

@@ -116,3 +116,18 @@ def test_launcher_signal_stops_every_worker(tmp_path, sig):
     else:  # nobody to stop them: the workers notice their launcher is gone
         assert proc.returncode == -signal.SIGKILL
         _assert_gone(pids, within_s=5.0)
+
+
+def test_a_timeout_is_named_before_the_closed_connection_it_caused():
+    """--timeout 0.05: stage 1 gave up waiting and closed its end, so stage 0's send failed
+    too; the message led with the effect (gloo's 'Connection closed by peer')."""
+    from types import SimpleNamespace
+
+    from hpipe.runtime.launcher import _failure_message
+
+    cfg = SimpleNamespace(stage_of=lambda r: r, devices=["local/core-0", "local/core-1"])
+    errors = {0: {"comm": True, "peer": 1, "message": "sending to stage 1 (local/core-1): Connection closed by peer"},
+              1: {"comm": True, "peer": 0, "message": "timed out after 0.05s waiting for micro-batch 0 slice 0"}}
+    msg = _failure_message([cfg, cfg], errors, {}, {}, False, 0.05, 4)
+    assert msg.startswith("stage 1 (local/core-1): timed out after 0.05s"), msg
+    assert "; also stage 0 (local/core-0): sending to stage 1" in msg
