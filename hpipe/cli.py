@@ -636,7 +636,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
              planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
              plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
              prompt: Annotated[Optional[str], typer.Option(help="prompt text (needs tokenizer.json in the weights folder)", metavar="TEXT")] = None,
-             prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="read the prompt text from FILE", metavar="FILE")] = None,
+             prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="read the prompt text from FILE (- for standard input)", metavar="FILE")] = None,
              inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence, all of one length", metavar="IDS.json")] = None,
              max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="new tokens per sequence (default: the scenario's output_tokens, else 32)", metavar="N")] = None,
              stream: Annotated[bool, typer.Option(help="print the text (or ids) to stdout as tokens arrive")] = False,
@@ -651,6 +651,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
+    if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
+        prompt_file = Path("/dev/stdin")
     _check_outputs({"--json": json_path}, _reads(scenario, sets, **{"the --plan file": plan,
                                                                     "the --prompt-file": prompt_file,
                                                                     "the --inputs file": inputs}))

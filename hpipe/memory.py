@@ -91,7 +91,8 @@ def raise_if_model_cannot_fit(setup) -> None:
     if short > 0:
         weights, kv = _model_need_bytes(setup)
         raise InfeasibleError(
-            f"{setup.model.name} at batch {setup.batch_size} x {setup.seq_len} tokens ({setup.dtype}) "
+            f"{setup.model.name} at batch {setup.batch_size} x {setup.seq_len} tokens"
+            + (f" + {setup.output_tokens} new" if getattr(setup, "output_tokens", 0) else "") + f" ({setup.dtype}) "
             f"does not fit in the cluster's memory: {short / 1e9:.2f} GB short "
             f"(weights {weights / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB, "
             f"{sum(d.usable_memory_bytes for d in setup.cluster.devices) / 1e9:.2f} GB usable)")

@@ -181,7 +181,7 @@ def prompt_ids(tokenizer, vocab_size: int, *, prompt: str | None = None, prompt_
                          field=where)
     if prompt_file is not None:
         try:
-            prompt = Path(prompt_file).read_text()
+            prompt = Path(prompt_file).read_text(encoding="utf-8-sig")  # a BOM is not text
         except FileNotFoundError:
             raise InputError("no such file", file=prompt_file) from None
         except (OSError, UnicodeDecodeError) as e:

@@ -103,6 +103,13 @@ def test_text_prompt_streams_text_equal_to_transformers(tmp_path):
     assert ids == hf[0, x.shape[1]:].tolist()
     assert res["ttft_s"] > 0 and res["tpot_s"] > 0 and res["predicted_latency_s"] > 0
 
+    # the same prompt from standard input (--prompt-file -), behind a UTF-8 byte-order mark
+    r = subprocess.run([sys.executable, "-m", "hpipe", "generate", "tiny.yaml", "--prompt-file", "-",
+                        "--max-new-tokens", "24", "--json", "-"], input=("\ufeff" + prompt).encode(),
+                       capture_output=True, env=_env(), timeout=150, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout)["results"][0]["generated_ids"][0] == ids
+
     # `hpipe execute` on the same folder: generated ids and their text in the Result
     _scenario(tmp_path / "gen.yaml", weights="model", output_tokens=4)
     r = subprocess.run([sys.executable, "-m", "hpipe", "execute", "gen.yaml", "--json", "-"], capture_output=True,
