@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hpipe.plan import load_plans
 from hpipe.planners import make_plan
 from hpipe.planners.joint import plan_hpipe
@@ -51,3 +53,33 @@ def test_hexgen_70b_plan_is_feasible_and_at_least_as_fast_as_hexgens_hand_plan()
     r = simulate(setup, plan)
     assert r.feasible and r.latency_s <= hand_r.latency_s
     assert any(s.tp > 1 for s in plan.stages)  # it plans with tensor-parallel groups, as HexGen does
+
+
+def test_tp_stage_costs_are_each_hosts_own():
+    """Two hosts of one device type whose intra-host links differ: a TP group on each costs
+    what its own scatter and all-reduces take.  The partition DP once keyed TP matrices by
+    device type alone and priced the slow host's group at the fast one's (0.012 s for 0.140 s)."""
+    from hpipe.planners import partition as alg1
+    from hpipe.planners.costs import CostTables
+    from hpipe.scenario import parse_scenario
+
+    dev = {"peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 50.0, "power_w": 100.0}
+    data = {"name": "tpkind", "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256,
+                                        "vocab_size": 256, "max_seq_len": 1024}, "dtype": "float16",
+            "workload": {"seq_len": 64, "batch_size": 2},
+            "cluster": {"hosts": [
+                {"name": "fast", "devices": [{**dev, "name": "a", "count": 2}],
+                 "interconnect": {"bandwidth_gbps": 100.0, "latency_us": 0.0}},
+                {"name": "slow", "devices": [{**dev, "name": "b", "count": 2}],
+                 "interconnect": {"bandwidth_gbps": 100.0, "latency_us": 2000.0}}],
+                "network": {"bandwidth_gbps": 1.0, "latency_us": 10.0}},
+            "costmodel": {"kind": "roofline"}, "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}
+    t = CostTables(parse_scenario(data).resolve())
+    fast, slow = t.group_of("fast/a-0", 2), t.group_of("slow/b-0", 2)
+    U = len(t.units)
+    for first in (fast, slow):  # whichever is asked first
+        pc = alg1.PartitionCosts(t, [16] * 4, [1, 1])
+        got = {g: pc.stage_matrix(g[0], 2)[0, U] for g in (first, slow if first == fast else fast)}
+        for g, v in got.items():
+            assert v == pytest.approx(t.stage_time(g, 0, U, pc.n, pc.c, pc.b).sum(), rel=1e-9)
+        assert got[slow] > 5 * got[fast]

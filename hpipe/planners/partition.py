@@ -163,9 +163,13 @@ class PartitionCosts:
         k >= e or the stage does not fit the device's memory (with ``strict``, at the
         current slices as they are, not cut down)."""
         mem_slice = max(self.slices) if strict else self.mem_slice
-        ck = (self.tables.device_group[device], self.tables.capacity(device), tp, mem_slice)
+        # A device's group stands for it alone; a TP group's cost also depends on its host's
+        # links (scatter, all-reduce), so groups are keyed by kind, which names the host: two
+        # hosts of one GPU with different intra-host links once shared one TP matrix.
+        who = self.tables.device_group[device] if tp == 1 else ("kind", self.tables.kind[device])
+        ck = (who, self.tables.capacity(device), tp, mem_slice)
         if ck not in self._smat:
-            tk = (self.tables.device_group[device], tp)
+            tk = (who, tp)
             if tk not in self._times:
                 if tp == 1:
                     P = self.tables.prefix_totals(device, self.n, self.c, self.b, self.key)
