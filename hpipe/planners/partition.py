@@ -460,6 +460,9 @@ def _dp_many(problems, caps_list, op, start, block_width: int = 40, max_cells: i
 def _dp_chunk(smats_l, links_l, caps, op, start, width, prefixes=None):
     """``_dp_many`` of one group: N problems side by side, caps (N, E)."""
     N, E = caps.shape
+    # A stage cost equal to the cap can come out of the prefix differences an ulp above it:
+    # it still fits (the bottleneck DP's own stage, capped at its own value).
+    caps = caps * (1 + 1e-12)
     M = len(smats_l[0])
     U = next(iter(smats_l[0][0].values())).shape[0] - 1
     U1 = U + 1
