@@ -197,3 +197,15 @@ def test_the_tables_say_which_codec_a_plan_uses(cli):
     assert r.returncode == 0 and "2/6/1 int8" in r.stdout and r.stdout.count("2/6/1") == 2, r.stdout
     r = cli("plan", str(SCENARIOS / "local-cpu-hetero-int8.yaml"))
     assert "activations compressed: int8 from stage 0 to 1" in " ".join(r.stdout.split()), r.stdout
+
+
+def test_wire_bytes_formulas():
+    """Torch-free (the prediction's own arithmetic); the runtime tests check the codecs send exactly this."""
+    # the issue's arithmetic, for a 2048-token LLaMA-7B activation (4096 wide) in fp16
+    k = 2048 * 4096
+    assert get_codec("none").wire_bytes(k, 2) == 2 * k
+    assert get_codec("int8").wire_bytes(k, 2) == k + 2 * k // 64
+    assert get_codec("fp8").wire_bytes(k, 2) == k + 2 * k // 64
+    assert get_codec("int4").wire_bytes(k, 2) == k // 2 + 2 * k // 32
+    assert get_codec("int4").wire_bytes(65, 4) == 33 + 2 * 3
+    assert list(get_codec("int8").wire_bytes(np.array([64, 65]), 4)) == [66, 69]
