@@ -6,6 +6,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -484,3 +485,29 @@ def test_orders_sharing_a_prefix_share_its_dp_cells_exactly(seed, n_dev, U, E, n
     assert alg1.minmax_dp_many(problems, prefixes=seqs) == alg1.minmax_dp_many(problems)
     assert alg1.minsum_dp_many(problems, caps_list, prefixes=seqs) == [
         _minsum_reference(sm, lk, c) for (sm, lk), c in zip(problems, caps_list)]
+
+
+@pytest.mark.parametrize("name", ["local-cpu-4dev", "paper-llama7b"])  # the second has TP 2 and 4 groups
+def test_a_stage_overhead_is_in_every_table_once_per_item(monkeypatch, name):
+    """A fitted profile charges each stage a fixed time per work item (``stage_overhead_s``);
+    the roofline charges none, so tables that forgot it (or charged it once per stage) agreed
+    with the cost model on every roofline case (a mutation-testing helper's survivor)."""
+    from hpipe.scenario import load_scenario
+
+    from conftest import SCENARIOS
+
+    setup = load_scenario(SCENARIOS / f"{name}.yaml", overrides=["costmodel=roofline"]).resolve()
+    monkeypatch.setattr(setup.cost, "stage_overhead_s", lambda devs: 1e-3 * len(devs))
+    tables = CostTables(setup)
+    slices, sizes = uniform_slices(setup.seq_len, setup.granularity, 4), micro_batch_sizes(setup.batch_size, 2)
+    pc = alg1.PartitionCosts(tables, slices, sizes)
+    U = setup.n_units
+    for d in setup.cluster.device_ids:
+        for s, e in ((0, 1), (1, 5), (U - 3, U)):  # ranges every device holds
+            want = setup.cost.stage_compute_s(s, e, [d], pc.n, pc.c, pc.b)
+            assert np.allclose(tables.range_time(d, s, e, pc.n, pc.c, pc.b), want, rtol=1e-12)
+            assert pc.stage_matrix(d)[s, e] == pytest.approx(float(np.sum(want)), rel=1e-12)
+    for tp in tables.tp_degrees:
+        grp = tables.group_of(setup.cluster.device_ids[0], tp)
+        want = setup.cost.stage_compute_s(1, 5, list(grp), pc.n, pc.c, pc.b)
+        assert pc.stage_matrix(grp[0], tp)[1, 5] == pytest.approx(float(np.sum(want)), rel=1e-9)
