@@ -209,3 +209,25 @@ def test_wire_bytes_formulas():
     assert get_codec("int4").wire_bytes(k, 2) == k // 2 + 2 * k // 32
     assert get_codec("int4").wire_bytes(65, 4) == 33 + 2 * 3
     assert list(get_codec("int8").wire_bytes(np.array([64, 65]), 4)) == [66, 69]
+
+
+def test_decode_steps_travel_raw_even_where_a_codec_would_pay():
+    """The runtime sends decode steps raw; the simulator and planners must price them so.  On
+    a link so slow that even a one-token message's codec pays, the items from n_prefill on
+    stay 'none' (a mutation that let the first step through survived every test)."""
+    from hpipe.codecs import boundary_costs
+    from hpipe.scenario import load_scenario
+
+    from conftest import SCENARIOS
+
+    setup = load_scenario(SCENARIOS / "local-cpu-hetero-int8.yaml",
+                          overrides=["cluster.network.bandwidth_gbps=0.00001", "workload.batch_size=8"]).resolve()
+    plan = make_plan(setup, "gpipe").model_copy(update={"codecs": ["int8"]})
+    n = np.array([64.0, 64.0, 1.0, 1.0, 1.0])  # two prefill items, then three decode steps
+    b = np.full(5, 8.0)
+    anywhere = boundary_costs(setup, plan, 0, n, b)
+    assert anywhere.codec == ["int8"] * 5  # it would pay on every message
+    got = boundary_costs(setup, plan, 0, n, b, n_prefill=2)
+    assert got.codec == ["int8", "int8", "none", "none", "none"]
+    assert np.all(got.encode_s[2:] == 0) and np.all(got.decode_s[2:] == 0)
+    assert np.array_equal(got.wire_bytes[2:], n[2:] * b[2:] * setup.model.d_model * setup.dtype_bytes)
