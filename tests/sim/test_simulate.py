@@ -294,3 +294,28 @@ def test_a_tensor_parallel_stage_prices_the_head_on_its_leader_alone(llama7b):
         assert not last.device_compute_s[1].any()
         util = simulate(setup, p).utilization
         assert util[lead] > 0 and util[peer] == 0
+
+
+@pytest.mark.parametrize("cut", [1, 5])  # a TP stage that starts right after the embedding, or later
+def test_a_tensor_parallel_stage_after_the_first_forwards_its_input_to_each_peer(cut):
+    """Its leader hands every item's input to each peer (holding the host's link) before the
+    shards run: one scatter transfer per peer and item, of the previous unit's output bytes.
+    A mutation that skipped it for a stage starting at unit 1 survived every test."""
+    from hpipe.plan import Plan, Stage
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import build, simulate
+
+    setup = load_scenario(Path(__file__).parents[2] / "scenarios" / "paper-llama7b.yaml",
+                          overrides=["workload.batch_size=1", "workload.seq_len=256"]).resolve()
+    U = setup.n_units
+    plan = Plan(planner="hand", scenario=setup.name, slices=[128, 128], micro_batches=1,
+                stages=[Stage(devices=["host-b/RTX3090-0"], units=(0, cut)),
+                        Stage(devices=["host-a/P100-0", "host-a/P100-1"], units=(cut, U))])
+    spec = build(setup, plan).stages[1]
+    out = setup.units[cut - 1].out_bytes(np.array([128.0, 128.0]), np.array([1.0, 1.0]), setup.dtype_bytes)
+    assert spec.scatter_s is not None and spec.scatter_s.shape == (1, 2) and np.all(spec.scatter_s > 0)
+    assert np.allclose(spec.scatter_bytes, out)
+    events = simulate(setup, plan).events
+    scatters = [e for e in events if e.kind == "transfer" and e.stage == 1 and e.device == "host-a/P100-0"
+                and e.dst == "host-a/P100-1"]
+    assert len(scatters) == 2 and all(e.nbytes == pytest.approx(out[0]) for e in scatters)
