@@ -319,3 +319,21 @@ def test_a_tensor_parallel_stage_after_the_first_forwards_its_input_to_each_peer
     scatters = [e for e in events if e.kind == "transfer" and e.stage == 1 and e.device == "host-a/P100-0"
                 and e.dst == "host-a/P100-1"]
     assert len(scatters) == 2 and all(e.nbytes == pytest.approx(out[0]) for e in scatters)
+
+
+def test_an_all_reduce_beside_busy_neighbours_never_costs_less_than_alone(monkeypatch):
+    """Two noisy fits (alone, and while other groups ran theirs) can cross; busy neighbours
+    make nothing cheaper, so the busy price is held at the alone one (a mutation that took
+    the smaller survived every test)."""
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import build
+
+    setup = load_scenario(Path(__file__).parents[2] / "scenarios" / "local-cpu.yaml",
+                          overrides=["costmodel=roofline"]).resolve()
+    alone = setup.cost.allreduce_time_s
+    monkeypatch.setattr(setup.cost, "allreduce_busy_time_s",
+                        lambda devs, nbytes: 0.5 * np.asarray(alone(devs, nbytes), float), raising=False)
+    plan = make_plan(setup, "megatron")
+    [st] = [s for s in build(setup, plan).stages if len(s.devices) > 1]
+    assert np.all(st.allreduce_s > 0) and np.array_equal(st.allreduce_busy_s, st.allreduce_s)
