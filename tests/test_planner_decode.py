@@ -279,3 +279,10 @@ def test_returned_ids_queue_on_their_link_in_the_closed_form_too(m, g):
     got, r = plan_figures(setup, plan), simulate(setup, plan)
     for k in ("latency_s", "ttft_s", "tpot_s", "tpot_p90_s"):
         assert got[k] == pytest.approx(getattr(r, k), rel=1e-9), k
+
+
+def test_decode_group_counts_tried_include_one_group_per_sequence():
+    from hpipe.planners.decode import group_options
+
+    assert [group_options(b) for b in (1, 3, 8)] == [[1], [1, 2, 3], list(range(1, 9))]
+    assert group_options(12) == [1, 2, 3, 4, 5, 6, 7, 8, 12]  # 1..8 and the divisors: 12 groups of one
