@@ -511,3 +511,27 @@ def test_a_stage_overhead_is_in_every_table_once_per_item(monkeypatch, name):
         grp = tables.group_of(setup.cluster.device_ids[0], tp)
         want = setup.cost.stage_compute_s(1, 5, list(grp), pc.n, pc.c, pc.b)
         assert pc.stage_matrix(grp[0], tp)[1, 5] == pytest.approx(float(np.sum(want)), rel=1e-9)
+
+
+@pytest.mark.parametrize("bandwidth_gbps", [1e-5, 100.0])
+def test_a_slow_link_keeps_the_bottleneck_dp_on_one_device(bandwidth_gbps):
+    """Two equal devices on two hosts: over a fast link the DP splits the model (half the
+    compute each); over a crawling one, the hop would be the bottleneck, so it keeps the
+    model on one device.  Both equal brute force (a mutation that priced every hop at zero
+    survived the drawn cases, none of which had a link as the bottleneck)."""
+    dev = lambda n: {"name": n, "peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,  # noqa: E731
+                     "power_w": 100.0}
+    setup = setup_of({
+        "name": "link-bound", "dtype": "float16",
+        "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "vocab_size": 256,
+                  "max_seq_len": 1024},
+        "workload": {"seq_len": 64, "batch_size": 2},
+        "cluster": {"hosts": [{"name": "a", "devices": [dev("x")]}, {"name": "b", "devices": [dev("y")]}],
+                    "network": {"bandwidth_gbps": bandwidth_gbps, "latency_us": 10.0}},
+        "costmodel": {"kind": "roofline"}, "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}})
+    slices, sizes = uniform_slices(64, 16, 2), micro_batch_sizes(2, 1)
+    _, _, seq, smats, links = dp_inputs(setup, slices, sizes)
+    val, stages = alg1.minmax_dp(smats, links)
+    best = min(brute_force(setup, seq, slices, sizes))
+    assert val == pytest.approx(best[0], rel=1e-9)
+    assert len(stages) == (1 if bandwidth_gbps < 1 else 2)
