@@ -210,3 +210,32 @@ def test_too_many_token_units_is_bad_input_naming_a_granularity_that_fits():
                             overrides=[*sets, "workload.seq_len=12288", "planner.token_granularity=3"]).resolve()
     assert at_most.seq_len // at_most.granularity == alg2.MAX_TOKEN_UNITS
     alg2.check_token_units(at_most)  # 4096 units: allowed
+
+
+def test_grid_makespan_is_exact_where_two_hops_share_a_link():
+    """h0 -> h1 -> h0 -> h1: the first and third hops hold the same link.  The grid's shared-link
+    path must split each hop into the link's hold and the latency after, as the exact
+    recurrence does (a mutation that kept the latency inside the hold survived)."""
+    from hpipe.plan import Plan, Stage
+    from hpipe.planners.evaluate import makespan_s
+
+    dev = lambda n: {"name": n, "peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,  # noqa: E731
+                     "power_w": 100.0}
+    setup = setup_of({
+        "name": "zigzag", "dtype": "float16",
+        "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "vocab_size": 256,
+                  "max_seq_len": 1024},
+        "workload": {"seq_len": 64, "batch_size": 2},
+        "cluster": {"hosts": [{"name": "h0", "devices": [dev("p"), dev("q")]},
+                              {"name": "h1", "devices": [dev("r"), dev("s")]}],
+                    "network": {"bandwidth_gbps": 0.5, "latency_us": 3000.0}},
+        "costmodel": {"kind": "roofline"}, "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}})
+    stages = [(("h0/p-0",), 0, 2), (("h1/r-0",), 2, 3), (("h0/q-0",), 3, 5), (("h1/s-0",), 5, 6)]
+    sizes = micro_batch_sizes(2, 2)
+    grid = alg2.SliceGrid(CostTables(setup), stages, sizes, None)
+    assert shares_resources(grid.resources)
+    for comp in ([1, 1, 1, 1], [2, 2], [1, 3], [4]):
+        s = [x * 16 for x in comp]
+        plan = Plan(planner="x", scenario="zigzag", slices=s, micro_batches=2,
+                    stages=[Stage(devices=list(d), units=(a, b)) for d, a, b in stages])
+        assert math.isclose(grid.makespan(s), makespan_s(setup, plan), rel_tol=1e-9), comp
