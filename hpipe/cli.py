@@ -576,8 +576,8 @@ def _note_past_context(setup, spec) -> None:
 
 def _note_foreign_profile(setup) -> None:
     """Before a run measured beside its prediction: say so when the scenario's fitted profile
-    does not describe this machine (made on another CPU, by another torch or profiler), so
-    the prediction is another machine's.  ``costmodel: auto`` picks this machine's own."""
+    does not describe this run (made on another CPU, by another torch or profiler, or short
+    of what the scenario needs).  ``costmodel: auto`` picks this machine's own."""
     from hpipe.costmodels.fitted import Fitted
     from hpipe.runtime.profiler import stale_reason
 
@@ -586,8 +586,8 @@ def _note_foreign_profile(setup) -> None:
     why = stale_reason(setup.cost.profile, setup)
     if why:
         err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
-                          f"describe this run ({escape(why)}): the prediction beside the measurement is not this "
-                          f"machine's; `hpipe profile SCENARIO -o PROFILE.json` measures it", highlight=False)
+                          f"describe this run ({escape(why)}), so the prediction beside the measurement may not "
+                          f"hold; `hpipe profile SCENARIO -o PROFILE.json` measures this machine", highlight=False)
 
 
 def _note_other_load(con, measured) -> None:

@@ -287,6 +287,12 @@ def model_from_mapping(spec: dict) -> ModelSpec:
     for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
         if k in spec and (isinstance(spec[k], bool) or not isinstance(spec[k], int)):
             raise InputError(f"must be an integer, got {spec[k]!r}", field=k)
+    for k in ("norm_eps", "rope_theta"):  # YAML 1.1 reads 1e-5 (no dot) as text; pydantic fields take it
+        if isinstance(spec.get(k), str):
+            try:
+                spec[k] = float(spec[k])
+            except ValueError:
+                raise InputError(f"must be a positive number, got {spec[k]!r}", field=k) from None
     try:
         return ModelSpec(**spec)
     except SpecError as e:

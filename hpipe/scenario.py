@@ -224,7 +224,7 @@ class ClusterSpec(_Strict):
     links: list[PairLink] = []
 
     @model_validator(mode="after")
-    def _cross(self):
+    def _cross(self, info: ValidationInfo):
         total = sum(d.count for h in self.hosts for d in h.devices)
         if total > MAX_DEVICES:
             raise _FieldError("hosts", f"{total} devices in all; hpipe plans for at most {MAX_DEVICES}")
@@ -308,7 +308,7 @@ class Scenario(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross(self):
+    def _cross(self, info: ValidationInfo):
         g = self.planner.token_granularity
         if self.workload.seq_len % g:
             n = self.workload.seq_len
@@ -316,7 +316,8 @@ class Scenario(_Strict):
             raise _FieldError("workload.seq_len", f"{n} is not a multiple of planner.token_granularity "
                                                   f"({g}); the nearest that are: {' or '.join(map(str, near))}")
         spec = self.model_spec()
-        if spec.family == "gpt" and self.workload.seq_len > spec.max_seq_len:
+        planning_only = (info.context or {}).get("planning_only")  # a rounded-up prompt: see below
+        if spec.family == "gpt" and self.workload.seq_len > spec.max_seq_len and not planning_only:
             raise _FieldError("workload.seq_len", f"{self.workload.seq_len} exceeds {spec.name}'s "
                                                   f"learned positions ({spec.max_seq_len})")
         if self.planner.micro_batches and self.planner.micro_batches > self.workload.batch_size:

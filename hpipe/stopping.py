@@ -54,8 +54,8 @@ def signals_held(sigs=(signal.SIGINT, signal.SIGTERM)):
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # None: set outside Python; the default, then
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if pending:
             signal.raise_signal(pending[0])
 

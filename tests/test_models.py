@@ -94,3 +94,5 @@ def test_an_impossible_shape_names_its_field(field, value, problem):
     with pytest.raises(InputError, match=problem) as e:
         model_from_mapping({**base, field: value})
     assert e.value.field == field
+    if value is True:  # the spelling YAML gives 1e-5 (text) is a number, as pydantic's fields take it
+        assert model_from_mapping({**base, "norm_eps": "1e-5", "rope_theta": "5e5"}).norm_eps == 1e-5

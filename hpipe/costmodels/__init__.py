@@ -25,7 +25,7 @@ TOKEN_ID_BYTES = 8
 class CostModelConfig(BaseModel):
     """Settings of a cost model, given in the scenario's ``costmodel:`` mapping."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the scenario's own fields
     kind: str
 
 

@@ -380,7 +380,9 @@ def _name_hosts(entries: tuple[tuple[str, str], ...]) -> bool:
 
 
 def _remove_namespace(ns: str) -> None:
-    subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    # its own session: a terminal's Ctrl-C goes to the whole foreground process group, and
+    # must not kill `ip` half-way through the clean-up that Ctrl-C started
+    subprocess.run(["ip", "netns", "delete", ns], capture_output=True, start_new_session=True)
 
 
 # ---- what a worker needs ------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def _main(args) -> int:
     import torch.distributed as dist
 
     from hpipe.result import Result
-    from hpipe.runtime.launcher import (backend_for, load_inputs, make_ids, measured_result, placement_of,
-                                        run_from_records, runtime_spec, stage_roles)
+    from hpipe.runtime.launcher import (backend_for, item_codecs, load_inputs, make_ids, measured_result,
+                                        placement_of, run_from_records, runtime_spec, stage_roles)
     from hpipe.runtime.worker import WorkerConfig, worker_main
 
     hosts = {h.name for h in setup.scenario.cluster.hosts}
@@ -127,7 +127,8 @@ def _main(args) -> int:
                        mb_sizes=plan.micro_batch_sizes(setup.batch_size), device=place.device,
                        threads=place.threads, cores=place.cores, backend=backend, init_method="env://",
                        world_size=int(os.environ["WORLD_SIZE"]), rank=None, host=args.host,
-                       timeout_s=args.timeout, warmup=args.warmup)
+                       timeout_s=args.timeout, warmup=args.warmup,
+                       codecs=item_codecs(setup, plan))  # the plan's codecs, as `hpipe execute` sends them
     if setup.output_tokens > 0:  # generation: decode steps follow the prefill
         from hpipe.runtime.generation import generation_config
 

@@ -233,3 +233,8 @@ def test_a_gpt_prompt_off_the_granularity_is_held_to_its_own_positions(tmp_path)
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     r = _hpipe("generate", "tgpt.yaml", "--inputs", "ids.json", "--max-new-tokens", "9", cwd=tmp_path)
     assert r.returncode == 2 and "'--max-new-tokens'" in r.stderr and "33 positions" in r.stderr, r.stderr
+    # a prompt whose rounded-up length passes the table: 30 tokens planned as 32 of 31 positions
+    data["model"]["max_seq_len"] = 31
+    (tmp_path / "tgpt.yaml").write_text(yaml.safe_dump(data))
+    run, plan_on = setups_for(load_scenario(tmp_path / "tgpt.yaml"), [[1] * 30], 2)
+    assert (run.seq_len, plan_on.seq_len) == (30, 32)

@@ -55,3 +55,13 @@ def test_two_hosts_with_torchrun(tmp_path):
     assert r["max_abs_error"] < 1e-4
     assert set(r["peak_memory_mb"]) == {"ha/core-0", "hb/core-0"}
     assert len(r["next_token_ids"]) == 2
+
+    # a lossy plan: the workers compress what `hpipe execute`'s would (so slow a modelled link
+    # that int4 pays on every message), and --check compares with that plan's own replay
+    data = yaml.safe_load(scenario.read_text())
+    data["cluster"]["network"]["bandwidth_gbps"] = 1e-4
+    scenario.write_text(yaml.safe_dump(data))
+    plan_path.write_text(json.dumps({**plan, "codecs": ["int4"]}))
+    run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
+    r = json.loads(out.read_text())["results"][0]
+    assert r["max_abs_error"] < 1e-4, r["max_abs_error"]  # the workers sent int4: the replay's own error
