@@ -531,13 +531,14 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
         from hpipe.runtime.launcher import within_tolerance
 
-        tol = CHECK_TOLERANCE[setup.dtype]
-        if not within_tolerance(measured.max_abs_error, setup.dtype):
+        tol = measured.check_tolerance
+        what = f"for {setup.dtype}" if tol == CHECK_TOLERANCE[setup.dtype] else "for these codecs"
+        if not within_tolerance(measured.max_abs_error, tol):
             raise HpipeError(f"--check failed: max |logit error| {measured.max_abs_error:.3g} exceeds "
-                             f"{tol:g} for {setup.dtype}")
+                             f"{tol:.3g} {what}")
         if con:
-            con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:g}, the tolerance "
-                      f"for {setup.dtype}, against the whole model in one process (float32{_with_codecs(p)})",
+            con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:.3g}, the tolerance "
+                      f"{what}, against the whole model in one process (float32{_with_codecs(p)})",
                       highlight=False)
 
 
@@ -737,14 +738,14 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if check:
         import numpy as np
 
-        from hpipe.runtime import CHECK_TOLERANCE
         from hpipe.runtime.launcher import plan_reference, within_tolerance
 
         ref, _ = plan_reference(setup, p, np.asarray(ids), new_tokens, spec, eos=gen.eos_ids(setup.weights))
         bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
-        if measured.max_abs_error is not None and not within_tolerance(measured.max_abs_error, setup.dtype):
+        if measured.max_abs_error is not None and not within_tolerance(measured.max_abs_error,
+                                                                       measured.check_tolerance):
             raise HpipeError(f"--check failed: max |logit error| of the prompt's last position "
-                             f"{measured.max_abs_error:.3g} exceeds {CHECK_TOLERANCE[setup.dtype]:g} for {setup.dtype}")
+                             f"{measured.max_abs_error:.3g} exceeds {measured.check_tolerance:.3g}")
         if bad:
             k = bad[0]
             at = next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),

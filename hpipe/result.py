@@ -78,6 +78,9 @@ class RunResult(BaseModel):
     """Measured results: what the simulator predicted for the same plan."""
     max_abs_error: float | None = None
     """Measured with --check: largest |logit difference| against one process."""
+    check_tolerance: float | None = None
+    """Measured with --check: the largest ``max_abs_error`` that passes (the dtype's; for a plan
+    with lossy codecs at least a quarter of the codecs' own effect on the logits)."""
     compute_cpu_s: dict[str, float] | None = None
     """Measured, CPU devices: CPU seconds each device's stage thread spent in its units (with one
     intra-op thread, the compute itself): unlike wall time, hardly inflated by other processes

@@ -593,9 +593,18 @@ def reference_logits(setup, ids: np.ndarray, spec=None, seed: int = 0, all_posit
     return (logits if all_positions else logits[:, -1]).numpy()
 
 
-def within_tolerance(max_abs_error: float, dtype: str) -> bool:
-    """Whether a --check's largest logit error passes for ``dtype`` (NaN does not)."""
-    return bool(max_abs_error <= CHECK_TOLERANCE[dtype])
+LOSSY_CHECK_SHARE = 0.25
+"""A lossy plan's --check passes up to this share of its codecs' own effect on the logits:
+the pipeline and its one-process replay round a value that lies within float noise of a
+grid midpoint to neighbouring levels where their sums run in another order (a TP stage's
+all-reduce).  megatron on local-cpu-4dev with int4 on its hop: 0.012 off its replay
+(2-core Intel Xeon VM, 2026-12-03), past float32's 1e-3; a codec not applied at all is
+off by its whole effect."""
+
+
+def within_tolerance(max_abs_error: float, tolerance: float) -> bool:
+    """Whether a --check's largest logit error passes (NaN does not)."""
+    return bool(max_abs_error <= tolerance)
 
 
 def lossy(plan) -> bool:
@@ -689,9 +698,14 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
         if dec_cpu:
             extra["decode_compute_cpu_s"] = dec_cpu
     if check:  # against what the plan computes: its codecs' round trips included
-        ref = (reference_logits(setup, run.ids, spec, seed) if not lossy(plan)
-               else plan_reference(setup, plan, run.ids, 1, spec, seed)[1])
+        ref = reference_logits(setup, run.ids, spec, seed)
+        tol = CHECK_TOLERANCE[setup.dtype]
+        if lossy(plan):
+            replay = plan_reference(setup, plan, run.ids, 1, spec, seed)[1]
+            tol = max(tol, LOSSY_CHECK_SHARE * float(np.abs(replay - ref).max()))
+            ref = replay
         extra["max_abs_error"] = float(np.abs(run.logits.astype(np.float64) - ref).max())
+        extra["check_tolerance"] = tol
     peaks = {run.devices[role]: float(r["peak_bytes"]) for role, r in run.records.items()}
     events = run_events(run, setup.cluster)
     one_host = len({r.get("boot_id") for r in run.records.values()}) == 1  # events on this host's clock

@@ -97,7 +97,10 @@ def test_check_compares_a_lossy_plan_with_its_own_codecs(saved):
     setup, spec, _ = saved
     p = CASES["int4-one"][0].model_copy(update={"codecs": ["int4", "none"]}).check(setup)
     got = execute(setup, p, inputs=PROMPTS.tolist(), check=True, warmup=0, timeout_s=30, quiet=True, spec=spec)
-    assert got.max_abs_error < 1e-4 and within_tolerance(got.max_abs_error, "float32")
+    assert got.max_abs_error < 1e-4 and within_tolerance(got.max_abs_error, got.check_tolerance)
+    # the tolerance: a quarter of the codec's own effect, past float32's where that is larger
+    own = np.abs(plan_reference(setup, p, PROMPTS, 1, spec)[1] - reference_logits(setup, PROMPTS, spec)).max()
+    assert got.check_tolerance == pytest.approx(max(CHECK_TOLERANCE["float32"], 0.25 * own))
     ids, _ = plan_reference(setup, p, PROMPTS, NEW, spec, eos=eos_ids(setup.weights))
     assert ids == got.generated_ids
     plain_ids, plain_first = plan_reference(setup, p.model_copy(update={"codecs": None}), PROMPTS, NEW, spec,
@@ -112,5 +115,27 @@ def test_check_compares_a_lossy_plan_with_its_own_codecs(saved):
 def test_a_nan_error_is_not_within_tolerance():
     from hpipe.runtime.launcher import within_tolerance
 
-    assert within_tolerance(0.0, "float32") and not within_tolerance(2e-3, "float32")
-    assert not within_tolerance(float("nan"), "float32") and not within_tolerance(float("inf"), "bfloat16")
+    assert within_tolerance(0.0, 1e-3) and not within_tolerance(2e-3, 1e-3)
+    assert not within_tolerance(float("nan"), 1e-3) and not within_tolerance(float("inf"), 0.25)
+
+
+def test_check_of_a_tensor_parallel_stage_before_a_lossy_hop_passes(saved):
+    """A TP stage's all-reduce sums in another order than the one-process replay, so a value
+    within float noise of an int4 midpoint can round one level over: megatron on
+    local-cpu-4dev was 0.012 off its replay once.  The check allows a quarter of the codec's
+    own effect; a pipeline that skipped the codec would be off by all of it."""
+    from hpipe.runtime.launcher import execute, within_tolerance
+
+    setup, spec, _ = saved
+    p = plan([([0, 1], (0, 3)), ([2], (3, N))], [8, 8]).model_copy(update={"codecs": ["int4"]}).check(setup)
+    got = execute(setup, p, inputs=PROMPTS.tolist(), check=True, warmup=0, timeout_s=30, quiet=True, spec=spec)
+    assert within_tolerance(got.max_abs_error, got.check_tolerance), (got.max_abs_error, got.check_tolerance)
+    skipped = np.abs(plan_reference_logits(setup, p, spec) - plan_reference_logits(setup, p.model_copy(
+        update={"codecs": None}), spec)).max()
+    assert skipped > got.check_tolerance  # a run that sent raw would fail the check
+
+
+def plan_reference_logits(setup, p, spec):
+    from hpipe.runtime.launcher import plan_reference
+
+    return plan_reference(setup, p, PROMPTS, 1, spec)[1]
