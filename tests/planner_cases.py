@@ -64,6 +64,21 @@ def setup_of(data):
     return parse_scenario(data).resolve()
 
 
+def hand_scenario(name: str, hosts: dict[str, list[str]], network: dict, *, seq_len: int = 64, batch_size: int = 2,
+                  model: dict | None = None, costmodel: dict | None = None, **workload) -> dict:
+    """A hand-built case: equal custom devices (1 TFLOP/s, 1 GB, 100 GB/s) on the named hosts,
+    a 2-layer LLaMA 128 wide (or ``model``), the roofline, granularity 16, no memory reserve."""
+    dev = {"peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0, "power_w": 100.0}
+    return {"name": name, "dtype": "float16",
+            "model": model or {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256,
+                               "vocab_size": 256, "max_seq_len": 1024},
+            "workload": {"seq_len": seq_len, "batch_size": batch_size, **workload},
+            "cluster": {"hosts": [{"name": h, "devices": [{**dev, "name": d} for d in devs]} for h, devs in hosts.items()],
+                        "network": network},
+            "costmodel": costmodel or {"kind": "roofline"},
+            "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}
+
+
 # ---- enumeration of the whole plan space (small cases only) -------------------------------
 def stage_groups(setup, tp: bool = True):
     """Every device group a stage may run on: single devices, and (``tp``) groups of

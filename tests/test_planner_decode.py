@@ -263,16 +263,13 @@ def test_returned_ids_queue_on_their_link_in_the_closed_form_too(m, g):
     """Three hosts, a model 2 wide: a step's activations (4 bytes a row) cross faster than its
     ids come back (8), so the groups' returns queue on the last-to-first link.  Without that
     queue the closed form said TPOT 1.42 s where the simulator says 2.84 s."""
-    dev = lambda n: {"name": n, "peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,  # noqa: E731
-                     "power_w": 100.0}
-    setup = parse_scenario({
-        "name": "narrow", "dtype": "float16",
-        "model": {"family": "llama", "n_layers": 2, "d_model": 2, "n_heads": 1, "d_ff": 4, "vocab_size": 1000,
-                  "max_seq_len": 1024},
-        "workload": {"seq_len": 32, "batch_size": 4, "output_tokens": 6},
-        "cluster": {"hosts": [{"name": h, "devices": [dev(n)]} for h, n in (("a", "x"), ("b", "y"), ("c", "z"))],
-                    "network": {"bandwidth_gbps": 1e-7, "latency_us": 300.0}},
-        "costmodel": _roofline_v1(5.0), "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}).resolve()
+    from tests.planner_cases import hand_scenario
+
+    setup = parse_scenario(hand_scenario(
+        "narrow", {"a": ["x"], "b": ["y"], "c": ["z"]}, {"bandwidth_gbps": 1e-7, "latency_us": 300.0},
+        seq_len=32, batch_size=4, output_tokens=6, costmodel=_roofline_v1(5.0),
+        model={"family": "llama", "n_layers": 2, "d_model": 2, "n_heads": 1, "d_ff": 4, "vocab_size": 1000,
+               "max_seq_len": 1024})).resolve()
     plan = Plan(planner="hand", scenario=setup.name, slices=[16, 16], micro_batches=m, decode_micro_batches=g,
                 stages=[Stage(devices=["a/x-0"], units=(0, 2)), Stage(devices=["b/y-0"], units=(2, 4)),
                         Stage(devices=["c/z-0"], units=(4, setup.n_units))])

@@ -15,7 +15,7 @@ from hpipe.planners import partition as alg1
 from hpipe.planners.common import items_arrays, micro_batch_sizes, uniform_slices
 from hpipe.planners.costs import CostTables
 from hpipe.costmodels import split_transfer
-from tests.planner_cases import examples, scenario_dicts, setup_of
+from tests.planner_cases import examples, hand_scenario, scenario_dicts, setup_of
 
 
 def runs_of(setup, seq):
@@ -519,16 +519,8 @@ def test_a_slow_link_keeps_the_bottleneck_dp_on_one_device(bandwidth_gbps):
     compute each); over a crawling one, the hop would be the bottleneck, so it keeps the
     model on one device.  Both equal brute force (a mutation that priced every hop at zero
     survived the drawn cases, none of which had a link as the bottleneck)."""
-    dev = lambda n: {"name": n, "peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,  # noqa: E731
-                     "power_w": 100.0}
-    setup = setup_of({
-        "name": "link-bound", "dtype": "float16",
-        "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "vocab_size": 256,
-                  "max_seq_len": 1024},
-        "workload": {"seq_len": 64, "batch_size": 2},
-        "cluster": {"hosts": [{"name": "a", "devices": [dev("x")]}, {"name": "b", "devices": [dev("y")]}],
-                    "network": {"bandwidth_gbps": bandwidth_gbps, "latency_us": 10.0}},
-        "costmodel": {"kind": "roofline"}, "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}})
+    setup = setup_of(hand_scenario("link-bound", {"a": ["x"], "b": ["y"]},
+                                   {"bandwidth_gbps": bandwidth_gbps, "latency_us": 10.0}))
     slices, sizes = uniform_slices(64, 16, 2), micro_batch_sizes(2, 1)
     _, _, seq, smats, links = dp_inputs(setup, slices, sizes)
     val, stages = alg1.minmax_dp(smats, links)

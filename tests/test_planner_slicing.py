@@ -14,7 +14,7 @@ from hpipe.planners.common import items_arrays, micro_batch_sizes
 from hpipe.planners.costs import CostTables
 from hpipe.planners.partition import chain_rows
 from hpipe.planners.evaluate import chain_completion, shares_resources
-from tests.planner_cases import examples, scenario_dicts, setup_of
+from tests.planner_cases import examples, hand_scenario, scenario_dicts, setup_of
 
 
 def compositions(L):
@@ -219,17 +219,8 @@ def test_grid_makespan_is_exact_where_two_hops_share_a_link():
     from hpipe.plan import Plan, Stage
     from hpipe.planners.evaluate import makespan_s
 
-    dev = lambda n: {"name": n, "peak_tflops": 1.0, "memory_gb": 1.0, "memory_bandwidth_gbps": 100.0,  # noqa: E731
-                     "power_w": 100.0}
-    setup = setup_of({
-        "name": "zigzag", "dtype": "float16",
-        "model": {"family": "llama", "n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "vocab_size": 256,
-                  "max_seq_len": 1024},
-        "workload": {"seq_len": 64, "batch_size": 2},
-        "cluster": {"hosts": [{"name": "h0", "devices": [dev("p"), dev("q")]},
-                              {"name": "h1", "devices": [dev("r"), dev("s")]}],
-                    "network": {"bandwidth_gbps": 0.5, "latency_us": 3000.0}},
-        "costmodel": {"kind": "roofline"}, "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}})
+    setup = setup_of(hand_scenario("zigzag", {"h0": ["p", "q"], "h1": ["r", "s"]},
+                                   {"bandwidth_gbps": 0.5, "latency_us": 3000.0}))
     stages = [(("h0/p-0",), 0, 2), (("h1/r-0",), 2, 3), (("h0/q-0",), 3, 5), (("h1/s-0",), 5, 6)]
     sizes = micro_batch_sizes(2, 2)
     grid = alg2.SliceGrid(CostTables(setup), stages, sizes, None)
