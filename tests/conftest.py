@@ -13,8 +13,8 @@ from hypothesis import settings
 ROOT = Path(__file__).resolve().parent.parent
 
 # Property tests draw the same examples on every run (and save none): a run must not fail on
-# a draw no run made before (60 runs of a mutation session drew two real counterexamples:
-# a rounding tie, now fixed and kept as an @example, and a 5.3% planner gap).  A soak
+# a draw no run made before (60 runs of a mutation session drew two real counterexamples, a
+# rounding tie and a 5.3% planner gap, both now fixed and kept as @example cases).  A soak
 # (HPIPE_TEST_SCALE above 1, see tests/planner_cases.py) draws new ones.
 settings.register_profile("fixed", derandomize=True, database=None)
 settings.register_profile("soak", database=None)
