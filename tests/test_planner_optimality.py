@@ -50,6 +50,10 @@ TWO_FAST_ONES = _drawn("llama", 1000, 8, 6, {"h0": ([_dev("dev0x0", 0.05), _dev(
                        0.0, 8, {"bandwidth_gbps": 0.1, "latency_us": 200.0})
 TP_PAIR_AT_TWO = _drawn("gpt", 256, 64, 4, {"h0": ([_dev("dev0x0", 1.0, 0.00015), _dev("dev0x0c1", 1.0, 0.00015),
                                                     _dev("dev0x2", 0.05)], 10.0)}, 50.0, 16)
+THREE_ON_ONE_HOST = {**_drawn("gpt", 256, 64, 5, {"h0": ([_dev("dev0x0", 0.05), _dev("dev0x0c1", 0.05),
+                                                           _dev("dev0x0c1c2", 0.05)], 0.0)}, 0.0, 16),
+                     "model": {"family": "gpt", "n_layers": 1, "d_model": 64, "n_heads": 4, "d_ff": 128,
+                               "vocab_size": 256, "max_seq_len": 1024}}  # 62% off with two plans improved
 ACROSS_AT_TWO = _drawn("gpt", 1000, 16, 4, {"h0": ([_dev("dev0x0", 0.05), _dev("dev0x0c1", 0.05)], 0.0),
                                             "h1": ([_dev("dev0x0", 0.2, 0.00015)], 0.0)},
                        0.0, 16, {"bandwidth_gbps": 0.1, "latency_us": 0.0})
@@ -60,6 +64,7 @@ ACROSS_AT_TWO = _drawn("gpt", 1000, 16, 4, {"h0": ([_dev("dev0x0", 0.05), _dev("
 @example(TWO_FAST_ONES)
 @example(TP_PAIR_AT_TWO)
 @example(ACROSS_AT_TWO)
+@example(THREE_ON_ONE_HOST)
 def test_hpipe_is_within_2_percent_of_the_whole_plan_space(data):
     setup = setup_of(data)
     lat, stages, slices, m = exhaustive(setup)
