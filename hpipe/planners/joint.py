@@ -58,15 +58,26 @@ def micro_batch_options(batch_size: int) -> list[int]:
     return list(range(1, batch_size + 1))
 
 
+def improve_plans(n_devices: int) -> int:
+    """How many of the best plans the improvement pass starts from.  Four rather than two up
+    to 64 devices: on 1,574 random cases against exhaustive search, plans over 2% off fell
+    from 3 to 1 (worst 26.6% to 5.1%) for 8% more planning time, a drawn case 62% off (three
+    stages of one host's three devices) came within 2%, and the shipped scenarios plan the
+    same plans.  Its moves grow with the square of the devices: at 128 devices four cost 15%
+    more time and at 512 62% (56 to 92 s CPU) for the same plans, so two there (2-core Intel
+    Xeon VM, 2026-12-03)."""
+    return 4 if n_devices <= 64 else 2
+
+
 def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_batches=None,
                fixed_slices=None, planner: str = "hpipe", max_rounds: int = 8, tensor_parallel: bool = True,
-               mid_rounds: int = 1, decode_candidates: int = 6, improve_top: int = 4):
+               mid_rounds: int = 1, decode_candidates: int = 6, improve_top: int | None = None):
     """Search the joint plan; returns a Plan (or raises InfeasibleError).
 
     ``fixed_slices`` pins the slicing (gpipe-balanced uses the whole sequence);
     ``micro_batches`` pins the micro-batch count; ``tensor_parallel`` lets a stage be a
     group of identical devices of one host (``groups``); ``improve_top`` best plans get the
-    local-improvement pass (``improve``; 0: none)."""
+    local-improvement pass (``improve``; 0: none; default ``improve_plans``)."""
     raise_if_model_cannot_fit(setup)
     tables = tables or CostTables(setup)
     sequences = sequences or alg1.device_sequences(tables)
@@ -126,11 +137,9 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
                 if res[0] < best[0]:
                     best = (res[0], res[1], res[2], m)
     # a local-improvement pass over the best few (``improve``: small moves, exact scores);
-    # hpipe's own search only (gpipe-balanced stands for the balanced partition alone).  Four
-    # rather than two: on 1,574 random cases against exhaustive search, plans over 2% off fell
-    # from 3 to 1 (worst 26.6% to 5.1%) for 8% more planning time there, and a drawn case
-    # 62% off (three stages of one host's three devices) came within 2% (2-core Intel Xeon
-    # VM, 2026-12-03); the shipped scenarios plan the same plans.
+    # hpipe's own search only (gpipe-balanced stands for the balanced partition alone)
+    if improve_top is None:
+        improve_top = improve_plans(len(tables.devices))
     if best[1] is not None and improve_top and planner == "hpipe":
         slice_for = ((lambda p, sz: _best_slicing(tables, p, sz)) if fixed_slices is None else
                      (lambda p, sz: _fixed(tables, p, sz, fixed_slices)))
