@@ -931,7 +931,19 @@ def main() -> None:
         exit_interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
+    except typer.Abort as e:
+        # click raises Abort for an EOFError (a Ctrl-C comes back as rc 130 above): no
+        # interrupt, so say where the input ended (a run once stopped so after its forkserver
+        # was killed, cause unknown) and exit 1
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, EOFError):
+            import traceback
+
+            where = traceback.extract_tb(cause.__traceback__)[-1] if cause.__traceback__ else None
+            err_console.print("hpipe: aborted: an input ended unexpectedly (EOFError"
+                              + (f" at {where.filename}:{where.lineno} in {where.name}" if where else "") + ")",
+                              markup=False, highlight=False, soft_wrap=True)
+            sys.exit(1)
         err_console.print("hpipe: aborted")
         sys.exit(130)
     except Exception as e:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import ROOT, SCENARIOS
 
 
@@ -107,3 +109,19 @@ def test_progress_on_a_terminal_only_and_stdout_stays_json():
                         "--planner", "hpipe", "--json", "-"], capture_output=True, text=True,
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and "planning" not in r.stderr and "\x1b[" not in r.stderr
+
+
+def test_an_input_that_ends_is_exit_1_naming_where_not_an_interrupt(monkeypatch, capsys):
+    """click turns an EOFError into Abort; hpipe printed "aborted" and exited 130 as for a
+    Ctrl-C (seen once when a run's forkserver was killed).  It is exit 1, naming the place."""
+    import hpipe.cli as cli_mod
+
+    def ends(*a, **k):
+        raise EOFError("ran out")
+
+    monkeypatch.setattr(cli_mod, "_load_scenario", ends)
+    monkeypatch.setattr(sys, "argv", ["hpipe", "simulate", "scenarios/local-cpu.yaml"])
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1 and "EOFError at" in err and "in ends" in err, err
