@@ -508,6 +508,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     check_cpu_memory(setup, p)
     if not quiet:
         _note_past_context(setup, spec)
+        _note_foreign_profile(setup)
         _announce_long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
     measured.predicted_latency_s = predicted.latency_s
@@ -544,9 +545,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
 def _with_codecs(plan) -> str:
     """What a --check compares a lossy plan against, beyond the model itself."""
-    from hpipe.runtime.launcher import lossy
-
-    return ", with the plan's codec round trips on the messages it compresses" if lossy(plan) else ""
+    return ", with the plan's codec round trips on the messages it compresses" if plan.lossy else ""
 
 
 def _announce_long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
@@ -572,7 +571,6 @@ def _note_past_context(setup, spec) -> None:
     note = past_trained_context(setup, spec)
     if note:
         err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
-    _note_foreign_profile(setup)
 
 
 def _note_foreign_profile(setup) -> None:
@@ -710,6 +708,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     if not quiet:
         _note_past_context(setup, spec)
+        _note_foreign_profile(setup)
         _announce_long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
     measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,

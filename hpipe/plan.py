@@ -133,6 +133,11 @@ class Plan(BaseModel):
         """The codec on the boundary after stage ``boundary`` ('none' when the plan has none)."""
         return self.codecs[boundary] if self.codecs else "none"
 
+    @property
+    def lossy(self) -> bool:
+        """Whether some boundary sends its activations through a lossy codec."""
+        return any(c != "none" for c in self.codecs or ())
+
 
 def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> InputError:
     errors = e.errors()

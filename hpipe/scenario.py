@@ -224,7 +224,7 @@ class ClusterSpec(_Strict):
     links: list[PairLink] = []
 
     @model_validator(mode="after")
-    def _cross(self, info: ValidationInfo):
+    def _cross(self):
         total = sum(d.count for h in self.hosts for d in h.devices)
         if total > MAX_DEVICES:
             raise _FieldError("hosts", f"{total} devices in all; hpipe plans for at most {MAX_DEVICES}")

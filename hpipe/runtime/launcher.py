@@ -393,7 +393,7 @@ def launch(setup, plan, *, ids: np.ndarray, spec=None, timeout_s: float = 60.0, 
 def item_codecs(setup, plan) -> list[list[str]] | None:
     """Per stage boundary, the codec each work item's message uses: the plan's codec where it
     pays for that message, as the simulator decides it (``hpipe.codecs.boundary_costs``)."""
-    if not plan.codecs or all(c == "none" for c in plan.codecs):
+    if not plan.lossy:
         return None
     from hpipe.codecs import plan_boundary_costs
 
@@ -607,11 +607,6 @@ def within_tolerance(max_abs_error: float, tolerance: float) -> bool:
     return bool(max_abs_error <= tolerance)
 
 
-def lossy(plan) -> bool:
-    """Whether the plan sends some activations through a lossy codec."""
-    return any(c != "none" for c in plan.codecs or ())
-
-
 def plan_reference(setup, plan, ids: np.ndarray, output_tokens: int = 1, spec=None, seed: int = 0, eos=()):
     """What ``plan`` computes, in this process (float32, CPU): each sequence's new ids and the
     prompt's last-position logits (B, V).  A plan with lossy codecs is replayed with their
@@ -622,7 +617,7 @@ def plan_reference(setup, plan, ids: np.ndarray, output_tokens: int = 1, spec=No
 
     spec = spec or setup.model
     source = weight_source(spec, setup.weights, seed)
-    if not lossy(plan):
+    if not plan.lossy:
         from hpipe.runtime.generation import reference_generate
 
         return reference_generate(spec, source, ids, output_tokens, eos=eos)
@@ -700,7 +695,7 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
     if check:  # against what the plan computes: its codecs' round trips included
         ref = reference_logits(setup, run.ids, spec, seed)
         tol = CHECK_TOLERANCE[setup.dtype]
-        if lossy(plan):
+        if plan.lossy:
             replay = plan_reference(setup, plan, run.ids, 1, spec, seed)[1]
             tol = max(tol, LOSSY_CHECK_SHARE * float(np.abs(replay - ref).max()))
             ref = replay
