@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 from rich import box
 from rich.console import Console
@@ -55,10 +56,7 @@ def shape(plan) -> str:
 def codecs_of(plan) -> str:
     """The plan's lossy codecs, each with its number of boundaries past one: 'int8', 'int8×2,int4'
     ('' when it compresses nothing)."""
-    counts: dict[str, int] = {}
-    for c in plan.codecs or ():
-        if c != "none":
-            counts[c] = counts.get(c, 0) + 1
+    counts = Counter(c for c in plan.codecs or () if c != "none")  # in plan order
     return ",".join(c if k == 1 else f"{c}×{k}" for c, k in counts.items())
 
 
