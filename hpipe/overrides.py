@@ -194,3 +194,19 @@ def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=
 
 def overridden_keys(assignments) -> list[str]:
     return [format_key(parse_key(split_assignment(a)[0])) for a in assignments or ()]
+
+
+def blame_override(error: InputError, assignments, file: str | None) -> InputError | None:
+    """``error`` (a scenario field's problem) with the ``--set`` that gave that field named, or
+    None when no assignment touched it: a user who typed the value on the command line looks
+    for it there, not in the file."""
+    hit = [a for k, a in zip(overridden_keys(assignments), assignments or ())
+           if error.field and (error.field == k or error.field.startswith((k + ".", k + "["))
+                               or k.startswith(error.field + "."))]
+    if not hit:
+        return None
+    given = hit[-1]
+    several = len(split_values(split_assignment(given)[1])) > 1  # K=V1,V2 is a sweep's (sweep's rule)
+    return InputError(f"{error.problem} (from --set {given}" + ("; to run at each of several values, "
+                      "`hpipe sweep SCENARIO --set K=V1,V2`" if several else "") + ")",
+                      file=file or error.file, field=error.field)

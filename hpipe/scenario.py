@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, ValidationInfo, field_validator, model_validator)
+                      PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator)
 
 from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
 from hpipe.errors import InputError, boolean_for_number, format_loc, suggest
@@ -294,6 +294,9 @@ class Scenario(_Strict):
 
     # Where the YAML came from; relative paths inside it resolve against its folder.
     source_path: str | None = Field(default=None, exclude=True)
+    # The --set assignments applied before validation, so that a problem found later (the cost
+    # model's settings, when resolved) can name the assignment that caused it.
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("model")
     @classmethod
@@ -388,7 +391,10 @@ class Scenario(_Strict):
         try:
             setup.cost = make_costmodel(self.costmodel, setup)
         except InputError as e:
-            raise e.located(self.source_path, "costmodel") from None
+            from hpipe.overrides import blame_override
+
+            e = e.located(self.source_path, "costmodel")
+            raise (blame_override(e, self._overrides, self.source_path) or e) from None
         return setup
 
 
@@ -586,21 +592,15 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                          file=file)
     if not overrides:
         return parse_scenario(data, file)
-    from hpipe.overrides import apply_overrides, overridden_keys, split_assignment, split_values
+    from hpipe.overrides import apply_overrides, blame_override
 
     try:
         data = apply_overrides(data, overrides, schema=Scenario)
     except InputError as e:
         raise InputError(e.problem, file=file, field=e.field if (e.field or "").startswith("--set") else f"--set {e.field}") from None
     try:
-        return parse_scenario(data, file)
+        sc = parse_scenario(data, file)
     except InputError as e:
-        hit = [(k, a) for k, a in zip(overridden_keys(overrides), overrides)
-               if e.field and (e.field == k or e.field.startswith((k + ".", k + "[")) or k.startswith(e.field + "."))]
-        if hit:
-            given = hit[-1][1]
-            several = len(split_values(split_assignment(given)[1])) > 1  # K=V1,V2 is a sweep's (sweep's rule)
-            raise InputError(f"{e.problem} (from --set {given}" + ("; to run at each of several values, "
-                             "`hpipe sweep SCENARIO --set K=V1,V2`" if several else "") + ")",
-                             file=file, field=e.field) from None
-        raise
+        raise (blame_override(e, overrides, file) or e) from None
+    sc._overrides = tuple(overrides)
+    return sc

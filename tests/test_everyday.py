@@ -4,6 +4,7 @@ small messages, --set overrides, sweeps, cost and the single-device planner."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -155,6 +156,25 @@ def test_overrides_apply_before_validation_in_process():
             load_scenario(PAPER, overrides=[assignment])
         assert e.value.field == field, (assignment, str(e.value))
         assert words in str(e.value), (assignment, str(e.value))
+
+
+def test_a_cost_model_setting_from_set_is_named_when_resolving_refuses_it(tmp_path):
+    """The cost model's settings are checked when the scenario resolves, after parsing: the
+    error still names the assignment, and a value from the file is not blamed on a --set."""
+    from hpipe.errors import InputError
+    from hpipe.scenario import load_scenario
+
+    text = Path(PAPER).read_text().replace("costmodel: roofline", "costmodel: {kind: roofline, link_efficiency: 3}")
+    assert "link_efficiency: 3" in text
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_scenario(path, overrides=["costmodel.link_efficiency=2"]).resolve()
+    assert e.value.field == "costmodel.link_efficiency"
+    assert "(from --set costmodel.link_efficiency=2)" in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(InputError) as e:  # the file's own 3, with an unrelated --set
+        load_scenario(path, overrides=["workload.seq_len=4096"]).resolve()
+    assert e.value.field == "costmodel.link_efficiency" and "--set" not in str(e.value)
 
 
 def test_override_values_are_yaml_scalars():
