@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hpipe.errors import HpipeError, InfeasibleError, InputError
+from hpipe.errors import HpipeError, InfeasibleError, InputError, PlannerInputError
 from hpipe.io import is_stdout
 from hpipe.scenario import PLANNER_NAMES
 from hpipe.tables import console
@@ -355,6 +355,10 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                     results.append(run_sim(setup, make_plan(setup, name)))
                 except InfeasibleError as e:  # written to --json as well, then exit 3 below
                     results.append(infeasible_result(setup, name, str(e)))
+                except PlannerInputError as e:  # beside other planners, one that cannot take it is a ✗ row
+                    if len(names) == 1:
+                        raise
+                    results.append(infeasible_result(setup, name, e.problem))
                 bar.advance(task)
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)

@@ -47,6 +47,12 @@ class InputError(HpipeError, ValueError):
         return InputError(self.problem, file=file or self.file, field=field)
 
 
+class PlannerInputError(InputError):
+    """A valid scenario that one planner cannot take (say, a sequence too finely cut for the
+    slicing DP's tables).  Exit code 2 where that planner was the one asked; beside others
+    (``--planner all``, a sweep) it is that planner's ✗ row, so the rest still plan."""
+
+
 class InfeasibleError(HpipeError):
     """A request that cannot be met as asked, e.g. a model that does not fit (exit code 3)."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from hpipe.errors import InfeasibleError, InputError
+from hpipe.errors import InfeasibleError, InputError, PlannerInputError
 from hpipe.result import Result
 
 
@@ -73,6 +73,8 @@ def run_sweep(load_setup: Callable[[list[str]], Any], key: str, values: list[Any
                 results.append(simulate(setup, make_plan(setup, p)))
             except InfeasibleError as e:
                 results.append(infeasible_result(setup, p, str(e)))
+            except PlannerInputError as e:  # a planner's limit at this value: the other values still plan
+                results.append(infeasible_result(setup, p, e.problem))
         runs.append(Result(scenario=setup.name, mode="simulated", results=results))
     return SweepResult(sweep=key, values=list(values), runs=runs)
 

@@ -68,13 +68,17 @@ def reason_of(r) -> str:
     return text
 
 
-def infeasible_notes(results) -> list[str]:
-    """One line per distinct reason: 'base, gpipe: <reason>'."""
-    groups: dict[str, list[str]] = {}
-    for r in results:
+def infeasible_notes(results, values=None) -> list[str]:
+    """One line per distinct reason: 'base, gpipe infeasible: <reason>'.  ``values``: the
+    sweep value of each result, named beside its planner: 'gpipe (at 4, 16) infeasible: ...'."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for i, r in enumerate(results):
         if not r.feasible:
-            groups.setdefault(reason_of(r), []).append(r.planner)
-    return [f"{', '.join(names)} infeasible: {reason}" for reason, names in groups.items()]
+            at = groups.setdefault(reason_of(r), {}).setdefault(r.planner, [])
+            if values is not None:
+                at.append(str(values[i]))
+    return [", ".join(p + (f" (at {', '.join(at)})" if at else "") for p, at in names.items())
+            + f" infeasible: {reason}" for reason, names in groups.items()]
 
 
 def _table(title: str | None, caption: str | None = None) -> Table:
@@ -196,7 +200,8 @@ def generation_table(title: str, measured, predicted=None) -> Table:
 
 def sweep_table(title: str, key: str, values, runs) -> Table:
     """sweep: one row per (value, planner); tokens/s is in the JSON (batch tokens / latency)."""
-    notes = infeasible_notes([r for run in runs for r in run.results])
+    notes = infeasible_notes([r for run in runs for r in run.results],
+                             [v for v, run in zip(values, runs) for _ in run.results])
     t = _table(title, "\n".join(notes) or None)
     short_key = key.rsplit(".", 1)[-1]
     if len(short_key) > 8 and "_" in short_key:  # bandwidth_gbps -> two header lines

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from hpipe.errors import HpipeError, InfeasibleError, InputError
+from hpipe.errors import HpipeError, InfeasibleError, InputError, PlannerInputError
 from hpipe.plan import Plan, Stage
 from hpipe.scenario import PLANNER_NAMES, Scenario, parse_scenario
 
@@ -413,7 +413,7 @@ def plans_for(setup, opts: CaseOptions, skipped: list[str], n_random: int | None
             plans.append(make_plan(setup, name))
         except InfeasibleError as e:
             skipped.append(f"{what}: {name}: {e}")
-        except InputError as e:  # e.g. tensor parallelism the model cannot be split for
+        except PlannerInputError as e:  # e.g. a sequence too finely cut for the slicing DP
             skipped.append(f"{what}: {name}: {e}")
     rng, decode_rng = np.random.default_rng(opts.seed), np.random.default_rng([opts.seed, 1])
     for i in range(n_random):

@@ -197,6 +197,26 @@ def test_set_on_the_command_line(cli):
     assert r.returncode == 2 and "devces" in r.stderr and "did you mean devices" in r.stderr
 
 
+def test_a_planner_that_cannot_slice_so_finely_is_a_row_beside_the_others(cli):
+    """32k tokens in units of 4 is past the slicing DP's tables: asked alone, hpipe refuses
+    it (exit 2); beside the others it is a ✗ row with the reason, and the others plan.  A
+    sweep names the values each reason holds at."""
+    fine = ["--set", "workload.seq_len=32768", "--set", "workload.batch_size=1", "--set", "planner.token_granularity=4"]
+    r = cli("simulate", PAPER, *fine, "--planner", "hpipe")
+    assert r.returncode == 2 and "planner.token_granularity" in r.stderr and "8 or more" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, *fine, "--planner", "all", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    rows = {x["planner"]: x for x in json.loads(r.stdout)["results"]}
+    from hpipe.planners import SLICING
+
+    assert {p for p, x in rows.items() if not x["feasible"]} == set(SLICING)
+    assert all("give planner.token_granularity 8 or more" in rows[p]["infeasible"] for p in SLICING)
+    assert rows["megatron"]["latency_s"] > 0
+    r = cli("sweep", PAPER, *fine[:4], "--set", "planner.token_granularity=4,256", "--planner", "hpipe,gpipe")
+    assert r.returncode == 0, r.stderr
+    assert "hpipe (at 4) infeasible: 32768 tokens in units of 4" in r.stdout, r.stdout
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hpipe ")

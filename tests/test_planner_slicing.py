@@ -192,20 +192,28 @@ def test_least_max_h_side_by_side_is_each_grids_own(seed, L, n, ties):
 
 def test_too_many_token_units_is_bad_input_naming_a_granularity_that_fits():
     """1M tokens in units of 32 would need (32768+1)^2-sized tables: the planner was killed at
-    24 GB.  It is refused at once, with the smallest granularity that divides the sequence."""
+    24 GB.  It is refused at once, with the smallest granularity that divides the sequence,
+    by every planner that slices with the DP, and by no other."""
     import pytest
 
-    from hpipe.errors import InputError
-    from hpipe.planners import make_plan
+    from hpipe.errors import PlannerInputError
+    from hpipe.planners import REGISTRY, SLICING, make_plan
     from hpipe.scenario import load_scenario
 
     from conftest import ROOT
 
     sets = ["cluster.hosts[0].devices[0].memory_gb=1000000", "costmodel=roofline"]
     setup = load_scenario(ROOT / "scenarios" / "local-cpu.yaml", overrides=[*sets, "workload.seq_len=1048576"]).resolve()
-    with pytest.raises(InputError, match="32768 token units .* give planner.token_granularity 256 or more") as e:
-        make_plan(setup, "hpipe")
-    assert e.value.field == "planner.token_granularity"
+    for name in SLICING:
+        with pytest.raises(PlannerInputError, match="32768 token units .* give planner.token_granularity 256 or "
+                                                    "more") as e:
+            make_plan(setup, name)
+        assert e.value.field == "planner.token_granularity" and e.value.exit_code == 2
+    assert SLICING < set(REGISTRY)
+    coarse = load_scenario(ROOT / "scenarios" / "local-cpu.yaml",
+                           overrides=[*sets, "workload.seq_len=65536", "planner.token_granularity=8"]).resolve()
+    for name in set(REGISTRY) - SLICING:  # 8192 units: no tables to fill, so these plan
+        assert make_plan(coarse, name).slices == [65536], name
     at_most = load_scenario(ROOT / "scenarios" / "local-cpu.yaml",
                             overrides=[*sets, "workload.seq_len=12288", "planner.token_granularity=3"]).resolve()
     assert at_most.seq_len // at_most.granularity == alg2.MAX_TOKEN_UNITS

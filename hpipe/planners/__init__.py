@@ -17,6 +17,7 @@ from hpipe.plan import Plan
 from hpipe.planners import baselines
 from hpipe.planners.codecs import plan_compressed
 from hpipe.planners.joint import plan_hpipe
+from hpipe.planners.slicing import check_token_units
 
 REGISTRY: dict[str, Callable] = {
     "hpipe": plan_hpipe,
@@ -28,6 +29,9 @@ REGISTRY: dict[str, Callable] = {
     "tp-terapipe": baselines.plan_tp_terapipe,
     "single": baselines.plan_single,
 }
+SLICING = frozenset({"hpipe", "terapipe", "tp-terapipe", "single"})
+"""The planners that cut the sequence with Algorithm 2 (``slicing.SliceGrid``), whose tables
+bound the token units (``slicing.check_token_units``)."""
 
 
 def make_plan(setup, name: str | None = None) -> Plan:
@@ -36,9 +40,11 @@ def make_plan(setup, name: str | None = None) -> Plan:
     if name not in REGISTRY:
         raise InputError(f"unknown planner {name!r}{suggest(name, REGISTRY)}; one of {', '.join(REGISTRY)}",
                          field="planner")
+    if name in SLICING:
+        check_token_units(setup)
     if name == "hpipe":  # the baselines stay uncompressed (hpipe.planners.codecs says why)
         return plan_compressed(setup, REGISTRY[name])
     return REGISTRY[name](setup)
 
 
-__all__ = ["REGISTRY", "make_plan"]
+__all__ = ["REGISTRY", "SLICING", "make_plan"]

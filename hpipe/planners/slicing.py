@@ -48,19 +48,19 @@ tokens (65,536 units) was killed at 24 GB (2-core Intel Xeon VM, 2026-12-03)."""
 
 
 def check_token_units(setup) -> None:
-    """An InputError naming planner.token_granularity, with the smallest that would do, where
-    the sequence has more token units than the DP can hold."""
-    from hpipe.errors import InputError
+    """A PlannerInputError naming planner.token_granularity, with the smallest that would do,
+    where the sequence has more token units than the DP can hold."""
+    from hpipe.errors import PlannerInputError
 
     L = setup.seq_len // setup.granularity
     if L <= MAX_TOKEN_UNITS:
         return
     least = -(-setup.seq_len // MAX_TOKEN_UNITS)
     fits = next(g for g in range(least, setup.seq_len + 1) if setup.seq_len % g == 0)
-    raise InputError(f"{setup.seq_len} tokens in units of {setup.granularity} make {L} token units to slice; "
-                     f"the slicing DP's time and memory grow with their square (at most {MAX_TOKEN_UNITS}): "
-                     f"give planner.token_granularity {fits} or more",
-                     file=getattr(setup.scenario, "source_path", None), field="planner.token_granularity")
+    raise PlannerInputError(f"{setup.seq_len} tokens in units of {setup.granularity} make {L} token "
+                            f"units to slice; the slicing DP's time and memory grow with their square (at most "
+                            f"{MAX_TOKEN_UNITS}): give planner.token_granularity {fits} or more",
+                            file=getattr(setup.scenario, "source_path", None), field="planner.token_granularity")
 
 
 class SliceGrid:
@@ -68,7 +68,6 @@ class SliceGrid:
 
     def __init__(self, tables, stages, micro_batch_sizes, max_slice_tokens: int | None = None):
         setup = tables.setup
-        check_token_units(setup)
         self.g = setup.granularity
         self.L = L = setup.seq_len // self.g
         # the slices (q, p) of the grid, those memory allows, and where each lies in the
