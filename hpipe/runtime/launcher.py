@@ -236,6 +236,26 @@ def _stop_forkserver() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def _start_workers(procs, fs_pid: int | None) -> None:
+    """Start ``procs`` from the forkserver.  One that dies while starting a worker, after its
+    fork and before it sends the new pid back, ends ``Process.start`` in multiprocessing's
+    EOFError('unexpected EOF') (or a broken pipe, before the fork): named as the forkserver's
+    death, as when it dies later.  The worker it forked but never announced watches this
+    process (``worker.start_watching``) and ends with it."""
+    for p in procs:
+        try:
+            p.start()
+        except (EOFError, OSError):
+            if fs_pid is not None and not _running(fs_pid):
+                raise _forkserver_died(fs_pid) from None
+            raise
+
+
+def _forkserver_died(fs_pid: int) -> WorkerError:
+    return WorkerError(f"the forkserver process that starts the workers (pid {fs_pid}) "
+                       f"{_death_of(fs_pid)} (out of memory?); its workers were stopped")
+
+
 def _running(pid: int) -> bool:
     st = proc_stat(pid)
     return st is not None and st[0] not in ("Z", "X")
@@ -451,8 +471,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     helpers = [fs_pid] if fs_pid else []  # the forkserver: the run's own CPU, beside the workers'
     load = LoadWindow.start(helpers)  # the forkserver has imported torch by now
     try:
-        for p in procs:
-            p.start()
+        _start_workers(procs, fs_pid)
         if on_spawn:
             on_spawn([p.pid for p in procs])
         # quotas that no cgroup enforces (not permitted here): the duty-cycle throttle instead
@@ -505,8 +524,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
                 hung = True
                 break
         if dead and fs_pid is not None and not _running(fs_pid):
-            raise WorkerError(f"the forkserver process that starts the workers (pid {fs_pid}) "
-                              f"{_death_of(fs_pid)} (out of memory?); its workers were stopped")
+            raise _forkserver_died(fs_pid)
         if errors or dead or hung:
             if hung and len(ready) < len(procs):
                 missing = sorted(set(range(len(procs))) - ready)

@@ -97,6 +97,31 @@ def test_dead_forkserver_is_named_and_its_workers_stopped():
         run.close()
 
 
+def test_a_forkserver_dying_while_it_starts_a_worker_is_named():
+    """The launcher's side of the race the terminal test above can meet: the forkserver dies
+    after a worker's request reached it and before it sent the new pid back.  multiprocessing
+    then ends ``Process.start`` in EOFError('unexpected EOF'), which click had turned into
+    'aborted' (exit 130).  Made certain here: the forkserver is stopped, asked for a worker,
+    then killed."""
+    import threading
+
+    from hpipe.errors import WorkerError
+    from hpipe.runtime import launcher
+
+    ctx = launcher._context()
+    fs = launcher._forkserver_pid()
+    os.kill(fs, signal.SIGSTOP)  # the request waits in its socket, unanswered
+    killer = threading.Timer(1.0, os.kill, (fs, signal.SIGKILL))
+    killer.start()
+    try:
+        with pytest.raises(WorkerError, match=rf"forkserver .*\(pid {fs}\) was killed by SIGKILL"):
+            launcher._start_workers([ctx.Process(target=os.getpid, daemon=True)], fs)
+    finally:
+        killer.join()
+    launcher._context()  # multiprocessing starts a new forkserver for whoever comes next
+    assert launcher._forkserver_pid() != fs
+
+
 def test_gpus_without_a_placement_here_are_refused_before_any_worker(cli=None):
     import subprocess
 
