@@ -51,6 +51,7 @@ def _main_options(version: Annotated[bool, typer.Option("--version", callback=_v
                   sets: SetOpt = None):
     """Plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices."""
     _GLOBAL_SETS[:] = sets or []
+    _TEXTS.clear()
     _LOADED.clear()  # one command's reads: a second main() in this process reads its files afresh
 
 
@@ -96,10 +97,12 @@ def _reads(scenario: Path, sets: list[str] | None = None, **more: Path | None) -
     return {"the scenario file": scenario, **_load_scenario(scenario, sets).files_read(), **more}
 
 
-_LOADED: dict[tuple, object] = {}
-"""Scenarios read so far, by (path, overrides), and their files' texts, by (path,): the output
-check reads the scenario before the command does, a sweep reads it once per value, and a
-scenario given as a pipe (/dev/stdin) can be read only once."""
+_TEXTS: dict[str, str] = {}
+"""Scenario files' texts read so far, by path: a scenario given as a pipe (/dev/stdin) can be
+read only once."""
+_LOADED: dict[tuple[str, tuple[str, ...]], object] = {}
+"""Scenarios read so far, by (path, overrides): the output check reads the scenario before the
+command does, and a sweep reads it once per value."""
 
 
 def _load_scenario(scenario: Path, sets: list[str] | None = None):
@@ -109,14 +112,12 @@ def _load_scenario(scenario: Path, sets: list[str] | None = None):
 
     overrides = [*_GLOBAL_SETS, *(sets or [])]
     path = str(Path(scenario).resolve())
-    if (path,) not in _LOADED:
-        _LOADED[(path,)] = read_scenario_text(scenario)
+    if path not in _TEXTS:
+        _TEXTS[path] = read_scenario_text(scenario)
     key = (path, tuple(overrides))
     if key not in _LOADED:
-        _LOADED[key] = load_scenario(scenario, overrides=overrides, text=_LOADED[(path,)])
+        _LOADED[key] = load_scenario(scenario, overrides=overrides, text=_TEXTS[path])
     return _LOADED[key]
-
-
 
 
 def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = False,
