@@ -311,36 +311,33 @@ class Scenario(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross(self, info: ValidationInfo):
+    def _cross(self):
         g = self.planner.token_granularity
         if self.workload.seq_len % g:
             n = self.workload.seq_len
             near = sorted({v for v in (n // g * g, (n // g + 1) * g) if v > 0})
             raise _FieldError("workload.seq_len", f"{n} is not a multiple of planner.token_granularity "
                                                   f"({g}); the nearest that are: {' or '.join(map(str, near))}")
-        spec = self.model_spec()
-        planning_only = (info.context or {}).get("planning_only")  # a rounded-up prompt: see below
-        if spec.family == "gpt" and self.workload.seq_len > spec.max_seq_len and not planning_only:
-            raise _FieldError("workload.seq_len", f"{self.workload.seq_len} exceeds {spec.name}'s "
-                                                  f"learned positions ({spec.max_seq_len})")
         if self.planner.micro_batches and self.planner.micro_batches > self.workload.batch_size:
             raise _FieldError("planner.micro_batches", f"{self.planner.micro_batches} micro-batches "
                                                        f"for a batch of {self.workload.batch_size}")
         if isinstance(self.costmodel, dict) and "kind" not in self.costmodel:
             raise _FieldError("costmodel.kind", "missing (e.g. roofline or fitted)")
-        # Round-2 contracts whose engines are being built: refuse rather than silently ignore.
         return self
 
     @model_validator(mode="after")
-    def _generation_positions(self, info: ValidationInfo):
+    def _gpt_positions(self, info: ValidationInfo):
         # A GPT model's learned positions bound the prompt plus the generated tokens; not those
         # of a prompt rounded up to the token granularity only to plan on (hpipe generate).
-        if (info.context or {}).get("planning_only"):
-            return self
         spec = self.model_spec()
+        if spec.family != "gpt" or (info.context or {}).get("planning_only"):
+            return self
         w = self.workload
+        if w.seq_len > spec.max_seq_len:
+            raise _FieldError("workload.seq_len", f"{w.seq_len} exceeds {spec.name}'s learned positions "
+                                                  f"({spec.max_seq_len})")
         used = positions_used(w.seq_len, w.output_tokens)
-        if w.output_tokens and spec.family == "gpt" and used > spec.max_seq_len:
+        if w.output_tokens and used > spec.max_seq_len:
             raise _FieldError("workload.output_tokens", f"{w.seq_len} prompt + {w.output_tokens} output tokens "
                               f"use {used} positions (the last new token is not fed back), more than "
                               f"{spec.name}'s learned positions ({spec.max_seq_len})")
