@@ -356,3 +356,38 @@ def test_a_busy_all_reduce_never_costs_less_than_alone_and_floored_timings_give_
     (st,) = build(setup, plan.check(setup)).stages
     assert st.allreduce_busy_s is not None
     np.testing.assert_allclose(st.allreduce_busy_s, st.allreduce_s)
+
+
+def test_an_emulated_link_asked_at_other_figures_is_priced_from_the_scenario():
+    """The hetero profile measured its cross-host link shaped to 0.1 Gbit/s.  A what-if at
+    another bandwidth (a sweep of it) is priced from the scenario's figures, not the old
+    measurement, and the Result says which pairs; at 0.1 the measurement stands."""
+    from conftest import SCENARIOS
+
+    path = SCENARIOS / "local-cpu-hetero-int8.yaml"
+    nbytes = np.array([0.0, 1e4, 1e6])
+    times = {}
+    for gbps in (0.1, 0.01):
+        setup = load_scenario(path, overrides=[f"cluster.network.bandwidth_gbps={gbps}"]).resolve()
+        src, dst = _cross_pair(setup)
+        fitted = setup.cost.transfer_time_s(src, dst, nbytes)
+        plain = super(type(setup.cost), setup.cost).transfer_time_s(src, dst, nbytes)
+        times[gbps] = (fitted, plain, setup.cost.describe().get("reshaped_links"))
+    fitted, plain, reshaped = times[0.1]
+    link = next(lk for lk in _profile_links(path) if lk.emulated is not None)
+    lat, per_byte = fit_link(link.sizes_bytes, link.one_way_s)
+    assert reshaped is None and np.allclose(fitted, np.where(nbytes > 0, lat + nbytes * per_byte, 0))  # measured
+    assert not np.array_equal(fitted, plain)
+    fitted, plain, reshaped = times[0.01]
+    assert np.array_equal(fitted, plain) and fitted[2] > 10 * times[0.1][0][2]
+    assert reshaped and len(reshaped[0]) == 2
+
+
+def _profile_links(scenario_path):
+    return load_profile(scenario_path.parent / "profiles" / "local-cpu-hetero.json").links
+
+
+def _cross_pair(setup):
+    """A pair of devices on different hosts."""
+    devs = setup.cluster.devices
+    return next((a.id, b.id) for a in devs for b in devs if a.host != b.host)

@@ -44,6 +44,7 @@ listed in ``describe()``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -306,8 +307,14 @@ class Fitted(CostModel):
         self.unmeasured_links: list[tuple[str, str]] = []
         self.unprobed_step_pairs: list[tuple[str, str]] = []
         """Decode hops priced without the step loop's hand-over: the profile's probe did not play them."""
+        self._shaped: dict[frozenset, object] = {}
+        """What tc shaped each emulated link to when it was measured (``EmulatedLink``)."""
+        self.reshaped_links: list[tuple[str, str]] = []
+        """Pairs priced from the scenario's figures: it asks for another link than was measured."""
         for link in self.profile.links:
             self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
+            if link.emulated is not None:
+                self._shaped[frozenset(link.between)] = link.emulated
         # The decode step loop (hpipe.runtime.step_probe): per pair, the two hops of a round less
         # what the ping-pong fit gives for their bytes, halved; per device, the after-wait ratio.
         # Below zero where the ping-pong is slower than the step loop: so a decode hop costs what
@@ -471,6 +478,13 @@ class Fitted(CostModel):
             if (src, dst) not in self.unmeasured_links:
                 self.unmeasured_links.append((src, dst))
             return super().transfer_time_s(src, dst, nbytes)
+        shaped = self._shaped.get(frozenset((a, b)))
+        if shaped is not None and not _same_shape(shaped, self.cluster.route(src, dst)):
+            # an emulated link measured at other figures than the scenario now gives (a what-if,
+            # a sweep of its bandwidth): the measurement describes another link
+            if (src, dst) not in self.reshaped_links:
+                self.reshaped_links.append((src, dst))
+            return super().transfer_time_s(src, dst, nbytes)
         return _affine(fit, nbytes)
 
     def allreduce_time_s(self, device_ids, nbytes):
@@ -550,6 +564,8 @@ class Fitted(CostModel):
             d["decode"] = "extrapolated from prefill points (the profile timed no decode steps)"
         if self.unmeasured_links:
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
+        if self.reshaped_links:
+            d["reshaped_links"] = [list(p) for p in self.reshaped_links]
         if self.unprobed_step_pairs:
             d["unprobed_step_pairs"] = [list(p) for p in self.unprobed_step_pairs]
         if self.setup.compression is not None or self.modelled_codecs:
@@ -560,6 +576,14 @@ class Fitted(CostModel):
                                "modelled as memory passes at the device bandwidth (the profile timed no codec) for "
                                + ", ".join(modelled))
         return d
+
+
+def _same_shape(shaped, route) -> bool:
+    """Whether the scenario's route is the link tc emulated when the profile measured it: the
+    same bandwidth, and the same latency where netem added one (else latency was not shaped)."""
+    if not math.isclose(route.bandwidth_gbps, shaped.bandwidth_gbps, rel_tol=1e-6):
+        return False
+    return shaped.latency_us is None or math.isclose(route.latency_s * 1e6, shaped.latency_us, abs_tol=1e-3)
 
 
 def _affine(fit: tuple[float, float], nbytes: np.ndarray) -> np.ndarray:
