@@ -419,6 +419,21 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         return loaded[tuple(extra)]
 
     first = load([assignment(key, values[0])])
+    autos = {v: load([assignment(key, v)]).cost.auto for v in values}
+    used = {v: getattr(a, "used", None) for v, a in autos.items()}
+    if len(set(used.values())) > 1 and not (key == "costmodel" or key.startswith("costmodel.")):
+        # costmodel auto found this machine's profile for some values only (its cache key holds
+        # the links and devices): rows on two models would not compare, so all take the roofline
+        cm = first.scenario.costmodel
+        fixed = [*fixed, assignment("costmodel", {**(cm.get("roofline", {}) if isinstance(cm, dict) else {}),
+                                                  "kind": "roofline"})]
+        loaded.clear()
+        fits = [v for v, u in used.items() if u == "fitted"]
+        err_console.print(f"cost model auto: this machine's profile fits {key} = {', '.join(map(str, fits))} "
+                          f"only; every value is priced on the roofline, so that the rows compare (to price "
+                          f"them all on that profile: --set 'costmodel={{kind: fitted, profile: "
+                          f"{autos[fits[0]].profile_path}}}')", markup=False, highlight=False, soft_wrap=True)
+        first = load([assignment(key, values[0])])
     names = _planner_names(planner or first.scenario.planner.kind)
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))

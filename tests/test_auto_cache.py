@@ -175,14 +175,33 @@ def test_quiet_drops_the_which_model_note_and_sweep_says_each_note_once(cli, cac
     r = cli("simulate", str(LOCAL))
     assert r.returncode == 0 and r.stderr.count("cost model auto: fitted") == 1, r.stderr
 
-    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256,128")
-    assert r.returncode == 0, r.stderr
-    err = " ".join(r.stderr.split())
-    assert err.count("cost model auto: fitted") == 1 and "[workload.seq_len = 512]" in err, r.stderr
-    assert err.count("cost model auto: roofline") == 2 and err.count("planning on datasheet figures") == 2, r.stderr
-    assert "[workload.seq_len = 256]" in err and "[workload.seq_len = 128]" in err  # two profiles, one each
-    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256", "-q")
-    assert r.returncode == 0 and "cost model auto: fitted" not in r.stderr, r.stderr
-    assert r.stderr.count("cost model auto: roofline") == 1 and "[workload.seq_len = 256]" in r.stderr
     r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,512")  # one note for all: no values named
     assert r.returncode == 0 and r.stderr.count("cost model auto: fitted") == 1 and "[" not in r.stderr, r.stderr
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=256,128", "-q")  # no profile for either
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and err.count("cost model auto: roofline") == 2, r.stderr  # two profiles, one each
+    assert "[workload.seq_len = 256]" in err and "[workload.seq_len = 128]" in err, r.stderr
+
+
+def test_a_sweep_that_auto_would_price_on_two_models_takes_the_roofline_for_all(cli, cache, tmp_path):
+    """The cache holds a profile for seq_len 512 only: auto would price 512 fitted and 256 on
+    the roofline, rows that do not compare.  The sweep prices both on the roofline and says so,
+    naming the profile that would price them all; the figures are the roofline's own."""
+    pytest.importorskip("torch")
+    path = cached_profile_path(load_scenario(LOCAL).resolve())  # seq_len 512
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)
+    out = tmp_path / "sweep.json"
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256", "--planner", "base", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "fits workload.seq_len = 512 only; every value is priced on the roofline" in err, r.stderr
+    assert f"profile: {path}" in err and "cost model auto: fitted" not in err
+    swept = [run["results"][0]["latency_s"] for run in json.loads(out.read_text())["runs"]]
+    alone = tmp_path / "one.json"
+    assert cli("simulate", str(LOCAL), "--planner", "base", "--set", "costmodel=roofline",
+               "--json", str(alone)).returncode == 0
+    assert swept[0] == json.loads(alone.read_text())["results"][0]["latency_s"]
+    fitted = tmp_path / "fitted.json"
+    assert cli("simulate", str(LOCAL), "--planner", "base", "--json", str(fitted)).returncode == 0  # auto: fitted
+    assert json.loads(fitted.read_text())["results"][0]["latency_s"] != swept[0]
