@@ -785,7 +785,7 @@ def _scenario_for_profiling(scenario: Path, sets: list[str] | None = None):
 
 @app.command()
 def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure", metavar="SCENARIO")],
-            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)", metavar="PATH")] = None,
+            output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write, - for stdout (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)", metavar="PATH")] = None,
             repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid", metavar="N")] = 5,
             warmup: Annotated[int, typer.Option(min=0, help="untimed sweeps first", metavar="N")] = 2,
             quick: Annotated[bool, typer.Option(help="a coarse grid (for tests and a first look)")] = False,
@@ -808,7 +808,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet,
                        time_alone=alone)
     write_text(out, prof.model_dump_json(indent=1), make_parents=output is None)
-    con = _out_console(None, quiet)
+    con = _out_console(output, quiet)  # -o -: the JSON alone on stdout, the tables on stderr
     if con:
         basis = FittedConfig.model_fields["basis"].default  # what predictions are made on
         con.print(holdout_table(fit_report(prof, basis), f"{setup.name}: fitted model ({basis} time), error on "
@@ -838,7 +838,8 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
                 con.print(f"[yellow]note:[/] {escape(d.device)} had a CPU for {d.cpu_share:.0%} of its wall time "
                           f"(expected about {expect:.0%}): other processes competed for the cores; the fitted "
                           f"model uses CPU time, but measured runs will be slower until the machine is quiet")
-    err_console.print(f"wrote {escape(out)}", highlight=False, soft_wrap=True)  # said even with --quiet: where the profile went
+    if not is_stdout(out):  # said even with --quiet: where the profile went
+        err_console.print(f"wrote {escape(out)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -71,6 +71,16 @@ def tiny(tmp_path_factory):
     return path, d / "tiny.json", r
 
 
+def test_profile_to_stdout_is_the_json_alone(tiny):
+    """-o -: stdout is the profile and nothing else (the tables had followed it there)."""
+    path, _, _ = tiny
+    r = run_cli("profile", str(path), "--quick", "--repeats", "1", "--warmup", "0", "--no-links", "--no-alone",
+                "-o", "-")
+    assert r.returncode == 0, r.stderr
+    assert {d["device"] for d in json.loads(r.stdout)["devices"]} == {"local/core-0", "local/core-1"}
+    assert "held-out" in r.stderr and "wrote" not in r.stderr
+
+
 def test_profile_writes_what_the_fitted_model_needs(tiny):
     path, prof_path, r = tiny
     prof = load_profile(prof_path)
