@@ -780,6 +780,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 def _scenario_for_profiling(scenario: Path, sets: list[str] | None = None):
     """The scenario, with a cost model that needs no profile (the one being measured may not exist)."""
     sc = _load_scenario(scenario, sets)
+    sc.check_costmodel()  # not used while measuring, but a typo in it is still the user's to hear
     return sc, sc.model_copy(update={"costmodel": "roofline"}).resolve()
 
 
@@ -875,6 +876,8 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
     names = _planner_names(planners, field="--planners", allow_none=True)
     scs = [_load_scenario(p, sets) for p in scenarios]
+    for sc in scs:  # validate predicts on a fitted model of its own; the scenario's must still be valid
+        sc.check_costmodel()
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")
     opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats,

@@ -8,6 +8,7 @@ with its model expanded into units, its cluster graph and its cost model.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,14 +386,29 @@ class Scenario(_Strict):
                       batch_size=self.workload.batch_size, granularity=self.planner.token_granularity,
                       cluster=cluster, cost=None,
                       weights=str(self.resolve_path(self.weights)) if self.weights else None)
-        try:
+        with self._costmodel_errors():
             setup.cost = make_costmodel(self.costmodel, setup)
+        return setup
+
+    def check_costmodel(self) -> None:
+        """Check the cost model's settings without building it (no profile read): for commands
+        that put another model in its place (profile, validate), so that a typo is still said."""
+        from hpipe.costmodels import costmodel_config
+
+        with self._costmodel_errors():
+            costmodel_config(self.costmodel)
+
+    @contextlib.contextmanager
+    def _costmodel_errors(self):
+        """A cost model's InputError located under ``costmodel`` in this file, and blamed on the
+        --set that gave the value, if one did."""
+        try:
+            yield
         except InputError as e:
             from hpipe.overrides import blame_override
 
             e = e.located(self.source_path, "costmodel")
             raise (blame_override(e, self._overrides, self.source_path) or e) from None
-        return setup
 
 
 class _FieldError(ValueError):

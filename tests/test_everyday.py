@@ -217,6 +217,16 @@ def test_a_planner_that_cannot_slice_so_finely_is_a_row_beside_the_others(cli):
     assert "hpipe (at 4) infeasible: 32768 tokens in units of 4" in r.stdout, r.stdout
 
 
+def test_commands_that_replace_the_cost_model_still_check_it(cli):
+    """profile measures on no model and validate predicts on a fitted one of its own: both had
+    accepted any costmodel, even an unknown one."""
+    local = str(SCENARIOS / "local-cpu.yaml")
+    for command in (["validate", local, "--random", "0", "--planner", "single"], ["profile", local, "--quick"]):
+        r = cli(*command, "--set", "costmodel={kind: roofline, version: 7}")
+        assert r.returncode == 2 and "field 'costmodel.version'" in r.stderr, (command, r.stderr)
+        assert "(from --set costmodel={kind: roofline, version: 7})" in r.stderr
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hpipe ")

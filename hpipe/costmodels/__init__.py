@@ -215,13 +215,15 @@ def register(cls: type[CostModel]) -> type[CostModel]:
     return cls
 
 
-def make_costmodel(spec: str | dict, setup) -> CostModel:
-    """Build the cost model a scenario names (a string, or a mapping with ``kind``)."""
+def costmodel_config(spec: str | dict) -> CostModelConfig:
+    """The validated settings of the cost model a scenario names (a string, or a mapping with
+    ``kind``), without building it: no profile is read.  Commands that replace the model (profile,
+    validate) still check what the user wrote."""
     data = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = data.get("kind")
     _load_builtin(kind)
     if kind == "auto":
-        from hpipe.costmodels.auto import AutoConfig, choose
+        from hpipe.costmodels.auto import AutoConfig
 
         config = _validated(AutoConfig, data)
         # both settings checked now, not only the one chosen today: a typo in the other would
@@ -231,15 +233,25 @@ def make_costmodel(spec: str | dict, setup) -> CostModel:
             raise InputError("auto reads this machine's cached profile; to name one, use kind: fitted",
                              field="fitted.profile")
         _validated(REGISTRY["fitted"].Config, {**config.fitted, "kind": "fitted", "profile": ""}, "fitted.")
-        chosen, why = choose(config, setup)
-        model = make_costmodel(chosen, setup)  # its settings were checked above, named where they sit
-        model.auto = why
-        return model
+        return config
     if kind not in REGISTRY:
         names = [*REGISTRY, "auto"]
         raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), names)}; "
                          f"one of {', '.join(names)}", field="kind")
-    return REGISTRY[kind](_validated(REGISTRY[kind].Config, data), setup)
+    return _validated(REGISTRY[kind].Config, data)
+
+
+def make_costmodel(spec: str | dict, setup) -> CostModel:
+    """Build the cost model a scenario names (a string, or a mapping with ``kind``)."""
+    config = costmodel_config(spec)
+    if config.kind == "auto":
+        from hpipe.costmodels.auto import choose
+
+        chosen, why = choose(config, setup)
+        model = make_costmodel(chosen, setup)  # its settings were checked above, named where they sit
+        model.auto = why
+        return model
+    return REGISTRY[config.kind](config, setup)
 
 
 def _validated(cls, data: dict, under: str = ""):
