@@ -580,6 +580,28 @@ def read_scenario_text(path: str | Path) -> str:
         raise InputError(f"cannot read the file: {e}", file=str(path)) from None
 
 
+PATH_FIELDS = frozenset({"weights", "profile", "calibration"})
+"""The scenario's fields that name a file or folder (``weights``, ``costmodel.profile``,
+``costmodel.calibration``, ``costmodel.roofline.calibration``)."""
+
+
+def _paths_from_here(data: dict, parts: list) -> None:
+    """A relative path given with --set is the user's, typed from the current folder, not from
+    the scenario file's (where the file's own paths resolve): made absolute here."""
+    *above, last = parts
+    for p in above:
+        data = data[p]
+
+    def absolute(container, k) -> None:
+        v = container[k]
+        if k in PATH_FIELDS and isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+            container[k] = str(Path.cwd() / v)
+        for kk in (v if isinstance(v, dict) else ()):
+            absolute(v, kk)
+
+    absolute(data, last)
+
+
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                   text: str | None = None) -> Scenario:
     """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
@@ -605,12 +627,14 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                          file=file)
     if not overrides:
         return parse_scenario(data, file)
-    from hpipe.overrides import apply_overrides, blame_override
+    from hpipe.overrides import apply_overrides, blame_override, overridden_keys, parse_key
 
     try:
         data = apply_overrides(data, overrides, schema=Scenario)
     except InputError as e:
         raise InputError(e.problem, file=file, field=e.field if (e.field or "").startswith("--set") else f"--set {e.field}") from None
+    for key in overridden_keys(overrides):
+        _paths_from_here(data, parse_key(key))
     try:
         sc = parse_scenario(data, file)
     except InputError as e:

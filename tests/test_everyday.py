@@ -227,6 +227,25 @@ def test_commands_that_replace_the_cost_model_still_check_it(cli):
         assert "(from --set costmodel={kind: roofline, version: 7})" in r.stderr
 
 
+def test_a_path_given_with_set_is_read_from_the_current_folder(cli, tmp_path):
+    """A profile named on the command line is the user's, typed from where they stand; the
+    scenario file's own paths keep resolving against the file's folder."""
+    import shutil
+
+    shutil.copy(SCENARIOS / "profiles" / "local-cpu.json", tmp_path / "mine.json")
+    local = str(SCENARIOS / "local-cpu.yaml")
+    r = cli("simulate", local, "--planner", "base", "--set", "costmodel={kind: fitted, profile: mine.json}",
+            "--json", "-", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cost_model"]["profile_path"] == str(tmp_path / "mine.json")
+    r = cli("simulate", local, "--planner", "base", "--set", "costmodel.profile=mine.json", cwd=tmp_path)
+    assert r.returncode == 2 and "not a mapping" in r.stderr  # (local-cpu says costmodel: auto)
+    r = cli("simulate", str(SCENARIOS / "local-cpu-hetero-int8.yaml"), "--planner", "base", "--json", "-",
+            cwd=tmp_path)  # its profiles/local-cpu-hetero.json: beside the file
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cost_model"]["profile_path"] == str(SCENARIOS / "profiles" / "local-cpu-hetero.json")
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hpipe ")
