@@ -132,6 +132,8 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     setup = sc.resolve()
     if check is not None:
         check(setup)
+    if say:
+        _note_unpriced_sets(setup)
     choice = getattr(setup.cost, "auto", None)
     if choice is None or not say:
         return setup
@@ -435,6 +437,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
                           f"{autos[fits[0]].profile_path}}}')", markup=False, highlight=False, soft_wrap=True)
         first = load([assignment(key, values[0])])
     names = _planner_names(planner or first.scenario.planner.kind)
+    _note_unpriced_sets(first, f"{key}={','.join(assignment(key, v).split('=', 1)[1] for v in values)}")
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
 
@@ -591,6 +594,27 @@ def _note_past_context(setup, spec) -> None:
     note = past_trained_context(setup, spec)
     if note:
         err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
+
+
+_DATASHEET_SPEED = ("peak_tflops", "memory_bandwidth_gbps", "generation")
+"""A device's datasheet figures that only the roofline reads."""
+
+
+def _note_unpriced_sets(setup, swept: str | None = None) -> None:
+    """A --set of a device's datasheet speed changes nothing under a fitted model (its profile's
+    measurements price the device): said, not ignored in silence.  ``swept``: a sweep's
+    KEY=V1,V2,... as given, said in place of the one value this setup holds."""
+    from hpipe.overrides import overridden_keys
+
+    if getattr(setup.cost, "name", None) != "fitted":
+        return
+    given = setup.scenario.overrides
+    moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
+            if k.startswith("cluster.") and k.rsplit(".", 1)[-1] in _DATASHEET_SPEED]
+    if moot:
+        err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: the fitted profile "
+                          f"prices the devices from its measurements, so a datasheet figure changes nothing "
+                          f"here; --set costmodel=roofline prices it", highlight=False, soft_wrap=True)
 
 
 def _note_foreign_profile(setup) -> None:

@@ -390,6 +390,11 @@ class Scenario(_Strict):
             setup.cost = make_costmodel(self.costmodel, setup)
         return setup
 
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The --set assignments applied before validation (``load_scenario``)."""
+        return self._overrides
+
     def check_costmodel(self) -> None:
         """Check the cost model's settings without building it (no profile read): for commands
         that put another model in its place (profile, validate), so that a typo is still said."""

@@ -246,6 +246,17 @@ def test_a_path_given_with_set_is_read_from_the_current_folder(cli, tmp_path):
     assert json.loads(r.stdout)["cost_model"]["profile_path"] == str(SCENARIOS / "profiles" / "local-cpu-hetero.json")
 
 
+def test_a_datasheet_speed_set_under_a_fitted_profile_is_said_to_change_nothing(cli):
+    hetero = str(SCENARIOS / "local-cpu-hetero-int8.yaml")  # costmodel: fitted
+    speed = "cluster.hosts[1].devices[0].peak_tflops"
+    r = cli("simulate", hetero, "--planner", "base", "--set", f"{speed}=0.001")
+    assert r.returncode == 0 and f"--set {speed}=0.001: the fitted profile prices the devices" in r.stderr, r.stderr
+    r = cli("sweep", hetero, "--planner", "base", "--set", f"{speed}=0.001,1")
+    assert r.returncode == 0 and f"--set {speed}=0.001,1: the fitted profile" in " ".join(r.stderr.split())
+    r = cli("simulate", hetero, "--planner", "base", "--set", f"{speed}=0.001", "--set", "costmodel=roofline")
+    assert r.returncode == 0 and "note" not in r.stderr, r.stderr
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hpipe ")
