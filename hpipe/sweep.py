@@ -92,8 +92,9 @@ def _numeric(values) -> bool:
 
 
 def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 110) -> None:
-    """Latency, energy and (where the devices have prices) cost per million tokens against
-    the swept value, one line per planner; log axes where the values span decades."""
+    """Latency (with generation: TTFT and TPOT too), energy and (where the devices have prices)
+    cost per million tokens against the swept value, one line per planner; log axes where the
+    values span decades."""
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -101,13 +102,15 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
     from matplotlib.ticker import FuncFormatter
 
     from hpipe.sim.trace import save_figure
+    from hpipe.tables import value_label
 
     planners = list(dict.fromkeys(r.planner for run in sweep.runs for r in run.results))
-    metrics = [("latency_s", "latency (s)"), ("energy_j", "energy (J)"),
-               ("usd_per_million_tokens", "cost ($ per million tokens)")]
+    gen = any(r.ttft_s is not None for run in sweep.runs for r in run.results)
+    metrics = [("latency_s", "latency (s)"), *([("ttft_s", "TTFT (s)"), ("tpot_s", "TPOT (s)")] if gen else []),
+               ("energy_j", "energy (J)"), ("usd_per_million_tokens", "cost ($ per million tokens)")]
     have_cost = any(r.usd_per_million_tokens is not None for run in sweep.runs for r in run.results)
     if not have_cost:
-        metrics = metrics[:2]
+        metrics = metrics[:-1]
     numeric = _numeric(sweep.values)
     xs = np.asarray(sweep.values, float) if numeric else np.arange(len(sweep.values), dtype=float)
     log_x = numeric and (xs > 0).all() and xs.max() / xs.min() >= 100
@@ -141,7 +144,7 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
                 ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
         if not numeric:
             ax.set_xticks(xs)
-            ax.set_xticklabels([str(v) for v in sweep.values], rotation=30, ha="right", fontsize=8)
+            ax.set_xticklabels([value_label(v) for v in sweep.values], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel(sweep.sweep, fontsize=9)
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", color="0.9", lw=0.5)

@@ -199,28 +199,40 @@ def generation_table(title: str, measured, predicted=None) -> Table:
 
 
 def sweep_table(title: str, key: str, values, runs) -> Table:
-    """sweep: one row per (value, planner); tokens/s is in the JSON (batch tokens / latency)."""
+    """sweep: one row per (value, planner); tokens/s is in the JSON (batch tokens / latency).
+    With generation, TTFT and TPOT beside the end-to-end latency (the figures a decode
+    objective is chosen for), and the cost per run only."""
     notes = infeasible_notes([r for run in runs for r in run.results],
-                             [v for v, run in zip(values, runs) for _ in run.results])
+                             [value_label(v) for v, run in zip(values, runs) for _ in run.results])
     t = _table(title, "\n".join(notes) or None)
+    gen = any(r.ttft_s is not None for run in runs for r in run.results)
     short_key = key.rsplit(".", 1)[-1]
     if len(short_key) > 8 and "_" in short_key:  # bandwidth_gbps -> two header lines
         short_key = short_key.replace("_", "_\n", 1)
-    for c in (short_key, "planner", "latency\ns", "energy\nJ", "cost\n$/run", "cost\n$/Mtok",
-              "stages/\nslices/µb"):
-        t.add_column(c, justify="left" if c in ("planner",) else "right", no_wrap=True)
+    cols = (short_key, "planner", "latency\ns", *(("TTFT\ns", "TPOT\nms") if gen else ()), "energy\nJ",
+            "cost\n$/run", *(() if gen else ("cost\n$/Mtok",)), "stages/\nslices/µb")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
     for v, run in zip(values, runs):
         for k, r in enumerate(run.results):
-            label = str(v) if k == 0 else ""
+            label = value_label(v) if k == 0 else ""
             if r.latency_s is None:
-                t.add_row(label, r.planner + " ✗", "-", "-", "-", "-", "-")
+                t.add_row(label, r.planner + " ✗", *(["-"] * (len(cols) - 2)))
                 continue
-            t.add_row(label, r.planner + ("" if r.feasible else " ✗"), sig(r.latency_s),
-                      sig(r.energy_j), money(r.cost_usd),
-                      sig(r.usd_per_million_tokens), shape(r.plan))
+            decode = (sig(r.ttft_s), sig(r.tpot_s * 1e3 if r.tpot_s is not None else None)) if gen else ()
+            per_mtok = () if gen else (sig(r.usd_per_million_tokens),)
+            t.add_row(label, r.planner + ("" if r.feasible else " ✗"), sig(r.latency_s), *decode,
+                      sig(r.energy_j), money(r.cost_usd), *per_mtok, shape(r.plan))
         if len(run.results) > 1 and v is not values[-1]:
             t.add_section()
     return t
+
+
+def value_label(v) -> str:
+    """A swept value as the user would type it in YAML (null, true), not Python's None/True."""
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    return str(v)
 
 
 # ---- the catalogs -----------------------------------------------------------------

@@ -338,6 +338,27 @@ def test_sweep_json_table_and_plot(cli, tmp_path):
     assert "bandwidth" in r.stderr and "hpipe" in r.stderr  # the table went to stderr beside JSON on stdout
 
 
+def test_sweep_of_a_generating_scenario_shows_ttft_and_tpot():
+    """The figures a decode objective is chosen for: objective=ttft trades end-to-end latency
+    for a shorter TTFT, which a latency/energy table did not show."""
+    from rich.console import Console
+
+    from hpipe.scenario import load_scenario
+    from hpipe.sweep import run_sweep
+    from hpipe.tables import sweep_table
+
+    gen = SCENARIOS / "paper-llama7b-generate.yaml"
+    sweep = run_sweep(lambda extra: load_scenario(gen, overrides=extra).resolve(), "planner.objective",
+                      ["latency", "ttft"], ["hpipe"])
+    res = [run.results[0] for run in sweep.runs]
+    assert res[1].ttft_s < res[0].ttft_s and res[1].latency_s > res[0].latency_s
+    con = Console(width=80, record=True)
+    con.print(sweep_table("t", "planner.objective", sweep.values, sweep.runs))
+    text = con.export_text()
+    assert "TTFT" in text and "TPOT" in text and f"{res[1].ttft_s:.4g}" in text and f"{res[0].tpot_s * 1e3:.4g}" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
 def test_sweep_with_nothing_feasible_says_why_at_each_value_even_quiet(cli):
     r = cli("sweep", PAPER, "--set", "model=llama-2-70b,llama-13b", "--planner", "single", "-q")
     assert r.returncode == 3 and "(the reasons are under the table)" not in r.stderr, r.stderr
