@@ -340,8 +340,9 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     results = []
     if plan is not None:
-        for i, p in enumerate(load_plans(plan)):
-            p.check(setup, file=f"{plan}[{i}]" if i else str(plan))
+        plans = load_plans(plan)
+        for i, p in enumerate(plans):
+            _checked_plan(p, setup, f"{plan}[{i}]" if len(plans) > 1 else str(plan))
             results.append(run_sim(setup, p))
     else:
         names = _planner_names(planner or setup.scenario.planner.kind)
@@ -515,7 +516,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         nonlocal token_ids, p, spec
         raise_if_model_cannot_fit(setup)
         if plans is not None:
-            p = plans[0].check(setup, file=str(plan))
+            p = _checked_plan(plans[0], setup, str(plan))
             check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
             check_cpu_memory(setup, p)
         token_ids = load_inputs(inputs, setup) if inputs else None
@@ -594,6 +595,16 @@ def _note_past_context(setup, spec) -> None:
     note = past_trained_context(setup, spec)
     if note:
         err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
+
+
+def _checked_plan(p, setup, file: str):
+    """``p`` checked against the scenario; a plan made for another scenario (by its name) that
+    still fits this one is taken, and said: its stages were cut for that one's model and devices."""
+    p = p.check(setup, file=file)
+    if p.scenario and p.scenario != setup.name:
+        err_console.print(f"[yellow]note:[/] {escape(file)} was planned for scenario {escape(repr(p.scenario))}; "
+                          f"it is used as given for {escape(repr(setup.name))}", highlight=False, soft_wrap=True)
+    return p
 
 
 _DATASHEET_SPEED = ("peak_tflops", "memory_bandwidth_gbps", "generation")
@@ -739,7 +750,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         if sum(plans[0].slices) != setup.seq_len:
             raise InputError(f"the slices sum to {sum(plans[0].slices)} tokens but the prompt has {setup.seq_len}",
                              file=str(plan), field="slices")
-        p = plans[0].check(setup, file=str(plan))
+        p = _checked_plan(plans[0], setup, str(plan))
     else:
         names = _planner_names(planner or sc.planner.kind)
         if len(names) != 1:

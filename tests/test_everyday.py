@@ -257,6 +257,16 @@ def test_a_datasheet_speed_set_under_a_fitted_profile_is_said_to_change_nothing(
     assert r.returncode == 0 and "note" not in r.stderr, r.stderr
 
 
+def test_a_plan_made_for_another_scenario_is_said_so(cli, tmp_path):
+    """paper-llama7b's plan fits gpt3-2.7b's testbed (same devices, 66 units): taken, and said."""
+    plan = tmp_path / "p.json"
+    assert cli("plan", PAPER, "-q", "-o", str(plan)).returncode == 0
+    r = cli("simulate", str(SCENARIOS / "paper-gpt3-2.7b.yaml"), "--plan", str(plan))
+    assert r.returncode == 0 and "was planned for scenario 'paper-llama7b'" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, "--plan", str(plan))
+    assert r.returncode == 0 and "planned for" not in r.stderr, r.stderr
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hpipe ")
