@@ -201,6 +201,10 @@ def test_missing_or_bad_profile_file(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(InputError, match="bogus"):
         load_scenario(tmp_path / "s.yaml").resolve()
+    plan = {"planner": "gpipe", "scenario": "x", "stages": [{"devices": ["a"], "units": [0, 4]}], "slices": [64]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(InputError, match="this is a Plan JSON, not a profile"):
+        load_profile(tmp_path / "plan.json")
 
 
 def test_link_fit():
