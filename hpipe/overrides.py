@@ -114,6 +114,17 @@ def _model_of(annotation) -> tuple[type | None, bool]:
     return None, False
 
 
+def _takes_mapping(annotation) -> bool:
+    """Whether a field of this type may be given as a mapping (a dict, or a model)."""
+    from pydantic import BaseModel
+
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_mapping(a) for a in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _looks_like_index(part: str | int) -> bool:
     """A dotted segment that meant a list index (``hosts.0``; ASCII digits only: '²'.isdigit())."""
     return isinstance(part, str) and part.isascii() and part.isdecimal()
@@ -123,6 +134,7 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
     """Set ``value`` at ``parts`` inside ``data`` (in place), checked against ``schema``."""
     node: Any = data
     model, in_list = schema, False  # the pydantic model the current node validates against
+    annotation = None  # the current node's field type, where the schema knows it
     key = format_key(parts)
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -147,8 +159,10 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             raise InputError(f"{format_key(parts[:i])} is a list, indexed in brackets{hint}", field=key)
         if not isinstance(node, dict):
             shown = repr(node) if len(repr(node)) <= 40 else type(node).__name__
+            whole = (f"; to give it as a mapping, set it whole: --set '{format_key(parts[:i])}={{{part}: ...}}'"
+                     if _takes_mapping(annotation) else "")  # costmodel: auto -> {kind: fitted, ...}
             raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is {shown}, not a mapping, so it "
-                             f"has no key {part!r}", field=key)
+                             f"has no key {part!r}{whole}", field=key)
         fields = None
         if model is not None and not in_list:
             fields = {k: f for k, f in model.model_fields.items() if k != "source_path"}
@@ -156,9 +170,10 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             hint = suggest(part, fields) or f"; the keys here: {', '.join(fields)}"
             raise InputError(f"unknown key {part!r} at {here}{hint}", field=key)
         if fields is not None and part in fields:
-            model, in_list = _model_of(fields[part].annotation)
+            annotation = fields[part].annotation
+            model, in_list = _model_of(annotation)
         else:
-            model, in_list = None, False
+            annotation, model, in_list = None, None, False
         if last:
             node[part] = value
         else:

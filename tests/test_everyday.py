@@ -679,6 +679,11 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     assert r.returncode == 2 and "workload.seq_len is set twice ('1024', then '4096')" in r.stderr
     r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,2048", "--set", "workload.seq_len=4096", "-q")
     assert r.returncode == 2 and "workload.seq_len is given twice in --set" in r.stderr
+    # a key under a field that is a name here but may be a mapping: say how to give it whole
+    r = cli("simulate", PAPER, "--set", "costmodel.kind=fitted", "-q")
+    assert r.returncode == 2 and "set it whole: --set 'costmodel={kind: ...}'" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, "--set", "workload.seq_len.x=1", "-q")  # a number is never a mapping
+    assert r.returncode == 2 and "not a mapping" in r.stderr and "whole" not in r.stderr, r.stderr
 
 
 def test_one_infeasible_planner_writes_its_json_and_exits_3(cli, tmp_path):
