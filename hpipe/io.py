@@ -157,8 +157,8 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
                              field=opt)
         path = Path(p).expanduser()
         if path.is_dir():
-            raise InputError(f"{p!r} is a folder; give a file path inside it (e.g. {str(path / 'out')!r})",
-                             field=opt)
+            example = path / ("out.png" if opt in plots else "out.json")  # a name the check then takes
+            raise InputError(f"{p!r} is a folder; give a file path inside it (e.g. {str(example)!r})", field=opt)
         if is_special(path):  # /dev/stdout, a pipe: written in place, so only the file itself matters
             if opt in plots and is_stdout(p):
                 raise InputError("needs a file path (an image is not written to stdout)", field=opt)

@@ -19,6 +19,8 @@ def test_a_folder_as_output_is_exit_2_without_traceback(cli, tmp_path, opt):
     r = cli("simulate", PAPER, opt, str(tmp_path), "-q")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "is a folder" in r.stderr and opt in r.stderr
+    example = r.stderr.split("(e.g. '")[1].split("'")[0]  # the suggested name is one the check takes
+    assert cli("simulate", PAPER, opt, example, "-q").returncode == 0
 
 
 def test_plan_output_folder_and_missing_folder(cli, tmp_path):
