@@ -174,6 +174,12 @@ def test_quiet_drops_the_which_model_note_and_sweep_says_each_note_once(cli, cac
     assert r.returncode == 0 and "cost model auto" not in r.stderr, r.stderr
     r = cli("simulate", str(LOCAL))
     assert r.returncode == 0 and r.stderr.count("cost model auto: fitted") == 1, r.stderr
+    assert "a quick one" not in r.stderr  # the committed profile has no grid marker
+    data = json.loads(COMMITTED.read_text())
+    data["settings"]["grid"] = "quick"
+    path.write_text(json.dumps(data))
+    r = cli("simulate", str(LOCAL))
+    assert r.returncode == 0 and "(a quick one: a coarse grid" in " ".join(r.stderr.split()), r.stderr
 
     r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,512")  # one note for all: no values named
     assert r.returncode == 0 and r.stderr.count("cost model auto: fitted") == 1 and "[" not in r.stderr, r.stderr

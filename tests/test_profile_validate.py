@@ -85,6 +85,7 @@ def test_profile_writes_what_the_fitted_model_needs(tiny):
     path, prof_path, r = tiny
     prof = load_profile(prof_path)
     assert prof.versions.torch and prof.hardware.cpu_model and prof.created
+    assert prof.settings.grid == "quick"  # --quick: costmodel auto says so when it plans on it
     assert prof.versions.profiler == PROFILER_METHOD  # else every fresh profile would read as stale
     assert {d.device for d in prof.devices} == {"local/core-0", "local/core-1"}
     for d in prof.devices:

@@ -86,6 +86,9 @@ class Settings(_Strict):
     cfs_period_us: int | None = None
     """cgroup CPU period of devices with cpu_quota, in profiles of method 2 and before (which
     emulated them by a CFS quota); None since."""
+    grid: Literal["quick", "full"] | None = None
+    """The (slice, context, batch) grid's density: quick (`hpipe profile --quick`, and the one
+    `costmodel: auto` measures on a first run) or full; None in profiles before 2026-12-03."""
 
 
 class UnitSamples(_Strict):

@@ -871,6 +871,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
     why = emulation.emulation_unsupported(setup)
     if why:
         raise HpipeError(f"cannot profile {setup.name} as its scenario describes it: {why}")
+    density = None if grid else ("quick" if quick else "full")  # a grid given by the caller: neither
     grid = grid or default_grid(setup, quick=quick)
     devices = setup.cluster.device_ids
     # Each device where it runs for real (a cuda:N this machine lacks is an input error, as in execute).
@@ -968,11 +969,12 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
         emulated = em.describe()
     if cores is not None:
         probes.append(speed.probe_by_core(cores))
-    return _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes)
+    return _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes, density)
 
 
-def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=()) -> Profile:
-    """The Profile of the workers' ``results`` (``probes``: the speed probe before and after)."""
+def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(), density=None) -> Profile:
+    """The Profile of the workers' ``results`` (``probes``: the speed probe before and after;
+    ``density``: 'quick' or 'full', the default grid it measured, else None)."""
     from hpipe.costmodels.fitted import fit_link, fit_report, summarize_holdout
 
     devs = []
@@ -1016,7 +1018,7 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(
     prof = Profile(format=PROFILE_FORMAT, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    hardware=_hardware(), versions=_versions(), scenario=setup.name, model=setup.model.to_dict(),
                    dtype=setup.dtype,
-                   settings=Settings(warmup=warmup, repeats=repeats,
+                   settings=Settings(warmup=warmup, repeats=repeats, grid=density,
                                      statistic=f"trimmed-mean (middle {1 - 2 * TRIM:.0%}) of the repeats"),
                    devices=devs, links=links, all_reduces=all_reduces, step_hops=step_hops,
                    speed_probe=SpeedProbe(version=speed.PROBE_VERSION, cores=list(probes[0]),
