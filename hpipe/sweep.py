@@ -136,6 +136,12 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
         if log_x:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(plain)
+        if not ys_all:  # say why the axes are empty, rather than show a bare 0-1 frame
+            ax.text(0.5, 0.5, "no feasible plan\nat any value", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="0.4")
+            ax.set_yticks([])
+            if xs.min() < xs.max():
+                ax.set_xlim(xs.min(), xs.max())
         if ys_all:
             y = np.concatenate(ys_all)
             if (y > 0).all() and y.max() / y.min() >= 5:  # planners an order apart: keep the close ones apart
