@@ -197,6 +197,10 @@ def test_missing_or_bad_profile_file(tmp_path):
     prof["devices"][0]["units"]["attn"]["seconds"][0] = -1.0
     with pytest.raises(InputError, match=r"devices\[0\].units.attn"):
         load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    prof = synthetic_profile()
+    prof["devices"][0]["units"]["mlp"]["c"][1] = -32  # a context before the sequence
+    with pytest.raises(InputError, match=r"devices\[0\].units.mlp.c\[1\]"):
+        load_scenario(fitted_scenario(tmp_path, prof)).resolve()
     data["costmodel"] = {"kind": "fitted", "profile": "p.json", "bogus": 1}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(InputError, match="bogus"):

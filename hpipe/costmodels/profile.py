@@ -32,8 +32,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, model_validator)
 
 from hpipe.errors import InputError, format_loc
 
@@ -94,9 +94,9 @@ class Settings(_Strict):
 class UnitSamples(_Strict):
     """Seconds of one unit kind over a grid of (slice tokens n, context tokens c, batch b)."""
 
-    n: list[int]
-    c: list[int]
-    b: list[int]
+    n: list[PositiveInt]
+    c: list[NonNegativeInt]
+    b: list[PositiveInt]
     seconds: list[float]
     spread: list[float] = []
     """Per point: (p75 - p25) / median of the repeats -- how noisy the point was."""
