@@ -351,6 +351,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.progress import progress
 
         # a large scenario (70B over 32 devices at 32k tokens) plans for seconds per planner
+        limits = []  # the planners that cannot take this input (PlannerInputError)
         with progress(quiet) as bar:
             task = bar.add_task("planning", total=len(names))
             for name in names:
@@ -360,10 +361,11 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                 except InfeasibleError as e:  # written to --json as well, then exit 3 below
                     results.append(infeasible_result(setup, name, str(e)))
                 except PlannerInputError as e:  # beside other planners, one that cannot take it is a ✗ row
-                    if len(names) == 1:
-                        raise
+                    limits.append(e)
                     results.append(infeasible_result(setup, name, e.problem))
                 bar.advance(task)
+        if len(limits) == len(names):  # no planner could take it: the input's fault, exit 2
+            raise limits[0]
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace, plot)
@@ -399,6 +401,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
           quiet: QuietOpt = False):
     """What if: simulate the scenario at several values of one field, every planner asked for."""
     from hpipe.io import write_text
+    from hpipe.overrides import value_text
     from hpipe.progress import progress
     from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
     from hpipe.tables import sweep_table
@@ -415,30 +418,35 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     if planner is not None:  # before the first value is resolved (a profile, maybe)
         _planner_names(planner)
     loaded: dict[tuple, object] = {}  # each value's setup, resolved once
+    unified = None  # auto's roofline settings, for every value, where auto chose differently between them
 
     def load(extra):
         if tuple(extra) not in loaded:
-            loaded[tuple(extra)] = _load_setup(scenario, fixed + extra, say=False)
+            if unified is None:
+                loaded[tuple(extra)] = _load_setup(scenario, fixed + extra, say=False)
+            else:  # the scenario as given, its cost model replaced (its paths still resolve from its folder)
+                sc = _load_scenario(scenario, fixed + extra)
+                loaded[tuple(extra)] = sc.model_copy(update={"costmodel": unified}).resolve()
         return loaded[tuple(extra)]
 
     first = load([assignment(key, values[0])])
-    autos = {v: load([assignment(key, v)]).cost.auto for v in values}
-    used = {v: getattr(a, "used", None) for v, a in autos.items()}
-    if len(set(used.values())) > 1 and not (key == "costmodel" or key.startswith("costmodel.")):
+    autos = [load([assignment(key, v)]).cost.auto for v in values]
+    used = [getattr(a, "used", None) for a in autos]
+    if len(set(used)) > 1 and not (key == "costmodel" or key.startswith("costmodel.")):
         # costmodel auto found this machine's profile for some values only (its cache key holds
-        # the links and devices): rows on two models would not compare, so all take the roofline
+        # the links and devices): rows on two models would not compare, so all take auto's roofline
         cm = first.scenario.costmodel
-        fixed = [*fixed, assignment("costmodel", {**(cm.get("roofline", {}) if isinstance(cm, dict) else {}),
-                                                  "kind": "roofline"})]
+        unified = {**(cm.get("roofline", {}) if isinstance(cm, dict) else {}), "kind": "roofline"}
         loaded.clear()
-        fits = [v for v, u in used.items() if u == "fitted"]
-        err_console.print(f"cost model auto: this machine's profile fits {key} = {', '.join(map(str, fits))} "
-                          f"only; every value is priced on the roofline, so that the rows compare (to price "
-                          f"them all on that profile: --set 'costmodel={{kind: fitted, profile: "
-                          f"{autos[fits[0]].profile_path}}}')", markup=False, highlight=False, soft_wrap=True)
+        fits = [value_text(v) for v, u in zip(values, used) if u == "fitted"]
+        err_console.print(f"cost model auto: this machine's profile fits {key} = {', '.join(fits)} only; every "
+                          f"value is priced on the roofline, so that the rows compare (to price them all on that "
+                          f"profile: --set 'costmodel={{kind: fitted, profile: "
+                          f"{autos[used.index('fitted')].profile_path}}}')", markup=False, highlight=False,
+                          soft_wrap=True)
         first = load([assignment(key, values[0])])
     names = _planner_names(planner or first.scenario.planner.kind)
-    _note_unpriced_sets(first, f"{key}={','.join(assignment(key, v).split('=', 1)[1] for v in values)}")
+    _note_unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
 
@@ -470,7 +478,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     if all(not r.feasible for run in result.runs for r in run.results):
         from hpipe.tables import infeasible_notes
 
-        why = "".join(f"\n  {key} = {v}: " + "; ".join(infeasible_notes(run.results))
+        why = "".join(f"\n  {key} = {value_text(v)}: " + "; ".join(infeasible_notes(run.results))
                       for v, run in zip(values, result.runs))
         raise InfeasibleError("no plan is feasible at any value" + (" (the reasons are under the table)" if con
                                                                     else ":" + why))

@@ -61,6 +61,13 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def value_text(value: Any) -> str:
+    """A parsed value written back as YAML text, flow style: what a user would type after
+    ``KEY=`` (``null``, ``true``, ``{bandwidth_gbps: 1}``), not Python's repr."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
 def split_assignment(text: str) -> tuple[str, str]:
     """'KEY=VALUE' -> (key, raw value)."""
     key, eq, raw = text.partition("=")

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from hpipe.errors import InfeasibleError, InputError, PlannerInputError
+from hpipe.overrides import value_text
 from hpipe.result import Result
 
 
@@ -63,28 +64,29 @@ def run_sweep(load_setup: Callable[[list[str]], Any], key: str, values: list[Any
     from hpipe.sim import infeasible_result, simulate
 
     setups = [load_setup([assignment(key, v)]) for v in values]  # every value checked before any planning
-    runs = []
+    runs, limits = [], []
     for v, setup in zip(values, setups):
         results = []
         for p in planners:
             if on_step:
-                on_step(f"{key}={v}: {p}")
+                on_step(f"{key}={value_text(v)}: {p}")
             try:
                 results.append(simulate(setup, make_plan(setup, p)))
             except InfeasibleError as e:
                 results.append(infeasible_result(setup, p, str(e)))
             except PlannerInputError as e:  # a planner's limit at this value: the other values still plan
+                limits.append(e)
                 results.append(infeasible_result(setup, p, e.problem))
-        runs.append(Result(scenario=setup.name, mode="simulated", results=results))
+        # after planning: the cost model lists what it priced how (links reshaped, codecs modelled)
+        runs.append(Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe()))
+    if limits and len(limits) == len(values) * len(planners):  # nothing planned anywhere: the input's fault
+        raise limits[0]
     return SweepResult(sweep=key, values=list(values), runs=runs)
 
 
 def assignment(key: str, value: Any) -> str:
     """'KEY=VALUE' with a parsed value written back as YAML (flow style)."""
-    import yaml
-
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-    return f"{key}={text.removesuffix('...').strip()}"
+    return f"{key}={value_text(value)}"
 
 
 def _numeric(values) -> bool:
@@ -102,7 +104,6 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
     from matplotlib.ticker import FuncFormatter
 
     from hpipe.sim.trace import save_figure
-    from hpipe.tables import value_label
 
     planners = list(dict.fromkeys(r.planner for run in sweep.runs for r in run.results))
     gen = any(r.ttft_s is not None for run in sweep.runs for r in run.results)
@@ -150,7 +151,7 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
                 ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
         if not numeric:
             ax.set_xticks(xs)
-            ax.set_xticklabels([value_label(v) for v in sweep.values], rotation=30, ha="right", fontsize=8)
+            ax.set_xticklabels([value_text(v) for v in sweep.values], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel(sweep.sweep, fontsize=9)
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", color="0.9", lw=0.5)

@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from hpipe.overrides import value_text
+
 MB_PER_GB = 1e3  # RunResult.peak_memory_mb is in MB (10^6 bytes)
 
 
@@ -203,7 +205,7 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
     With generation, TTFT and TPOT beside the end-to-end latency (the figures a decode
     objective is chosen for), and the cost per run only."""
     notes = infeasible_notes([r for run in runs for r in run.results],
-                             [value_label(v) for v, run in zip(values, runs) for _ in run.results])
+                             [value_text(v) for v, run in zip(values, runs) for _ in run.results])
     t = _table(title, "\n".join(notes) or None)
     gen = any(r.ttft_s is not None for run in runs for r in run.results)
     short_key = key.rsplit(".", 1)[-1]
@@ -215,7 +217,7 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
         t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
     for v, run in zip(values, runs):
         for k, r in enumerate(run.results):
-            label = value_label(v) if k == 0 else ""
+            label = value_text(v) if k == 0 else ""
             if r.latency_s is None:
                 t.add_row(label, r.planner + " ✗", *(["-"] * (len(cols) - 2)))
                 continue
@@ -226,13 +228,6 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
         if len(run.results) > 1 and v is not values[-1]:
             t.add_section()
     return t
-
-
-def value_label(v) -> str:
-    """A swept value as the user would type it in YAML (null, true), not Python's None/True."""
-    if v is None or isinstance(v, bool):
-        return {None: "null", True: "true", False: "false"}[v]
-    return str(v)
 
 
 # ---- the catalogs -----------------------------------------------------------------

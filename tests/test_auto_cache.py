@@ -211,3 +211,23 @@ def test_a_sweep_that_auto_would_price_on_two_models_takes_the_roofline_for_all(
     fitted = tmp_path / "fitted.json"
     assert cli("simulate", str(LOCAL), "--planner", "base", "--json", str(fitted)).returncode == 0  # auto: fitted
     assert json.loads(fitted.read_text())["results"][0]["latency_s"] != swept[0]
+
+
+def test_the_sweeps_roofline_keeps_autos_own_settings_and_their_paths(cli, cache, tmp_path):
+    """auto's roofline, calibrated from a file beside the scenario: when the sweep prices every
+    value on it, the file is still read from the scenario's folder (run from elsewhere)."""
+    pytest.importorskip("torch")
+    folder = tmp_path / "sc"
+    folder.mkdir()
+    data = yaml.safe_load(LOCAL.read_text())
+    data["costmodel"] = {"kind": "auto", "roofline": {"calibration": "calib.json"}}
+    (folder / "s.yaml").write_text(yaml.safe_dump(data))
+    shutil.copy(COMMITTED, folder / "calib.json")
+    path = cached_profile_path(load_scenario(folder / "s.yaml").resolve())
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)
+    r = cli("sweep", str(folder / "s.yaml"), "--set", "workload.seq_len=512,256", "--planner", "base", "--json", "-",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    models = [run["cost_model"] for run in json.loads(r.stdout)["runs"]]
+    assert all(m["kind"] == "roofline" and m["calibration"] == "calib.json" for m in models), models

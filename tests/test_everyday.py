@@ -204,8 +204,11 @@ def test_a_planner_that_cannot_slice_so_finely_is_a_row_beside_the_others(cli):
     it (exit 2); beside the others it is a ✗ row with the reason, and the others plan.  A
     sweep names the values each reason holds at."""
     fine = ["--set", "workload.seq_len=32768", "--set", "workload.batch_size=1", "--set", "planner.token_granularity=4"]
-    r = cli("simulate", PAPER, *fine, "--planner", "hpipe")
-    assert r.returncode == 2 and "planner.token_granularity" in r.stderr and "8 or more" in r.stderr, r.stderr
+    for planners in ("hpipe", "hpipe,terapipe"):  # none of them can take it: the input's fault, not infeasible
+        r = cli("simulate", PAPER, *fine, "--planner", planners)
+        assert r.returncode == 2 and "planner.token_granularity" in r.stderr and "8 or more" in r.stderr, r.stderr
+    r = cli("sweep", PAPER, *fine[:4], "--set", "planner.token_granularity=2,4", "--planner", "hpipe,terapipe")
+    assert r.returncode == 2 and "planner.token_granularity" in r.stderr, r.stderr
     r = cli("simulate", PAPER, *fine, "--planner", "all", "--json", "-")
     assert r.returncode == 0, r.stderr
     rows = {x["planner"]: x for x in json.loads(r.stdout)["results"]}
@@ -369,6 +372,13 @@ def test_sweep_of_a_generating_scenario_shows_ttft_and_tpot():
     text = con.export_text()
     assert "TTFT" in text and "TPOT" in text and f"{res[1].ttft_s:.4g}" in text and f"{res[0].tpot_s * 1e3:.4g}" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_sweep_of_mappings_names_them_as_yaml(cli):
+    r = cli("sweep", str(SCENARIOS / "cloud-mix.yaml"), "--set",
+            "cluster.network={bandwidth_gbps: 1},{bandwidth_gbps: 10}", "--planner", "gpipe")
+    assert r.returncode == 0, r.stderr
+    assert "{bandwidth_gbps: 1}" in r.stdout and "{bandwidth_gbps: 10}" in r.stdout
 
 
 def test_sweep_with_nothing_feasible_says_why_at_each_value_even_quiet(cli):

@@ -68,6 +68,7 @@ class SliceGrid:
 
     def __init__(self, tables, stages, micro_batch_sizes, max_slice_tokens: int | None = None):
         setup = tables.setup
+        check_token_units(setup)  # make_plan checks the SLICING planners first; this guards any other caller
         self.g = setup.granularity
         self.L = L = setup.seq_len // self.g
         # the slices (q, p) of the grid, those memory allows, and where each lies in the
