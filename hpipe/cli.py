@@ -628,8 +628,11 @@ def _note_unpriced_sets(setup, swept: str | None = None) -> None:
     if getattr(setup.cost, "name", None) != "fitted":
         return
     given = setup.scenario.overrides
+    # codecs the profile did not time are priced as memory passes at the datasheet bandwidth
+    speed = _DATASHEET_SPEED if setup.compression is None else tuple(f for f in _DATASHEET_SPEED
+                                                                     if f != "memory_bandwidth_gbps")
     moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
-            if k.startswith("cluster.") and k.rsplit(".", 1)[-1] in _DATASHEET_SPEED]
+            if k.startswith("cluster.") and k.rsplit(".", 1)[-1] in speed]
     if moot:
         err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: the fitted profile "
                           f"prices the devices from its measurements, so a datasheet figure changes nothing "

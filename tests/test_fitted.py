@@ -366,29 +366,50 @@ def test_a_busy_all_reduce_never_costs_less_than_alone_and_floored_timings_give_
     np.testing.assert_allclose(st.allreduce_busy_s, st.allreduce_s)
 
 
-def test_an_emulated_link_asked_at_other_figures_is_priced_from_the_scenario():
+def test_an_emulated_link_asked_at_other_figures_is_the_measurement_moved_there(tmp_path):
     """The hetero profile measured its cross-host link shaped to 0.1 Gbit/s.  A what-if at
-    another bandwidth (a sweep of it) is priced from the scenario's figures, not the old
-    measurement, and the Result says which pairs; at 0.1 the measurement stands."""
+    another bandwidth scales the measured per-byte time; another latency (where the profile
+    recorded the one asked) replaces what netem added; what the measurement holds beyond the
+    shaping stays, so the curve has no seam at the measured figures.  The Result names the
+    pairs so priced."""
     from conftest import SCENARIOS
 
     path = SCENARIOS / "local-cpu-hetero-int8.yaml"
-    nbytes = np.array([0.0, 1e4, 1e6])
-    times = {}
-    for gbps in (0.1, 0.01):
-        setup = load_scenario(path, overrides=[f"cluster.network.bandwidth_gbps={gbps}"]).resolve()
-        src, dst = _cross_pair(setup)
-        fitted = setup.cost.transfer_time_s(src, dst, nbytes)
-        plain = super(type(setup.cost), setup.cost).transfer_time_s(src, dst, nbytes)
-        times[gbps] = (fitted, plain, setup.cost.describe().get("reshaped_links"))
-    fitted, plain, reshaped = times[0.1]
     link = next(lk for lk in _profile_links(path) if lk.emulated is not None)
+    assert link.emulated.bandwidth_gbps == 0.1 and link.emulated.latency_us is None  # no netem then
     lat, per_byte = fit_link(link.sizes_bytes, link.one_way_s)
-    assert reshaped is None and np.allclose(fitted, np.where(nbytes > 0, lat + nbytes * per_byte, 0))  # measured
-    assert not np.array_equal(fitted, plain)
-    fitted, plain, reshaped = times[0.01]
-    assert np.array_equal(fitted, plain) and fitted[2] > 10 * times[0.1][0][2]
-    assert reshaped and len(reshaped[0]) == 2
+    nbytes = np.array([0.0, 1e4, 1e6])
+
+    def priced(*sets, scenario=path):
+        setup = load_scenario(scenario, overrides=list(sets)).resolve()
+        src, dst = _cross_pair(setup)
+        return setup.cost.transfer_time_s(src, dst, nbytes), setup.cost.describe().get("reshaped_links")
+
+    def affine(lat_s, per_byte_s):
+        return np.where(nbytes > 0, lat_s + nbytes * per_byte_s, 0.0)
+
+    t, reshaped = priced()
+    assert reshaped is None and np.allclose(t, affine(lat, per_byte))  # as measured
+    t, reshaped = priced("cluster.network.bandwidth_gbps=0.01")
+    assert np.allclose(t, affine(lat, per_byte * 10)) and reshaped and len(reshaped[0]) == 2
+    near, _ = priced("cluster.network.bandwidth_gbps=0.1005")
+    assert np.all(near <= affine(lat, per_byte)) and np.allclose(near, affine(lat, per_byte), rtol=0.006)
+    t, reshaped = priced("cluster.network.latency_us=20000")  # this profile did not record the latency asked
+    assert reshaped is None and np.allclose(t, affine(lat, per_byte))
+    # a profile that recorded it (since 2026-12-03): the route's 210 us asked (200 over the network,
+    # 5 on each host's own link, as the emulation records it), none added (no netem)
+    data = json.loads((path.parent / "profiles" / "local-cpu-hetero.json").read_text())
+    for lk in data["links"]:
+        if lk.get("emulated"):
+            lk["emulated"]["asked_latency_us"] = 210.0
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    sc = yaml.safe_load(path.read_text())
+    sc["costmodel"]["profile"] = str(tmp_path / "p.json")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sc))
+    t, reshaped = priced(scenario=tmp_path / "s.yaml")  # as asked then
+    assert reshaped is None and np.allclose(t, affine(lat, per_byte))
+    t, reshaped = priced("cluster.network.latency_us=20000", scenario=tmp_path / "s.yaml")
+    assert reshaped and np.allclose(t, affine(lat + 0.02001, per_byte))  # the route's 20,010 us, none there before
 
 
 def _profile_links(scenario_path):

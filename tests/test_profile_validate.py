@@ -476,6 +476,13 @@ def test_two_groups_time_their_all_reduces_alone_and_together(tmp_path):
     ar = prof.all_reduces[0]
     lat, per_byte = fit_link(ar.sizes_bytes, ar.seconds_together)
     assert float(setup.cost.allreduce_busy_time_s(ar.devices, 65536)) == pytest.approx(lat + per_byte * 65536)
+    # the cross-host links were shaped as the scenario asks: priced as measured, none moved
+    cross = [lk for lk in prof.links if lk.emulated is not None]
+    assert cross
+    for lk in cross:
+        assert lk.emulated.asked_latency_us == pytest.approx(setup.cluster.route(*lk.between).latency_s * 1e6)
+        setup.cost.transfer_time_s(*lk.between, 1e6)
+    assert "reshaped_links" not in setup.cost.describe()
 
 
 @pytest.mark.skipif(bool(em.netns_unsupported() or em.cgroup_unsupported()),

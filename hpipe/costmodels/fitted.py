@@ -479,12 +479,12 @@ class Fitted(CostModel):
                 self.unmeasured_links.append((src, dst))
             return super().transfer_time_s(src, dst, nbytes)
         shaped = self._shaped.get(frozenset((a, b)))
-        if shaped is not None and not _same_shape(shaped, self.cluster.route(src, dst)):
-            # an emulated link measured at other figures than the scenario now gives (a what-if,
-            # a sweep of its bandwidth): the measurement describes another link
-            if (src, dst) not in self.reshaped_links:
+        if shaped is not None:
+            # an emulated link the scenario now asks for at other figures (a what-if, a sweep of
+            # its bandwidth or latency): the measurement, moved to those figures
+            fit, moved = _reshaped(fit, shaped, self.cluster.route(src, dst))
+            if moved and (src, dst) not in self.reshaped_links:
                 self.reshaped_links.append((src, dst))
-            return super().transfer_time_s(src, dst, nbytes)
         return _affine(fit, nbytes)
 
     def allreduce_time_s(self, device_ids, nbytes):
@@ -578,12 +578,21 @@ class Fitted(CostModel):
         return d
 
 
-def _same_shape(shaped, route) -> bool:
-    """Whether the scenario's route is the link tc emulated when the profile measured it: the
-    same bandwidth, and the same latency where netem added one (else latency was not shaped)."""
-    if not math.isclose(route.bandwidth_gbps, shaped.bandwidth_gbps, rel_tol=1e-6):
-        return False
-    return shaped.latency_us is None or math.isclose(route.latency_s * 1e6, shaped.latency_us, abs_tol=1e-3)
+def _reshaped(fit: tuple[float, float], shaped, route) -> tuple[tuple[float, float], bool]:
+    """(the link's (latency_s, seconds per byte) fit, whether it moved) for the scenario's route,
+    where the profile measured that link emulated at ``shaped`` figures.  Another bandwidth
+    scales the per-byte time by the ratio; another latency replaces what netem added.  What the
+    measurement holds beyond the shaping (TCP and send/recv overheads) is kept, so a sweep
+    through the measured figures has no seam there."""
+    lat_s, per_byte = fit
+    bw_moved = not math.isclose(route.bandwidth_gbps, shaped.bandwidth_gbps, rel_tol=1e-6)
+    asked_us = shaped.asked_latency_us if shaped.asked_latency_us is not None else shaped.latency_us
+    lat_moved = asked_us is not None and not math.isclose(route.latency_s * 1e6, asked_us, abs_tol=1e-3)
+    if bw_moved:
+        per_byte *= shaped.bandwidth_gbps / route.bandwidth_gbps
+    if lat_moved:
+        lat_s += route.latency_s - (shaped.latency_us or 0.0) * 1e-6
+    return (lat_s, per_byte), bw_moved or lat_moved
 
 
 def _affine(fit: tuple[float, float], nbytes: np.ndarray) -> np.ndarray:

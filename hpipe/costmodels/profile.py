@@ -218,7 +218,11 @@ class DeviceProfile(_Strict):
 class EmulatedLink(_Strict):
     bandwidth_gbps: float
     latency_us: float | None = None
-    """None where the kernel has no netem qdisc: bandwidth shaped, latency left as it is."""
+    """The latency netem added; None where it added none (the kernel has no netem qdisc, or
+    the scenario asked for none)."""
+    asked_latency_us: float | None = None
+    """The latency the scenario asked for, applied or not (None in profiles before 2026-12-03):
+    what a later scenario's latency is compared with."""
 
 
 class LinkProfile(_Strict):

@@ -517,7 +517,8 @@ class Emulation:
             out["cpu_weight"] = {d: c.weight for d, c in self.cgroups.items()}
         if self.network:
             out["links"] = [{"between": list(lk.hosts), "bandwidth_gbps": lk.bandwidth_gbps,
-                             "latency_us": lk.latency_us if lk.latency_emulated else None}
+                             "latency_us": lk.latency_us if lk.latency_emulated else None,
+                             "asked_latency_us": lk.latency_us}
                             for lk in self.network.links]
         return out
 

@@ -1003,7 +1003,9 @@ def _assemble(setup, devices, results, grid, warmup, repeats, emulated, probes=(
                                      one_way_s=lk["one_way_s"], latency_us=lat * 1e6,
                                      bandwidth_gbps=8 / per_byte / 1e9 if per_byte > 0 else 1e6,
                                      emulated=EmulatedLink(bandwidth_gbps=em["bandwidth_gbps"],
-                                                           latency_us=em["latency_us"]) if em else None))
+                                                           latency_us=em["latency_us"],
+                                                           asked_latency_us=em.get("asked_latency_us"))
+                                     if em else None))
     all_reduces = []
     for r in sorted(results):
         for ar in results[r].get("all_reduces", []):
