@@ -142,6 +142,7 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
     node: Any = data
     model, in_list = schema, False  # the pydantic model the current node validates against
     annotation = None  # the current node's field type, where the schema knows it
+    owner = None  # the model that declares that field
     key = format_key(parts)
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -166,8 +167,11 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             raise InputError(f"{format_key(parts[:i])} is a list, indexed in brackets{hint}", field=key)
         if not isinstance(node, dict):
             shown = repr(node) if len(repr(node)) <= 40 else type(node).__name__
-            whole = (f"; to give it as a mapping, set it whole: --set '{format_key(parts[:i])}={{{part}: ...}}'"
-                     if _takes_mapping(annotation) else "")  # costmodel: auto -> {kind: fitted, ...}
+            # costmodel: auto -> {kind: auto, basis: ...}: where the schema says a name is the mapping's kind
+            kind = (f"kind: {node}, " if isinstance(node, str) and part != "kind"
+                    and parts[i - 1] in getattr(owner, "NAMES_ARE_KINDS", ()) else "")
+            whole = (f"; to give it as a mapping, set it whole: --set '{format_key(parts[:i])}={{{kind}{part}: ...}}'"
+                     if _takes_mapping(annotation) else "")
             raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is {shown}, not a mapping, so it "
                              f"has no key {part!r}{whole}", field=key)
         fields = None
@@ -177,10 +181,10 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             hint = suggest(part, fields) or f"; the keys here: {', '.join(fields)}"
             raise InputError(f"unknown key {part!r} at {here}{hint}", field=key)
         if fields is not None and part in fields:
-            annotation = fields[part].annotation
+            owner, annotation = model, fields[part].annotation
             model, in_list = _model_of(annotation)
         else:
-            annotation, model, in_list = None, None, False
+            owner, annotation, model, in_list = None, None, None, False
         if last:
             node[part] = value
         else:

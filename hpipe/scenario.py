@@ -12,7 +12,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
@@ -287,6 +287,8 @@ class Scenario(_Strict):
     cluster: ClusterSpec
     costmodel: str | dict[str, Any] = "roofline"
     """A cost model name, or a mapping with `kind` and that model's settings."""
+    NAMES_ARE_KINDS: ClassVar[tuple[str, ...]] = ("costmodel",)
+    """Fields whose name form stands for the mapping {kind: name} (for --set's hints)."""
     planner: PlannerSpec = PlannerSpec()
     compression: Compression | None = None
     """Lossy activation codecs the planner may use on stage boundaries; off when absent."""

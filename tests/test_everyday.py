@@ -694,6 +694,12 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     # a key under a field that is a name here but may be a mapping: say how to give it whole
     r = cli("simulate", PAPER, "--set", "costmodel.kind=fitted", "-q")
     assert r.returncode == 2 and "set it whole: --set 'costmodel={kind: ...}'" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, "--set", "costmodel.link_efficiency=0.8", "-q")  # its name is the mapping's kind
+    assert r.returncode == 2 and "--set 'costmodel={kind: roofline, link_efficiency: ...}'" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, "--set", "costmodel={kind: roofline, link_efficiency: 0.8}", "-q")
+    assert r.returncode == 0, r.stderr  # the hint, followed
+    r = cli("simulate", PAPER, "--set", "model.n_layers=2", "-q")  # a catalog name is not a kind
+    assert r.returncode == 2 and "--set 'model={n_layers: ...}'" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--set", "workload.seq_len.x=1", "-q")  # a number is never a mapping
     assert r.returncode == 2 and "not a mapping" in r.stderr and "whole" not in r.stderr, r.stderr
 
