@@ -246,6 +246,10 @@ def _start_workers(procs, fs_pid: int | None) -> None:
         try:
             p.start()
         except (EOFError, OSError):
+            # its socket closes as it dies, a moment before /proc shows it dead: wait that moment
+            deadline = time.monotonic() + 0.5
+            while fs_pid is not None and _running(fs_pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
             if fs_pid is not None and not _running(fs_pid):
                 raise _forkserver_died(fs_pid) from None
             raise
