@@ -544,6 +544,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         _announce_long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
     measured.predicted_latency_s = predicted.latency_s
+    _note_not_emulated(measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, None)
     con = _out_console(json_path, quiet, trace)
@@ -653,6 +654,14 @@ def _note_foreign_profile(setup) -> None:
         err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
                           f"describe this run ({escape(why)}), so the prediction beside the measurement may not "
                           f"hold; `hpipe profile SCENARIO -o PROFILE.json` measures this machine", highlight=False)
+
+
+def _note_not_emulated(measured) -> None:
+    """What the scenario describes that this run did not emulate: said even with --quiet, since
+    it changes what the measured figures mean (not_emulated in the JSON too)."""
+    for gap in measured.not_emulated or ():
+        err_console.print(f"[yellow]note:[/] not as the scenario describes: {escape(gap)}", highlight=False,
+                          soft_wrap=True)
 
 
 def _note_other_load(con, measured) -> None:
@@ -782,7 +791,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if streamer:
         streamer.close()
     measured.predicted_latency_s = predicted.latency_s
-    result = Result(scenario=setup.name, mode="measured", results=[measured])
+    _note_not_emulated(measured)
+    result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     if json_path:
         from hpipe.io import write_text
 

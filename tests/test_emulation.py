@@ -307,3 +307,20 @@ def test_short_decode_steps_on_a_quota_device_run_at_its_quota():
     busy_s = sum(t1 - t0 for _, _, _, t0, t1, _ in steps)
     cpu_s = float(rec["decode"]["compute_cpu_s"])
     assert busy_s >= cpu_s / quota * 0.95, f"decode steps took {busy_s:.4f} s for {cpu_s:.4f} s CPU at quota {quota}"
+
+
+def test_what_a_run_did_not_emulate_is_said():
+    """Each fallback of the emulation, in words for the Result (not_emulated) and stderr: a
+    quota run by the duty cycle, unshaped links, a latency netem could not add.  Nothing when
+    everything was emulated."""
+    setup = load_scenario(ROOT / "scenarios" / "local-cpu-hetero.yaml",
+                          overrides=["costmodel=roofline"]).resolve()
+    workers = {d: None for d in setup.cluster.device_ids}
+    slow = next(d for d in workers if getattr(setup.cluster.device(d).placement, "cpu_quota", None))
+    shaped = em.Network(links=[em.ShapedLink(("fast", "slow"), 0.1, 210.0, latency_emulated=True)])
+    assert em.Emulation("t", workers, shaped, {slow: object()}).gaps(setup) == []
+    unlagged = em.Network(links=[em.ShapedLink(("fast", "slow"), 0.1, 210.0, latency_emulated=False)])
+    (gap,) = em.Emulation("t", workers, unlagged, {slow: object()}).gaps(setup)
+    assert "latency not added" in gap and "fast<->slow 210 us" in gap
+    gaps = em.Emulation("t", workers, None, {}).gaps(setup)
+    assert len(gaps) == 2 and "duty cycle" in gaps[0] and "plain loopback" in gaps[1]

@@ -510,6 +510,23 @@ class Emulation:
     def active(self) -> bool:
         return bool(self.network or self.cgroups)
 
+    def gaps(self, setup) -> list[str]:
+        """What the scenario describes that this emulation left out, in words (empty: nothing):
+        ``what_to_emulate``'s fallbacks, and link latency where the kernel has no netem."""
+        out = []
+        quota = [d for d in self.workers if getattr(setup.cluster.device(d).placement, "cpu_quota", None)]
+        if any(d not in self.cgroups for d in quota):
+            out.append(f"CPU quotas by a SIGSTOP/SIGCONT duty cycle, not cgroups ({cgroup_unsupported()})")
+        hosts = {setup.cluster.device(d).host for d in self.workers}
+        if needs_network(setup) and len(hosts) > 1 and self.network is None:
+            out.append(f"the links between hosts on plain loopback, not shaped ({netns_unsupported()})")
+        unlagged = [lk for lk in (self.network.links if self.network else ()) if lk.latency_us > 0
+                    and not lk.latency_emulated]
+        if unlagged:
+            out.append("link latency not added (this kernel has no netem qdisc; tbf shapes bandwidth only): "
+                       + ", ".join(f"{a}<->{b} {lk.latency_us:g} us" for lk in unlagged for a, b in [lk.hosts]))
+        return out
+
     def describe(self) -> dict:
         out: dict = {}
         if self.cgroups:

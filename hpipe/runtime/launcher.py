@@ -59,6 +59,8 @@ class Run:
     """Cores other processes on this machine kept busy on average during the run
     (``hpipe.runtime.machine_load``); None where it cannot be read."""
     extra: dict = field(default_factory=dict)
+    not_emulated: list[str] = field(default_factory=list)
+    """What the scenario describes that this machine's emulation left out (``Emulation.gaps``)."""
 
 
 # -- inputs -------------------------------------------------------------------
@@ -545,6 +547,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     run.wall_s = time.monotonic() - t_start
     if load is not None:  # every worker of this run is on this machine
         run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()), helpers)
+    run.not_emulated = em.gaps(setup)
     return run
 
 
@@ -705,7 +708,7 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
     largest logit error against one process.  Energy is modelled (``energy_source``) unless
     ``meter`` (``hpipe.runtime.energy``) read counters over the whole measured run."""
     extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)], "energy_source": "modelled",
-             "other_cpu_cores": run.other_cpu_cores}
+             "other_cpu_cores": run.other_cpu_cores, "not_emulated": run.not_emulated or None}
     cpu = {run.devices[role]: float(r["compute_cpu_s"]) for role, r in run.records.items()
            if "compute_cpu_s" in r and setup.cluster.device(run.devices[role]).runtime_device == "cpu"}
     if cpu:
