@@ -981,6 +981,10 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                     con.print(f"  {line}")
         if any(c.oversubscribed for c in result.cases):
             con.print("* more worker processes than CPUs: those timings share cores")
+        for name in result.quick_profiles:
+            con.print(f"[yellow]note:[/] {escape(name)} was predicted on a quick profile ({escape(result.profiles[name])}: "
+                      f"a coarse grid, few repeats), so its errors run larger than a full one's; --reprofile "
+                      f"measures a full one", highlight=False, soft_wrap=True)
         for s in result.skipped:
             con.print(f"skipped {escape(s)}", highlight=False)
     if not result.cases:

@@ -187,6 +187,9 @@ class Validation(BaseModel):
     """Scenario -> the profile its predictions used."""
     profiled: list[str] = []
     """Scenarios whose profile was measured by this run, and why."""
+    quick_profiles: list[str] = []
+    """Scenarios predicted on a quick profile (a coarse grid, few repeats: the one a first
+    `hpipe execute` measures), whose errors run larger than a full profile's."""
     skipped: list[str] = []
     """Cases that could not run (infeasible plan, a planner without a plan), with the reason."""
     hardware: str = ""
@@ -525,6 +528,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     spoiling all runs of one; each case keeps its fastest run (the profile's CPU-time basis
     predicts an undisturbed machine, and load only ever slows a run down)."""
     from hpipe.runtime import execute
+    from hpipe.costmodels.profile import load_profile
     from hpipe.runtime.emulation import emulation_unsupported
     from hpipe.sim import simulate
 
@@ -532,6 +536,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     profile_paths = profile_paths or {}
     skipped: list[str] = []
     profiled: list[str] = []
+    quick: list[str] = []
     used: dict[str, str] = {}
     emulated: dict[str, dict] = {}
     hardware = ""
@@ -557,6 +562,8 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         if reason:
             profiled.append(f"{sc.name}: {reason} (wrote {path})")
         used[sc.name] = str(path)
+        if load_profile(path).settings.grid == "quick":
+            quick.append(sc.name)
         for variant, n_random in variants:
             setup = with_fitted(variant, path, basis).resolve()
             hardware = setup.cost.profile.hardware.cpu_model
@@ -597,7 +604,8 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       run_spread=run_spread(cases),
                       machine_drift=drift_summary(cases),
                       scenarios=[s.name for s in scenarios],
-                      profiles=used, profiled=profiled, skipped=skipped, hardware=hardware, emulation=emulated)
+                      profiles=used, profiled=profiled, quick_profiles=quick, skipped=skipped, hardware=hardware,
+                      emulation=emulated)
 
 
 def probe_drift(setup, plan: Plan) -> float | None:

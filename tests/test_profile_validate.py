@@ -189,6 +189,7 @@ def test_validate_json_contract(tiny):
         assert c["error"] == pytest.approx((c["simulated_latency_s"] - c["measured_latency_s"])
                                            / c["measured_latency_s"])
     assert data["profiled"] == []  # the module's profile was current: not measured again
+    assert data["quick_profiles"] == [TINY["name"]]  # --quick: said, since its errors run larger
     # honest statistics: signed errors, their mean, by kind and by origin; each case says what it is
     assert data["signed_bias"] == pytest.approx(sum(c["error"] for c in data["cases"]) / len(data["cases"]))
     kinds = {c["kind"] for c in data["cases"]}
