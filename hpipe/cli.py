@@ -490,7 +490,8 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
             planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
             plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
             json_path: JsonOpt = None,
-            trace: Annotated[Optional[str], typer.Option(help="Chrome trace of the measured timeline", metavar="PATH")] = None,
+            trace: Annotated[Optional[str], typer.Option(help="Chrome trace of the measured timeline (-: stdout)", metavar="PATH")] = None,
+            plot: Annotated[Optional[str], typer.Option(help="Gantt chart of the measured timeline (.png, .svg or .pdf)", metavar="PATH")] = None,
             inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence", metavar="FILE")] = None,
             check: Annotated[bool, typer.Option(help="compare with a single-process forward; exit 1 past tolerance")] = False,
             timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped", metavar="S")] = 60.0,
@@ -502,7 +503,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     from hpipe.result import Result
     from hpipe.sim import simulate as run_sim
 
-    _check_outputs({"--json": json_path, "--trace": trace},
+    _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
                    _reads(scenario, sets, **{"the --plan file": plan, "the --inputs file": inputs}))
     _check_timeout(timeout)
     with _needs_torch("execute"):
@@ -538,15 +539,15 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     check_cpu_memory(setup, p)
+    _note_past_context(setup, spec)  # warnings: said with --quiet too
+    _note_foreign_profile(setup)
     if not quiet:
-        _note_past_context(setup, spec)
-        _note_foreign_profile(setup)
         _announce_long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
     measured.predicted_latency_s = predicted.latency_s
     _note_not_emulated(measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
-    _write_outputs(result, json_path, trace, None)
+    _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace)
     if con:
         from hpipe.tables import measured_table
@@ -558,7 +559,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
             con.print(generation_table(f"{setup.name}: generation ({setup.output_tokens} new tokens per sequence)",
                                        measured, predicted))
-        _say_written(con, {"Result JSON": json_path, "Chrome trace": trace})
+        _say_written(con, {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot})
         _note_other_load(con, measured)
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
@@ -781,9 +782,9 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    _note_past_context(setup, spec)  # warnings: said with --quiet too
+    _note_foreign_profile(setup)
     if not quiet:
-        _note_past_context(setup, spec)
-        _note_foreign_profile(setup)
         _announce_long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
     measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,

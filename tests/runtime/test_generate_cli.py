@@ -206,6 +206,8 @@ def test_a_run_past_the_trained_context_is_announced(tmp_path):
     err = " ".join(r.stderr.split())
     assert "10 prompt + 8 new tokens run the model at 17 positions" in err, r.stderr
     assert "past the 16" in err and "max_position_embeddings" in err and len(r.stdout.split()) == 8
+    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "8", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and "past the 16" in " ".join(r.stderr.split()), r.stderr  # a warning: -q keeps it
     r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "7", cwd=tmp_path)
     assert r.returncode == 0 and "past the" not in r.stderr, r.stderr
 

@@ -33,12 +33,13 @@ def test_execute_check_json_and_bad_inputs(tmp_path):
     ids = [[i % 128 for i in range(32)], [(7 * i) % 128 for i in range(32)]]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     r = _hpipe("execute", "tiny.yaml", "--check", "--inputs", "ids.json", "--json", "-", "--trace", "t.json",
-               cwd=tmp_path)
+               "--plot", "g.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # stdout holds the JSON alone
     res = out["results"][0]
     assert out["mode"] == "measured" and res["max_abs_error"] < 1e-4 and len(res["next_token_ids"]) == 2
     assert res["predicted_latency_s"] > 0 and (tmp_path / "t.json").is_file()
+    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")  # the measured timeline's Gantt chart
     assert "--check passed" in r.stderr and "0.001" in r.stderr and "float32" in r.stderr  # says so, and to what
 
     (tmp_path / "bad.json").write_text(json.dumps([ids[0], ids[1][:5]]))
