@@ -573,8 +573,9 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
                              f"{tol:.3g} {what}")
         if con:
             con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:.3g}, the tolerance "
-                      f"{what}, against the whole model in one process (float32{_with_codecs(p)})",
-                      highlight=False)
+                      f"{what}, against the whole model in one process (float32{_with_codecs(p)})"
+                      + ("; the prefill's logits only: `hpipe generate --check` compares the generated ids"
+                         if setup.output_tokens else ""), highlight=False)
 
 
 def _with_codecs(plan) -> str:
