@@ -270,6 +270,12 @@ def test_a_plan_made_for_another_scenario_is_said_so(cli, tmp_path):
     assert r.returncode == 0 and "was planned for scenario 'paper-llama7b'" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--plan", str(plan))
     assert r.returncode == 0 and "planned for" not in r.stderr, r.stderr
+    data = json.loads(plan.read_text())
+    data["predicted"]["latency_s"] = 123.0  # a stale figure in the file does not reach the Result
+    plan.write_text(json.dumps(data))
+    r = cli("simulate", PAPER, "--plan", str(plan), "--json", "-", "-q")
+    res = json.loads(r.stdout)["results"][0]
+    assert "latency_s" not in res["plan"]["predicted"] and res["latency_s"] < 10
 
 
 def test_version_and_help(cli):
