@@ -608,12 +608,10 @@ def _note_past_context(setup, spec) -> None:
 
 
 def _checked_plan(p, setup, file: str):
-    """``p`` checked against the scenario, without the planner's predicted latency (the run
-    gives its own); a plan made for another scenario (by its name) that still fits this one is
+    """``p`` checked against the scenario, without the planner's predicted figures (the run gives
+    its own); a plan made for another scenario (by its name) that still fits this one is
     taken, and said: its stages were cut for that one's model and devices."""
-    p = p.check(setup, file=file)
-    if "latency_s" in p.predicted:  # the planner's figure, for the scenario it planned: this run gives its own
-        p = p.model_copy(update={"predicted": {k: v for k, v in p.predicted.items() if k != "latency_s"}})
+    p = p.check(setup, file=file).without_figures()
     if p.scenario and p.scenario != setup.name:
         err_console.print(f"[yellow]note:[/] {escape(file)} was planned for scenario {escape(repr(p.scenario))}; "
                           f"it is used as given for {escape(repr(setup.name))}", highlight=False, soft_wrap=True)

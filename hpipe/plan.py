@@ -55,6 +55,13 @@ class Plan(BaseModel):
     predicted: dict[str, Any] = {}
     """What the planner expects, e.g. {"latency_s": 1.9}."""
 
+    def without_figures(self) -> "Plan":
+        """The plan as given to a run or a simulation: without the planner's predicted figures
+        (latency, TTFT, ...: numbers for the scenario it planned, which the Result replaces with
+        its own); what the planner noted otherwise (``single_device``, ``sliced_to_fit``) stays."""
+        kept = {k: v for k, v in self.predicted.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        return self if kept == self.predicted else self.model_copy(update={"predicted": kept})
+
     def micro_batch_sizes(self, batch_size: int) -> list[int]:
         q, r = divmod(batch_size, self.micro_batches)
         return [q + (1 if i < r else 0) for i in range(self.micro_batches)]

@@ -276,6 +276,13 @@ def test_a_plan_made_for_another_scenario_is_said_so(cli, tmp_path):
     r = cli("simulate", PAPER, "--plan", str(plan), "--json", "-", "-q")
     res = json.loads(r.stdout)["results"][0]
     assert "latency_s" not in res["plan"]["predicted"] and res["latency_s"] < 10
+    gen = str(SCENARIOS / "paper-llama7b-generate.yaml")  # a generating plan's TTFT and TPOT go too
+    assert cli("plan", gen, "-q", "-o", str(plan)).returncode == 0
+    assert {"ttft_s", "tpot_s"} <= set(json.loads(plan.read_text())["predicted"])
+    r = cli("simulate", gen, "--plan", str(plan), "--set", "workload.output_tokens=64", "--json", "-", "-q")
+    assert r.returncode == 0, r.stderr
+    predicted = json.loads(r.stdout)["results"][0]["plan"]["predicted"]
+    assert not any(isinstance(v, float) for v in predicted.values()), predicted
 
 
 def test_version_and_help(cli):
