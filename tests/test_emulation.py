@@ -309,7 +309,7 @@ def test_short_decode_steps_on_a_quota_device_run_at_its_quota():
     assert busy_s >= cpu_s / quota * 0.95, f"decode steps took {busy_s:.4f} s for {cpu_s:.4f} s CPU at quota {quota}"
 
 
-def test_what_a_run_did_not_emulate_is_said():
+def test_what_a_run_did_not_emulate_is_said(monkeypatch):
     """Each fallback of the emulation, in words for the Result (not_emulated) and stderr: a
     quota run by the duty cycle, unshaped links, a latency netem could not add.  Nothing when
     everything was emulated."""
@@ -322,5 +322,12 @@ def test_what_a_run_did_not_emulate_is_said():
     unlagged = em.Network(links=[em.ShapedLink(("fast", "slow"), 0.1, 210.0, latency_emulated=False)])
     (gap,) = em.Emulation("t", workers, unlagged, {slow: object()}).gaps(setup)
     assert "latency not added" in gap and "fast<->slow 210 us" in gap
+    monkeypatch.setattr(em, "cgroup_unsupported", lambda: "no cgroups here")
+    monkeypatch.setattr(em, "netns_unsupported", lambda: "no namespaces here")
     gaps = em.Emulation("t", workers, None, {}).gaps(setup)
-    assert len(gaps) == 2 and "duty cycle" in gaps[0] and "plain loopback" in gaps[1]
+    assert gaps == [f"CPU quotas by a SIGSTOP/SIGCONT duty cycle, not cgroups (no cgroups here): {slow}",
+                    "the links between hosts on plain loopback, not shaped (no namespaces here)"]
+    addressed = load_scenario(ROOT / "scenarios" / "local-cpu-hetero.yaml", overrides=[
+        "costmodel=roofline", "cluster.hosts[0].address=10.0.0.1", "cluster.hosts[1].address=10.0.0.2"]).resolve()
+    (gap,) = em.Emulation("t", workers, None, {slow: object()}).gaps(addressed)
+    assert "the hosts have addresses" in gap and "torchrun" in gap

@@ -409,7 +409,11 @@ def test_an_emulated_link_asked_at_other_figures_is_the_measurement_moved_there(
     t, reshaped = priced(scenario=tmp_path / "s.yaml")  # as asked then
     assert reshaped is None and np.allclose(t, affine(lat, per_byte))
     t, reshaped = priced("cluster.network.latency_us=20000", scenario=tmp_path / "s.yaml")
-    assert reshaped and np.allclose(t, affine(lat + 0.02001, per_byte))  # the route's 20,010 us, none there before
+    assert reshaped and np.allclose(t, affine(lat + 0.0198, per_byte))  # 20,010 us asked where 210 were
+    near, _ = priced("cluster.network.latency_us=201", scenario=tmp_path / "s.yaml")
+    assert np.allclose(near, affine(lat + 1e-6, per_byte))  # no seam beside the measured point
+    low, _ = priced("cluster.network.latency_us=0", scenario=tmp_path / "s.yaml")
+    assert np.allclose(low, affine(lat, per_byte))  # no less than measured: netem had added nothing
 
 
 def _profile_links(scenario_path):

@@ -581,17 +581,18 @@ class Fitted(CostModel):
 def _reshaped(fit: tuple[float, float], shaped, route) -> tuple[tuple[float, float], bool]:
     """(the link's (latency_s, seconds per byte) fit, whether it moved) for the scenario's route,
     where the profile measured that link emulated at ``shaped`` figures.  Another bandwidth
-    scales the per-byte time by the ratio; another latency replaces what netem added.  What the
-    measurement holds beyond the shaping (TCP and send/recv overheads) is kept, so a sweep
-    through the measured figures has no seam there."""
+    scales the per-byte time by the ratio; another latency moves the measured one by the
+    difference from what was asked (at most down to the measurement less what netem added).
+    What the measurement holds beyond the shaping (TCP and send/recv overheads) is kept, so a
+    sweep through the measured figures has no seam there."""
     lat_s, per_byte = fit
     bw_moved = not math.isclose(route.bandwidth_gbps, shaped.bandwidth_gbps, rel_tol=1e-6)
     asked_us = shaped.asked_latency_us if shaped.asked_latency_us is not None else shaped.latency_us
     lat_moved = asked_us is not None and not math.isclose(route.latency_s * 1e6, asked_us, abs_tol=1e-3)
     if bw_moved:
         per_byte *= shaped.bandwidth_gbps / route.bandwidth_gbps
-    if lat_moved:
-        lat_s += route.latency_s - (shaped.latency_us or 0.0) * 1e-6
+    if lat_moved:  # by the difference from what was asked then; never below the measurement less netem's part
+        lat_s = max(lat_s + route.latency_s - asked_us * 1e-6, lat_s - (shaped.latency_us or 0.0) * 1e-6)
     return (lat_s, per_byte), bw_moved or lat_moved
 
 

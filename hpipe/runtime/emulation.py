@@ -514,17 +514,22 @@ class Emulation:
         """What the scenario describes that this emulation left out, in words (empty: nothing):
         ``what_to_emulate``'s fallbacks, and link latency where the kernel has no netem."""
         out = []
-        quota = [d for d in self.workers if getattr(setup.cluster.device(d).placement, "cpu_quota", None)]
-        if any(d not in self.cgroups for d in quota):
-            out.append(f"CPU quotas by a SIGSTOP/SIGCONT duty cycle, not cgroups ({cgroup_unsupported()})")
+        throttled = [d for d in self.workers
+                     if d not in self.cgroups and slowed_by_quota(setup.cluster.device(d).placement)]
+        if throttled:
+            out.append(f"CPU quotas by a SIGSTOP/SIGCONT duty cycle, not cgroups ({cgroup_unsupported()}): "
+                       + ", ".join(throttled))
         hosts = {setup.cluster.device(d).host for d in self.workers}
-        if needs_network(setup) and len(hosts) > 1 and self.network is None:
-            out.append(f"the links between hosts on plain loopback, not shaped ({netns_unsupported()})")
+        if len(hosts) > 1 and self.network is None:
+            why = (netns_unsupported() if needs_network(setup) else
+                   "the hosts have addresses: real hosts, which `python -m hpipe.runtime.torchrun` runs one per host")
+            out.append(f"the links between hosts on plain loopback, not shaped ({why})")
         unlagged = [lk for lk in (self.network.links if self.network else ()) if lk.latency_us > 0
                     and not lk.latency_emulated]
         if unlagged:
             out.append("link latency not added (this kernel has no netem qdisc; tbf shapes bandwidth only): "
-                       + ", ".join(f"{a}<->{b} {lk.latency_us:g} us" for lk in unlagged for a, b in [lk.hosts]))
+                       + ", ".join(f"{a}<->{b} {lk.latency_us:g} us (the route's)" for lk in unlagged
+                                   for a, b in [lk.hosts]))
         return out
 
     def describe(self) -> dict:
@@ -538,6 +543,13 @@ class Emulation:
                              "asked_latency_us": lk.latency_us}
                             for lk in self.network.links]
         return out
+
+
+def slowed_by_quota(placement) -> bool:
+    """Whether a placement's quota slows its worker: below its threads (the launcher's duty
+    cycle leaves a share of one or more alone)."""
+    quota = getattr(placement, "cpu_quota", None)
+    return bool(quota) and quota < getattr(placement, "threads", 1)
 
 
 def needs_network(setup) -> bool:

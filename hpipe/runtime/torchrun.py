@@ -140,7 +140,14 @@ def _main(args) -> int:
         records = {r["role"]: r for r in gathered}
         run = run_from_records(records, plan.devices, stages, ids)
         measured = measured_result(setup, plan, run, check=args.check, spec=spec, seed=args.seed)
-        text = Result(scenario=setup.name, mode="measured", results=[measured]).model_dump_json(indent=2)
+        from hpipe.runtime.emulation import slowed_by_quota
+
+        quota = [d for d in plan.devices if slowed_by_quota(setup.cluster.device(d).placement)]
+        if quota:  # torchrun places each worker on its host as it is, without cgroups or a duty cycle
+            measured.not_emulated = [f"CPU quotas not applied (torchrun runs every worker unthrottled): "
+                                     f"{', '.join(quota)}"]
+        text = Result(scenario=setup.name, mode="measured", results=[measured],
+                      cost_model=setup.cost.describe()).model_dump_json(indent=2)
         if args.json_path:
             from hpipe.io import write_text
 

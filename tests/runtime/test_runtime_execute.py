@@ -58,9 +58,17 @@ def test_gpt_tensor_parallel_and_slices():
     _check_all_positions(setup, plan([([0], (0, 2)), ([1, 2], (2, N))], [16, 24, 8], micro_batches=2).check(setup))
 
 
-def test_execute_result_fields(llama_setup):
+def test_execute_result_fields(llama_setup, monkeypatch, capsys):
+    from hpipe.cli import _note_not_emulated
+    from hpipe.runtime import emulation
+
     p = SHAPES["tp-middle"]
+    # what the emulation left out reaches the Result and the note (here, on one host, nothing did)
+    monkeypatch.setattr(emulation.Emulation, "gaps", lambda self, setup: ["a gap, for the test"])
     r = execute(llama_setup, p, check=True, quiet=True, warmup=1, timeout_s=20)
+    assert r.not_emulated == ["a gap, for the test"]
+    _note_not_emulated(r)
+    assert "not as the scenario describes: a gap, for the test" in capsys.readouterr().err
     assert r.max_abs_error is not None and r.max_abs_error < TOL
     ids = make_ids(llama_setup)
     assert r.next_token_ids == [int(t) for t in reference_logits(llama_setup, ids).argmax(-1)]
