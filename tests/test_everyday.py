@@ -4,6 +4,7 @@ small messages, --set overrides, sweeps, cost and the single-device planner."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ def test_a_folder_as_output_is_exit_2_without_traceback(cli, tmp_path, opt):
     assert "Traceback" not in r.stderr and "is a folder" in r.stderr and opt in r.stderr
     example = r.stderr.split("(e.g. '")[1].split("'")[0]  # the suggested name is one the check takes
     assert cli("simulate", PAPER, opt, example, "-q").returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root only: os.access already refuses others")
+def test_a_folder_that_takes_no_files_is_refused_before_the_work_even_as_root(cli):
+    r = cli("simulate", PAPER, "--plot", "/proc/x.png", "-q")
+    assert r.returncode == 2 and "cannot write '/proc/x.png': its folder takes no new files" in r.stderr, r.stderr
 
 
 def test_plan_output_folder_and_missing_folder(cli, tmp_path):
