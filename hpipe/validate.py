@@ -528,7 +528,6 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     spoiling all runs of one; each case keeps its fastest run (the profile's CPU-time basis
     predicts an undisturbed machine, and load only ever slows a run down)."""
     from hpipe.runtime import execute
-    from hpipe.costmodels.profile import load_profile
     from hpipe.runtime.emulation import emulation_unsupported
     from hpipe.sim import simulate
 
@@ -562,11 +561,11 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         if reason:
             profiled.append(f"{sc.name}: {reason} (wrote {path})")
         used[sc.name] = str(path)
-        if load_profile(path).settings.grid == "quick":
-            quick.append(sc.name)
         for variant, n_random in variants:
             setup = with_fitted(variant, path, basis).resolve()
             hardware = setup.cost.profile.hardware.cpu_model
+            if setup.cost.profile.settings.grid == "quick" and sc.name not in quick:
+                quick.append(sc.name)
             emulated[sc.name] = _emulation_summary(setup)
             for plan, same_as in dedup(plans_for(setup, opts, skipped, n_random)):
                 sim = simulate(setup, plan)
