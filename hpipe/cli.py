@@ -1018,8 +1018,8 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort as e:
         # click raises Abort for an EOFError (a Ctrl-C comes back as rc 130 above): no
-        # interrupt, so say where the input ended (a run once stopped so after its forkserver
-        # was killed, cause unknown) and exit 1
+        # interrupt, so say where the input ended and exit 1 (a forkserver killed mid-start
+        # once ended so; the launcher now names that itself, launcher._start_workers)
         cause = e.__cause__ or e.__context__
         if isinstance(cause, EOFError):
             import traceback
