@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hpipe.errors import HpipeError, InfeasibleError, InputError, PlannerInputError
+from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.io import is_stdout
 from hpipe.scenario import PLANNER_NAMES
 from hpipe.tables import console
@@ -329,7 +329,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.plan import load_plans
     from hpipe.result import Result
     from hpipe.progress import enabled
-    from hpipe.sim import infeasible_result, simulate as run_sim
+    from hpipe.sim import simulate as run_sim
 
     _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
                    _reads(scenario, sets, **{"the --plan file": plan}))
@@ -345,24 +345,18 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             results.append(run_sim(setup, _checked_plan(p, setup, f"{plan}[{i}]" if len(plans) > 1 else str(plan))))
     else:
         names = _planner_names(planner or setup.scenario.planner.kind)
-        from hpipe.planners import make_plan  # only here: --plan must work without the planners
-
+        from hpipe.compare import compare_planners  # only here: --plan must work without the planners
         from hpipe.progress import progress
 
         # a large scenario (70B over 32 devices at 32k tokens) plans for seconds per planner
-        limits = []  # the planners that cannot take this input (PlannerInputError)
         with progress(quiet) as bar:
             task = bar.add_task("planning", total=len(names))
-            for name in names:
-                bar.update(task, description=f"planning and simulating {name}")
-                try:
-                    results.append(run_sim(setup, make_plan(setup, name)))
-                except InfeasibleError as e:  # written to --json as well, then exit 3 below
-                    results.append(infeasible_result(setup, name, str(e)))
-                except PlannerInputError as e:  # beside other planners, one that cannot take it is a ✗ row
-                    limits.append(e)
-                    results.append(infeasible_result(setup, name, e.problem))
-                bar.advance(task)
+            started = iter(range(len(names)))
+
+            def step(name):  # the bar counts those done, not the one now planning
+                bar.update(task, description=f"planning and simulating {name}", completed=next(started))
+
+            results, limits = compare_planners(setup, names, step)
         if len(limits) == len(names):  # no planner could take it: the input's fault, exit 2
             raise limits[0]
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
@@ -448,10 +442,10 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     _note_unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
+        started = iter(range(len(values) * len(names)))
 
-        def step(what):
-            bar.update(task, description=f"planning and simulating {what}")
-            bar.advance(task)
+        def step(what):  # the bar counts those done, not the one now planning
+            bar.update(task, description=f"planning and simulating {what}", completed=next(started))
 
         result = run_sweep(load, key, values, names, on_step=step)
     notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from hpipe.errors import InfeasibleError, InputError, PlannerInputError
+from hpipe.errors import InputError
 from hpipe.overrides import value_text
 from hpipe.result import Result
 
@@ -60,23 +60,14 @@ def run_sweep(load_setup: Callable[[list[str]], Any], key: str, values: list[Any
               on_step: Callable[[str], None] | None = None) -> SweepResult:
     """Plan and simulate ``planners`` at every value of ``key``; ``load_setup(assignments)``
     reads the scenario with those overrides applied."""
-    from hpipe.planners import make_plan
-    from hpipe.sim import infeasible_result, simulate
+    from hpipe.compare import compare_planners
 
     setups = [load_setup([assignment(key, v)]) for v in values]  # every value checked before any planning
     runs, limits = [], []
     for v, setup in zip(values, setups):
-        results = []
-        for p in planners:
-            if on_step:
-                on_step(f"{key}={value_text(v)}: {p}")
-            try:
-                results.append(simulate(setup, make_plan(setup, p)))
-            except InfeasibleError as e:
-                results.append(infeasible_result(setup, p, str(e)))
-            except PlannerInputError as e:  # a planner's limit at this value: the other values still plan
-                limits.append(e)
-                results.append(infeasible_result(setup, p, e.problem))
+        results, refused = compare_planners(setup, planners,
+                                            on_step and (lambda p, v=v: on_step(f"{key}={value_text(v)}: {p}")))
+        limits += refused  # a planner's limit at this value: the other values still plan
         # after planning: the cost model lists what it priced how (links reshaped, codecs modelled)
         runs.append(Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe()))
     if limits and len(limits) == len(values) * len(planners):  # nothing planned anywhere: the input's fault
