@@ -331,3 +331,15 @@ def test_what_a_run_did_not_emulate_is_said(monkeypatch):
         "costmodel=roofline", "cluster.hosts[0].address=10.0.0.1", "cluster.hosts[1].address=10.0.0.2"]).resolve()
     (gap,) = em.Emulation("t", workers, None, {slow: object()}).gaps(addressed)
     assert "the hosts have addresses" in gap and "torchrun" in gap
+
+
+def test_a_quota_slows_a_worker_only_below_its_threads():
+    """The duty cycle's share (and the runs' "not emulated" list) read one rule: quota over
+    threads, where the quota leaves a thread less than a whole core."""
+    from types import SimpleNamespace as P
+
+    assert em.quota_share(P(cpu_quota=0.5, threads=1)) == 0.5
+    assert em.quota_share(P(cpu_quota=1.5, threads=2)) == 0.75
+    assert em.quota_share(P(cpu_quota=2.0, threads=2)) is None  # every thread a whole core
+    assert em.quota_share(P(cpu_quota=None, threads=1)) is None
+    assert [em.slowed_by_quota(P(cpu_quota=q, threads=2)) for q in (1.0, 2.0, 3.0)] == [True, False, False]

@@ -545,11 +545,18 @@ class Emulation:
         return out
 
 
-def slowed_by_quota(placement) -> bool:
-    """Whether a placement's quota slows its worker: below its threads (the launcher's duty
-    cycle leaves a share of one or more alone)."""
+def quota_share(placement) -> float | None:
+    """The share of its time a placement's worker may run, ``cpu_quota / threads``, where its
+    quota slows it (below its threads); None where it has no quota or one that leaves every
+    thread a whole core.  What the launcher's duty cycle runs when no cgroup enforces it."""
     quota = getattr(placement, "cpu_quota", None)
-    return bool(quota) and quota < getattr(placement, "threads", 1)
+    threads = getattr(placement, "threads", 1)
+    return quota / threads if quota and quota < threads else None
+
+
+def slowed_by_quota(placement) -> bool:
+    """Whether a placement's quota slows its worker (``quota_share``)."""
+    return quota_share(placement) is not None
 
 
 def needs_network(setup) -> bool:

@@ -290,7 +290,7 @@ class _Throttle(threading.Thread):
 
     def __init__(self, shares: dict[int, float]):
         super().__init__(daemon=True, name="cpu-quota")
-        self.shares = {pid: min(max(f, 0.01), 1.0) for pid, f in shares.items() if f < 1.0}
+        self.shares = {pid: max(f, 0.01) for pid, f in shares.items()}  # each below 1 (quota_share)
         self.done = threading.Event()
 
     def run(self):
@@ -431,6 +431,7 @@ def item_codecs(setup, plan) -> list[list[str]] | None:
 
 def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup, seed, all_logits, faults,
             on_spawn, progress, generation=None, on_tokens=None) -> Run:
+    from hpipe.runtime.emulation import quota_share
     from hpipe.runtime.worker import WorkerConfig, spawned_main
 
     spec = spec or setup.model
@@ -481,8 +482,8 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
         if on_spawn:
             on_spawn([p.pid for p in procs])
         # quotas that no cgroup enforces (not permitted here): the duty-cycle throttle instead
-        quotas = {p.pid: pl.cpu_quota / pl.threads for p, pl, d in zip(procs, places, devices)
-                  if pl.cpu_quota and d not in em.cgroups}
+        quotas = {p.pid: share for p, pl, d in zip(procs, places, devices)
+                  if d not in em.cgroups and (share := quota_share(pl)) is not None}
         if quotas:
             throttle = _Throttle(quotas)
             throttle.start()
