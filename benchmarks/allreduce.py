@@ -11,7 +11,7 @@ decode step's all-reduce (2-4 KiB) up to a prefill slice's (1 MiB):
 * a chain with a little compute before each, as a tensor-parallel stage runs them: the
   all-reduce part of the total / 40;
 * the same chain, each all-reduce timed on its own: mean and median (how ``hpipe
-  profile`` times them now: ``hpipe.runtime.profiler._all_reduces``).
+  profile`` times them now: ``hpipe.runtime.profile_links.all_reduces``).
 
 Compare with the all-reduce events of a real tensor-parallel run (``Run.records[role]
 ["events"]`` and ``["decode"]["events"]``, kind ``allreduce``): a stage pays the sum of

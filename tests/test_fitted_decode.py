@@ -140,7 +140,7 @@ def test_split_needs_enough_points():
 
 
 def test_profiler_grid_has_decode_points_only_when_generating():
-    from hpipe.runtime.profiler import decode_points, default_grid
+    from hpipe.runtime.profile_grid import decode_points, default_grid
     from hpipe.scenario import parse_scenario
 
     data = yaml.safe_load(SCENARIO.read_text())

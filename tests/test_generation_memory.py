@@ -61,7 +61,7 @@ def test_profiled_decode_contexts_stay_within_the_positions_a_run_uses(output_to
     its learned positions (now allowed) does not have: profiling failed with 'position 65
     beyond the model's max_seq_len 64'."""
     pytest.importorskip("torch")
-    from hpipe.runtime.profiler import decode_points
+    from hpipe.runtime.profile_grid import decode_points
 
     setup = _gpt_at(65 - output_tokens, output_tokens)
     for quick in (True, False):
@@ -75,7 +75,7 @@ def test_no_decode_points_without_decode_steps_and_enough_for_a_fit_with_one():
     points a decode fit of its own needs."""
     pytest.importorskip("torch")
     from hpipe.costmodels.fitted import MIN_DECODE_POINTS
-    from hpipe.runtime.profiler import decode_points
+    from hpipe.runtime.profile_grid import decode_points
 
     assert decode_points(_gpt_at(64, 1)) == [] and decode_points(_gpt_at(64, 0)) == []
     assert len(decode_points(_gpt_at(32, 2, batch_size=1))) >= MIN_DECODE_POINTS

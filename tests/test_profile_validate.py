@@ -26,7 +26,7 @@ pytest.importorskip("hpipe.runtime.launcher")
 from hpipe.costmodels.fitted import fit_link  # noqa: E402
 from hpipe.costmodels.profile import PROFILER_METHOD, load_profile  # noqa: E402
 from hpipe.runtime import emulation as em  # noqa: E402
-from hpipe.runtime.profiler import codec_sizes  # noqa: E402
+from hpipe.runtime.profile_grid import codec_sizes  # noqa: E402
 from hpipe.scenario import load_scenario as load_scenario_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_chain_outweighs_the_cache():
     import torch
 
     from hpipe.models import get_model
-    from hpipe.runtime.profiler import CHAIN_MIN_BLOCKS, chain_blocks, last_level_cache_bytes
+    from hpipe.runtime.profile_units import CHAIN_MIN_BLOCKS, chain_blocks, last_level_cache_bytes
 
     spec = get_model("small-llama")
     block_bytes = sum(u.weight_bytes(4) for u in spec.units()[1:3])

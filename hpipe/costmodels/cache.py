@@ -134,7 +134,8 @@ STARTUP_S = 8.0
 def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: int = 3) -> float:
     """Rough seconds a profile of ``setup`` takes: its grid's chains timed with ``setup``'s own
     cost model (the roofline, when no profile exists yet), on the slowest device, per sweep."""
-    from hpipe.runtime.profiler import chain_blocks, default_grid
+    from hpipe.runtime.profile_grid import default_grid
+    from hpipe.runtime.profile_units import chain_blocks
 
     grid = default_grid(setup, quick=quick)
     units = setup.units

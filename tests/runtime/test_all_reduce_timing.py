@@ -18,14 +18,14 @@ def _member(rank: int, port: int, out) -> None:
 
     import torch.distributed as dist
 
-    from hpipe.runtime.profiler import _Wire, all_reduce_chain_s
+    from hpipe.runtime.profile_links import Wire, all_reduce_chain_s
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         from datetime import timedelta
 
-        wire = _Wire(types.SimpleNamespace(torch_device="cpu", backend="gloo"), timedelta(seconds=60))
+        wire = Wire(types.SimpleNamespace(torch_device="cpu", backend="gloo"), timedelta(seconds=60))
         x = torch.zeros(1024)
 
         def produce():  # member 1 is the slower shard: it computes LATE_S before every call

@@ -148,7 +148,7 @@ def test_the_profiler_times_codecs_on_message_shaped_tensors(monkeypatch):
 
     import hpipe.runtime.codecs as codecs_mod
     from hpipe.models import get_model
-    from hpipe.runtime.profiler import _time_codecs
+    from hpipe.runtime.profile_units import time_codecs
 
     spec = get_model("tiny-llama")
     shapes = []
@@ -156,7 +156,7 @@ def test_the_profiler_times_codecs_on_message_shaped_tensors(monkeypatch):
     monkeypatch.setattr(codecs_mod, "encode", lambda x, name: shapes.append(tuple(x.shape)) or real(x, name))
     job = SimpleNamespace(codec_sizes=[spec.d_model, 8 * spec.d_model], torch_device="cpu", dtype="float32",
                           warmup=0, repeats=1, spec=spec)
-    out = _time_codecs(job)
+    out = time_codecs(job)
     assert set(out) == set(LOSSY) and shapes
     assert set(shapes) == {(1, spec.d_model), (8, spec.d_model)}
 
