@@ -25,10 +25,14 @@ class InputError(HpipeError, ValueError):
 
     exit_code = 2
 
-    def __init__(self, problem: str, *, file: str | None = None, field: str | None = None):
+    def __init__(self, problem: str, *, file: str | None = None, field: str | None = None,
+                 also: tuple[str, ...] = ()):
         self.problem = problem
         self.file = file
         self.field = field
+        self.also = tuple(also)
+        """The other fields a cross-field problem involves (paths as ``field``'s): a ``--set`` of
+        one of them is named too (``overrides.blame_override``)."""
         super().__init__(self._format())
 
     def _format(self) -> str:
@@ -41,10 +45,11 @@ class InputError(HpipeError, ValueError):
 
     def located(self, file: str | None = None, prefix: str | None = None) -> "InputError":
         """The same error with the file set and the field path prefixed."""
-        field = self.field
-        if prefix:
-            field = f"{prefix}.{field}" if field else prefix
-        return InputError(self.problem, file=file or self.file, field=field)
+        def under(path):
+            return f"{prefix}.{path}" if prefix and path else prefix or path
+
+        return InputError(self.problem, file=file or self.file, field=under(self.field),
+                          also=tuple(under(f) for f in self.also))
 
 
 class PlannerInputError(InputError):

@@ -223,16 +223,17 @@ def overridden_keys(assignments) -> list[str]:
 
 
 def blame_override(error: InputError, assignments, file: str | None) -> InputError | None:
-    """``error`` (a scenario field's problem) with the ``--set`` that gave that field named, or
-    None when no assignment touched it: a user who typed the value on the command line looks
-    for it there, not in the file."""
+    """``error`` (a scenario field's problem) with the ``--set`` options that gave that field,
+    or another field a cross-field problem compares it with (``error.also``), named; None when
+    no assignment touched them: a user who typed the value on the command line looks for it
+    there, not in the file."""
+    fields = [f for f in (error.field, *error.also) if f]  # a cross-field problem's others too
     hit = [a for k, a in zip(overridden_keys(assignments), assignments or ())
-           if error.field and (error.field == k or error.field.startswith((k + ".", k + "["))
-                               or k.startswith(error.field + "."))]
+           if any(f == k or f.startswith((k + ".", k + "[")) or k.startswith(f + ".") for f in fields)]
     if not hit:
         return None
-    given = hit[-1]
-    several = len(split_values(split_assignment(given)[1])) > 1  # K=V1,V2 is a sweep's (sweep's rule)
-    return InputError(f"{error.problem} (from --set {given}" + ("; to run at each of several values, "
+    several = any(len(split_values(split_assignment(a)[1])) > 1 for a in hit)  # K=V1,V2 is a sweep's
+    given = " and ".join(f"--set {a}" for a in hit)
+    return InputError(f"{error.problem} (from {given}" + ("; to run at each of several values, "
                       "`hpipe sweep SCENARIO --set K=V1,V2`" if several else "") + ")",
-                      file=file or error.file, field=error.field)
+                      file=file or error.file, field=error.field, also=error.also)

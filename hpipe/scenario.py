@@ -117,7 +117,8 @@ class Placement(_Strict):
         if self.cpu_quota is not None and self.cpu_quota > self.threads:
             raise _FieldError("cpu_quota", f"{self.cpu_quota:g} cores' worth is more than the worker's "
                                            f"{self.threads} thread{'s' if self.threads > 1 else ''} can use; "
-                                           f"a quota emulates a slower device (at most threads)")
+                                           f"a quota emulates a slower device (at most threads)",
+                              also=("threads",))
         return self
 
 
@@ -177,7 +178,8 @@ class DeviceEntry(_Strict):
                                               f"{', '.join(missing)}")
             if self.idle_power_w is not None and self.idle_power_w > self.power_w:
                 raise _FieldError("idle_power_w", f"{self.idle_power_w:g} W idle is more than power_w "
-                                                  f"({self.power_w:g} W, the device busy)")
+                                                  f"({self.power_w:g} W, the device busy)",
+                              also=("power_w",))
         return self
 
     def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:
@@ -320,10 +322,12 @@ class Scenario(_Strict):
             n = self.workload.seq_len
             near = sorted({v for v in (n // g * g, (n // g + 1) * g) if v > 0})
             raise _FieldError("workload.seq_len", f"{n} is not a multiple of planner.token_granularity "
-                                                  f"({g}); the nearest that are: {' or '.join(map(str, near))}")
+                                                  f"({g}); the nearest that are: {' or '.join(map(str, near))}",
+                              also=("planner.token_granularity",))
         if self.planner.micro_batches and self.planner.micro_batches > self.workload.batch_size:
             raise _FieldError("planner.micro_batches", f"{self.planner.micro_batches} micro-batches "
-                                                       f"for a batch of {self.workload.batch_size}")
+                                                       f"for a batch of {self.workload.batch_size}",
+                              also=("workload.batch_size",))
         if isinstance(self.costmodel, dict) and "kind" not in self.costmodel:
             raise _FieldError("costmodel.kind", "missing (e.g. roofline or fitted)")
         return self
@@ -338,12 +342,13 @@ class Scenario(_Strict):
         w = self.workload
         if w.seq_len > spec.max_seq_len:
             raise _FieldError("workload.seq_len", f"{w.seq_len} exceeds {spec.name}'s learned positions "
-                                                  f"({spec.max_seq_len})")
+                                                  f"({spec.max_seq_len})", also=("model",))
         used = positions_used(w.seq_len, w.output_tokens)
         if w.output_tokens and used > spec.max_seq_len:
             raise _FieldError("workload.output_tokens", f"{w.seq_len} prompt + {w.output_tokens} output tokens "
                               f"use {used} positions (the last new token is not fed back), more than "
-                              f"{spec.name}'s learned positions ({spec.max_seq_len})")
+                              f"{spec.name}'s learned positions ({spec.max_seq_len})",
+                              also=("workload.seq_len", "model"))
         return self
 
     def model_spec(self) -> ModelSpec:
@@ -419,10 +424,11 @@ class Scenario(_Strict):
 
 
 class _FieldError(ValueError):
-    """A cross-field problem located at a path below the model that raised it."""
+    """A problem located at a path below the model that raised it; ``also``: the other fields
+    (paths from the same model) a cross-field problem compares it with."""
 
-    def __init__(self, field: str | None, problem: str):
-        self.field, self.problem = field, problem
+    def __init__(self, field: str | None, problem: str, also: tuple[str, ...] = ()):
+        self.field, self.problem, self.also = field, problem, also
         super().__init__(problem)
 
 
@@ -480,9 +486,11 @@ def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
         # union members (str | dict) repeat the same error once per member; keep the path only
         loc = tuple(p for p in e["loc"] if p not in ("str", "dict[str,any]", "function-after[_type_or_custom(), DeviceEntry]"))
         ctx_err = (e.get("ctx") or {}).get("error")
+        also = ()
         if isinstance(ctx_err, _FieldError):
             field = ".".join(x for x in (format_loc(loc), ctx_err.field) if x)
             msg = ctx_err.problem
+            also = tuple(".".join(x for x in (format_loc(loc), f) if x) for f in ctx_err.also)
         else:
             field = format_loc(loc)
             msg = e["msg"].removeprefix("Value error, ")
@@ -492,13 +500,13 @@ def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
                 msg = "missing required key"
             elif "input" in e and e["type"].endswith("_type"):
                 msg += f", got {e['input']!r}"
-        problems.append((field, msg))
-    field, msg = problems[0]
+        problems.append((field, msg, also))
+    field, msg, also = problems[0]
     # The same location may fail once per union member; mention the others only if distinct.
-    others = [f"{f}: {m}" for f, m in problems[1:] if f != field]
+    others = [f"{f}: {m}" for f, m, _ in problems[1:] if f != field]
     if others:
         msg += "; also " + "; ".join(others[:3]) + (f" (and {len(others) - 3} more)" if len(others) > 3 else "")
-    return InputError(msg, file=file, field=field or None)
+    return InputError(msg, file=file, field=field or None, also=also)
 
 
 _KEYS_BY_PATH_TAIL = {

@@ -167,6 +167,38 @@ def test_overrides_apply_before_validation_in_process():
         assert words in str(e.value), (assignment, str(e.value))
 
 
+def test_a_cross_field_problem_names_the_set_of_either_field():
+    """A problem found comparing two fields is located at one of them; a --set of the other is
+    named too (a --set model.max_seq_len=256 had been refused at workload.seq_len without a
+    word of the --set), and both where both were set.  An unrelated --set is not named."""
+    from hpipe.errors import InputError
+    from hpipe.scenario import load_scenario
+
+    gpt = SCENARIOS / "local-cpu-gpt-3dev.yaml"
+    dev = "cluster.hosts[1].devices[0].runtime"
+    cases = [
+        (PAPER, ["planner.token_granularity=100"], "workload.seq_len", "(from --set planner.token_granularity=100)"),
+        (PAPER, ["workload.batch_size=2", "planner.micro_batches=4"], "planner.micro_batches",
+         "(from --set workload.batch_size=2 and --set planner.micro_batches=4)"),
+        (gpt, ["model.max_seq_len=256"], "workload.seq_len", "(from --set model.max_seq_len=256)"),
+        (gpt, ["workload.output_tokens=4", "model.max_seq_len=386", "workload.batch_size=1"], "workload.output_tokens",
+         "(from --set workload.output_tokens=4 and --set model.max_seq_len=386)"),
+        (gpt, [f"{dev}.cpu_quota=0.9", f"{dev}.threads=2", f"{dev}.cores=[1]"], None, None),  # sound: no error
+        (gpt, [f"{dev}.threads=1", f"{dev}.cpu_quota=1.5"], f"{dev}.cpu_quota",
+         f"(from --set {dev}.threads=1 and --set {dev}.cpu_quota=1.5)"),
+    ]
+    for path, sets, field, words in cases:
+        if field is None:
+            load_scenario(path, overrides=sets)
+            continue
+        with pytest.raises(InputError) as e:
+            load_scenario(path, overrides=sets)
+        assert e.value.field == field and words in str(e.value), (sets, str(e.value))
+    with pytest.raises(InputError) as e:  # a --set of neither field: not named
+        load_scenario(gpt, overrides=["model.max_seq_len=256", "workload.batch_size=1"])
+    assert "--set workload.batch_size" not in str(e.value)
+
+
 def test_a_cost_model_setting_from_set_is_named_when_resolving_refuses_it(tmp_path):
     """The cost model's settings are checked when the scenario resolves, after parsing: the
     error still names the assignment, and a value from the file is not blamed on a --set."""
