@@ -167,10 +167,10 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             raise InputError(f"{format_key(parts[:i])} is a list, indexed in brackets{hint}", field=key)
         if not isinstance(node, dict):
             shown = repr(node) if len(repr(node)) <= 40 else type(node).__name__
-            # costmodel: auto -> {kind: auto, basis: ...}: where the schema says a name is the mapping's kind
-            kind = (f"kind: {node}, " if isinstance(node, str) and part != "kind"
-                    and parts[i - 1] in getattr(owner, "NAMES_ARE_KINDS", ()) else "")
-            whole = (f"; to give it as a mapping, set it whole: --set '{format_key(parts[:i])}={{{kind}{part}: ...}}'"
+            # costmodel: auto -> {kind: auto, fitted: {basis: ...}}: where the schema says what a name stands for
+            form = getattr(owner, "mapping_form", None)
+            mapping = (form(parts[i - 1], node, part) if form and isinstance(node, str) else None) or f"{{{part}: ...}}"
+            whole = (f"; to give it as a mapping, set it whole: --set '{format_key(parts[:i])}={mapping}'"
                      if _takes_mapping(annotation) else "")
             raise InputError(f"{format_key(parts[:i]) or 'the scenario'} is {shown}, not a mapping, so it "
                              f"has no key {part!r}{whole}", field=key)

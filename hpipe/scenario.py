@@ -12,7 +12,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
@@ -289,8 +289,6 @@ class Scenario(_Strict):
     cluster: ClusterSpec
     costmodel: str | dict[str, Any] = "roofline"
     """A cost model name, or a mapping with `kind` and that model's settings."""
-    NAMES_ARE_KINDS: ClassVar[tuple[str, ...]] = ("costmodel",)
-    """Fields whose name form stands for the mapping {kind: name} (for --set's hints)."""
     planner: PlannerSpec = PlannerSpec()
     compression: Compression | None = None
     """Lossy activation codecs the planner may use on stage boundaries; off when absent."""
@@ -302,6 +300,18 @@ class Scenario(_Strict):
     # The --set assignments applied before validation, so that a problem found later (the cost
     # model's settings, when resolved) can name the assignment that caused it.
     _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @classmethod
+    def mapping_form(cls, field: str, name: str, key: str) -> str | None:
+        """For --set's hints: the mapping that ``field``, given by the name ``name``, stands for,
+        with ``key`` where it belongs (``costmodel: auto`` and basis: ``{kind: auto, fitted:
+        {basis: ...}}``); None where a name is no mapping's shorthand."""
+        if field != "costmodel" or key == "kind":
+            return None
+        from hpipe.costmodels import auto_section
+
+        section = auto_section(key) if name == "auto" else None
+        return f"{{kind: {name}, " + (f"{section}: {{{key}: ...}}}}" if section else f"{key}: ...}}")
 
     @field_validator("model")
     @classmethod

@@ -750,6 +750,13 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     assert r.returncode == 2 and "--set 'costmodel={kind: roofline, link_efficiency: ...}'" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--set", "costmodel={kind: roofline, link_efficiency: 0.8}", "-q")
     assert r.returncode == 0, r.stderr  # the hint, followed
+    # auto's settings sit under the model auto picks: the hint puts them there, the follow-up checks it
+    r = cli("simulate", PAPER, "--set", "costmodel=auto", "--set", "costmodel.basis=wall", "-q")
+    assert r.returncode == 2 and "--set 'costmodel={kind: auto, fitted: {basis: ...}}'" in r.stderr, r.stderr
+    r = cli("simulate", PAPER, "--set", "costmodel={kind: auto, link_efficiency: 0.8}", "-q")
+    assert r.returncode == 2 and "give it under roofline: {kind: auto, roofline: {link_efficiency: ...}}" in r.stderr
+    r = cli("simulate", PAPER, "--set", "costmodel={kind: auto, fitted: {basis: wall}}", "-q")
+    assert r.returncode == 0, r.stderr  # the hint, followed
     r = cli("simulate", PAPER, "--set", "model.n_layers=2", "-q")  # a catalog name is not a kind
     assert r.returncode == 2 and "--set 'model={n_layers: ...}'" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--set", "workload.seq_len.x=1", "-q")  # a number is never a mapping

@@ -225,6 +225,11 @@ def costmodel_config(spec: str | dict) -> CostModelConfig:
     if kind == "auto":
         from hpipe.costmodels.auto import AutoConfig
 
+        for key in data:  # a setting of one of its models, given beside kind: say where it goes
+            section = auto_section(key) if key not in AutoConfig.model_fields else None
+            if section:
+                raise InputError(f"a setting of the {section} model auto picks; give it under {section}: "
+                                 f"{{kind: auto, {section}: {{{key}: ...}}}}", field=key)
         config = _validated(AutoConfig, data)
         # both settings checked now, not only the one chosen today: a typo in the other would
         # surface only on the day the cache changes
@@ -239,6 +244,17 @@ def costmodel_config(spec: str | dict) -> CostModelConfig:
         raise InputError(f"unknown cost model {kind!r}{suggest(str(kind), names)}; "
                          f"one of {', '.join(names)}", field="kind")
     return _validated(REGISTRY[kind].Config, data)
+
+
+def auto_section(key: str) -> str | None:
+    """Which of auto's two models (``roofline``, ``fitted``) takes the setting ``key``, given
+    under that name in auto's settings; None where neither does."""
+    _load_builtin("roofline")
+    _load_builtin("fitted")
+    for section in ("roofline", "fitted"):
+        if key in REGISTRY[section].Config.model_fields and key not in ("kind", "profile"):
+            return section
+    return None
 
 
 def make_costmodel(spec: str | dict, setup) -> CostModel:
