@@ -189,9 +189,9 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             node[part] = value
         else:
             if part not in node or node[part] is None:
-                if isinstance(parts[i + 1], int):
-                    raise InputError(f"{here} is not in the file, so it has no entry [{parts[i + 1]}]",
-                                     field=key)
+                if isinstance(parts[i + 1], int) or (in_list and _looks_like_index(parts[i + 1])):
+                    raise InputError(f"{here} is not in the file, so it has no entry [{parts[i + 1]}]; to add "
+                                     f"entries, give the list whole: --set '{here}=[{{...}}, ...]'", field=key)
                 node[part] = {}
             node = node[part]
 

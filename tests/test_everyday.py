@@ -759,6 +759,10 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     assert r.returncode == 0, r.stderr  # the hint, followed
     r = cli("simulate", PAPER, "--set", "model.n_layers=2", "-q")  # a catalog name is not a kind
     assert r.returncode == 2 and "--set 'model={n_layers: ...}'" in r.stderr, r.stderr
+    for key in ("cluster.links[0].bandwidth_gbps", "cluster.links.0.bandwidth_gbps"):  # a list the file lacks
+        r = cli("simulate", PAPER, "--set", f"{key}=0.1", "-q")
+        assert r.returncode == 2 and "cluster.links is not in the file, so it has no entry [0]; to add entries, " \
+            "give the list whole: --set 'cluster.links=[{...}, ...]'" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--set", "workload.seq_len.x=1", "-q")  # a number is never a mapping
     assert r.returncode == 2 and "not a mapping" in r.stderr and "whole" not in r.stderr, r.stderr
 
