@@ -354,6 +354,16 @@ def _describe(cfgs, role: int) -> str:
     return f"stage {c.stage_of(role)} ({c.devices[role]})"
 
 
+# gloo appends this to a closed connection's error ("... Check the logs of the remote worker
+# before reporting an error. GLHF!"): the message here already names the remote worker's failure
+_GLOO_ADVICE = " This is typically caused by a remote worker crashing."
+
+
+def _without_advice(message: str) -> str:
+    """A communication error's message without gloo's closing advice, where it has it."""
+    return message.split(_GLOO_ADVICE, 1)[0]
+
+
 def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progress: dict[int, int],
                      hung: bool, timeout_s: float, n_items: int) -> str:
     """One message naming the stage and device at the root of a failure."""
@@ -369,7 +379,7 @@ def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progre
     # A communication error points at the peer; the peer is the suspect unless it reported itself.
     # A worker that timed out first: its peers then see the connection close (the effect).
     for role, e in sorted(comm.items(), key=lambda kv: ("timed out after" not in kv[1]["message"], kv[0])):
-        lines.append(f"{_describe(cfgs, role)}: {e['message']}")
+        lines.append(f"{_describe(cfgs, role)}: {_without_advice(e['message'])}")
     if not lines and hung:
         waiting = [r for r in range(len(cfgs)) if progress.get(r, -1) < n_items - 1]
         if waiting:

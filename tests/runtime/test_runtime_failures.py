@@ -126,8 +126,11 @@ def test_a_timeout_is_named_before_the_closed_connection_it_caused():
     from hpipe.runtime.launcher import _failure_message
 
     cfg = SimpleNamespace(stage_of=lambda r: r, devices=["local/core-0", "local/core-1"])
-    errors = {0: {"comm": True, "peer": 1, "message": "sending to stage 1 (local/core-1): Connection closed by peer"},
+    gloo = ("Connection closed by peer [127.0.0.1]:30622. This is typically caused by a remote worker crashing. "
+            "Check the logs of the remote worker before reporting an error. GLHF! \N{BEACH WITH UMBRELLA}")
+    errors = {0: {"comm": True, "peer": 1, "message": f"sending to stage 1 (local/core-1): {gloo}"},
               1: {"comm": True, "peer": 0, "message": "timed out after 0.05s waiting for micro-batch 0 slice 0"}}
     msg = _failure_message([cfg, cfg], errors, {}, {}, False, 0.05, 4)
     assert msg.startswith("stage 1 (local/core-1): timed out after 0.05s"), msg
-    assert "; also stage 0 (local/core-0): sending to stage 1" in msg
+    assert msg.endswith("; also stage 0 (local/core-0): sending to stage 1 (local/core-1): Connection closed by peer "
+                        "[127.0.0.1]:30622."), msg  # gloo's advice to check the remote worker's logs left out
