@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from hpipe import notes
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.io import is_stdout
 from hpipe.scenario import PLANNER_NAMES
@@ -127,13 +127,13 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     always; plan and simulate on a terminal, not --quiet), else says how to make one.
     ``check(setup)``: the command's own input checks against the scenario, run before that
     profile, so that a typo costs seconds, not a profile's minute.  ``say=False``: nothing
-    printed (the caller gathers ``_auto_notes`` itself)."""
+    printed (the caller gathers ``notes.auto_note`` itself)."""
     sc = _load_scenario(scenario, sets)
     setup = sc.resolve()
     if check is not None:
         check(setup)
     if say:
-        _note_unpriced_sets(setup)
+        notes.unpriced_sets(setup)
     choice = getattr(setup.cost, "auto", None)
     if choice is None or not say:
         return setup
@@ -155,25 +155,10 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
         setup = sc.resolve()
         note, warning = setup.cost.auto.note(), setup.cost.auto.used == "roofline"  # no advice to measure again
     else:
-        note, warning = _auto_notes(setup, scenario)
+        note, warning = notes.auto_note(setup, scenario)
     if warning or not quiet:  # which model, from which profile: the Result's cost_model keeps it too
         err_console.print(note, markup=False, highlight=False, soft_wrap=True)  # names and paths: no markup
     return setup
-
-
-def _auto_notes(setup, scenario: Path) -> tuple[str | None, bool]:
-    """What ``costmodel: auto`` chose for ``setup`` and why, for stderr, and whether it is a
-    warning (datasheet figures where a profile could be measured: said even with --quiet)."""
-    choice = getattr(setup.cost, "auto", None)
-    if choice is None:
-        return None, False
-    if choice.used == "roofline" and choice.runs_here:
-        from hpipe.costmodels.cache import estimate_profile_s
-
-        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
-                f"`hpipe profile {scenario}` measures this machine once (about {estimate_profile_s(setup):.0f} s) "
-                f"and later runs plan on it"), True
-    return choice.note(), False
 
 
 PLANNER_ABBREVIATIONS = {"gp-b": "gpipe-balanced", "tp-t": "tp-terapipe"}
@@ -439,7 +424,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
                           soft_wrap=True)
         first = load([assignment(key, values[0])])
     names = _planner_names(planner or first.scenario.planner.kind)
-    _note_unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
+    notes.unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
         started = iter(range(len(values) * len(names)))
@@ -448,12 +433,12 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
             bar.update(task, description=f"planning and simulating {what}", completed=next(started))
 
         result = run_sweep(load, key, values, names, on_step=step)
-    notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
+    auto_notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
     for v in values:
-        note, warning = _auto_notes(load([assignment(key, v)]), scenario)
+        note, warning = notes.auto_note(load([assignment(key, v)]), scenario)
         if note and (warning or not quiet):
-            notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
-    for note, at in notes.items():
+            auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
+    for note, at in auto_notes.items():
         first_line, _, rest = note.partition("\n")
         where = "" if len(at) == len(values) else f" [{key} = {', '.join(at)}]"
         err_console.print(first_line + where + (f"\n{rest}" if rest else ""), markup=False, highlight=False,
@@ -532,13 +517,13 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     check_cpu_memory(setup, p)
-    _note_past_context(setup, spec)  # warnings: said with --quiet too
-    _note_foreign_profile(setup)
+    notes.past_context(setup, spec)  # warnings: said with --quiet too
+    notes.foreign_profile(setup)
     if not quiet:
-        _announce_long_cpu_run(setup, p, timeout, warmup=1)
+        notes.long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
     measured.predicted_latency_s = predicted.latency_s
-    _note_not_emulated(measured)
+    notes.not_emulated(measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace)
@@ -553,7 +538,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
             con.print(generation_table(f"{setup.name}: generation ({setup.output_tokens} new tokens per sequence)",
                                        measured, predicted))
         _say_written(con, {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot})
-        _note_other_load(con, measured)
+        notes.other_load(con, measured)
     if check and measured.max_abs_error is not None:
         from hpipe.runtime import CHECK_TOLERANCE
 
@@ -576,31 +561,6 @@ def _with_codecs(plan) -> str:
     return ", with the plan's codec round trips on the messages it compresses" if plan.lossy else ""
 
 
-def _announce_long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
-    """Before a run on this machine's CPU that the roofline puts past a minute: say so, and
-    how long one work item may take where that nears ``--timeout``."""
-    from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, cpu_estimate_s, format_duration
-
-    estimate = cpu_estimate_s(setup, p, warmup=warmup)
-    if estimate is None or estimate[0] <= CPU_ESTIMATE_WARN_S:
-        return
-    total_s, item_s = estimate
-    runs = "the warm-up and measured runs" if warmup else "the run"
-    err_console.print(f"[yellow]note:[/] this plan runs on this machine's CPU; a rough estimate "
-                      f"(roofline, a catalog CPU core per worker thread) is {format_duration(total_s)} "
-                      f"for {runs}. Ctrl-C stops it."
-                      + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
-                         if item_s > timeout / 2 else ""), highlight=False)
-
-
-def _note_past_context(setup, spec) -> None:
-    from hpipe.runtime.generation import past_trained_context
-
-    note = past_trained_context(setup, spec)
-    if note:
-        err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
-
-
 def _checked_plan(p, setup, file: str):
     """``p`` checked against the scenario, without the planner's predicted figures (the run gives
     its own); a plan made for another scenario (by its name) that still fits this one is
@@ -610,66 +570,6 @@ def _checked_plan(p, setup, file: str):
         err_console.print(f"[yellow]note:[/] {escape(file)} was planned for scenario {escape(repr(p.scenario))}; "
                           f"it is used as given for {escape(repr(setup.name))}", highlight=False, soft_wrap=True)
     return p
-
-
-_DATASHEET_SPEED = ("peak_tflops", "memory_bandwidth_gbps", "generation")
-"""A device's datasheet figures that only the roofline reads."""
-
-
-def _note_unpriced_sets(setup, swept: str | None = None) -> None:
-    """A --set of a device's datasheet speed changes nothing under a fitted model (its profile's
-    measurements price the device): said, not ignored in silence.  ``swept``: a sweep's
-    KEY=V1,V2,... as given, said in place of the one value this setup holds."""
-    from hpipe.overrides import overridden_keys
-
-    if getattr(setup.cost, "name", None) != "fitted":
-        return
-    given = setup.scenario.overrides
-    # codecs the profile did not time are priced as memory passes at the datasheet bandwidth
-    speed = _DATASHEET_SPEED if setup.compression is None else tuple(f for f in _DATASHEET_SPEED
-                                                                     if f != "memory_bandwidth_gbps")
-    moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
-            if k.startswith("cluster.") and k.rsplit(".", 1)[-1] in speed]
-    if moot:
-        err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: the fitted profile "
-                          f"prices the devices from its measurements, so a datasheet figure changes nothing "
-                          f"here; --set costmodel=roofline prices it", highlight=False, soft_wrap=True)
-
-
-def _note_foreign_profile(setup) -> None:
-    """Before a run measured beside its prediction: say so when the scenario's fitted profile
-    does not describe this run (made on another CPU, by another torch or profiler, or short
-    of what the scenario needs).  ``costmodel: auto`` picks this machine's own."""
-    from hpipe.costmodels.fitted import Fitted
-    from hpipe.runtime.profiler import stale_reason
-
-    if not isinstance(setup.cost, Fitted) or getattr(setup.cost, "auto", None) is not None:
-        return
-    why = stale_reason(setup.cost.profile, setup)
-    if why:
-        err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
-                          f"describe this run ({escape(why)}), so the prediction beside the measurement may not "
-                          f"hold; `hpipe profile SCENARIO -o PROFILE.json` measures this machine", highlight=False)
-
-
-def _note_not_emulated(measured) -> None:
-    """What the scenario describes that this run did not emulate: said even with --quiet, since
-    it changes what the measured figures mean (not_emulated in the JSON too)."""
-    for gap in measured.not_emulated or ():
-        err_console.print(f"[yellow]note:[/] not as the scenario describes: {escape(gap)}", highlight=False,
-                          soft_wrap=True)
-
-
-def _note_other_load(con, measured) -> None:
-    """Say so when other processes computed beside the run: its times then include them."""
-    from hpipe.runtime.machine_load import OTHER_CPU_NOTE_CORES
-
-    other = measured.other_cpu_cores
-    if other is not None and other >= OTHER_CPU_NOTE_CORES:
-        con.print(f"[yellow]note:[/] other processes kept {other:.1f} of this machine's {os.cpu_count()} CPUs "
-                  f"busy on average during the run; the measured times include their interference "
-                  f"(other_cpu_cores in the JSON). For figures to compare with the prediction, run on a "
-                  f"quiet machine.", highlight=False)
 
 
 # ---- generate ----------------------------------------------------------------------
@@ -777,17 +677,17 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
-    _note_past_context(setup, spec)  # warnings: said with --quiet too
-    _note_foreign_profile(setup)
+    notes.past_context(setup, spec)  # warnings: said with --quiet too
+    notes.foreign_profile(setup)
     if not quiet:
-        _announce_long_cpu_run(setup, p, timeout, warmup=0)
+        notes.long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
     measured = run_exec(setup, p, inputs=ids, check=check, timeout_s=timeout, quiet=quiet or stream, warmup=0,
                         on_tokens=streamer, spec=spec)
     if streamer:
         streamer.close()
     measured.predicted_latency_s = predicted.latency_s
-    _note_not_emulated(measured)
+    notes.not_emulated(measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     if json_path:
         from hpipe.io import write_text
@@ -805,7 +705,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
             f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
         _say_written(err, {"Result JSON": json_path})
-        _note_other_load(err, measured)
+        notes.other_load(err, measured)
     if check:
         import numpy as np
 

@@ -59,7 +59,7 @@ def test_gpt_tensor_parallel_and_slices():
 
 
 def test_execute_result_fields(llama_setup, monkeypatch, capsys):
-    from hpipe.cli import _note_not_emulated
+    from hpipe.notes import not_emulated
     from hpipe.runtime import emulation
 
     p = SHAPES["tp-middle"]
@@ -67,7 +67,7 @@ def test_execute_result_fields(llama_setup, monkeypatch, capsys):
     monkeypatch.setattr(emulation.Emulation, "gaps", lambda self, setup: ["a gap, for the test"])
     r = execute(llama_setup, p, check=True, quiet=True, warmup=1, timeout_s=20)
     assert r.not_emulated == ["a gap, for the test"]
-    _note_not_emulated(r)
+    not_emulated(r)
     assert "not as the scenario describes: a gap, for the test" in capsys.readouterr().err
     assert r.max_abs_error is not None and r.max_abs_error < TOL
     ids = make_ids(llama_setup)

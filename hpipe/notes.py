@@ -1,0 +1,115 @@
+"""What the commands say on stderr beside their results: which cost model ``costmodel: auto``
+chose, what a --set changed nothing of, a profile that does not describe the run, what the run
+did not emulate, other load on the machine, a long run ahead.  Said, so that nothing the user
+asked for is ignored in silence; printed here, never in the engines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.markup import escape
+
+from hpipe.tables import console
+
+err_console = console(stderr=True)
+
+
+def auto_note(setup, scenario: Path) -> tuple[str | None, bool]:
+    """What ``costmodel: auto`` chose for ``setup`` and why, for stderr, and whether it is a
+    warning (datasheet figures where a profile could be measured: said even with --quiet)."""
+    choice = getattr(setup.cost, "auto", None)
+    if choice is None:
+        return None, False
+    if choice.used == "roofline" and choice.runs_here:
+        from hpipe.costmodels.cache import estimate_profile_s
+
+        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
+                f"`hpipe profile {scenario}` measures this machine once (about {estimate_profile_s(setup):.0f} s) "
+                f"and later runs plan on it"), True
+    return choice.note(), False
+
+
+def long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
+    """Before a run on this machine's CPU that the roofline puts past a minute: say so, and
+    how long one work item may take where that nears ``--timeout``."""
+    from hpipe.runtime.here import CPU_ESTIMATE_WARN_S, cpu_estimate_s, format_duration
+
+    estimate = cpu_estimate_s(setup, p, warmup=warmup)
+    if estimate is None or estimate[0] <= CPU_ESTIMATE_WARN_S:
+        return
+    total_s, item_s = estimate
+    runs = "the warm-up and measured runs" if warmup else "the run"
+    err_console.print(f"[yellow]note:[/] this plan runs on this machine's CPU; a rough estimate "
+                      f"(roofline, a catalog CPU core per worker thread) is {format_duration(total_s)} "
+                      f"for {runs}. Ctrl-C stops it."
+                      + (f" One work item may take ~{format_duration(item_s)}: give --timeout above that."
+                         if item_s > timeout / 2 else ""), highlight=False)
+
+
+def past_context(setup, spec) -> None:
+    from hpipe.runtime.generation import past_trained_context
+
+    note = past_trained_context(setup, spec)
+    if note:
+        err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
+
+
+DATASHEET_SPEED = ("peak_tflops", "memory_bandwidth_gbps", "generation")
+"""A device's datasheet figures that only the roofline reads."""
+
+
+def unpriced_sets(setup, swept: str | None = None) -> None:
+    """A --set of a device's datasheet speed changes nothing under a fitted model (its profile's
+    measurements price the device): said, not ignored in silence.  ``swept``: a sweep's
+    KEY=V1,V2,... as given, said in place of the one value this setup holds."""
+    from hpipe.overrides import overridden_keys
+
+    if getattr(setup.cost, "name", None) != "fitted":
+        return
+    given = setup.scenario.overrides
+    # codecs the profile did not time are priced as memory passes at the datasheet bandwidth
+    speed = DATASHEET_SPEED if setup.compression is None else tuple(f for f in DATASHEET_SPEED
+                                                                     if f != "memory_bandwidth_gbps")
+    moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
+            if k.startswith("cluster.") and k.rsplit(".", 1)[-1] in speed]
+    if moot:
+        err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: the fitted profile "
+                          f"prices the devices from its measurements, so a datasheet figure changes nothing "
+                          f"here; --set costmodel=roofline prices it", highlight=False, soft_wrap=True)
+
+
+def foreign_profile(setup) -> None:
+    """Before a run measured beside its prediction: say so when the scenario's fitted profile
+    does not describe this run (made on another CPU, by another torch or profiler, or short
+    of what the scenario needs).  ``costmodel: auto`` picks this machine's own."""
+    from hpipe.costmodels.fitted import Fitted
+    from hpipe.runtime.profiler import stale_reason
+
+    if not isinstance(setup.cost, Fitted) or getattr(setup.cost, "auto", None) is not None:
+        return
+    why = stale_reason(setup.cost.profile, setup)
+    if why:
+        err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
+                          f"describe this run ({escape(why)}), so the prediction beside the measurement may not "
+                          f"hold; `hpipe profile SCENARIO -o PROFILE.json` measures this machine", highlight=False)
+
+
+def not_emulated(measured) -> None:
+    """What the scenario describes that this run did not emulate: said even with --quiet, since
+    it changes what the measured figures mean (not_emulated in the JSON too)."""
+    for gap in measured.not_emulated or ():
+        err_console.print(f"[yellow]note:[/] not as the scenario describes: {escape(gap)}", highlight=False,
+                          soft_wrap=True)
+
+
+def other_load(con, measured) -> None:
+    """Say so when other processes computed beside the run: its times then include them."""
+    from hpipe.runtime.machine_load import OTHER_CPU_NOTE_CORES
+
+    other = measured.other_cpu_cores
+    if other is not None and other >= OTHER_CPU_NOTE_CORES:
+        con.print(f"[yellow]note:[/] other processes kept {other:.1f} of this machine's {os.cpu_count()} CPUs "
+                  f"busy on average during the run; the measured times include their interference "
+                  f"(other_cpu_cores in the JSON). For figures to compare with the prediction, run on a "
+                  f"quiet machine.", highlight=False)
