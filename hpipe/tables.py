@@ -83,10 +83,18 @@ def infeasible_notes(results, values=None) -> list[str]:
             + f" infeasible: {reason}" for reason, names in groups.items()]
 
 
+class _PlainTable(Table):
+    """A table whose cells are plain text, never markup: they carry the user's names and values
+    (a planner named "[/]x" in a Plan JSON raised rich's MarkupError, and "[int8]" vanished)."""
+
+    def add_row(self, *cells, **kwargs) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
 def _table(title: str | None, caption: str | None = None) -> Table:
     # plain text, never markup: titles carry the user's names (a scenario named "a[/]b" raised
     # rich's MarkupError) and captions the planners' reasons
-    return Table(title=Text(title, style="table.title") if title else None,
+    return _PlainTable(title=Text(title, style="table.title") if title else None,
                  caption=Text(caption, style="table.caption") if caption else None,
                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                  collapse_padding=True,

@@ -831,3 +831,19 @@ def test_json_to_dev_stdout_is_stdout(cli):
     assert r.returncode == 2 and "stdout" in r.stderr
     r = cli("simulate", PAPER, "--trace", "-")  # the trace alone on stdout: the table goes to stderr
     assert r.returncode == 0 and "traceEvents" in json.loads(r.stdout) and "latency" in r.stderr
+
+
+def test_names_and_values_in_table_cells_are_text_not_markup(cli, tmp_path):
+    """A planner named in a Plan JSON and a swept list value are printed as written: "[/]x"
+    had raised rich's MarkupError (a traceback), and "[int8]" and "my[plan]" had vanished."""
+    plan = tmp_path / "p.json"
+    r = cli("plan", PAPER, "-o", str(plan), "-q")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(plan.read_text())
+    data["planner"] = "[/]x my[plan] v2"
+    plan.write_text(json.dumps(data))
+    r = cli("simulate", PAPER, "--plan", str(plan))
+    assert r.returncode == 0 and "[/]x my[plan] v2" in r.stdout, r.stdout + r.stderr
+    r = cli("sweep", str(SCENARIOS / "local-cpu-hetero-int8.yaml"), "--set", "costmodel=roofline",
+            "--set", "compression.allow=[int8],[int8,fp8]", "--planner", "hpipe")
+    assert r.returncode == 0 and "[int8]" in r.stdout and "[int8, fp8]" in r.stdout, r.stdout + r.stderr
