@@ -488,7 +488,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         from hpipe.runtime import execute as run_exec, load_inputs
         from hpipe.runtime.launcher import runtime_spec
     from hpipe.memory import raise_if_model_cannot_fit
-    from hpipe.runtime.here import check_cpu_memory, check_placements
+    from hpipe.runtime.here import check_cpu_memory, check_cpu_weights, check_placements
 
     if plan is not None and planner is not None:
         raise InputError("give --planner or --plan, not both", field="--plan")
@@ -502,6 +502,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     def inputs_fit(setup):  # before a first run measures this machine's profile
         nonlocal token_ids, p, spec
         raise_if_model_cannot_fit(setup)
+        check_cpu_weights(setup)  # whatever the plan: a profile's minutes not spent on a model too big
         if plans is not None:
             p = _checked_plan(plans[0], setup, str(plan))
             check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
@@ -650,12 +651,27 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     ids = gen.prompt_ids(tok, sc.model_spec().vocab_size, prompt=prompt, inputs=str(inputs) if inputs else None,
                          prompt_file=str(prompt_file) if prompt_file else None, weights=weights)
     new_tokens = max_new_tokens or sc.workload.output_tokens or gen.DEFAULT_NEW_TOKENS
+    from hpipe.memory import raise_if_model_cannot_fit
+    from hpipe.runtime.here import check_cpu_memory, check_cpu_weights, check_placements
+
+    def fits(s):  # before a first run measures this machine's profile
+        raise_if_model_cannot_fit(s)
+        check_cpu_weights(s)
+
+    # costmodel: auto: the choice for the scenario as written (the profile `hpipe execute` measures,
+    # measured here first as there), said, and kept for the prompt's shape: both Setups below
+    # priced alike, whatever the prompt's length (its own shape has a cache key of its own)
+    base = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=fits)
+    choice = getattr(base.cost, "auto", None)
     try:
-        setup, plan_setup = gen.setups_for(sc, ids, new_tokens)
+        setup, plan_setup = gen.setups_for(sc, ids, new_tokens, costmodel=choice.spec if choice else None)
     except InputError as e:
         if max_new_tokens and e.field == "workload.output_tokens":  # the number came from the flag
             raise InputError(e.problem, field="--max-new-tokens") from None
         raise
+    for s_ in {id(setup): setup, id(plan_setup): plan_setup}.values():
+        if choice is not None:
+            s_.cost.auto = choice  # the JSON's cost_model.auto, as for the scenario
     if check and not setup.sampling.temperature == 0:
         raise InputError(f"--check compares greedy ids, but the scenario samples (temperature "
                          f"{setup.sampling.temperature:g})", file=str(scenario), field="workload.sampling.temperature")
@@ -672,11 +688,14 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         if len(names) != 1:
             raise InputError("generate runs one planner", field="--planner")
         p = make_plan(plan_setup, names[0])
-        p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup)
+        # its slices cut to the prompt: the planner's figures were for the rounded-up one
+        p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup).without_figures()
+    check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
     spec = runtime_spec(setup)  # the weights' own (max positions, norm epsilon)
     predicted = run_sim(setup, p)
     if not predicted.feasible:
         raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    check_cpu_memory(setup, p)
     notes.past_context(setup, spec)  # warnings: said with --quiet too
     notes.foreign_profile(setup)
     if not quiet:

@@ -69,7 +69,7 @@ def plan_shortfalls(setup, plan) -> list[Shortfall]:
             if need > setup.cluster.device(d).usable_memory_bytes]
 
 
-def _model_need_bytes(setup) -> tuple[float, float]:
+def model_need_bytes(setup) -> tuple[float, float]:
     """(weights, KV cache) bytes of the whole model at the workload's batch and context."""
     db = setup.dtype_bytes
     weights = sum(u.weight_bytes(db) for u in setup.units)
@@ -83,13 +83,13 @@ def model_shortfall_bytes(setup) -> float:
     """How far the whole cluster falls short of holding the model's weights and KV cache
     (0 when it has room, by this lower bound)."""
     have = sum(d.usable_memory_bytes for d in setup.cluster.devices)
-    return max(sum(_model_need_bytes(setup)) - have, 0.0)
+    return max(sum(model_need_bytes(setup)) - have, 0.0)
 
 
 def raise_if_model_cannot_fit(setup) -> None:
     short = model_shortfall_bytes(setup)
     if short > 0:
-        weights, kv = _model_need_bytes(setup)
+        weights, kv = model_need_bytes(setup)
         raise InfeasibleError(
             f"{setup.model.name} at batch {setup.batch_size} x {setup.seq_len} tokens"
             + (f" + {setup.output_tokens} new" if getattr(setup, "output_tokens", 0) else "") + f" ({setup.dtype}) "

@@ -24,9 +24,13 @@ def auto_note(setup, scenario: Path) -> tuple[str | None, bool]:
     if choice.used == "roofline" and choice.runs_here:
         from hpipe.costmodels.cache import estimate_profile_s
 
-        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}` or "
-                f"`hpipe profile {scenario}` measures this machine once (about {estimate_profile_s(setup):.0f} s) "
-                f"and later runs plan on it"), True
+        import shlex
+
+        # the same --set options: they are part of what the profile is measured for (its cache key)
+        given = "".join(f" --set {shlex.quote(a)}" for a in setup.scenario.overrides)
+        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}{given}` or "
+                f"`hpipe profile {scenario}{given}` measures this machine once (about "
+                f"{estimate_profile_s(setup):.0f} s) and later runs plan on it"), True
     return choice.note(), False
 
 
@@ -82,17 +86,21 @@ def unpriced_sets(setup, swept: str | None = None) -> None:
 def foreign_profile(setup) -> None:
     """Before a run measured beside its prediction: say so when the scenario's fitted profile
     does not describe this run (made on another CPU, by another torch or profiler, or short
-    of what the scenario needs).  ``costmodel: auto`` picks this machine's own."""
+    of what the run needs).  ``costmodel: auto`` picks this machine's own, made for the scenario
+    as written: `hpipe generate` of a prefill-only scenario still finds it short of decode steps."""
     from hpipe.costmodels.fitted import Fitted
     from hpipe.runtime.profiler import stale_reason
 
-    if not isinstance(setup.cost, Fitted) or getattr(setup.cost, "auto", None) is not None:
+    if not isinstance(setup.cost, Fitted):
         return
     why = stale_reason(setup.cost.profile, setup)
     if why:
+        decode = "generates tokens" in why
+        fix = ("a scenario with workload.output_tokens has its decode steps measured too" if decode else
+               "`hpipe profile SCENARIO -o PROFILE.json` measures this machine")
         err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
                           f"describe this run ({escape(why)}), so the prediction beside the measurement may not "
-                          f"hold; `hpipe profile SCENARIO -o PROFILE.json` measures this machine", highlight=False)
+                          f"hold; {fix}", highlight=False)
 
 
 def not_emulated(measured) -> None:

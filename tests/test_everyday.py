@@ -847,3 +847,20 @@ def test_names_and_values_in_table_cells_are_text_not_markup(cli, tmp_path):
     r = cli("sweep", str(SCENARIOS / "local-cpu-hetero-int8.yaml"), "--set", "costmodel=roofline",
             "--set", "compression.allow=[int8],[int8,fp8]", "--planner", "hpipe")
     assert r.returncode == 0 and "[int8]" in r.stdout and "[int8, fp8]" in r.stdout, r.stdout + r.stderr
+
+
+def test_run_commands_refuse_what_cannot_run_here_before_any_profile(cli, tmp_path):
+    """A model whose weights alone outgrow this machine's memory, where every device is one of
+    its CPU workers, is refused (exit 3) before a first run measures its profile, by execute
+    and by generate alike; and generate refuses a GPU with no placement, as execute does (it
+    had run it as a one-thread CPU worker beside a prediction priced on the GPU's datasheet)."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([list(range(1, 17))]))
+    big = ["--set", "model=llama-2-70b", "--set", "cluster.hosts[0].devices[0].memory_gb=4000"]
+    for cmd in (["execute"], ["generate", "--inputs", str(ids)]):
+        r = cli(*cmd[:1], str(SCENARIOS / "local-cpu.yaml"), *cmd[1:], *big)
+        assert r.returncode == 3 and "whatever the plan" in r.stderr and "GB short" in r.stderr, r.stderr
+        assert "measuring" not in r.stderr
+    r = cli("generate", PAPER, "--inputs", str(ids), "--set", "model=tiny-llama", "--set", "workload.seq_len=16",
+            "--max-new-tokens", "2")
+    assert r.returncode == 2 and "no `runtime:` placement" in r.stderr, r.stderr

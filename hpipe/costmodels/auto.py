@@ -18,7 +18,7 @@ processes for tens of seconds): ``hpipe execute`` makes a quick one first,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import ConfigDict
@@ -44,9 +44,13 @@ class AutoChoice:
     """The cached profile the fitted model reads, or where one would be written."""
     runs_here: bool = False
     """The scenario's devices run on this machine, so a profile of them can be made here."""
+    spec: dict = field(default_factory=dict, repr=False)
+    """The cost model auto stands for, as a scenario would name it (not in the JSON: the
+    fields above say it): another workload of the same scenario priced on the same model
+    (``hpipe generate``'s prompt) takes it."""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "spec"}
 
     def note(self) -> str:
         """One line for stderr."""
@@ -54,7 +58,14 @@ class AutoChoice:
 
 
 def choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
-    """The cost model spec auto stands for on this machine, and why."""
+    """The cost model spec auto stands for on this machine, and why (``AutoChoice.spec`` holds
+    the spec too)."""
+    spec, why = _choose(config, setup)
+    why.spec = spec
+    return spec, why
+
+
+def _choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
     from hpipe.costmodels.cache import cached_profile_path, runs_here
     from hpipe.costmodels.profile import load_profile, model_mismatch
     from hpipe.errors import InputError

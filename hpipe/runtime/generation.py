@@ -189,9 +189,12 @@ def prompt_ids(tokenizer, vocab_size: int, *, prompt: str | None = None, prompt_
     return [encode(tokenizer, prompt, vocab_size, where)]
 
 
-def setups_for(scenario, ids: list[list[int]], new_tokens: int):
+def setups_for(scenario, ids: list[list[int]], new_tokens: int, costmodel: dict | None = None):
     """(the Setup to run, the Setup to plan on): the scenario with its workload replaced by
-    the prompts' shape (batch = prompts, seq_len = their tokens) and ``new_tokens``.
+    the prompts' shape (batch = prompts, seq_len = their tokens) and ``new_tokens``, and its
+    cost model by ``costmodel`` where given (what ``costmodel: auto`` chose for the scenario as
+    written: both Setups priced alike, on the profile `hpipe execute` measures, whatever the
+    prompt's shape).
 
     Plans slice the sequence in multiples of planner.token_granularity; a prompt of another
     length is planned rounded up to one and the plan's last slices cut back
@@ -208,6 +211,8 @@ def setups_for(scenario, ids: list[list[int]], new_tokens: int):
     if planner.get("micro_batches"):
         planner["micro_batches"] = min(planner["micro_batches"], batch)
     data["planner"] = {**planner, "token_granularity": math.gcd(seq_len, g)}
+    if costmodel is not None:
+        data["costmodel"] = costmodel
     file = scenario.source_path
     run = parse_scenario(data, file).resolve()
     if seq_len % g == 0:

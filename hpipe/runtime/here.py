@@ -89,6 +89,25 @@ def check_cpu_memory(setup, plan) -> None:
             f"{(need - have) / 1e9:.1f} GB short")
 
 
+def check_cpu_weights(setup) -> None:
+    """Before any plan (and the profile a first run measures): where every device of the
+    scenario runs on this machine's CPU, any plan holds all the model's weights and KV cache in
+    its memory; refuse when they alone do not fit (``check_cpu_memory`` checks the plan's all)."""
+    from hpipe.memory import model_need_bytes
+
+    have = available_memory_bytes()
+    devs = setup.cluster.devices
+    # a GPU with no placement is check_placements' to refuse, not a CPU worker to count
+    if have is None or any(d.runtime_device != "cpu" or (d.placement is None and d.spec.kind != "cpu") for d in devs):
+        return
+    weights, kv = model_need_bytes(setup)
+    if weights + kv > have:
+        raise InfeasibleError(
+            f"every device runs on this machine's CPU, so whatever the plan its workers would hold all of "
+            f"{setup.model.name}'s weights and KV cache ({weights / 1e9:.1f} + {kv / 1e9:.1f} GB in {setup.dtype}), "
+            f"but it has {have / 1e9:.1f} GB available: {(weights + kv - have) / 1e9:.1f} GB short")
+
+
 def cpu_estimate_s(setup, plan, warmup: int = 1) -> tuple[float, float] | None:
     """Rough (wall time of ``execute``, longest single work item) in seconds when some stages
     run on this CPU (None when none do): warm-up and measured runs of the plan, simulated

@@ -240,3 +240,35 @@ def test_a_gpt_prompt_off_the_granularity_is_held_to_its_own_positions(tmp_path)
     (tmp_path / "tgpt.yaml").write_text(yaml.safe_dump(data))
     run, plan_on = setups_for(load_scenario(tmp_path / "tgpt.yaml"), [[1] * 30], 2)
     assert (run.seq_len, plan_on.seq_len) == (30, 32)
+
+
+def test_generate_under_auto_says_its_choice_and_prices_every_prompt_on_the_scenarios_profile(tmp_path):
+    """costmodel: auto in generate: the choice for the scenario as written, said on stderr, and
+    measured first when the cache has none (as execute does); a prompt of another length is
+    planned and predicted on that same profile.  Before, generate said nothing, and each prompt
+    shape looked up a profile of its own (a cache key per workload): a 10-token prompt planned
+    on the roofline beside a 16-token one on the fitted profile."""
+    _scenario(tmp_path / "tiny.yaml")
+    data = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**data, "costmodel": "auto"}))
+    env = {**_env(), "HPIPE_CACHE_DIR": str(tmp_path / "cache")}
+    runs = []
+    for n in (16, 10):  # the scenario's own length, then another
+        (tmp_path / "ids.json").write_text(json.dumps([[(3 * i + k) % 128 for i in range(n)] for k in range(2)]))
+        r = subprocess.run([sys.executable, "-m", "hpipe", "generate", "tiny.yaml", "--inputs", "ids.json",
+                            "--max-new-tokens", "3", "--json", "out.json"], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        out = json.loads((tmp_path / "out.json").read_text())
+        runs.append((r.stderr, out["cost_model"]))
+        # the plan's own figures were the rounded-up prompt's: dropped, not left beside the run's
+        res = out["results"][0]
+        assert res["plan"]["predicted"].get("latency_s", res["predicted_latency_s"]) == res["predicted_latency_s"]
+    (first_err, first), (second_err, second) = runs
+    assert "measuring a quick one" in first_err and "measuring" not in second_err  # once, for the scenario
+    assert "cost model auto: fitted" in second_err, second_err
+    profiles = list((tmp_path / "cache" / "profiles").glob("tiny-*.json"))
+    assert len(profiles) == 1
+    for cm in (first, second):
+        assert cm["kind"] == "fitted" and cm["auto"]["used"] == "fitted"
+        assert Path(cm["profile_path"]).resolve() == profiles[0].resolve()
