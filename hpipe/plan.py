@@ -125,6 +125,30 @@ class Plan(BaseModel):
                                         f"{setup.batch_size}")
         return self
 
+    def check_codecs(self, setup, file: str | None = None) -> "Plan":
+        """Refuse lossy codecs the scenario's ``compression`` does not allow: a codec not in
+        ``allow``, more lossy boundaries than ``max_lossy_hops``, or any where the scenario has
+        no ``compression`` (off, since it is lossy).  The planners keep to it by construction;
+        a hand-written plan (``--plan``) is checked here."""
+        lossy = [(i, c) for i, c in enumerate(self.codecs or ()) if c != "none"]
+        if not lossy:
+            return self
+        comp = setup.compression
+        i, c = lossy[0]
+        if comp is None:
+            raise InputError(f"{c} on boundary {i} is lossy, and the scenario allows no compression (it has no "
+                             f"compression: key); to allow it: --set 'compression={{allow: [{c}], max_lossy_hops: "
+                             f"{len(lossy)}}}'",
+                             file=file, field=f"codecs[{i}]")
+        for i, c in lossy:
+            if c not in comp.allow:
+                raise InputError(f"{c} is not in the scenario's compression.allow ({', '.join(comp.allow)})",
+                                 file=file, field=f"codecs[{i}]")
+        if len(lossy) > comp.max_lossy_hops:
+            raise InputError(f"{len(lossy)} lossy boundaries, more than the scenario's compression.max_lossy_hops "
+                             f"({comp.max_lossy_hops})", file=file, field="codecs")
+        return self
+
     def decode_groups(self, batch_size: int) -> int:
         """Sequence groups in flight during decode: ``decode_micro_batches``, else the prefill's
         micro-batches (each stays a group), at most one per sequence.  The simulator and the

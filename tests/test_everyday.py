@@ -864,3 +864,26 @@ def test_run_commands_refuse_what_cannot_run_here_before_any_profile(cli, tmp_pa
     r = cli("generate", PAPER, "--inputs", str(ids), "--set", "model=tiny-llama", "--set", "workload.seq_len=16",
             "--max-new-tokens", "2")
     assert r.returncode == 2 and "no `runtime:` placement" in r.stderr, r.stderr
+
+
+def test_a_hand_written_plans_codecs_keep_to_the_scenarios_compression(cli, tmp_path):
+    """A Plan JSON's lossy codecs are the scenario's to allow: none without compression (off,
+    since it is lossy), only those in allow, on at most max_lossy_hops boundaries.  They had
+    been taken as given, fp8 and int4 on a scenario without compression."""
+    r = cli("plan", PAPER, "-o", str(tmp_path / "p.json"), "-q")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "p.json").read_text())
+    n = len(data["stages"]) - 1
+    assert n >= 2
+    cases = [(["int8"], None, "codecs[0]", "allows no compression"),
+             (["int8", "fp8"], "{allow: [int8], max_lossy_hops: 2}", "codecs[1]", "not in the scenario's compression.allow"),
+             (["int8", "fp8"], "{allow: [int8, fp8], max_lossy_hops: 1}", "codecs", "more than the scenario's"),
+             (["int8", "fp8"], "{allow: [int8, fp8], max_lossy_hops: 2}", None, None)]
+    for lossy, comp, field, words in cases:
+        (tmp_path / "c.json").write_text(json.dumps({**data, "codecs": lossy + ["none"] * (n - len(lossy))}))
+        r = cli("simulate", PAPER, "--plan", str(tmp_path / "c.json"), "-q",
+                *(["--set", f"compression={comp}"] if comp else []))
+        if field is None:
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode == 2 and f"field '{field}'" in r.stderr and words in r.stderr, r.stderr
