@@ -262,6 +262,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
+    notes.past_context(setup)  # a warning: said with --quiet too
     name = _planner_names(planner or setup.scenario.planner.kind)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
@@ -323,6 +324,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
+    notes.past_context(setup)  # a warning: said with --quiet too
     results = []
     if plan is not None:
         plans = load_plans(plan)
@@ -425,6 +427,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         first = load([assignment(key, values[0])])
     names = _planner_names(planner or first.scenario.planner.kind)
     notes.unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
+    notes.past_context_in_sweep(key, [value_text(v) for v in values], [load([assignment(key, v)]) for v in values])
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))
         started = iter(range(len(values) * len(names)))

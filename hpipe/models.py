@@ -251,6 +251,19 @@ MODELS: dict[str, ModelSpec] = {
 _SPEC_FIELDS = {f.name for f in fields(ModelSpec)}
 
 
+def past_trained_context(spec: ModelSpec, seq_len: int, output_tokens: int, source: str) -> str | None:
+    """A rotary (LLaMA) model computes at any position, but was trained on ``spec.max_seq_len``
+    of them and reads and writes worse past that: the note to give, or None.  ``source`` says
+    where that context comes from.  (A GPT model's learned positions end there: refused.)"""
+    used = positions_used(seq_len, output_tokens)
+    if spec.family == "gpt" or used <= spec.max_seq_len:
+        return None
+    what = (f"{seq_len} prompt + {output_tokens} new tokens run the model at {used} positions (the last new "
+            f"token is not fed back)" if output_tokens else f"{seq_len} tokens run the model at {used} positions")
+    return (f"{what}, past the {spec.max_seq_len} it was trained on ({source}); rotary positions compute "
+            f"there, so the plan and its figures hold, but the model's outputs there usually degrade")
+
+
 def decode_steps(output_tokens: int) -> int:
     """Decode steps a sequence makes for ``output_tokens`` new tokens: the first comes from the
     prefill's own logits, each further one from a step."""

@@ -51,12 +51,39 @@ def long_cpu_run(setup, p, timeout: float, warmup: int) -> None:
                          if item_s > timeout / 2 else ""), highlight=False)
 
 
-def past_context(setup, spec) -> None:
-    from hpipe.runtime.generation import past_trained_context
+def past_context(setup, spec=None) -> None:
+    """A warning (said with --quiet too) where the workload runs a rotary model past the
+    context it was trained on: ``spec`` the weights' own (a run), else the scenario's model."""
+    if spec is not None:
+        from hpipe.runtime.generation import past_trained_context
 
-    note = past_trained_context(setup, spec)
+        note = past_trained_context(setup, spec)
+    else:
+        from hpipe.models import past_trained_context
+
+        m = setup.model
+        note = past_trained_context(m, setup.seq_len, setup.output_tokens,
+                                    "its model.max_seq_len" if isinstance(setup.scenario.model, dict)
+                                    else f"the catalog's {m.name}")
     if note:
         err_console.print(f"[yellow]note:[/] {escape(note)}.", highlight=False)
+
+
+def past_context_in_sweep(key: str, values_text: list[str], setups) -> None:
+    """``past_context`` for a sweep: one warning naming the values whose workload runs the model
+    past its trained context (each value's model may differ: grouped by model)."""
+    from hpipe.models import positions_used
+
+    past: dict[tuple[str, int], list[str]] = {}
+    for v, setup in zip(values_text, setups):
+        m = setup.model
+        if m.family != "gpt" and positions_used(setup.seq_len, setup.output_tokens) > m.max_seq_len:
+            past.setdefault((m.name, m.max_seq_len), []).append(v)
+    for (name, ctx), at in past.items():
+        err_console.print(f"[yellow]note:[/] {escape(key)} = {escape(', '.join(at))}: the workload runs {escape(name)} "
+                          f"past the {ctx} positions it was trained on; rotary positions compute there, so the "
+                          f"plans and their figures hold, but the model's outputs there usually degrade.",
+                          highlight=False)
 
 
 DATASHEET_SPEED = ("peak_tflops", "memory_bandwidth_gbps", "generation")

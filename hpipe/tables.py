@@ -260,11 +260,11 @@ def params(n: float) -> str:
 def models_table(models) -> Table:
     """hpipe models: the catalog's shapes."""
     t = _table("models")
-    for c in ("name", "family", "params", "layers", "d_model", "heads", "kv\nheads", "d_ff", "vocab"):
+    for c in ("name", "family", "params", "layers", "d_model", "heads/\nkv", "d_ff", "vocab", "context"):
         t.add_column(c, justify="left" if c in ("name", "family") else "right", no_wrap=True)
-    for m in models:
-        t.add_row(m.name, m.family, params(m.param_count()), str(m.n_layers), str(m.d_model), str(m.n_heads),
-                  str(m.n_kv_heads), str(m.d_ff), str(m.vocab_size))
+    for m in models:  # context: the positions it was trained on (a GPT's learned ones end there)
+        t.add_row(m.name, m.family, params(m.param_count()), str(m.n_layers), str(m.d_model),
+                  f"{m.n_heads}/{m.n_kv_heads}", str(m.d_ff), str(m.vocab_size), f"{m.max_seq_len:,}")
     return t
 
 

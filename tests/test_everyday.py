@@ -887,3 +887,21 @@ def test_a_hand_written_plans_codecs_keep_to_the_scenarios_compression(cli, tmp_
             assert r.returncode == 0, r.stderr
         else:
             assert r.returncode == 2 and f"field '{field}'" in r.stderr and words in r.stderr, r.stderr
+
+
+def test_a_workload_past_the_models_trained_context_is_said_when_planning(cli):
+    """plan, simulate and sweep say when a LLaMA runs past the context it was trained on (its
+    rotary positions compute there, so the figures hold, but the text degrades): 8k tokens on
+    llama-7b had planned in silence, and `hpipe models` did not show the context."""
+    r = cli("simulate", PAPER, "--set", "workload.seq_len=4096", "--set", "workload.batch_size=1", "-q",
+            "--planner", "gpipe")
+    assert r.returncode == 0 and "4096 tokens run the model at 4096 positions, past the 2048 it was trained on " \
+        "(the catalog's llama-7b)" in " ".join(r.stderr.split()), r.stderr
+    r = cli("plan", PAPER, "-q")  # 2048 of 2048: within
+    assert r.returncode == 0 and "past the" not in r.stderr, r.stderr
+    r = cli("sweep", PAPER, "--set", "workload.seq_len=1024,4096", "--set", "workload.batch_size=1", "-q",
+            "--planner", "gpipe")
+    assert r.returncode == 0 and "workload.seq_len = 4096: the workload runs llama-7b past the 2048 positions" \
+        in " ".join(r.stderr.split()), r.stderr
+    r = cli("models")
+    assert r.returncode == 0 and "context" in r.stdout and "2,048" in r.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hpipe.errors import InputError
+from hpipe import models
 from hpipe.models import positions_used
 from hpipe.runtime.decode import GenerationConfig, group_sizes
 from hpipe.runtime.sampling import Sampler, SamplingConfig
@@ -56,17 +57,10 @@ def check_positions(setup, spec) -> None:
 
 
 def past_trained_context(setup, spec) -> str | None:
-    """A rotary (LLaMA) model computes at any position, but was trained on ``spec.max_seq_len``
-    of them and writes worse text past that: the note to give before such a run, or None.
-    (A GPT model's learned positions end there: ``check_positions`` refuses.)"""
-    used = positions_used(setup.seq_len, setup.output_tokens)
-    if spec.family == "gpt" or not setup.output_tokens or used <= spec.max_seq_len:
-        return None
+    """``models.past_trained_context`` of a run of ``setup`` on the weights' ``spec``."""
     source = ("max_position_embeddings in the weights' config.json, 2048 where it has none" if setup.weights
               else f"the catalog's {spec.name}")
-    return (f"{setup.seq_len} prompt + {setup.output_tokens} new tokens run the model at {used} positions "
-            f"(the last new token is not fed back), past the {spec.max_seq_len} it was trained on ({source}); "
-            f"rotary positions compute there, but the text usually degrades")
+    return models.past_trained_context(spec, setup.seq_len, setup.output_tokens, source)
 
 
 def generation_config(setup, plan, spec, stream: bool = False) -> GenerationConfig:
