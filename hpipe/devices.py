@@ -25,13 +25,19 @@ GENERATIONS = ("pascal", "volta", "turing", "ampere", "ada", "hopper", "cpu")
 ``hpipe.costmodels.roofline.GENERATIONS``)."""
 
 
+NO_BF16 = ("pascal", "volta", "turing")
+"""GPU generations without bf16 arithmetic (NVIDIA added it with Ampere, compute capability
+8.0): PyTorch runs bf16 there through fp32 math, so a bf16 GEMM is priced at the fp32 peak,
+not the fp16 one (a P100 had been priced at its 18.7 fp16 TFLOP/s in bf16)."""
+
+
 class DeviceSpec(BaseModel):
     """One device type: what a cost model needs to know about it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    fp16_tflops: PositiveFloat = Field(description="dense fp16/bf16 peak, TFLOP/s")
+    fp16_tflops: PositiveFloat = Field(description="dense fp16 peak (bf16 too, where the generation has it), TFLOP/s")
     fp32_tflops: PositiveFloat = Field(description="dense fp32 peak, TFLOP/s (no TF32)")
     memory_gb: PositiveFloat = Field(description="device memory, GB (10^9 bytes)")
     memory_bandwidth_gbps: PositiveFloat = Field(description="memory bandwidth, GB/s (bytes)")
@@ -59,7 +65,11 @@ class DeviceSpec(BaseModel):
         return v
 
     def peak_tflops(self, dtype: str) -> float:
-        return self.fp32_tflops if dtype == "float32" else self.fp16_tflops
+        """The peak a GEMM in ``dtype`` runs at: fp32's, fp16's, and bf16 at fp16's where the
+        generation has bf16 units, else at fp32's (``NO_BF16``)."""
+        if dtype == "float32" or (dtype == "bfloat16" and self.generation in NO_BF16):
+            return self.fp32_tflops
+        return self.fp16_tflops
 
     @property
     def memory_bytes(self) -> float:

@@ -146,3 +146,25 @@ def test_custom_device_and_cpu_reserve():
     assert setup.cluster.device_ids == ["h/CPU-0", "h/x-0", "h/x-1"]
     assert setup.cluster.device("h/CPU-0").usable_memory_bytes == 32e9
     assert setup.cost.idle_power_w("h/x-1") == pytest.approx(10)
+
+
+def test_bf16_runs_at_the_fp32_rate_where_the_generation_has_no_bf16():
+    """A P100 (Pascal) has no bf16 arithmetic: bf16 GEMMs run through fp32 math, so they are
+    priced at its fp32 peak; an RTX 3090 (Ampere) runs bf16 as fast as fp16.  (bf16 had been
+    priced at the fp16 peak everywhere: the paper testbed in bf16 came out as fast as in fp16.)"""
+    from pathlib import Path
+
+    from hpipe.devices import DEVICES
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import simulate
+
+    p100, rtx = DEVICES["P100"], DEVICES["RTX3090"]
+    assert p100.peak_tflops("bfloat16") == p100.fp32_tflops < p100.peak_tflops("float16") == p100.fp16_tflops
+    assert rtx.peak_tflops("bfloat16") == rtx.fp16_tflops > rtx.peak_tflops("float32")
+    paper = Path(__file__).resolve().parents[1] / "scenarios" / "paper-llama7b.yaml"
+    latency = {}
+    for dtype in ("float16", "bfloat16"):
+        setup = load_scenario(paper, overrides=[f"dtype={dtype}"]).resolve()
+        latency[dtype] = simulate(setup, make_plan(setup, "gpipe")).latency_s  # all six devices
+    assert latency["bfloat16"] > 1.2 * latency["float16"], latency
