@@ -528,6 +528,10 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
     measured.predicted_latency_s = predicted.latency_s
     notes.not_emulated(measured)
+    if measured.text is not None:  # generated through the weights folder's tokenizer.json
+        from hpipe.runtime.generation import load_tokenizer
+
+        notes.untokenized(load_tokenizer(setup.weights), measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace)
@@ -710,6 +714,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         streamer.close()
     measured.predicted_latency_s = predicted.latency_s
     notes.not_emulated(measured)
+    notes.untokenized(tok, measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
     if json_path:
         from hpipe.io import write_text

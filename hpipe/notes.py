@@ -138,6 +138,20 @@ def not_emulated(measured) -> None:
                           soft_wrap=True)
 
 
+def untokenized(tokenizer, measured) -> None:
+    """A warning where the text leaves generated ids out: the tokenizer has no token for them."""
+    from hpipe.runtime.generation import ids_without_tokens
+
+    if tokenizer is None or not measured.generated_ids:
+        return
+    missing = ids_without_tokens(tokenizer, measured.generated_ids)
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        err_console.print(f"[yellow]note:[/] the model generated ids that tokenizer.json has no token for ({shown}: "
+                          f"its vocabulary has {tokenizer.get_vocab_size()}); the text leaves them out, the ids "
+                          f"(generated_ids in the JSON) keep them", highlight=False)
+
+
 def other_load(con, measured) -> None:
     """Say so when other processes computed beside the run: its times then include them."""
     from hpipe.runtime.machine_load import OTHER_CPU_NOTE_CORES

@@ -138,6 +138,13 @@ def decode_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def ids_without_tokens(tokenizer, ids: list[list[int]]) -> list[int]:
+    """The distinct generated ids the tokenizer has no token for, in order of first use: a
+    model whose vocabulary is larger than its tokenizer's (padded embeddings, a mismatched
+    tokenizer.json) can pick them, and their text is empty."""
+    return list(dict.fromkeys(i for seq in ids for i in seq if tokenizer.id_to_token(i) is None))
+
+
 # -- `hpipe generate`: prompts in, the scenario and plan for them ----------------------------
 DEFAULT_NEW_TOKENS = 32
 """`hpipe generate` without --max-new-tokens, on a scenario without workload.output_tokens."""

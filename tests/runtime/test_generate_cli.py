@@ -96,6 +96,12 @@ def test_text_prompt_streams_text_equal_to_transformers(tmp_path):
     # streamed as made: in several pieces, the first well before the process ended (after --check)
     assert len(chunks) >= 2 and chunks[0][0] < t_exit
     assert "--check: the greedy ids" in err.decode()
+    # ids the word-level tokenizer (fewer words than the model's 128 ids) has no token for: said
+    from hpipe.runtime.generation import ids_without_tokens
+
+    missing = [i for i in dict.fromkeys(ids) if tok.id_to_token(i) is None]
+    assert ids_without_tokens(tok, [ids]) == missing and tok.get_vocab_size() < 128
+    assert ("tokenizer.json has no token for" in " ".join(err.decode().split())) == bool(missing), err.decode()
     # the ids are transformers' own greedy continuation of the encoded prompt
     x = torch.tensor([tok.encode(prompt).ids])
     with torch.no_grad():
