@@ -365,8 +365,8 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if results and all(not r.feasible for r in results):
         from hpipe.tables import infeasible_notes
 
-        raise InfeasibleError("no plan is feasible" + (" (the reasons are under the table)" if con and len(results) > 1
-                                                       else ": " + "; ".join(infeasible_notes(results))))
+        under = " (the reasons are under the table)" if len(results) > 1 else " (the reason is under the table)"
+        raise InfeasibleError("no plan is feasible" + (under if con else ": " + "; ".join(infeasible_notes(results))))
 
 
 # ---- sweep -----------------------------------------------------------------

@@ -905,3 +905,18 @@ def test_a_workload_past_the_models_trained_context_is_said_when_planning(cli):
         in " ".join(r.stderr.split()), r.stderr
     r = cli("models")
     assert r.returncode == 0 and "context" in r.stdout and "2,048" in r.stdout
+
+
+def test_an_infeasible_plan_file_says_its_reason_once(cli, tmp_path):
+    """A --plan that does not fit: the row and its reason under the table, and the error line
+    points there (it had repeated the reason); with -q the error line carries it."""
+    r = cli("plan", PAPER, "-o", str(tmp_path / "p.json"), "-q")
+    data = json.loads((tmp_path / "p.json").read_text())
+    n_units = data["stages"][-1]["units"][1]
+    data.update(stages=[{"devices": ["host-a/P100-0"], "units": [0, n_units]}], codecs=None)
+    (tmp_path / "one.json").write_text(json.dumps(data))
+    r = cli("simulate", PAPER, "--plan", str(tmp_path / "one.json"))
+    both = r.stdout + r.stderr
+    assert r.returncode == 3 and both.count("GB short") == 1 and "(the reason is under the table)" in r.stderr, both
+    r = cli("simulate", PAPER, "--plan", str(tmp_path / "one.json"), "-q")
+    assert r.returncode == 3 and r.stderr.count("GB short") == 1 and "host-a/P100-0 needs" in r.stderr, r.stderr
