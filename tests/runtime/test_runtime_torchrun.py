@@ -60,6 +60,7 @@ def test_two_hosts_with_torchrun(tmp_path):
     # that int4 pays on every message), and --check compares with that plan's own replay
     data = yaml.safe_load(scenario.read_text())
     data["cluster"]["network"]["bandwidth_gbps"] = 1e-4
+    data["compression"] = {"allow": ["int4"], "max_lossy_hops": 1}  # a lossy plan's codecs are the scenario's to allow
     scenario.write_text(yaml.safe_dump(data))
     plan_path.write_text(json.dumps({**plan, "codecs": ["int4"]}))
     run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
