@@ -730,7 +730,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         err = console(stderr=True)
         err.print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
-            f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''})", measured, predicted))
+            f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''}), predicted by the {_costmodel_name(setup)} "
+            f"cost model", measured, predicted))
         _say_written(err, {"Result JSON": json_path})
         notes.other_load(err, measured)
     if check:
