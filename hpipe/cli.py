@@ -121,14 +121,15 @@ def _load_scenario(scenario: Path, sets: list[str] | None = None):
 
 
 def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = False,
-                make_profile: bool = False, check=None, say: bool = True):
+                make_profile: bool = False, check=None, say: bool = True, loaded=None):
     """The resolved scenario.  ``costmodel: auto``: says on stderr which model it chose; with no
     profile of this machine yet, measures a quick one first when ``make_profile`` (execute
     always; plan and simulate on a terminal, not --quiet), else says how to make one.
     ``check(setup)``: the command's own input checks against the scenario, run before that
     profile, so that a typo costs seconds, not a profile's minute.  ``say=False``: nothing
-    printed (the caller gathers ``notes.auto_note`` itself)."""
-    sc = _load_scenario(scenario, sets)
+    printed (the caller gathers ``notes.auto_note`` itself).  ``loaded``: the Scenario, already
+    read (and adjusted) by the caller, in place of reading ``scenario`` with ``sets``."""
+    sc = loaded if loaded is not None else _load_scenario(scenario, sets)
     setup = sc.resolve()
     if check is not None:
         check(setup)
@@ -147,8 +148,10 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
             err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
                               f"figures", markup=False, highlight=False, soft_wrap=True)
             return setup
-        err_console.print(f"cost model auto: no profile of this machine for {setup.name} yet; measuring a quick "
-                          f"one (about {estimate_profile_s(setup):.0f} s, once) into {choice.profile_path}",
+        why = (f"no profile of this machine for {setup.name} yet" if not Path(choice.profile_path).exists()
+               else choice.reason)  # a cached one that falls short (no decode steps): measured again
+        err_console.print(f"cost model auto: {why}; measuring a quick one (about {estimate_profile_s(setup):.0f} s, "
+                          f"once) into {choice.profile_path}",
                           markup=False, highlight=False, soft_wrap=True)
         with _needs_torch("profile"):
             measure_into_cache(setup, Path(choice.profile_path), quiet=quiet)
@@ -438,7 +441,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         result = run_sweep(load, key, values, names, on_step=step)
     auto_notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
     for v in values:
-        note, warning = notes.auto_note(load([assignment(key, v)]), scenario)
+        note, warning = notes.auto_note(load([assignment(key, v)]), scenario, swept=key)
         if note and (warning or not quiet):
             auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in auto_notes.items():
@@ -661,14 +664,12 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.memory import raise_if_model_cannot_fit
     from hpipe.runtime.here import check_cpu_memory, check_cpu_weights, check_placements
 
-    def fits(s):  # before a first run measures this machine's profile
-        raise_if_model_cannot_fit(s)
-        check_cpu_weights(s)
-
-    # costmodel: auto: the choice for the scenario as written (the profile `hpipe execute` measures,
-    # measured here first as there), said, and kept for the prompt's shape: both Setups below
-    # priced alike, whatever the prompt's length (its own shape has a cache key of its own)
-    base = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=fits)
+    # costmodel: auto: the choice for the scenario as written (the cache key holds its workload's
+    # shape, not the prompt's: each prompt length would be a profile of its own), said, and kept
+    # for the prompt: both Setups below are priced alike.  No profile is measured here: one of
+    # the scenario's own workload could take far longer than generating from a short prompt;
+    # `hpipe execute SCENARIO` measures it (with workload.output_tokens, its decode steps too)
+    base = _load_setup(scenario, sets, quiet=quiet, make_profile=False, loaded=sc)
     choice = getattr(base.cost, "auto", None)
     try:
         setup, plan_setup = gen.setups_for(sc, ids, new_tokens, costmodel=choice.spec if choice else None)
@@ -676,6 +677,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         if max_new_tokens and e.field == "workload.output_tokens":  # the number came from the flag
             raise InputError(e.problem, field="--max-new-tokens") from None
         raise
+    raise_if_model_cannot_fit(setup)  # the prompts' batch and length, as they run
+    check_cpu_weights(setup)
     for s_ in {id(setup): setup, id(plan_setup): plan_setup}.values():
         if choice is not None:
             s_.cost.auto = choice  # the JSON's cost_model.auto, as for the scenario
@@ -730,7 +733,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         err = console(stderr=True)
         err.print(generation_table(
             f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
-            f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''}), predicted by the {_costmodel_name(setup)} "
+            f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''}), predicted by the {_costmodel_name(base)} "
             f"cost model", measured, predicted))
         _say_written(err, {"Result JSON": json_path})
         notes.other_load(err, measured)

@@ -15,9 +15,11 @@ from hpipe.tables import console
 err_console = console(stderr=True)
 
 
-def auto_note(setup, scenario: Path) -> tuple[str | None, bool]:
+def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | None, bool]:
     """What ``costmodel: auto`` chose for ``setup`` and why, for stderr, and whether it is a
-    warning (datasheet figures where a profile could be measured: said even with --quiet)."""
+    warning (datasheet figures where a profile could be measured: said even with --quiet).
+    ``swept``: a sweep's key, whose value the advice leaves out (the sweep names the values
+    each note holds for, and says a note once for all of them)."""
     choice = getattr(setup.cost, "auto", None)
     if choice is None:
         return None, False
@@ -27,7 +29,11 @@ def auto_note(setup, scenario: Path) -> tuple[str | None, bool]:
         import shlex
 
         # the same --set options: they are part of what the profile is measured for (its cache key)
-        given = "".join(f" --set {shlex.quote(a)}" for a in setup.scenario.overrides)
+        from hpipe.overrides import format_key, overridden_keys, parse_key
+
+        skip = format_key(parse_key(swept)) if swept else None
+        given = "".join(f" --set {shlex.quote(a)}" for k, a in zip(overridden_keys(setup.scenario.overrides),
+                                                                   setup.scenario.overrides) if k != skip)
         return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}{given}` or "
                 f"`hpipe profile {scenario}{given}` measures this machine once (about "
                 f"{estimate_profile_s(setup):.0f} s) and later runs plan on it"), True
@@ -123,7 +129,8 @@ def foreign_profile(setup) -> None:
     why = stale_reason(setup.cost.profile, setup)
     if why:
         decode = "generates tokens" in why
-        fix = ("a scenario with workload.output_tokens has its decode steps measured too" if decode else
+        fix = ("a profile of the scenario with workload.output_tokens times its decode steps too (under costmodel: "
+               "auto, `hpipe execute SCENARIO --set workload.output_tokens=8` measures one)" if decode else
                "`hpipe profile SCENARIO -o PROFILE.json` measures this machine")
         err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
                           f"describe this run ({escape(why)}), so the prediction beside the measurement may not "

@@ -190,8 +190,9 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
         else:
             if part not in node or node[part] is None:
                 if isinstance(parts[i + 1], int) or (in_list and _looks_like_index(parts[i + 1])):
+                    entry = "{...}" if model is not None else "..."  # a list of mappings, or of values
                     raise InputError(f"{here} is not in the file, so it has no entry [{parts[i + 1]}]; to add "
-                                     f"entries, give the list whole: --set '{here}=[{{...}}, ...]'", field=key)
+                                     f"entries, give the list whole: --set '{here}=[{entry}, ...]'", field=key)
                 node[part] = {}
             node = node[part]
 

@@ -136,9 +136,10 @@ class Plan(BaseModel):
         comp = setup.compression
         i, c = lossy[0]
         if comp is None:
+            codecs = ", ".join(dict.fromkeys(c for _, c in lossy))
             raise InputError(f"{c} on boundary {i} is lossy, and the scenario allows no compression (it has no "
-                             f"compression: key); to allow it: --set 'compression={{allow: [{c}], max_lossy_hops: "
-                             f"{len(lossy)}}}'",
+                             f"compression: key); to allow the plan's: --set 'compression={{allow: [{codecs}], "
+                             f"max_lossy_hops: {len(lossy)}}}'",
                              file=file, field=f"codecs[{i}]")
         for i, c in lossy:
             if c not in comp.allow:

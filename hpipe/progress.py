@@ -49,7 +49,8 @@ def progress(quiet: bool = False) -> Iterator[Progress | _Null]:
         def render(self, task) -> Text:
             return Text("" if task.total is None else f"{task.completed:g}/{task.total:g}")
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), Count(),
+    # plain text: a description carries the user's values (a swept [int8] vanished as markup)
+    bar = Progress(TextColumn("{task.description}", markup=False, style="bold"), BarColumn(), Count(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     with bar:
         yield bar

@@ -310,6 +310,8 @@ class Scenario(_Strict):
             return None
         from hpipe.costmodels import auto_section
 
+        if name == "auto" and key == "profile":  # auto reads this machine's cache; a named profile is fitted's
+            return "{kind: fitted, profile: ...}"
         section = auto_section(key) if name == "auto" else None
         return f"{{kind: {name}, " + (f"{section}: {{{key}: ...}}}}" if section else f"{key}: ...}}")
 
@@ -352,13 +354,13 @@ class Scenario(_Strict):
         w = self.workload
         if w.seq_len > spec.max_seq_len:
             raise _FieldError("workload.seq_len", f"{w.seq_len} exceeds {spec.name}'s learned positions "
-                                                  f"({spec.max_seq_len})", also=("model",))
+                                                  f"({spec.max_seq_len})", also=("model.max_seq_len",))
         used = positions_used(w.seq_len, w.output_tokens)
         if w.output_tokens and used > spec.max_seq_len:
             raise _FieldError("workload.output_tokens", f"{w.seq_len} prompt + {w.output_tokens} output tokens "
                               f"use {used} positions (the last new token is not fed back), more than "
                               f"{spec.name}'s learned positions ({spec.max_seq_len})",
-                              also=("workload.seq_len", "model"))
+                              also=("workload.seq_len", "model.max_seq_len"))
         return self
 
     def model_spec(self) -> ModelSpec:

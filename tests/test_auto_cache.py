@@ -39,6 +39,24 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("HPIPE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "hpipe" / "profiles"
+    monkeypatch.chdir(tmp_path)  # a relative folder is the current one's, not the scenario's
+    monkeypatch.setenv("HPIPE_CACHE_DIR", "rel")
+    assert cache_dir() == tmp_path / "rel" / "profiles"
+
+
+def test_auto_does_not_price_a_generating_scenario_on_a_cached_profile_without_decode_steps(cache):
+    """The cache key holds the workload's shape, not output_tokens: a prefill-only profile sits at
+    the key of the same scenario generating tokens.  auto does not take it there (its decode
+    would be extrapolated from prefill slices); a run measures one with decode steps instead."""
+    pytest.importorskip("torch")
+    path = cached_profile_path(load_scenario(LOCAL).resolve())
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)  # prefill only
+    gen = load_scenario(LOCAL, overrides=["workload.output_tokens=8"]).resolve()
+    assert cached_profile_path(gen) == path
+    assert gen.cost.auto.used == "roofline" and "timed no decode steps" in gen.cost.auto.reason
+    assert gen.cost.auto.runs_here  # so execute (and generate) measure one
+    assert load_scenario(LOCAL).resolve().cost.auto.used == "fitted"
 
 
 def test_auto_is_roofline_until_the_cache_holds_a_profile_then_fitted(cache):
@@ -187,6 +205,11 @@ def test_quiet_drops_the_which_model_note_and_sweep_says_each_note_once(cli, cac
     err = " ".join(r.stderr.split())
     assert r.returncode == 0 and err.count("cost model auto: roofline") == 2, r.stderr  # two profiles, one each
     assert "[workload.seq_len = 256]" in err and "[workload.seq_len = 128]" in err, r.stderr
+    # a swept key outside the cache key: one profile, one note, its advice without the swept value
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=256", "--set", "planner.micro_batches=1,2", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and err.count("cost model auto: roofline") == 1 and "[" not in err, r.stderr
+    assert "--set workload.seq_len=256`" in err and "micro_batches" not in err, r.stderr
 
 
 def test_a_sweep_that_auto_would_price_on_two_models_takes_the_roofline_for_all(cli, cache, tmp_path):

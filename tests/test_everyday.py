@@ -194,9 +194,9 @@ def test_a_cross_field_problem_names_the_set_of_either_field():
         with pytest.raises(InputError) as e:
             load_scenario(path, overrides=sets)
         assert e.value.field == field and words in str(e.value), (sets, str(e.value))
-    with pytest.raises(InputError) as e:  # a --set of neither field: not named
-        load_scenario(gpt, overrides=["model.max_seq_len=256", "workload.batch_size=1"])
-    assert "--set workload.batch_size" not in str(e.value)
+    with pytest.raises(InputError) as e:  # a --set of neither field: not named, another model field neither
+        load_scenario(gpt, overrides=["model.max_seq_len=256", "workload.batch_size=1", "model.n_layers=4"])
+    assert "--set workload.batch_size" not in str(e.value) and "n_layers" not in str(e.value), str(e.value)
 
 
 def test_a_cost_model_setting_from_set_is_named_when_resolving_refuses_it(tmp_path):
@@ -757,6 +757,10 @@ def test_set_says_how_to_index_and_which_keys_exist(cli):
     assert r.returncode == 2 and "give it under roofline: {kind: auto, roofline: {link_efficiency: ...}}" in r.stderr
     r = cli("simulate", PAPER, "--set", "costmodel={kind: auto, fitted: {basis: wall}}", "-q")
     assert r.returncode == 0, r.stderr  # the hint, followed
+    r = cli("simulate", PAPER, "--set", "costmodel=auto", "--set", "costmodel.profile=x.json", "-q")
+    assert r.returncode == 2 and "--set 'costmodel={kind: fitted, profile: ...}'" in r.stderr, r.stderr  # auto names none
+    r = cli("simulate", PAPER, "--set", "compression.allow.0=int8", "-q")  # a list of values, not of mappings
+    assert r.returncode == 2 and "--set 'compression.allow=[..., ...]'" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--set", "model.n_layers=2", "-q")  # a catalog name is not a kind
     assert r.returncode == 2 and "--set 'model={n_layers: ...}'" in r.stderr, r.stderr
     for key in ("cluster.links[0].bandwidth_gbps", "cluster.links.0.bandwidth_gbps"):  # a list the file lacks
@@ -875,7 +879,8 @@ def test_a_hand_written_plans_codecs_keep_to_the_scenarios_compression(cli, tmp_
     data = json.loads((tmp_path / "p.json").read_text())
     n = len(data["stages"]) - 1
     assert n >= 2
-    cases = [(["int8"], None, "codecs[0]", "allows no compression"),
+    cases = [(["int8", "fp8"], None, "codecs[0]", "allows no compression (it has no compression: key); to allow the "
+              "plan's: --set 'compression={allow: [int8, fp8], max_lossy_hops: 2}'"),
              (["int8", "fp8"], "{allow: [int8], max_lossy_hops: 2}", "codecs[1]", "not in the scenario's compression.allow"),
              (["int8", "fp8"], "{allow: [int8, fp8], max_lossy_hops: 1}", "codecs", "more than the scenario's"),
              (["int8", "fp8"], "{allow: [int8, fp8], max_lossy_hops: 2}", None, None)]

@@ -67,7 +67,7 @@ def choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
 
 def _choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
     from hpipe.costmodels.cache import cached_profile_path, runs_here
-    from hpipe.costmodels.profile import load_profile, model_mismatch
+    from hpipe.costmodels.profile import decode_gap, load_profile, model_mismatch
     from hpipe.errors import InputError
 
     roofline = {"kind": "roofline", **config.roofline}
@@ -82,8 +82,8 @@ def _choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
         prof = load_profile(path)
     except InputError as e:
         return roofline, AutoChoice("roofline", f"cached profile unreadable: {e}", str(path), runs_here=True)
-    why = model_mismatch(prof, setup.model, setup.dtype)
-    if why:  # the key covers this; a hand-edited cache file need not
+    why = model_mismatch(prof, setup.model, setup.dtype) or decode_gap(prof, setup)
+    if why:  # the key covers the model (a hand-edited cache file need not), not output_tokens
         return roofline, AutoChoice("roofline", f"cached profile does not fit: {why}", str(path), runs_here=True)
     spec = {**config.fitted, "kind": "fitted", "profile": str(path)}
     quick = (" (a quick one: a coarse grid, few repeats; `hpipe profile SCENARIO` measures a finer one)"

@@ -37,12 +37,14 @@ CACHE_ENV = "HPIPE_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """Folder of cached profiles: $HPIPE_CACHE_DIR/profiles, else the XDG cache."""
+    """Folder of cached profiles: $HPIPE_CACHE_DIR/profiles, else the XDG cache; absolute (a
+    relative one is from the current folder, and the fitted model reads a profile path from
+    the scenario's folder)."""
     root = os.environ.get(CACHE_ENV)
     if root:
-        return Path(root).expanduser() / "profiles"
+        return (Path(root).expanduser() / "profiles").resolve()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "hpipe" / "profiles"
+    return (Path(xdg).expanduser() / "hpipe" / "profiles").resolve()
 
 
 def cpu_model() -> str:

@@ -395,6 +395,22 @@ def load_profile(path: str | Path) -> Profile:
         raise InputError(msg, file=file, field=format_loc(tuple(err["loc"])) or None) from None
 
 
+def decode_gap(profile: Profile, setup) -> str | None:
+    """Why a profile falls short of a scenario that generates tokens (it timed no decode steps,
+    or, over CPU devices alone, no decode step-loop probe), or None."""
+    from hpipe.models import decode_steps
+
+    if decode_steps(setup.output_tokens) == 0:
+        return None
+    if not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c)) for dp in profile.devices):
+        return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
+    cpus = [d for d in setup.cluster.devices if getattr(d.placement, "device", "cpu") == "cpu"]
+    # (a profile made without links, `--no-links`, has no probe either: that was asked for)
+    if len(cpus) == len(setup.cluster.devices) > 1 and profile.links and not profile.step_hops:
+        return "the profile has no decode step-loop probe and the scenario generates tokens"
+    return None
+
+
 def model_mismatch(profile: Profile, spec, dtype: str) -> str | None:
     """Why a profile of one model cannot stand for another (shape or dtype), or None."""
     shape_fields = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")

@@ -83,6 +83,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
+                                      decode_gap,
                                       Hardware, LinkProfile, Profile, Settings, ShardSamples, SpeedProbe, StepHopProfile,
                                       UnitSamples, Versions)
 from hpipe.errors import HpipeError, WorkerError
@@ -329,13 +330,9 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if prof.versions.profiler != PROFILER_METHOD:
         return (f"measured by profiler method {prof.versions.profiler}, this hpipe measures by method "
                 f"{PROFILER_METHOD} (hpipe.costmodels.profile.PROFILER_METHOD)")
-    if has_decode_steps(setup) and not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c))
-                                       for dp in prof.devices):
-        return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
-    cpus = [d for d in setup.cluster.devices if getattr(d.placement, "device", "cpu") == "cpu"]
-    # (a profile made without links, `--no-links`, has no probe either: that was asked for)
-    if has_decode_steps(setup) and len(cpus) == len(setup.cluster.devices) > 1 and prof.links and not prof.step_hops:
-        return "the profile has no decode step-loop probe and the scenario generates tokens"
+    gap = decode_gap(prof, setup)
+    if gap:
+        return gap
     for d in setup.cluster.devices:
         dp = prof.device(d.id)
         placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}

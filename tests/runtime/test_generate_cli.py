@@ -249,15 +249,23 @@ def test_a_gpt_prompt_off_the_granularity_is_held_to_its_own_positions(tmp_path)
 
 
 def test_generate_under_auto_says_its_choice_and_prices_every_prompt_on_the_scenarios_profile(tmp_path):
-    """costmodel: auto in generate: the choice for the scenario as written, said on stderr, and
-    measured first when the cache has none (as execute does); a prompt of another length is
-    planned and predicted on that same profile.  Before, generate said nothing, and each prompt
+    """costmodel: auto in generate: the choice for the scenario as written (the profile execute
+    measures), said on stderr; a prompt of another length is planned and predicted on that same
+    profile, and generate measures none itself.  Before, generate said nothing, and each prompt
     shape looked up a profile of its own (a cache key per workload): a 10-token prompt planned
     on the roofline beside a 16-token one on the fitted profile."""
     _scenario(tmp_path / "tiny.yaml")
     data = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**data, "costmodel": "auto"}))
     env = {**_env(), "HPIPE_CACHE_DIR": str(tmp_path / "cache")}
+    (tmp_path / "ids.json").write_text(json.dumps([[(3 * i + k) % 128 for i in range(10)] for k in range(2)]))
+    r = subprocess.run([sys.executable, "-m", "hpipe", "generate", "tiny.yaml", "--inputs", "ids.json",
+                        "--max-new-tokens", "3", "-q"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "measuring" not in r.stderr, r.stderr  # no profile yet: the roofline, said
+    assert "cost model auto: roofline" in r.stderr and "hpipe execute tiny.yaml" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "hpipe", "execute", "tiny.yaml", "-q"], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "measuring a quick one" in r.stderr, r.stderr
     runs = []
     for n in (16, 10):  # the scenario's own length, then another
         (tmp_path / "ids.json").write_text(json.dumps([[(3 * i + k) % 128 for i in range(n)] for k in range(2)]))
@@ -271,10 +279,25 @@ def test_generate_under_auto_says_its_choice_and_prices_every_prompt_on_the_scen
         res = out["results"][0]
         assert res["plan"]["predicted"].get("latency_s", res["predicted_latency_s"]) == res["predicted_latency_s"]
     (first_err, first), (second_err, second) = runs
-    assert "measuring a quick one" in first_err and "measuring" not in second_err  # once, for the scenario
+    assert "measuring" not in first_err + second_err
     assert "cost model auto: fitted" in second_err, second_err
+    assert "timed no decode steps" in " ".join(second_err.split())  # the scenario's profile is prefill-only
     profiles = list((tmp_path / "cache" / "profiles").glob("tiny-*.json"))
     assert len(profiles) == 1
     for cm in (first, second):
         assert cm["kind"] == "fitted" and cm["auto"]["used"] == "fitted"
         assert Path(cm["profile_path"]).resolve() == profiles[0].resolve()
+
+
+def test_generate_checks_the_prompts_batch_not_the_scenarios(tmp_path):
+    """The memory checks take the prompts' shape: a scenario whose own batch would not fit
+    still generates for two short prompts (no profile of that batch is measured either)."""
+    _scenario(tmp_path / "tiny.yaml", seq_len=8192, batch_size=512)
+    data = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**data, "costmodel": "auto"}))
+    (tmp_path / "ids.json").write_text(json.dumps([[(3 * i + k) % 128 for i in range(10)] for k in range(2)]))
+    env = {**_env(), "HPIPE_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "hpipe", "generate", "tiny.yaml", "--inputs", "ids.json",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "measuring" not in r.stderr, r.stderr
+    assert len(r.stdout.splitlines()) == 2
