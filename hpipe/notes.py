@@ -24,13 +24,12 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
     if choice is None:
         return None, False
     if choice.used == "roofline" and choice.runs_here:
-        from hpipe.costmodels.cache import estimate_profile_s
-
         import shlex
 
-        # the same --set options: they are part of what the profile is measured for (its cache key)
+        from hpipe.costmodels.cache import estimate_profile_s
         from hpipe.overrides import format_key, overridden_keys, parse_key
 
+        # the same --set options: they are part of what the profile is measured for (its cache key)
         skip = format_key(parse_key(swept)) if swept else None
         given = "".join(f" --set {shlex.quote(a)}" for k, a in zip(overridden_keys(setup.scenario.overrides),
                                                                    setup.scenario.overrides) if k != skip)
@@ -78,12 +77,12 @@ def past_context(setup, spec=None) -> None:
 def past_context_in_sweep(key: str, values_text: list[str], setups) -> None:
     """``past_context`` for a sweep: one warning naming the values whose workload runs the model
     past its trained context (each value's model may differ: grouped by model)."""
-    from hpipe.models import positions_used
+    from hpipe.models import past_trained_context
 
     past: dict[tuple[str, int], list[str]] = {}
     for v, setup in zip(values_text, setups):
         m = setup.model
-        if m.family != "gpt" and positions_used(setup.seq_len, setup.output_tokens) > m.max_seq_len:
+        if past_trained_context(m, setup.seq_len, setup.output_tokens, source="") is not None:
             past.setdefault((m.name, m.max_seq_len), []).append(v)
     for (name, ctx), at in past.items():
         err_console.print(f"[yellow]note:[/] {escape(key)} = {escape(', '.join(at))}: the workload runs {escape(name)} "
@@ -122,13 +121,14 @@ def foreign_profile(setup) -> None:
     of what the run needs).  ``costmodel: auto`` picks this machine's own, made for the scenario
     as written: `hpipe generate` of a prefill-only scenario still finds it short of decode steps."""
     from hpipe.costmodels.fitted import Fitted
+    from hpipe.costmodels.profile import decode_gap
     from hpipe.runtime.profiler import stale_reason
 
     if not isinstance(setup.cost, Fitted):
         return
     why = stale_reason(setup.cost.profile, setup)
     if why:
-        decode = "generates tokens" in why
+        decode = why == decode_gap(setup.cost.profile, setup)
         fix = ("a profile of the scenario with workload.output_tokens times its decode steps too (under costmodel: "
                "auto, `hpipe execute SCENARIO --set workload.output_tokens=8` measures one)" if decode else
                "`hpipe profile SCENARIO -o PROFILE.json` measures this machine")
