@@ -265,6 +265,12 @@ def test_validate_probes_the_machine_just_before_each_run(tiny, monkeypatch):
 #   two such runs (what a median of two is) missed COMPUTE_BOUND in 2 of 5 tries; the median
 #   of three in 1 of 7.  A plan that misses a bound is measured ROUNDS times more and judged on
 #   the median of all its runs: a drift passes, a model error (systematic) still misses.
+# * REPROFILE: a plan that still misses after its second rounds has its quick profile measured
+#   again and is judged afresh on new rounds.  A profile made under one load predicts the CPU
+#   time of runs made under another poorly: beside a one-core busy loop (CI run, 2026-12-03,
+#   2-core AMD EPYC) a profile measured while the loop started predicted a stage at 1.09 s of
+#   CPU time that then measured 0.86 s, in both rounds.  A model error (a dropped term) misses
+#   against any profile, so the bound is not loosened by this.
 # * Co-location: a quiet run in which one core idles is faster than the profile timed beside
 #   a busy neighbour (one-device plans 25% over their prediction); the profile now times each
 #   device alone too, and the simulator prices the idle-neighbour stretches alone.
@@ -281,11 +287,16 @@ def local_cpu(tmp_path_factory):
     data["costmodel"] = {"kind": "fitted", "profile": "local-cpu.json"}
     path = d / "local-cpu.yaml"
     path.write_text(yaml.safe_dump(data))
-    # a quick profile takes ~30 s on a quiet 2-core VM, over 300 s at a load average of 11
-    r = run_cli("profile", str(path), "--quick", "--repeats", "3", "--warmup", "1", "--quiet",
-                "-o", str(d / "local-cpu.json"), timeout=1200)
-    assert r.returncode == 0, r.stderr
+    _profile_quick(path)
     return path
+
+
+def _profile_quick(scenario: Path) -> None:
+    """Measure the quick profile the scenario's costmodel names (local-cpu.json beside it)."""
+    # a quick profile takes ~30 s on a quiet 2-core VM, over 300 s at a load average of 11
+    r = run_cli("profile", str(scenario), "--quick", "--repeats", "3", "--warmup", "1", "--quiet",
+                "-o", str(scenario.parent / "local-cpu.json"), timeout=1200)
+    assert r.returncode == 0, r.stderr
 
 
 @st.composite
@@ -327,8 +338,11 @@ def test_compute_cpu_time_and_replayed_latency_agree(local_cpu, plan):
     from hpipe.scenario import load_scenario
     from hpipe.sim import simulate
 
-    setup = load_scenario(local_cpu).resolve()
-    plan = plan.check(setup)
+    def load():
+        setup = load_scenario(local_cpu).resolve()
+        return setup, plan.check(setup)
+
+    setup, plan = load()
     predicted = _compute_by_device(simulate(setup, plan).events)
     cpu, replay_errors = {d: [] for d in plan.devices}, []
     unit_time_s = setup.cost.unit_time_s
@@ -363,7 +377,17 @@ def test_compute_cpu_time_and_replayed_latency_agree(local_cpu, plan):
     measure_rounds()
     if misses():  # a drift of the machine's speed, or the model?  ROUNDS more runs decide (see ROUNDS)
         measure_rounds()
-    assert not misses(), (plan, misses())
+    first = misses()
+    if first:  # or the load changed since the profile: measure it again and judge afresh (see REPROFILE)
+        _profile_quick(local_cpu)
+        setup, plan = load()
+        predicted = _compute_by_device(simulate(setup, plan).events)
+        cpu, replay_errors = {d: [] for d in plan.devices}, []
+        unit_time_s = setup.cost.unit_time_s
+        measure_rounds()
+        if misses():
+            measure_rounds()
+    assert not misses(), (plan, first, misses())
 
 
 def _compute_by_device(events) -> dict[str, float]:
