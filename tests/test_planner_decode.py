@@ -283,3 +283,32 @@ def test_decode_group_counts_tried_include_one_group_per_sequence():
 
     assert [group_options(b) for b in (1, 3, 8)] == [[1], [1, 2, 3], list(range(1, 9))]
     assert group_options(12) == [1, 2, 3, 4, 5, 6, 7, 8, 12]  # 1..8 and the divisors: 12 groups of one
+
+
+def test_one_new_token_is_a_prefill():
+    """output_tokens=1: the token comes from the prefill's logits, no decode step runs.  Every
+    planner plans it (an all-reduce over no decode items, and the decode-aware search over
+    none, had raised), and hpipe's plan is the prefill-only plan, its TTFT the latency."""
+    from hpipe.errors import InfeasibleError
+    from hpipe.planners import REGISTRY
+
+    # two devices on a host (host_stages: one tensor-parallel stage), a third behind a link
+    case = dict(devices=[("a", "x", 10.0, 100.0), ("a", "y", 10.0, 100.0), ("b", "z", 5.0, 200.0)],
+                network={"bandwidth_gbps": 1.0, "latency_us": 100.0})
+    setup = _scenario(**case, output_tokens=1)
+    prefill_only = _scenario(**case, output_tokens=0)
+    planned = []
+    for name in REGISTRY:
+        try:
+            plan = make_plan(setup, name)
+        except InfeasibleError:
+            continue
+        r = simulate(setup, plan)
+        assert r.ttft_s == pytest.approx(r.latency_s, rel=1e-12) and r.tpot_s is None, (name, r)
+        planned.append(name)
+        if name == "megatron":
+            assert max(len(st.devices) for st in plan.stages) == 2, plan
+    assert {"hpipe", "megatron", "tp-terapipe"} <= set(planned), planned
+    gen, pre = make_plan(setup, "hpipe"), make_plan(prefill_only, "hpipe")
+    assert (gen.stages, gen.slices, gen.micro_batches) == (pre.stages, pre.slices, pre.micro_batches)
+    assert gen.predicted["latency_s"] == pytest.approx(pre.predicted["latency_s"], rel=1e-9)

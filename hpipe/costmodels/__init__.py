@@ -66,7 +66,7 @@ class CostModel(ABC):
         if p <= 1:
             return np.zeros_like(nbytes)
         hops = [(device_ids[i], device_ids[(i + 1) % p]) for i in range(p)]
-        step = max((self.transfer_time_s(a, b, nbytes / p) for a, b in hops), key=lambda t: float(np.max(t)))
+        step = max((self.transfer_time_s(a, b, nbytes / p) for a, b in hops), key=lambda t: float(np.max(t, initial=0.0)))
         return 2 * (p - 1) * step
 
     def allreduce_busy_time_s(self, device_ids, nbytes):

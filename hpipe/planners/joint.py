@@ -42,6 +42,7 @@ import numpy as np
 
 from hpipe.errors import InfeasibleError
 from hpipe.memory import raise_if_model_cannot_fit
+from hpipe.models import decode_steps
 from hpipe.planners import improve as local
 from hpipe.planners import partition as alg1
 from hpipe.planners import slicing as alg2
@@ -157,7 +158,7 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
     lat, part, slices, m = best
     if part is None:
         raise InfeasibleError(_no_fit_message(setup, tables, sequences, fixed_slices, planner, tensor_parallel))
-    if setup.output_tokens and planner == "hpipe":
+    if decode_steps(setup.output_tokens) and planner == "hpipe":
         # Generation: the partition, slicing, micro-batches and decode groups that serve both
         # phases best for the scenario's objective (hpipe.planners.decode).
         from hpipe.planners import decode
