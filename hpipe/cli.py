@@ -551,18 +551,13 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
         _say_written(con, {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot})
         notes.other_load(con, measured)
     if check and measured.max_abs_error is not None:
-        from hpipe.runtime import CHECK_TOLERANCE
+        from hpipe.runtime.launcher import check_verdict
 
-        from hpipe.runtime.launcher import within_tolerance
-
-        tol = measured.check_tolerance
-        what = f"for {setup.dtype}" if tol == CHECK_TOLERANCE[setup.dtype] else "for these codecs"
-        if not within_tolerance(measured.max_abs_error, tol):
-            raise HpipeError(f"--check failed: max |logit error| {measured.max_abs_error:.3g} exceeds "
-                             f"{tol:.3g} {what}")
+        passed, figures = check_verdict(setup, measured)
+        if not passed:
+            raise HpipeError(f"--check failed: {figures}")
         if con:
-            con.print(f"--check passed: max |logit error| {measured.max_abs_error:.3g} <= {tol:.3g}, the tolerance "
-                      f"{what}, against the whole model in one process (float32{_with_codecs(p)})"
+            con.print(f"--check passed: {figures}, against the whole model in one process (float32{_with_codecs(p)})"
                       + ("; the prefill's logits only: `hpipe generate --check` compares the generated ids"
                          if setup.output_tokens else ""), highlight=False)
 

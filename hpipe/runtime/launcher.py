@@ -643,6 +643,16 @@ def within_tolerance(max_abs_error: float, tolerance: float) -> bool:
     return bool(max_abs_error <= tolerance)
 
 
+def check_verdict(setup, measured) -> tuple[bool, str]:
+    """A measured prefill's --check: whether it passed, and its figures against the tolerance
+    (what `hpipe execute --check` and the torchrun entry's say)."""
+    err, tol = measured.max_abs_error, measured.check_tolerance
+    what = f"for {setup.dtype}" if tol == CHECK_TOLERANCE[setup.dtype] else "for these codecs"
+    if within_tolerance(err, tol):
+        return True, f"max |logit error| {err:.3g} <= {tol:.3g}, the tolerance {what}"
+    return False, f"max |logit error| {err:.3g} exceeds {tol:.3g} {what}"
+
+
 def plan_reference(setup, plan, ids: np.ndarray, output_tokens: int = 1, spec=None, seed: int = 0, eos=()):
     """What ``plan`` computes, in this process (float32, CPU): each sequence's new ids and the
     prompt's last-position logits (B, V).  A plan with lossy codecs is replayed with their

@@ -93,6 +93,14 @@ def _main(args) -> int:
 
     setup = load_scenario(args.scenario).resolve()
     plan = _plan(setup, args)
+    if args.json_path and not args.commands:  # before any work, as `hpipe execute` checks its outputs
+        from pathlib import Path
+
+        from hpipe.io import check_outputs
+
+        check_outputs({"--json": args.json_path}, inputs={"the scenario file": Path(args.scenario),
+                                                          "--plan": Path(args.plan) if args.plan else None,
+                                                          **setup.scenario.files_read()})
     if args.commands:
         print("\n".join(commands(setup, plan, args)))
         return 0
@@ -133,7 +141,7 @@ def _main(args) -> int:
         from hpipe.runtime.generation import generation_config
 
         cfg.generation = generation_config(setup, plan, spec)
-    rec = worker_main(cfg)
+    rec, code = worker_main(cfg), 0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(rec, gathered, dst=0)
     if dist.get_rank() == 0:
@@ -151,12 +159,19 @@ def _main(args) -> int:
         if args.json_path:
             from hpipe.io import write_text
 
-            write_text(args.json_path, text)
+            write_text(args.json_path, text, make_parents=False)
         else:
             print(json.dumps({"latency_s": measured.latency_s, "next_token_ids": measured.next_token_ids,
                               "max_abs_error": measured.max_abs_error, "generated_ids": measured.generated_ids}))
+        if args.check:  # as `hpipe execute --check`: exit 1 past the tolerance (the Result is written either way)
+            from hpipe.runtime.launcher import check_verdict
+
+            passed, figures = check_verdict(setup, measured)
+            print(f"hpipe: --check {'passed' if passed else 'failed'}: {figures}", file=sys.stderr)
+            if not passed:
+                code = 1
     dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ host); ``t_sync``, taken right after a barrier, aligns hosts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import resource
@@ -591,10 +592,17 @@ def _map_roles(cfg: WorkerConfig) -> list[int]:
     The devices of host H, in plan order, go to H's local ranks 0, 1, ...; every
     process says which (host, local rank) it is, and all agree on the table."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    mine = (cfg.host, local_rank)
     table: list = [None] * dist.get_world_size()
-    dist.all_gather_object(table, mine)
-    rank_of_slot = {tuple(t): r for r, t in enumerate(table)}
+    dist.all_gather_object(table, (cfg.host, local_rank, _agreement(cfg)))
+    for what in table[0][2]:  # every process's stage of one run: the same weights, inputs and plan
+        seen = {t[2][what] for t in table}
+        if len(seen) > 1:
+            from hpipe.errors import InputError
+
+            hosts = sorted({t[0] for t in table})
+            raise InputError(f"the torchrun processes disagree on {what} (hosts {', '.join(hosts)}): give every "
+                             f"host the same command but --host (see --commands)", field=what)
+    rank_of_slot = {(t[0], t[1]): r for r, t in enumerate(table)}
     per_host: dict[str, int] = {}
     rank_of = []
     for dev in cfg.devices:
@@ -609,6 +617,23 @@ def _map_roles(cfg: WorkerConfig) -> list[int]:
         raise RuntimeError(f"the plan has {len(cfg.devices)} devices but torchrun started "
                            f"{dist.get_world_size()} processes")
     return rank_of
+
+
+def _agreement(cfg: WorkerConfig) -> dict[str, str]:
+    """Digests of what every process of a torchrun must share (a host started with another
+    --seed builds other random weights, and its stages' logits are then silently wrong)."""
+    def digest(*parts) -> str:
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p.tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
+        return h.hexdigest()[:16]
+
+    return {"--seed": digest(cfg.seed), "--warmup": digest(cfg.warmup),
+            "--inputs": digest(cfg.ids.shape if cfg.ids is not None else None, cfg.ids),
+            "the plan": digest(cfg.devices, cfg.stages, cfg.slices, cfg.mb_sizes, cfg.codecs),
+            # whether weights are loaded, not their path: a host may keep its scenario elsewhere
+            # (two hosts' differing checkpoints are what --check finds)
+            "the scenario": digest(cfg.spec, cfg.dtype, cfg.weights is not None, cfg.generation)}
 
 
 # -- process entry (multiprocessing) -------------------------------------------

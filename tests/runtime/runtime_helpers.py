@@ -77,10 +77,12 @@ def save_hf_gpt2(folder, seed=0, **cfg):
     return model
 
 
-def run_two_hosts_with_torchrun(scenario, plan, extra: list[str], json_out, *, env: dict, cwd) -> list[tuple]:
+def run_two_hosts_with_torchrun(scenario, plan, extra: list[str], json_out, *, env: dict, cwd,
+                                hb_extra: tuple[str, ...] = (), returncodes=(0, 0)) -> list[tuple]:
     """Run ``hpipe.runtime.torchrun`` as two torchrun nodes on this machine, hosts "ha" (node
-    0, which writes ``json_out``) and "hb"; asserts both exit 0 and returns their (stdout,
-    stderr).  Each node runs in its own session, killed whole if it outlives the timeout."""
+    0, which writes ``json_out``) and "hb" (given ``hb_extra`` too); asserts their exit codes
+    are ``returncodes`` and returns their (stdout, stderr).  Each node runs in its own
+    session, killed whole if it outlives the timeout."""
     import os
     import socket
     import subprocess
@@ -94,7 +96,8 @@ def run_two_hosts_with_torchrun(scenario, plan, extra: list[str], json_out, *, e
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                "-m", "hpipe.runtime.torchrun", str(scenario), "--plan", str(plan), "--host", host,
-               "--warmup", "0", "--timeout", "30", *extra] + (["--json", str(json_out)] if node_rank == 0 else [])
+               "--warmup", "0", "--timeout", "30", *extra, *(hb_extra if host == "hb" else ())] \
+            + (["--json", str(json_out)] if node_rank == 0 else [])
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                       cwd=cwd, start_new_session=True))
     try:
@@ -104,6 +107,6 @@ def run_two_hosts_with_torchrun(scenario, plan, extra: list[str], json_out, *, e
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait()
-    for p, (_, e) in zip(procs, results):
-        assert p.returncode == 0, e[-3000:]
+    for p, code, (_, e) in zip(procs, returncodes, results):
+        assert p.returncode == code, e[-3000:]
     return results

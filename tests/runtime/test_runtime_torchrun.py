@@ -48,7 +48,8 @@ def test_two_hosts_with_torchrun(tmp_path):
 
     out = tmp_path / "result.json"
     # Node 0 is host ha here, which holds the *second* stage: roles follow hosts, not node ranks.
-    run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
+    (_, err), _ = run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
+    assert "hpipe: --check passed: max |logit error|" in err, err[-2000:]  # said as execute says it
     result = json.loads(out.read_text())
     assert result["mode"] == "measured"
     r = result["results"][0]
@@ -66,3 +67,21 @@ def test_two_hosts_with_torchrun(tmp_path):
     run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
     r = json.loads(out.read_text())["results"][0]
     assert r["max_abs_error"] < 1e-4, r["max_abs_error"]  # the workers sent int4: the replay's own error
+
+
+def test_torchrun_hosts_must_agree(tmp_path):
+    """A host started with another --seed would build other random weights and silently
+    compute wrong logits: every process refuses (exit 2; torchrun then exits 1), naming what
+    differs, before any run."""
+    scenario = _scenario(tmp_path)
+    plan = {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
+            "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "result.json"
+    results = run_two_hosts_with_torchrun(scenario, plan_path, [], out, env=env, cwd=ROOT,
+                                          hb_extra=("--seed", "1"), returncodes=(1, 1))
+    for _, err in results:
+        assert "the torchrun processes disagree on --seed (hosts ha, hb)" in err, err[-2000:]
+    assert not out.exists()
