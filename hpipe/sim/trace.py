@@ -5,10 +5,12 @@ drawn for a prediction and a measurement.
 
 Chrome trace (https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU):
 one *process* per RunResult (named after its planner), one *thread* per device
-(its compute, all-reduces and, for a tensor-parallel stage, the input it
-forwards to its peers) and one per link (the transfers between stages), named
-and ordered with metadata events; work is drawn as complete ("X") events with
-times in microseconds.
+(its compute and all-reduces), one per link (the transfers between stages) and,
+for a tensor-parallel stage's leader, one for the input it forwards to its
+peers (a measured forward is sent while the leader computes: on the device's
+own thread the bars would cross, which trace viewers cannot draw), named and
+ordered with metadata events; work is drawn as complete ("X") events with times
+in microseconds.
 
 Gantt: one panel per result on a shared time axis, one row per device (then
 one per link), each work item a bar coloured by its slice (by micro-batch when
@@ -55,21 +57,24 @@ def chrome_trace(result: Result) -> dict:
         out.append({"ph": "M", "pid": pid, "tid": 0, "name": "process_name", "args": {"name": name}})
         out.append({"ph": "M", "pid": pid, "tid": 0, "name": "process_sort_index", "args": {"sort_index": pid}})
         devices, links = _tracks(r)
+        forwards = list(dict.fromkeys(("forwards", e.device) for e in r.events if e.kind == "transfer" and not e.link))
         tid_of = {}
-        for k, track in enumerate(devices + links, start=1):
+        for k, track in enumerate(devices + links + forwards, start=1):
             tid_of[track] = k
-            label = track if track in devices else f"link {track}"
+            label = (track if track in devices else f"link {track}" if track in links
+                     else f"{track[1]} forwards to its peers")
             out.append({"ph": "M", "pid": pid, "tid": k, "name": "thread_name", "args": {"name": label}})
             out.append({"ph": "M", "pid": pid, "tid": k, "name": "thread_sort_index", "args": {"sort_index": k}})
         for e in r.events:
             on_link = e.kind == "transfer" and e.link is not None
+            track = e.link if on_link else ("forwards", e.device) if e.kind == "transfer" else e.device
             args = {"stage": e.stage, "micro_batch": e.micro_batch, "slice": e.slice, "phase": e.phase}
             if e.kind == "transfer":
                 args.update(src=e.device, dst=e.dst, nbytes=e.nbytes)
                 name = f"{_label(e)} -> {e.dst}"
             else:
                 name = _label(e) if e.kind == "compute" else f"{_label(e)} all-reduce"
-            out.append({"ph": "X", "pid": pid, "tid": tid_of[e.link if on_link else e.device],
+            out.append({"ph": "X", "pid": pid, "tid": tid_of[track],
                         "name": name, "cat": e.kind, "ts": e.start_s * _US,
                         "dur": max(e.end_s - e.start_s, 0.0) * _US, "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms",

@@ -260,6 +260,27 @@ def test_chrome_trace_is_valid_and_names_every_track(llama7b):
             assert b0 >= a1 - 1e-3
 
 
+def test_a_forward_sent_while_the_leader_computes_gets_its_own_track(llama7b):
+    """A measured tensor-parallel leader sends its peers their input while it computes (the send
+    does not wait): on the leader's own thread the bars crossed, which Perfetto cannot draw."""
+    res = _two_results(llama7b)
+    tp = res.results[1]
+    fwd = next(e for e in tp.events if e.kind == "transfer" and not e.link)
+    busy = next(e for e in tp.events if e.kind == "compute" and e.device == fwd.device and e.start_s >= fwd.end_s)
+    # as measured: the send is still in flight when the leader's compute of that item starts
+    fwd.start_s, fwd.end_s = busy.start_s - 1e-3, busy.start_s + 1e-3
+    evs = chrome_trace(Result(scenario=res.scenario, mode="measured", results=[tp]))["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert f"{fwd.device} forwards to its peers" in names.values()
+    by_track = defaultdict(list)
+    for e in evs:
+        if e["ph"] == "X":
+            by_track[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+    for spans in by_track.values():
+        spans.sort()
+        assert all(b0 >= a1 - 1e-3 for (_, a1), (b0, _) in zip(spans, spans[1:])), names
+
+
 def test_gantt_png_is_written_whole(llama7b, tmp_path):
     out = tmp_path / "figs" / "gantt.png"
     gantt_png(_two_results(llama7b), out)
