@@ -37,6 +37,13 @@ def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, mic
     return weights + kv + work
 
 
+def gb(nbytes: float) -> str:
+    """Bytes as GB with two decimals, or two significant digits below 10 MB (a tiny model's
+    shortfall read "0.00 GB short")."""
+    x = nbytes / 1e9
+    return f"{x:.2f}" if abs(x) >= 0.01 else f"{x:.2g}"
+
+
 @dataclass(frozen=True)
 class Shortfall:
     device: str
@@ -48,8 +55,8 @@ class Shortfall:
         return self.need_bytes - self.have_bytes
 
     def __str__(self) -> str:
-        return (f"{self.device} needs {self.need_bytes / 1e9:.2f} GB but has {self.have_bytes / 1e9:.2f} GB "
-                f"usable: {self.short_bytes / 1e9:.2f} GB short")
+        return (f"{self.device} needs {gb(self.need_bytes)} GB but has {gb(self.have_bytes)} GB "
+                f"usable: {gb(self.short_bytes)} GB short")
 
 
 def plan_memory_bytes(setup, plan) -> dict[str, float]:
@@ -93,6 +100,6 @@ def raise_if_model_cannot_fit(setup) -> None:
         raise InfeasibleError(
             f"{setup.model.name} at batch {setup.batch_size} x {setup.seq_len} tokens"
             + (f" + {setup.output_tokens} new" if getattr(setup, "output_tokens", 0) else "") + f" ({setup.dtype}) "
-            f"does not fit in the cluster's memory: {short / 1e9:.2f} GB short "
-            f"(weights {weights / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB, "
-            f"{sum(d.usable_memory_bytes for d in setup.cluster.devices) / 1e9:.2f} GB usable)")
+            f"does not fit in the cluster's memory: {gb(short)} GB short "
+            f"(weights {gb(weights)} GB + KV cache {gb(kv)} GB, "
+            f"{gb(sum(d.usable_memory_bytes for d in setup.cluster.devices))} GB usable)")

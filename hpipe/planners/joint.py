@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 from hpipe.errors import InfeasibleError
-from hpipe.memory import raise_if_model_cannot_fit
+from hpipe.memory import gb, raise_if_model_cannot_fit
 from hpipe.models import decode_steps
 from hpipe.planners import improve as local
 from hpipe.planners import partition as alg1
@@ -341,7 +341,3 @@ def _no_fit_message(setup, tables, sequences, fixed_slices, planner, tp: bool = 
             f"{max_slice} tokens: the best split still leaves a device {gb(worst)} GB short")
 
 
-def gb(nbytes: float) -> str:
-    """Bytes as GB with two decimals, or two significant digits below 10 MB."""
-    x = nbytes / 1e9
-    return f"{x:.2f}" if abs(x) >= 0.01 else f"{x:.2g}"

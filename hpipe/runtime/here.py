@@ -74,7 +74,7 @@ def available_memory_bytes() -> float | None:
 def check_cpu_memory(setup, plan) -> None:
     """CPU workers hold their stage's weights, KV cache and workspace (in the scenario's dtype)
     in this machine's memory: refuse a plan whose CPU workers together would not fit."""
-    from hpipe.memory import plan_memory_bytes
+    from hpipe.memory import gb, plan_memory_bytes
 
     have = available_memory_bytes()
     if have is None:
@@ -84,16 +84,16 @@ def check_cpu_memory(setup, plan) -> None:
     need = sum(cpu.values())
     if need > have:
         raise InfeasibleError(
-            f"the plan's {len(cpu)} CPU worker(s) would hold {need / 1e9:.1f} GB ({setup.model.name}'s stages, "
-            f"KV cache and workspace) but this machine has {have / 1e9:.1f} GB available: "
-            f"{(need - have) / 1e9:.1f} GB short")
+            f"the plan's {len(cpu)} CPU worker(s) would hold {gb(need)} GB ({setup.model.name}'s stages, "
+            f"KV cache and workspace) but this machine has {gb(have)} GB available: "
+            f"{gb(need - have)} GB short")
 
 
 def check_cpu_weights(setup) -> None:
     """Before any plan (and the profile a first run measures): where every device of the
     scenario runs on this machine's CPU, any plan holds all the model's weights and KV cache in
     its memory; refuse when they alone do not fit (``check_cpu_memory`` checks the plan's all)."""
-    from hpipe.memory import model_need_bytes
+    from hpipe.memory import gb, model_need_bytes
 
     have = available_memory_bytes()
     devs = setup.cluster.devices
@@ -104,8 +104,8 @@ def check_cpu_weights(setup) -> None:
     if weights + kv > have:
         raise InfeasibleError(
             f"every device runs on this machine's CPU, so whatever the plan its workers would hold all of "
-            f"{setup.model.name}'s weights and KV cache ({weights / 1e9:.1f} + {kv / 1e9:.1f} GB in {setup.dtype}), "
-            f"but it has {have / 1e9:.1f} GB available: {(weights + kv - have) / 1e9:.1f} GB short")
+            f"{setup.model.name}'s weights and KV cache ({gb(weights)} + {gb(kv)} GB in {setup.dtype}), "
+            f"but it has {gb(have)} GB available: {gb(weights + kv - have)} GB short")
 
 
 def cpu_estimate_s(setup, plan, warmup: int = 1) -> tuple[float, float] | None:

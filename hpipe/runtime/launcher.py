@@ -354,9 +354,10 @@ def _describe(cfgs, role: int) -> str:
     return f"stage {c.stage_of(role)} ({c.devices[role]})"
 
 
-# gloo appends this to a closed connection's error ("... Check the logs of the remote worker
-# before reporting an error. GLHF!"): the message here already names the remote worker's failure
-_GLOO_ADVICE = " This is typically caused by a remote worker crashing."
+# gloo appends advice to a closed connection's error (" This is typically caused by a remote
+# worker crashing." or "... hanging or bugs in the application. Check the logs of the remote
+# worker before reporting an error. GLHF!"): the message here already names the remote worker's failure
+_GLOO_ADVICE = " This is typically caused by a remote worker"
 
 
 def _without_advice(message: str) -> str:

@@ -134,3 +134,9 @@ def test_a_timeout_is_named_before_the_closed_connection_it_caused():
     assert msg.startswith("stage 1 (local/core-1): timed out after 0.05s"), msg
     assert msg.endswith("; also stage 0 (local/core-0): sending to stage 1 (local/core-1): Connection closed by peer "
                         "[127.0.0.1]:30622."), msg  # gloo's advice to check the remote worker's logs left out
+    # gloo's other wording of it (a read error, seen under validate --timeout 0.001)
+    errors[0]["message"] = ("sending to stage 1 (local/core-1): Read error [127.0.0.1]:63116: Connection reset by "
+                            "peer. This is typically caused by a remote worker hanging or bugs in the application. "
+                            "Check the logs of the remote worker before reporting an error. GLHF!")
+    msg = _failure_message([cfg, cfg], errors, {}, {}, False, 0.05, 4)
+    assert msg.endswith("Connection reset by peer."), msg
