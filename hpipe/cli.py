@@ -139,7 +139,7 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     if choice is None or not say:
         return setup
     if choice.used == "roofline" and choice.runs_here and make_profile:
-        from hpipe.costmodels.cache import estimate_profile_s, measure_into_cache
+        from hpipe.costmodels.cache import check_cache_writable, estimate_profile_s, measure_into_cache
 
         with _needs_torch("profile"):
             from hpipe.runtime.emulation import emulation_unsupported
@@ -148,6 +148,7 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
             err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
                               f"figures", markup=False, highlight=False, soft_wrap=True)
             return setup
+        check_cache_writable()
         why = (f"no profile of this machine for {setup.name} yet" if not Path(choice.profile_path).exists()
                else choice.reason)  # a cached one that falls short (no decode steps): measured again
         err_console.print(f"cost model auto: {why}; measuring a quick one (about {estimate_profile_s(setup):.0f} s, "
@@ -783,6 +784,10 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
     sc, setup = _scenario_for_profiling(scenario, sets)
+    if output is None:  # the cache: a folder that takes no file fails now, not after the measurement
+        from hpipe.costmodels.cache import check_cache_writable
+
+        check_cache_writable()
     out = output or str(default_profile_path(sc))
     prof = run_profile(setup, repeats=repeats, warmup=warmup, quick=quick, measure_links=links, quiet=quiet,
                        time_alone=alone)
@@ -858,6 +863,20 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         sc.check_costmodel()
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")
+    _check_timeout(timeout)
+    seen: dict[str, Path] = {}
+    for path, sc in zip(scenarios, scs):  # the Validation's profiles and notes are keyed by name
+        if sc.name in seen:
+            raise InputError(f"{seen[sc.name]} has the same name {sc.name!r}: give each scenario its own name",
+                             file=str(path), field="name")
+        seen[sc.name] = path
+    if profile_path:
+        from hpipe.validate import check_profile_target
+
+        check_profile_target(scs[0], profile_path)
+    if not names and not random_plans and not decode_random:
+        raise InputError("no case to validate: no planner and no random plan (give --random N or a planner)",
+                         field="--planners")
     opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats,
                        output_tokens=output_tokens, decode_random=decode_random, prefill=prefill)
     if not prefill and not any((output_tokens if output_tokens is not None else sc.workload.output_tokens)
@@ -909,8 +928,14 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
                       f"measures a full one", highlight=False, soft_wrap=True)
         for s in result.skipped:
             con.print(f"skipped {escape(s)}", highlight=False)
-    if not result.cases:
-        raise HpipeError("no case could run: " + "; ".join(result.skipped[:3]))
+        for s in result.failed:
+            con.print(f"[red]failed[/] {escape(s)}", highlight=False)
+    if result.failed:
+        raise HpipeError(f"{len(result.failed)} case{'s' if len(result.failed) > 1 else ''} failed to run"
+                         + (" (the others are reported above)" if result.cases else "")
+                         + f": {result.failed[0]}")
+    if not result.cases:  # every plan infeasible (or no planner had one): what would not fit, exit 3
+        raise InfeasibleError("no case could run: " + "; ".join(result.skipped[:3]))
 
 
 def main() -> None:

@@ -26,7 +26,10 @@ def atomic_path(path: str | Path, suffix: str = "", make_parents: bool = True) -
     to create (``check_output`` says so before any work is done)."""
     target = Path(os.path.realpath(path))  # a symlink: replace the file it points to, keep the link
     if make_parents:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _cannot_write(path, e) from None
     elif not target.parent.is_dir():
         from hpipe.errors import InputError
 

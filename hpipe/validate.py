@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from hpipe.errors import HpipeError, InfeasibleError, InputError, PlannerInputError
+from hpipe.errors import HpipeError, InfeasibleError, InputError, PlannerInputError, WorkerError
+from hpipe.memory import raise_if_model_cannot_fit
 from hpipe.plan import Plan, Stage
 from hpipe.scenario import PLANNER_NAMES, Scenario, parse_scenario
 
@@ -192,6 +193,9 @@ class Validation(BaseModel):
     `hpipe execute` measures), whose errors run larger than a full profile's."""
     skipped: list[str] = []
     """Cases that could not run (infeasible plan, a planner without a plan), with the reason."""
+    failed: list[str] = []
+    """Cases whose run failed (a worker died or timed out), with the failure: the other cases
+    are still measured and reported, and the command then exits 1."""
     hardware: str = ""
     emulation: dict[str, dict] = {}
 
@@ -289,8 +293,10 @@ def with_fitted(scenario: Scenario, profile_path: Path, basis: str | None = None
     return scenario.model_copy(update={"costmodel": cm})
 
 
-def profile_staleness(scenario: Scenario, path: Path) -> str | None:
-    """Why the profile at ``path`` cannot serve ``scenario`` on this machine, or None."""
+def profile_staleness(scenario: Scenario, path: Path, *, unreadable_ok: bool = True) -> str | None:
+    """Why the profile at ``path`` cannot serve ``scenario`` on this machine, or None.  A file
+    that is no profile hpipe reads is a reason (the cache's own file, measured again) where
+    ``unreadable_ok``, else bad input (the scenario names it: simulate refuses it too)."""
     from hpipe.costmodels.profile import load_profile
     from hpipe.runtime.profiler import stale_reason
 
@@ -298,9 +304,37 @@ def profile_staleness(scenario: Scenario, path: Path) -> str | None:
         return f"no profile at {path}"
     setup = scenario.model_copy(update={"costmodel": "roofline"}).resolve()
     try:
-        return stale_reason(load_profile(path), setup)
+        prof = load_profile(path)
     except InputError as e:
+        if not unreadable_ok:
+            raise InputError(str(e), file=scenario.source_path, field="costmodel.profile") from None
         return f"unreadable profile: {e}"
+    return stale_reason(prof, setup)
+
+
+def check_profile_target(scenario: Scenario, path: str) -> None:
+    """Refuse a ``--profile`` path validate may not write a profile to (before any work): stdout
+    (it is read back), or an existing file that is not a profile of this scenario's model
+    (a scenario, a text, another model's profile: validate writes over a missing file or a
+    stale profile of the same model only)."""
+    from hpipe.costmodels.profile import load_profile, model_mismatch
+    from hpipe.io import is_stdout
+
+    if is_stdout(path):
+        raise InputError("validate reads the profile back: give a file, not -", field="--profile")
+    p = Path(path)
+    if not p.exists():
+        return
+    try:
+        prof = load_profile(p)
+    except InputError as e:
+        raise InputError(f"{p} exists and is not a profile hpipe reads ({e.problem}); validate writes a profile "
+                         f"only where none is or over a stale one: give another path", field="--profile") from None
+    setup = scenario.model_copy(update={"costmodel": "roofline"}).resolve()
+    other = model_mismatch(prof, setup.model, setup.dtype)
+    if other:
+        raise InputError(f"{p} is a profile of another model ({other}); validate would write over it: give "
+                         f"another path", field="--profile")
 
 
 def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, reprofile: bool = False,
@@ -317,7 +351,7 @@ def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, repr
         why = "asked to (--reprofile)" if reprofile else profile_staleness(scenario, path)
     else:
         named = named_profile_path(scenario)
-        why_named = profile_staleness(scenario, named) if named is not None else None
+        why_named = profile_staleness(scenario, named, unreadable_ok=False) if named is not None else None
         if named is not None and why_named is None and not reprofile:
             return named, None
         path = default_profile_path(scenario)
@@ -326,6 +360,10 @@ def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, repr
             why = f"{named}: {why_named}; measuring into the profile cache"
     if why is None:
         return path, None
+    if profile_path is None:  # into the cache: a folder that takes no file fails now, not after the profile
+        from hpipe.costmodels.cache import check_cache_writable
+
+        check_cache_writable()
     if log:
         log(f"profiling {scenario.name} ({why}) -> {path}")
     from hpipe.io import write_text
@@ -543,8 +581,9 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     from hpipe.runtime.here import check_placements
 
     bases = [sc.model_copy(update={"costmodel": "roofline"}).resolve() for sc in scenarios]
-    for base in bases:  # every scenario's devices, before any is profiled or run
+    for base in bases:  # every scenario's devices and memory, before any is profiled or run
         check_placements(base, base.cluster.device_ids, who="validation profiles and runs every device; the scenario has")
+        raise_if_model_cannot_fit(base)
     for sc, base in zip(scenarios, bases):
         why = emulation_unsupported(base)
         if why:
@@ -576,14 +615,20 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                 jobs.append((setup, plan, same_as, sim))
     runs: list[list] = [[] for _ in jobs]
     drifts: list[list] = [[] for _ in jobs]
+    failed: dict[int, str] = {}
     for rnd in range(opts.repeats):
         for k, (setup, plan, _, _) in enumerate(jobs):
+            if k in failed:
+                continue
             drifts[k].append(probe_drift(setup, plan))  # just before the run (no worker is running)
-            runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
+            try:
+                runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
+            except WorkerError as e:  # one hung or dead run: the others are still worth their minutes
+                failed[k] = f"{setup.name}{' (decode)' if setup.output_tokens else ''}: {plan.planner}: {e}"
             if on_case and rnd == opts.repeats - 1:
                 on_case(k)
     cases = [make_case(setup, plan, same_as, sim, rs, ds)
-             for (setup, plan, same_as, sim), rs, ds in zip(jobs, runs, drifts)]
+             for k, ((setup, plan, same_as, sim), rs, ds) in enumerate(zip(jobs, runs, drifts)) if k not in failed]
     med, p90 = summarize_errors(c.error for c in cases)
     kinds = sorted({c.kind for c in cases})
     by_kind = {k: error_summary(c.error for c in cases if c.kind == k) for k in kinds}
@@ -603,7 +648,8 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       run_spread=run_spread(cases),
                       machine_drift=drift_summary(cases),
                       scenarios=[s.name for s in scenarios],
-                      profiles=used, profiled=profiled, quick_profiles=quick, skipped=skipped, hardware=hardware,
+                      profiles=used, profiled=profiled, quick_profiles=quick, skipped=skipped,
+                      failed=list(failed.values()), hardware=hardware,
                       emulation=emulated)
 
 

@@ -254,3 +254,16 @@ def test_the_sweeps_roofline_keeps_autos_own_settings_and_their_paths(cli, cache
     assert r.returncode == 0, r.stderr
     models = [run["cost_model"] for run in json.loads(r.stdout)["runs"]]
     assert all(m["kind"] == "roofline" and m["calibration"] == "calib.json" for m in models), models
+
+
+def test_a_scenario_name_never_leaves_the_cache_folder(tmp_path, monkeypatch):
+    """The name is part of the file name: "lab/4gpu" made a subfolder and "../../x" a file
+    outside the cache."""
+    from hpipe.costmodels.cache import cache_dir, cached_profile_path
+    from hpipe.scenario import load_scenario
+
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path))
+    for name in ("../../x", "lab/4gpu", ".hidden"):
+        setup = load_scenario(ROOT / "scenarios" / "local-cpu.yaml", overrides=[f"name={name}"]).resolve()
+        path = cached_profile_path(setup)
+        assert path.parent == cache_dir() and not path.name.startswith("."), (name, path)

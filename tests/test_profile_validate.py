@@ -599,3 +599,70 @@ def test_first_execute_under_auto_measures_a_profile_and_says_so(tmp_path, monke
     assert used["kind"] == "fitted" and used["auto"]["used"] == "fitted" and used["profile_path"] == str(prof)
     r = run_cli("execute", str(path), "--planner", "base", "--json", "-", "--quiet")
     assert r.returncode == 0 and "measuring" not in r.stderr and "cost model auto" not in r.stderr  # --quiet
+
+
+def test_validate_keeps_the_other_cases_when_a_run_fails(tiny, monkeypatch):
+    """A hung or dead run (WorkerError) is that case's failure, named with its error; the other
+    cases are still run and reported, and the failed one is not run again in later rounds."""
+    import hpipe.runtime
+    import hpipe.validate as hv
+    from hpipe.errors import WorkerError
+    from hpipe.result import RunResult
+
+    path, prof_path, _ = tiny
+    ran = []
+
+    def fake_execute(setup, plan, **kw):
+        ran.append(plan.planner)
+        if plan.planner == "base":
+            raise WorkerError("stage 1 (local/core-1): timed out after 0.001s")
+        return RunResult(planner=plan.planner, latency_s=1.0, throughput_tokens_per_s=1.0, energy_j=0.0,
+                         dynamic_energy_j=0.0, peak_memory_mb={}, utilization={}, bubble_fraction=0.0,
+                         plan=None, events=[])
+
+    monkeypatch.setattr(hv, "probe_drift", lambda setup, plan: None)
+    monkeypatch.setattr(hpipe.runtime, "execute", fake_execute)
+    sc = load_scenario_file(path)
+    res = hv.validate([sc], opts=hv.CaseOptions(planners=("hpipe", "base"), n_random=0, repeats=2),
+                      profile_paths={sc.name: str(prof_path)}, quiet=True)
+    assert [c.planner for c in res.cases] == ["hpipe"]
+    assert res.failed == ["tiny-cpu: base: stage 1 (local/core-1): timed out after 0.001s"]
+    assert ran == ["hpipe", "base", "hpipe"]
+
+
+def test_validate_refuses_before_any_work(tiny, tmp_path, monkeypatch):
+    """What validate cannot do as asked is refused up front (nothing profiled or written), not
+    after minutes of measuring: a --profile that is another file, stdout or another model's
+    profile; a bad --timeout; two scenarios of one name; no case; a model that cannot fit
+    (exit 3); a profile cache that takes no file."""
+    path, prof_path, _ = tiny
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text())
+    before = other.read_text()
+    base = ("validate", str(path), "--planners", "hpipe", "--random", "0", "--quiet")
+    for args, code, said in [
+            (("--profile", str(other)), 2, "exists and is not a profile hpipe reads"),
+            (("--profile", "-"), 2, "give a file, not -"),
+            (("--profile", str(ROOT / "scenarios" / "profiles" / "local-cpu.json")), 2, "a profile of another model"),
+            (("--timeout", "-5"), 2, "field '--timeout': must be a number of seconds above 0"),
+            (("--planners", "", "--random", "0"), 2, "no case to validate"),
+            ((str(other),), 2, "has the same name 'tiny-cpu'")]:
+        r = run_cli(*base, *args)
+        assert r.returncode == code and said in r.stderr, (args, r.returncode, r.stderr)
+    assert other.read_text() == before
+    small = tmp_path / "small.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["cluster"]["hosts"][0]["devices"][0]["memory_gb"] = 0.001
+    data["costmodel"] = "roofline"
+    small.write_text(yaml.safe_dump(data))
+    r = run_cli("validate", str(small), "--random", "1", "--quiet")
+    assert r.returncode == 3 and "does not fit in the cluster's memory: 0.0" in r.stderr, r.stderr
+    assert "0.00 GB" not in r.stderr  # a tiny model's figures keep their digits
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "a-file"))
+    r = run_cli("validate", str(other), "--planners", "hpipe", "--random", "0", "--quiet", "--reprofile")
+    assert r.returncode == 2 and "field '$HPIPE_CACHE_DIR': cannot write profiles" in r.stderr, r.stderr
+    r = run_cli("profile", str(other), "--quick")
+    assert r.returncode == 2 and "cannot write profiles" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was measured

@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -109,7 +111,26 @@ def profile_key(setup) -> str:
 
 def cached_profile_path(setup) -> Path:
     """Where this machine's profile of ``setup`` lives in the cache (it may not exist yet)."""
-    return cache_dir() / f"{setup.name}-{profile_key(setup)}.json"
+    # the scenario's name as one file name: "lab/4gpu" or "../x" must not leave the cache folder
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", setup.name).lstrip(".") or "scenario"
+    return cache_dir() / f"{stem}-{profile_key(setup)}.json"
+
+
+def check_cache_writable() -> Path:
+    """The cache folder, made if missing; InputError (before a profile is measured, not after)
+    where no file can be written there."""
+    from hpipe.errors import InputError
+
+    folder = cache_dir()
+    where = f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the profile cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hpipe-check-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write profiles to {folder} ({e.strerror or e}); set {CACHE_ENV} to a folder "
+                         f"you can write, or give the profile a path (-o, --profile)", field=where) from None
+    return folder
 
 
 def runs_here(setup) -> str | None:
@@ -171,6 +192,9 @@ def measure_into_cache(setup, path: Path | None = None, *, quiet: bool = False, 
     from hpipe.runtime.profiler import profile
 
     settings = {**QUICK, **kw}
+    path = path or cached_profile_path(setup)
+    if path.parent == cache_dir():  # checked before the minutes of measuring, not after
+        check_cache_writable()
     prof = profile(setup, quiet=quiet, **settings)
-    write_text(path or cached_profile_path(setup), prof.model_dump_json(indent=1))
+    write_text(path, prof.model_dump_json(indent=1))
     return prof
