@@ -924,8 +924,13 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
             con.print("* more worker processes than CPUs: those timings share cores")
         for name in result.quick_profiles:
             con.print(f"[yellow]note:[/] {escape(name)} was predicted on a quick profile ({escape(result.profiles[name])}: "
-                      f"a coarse grid, few repeats), so its errors run larger than a full one's; --reprofile "
+                      f"a coarse grid), so its errors run larger than a full one's; --reprofile "
                       f"measures a full one", highlight=False, soft_wrap=True)
+        for name, pairs in result.unmeasured_links.items():
+            con.print(f"[yellow]note:[/] {escape(name)}'s profile ({escape(result.profiles[name])}) measured no link "
+                      f"between {escape(', '.join(f'{a} -> {b}' for a, b in pairs))}: those transfers were predicted "
+                      f"on the scenario's link figures (a profile made without --no-links measures them)",
+                      highlight=False, soft_wrap=True)
         for s in result.skipped:
             con.print(f"skipped {escape(s)}", highlight=False)
         for s in result.failed:

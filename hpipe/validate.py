@@ -189,10 +189,13 @@ class Validation(BaseModel):
     profiled: list[str] = []
     """Scenarios whose profile was measured by this run, and why."""
     quick_profiles: list[str] = []
-    """Scenarios predicted on a quick profile (a coarse grid, few repeats: the one a first
+    """Scenarios predicted on a quick profile (a coarse grid: the one a first
     `hpipe execute` measures), whose errors run larger than a full profile's."""
     skipped: list[str] = []
     """Cases that could not run (infeasible plan, a planner without a plan), with the reason."""
+    unmeasured_links: dict[str, list[tuple[str, str]]] = {}
+    """Per scenario, the device pairs its cases sent over that its profile measured no link
+    between (a profile made with --no-links): their transfers were priced on the scenario's figures."""
     failed: list[str] = []
     """Cases whose run failed (a worker died or timed out), with the failure: the other cases
     are still measured and reported, and the command then exits 1."""
@@ -578,6 +581,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     emulated: dict[str, dict] = {}
     hardware = ""
     jobs = []  # (setup, plan, same_as, simulated_s)
+    unmeasured: dict[str, list] = {}
     from hpipe.runtime.here import check_placements
 
     bases = [sc.model_copy(update={"costmodel": "roofline"}).resolve() for sc in scenarios]
@@ -613,6 +617,9 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                                    f"{sim.infeasible}")
                     continue
                 jobs.append((setup, plan, same_as, sim))
+            if setup.cost.unmeasured_links:
+                unmeasured.setdefault(sc.name, [])
+                unmeasured[sc.name] += [p for p in setup.cost.unmeasured_links if p not in unmeasured[sc.name]]
     runs: list[list] = [[] for _ in jobs]
     drifts: list[list] = [[] for _ in jobs]
     failed: dict[int, str] = {}
@@ -649,7 +656,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
                       machine_drift=drift_summary(cases),
                       scenarios=[s.name for s in scenarios],
                       profiles=used, profiled=profiled, quick_profiles=quick, skipped=skipped,
-                      failed=list(failed.values()), hardware=hardware,
+                      failed=list(failed.values()), unmeasured_links=unmeasured, hardware=hardware,
                       emulation=emulated)
 
 

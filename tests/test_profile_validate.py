@@ -666,3 +666,46 @@ def test_validate_refuses_before_any_work(tiny, tmp_path, monkeypatch):
     r = run_cli("profile", str(other), "--quick")
     assert r.returncode == 2 and "cannot write profiles" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "cache").exists()  # nothing was measured
+
+
+def test_a_profile_short_of_the_workload_is_stale(tiny):
+    """A profile timed up to 256 tokens at batch 2 does not describe 512 tokens, or 4 sequences
+    (the fit would extrapolate): validate measures one that does, a run says so."""
+    from hpipe.costmodels.profile import load_profile
+    from hpipe.runtime.profiler import stale_reason
+
+    path, prof_path, _ = tiny
+    prof = load_profile(prof_path)
+    assert stale_reason(prof, load_scenario_file(path).resolve()) is None
+    for sets, said in ((["workload.seq_len=512"], "up to 256 tokens at batch 2, the scenario's workload is 512 "
+                                                  "tokens at batch 2"),
+                       (["workload.batch_size=4"], "the scenario's workload is 256 tokens at batch 4")):
+        why = stale_reason(prof, load_scenario_file(path, overrides=sets).resolve())
+        assert why is not None and said in why, why
+    assert stale_reason(prof, load_scenario_file(path, overrides=["workload.seq_len=128"]).resolve()) is None
+
+
+def test_validate_names_the_links_its_profile_did_not_measure(tiny, tmp_path, monkeypatch):
+    """A profile without links (--no-links) prices transfers on the scenario's figures: the
+    validation says which pairs (it had said nothing)."""
+    import hpipe.runtime
+    import hpipe.validate as hv
+    from hpipe.result import RunResult
+
+    path, prof_path, _ = tiny
+    data = json.loads(prof_path.read_text())
+    assert data["links"]
+    no_links = tmp_path / "no-links.json"
+    no_links.write_text(json.dumps({**data, "links": [], "step_hops": []}))
+    monkeypatch.setattr(hv, "probe_drift", lambda setup, plan: None)
+    monkeypatch.setattr(hpipe.runtime, "execute", lambda setup, plan, **kw: RunResult(
+        planner=plan.planner, latency_s=1.0, throughput_tokens_per_s=1.0, energy_j=0.0, dynamic_energy_j=0.0,
+        peak_memory_mb={}, utilization={}, bubble_fraction=0.0, plan=None, events=[]))
+    sc = load_scenario_file(path)
+    said = {}
+    for profile in (no_links, prof_path):
+        res = hv.validate([sc], opts=hv.CaseOptions(planners=("base",), n_random=0),
+                          profile_paths={sc.name: str(profile)}, quiet=True)
+        said[profile] = json.loads(res.model_dump_json())["unmeasured_links"]
+    assert said[prof_path] == {}
+    assert ["local/core-0", "local/core-1"] in said[no_links]["tiny-cpu"], said  # base: two stages, one hop

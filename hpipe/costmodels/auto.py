@@ -86,7 +86,7 @@ def _choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
     if why:  # the key covers the model (a hand-edited cache file need not), not output_tokens
         return roofline, AutoChoice("roofline", f"cached profile does not fit: {why}", str(path), runs_here=True)
     spec = {**config.fitted, "kind": "fitted", "profile": str(path)}
-    quick = (" (a quick one: a coarse grid, few repeats; `hpipe profile SCENARIO` measures a finer one)"
+    quick = (" (a quick one: a coarse grid; `hpipe profile SCENARIO` measures a finer one)"
              if prof.settings.grid == "quick" else "")
     return spec, AutoChoice("fitted", f"profile of this machine measured {prof.created}{quick}, {path}", str(path),
                             runs_here=True)

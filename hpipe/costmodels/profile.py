@@ -411,6 +411,21 @@ def decode_gap(profile: Profile, setup) -> str | None:
     return None
 
 
+def grid_gap(profile: Profile, setup) -> str | None:
+    """Why a profile's grid falls short of a scenario's prefill (its slices and contexts reach
+    fewer tokens, or its batches fewer sequences, than the scenario's workload: the fit would
+    extrapolate), or None."""
+    g = setup.granularity
+    for dp in profile.devices:
+        a = dp.units["attn"]
+        pts = [(n, c, b) for n, c, b in zip(a.n, a.c, a.b) if n >= g or c == 0]  # prefill slices, not decode steps
+        tokens, batch = max((n + c for n, c, _ in pts), default=0), max((b for *_, b in pts), default=0)
+        if tokens < setup.seq_len or batch < setup.batch_size:
+            return (f"the profile timed {dp.device} up to {tokens} tokens at batch {batch}, the scenario's workload "
+                    f"is {setup.seq_len} tokens at batch {setup.batch_size}")
+    return None
+
+
 def model_mismatch(profile: Profile, spec, dtype: str) -> str | None:
     """Why a profile of one model cannot stand for another (shape or dtype), or None."""
     shape_fields = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")

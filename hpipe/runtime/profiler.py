@@ -82,10 +82,10 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait, AllReduceProfile, CodecSamples, DeviceProfile, EmulatedLink,
-                                      decode_gap,
-                                      Hardware, LinkProfile, Profile, Settings, ShardSamples, SpeedProbe, StepHopProfile,
-                                      UnitSamples, Versions)
+from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait, AllReduceProfile, CodecSamples,
+                                      DeviceProfile, EmulatedLink, Hardware, LinkProfile, Profile, Settings,
+                                      ShardSamples, SpeedProbe, StepHopProfile, UnitSamples, Versions, decode_gap,
+                                      grid_gap)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.procwatch import run_watched
 from hpipe.runtime import emulation
@@ -312,8 +312,9 @@ def stale_reason(prof: Profile, setup) -> str | None:
     """Why a profile should be measured again for ``setup`` on this machine, or None.
 
     Profiles must come from the very runtime that executes (versions), be measured by this
-    hpipe's profiler method (``PROFILER_METHOD``) on this machine (CPU model), and cover every
-    device of the scenario with its placement."""
+    hpipe's profiler method (``PROFILER_METHOD``) on this machine (CPU model), cover the
+    scenario's workload (its decode steps, its tokens and batch) and every device of the
+    scenario with its placement."""
     from hpipe.costmodels.profile import model_mismatch
 
     why = model_mismatch(prof, setup.model, setup.dtype)
@@ -330,7 +331,7 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if prof.versions.profiler != PROFILER_METHOD:
         return (f"measured by profiler method {prof.versions.profiler}, this hpipe measures by method "
                 f"{PROFILER_METHOD} (hpipe.costmodels.profile.PROFILER_METHOD)")
-    gap = decode_gap(prof, setup)
+    gap = decode_gap(prof, setup) or grid_gap(prof, setup)
     if gap:
         return gap
     for d in setup.cluster.devices:
