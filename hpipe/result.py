@@ -166,6 +166,8 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
     Compute and all-reduce intervals count as busy time of their device."""
     if not events:
         raise ValueError("summarize needs at least one event")
+    if setup.output_tokens and plan.decode_micro_batches is None:  # the groups it decoded in, measured or simulated
+        plan = plan.model_copy(update={"decode_micro_batches": plan.decode_groups(setup.batch_size)})
     t0 = min(e.start_s for e in events)
     latency = max(e.end_s for e in events) - t0
     devices = plan.devices

@@ -43,6 +43,8 @@ HAND = {
     "tp-head-only": plan([([0], (0, N - 1)), ([1, 2], (N - 1, N))], [8, 8], decode_micro_batches=2),
     # two stages, one decode group (nothing else in flight)
     "one-group": plan([([0], (0, 2)), ([1], (2, N))], [16], micro_batches=3, decode_micro_batches=1),
+    # no decode groups given: each prefill micro-batch stays a group (Plan.decode_groups)
+    "default-groups": plan([([0], (0, 2)), ([1], (2, N))], [8, 8], micro_batches=3),
 }
 
 
@@ -82,7 +84,7 @@ def _run(setup, p, **kw):
 
 def _check_decode_timeline(r, p, new_tokens=NEW):
     """The measured result carries the decode figures and a decode timeline of the plan's shape."""
-    groups = p.decode_micro_batches or min(len(p.stages), BATCH)
+    groups = p.decode_groups(BATCH)
     steps = new_tokens - 1
     dec = [e for e in r.events if e.phase == "decode"]
     for d in p.devices:  # every device takes every group's every step, once
@@ -95,6 +97,7 @@ def _check_decode_timeline(r, p, new_tokens=NEW):
     assert 0 < r.ttft_s < r.latency_s and 0 < r.tpot_s <= r.tpot_p90_s
     assert r.output_tokens_per_s == pytest.approx(BATCH * new_tokens / r.latency_s)
     assert r.latency_s == pytest.approx(max(e.end_s for e in r.events))  # end to end
+    assert r.plan.decode_micro_batches == p.decode_groups(BATCH)  # recorded as the simulator records it
 
 
 def test_uncached_reference_loop_equals_transformers(llama, gpt2):
