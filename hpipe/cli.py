@@ -795,13 +795,19 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     con = _out_console(output, quiet)  # -o -: the JSON alone on stdout, the tables on stderr
     if con:
         basis = FittedConfig.model_fields["basis"].default  # what predictions are made on
-        con.print(holdout_table(fit_report(prof, basis), f"{setup.name}: fitted model ({basis} time), error on "
-                                                         f"held-out grid points"))
+        report = fit_report(prof, basis)
+        # a unit with too few points to hold any out (a quick grid) reports its in-sample error
+        rows = [e for kinds in report.values() for e in kinds.values()]
+        held = ("in-sample: too few points to hold any out" if all(e["n_holdout"] == 0 for e in rows) else
+                "on held-out grid points (in-sample where none is held out)" if any(e["n_holdout"] == 0 for e in rows)
+                else "on held-out grid points")
+        con.print(holdout_table(report, f"{setup.name}: fitted model ({basis} time), error {held}"))
         if prof.links:
             con.print(links_table(prof))
         h = prof.holdout
         wall = summarize_holdout(fit_report(prof, "wall"))
-        con.print(f"hold-out error on {basis} time (worst device and unit): median {h['worst_median_rel_error']:.1%}, "
+        con.print(f"{'hold-out' if any(e['n_holdout'] for e in rows) else 'in-sample'} error on {basis} time "
+                  f"(worst device and unit): median {h['worst_median_rel_error']:.1%}, "
                   f"p90 {h['worst_p90_rel_error']:.1%} (on wall time: median {wall['worst_median_rel_error']:.1%}, "
                   f"p90 {wall['worst_p90_rel_error']:.1%}); cpu share per device: "
                   + ", ".join(f"{d.device} {d.cpu_share:.0%}" for d in prof.devices if d.cpu_share is not None))
@@ -890,6 +896,9 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         result = run_validate(scs, opts=opts, profile_paths={scs[0].name: profile_path} if profile_path else None,
                               reprofile=reprofile, quiet=quiet, log=log, on_case=lambda c: bar.advance(task),
                               basis=basis)
+    if quiet:  # said even then, as `hpipe profile` says it: a file was written
+        for line in result.profiled:
+            err_console.print(f"profiled {line}", markup=False, highlight=False, soft_wrap=True)
     if json_path:
         write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
     if con:
@@ -897,7 +906,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 
         con.print(validation_table(result))
         if result.median_abs_error is not None:
-            con.print(f"{len(result.cases)} distinct cases: median |error| {result.median_abs_error:.1%}, "
+            con.print(f"{len(result.cases)} distinct case{'s' if len(result.cases) != 1 else ''}: median |error| {result.median_abs_error:.1%}, "
                       f"p90 |error| {result.p90_abs_error:.1%}, signed bias {result.signed_bias:+.1%}")
             if result.compute is not None and result.compute.n:
                 shares = [c.cpu_share for c in result.cases if c.cpu_share is not None]

@@ -394,14 +394,20 @@ def validation_table(result) -> Table:
     def pct(v):
         return f"{v:+.1%}" if v is not None else "-"
 
+    # devices by name within their host, unless the cases span hosts (a/core-0 and b/core-0)
+    hosts = {dev.split("/", 1)[0] for c in result.cases for d, _ in c.stages for dev in d}
+
+    def name(dev: str) -> str:
+        return dev.split("/", 1)[1] if len(hosts) == 1 else dev
+
     for c in result.cases:
-        stages = " | ".join(f"{d[0].split('/', 1)[1]}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
+        stages = " | ".join(f"{name(d[0])}:{u[0]}-{u[1]}" if len(d) == 1 else f"{len(d)}xTP:{u[0]}-{u[1]}"
                             for d, u in c.stages)
         dec = ()
         if decoding:
             dec = ((f"{c.output_tokens} x {c.decode_micro_batches}g", ms(c.simulated_tpot_s), ms(c.measured_tpot_s),
                     pct(c.tpot_error), pct(c.ttft_error)) if c.output_tokens else ("prefill", "", "", "", ""))
         t.add_row(c.scenario, c.planner + "".join(f" = {o}" for o in c.same_plan_as), stages, str(len(c.slices)),
-                  str(c.micro_batches), f"{c.simulated_latency_s:.3f}", f"{c.measured_latency_s:.3f}",
+                  str(c.micro_batches), sig(c.simulated_latency_s), sig(c.measured_latency_s),
                   f"{c.error:+.1%}" + (" *" if c.oversubscribed else ""), *dec)
     return t

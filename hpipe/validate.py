@@ -208,7 +208,7 @@ class Validation(BaseModel):
         if not xs:
             return None
         return (f"other processes beside the runs: {float(np.median(xs)):.2f} cores busy on average (median over "
-                f"{len(xs)} runs; p90 {float(np.percentile(xs, 90)):.2f}, most {max(xs):.2f})")
+                f"{len(xs)} run{'s' if len(xs) != 1 else ''}; p90 {float(np.percentile(xs, 90)):.2f}, most {max(xs):.2f})")
 
     def drift_line(self) -> str | None:
         """The line the validate command and the benchmark print on the machine's drift since
@@ -220,8 +220,8 @@ class Validation(BaseModel):
                     "profile made before the probe or with another version of it, or devices not on "
                     "this CPU; measuring the profile again gives one)") if self.cases else None
         return (f"the machine against its profile: the speed probe took {abs(d.median):.1%} "
-                f"{'longer' if d.median >= 0 else 'less time'} than while profiled (median over {d.n} runs of "
-                f"{d.cases} of {len(self.cases)} cases; by round {', '.join(f'{x:+.1%}' for x in d.by_round)}; "
+                f"{'longer' if d.median >= 0 else 'less time'} than while profiled (median over {d.n} run{'s' if d.n != 1 else ''} of "
+                f"{d.cases} of {len(self.cases)} case{'s' if len(self.cases) != 1 else ''}; by round {', '.join(f'{x:+.1%}' for x in d.by_round)}; "
                 f"p90 |drift| {d.p90_abs:.1%})")
 
 
@@ -455,10 +455,9 @@ def plans_for(setup, opts: CaseOptions, skipped: list[str], n_random: int | None
             raise InputError(f"unknown planner {name!r}; one of {', '.join(PLANNER_NAMES)}", field="--planners")
         try:
             plans.append(make_plan(setup, name))
-        except InfeasibleError as e:
-            skipped.append(f"{what}: {name}: {e}")
-        except PlannerInputError as e:  # e.g. a sequence too finely cut for the slicing DP
-            skipped.append(f"{what}: {name}: {e}")
+        except (InfeasibleError, PlannerInputError) as e:  # the latter: a sequence too finely cut for the DP
+            why = str(e)  # the planners' own messages mostly start with their name
+            skipped.append(f"{what}: {why}" if why.startswith(f"{name}: ") else f"{what}: {name}: {why}")
     rng, decode_rng = np.random.default_rng(opts.seed), np.random.default_rng([opts.seed, 1])
     for i in range(n_random):
         plans.append(random_plan(setup, rng, f"random-{i}", decode_rng))

@@ -414,6 +414,7 @@ def test_validate_profiles_where_missing(tmp_path):
     assert Path(used).parent == Path(os.environ["HPIPE_CACHE_DIR"]) / "profiles"
     assert Path(used).name.startswith("tiny-cpu-") and load_profile(used).scenario == "tiny-cpu"
     assert used in data["profiled"][0]  # and says where it wrote
+    assert f"(wrote {used})" in r.stderr  # even with --quiet, as `hpipe profile` says it
 
 
 def test_validate_never_writes_over_a_stale_named_profile(tmp_path, monkeypatch):

@@ -434,8 +434,8 @@ def model_mismatch(profile: Profile, spec, dtype: str) -> str | None:
         if f == "n_layers":
             continue  # every block has the same units: a profile serves any depth
         if profile.model.get(f) != want[f]:
-            return (f"the profile timed a model with {f}={profile.model.get(f)!r}, the scenario's "
-                    f"{spec.name} has {f}={want[f]!r}")
+            return (f"the profile timed a model with {f}={profile.model.get(f)!r}, the scenario's model "
+                    f"({spec.name}) has {f}={want[f]!r}")
     if profile.dtype != dtype:
         return f"the profile was measured in {profile.dtype}, the scenario computes in {dtype}"
     return None
