@@ -195,6 +195,16 @@ def _can_create_in(folder: Path) -> bool:
         return False
 
 
+def json_type(value) -> str:
+    """What a parsed JSON or YAML value is, in the file's words ("null", not "NoneType")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
 def document_kind(data) -> str | None:
     """Which of hpipe's own documents ``data`` looks like (a Plan, a Result, a sweep), so that
     a file passed in the wrong place is named for what it is; None for anything else."""

@@ -14,6 +14,7 @@ One Plan drives both the simulator and the runtime.  Semantics:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,8 +93,9 @@ class Plan(BaseModel):
         for i, st in enumerate(self.stages):
             a, b = st.units
             if a != expect:
-                what = "overlaps the previous stage" if a < expect else "leaves a gap after the previous stage"
-                bad(f"stages[{i}].units", f"starts at unit {a} but must start at {expect}: it {what}")
+                what = ("the first stage starts at unit 0" if i == 0 else
+                        "it overlaps the previous stage" if a < expect else "it leaves a gap after the previous stage")
+                bad(f"stages[{i}].units", f"starts at unit {a} but must start at {expect}: {what}")
             if b <= a:
                 bad(f"stages[{i}].units", f"[{a}, {b}) is empty or reversed")
             if b > n_units:
@@ -187,7 +189,7 @@ def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> Input
 
 def load_plans(path: str | Path) -> list[Plan]:
     """One Plan or a JSON list of Plans."""
-    from hpipe.io import document_kind, read_json
+    from hpipe.io import document_kind, json_type, read_json
 
     file = str(path)
     data = read_json(path)
@@ -202,9 +204,9 @@ def load_plans(path: str | Path) -> list[Plan]:
     for i, item in enumerate(items):
         prefix = f"[{i}]." if isinstance(data, list) else ""
         if not isinstance(item, dict):
-            raise InputError(f"a plan is a JSON object, got {type(item).__name__}", file=file, field=prefix.rstrip(".") or None)
-        try:
-            plans.append(Plan.model_validate(item))
+            raise InputError(f"a plan is a JSON object, got {json_type(item)}", file=file, field=prefix.rstrip(".") or None)
+        try:  # strict, as JSON: "micro_batches": true or "slices": ["32"] is a mistake, not a number
+            plans.append(Plan.model_validate_json(json.dumps(item), strict=True))
         except ValidationError as e:
             raise _plan_error(e, file, prefix) from None
     return plans

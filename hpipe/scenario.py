@@ -544,8 +544,10 @@ def parse_scenario(data: Any, file: str | None = None, *, planning_only: bool = 
         raise InputError("the file is empty; a scenario is a mapping of keys (name, model, workload, "
                          "cluster, ...): see the README's scenario format or scenarios/", file=file)
     if not isinstance(data, dict):
+        from hpipe.io import json_type
+
         raise InputError(f"a scenario is a mapping of keys (name, model, workload, cluster, ...), "
-                         f"got {type(data).__name__}", file=file)
+                         f"got {json_type(data)}", file=file)
     try:
         return Scenario.model_validate({**data, "source_path": file}, context={"planning_only": planning_only})
     except ValidationError as e:

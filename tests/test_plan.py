@@ -38,7 +38,8 @@ def test_good_plan_and_items(setup, tmp_path):
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 5]}, {"devices": ["a/P100-1"], "units": [5, 9]}]},
      "stages", "model has 10 units"),
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 12]}]}, "stages[0].units", "past the model's 10 units"),
-    ({"stages": [{"devices": ["a/P100-0"], "units": [5, 0]}]}, "stages[0].units", "must start at 0"),
+    ({"stages": [{"devices": ["a/P100-0"], "units": [5, 0]}]}, "stages[0].units",
+     "must start at 0: the first stage starts at unit 0"),  # not "overlaps the previous stage": there is none
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 0]}, {"devices": ["a/P100-1"], "units": [0, 10]}]},
      "stages[0].units", "empty"),
     ({"stages": [{"devices": ["a/P100-9"], "units": [0, 10]}]}, "stages[0].devices[0]", "not in the scenario"),
@@ -68,6 +69,14 @@ def test_inconsistent_plans(setup, change, field, problem):
      "field 'stagez': unknown key (did you mean stages?)"),
     ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [0, 64]}',
      "field 'slices[0]'"),
+    ("null", "a plan is a JSON object, got null"),
+    # numbers are numbers: a boolean or a quoted number was taken (true as 1 micro-batch)
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [64], '
+     '"micro_batches": true}', "field 'micro_batches'"),
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": ["64"]}',
+     "field 'slices[0]'"),
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": ["0", 10]}], "slices": [64]}',
+     "field 'stages[0].units[0]'"),
 ])
 def test_malformed_plan_files(tmp_path, text, problem):
     p = tmp_path / "p.json"

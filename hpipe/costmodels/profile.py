@@ -375,14 +375,14 @@ def load_profile(path: str | Path) -> Profile:
         raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the file: {e}", file=file) from None
-    from hpipe.io import document_kind
+    from hpipe.io import document_kind, json_type
 
     kind = document_kind(data)  # hpipe's other outputs, passed in the wrong place
     if kind and "format" not in data:
         raise InputError(f"this is {kind}, not a profile: a profile is what `hpipe profile SCENARIO -o "
                          f"PROFILE.json` writes", file=file)
     if not isinstance(data, dict):
-        raise InputError(f"a profile is a JSON object, got {type(data).__name__}", file=file)
+        raise InputError(f"a profile is a JSON object, got {json_type(data)}", file=file)
     if data.get("format") not in (None, PROFILE_FORMAT):
         raise InputError(f"format {data.get('format')!r} is not {PROFILE_FORMAT!r}", file=file, field="format")
     try:
