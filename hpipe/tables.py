@@ -196,11 +196,15 @@ def measured_table(title: str, measured, predicted) -> Table:
 def generation_table(title: str, measured, predicted=None) -> Table:
     """Generation figures, measured beside the simulator's where it predicts them."""
     t = _table(title)
-    for c in ("", "latency s", "TTFT s", "TPOT s", "TPOT p90 s", "output tokens/s"):
+    for c in ("", "latency s", "TTFT s", "TPOT ms", "TPOT p90 ms", "output tokens/s"):  # TPOT in ms as everywhere
         t.add_column(c, justify="left" if not c else "right")
 
+    def ms(v):
+        return v * 1e3 if v is not None else None
+
     def row(name, r):
-        t.add_row(name, *(sig(v) for v in (r.latency_s, r.ttft_s, r.tpot_s, r.tpot_p90_s, r.output_tokens_per_s)))
+        t.add_row(name, *(sig(v) for v in (r.latency_s, r.ttft_s, ms(r.tpot_s), ms(r.tpot_p90_s),
+                                           r.output_tokens_per_s)))
 
     if predicted is not None and predicted.feasible:
         row("simulated", predicted)

@@ -925,3 +925,21 @@ def test_an_infeasible_plan_file_says_its_reason_once(cli, tmp_path):
     assert r.returncode == 3 and both.count("GB short") == 1 and "(the reason is under the table)" in r.stderr, both
     r = cli("simulate", PAPER, "--plan", str(tmp_path / "one.json"), "-q")
     assert r.returncode == 3 and r.stderr.count("GB short") == 1 and "host-a/P100-0 needs" in r.stderr, r.stderr
+
+
+def test_every_table_gives_tpot_in_ms():
+    """simulate, sweep and validate print TPOT in ms; generate's and execute's table had it in s
+    (8.798 beside 0.008798 for one plan)."""
+    from rich.console import Console
+
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import simulate
+    from hpipe.planners import make_plan
+    from hpipe.tables import generation_table
+
+    setup = load_scenario(SCENARIOS / "paper-llama7b-generate.yaml", overrides=["workload.seq_len=256"]).resolve()
+    r = simulate(setup, make_plan(setup, "gpipe"))
+    con = Console(width=120, record=True)
+    con.print(generation_table("t", r, r))
+    text = con.export_text()
+    assert "TPOT ms" in text and "TPOT p90 ms" in text and f"{r.tpot_s * 1e3:.4g}" in text, text
