@@ -104,6 +104,12 @@ def _main(args) -> int:
     if args.commands:
         print("\n".join(commands(setup, plan, args)))
         return 0
+    from hpipe.errors import InfeasibleError
+    from hpipe.sim import simulate
+
+    predicted = simulate(setup, plan)  # every process alike: all refuse a plan that does not fit, as execute does
+    if not predicted.feasible:
+        raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
     if not args.host:
         raise InputError("--host is required: the scenario host this process runs on", field="--host")
     if "LOCAL_RANK" not in os.environ:
@@ -148,6 +154,7 @@ def _main(args) -> int:
         records = {r["role"]: r for r in gathered}
         run = run_from_records(records, plan.devices, stages, ids)
         measured = measured_result(setup, plan, run, check=args.check, spec=spec, seed=args.seed)
+        measured.predicted_latency_s = predicted.latency_s
         from hpipe.runtime.emulation import slowed_by_quota
 
         quota = [d for d in plan.devices if slowed_by_quota(setup.cluster.device(d).placement)]

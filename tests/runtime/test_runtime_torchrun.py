@@ -54,6 +54,7 @@ def test_two_hosts_with_torchrun(tmp_path):
     assert result["mode"] == "measured"
     r = result["results"][0]
     assert r["max_abs_error"] < 1e-4
+    assert r["predicted_latency_s"] > 0  # the simulator's figure beside it, as execute's Result has
     assert set(r["peak_memory_mb"]) == {"ha/core-0", "hb/core-0"}
     assert len(r["next_token_ids"]) == 2
 
