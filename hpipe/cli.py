@@ -334,6 +334,10 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         plans = load_plans(plan)
         for i, p in enumerate(plans):
             results.append(run_sim(setup, _checked_plan(p, setup, f"{plan}[{i}]" if len(plans) > 1 else str(plan))))
+        named = [r.planner for r in results]
+        for i, r in enumerate(results):  # two plans of one planner: rows, trace and JSON tell them apart by index
+            if named.count(r.planner) > 1:
+                r.planner = f"{r.planner} [{i}]"
     else:
         names = _planner_names(planner or setup.scenario.planner.kind)
         from hpipe.compare import compare_planners  # only here: --plan must work without the planners

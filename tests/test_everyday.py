@@ -324,6 +324,19 @@ def test_a_plan_made_for_another_scenario_is_said_so(cli, tmp_path):
     assert not any(isinstance(v, float) for v in predicted.values()), predicted
 
 
+def test_two_plans_of_one_planner_are_told_apart(cli, tmp_path):
+    """A --plan list of two hpipe plans printed two 'hpipe' rows and two 'hpipe' trace processes."""
+    one = tmp_path / "one.json"
+    assert cli("plan", PAPER, "-q", "-o", str(one)).returncode == 0
+    data = json.loads(one.read_text())
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps([data, {**data, "micro_batches": 1}]))
+    r = cli("simulate", PAPER, "--plan", str(both), "--json", "-", "-q")
+    assert [x["planner"] for x in json.loads(r.stdout)["results"]] == ["hpipe [0]", "hpipe [1]"], r.stderr
+    r = cli("simulate", PAPER, "--plan", str(one), "--json", "-", "-q")
+    assert [x["planner"] for x in json.loads(r.stdout)["results"]] == ["hpipe"]  # alone: its own name
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hpipe ")

@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     except HpipeError as e:
         print(f"hpipe: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker of the host: one line each, not a traceback
+        print("hpipe: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(args) -> int:
