@@ -72,7 +72,8 @@ def main() -> None:
 
         write_text(args.json, res.model_dump_json(indent=2))
     if not res.cases:
-        sys.exit("no case ran:\n" + "\n".join(f"skipped {s}" for s in res.skipped))
+        sys.exit("no case ran:\n" + "\n".join([*(f"failed {s}" for s in res.failed),
+                                                *(f"skipped {s}" for s in res.skipped)]))
 
     def pct(v, w=8):
         return f"{v:+{w}.1%}" if v is not None else f"{'-':>{w}}"
@@ -124,6 +125,8 @@ def main() -> None:
     print(f"load average at end {', '.join(f'{x:.1f}' for x in load1)}; profiles: {res.profiles}")
     for s in res.skipped:
         print(f"skipped {s}")
+    if res.failed:  # a run that died or hung: reported beside the others, and the benchmark fails
+        sys.exit("\n".join(f"failed {s}" for s in res.failed))
 
 
 if __name__ == "__main__":

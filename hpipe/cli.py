@@ -139,7 +139,7 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     if choice is None or not say:
         return setup
     if choice.used == "roofline" and choice.runs_here and make_profile:
-        from hpipe.costmodels.cache import check_cache_writable, estimate_profile_s, measure_into_cache
+        from hpipe.costmodels.cache import estimate_profile_s, measure_into_cache
 
         with _needs_torch("profile"):
             from hpipe.runtime.emulation import emulation_unsupported
@@ -148,7 +148,6 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
             err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "
                               f"figures", markup=False, highlight=False, soft_wrap=True)
             return setup
-        check_cache_writable()
         why = (f"no profile of this machine for {setup.name} yet" if not Path(choice.profile_path).exists()
                else choice.reason)  # a cached one that falls short (no decode steps): measured again
         err_console.print(f"cost model auto: {why}; measuring a quick one (about {estimate_profile_s(setup):.0f} s, "
@@ -534,7 +533,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if not quiet:
         notes.long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
-    measured.predicted_latency_s = predicted.latency_s
+    measured.take_prediction(predicted)
     notes.not_emulated(measured)
     if measured.text is not None:  # generated through the weights folder's tokenizer.json
         from hpipe.runtime.generation import load_tokenizer
@@ -715,7 +714,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                         on_tokens=streamer, spec=spec)
     if streamer:
         streamer.close()
-    measured.predicted_latency_s = predicted.latency_s
+    measured.take_prediction(predicted)
     notes.not_emulated(measured)
     notes.untokenized(tok, measured)
     result = Result(scenario=setup.name, mode="measured", results=[measured], cost_model=setup.cost.describe())
@@ -740,14 +739,14 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if check:
         import numpy as np
 
-        from hpipe.runtime.launcher import plan_reference, within_tolerance
+        from hpipe.runtime.launcher import check_verdict, plan_reference
 
         ref, _ = plan_reference(setup, p, np.asarray(ids), new_tokens, spec, eos=gen.eos_ids(setup.weights))
         bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
-        if measured.max_abs_error is not None and not within_tolerance(measured.max_abs_error,
-                                                                       measured.check_tolerance):
-            raise HpipeError(f"--check failed: max |logit error| of the prompt's last position "
-                             f"{measured.max_abs_error:.3g} exceeds {measured.check_tolerance:.3g}")
+        if measured.max_abs_error is not None:
+            passed, figures = check_verdict(setup, measured)
+            if not passed:
+                raise HpipeError(f"--check failed at the prompt's last position: {figures}")
         if bad:
             k = bad[0]
             at = next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),
@@ -884,9 +883,6 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         from hpipe.validate import check_profile_target
 
         check_profile_target(scs[0], profile_path)
-    if not names and not random_plans and not decode_random:
-        raise InputError("no case to validate: no planner and no random plan (give --random N or a planner)",
-                         field="--planners")
     opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats,
                        output_tokens=output_tokens, decode_random=decode_random, prefill=prefill)
     if not prefill and not any((output_tokens if output_tokens is not None else sc.workload.output_tokens)
@@ -950,7 +946,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
             con.print(f"[red]failed[/] {escape(s)}", highlight=False)
     if result.failed:
         raise HpipeError(f"{len(result.failed)} case{'s' if len(result.failed) > 1 else ''} failed to run"
-                         + (" (the others are reported above)" if result.cases else "")
+                         + (" (the others are reported above)" if result.cases and con else "")
                          + f": {result.failed[0]}")
     if not result.cases:  # every plan infeasible (or no planner had one): what would not fit, exit 3
         raise InfeasibleError("no case could run: " + "; ".join(result.skipped[:3]))

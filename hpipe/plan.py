@@ -14,13 +14,12 @@ One Plan drives both the simulator and the runtime.  Semantics:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from hpipe.errors import InputError, format_loc, suggest
+from hpipe.errors import InputError, boolean_for_number, format_loc, suggest
 
 
 class Stage(BaseModel):
@@ -187,6 +186,20 @@ def _plan_error(e: ValidationError, file: str | None, prefix: str = "") -> Input
     return InputError(msg, file=file, field=field or None)
 
 
+def _no_boolean_for_a_number(item: dict, file: str, prefix: str) -> None:
+    """pydantic reads true as 1: ``"micro_batches": true`` ran one micro-batch.  Refused as the
+    scenario refuses it (``errors.boolean_for_number``), here and in each stage."""
+    found = boolean_for_number(Plan, item)
+    stages = item.get("stages")
+    for i, st in enumerate(stages if isinstance(stages, list) else []):
+        where = boolean_for_number(Stage, st) if found is None else None
+        if where is not None:
+            found = (f"stages[{i}].{where[0]}", where[1])
+    if found is not None:
+        raise InputError(f"expected a number, got {str(found[1]).lower()} (a boolean)", file=file,
+                         field=prefix + found[0])
+
+
 def load_plans(path: str | Path) -> list[Plan]:
     """One Plan or a JSON list of Plans."""
     from hpipe.io import document_kind, json_type, read_json
@@ -205,8 +218,9 @@ def load_plans(path: str | Path) -> list[Plan]:
         prefix = f"[{i}]." if isinstance(data, list) else ""
         if not isinstance(item, dict):
             raise InputError(f"a plan is a JSON object, got {json_type(item)}", file=file, field=prefix.rstrip(".") or None)
-        try:  # strict, as JSON: "micro_batches": true or "slices": ["32"] is a mistake, not a number
-            plans.append(Plan.model_validate_json(json.dumps(item), strict=True))
+        _no_boolean_for_a_number(item, file, prefix)
+        try:
+            plans.append(Plan.model_validate(item))
         except ValidationError as e:
             raise _plan_error(e, file, prefix) from None
     return plans

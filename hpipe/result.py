@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpipe.models import decode_steps
 from hpipe.plan import Plan
 
 
@@ -76,6 +77,10 @@ class RunResult(BaseModel):
     """Why the plan cannot run as given (a device short of memory), when it cannot."""
     predicted_latency_s: float | None = None
     """Measured results: what the simulator predicted for the same plan."""
+    predicted_ttft_s: float | None = None
+    """Measured generation: the simulator's ``ttft_s`` for the same plan."""
+    predicted_tpot_s: float | None = None
+    """Measured generation: the simulator's ``tpot_s`` for the same plan."""
     max_abs_error: float | None = None
     """Measured with --check: largest |logit difference| against one process."""
     check_tolerance: float | None = None
@@ -118,6 +123,11 @@ class RunResult(BaseModel):
     route, as ``Event.link``): what a codec on a boundary saves shows here."""
     events: list[Event] = Field(default_factory=list, exclude=True)
     """The timeline (exported as a trace, not in the JSON)."""
+
+    def take_prediction(self, predicted: "RunResult") -> None:
+        """A measured result: keep the simulator's figures for the same plan beside its own."""
+        self.predicted_latency_s = predicted.latency_s
+        self.predicted_ttft_s, self.predicted_tpot_s = predicted.ttft_s, predicted.tpot_s
 
 
 class Result(BaseModel):
@@ -166,7 +176,7 @@ def summarize(setup, plan: Plan, events: list[Event], peak_memory_bytes: dict[st
     Compute and all-reduce intervals count as busy time of their device."""
     if not events:
         raise ValueError("summarize needs at least one event")
-    if setup.output_tokens and plan.decode_micro_batches is None:  # the groups it decoded in, measured or simulated
+    if decode_steps(setup.output_tokens) and plan.decode_micro_batches is None:  # the groups it decoded in
         plan = plan.model_copy(update={"decode_micro_batches": plan.decode_groups(setup.batch_size)})
     t0 = min(e.start_s for e in events)
     latency = max(e.end_s for e in events) - t0

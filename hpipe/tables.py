@@ -43,7 +43,8 @@ def money(x: float | None) -> str:
     return "-" if x is None else "$" + sig(x)
 
 
-def gb(mb: float | None) -> str:
+def gb_of_mb(mb: float | None) -> str:
+    """A table cell of memory in GB from a Result's MB (3 significant digits; - for none)."""
     return "-" if mb is None else sig(mb / MB_PER_GB, 3)
 
 
@@ -160,11 +161,11 @@ def results_table(title: str, results) -> Table:
         name = r.planner + ("" if r.feasible else " (infeasible)")
         if gen:
             t.add_row(name, sig(r.latency_s), sig(r.ttft_s), sig(r.tpot_s * 1e3 if r.tpot_s is not None else None),
-                      sig(r.output_tokens_per_s), sig(r.energy_j), gb(_max_mem_mb(r)), shape(r.plan),
+                      sig(r.output_tokens_per_s), sig(r.energy_j), gb_of_mb(_max_mem_mb(r)), shape(r.plan),
                       str(r.plan.decode_micro_batches or "-") if r.plan else "-")
         else:
             t.add_row(name, sig(r.latency_s), sig(r.throughput_tokens_per_s), sig(r.energy_j),
-                      sig(r.usd_per_million_tokens), f"{r.bubble_fraction:.1%}", gb(_max_mem_mb(r)),
+                      sig(r.usd_per_million_tokens), f"{r.bubble_fraction:.1%}", gb_of_mb(_max_mem_mb(r)),
                       shape(r.plan))
     return t
 
@@ -183,7 +184,7 @@ def measured_table(title: str, measured, predicted) -> Table:
          sig(predicted.usd_per_million_tokens if predicted else None)),
         ("bubble", f"{measured.bubble_fraction:.1%}",
          f"{predicted.bubble_fraction:.1%}" if predicted and predicted.bubble_fraction is not None else "-"),
-        ("max memory GB", gb(_max_mem_mb(measured)), gb(_max_mem_mb(predicted) if predicted else None)),
+        ("max memory GB", gb_of_mb(_max_mem_mb(measured)), gb_of_mb(_max_mem_mb(predicted) if predicted else None)),
         ("stages/slices/µbatches", shape(measured.plan), shape(measured.plan)),
     ]
     if measured.max_abs_error is not None:

@@ -315,6 +315,15 @@ def profile_staleness(scenario: Scenario, path: Path, *, unreadable_ok: bool = T
     return stale_reason(prof, setup)
 
 
+def _profile_format(path: Path) -> str:
+    """The ``format`` a JSON file names, or "" (not JSON, not an object, no format)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return ""
+    return str(data.get("format", "")) if isinstance(data, dict) else ""
+
+
 def check_profile_target(scenario: Scenario, path: str) -> None:
     """Refuse a ``--profile`` path validate may not write a profile to (before any work): stdout
     (it is read back), or an existing file that is not a profile of this scenario's model
@@ -326,15 +335,17 @@ def check_profile_target(scenario: Scenario, path: str) -> None:
     if is_stdout(path):
         raise InputError("validate reads the profile back: give a file, not -", field="--profile")
     p = Path(path)
-    if not p.exists():
+    if not p.exists() or (p.is_file() and p.stat().st_size == 0):  # an empty placeholder (mktemp) is free too
         return
     try:
         prof = load_profile(p)
     except InputError as e:
+        if _profile_format(p).startswith("hpipe-profile"):
+            return  # a profile of another format (an older hpipe's): stale, measured again
         raise InputError(f"{p} exists and is not a profile hpipe reads ({e.problem}); validate writes a profile "
                          f"only where none is or over a stale one: give another path", field="--profile") from None
     setup = scenario.model_copy(update={"costmodel": "roofline"}).resolve()
-    other = model_mismatch(prof, setup.model, setup.dtype)
+    other = model_mismatch(prof, setup.model, prof.dtype)  # another dtype of the same model is only stale
     if other:
         raise InputError(f"{p} is a profile of another model ({other}); validate would write over it: give "
                          f"another path", field="--profile")
@@ -441,6 +452,20 @@ class CaseOptions:
     extra: dict = field(default_factory=dict)
 
 
+def case_variants(sc: Scenario, opts: CaseOptions) -> list[tuple[Scenario, int]]:
+    """(scenario, random plans) of each kind of case validate runs for ``sc``: the prefill cases
+    without generation, the decode cases with it."""
+    n_out = sc.workload.output_tokens if opts.output_tokens is None else opts.output_tokens
+    return ([(with_output_tokens(sc, 0), opts.n_random)] if opts.prefill else []) + \
+        ([(with_output_tokens(sc, n_out), opts.n_random if opts.decode_random is None else opts.decode_random)]
+         if n_out else [])
+
+
+def variant_label(setup) -> str:
+    """How skip and failure lines name a scenario's prefill or decode cases."""
+    return f"{setup.name}{' (decode)' if setup.output_tokens else ''}"
+
+
 def plans_for(setup, opts: CaseOptions, skipped: list[str], n_random: int | None = None) -> list[Plan]:
     """The planners' plans and ``n_random`` random ones (default ``opts.n_random``); in a
     generating setup every plan names its decode groups (a default spelled out), so two plans
@@ -449,7 +474,7 @@ def plans_for(setup, opts: CaseOptions, skipped: list[str], n_random: int | None
 
     n_random = opts.n_random if n_random is None else n_random
     plans = []
-    what = f"{setup.name}{' (decode)' if setup.output_tokens else ''}"
+    what = variant_label(setup)
     for name in opts.planners:
         if name not in PLANNER_NAMES:
             raise InputError(f"unknown planner {name!r}; one of {', '.join(PLANNER_NAMES)}", field="--planners")
@@ -581,21 +606,27 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     hardware = ""
     jobs = []  # (setup, plan, same_as, simulated_s)
     unmeasured: dict[str, list] = {}
+    sent: set[tuple[str, str]] = set()
     from hpipe.runtime.here import check_placements
 
     bases = [sc.model_copy(update={"costmodel": "roofline"}).resolve() for sc in scenarios]
-    for base in bases:  # every scenario's devices and memory, before any is profiled or run
+    all_variants = [case_variants(sc, opts) for sc in scenarios]
+    if not any(opts.planners or n for vs in all_variants for _, n in vs):
+        raise InputError("no case to validate: no planner, and no random plan where there are cases "
+                         "(give --random N, --decode-random N or a planner)", field="--planners")
+    for sc, base, variants in zip(scenarios, bases, all_variants):  # before any is profiled or run: every
+        # scenario's devices, its memory for the workloads it will run (--output-tokens, --no-prefill),
+        # and a named profile that cannot be read
         check_placements(base, base.cluster.device_ids, who="validation profiles and runs every device; the scenario has")
-        raise_if_model_cannot_fit(base)
-    for sc, base in zip(scenarios, bases):
+        for variant, _ in variants:
+            raise_if_model_cannot_fit(variant.model_copy(update={"costmodel": "roofline"}).resolve())
+        named = named_profile_path(sc)
+        if named is not None and profile_paths.get(sc.name) is None:
+            profile_staleness(sc, named, unreadable_ok=False)
+    for sc, base, variants in zip(scenarios, bases, all_variants):
         why = emulation_unsupported(base)
         if why:
             raise HpipeError(f"cannot validate {sc.name} on this machine: {why}")
-        n_out = sc.workload.output_tokens if opts.output_tokens is None else opts.output_tokens
-        # (scenario, random plans): the prefill cases without generation, the decode cases with it
-        variants = ([(with_output_tokens(sc, 0), opts.n_random)] if opts.prefill else []) + \
-            ([(with_output_tokens(sc, n_out), opts.n_random if opts.decode_random is None else opts.decode_random)]
-             if n_out else [])
         asked = profile_paths.get(sc.name)
         # one profile serves both: measured with the decode points where there are decode cases
         path, reason = ensure_profile(variants[-1][0] if variants else sc, Path(asked) if asked else None,
@@ -612,25 +643,28 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
             for plan, same_as in dedup(plans_for(setup, opts, skipped, n_random)):
                 sim = simulate(setup, plan)
                 if not sim.feasible:
-                    skipped.append(f"{sc.name}{' (decode)' if setup.output_tokens else ''}: {plan.planner}: "
-                                   f"{sim.infeasible}")
+                    skipped.append(f"{variant_label(setup)}: {plan.planner}: {sim.infeasible}")
                     continue
                 jobs.append((setup, plan, same_as, sim))
-            if setup.cost.unmeasured_links:
-                unmeasured.setdefault(sc.name, [])
-                unmeasured[sc.name] += [p for p in setup.cost.unmeasured_links if p not in unmeasured[sc.name]]
+                sent.update((e.device, e.dst) for e in sim.events if e.kind == "transfer")
+            # the pairs the cases sent over, of those the cost model priced without a measured link
+            # (the planners ask about many more pairs than their plans use)
+            for pair in setup.cost.unmeasured_links:
+                if pair in sent and pair not in unmeasured.setdefault(sc.name, []):
+                    unmeasured[sc.name].append(pair)
     runs: list[list] = [[] for _ in jobs]
     drifts: list[list] = [[] for _ in jobs]
     failed: dict[int, str] = {}
     for rnd in range(opts.repeats):
-        for k, (setup, plan, _, _) in enumerate(jobs):
+        for k, (setup, plan, same_as, _) in enumerate(jobs):
             if k in failed:
                 continue
             drifts[k].append(probe_drift(setup, plan))  # just before the run (no worker is running)
             try:
                 runs[k].append(execute(setup, plan, timeout_s=opts.timeout_s, quiet=True))
             except WorkerError as e:  # one hung or dead run: the others are still worth their minutes
-                failed[k] = f"{setup.name}{' (decode)' if setup.output_tokens else ''}: {plan.planner}: {e}"
+                failed[k] = f"{variant_label(setup)}: {plan.planner}" + \
+                    "".join(f" = {o}" for o in same_as) + (f" (round {rnd + 1})" if opts.repeats > 1 else "") + f": {e}"
             if on_case and rnd == opts.repeats - 1:
                 on_case(k)
     cases = [make_case(setup, plan, same_as, sim, rs, ds)

@@ -70,13 +70,13 @@ def test_inconsistent_plans(setup, change, field, problem):
     ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [0, 64]}',
      "field 'slices[0]'"),
     ("null", "a plan is a JSON object, got null"),
-    # numbers are numbers: a boolean or a quoted number was taken (true as 1 micro-batch)
+    # a boolean is not a number (pydantic took true as 1 micro-batch), as in a scenario
     ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [64], '
-     '"micro_batches": true}', "field 'micro_batches'"),
-    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": ["64"]}',
-     "field 'slices[0]'"),
-    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": ["0", 10]}], "slices": [64]}',
-     "field 'stages[0].units[0]'"),
+     '"micro_batches": true}', "field 'micro_batches': expected a number, got true (a boolean)"),
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [false]}',
+     "field 'slices[0]': expected a number, got false"),
+    ('[{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, true]}], "slices": [64]}]',
+     "field '[0].stages[0].units[1]': expected a number, got true"),
 ])
 def test_malformed_plan_files(tmp_path, text, problem):
     p = tmp_path / "p.json"
@@ -84,3 +84,12 @@ def test_malformed_plan_files(tmp_path, text, problem):
     with pytest.raises(InputError) as e:
         load_plans(p)
     assert str(p) in str(e.value) and problem in str(e.value), str(e.value)
+
+
+def test_integral_floats_are_numbers(tmp_path):
+    """A plan scripted in Python or jq may write 64.0: taken as 64, as a scenario takes it."""
+    p = tmp_path / "p.json"
+    p.write_text('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], '
+                 '"slices": [64.0], "micro_batches": 2.0}')
+    (plan,) = load_plans(p)
+    assert plan.slices == [64] and plan.micro_batches == 2

@@ -415,10 +415,11 @@ def grid_gap(profile: Profile, setup) -> str | None:
     """Why a profile's grid falls short of a scenario's prefill (its slices and contexts reach
     fewer tokens, or its batches fewer sequences, than the scenario's workload: the fit would
     extrapolate), or None."""
-    g = setup.granularity
     for dp in profile.devices:
         a = dp.units["attn"]
-        pts = [(n, c, b) for n, c, b in zip(a.n, a.c, a.b) if n >= g or c == 0]  # prefill slices, not decode steps
+        # prefill slices, not decode steps (n = 1 past the prompt: at granularity 1 a one-token slice
+        # is n = 1 too, but the grid always holds the whole prompt as one slice, n = L)
+        pts = [(n, c, b) for n, c, b in zip(a.n, a.c, a.b) if n > 1 or c == 0]
         tokens, batch = max((n + c for n, c, _ in pts), default=0), max((b for *_, b in pts), default=0)
         if tokens < setup.seq_len or batch < setup.batch_size:
             return (f"the profile timed {dp.device} up to {tokens} tokens at batch {batch}, the scenario's workload "

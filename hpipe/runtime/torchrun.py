@@ -95,8 +95,7 @@ def _main(args) -> int:
     from hpipe.scenario import load_scenario
 
     setup = load_scenario(args.scenario).resolve()
-    plan = _plan(setup, args)
-    if args.json_path and not args.commands:  # before any work, as `hpipe execute` checks its outputs
+    if args.json_path and not args.commands:  # before any work (planning too), as `hpipe execute` checks it
         from pathlib import Path
 
         from hpipe.io import check_outputs
@@ -104,6 +103,7 @@ def _main(args) -> int:
         check_outputs({"--json": args.json_path}, inputs={"the scenario file": Path(args.scenario),
                                                           "--plan": Path(args.plan) if args.plan else None,
                                                           **setup.scenario.files_read()})
+    plan = _plan(setup, args)
     if args.commands:
         print("\n".join(commands(setup, plan, args)))
         return 0
@@ -157,7 +157,7 @@ def _main(args) -> int:
         records = {r["role"]: r for r in gathered}
         run = run_from_records(records, plan.devices, stages, ids)
         measured = measured_result(setup, plan, run, check=args.check, spec=spec, seed=args.seed)
-        measured.predicted_latency_s = predicted.latency_s
+        measured.take_prediction(predicted)
         from hpipe.runtime.emulation import slowed_by_quota
 
         quota = [d for d in plan.devices if slowed_by_quota(setup.cluster.device(d).placement)]

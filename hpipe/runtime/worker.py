@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import numpy as np
@@ -601,7 +601,9 @@ def _map_roles(cfg: WorkerConfig) -> list[int]:
 
             hosts = sorted({t[0] for t in table})
             raise InputError(f"the torchrun processes disagree on {what} (hosts {', '.join(hosts)}): give every "
-                             f"host the same command but --host (see --commands)", field=what)
+                             f"host the same command but --host (see --commands)"
+                             + (", and one plan to all (--plan plan.json): planned on each host, the plans "
+                                "differ" if what == "the plan" else ""), field=what)
     rank_of_slot = {(t[0], t[1]): r for r, t in enumerate(table)}
     per_host: dict[str, int] = {}
     rank_of = []
@@ -631,9 +633,11 @@ def _agreement(cfg: WorkerConfig) -> dict[str, str]:
     return {"--seed": digest(cfg.seed), "--warmup": digest(cfg.warmup),
             "--inputs": digest(cfg.ids.shape if cfg.ids is not None else None, cfg.ids),
             "the plan": digest(cfg.devices, cfg.stages, cfg.slices, cfg.mb_sizes, cfg.codecs),
-            # whether weights are loaded, not their path: a host may keep its scenario elsewhere
-            # (two hosts' differing checkpoints are what --check finds)
-            "the scenario": digest(cfg.spec, cfg.dtype, cfg.weights is not None, cfg.generation)}
+            # the model's shape, and whether weights are loaded, not where from: a host may keep its
+            # scenario and weights folder elsewhere (spec.name and spec.source name the folder;
+            # two hosts' differing checkpoints are what --check finds)
+            "the scenario": digest(replace(cfg.spec, name="", source=""), cfg.dtype, cfg.weights is not None,
+                                   cfg.generation)}
 
 
 # -- process entry (multiprocessing) -------------------------------------------

@@ -142,16 +142,14 @@ def build(setup, plan: Plan, decode: bool = True) -> PipelineSpec:
     return spec
 
 
-from hpipe.sim.decode import DecodeWork, decode_groups, feedback, token_times  # noqa: E402  (uses the helpers above)
+from hpipe.sim.decode import DecodeWork, feedback, token_times  # noqa: E402  (uses the helpers above)
 
 
 def simulate(setup, plan: Plan) -> RunResult:
     """Simulate one plan; a plan that overflows a device's memory comes back with
     ``feasible`` false and the device and shortfall in ``infeasible``."""
-    if setup.output_tokens and plan.decode_micro_batches is None:
-        plan = plan.model_copy(update={"decode_micro_batches": decode_groups(plan)})
     events = run(build(setup, plan))
-    result = summarize(setup, plan, events, plan_memory_bytes(setup, plan))
+    result = summarize(setup, plan, events, plan_memory_bytes(setup, plan))  # names the decode groups it used
     if setup.output_tokens:
         work = DecodeWork.of(setup, plan)
         times = token_times(work, result.events, len(plan.stages), setup.batch_size)

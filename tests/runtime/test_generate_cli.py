@@ -108,6 +108,8 @@ def test_text_prompt_streams_text_equal_to_transformers(tmp_path):
         hf = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24, pad_token_id=0)
     assert ids == hf[0, x.shape[1]:].tolist()
     assert res["ttft_s"] > 0 and res["tpot_s"] > 0 and res["predicted_latency_s"] > 0
+    # the table's predicted TTFT and TPOT are in the JSON too, for scripts that compare them
+    assert 0 < res["predicted_ttft_s"] < res["predicted_latency_s"] and res["predicted_tpot_s"] > 0
 
     # the same prompt from standard input (--prompt-file -), behind a UTF-8 byte-order mark
     r = subprocess.run([sys.executable, "-m", "hpipe", "generate", "tiny.yaml", "--prompt-file", "-",

@@ -86,3 +86,24 @@ def test_torchrun_hosts_must_agree(tmp_path):
     for _, err in results:
         assert "the torchrun processes disagree on --seed (hosts ha, hb)" in err, err[-2000:]
     assert not out.exists()
+
+
+def test_hosts_agree_whatever_folder_holds_their_weights():
+    """The agreement digests the model's shape, not where a host keeps its weights folder (a
+    spec read from config.json carries the folder's name and path)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from hpipe.models import ModelSpec
+    from hpipe.runtime.worker import WorkerConfig, _agreement
+
+    spec = ModelSpec(**{**TINY_LLAMA, "name": "w", "source": "/srv/a/w/config.json"})
+    cfg = WorkerConfig(role=0, devices=["ha/core-0", "hb/core-0"], stages=[((0,), 0, 3), ((1,), 3, 6)], spec=spec,
+                       dtype="float32", weights="/srv/a/w", seed=0, ids=np.zeros((2, 32), np.int64), slices=[32],
+                       mb_sizes=[2])
+    there = replace(cfg, spec=replace(spec, name="weights", source="/home/b/weights/config.json"),
+                    weights="/home/b/weights", role=1)
+    assert _agreement(cfg) == _agreement(there)
+    assert _agreement(cfg)["the scenario"] != _agreement(replace(cfg, spec=replace(spec, d_ff=256)))["the scenario"]
+    assert _agreement(cfg)["the scenario"] != _agreement(replace(cfg, weights=None))["the scenario"]
