@@ -711,3 +711,22 @@ def test_validate_names_the_links_its_profile_did_not_measure(tiny, tmp_path, mo
     assert said[prof_path] == {}
     # base: two stages, one hop; not the other pairs the planner asked the cost model about
     assert said[no_links] == {"tiny-cpu": [["local/core-0", "local/core-1"]]}, said
+
+
+def test_validate_may_write_over_an_empty_file_an_old_profile_or_another_dtypes(tiny, tmp_path):
+    """--profile's refusals are for files that hold something else: an empty placeholder, a
+    profile of an older format or of the same model in another dtype are only stale."""
+    from hpipe.errors import InputError
+    from hpipe.validate import check_profile_target
+
+    path, prof_path, _ = tiny
+    sc = load_scenario_file(path)
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**json.loads(prof_path.read_text()), "format": "hpipe-profile/0"}))
+    for free in (empty, old, prof_path, tmp_path / "missing.json"):
+        check_profile_target(sc, str(free))
+    check_profile_target(load_scenario_file(path, overrides=["dtype=bfloat16"]), str(prof_path))
+    with pytest.raises(InputError, match="a profile of another model"):
+        check_profile_target(load_scenario_file(path, overrides=["model=small-llama"]), str(prof_path))
