@@ -606,7 +606,6 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
     hardware = ""
     jobs = []  # (setup, plan, same_as, simulated_s)
     unmeasured: dict[str, list] = {}
-    sent: set[tuple[str, str]] = set()
     from hpipe.runtime.here import check_placements
 
     bases = [sc.model_copy(update={"costmodel": "roofline"}).resolve() for sc in scenarios]
@@ -628,6 +627,7 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         if why:
             raise HpipeError(f"cannot validate {sc.name} on this machine: {why}")
         asked = profile_paths.get(sc.name)
+        sent: set[tuple[str, str]] = set()  # this scenario's cases' transfers (another may share device names)
         # one profile serves both: measured with the decode points where there are decode cases
         path, reason = ensure_profile(variants[-1][0] if variants else sc, Path(asked) if asked else None,
                                       reprofile=reprofile, quiet=quiet, log=log, **(profile_kw or {}))
