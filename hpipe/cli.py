@@ -953,8 +953,6 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 
 
 def main() -> None:
-    import signal
-
     from hpipe.stopping import install_sigterm
 
     before = install_sigterm()  # stopped as Ctrl-C stops it: workers first, exit 143
@@ -997,8 +995,9 @@ def main() -> None:
             sys.exit(e.exit_code)
         raise
     finally:
-        if before is not None:  # an in-process caller (tests) gets its own handler back
-            signal.signal(signal.SIGTERM, before)
+        from hpipe.stopping import restore
+
+        restore(before)  # an in-process caller (tests) gets its own handlers back
 
 
 if __name__ == "__main__":

@@ -27,14 +27,46 @@ def on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+_interrupted = False
+"""Set by Ctrl-C, and never cleared: a KeyboardInterrupt that lands where something swallows it
+(a finalizer's "Exception ignored", a library's broad except) is raised again at the next
+``check_interrupted`` (a CI run beside a busy loop once profiled on after a Ctrl-C at 1 s)."""
+
+
+def on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt()
+
+
+def check_interrupted() -> None:
+    """Raise the Ctrl-C (or SIGTERM) that came and was lost; called where long work polls."""
+    if _terminated:
+        raise Terminated()
+    if _interrupted:
+        raise KeyboardInterrupt()
+
+
 def install_sigterm():
-    """Handle SIGTERM as above; the handler it replaces (None off the main thread, where no
-    handler can be set)."""
+    """Handle SIGTERM as above, and Ctrl-C with ``on_sigint`` (where Python's own handler is
+    in place); the handlers it replaces, {signal: handler}, for ``restore`` (None off the
+    main thread, where no handler can be set)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, on_sigterm)
+    before = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+        before[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+    return before
+
+
+def restore(before) -> None:
+    """An in-process caller (tests) gets its own handlers back, and a clean slate."""
+    global _interrupted, _terminated
+    for sig, handler in (before or {}).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    _interrupted = _terminated = False
 
 
 @contextlib.contextmanager

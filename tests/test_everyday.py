@@ -956,3 +956,26 @@ def test_every_table_gives_tpot_in_ms():
     con.print(generation_table("t", r, r))
     text = con.export_text()
     assert "TPOT ms" in text and "TPOT p90 ms" in text and f"{r.tpot_s * 1e3:.4g}" in text, text
+
+
+def test_a_swallowed_ctrl_c_is_raised_at_the_next_check():
+    """A KeyboardInterrupt that lands where something swallows it (here a broad except, as in a
+    finalizer) must not let the command go on: long work polls ``check_interrupted``, which
+    raises it again.  A CI run beside a busy loop once profiled on after a Ctrl-C at 1 s."""
+    import signal
+
+    from hpipe import stopping
+
+    before = stopping.install_sigterm()
+    try:
+        stopping.check_interrupted()  # nothing came: nothing raised
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:  # swallowed
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            stopping.check_interrupted()
+    finally:
+        stopping.restore(before)
+    stopping.check_interrupted()  # a clean slate for an in-process caller
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from hpipe.errors import InputError, WorkerError
+from hpipe.stopping import check_interrupted
 from hpipe.procwatch import proc_stat
 from hpipe.result import Event, RunResult, summarize
 from hpipe.runtime.here import entry_path
@@ -502,6 +503,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
         failed_at = None
         hung = False
         while len(records) < len(procs):
+            check_interrupted()
             try:
                 kind, role, payload = q.get(timeout=0.05)
             except queue_mod.Empty:

@@ -88,6 +88,7 @@ from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait
                                       grid_gap)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.procwatch import run_watched
+from hpipe.stopping import check_interrupted
 from hpipe.runtime import emulation
 from hpipe.runtime import speed
 from hpipe.runtime.profile_grid import Grid, codec_sizes, default_grid, has_decode_steps, link_sizes
@@ -200,6 +201,7 @@ def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 
                 t0 = time.monotonic()
                 errors = {}
                 while len(results) < len(procs):
+                    check_interrupted()
                     try:
                         kind, rank, payload = q.get(timeout=0.1)
                     except queue_mod.Empty:
