@@ -176,7 +176,7 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
             raise InputError(f"{str(parent)!r} is not a folder", field=opt)
         if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise InputError(f"cannot write {p!r}: permission denied", field=opt)
-        if getattr(os, "geteuid", lambda: -1)() == 0 and not _can_create_in(parent):  # root passes os.access
+        if getattr(os, "geteuid", lambda: -1)() == 0 and not can_create_in(parent):  # root passes os.access
             raise InputError(f"cannot write {p!r}: its folder takes no new files", field=opt)
         if opt in plots:
             ext = path.suffix.lower().lstrip(".")
@@ -185,7 +185,7 @@ def check_outputs(outputs: dict[str, str | None], *, plots: tuple[str, ...] = ()
                                  f"{', '.join('.' + f for f in PLOT_FORMATS)}", field=opt)
 
 
-def _can_create_in(folder: Path) -> bool:
+def can_create_in(folder: Path) -> bool:
     """Whether a file can be made in ``folder``, by making (and removing) an empty one: the
     test os.access cannot give root (/proc, a read-only mount)."""
     try:

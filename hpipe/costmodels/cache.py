@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -120,16 +119,18 @@ def check_cache_writable() -> Path:
     """The cache folder, made if missing; InputError (before a profile is measured, not after)
     where no file can be written there."""
     from hpipe.errors import InputError
+    from hpipe.io import can_create_in
 
     folder = cache_dir()
-    where = f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the profile cache"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hpipe-check-"):
-            pass
+        why = None if can_create_in(folder) else "no file can be made there"
     except OSError as e:
-        raise InputError(f"cannot write profiles to {folder} ({e.strerror or e}); set {CACHE_ENV} to a folder "
-                         f"you can write, or give the profile a path (-o, --profile)", field=where) from None
+        why = e.strerror or str(e)
+    if why:
+        raise InputError(f"cannot write profiles to {folder} ({why}); set {CACHE_ENV} to a folder you can write, "
+                         f"or give the profile a path (-o, --profile)",
+                         field=f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "the profile cache")
     return folder
 
 
