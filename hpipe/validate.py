@@ -306,13 +306,24 @@ def profile_staleness(scenario: Scenario, path: Path, *, unreadable_ok: bool = T
     if not path.exists():
         return f"no profile at {path}"
     setup = scenario.model_copy(update={"costmodel": "roofline"}).resolve()
+    if not unreadable_ok:
+        return stale_reason(read_named_profile(scenario, path), setup)
     try:
         prof = load_profile(path)
     except InputError as e:
-        if not unreadable_ok:
-            raise InputError(str(e), file=scenario.source_path, field="costmodel.profile") from None
         return f"unreadable profile: {e}"
     return stale_reason(prof, setup)
+
+
+def read_named_profile(scenario: Scenario, path: Path):
+    """The profile ``scenario``'s cost model names; one hpipe cannot read is bad input, blamed
+    on the scenario's field (simulate refuses it too)."""
+    from hpipe.costmodels.profile import load_profile
+
+    try:
+        return load_profile(path)
+    except InputError as e:
+        raise InputError(str(e), file=scenario.source_path, field="costmodel.profile") from None
 
 
 def _profile_format(path: Path) -> str:
@@ -620,8 +631,8 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         for variant, _ in variants:
             raise_if_model_cannot_fit(variant.model_copy(update={"costmodel": "roofline"}).resolve())
         named = named_profile_path(sc)
-        if named is not None and profile_paths.get(sc.name) is None:
-            profile_staleness(sc, named, unreadable_ok=False)
+        if named is not None and named.exists() and profile_paths.get(sc.name) is None:
+            read_named_profile(sc, named)
     for sc, base, variants in zip(scenarios, bases, all_variants):
         why = emulation_unsupported(base)
         if why:

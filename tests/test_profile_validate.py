@@ -652,6 +652,12 @@ def test_validate_refuses_before_any_work(tiny, tmp_path, monkeypatch):
         r = run_cli(*base, *args)
         assert r.returncode == code and said in r.stderr, (args, r.returncode, r.stderr)
     assert other.read_text() == before
+    broken = tmp_path / "broken.yaml"  # names a profile hpipe cannot read: exit 2 as in simulate, before any work
+    (tmp_path / "trunc.json").write_text('{"format"')
+    broken.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "name": "broken",
+                                      "costmodel": {"kind": "fitted", "profile": "trunc.json"}}))
+    r = run_cli("validate", str(path), str(broken), "--planners", "hpipe", "--random", "0", "--quiet")
+    assert r.returncode == 2 and "field 'costmodel.profile'" in r.stderr and "JSON syntax error" in r.stderr, r.stderr
     small = tmp_path / "small.yaml"
     data = yaml.safe_load(path.read_text())
     data["cluster"]["hosts"][0]["devices"][0]["memory_gb"] = 0.001
