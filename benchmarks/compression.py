@@ -62,8 +62,9 @@ def _profiled_setup(profile: str):
     XDG cache), measured first where the cache has none that fits (or none that timed the codecs)."""
     import yaml
 
-    from hpipe.costmodels.cache import cached_profile_path, measure_into_cache
+    from hpipe.costmodels.cache import cached_profile_path
     from hpipe.costmodels.profile import load_profile
+    from hpipe.runtime.profile_cache import measure_into_cache
     from hpipe.runtime.profiler import stale_reason
 
     path = ROOT / "scenarios/local-cpu-hetero-int8.yaml"

@@ -1,7 +1,7 @@
 """How well does the roofline predict measured GPU kernel times?  v1 and v2 side by side.
 
 Reads Vidur's per-operator prefill profiles from ``../shared/reference/gpu-kernels/`` (or
-``$HPIPE_GPU_REFERENCE``), sums them into hpipe's units (hpipe.costmodels.reference) and
+``$HPIPE_GPU_REFERENCE``), sums them into hpipe's units (hpipe.reference) and
 prints, for roofline version 1 and version 2:
 
 * per GPU and unit kind: median |error|, p90, median predicted/measured;
@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpipe.costmodels import reference as ref  # noqa: E402
+from hpipe import reference as ref  # noqa: E402
 from hpipe.costmodels.roofline import (GENERATIONS, FitPoint, constants_literal,  # noqa: E402
                                        fit_constants, floor_kept_at_zero)
 from hpipe.devices import DEVICES  # noqa: E402

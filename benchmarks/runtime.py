@@ -148,7 +148,7 @@ def main() -> None:
     setup = load_scenario(args.scenario).resolve()
     auto = getattr(setup.cost, "auto", None)
     if auto is not None and auto.used == "roofline" and auto.runs_here:  # as `hpipe execute` does
-        from hpipe.costmodels.cache import measure_into_cache
+        from hpipe.runtime.profile_cache import measure_into_cache
 
         print(f"no profile of this machine yet: measuring a quick one into {auto.profile_path}", flush=True)
         measure_into_cache(setup, quiet=True)

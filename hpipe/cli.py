@@ -139,10 +139,9 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
     if choice is None or not say:
         return setup
     if choice.used == "roofline" and choice.runs_here and make_profile:
-        from hpipe.costmodels.cache import estimate_profile_s, measure_into_cache
-
         with _needs_torch("profile"):
             from hpipe.runtime.emulation import emulation_unsupported
+            from hpipe.runtime.profile_cache import estimate_profile_s, measure_into_cache
         why = emulation_unsupported(setup)
         if why:  # a profile must measure the devices as the scenario describes them
             err_console.print(f"{choice.note()}\n  no profile can be made here ({why}): planning on datasheet "

@@ -26,8 +26,8 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
     if choice.used == "roofline" and choice.runs_here:
         import shlex
 
-        from hpipe.costmodels.cache import estimate_profile_s
         from hpipe.overrides import format_key, overridden_keys, parse_key
+        from hpipe.runtime.profile_cache import estimate_profile_s
 
         # the same --set options: they are part of what the profile is measured for (its cache key)
         skip = format_key(parse_key(swept)) if swept else None

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpipe.costmodels import reference as ref
+from hpipe import reference as ref
 from hpipe.costmodels import roofline as rl
 from hpipe.devices import DEVICES, GENERATIONS as GENERATION_NAMES
 from hpipe.errors import InputError

@@ -17,7 +17,9 @@ tensor parallelism a row is one rank's shard (all-reduce excluded).
 
 Only benchmarks, tests and fitting scripts use this module; the cost models do
 not read the reference at run time (constants derived from it live in
-``roofline.py`` with a comment naming the source).
+``roofline.py`` with a comment naming the source).  It predicts the cases through a
+scenario of one GPU of each type, so it sits above ``hpipe.scenario``, not among the
+cost models that a scenario builds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from hpipe.scenario import parse_scenario
 
 ENV_VAR = "HPIPE_GPU_REFERENCE"
 MLP_FILE = "vidur_mlp_rows.csv"
@@ -79,7 +83,7 @@ def reference_dir() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]  # hpipe/reference.py -> the repository
     for up in repo.parents:
         cand = up / "shared" / "reference" / "gpu-kernels"
         if cand.is_dir():
@@ -149,8 +153,6 @@ def is_fit_case(case: Case) -> bool:
 def reference_setup(model: str, costmodel, *, dtype: str = "float16"):
     """A Setup holding one device of each reference GPU type (ids ``ref/<type>-0``) and ``model``,
     priced by ``costmodel`` (a scenario ``costmodel:`` value)."""
-    from hpipe.scenario import parse_scenario
-
     data = {"name": f"gpu-reference-{model}", "model": model, "dtype": dtype,
             "workload": {"seq_len": 4096, "batch_size": 1},
             "cluster": {"hosts": [{"name": "ref", "devices": [{"type": t} for t in sorted(set(GPU_TYPES.values()))]}]},

@@ -1,0 +1,65 @@
+"""Filling the profile cache: the quick profile ``costmodel: auto`` measures when the cache has
+none for a scenario, and a rough figure of how long that takes, said before it starts.
+
+The cache itself (where a profile goes, what its key covers) is ``hpipe.costmodels.cache``
+and needs no torch; measuring runs the profiler's worker processes, so it lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hpipe.costmodels.cache import cache_dir, cached_profile_path, check_cache_writable
+
+QUICK = {"quick": True, "warmup": 1, "repeats": 3}
+"""The profile ``costmodel: auto`` makes when the cache has none: the coarse grid, three timed
+sweeps (``hpipe profile`` without --quick measures a finer grid, five sweeps)."""
+STARTUP_S = 8.0
+"""Worker start-up (torch import, weights), the link ping-pongs and the fit, in a profile's time."""
+
+
+def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: int = 3) -> float:
+    """Rough seconds a profile of ``setup`` takes: its grid's chains timed with ``setup``'s own
+    cost model (the roofline, when no profile exists yet), on the slowest device, per sweep."""
+    from hpipe.runtime.profile_grid import default_grid
+    from hpipe.runtime.profile_units import chain_blocks
+
+    grid = default_grid(setup, quick=quick)
+    units = setup.units
+    n_blocks = chain_blocks(setup.model, setup.dtype, 32 << 20)  # a typical server L3
+    chain = [units[0], *units[1:1 + 2 * n_blocks], units[-1]]
+    per_device = []
+    for d in setup.cluster.device_ids:
+        per_device.append(sum(float(setup.cost.unit_time_s(u, d, n, c, b)) for n, c, b in grid.points
+                              for u in chain))
+    tp_share = 1.6 if any(len(h.devices) > 1 for h in setup.scenario.cluster.hosts) else 1.0  # shard chains
+    return (STARTUP_S + (warmup + repeats) * max(per_device) * tp_share) * load_factor(len(per_device))
+
+
+def load_factor(n_workers: int) -> float:
+    """How much longer CPU work takes now than on a quiet machine: runnable processes (the
+    1-minute load average plus the workers about to start) per CPU, at least 1.  A quick profile
+    that takes 40 s on a quiet 2-core VM took 155 s at a load of 5.7 (its workers got a CPU 24%
+    of the time)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1.0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1.0, (load + n_workers) / max(cpus, 1))
+
+
+def measure_into_cache(setup, path: Path | None = None, *, quiet: bool = False, **kw):
+    """Profile ``setup`` (quick settings unless ``kw`` says otherwise) and write it to the cache
+    (or ``path``); the Profile.  Needs torch: it runs the profiler's worker processes."""
+    from hpipe.io import write_text
+    from hpipe.runtime.profiler import profile
+
+    settings = {**QUICK, **kw}
+    path = path or cached_profile_path(setup)
+    if path.parent == cache_dir():  # checked before the minutes of measuring, not after
+        check_cache_writable()
+    prof = profile(setup, quiet=quiet, **settings)
+    write_text(path, prof.model_dump_json(indent=1))
+    return prof
