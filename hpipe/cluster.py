@@ -5,19 +5,17 @@ Nodes are devices (``HOST/NAME-i``) and one network interface per host
 (``HOST``).  Devices of a host are joined pairwise by the host's interconnect;
 each device reaches its host's interface over the same interconnect (half its
 latency on each side); interfaces are joined by the network or a per-pair override.
-A transfer between two devices follows the path of least latency; its
-bandwidth is the narrowest link on the path and its latency the sum.
-
-Routes are found by ``_dijkstra_paths``, networkx's Dijkstra step for step (the same
-visiting order and tie-breaking, so the same paths, as tests/test_cluster_routes.py
-checks), without importing networkx: that import was a third of ``hpipe plan``'s
-start-up.
+A transfer between two devices of one host takes their interconnect; between hosts, it goes
+up to the sender's interface, over that pair's network link and down to the receiver: hosts
+do not relay traffic for others, so a pair's own link is used even where a detour through a
+third host has less latency (least-latency routing had sent a 100 Gbit/s pair's traffic over
+two 0.01 Gbit/s links of a host the plan did not use).  Its bandwidth is the narrowest link
+on the path and its latency the sum.  This is the least-latency path among those that pass
+no other host's interface (tests/test_cluster_routes.py checks it against networkx).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -81,7 +79,7 @@ class Route:
 class LinkGraph:
     """An undirected graph with node and edge attributes, kept as networkx.Graph keeps it
     (``adj[u][v]`` is the edge's attribute dict, shared by both directions; neighbours in
-    the order their edges were added), which is what ``_dijkstra_paths`` walks."""
+    the order their edges were added)."""
 
     def __init__(self):
         self.nodes: dict[str, dict] = {}
@@ -113,35 +111,6 @@ class LinkGraph:
                 if not g.has_edge(u, v):
                     g.add_edge(u, v, **data)
         return g
-
-
-def _dijkstra_paths(adj: dict[str, dict[str, dict]], source: str, weight) -> dict[str, list[str]]:
-    """Least-weight paths from ``source`` to every node it reaches: networkx's
-    ``_dijkstra_multisource`` (networkx 3.x) step for step -- a heap of (distance, push
-    count, node), a neighbour's predecessor replaced only on a strictly shorter distance --
-    so ties between equally short paths resolve as ``nx.all_pairs_dijkstra_path`` does."""
-    dist: dict[str, float] = {}
-    seen = {source: 0}
-    pred: dict[str, str] = {}
-    c = itertools.count()
-    fringe = [(0, next(c), source)]
-    while fringe:
-        d_v, _, v = heapq.heappop(fringe)
-        if v in dist:
-            continue
-        dist[v] = d_v
-        for u, e in adj[v].items():
-            vu = d_v + weight(e)
-            if u in dist:
-                continue
-            if u not in seen or vu < seen[u]:
-                seen[u] = vu
-                heapq.heappush(fringe, (vu, next(c), u))
-                pred[u] = v
-    paths = {source: [source]}
-    for v in itertools.islice(dist, 1, None):  # in order of distance: a predecessor's path is ready
-        paths[v] = paths[pred[v]] + [v]
-    return paths
 
 
 class Cluster:
@@ -221,18 +190,17 @@ class Cluster:
     def _routes(self) -> dict[tuple[str, str], Route]:
         routes = {}
         adj = self.link_graph.adj
-        for a in self.device_ids:
-            paths = _dijkstra_paths(adj, a, lambda e: e["latency_s"] + 1e-12)
-            for b in self.device_ids:
-                if a == b:
+        for a in self.devices:
+            for b in self.devices:
+                if a.id == b.id:
                     continue
-                path = paths[b]
+                path = [a.id, b.id] if a.host == b.host else [a.id, a.host, b.host, b.id]
                 edges = [tuple(sorted((u, v))) for u, v in zip(path, path[1:])]
                 data = [adj[u][v] for u, v in edges]
                 bw = min(d["bandwidth_gbps"] for d in data)
                 # bottleneck first, so simulators that hold one resource hold the narrowest
                 edges.sort(key=lambda e: adj[e[0]][e[1]]["bandwidth_gbps"])
-                routes[(a, b)] = Route(bandwidth_gbps=bw, latency_s=sum(d["latency_s"] for d in data),
+                routes[(a.id, b.id)] = Route(bandwidth_gbps=bw, latency_s=sum(d["latency_s"] for d in data),
                                        links=tuple(edges))
         return routes
 
