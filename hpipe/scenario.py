@@ -191,7 +191,8 @@ class DeviceEntry(_Strict):
         idle = self.idle_power_w if self.idle_power_w is not None else 0.1 * self.power_w
         generation = self.generation or (
             "cpu" if self.runtime is not None and self.runtime.device == "cpu" else "ampere")
-        return DeviceSpec(name=self.name, generation=generation,
+        # a device placed on a CPU, or priced as one, is a CPU: no framework reserve (memory_reserve_gb)
+        return DeviceSpec(name=self.name, generation=generation, kind="cpu" if generation == "cpu" else "gpu",
                           fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
                           memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
                           power_w=self.power_w, idle_power_w=idle,

@@ -146,6 +146,19 @@ def test_custom_device_and_cpu_reserve():
     assert setup.cluster.device_ids == ["h/CPU-0", "h/x-0", "h/x-1"]
     assert setup.cluster.device("h/CPU-0").usable_memory_bytes == 32e9
     assert setup.cost.idle_power_w("h/x-1") == pytest.approx(10)
+    assert setup.cluster.device("h/x-0").usable_memory_bytes == pytest.approx(2e9 - 0.5e9)  # a GPU: reserve
+
+
+@pytest.mark.parametrize("entry", [{"runtime": {"device": "cpu"}}, {"generation": "cpu"}],
+                         ids=["placed-on-a-cpu", "generation-cpu"])
+def test_a_custom_cpu_device_keeps_no_reserve(entry):
+    """memory_reserve_gb is for GPUs (CUDA context, allocator); a custom device placed on a CPU
+    (scenarios/local-cpu.yaml's cores) or priced as one is a CPU and keeps none."""
+    data = {**SCN, "cluster": {"hosts": [{"name": "h", "devices": [
+        {"name": "core", "peak_tflops": 0.06, "memory_gb": 4, "memory_bandwidth_gbps": 10, "power_w": 15, **entry}]}]}}
+    setup = parse_scenario(data).resolve()
+    assert setup.cluster.device("h/core-0").spec.kind == "cpu"
+    assert setup.cluster.device("h/core-0").usable_memory_bytes == 4e9
 
 
 def test_bf16_runs_at_the_fp32_rate_where_the_generation_has_no_bf16():
