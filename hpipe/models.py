@@ -70,6 +70,11 @@ class ModelSpec:
                 raise SpecError(f, f"must be a positive number, got {v!r}")
         if self.family not in ("llama", "gpt"):
             raise SpecError("family", f"must be 'llama' or 'gpt', got {self.family!r}")
+        if not isinstance(self.tie_embeddings, bool):  # a quoted 'false' would read as tied
+            raise SpecError("tie_embeddings", f"must be true or false, got {self.tie_embeddings!r}")
+        for f in ("name", "source"):
+            if not isinstance(getattr(self, f), str):
+                raise SpecError(f, f"must be text, got {getattr(self, f)!r}")
         if self.d_model % self.n_heads:
             raise SpecError("d_model", f"{self.d_model} must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:

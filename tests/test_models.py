@@ -86,7 +86,9 @@ def test_inline_model_validation():
     ("n_layers", 0, "must be positive"), ("n_kv_heads", 3, "must divide n_heads"),
     ("d_model", 66, "multiple of n_heads"), ("rope_theta", -1.0, "positive number"),
     ("norm_eps", 0.0, "positive number"), ("norm_eps", float("nan"), "positive number"),
-    ("rope_theta", float("inf"), "positive number"), ("norm_eps", True, "positive number")])
+    ("rope_theta", float("inf"), "positive number"), ("norm_eps", True, "positive number"),
+    ("tie_embeddings", "false", "true or false"), ("tie_embeddings", 7, "true or false"),
+    ("name", 123, "must be text")])
 def test_an_impossible_shape_names_its_field(field, value, problem):
     """A zero norm epsilon or a negative rotary base computes NaN or garbage logits (which a
     --check once passed); every such error names the field, not just `model`."""
