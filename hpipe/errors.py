@@ -82,15 +82,19 @@ def format_loc(loc: tuple) -> str:
 
 
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
-    """' (did you mean X, Y?)' for the closest names, or '' when none is close."""
+    """' (did you mean X, Y?)' for the closest names, or '' when none is close: first the names
+    that hold ``name`` whole, ignoring case (A100 -> A100-40GB, A100-80GB; 3090 -> RTX3090),
+    which a spelling distance ranks below A10 and V100; then the closest spellings."""
     choices = list(choices)
+    key = name.lower()
+    holding = sorted((c for c in choices if len(key) >= 3 and key in c.lower() and c != name),
+                     key=lambda c: (not c.lower().startswith(key), len(c), c))
     close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
     if not close:
         lowered = {c.lower(): c for c in choices}
-        close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)]
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
+        close = [lowered[c] for c in difflib.get_close_matches(key, list(lowered), n=n, cutoff=0.5)]
+    picked = list(dict.fromkeys([*holding, *close]))[:n]
+    return f" (did you mean {', '.join(picked)}?)" if picked else ""
 
 
 def boolean_for_number(model_cls, data) -> tuple[str, bool] | None:

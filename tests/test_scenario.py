@@ -49,6 +49,10 @@ def test_base_is_valid_and_ids_are_stable():
 
 @pytest.mark.parametrize("path,value,field,problem", [
     (("cluster", "hosts", 0, "devices", 0, "type"), "P1000", "cluster.hosts[0].devices[0].type", "did you mean P100"),
+    # a name held whole in catalog names comes first: difflib alone offered A10, V100, P100
+    (("cluster", "hosts", 0, "devices", 0, "type"), "A100", "cluster.hosts[0].devices[0].type",
+     "did you mean A100-40GB, A100-80GB"),
+    (("cluster", "hosts", 0, "devices", 0, "type"), "3090", "cluster.hosts[0].devices[0].type", "did you mean RTX3090"),
     (("model",), "llama-7", "model", "did you mean llama-7b"),
     (("workload", "seq_len"), 0, "workload.seq_len", "greater than 0"),
     (("workload", "seq_len"), 100, "workload.seq_len", "not a multiple of planner.token_granularity"),
