@@ -193,6 +193,21 @@ def _planner_names(planner: str, field: str = "--planner", allow_none: bool = Fa
     return list(dict.fromkeys(names))  # a planner named twice runs once
 
 
+def _chosen_planners(planner: str | None, sc) -> list[str]:
+    """The planners to run: ``--planner``, else the scenario's ``planner.kind``.  A --set that
+    names the planner beside --planner is refused: --planner won, and the --set went unheard."""
+    if planner is not None:
+        from hpipe.overrides import overridden_keys, parse_value, split_assignment
+
+        for key, text in zip(overridden_keys(sc.overrides), sc.overrides):
+            value = parse_value(split_assignment(text)[1])
+            if key == "planner.kind" or (key == "planner" and (isinstance(value, str) or
+                                                               (isinstance(value, dict) and "kind" in value))):
+                raise InputError(f"--planner {planner} and --set {text} both choose the planner; give one",
+                                 field="--planner")
+    return _planner_names(planner or sc.planner.kind)
+
+
 def _check_timeout(timeout_s: float) -> None:
     import math
 
@@ -265,7 +280,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     notes.past_context(setup)  # a warning: said with --quiet too
-    name = _planner_names(planner or setup.scenario.planner.kind)
+    name = _chosen_planners(planner, setup.scenario)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
     with progress(quiet) as bar:
@@ -337,7 +352,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             if named.count(r.planner) > 1:
                 r.planner = f"{r.planner} [{i}]"
     else:
-        names = _planner_names(planner or setup.scenario.planner.kind)
+        names = _chosen_planners(planner, setup.scenario)
         from hpipe.compare import compare_planners  # only here: --plan must work without the planners
         from hpipe.progress import progress
 
@@ -431,7 +446,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
                           f"{autos[used.index('fitted')].profile_path}}}')", markup=False, highlight=False,
                           soft_wrap=True)
         first = load([assignment(key, values[0])])
-    names = _planner_names(planner or first.scenario.planner.kind)
+    names = _chosen_planners(planner, first.scenario)
     notes.unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
     notes.past_context_in_sweep(key, [value_text(v) for v in values], [load([assignment(key, v)]) for v in values])
     with progress(quiet) as bar:
@@ -459,8 +474,9 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     con = _out_console(json_path, quiet)
     if con:
         model = "" if key == "model" or key.startswith("model.") else f"{first.model.name}, "  # else it varies
-        con.print(sweep_table(f"{first.name}: simulated at each {key} ({model}{_costmodel_name(first)} cost model)",
-                              key, values, result.runs))
+        costmodels = {_costmodel_name(load([assignment(key, v)])) for v in values}  # the swept key may be it
+        costmodel = f"{costmodels.pop()} cost model" if len(costmodels) == 1 else "each value's cost model"
+        con.print(sweep_table(f"{first.name}: simulated at each {key} ({model}{costmodel})", key, values, result.runs))
         _say_written(con, {"sweep JSON": json_path, "sweep chart": plot})
     if all(not r.feasible for run in result.runs for r in run.results):
         from hpipe.tables import infeasible_notes
@@ -521,7 +537,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
 
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=True, check=inputs_fit)
     if p is None:
-        p = make_plan(setup, _planner_names(planner or setup.scenario.planner.kind)[0])
+        p = make_plan(setup, _chosen_planners(planner, setup.scenario)[0])
         check_placements(setup, p.devices)
     predicted = run_sim(setup, p)
     if not predicted.feasible:
@@ -692,7 +708,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                              file=str(plan), field="slices")
         p = _checked_plan(plans[0], setup, str(plan))
     else:
-        names = _planner_names(planner or sc.planner.kind)
+        names = _chosen_planners(planner, sc)
         if len(names) != 1:
             raise InputError("generate runs one planner", field="--planner")
         p = make_plan(plan_setup, names[0])

@@ -207,6 +207,7 @@ def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=
         return data  # the scenario's own check reports it
     out = copy.deepcopy(data)
     given: dict[str, str] = {}
+    earlier: list[tuple[list, str]] = []
     for text in assignments:
         key, raw = split_assignment(text)
         parts = parse_key(key)
@@ -214,7 +215,14 @@ def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=
         if canonical in given:  # which one was meant is a guess: say so rather than keep the last
             raise InputError(f"{canonical} is set twice ({given[canonical]!r}, then {raw!r}); give it once "
                              f"(a --set before the command counts too)", field="--set")
+        # a mapping set whole replaces what an earlier --set put inside it: that one would be lost
+        inside = next((t for p, t in earlier if len(p) > len(parts) and p[:len(parts)] == parts), None)
+        if inside is not None:
+            raise InputError(f"--set {canonical}={raw} replaces all of {canonical}, so the earlier --set {inside} "
+                             f"would be lost; give that value inside it, or set it after "
+                             f"(a --set before the command counts too)", field="--set")
         given[canonical] = raw
+        earlier.append((parts, text))
         set_path(out, parts, parse_value(raw), schema)
     return out
 

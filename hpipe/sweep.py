@@ -33,7 +33,7 @@ class SweepResult(BaseModel):
 def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
     """(swept key, its values, the other assignments) from the --set options: exactly one
     of them gives several comma-separated values."""
-    from hpipe.overrides import format_key, parse_key, parse_value, split_assignment, split_values
+    from hpipe.overrides import format_key, parse_key, parse_value, split_assignment, split_values, value_text
 
     swept, fixed, seen = [], [], set()
     for a in assignments:
@@ -49,11 +49,27 @@ def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
                          f"one key at a time: {', '.join(k for k, _, _, _ in swept)} all have several values",
                          field="--set")
     key, raw_values, _, canonical = swept[0]
-    if canonical in ("planner", "planner.kind"):
+    parts = parse_key(key)
+    for other, _, text, _ in fixed:  # each value replaces the whole mapping, set after the others
+        if parse_key(other)[:len(parts)] == parts:
+            raise InputError(f"{canonical} is swept whole, which replaces the --set {text} at every value; "
+                             f"give that setting inside each value", field="--set")
+    values = [parse_value(v) for v in raw_values]
+    kinds = [v.get("kind", "hpipe") if isinstance(v, dict) else v for v in values]
+    if canonical == "planner.kind" or (canonical == "planner" and len(set(map(str, kinds))) > 1):
         # the planners to compare are not a scenario value: every value would run the same ones
-        raise InputError(f"{key} cannot be swept: to compare planners give --planner {','.join(raw_values)}, "
-                         f"and sweep a scenario field (each planner runs at every value)", field="--set")
-    return key, [parse_value(v) for v in raw_values], [a for _, _, a, _ in fixed]
+        raise InputError(f"{key} cannot be swept to change the planner: to compare planners give --planner "
+                         f"{','.join(dict.fromkeys(map(str, kinds)))}, and sweep a scenario field (each planner "
+                         f"runs at every value; planner.token_granularity=16,32 for one of the planner's)",
+                         field="--set")
+    seen_values: dict[str, str] = {}
+    for raw, v in zip(raw_values, values):
+        text = value_text(v)
+        if text in seen_values:  # it would be planned twice, its rows side by side
+            raise InputError(f"{canonical} = {text} is given twice ({seen_values[text]!r} and {raw!r}); "
+                             f"give each value once", field="--set")
+        seen_values[text] = raw
+    return key, values, [a for _, _, a, _ in fixed]
 
 
 def run_sweep(load_setup: Callable[[list[str]], Any], key: str, values: list[Any], planners: list[str],

@@ -32,6 +32,8 @@ def sig(x: float | None, n: int = 4) -> str:
         return "-"
     if x == 0:
         return "0"
+    if abs(x) < 10 ** (n - 1):  # whole numbers from there up, every digit kept
+        x = float(f"{x:.{n - 1}e}")  # rounded before its digits are counted: 9.9996 is 10.00, not 10.000
     if abs(x) >= 10 ** (n - 1):
         return f"{x:,.0f}"
     decimals = n - 1 - math.floor(math.log10(abs(x)))
@@ -228,7 +230,7 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
             "cost\n$/run", *(() if gen else ("cost\n$/Mtok",)), "stages/\nslices/µb")
     for c in cols:
         t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
-    for v, run in zip(values, runs):
+    for i, (v, run) in enumerate(zip(values, runs)):
         for k, r in enumerate(run.results):
             label = value_text(v) if k == 0 else ""
             if r.latency_s is None:
@@ -238,7 +240,7 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
             per_mtok = () if gen else (sig(r.usd_per_million_tokens),)
             t.add_row(label, r.planner + ("" if r.feasible else " ✗"), sig(r.latency_s), *decode,
                       sig(r.energy_j), money(r.cost_usd), *per_mtok, shape(r.plan))
-        if len(run.results) > 1 and v is not values[-1]:
+        if len(run.results) > 1 and i < len(values) - 1:  # by position: equal small ints are one object
             t.add_section()
     return t
 

@@ -526,6 +526,52 @@ def test_a_scenario_from_a_pipe_is_read_once():
     assert [run["results"][0]["latency_s"] > 0 for run in runs] == [True, True], r.stderr
 
 
+def test_a_set_that_replaces_an_earlier_one_is_refused(cli):
+    """A mapping set whole after a --set of a field inside it dropped that field in silence
+    (a sweep always applies its value last, so there it was always dropped)."""
+    r = cli("simulate", PAPER, "-q", "--set", "cluster.network.bandwidth_gbps=100",
+            "--set", "cluster.network={bandwidth_gbps: 1, latency_us: 50}")
+    assert r.returncode == 2 and "the earlier --set cluster.network.bandwidth_gbps=100 would be lost" in r.stderr
+    r = cli("--set", "workload.seq_len=1024", "plan", PAPER, "-q", "--set", "workload={seq_len: 4096, batch_size: 1}")
+    assert r.returncode == 2 and "workload.seq_len=1024 would be lost" in r.stderr, r.stderr
+    r = cli("sweep", PAPER, "-q", "--set", "workload.seq_len=1024",
+            "--set", "workload={seq_len: 2048, batch_size: 1},{seq_len: 4096, batch_size: 1}")
+    assert r.returncode == 2 and "replaces the --set workload.seq_len=1024 at every value" in r.stderr, r.stderr
+    # the other order refines the mapping: the field set after it holds
+    r = cli("plan", PAPER, "-q", "-o", "-", "--set", "workload={seq_len: 4096, batch_size: 1}",
+            "--set", "workload.seq_len=1024")
+    assert r.returncode == 0 and sum(json.loads(r.stdout)["slices"]) == 1024, r.stderr
+
+
+def test_planner_given_by_set_and_by_option_is_refused(cli):
+    """--planner won and a --set planner.kind was ignored in silence."""
+    for args in (["simulate", PAPER, "--set", "planner.kind=gpipe", "--planner", "hpipe"],
+                 ["plan", PAPER, "--set", "planner={kind: gpipe}", "--planner", "hpipe"]):
+        r = cli(*args, "-q")
+        assert r.returncode == 2 and "both choose the planner; give one" in r.stderr, r.stderr
+    r = cli("plan", PAPER, "-q", "-o", "-", "--set", "planner.kind=gpipe")
+    assert r.returncode == 0 and json.loads(r.stdout)["planner"] == "gpipe"
+
+
+def test_sweep_values_each_once_and_a_planners_settings_swept_whole(cli):
+    r = cli("sweep", PAPER, "-q", "--set", "workload.seq_len=2048,1024,2048")
+    assert r.returncode == 2 and "workload.seq_len = 2048 is given twice" in r.stderr, r.stderr
+    # one planner's settings as mappings: swept; mappings of two planners: --planner compares those
+    r = cli("sweep", PAPER, "-q", "--json", "-", "--set",
+            "planner={kind: hpipe, token_granularity: 16},{kind: hpipe, token_granularity: 32}")
+    assert r.returncode == 0, r.stderr
+    assert [run["results"][0]["planner"] for run in json.loads(r.stdout)["runs"]] == ["hpipe", "hpipe"]
+    r = cli("sweep", PAPER, "-q", "--set", "planner={kind: hpipe},{kind: gpipe}")
+    assert r.returncode == 2 and "--planner hpipe,gpipe" in r.stderr, r.stderr
+
+
+def test_sweep_of_the_cost_model_names_no_one_model_in_its_title(cli):
+    local = SCENARIOS / "local-cpu.yaml"
+    r = cli("sweep", local, "--planner", "hpipe", "--set",
+            f"costmodel=roofline,{{kind: fitted, profile: {SCENARIOS / 'profiles' / 'local-cpu.json'}}}")
+    assert r.returncode == 0 and "each value's cost model" in r.stdout, r.stdout + r.stderr
+
+
 def test_sweep_refuses_zero_or_two_swept_keys_and_bad_values(cli):
     r = cli("sweep", PAPER, "--set", "workload.seq_len=1024")
     assert r.returncode == 2 and "V1,V2" in r.stderr
@@ -607,6 +653,9 @@ def test_numbers_keep_four_significant_digits():
 
     assert [sig(x) for x in (4.0, 0.002083, 12.3749, 1234.5, 0.0, 98765.4, None)] == \
         ["4.000", "0.002083", "12.37", "1,234", "0", "98,765", "-"]
+    # rounded before the digits are counted: 9.9996 once printed as 10.000 (five digits)
+    assert [sig(x) for x in (9.9996, 999.96, 0.099999, -9.9996)] == ["10.00", "1,000", "0.1000", "-10.00"]
+    assert sig(99.996, 3) == "100"
 
 
 def test_describe_units_in_words():
