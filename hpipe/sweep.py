@@ -100,10 +100,10 @@ def _numeric(values) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 110) -> None:
+def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 110):
     """Latency (with generation: TTFT and TPOT too), energy and (where the devices have prices)
     cost per million tokens against the swept value, one line per planner; log axes where the
-    values span decades."""
+    values with a feasible plan span decades.  Saved to ``path``; the Figure is returned."""
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -121,7 +121,10 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
         metrics = metrics[:-1]
     numeric = _numeric(sweep.values)
     xs = np.asarray(sweep.values, float) if numeric else np.arange(len(sweep.values), dtype=float)
-    log_x = numeric and (xs > 0).all() and xs.max() / xs.min() >= 100
+    order = np.argsort(xs, kind="stable")  # lines join numbers left to right, whatever order they were given
+    drawn = xs[[any(r.feasible for r in run.results) for run in sweep.runs]]  # the axis spans what has points
+    drawn = drawn if len(drawn) else xs
+    log_x = numeric and (drawn > 0).all() and drawn.max() / drawn.min() >= 100
     fig = Figure(figsize=(4.2 * len(metrics) + 1.8, 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -139,7 +142,8 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
             if np.isnan(ys).all():
                 continue
             ys_all.append(ys[~np.isnan(ys)])
-            ax.plot(xs, ys, marker=markers[k % len(markers)], ms=4, lw=1.3, color=cmap(k % 10), label=p)
+            ax.plot(xs[order], ys[order], marker=markers[k % len(markers)], ms=4, lw=1.3, color=cmap(k % 10),
+                    label=p)
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         if log_x:
             ax.set_xscale("log")
@@ -174,3 +178,4 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
     fig.suptitle(sup, fontsize=10, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     save_figure(fig, path, dpi)
+    return fig

@@ -418,6 +418,22 @@ def test_sweep_json_table_and_plot(cli, tmp_path):
     assert "bandwidth" in r.stderr and "hpipe" in r.stderr  # the table went to stderr beside JSON on stdout
 
 
+def test_sweep_plot_joins_numbers_in_order_on_the_axis_of_feasible_values(cli, tmp_path):
+    """Values given out of order drew zig-zags; an infeasible 600 put a log axis over 1-6."""
+    from hpipe.sweep import SweepResult, sweep_plot
+
+    r = cli("sweep", PAPER, "--set", "cluster.network.bandwidth_gbps=10,1,100,0.1", "--planner", "hpipe,single",
+            "--json", "-", "-q")
+    fig = sweep_plot(SweepResult.model_validate_json(r.stdout), tmp_path / "a.png")
+    for line in fig.axes[0].get_lines():
+        assert list(line.get_xdata()) == [0.1, 1, 10, 100]
+    assert fig.axes[0].get_xscale() == "log"
+    r = cli("sweep", PAPER, "--set", "workload.batch_size=1,600,6", "--planner", "hpipe", "--json", "-", "-q")
+    sweep = SweepResult.model_validate_json(r.stdout)
+    assert [run.results[0].feasible for run in sweep.runs] == [True, False, True]
+    assert sweep_plot(sweep, tmp_path / "b.png").axes[0].get_xscale() == "linear"
+
+
 def test_sweep_of_a_generating_scenario_shows_ttft_and_tpot():
     """The figures a decode objective is chosen for: objective=ttft trades end-to-end latency
     for a shorter TTFT, which a latency/energy table did not show."""
