@@ -1,4 +1,7 @@
-"""Writing outputs whole or not at all.
+"""Reading inputs strictly and writing outputs whole or not at all.
+
+A key given twice in one mapping of a YAML or JSON input is refused (both formats would
+keep the last in silence): ``load_yaml``, ``read_json``.
 
 Every file hpipe writes goes to a temporary file in the same folder and is
 renamed over the target, so an interrupted run leaves the old file or none,
@@ -16,6 +19,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import yaml
 
 
 @contextlib.contextmanager
@@ -221,6 +226,65 @@ def document_kind(data) -> str | None:
     return None
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (a YAMLError, with the line of the second)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping: YAML lets the last one win,
+    so a second ``workload:`` block would silently replace the first.  Checked on the
+    document as written, before construction: PyYAML expands merge keys (``<<: *base``) in
+    place, after which a merged key and its override would look like two."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._check_unique(node, set())
+        return self.construct_document(node)
+
+    def _check_unique(self, node, done: set) -> None:
+        if id(node) in done:  # an alias: its anchor was checked
+            return
+        done.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in first:
+                        raise DuplicateKey(
+                            None, None, f"{key_node.value!r} is given again (first at line "
+                            f"{first[key].line + 1}); YAML would silently keep this one: give it once",
+                            key_node.start_mark)
+                    first[key] = key_node.start_mark
+                self._check_unique(key_node, done)
+                self._check_unique(value_node, done)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._check_unique(item, done)
+
+
+def load_yaml(text: str):
+    """``text`` as safe YAML, a key given twice in one mapping refused (``DuplicateKey``)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+class _DuplicateJsonKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list) -> dict:
+    """json's object hook: a key given twice is refused (json.loads keeps the last in silence)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateJsonKey(f"{key!r} is given twice in one object; JSON would silently keep the second: "
+                             f"give it once")
+        out[key] = value
+    return out
+
+
 def read_json(path: str | Path):
     """A JSON file's contents; a missing, unreadable or malformed file is an InputError
     naming the file (and the line and column of a syntax error)."""
@@ -230,10 +294,12 @@ def read_json(path: str | Path):
 
     file = str(path)
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=_unique_pairs)
     except FileNotFoundError:
         raise InputError("no such file", file=file) from None
     except json.JSONDecodeError as e:
         raise InputError(f"JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}", file=file) from None
+    except _DuplicateJsonKey as e:
+        raise InputError(str(e), file=file) from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the file: {e}", file=file) from None

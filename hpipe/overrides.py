@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from hpipe.errors import InputError, format_loc, suggest
+from hpipe.io import DuplicateKey, load_yaml
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]|(\.)")
@@ -53,7 +54,9 @@ def parse_key(key: str) -> list[str | int]:
 def parse_value(text: str) -> Any:
     """A value as YAML reads it (``10`` int, ``0.1`` float, ``abc`` str, ``[1, 2]`` list)."""
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
+    except DuplicateKey as e:
+        raise InputError(f"in {text!r}: {e.problem}", field="--set") from None
     except yaml.YAMLError as e:
         raise InputError(f"{text!r} is not a YAML value: {getattr(e, 'problem', e)}", field="--set") from None
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):

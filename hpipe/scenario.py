@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 
 from hpipe.devices import DEVICES, GENERATIONS, DeviceSpec
 from hpipe.errors import InputError, boolean_for_number, format_loc, suggest
+from hpipe.io import DuplicateKey, load_yaml
 from hpipe.models import DTYPE_BYTES, MODELS, ModelSpec, Unit, get_model, model_from_mapping, positions_used
 
 PLANNER_NAMES = ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe", "single")
@@ -557,45 +558,6 @@ def parse_scenario(data: Any, file: str | None = None, *, planning_only: bool = 
         raise e.located(file) from None
 
 
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe loading that refuses a key given twice in one mapping: YAML lets the last one win,
-    so a second ``workload:`` block would silently replace the first.  Checked on the
-    document as written, before construction: PyYAML expands merge keys (``<<: *base``) in
-    place, after which a merged key and its override would look like two."""
-
-    def get_single_data(self):
-        node = self.get_single_node()
-        if node is None:
-            return None
-        self._check_unique(node, set())
-        return self.construct_document(node)
-
-    def _check_unique(self, node, done: set) -> None:
-        if id(node) in done:  # an alias: its anchor was checked
-            return
-        done.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            first: dict = {}
-            for key_node, value_node in node.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                    key = (key_node.tag, key_node.value)
-                    if key in first:
-                        raise _DuplicateKey(
-                            None, None, f"{key_node.value!r} is given again (first at line "
-                            f"{first[key].line + 1}); YAML would silently keep this one: give it once",
-                            key_node.start_mark)
-                    first[key] = key_node.start_mark
-                self._check_unique(key_node, done)
-                self._check_unique(value_node, done)
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                self._check_unique(item, done)
-
-
 WEIGHTS_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json")
 """What hpipe.runtime reads from a weights folder besides its *.safetensors files."""
 
@@ -641,12 +603,12 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if text is None:
         text = read_scenario_text(path)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        kind = "" if isinstance(e, _DuplicateKey) else "YAML syntax error at "
+        kind = "" if isinstance(e, DuplicateKey) else "YAML syntax error at "
         raise InputError(f"{kind}{where}{problem}", file=file) from None
     from hpipe.io import document_kind
 

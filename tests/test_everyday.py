@@ -559,6 +559,13 @@ def test_a_set_that_replaces_an_earlier_one_is_refused(cli):
     assert r.returncode == 0 and sum(json.loads(r.stdout)["slices"]) == 1024, r.stderr
 
 
+def test_a_key_twice_inside_a_set_value_is_refused(cli):
+    """YAML kept the last d_ff of an inline model in silence; a scenario file refuses it."""
+    r = cli("plan", PAPER, "-q", "--set", "model={family: gpt, n_layers: 4, d_model: 256, n_heads: 8, d_ff: 1024, "
+            "vocab_size: 1000, d_ff: 2048}")
+    assert r.returncode == 2 and "'d_ff' is given again" in r.stderr, r.stderr
+
+
 def test_planner_given_by_set_and_by_option_is_refused(cli):
     """--planner won and a --set planner.kind was ignored in silence."""
     for args in (["simulate", PAPER, "--set", "planner.kind=gpipe", "--planner", "hpipe"],

@@ -77,6 +77,9 @@ def test_inconsistent_plans(setup, change, field, problem):
      "field 'slices[0]': expected a number, got false"),
     ('[{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, true]}], "slices": [64]}]',
      "field '[0].stages[0].units[1]': expected a number, got true"),
+    # a key twice: json.loads kept the last (a hand-edited 1 then 3 micro-batches ran 3), in silence
+    ('{"planner": "x", "scenario": "t", "stages": [{"devices": ["a/P100-0"], "units": [0, 10]}], "slices": [64], '
+     '"micro_batches": 1, "micro_batches": 3}', "'micro_batches' is given twice in one object"),
 ])
 def test_malformed_plan_files(tmp_path, text, problem):
     p = tmp_path / "p.json"

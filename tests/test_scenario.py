@@ -134,15 +134,15 @@ def test_a_key_given_twice_is_refused_at_any_depth(tmp_path):
     p.write_text(base.replace("workload:", "workload:\n  batch_size: 1\n  batch_size: 2", 1))
     with pytest.raises(InputError, match="'batch_size' is given again"):
         load_scenario(p)
-    from hpipe.scenario import _UniqueKeyLoader
+    from hpipe.io import UniqueKeyLoader
 
-    merged = yaml.load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n", Loader=_UniqueKeyLoader)
+    merged = yaml.load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n", Loader=UniqueKeyLoader)
     assert merged["other"] == {"x": 1, "y": 3}
     # an anchored mapping that overrides a merged key, itself merged further up: PyYAML expands
     # the merge in place before the anchor's own mapping is built; still not a duplicate
     nested = ("base: &base {dtype: float32, threads: 1}\nhosts:\n  - devices:\n      - &dev\n"
               "        <<: *base\n        threads: 2\nreuse:\n  <<: *dev\n")
-    assert yaml.load(nested, Loader=_UniqueKeyLoader) == yaml.safe_load(nested)
+    assert yaml.load(nested, Loader=UniqueKeyLoader) == yaml.safe_load(nested)
 
 
 def test_not_a_mapping_and_missing_file(tmp_path):
