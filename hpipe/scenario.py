@@ -74,7 +74,15 @@ class Compression(_Strict):
     allow: list[Literal["int8", "fp8", "int4"]] = Field(min_length=1)
     """Codecs the planner may put on a hop."""
     max_lossy_hops: NonNegativeInt = 1
-    """At most this many stage boundaries may use a lossy codec."""
+    """At most this many stage boundaries may use a lossy codec (0: none, e.g. in a sweep)."""
+
+    @field_validator("allow")
+    @classmethod
+    def _each_once(cls, v: list[str]) -> list[str]:
+        twice = next((c for i, c in enumerate(v) if c in v[:i]), None)
+        if twice:
+            raise ValueError(f"{twice} is listed twice; list each codec once")
+        return v
 
 
 class LinkSpec(_Strict):
