@@ -332,8 +332,16 @@ def plan_table(setup, plan, result=None) -> Table:
     b, n, c = item_arrays(plan, setup.batch_size)  # (items,) each
     mb = max(plan.micro_batch_sizes(setup.batch_size))
     lat = result.latency_s if result is not None else plan.predicted.get("latency_s")
-    title = (f"{setup.name}: {plan.planner} plan, predicted latency {sig(lat)} s\n"
-             f"{len(plan.slices)} slice{'s' if len(plan.slices) > 1 else ''} per sequence "
+    ttft = result.ttft_s if result is not None else plan.predicted.get("ttft_s")
+    tpot = result.tpot_s if result is not None else plan.predicted.get("tpot_s")
+    gen = ttft is not None  # a generating plan: the columns below are its prefill's
+    decode = ""
+    if gen:
+        groups = plan.decode_micro_batches or 1
+        decode = (f" (TTFT {sig(ttft)} s; {setup.output_tokens} new tokens, TPOT {sig(tpot * 1e3)} ms, "
+                  f"decoded as {groups} micro-batch{'es' if groups > 1 else ''})")
+    title = (f"{setup.name}: {plan.planner} plan, predicted latency {sig(lat)} s{decode}\n"
+             f"{len(plan.slices)} {'prefill ' if gen else ''}slice{'s' if len(plan.slices) > 1 else ''} per sequence "
              f"(tokens: {run_lengths(plan.slices)}); "
              + (f"the batch of {setup.batch_size} at once" if plan.micro_batches == 1 else
                 f"{plan.micro_batches} micro-batches (sequences each: "
@@ -341,8 +349,9 @@ def plan_table(setup, plan, result=None) -> Table:
     hops = [f"{c} from stage {j} to {j + 1}" for j, c in enumerate(plan.codecs or ()) if c != "none"]
     if hops:  # per message, where encode + compressed transfer + decode beats sending it raw
         title += "\nactivations compressed: " + ", ".join(hops) + " (each message where that pays)"
-    t = _table(title, "per item: compute of one (micro-batch, slice), transfers excluded; busy: all items; "
-                      "memory: weights + KV cache + workspace, GB (10^9 bytes)")
+    t = _table(title, f"per item: compute of one {'prefill ' if gen else ''}(micro-batch, slice), transfers "
+                      f"excluded; busy: all {'prefill ' if gen else ''}items; memory: weights + KV cache + "
+                      f"workspace, GB (10^9 bytes)")
     for col in ("stage", "devices", "layers", "per item\nms", "busy\ns", "memory GB\nneeds / usable"):
         t.add_column(col, justify="right" if col not in ("devices", "layers") else "left",
                      overflow="fold")

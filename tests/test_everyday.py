@@ -646,6 +646,18 @@ def test_tables_fit_80_columns_with_whole_names():
         assert "…" not in text and whole in text
 
 
+def test_plan_of_a_generating_scenario_says_which_figures_are_the_prefills(cli):
+    """The title's latency is end to end, the columns are the prefill's: both said, with TTFT,
+    TPOT and the decode groups that were nowhere in the table."""
+    r = cli("plan", str(SCENARIOS / "paper-llama7b-generate.yaml"))
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "(TTFT 2.071 s; 256 new tokens, TPOT 18.96 ms, decoded as 1 micro-batch)" in out, out
+    assert "4 prefill slices per sequence" in out and "busy: all prefill items" in out, out
+    r = cli("plan", PAPER)
+    assert r.returncode == 0 and "TTFT" not in r.stdout and "prefill" not in r.stdout, r.stdout
+
+
 def test_piped_tables_keep_titles_and_captions_whole_and_lines_unpadded(cli):
     """Into a pipe, rich wrapped a table's title and caption to the table's width and padded
     every line with spaces; grep and diff saw broken sentences and trailing blanks."""
