@@ -4,8 +4,8 @@ small messages, --set overrides, sweeps, cost and the single-device planner."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
