@@ -281,6 +281,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     notes.past_context(setup)  # a warning: said with --quiet too
     name = _chosen_planners(planner, setup.scenario)
+    notes.unused_planner_settings(setup, name)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
     with progress(quiet) as bar:
@@ -353,6 +354,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                 r.planner = f"{r.planner} [{i}]"
     else:
         names = _chosen_planners(planner, setup.scenario)
+        notes.unused_planner_settings(setup, names)
         from hpipe.compare import compare_planners  # only here: --plan must work without the planners
         from hpipe.progress import progress
 
@@ -447,6 +449,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
                           soft_wrap=True)
         first = load([assignment(key, values[0])])
     names = _chosen_planners(planner, first.scenario)
+    notes.unused_planner_settings(first, names, (key, ','.join(value_text(v) for v in values)))
     notes.unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
     notes.past_context_in_sweep(key, [value_text(v) for v in values], [load([assignment(key, v)]) for v in values])
     with progress(quiet) as bar:

@@ -115,6 +115,35 @@ def unpriced_sets(setup, swept: str | None = None) -> None:
                           f"here; --set costmodel=roofline prices it", highlight=False, soft_wrap=True)
 
 
+MICRO_BATCH_PLANNERS = ("gpipe", "gpipe-balanced", "megatron")
+"""The planners that read planner.micro_batches (hpipe.planners.baselines); the others choose."""
+
+
+def unused_planner_settings(setup, names: list[str], swept: tuple[str, str] | None = None) -> None:
+    """Scenario settings that some of the planners run here do not read, said rather than
+    ignored in silence: ``planner.micro_batches`` (gpipe, gpipe-balanced and megatron only),
+    ``compression`` (hpipe only: the baselines stand for systems that send activations as they
+    are), ``workload.sampling`` without new tokens.  ``swept``: a sweep's (key, its values as
+    given), said in place of the one value ``setup`` holds."""
+    sc = setup.scenario
+    said = []
+    mb = sc.planner.micro_batches
+    if swept and swept[0] == "planner.micro_batches":
+        mb = swept[1]
+    others = [n for n in names if n not in MICRO_BATCH_PLANNERS]
+    if mb is not None and others:
+        said.append(f"planner.micro_batches = {mb} is for {', '.join(MICRO_BATCH_PLANNERS)} only; "
+                    f"{', '.join(others)} choose{'s its' if len(others) == 1 else ' their'} own")
+    plain = [n for n in names if n != "hpipe"]
+    if setup.compression is not None and plain:
+        said.append(f"compression is hpipe's; {', '.join(plain)} send{'s' if len(plain) == 1 else ''} "
+                    f"activations uncompressed, as the systems they stand for do")
+    if "sampling" in sc.workload.model_fields_set and not setup.output_tokens:
+        said.append("workload.sampling is for new tokens, and workload.output_tokens is 0")
+    for line in said:
+        err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def foreign_profile(setup) -> None:
     """Before a run measured beside its prediction: say so when the scenario's fitted profile
     does not describe this run (made on another CPU, by another torch or profiler, or short

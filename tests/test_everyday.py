@@ -567,6 +567,23 @@ def test_a_key_twice_inside_a_set_value_is_refused(cli):
     assert r.returncode == 2 and "'d_ff' is given again" in r.stderr, r.stderr
 
 
+def test_settings_the_planners_run_do_not_read_are_said(cli):
+    """micro_batches under hpipe, compression under the baselines and sampling without new
+    tokens changed nothing, without a word."""
+    r = cli("simulate", PAPER, "-q", "--planner", "hpipe,gpipe", "--set", "planner.micro_batches=3")
+    assert r.returncode == 0 and "planner.micro_batches = 3 is for gpipe, gpipe-balanced, megatron only; " \
+        "hpipe chooses its own" in " ".join(r.stderr.split()), r.stderr
+    r = cli("simulate", PAPER, "-q", "--planner", "gpipe", "--set", "planner.micro_batches=3")
+    assert r.returncode == 0 and "note" not in r.stderr, r.stderr  # read by the one planner run
+    r = cli("plan", PAPER, "-q", "--planner", "single", "--set", "compression={allow: [int8]}",
+            "--set", "workload.sampling.temperature=0.7")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "single sends activations uncompressed" in err, r.stderr
+    assert "workload.sampling is for new tokens, and workload.output_tokens is 0" in err, r.stderr
+    r = cli("plan", PAPER, "-q", "--set", "compression={allow: [int8]}")
+    assert r.returncode == 0 and "note" not in r.stderr, r.stderr
+
+
 def test_planner_given_by_set_and_by_option_is_refused(cli):
     """--planner won and a --set planner.kind was ignored in silence."""
     for args in (["simulate", PAPER, "--set", "planner.kind=gpipe", "--planner", "hpipe"],
