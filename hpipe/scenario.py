@@ -522,6 +522,8 @@ def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
                 msg = "missing required key"
             elif "input" in e and e["type"].endswith("_type"):
                 msg += f", got {e['input']!r}"
+                if e["type"] == "string_type" and isinstance(e["input"], bool):  # a host named on, a name: yes
+                    msg += " (YAML reads yes, no, on, off, true and false as booleans; quote it: 'on')"
         problems.append((field, msg, also))
     field, msg, also = problems[0]
     # The same location may fail once per union member; mention the others only if distinct.

@@ -78,6 +78,7 @@ def test_base_is_valid_and_ids_are_stable():
     (("model",), {"family": "llama", "n_layers": 2}, "model.d_model", "missing"),
     (("dtype",), "int8", "dtype", "float16"),
     (("compression",), {"allow": ["int8", "fp8", "int8"]}, "compression.allow", "int8 is listed twice"),
+    (("cluster", "hosts", 0, "name"), True, "cluster.hosts[0].name", "YAML reads yes, no, on, off"),
     # a boolean where a number belongs (pydantic read true as 1; YAML reads yes/on as true)
     (("workload", "batch_size"), True, "workload.batch_size", "expected a number, got true"),
     (("cluster", "network", "bandwidth_gbps"), True, "cluster.network.bandwidth_gbps", "expected a number"),
