@@ -163,7 +163,10 @@ def simulate(setup, plan: Plan) -> RunResult:
 
 
 def infeasible_result(setup, planner_name: str, reason: str) -> RunResult:
-    """The result of a planner that found no plan: no figures, only why."""
+    """The result of a planner that found no plan: no figures, only why (without the planner's
+    name in front, which some planners' messages carry: the result names its planner)."""
+    while reason.startswith(planner_name + ": "):
+        reason = reason[len(planner_name) + 2:]
     return RunResult(planner=planner_name, latency_s=None, throughput_tokens_per_s=None, energy_j=None,
                      dynamic_energy_j=None, peak_memory_mb={}, utilization={}, bubble_fraction=None,
                      plan=None, feasible=False, infeasible=reason)

@@ -89,3 +89,15 @@ def _write(tmp_path, plan):
     path = tmp_path / "even.json"
     path.write_text(json.dumps(plan))
     return path
+
+
+def test_an_infeasible_reason_in_the_json_does_not_repeat_its_planners_name():
+    """single's and gpipe's messages began 'single: ...', others' did not; the result names its
+    planner beside the reason."""
+    p = hpipe("simulate", SCENARIO, "--set", "workload.batch_size=600", "--planner", "single,gpipe,hpipe",
+              "--json", "-", "-q")
+    assert p.returncode == 3, p.stderr
+    results = json.loads(p.stdout)["results"]
+    assert [r["feasible"] for r in results] == [False, False, False]
+    for r in results:
+        assert r["infeasible"] and not r["infeasible"].startswith(r["planner"] + ":"), r["infeasible"]
