@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpipe.errors import InfeasibleError
+from hpipe.models import tp_degree_ok, tp_largest_shares
 
 SPLIT_KINDS = ("attn", "mlp")
 """Unit kinds a tensor-parallel stage splits (``CostModel.SPLIT_KINDS`` alike)."""
@@ -30,9 +31,16 @@ def stage_memory_bytes(setup, start: int, end: int, tp: int, max_slice: int, mic
     of a micro-batch."""
     units = setup.units[start:end]
     db = setup.dtype_bytes
-    split = sum(u.weight_bytes(db) for u in units if u.kind in SPLIT_KINDS)
-    weights = split / tp + sum(u.weight_bytes(db) for u in units if u.kind not in SPLIT_KINDS)
-    kv = sum(u.kv_bytes_per_token(db) for u in units) * kv_tokens(setup) * setup.batch_size / tp
+    whole = sum(u.weight_bytes(db) for u in units if u.kind not in SPLIT_KINDS)
+    kv = sum(u.kv_bytes_per_token(db) for u in units) * kv_tokens(setup) * setup.batch_size
+    if tp_degree_ok(setup.model, tp):  # an even split (all the planners propose): 1/tp of each
+        weights = whole + sum(u.weight_bytes(db) for u in units if u.kind in SPLIT_KINDS) / tp
+        kv /= tp
+    else:  # a hand-written uneven split: the fullest rank, as the runtime splits (attention: at most)
+        q, kv_share, ff = tp_largest_shares(setup.model, tp)
+        weights = whole + sum(u.weight_bytes(db) * (max(q, kv_share) if u.kind == "attn" else ff)
+                              for u in units if u.kind in SPLIT_KINDS)
+        kv *= kv_share
     work = max(float(u.workspace_bytes(max_slice, micro_batch, db)) for u in units)
     return weights + kv + work
 

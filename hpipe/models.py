@@ -289,6 +289,40 @@ def get_model(name: str) -> ModelSpec:
                          f"`hpipe models` lists the catalog") from None
 
 
+# ---- tensor-parallel splits (the runtime's, hpipe.runtime.model; the memory check's) ----------
+def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Part ``rank`` of ``n`` things cut in ``size`` parts as evenly as can be (the first
+    ``n % size`` parts one larger), as numpy.array_split."""
+    q, r = divmod(n, size)
+    start = rank * q + min(rank, r)
+    return start, start + q + (1 if rank < r else 0)
+
+
+def tp_heads(spec: ModelSpec, rank: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Query heads [h0, h1) of a tensor-parallel rank and the key/value heads [k0, k1) they use."""
+    h0, h1 = split_range(spec.n_heads, rank, size)
+    group = spec.n_heads // spec.n_kv_heads
+    return (h0, h1), (h0 // group, (h1 - 1) // group + 1)
+
+
+def tp_degree_ok(model: ModelSpec, tp: int) -> bool:
+    """Whether ``model`` splits evenly ``tp`` ways (heads, key/value heads and d_ff)."""
+    return tp >= 1 and model.n_heads % tp == 0 and model.n_kv_heads % tp == 0 and model.d_ff % tp == 0
+
+
+def tp_largest_shares(spec: ModelSpec, size: int) -> tuple[float, float, float]:
+    """The largest share one of ``size`` tensor-parallel ranks holds of the query heads, of the
+    key/value heads and of the MLP's hidden width: 1/size each where ``size`` divides them, more
+    where it does not.  Split unevenly, a rank's query heads may straddle two key/value groups
+    and hold both: TP 3 of 8 heads over 2 key/value heads gives a rank both, not a third."""
+    q = kv = ff = 0.0
+    for rank in range(size):
+        (h0, h1), (k0, k1) = tp_heads(spec, rank, size)
+        f0, f1 = split_range(spec.d_ff, rank, size)
+        q, kv, ff = max(q, (h1 - h0) / spec.n_heads), max(kv, (k1 - k0) / spec.n_kv_heads), max(ff, (f1 - f0) / spec.d_ff)
+    return q, kv, ff
+
+
 def model_from_mapping(spec: dict) -> ModelSpec:
     """An inline model spec (the scenario's `model:` given as a mapping)."""
     unknown = set(spec) - _SPEC_FIELDS

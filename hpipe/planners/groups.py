@@ -15,10 +15,7 @@ one kind in a device order (``kind_of``).
 
 from __future__ import annotations
 
-
-def tp_degree_ok(model, tp: int) -> bool:
-    """Whether ``model`` splits evenly ``tp`` ways (heads, key/value heads and d_ff)."""
-    return tp >= 1 and model.n_heads % tp == 0 and model.n_kv_heads % tp == 0 and model.d_ff % tp == 0
+from hpipe.models import tp_degree_ok
 
 
 def tp_degrees(model, max_tp: int) -> list[int]:

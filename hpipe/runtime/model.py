@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpipe.models import ModelSpec, Unit
+from hpipe.models import ModelSpec, Unit, split_range, tp_heads  # noqa: F401  (tp_heads: tests)
 
 # enable_gqa arrived in torch 2.5; older versions get the key/value heads repeated instead.
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -79,21 +79,6 @@ def param_shapes(spec: ModelSpec, unit: Unit) -> dict[str, tuple[int, ...]]:
             return {**norm, "w_fc": (ff, d), "b_fc": (ff,), "w_proj": (d, ff), "b_proj": (d,)}
         return {**norm, "w_gate": (ff, d), "w_up": (ff, d), "w_down": (d, ff)}
     return {**norm, "out": (V, d)}
-
-
-def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Part ``rank`` of ``n`` things cut in ``size`` parts as evenly as can be (the first
-    ``n % size`` parts one larger), as numpy.array_split."""
-    q, r = divmod(n, size)
-    start = rank * q + min(rank, r)
-    return start, start + q + (1 if rank < r else 0)
-
-
-def tp_heads(spec: ModelSpec, rank: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Query heads [h0, h1) of a tensor-parallel rank and the key/value heads [k0, k1) they use."""
-    h0, h1 = split_range(spec.n_heads, rank, size)
-    group = spec.n_heads // spec.n_kv_heads
-    return (h0, h1), (h0 // group, (h1 - 1) // group + 1)
 
 
 def tp_shard(spec: ModelSpec, unit: Unit, name: str, rank: int, size: int) -> Shard | None:

@@ -213,3 +213,34 @@ def test_bad_weights_folder_is_an_input_error(hf_gpt2, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(InputError, match="model_type 'bert' is not supported"):
         spec_from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_the_memory_check_holds_the_fullest_tensor_parallel_rank(tp):
+    """stage_memory_bytes against what each rank of a tensor-parallel stage really allocates
+    (its parameters and its KV cache): equal for an even split (tp 2, 4; the norms, replicated,
+    aside), and at least the fullest rank for an uneven one: tp 3 of tiny-llama's 8 heads over
+    4 key/value heads gives rank 1 heads 3-5 and so key/value heads 1 and 2, half the cache,
+    which 1/tp had put at a third."""
+    from hpipe.memory import stage_memory_bytes
+    from hpipe.scenario import parse_scenario
+
+    seq, batch = 64, 2
+    setup = parse_scenario({"name": "tp-memory", "model": "tiny-llama", "dtype": "float32",
+                            "workload": {"seq_len": seq, "batch_size": batch},
+                            "cluster": {"hosts": [{"name": "h", "devices": [{"type": "CPU", "count": tp}]}]}}).resolve()
+    start, end = 1, setup.n_units - 1  # the blocks: every unit split
+    spec, w = setup.model, RandomWeights(setup.model)
+    actual = []
+    for rank in range(tp):
+        units = build_units(spec, start, end, w, tp_rank=rank, tp_size=tp)
+        params = sum(p.numel() * p.element_size() for u in units for p in u.parameters())
+        params += sum(b.numel() * b.element_size() for u in units for b in u.buffers())
+        cache = sum(c.k.numel() * c.k.element_size() * 2 for c in make_caches(units, batch, seq).values())
+        actual.append(params + cache)
+    work = max(float(u.workspace_bytes(seq, batch, 4)) for u in setup.units[start:end])
+    predicted = stage_memory_bytes(setup, start, end, tp, seq, batch) - work
+    if tp == 3:  # uneven: an upper bound (attention's weights at the larger of its two shares)
+        assert max(actual) <= predicted <= max(actual) * 1.1, (predicted, actual)
+    else:
+        assert predicted == pytest.approx(max(actual), rel=0.01), (predicted, actual)
