@@ -230,6 +230,11 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
             "cost\n$/run", *(() if gen else ("cost\n$/Mtok",)), "stages/\nslices/µb")
     for c in cols:
         t.add_column(c, justify="left" if c == "planner" else "right", no_wrap=True)
+    # a mapping or a path as the value (costmodel={kind: fitted, profile: ...}) folds within its
+    # column rather than pushing the figures past 80 columns
+    t.columns[0].no_wrap, t.columns[0].overflow, t.columns[0].max_width = False, "fold", 24
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        t.columns[0].justify = "left"  # names and mappings read from the left; numbers line up right
     for i, (v, run) in enumerate(zip(values, runs)):
         for k, r in enumerate(run.results):
             label = value_text(v) if k == 0 else ""

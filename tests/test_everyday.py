@@ -641,6 +641,16 @@ def _on_terminal(*args):
         run.close()
 
 
+def test_a_sweep_of_mappings_folds_them_within_80_columns():
+    """A cost model mapping with a profile path as the value took 110 columns."""
+    profile = SCENARIOS / "profiles" / "local-cpu.json"
+    code, text = _on_terminal("sweep", str(SCENARIOS / "local-cpu.yaml"), "--planner", "hpipe", "--set",
+                              f"costmodel=roofline,{{kind: fitted, profile: {profile}}}")
+    assert code == 0, text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    assert "local-cpu.json}" in text.replace("\n", "")  # folded, not cut
+
+
 def test_tables_fit_80_columns_with_whole_names():
     code, text = _on_terminal("simulate", PAPER, "--planner", "all")
     assert code == 0, text
