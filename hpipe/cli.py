@@ -603,7 +603,10 @@ def _checked_plan(p, setup, file: str):
 # ---- generate ----------------------------------------------------------------------
 class _Streamer:
     """Prints each sequence's new tokens to stdout as the last stage makes them: the text
-    decoded so far less what was already printed (one sequence), else one line per token."""
+    decoded so far less what was already printed (one sequence), else one line per token.
+    Text that ends inside a character (byte-level tokens split one: the decoder gives U+FFFD)
+    is held back until the character is whole, as transformers' TextStreamer does; printed, it
+    was a stray U+FFFD and the character itself never came."""
 
     def __init__(self, tokenizer, batch: int):
         self.tok, self.batch = tokenizer, batch
@@ -614,19 +617,34 @@ class _Streamer:
         for k, tok in tokens:
             self.ids[k].append(tok)
             if self.tok is None:
-                piece = str(tok) + " "
+                piece = ("" if len(self.ids[k]) == 1 or self.batch > 1 else " ") + str(tok)
             else:
-                from hpipe.runtime.generation import decode_text
-
-                text = decode_text(self.tok, self.ids[k])
-                piece, self.printed[k] = text[len(self.printed[k]):], text
-            sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.rstrip()}\n")
+                piece = self._new_text(k, final=False)
+                if not piece:
+                    continue
+            sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.strip()}\n")
         sys.stdout.flush()
 
+    def _new_text(self, k: int, final: bool) -> str:
+        from hpipe.runtime.generation import decode_text
+
+        text = decode_text(self.tok, self.ids[k])
+        if not final and text.endswith("\ufffd"):
+            return ""
+        piece, self.printed[k] = text[len(self.printed[k]):], text
+        return piece
+
     def close(self) -> None:
+        """The text held back at the end (a character the tokens never completed), then the
+        line's end."""
+        if self.tok is not None:
+            for k in range(self.batch):
+                piece = self._new_text(k, final=True) if self.ids[k] else ""
+                if piece:
+                    sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.strip()}\n")
         if self.batch == 1:
             sys.stdout.write("\n")
-            sys.stdout.flush()
+        sys.stdout.flush()
 
 
 @app.command()

@@ -303,3 +303,31 @@ def test_generate_checks_the_prompts_batch_not_the_scenarios(tmp_path):
                         "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and "measuring" not in r.stderr, r.stderr
     assert len(r.stdout.splitlines()) == 2
+
+
+def test_streamed_text_holds_back_a_character_split_across_byte_tokens(capsys):
+    """A byte-level tokenizer splits 日 into three tokens: the stream printed U+FFFD for the
+    first and then skipped the character; it now waits for the character to be whole, and the
+    streamed text equals the decoded text, one sequence or several."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from hpipe.cli import _Streamer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols, one token each
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = "日本語 naïve ok"
+    ids = tok.encode(text).ids
+    assert len(ids) > len(text) and tok.decode(ids) == text  # bytes, not characters
+    for batch in (1, 2):
+        s = _Streamer(tok, batch)
+        for i in ids:
+            s([(k, i) for k in range(batch)])
+        s.close()
+        out = capsys.readouterr().out
+        assert "\ufffd" not in out, out
+        if batch == 1:
+            assert out == text + "\n"
+        else:
+            assert "".join(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("[0]")) == \
+                text.replace(" ", "")
