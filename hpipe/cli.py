@@ -704,6 +704,10 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     # for the prompt: both Setups below are priced alike.  No profile is measured here: one of
     # the scenario's own workload could take far longer than generating from a short prompt;
     # `hpipe execute SCENARIO` measures it (with workload.output_tokens, its decode steps too)
+    if plan is None:  # before the cost model's note: `--planner all` is refused first
+        names = _chosen_planners(planner, sc)
+        if len(names) != 1:
+            raise InputError("generate runs one planner", field="--planner")
     base = _load_setup(scenario, sets, quiet=quiet, make_profile=False, loaded=sc)
     choice = getattr(base.cost, "auto", None)
     try:
@@ -729,10 +733,14 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                              file=str(plan), field="slices")
         p = _checked_plan(plans[0], setup, str(plan))
     else:
-        names = _chosen_planners(planner, sc)
-        if len(names) != 1:
-            raise InputError("generate runs one planner", field="--planner")
-        p = make_plan(plan_setup, names[0])
+        try:
+            p = make_plan(plan_setup, names[0])
+        except InfeasibleError:
+            if plan_setup is setup:
+                raise
+            # the rounded-up prompt does not fit where the prompt itself may: plan on its own
+            # length (a finer slice grid, slower to search, so only here)
+            p = make_plan(setup, names[0])
         # its slices cut to the prompt: the planner's figures were for the rounded-up one
         p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup).without_figures()
     check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2

@@ -331,3 +331,28 @@ def test_streamed_text_holds_back_a_character_split_across_byte_tokens(capsys):
         else:
             assert "".join(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("[0]")) == \
                 text.replace(" ", "")
+
+
+def test_a_prompt_off_the_granularity_is_not_refused_for_its_rounded_length(tmp_path):
+    """Plans are searched for the prompt rounded up to the token granularity (9 tokens planned
+    as 16); where that length does not fit but the prompt does, generate had exited 3 quoting
+    the 16. It now plans on the prompt's own length there."""
+    from hpipe.memory import model_need_bytes
+    from hpipe.runtime.generation import setups_for
+    from hpipe.scenario import load_scenario
+
+    _scenario(tmp_path / "tiny.yaml", seq_len=16, batch_size=64)
+    data = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
+    data["cluster"]["hosts"][0]["devices"][0]["count"] = 1
+    data["planner"] = {"kind": "hpipe", "token_granularity": 8}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
+    ids = [[(5 * i + k) % 128 for i in range(9)] for k in range(64)]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    run, planned = setups_for(load_scenario(tmp_path / "tiny.yaml"), ids, 2)
+    need = [sum(model_need_bytes(s)) for s in (run, planned)]  # weights + KV cache
+    assert planned.seq_len == 16 and need[0] < need[1]
+    memory_gb = (need[0] + need[1]) / 2 / 1e9  # room for 9 tokens' cache, not for 16
+    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "2", "-q", "--json", "out.json",
+               "--set", f"cluster.hosts[0].devices[0].memory_gb={memory_gb}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sum(json.loads((tmp_path / "out.json").read_text())["results"][0]["plan"]["slices"]) == 9
