@@ -783,7 +783,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if check:
         import numpy as np
 
-        from hpipe.runtime.launcher import check_verdict, plan_reference
+        from hpipe.runtime.launcher import CHECK_TOLERANCE, check_verdict, plan_reference
+        from hpipe.runtime.weights import weight_source
 
         ref, _ = plan_reference(setup, p, np.asarray(ids), new_tokens, spec, eos=gen.eos_ids(setup.weights))
         bad = [k for k in range(len(ids)) if ref[k] != measured.generated_ids[k]]
@@ -791,15 +792,24 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             passed, figures = check_verdict(setup, measured)
             if not passed:
                 raise HpipeError(f"--check failed at the prompt's last position: {figures}")
-        if bad:
-            k = bad[0]
+        tol = CHECK_TOLERANCE[setup.dtype]
+        for k in bad:
             at = next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),
                       min(len(ref[k]), len(measured.generated_ids[k])))
-            raise HpipeError(f"--check failed: sequence {k} differs from the one-process loop at new token {at} "
-                             f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process {ref[k][at:at + 3]})")
+            parted = at < min(len(ref[k]), len(measured.generated_ids[k]))  # else one stopped, the other did not
+            off = None if p.lossy or not parted else gen.first_pick_off_the_best(
+                spec, weight_source(spec, setup.weights, 0), ids[k], measured.generated_ids[k], tol)
+            if p.lossy or not parted or off is not None:  # a wrong pick, not a near-tie
+                where = (f"; teacher-forced, its new token {off[0]} is {off[1]:.3g} logits short of the best "
+                         f"(more than {tol:g}, the tolerance for {setup.dtype})" if off else "")
+                raise HpipeError(f"--check failed: sequence {k} differs from the one-process loop at new token {at} "
+                                 f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process "
+                                 f"{ref[k][at:at + 3]}){where}")
         if not quiet:
+            ties = (f"; {len(bad)} of them part{'s' if len(bad) == 1 else ''} from it at a near-tie, every pipelined pick "
+                    f"within {tol:g} logits of the best, teacher-forced (the tolerance for {setup.dtype})" if bad else "")
             console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
-                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''}{_with_codecs(p)})")
+                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''}{_with_codecs(p)}){ties}")
 
 
 # ---- profile and validate -------------------------------------------------------

@@ -324,10 +324,13 @@ class StageWorker:
         self.pace = emulation.Pace.of(cfg.emulation if self.device.type == "cpu" else None)
 
         # Every process creates every tensor-parallel group, in the same order (a collective).
+        # Over gloo an all-reduce waits --timeout for its peers, as a receive does (the process
+        # group's own is the start-up timeout): a hung shard is then named, not the one waiting.
         self.group = None
+        ar_timeout = timedelta(seconds=cfg.timeout_s) if cfg.backend == "gloo" else None
         for st_roles, _, _ in cfg.stages:
             if len(st_roles) > 1:
-                g = dist.new_group([rank_of[r] for r in st_roles])
+                g = dist.new_group([rank_of[r] for r in st_roles], timeout=ar_timeout)
                 if cfg.role in st_roles:
                     self.group = g
 
@@ -378,7 +381,15 @@ class StageWorker:
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         self.pace.wait()  # this shard's compute, at the device's speed, before its part leaves
         t0 = clock()
-        dist.all_reduce(x, group=self.group)
+        try:
+            dist.all_reduce(x, group=self.group)
+        except Exception as e:  # a peer's failure, seen here (a closed connection, a timeout): not ours
+            peers = [r for r in self.cfg.stages[self.stage][0] if r != self.cfg.role]
+            with_whom = (f"the all-reduce with its tensor-parallel peer{'s' if len(peers) > 1 else ''} "
+                         f"{', '.join(self.cfg.devices[r] for r in peers)}")
+            if "timed out" in str(e).lower():
+                raise CommError(peers[0], f"timed out after {self.cfg.timeout_s:g}s in {with_whom}") from e
+            raise CommError(peers[0], f"{with_whom}: {_short(e)}") from e
         self.sync()
         self.pace.mark()  # the wait for the other shards is not compute
         self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))
