@@ -548,6 +548,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     check_cpu_memory(setup, p)
     notes.past_context(setup, spec)  # warnings: said with --quiet too
     notes.foreign_profile(setup)
+    notes.unused_sampling(setup)
     if not quiet:
         notes.long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
@@ -751,6 +752,8 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     check_cpu_memory(setup, p)
     notes.past_context(setup, spec)  # warnings: said with --quiet too
     notes.foreign_profile(setup)
+    notes.unused_sampling(setup)
+    notes.replaced_by_prompts(sc, ids, given_new_tokens=max_new_tokens)
     if not quiet:
         notes.long_cpu_run(setup, p, timeout, warmup=0)
     streamer = _Streamer(tok, len(ids)) if stream else None
@@ -775,10 +778,14 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 
         err = console(stderr=True)
         err.print(generation_table(
-            f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new tokens, plan {p.planner} "
+            f"{setup.name}: {len(ids)} x {setup.seq_len} prompt tokens, {new_tokens} new token{'s' if new_tokens > 1 else ''}, plan {p.planner} "
             f"({len(p.stages)} stage{'s' if len(p.stages) != 1 else ''}), predicted by the {_costmodel_name(base)} "
             f"cost model", measured, predicted))
         _say_written(err, {"Result JSON": json_path})
+        made = max(map(len, measured.generated_ids))
+        if made < new_tokens:  # every sequence met its EOS: the run did less than was simulated
+            err.print(f"[yellow]note:[/] every sequence ended at its end-of-sequence token, after at most {made} of "
+                      f"{new_tokens} new tokens; the simulated row is for {new_tokens}", highlight=False)
         notes.other_load(err, measured)
     if check:
         import numpy as np

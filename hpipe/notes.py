@@ -138,10 +138,41 @@ def unused_planner_settings(setup, names: list[str], swept: tuple[str, str] | No
     if setup.compression is not None and plain:
         said.append(f"compression is hpipe's; {', '.join(plain)} send{'s' if len(plain) == 1 else ''} "
                     f"activations uncompressed, as the systems they stand for do")
-    if "sampling" in sc.workload.model_fields_set and not setup.output_tokens:
-        said.append("workload.sampling is for new tokens, and workload.output_tokens is 0")
     for line in said:
         err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    unused_sampling(setup)
+
+
+def unused_sampling(setup) -> None:
+    """``workload.sampling`` settings nothing reads: any without new tokens; top_k, top_p and
+    seed where the temperature is 0 (greedy picks the most likely token)."""
+    sampling = setup.scenario.workload.sampling
+    if "sampling" not in setup.scenario.workload.model_fields_set:
+        return
+    if not setup.output_tokens:
+        line = "workload.sampling is for new tokens, and workload.output_tokens is 0"
+    else:
+        given = [f for f in ("top_k", "top_p", "seed") if f in sampling.model_fields_set]
+        if sampling.temperature != 0 or not given:
+            return
+        line = (f"workload.sampling.{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sampling; "
+                f"at temperature 0 generation is greedy (the most likely token)")
+    err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def replaced_by_prompts(scenario, ids, given_new_tokens: int | None) -> None:
+    """generate takes the batch and length from the prompts, and the new tokens from
+    --max-new-tokens where given: a --set of those workload fields changes nothing, said."""
+    from hpipe.overrides import overridden_keys
+
+    shape = {"workload.seq_len": f"the prompts' length ({len(ids[0])})",
+             "workload.batch_size": f"the number of prompts ({len(ids)})"}
+    if given_new_tokens:
+        shape["workload.output_tokens"] = f"--max-new-tokens ({given_new_tokens})"
+    for key, text in zip(overridden_keys(scenario.overrides), scenario.overrides):
+        if key in shape:
+            err_console.print(f"[yellow]note:[/] {escape('--set ' + text)} changes nothing here: generate takes "
+                              f"{escape(shape[key])}", highlight=False, soft_wrap=True)
 
 
 def foreign_profile(setup) -> None:

@@ -141,14 +141,15 @@ def load_tokenizer(weights: str | None):
         raise InputError(f"not a tokenizers file: {str(e).splitlines()[0][:200]}", file=str(path)) from None
 
 
-def encode(tokenizer, text: str, vocab_size: int, where: str) -> list[int]:
+def encode(tokenizer, text: str, vocab_size: int, where: str, file: str | None = None) -> list[int]:
     ids = tokenizer.encode(text).ids
     if not ids:
-        raise InputError("the prompt has no tokens", field=where)
+        raise InputError("the prompt has no tokens" + (" (the file is empty)" if file and not text else ""),
+                         file=file, field=where)
     bad = [t for t in ids if t >= vocab_size]
     if bad:
         raise InputError(f"the tokenizer gives id {bad[0]}, outside the model's vocabulary of {vocab_size}",
-                         field=where)
+                         file=file, field=where)
     return ids
 
 
@@ -205,7 +206,7 @@ def prompt_ids(tokenizer, vocab_size: int, *, prompt: str | None = None, prompt_
             raise InputError("no such file", file=prompt_file) from None
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read the file: {e}", file=prompt_file) from None
-    return [encode(tokenizer, prompt, vocab_size, where)]
+    return [encode(tokenizer, prompt, vocab_size, where, file=prompt_file)]
 
 
 def setups_for(scenario, ids: list[list[int]], new_tokens: int, costmodel: dict | None = None):

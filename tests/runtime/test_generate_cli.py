@@ -382,3 +382,26 @@ def test_check_of_a_half_precision_run_passes_where_it_parts_at_a_near_tie(tmp_p
     assert r.returncode == 0, r.stderr
     assert "--check: the greedy ids equal the one-process loop's" in r.stderr, r.stderr
     assert "part from it at a near-tie" in r.stderr, r.stderr  # the case this test is for
+
+
+def test_generate_says_what_it_does_not_read_and_an_early_end(tmp_path):
+    """Found unsaid by a fresh-eyes tester: --set of the workload's shape (the prompts give it),
+    top_k and seed under greedy picks, and every sequence stopping at EOS before the simulated
+    count of new tokens."""
+    save_hf_llama(tmp_path / "model")
+    _scenario(tmp_path / "tiny.yaml", weights="model")
+    (tmp_path / "ids.json").write_text(json.dumps([[(3 * i) % 128 for i in range(10)]]))
+    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "4", "--json", "out.json",
+               "--set", "workload.batch_size=4", "--set", "workload.sampling.top_k=5", cwd=tmp_path)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0, r.stderr
+    assert "--set workload.batch_size=4 changes nothing here: generate takes the number of prompts (1)" in err, err
+    assert "workload.sampling.top_k is for sampling; at temperature 0 generation is greedy" in err, err
+    assert "end-of-sequence" not in err
+    first = json.loads((tmp_path / "out.json").read_text())["results"][0]["generated_ids"][0][0]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "eos_token_id": first}))
+    r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "4", cwd=tmp_path)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and r.stdout.split() == [str(first)], r.stdout + r.stderr
+    assert "ended at its end-of-sequence token, after at most 1 of 4 new tokens" in err, err
