@@ -342,9 +342,12 @@ def plan_table(setup, plan, result=None) -> Table:
     gen = ttft is not None  # a generating plan: the columns below are its prefill's
     decode = ""
     if gen:
-        groups = plan.decode_micro_batches or 1
-        decode = (f" (TTFT {sig(ttft)} s; {setup.output_tokens} new tokens, TPOT {sig(tpot * 1e3)} ms, "
-                  f"decoded as {groups} micro-batch{'es' if groups > 1 else ''})")
+        n_new = setup.output_tokens
+        decode = f" (TTFT {sig(ttft)} s; {n_new} new token{'s' if n_new != 1 else ''}"
+        if tpot is not None:  # one new token: the prefill makes it, no decode step
+            groups = plan.decode_groups(setup.batch_size)
+            decode += f", TPOT {sig(tpot * 1e3)} ms, decoded as {groups} micro-batch{'es' if groups > 1 else ''}"
+        decode += ")"
     title = (f"{setup.name}: {plan.planner} plan, predicted latency {sig(lat)} s{decode}\n"
              f"{len(plan.slices)} {'prefill ' if gen else ''}slice{'s' if len(plan.slices) > 1 else ''} per sequence "
              f"(tokens: {run_lengths(plan.slices)}); "

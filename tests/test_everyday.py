@@ -684,6 +684,9 @@ def test_plan_of_a_generating_scenario_says_which_figures_are_the_prefills(cli):
     assert "4 prefill slices per sequence" in out and "busy: all prefill items" in out, out
     r = cli("plan", PAPER)
     assert r.returncode == 0 and "TTFT" not in r.stdout and "prefill" not in r.stdout, r.stdout
+    # one new token: the prefill makes it, no decode step and no TPOT (the title had crashed on it)
+    r = cli("plan", str(SCENARIOS / "paper-llama7b-generate.yaml"), "--set", "workload.output_tokens=1")
+    assert r.returncode == 0 and "; 1 new token)" in r.stdout, r.stdout + r.stderr
 
 
 def test_piped_tables_keep_titles_and_captions_whole_and_lines_unpadded(cli):

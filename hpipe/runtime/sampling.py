@@ -54,10 +54,10 @@ def sequence_seed(seed: int, k: int) -> int:
 def warp(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """(B, V) logits -> (B, V) float32 logits after temperature, top-k and top-p (cut ones: -inf)."""
     x = logits.float() / cfg.temperature
-    if not torch.isfinite(x).all():  # a tiny temperature overflows: shifted by the maximum first
-        # (softmax is unchanged by it; the most likely token stays at 0, the others go to -inf:
-        # greedy, as the temperature's limit is), else the draw saw inf - inf = nan
-        x = (logits.float() - logits.float().amax(-1, keepdim=True)) / cfg.temperature
+    if not torch.isfinite(x).all():  # a tiny temperature overflows (or is 0 in float32): its limit,
+        # the most likely tokens at 0 and the others at -inf, else the draw saw inf - inf = nan
+        top = logits.float().amax(-1, keepdim=True)
+        x = torch.zeros_like(x).masked_fill(logits.float() < top, float("-inf"))
     V = x.shape[-1]
     if 0 < cfg.top_k < V:
         kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)

@@ -20,7 +20,8 @@ def test_greedy_is_argmax():
 
 @pytest.mark.parametrize("cfg", [SamplingConfig(temperature=1.0, top_k=1), SamplingConfig(temperature=2.0, top_p=1e-6),
                                  # logits / 1e-45 overflow float32: the workers' draw raised on inf - inf
-                                 SamplingConfig(temperature=1e-45), SamplingConfig(temperature=1e-30, top_p=0.5)])
+                                 SamplingConfig(temperature=1e-45), SamplingConfig(temperature=1e-30, top_p=0.5),
+                                 SamplingConfig(temperature=1e-300)])  # 0 in float32: 0 / 0 = nan
 def test_a_single_candidate_is_greedy(cfg):
     x = _logits()
     assert Sampler(cfg, 3)(x, [0, 1, 2]) == x.argmax(-1).tolist()
