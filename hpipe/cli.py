@@ -657,7 +657,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
              inputs: Annotated[Optional[Path], typer.Option(help="JSON list of token-id lists, one per sequence, all of one length", metavar="IDS.json")] = None,
              max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="new tokens per sequence (default: the scenario's output_tokens, else 32)", metavar="N")] = None,
              stream: Annotated[bool, typer.Option(help="print the text (or ids) to stdout as tokens arrive")] = False,
-             check: Annotated[bool, typer.Option(help="compare the greedy ids with one process; exit 1 if they differ")] = False,
+             check: Annotated[bool, typer.Option(help="compare with one process; exit 1 if the prompt's logits or the greedy ids differ (a pick at a near-tie within the dtype's tolerance)")] = False,
              json_path: JsonOpt = None,
              timeout: Annotated[float, typer.Option(help="seconds a worker may wait on a peer before the run is stopped", metavar="S")] = 60.0,
              quiet: QuietOpt = False,
@@ -813,10 +813,13 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                                  f"(pipelined {measured.generated_ids[k][at:at + 3]}, one process "
                                  f"{ref[k][at:at + 3]}){where}")
         if not quiet:
-            ties = (f"; {len(bad)} of them part{'s' if len(bad) == 1 else ''} from it at a near-tie, every pipelined pick "
-                    f"within {tol:g} logits of the best, teacher-forced (the tolerance for {setup.dtype})" if bad else "")
-            console(stderr=True).print(f"--check: the greedy ids equal the one-process loop's "
-                                        f"({len(ids)} sequence{'s' if len(ids) > 1 else ''}{_with_codecs(p)}){ties}")
+            n = len(ids)
+            said = (f"--check: the greedy ids equal the one-process loop's ({n} sequence{'s' if n > 1 else ''}"
+                    f"{_with_codecs(p)})" if not bad else
+                    f"--check passed: {n - len(bad)} of {n} sequences' greedy ids equal the one-process loop's; "
+                    f"{len(bad)} part{'s' if len(bad) == 1 else ''} from it at a near-tie, every pipelined pick "
+                    f"within {tol:g} logits of the best, teacher-forced (the tolerance for {setup.dtype})")
+            console(stderr=True).print(said, highlight=False)
 
 
 # ---- profile and validate -------------------------------------------------------

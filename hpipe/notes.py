@@ -134,13 +134,17 @@ def unused_planner_settings(setup, names: list[str], swept: tuple[str, str] | No
     if mb is not None and others:
         said.append(f"planner.micro_batches = {mb} is for {', '.join(MICRO_BATCH_PLANNERS)} only; "
                     f"{', '.join(others)} choose{'s its' if len(others) == 1 else ' their'} own")
+    # a swept field whose values differ in what is read: ``setup`` (the first value) cannot say
+    varies = swept is not None and (swept[0] in ("compression", "workload", "workload.output_tokens")
+                                    or swept[0].startswith(("compression.", "workload.sampling")))
     plain = [n for n in names if n != "hpipe"]
-    if setup.compression is not None and plain:
+    if setup.compression is not None and plain and not varies:
         said.append(f"compression is hpipe's; {', '.join(plain)} send{'s' if len(plain) == 1 else ''} "
                     f"activations uncompressed, as the systems they stand for do")
     for line in said:
         err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
-    unused_sampling(setup)
+    if not varies:
+        unused_sampling(setup)
 
 
 def unused_sampling(setup) -> None:

@@ -582,6 +582,9 @@ def test_settings_the_planners_run_do_not_read_are_said(cli):
     assert "workload.sampling is for new tokens, and workload.output_tokens is 0" in err, r.stderr
     r = cli("plan", PAPER, "-q", "--set", "compression={allow: [int8]}")
     assert r.returncode == 0 and "note" not in r.stderr, r.stderr
+    # a sweep whose values differ in what is read: the first value's note held for none of the others
+    r = cli("sweep", PAPER, "-q", "--set", "workload.sampling.temperature=0.7", "--set", "workload.output_tokens=0,4")
+    assert r.returncode == 0 and "workload.sampling is for new tokens" not in r.stderr, r.stderr
 
 
 def test_planner_given_by_set_and_by_option_is_refused(cli):

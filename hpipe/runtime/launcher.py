@@ -392,7 +392,8 @@ def _failure_message(cfgs, errors: dict[int, dict], dead: dict[int, int], progre
         lines.append("the workers stopped without reporting why")
     primary = lines[0]
     if not dead and not local and comm:
-        suspects = {e["peer"] for e in comm.values() if e.get("peer") is not None} - set(errors)
+        peers = [e["peer"] for e in comm.values() if e.get("peer") is not None]  # a role, or an all-reduce's
+        suspects = {r for p in peers for r in (p if isinstance(p, (tuple, list)) else (p,))} - set(errors)
         if suspects:
             primary = (f"{_describe(cfgs, sorted(suspects)[0])} stopped responding "
                        f"({lines[0]})")

@@ -130,9 +130,10 @@ class WorkerConfig:
 
 
 class CommError(RuntimeError):
-    """A receive or send with a peer failed or timed out."""
+    """A receive or send with a peer failed or timed out (``peer_role``: that peer's role, or
+    the roles of an all-reduce's peers, any of which may be the cause)."""
 
-    def __init__(self, peer_role: int, message: str):
+    def __init__(self, peer_role: int | tuple[int, ...], message: str):
         self.peer_role = peer_role
         super().__init__(message)
 
@@ -383,13 +384,19 @@ class StageWorker:
         t0 = clock()
         try:
             dist.all_reduce(x, group=self.group)
-        except Exception as e:  # a peer's failure, seen here (a closed connection, a timeout): not ours
-            peers = [r for r in self.cfg.stages[self.stage][0] if r != self.cfg.role]
+        except RuntimeError as e:
+            text = str(e).lower()
+            if not any(w in text for w in ("timed out", "timeout", "connection", "closed", "reset", "read error",
+                                           "write error", "peer")):
+                raise  # this shard's own error (a shape, a dtype), not the group's
+            # a peer's failure, seen here (a closed connection, a timeout): every peer is a suspect,
+            # and the launcher names the one that did not report
+            peers = tuple(r for r in self.cfg.stages[self.stage][0] if r != self.cfg.role)
             with_whom = (f"the all-reduce with its tensor-parallel peer{'s' if len(peers) > 1 else ''} "
                          f"{', '.join(self.cfg.devices[r] for r in peers)}")
-            if "timed out" in str(e).lower():
-                raise CommError(peers[0], f"timed out after {self.cfg.timeout_s:g}s in {with_whom}") from e
-            raise CommError(peers[0], f"{with_whom}: {_short(e)}") from e
+            if "timed out" in text or "timeout" in text:
+                raise CommError(peers, f"timed out after {self.cfg.timeout_s:g}s in {with_whom}") from e
+            raise CommError(peers, f"{with_whom}: {_short(e)}") from e
         self.sync()
         self.pace.mark()  # the wait for the other shards is not compute
         self.events.append(("allreduce", *self._item, t0, clock(), x.numel() * x.element_size()))

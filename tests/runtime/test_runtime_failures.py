@@ -66,17 +66,19 @@ def test_hung_worker_is_named_after_the_timeout(llama_setup):
     assert 2.0 <= elapsed < 15
 
 
-def test_a_tensor_parallel_peer_that_hangs_is_named_not_the_shard_waiting_on_it(llama_setup):
+@pytest.mark.parametrize("tp", [2, 3])
+def test_a_tensor_parallel_peer_that_hangs_is_named_not_the_shard_waiting_on_it(llama_setup, tp):
     """The all-reduce's own failure (gloo's timeout, a closed connection) was reported as the
-    waiting shard's fault ('stage 0 (local/core-0) failed: RuntimeError: ...'), listed first."""
-    tp_first = plan([([0, 1], (0, 4)), ([2], (4, N))], [8, 8, 8, 8, 8, 8], micro_batches=2)
+    waiting shard's fault ('stage 0 (local/core-0) failed: RuntimeError: ...'), listed first;
+    with three shards each waiting one must not blame the other."""
+    tp_first = plan([(list(range(tp)), (0, 4)), ([tp], (4, N))], [8, 8, 8, 8, 8, 8], micro_batches=2)
     pids = []
     with pytest.raises(WorkerError) as err:
-        execute(llama_setup, tp_first, quiet=True, warmup=0, timeout_s=2.0, faults={1: ("hang", 1)},
+        execute(llama_setup, tp_first, quiet=True, warmup=0, timeout_s=2.0, faults={tp - 1: ("hang", 1)},
                 on_spawn=pids.extend)
     _assert_gone(pids)
     msg = str(err.value)
-    assert msg.startswith("stage 0 (local/core-1) stopped responding"), msg
+    assert msg.startswith(f"stage 0 (local/core-{tp - 1}) stopped responding"), msg
     assert "failed: RuntimeError" not in msg and "timed out after 2s" in msg, msg
 
 
