@@ -281,9 +281,9 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
     notes.past_context(setup)  # a warning: said with --quiet too
     name = _chosen_planners(planner, setup.scenario)
-    notes.unused_planner_settings(setup, name)
     if len(name) != 1:
         raise InputError("plan takes one planner", field="--planner")
+    notes.unused_planner_settings(setup, name)
     with progress(quiet) as bar:
         bar.add_task(f"planning {name[0]}", total=None)
         p = make_plan(setup, name[0])
@@ -736,12 +736,17 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     else:
         try:
             p = make_plan(plan_setup, names[0])
-        except InfeasibleError:
+        except InfeasibleError as rounded:
             if plan_setup is setup:
                 raise
             # the rounded-up prompt does not fit where the prompt itself may: plan on its own
-            # length (a finer slice grid, slower to search, so only here)
-            p = make_plan(setup, names[0])
+            # length (a finer slice grid, slower to search, so only here); where that cannot be
+            # planned either, the rounded plan's reason stands (not advice about a granularity
+            # the user did not set)
+            try:
+                p = make_plan(setup, names[0])
+            except HpipeError:
+                raise rounded from None
         # its slices cut to the prompt: the planner's figures were for the rounded-up one
         p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup).without_figures()
     check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2

@@ -132,8 +132,8 @@ def unused_planner_settings(setup, names: list[str], swept: tuple[str, str] | No
         mb = swept[1]
     others = [n for n in names if n not in MICRO_BATCH_PLANNERS]
     if mb is not None and others:
-        said.append(f"planner.micro_batches = {mb} is for {', '.join(MICRO_BATCH_PLANNERS)} only; "
-                    f"{', '.join(others)} choose{'s its' if len(others) == 1 else ' their'} own")
+        how = [f"{n} chooses its own" if n == "hpipe" else f"{n} runs the batch at once" for n in others]
+        said.append(f"planner.micro_batches = {mb} is for {', '.join(MICRO_BATCH_PLANNERS)} only; {', '.join(how)}")
     # a swept field whose values differ in what is read: ``setup`` (the first value) cannot say
     varies = swept is not None and (swept[0] in ("compression", "workload", "workload.output_tokens")
                                     or swept[0].startswith(("compression.", "workload.sampling")))

@@ -201,7 +201,8 @@ class DeviceEntry(_Strict):
         generation = self.generation or (
             "cpu" if self.runtime is not None and self.runtime.device == "cpu" else "ampere")
         # a device placed on a CPU, or priced as one, is a CPU: no framework reserve (memory_reserve_gb)
-        return DeviceSpec(name=self.name, generation=generation, kind="cpu" if generation == "cpu" else "gpu",
+        on_cpu = generation == "cpu" or (self.runtime is not None and self.runtime.device == "cpu")
+        return DeviceSpec(name=self.name, generation=generation, kind="cpu" if on_cpu else "gpu",
                           fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
                           memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
                           power_w=self.power_w, idle_power_w=idle,
@@ -523,7 +524,7 @@ def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
             elif "input" in e and e["type"].endswith("_type"):
                 msg += f", got {e['input']!r}"
                 if e["type"] == "string_type" and isinstance(e["input"], bool):  # a host named on, a name: yes
-                    msg += " (YAML reads yes, no, on, off, true and false as booleans; quote it: 'on')"
+                    msg += " (YAML reads yes, no, on, off, true and false as booleans; quote it: 'yes')"
         problems.append((field, msg, also))
     field, msg, also = problems[0]
     # The same location may fail once per union member; mention the others only if distinct.

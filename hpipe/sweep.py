@@ -64,11 +64,11 @@ def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
                          field="--set")
     seen_values: dict[str, str] = {}
     for raw, v in zip(raw_values, values):
-        text = value_text(v)
-        if text in seen_values:  # it would be planned twice, its rows side by side
-            raise InputError(f"{canonical} = {text} is given twice ({seen_values[text]!r} and {raw!r}); "
+        same = value_text(float(v) if _numeric([v]) else v)  # 1 and 1.0 are one value
+        if same in seen_values:  # it would be planned twice, its rows side by side
+            raise InputError(f"{canonical} = {value_text(v)} is given twice ({seen_values[same]!r} and {raw!r}); "
                              f"give each value once", field="--set")
-        seen_values[text] = raw
+        seen_values[same] = raw
     return key, values, [a for _, _, a, _ in fixed]
 
 

@@ -149,8 +149,9 @@ def test_custom_device_and_cpu_reserve():
     assert setup.cluster.device("h/x-0").usable_memory_bytes == pytest.approx(2e9 - 0.5e9)  # a GPU: reserve
 
 
-@pytest.mark.parametrize("entry", [{"runtime": {"device": "cpu"}}, {"generation": "cpu"}],
-                         ids=["placed-on-a-cpu", "generation-cpu"])
+@pytest.mark.parametrize("entry", [{"runtime": {"device": "cpu"}}, {"generation": "cpu"},
+                                   {"runtime": {"device": "cpu"}, "generation": "ampere"}],
+                         ids=["placed-on-a-cpu", "generation-cpu", "placed-on-a-cpu-priced-as-ampere"])
 def test_a_custom_cpu_device_keeps_no_reserve(entry):
     """memory_reserve_gb is for GPUs (CUDA context, allocator); a custom device placed on a CPU
     (scenarios/local-cpu.yaml's cores) or priced as one is a CPU and keeps none."""

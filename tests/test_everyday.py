@@ -600,6 +600,8 @@ def test_planner_given_by_set_and_by_option_is_refused(cli):
 def test_sweep_values_each_once_and_a_planners_settings_swept_whole(cli):
     r = cli("sweep", PAPER, "-q", "--set", "workload.seq_len=2048,1024,2048")
     assert r.returncode == 2 and "workload.seq_len = 2048 is given twice" in r.stderr, r.stderr
+    r = cli("sweep", PAPER, "-q", "--set", "cluster.network.bandwidth_gbps=1,1.0")  # one number, two spellings
+    assert r.returncode == 2 and "is given twice ('1' and '1.0')" in r.stderr, r.stderr
     # one planner's settings as mappings: swept; mappings of two planners: --planner compares those
     r = cli("sweep", PAPER, "-q", "--json", "-", "--set",
             "planner={kind: hpipe, token_granularity: 16},{kind: hpipe, token_granularity: 32}")

@@ -19,6 +19,12 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_module(name: str) -> bool:
+    parts = name.split(".")[1:]
+    return bool(parts) and ((ROOT.joinpath(*parts).with_suffix(".py")).is_file()
+                            or (ROOT.joinpath(*parts) / "__init__.py").is_file())
+
+
 def _imports(path: Path) -> set[str]:
     """Every hpipe module ``path`` imports, at the top or inside a function."""
     here = _module(path)
@@ -31,6 +37,8 @@ def _imports(path: Path) -> set[str]:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*up, *([node.module] if node.module else [])])
             found.add(base)
+            # `from hpipe import notes`: the module notes, where the name is one
+            found.update(f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}"))
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
     return {m for m in found if m == "hpipe" or m.startswith("hpipe.")}
