@@ -623,8 +623,11 @@ class _Streamer:
                 piece = self._new_text(k, final=False)
                 if not piece:
                     continue
-            sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.strip()}\n")
+            self._write(k, piece)
         sys.stdout.flush()
+
+    def _write(self, k: int, piece: str) -> None:
+        sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.strip()}\n")
 
     def _new_text(self, k: int, final: bool) -> str:
         from hpipe.runtime.generation import decode_text
@@ -642,7 +645,7 @@ class _Streamer:
             for k in range(self.batch):
                 piece = self._new_text(k, final=True) if self.ids[k] else ""
                 if piece:
-                    sys.stdout.write(piece if self.batch == 1 else f"[{k}] {piece.strip()}\n")
+                    self._write(k, piece)
         if self.batch == 1:
             sys.stdout.write("\n")
         sys.stdout.flush()
@@ -805,13 +808,16 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
             if not passed:
                 raise HpipeError(f"--check failed at the prompt's last position: {figures}")
         tol = CHECK_TOLERANCE[setup.dtype]
+        ats = {k: next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),
+                       min(len(ref[k]), len(measured.generated_ids[k]))) for k in bad}
+        # parted: both went on past ``at`` (else one stopped where the other did not)
+        parted = [k for k in bad if ats[k] < min(len(ref[k]), len(measured.generated_ids[k]))]
+        offs = dict(zip(parted, gen.first_picks_off_the_best(
+            spec, weight_source(spec, setup.weights, 0), [ids[k] for k in parted],
+            [measured.generated_ids[k] for k in parted], tol))) if parted and not p.lossy else {}
         for k in bad:
-            at = next((i for i, (a, b) in enumerate(zip(ref[k], measured.generated_ids[k])) if a != b),
-                      min(len(ref[k]), len(measured.generated_ids[k])))
-            parted = at < min(len(ref[k]), len(measured.generated_ids[k]))  # else one stopped, the other did not
-            off = None if p.lossy or not parted else gen.first_pick_off_the_best(
-                spec, weight_source(spec, setup.weights, 0), ids[k], measured.generated_ids[k], tol)
-            if p.lossy or not parted or off is not None:  # a wrong pick, not a near-tie
+            at, off = ats[k], offs.get(k)
+            if p.lossy or k not in parted or off is not None:  # a wrong pick, not a near-tie
                 where = (f"; teacher-forced, its new token {off[0]} is {off[1]:.3g} logits short of the best "
                          f"(more than {tol:g}, the tolerance for {setup.dtype})" if off else "")
                 raise HpipeError(f"--check failed: sequence {k} differs from the one-process loop at new token {at} "

@@ -105,22 +105,25 @@ def reference_generate(spec, source, ids: np.ndarray, output_tokens: int, *, eos
     return out, first
 
 
-def first_pick_off_the_best(spec, source, prompt: list[int], picks: list[int], tol: float):
-    """Teacher-forced, the pipeline's own ids fed back (one forward over the prompt and
-    ``picks``, float32, CPU): the first new token whose logit falls more than ``tol`` short
-    of the best one at its position, as (its index, the shortfall), or None where every pick
-    is within ``tol`` of the best.  A pipelined run in half precision parts from the float32
-    loop at a near-tie and is still correct; this tells it from a wrong pick."""
+def first_picks_off_the_best(spec, source, prompts: list[list[int]], picks: list[list[int]], tol: float):
+    """Teacher-forced, the pipeline's own ids fed back (one forward per sequence over its prompt
+    and ``picks``, float32, CPU): per sequence, the first new token whose logit falls more than
+    ``tol`` short of the best one at its position, as (its index, the shortfall), or None where
+    every pick is within ``tol`` of the best.  A pipelined run in half precision parts from the
+    float32 loop at a near-tie and is still correct; this tells it from a wrong pick."""
     import torch
 
     from hpipe.runtime.model import build_units, run_units
 
-    units = build_units(spec, 0, spec.n_units, source, dtype="float32")
-    x = torch.tensor([list(prompt) + list(picks[:-1])])  # (1, T + N - 1)
-    with torch.inference_mode():
-        logits = run_units(units, x, 0)[0, len(prompt) - 1:]  # (N, V): position i predicts picks[i]
-    short = (logits.max(-1).values - logits[torch.arange(len(picks)), torch.tensor(picks)]).tolist()
-    return next(((i, d) for i, d in enumerate(short) if d > tol), None)
+    units = build_units(spec, 0, spec.n_units, source, dtype="float32")  # once for every sequence
+    out = []
+    for prompt, seq in zip(prompts, picks):
+        x = torch.tensor([list(prompt) + list(seq[:-1])])  # (1, T + N - 1)
+        with torch.inference_mode():
+            logits = run_units(units, x, 0)[0, len(prompt) - 1:]  # (N, V): position i predicts seq[i]
+        short = (logits.max(-1).values - logits[torch.arange(len(seq)), torch.tensor(seq)]).tolist()
+        out.append(next(((i, d) for i, d in enumerate(short) if d > tol), None))
+    return out
 
 
 def load_tokenizer(weights: str | None):

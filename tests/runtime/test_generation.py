@@ -246,16 +246,19 @@ def test_cpu_and_gpu_stages_generate_as_the_one_process_loop(llama):
 def test_a_pick_off_the_best_is_told_from_a_near_tie(llama):
     """generate --check parts a half-precision run from the float32 loop only where each
     pipelined pick, teacher-forced, is within the tolerance of the best logit."""
-    from hpipe.runtime.generation import first_pick_off_the_best
+    from hpipe.runtime.generation import first_picks_off_the_best
 
     folder, _, setup, expect = llama
     spec = runtime_spec(setup)
     source = weight_source(spec, setup.weights, 0)
     prompt = PROMPTS[0].tolist()
-    assert first_pick_off_the_best(spec, source, prompt, expect[0], 1e-4) is None  # the loop's own picks
+
+    def first_off(picks, tol):
+        return first_picks_off_the_best(spec, source, [prompt], [picks], tol)[0]
+
+    assert first_off(expect[0], 1e-4) is None  # the loop's own picks
     wrong = list(expect[0])
     wrong[5] = (wrong[5] + 1) % 128  # another token at new token 5: the teacher-forced rest still checks
-    i, short = first_pick_off_the_best(spec, source, prompt, wrong, 1e-4)
+    i, short = first_off(wrong, 1e-4)
     assert i == 5 and short > 1e-4
-    assert first_pick_off_the_best(spec, source, prompt, wrong, short * 1.01) is None or \
-        first_pick_off_the_best(spec, source, prompt, wrong, short * 1.01)[0] > 5
+    assert first_off(wrong, short * 1.01) is None or first_off(wrong, short * 1.01)[0] > 5
