@@ -71,6 +71,11 @@ def value_text(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
+def all_numbers(values) -> bool:
+    """Whether every value is a number (an int or a float, not a YAML boolean)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def split_assignment(text: str) -> tuple[str, str]:
     """'KEY=VALUE' -> (key, raw value)."""
     key, eq, raw = text.partition("=")

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from hpipe.errors import InputError
-from hpipe.overrides import value_text
+from hpipe.overrides import all_numbers, value_text
 from hpipe.result import Result
 
 
@@ -33,7 +33,7 @@ class SweepResult(BaseModel):
 def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
     """(swept key, its values, the other assignments) from the --set options: exactly one
     of them gives several comma-separated values."""
-    from hpipe.overrides import format_key, parse_key, parse_value, split_assignment, split_values, value_text
+    from hpipe.overrides import format_key, parse_key, parse_value, split_assignment, split_values
 
     swept, fixed, seen = [], [], set()
     for a in assignments:
@@ -64,7 +64,7 @@ def parse_sweep(assignments: list[str]) -> tuple[str, list[Any], list[str]]:
                          field="--set")
     seen_values: dict[str, str] = {}
     for raw, v in zip(raw_values, values):
-        same = value_text(float(v) if _numeric([v]) else v)  # 1 and 1.0 are one value
+        same = value_text(float(v) if all_numbers([v]) else v)  # 1 and 1.0 are one value
         if same in seen_values:  # it would be planned twice, its rows side by side
             raise InputError(f"{canonical} = {value_text(v)} is given twice ({seen_values[same]!r} and {raw!r}); "
                              f"give each value once", field="--set")
@@ -96,10 +96,6 @@ def assignment(key: str, value: Any) -> str:
     return f"{key}={value_text(value)}"
 
 
-def _numeric(values) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
 def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 110):
     """Latency (with generation: TTFT and TPOT too), energy and (where the devices have prices)
     cost per million tokens against the swept value, one line per planner; log axes where the
@@ -119,7 +115,7 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
     have_cost = any(r.usd_per_million_tokens is not None for run in sweep.runs for r in run.results)
     if not have_cost:
         metrics = metrics[:-1]
-    numeric = _numeric(sweep.values)
+    numeric = all_numbers(sweep.values)
     xs = np.asarray(sweep.values, float) if numeric else np.arange(len(sweep.values), dtype=float)
     order = np.argsort(xs, kind="stable")  # lines join numbers left to right, whatever order they were given
     drawn = xs[[any(r.feasible for r in run.results) for run in sweep.runs]]  # the axis spans what has points

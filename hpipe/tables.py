@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hpipe.overrides import value_text
+from hpipe.overrides import all_numbers, value_text
 
 MB_PER_GB = 1e3  # RunResult.peak_memory_mb is in MB (10^6 bytes)
 
@@ -66,11 +66,9 @@ def codecs_of(plan) -> str:
 
 
 def reason_of(r) -> str:
-    """Why a result is infeasible, without the planner's name in front (it is printed beside)."""
-    text = r.infeasible or "infeasible"
-    while text.startswith(r.planner + ": "):
-        text = text[len(r.planner) + 2:]
-    return text
+    """Why a result is infeasible (``sim.infeasible_result`` keeps the planner's name out of it:
+    it is printed beside)."""
+    return r.infeasible or "infeasible"
 
 
 def infeasible_notes(results, values=None) -> list[str]:
@@ -233,7 +231,7 @@ def sweep_table(title: str, key: str, values, runs) -> Table:
     # a mapping or a path as the value (costmodel={kind: fitted, profile: ...}) folds within its
     # column rather than pushing the figures past 80 columns
     t.columns[0].no_wrap, t.columns[0].overflow, t.columns[0].max_width = False, "fold", 24
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if not all_numbers(values):
         t.columns[0].justify = "left"  # names and mappings read from the left; numbers line up right
     for i, (v, run) in enumerate(zip(values, runs)):
         for k, r in enumerate(run.results):
