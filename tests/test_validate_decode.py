@@ -319,9 +319,13 @@ def test_validate_decode_cases_end_to_end(tmp_path):
         assert c.ttft_error == pytest.approx((c.simulated_ttft_s - c.measured_ttft_s) / c.measured_ttft_s)
         assert 0 < c.measured_ttft_s < c.measured_ttft_s + c.measured_tpot_s <= c.measured_latency_s * 1.001
         assert c.decode_compute_error is not None and c.compute_error is not None
-        # in CPU time (load hardly moves it): the run's compute CPU time covers the decode steps
-        # as the prediction does -- without them it came out +100% and more here
-        assert abs(c.compute_error) < 0.5 and abs(c.decode_compute_error) < 0.5, c
+        # in CPU time: the run's compute CPU time covers the decode steps as the prediction does --
+        # without them it came out +72% to +100% and more here, which the upper bound catches.
+        # Load moves CPU time less than wall time, not never: on CI's shared VM (run drift +33%)
+        # the measured CPU time of this millisecond-step model came out 2.0x and 2.4x the
+        # prediction, so the lower bound only catches a gross miscount (over 3x).
+        for err in (c.compute_error, c.decode_compute_error):
+            assert -0.7 < err < 0.5, c
         assert c.measured_latency_s == min(c.measured_runs_s)
     assert v.by_kind["decode"].n == 2 and v.decode_tpot.n == 2 and v.decode_ttft.n == 2
     assert v.decode_tpot.median_abs_error == pytest.approx(float(np.median([abs(c.tpot_error) for c in dec])))
