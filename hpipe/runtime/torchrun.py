@@ -10,6 +10,8 @@ scenario's ``address`` of the first stage's host (or ``--master-addr``)::
 
     python -m hpipe.runtime.torchrun scenarios/two-hosts.yaml --planner hpipe --commands
 
+``--set`` changes the scenario as it does for ``hpipe execute``; the printed commands carry it
+to every host (a host that reads the scenario otherwise refuses, naming what differs).
 Every receive is bounded by ``--timeout``; there is no launcher above the
 workers here, so a host that dies is noticed by its peers' timeouts and by
 torchrun, which then stops the others.
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds a worker waits on a peer")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs before the measured one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a scenario field before it is checked, as `hpipe execute --set` "
+                         "(dotted path, e.g. workload.seq_len=4096); repeatable; every host needs the same")
     ap.add_argument("--commands", action="store_true", help="print the torchrun command of every host and exit")
     ap.add_argument("--master-addr", help="rendezvous address for --commands (default: from the scenario)")
     ap.add_argument("--master-port", type=int, default=29500)
@@ -66,6 +71,7 @@ def commands(setup, plan, args) -> list[str]:
     addresses = {h.name: h.address for h in setup.scenario.cluster.hosts}
     master = args.master_addr or addresses.get(first_host) or "127.0.0.1"
     which = f"--plan {shlex.quote(args.plan)}" if args.plan else f"--planner {plan.planner}"
+    which += "".join(f" --set {shlex.quote(a)}" for a in args.sets)  # every host reads the scenario alike
     lines = []
     for node_rank, (host, n) in enumerate(sorted(per_host.items(), key=lambda kv: kv[0] != first_host)):
         lines.append(f"# on {host} ({addresses.get(host) or 'address not given'}):\n"
@@ -94,7 +100,7 @@ def _main(args) -> int:
     from hpipe.errors import InputError
     from hpipe.scenario import load_scenario
 
-    setup = load_scenario(args.scenario).resolve()
+    setup = load_scenario(args.scenario, overrides=args.sets).resolve()
     if args.json_path and not args.commands:  # before any work (planning too), as `hpipe execute` checks it
         from pathlib import Path
 

@@ -59,13 +59,20 @@ def test_two_hosts_with_torchrun(tmp_path):
     assert len(r["next_token_ids"]) == 2
 
     # a lossy plan: the workers compress what `hpipe execute`'s would (so slow a modelled link
-    # that int4 pays on every message), and --check compares with that plan's own replay
-    data = yaml.safe_load(scenario.read_text())
-    data["cluster"]["network"]["bandwidth_gbps"] = 1e-4
-    data["compression"] = {"allow": ["int4"], "max_lossy_hops": 1}  # a lossy plan's codecs are the scenario's to allow
-    scenario.write_text(yaml.safe_dump(data))
+    # that int4 pays on every message), and --check compares with that plan's own replay.  The
+    # scenario file stays as it is: --set allows the codec (a lossy plan's codecs are the
+    # scenario's to allow), on every host, as the printed commands carry it
+    sets = ["--set", "cluster.network.bandwidth_gbps=1e-4", "--set", "compression={allow: [int4], max_lossy_hops: 1}"]
     plan_path.write_text(json.dumps({**plan, "codecs": ["int4"]}))
-    run_two_hosts_with_torchrun(scenario, plan_path, ["--check"], out, env=env, cwd=ROOT)
+    printed = subprocess.run([sys.executable, "-m", "hpipe.runtime.torchrun", str(scenario), "--plan", str(plan_path),
+                              "--commands", *sets], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.count("--set cluster.network.bandwidth_gbps=1e-4 --set 'compression={allow: [int4], "
+                                "max_lossy_hops: 1}' --host") == 2, printed.stdout
+    without = subprocess.run([sys.executable, "-m", "hpipe.runtime.torchrun", str(scenario), "--plan", str(plan_path),
+                              "--commands"], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert without.returncode == 2 and "int4" in without.stderr  # the file alone does not allow it
+    run_two_hosts_with_torchrun(scenario, plan_path, ["--check", *sets], out, env=env, cwd=ROOT)
     r = json.loads(out.read_text())["results"][0]
     assert r["max_abs_error"] < 1e-4, r["max_abs_error"]  # the workers sent int4: the replay's own error
 
