@@ -23,6 +23,17 @@ SCENARIOS = ROOT / "scenarios"
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _plain_output():
+    """Tests read what hpipe prints to a pipe: rich takes a pipe for a terminal where
+    FORCE_COLOR or TTY_COMPATIBLE is set (some CI systems set the first), and then colours and
+    wraps at 80 columns.  The tests that want a terminal make one (tests/pty_helpers.py)."""
+    names = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR", "JUPYTER_COLUMNS", "JUPYTER_LINES")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_profile_cache(tmp_path_factory):
     """Profiles the tests measure (and `costmodel: auto` looks for) go to a temporary cache,
     never to the user's ~/.cache; subprocesses inherit it through the environment."""

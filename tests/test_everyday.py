@@ -1088,16 +1088,22 @@ def test_a_swallowed_ctrl_c_is_raised_at_the_next_check():
 
     from hpipe import stopping
 
-    before = stopping.install_sigterm()
+    # pytest started in the background (`&` from a script) inherits SIGINT ignored, which
+    # install_sigterm rightly leaves alone: give this test the handler a terminal would
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        stopping.check_interrupted()  # nothing came: nothing raised
+        before = stopping.install_sigterm()
         try:
-            signal.raise_signal(signal.SIGINT)
-        except BaseException:  # swallowed
-            pass
-        with pytest.raises(KeyboardInterrupt):
-            stopping.check_interrupted()
+            stopping.check_interrupted()  # nothing came: nothing raised
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except BaseException:  # swallowed
+                pass
+            with pytest.raises(KeyboardInterrupt):
+                stopping.check_interrupted()
+        finally:
+            stopping.restore(before)
+        stopping.check_interrupted()  # a clean slate for an in-process caller
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        stopping.restore(before)
-    stopping.check_interrupted()  # a clean slate for an in-process caller
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, found)
