@@ -325,7 +325,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
              planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
              plan: Annotated[Optional[Path], typer.Option("--plan", help="simulate the Plan(s) in this JSON file instead", metavar="PLANS.json")] = None,
              json_path: JsonOpt = None,
-             trace: Annotated[Optional[str], typer.Option(help="Chrome trace (Perfetto) of the timelines", metavar="PATH")] = None,
+             trace: Annotated[Optional[str], typer.Option(help="Chrome trace (Perfetto) of the timelines (-: stdout)", metavar="PATH")] = None,
              plot: Annotated[Optional[str], typer.Option(help="Gantt chart of the timelines (.png, .svg or .pdf)", metavar="PATH")] = None,
              quiet: QuietOpt = False,
              sets: SetOpt = None):
@@ -377,7 +377,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         from hpipe.tables import reason_of
 
         _say_written(console(stderr=True) if con else None, written)
-        raise InfeasibleError(reason_of(results[0]))
+        raise InfeasibleError(f"{results[0].planner}: {reason_of(results[0])}")  # named, as `hpipe plan` does
     if con:
         from hpipe.tables import results_table
 

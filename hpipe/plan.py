@@ -205,7 +205,13 @@ def load_plans(path: str | Path) -> list[Plan]:
     from hpipe.io import document_kind, json_type, read_json
 
     file = str(path)
-    data = read_json(path)
+    try:
+        data = read_json(path)
+    except InputError as e:
+        if e.problem.startswith("JSON syntax error") and Path(path).suffix.lower() in (".yaml", ".yml"):
+            raise InputError(f"{e.problem}: a plan is JSON, as `hpipe plan SCENARIO -o plan.json` writes it "
+                             f"(the scenario YAML is the command's first argument)", file=file) from None
+        raise
     kind = document_kind(data)
     if kind and "Plan" not in kind:
         raise InputError(f"this is {kind}, not a Plan; each result's plan is its 'plan' field, or "

@@ -578,9 +578,21 @@ def read_scenario_text(path: str | Path) -> str:
     try:
         return Path(path).read_text()
     except FileNotFoundError:
-        raise InputError("no such file", file=str(path)) from None
+        near = _scenario_file_near(Path(path))
+        raise InputError("no such file" + (f" (did you mean {near}?)" if near else ""), file=str(path)) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the file: {e}", file=str(path)) from None
+
+
+def _scenario_file_near(path: Path) -> str | None:
+    """A scenario file the user may have meant by a missing ``path``: the name with .yaml, or
+    in ./scenarios/ (`hpipe simulate paper-llama7b` for scenarios/paper-llama7b.yaml)."""
+    names = [path.name] + ([f"{path.name}.yaml", f"{path.name}.yml"] if not path.suffix else [])
+    bare = path.parent == Path(".")  # a name alone; a path with folders is looked up only there
+    for cand in [path.with_name(n) for n in names[1:]] + ([Path("scenarios") / n for n in names] if bare else []):
+        if cand != path and cand.is_file():
+            return str(cand)
+    return None
 
 
 PATH_FIELDS = frozenset({"weights", "profile", "calibration"})

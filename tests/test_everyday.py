@@ -1107,3 +1107,22 @@ def test_a_swallowed_ctrl_c_is_raised_at_the_next_check():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, found)
+
+
+def test_a_planner_that_finds_no_plan_is_named_by_every_command(cli):
+    """plan and execute said "base: the plan does not fit ...", simulate the same line without
+    the planner's name."""
+    for cmd in ("plan", "simulate", "execute"):
+        r = cli(cmd, str(SCENARIOS / "home-lab.yaml"), "--planner", "base")
+        assert r.returncode == 3 and r.stderr.startswith("hpipe: base: the plan does not fit in memory"), (cmd, r.stderr)
+
+
+def test_a_scenario_named_without_its_folder_or_yaml_and_a_scenario_as_plan_say_what_was_meant(cli, tmp_path):
+    r = cli("simulate", "paper-llama7b")  # from the repository's root, where scenarios/ is
+    assert r.returncode == 2 and "paper-llama7b: no such file (did you mean scenarios/paper-llama7b.yaml?)" in r.stderr, r.stderr
+    r = cli("simulate", "scenarios/paper-llama7b")
+    assert r.returncode == 2 and "(did you mean scenarios/paper-llama7b.yaml?)" in r.stderr, r.stderr
+    r = cli("simulate", str(tmp_path / "paper-llama7b.yaml"))  # elsewhere, nothing near: no guess
+    assert r.returncode == 2 and r.stderr.strip().endswith("no such file"), r.stderr
+    r = cli("simulate", PAPER, "--plan", PAPER)
+    assert r.returncode == 2 and "JSON syntax error" in r.stderr and "a plan is JSON" in r.stderr, r.stderr
