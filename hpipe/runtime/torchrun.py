@@ -112,6 +112,12 @@ def _main(args) -> int:
     plan = _plan(setup, args)
     if args.commands:
         print("\n".join(commands(setup, plan, args)))
+        if not args.plan:  # each host would plan for itself: one plan file for all is safer
+            sets = "".join(f" --set {shlex.quote(a)}" for a in args.sets)
+            print(f"hpipe: every host plans for itself with --planner {plan.planner}; hosts whose hpipe "
+                  f"differs may plan differently (and refuse). For one plan on all: hpipe plan "
+                  f"{shlex.quote(args.scenario)} --planner {plan.planner}{sets} -o plan.json, copy it to "
+                  f"every host, and print these with --plan plan.json", file=sys.stderr)
         return 0
     from hpipe.errors import InfeasibleError
     from hpipe.sim import simulate

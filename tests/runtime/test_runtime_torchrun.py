@@ -114,3 +114,21 @@ def test_hosts_agree_whatever_folder_holds_their_weights():
     assert _agreement(cfg) == _agreement(there)
     assert _agreement(cfg)["the scenario"] != _agreement(replace(cfg, spec=replace(spec, d_ff=256)))["the scenario"]
     assert _agreement(cfg)["the scenario"] != _agreement(replace(cfg, weights=None))["the scenario"]
+
+
+def test_commands_carry_the_sets_and_advise_one_plan_file(tmp_path, capsys):
+    """--commands with --planner: every host would plan for itself, which docs/runtime.md
+    advises against; the printer says how to make the one plan file (with the same --sets)."""
+    from hpipe.runtime.torchrun import main
+
+    scenario = _scenario(tmp_path)
+    assert main([str(scenario), "--commands", "--set", "workload.seq_len=64"]) == 0
+    out, err = capsys.readouterr()
+    assert "--planner hpipe --set workload.seq_len=64 --host ha --json result.json" in out, out  # one host suffices
+    assert f"hpipe plan {scenario} --planner hpipe --set workload.seq_len=64 -o plan.json" in err, err
+    (tmp_path / "plan.json").write_text(json.dumps(
+        {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
+         "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}))
+    assert main([str(scenario), "--commands", "--plan", str(tmp_path / "plan.json")]) == 0
+    out, err = capsys.readouterr()
+    assert out.count(f"--plan {tmp_path / 'plan.json'} --host") == 2 and err == "", (out, err)
