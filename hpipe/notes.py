@@ -33,9 +33,11 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
         skip = format_key(parse_key(swept)) if swept else None
         given = "".join(f" --set {shlex.quote(a)}" for k, a in zip(overridden_keys(setup.scenario.overrides),
                                                                    setup.scenario.overrides) if k != skip)
-        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}{given}` or "
-                f"`hpipe profile {scenario}{given}` measures this machine once (about "
-                f"{estimate_profile_s(setup):.0f} s) and later runs plan on it"), True
+        # `hpipe profile` measures the finer grid with more sweeps: several times the quick one
+        return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}{given}` measures "
+                f"this machine once (a quick profile, about {estimate_profile_s(setup):.0f} s; `hpipe profile "
+                f"{scenario}{given}` a finer one, about "
+                f"{estimate_profile_s(setup, quick=False, warmup=2, repeats=5):.0f} s) and later runs plan on it"), True
     return choice.note(), False
 
 

@@ -21,20 +21,25 @@ STARTUP_S = 8.0
 
 def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: int = 3) -> float:
     """Rough seconds a profile of ``setup`` takes: its grid's chains timed with ``setup``'s own
-    cost model (the roofline, when no profile exists yet), on the slowest device, per sweep."""
+    cost model (the roofline, when no profile exists yet), on the slowest device, per sweep; and,
+    where two or more CPU devices share this machine, the sweeps of each one's units alone, one
+    device at a time (``hpipe.runtime.profiler``).  Leaving those out made the figure half the
+    profile's time (local-cpu, 2-core AMD EPYC VM, 2026-12-04: said 35 s, took 73 s)."""
     from hpipe.runtime.profile_grid import default_grid
-    from hpipe.runtime.profile_units import chain_blocks
+    from hpipe.runtime.profile_units import alone_repeats, chain_blocks
 
     grid = default_grid(setup, quick=quick)
     units = setup.units
     n_blocks = chain_blocks(setup.model, setup.dtype, 32 << 20)  # a typical server L3
     chain = [units[0], *units[1:1 + 2 * n_blocks], units[-1]]
-    per_device = []
+    per_device = {}
     for d in setup.cluster.device_ids:
-        per_device.append(sum(float(setup.cost.unit_time_s(u, d, n, c, b)) for n, c, b in grid.points
-                              for u in chain))
+        per_device[d] = sum(float(setup.cost.unit_time_s(u, d, n, c, b)) for n, c, b in grid.points for u in chain)
     tp_share = 1.6 if any(len(h.devices) > 1 for h in setup.scenario.cluster.hosts) else 1.0  # shard chains
-    return (STARTUP_S + (warmup + repeats) * max(per_device) * tp_share) * load_factor(len(per_device))
+    cpus = [d for d in per_device if setup.cluster.device(d).runtime_device == "cpu"]
+    alone_s = (min(warmup, 1) + alone_repeats(repeats)) * sum(per_device[d] for d in cpus) if len(cpus) > 1 else 0.0
+    together_s = (warmup + repeats) * max(per_device.values()) * tp_share
+    return (STARTUP_S + together_s + alone_s) * load_factor(len(per_device))
 
 
 def load_factor(n_workers: int) -> float:
