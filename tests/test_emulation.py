@@ -138,6 +138,34 @@ def test_shaped_link_between_namespaces(tmp_path):
 
 
 @needs_netns
+def test_links_faster_than_17_gbps_are_shaped(tmp_path):
+    """tbf's queue limit is 32 bits: two seconds of a 25 Gbit/s link overflowed it, and
+    `tc` refused the run ("illegal value for limit")."""
+    for gbps in (25, 100):  # (the route takes the slower of the network and a host's uplink, 126)
+        with em.emulate(two_host_setup(tmp_path, bandwidth_gbps=gbps)) as e:
+            (link,) = e.network.links
+            assert link.bandwidth_gbps == gbps
+    assert not em.leftovers(os.getpid())
+
+
+def test_every_pair_of_the_most_hosts_gets_its_own_subnet():
+    """One /30 per pair of hosts, apart from the hosts' identity addresses (10.213.0.0/24):
+    one octet per pair had run out at 24 hosts (`ip` refused 10.213.256.1)."""
+    import ipaddress
+
+    n_pairs = em.MAX_HOSTS * (em.MAX_HOSTS - 1) // 2
+    identity = ipaddress.ip_network(f"{em.SUBNET}.0.0/24")
+    nets = set()
+    for k in range(1, n_pairs + 1):
+        a, b = map(ipaddress.IPv4Address, em.pair_subnet(k))
+        net = ipaddress.ip_network(f"{a}/30", strict=False)
+        assert b in net and a != b and net.network_address not in (a, b) and net.broadcast_address not in (a, b)
+        assert net.is_private and not net.overlaps(identity)
+        nets.add(net)
+    assert len(nets) == n_pairs
+
+
+@needs_netns
 def test_workers_find_each_emulated_host_by_name(tmp_path):
     """Inside a namespace no name server can be reached, so a reverse lookup of a peer's address
     failed (EAI_AGAIN) and c10d printed a warning for every connection to its store.  A worker

@@ -74,7 +74,13 @@ from hpipe.stopping import signals_held
 PREFIX = "hpipe-"
 SUBNET = "10.213"
 """Private addresses used only inside the emulation's own namespaces (the root namespace's
-routing is never touched), so they cannot clash with this machine's networks."""
+routing is never touched), so they cannot clash with this machine's networks: the hosts'
+identity addresses in 10.213.0.0/24, then one /30 per pair of hosts (``pair_subnet``)."""
+MAX_HOSTS = 250
+"""Emulated hosts at most: identity addresses 10.213.0.1-250, and 31,125 pairs' /30s, which
+run from 10.213.1.0 to 10.214.231.83."""
+TBF_LIMIT_MAX = 2**32 - 1
+"""tbf's queue limit is a 32-bit byte count (``tc`` refuses more: "illegal value for limit")."""
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000  # linux/sched.h
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000  # linux/mount.h
@@ -270,12 +276,14 @@ class Network:
 
 def _tc_shape(ns: str, dev: str, bandwidth_gbps: float, latency_us: float, netem: bool) -> None:
     rate_bps = bandwidth_gbps * 1e9
-    # A small burst (200 us at the line rate, at least a few frames; tbf cuts larger GSO
-    # segments itself) so a message's time grows linearly from the first byte, as the
-    # latency + bytes / bandwidth model says; the queue holds seconds' worth so nothing is
-    # dropped (drops would add TCP retransmission stalls the model does not describe).
+    # A small burst (200 us at the line rate, but at least two frames, which tbf needs to pass
+    # a whole one: 32 KB, itself 2.6 ms at 100 Mbit/s, so a message under that leaves at once
+    # on a slow link; tbf cuts larger GSO segments itself) so a message's time grows linearly
+    # from the first byte, as the latency + bytes / bandwidth model says; the queue holds
+    # two seconds' worth so nothing is dropped (drops would add TCP retransmission stalls the
+    # model does not describe), up to tbf's 32-bit limit (4 GB: past 17 Gbit/s).
     burst = max(2 * LINK_MTU, int(rate_bps / 8 * 200e-6))
-    limit = max(16 << 20, int(rate_bps / 8 * 2))
+    limit = min(max(16 << 20, int(rate_bps / 8 * 2)), TBF_LIMIT_MAX)
     if netem and latency_us > 0:
         _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
               "delay", f"{latency_us:.0f}us", "limit", "100000"])
@@ -286,13 +294,22 @@ def _tc_shape(ns: str, dev: str, bandwidth_gbps: float, latency_us: float, netem
           "burst", str(burst), "limit", str(limit)])
 
 
+def pair_subnet(k: int) -> tuple[str, str]:
+    """The two ends' addresses of the ``k``-th pair of hosts' /30 (k from 1), counted on from
+    10.213.1.0: one octet per pair (10.213.k.0) ran out at 24 hosts (276 pairs)."""
+    import ipaddress
+
+    base = ipaddress.IPv4Address(f"{SUBNET}.1.0") + 4 * (k - 1)
+    return str(base + 1), str(base + 2)
+
+
 def _make_network(owner: str, hosts: list[str], link_of) -> Network:
     """Namespaces for ``hosts`` joined pairwise; ``link_of(a, b)`` -> (bandwidth_gbps, latency_us)."""
     why = netns_unsupported()
     if why:
         raise EmulationError(why)
-    if len(hosts) > 250:
-        raise EmulationError(f"{len(hosts)} emulated hosts: at most 250")
+    if len(hosts) > MAX_HOSTS:
+        raise EmulationError(f"{len(hosts)} emulated hosts: at most {MAX_HOSTS}")
     netem = netem_available()
     net = Network()
     for i, h in enumerate(hosts):
@@ -319,14 +336,14 @@ def _make_network(owner: str, hosts: list[str], link_of) -> Network:
             # created in the first namespace with its peer in the second: no end ever sits in
             # the root namespace, so deleting the namespaces deletes the pair
             _ip("-n", na, "link", "add", da, "type", "veth", "peer", "name", db, "netns", nb)
-            sub = f"{SUBNET}.{k}"
-            _ip("-n", na, "addr", "add", f"{sub}.1/30", "dev", da)
-            _ip("-n", nb, "addr", "add", f"{sub}.2/30", "dev", db)
+            end_a, end_b = pair_subnet(k)
+            _ip("-n", na, "addr", "add", f"{end_a}/30", "dev", da)
+            _ip("-n", nb, "addr", "add", f"{end_b}/30", "dev", db)
             for ns_, dev_ in ((na, da), (nb, db)):
                 _ip("-n", ns_, "link", "set", dev_, "mtu", str(LINK_MTU))
                 _ip("-n", ns_, "link", "set", dev_, "up")
-            _ip("-n", na, "route", "add", f"{net.addresses[b]}/32", "via", f"{sub}.2", "src", net.addresses[a])
-            _ip("-n", nb, "route", "add", f"{net.addresses[a]}/32", "via", f"{sub}.1", "src", net.addresses[b])
+            _ip("-n", na, "route", "add", f"{net.addresses[b]}/32", "via", end_b, "src", net.addresses[a])
+            _ip("-n", nb, "route", "add", f"{net.addresses[a]}/32", "via", end_a, "src", net.addresses[b])
             _tc_shape(na, da, bw, lat, netem)
             _tc_shape(nb, db, bw, lat, netem)
             net.links.append(ShapedLink((a, b), bw, lat, netem and lat > 0))
