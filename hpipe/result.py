@@ -116,8 +116,9 @@ class RunResult(BaseModel):
     """Measured, where the weights folder has a tokenizer: generated_ids decoded."""
     not_emulated: list[str] | None = None
     """Measured runs: what the scenario describes that this machine did not emulate (CPU quotas
-    by a duty cycle, unshaped links, link latency without netem), in words; None when
-    simulated or when everything was emulated."""
+    by a duty cycle, unshaped links, link latency without netem, an interconnect loopback cannot
+    be, CPU workers asking for more cores than there are), in words; None when simulated or
+    when nothing was left out."""
     bytes_per_link: dict[str, float] = Field(default_factory=dict)
     """Bytes the transfers between stages put on each link (``u->v``, the narrowest of the
     route, as ``Event.link``): what a codec on a boundary saves shows here."""

@@ -361,6 +361,44 @@ def test_what_a_run_did_not_emulate_is_said(monkeypatch):
     assert "the hosts have addresses" in gap and "torchrun" in gap
 
 
+def test_an_interconnect_loopback_cannot_be_is_said():
+    """Links inside a host are never shaped: 4dev's east with a 1 Mbit/s, 20 ms interconnect
+    ran its big->little transfer over loopback (1.07 s measured, 1.81 s predicted) and said
+    nothing.  The ready scenarios' 20 Gbit/s, 50 us is loopback's own: no note."""
+    setup = load_scenario(ROOT / "scenarios" / "local-cpu-4dev.yaml", overrides=["costmodel=roofline"]).resolve()
+    workers = {d: None for d in setup.cluster.device_ids}
+    assert not [g for g in em.Emulation("t", workers, None, {}).gaps(setup) if "inside host" in g]
+    for slow in (["cluster.hosts[0].interconnect.bandwidth_gbps=0.001"], ["cluster.hosts[0].interconnect.latency_us=20000"]):
+        setup = load_scenario(ROOT / "scenarios" / "local-cpu-4dev.yaml", overrides=["costmodel=roofline", *slow]).resolve()
+        (gap,) = [g for g in em.Emulation("t", workers, None, {}).gaps(setup) if "inside host" in g]
+        assert gap.startswith("the links inside host east on this machine's loopback"), gap
+        # a run with one device of the host has no link inside it
+        one = {d: None for d in workers if d != "east/little-0"}
+        assert not [g for g in em.Emulation("t", one, None, {}).gaps(setup) if "inside host" in g]
+
+
+def test_workers_that_ask_for_more_cores_than_there_are_are_said():
+    """The prediction gives every device its own compute; three one-core devices pinned to
+    core 0 measured twice the predicted time, and execute said nothing."""
+    from hpipe.runtime.launcher import _Placement, shared_cores
+
+    def cpu(threads=1, cores=None, quota=None):
+        return _Placement("cpu", threads, cores, quota)
+
+    ids = ["a", "b", "c"]
+    assert shared_cores(ids[:2], [cpu(), cpu()], {0, 1}) == []
+    assert shared_cores(ids[:2], [cpu(cores=[0]), cpu(cores=[1])], {0, 1}) == []
+    assert shared_cores(ids, [cpu(cores=[0], quota=0.5), cpu(cores=[0], quota=0.5), cpu(cores=[1])], {0, 1}) == []
+    (gap,) = shared_cores(ids, [cpu(), cpu(), cpu()], {0, 1})
+    assert "ask for 3 cores of 2 (a, b, c)" in gap
+    assert shared_cores(ids, [cpu(threads=2), cpu(quota=0.5), cpu(quota=0.5)], {0, 1, 2, 3}) == []  # 3 of 4
+    (gap,) = shared_cores(ids, [cpu(cores=[0], quota=0.7), cpu(cores=[0], quota=0.7), cpu(cores=[1])], {0, 1, 2})
+    assert gap.startswith("core 0 is asked for 1.4 cores' worth (a, b)"), gap
+    (gap,) = shared_cores(ids[:2], [cpu(threads=2, cores=[0, 1]), cpu(cores=[1])], {0, 1, 2})
+    assert gap.startswith("core 1 is asked for 2 cores' worth (a, b)"), gap
+    assert shared_cores(ids[:2], [_Placement("cuda:0", 1, None, None)] * 2, {0}) == []  # GPUs take no core
+
+
 def test_a_quota_slows_a_worker_only_below_its_threads():
     """The duty cycle's share (and the runs' "not emulated" list) read one rule: quota over
     threads, where the quota leaves a thread less than a whole core."""

@@ -171,6 +171,35 @@ def placements(setup, device_ids) -> list[_Placement]:
     return out
 
 
+def shared_cores(device_ids, places: list[_Placement], usable_cores) -> list[str]:
+    """Where the CPU workers of a run ask this machine for more than it has, in words (empty:
+    they fit): in all, more cores than are usable here; or on one core, pinned workers whose
+    shares (a quota, else their threads, spread over their cores) add up past it.  The
+    prediction gives every device its own compute; these take turns, so the run measures
+    slower (three one-core devices pinned to one core: twice the predicted time)."""
+    cpu = [(d, p) for d, p in zip(device_ids, places) if p.device == "cpu"]
+
+    def share(p: _Placement) -> float:
+        return min(p.cpu_quota, p.threads) if p.cpu_quota else float(p.threads)
+
+    total = sum(share(p) for _, p in cpu)
+    if total > len(usable_cores) + 1e-9:
+        return [f"the CPU workers share this machine's cores: they ask for {total:g} cores of "
+                f"{len(usable_cores)} ({', '.join(d for d, _ in cpu)}), so they take turns where the "
+                f"prediction gives each device its own"]
+    on_core: dict[int, list[tuple[str, float]]] = {}
+    for d, p in cpu:
+        for c in p.cores or ():
+            on_core.setdefault(c, []).append((d, share(p) / len(p.cores)))
+    out = []
+    for c, users in sorted(on_core.items()):
+        load = sum(x for _, x in users)
+        if load > 1 + 1e-9:
+            out.append(f"core {c} is asked for {load:g} cores' worth ({', '.join(d for d, _ in users)}): they "
+                       f"take turns there, where the prediction gives each device its own")
+    return out
+
+
 def stage_roles(spec, plan) -> list[tuple[tuple[int, ...], int, int]]:
     """Per stage: (roles of its devices in plan order, first unit, end unit); TP checked."""
     from hpipe.runtime.model import check_tensor_parallel
@@ -562,7 +591,8 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     run.wall_s = time.monotonic() - t_start
     if load is not None:  # every worker of this run is on this machine
         run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()), helpers)
-    run.not_emulated = em.gaps(setup)
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    run.not_emulated = em.gaps(setup) + shared_cores(devices, places, usable)
     return run
 
 
