@@ -149,7 +149,10 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
             return setup
         why = (f"no profile of this machine for {setup.name} yet" if not Path(choice.profile_path).exists()
                else choice.reason)  # a cached one that falls short (no decode steps): measured again
-        err_console.print(f"cost model auto: {why}; measuring a quick one (about {estimate_profile_s(setup):.0f} s, "
+        from hpipe.runtime.here import format_duration
+
+        err_console.print(f"cost model auto: {why}; measuring a quick one (about "
+                          f"{format_duration(estimate_profile_s(setup))}, "
                           f"once) into {choice.profile_path}",
                           markup=False, highlight=False, soft_wrap=True)
         with _needs_torch("profile"):

@@ -27,6 +27,7 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
         import shlex
 
         from hpipe.overrides import format_key, overridden_keys, parse_key
+        from hpipe.runtime.here import format_duration
         from hpipe.runtime.profile_cache import estimate_profile_s
 
         # the same --set options: they are part of what the profile is measured for (its cache key)
@@ -35,9 +36,10 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
                                                                    setup.scenario.overrides) if k != skip)
         # `hpipe profile` measures the finer grid with more sweeps: several times the quick one
         return (f"{choice.note()}\n  planning on datasheet figures; `hpipe execute {scenario}{given}` measures "
-                f"this machine once (a quick profile, about {estimate_profile_s(setup):.0f} s; `hpipe profile "
-                f"{scenario}{given}` a finer one, about "
-                f"{estimate_profile_s(setup, quick=False, warmup=2, repeats=5):.0f} s) and later runs plan on it"), True
+                f"this machine once (a quick profile, about {format_duration(estimate_profile_s(setup))}; "
+                f"`hpipe profile {scenario}{given}` a finer one, about "
+                f"{format_duration(estimate_profile_s(setup, quick=False, warmup=2, repeats=5))}) and later runs "
+                f"plan on it"), True
     return choice.note(), False
 
 

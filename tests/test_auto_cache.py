@@ -285,4 +285,22 @@ def test_the_profile_estimate_counts_each_cpu_devices_sweeps_alone(monkeypatch):
                    - profile_cache.STARTUP_S) / (warmup + repeats)  # one device: no sweeps alone
         assert chain_s > 0
         assert profile_cache.estimate_profile_s(two, warmup=warmup, repeats=repeats) == pytest.approx(
-            profile_cache.STARTUP_S + (warmup + repeats) * chain_s + (1 + alone_repeats(repeats)) * 2 * chain_s)
+            profile_cache.STARTUP_S + (warmup + repeats) * chain_s + (1 + alone_repeats(repeats)) * 2 * chain_s,
+            rel=0.01)  # and the round trips over the one 20 Gbit/s link: 0.04 s
+
+
+def test_the_profile_estimate_counts_the_links_round_trips(monkeypatch):
+    """Two emulated hosts at 0.0001 Gbit/s: the ping-pongs take hours; the estimate had said
+    "about 23 s" for a profile that took four minutes with a tiny model."""
+    from hpipe.runtime import profile_cache
+    from hpipe.runtime.profile_grid import LINK_REPEATS, link_sizes
+
+    monkeypatch.setattr(profile_cache, "load_factor", lambda n: 1.0)
+    hetero = ROOT / "scenarios" / "local-cpu-hetero.yaml"
+    fast = load_scenario(hetero).resolve()
+    slow = load_scenario(hetero, overrides=["cluster.network.bandwidth_gbps=0.0001"]).resolve()
+    biggest = max(link_sizes(slow))
+    one_way_s = biggest * 8 / (0.0001 * 1e9)
+    extra = profile_cache.estimate_profile_s(slow) - profile_cache.estimate_profile_s(fast)
+    assert extra > LINK_REPEATS * 2 * one_way_s
+    assert extra < (LINK_REPEATS + 2) * 2 * one_way_s * 2  # every size, the largest about 3/4 of them

@@ -23,9 +23,10 @@ def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: i
     """Rough seconds a profile of ``setup`` takes: its grid's chains timed with ``setup``'s own
     cost model (the roofline, when no profile exists yet), on the slowest device, per sweep; and,
     where two or more CPU devices share this machine, the sweeps of each one's units alone, one
-    device at a time (``hpipe.runtime.profiler``).  Leaving those out made the figure half the
+    device at a time (``hpipe.runtime.profiler``); and the links' round trips at the scenario's
+    figures.  Leaving those out made the figure half the
     profile's time (local-cpu, 2-core AMD EPYC VM, 2026-12-04: said 35 s, took 73 s)."""
-    from hpipe.runtime.profile_grid import default_grid
+    from hpipe.runtime.profile_grid import LINK_REPEATS, default_grid, link_sizes
     from hpipe.runtime.profile_units import alone_repeats, chain_blocks
 
     grid = default_grid(setup, quick=quick)
@@ -39,7 +40,12 @@ def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: i
     cpus = [d for d in per_device if setup.cluster.device(d).runtime_device == "cpu"]
     alone_s = (min(warmup, 1) + alone_repeats(repeats)) * sum(per_device[d] for d in cpus) if len(cpus) > 1 else 0.0
     together_s = (warmup + repeats) * max(per_device.values()) * tp_share
-    return (STARTUP_S + together_s + alone_s) * load_factor(len(per_device))
+    # the links' ping-pongs, one pair at a time: on a slow link they are most of the profile
+    # (0.0001 Gbit/s: "about 23 s" said, four minutes taken)
+    ids = list(per_device)
+    links_s = (2 + LINK_REPEATS) * 2 * sum(setup.cluster.transfer_time_s(a, b, size) for i, a in enumerate(ids)
+                                           for b in ids[i + 1:] for size in link_sizes(setup))
+    return (STARTUP_S + together_s + alone_s + links_s) * load_factor(len(per_device))
 
 
 def load_factor(n_workers: int) -> float:

@@ -79,6 +79,10 @@ def codec_sizes(setup) -> list[int]:
     return sorted({d, d * B, d * g, d * g * B, d * L * B // 2, d * L * B})
 
 
+LINK_REPEATS = 8
+"""Timed round trips of each message size between each pair of devices (two more go untimed)."""
+
+
 def link_sizes(setup) -> list[int]:
     """Message sizes for the ping-pong: 1 KiB up to the largest activation a stage sends."""
     biggest = setup.batch_size * setup.seq_len * setup.model.d_model * setup.dtype_bytes

@@ -91,7 +91,8 @@ from hpipe.procwatch import run_watched
 from hpipe.stopping import check_interrupted
 from hpipe.runtime import emulation
 from hpipe.runtime import speed
-from hpipe.runtime.profile_grid import Grid, codec_sizes, default_grid, has_decode_steps, link_sizes
+from hpipe.runtime.profile_grid import (LINK_REPEATS, Grid, codec_sizes, default_grid, has_decode_steps,
+                                        link_sizes)
 from hpipe.runtime.profile_units import TRIM, alone_repeats
 from hpipe.runtime.profile_worker import ProfileJob
 
@@ -129,7 +130,7 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 5, link_repeats: int = 8,
+def profile(setup, *, grid: Grid | None = None, warmup: int = 2, repeats: int = 5, link_repeats: int = LINK_REPEATS,
             measure_links: bool = True, quick: bool = False, timeout_s: float = 1800.0, quiet: bool = False,
             on_spawn=None, time_codecs: bool = True, time_alone: bool = True) -> Profile:
     """Measure ``setup``'s devices and links (and codecs, unless ``time_codecs`` is False;
