@@ -64,6 +64,31 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_pat
         run.close()
 
 
+def test_a_run_that_ends_leaves_nothing_running():
+    """Not only after Ctrl-C: a run that ends well, its output piped (no terminal's hangup to
+    end what is left), leaves no process of its session once it has exited -- the forkserver
+    included, which a `ps` beside other runs had seemed to show living on."""
+    import subprocess
+
+    from pty_helpers import session_pids
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "hpipe", "execute", SCENARIO, "--set", "costmodel=roofline",
+                             "--set", "model=tiny-llama", "--set", "workload.seq_len=64", "-q"],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        deadline = time.monotonic() + 0.5
+        while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left == []
+    finally:
+        for pid in session_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _forkserver_with_workers(run: TerminalRun, n_workers: int, within_s: float) -> tuple[int, list[int]]:
     """The forkserver of the run (the process whose children are the workers) once all
     ``n_workers`` workers are up."""
