@@ -587,7 +587,9 @@ def read_scenario_text(path: str | Path) -> str:
 def _scenario_file_near(path: Path) -> str | None:
     """A scenario file the user may have meant by a missing ``path``: the name with .yaml, or
     in ./scenarios/ (`hpipe simulate paper-llama7b` for scenarios/paper-llama7b.yaml)."""
-    names = [path.name] + ([f"{path.name}.yaml", f"{path.name}.yml"] if not path.suffix else [])
+    # a name's own dots are not a suffix (paper-gpt3-2.7b); .yml for .yaml and back
+    stem = path.stem if path.suffix.lower() in (".yaml", ".yml") else path.name
+    names = [path.name] + [n for n in (f"{stem}.yaml", f"{stem}.yml") if n != path.name]
     bare = path.parent == Path(".")  # a name alone; a path with folders is looked up only there
     for cand in [path.with_name(n) for n in names[1:]] + ([Path("scenarios") / n for n in names] if bare else []):
         if cand != path and cand.is_file():

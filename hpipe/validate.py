@@ -27,7 +27,6 @@ plan is executed."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -440,7 +439,9 @@ def with_output_tokens(scenario: Scenario, n: int) -> Scenario:
 
 
 def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from hpipe.runtime.here import usable_cores
+
+    return len(usable_cores())
 
 
 @dataclass

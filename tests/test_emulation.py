@@ -372,6 +372,11 @@ def test_an_interconnect_loopback_cannot_be_is_said():
         setup = load_scenario(ROOT / "scenarios" / "local-cpu-4dev.yaml", overrides=["costmodel=roofline", *slow]).resolve()
         (gap,) = [g for g in em.Emulation("t", workers, None, {}).gaps(setup) if "inside host" in g]
         assert gap.startswith("the links inside host east on this machine's loopback"), gap
+        # GPUs of a host talk over NCCL, not loopback
+        gpus = load_scenario(ROOT / "scenarios" / "local-cpu-4dev.yaml", overrides=[
+            "costmodel=roofline", *slow, "cluster.hosts[0].devices[0].runtime.device=cuda:0",
+            "cluster.hosts[0].devices[1].runtime.device=cuda:1"]).resolve()
+        assert not [g for g in em.Emulation("t", workers, None, {}).gaps(gpus) if "inside host" in g]
         # a run with one device of the host has no link inside it
         one = {d: None for d in workers if d != "east/little-0"}
         assert not [g for g in em.Emulation("t", one, None, {}).gaps(setup) if "inside host" in g]
@@ -397,6 +402,15 @@ def test_workers_that_ask_for_more_cores_than_there_are_are_said():
     (gap,) = shared_cores(ids[:2], [cpu(threads=2, cores=[0, 1]), cpu(cores=[1])], {0, 1, 2})
     assert gap.startswith("core 1 is asked for 2 cores' worth (a, b)"), gap
     assert shared_cores(ids[:2], [_Placement("cuda:0", 1, None, None)] * 2, {0}) == []  # GPUs take no core
+    # a worker uses no more cores than it is pinned to, whatever its threads or quota
+    assert shared_cores(ids[:2], [cpu(threads=4, cores=[0]), cpu(threads=4, cores=[1])], {0, 1}) == []
+    assert shared_cores(ids[:2], [cpu(threads=4, cores=[0, 1], quota=3), cpu(cores=[2])], {0, 1, 2}) == []
+    # one worker with more threads than cores takes turns with no other device
+    assert shared_cores(ids[:1], [cpu(threads=4)], {0, 1}) == []
+    assert shared_cores(ids[:2], [cpu(threads=2, cores=[0]), cpu(cores=[1])], {0, 1}) == []
+    # both said where both hold
+    gaps = shared_cores(ids, [cpu(cores=[0]), cpu(cores=[0]), cpu(threads=2)], {0, 1})
+    assert len(gaps) == 2 and "ask for 4 cores of 2" in gaps[0] and gaps[1].startswith("core 0 is asked for 2"), gaps
 
 
 def test_a_quota_slows_a_worker_only_below_its_threads():

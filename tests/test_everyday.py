@@ -1122,6 +1122,10 @@ def test_a_scenario_named_without_its_folder_or_yaml_and_a_scenario_as_plan_say_
     assert r.returncode == 2 and "paper-llama7b: no such file (did you mean scenarios/paper-llama7b.yaml?)" in r.stderr, r.stderr
     r = cli("simulate", "scenarios/paper-llama7b")
     assert r.returncode == 2 and "(did you mean scenarios/paper-llama7b.yaml?)" in r.stderr, r.stderr
+    r = cli("simulate", "paper-gpt3-2.7b")  # a name's own dot is not a suffix
+    assert r.returncode == 2 and "(did you mean scenarios/paper-gpt3-2.7b.yaml?)" in r.stderr, r.stderr
+    r = cli("simulate", "scenarios/paper-llama7b.yml")
+    assert r.returncode == 2 and "(did you mean scenarios/paper-llama7b.yaml?)" in r.stderr, r.stderr
     r = cli("simulate", str(tmp_path / "paper-llama7b.yaml"))  # elsewhere, nothing near: no guess
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file"), r.stderr
     r = cli("simulate", PAPER, "--plan", PAPER)

@@ -549,8 +549,9 @@ class Emulation:
         # links inside a host are this machine's loopback, never shaped: the ready scenarios
         # describe loopback there (20 Gbit/s, 50 us); a figure loopback cannot be is said
         by_host: dict[str, list[str]] = {}
-        for d in self.workers:
-            by_host.setdefault(setup.cluster.device(d).host, []).append(d)
+        for d in self.workers:  # CPU workers: GPUs of a host talk over NCCL (NVLink, PCIe), not loopback
+            if setup.cluster.device(d).runtime_device == "cpu":
+                by_host.setdefault(setup.cluster.device(d).host, []).append(d)
         for h, devs in by_host.items():
             slow = sorted({(r.bandwidth_gbps, r.latency_s) for a in devs for b in devs if a != b
                            for r in [setup.cluster.route(a, b)]

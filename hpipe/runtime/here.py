@@ -14,6 +14,7 @@ The checks themselves need no torch (the package's __init__ imports it, as for a
 
 from __future__ import annotations
 
+import os
 import re
 
 from hpipe.errors import InfeasibleError, InputError
@@ -57,6 +58,14 @@ def check_placements(setup, device_ids, who: str = "the plan uses") -> None:
         f"entry where this machine has such GPUs, or `runtime: {{device: cpu, threads: N}}` to run it on this "
         f"CPU knowingly (slow), e.g. --set {first}.runtime.device=cpu",
         file=setup.scenario.source_path, field=f"{first}.runtime")
+
+
+def usable_cores() -> set[int]:
+    """The CPUs this process may run on: its affinity (taskset, a cpuset), or every CPU the
+    machine has where the platform keeps none.  A CFS quota (``docker --cpus``) is not seen."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
 
 
 def available_memory_bytes() -> float | None:

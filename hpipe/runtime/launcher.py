@@ -34,7 +34,7 @@ from hpipe.errors import InputError, WorkerError
 from hpipe.stopping import check_interrupted
 from hpipe.procwatch import proc_stat
 from hpipe.result import Event, RunResult, summarize
-from hpipe.runtime.here import entry_path
+from hpipe.runtime.here import entry_path, usable_cores
 from hpipe.runtime.machine_load import LoadWindow
 
 # Largest |logit difference| against the single-process float32 forward that --check accepts.
@@ -132,7 +132,7 @@ class _Placement:
     cpu_quota: float | None
 
 
-def placement_of(setup, dev_id: str, usable_cores=None) -> _Placement:
+def placement_of(setup, dev_id: str, usable=None) -> _Placement:
     """Where ``dev_id`` runs on this machine, checked against what this machine has."""
     d = setup.cluster.device(dev_id)
     p = d.placement
@@ -147,11 +147,10 @@ def placement_of(setup, dev_id: str, usable_cores=None) -> _Placement:
             raise InputError(f"{dev_id} runs on {device}, but this machine has {n} CUDA device(s)",
                              file=setup.scenario.source_path, field=f"{where}.device")
     cores = list(p.cores) if p is not None and p.cores else None
-    if usable_cores is None and hasattr(os, "sched_getaffinity"):
-        usable_cores = os.sched_getaffinity(0)
-    if cores and usable_cores is not None and not set(cores) <= set(usable_cores):
-        raise InputError(f"{dev_id}: cores {sorted(set(cores) - set(usable_cores))} are not available here "
-                         f"(usable: {sorted(usable_cores)})", file=setup.scenario.source_path, field=f"{where}.cores")
+    usable = usable_cores() if usable is None else usable
+    if cores and not set(cores) <= set(usable):
+        raise InputError(f"{dev_id}: cores {sorted(set(cores) - set(usable))} are not available here "
+                         f"(usable: {sorted(usable)})", file=setup.scenario.source_path, field=f"{where}.cores")
     return _Placement(device=device, threads=p.threads if p is not None else 1, cores=cores,
                       cpu_quota=getattr(p, "cpu_quota", None) if p is not None else None)
 
@@ -171,30 +170,35 @@ def placements(setup, device_ids) -> list[_Placement]:
     return out
 
 
-def shared_cores(device_ids, places: list[_Placement], usable_cores) -> list[str]:
-    """Where the CPU workers of a run ask this machine for more than it has, in words (empty:
-    they fit): in all, more cores than are usable here; or on one core, pinned workers whose
-    shares (a quota, else their threads, spread over their cores) add up past it.  The
-    prediction gives every device its own compute; these take turns, so the run measures
-    slower (three one-core devices pinned to one core: twice the predicted time)."""
+def shared_cores(device_ids, places: list[_Placement], usable) -> list[str]:
+    """Where two or more CPU workers of a run ask this machine for more than it has, in words
+    (empty: they fit): in all, more cores than are usable here; or on one core, pinned workers
+    whose shares add up past it.  A worker's share is its quota, else its threads, and no more
+    than the cores it is pinned to (spread evenly over them).  The prediction gives every
+    device its own compute; these take turns, so the run measures slower (three one-core
+    devices pinned to one core: twice the predicted time).  One worker with more threads than
+    cores takes turns with no other device: not said here."""
     cpu = [(d, p) for d, p in zip(device_ids, places) if p.device == "cpu"]
+    if len(cpu) < 2:
+        return []
 
     def share(p: _Placement) -> float:
-        return min(p.cpu_quota, p.threads) if p.cpu_quota else float(p.threads)
+        asked = min(p.cpu_quota, p.threads) if p.cpu_quota else float(p.threads)
+        return min(asked, len(p.cores)) if p.cores else asked
 
+    out = []
     total = sum(share(p) for _, p in cpu)
-    if total > len(usable_cores) + 1e-9:
-        return [f"the CPU workers share this machine's cores: they ask for {total:g} cores of "
-                f"{len(usable_cores)} ({', '.join(d for d, _ in cpu)}), so they take turns where the "
-                f"prediction gives each device its own"]
+    if total > len(usable) + 1e-9:
+        out.append(f"the CPU workers share this machine's cores: they ask for {total:g} cores of "
+                   f"{len(usable)} ({', '.join(d for d, _ in cpu)}), so they take turns where the "
+                   f"prediction gives each device its own")
     on_core: dict[int, list[tuple[str, float]]] = {}
     for d, p in cpu:
         for c in p.cores or ():
             on_core.setdefault(c, []).append((d, share(p) / len(p.cores)))
-    out = []
     for c, users in sorted(on_core.items()):
         load = sum(x for _, x in users)
-        if load > 1 + 1e-9:
+        if len(users) > 1 and load > 1 + 1e-9:
             out.append(f"core {c} is asked for {load:g} cores' worth ({', '.join(d for d, _ in users)}): they "
                        f"take turns there, where the prediction gives each device its own")
     return out
@@ -591,8 +595,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     run.wall_s = time.monotonic() - t_start
     if load is not None:  # every worker of this run is on this machine
         run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()), helpers)
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    run.not_emulated = em.gaps(setup) + shared_cores(devices, places, usable)
+    run.not_emulated = em.gaps(setup) + shared_cores(devices, places, usable_cores())
     return run
 
 

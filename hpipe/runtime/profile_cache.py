@@ -16,7 +16,8 @@ QUICK = {"quick": True, "warmup": 1, "repeats": 3}
 """The profile ``costmodel: auto`` makes when the cache has none: the coarse grid, three timed
 sweeps (``hpipe profile`` without --quick measures a finer grid, five sweeps)."""
 STARTUP_S = 8.0
-"""Worker start-up (torch import, weights), the link ping-pongs and the fit, in a profile's time."""
+"""Worker start-up (torch import, weights), the fit and whatever else a profile does beside its
+sweeps and its links' round trips (which ``estimate_profile_s`` counts), in a profile's time."""
 
 
 def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: int = 3) -> float:
@@ -41,11 +42,14 @@ def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: i
     alone_s = (min(warmup, 1) + alone_repeats(repeats)) * sum(per_device[d] for d in cpus) if len(cpus) > 1 else 0.0
     together_s = (warmup + repeats) * max(per_device.values()) * tp_share
     # the links' ping-pongs, one pair at a time: on a slow link they are most of the profile
-    # (0.0001 Gbit/s: "about 23 s" said, four minutes taken)
+    # (0.0001 Gbit/s: "about 23 s" said, four minutes taken).  Only links between hosts are
+    # shaped to the scenario's figures; a host's own run over loopback, and wait, not compute
+    # (no load factor)
     ids = list(per_device)
+    host = {d: setup.cluster.device(d).host for d in ids}
     links_s = (2 + LINK_REPEATS) * 2 * sum(setup.cluster.transfer_time_s(a, b, size) for i, a in enumerate(ids)
-                                           for b in ids[i + 1:] for size in link_sizes(setup))
-    return (STARTUP_S + together_s + alone_s + links_s) * load_factor(len(per_device))
+                                           for b in ids[i + 1:] if host[a] != host[b] for size in link_sizes(setup))
+    return (STARTUP_S + together_s + alone_s) * load_factor(len(per_device)) + links_s
 
 
 def load_factor(n_workers: int) -> float:
@@ -57,8 +61,9 @@ def load_factor(n_workers: int) -> float:
         load = os.getloadavg()[0]
     except OSError:
         return 1.0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1.0, (load + n_workers) / max(cpus, 1))
+    from hpipe.runtime.here import usable_cores
+
+    return max(1.0, (load + n_workers) / len(usable_cores()))
 
 
 def measure_into_cache(setup, path: Path | None = None, *, quiet: bool = False, **kw):

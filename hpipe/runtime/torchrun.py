@@ -11,7 +11,9 @@ scenario's ``address`` of the first stage's host (or ``--master-addr``)::
     python -m hpipe.runtime.torchrun scenarios/two-hosts.yaml --planner hpipe --commands
 
 ``--set`` changes the scenario as it does for ``hpipe execute``; the printed commands carry it
-to every host (a host that reads the scenario otherwise refuses, naming what differs).
+to every host.  The processes compare the model, plan, inputs and seed when they meet (a
+host whose differ refuses, naming what); a --set of other fields (a link's figures, the
+cost model) changes only rank 0's prediction beside the measurement.
 Every receive is bounded by ``--timeout``; there is no launcher above the
 workers here, so a host that dies is noticed by its peers' timeouts and by
 torchrun, which then stops the others.
@@ -64,14 +66,19 @@ def _plan(setup, args):
     return make_plan(setup, args.planner or setup.scenario.planner.kind)
 
 
+def _sets(args) -> str:
+    """The --set options as the printed command lines carry them (every host reads the
+    scenario alike)."""
+    return "".join(f" --set {shlex.quote(a)}" for a in args.sets)
+
+
 def commands(setup, plan, args) -> list[str]:
     """One torchrun command line per host that holds plan devices."""
     per_host = Counter(d.split("/", 1)[0] for d in plan.devices)
     first_host = plan.devices[0].split("/", 1)[0]
     addresses = {h.name: h.address for h in setup.scenario.cluster.hosts}
     master = args.master_addr or addresses.get(first_host) or "127.0.0.1"
-    which = f"--plan {shlex.quote(args.plan)}" if args.plan else f"--planner {plan.planner}"
-    which += "".join(f" --set {shlex.quote(a)}" for a in args.sets)  # every host reads the scenario alike
+    which = (f"--plan {shlex.quote(args.plan)}" if args.plan else f"--planner {plan.planner}") + _sets(args)
     lines = []
     for node_rank, (host, n) in enumerate(sorted(per_host.items(), key=lambda kv: kv[0] != first_host)):
         lines.append(f"# on {host} ({addresses.get(host) or 'address not given'}):\n"
@@ -113,11 +120,11 @@ def _main(args) -> int:
     if args.commands:
         print("\n".join(commands(setup, plan, args)))
         if not args.plan:  # each host would plan for itself: one plan file for all is safer
-            sets = "".join(f" --set {shlex.quote(a)}" for a in args.sets)
+            sets = _sets(args)
             print(f"hpipe: every host plans for itself with --planner {plan.planner}; hosts whose hpipe "
                   f"differs may plan differently (and refuse). For one plan on all: hpipe plan "
                   f"{shlex.quote(args.scenario)} --planner {plan.planner}{sets} -o plan.json, copy it to "
-                  f"every host, and print these with --plan plan.json", file=sys.stderr)
+                  f"every host, and print these with --plan plan.json{sets}", file=sys.stderr)
         return 0
     from hpipe.errors import InfeasibleError
     from hpipe.sim import simulate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -125,10 +126,11 @@ def test_commands_carry_the_sets_and_advise_one_plan_file(tmp_path, capsys):
     assert main([str(scenario), "--commands", "--set", "workload.seq_len=64"]) == 0
     out, err = capsys.readouterr()
     assert "--planner hpipe --set workload.seq_len=64 --host ha --json result.json" in out, out  # one host suffices
-    assert f"hpipe plan {scenario} --planner hpipe --set workload.seq_len=64 -o plan.json" in err, err
+    assert (f"hpipe plan {shlex.quote(str(scenario))} --planner hpipe --set workload.seq_len=64 -o plan.json"
+            in err and err.rstrip().endswith("--plan plan.json --set workload.seq_len=64")), err
     (tmp_path / "plan.json").write_text(json.dumps(
         {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
          "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}))
     assert main([str(scenario), "--commands", "--plan", str(tmp_path / "plan.json")]) == 0
     out, err = capsys.readouterr()
-    assert out.count(f"--plan {tmp_path / 'plan.json'} --host") == 2 and err == "", (out, err)
+    assert out.count(f"--plan {shlex.quote(str(tmp_path / 'plan.json'))} --host") == 2 and err == "", (out, err)
