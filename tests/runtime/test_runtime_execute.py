@@ -60,13 +60,15 @@ def test_gpt_tensor_parallel_and_slices():
 
 def test_execute_result_fields(llama_setup, monkeypatch, capsys):
     from hpipe.notes import not_emulated
-    from hpipe.runtime import emulation
+    from hpipe.runtime import emulation, launcher
 
     p = SHAPES["tp-middle"]
-    # what the emulation left out reaches the Result and the note (here, on one host, nothing did)
+    # what the emulation left out reaches the Result and the note (here, on one host, nothing
+    # did), and the workers' shared cores after it (4 workers: shared on a 2-core machine)
     monkeypatch.setattr(emulation.Emulation, "gaps", lambda self, setup: ["a gap, for the test"])
+    monkeypatch.setattr(launcher, "shared_cores", lambda ids, places, usable: [f"{len(ids)} workers, for the test"])
     r = execute(llama_setup, p, check=True, quiet=True, warmup=1, timeout_s=20)
-    assert r.not_emulated == ["a gap, for the test"]
+    assert r.not_emulated == ["a gap, for the test", f"{len(p.devices)} workers, for the test"]
     not_emulated(r)
     assert "not as the scenario describes: a gap, for the test" in capsys.readouterr().err
     assert r.max_abs_error is not None and r.max_abs_error < TOL
