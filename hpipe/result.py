@@ -119,6 +119,13 @@ class RunResult(BaseModel):
     by a duty cycle, unshaped links, link latency without netem, an interconnect loopback cannot
     be, CPU workers asking for more cores than there are), in words; None when simulated or
     when nothing was left out."""
+    emulated: dict | None = None
+    """Measured runs: what this machine put in place of the scenario's hardware
+    (``hpipe.runtime.emulation``): ``cpu_quota`` and ``cpu_weight`` per device run in a
+    weighted cgroup, and ``links`` between emulated hosts (``between``, the shaped
+    ``bandwidth_gbps``, the ``latency_us`` added, None where netem is missing, and the
+    ``asked_latency_us``); None when simulated or when nothing was emulated (one host, no
+    quotas).  ``not_emulated`` says what was left out."""
     bytes_per_link: dict[str, float] = Field(default_factory=dict)
     """Bytes the transfers between stages put on each link (``u->v``, the narrowest of the
     route, as ``Event.link``): what a codec on a boundary saves shows here.  The tensors'

@@ -423,3 +423,33 @@ def test_a_quota_slows_a_worker_only_below_its_threads():
     assert em.quota_share(P(cpu_quota=2.0, threads=2)) is None  # every thread a whole core
     assert em.quota_share(P(cpu_quota=None, threads=1)) is None
     assert [em.slowed_by_quota(P(cpu_quota=q, threads=2)) for q in (1.0, 2.0, 3.0)] == [True, False, False]
+
+
+@needs_netns
+@needs_cgroup
+@pytest.mark.timeout(300)
+def test_a_runs_result_says_what_was_emulated(tmp_path):
+    """`not_emulated` said what was left out, and null meant both "all of it" and "nothing
+    asked for": the Result now keeps what was put in place, the shaped link and the weighted
+    cgroup, and null only where nothing was."""
+    pytest.importorskip("torch")
+    import json
+
+    from tests.conftest import run_cli
+
+    small = ["--set", "model=tiny-llama", "--set", "workload.seq_len=64", "--set", "costmodel=roofline", "-q"]
+    out = tmp_path / "r.json"
+    r = run_cli("execute", str(ROOT / "scenarios" / "local-cpu-hetero.yaml"), "--planner", "gpipe", *small,
+                "--json", str(out), timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())["results"][0]
+    setup = load_scenario(ROOT / "scenarios" / "local-cpu-hetero.yaml", overrides=["costmodel=roofline"]).resolve()
+    assert len({d.split("/")[0] for st in res["plan"]["stages"] for d in st["devices"]}) == 2  # both hosts
+    (link,) = res["emulated"]["links"]
+    route = setup.cluster.route("fast/core-0", "slow/halfcore-0")
+    assert sorted(link["between"]) == ["fast", "slow"] and link["bandwidth_gbps"] == route.bandwidth_gbps
+    assert link["asked_latency_us"] == pytest.approx(route.latency_s * 1e6)
+    assert res["emulated"]["cpu_quota"] == {"slow/halfcore-0": 0.5}
+    r = run_cli("execute", str(ROOT / "scenarios" / "local-cpu.yaml"), *small, "--json", str(out), timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["results"][0]["emulated"] is None  # one host, no quotas

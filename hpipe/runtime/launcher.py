@@ -62,6 +62,8 @@ class Run:
     extra: dict = field(default_factory=dict)
     not_emulated: list[str] = field(default_factory=list)
     """What the scenario describes that this machine's emulation left out (``Emulation.gaps``)."""
+    emulated: dict = field(default_factory=dict)
+    """What it put in place (``Emulation.describe``): weighted cgroups, shaped links."""
 
 
 # -- inputs -------------------------------------------------------------------
@@ -596,6 +598,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     if load is not None:  # every worker of this run is on this machine
         run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()), helpers)
     run.not_emulated = em.gaps(setup) + shared_cores(devices, places, usable_cores())
+    run.emulated = em.describe()
     return run
 
 
@@ -766,7 +769,8 @@ def measured_result(setup, plan, run: Run, *, check: bool = False, spec=None, se
     largest logit error against one process.  Energy is modelled (``energy_source``) unless
     ``meter`` (``hpipe.runtime.energy``) read counters over the whole measured run."""
     extra = {"next_token_ids": [int(t) for t in run.logits.argmax(-1)], "energy_source": "modelled",
-             "other_cpu_cores": run.other_cpu_cores, "not_emulated": run.not_emulated or None}
+             "other_cpu_cores": run.other_cpu_cores, "not_emulated": run.not_emulated or None,
+             "emulated": run.emulated or None}
     cpu = {run.devices[role]: float(r["compute_cpu_s"]) for role, r in run.records.items()
            if "compute_cpu_s" in r and setup.cluster.device(run.devices[role]).runtime_device == "cpu"}
     if cpu:
