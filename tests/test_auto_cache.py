@@ -304,3 +304,20 @@ def test_the_profile_estimate_counts_the_links_round_trips(monkeypatch):
     extra = profile_cache.estimate_profile_s(slow) - profile_cache.estimate_profile_s(fast)
     assert extra > LINK_REPEATS * 2 * one_way_s
     assert extra < (LINK_REPEATS + 2) * 2 * one_way_s * 2  # every size, the largest about 3/4 of them
+
+
+def test_the_estimate_reads_the_load_once_so_a_sweeps_notes_agree(monkeypatch):
+    """A sweep says a note once for all values whose texts agree; the estimate in it read the
+    load average anew for each value, and CI's sweep said "about 3 min" and "about 4 min"."""
+    import itertools
+    import os
+
+    from hpipe.runtime import profile_cache
+
+    loads = itertools.count(1.0, 0.7)
+    monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    profile_cache._load_average.cache_clear()
+    try:
+        assert profile_cache.load_factor(2) == profile_cache.load_factor(2)
+    finally:
+        profile_cache._load_average.cache_clear()

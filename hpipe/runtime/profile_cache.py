@@ -7,6 +7,7 @@ and needs no torch; measuring runs the profiler's worker processes, so it lives 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -57,13 +58,23 @@ def load_factor(n_workers: int) -> float:
     1-minute load average plus the workers about to start) per CPU, at least 1.  A quick profile
     that takes 40 s on a quiet 2-core VM took 155 s at a load of 5.7 (its workers got a CPU 24%
     of the time)."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
+    load = _load_average()
+    if load is None:
         return 1.0
     from hpipe.runtime.here import usable_cores
 
     return max(1.0, (load + n_workers) / len(usable_cores()))
+
+
+@functools.cache
+def _load_average() -> float | None:
+    """The 1-minute load average, read once per process: a sweep says one note for all its
+    values where their texts agree, and an estimate read twice a second apart had come out
+    "about 3 min" and "about 4 min" (CI, 2026-12-04)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def measure_into_cache(setup, path: Path | None = None, *, quiet: bool = False, **kw):
