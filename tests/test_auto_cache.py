@@ -285,8 +285,8 @@ def test_the_profile_estimate_counts_each_cpu_devices_sweeps_alone(monkeypatch):
                    - profile_cache.STARTUP_S) / (warmup + repeats)  # one device: no sweeps alone
         assert chain_s > 0
         assert profile_cache.estimate_profile_s(two, warmup=warmup, repeats=repeats) == pytest.approx(
-            profile_cache.STARTUP_S + (warmup + repeats) * chain_s + (1 + alone_repeats(repeats)) * 2 * chain_s,
-            rel=0.01)  # and the round trips over the one 20 Gbit/s link: 0.04 s
+            profile_cache.STARTUP_S + (warmup + repeats) * chain_s + (1 + alone_repeats(repeats)) * 2 * chain_s)
+        # (one host: its link runs over loopback, unshaped, and no round trip is priced)
 
 
 def test_the_profile_estimate_counts_the_links_round_trips(monkeypatch):

@@ -26,8 +26,8 @@ def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: i
     cost model (the roofline, when no profile exists yet), on the slowest device, per sweep; and,
     where two or more CPU devices share this machine, the sweeps of each one's units alone, one
     device at a time (``hpipe.runtime.profiler``); and the links' round trips at the scenario's
-    figures.  Leaving those out made the figure half the
-    profile's time (local-cpu, 2-core AMD EPYC VM, 2026-12-04: said 35 s, took 73 s)."""
+    figures.  Leaving the sweeps alone out made the figure half the profile's time (local-cpu,
+    2-core AMD EPYC VM, 2026-12-04: said 35 s, took 73 s)."""
     from hpipe.runtime.profile_grid import LINK_REPEATS, default_grid, link_sizes
     from hpipe.runtime.profile_units import alone_repeats, chain_blocks
 
@@ -46,10 +46,10 @@ def estimate_profile_s(setup, *, quick: bool = True, warmup: int = 1, repeats: i
     # (0.0001 Gbit/s: "about 23 s" said, four minutes taken).  Only links between hosts are
     # shaped to the scenario's figures; a host's own run over loopback, and wait, not compute
     # (no load factor)
-    ids = list(per_device)
+    ids, sizes = list(per_device), link_sizes(setup)
     host = {d: setup.cluster.device(d).host for d in ids}
     links_s = (2 + LINK_REPEATS) * 2 * sum(setup.cluster.transfer_time_s(a, b, size) for i, a in enumerate(ids)
-                                           for b in ids[i + 1:] if host[a] != host[b] for size in link_sizes(setup))
+                                           for b in ids[i + 1:] if host[a] != host[b] for size in sizes)
     return (STARTUP_S + together_s + alone_s) * load_factor(len(per_device)) + links_s
 
 

@@ -14,6 +14,7 @@ scenario's ``address`` of the first stage's host (or ``--master-addr``)::
 to every host.  The processes compare the model, plan, inputs and seed when they meet (a
 host whose differ refuses, naming what); a --set of other fields (a link's figures, the
 cost model) changes only rank 0's prediction beside the measurement.
+
 Every receive is bounded by ``--timeout``; there is no launcher above the
 workers here, so a host that dies is noticed by its peers' timeouts and by
 torchrun, which then stops the others.
