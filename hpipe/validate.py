@@ -438,10 +438,11 @@ def with_output_tokens(scenario: Scenario, n: int) -> Scenario:
         raise InputError(f"{e} (with --output-tokens {n})", field="--output-tokens") from None
 
 
-def usable_cpus() -> int:
-    from hpipe.runtime.here import usable_cores
+def usable_cpus() -> float:
+    """Cores' worth of CPU this process can use at once (its affinity, capped by a CFS quota)."""
+    from hpipe.runtime.here import usable_capacity_cores
 
-    return len(usable_cores())
+    return usable_capacity_cores()
 
 
 @dataclass

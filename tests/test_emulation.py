@@ -412,6 +412,74 @@ def test_workers_that_ask_for_more_cores_than_there_are_are_said():
     gaps = shared_cores(ids, [cpu(cores=[0]), cpu(cores=[0]), cpu(threads=2)], {0, 1})
     assert len(gaps) == 2 and "ask for 4 cores of 2" in gaps[0] and gaps[1].startswith("core 0 is asked for 2"), gaps
 
+    # a CFS quota caps them all together where it is less than the usable cores
+    (gap,) = shared_cores(ids[:2], [cpu(), cpu()], {0, 1}, quota_cores=1.5)
+    assert "ask for 2 cores of the 1.5 a CPU quota leaves this process (a, b)" in gap, gap
+    assert shared_cores(ids[:2], [cpu(), cpu()], {0, 1}, quota_cores=4.0) == []
+    assert shared_cores(ids[:2], [cpu(quota=0.5), cpu(quota=0.5)], {0, 1}, quota_cores=1.0) == []
+
+
+def _fake_proc(proc, cgroup: str, mountinfo: str, root) -> str:
+    """A /proc/self stand-in: its cgroup file, and mountinfo with ROOT standing for ``root``."""
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text(mountinfo.replace("ROOT", str(root)))
+    return str(proc)
+
+
+def test_a_cfs_quota_is_read_from_the_process_cgroup_and_its_ancestors(tmp_path):
+    """``docker --cpus 1.5`` leaves the affinity at every core; only the cgroup's quota says
+    the process gets 1.5 cores' worth.  The tightest of the cgroup and its ancestors counts."""
+    from hpipe.runtime.here import cpu_quota_cores
+
+    # cgroup v1: the cpu hierarchy mounted at its root; quota 3 cores above, 0.5 below
+    v1 = tmp_path / "v1"
+    (v1 / "outer" / "inner").mkdir(parents=True)
+    for d, quota in ((v1, "-1"), (v1 / "outer", "300000"), (v1 / "outer" / "inner", "50000")):
+        (d / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (d / "cpu.cfs_period_us").write_text("100000\n")
+    mounts = ("30 25 0:27 / ROOT/v1 rw,relatime shared:9 - cgroup cgroup rw,cpu,cpuacct\n"
+              "31 25 0:28 / ROOT/mem rw,relatime shared:10 - cgroup cgroup rw,memory\n")
+    proc = _fake_proc(tmp_path / "a", "4:memory:/x\n2:cpu,cpuacct:/outer/inner\n0::/\n", mounts, tmp_path)
+    assert cpu_quota_cores(proc) == 0.5
+    (v1 / "outer" / "inner" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota_cores(proc) == 3.0  # the parent's
+    (v1 / "outer" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota_cores(proc) is None
+
+    # cgroup v2 in a container: the mount's root is the container's own cgroup
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    proc = _fake_proc(tmp_path / "b", "0::/docker/abc\n",
+                      "40 30 0:33 /docker/abc ROOT/v2 rw,nosuid - cgroup2 cgroup2 rw\n", tmp_path)
+    assert cpu_quota_cores(proc) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota_cores(proc) is None
+    # nothing readable: no quota known
+    assert cpu_quota_cores(str(tmp_path / "nowhere")) is None
+
+
+@needs_cgroup
+def test_a_real_cfs_quota_is_seen_by_a_process_inside_it():
+    root, version = em._cgroup_cpu_root()
+    d = Path(tempfile.mkdtemp(prefix="hpipe-test-quota-", dir=root))
+    try:
+        if version == 1:
+            (d / "cpu.cfs_quota_us").write_text("150000")
+            period = int((d / "cpu.cfs_period_us").read_text())
+            want = 150000 / period
+        else:
+            (d / "cpu.max").write_text("150000 100000")
+            want = 1.5
+        code = "from hpipe.runtime.here import cpu_quota_cores as q, usable_capacity_cores as c; print(q(), c())"
+        out = subprocess.run(["sh", "-c", f'echo $$ > {d}/cgroup.procs && exec "$0" -c "$1"', sys.executable, code],
+                             capture_output=True, text=True, timeout=60, check=True).stdout.split()
+        assert float(out[0]) == pytest.approx(want)
+        assert float(out[1]) == pytest.approx(min(want, len(os.sched_getaffinity(0))))
+    finally:
+        d.rmdir()
+
 
 def test_a_quota_slows_a_worker_only_below_its_threads():
     """The duty cycle's share (and the runs' "not emulated" list) read one rule: quota over

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from hpipe.errors import InfeasibleError, InputError
 
@@ -62,10 +63,79 @@ def check_placements(setup, device_ids, who: str = "the plan uses") -> None:
 
 def usable_cores() -> set[int]:
     """The CPUs this process may run on: its affinity (taskset, a cpuset), or every CPU the
-    machine has where the platform keeps none.  A CFS quota (``docker --cpus``) is not seen."""
+    machine has where the platform keeps none.  A CFS quota (``docker --cpus``) does not show
+    here: see ``cpu_quota_cores``."""
     if hasattr(os, "sched_getaffinity"):
         return set(os.sched_getaffinity(0))
     return set(range(os.cpu_count() or 1))
+
+
+def cpu_quota_cores(proc: str = "/proc/self") -> float | None:
+    """The CPU time this process may use, in cores, where a CFS quota caps it (``docker --cpus
+    1.5``, a systemd ``CPUQuota=``): the tightest quota over its cgroup and that cgroup's
+    ancestors, cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``).
+    None where no quota is set or none can be read.  The affinity (``usable_cores``) does not
+    show it: a container given 1.5 CPUs still sees every core of the machine."""
+    try:
+        groups = Path(proc, "cgroup").read_text().splitlines()
+        mounts = Path(proc, "mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    where: dict[str, str] = {}  # hierarchy ("" for v2, else its controllers) -> this process's cgroup in it
+    for line in groups:
+        _, controllers, path = line.split(":", 2)
+        where[controllers] = path
+    best = None
+    for line in mounts:
+        # 36 35 0:31 /docker/abc /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu
+        fields, _, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        root, mountpoint, fstype = fields[3], fields[4], tail[0]
+        if fstype == "cgroup2":
+            key, files = "", ("cpu.max",)
+        elif fstype == "cgroup" and "cpu" in tail[2].split(","):
+            key = next((k for k in where if "cpu" in k.split(",")), None)
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        if key is None or key not in where:
+            continue
+        rel = os.path.relpath(where[key], root) if where[key].startswith(root) else None
+        if rel is None or rel.startswith(".."):
+            continue  # this process's cgroup is not inside what is mounted here
+        d = Path(mountpoint) / rel
+        while True:
+            q = _quota_in(d, files)
+            if q is not None:
+                best = q if best is None else min(best, q)
+            if d == Path(mountpoint) or d.parent == d:
+                break
+            d = d.parent
+    return best
+
+
+def _quota_in(d: Path, files: tuple[str, ...]) -> float | None:
+    """The quota one cgroup directory sets, in cores, or None (none set, or unreadable)."""
+    try:
+        if len(files) == 1:  # v2: "max 100000" or "150000 100000"
+            quota, period = Path(d, files[0]).read_text().split()[:2]
+        else:
+            quota, period = (Path(d, f).read_text().strip() for f in files)
+        if quota == "max" or int(quota) <= 0:  # v1 says -1 for none
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def usable_capacity_cores() -> float:
+    """How many cores' worth of CPU time this process can have at once: its usable cores,
+    or its CFS quota where that is less."""
+    n = float(len(usable_cores()))
+    q = cpu_quota_cores()
+    return min(n, q) if q is not None else n
 
 
 def available_memory_bytes() -> float | None:

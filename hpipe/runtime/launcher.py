@@ -34,7 +34,7 @@ from hpipe.errors import InputError, WorkerError
 from hpipe.stopping import check_interrupted
 from hpipe.procwatch import proc_stat
 from hpipe.result import Event, RunResult, summarize
-from hpipe.runtime.here import entry_path, usable_cores
+from hpipe.runtime.here import cpu_quota_cores, entry_path, usable_cores
 from hpipe.runtime.machine_load import LoadWindow
 
 # Largest |logit difference| against the single-process float32 forward that --check accepts.
@@ -172,14 +172,16 @@ def placements(setup, device_ids) -> list[_Placement]:
     return out
 
 
-def shared_cores(device_ids, places: list[_Placement], usable) -> list[str]:
+def shared_cores(device_ids, places: list[_Placement], usable, quota_cores: float | None = None) -> list[str]:
     """Where two or more CPU workers of a run ask this machine for more than it has, in words
     (empty: they fit): in all, more cores than are usable here; or on one core, pinned workers
     whose shares add up past it.  A worker's share is its quota, else its threads, and no more
     than the cores it is pinned to (spread evenly over them).  The prediction gives every
     device its own compute; these take turns, so the run measures slower (three one-core
-    devices pinned to one core: twice the predicted time).  One worker with more threads than
-    cores takes turns with no other device: not said here."""
+    devices pinned to one core: twice the predicted time).  ``quota_cores``: this process's CFS
+    quota (``here.cpu_quota_cores``), which caps all of them together where it is less than the
+    usable cores.  One worker with more threads than cores takes turns with no other device:
+    not said here."""
     cpu = [(d, p) for d, p in zip(device_ids, places) if p.device == "cpu"]
     if len(cpu) < 2:
         return []
@@ -190,9 +192,11 @@ def shared_cores(device_ids, places: list[_Placement], usable) -> list[str]:
 
     out = []
     total = sum(share(p) for _, p in cpu)
-    if total > len(usable) + 1e-9:
+    have = len(usable) if quota_cores is None else min(len(usable), quota_cores)
+    if total > have + 1e-9:
+        of = f"{have:g}" if have == len(usable) else f"the {have:g} a CPU quota leaves this process"
         out.append(f"the CPU workers share this machine's cores: they ask for {total:g} cores of "
-                   f"{len(usable)} ({', '.join(d for d, _ in cpu)}), so they take turns where the "
+                   f"{of} ({', '.join(d for d, _ in cpu)}), so they take turns where the "
                    f"prediction gives each device its own")
     on_core: dict[int, list[tuple[str, float]]] = {}
     for d, p in cpu:
@@ -597,7 +601,7 @@ def _launch(setup, plan, em, *, ids, spec, timeout_s, startup_timeout_s, warmup,
     run.wall_s = time.monotonic() - t_start
     if load is not None:  # every worker of this run is on this machine
         run.other_cpu_cores = load.other_cpu_cores(sum(r.get("process_cpu_s", 0.0) for r in records.values()), helpers)
-    run.not_emulated = em.gaps(setup) + shared_cores(devices, places, usable_cores())
+    run.not_emulated = em.gaps(setup) + shared_cores(devices, places, usable_cores(), cpu_quota_cores())
     run.emulated = em.describe()
     return run
 

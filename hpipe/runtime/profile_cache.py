@@ -61,9 +61,9 @@ def load_factor(n_workers: int) -> float:
     load = _load_average()
     if load is None:
         return 1.0
-    from hpipe.runtime.here import usable_cores
+    from hpipe.runtime.here import usable_capacity_cores
 
-    return max(1.0, (load + n_workers) / len(usable_cores()))
+    return max(1.0, (load + n_workers) / usable_capacity_cores())
 
 
 @functools.cache
