@@ -107,6 +107,15 @@ class ModelSpec:
         return asdict(self)
 
 
+def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> str | None:
+    """Why ``spec`` cannot be split ``tp_size`` ways, or None when it can: each rank takes
+    whole attention heads (uneven counts are fine, none is not).  The plan check, the
+    profiler and the runtime all ask this one rule."""
+    if tp_size > spec.n_heads:
+        return f"the model has only {spec.n_heads} attention heads to split"
+    return None
+
+
 @dataclass(frozen=True)
 class Unit:
     """One layer-level unit of a model: what it computes and what it holds."""

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from hpipe.errors import InputError, boolean_for_number, format_loc, suggest
+from hpipe.models import check_tensor_parallel
 
 
 class Stage(BaseModel):
@@ -109,6 +110,9 @@ class Plan(BaseModel):
                 if d in seen:
                     bad(f"stages[{i}].devices[{k}]", f"device {d!r} is already used by stage {seen[d]}")
                 seen[d] = i
+            why = check_tensor_parallel(setup.model, st.tp)
+            if why:  # the runtime refuses it; a prediction of it would be of a plan that never runs
+                bad(f"stages[{i}].devices", f"tensor parallel over {st.tp} devices, but {why}")
         if expect != n_units:
             bad("stages", f"the stages cover units [0, {expect}) but the model has {n_units} units")
         if sum(self.slices) != setup.seq_len:

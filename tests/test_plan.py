@@ -58,6 +58,22 @@ def test_inconsistent_plans(setup, change, field, problem):
     assert problem in str(e.value)
 
 
+
+def test_a_tensor_parallel_stage_wider_than_the_model_has_heads_is_refused(tmp_path):
+    """The runtime refuses a TP group with more ranks than attention heads; simulate had
+    predicted such a plan (each rank holding less than the TP-8 plan's share) with exit 0."""
+    two_heads = {**BASE, "model": {"family": "llama", "n_layers": 4, "d_model": 64, "n_heads": 2, "n_kv_heads": 1,
+                                   "d_ff": 128, "vocab_size": 256}}
+    setup = parse_scenario(two_heads).resolve()
+    three = {**GOOD, "stages": [{"devices": ["a/P100-0", "a/P100-1", "b/mygpu-0"], "units": [0, 10]}]}
+    with pytest.raises(InputError) as e:
+        Plan.model_validate(three).check(setup, "p.json")
+    assert str(e.value) == ("p.json: field 'stages[0].devices': tensor parallel over 3 devices, but the model has "
+                            "only 2 attention heads to split"), str(e.value)
+    two = {**GOOD, "stages": [{"devices": ["a/P100-0", "a/P100-1"], "units": [0, 5]},
+                              {"devices": ["b/mygpu-0"], "units": [5, 10]}]}
+    Plan.model_validate(two).check(setup)  # as many ranks as heads: fine
+
 @pytest.mark.parametrize("text,problem", [
     ('{"planner": "x"', "JSON syntax error at line 1"),
     ("[]", "empty list"),

@@ -88,6 +88,24 @@ def _tiny(devices_mem_gb, vocab=1000, n_layers=2):
         "planner": {"token_granularity": 16, "memory_reserve_gb": 0.0}}).resolve()
 
 
+def test_one_tensor_parallel_stage_per_host_needs_no_more_devices_than_heads():
+    """megatron and tp-terapipe make each host one TP stage.  Six devices on a four-head
+    model cannot be that (the runtime refuses it), and they had planned it and simulate had
+    priced it; now they do not apply there, and the other planners still compare."""
+    from hpipe.compare import compare_planners
+    from hpipe.errors import PlannerInputError
+
+    setup = _tiny([1.0] * 6)
+    for name in ("megatron", "tp-terapipe"):
+        with pytest.raises(PlannerInputError) as e:
+            make_plan(setup, name)
+        assert e.value.problem == (f"{name}: host h has 6 devices for one tensor-parallel stage, but the model "
+                                   f"has only 4 attention heads to split")
+    results, limits = compare_planners(setup, ["hpipe", "megatron", "tp-terapipe"])
+    assert results[0].feasible and not results[1].feasible and not results[2].feasible
+    assert len(limits) == 2
+    make_plan(_tiny([1.0] * 4), "megatron").check(_tiny([1.0] * 4))  # four heads, four devices: one TP-4 stage
+
 @pytest.mark.parametrize("name", PLANNER_NAMES)
 def test_a_model_too_big_for_the_cluster_is_refused_with_the_shortfall(name):
     setup = _tiny([0.0001, 0.0001])

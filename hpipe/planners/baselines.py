@@ -22,8 +22,9 @@ raises ``InfeasibleError`` with each device's shortfall.
 
 from __future__ import annotations
 
-from hpipe.errors import InfeasibleError
+from hpipe.errors import InfeasibleError, PlannerInputError
 from hpipe.memory import plan_shortfalls
+from hpipe.models import check_tensor_parallel
 from hpipe.plan import Plan, Stage
 from hpipe.planners import slicing as alg2
 from hpipe.planners.common import even_block_split, finish, micro_batch_sizes
@@ -44,9 +45,16 @@ def even_stages(setup):
     return [((d,), s, e) for d, (s, e) in zip(devs, ranges)]
 
 
-def host_stages(setup):
-    """One tensor-parallel stage per host (scenario order), blocks split evenly."""
+def host_stages(setup, planner: str):
+    """One tensor-parallel stage per host (scenario order), blocks split evenly.  A host with
+    more devices than the model has attention heads cannot be one such stage: that planner
+    does not apply (``PlannerInputError``: its row in a comparison, exit 2 alone)."""
     hosts = list(setup.cluster.hosts.values())
+    for name, devs in setup.cluster.hosts.items():
+        why = check_tensor_parallel(setup.model, len(devs))
+        if why:
+            raise PlannerInputError(f"{planner}: host {name} has {len(devs)} devices for one tensor-parallel "
+                                    f"stage, but {why}", field="--planner")
     k = min(len(hosts), setup.n_units)
     ranges = even_block_split(setup.model.n_layers, setup.n_units, k)
     return [(tuple(devs), s, e) for devs, (s, e) in zip(hosts, ranges)]
@@ -70,11 +78,11 @@ def plan_terapipe(setup):
 
 
 def plan_megatron(setup):
-    return finish(setup, "megatron", host_stages(setup), [setup.seq_len], default_micro_batches(setup))
+    return finish(setup, "megatron", host_stages(setup, "megatron"), [setup.seq_len], default_micro_batches(setup))
 
 
 def plan_tp_terapipe(setup):
-    return _token_pipeline(setup, "tp-terapipe", host_stages(setup))
+    return _token_pipeline(setup, "tp-terapipe", host_stages(setup, "tp-terapipe"))
 
 
 def _token_pipeline(setup, name, stages):

@@ -212,7 +212,7 @@ def shared_cores(device_ids, places: list[_Placement], usable, quota_cores: floa
 
 def stage_roles(spec, plan) -> list[tuple[tuple[int, ...], int, int]]:
     """Per stage: (roles of its devices in plan order, first unit, end unit); TP checked."""
-    from hpipe.runtime.model import check_tensor_parallel
+    from hpipe.models import check_tensor_parallel
 
     roles, stages = 0, []
     for i, st in enumerate(plan.stages):

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpipe.models import ModelSpec, Unit, split_range, tp_heads  # noqa: F401  (tp_heads: tests)
+from hpipe.models import ModelSpec, Unit, check_tensor_parallel, split_range, tp_heads  # noqa: F401  (tp_heads: tests)
 
 # enable_gqa arrived in torch 2.5; older versions get the key/value heads repeated instead.
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -95,13 +95,6 @@ def tp_shard(spec: ModelSpec, unit: Unit, name: str, rank: int, size: int) -> Sh
         "w_gate": (0, f0, f1), "w_up": (0, f0, f1), "w_fc": (0, f0, f1), "b_fc": (0, f0, f1),
         "w_down": (1, f0, f1), "w_proj": (1, f0, f1),
     }.get(name)
-
-
-def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> str | None:
-    """Why ``spec`` cannot be split ``tp_size`` ways, or None when it can."""
-    if tp_size > spec.n_heads:
-        return f"the model has only {spec.n_heads} attention heads to split"
-    return None
 
 
 class KVCache:

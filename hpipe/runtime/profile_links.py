@@ -194,7 +194,8 @@ def all_reduces(job: ProfileJob, report) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel
+    from hpipe.models import check_tensor_parallel
+    from hpipe.runtime.model import TORCH_DTYPES, build_units
     from hpipe.runtime.weights import RandomWeights
 
     wire = Wire(job, timedelta(seconds=job.timeout_s))

@@ -56,7 +56,8 @@ def time_units(job: ProfileJob, report, turns=None, finished=None) -> tuple[dict
     neighbours and alone."""
     import torch
 
-    from hpipe.runtime.model import TORCH_DTYPES, build_units, check_tensor_parallel, make_caches
+    from hpipe.models import check_tensor_parallel
+    from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches
     from hpipe.runtime.weights import RandomWeights
 
     spec = job.spec

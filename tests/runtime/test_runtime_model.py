@@ -160,7 +160,7 @@ def test_tensor_parallel_shards_match_hf(hf_model, tp):
 
 
 def test_tensor_parallel_limits():
-    from hpipe.runtime.model import check_tensor_parallel, split_range, tp_heads
+    from hpipe.models import check_tensor_parallel, split_range, tp_heads
 
     spec = MODELS["tiny-llama"]  # 8 heads, 4 key/value heads
     assert check_tensor_parallel(spec, 8) is None and "8 attention heads" in check_tensor_parallel(spec, 9)
