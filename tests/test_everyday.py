@@ -375,6 +375,7 @@ def test_cost_is_price_times_latency_of_the_plan_devices():
 
 def test_single_puts_the_model_on_the_fastest_device_that_holds_it():
     from hpipe.errors import InfeasibleError
+    from hpipe.memory import plan_shortfalls
     from hpipe.planners import make_plan
     from hpipe.planners.common import finish
     from hpipe.scenario import load_scenario
@@ -395,6 +396,13 @@ def test_single_puts_the_model_on_the_fastest_device_that_holds_it():
     assert p.stages[0].devices[0] == min(alone, key=alone.get)
     assert p.predicted["latency_s"] <= min(alone.values()) * (1 + 1e-9)
     assert p.predicted["single_device"] == p.stages[0].devices[0]
+    # sliced_to_fit: whether the whole sequence would not fit, not whether the plan is sliced
+    # (the roofline finds slices faster on one device too: cloud-mix's A100, 9 slices)
+    for batch, to_fit in ((8, False), (11, True)):
+        s = load_scenario(SCENARIOS / "cloud-mix.yaml", overrides=[f"workload.batch_size={batch}"]).resolve()
+        p = make_plan(s, "single")
+        assert len(p.slices) > 1 and p.predicted["sliced_to_fit"] is to_fit, (batch, p.slices, p.predicted)
+        assert bool(plan_shortfalls(s, p.model_copy(update={"slices": [s.seq_len]}))) is to_fit
     with pytest.raises(InfeasibleError, match=r"no one device holds llama-13b.*GB short"):
         make_plan(load_scenario(SCENARIOS / "home-lab.yaml").resolve(), "single")
 
