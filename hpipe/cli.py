@@ -594,10 +594,10 @@ def _with_codecs(plan) -> str:
 
 
 def _checked_plan(p, setup, file: str):
-    """``p`` checked against the scenario, without the planner's predicted figures (the run gives
-    its own); a plan made for another scenario (by its name) that still fits this one is
+    """``p`` checked against the scenario, without what its planner predicted or noted (the
+    run gives its own figures); a plan made for another scenario (by its name) that still fits this one is
     taken, and said: its stages were cut for that one's model and devices."""
-    p = p.check(setup, file=file).check_codecs(setup, file=file).without_figures()
+    p = p.check(setup, file=file).check_codecs(setup, file=file).as_read()
     if p.scenario and p.scenario != setup.name:
         err_console.print(f"[yellow]note:[/] {escape(file)} was planned for scenario {escape(repr(p.scenario))}; "
                           f"it is used as given for {escape(repr(setup.name))}", highlight=False, soft_wrap=True)

@@ -57,11 +57,20 @@ class Plan(BaseModel):
     """What the planner expects, e.g. {"latency_s": 1.9}."""
 
     def without_figures(self) -> "Plan":
-        """The plan as given to a run or a simulation: without the planner's predicted figures
-        (latency, TTFT, ...: numbers for the scenario it planned, which the Result replaces with
-        its own); what the planner noted otherwise (``single_device``, ``sliced_to_fit``) stays."""
+        """A plan its planner has just made, as given to a run or a simulation: without its
+        predicted figures (latency, TTFT, ...: numbers for the scenario it planned, which the
+        Result replaces with its own); what the planner noted otherwise (``single_device``,
+        ``sliced_to_fit``) stays.  A plan read from a file: ``as_read``."""
         kept = {k: v for k, v in self.predicted.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
         return self if kept == self.predicted else self.model_copy(update={"predicted": kept})
+
+    def as_read(self) -> "Plan":
+        """A plan read from a file, as given to a run or a simulation: without anything its
+        planner predicted or noted.  The figures were for the scenario it was planned on, and
+        the notes (``single_device``, ``sliced_to_fit``) for the plan as planned: a plan edited
+        to one slice on another device had carried "sliced_to_fit: true" and the old device
+        into its Result."""
+        return self if not self.predicted else self.model_copy(update={"predicted": {}})
 
     def micro_batch_sizes(self, batch_size: int) -> list[int]:
         q, r = divmod(batch_size, self.micro_batches)

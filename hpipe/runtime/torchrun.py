@@ -61,7 +61,7 @@ def _plan(setup, args):
             from hpipe.errors import InputError
 
             raise InputError(f"one plan expected, the file holds {len(plans)}", file=args.plan)
-        return plans[0].check(setup, file=args.plan).check_codecs(setup, file=args.plan).without_figures()
+        return plans[0].check(setup, file=args.plan).check_codecs(setup, file=args.plan).as_read()
     from hpipe.planners import make_plan
 
     return make_plan(setup, args.planner or setup.scenario.planner.kind)

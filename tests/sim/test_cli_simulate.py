@@ -45,6 +45,18 @@ def test_a_list_of_plans_gives_one_result_each_in_order_and_stdout_is_pure_json(
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_plan_read_from_a_file_carries_none_of_its_planners_notes_into_the_result(tmp_path):
+    """A single plan edited to run elsewhere had carried its planner's "single_device" and
+    "sliced_to_fit" (and any text a hand put there) into the Result, describing another plan."""
+    edited = dict(EVEN, predicted={"latency_s": 9.9, "single_device": "host-b/RTX3090-0", "sliced_to_fit": True,
+                                   "note": "abc"})
+    plans = tmp_path / "plan.json"
+    plans.write_text(json.dumps(edited))
+    p = hpipe("simulate", SCENARIO, "--plan", plans, "--json", "-", "-q")
+    assert p.returncode == 0, p.stderr
+    (r,) = json.loads(p.stdout)["results"]
+    assert r["plan"]["predicted"] == {} and r["latency_s"] != 9.9
+
 def test_one_plan_that_does_not_fit_exits_3_with_the_shortfall(tmp_path):
     plans = tmp_path / "plan.json"
     plans.write_text(json.dumps(TOO_BIG))
