@@ -105,6 +105,13 @@ def test_one_tensor_parallel_stage_per_host_needs_no_more_devices_than_heads():
     assert results[0].feasible and not results[1].feasible and not results[2].feasible
     assert len(limits) == 2
     make_plan(_tiny([1.0] * 4), "megatron").check(_tiny([1.0] * 4))  # four heads, four devices: one TP-4 stage
+    # hpipe's decode search tries the one-stage-per-host split too, only where it can run: on
+    # three devices and a two-head model it had picked one TP-3 stage, which no runtime runs
+    data = _tiny([1.0] * 3).scenario.model_dump(exclude_unset=True)
+    data["model"].update(n_heads=2, n_kv_heads=1)
+    data["workload"]["output_tokens"] = 8
+    gen = parse_scenario(data).resolve()
+    assert all(st.tp == 1 for st in make_plan(gen, "hpipe").check(gen).stages)
 
 @pytest.mark.parametrize("name", PLANNER_NAMES)
 def test_a_model_too_big_for_the_cluster_is_refused_with_the_shortfall(name):

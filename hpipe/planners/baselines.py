@@ -45,16 +45,19 @@ def even_stages(setup):
     return [((d,), s, e) for d, (s, e) in zip(devs, ranges)]
 
 
-def host_stages(setup, planner: str):
-    """One tensor-parallel stage per host (scenario order), blocks split evenly.  A host with
-    more devices than the model has attention heads cannot be one such stage: that planner
-    does not apply (``PlannerInputError``: its row in a comparison, exit 2 alone)."""
-    hosts = list(setup.cluster.hosts.values())
+def host_stages_problem(setup) -> str | None:
+    """Why ``host_stages`` cannot be run, or None: a host with more devices than the model has
+    attention heads cannot be one tensor-parallel stage (the runtime refuses it)."""
     for name, devs in setup.cluster.hosts.items():
         why = check_tensor_parallel(setup.model, len(devs))
         if why:
-            raise PlannerInputError(f"{planner}: host {name} has {len(devs)} devices for one tensor-parallel "
-                                    f"stage, but {why}", field="--planner")
+            return f"host {name} has {len(devs)} devices for one tensor-parallel stage, but {why}"
+    return None
+
+
+def host_stages(setup):
+    """One tensor-parallel stage per host (scenario order), blocks split evenly."""
+    hosts = list(setup.cluster.hosts.values())
     k = min(len(hosts), setup.n_units)
     ranges = even_block_split(setup.model.n_layers, setup.n_units, k)
     return [(tuple(devs), s, e) for devs, (s, e) in zip(hosts, ranges)]
@@ -77,12 +80,22 @@ def plan_terapipe(setup):
     return _token_pipeline(setup, "terapipe", even_stages(setup))
 
 
+def _checked_host_stages(setup, planner: str):
+    """``host_stages``, or this planner does not apply (``PlannerInputError``: its row in a
+    comparison, exit 2 alone)."""
+    why = host_stages_problem(setup)
+    if why:
+        raise PlannerInputError(f"{planner}: {why}", field="--planner")
+    return host_stages(setup)
+
+
 def plan_megatron(setup):
-    return finish(setup, "megatron", host_stages(setup, "megatron"), [setup.seq_len], default_micro_batches(setup))
+    return finish(setup, "megatron", _checked_host_stages(setup, "megatron"), [setup.seq_len],
+                  default_micro_batches(setup))
 
 
 def plan_tp_terapipe(setup):
-    return _token_pipeline(setup, "tp-terapipe", host_stages(setup, "tp-terapipe"))
+    return _token_pipeline(setup, "tp-terapipe", _checked_host_stages(setup, "tp-terapipe"))
 
 
 def _token_pipeline(setup, name, stages):

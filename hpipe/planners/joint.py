@@ -163,13 +163,14 @@ def plan_hpipe(setup, tables: CostTables | None = None, sequences=None, micro_ba
         # phases best for the scenario's objective (hpipe.planners.decode).
         from hpipe.planners import decode
 
-        from hpipe.planners.baselines import even_stages, host_stages
+        from hpipe.planners.baselines import even_stages, host_stages, host_stages_problem
 
         cands = [(p, s, k) for _, p, s, k in sorted(scored, key=lambda x: x[0])]
         cands = list(dict.fromkeys(cands))[:decode_candidates]
         # the baselines' splits too: one tensor-parallel stage per host reads each weight once
         # per step on every device at 1/tp, which decode (weight-read bound) rewards
-        extra = [alg1.Partition(tuple((tuple(d), s, e) for d, s, e in f(setup))) for f in (even_stages, host_stages)]
+        splits = (even_stages,) if host_stages_problem(setup) else (even_stages, host_stages)
+        extra = [alg1.Partition(tuple((tuple(d), s, e) for d, s, e in f(setup))) for f in splits]
         pick = decode.choose(tables, sequences, cands, lambda p, sz: _best_slicing(tables, p, sz),
                              setup.objective, options, fixed_slices, extra_partitions=extra)
         return finish(setup, planner, pick.partition.stages, pick.slices, pick.micro_batches,
