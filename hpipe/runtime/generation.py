@@ -25,25 +25,30 @@ def decode_groups(plan, batch_size: int) -> int:
 
 
 def eos_ids(weights: str | None) -> tuple[int, ...]:
-    """The end-of-sequence ids of a Hugging Face folder (config.json, then
-    generation_config.json); none for random weights, which then stop at max tokens."""
+    """The end-of-sequence ids of a Hugging Face folder, as transformers' ``generate`` takes
+    them: ``generation_config.json``'s ``eos_token_id`` where that file exists (no EOS where
+    it names none, whatever config.json says), else config.json's (checked with transformers
+    5.25's from_pretrained + generate).  Llama-3-style folders list more ids there
+    ([128001, 128009]) than config.json's one, and hpipe had read config.json's first.  None
+    for random weights, which then stop at max tokens."""
     if not weights:
         return ()
-    for name in ("config.json", "generation_config.json"):
-        path = Path(weights) / name
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise InputError(f"not valid JSON: {e}", file=str(path)) from None
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise InputError(f"{value!r} is not a token id or a list of them", file=str(path), field="eos_token_id")
-        return tuple(values)
-    return ()
+    gen = Path(weights) / "generation_config.json"
+    path = gen if gen.is_file() else Path(weights) / "config.json"
+    if not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON: {e}", file=str(path)) from None
+    except AttributeError:  # valid JSON, but not an object
+        raise InputError("is not a JSON object", file=str(path)) from None
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InputError(f"{value!r} is not a token id or a list of them", file=str(path), field="eos_token_id")
+    return tuple(values)
 
 
 def check_positions(setup, spec) -> None:

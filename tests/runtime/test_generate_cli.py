@@ -399,8 +399,8 @@ def test_generate_says_what_it_does_not_read_and_an_early_end(tmp_path):
     assert "workload.sampling.top_k is for sampling; at temperature 0 generation is greedy" in err, err
     assert "end-of-sequence" not in err
     first = json.loads((tmp_path / "out.json").read_text())["results"][0]["generated_ids"][0][0]
-    config = json.loads((tmp_path / "model" / "config.json").read_text())
-    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "eos_token_id": first}))
+    config = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": first}))
     r = _hpipe("generate", "tiny.yaml", "--inputs", "ids.json", "--max-new-tokens", "4", cwd=tmp_path)
     err = " ".join(r.stderr.split())
     assert r.returncode == 0 and r.stdout.split() == [str(first)], r.stdout + r.stderr

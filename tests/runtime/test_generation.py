@@ -176,8 +176,8 @@ def test_eos_stops_a_sequence_and_then_its_group(llama, tmp_path):
     eos = expect[0][5]  # sequence 0 makes this id at its 6th token
     assert eos not in expect[0][:5]
     shutil.copytree(folder, tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "eos_token_id": eos}))
+    cfg = json.loads((tmp_path / "m" / "generation_config.json").read_text())  # what generate reads
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**cfg, "eos_token_id": eos}))
     setup = tiny_setup(seq_len=SEQ, batch_size=BATCH, output_tokens=NEW, weights=str(tmp_path / "m"))
     p = plan([([0], (0, 3)), ([1], (3, N))], [16], decode_micro_batches=3)  # one sequence per group
     r = _run(setup, p)
@@ -193,6 +193,34 @@ def test_eos_stops_a_sequence_and_then_its_group(llama, tmp_path):
     assert len([e for e in r.events if e.phase == "decode" and e.kind == "compute"
                 and e.device == "local/core-0"]) == max(len(w) for w in want) - 1
 
+
+
+@pytest.mark.parametrize("config_eos,generation_config,expect", [
+    (7, None, (7,)),  # no generation_config.json: config.json's
+    (7, {"eos_token_id": [9, 11]}, (9, 11)),  # Llama-3's layout: generation_config.json lists more, and wins
+    (7, {"pad_token_id": 0}, ()),  # generation_config.json without one: no EOS, whatever config.json says
+    (7, {"_from_model_config": True, "pad_token_id": 0}, ()),  # as save_pretrained writes it
+    (None, {"eos_token_id": 9}, (9,)),
+])
+def test_eos_ids_are_the_ones_transformers_generate_reads(llama, tmp_path, config_eos, generation_config, expect):
+    """hpipe had read config.json first: a folder whose generation_config.json lists [9, 11]
+    stopped only at 7, where transformers stopped at 9 or 11."""
+    import shutil
+
+    import transformers
+
+    from hpipe.runtime.generation import eos_ids
+
+    folder = tmp_path / "m"
+    shutil.copytree(llama[0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": config_eos}))
+    (folder / "generation_config.json").unlink()
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).generation_config.eos_token_id
+    assert (() if theirs is None else tuple(theirs) if isinstance(theirs, list) else (theirs,)) == expect
+    assert eos_ids(str(folder)) == expect
 
 @pytest.mark.parametrize("fault", [("kill", 1), ("hang", 2)])
 def test_a_worker_failing_mid_decode_stops_the_run(fault):
