@@ -144,11 +144,13 @@ class Cluster:
                     devices.append(dev)
                     members.append(dev)
                     g.add_node(dev.id, kind="device", host=host.name, spec=dspec)
-            if host.interconnect is not None:
-                bw, lat = host.interconnect.bandwidth_gbps, host.interconnect.latency_us * 1e-6
-            else:
-                slowest = min(members, key=lambda d: d.spec.interconnect_gbps).spec
-                bw, lat = slowest.interconnect_gbps, slowest.interconnect_latency_us * 1e-6
+            slowest = min(members, key=lambda d: d.spec.interconnect_gbps).spec
+            bw, lat = slowest.interconnect_gbps, slowest.interconnect_latency_us * 1e-6
+            given = host.interconnect
+            if given is not None and given.bandwidth_gbps is not None:
+                bw = given.bandwidth_gbps
+            if given is not None and given.latency_us is not None:
+                lat = given.latency_us * 1e-6
             for k, a in enumerate(members):
                 # half the interconnect latency on each side of the host's interface, so a
                 # device-to-device hop through it costs the same as the direct edge

@@ -92,6 +92,17 @@ class LinkSpec(_Strict):
     """One-way latency of a message, microseconds."""
 
 
+class Interconnect(_Strict):
+    """A host's link between its devices.  A figure left out is the devices' own: the slowest
+    of their catalog interconnects (a custom device's: 126 Gbit/s, 10 us), as for a host
+    with no ``interconnect:`` at all.  (It had been 0 us for a left-out latency, so
+    ``--set ...interconnect.bandwidth_gbps=X`` on such a host also took its latency away.)"""
+    bandwidth_gbps: PositiveFloat | None = None
+    """One-direction bandwidth, Gbit/s."""
+    latency_us: NonNegativeFloat | None = None
+    """One-way latency of a message, microseconds."""
+
+
 class PairLink(LinkSpec):
     between: tuple[str, str]
     """Two host names."""
@@ -191,7 +202,7 @@ class DeviceEntry(_Strict):
                               also=("power_w",))
         return self
 
-    def spec(self, interconnect: LinkSpec | None) -> DeviceSpec:
+    def spec(self, interconnect: Interconnect | None) -> DeviceSpec:
         if self.type is not None:
             if self.price_per_hour is not None:
                 return DEVICES[self.type].model_copy(update={"price_per_hour": self.price_per_hour,
@@ -206,7 +217,8 @@ class DeviceEntry(_Strict):
                           fp16_tflops=self.peak_tflops, fp32_tflops=self.peak_tflops,
                           memory_gb=self.memory_gb, memory_bandwidth_gbps=self.memory_bandwidth_gbps,
                           power_w=self.power_w, idle_power_w=idle,
-                          interconnect_gbps=interconnect.bandwidth_gbps if interconnect else 126.0,
+                          interconnect_gbps=(interconnect.bandwidth_gbps if interconnect and interconnect.bandwidth_gbps
+                                             else 126.0),
                           source="custom device from the scenario", price_per_hour=self.price_per_hour,
                           price_source="the scenario" if self.price_per_hour is not None else "")
 
@@ -218,8 +230,9 @@ class DeviceEntry(_Strict):
 class Host(_Strict):
     name: str
     devices: list[DeviceEntry] = Field(min_length=1)
-    interconnect: LinkSpec | None = None
-    """Link between devices of this host; default: the slowest of its devices' catalog interconnects."""
+    interconnect: Interconnect | None = None
+    """Link between devices of this host; default (and for a figure left out): the slowest of
+    its devices' catalog interconnects."""
     address: str | None = None
     """Host address for multi-host `hpipe execute` (torchrun); default: this machine."""
 
@@ -536,7 +549,7 @@ def _pydantic_error(err: ValidationError, file: str | None) -> InputError:
 
 _KEYS_BY_PATH_TAIL = {
     "": Scenario, "workload": Workload, "cluster": ClusterSpec, "hosts": Host, "devices": DeviceEntry,
-    "interconnect": LinkSpec, "network": LinkSpec, "links": PairLink, "planner": PlannerSpec,
+    "interconnect": Interconnect, "network": LinkSpec, "links": PairLink, "planner": PlannerSpec,
     "runtime": Placement, "sampling": Sampling, "compression": Compression,
 }
 

@@ -45,6 +45,25 @@ def test_routes_inside_between_and_overridden(setup):
     assert setup.cost.transfer_time_s("a/P100-0", "b/RTX3090-0", 1e6) == pytest.approx(8.21e-3)
 
 
+@pytest.mark.parametrize("given,want", [
+    (None, (252, 10e-6)),  # the RTX 3090's catalog PCIe 4.0
+    ({}, (252, 10e-6)),
+    ({"bandwidth_gbps": 126}, (126, 10e-6)),  # the latency stays the device's: it had become 0
+    ({"latency_us": 30}, (252, 30e-6)),
+    ({"bandwidth_gbps": 126, "latency_us": 0}, (126, 0.0)),
+])
+def test_an_interconnect_figure_left_out_is_the_devices_own(given, want):
+    """``--set cluster.hosts[1].interconnect.bandwidth_gbps=126`` on a host with no
+    interconnect made one whose latency was 0: a sweep of its bandwidth moved its latency too."""
+    import copy
+
+    data = copy.deepcopy(SCN)
+    data["cluster"]["hosts"][1]["devices"] = [{"type": "RTX3090", "count": 2}]
+    if given is not None:
+        data["cluster"]["hosts"][1]["interconnect"] = given
+    r = parse_scenario(data).resolve().cluster.route("b/RTX3090-0", "b/RTX3090-1")
+    assert (r.bandwidth_gbps, r.latency_s) == (want[0], pytest.approx(want[1]))
+
 def test_roofline_compute_and_memory_bound(setup):
     mlp = setup.units[2]
     # big slice: compute bound on a P100 at 18.7 TF x 0.5
