@@ -225,7 +225,7 @@ def _no_global_sets(command: str) -> None:
 
 # ---- catalogs --------------------------------------------------------------
 @app.command()
-def devices(json_path: JsonOpt = None):
+def devices(json_path: JsonOpt = None, quiet: QuietOpt = False):
     """The device catalog (datasheet figures)."""
     from hpipe.devices import DEVICES
     from hpipe.io import write_text
@@ -235,17 +235,16 @@ def devices(json_path: JsonOpt = None):
     rows = [d.model_dump() for d in DEVICES.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
-        if is_stdout(json_path):
-            return
-    from hpipe.tables import devices_table
+    con = _out_console(json_path, quiet)
+    if con:
+        from hpipe.tables import devices_table
 
-    con = console()
-    con.print(devices_table(DEVICES.values()))
-    _say_written(con, {"device catalog JSON": json_path})
+        con.print(devices_table(DEVICES.values()))
+        _say_written(con, {"device catalog JSON": json_path})
 
 
 @app.command()
-def models(json_path: JsonOpt = None):
+def models(json_path: JsonOpt = None, quiet: QuietOpt = False):
     """The model catalog."""
     from hpipe.io import write_text
     from hpipe.models import MODELS
@@ -255,13 +254,12 @@ def models(json_path: JsonOpt = None):
     rows = [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
-        if is_stdout(json_path):
-            return
-    from hpipe.tables import models_table
+    con = _out_console(json_path, quiet)
+    if con:
+        from hpipe.tables import models_table
 
-    con = console()
-    con.print(models_table(MODELS.values()))
-    _say_written(con, {"model catalog JSON": json_path})
+        con.print(models_table(MODELS.values()))
+        _say_written(con, {"model catalog JSON": json_path})
 
 
 # ---- plan ------------------------------------------------------------------
@@ -1043,7 +1041,10 @@ def main() -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except HpipeError as e:
-        err_console.print(f"[bold red]hpipe:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        msg = str(e)
+        if isinstance(e, InfeasibleError):  # the hpipe planner names itself: not "hpipe: hpipe: ..."
+            msg = msg.removeprefix("hpipe: ")
+        err_console.print(f"[bold red]hpipe:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
         from hpipe.stopping import exit_interrupted

@@ -25,9 +25,18 @@ def test_devices_and_models_json(cli):
     assert models["llama-2-70b"]["n_kv_heads"] == 8
 
 
-def test_catalog_tables(cli):
+def test_catalog_tables(cli, tmp_path):
     r = cli("devices")
     assert r.returncode == 0 and "RTX3090" in r.stdout
+    # --quiet as on every other command: no table (the README says so of all of them)
+    for catalog in ("devices", "models"):
+        r = cli(catalog, "--quiet")
+        assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
+        out = tmp_path / f"{catalog}.json"
+        r = cli(catalog, "-q", "--json", str(out))
+        assert r.returncode == 0 and r.stdout == "" and json.loads(out.read_text())
+        r = cli(catalog, "--json", "-")  # the JSON alone on stdout, the table beside it on stderr
+        assert json.loads(r.stdout) and ("RTX3090" in r.stderr or "llama-2-70b" in r.stderr)
 
 
 def test_bad_scenario_exit_2_without_traceback(cli, tmp_path):

@@ -1123,6 +1123,10 @@ def test_a_planner_that_finds_no_plan_is_named_by_every_command(cli):
     for cmd in ("plan", "simulate", "execute"):
         r = cli(cmd, str(SCENARIOS / "home-lab.yaml"), "--planner", "base")
         assert r.returncode == 3 and r.stderr.startswith("hpipe: base: the plan does not fit in memory"), (cmd, r.stderr)
+    # the hpipe planner's own name is the tool's: said once, not "hpipe: hpipe: llama-2-7b ..."
+    for cmd in ("plan", "simulate"):
+        r = cli(cmd, str(SCENARIOS / "cloud-mix.yaml"), "--planner", "hpipe", "--set", "workload.batch_size=500")
+        assert r.returncode == 3 and r.stderr.startswith("hpipe: llama-2-7b at batch 500 "), (cmd, r.stderr)
 
 
 def test_a_scenario_named_without_its_folder_or_yaml_and_a_scenario_as_plan_say_what_was_meant(cli, tmp_path):
