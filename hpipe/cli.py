@@ -462,8 +462,15 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
 
         result = run_sweep(load, key, values, names, on_step=step)
     auto_notes: dict[str, list[str]] = {}  # costmodel auto's note -> the values it holds for, said once
+    try:  # the profile `hpipe execute SCENARIO` (the swept key as the file has it) would measure
+        as_given = notes.profile_needs(_load_scenario(scenario, fixed).resolve())
+    except HpipeError:
+        as_given = None
     for v in values:
-        note, warning = notes.auto_note(load([assignment(key, v)]), scenario, swept=key)
+        at = load([assignment(key, v)])
+        # the advice names the value where the scenario as given needs another profile (a
+        # seq_len, a generating value): `hpipe execute SCENARIO` had measured the file's own
+        note, warning = notes.auto_note(at, scenario, swept=key if notes.profile_needs(at) == as_given else None)
         if note and (warning or not quiet):
             auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in auto_notes.items():

@@ -18,8 +18,9 @@ err_console = console(stderr=True)
 def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | None, bool]:
     """What ``costmodel: auto`` chose for ``setup`` and why, for stderr, and whether it is a
     warning (datasheet figures where a profile could be measured: said even with --quiet).
-    ``swept``: a sweep's key, whose value the advice leaves out (the sweep names the values
-    each note holds for, and says a note once for all of them)."""
+    ``swept``: a sweep's key, whose value the advice leaves out where the profile it would
+    measure is the one the value needs (``profile_needs``; the sweep names the values each
+    note holds for, and says a note once for all of them)."""
     choice = getattr(setup.cost, "auto", None)
     if choice is None:
         return None, False
@@ -41,6 +42,17 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
                 f"{format_duration(estimate_profile_s(setup, quick=False, warmup=2, repeats=5))}) and later runs "
                 f"plan on it"), True
     return choice.note(), False
+
+
+def profile_needs(setup) -> tuple:
+    """What a profile must have measured to be taken for ``setup`` (``profiler.stale_reason``):
+    its cache key (machine, model, workload shape, devices, links), the decode steps, the
+    codecs the scenario allows.  A sweep's advice leaves its value out only where the scenario
+    as given needs the same profile."""
+    from hpipe.costmodels.cache import profile_key
+
+    comp = setup.compression
+    return profile_key(setup), setup.output_tokens, tuple(sorted(comp.allow)) if comp is not None else ()
 
 
 def long_cpu_run(setup, p, timeout: float, warmup: int) -> None:

@@ -205,6 +205,15 @@ def test_quiet_drops_the_which_model_note_and_sweep_says_each_note_once(cli, cac
     err = " ".join(r.stderr.split())
     assert r.returncode == 0 and err.count("cost model auto: roofline") == 2, r.stderr  # two profiles, one each
     assert "[workload.seq_len = 256]" in err and "[workload.seq_len = 128]" in err, r.stderr
+    # each value's advice measures that value's profile: without its --set, `hpipe execute` had
+    # measured the file's seq_len 512, a profile neither value takes
+    assert "--set workload.seq_len=256` measures" in err and "--set workload.seq_len=128` measures" in err, r.stderr
+    # a generating value needs a profile with decode steps: the file's prefill-only one would not do
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=256", "--set", "workload.output_tokens=0,8", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and err.count("cost model auto: roofline") == 2, r.stderr
+    assert "`hpipe execute " in err and err.count("--set workload.output_tokens=8` measures") == 1, r.stderr
+    assert "output_tokens=0" not in err, r.stderr
     # a swept key outside the cache key: one profile, one note, its advice without the swept value
     r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=256", "--set", "planner.micro_batches=1,2", "-q")
     err = " ".join(r.stderr.split())
