@@ -243,6 +243,27 @@ class Host(_Strict):
             raise ValueError(f"host name {v!r} may hold only letters, digits and _ . -")
         return v
 
+    @model_validator(mode="after")
+    def _one_name_one_device(self):
+        # device ids count per name across a host's entries (core-0, core-1 from two entries
+        # pinned apart); a custom name given other figures would make core-1 another device
+        # under core's label in every table
+        figures = ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w", "idle_power_w", "generation",
+                   "price_per_hour")
+        first: dict[str, int] = {}
+        for j, e in enumerate(self.devices):
+            if e.name is None:
+                continue
+            i = first.setdefault(e.name, j)
+            other = self.devices[i]
+            differ = [f for f in figures if getattr(e, f) != getattr(other, f)]
+            if differ:
+                raise _FieldError(f"devices[{j}].{differ[0]}",
+                                  f"custom device {e.name!r} is also devices[{i}], with another {differ[0]} "
+                                  f"({getattr(other, differ[0])!r} there): one name is one kind of device; "
+                                  f"give this one its own name", also=(f"devices[{i}].{differ[0]}",))
+        return self
+
 
 class ClusterSpec(_Strict):
     hosts: list[Host] = Field(min_length=1)
@@ -306,6 +327,7 @@ class PlannerSpec(_Strict):
 
 class Scenario(_Strict):
     name: str
+    """Names the scenario in tables, plans and results, and its profiles in the cache."""
     model: str | dict[str, Any]
     """A catalog name (`hpipe models`) or a mapping of ModelSpec fields."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
@@ -338,6 +360,15 @@ class Scenario(_Strict):
             return "{kind: fitted, profile: ...}"
         section = auto_section(key) if name == "auto" else None
         return f"{{kind: {name}, " + (f"{section}: {{{key}: ...}}}}" if section else f"{key}: ...}}")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # it heads every table and names the cache's profile files: `--set name=` had given
+        # tables headed ": hpipe plan ..."
+        if not v.strip() or any(not c.isprintable() for c in v):
+            raise ValueError(f"a scenario's name is one line of text, not empty, got {v!r}")
+        return v
 
     @field_validator("model")
     @classmethod

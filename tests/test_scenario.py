@@ -98,6 +98,15 @@ def test_base_is_valid_and_ids_are_stable():
      "cluster.hosts[0].devices[0].runtime.cores[1]", "expected a number, got true"),
     (("model",), {"family": "llama", "n_layers": True, "d_model": 64, "n_heads": 4, "d_ff": 128, "vocab_size": 100},
      "model.n_layers", "must be an integer, got True"),  # refused already
+    # the name heads every table: `--set name=` had headed them ": hpipe plan ..."
+    (("name",), "", "name", "not empty, got ''"),
+    (("name",), "a\nb", "name", "one line of text"),
+    # one custom name, two kinds of device: b/mygpu-1 would have been another device under mygpu's label
+    (("cluster", "hosts", 1, "devices"), [{"name": "mygpu", "peak_tflops": 10, "memory_gb": 8, "memory_bandwidth_gbps": 300,
+                                           "power_w": 150},
+                                          {"name": "mygpu", "peak_tflops": 20, "memory_gb": 8, "memory_bandwidth_gbps": 300,
+                                           "power_w": 150}],
+     "cluster.hosts[1].devices[1].peak_tflops", "custom device 'mygpu' is also devices[0], with another peak_tflops"),
 ])
 def test_bad_scenarios_name_field_and_problem(path, value, field, problem):
     data = with_change(path, value)
