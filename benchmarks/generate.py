@@ -21,6 +21,7 @@ printed, so a load that drifts over the run hits every configuration alike.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args()
+    load_at_start = f"{os.getloadavg()[0]:.2f}"
 
     sc = load_scenario(args.scenario)
     data = sc.model_dump(exclude_unset=True, exclude={"source_path"})
@@ -91,7 +93,8 @@ def main() -> None:
             runs[name].append(one_process(setup, ids) if plan is None else pipelined(setup, plan.check(setup), ids))
 
     print(f"{setup.model.name}, batch {args.batch} x {args.seq_len} prompt tokens, {args.output_tokens} new tokens, "
-          f"{setup.dtype}; CPU: {cpu_model()}; median of {args.repeats} interleaved runs")
+          f"{setup.dtype}; CPU: {cpu_model()}; load average {load_at_start} at start, {os.getloadavg()[0]:.2f} at "
+          f"the end; median of {args.repeats} interleaved runs")
     cols = ["prefill_s", "decode_s", "decode_tokens_per_s", "ttft_s", "tpot_s"]
     print(f"{'configuration':34s} " + " ".join(f"{c:>20s}" for c in cols) + f" {'decode share':>13s}")
     for name, rs in runs.items():

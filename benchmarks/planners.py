@@ -21,7 +21,8 @@
 3. Scaling (``--scaling``).  Planning time for 8 / 32 / 128 / 512 devices (hosts of
    8 devices, four GPU types), llama-2-70b at 32k tokens.
 4. Ready scenarios (``--plans``).  hpipe's plan, predicted latency and planning CPU time
-   on every scenario in scenarios/ that plans without a profile of its own.
+   on each prefill scenario of scenarios/ (``READY``; the generating one's plans:
+   benchmarks/generation.py).
 5. Against another checkout (``--against PATH [--rounds N]``, e.g. a worktree of the
    commit before a speed-up): planning CPU time, start-up and ``hpipe plan`` in
    interleaved fresh processes, ratios, and whether every ready scenario's plan is the same.
@@ -301,7 +302,7 @@ def startup(scenario_yaml, repeat: int):
 
 
 READY = ["paper-llama7b", "paper-gpt3-2.7b", "hexgen-70b", "llama70b-4hosts-32k", "local-cpu", "local-cpu-4dev",
-         "local-cpu-hetero", "local-cpu-hetero-int8", "local-cpu-gpu", "home-lab", "cloud-mix"]
+         "local-cpu-hetero", "local-cpu-hetero-int8", "local-cpu-gpu", "local-cpu-gpt-3dev", "home-lab", "cloud-mix"]
 
 
 def ready_plans(names=READY):

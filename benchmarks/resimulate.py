@@ -6,24 +6,29 @@ and its error printed as run and now, per scenario and together (median and p90 
 |error|, signed bias), as in the README's validation tables.  Generating cases are left
 out (and counted): benchmarks/resimulate_decode.py re-simulates those.
 
-    PYTHONPATH=. python benchmarks/resimulate.py benchmarks/results/validate-*-2026-12-02-quiet.json
+    PYTHONPATH=. python benchmarks/resimulate.py \
+        benchmarks/results/validate-{local-cpu-hetero,local-cpu-4dev,local-cpu-gpt-3dev}-2026-12-02-quiet.json \
+        benchmarks/results/validate-4dev-paced-2026-12-02-quiet.json:benchmarks/results/profiles-2026-12-02-paced-quiet
+
+A file whose profile the run kept under /tmp is given with the folder of its copy,
+``FILE:FOLDER`` (``validate_files``); the script says so, naming the candidates.
 """
-import json, sys, statistics, tempfile
+import sys, statistics, tempfile
 from pathlib import Path
 import numpy as np, yaml
 from hpipe.plan import Plan, Stage
 from hpipe.scenario import load_scenario
 from hpipe.sim import simulate
+from validate_files import ROOT, profile_path, read
 
-ROOT = Path(__file__).resolve().parents[1]
 rows, skipped = [], 0
-for path in sys.argv[1:]:
-    d = json.load(open(path))
+for arg in sys.argv[1:]:
+    d, path, folder = read(arg)
     setups = {}
     for sc, prof in d["profiles"].items():
         tmp = Path(tempfile.mkdtemp())
         data = yaml.safe_load((ROOT / "scenarios" / f"{sc}.yaml").read_text())
-        data["costmodel"] = {"kind": "fitted", "profile": str(ROOT / prof)}  # repo-relative in the committed files
+        data["costmodel"] = {"kind": "fitted", "profile": str(profile_path(prof, path, folder))}
         (tmp / "s.yaml").write_text(yaml.safe_dump(data))
         setups[sc] = load_scenario(tmp / "s.yaml").resolve()
     for c in d["cases"]:

@@ -8,10 +8,12 @@ end-to-end errors printed per scenario (median and p90 of |error|, signed bias).
 a wait), or ``both``.
 
     PYTHONPATH=. python benchmarks/resimulate_decode.py benchmarks/results/validate-decode-2026-12-02-quiet.json
+
+A file whose profile the run kept under /tmp is given as ``FILE:FOLDER`` (see resimulate.py).
 """
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,10 +24,10 @@ from hpipe.costmodels.fitted import Fitted
 from hpipe.plan import Plan, Stage
 from hpipe.scenario import load_scenario
 from hpipe.sim import simulate
+from validate_files import ROOT, profile_path, read
 
-ROOT = Path(__file__).resolve().parents[1]
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ap.add_argument("files", nargs="+")
+ap.add_argument("files", nargs="+", metavar="FILE[:FOLDER]")
 ap.add_argument("--without", choices=["step-overhead", "after-wait", "both"])
 ap.add_argument("--cases", action="store_true", help="print each case's TPOT error as run and now")
 args = ap.parse_args()
@@ -34,14 +36,14 @@ if args.without in ("step-overhead", "both"):
 if args.without in ("after-wait", "both"):
     Fitted.after_wait_factor = lambda self, device_id: 1.0
 rows = []
-for path in args.files:
-    d = json.load(open(path))
+for arg in args.files:
+    d, path, folder = read(arg)
     for sc, prof in d["profiles"].items():
         cases = [c for c in d["cases"] if c["scenario"] == sc and c.get("output_tokens")]
         if not cases:
             continue
         data = yaml.safe_load((ROOT / "scenarios" / f"{sc}.yaml").read_text())
-        data["costmodel"] = {"kind": "fitted", "profile": str(ROOT / prof)}
+        data["costmodel"] = {"kind": "fitted", "profile": str(profile_path(prof, path, folder))}
         data["workload"]["output_tokens"] = cases[0]["output_tokens"]
         tmp = Path(tempfile.mkdtemp())
         (tmp / "s.yaml").write_text(yaml.safe_dump(data))
@@ -56,6 +58,8 @@ for path in args.files:
             if args.cases:
                 print(f"{sc:16s} {c['planner']:26s} TPOT error as run {c['tpot_error']:+.1%}, now {rows[-1][1]:+.1%}; "
                       f"end to end {c['error']:+.1%}, now {rows[-1][2]:+.1%}")
+if not rows:
+    sys.exit("no decode cases in " + ", ".join(args.files) + " (resimulate.py re-simulates prefill cases)")
 for sc in [*dict.fromkeys(r[0] for r in rows), "all"]:
     sel = [r for r in rows if sc in ("all", r[0])]
     for i, name in ((1, "TPOT"), (2, "end to end")):

@@ -12,6 +12,7 @@ scenario's own planner's.  A work item is one (micro-batch, slice) on one stage.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     args = ap.parse_args()
 
+    from hpipe.costmodels.cache import cpu_model
+
+    print(f"machine   {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start "
+          f"(the rates below are this machine's)")
     setup = load_scenario(ROOT / "scenarios" / "llama70b-4hosts-32k.yaml").resolve()
     print(f"scenario  {setup.name}: {setup.model.name}, batch {setup.batch_size} x {setup.seq_len} tokens, "
           f"{len(setup.cluster.devices)} devices on {len(setup.cluster.hosts)} hosts (best of {args.repeat})")
