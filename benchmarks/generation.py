@@ -39,7 +39,6 @@ from hpipe.scenario import PLANNER_NAMES, load_scenario, parse_scenario  # noqa:
 from hpipe.sim import simulate  # noqa: E402
 from hpipe.costmodels.cache import cpu_model  # noqa: E402
 from hpipe.models import check_tensor_parallel  # noqa: E402
-from tests.planner_cases import cut_sets  # noqa: E402
 
 
 def random_scenario(rng: random.Random) -> dict:
@@ -79,6 +78,13 @@ def compositions(k, g):
         for cuts in itertools.combinations(range(1, k), r - 1):
             b = (0, *cuts, k)
             yield [(y - x) * g for x, y in zip(b, b[1:])]
+
+
+def cut_sets(n_units: int, k: int):
+    """Every split of the units into k contiguous runs: [(start, end), ...]."""
+    for cuts in itertools.combinations(range(1, n_units), k - 1):
+        b = (0, *cuts, n_units)
+        yield list(zip(b, b[1:]))
 
 
 def stage_choices(setup):

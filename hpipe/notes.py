@@ -46,13 +46,15 @@ def auto_note(setup, scenario: Path, swept: str | None = None) -> tuple[str | No
 
 def profile_needs(setup) -> tuple:
     """What a profile must have measured to be taken for ``setup`` (``profiler.stale_reason``):
-    its cache key (machine, model, workload shape, devices, links), the decode steps, the
-    codecs the scenario allows.  A sweep's advice leaves its value out only where the scenario
+    its cache key (machine, model, workload shape, devices, links), whether it timed decode
+    steps, the codecs the scenario allows.  A sweep's advice leaves its value out only where the scenario
     as given needs the same profile."""
     from hpipe.costmodels.cache import profile_key
+    from hpipe.models import decode_steps
 
     comp = setup.compression
-    return profile_key(setup), setup.output_tokens, tuple(sorted(comp.allow)) if comp is not None else ()
+    return (profile_key(setup), decode_steps(setup.output_tokens) > 0,
+            tuple(sorted(comp.allow)) if comp is not None else ())
 
 
 def long_cpu_run(setup, p, timeout: float, warmup: int) -> None:

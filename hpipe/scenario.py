@@ -244,24 +244,23 @@ class Host(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_name_one_device(self):
-        # device ids count per name across a host's entries (core-0, core-1 from two entries
-        # pinned apart); a custom name given other figures would make core-1 another device
-        # under core's label in every table
-        figures = ("peak_tflops", "memory_gb", "memory_bandwidth_gbps", "power_w", "idle_power_w", "generation",
-                   "price_per_hour")
-        first: dict[str, int] = {}
+    def _one_label_one_device(self):
+        # device ids count per label (a catalog type or a custom name) across a host's entries
+        # (core-0, core-1 from two entries pinned apart); a label given other figures would make
+        # g-1 another device under g's label in every table.  The figures compared are the
+        # resolved ones: a default left out and the same value written agree.
+        first: dict[str, tuple[int, dict]] = {}
         for j, e in enumerate(self.devices):
-            if e.name is None:
-                continue
-            i = first.setdefault(e.name, j)
-            other = self.devices[i]
-            differ = [f for f in figures if getattr(e, f) != getattr(other, f)]
+            spec = e.spec(self.interconnect).model_dump(exclude={"name", "source", "price_source"})
+            i, seen = first.setdefault(e.label, (j, spec))
+            differ = [k for k in seen if seen[k] != spec[k]]
             if differ:
-                raise _FieldError(f"devices[{j}].{differ[0]}",
-                                  f"custom device {e.name!r} is also devices[{i}], with another {differ[0]} "
-                                  f"({getattr(other, differ[0])!r} there): one name is one kind of device; "
-                                  f"give this one its own name", also=(f"devices[{i}].{differ[0]}",))
+                what = {"fp16_tflops": "peak_tflops", "fp32_tflops": "peak_tflops"}.get(differ[0], differ[0])
+                raise _FieldError(f"devices[{j}]", f"is labelled {e.label!r} as devices[{i}] is, with another "
+                                                   f"{what} ({seen[differ[0]]!r} there, {spec[differ[0]]!r} "
+                                                   f"here): ids count per label across a host's entries, so one "
+                                                   f"label is one kind of device; give this one its own name",
+                                  also=(f"devices[{i}]",))
         return self
 
 

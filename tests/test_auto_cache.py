@@ -330,3 +330,18 @@ def test_the_estimate_reads_the_load_once_so_a_sweeps_notes_agree(monkeypatch):
         assert profile_cache.load_factor(2) == profile_cache.load_factor(2)
     finally:
         profile_cache._load_average.cache_clear()
+
+
+def test_the_load_factor_shares_the_machines_load_over_its_cores_and_caps_the_workers_by_a_quota(monkeypatch):
+    """A container sees the whole host's load average; dividing it by the container's CFS
+    quota made a quiet 8-minute profile read 'about 2 h' (load 30 on 64 cores, quota 2)."""
+    from hpipe.runtime import here, profile_cache
+
+    monkeypatch.setattr(profile_cache, "_load_average", lambda: 30.0)
+    monkeypatch.setattr(here, "usable_cores", lambda: set(range(64)))
+    monkeypatch.setattr(here, "cpu_quota_cores", lambda: 2.0)
+    assert profile_cache.load_factor(3) == 1.5  # three workers on two cores' worth
+    assert profile_cache.load_factor(1) == 1.0
+    monkeypatch.setattr(here, "cpu_quota_cores", lambda: None)
+    monkeypatch.setattr(profile_cache, "_load_average", lambda: 126.0)
+    assert profile_cache.load_factor(2) == 2.0  # a busy machine: 128 runnable on 64 cores

@@ -106,7 +106,11 @@ def test_base_is_valid_and_ids_are_stable():
                                            "power_w": 150},
                                           {"name": "mygpu", "peak_tflops": 20, "memory_gb": 8, "memory_bandwidth_gbps": 300,
                                            "power_w": 150}],
-     "cluster.hosts[1].devices[1].peak_tflops", "custom device 'mygpu' is also devices[0], with another peak_tflops"),
+     "cluster.hosts[1].devices[1]", "is labelled 'mygpu' as devices[0] is, with another peak_tflops (10.0 there, 20.0 here)"),
+    # a catalog type and a custom name that share a label
+    (("cluster", "hosts", 0, "devices"), [{"type": "P100"}, {"name": "P100", "peak_tflops": 5, "memory_gb": 8,
+                                                             "memory_bandwidth_gbps": 300, "power_w": 150}],
+     "cluster.hosts[0].devices[1]", "is labelled 'P100' as devices[0] is"),
 ])
 def test_bad_scenarios_name_field_and_problem(path, value, field, problem):
     data = with_change(path, value)
@@ -116,6 +120,14 @@ def test_bad_scenarios_name_field_and_problem(path, value, field, problem):
     assert msg.startswith("bad.yaml: field '" + field), msg
     assert problem in msg, msg
 
+
+def test_one_label_twice_with_the_same_figures_written_or_left_out_is_one_kind_of_device():
+    """Two entries of one label that agree once defaults are filled in (idle power left out is
+    10% of power_w) are one kind: the label check compares resolved figures, not what is written."""
+    a = {"name": "g", "peak_tflops": 10, "memory_gb": 8, "memory_bandwidth_gbps": 300, "power_w": 150}
+    data = with_change(("cluster", "hosts", 1, "devices"), [a, {**a, "idle_power_w": 15}])
+    ids = parse_scenario(data).resolve().cluster.device_ids
+    assert "b/g-0" in ids and "b/g-1" in ids
 
 def test_gpt_seq_len_past_positions():
     data = with_change(("model",), "tiny-gpt")

@@ -16,7 +16,7 @@ it also plans as if every link carried each allowed codec's wire bytes (a cost m
 whose transfers shrink by the codec's ratio; encode and decode left out), because on a
 slow link the uncompressed search may rightly avoid the link altogether, which no
 codec choice afterwards can undo.  Each candidate then gets its exact codec
-assignment, and the fastest (by exact makespan) wins.
+assignment, and the best (by exact makespan; generating, by the objective end to end) wins.
 
 Only the ``hpipe`` planner uses this.  The baselines stay uncompressed: they stand
 for the published systems (GPipe, TeraPipe, Megatron-LM), which send activations
@@ -120,8 +120,10 @@ def plan_compressed(setup, plan_fn):
 
 
 def choose_codecs(setup, plan):
-    """The plan with the codecs that make it fastest (at most max_lossy_hops lossy), its
-    ``predicted`` updated; unchanged when the scenario allows no compression."""
+    """The plan with the codecs that serve it best (``_key``: the makespan, or for a generating
+    scenario the objective end to end; at most max_lossy_hops lossy), its ``predicted``
+    updated (``uncompressed_latency_s``: the same plan without codecs, end to end where it
+    generates); unchanged when the scenario allows no compression."""
     comp = setup.compression
     nb = len(plan.stages) - 1
     if comp is None or nb == 0 or comp.max_lossy_hops == 0:

@@ -61,9 +61,12 @@ def load_factor(n_workers: int) -> float:
     load = _load_average()
     if load is None:
         return 1.0
-    from hpipe.runtime.here import usable_capacity_cores
+    from hpipe.runtime.here import cpu_quota_cores, usable_cores
 
-    return max(1.0, (load + n_workers) / usable_capacity_cores())
+    # the load average is the whole machine's (a container's too), so it is shared over the
+    # machine's cores; a CFS quota caps only this process's own workers
+    quota = cpu_quota_cores()
+    return max(1.0, (load + n_workers) / len(usable_cores()), n_workers / quota if quota else 0.0)
 
 
 @functools.cache
