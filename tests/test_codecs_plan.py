@@ -79,6 +79,16 @@ def test_a_codec_that_does_not_pay_leaves_the_message_raw():
     assert [e.nbytes for e in res.events if e.kind == "transfer"] == [4.0 * 2 * 128 * 256] * 2
     assert res.latency_s == pytest.approx(simulate(setup, _plan(setup, ["none"])).latency_s, rel=1e-12)
 
+    # where encode alone pays but encode + decode does not (9 Gbit/s): still raw.  A `pays`
+    # that left out the decode time survived the 1000 Gbit/s case above
+    from hpipe.codecs import pays
+
+    assert pays(10.0, 4.0, 3.0, 2.0) and not pays(10.0, 4.0, 3.0, 4.0) and not pays(10.0, 4.0, 6.0, 0.0)
+    setup = setup_of(_two_hosts(9.0))
+    res = simulate(setup, _plan(setup, ["int8"]))
+    assert [e.nbytes for e in res.events if e.kind == "transfer"] == [4.0 * 2 * 128 * 256] * 2
+    assert res.latency_s == pytest.approx(simulate(setup, _plan(setup, ["none"])).latency_s, rel=1e-12)
+
 
 def test_hpipe_compresses_the_slow_hop_and_not_a_fast_one():
     slow = setup_of(_two_hosts(0.1, {"allow": ["int8"], "max_lossy_hops": 1}))

@@ -92,3 +92,48 @@ def test_decode_groups_on_a_prefill_only_scenario_are_refused_not_ignored():
         plan.check(s0, file="p.json")
     assert e.value.field == "decode_micro_batches" and "output_tokens" in str(e.value)
     plan.check(_paper(8))  # fine where the scenario generates
+
+
+def test_the_planners_memory_tables_hold_the_output_tokens_kv_too():
+    """The DP's memory matrix is stage_memory_bytes, prompt plus output: a mutation that sized
+    the planner's KV cache to the prompt alone survived every test (no random case generates)."""
+    from hpipe.memory import stage_memory_bytes
+    from hpipe.planners.costs import CostTables
+
+    s = _paper(256)
+    t = CostTables(s)
+    g = s.granularity
+    for tp in (1, 2):
+        m = t.memory_matrix(tp, g, 2)
+        for a, e in ((0, 5), (3, 40), (30, s.n_units)):
+            assert m[a, e] == pytest.approx(stage_memory_bytes(s, a, e, tp, g, 2)), (tp, a, e)
+
+
+def test_peak_memory_takes_the_largest_micro_batch():
+    """Batch 3 in two micro-batches is 2 + 1 sequences: the workspace is the two's (a mutation
+    taking the smallest reported plans that overflow as feasible)."""
+    from hpipe.memory import stage_memory_bytes
+
+    s = _paper(0)
+    plan = make_plan(s, "base").model_copy(update={"micro_batches": 2})
+    d = yaml.safe_load((ROOT / "scenarios/paper-llama7b.yaml").read_text())
+    d["workload"]["batch_size"] = 3
+    s3 = parse_scenario(d).resolve()
+    need = plan_memory_bytes(s3, plan)
+    st = plan.stages[0]
+    assert need[st.devices[0]] == stage_memory_bytes(s3, st.start, st.end, st.tp, max(plan.slices), 2)
+    assert need[st.devices[0]] > stage_memory_bytes(s3, st.start, st.end, st.tp, max(plan.slices), 1)
+
+
+def test_tied_embeddings_are_held_once_in_the_models_need():
+    from hpipe.memory import model_need_bytes
+
+    def need(tied):
+        d = {"name": "t", "model": {"family": "gpt", "n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 256,
+                                    "vocab_size": 1000, "max_seq_len": 64, "tie_embeddings": tied},
+             "workload": {"seq_len": 32, "batch_size": 1},
+             "cluster": {"hosts": [{"name": "a", "devices": [{"type": "P100"}]}]}}
+        return model_need_bytes(parse_scenario(d).resolve())
+
+    (untied, kv0), (tied, kv1) = need(False), need(True)
+    assert untied - tied == 1000 * 64 * 2 and kv0 == kv1  # one vocab x d_model table at fp16

@@ -15,7 +15,7 @@ import pytest
 from hpipe.memory import plan_shortfalls
 from hpipe.plan import Plan, Stage
 from hpipe.planners import make_plan
-from hpipe.planners.decode import objective_key, plan_figures
+from hpipe.planners.decode import plan_figures
 from hpipe.planners.joint import micro_batch_options
 from hpipe.scenario import parse_scenario
 from hpipe.sim import simulate
@@ -105,13 +105,19 @@ def case(request):
     return request.param, setup, brute_force(setup)
 
 
+# the oracle reads the figure itself, not hpipe's own objective_key: a mutation that ranked
+# tpot by latency changed both sides alike and survived (6% worse TPOT on kv-bound)
+FIGURE = {"latency": "latency_s", "ttft": "ttft_s", "tpot": "tpot_s", "throughput": "latency_s"}
+
+
 @pytest.mark.parametrize("objective", ["latency", "ttft", "tpot", "throughput"])
 def test_hpipe_within_2_percent_of_brute_force(case, objective):
     name, setup, every = case
     setup.scenario.planner.objective = objective
-    best = min(objective_key(f, objective)[0] for f, _ in every)
+    key = FIGURE[objective]
+    best = min(f[key] for f, _ in every)
     plan = make_plan(setup, "hpipe")
-    got = objective_key(simulate(setup, plan).model_dump(), objective)[0]
+    got = getattr(simulate(setup, plan), key)
     assert got <= best * 1.02 + 1e-12, (name, objective, got, best, plan)
 
 

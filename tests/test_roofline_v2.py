@@ -289,3 +289,21 @@ def test_one_devices_profile_prices_another_device_of_its_generation():
     calibrated = np.median(np.abs(rl.predict_points(pts, setup.cost.constants["cpu"]) / y - 1))
     gpu_row = np.median(np.abs(rl.predict_points(pts, rl.GENERATIONS["ampere"]) / y - 1))
     assert calibrated < 0.30 and gpu_row > 3 * calibrated, (calibrated, gpu_row)
+
+
+def test_a_decode_step_reads_the_whole_kv_cache_at_least():
+    """One token after 4096 of context, batch 8 (llama-7b on an A100-class device): the step
+    reads every cached key and value, so it takes at least those bytes over the bandwidth.
+    A mutation that read only the new token's K/V priced it at 0.56 ms for 0.97 ms."""
+    from hpipe.models import MODELS
+
+    attn = MODELS["llama-7b"].units()[1]
+    assert attn.kind == "attn"
+    k = rl.GENERATIONS["ampere"]
+    b, c, bw = 8, 4096, 936e9
+    t = float(rl.unit_time_v2(attn, 1, c, b, 1, 71e12, bw, 2, k))
+    kv_bytes = b * (c + 1) * 2 * attn.model.kv_dim * 2
+    assert t >= kv_bytes / (bw * k.memory_efficiency)
+    # and it grows with the context: twice the context, about twice the reads
+    t2 = float(rl.unit_time_v2(attn, 1, 2 * c, b, 1, 71e12, bw, 2, k))
+    assert 1.7 < t2 / t < 2.1
