@@ -66,7 +66,7 @@ def test_execute_result_fields(llama_setup, monkeypatch, capsys):
     # what the emulation left out reaches the Result and the note (here, on one host, nothing
     # did), and the workers' shared cores after it (4 workers: shared on a 2-core machine)
     monkeypatch.setattr(emulation.Emulation, "gaps", lambda self, setup: ["a gap, for the test"])
-    monkeypatch.setattr(launcher, "shared_cores", lambda ids, places, usable: [f"{len(ids)} workers, for the test"])
+    monkeypatch.setattr(launcher, "shared_cores", lambda ids, places, usable, quota_cores=None: [f"{len(ids)} workers, for the test"])
     r = execute(llama_setup, p, check=True, quiet=True, warmup=1, timeout_s=20)
     assert r.not_emulated == ["a gap, for the test", f"{len(p.devices)} workers, for the test"]
     not_emulated(r)
