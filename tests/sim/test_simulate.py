@@ -46,11 +46,12 @@ def _tiny_setup():
         "cluster": {"hosts": [{"name": "a", "devices": [{"name": "dev", "peak_tflops": 1, "memory_gb": 4,
                                                           "memory_bandwidth_gbps": 100, "power_w": 100,
                                                           "idle_power_w": 10}],
-                               "interconnect": {"bandwidth_gbps": 100}},
+                               "interconnect": {"bandwidth_gbps": 100, "latency_us": 0}},
                               {"name": "b", "devices": [{"name": "dev", "peak_tflops": 1, "memory_gb": 4,
                                                           "memory_bandwidth_gbps": 100, "power_w": 200,
                                                           "idle_power_w": 20}],
-                               "interconnect": {"bandwidth_gbps": 100}}],
+                               "interconnect": {"bandwidth_gbps": 100, "latency_us": 0}}],
+                    # (interconnect latency 0 written out: left out, it is the devices' own 10 us)
                     # one 32-token activation of tiny-llama: 32 x 256 x 2 B = 16384 B = 131072 bit
                     "network": {"bandwidth_gbps": 0.131072, "latency_us": 500}},
         "planner": {"token_granularity": 32},
