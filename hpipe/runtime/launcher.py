@@ -283,10 +283,18 @@ def _start_workers(procs, fs_pid: int | None) -> None:
     fork and before it sends the new pid back, ends ``Process.start`` in multiprocessing's
     EOFError('unexpected EOF') (or a broken pipe, before the fork): named as the forkserver's
     death, as when it dies later.  The worker it forked but never announced watches this
-    process (``worker.start_watching``) and ends with it."""
+    process (``worker.start_watching``) and ends with it.
+
+    Ctrl-C and SIGTERM are held over each start: one that landed inside ``Process.start``
+    left a worker forked but unrecorded (no pid), which the clean-up could not stop; it went
+    on to unpickle the run's queue after the queue was gone and printed a traceback under
+    "hpipe: terminated" (CI beside a busy loop, a SIGTERM 2 s in, before any work)."""
+    from hpipe.stopping import signals_held
+
     for p in procs:
         try:
-            p.start()
+            with signals_held():
+                p.start()
         except (EOFError, OSError):
             # its socket closes as it dies, a moment before /proc shows it dead: wait that moment
             deadline = time.monotonic() + 0.5

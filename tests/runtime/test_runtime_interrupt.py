@@ -273,3 +273,27 @@ def _cmdline(pid: int) -> str:
 def _alive(pid: int) -> bool:
     st = proc_stat(pid)
     return st is not None and st[0] not in ("Z", "X")
+
+
+def test_a_signal_during_a_workers_start_is_acted_on_once_it_is_started():
+    """A SIGTERM that landed inside Process.start left the worker forked but unrecorded (no
+    pid): the clean-up could not stop it, and it printed a traceback after hpipe said
+    "terminated".  The signal now waits for the start to finish, so the worker is recorded."""
+    from hpipe import stopping
+    from hpipe.runtime import launcher
+
+    class Starting:
+        pid = None
+
+        def start(self):
+            signal.raise_signal(signal.SIGTERM)  # arrives while the worker is being forked
+            self.pid = 4242  # the start completes
+
+    before = stopping.install_sigterm()
+    first, second = Starting(), Starting()
+    try:
+        with pytest.raises(stopping.Terminated):
+            launcher._start_workers([first, second], None)
+    finally:
+        stopping.restore(before)
+    assert first.pid == 4242 and second.pid is None  # recorded; the next one never started
