@@ -33,7 +33,7 @@ import numpy as np
 
 from hpipe.codecs import get_codec
 from hpipe.errors import InfeasibleError
-from hpipe.planners.evaluate import makespan_s
+from hpipe.planners.common import predicted_figures
 
 MAX_ASSIGNMENTS = 4096
 
@@ -53,18 +53,6 @@ def n_assignments(n_boundaries: int, n_allow: int, max_lossy: int) -> int:
     return sum(math.comb(n_boundaries, k) * n_allow ** k for k in range(min(max_lossy, n_boundaries) + 1))
 
 
-def _figures(setup, plan) -> dict:
-    """What ``Plan.predicted`` holds of ``plan``: for a generating scenario its figures end to
-    end (``decode.plan_figures``: the prefill, which the codecs shorten, and the decode steps,
-    which travel raw but run on the partition the codecs were chosen with), else the prefill's
-    exact makespan."""
-    if setup.output_tokens:
-        from hpipe.planners.decode import plan_figures
-
-        return plan_figures(setup, plan)
-    return {"latency_s": makespan_s(setup, plan)}
-
-
 def _key(setup, fig: dict) -> tuple[float, ...]:
     """What plans are ranked by, smaller better: the scenario's objective (``planner.objective``)
     where it generates, else the latency.  Ranking by the prefill alone had picked, with int8
@@ -77,7 +65,10 @@ def _key(setup, fig: dict) -> tuple[float, ...]:
 
 
 def _score(setup, plan, codecs) -> tuple[dict, tuple[float, ...]]:
-    fig = _figures(setup, plan.model_copy(update={"codecs": list(codecs)}))
+    """The plan with these codecs: its predicted figures (generating: end to end, the prefill
+    the codecs shorten and the decode steps, which travel raw but run on the partition the
+    codecs came with) and its rank."""
+    fig = predicted_figures(setup, plan.model_copy(update={"codecs": list(codecs)}))
     return fig, _key(setup, fig)
 
 
@@ -112,7 +103,7 @@ def plan_compressed(setup, plan_fn):
         except InfeasibleError:  # cannot happen where the plain search found a plan; be safe
             continue
         # its figures were the shrunk links' view: priced again as it runs, raw
-        cand = cand.model_copy(update={"predicted": {**cand.predicted, **_figures(setup, cand)}})
+        cand = cand.model_copy(update={"predicted": {**cand.predicted, **predicted_figures(setup, cand)}})
         cand = choose_codecs(setup, cand)
         if _key(setup, cand.predicted) < _key(setup, best.predicted):
             best = cand
@@ -139,8 +130,8 @@ def choose_codecs(setup, plan):
                 best, best_fig, best_key = cand, fig, key
     else:
         while sum(c != "none" for c in best) < comp.max_lossy_hops:
-            steps = [(best[:h] + [c] + best[h + 1:], *_score(setup, plan, best[:h] + [c] + best[h + 1:]))
-                     for h in range(nb) if best[h] == "none" for c in allow]
+            nexts = [best[:h] + [c] + best[h + 1:] for h in range(nb) if best[h] == "none" for c in allow]
+            steps = [(cand, *_score(setup, plan, cand)) for cand in nexts]
             step = min(steps, key=lambda x: x[2], default=None)
             if step is None or step[2] >= best_key:
                 break

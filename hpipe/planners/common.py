@@ -74,10 +74,15 @@ def finish(setup, planner: str, stages, slices, micro_batches: int, extra: dict 
     short = plan_shortfalls(setup, plan)
     if short:
         raise InfeasibleError(f"{planner}: the plan does not fit in memory: " + "; ".join(str(s) for s in short))
+    plan.predicted = {**predicted_figures(setup, plan), **(extra or {})}
+    return plan
+
+
+def predicted_figures(setup, plan) -> dict:
+    """The figures ``Plan.predicted`` holds of ``plan``: for a generating scenario its figures
+    end to end (``decode.plan_figures``), else the prefill's exact makespan."""
     if setup.output_tokens:
         from hpipe.planners.decode import plan_figures
 
-        plan.predicted = {**plan_figures(setup, plan), **(extra or {})}
-    else:
-        plan.predicted = {"latency_s": makespan_s(setup, plan), **(extra or {})}
-    return plan
+        return plan_figures(setup, plan)
+    return {"latency_s": makespan_s(setup, plan)}
