@@ -307,3 +307,24 @@ def test_a_decode_step_reads_the_whole_kv_cache_at_least():
     # and it grows with the context: twice the context, about twice the reads
     t2 = float(rl.unit_time_v2(attn, 1, 2 * c, b, 1, 71e12, bw, 2, k))
     assert 1.7 < t2 / t < 2.1
+
+
+def test_the_causal_triangle_counts_every_query_key_pair_of_the_slice():
+    """Token i of an n-token slice attends to i + 1 positions of the slice: n(n+1)/2 pairs, 4·hd
+    FLOPs each per head (QK^T and PV).  The causal term is isolated as the difference of two
+    compute-bound prices whose causal efficiency differs by 2× (1/0.5 − 1/1 = 1).  A mutation
+    that counted n²/2 pairs priced a one-token slice's triangle at half (audit M31)."""
+    from hpipe.models import MODELS
+
+    attn = MODELS["llama-7b"].units()[1]
+    m = attn.model
+    one = replace(rl.GENERATIONS["ampere"], attn_causal_efficiency=1.0, attn_causal_half_rows=0.0,
+                  kernel_floor_us=0.0, kernel_floor_mflop=0.0)
+    half = replace(one, attn_causal_efficiency=0.5)
+    peak, bw, b = 1e12, 1e30, 2  # bandwidth out of the way: the attention kernel is compute-bound
+    for n, pairs in ((1, 1), (3, 6), (16, 136)):
+        for c in (0, 100):
+            causal_s = float(rl.unit_time_v2(attn, n, c, b, 1, peak, bw, 2, half)
+                             - rl.unit_time_v2(attn, n, c, b, 1, peak, bw, 2, one))
+            want_s = 4.0 * b * m.n_heads * m.head_dim * pairs / peak
+            assert causal_s == pytest.approx(want_s, rel=1e-9), (n, c)
