@@ -22,6 +22,33 @@ from hpipe.io import is_stdout
 from hpipe.scenario import PLANNER_NAMES
 from hpipe.tables import console
 
+class _OnceCommand(typer.core.TyperCommand):
+    """A command whose one-value options are given at most once.  click keeps the last of
+    ``--planner gpipe --planner hpipe`` and drops the first without a word; here that is
+    a usage error (exit 2).  Repeatable options (``--set``) and flags are not counted."""
+
+    def make_parser(self, ctx):
+        parser = super().make_parser(ctx)
+        parse = parser.parse_args
+
+        def parse_args(args):
+            opts, largs, order = parse(args)
+            counts: dict = {}
+            for p in order:
+                if p.param_type_name == "option" and not (p.multiple or p.count or p.is_flag):
+                    counts[p] = counts.get(p, 0) + 1
+            for p, n in counts.items():
+                if n > 1:
+                    name = max(p.opts, key=len)
+                    raise typer.BadParameter(f"given {n} times; it takes one value"
+                                             + (" (a comma list for several)" if "," in (p.metavar or "") else ""),
+                                             ctx=ctx, param_hint=f"'{name}'")
+            return opts, largs, order
+
+        parser.parse_args = parse_args
+        return parser
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Plan, predict and run long-context LLM inference (prefill, then generation) over mismatched devices.")
 err_console = console(stderr=True)
@@ -224,7 +251,7 @@ def _no_global_sets(command: str) -> None:
 
 
 # ---- catalogs --------------------------------------------------------------
-@app.command()
+@app.command(cls=_OnceCommand)
 def devices(json_path: JsonOpt = None, quiet: QuietOpt = False):
     """The device catalog (datasheet figures)."""
     from hpipe.devices import DEVICES
@@ -243,7 +270,7 @@ def devices(json_path: JsonOpt = None, quiet: QuietOpt = False):
         _say_written(con, {"device catalog JSON": json_path})
 
 
-@app.command()
+@app.command(cls=_OnceCommand)
 def models(json_path: JsonOpt = None, quiet: QuietOpt = False):
     """The model catalog."""
     from hpipe.io import write_text
@@ -263,7 +290,7 @@ def models(json_path: JsonOpt = None, quiet: QuietOpt = False):
 
 
 # ---- plan ------------------------------------------------------------------
-@app.command()
+@app.command(cls=_OnceCommand)
 def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
          planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
          output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the Plan JSON here ('-': stdout, the table then on stderr)", metavar="PATH|-")] = None,
@@ -321,7 +348,7 @@ def _write_outputs(result, json_path, trace, plot):
         write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
 
 
-@app.command()
+@app.command(cls=_OnceCommand)
 def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
              planner: Annotated[Optional[str], typer.Option(help="a planner, a comma list, or all (default: the scenario's)", metavar="NAME|A,B|all")] = None,
              plan: Annotated[Optional[Path], typer.Option("--plan", help="simulate the Plan(s) in this JSON file instead", metavar="PLANS.json")] = None,
@@ -394,7 +421,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 
 
 # ---- sweep -----------------------------------------------------------------
-@app.command()
+@app.command(cls=_OnceCommand)
 def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
           sets: Annotated[Optional[list[str]], typer.Option(
               "--set", metavar="KEY=V1,V2,...", help="the field to sweep and its values (one --set with "
@@ -499,7 +526,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
 
 
 # ---- execute ---------------------------------------------------------------
-@app.command()
+@app.command(cls=_OnceCommand)
 def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
             planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
             plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
@@ -659,7 +686,7 @@ class _Streamer:
         sys.stdout.flush()
 
 
-@app.command()
+@app.command(cls=_OnceCommand)
 def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar="SCENARIO")],
              planner: Annotated[Optional[str], typer.Option(help="planner (default: the scenario's)", metavar="NAME")] = None,
              plan: Annotated[Optional[Path], typer.Option("--plan", help="run the Plan in this JSON file", metavar="PLAN.json")] = None,
@@ -849,7 +876,7 @@ def _scenario_for_profiling(scenario: Path, sets: list[str] | None = None):
     return sc, sc.model_copy(update={"costmodel": "roofline"}).resolve()
 
 
-@app.command()
+@app.command(cls=_OnceCommand)
 def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose devices and links to measure", metavar="SCENARIO")],
             output: Annotated[Optional[str], typer.Option("-o", "--output", help="profile JSON to write, - for stdout (default: this machine's profile cache, $HPIPE_CACHE_DIR or ~/.cache/hpipe/profiles, where costmodel: auto finds it)", metavar="PATH")] = None,
             repeats: Annotated[int, typer.Option(min=1, help="timed sweeps of the grid", metavar="N")] = 5,
@@ -918,7 +945,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
         err_console.print(f"wrote {escape(out)}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_OnceCommand)
 def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML(s) that run on this machine", metavar="SCENARIO")],
              json_path: JsonOpt = None,
              planners: Annotated[str, typer.Option("--planners", "--planner", help="comma list of planners to validate (--planner is the same)", metavar="A,B,...", show_default="the seven of the paper")] = ",".join(

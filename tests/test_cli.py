@@ -57,6 +57,26 @@ def test_missing_file_and_bad_option(cli):
     assert r.returncode == 2
 
 
+def test_a_one_value_option_given_twice_is_refused_not_dropped(cli, tmp_path):
+    """click keeps the last of a repeated option: `--planner gpipe --planner hpipe` simulated
+    hpipe alone, exit 0, gpipe dropped without a word.  Now exit 2 naming the option, before
+    anything is planned or written; repeatable options and flags still repeat."""
+    scen = str(SCENARIOS / "paper-llama7b.yaml")
+    r = cli("simulate", scen, "--planner", "gpipe", "--planner", "hpipe")
+    assert r.returncode == 2 and "'--planner'" in r.stderr and "given 2 times" in r.stderr, r.stderr
+    assert "comma list" in r.stderr and r.stdout == ""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    r = cli("plan", scen, "-o", str(a), "--output", str(b), "-q")
+    assert r.returncode == 2 and "'--output'" in r.stderr and "comma list" not in r.stderr, r.stderr
+    assert not a.exists() and not b.exists()
+    r = cli("simulate", scen, "--planner=gpipe", "-q", "--quiet", "--json", str(a),
+            "--set", "workload.seq_len=1024", "--set", "workload.batch_size=2")
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(a.read_text())["results"]
+    assert res["planner"] == "gpipe" and sum(res["plan"]["slices"]) == 1024
+    assert res["throughput_tokens_per_s"] * res["latency_s"] == pytest.approx(2 * 1024)  # batch 2
+
+
 def test_core_imports_without_torch():
     code = textwrap.dedent("""
         import sys, importlib.abc

@@ -30,25 +30,40 @@ import sys
 from collections import Counter
 
 
+class _Once(argparse.Action):
+    """A one-value option given at most once: argparse keeps the last of ``--planner a
+    --planner b`` without a word (``hpipe``'s own commands refuse it too, cli._OnceCommand)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen = False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.seen:
+            parser.error(f"{option_string}: given twice; it takes one value")
+        self.seen = True
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hpipe.runtime.torchrun", description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--plan", help="Plan JSON to run")
-    g.add_argument("--planner", help="planner to make the plan with (default: the scenario's)")
-    ap.add_argument("--host", help="the scenario host this process runs on")
-    ap.add_argument("--inputs", help="JSON list of token-id lists, one per sequence")
-    ap.add_argument("--json", dest="json_path", help="where global rank 0 writes the Result JSON ('-': stdout)")
+    g.add_argument("--plan", action=_Once, help="Plan JSON to run")
+    g.add_argument("--planner", action=_Once, help="planner to make the plan with (default: the scenario's)")
+    ap.add_argument("--host", action=_Once, help="the scenario host this process runs on")
+    ap.add_argument("--inputs", action=_Once, help="JSON list of token-id lists, one per sequence")
+    ap.add_argument("--json", action=_Once, dest="json_path", help="where global rank 0 writes the Result JSON ('-': stdout)")
     ap.add_argument("--check", action="store_true", help="rank 0 also runs the model in one process")
-    ap.add_argument("--timeout", type=float, default=60.0, help="seconds a worker waits on a peer")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs before the measured one")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", action=_Once, type=float, default=60.0, help="seconds a worker waits on a peer")
+    ap.add_argument("--warmup", action=_Once, type=int, default=1, help="unmeasured runs before the measured one")
+    ap.add_argument("--seed", action=_Once, type=int, default=0)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="change a scenario field before it is checked, as `hpipe execute --set` "
                          "(dotted path, e.g. workload.seq_len=4096); repeatable; every host needs the same")
     ap.add_argument("--commands", action="store_true", help="print the torchrun command of every host and exit")
-    ap.add_argument("--master-addr", help="rendezvous address for --commands (default: from the scenario)")
-    ap.add_argument("--master-port", type=int, default=29500)
+    ap.add_argument("--master-addr", action=_Once, help="rendezvous address for --commands (default: from the scenario)")
+    ap.add_argument("--master-port", action=_Once, type=int, default=29500)
     return ap
 
 

@@ -134,3 +134,18 @@ def test_commands_carry_the_sets_and_advise_one_plan_file(tmp_path, capsys):
     assert main([str(scenario), "--commands", "--plan", str(tmp_path / "plan.json")]) == 0
     out, err = capsys.readouterr()
     assert out.count(f"--plan {shlex.quote(str(tmp_path / 'plan.json'))} --host") == 2 and err == "", (out, err)
+
+
+def test_a_one_value_option_given_twice_is_refused(tmp_path, capsys):
+    """argparse keeps the last of `--host ha --host hb`: a host's process would have run as
+    the other host's without a word.  Exit 2 naming the option, as `hpipe`'s commands do."""
+    from hpipe.runtime.torchrun import main
+
+    scenario = _scenario(tmp_path)
+    for twice in (["--host", "ha", "--host", "hb"], ["--planner", "hpipe", "--planner", "gpipe"],
+                  ["--master-port", "1", "--master-port", "2"]):
+        with pytest.raises(SystemExit) as e:
+            main([str(scenario), "--commands", *twice])
+        assert e.value.code == 2
+        assert f"{twice[0]}: given twice" in capsys.readouterr().err
+    assert main([str(scenario), "--commands", "--set", "workload.seq_len=64", "--set", "workload.batch_size=1"]) == 0
