@@ -91,6 +91,19 @@ def test_key_changes_with_what_the_profile_measured(tmp_path, cache):
     data["planner"]["kind"] = "terapipe"  # not something the profile measured
     p.write_text(yaml.safe_dump(data))
     assert profile_key(load_scenario(p).resolve()) == profile_key(base)
+    # nor is a host's interconnect: links inside a host are never shaped, so a sweep over
+    # its figures (or an `interconnect: {}`) shares the profile; a network link is shaped
+    for ic in ({}, {"bandwidth_gbps": 5.0}, {"latency_us": 400.0}):
+        data = yaml.safe_load(LOCAL.read_text())
+        data["cluster"]["hosts"][0]["interconnect"] = ic
+        p.write_text(yaml.safe_dump(data))
+        assert profile_key(load_scenario(p).resolve()) == profile_key(base), ic
+    hetero = yaml.safe_load((ROOT / "scenarios" / "local-cpu-hetero.yaml").read_text())
+    p.write_text(yaml.safe_dump(hetero))
+    before = profile_key(load_scenario(p).resolve())
+    hetero["cluster"]["network"]["bandwidth_gbps"] = 0.2
+    p.write_text(yaml.safe_dump(hetero))
+    assert profile_key(load_scenario(p).resolve()) != before
 
 
 def test_key_changes_with_the_profilers_method(monkeypatch, cache):

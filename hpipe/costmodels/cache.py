@@ -14,7 +14,8 @@ another).
 ``key`` is a short hash of the machine (CPU model, logical CPUs, RAM), the
 versions (python, torch, hpipe, the profiler's method ``PROFILER_METHOD``) and what
 the profile measured (model shape, dtype, workload shape, device ids with their
-runtime placements, the links the scenario shapes).  Change any of them and the
+runtime placements, the links between hosts, which the scenario shapes; not a host's
+interconnect, which is never shaped).  Change any of them and the
 scenario gets another file, so a cached profile that exists is one made for this very
 setup.
 
@@ -97,8 +98,10 @@ def measured_setup(setup) -> dict:
             "dtype": setup.dtype,
             "workload": [setup.seq_len, setup.batch_size, setup.granularity],
             "devices": [[d.id, _placement(d)] for d in setup.cluster.devices],
-            "hosts": [[h.name, h.interconnect.model_dump() if h.interconnect else None,
-                       getattr(h, "address", None)] for h in cl.hosts],
+            # a host's interconnect is not here: links inside a host run on this machine's
+            # loopback (or NCCL), never shaped, so its figures change nothing measured, and a
+            # sweep over them shares one profile
+            "hosts": [[h.name, getattr(h, "address", None)] for h in cl.hosts],
             "network": cl.network.model_dump() if cl.network else None,
             "links": [lk.model_dump() for lk in (cl.links or [])]}
 
