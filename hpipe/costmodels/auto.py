@@ -76,7 +76,7 @@ def _choose(config: AutoConfig, setup) -> tuple[dict, AutoChoice]:
         return roofline, AutoChoice("roofline", f"no measured profile possible: {why_not}")
     path = cached_profile_path(setup)
     if not path.exists():
-        return roofline, AutoChoice("roofline", f"no profile of this machine yet (would be {path})",
+        return roofline, AutoChoice("roofline", f"no profile of this machine yet; it would be {path}",
                                     str(path), runs_here=True)
     try:
         prof = load_profile(path)
