@@ -106,8 +106,8 @@ def _costmodel_name(setup) -> str:
     (with --quiet the choice is said nowhere else)."""
     cm = setup.scenario.costmodel
     kind = cm if isinstance(cm, str) else cm["kind"]
-    choice = getattr(setup.cost, "auto", None)
-    return f"{kind} ({choice.used})" if kind == "auto" and choice is not None else kind
+    choice = getattr(setup.cost, "auto", None)  # (a sweep may have put auto's roofline in its place)
+    return f"auto ({choice.used})" if choice is not None else kind
 
 
 def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, Path | None] | None = None) -> None:
@@ -449,31 +449,41 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     if planner is not None:  # before the first value is resolved (a profile, maybe)
         _planner_names(planner)
     loaded: dict[tuple, object] = {}  # each value's setup, resolved once
-    unified = None  # auto's roofline settings, for every value, where auto chose differently between them
+    unified = None  # auto's roofline settings and why, for every value, where auto chose differently between them
 
     def load(extra):
         if tuple(extra) not in loaded:
             if unified is None:
                 loaded[tuple(extra)] = _load_setup(scenario, fixed + extra, say=False)
             else:  # the scenario as given, its cost model replaced (its paths still resolve from its folder)
+                from hpipe.costmodels.auto import AutoChoice
+
                 sc = _load_scenario(scenario, fixed + extra)
-                loaded[tuple(extra)] = sc.model_copy(update={"costmodel": unified}).resolve()
+                setup = loaded[tuple(extra)] = sc.model_copy(update={"costmodel": unified[0]}).resolve()
+                setup.cost.auto = AutoChoice("roofline", unified[1], runs_here=True)  # auto's, said in the JSON
         return loaded[tuple(extra)]
 
     first = load([assignment(key, values[0])])
     autos = [load([assignment(key, v)]).cost.auto for v in values]
-    used = [getattr(a, "used", None) for a in autos]
-    if len(set(used)) > 1 and not (key == "costmodel" or key.startswith("costmodel.")):
+    # the model and the profile auto took for each value
+    chosen = [(a.used, a.profile_path if a.used == "fitted" else None) if a is not None else None for a in autos]
+    if len(set(chosen)) > 1 and not (key == "costmodel" or key.startswith("costmodel.")):
         # costmodel auto found this machine's profile for some values only (its cache key holds
-        # the links and devices): rows on two models would not compare, so all take auto's roofline
+        # the workload, links and devices), or a profile of its own for each, measured apart
+        # (another load, another grid): rows on two models would not compare, so all take
+        # auto's roofline
         cm = first.scenario.costmodel
-        unified = {**(cm.get("roofline", {}) if isinstance(cm, dict) else {}), "kind": "roofline"}
+        fitted = [(value_text(v), c[1]) for v, c in zip(values, chosen) if c and c[0] == "fitted"]
+        profiles = list(dict.fromkeys(p for _, p in fitted))
+        if len(fitted) < len(values):
+            why = f"this machine's profile fits {key} = {', '.join(v for v, _ in fitted)} only"
+        else:
+            why = f"each {key} has a profile of its own, measured apart ({len(profiles)} files)"
+        unified = ({**(cm.get("roofline", {}) if isinstance(cm, dict) else {}), "kind": "roofline"},
+                   f"{why}: every value of the sweep is priced on the roofline, so that the rows compare")
         loaded.clear()
-        fits = [value_text(v) for v, u in zip(values, used) if u == "fitted"]
-        err_console.print(f"cost model auto: this machine's profile fits {key} = {', '.join(fits)} only; every "
-                          f"value is priced on the roofline, so that the rows compare (to price them all on that "
-                          f"profile: --set 'costmodel={{kind: fitted, profile: "
-                          f"{autos[used.index('fitted')].profile_path}}}')", markup=False, highlight=False,
+        err_console.print(f"cost model auto: {unified[1]} (to price them all on one profile: --set "
+                          f"'costmodel={{kind: fitted, profile: {profiles[0]}}}')", markup=False, highlight=False,
                           soft_wrap=True)
         first = load([assignment(key, values[0])])
     names = _chosen_planners(planner, first.scenario)

@@ -247,9 +247,13 @@ def test_a_sweep_that_auto_would_price_on_two_models_takes_the_roofline_for_all(
     r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256", "--planner", "base", "--json", str(out))
     assert r.returncode == 0, r.stderr
     err = " ".join(r.stderr.split())
-    assert "fits workload.seq_len = 512 only; every value is priced on the roofline" in err, r.stderr
+    assert "fits workload.seq_len = 512 only: every value of the sweep is priced on the roofline" in err, r.stderr
     assert f"profile: {path}" in err and "cost model auto: fitted" not in err
-    swept = [run["results"][0]["latency_s"] for run in json.loads(out.read_text())["runs"]]
+    runs = json.loads(out.read_text())["runs"]
+    swept = [run["results"][0]["latency_s"] for run in runs]
+    for run in runs:  # the JSON says auto chose the roofline, and why, as simulate's does
+        assert run["cost_model"]["kind"] == "roofline" and run["cost_model"]["auto"]["used"] == "roofline", run
+        assert "so that the rows compare" in run["cost_model"]["auto"]["reason"]
     alone = tmp_path / "one.json"
     assert cli("simulate", str(LOCAL), "--planner", "base", "--set", "costmodel=roofline",
                "--json", str(alone)).returncode == 0
@@ -257,6 +261,33 @@ def test_a_sweep_that_auto_would_price_on_two_models_takes_the_roofline_for_all(
     fitted = tmp_path / "fitted.json"
     assert cli("simulate", str(LOCAL), "--planner", "base", "--json", str(fitted)).returncode == 0  # auto: fitted
     assert json.loads(fitted.read_text())["results"][0]["latency_s"] != swept[0]
+
+
+def test_a_sweep_whose_values_have_profiles_of_their_own_takes_the_roofline_for_all(cli, cache, tmp_path):
+    """A profile cached for each value, measured apart (another load, another grid): rows priced
+    each on its own would mix measurements (a helper saw 33% more tokens cost 3% more time).
+    The sweep prices every value on the roofline, says so and names a profile to use for all."""
+    pytest.importorskip("torch")
+    data = yaml.safe_load(LOCAL.read_text())
+    paths = []
+    for n in (512, 256):
+        data["workload"]["seq_len"] = n
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+        paths.append(cached_profile_path(load_scenario(tmp_path / "s.yaml").resolve()))
+    assert paths[0] != paths[1]
+    paths[0].parent.mkdir(parents=True)
+    for p in paths:
+        shutil.copy(COMMITTED, p)
+    out = tmp_path / "sweep.json"
+    r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256", "--planner", "base", "--json", str(out))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "each workload.seq_len has a profile of its own, measured apart (2 files)" in err, err
+    assert f"profile: {paths[0]}" in err and "cost model auto: fitted" not in err
+    assert {run["cost_model"]["auto"]["used"] for run in json.loads(out.read_text())["runs"]} == {"roofline"}
+    # one profile for both (a swept key outside the cache key): priced on it, as before
+    r = cli("sweep", str(LOCAL), "--set", "planner.micro_batches=1,2", "--planner", "base", "--json", str(out))
+    assert r.returncode == 0 and "profile of its own" not in r.stderr, r.stderr
+    assert {run["cost_model"]["kind"] for run in json.loads(out.read_text())["runs"]} == {"fitted"}
 
 
 def test_the_sweeps_roofline_keeps_autos_own_settings_and_their_paths(cli, cache, tmp_path):
