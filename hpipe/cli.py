@@ -110,12 +110,22 @@ def _costmodel_name(setup) -> str:
     return f"auto ({choice.used})" if choice is not None else kind
 
 
-def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, Path | None] | None = None) -> None:
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, Path | None] | None = None,
+                   profiles: tuple[str, ...] = ()) -> None:
     """Output paths checked before any work: a typo fails now, not after a long run, and no
-    output replaces a file the command reads (``inputs``: what it is -> its path)."""
-    from hpipe.io import check_outputs
+    output replaces a file the command reads (``inputs``: what it is -> its path).  Only the
+    options in ``profiles``, which write a profile, may write into the profile cache: a JSON
+    or a chart there would take the place of a profile that costmodel auto reads."""
+    from hpipe.costmodels.cache import cache_dir
+    from hpipe.io import check_outputs, is_special, is_stdout
 
     check_outputs(outputs, plots=("--plot",), inputs=inputs)
+    for opt, p in outputs.items():
+        if opt in profiles or not p or is_stdout(p) or is_special(Path(p).expanduser()):
+            continue
+        if Path(p).expanduser().resolve().parent == cache_dir():
+            raise InputError(f"{p!r} is in hpipe's profile cache ({cache_dir()}), whose files costmodel auto "
+                             f"reads as this machine's profiles; give a path elsewhere", field=opt)
 
 
 def _reads(scenario: Path, sets: list[str] | None = None, **more: Path | None) -> dict[str, Path | None]:
@@ -903,7 +913,7 @@ def profile(scenario: Annotated[Path, typer.Argument(help="scenario YAML whose d
     from hpipe.tables import holdout_table, links_table
     from hpipe.validate import default_profile_path
 
-    _check_outputs({"--output": output}, {"the scenario file": scenario})
+    _check_outputs({"--output": output}, {"the scenario file": scenario}, profiles=("--output",))
     with _needs_torch("profile"):
         from hpipe.runtime.profiler import profile as run_profile
     sc, setup = _scenario_for_profiling(scenario, sets)
@@ -979,7 +989,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
 
     # --profile is read when current and written when not: an output as much as an input
     _check_outputs({"--json": json_path, "--profile": profile_path},
-                   {f"the scenario file {s}": s for s in scenarios})
+                   {f"the scenario file {s}": s for s in scenarios}, profiles=("--profile",))
     for s in scenarios:  # the profile a scenario's cost model reads is --profile's to refresh, not --json's
         _check_outputs({"--json": json_path}, _load_scenario(s, sets).files_read())
     with _needs_torch("validate"):

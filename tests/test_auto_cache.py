@@ -389,3 +389,20 @@ def test_the_load_factor_shares_the_machines_load_over_its_cores_and_caps_the_wo
     monkeypatch.setattr(here, "cpu_quota_cores", lambda: None)
     monkeypatch.setattr(profile_cache, "_load_average", lambda: 126.0)
     assert profile_cache.load_factor(2) == 2.0  # a busy machine: 128 runnable on 64 cores
+
+
+def test_no_json_or_chart_is_written_into_the_profile_cache(cli, cache, tmp_path):
+    """`simulate --json` into the cache had replaced the cached profile auto read (exit 0); the
+    next run fell back to the roofline, "cached profile unreadable".  Outputs other than a
+    profile are refused there before any work, and the profile is untouched."""
+    pytest.importorskip("torch")
+    path = cached_profile_path(load_scenario(LOCAL).resolve())
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)
+    before = path.read_bytes()
+    for cmd in (["simulate", str(LOCAL), "-q", "--json", str(path)],
+                ["sweep", str(LOCAL), "--set", "planner.micro_batches=1,2", "-q", "--json", str(path)],
+                ["plan", str(LOCAL), "-q", "-o", str(path.parent / "plan.json")]):
+        r = cli(*cmd)
+        assert r.returncode == 2 and "profile cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
