@@ -337,8 +337,8 @@ def _profile_format(path: Path) -> str:
 def check_profile_target(scenario: Scenario, path: str) -> None:
     """Refuse a ``--profile`` path validate may not write a profile to (before any work): stdout
     (it is read back), or an existing file that is not a profile of this scenario's model
-    (a scenario, a text, another model's profile: validate writes over a missing file or a
-    stale profile of the same model only)."""
+    (a scenario, a text, another model's or another scenario's profile: validate writes over a
+    missing file or a stale profile of this scenario only)."""
     from hpipe.costmodels.profile import load_profile, model_mismatch
     from hpipe.io import is_stdout
 
@@ -359,6 +359,11 @@ def check_profile_target(scenario: Scenario, path: str) -> None:
     if other:
         raise InputError(f"{p} is a profile of another model ({other}); validate would write over it: give "
                          f"another path", field="--profile")
+    if prof.scenario != scenario.name:  # its devices and links are another scenario's: not this one's to refresh
+        stale = profile_staleness(scenario, p)
+        raise InputError(f"{p} is a profile of scenario {prof.scenario!r}, not {scenario.name!r}"
+                         + (f" (here it is stale: {stale})" if stale else "")
+                         + "; validate would write over it: give another path", field="--profile")
 
 
 def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, reprofile: bool = False,

@@ -641,7 +641,7 @@ def test_validate_refuses_before_any_work(tiny, tmp_path, monkeypatch):
     other = tmp_path / "other.yaml"
     other.write_text(path.read_text())
     before = other.read_text()
-    base = ("validate", str(path), "--planners", "hpipe", "--random", "0", "--quiet")
+    base = ("validate", str(path), "--quiet")
     for args, code, said in [
             (("--profile", str(other)), 2, "exists and is not a profile hpipe reads"),
             (("--profile", "-"), 2, "give a file, not -"),
@@ -649,7 +649,8 @@ def test_validate_refuses_before_any_work(tiny, tmp_path, monkeypatch):
             (("--timeout", "-5"), 2, "field '--timeout': must be a number of seconds above 0"),
             (("--planners", "", "--random", "0"), 2, "no case to validate"),
             ((str(other),), 2, "has the same name 'tiny-cpu'")]:
-        r = run_cli(*base, *args)
+        planners = () if "--planners" in args else ("--planners", "hpipe", "--random", "0")
+        r = run_cli(*base, *planners, *args)
         assert r.returncode == code and said in r.stderr, (args, r.returncode, r.stderr)
     assert other.read_text() == before
     broken = tmp_path / "broken.yaml"  # names a profile hpipe cannot read: exit 2 as in simulate, before any work
@@ -736,3 +737,7 @@ def test_validate_may_write_over_an_empty_file_an_old_profile_or_another_dtypes(
     check_profile_target(load_scenario_file(path, overrides=["dtype=bfloat16"]), str(prof_path))
     with pytest.raises(InputError, match="a profile of another model"):
         check_profile_target(load_scenario_file(path, overrides=["model=small-llama"]), str(prof_path))
+    # another scenario's profile of the same model (its devices, its links): not this one's to
+    # refresh; validate had measured over it, saying only that a device's placement differed
+    with pytest.raises(InputError, match="a profile of scenario 'tiny-cpu', not 'other'"):
+        check_profile_target(load_scenario_file(path, overrides=["name=other"]), str(prof_path))
