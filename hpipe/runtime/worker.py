@@ -561,10 +561,14 @@ class StageWorker:
         return out
 
     def _barrier(self):
-        if self.cfg.backend == "nccl":
-            dist.barrier(device_ids=[self.device.index or 0])
-        else:
-            dist.barrier()
+        try:
+            if self.cfg.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
+        except Exception as e:  # a peer gone between runs: a CommError as in a receive, not gloo's traceback
+            others = tuple(r for r in range(len(self.cfg.devices)) if r != self.cfg.role)
+            raise CommError(others, f"at the barrier between runs, a peer is gone: {_short(e)}") from e
 
 
 def worker_main(cfg: WorkerConfig, report=None) -> dict:
@@ -630,12 +634,16 @@ def _map_roles(cfg: WorkerConfig) -> list[int]:
         k = per_host.get(host, 0)
         per_host[host] = k + 1
         if (host, k) not in rank_of_slot:
-            raise RuntimeError(f"no process for device {dev}: start {k + 1} or more processes on host {host} "
-                               f"(torchrun --nproc-per-node) with --host {host}")
+            from hpipe.errors import InputError
+
+            raise InputError(f"no process for device {dev}: start {k + 1} or more processes on host {host} "
+                             f"(torchrun --nproc-per-node) with --host {host}", field="--host")
         rank_of.append(rank_of_slot[(host, k)])
     if len(set(rank_of)) != len(rank_of) or len(rank_of) != dist.get_world_size():
-        raise RuntimeError(f"the plan has {len(cfg.devices)} devices but torchrun started "
-                           f"{dist.get_world_size()} processes")
+        from hpipe.errors import InputError
+
+        raise InputError(f"the plan has {len(cfg.devices)} devices but torchrun started "
+                         f"{dist.get_world_size()} processes", field="--nproc-per-node")
     return rank_of
 
 

@@ -96,6 +96,31 @@ def test_torchrun_hosts_must_agree(tmp_path):
     assert not out.exists()
 
 
+def test_a_host_that_refuses_before_joining_stops_its_peers_at_once(tmp_path):
+    """A process that refuses its input on one host (here a --set that leaves its plan no room)
+    never joins the process group: its peers had waited there for the 600 s startup timeout
+    and failed naming no host.  Every process now says on torchrun's store whether it is
+    ready, so the peer stops within seconds naming the host, the reason and its exit code."""
+    import time
+
+    scenario = _scenario(tmp_path)
+    plan = {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
+            "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "result.json"
+    t0 = time.monotonic()
+    (_, err_a), (_, err_b) = run_two_hosts_with_torchrun(
+        scenario, plan_path, [], out, env=env, cwd=ROOT, returncodes=(1, 1),
+        hb_extra=("--set", "cluster.hosts[1].devices[0].memory_gb=0.000001"))
+    assert time.monotonic() - t0 < 120  # not the startup timeout
+    assert "hpipe: plan does not fit" in err_b, err_b[-2000:]
+    assert "host hb (rank 1) refused, so this one stops too: plan does not fit" in err_a, err_a[-2000:]
+    assert "exitcode  : 3" in err_a and "[rank0]: Traceback" not in err_a  # hb's exit code, one line
+    assert not out.exists()
+
+
 def test_hosts_agree_whatever_folder_holds_their_weights():
     """The agreement digests the model's shape, not where a host keeps its weights folder (a
     spec read from config.json carries the folder's name and path)."""
@@ -134,6 +159,33 @@ def test_commands_carry_the_sets_and_advise_one_plan_file(tmp_path, capsys):
     assert main([str(scenario), "--commands", "--plan", str(tmp_path / "plan.json")]) == 0
     out, err = capsys.readouterr()
     assert out.count(f"--plan {shlex.quote(str(tmp_path / 'plan.json'))} --host") == 2 and err == "", (out, err)
+
+
+def test_commands_carry_every_option_and_refuse_a_plan_that_does_not_fit(tmp_path, capsys):
+    """--commands had printed --plan and --set alone: --seed, --inputs, --timeout, --warmup and
+    --check were lost and --json became result.json.  What all share goes to every host, what
+    global rank 0 does to node 0's line.  And a plan that does not fit is exit 3 here, as the
+    run itself would be, not commands printed with exit 0."""
+    from hpipe.runtime.torchrun import main
+
+    scenario = _scenario(tmp_path)
+    (tmp_path / "plan.json").write_text(json.dumps(
+        {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
+         "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}))
+    plan = str(tmp_path / "plan.json")
+    assert main([str(scenario), "--commands", "--plan", plan, "--seed", "3", "--inputs", "ids.json",
+                 "--timeout", "120", "--warmup", "0", "--check", "--json", "my.json"]) == 0
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if ln.startswith("torchrun")]
+    assert len(lines) == 2 and all("--rdzv-conf=timeout=" in ln for ln in lines), out
+    shared = "--inputs ids.json --seed 3 --warmup 0 --timeout 120 --host"
+    assert all(shared in ln for ln in lines), out
+    assert lines[0].endswith("--host ha --json my.json --check") and lines[1].endswith("--host hb"), out
+    assert "copy it to each" in err
+    assert main([str(scenario), "--commands", "--plan", plan,
+                 "--set", "cluster.hosts[1].devices[0].memory_gb=0.000001"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and "plan does not fit" in err
 
 
 def test_a_one_value_option_given_twice_is_refused(tmp_path, capsys):
