@@ -317,6 +317,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
+    notes.say_uncovered(setup)
     notes.past_context(setup)  # a warning: said with --quiet too
     name = _chosen_planners(planner, setup.scenario)
     if len(name) != 1:
@@ -380,6 +381,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
+    notes.say_uncovered(setup)
     notes.past_context(setup)  # a warning: said with --quiet too
     results = []
     if plan is not None:
@@ -520,6 +522,10 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         note, warning = notes.auto_note(at, scenario, swept=key if notes.profile_needs(at) == as_given else None)
         if note and (warning or not quiet):
             auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
+    for v in values:  # a fitted profile short of what a value asks (its tokens, its decode steps)
+        line = notes.uncovered(load([assignment(key, v)]))
+        if line:
+            auto_notes.setdefault(line, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in auto_notes.items():
         first_line, _, rest = note.partition("\n")
         where = "" if len(at) == len(values) else f" [{key} = {', '.join(at)}]"

@@ -197,6 +197,27 @@ def replaced_by_prompts(scenario, ids, given_new_tokens: int | None) -> None:
                               f"{escape(shape[key])}", highlight=False, soft_wrap=True)
 
 
+def uncovered(setup) -> str | None:
+    """Where the scenario's fitted profile does not cover what is planned or simulated (decode
+    steps, the workload's tokens or batch, a device or its placement, an allowed codec): one
+    line to say, or None.  Wherever the profile was made (another machine's is a fair basis
+    for a prediction); ``foreign_profile`` adds this machine for a run measured here."""
+    from hpipe.costmodels.fitted import Fitted
+    from hpipe.costmodels.profile import coverage_gap
+
+    if not isinstance(setup.cost, Fitted):
+        return None
+    gap = coverage_gap(setup.cost.profile, setup)
+    return (f"note: the fitted profile {setup.cost.profile_path} does not cover this scenario ({gap}); "
+            f"the prediction there is not grounded in a measurement" if gap else None)
+
+
+def say_uncovered(setup) -> None:
+    line = uncovered(setup)
+    if line:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def foreign_profile(setup) -> None:
     """Before a run measured beside its prediction: say so when the scenario's fitted profile
     does not describe this run (made on another CPU, by another torch or profiler, or short

@@ -17,6 +17,7 @@ from hpipe.costmodels.profile import PROFILE_FORMAT, PROFILER_METHOD, UnitSample
 from hpipe.errors import InputError
 from hpipe.models import get_model
 from hpipe.scenario import load_scenario
+from conftest import SCENARIOS
 
 # Ground truth per kind in seconds: coefficients on that kind's features.
 TRUE = {
@@ -424,3 +425,24 @@ def _cross_pair(setup):
     """A pair of devices on different hosts."""
     devs = setup.cluster.devices
     return next((a.id, b.id) for a in devs for b in devs if a.host != b.host)
+
+
+def test_plan_simulate_and_sweep_say_where_the_fitted_profile_does_not_cover_the_scenario(cli):
+    """execute and generate said a fitted profile falls short of the run; plan, simulate and sweep
+    said nothing (a helper priced 1024 tokens on a 512-token profile, and local-cpu on another
+    scenario's devices, with no word).  Another machine's profile is a fair basis for a
+    prediction, so only what the profile does not cover is said."""
+    hetero = str(SCENARIOS / "local-cpu-hetero-int8.yaml")
+    longer = cli("simulate", hetero, "-q", "--planner", "base", "--set", "workload.seq_len=1024")
+    assert longer.returncode == 0 and "does not cover this scenario" in longer.stderr, longer.stderr
+    assert "up to 512 tokens at batch 2, the scenario's workload is 1024 tokens" in " ".join(longer.stderr.split())
+    other = cli("plan", str(SCENARIOS / "local-cpu.yaml"), "-q", "--set",
+                f"costmodel={{kind: fitted, profile: {SCENARIOS / 'profiles' / 'local-cpu-hetero.json'}}}")
+    assert other.returncode == 0 and "timed no device local/core-0" in " ".join(other.stderr.split()), other.stderr
+    own = cli("simulate", str(SCENARIOS / "local-cpu.yaml"), "-q", "--planner", "base", "--set",
+              f"costmodel={{kind: fitted, profile: {SCENARIOS / 'profiles' / 'local-cpu.json'}}}")
+    assert own.returncode == 0 and "does not cover" not in own.stderr, own.stderr
+    swept = cli("sweep", hetero, "-q", "--planner", "base", "--set", "workload.seq_len=256,1024")
+    err = " ".join(swept.stderr.split())
+    assert swept.returncode == 0 and "the scenario's workload is 1024 tokens at batch 2);" in err, err
+    assert "[workload.seq_len = 1024]" in err, err

@@ -427,6 +427,27 @@ def grid_gap(profile: Profile, setup) -> str | None:
     return None
 
 
+def coverage_gap(profile: Profile, setup) -> str | None:
+    """Why a profile does not cover what ``setup`` asks of it, wherever it was measured: decode
+    steps, the prefill's tokens and batch, or a device (with its placement) or an allowed codec it
+    did not time; None where it covers them.  (``runtime.profiler.stale_reason`` adds this
+    machine, the versions and the profiler's method.)"""
+    gap = decode_gap(profile, setup) or grid_gap(profile, setup)
+    if gap:
+        return gap
+    for d in setup.cluster.devices:
+        dp = profile.device(d.id)
+        placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}
+        if dp is None:
+            return f"the profile timed no device {d.id} (it timed {', '.join(x.device for x in profile.devices)})"
+        if dp.placement != placement:
+            return f"device {d.id} is not measured with its placement {placement}"
+        if setup.compression is not None and not set(setup.compression.allow) <= set(dp.codecs):
+            return f"the profile timed no {', '.join(sorted(set(setup.compression.allow) - set(dp.codecs)))} " \
+                   f"codec on {d.id} and the scenario allows compression"
+    return None
+
+
 def model_mismatch(profile: Profile, spec, dtype: str) -> str | None:
     """Why a profile of one model cannot stand for another (shape or dtype), or None."""
     shape_fields = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")

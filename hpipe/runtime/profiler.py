@@ -84,8 +84,8 @@ import numpy as np
 
 from hpipe.costmodels.profile import (PROFILE_FORMAT, PROFILER_METHOD, AfterWait, AllReduceProfile, CodecSamples,
                                       DeviceProfile, EmulatedLink, Hardware, LinkProfile, Profile, Settings,
-                                      ShardSamples, SpeedProbe, StepHopProfile, UnitSamples, Versions, decode_gap,
-                                      grid_gap)
+                                      ShardSamples, SpeedProbe, StepHopProfile, UnitSamples, Versions,
+                                      coverage_gap)
 from hpipe.errors import HpipeError, WorkerError
 from hpipe.procwatch import run_watched
 from hpipe.stopping import check_interrupted
@@ -334,18 +334,7 @@ def stale_reason(prof: Profile, setup) -> str | None:
     if prof.versions.profiler != PROFILER_METHOD:
         return (f"measured by profiler method {prof.versions.profiler}, this hpipe measures by method "
                 f"{PROFILER_METHOD} (hpipe.costmodels.profile.PROFILER_METHOD)")
-    gap = decode_gap(prof, setup) or grid_gap(prof, setup)
-    if gap:
-        return gap
-    for d in setup.cluster.devices:
-        dp = prof.device(d.id)
-        placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}
-        if dp is None or dp.placement != placement:
-            return f"device {d.id} is not measured with its placement {placement}"
-        if setup.compression is not None and not set(setup.compression.allow) <= set(dp.codecs):
-            return f"the profile timed no {', '.join(sorted(set(setup.compression.allow) - set(dp.codecs)))} " \
-                   f"codec on {d.id} and the scenario allows compression"
-    return None
+    return coverage_gap(prof, setup)
 
 
 if __name__ == "__main__":  # pragma: no cover
