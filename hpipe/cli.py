@@ -1004,8 +1004,14 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         raise InputError(f"must be wall or cpu, got {basis!r}", field="--basis")
     names = _planner_names(planners, field="--planners", allow_none=True)
     scs = [_load_scenario(p, sets) for p in scenarios]
-    for sc in scs:  # validate predicts on a fitted model of its own; the scenario's must still be valid
-        sc.check_costmodel()
+    for path, sc in zip(scenarios, scs):  # validate predicts on a fitted model of its own; the scenario's
+        sc.check_costmodel()                # must still be valid, and one it does not check is said
+        cm = sc.costmodel
+        kind = cm if isinstance(cm, str) else cm.get("kind")
+        if kind not in ("fitted", "auto"):
+            err_console.print(f"note: {path} prices on the {kind} cost model; validate checks the fitted model "
+                              f"on a profile of this machine instead (the scenario's {kind} is not what it "
+                              f"validates)", markup=False, highlight=False, soft_wrap=True)
     if profile_path and len(scs) > 1:
         raise InputError("--profile names one profile; give one scenario with it", field="--profile")
     _check_timeout(timeout)

@@ -741,3 +741,15 @@ def test_validate_may_write_over_an_empty_file_an_old_profile_or_another_dtypes(
     # refresh; validate had measured over it, saying only that a device's placement differed
     with pytest.raises(InputError, match="a profile of scenario 'tiny-cpu', not 'other'"):
         check_profile_target(load_scenario_file(path, overrides=["name=other"]), str(prof_path))
+
+
+def test_validate_says_it_does_not_check_the_scenarios_own_roofline(tmp_path, monkeypatch):
+    """validate checks the fitted model on a profile of this machine; `--set costmodel=roofline`
+    (or a roofline scenario) was replaced by it without a word."""
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    scen = str(ROOT / "scenarios" / "local-cpu.yaml")
+    r = run_cli("validate", scen, "--set", "costmodel=roofline", "--no-prefill")  # refused after the note
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "prices on the roofline cost model; validate checks the fitted model" in err, err
+    r = run_cli("validate", scen, "--no-prefill")  # auto: what validate checks, nothing to say
+    assert r.returncode == 2 and "validate checks the fitted model" not in r.stderr, r.stderr
