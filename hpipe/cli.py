@@ -1086,6 +1086,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
             con.print(f"skipped {escape(s)}", highlight=False)
         for s in result.failed:
             con.print(f"[red]failed[/] {escape(s)}", highlight=False)
+        _say_written(con, {"Validation JSON": json_path})  # as simulate and sweep say it
     if result.failed:
         raise HpipeError(f"{len(result.failed)} case{'s' if len(result.failed) > 1 else ''} failed to run"
                          + (" (the others are reported above)" if result.cases and con else "")

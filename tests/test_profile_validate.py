@@ -198,6 +198,10 @@ def test_validate_json_contract(tiny):
     for c in data["cases"]:
         assert c["n_stages"] == len(c["stages"]) and c["chosen_by_planner"] == (not c["planner"].startswith("random"))
         assert c["compute_error"] is not None and 0 < c["cpu_share"] <= 1.05
+    out = path.parent / "v.json"  # to a file: said under the table, as simulate and sweep say it
+    r = run_cli("validate", str(path), "--planners", "base", "--random", "0", "--json", str(out))
+    assert r.returncode == 0 and f"wrote the Validation JSON to {out}" in "".join(r.stdout.split("\n")), r.stdout
+    assert json.loads(out.read_text())["cases"]
     # the machine's noise beside the errors: every case ran twice
     spread = data["run_spread"]
     assert spread["runs"] == 2 and spread["n"] == len(data["cases"])
