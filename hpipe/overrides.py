@@ -251,6 +251,6 @@ def blame_override(error: InputError, assignments, file: str | None) -> InputErr
         return None
     several = any(len(split_values(split_assignment(a)[1])) > 1 for a in hit)  # K=V1,V2 is a sweep's
     given = " and ".join(f"--set {a}" for a in hit)
-    return InputError(f"{error.problem} (from {given}" + ("; to run at each of several values, "
-                      "`hpipe sweep SCENARIO --set K=V1,V2`" if several else "") + ")",
+    return InputError(f"{error.problem} (from {given}" + ("; one value here: `hpipe sweep SCENARIO --set "
+                      "K=V1,V2` simulates at each of several" if several else "") + ")",
                       file=file or error.file, field=error.field, also=error.also)
