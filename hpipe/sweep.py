@@ -123,7 +123,7 @@ def sweep_plot(sweep: SweepResult, path, title: str | None = None, dpi: int = 11
     log_x = numeric and (drawn > 0).all() and drawn.max() / drawn.min() >= 100
     fig = Figure(figsize=(4.2 * len(metrics) + 1.8, 4.2))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    axes = fig.subplots(1, len(metrics), squeeze=False, sharex=True)[0]  # one x range: TTFT has no point at 0 tokens
     cmap = colormaps["tab10"]
     markers = "osD^v<>ph*"
     for ax, (field, label) in zip(axes, metrics):
