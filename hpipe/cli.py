@@ -410,6 +410,8 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         if len(limits) == len(names):  # no planner could take it: the input's fault, exit 2
             raise limits[0]
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
+    if notes.floored_latency(setup):
+        err_console.print(notes.floored_latency(setup), markup=False, highlight=False, soft_wrap=True)
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace, plot)
     written = {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot}
@@ -522,10 +524,10 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         note, warning = notes.auto_note(at, scenario, swept=key if notes.profile_needs(at) == as_given else None)
         if note and (warning or not quiet):
             auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
-    for v in values:  # a fitted profile short of what a value asks (its tokens, its decode steps)
-        line = notes.uncovered(load([assignment(key, v)]))
-        if line:
-            auto_notes.setdefault(line, []).append(assignment(key, v).split("=", 1)[1])
+    for v in values:  # a fitted profile short of what a value asks (its tokens, its decode steps, a link's floor)
+        for line in (notes.uncovered(load([assignment(key, v)])), notes.floored_latency(load([assignment(key, v)]))):
+            if line:
+                auto_notes.setdefault(line, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in auto_notes.items():
         first_line, _, rest = note.partition("\n")
         where = "" if len(at) == len(values) else f" [{key} = {', '.join(at)}]"

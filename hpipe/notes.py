@@ -212,6 +212,18 @@ def uncovered(setup) -> str | None:
             f"the prediction there is not grounded in a measurement" if gap else None)
 
 
+def floored_latency(setup) -> str | None:
+    """A line where the fitted model priced a link at the floor of its measurement: asked for a
+    latency below what the link measured (less what netem added there), it cannot go lower, so
+    latencies under that floor all read the same; None where none was."""
+    links = getattr(setup.cost, "latency_floored_links", None)
+    if not links:
+        return None
+    pairs = sorted({" <-> ".join(sorted(p)) for p in links})
+    return (f"note: {', '.join(pairs)} asked for a latency below what the profile measured there "
+            f"(less any latency netem added): priced at the measurement, so latencies under it read the same")
+
+
 def say_uncovered(setup) -> None:
     line = uncovered(setup)
     if line:

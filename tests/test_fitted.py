@@ -415,6 +415,13 @@ def test_an_emulated_link_asked_at_other_figures_is_the_measurement_moved_there(
     assert np.allclose(near, affine(lat + 1e-6, per_byte))  # no seam beside the measured point
     low, _ = priced("cluster.network.latency_us=0", scenario=tmp_path / "s.yaml")
     assert np.allclose(low, affine(lat, per_byte))  # no less than measured: netem had added nothing
+    # ... and that floor is said (a helper's latency sweep read flat below it with no word)
+    floored = {}
+    for us in (0, 201):
+        setup = load_scenario(tmp_path / "s.yaml", overrides=[f"cluster.network.latency_us={us}"]).resolve()
+        setup.cost.transfer_time_s(*_cross_pair(setup), nbytes)
+        floored[us] = setup.cost.describe().get("latency_floored_links")
+    assert floored[0] and len(floored[0][0]) == 2 and floored[201] is None, floored
 
 
 def _profile_links(scenario_path):
@@ -446,3 +453,21 @@ def test_plan_simulate_and_sweep_say_where_the_fitted_profile_does_not_cover_the
     err = " ".join(swept.stderr.split())
     assert swept.returncode == 0 and "the scenario's workload is 1024 tokens at batch 2);" in err, err
     assert "[workload.seq_len = 1024]" in err, err
+
+
+def test_a_sweep_below_a_links_measured_latency_says_it_reads_flat_there(cli, tmp_path):
+    """The fitted model cannot price a link faster than it measured it: a latency sweep read the
+    same figure at 0, 100 and 200 us without a word.  The values priced at that floor are named."""
+    path = SCENARIOS / "local-cpu-hetero-int8.yaml"
+    data = json.loads((path.parent / "profiles" / "local-cpu-hetero.json").read_text())
+    for lk in data["links"]:
+        if lk.get("emulated"):
+            lk["emulated"]["asked_latency_us"] = 210.0  # as profiles since 2026-12-03 record it
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    sc = yaml.safe_load(path.read_text())
+    sc["costmodel"]["profile"] = str(tmp_path / "p.json")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sc))
+    r = cli("sweep", str(tmp_path / "s.yaml"), "-q", "--planner", "gpipe", "--set", "cluster.network.latency_us=0,100,400")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "asked for a latency below what the profile measured there" in err, err
+    assert "read the same [cluster.network.latency_us = 0, 100]" in err, err

@@ -310,6 +310,8 @@ class Fitted(CostModel):
         self._shaped: dict[frozenset, object] = {}
         """What tc shaped each emulated link to when it was measured (``EmulatedLink``)."""
         self.reshaped_links: list[tuple[str, str]] = []
+        self.latency_floored_links: list[tuple[str, str]] = []
+        """Links asked for a latency below what their measurement can go to (``_reshaped``)."""
         """Pairs priced from the scenario's figures: it asks for another link than was measured."""
         for link in self.profile.links:
             self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
@@ -482,9 +484,11 @@ class Fitted(CostModel):
         if shaped is not None:
             # an emulated link the scenario now asks for at other figures (a what-if, a sweep of
             # its bandwidth or latency): the measurement, moved to those figures
-            fit, moved = _reshaped(fit, shaped, self.cluster.route(src, dst))
+            fit, moved, floored = _reshaped(fit, shaped, self.cluster.route(src, dst))
             if moved and (src, dst) not in self.reshaped_links:
                 self.reshaped_links.append((src, dst))
+            if floored and (src, dst) not in self.latency_floored_links:
+                self.latency_floored_links.append((src, dst))
         return _affine(fit, nbytes)
 
     def allreduce_time_s(self, device_ids, nbytes):
@@ -566,6 +570,8 @@ class Fitted(CostModel):
             d["unmeasured_links"] = [list(p) for p in self.unmeasured_links]
         if self.reshaped_links:
             d["reshaped_links"] = [list(p) for p in self.reshaped_links]
+        if self.latency_floored_links:
+            d["latency_floored_links"] = [list(p) for p in self.latency_floored_links]
         if self.unprobed_step_pairs:
             d["unprobed_step_pairs"] = [list(p) for p in self.unprobed_step_pairs]
         if self.setup.compression is not None or self.modelled_codecs:
@@ -578,8 +584,9 @@ class Fitted(CostModel):
         return d
 
 
-def _reshaped(fit: tuple[float, float], shaped, route) -> tuple[tuple[float, float], bool]:
-    """(the link's (latency_s, seconds per byte) fit, whether it moved) for the scenario's route,
+def _reshaped(fit: tuple[float, float], shaped, route) -> tuple[tuple[float, float], bool, bool]:
+    """(the link's (latency_s, seconds per byte) fit, whether it moved, whether its latency stopped
+    at the floor: asked below what the measurement can go to) for the scenario's route,
     where the profile measured that link emulated at ``shaped`` figures.  Another bandwidth
     scales the per-byte time by the ratio; another latency moves the measured one by the
     difference from what was asked (at most down to the measurement less what netem added).
@@ -591,9 +598,12 @@ def _reshaped(fit: tuple[float, float], shaped, route) -> tuple[tuple[float, flo
     lat_moved = asked_us is not None and not math.isclose(route.latency_s * 1e6, asked_us, abs_tol=1e-3)
     if bw_moved:
         per_byte *= shaped.bandwidth_gbps / route.bandwidth_gbps
+    floored = False
     if lat_moved:  # by the difference from what was asked then; never below the measurement less netem's part
-        lat_s = max(lat_s + route.latency_s - asked_us * 1e-6, lat_s - (shaped.latency_us or 0.0) * 1e-6)
-    return (lat_s, per_byte), bw_moved or lat_moved
+        moved_s, floor_s = lat_s + route.latency_s - asked_us * 1e-6, lat_s - (shaped.latency_us or 0.0) * 1e-6
+        floored = moved_s < floor_s
+        lat_s = max(moved_s, floor_s)
+    return (lat_s, per_byte), bw_moved or lat_moved, floored
 
 
 def _affine(fit: tuple[float, float], nbytes: np.ndarray) -> np.ndarray:
