@@ -230,9 +230,11 @@ def _leave(code: int) -> int:
     """The exit code; where a process group is up, leave at once (as the launcher's workers do):
     tearing down a group whose peers failed or were interrupted can block, or abort the
     interpreter at exit ("terminate called without an active exception", SIGABRT)."""
+    if "torch.distributed" not in sys.modules:  # never imported (--commands, a refusal before): nothing up
+        return code
     import torch.distributed as dist
 
-    if "torch" in sys.modules and dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
