@@ -281,3 +281,32 @@ def test_with_generation_the_codecs_and_the_plan_serve_the_objective_end_to_end(
             if sum(c != "none" for c in cand) <= 1 and set(cand) <= {"none", *setup.compression.allow}:
                 other = simulate(setup, plan.model_copy(update={"codecs": list(cand) or None}))
                 assert key(got) <= tuple(x * (1 + 1e-9) for x in key(other)), (cand, key(got), key(other))
+
+
+def test_plan_compressed_shrinks_the_links_by_each_codecs_wire_ratio():
+    """``plan_compressed`` replans on links that carry each allowed codec's wire bytes: a
+    transfer of N raw values must cost what the codec's ``wire_bytes(N, dtype_bytes)`` cost
+    on the real link.  A ratio of ``wire / k`` (bytes over values, not over raw bytes) made the
+    int8 links of an fp16 model about 1.03 of raw instead of 0.52, and survived because the
+    end-to-end test only checked a plan that happened to cross the link (audit P5)."""
+    data = _two_hosts(0.1, {"allow": ["int8", "fp8", "int4"], "max_lossy_hops": 1})
+    data["dtype"] = "float16"
+    setup = setup_of(data)
+    db = setup.dtype_bytes
+    assert db == 2
+    n = 2 * 128 * 256  # one message's values
+    seen = []
+
+    def plan_fn(s):
+        raw = float(setup.cost.transfer_time_s("a/d-0", "b/d-0", n * db))
+        got = float(s.cost.transfer_time_s("a/d-0", "b/d-0", n * db))
+        seen.append((raw, got))
+        p = _plan(setup, None)
+        return p.model_copy(update={"predicted": pc.predicted_figures(setup, p)})
+
+    pc.plan_compressed(setup, plan_fn)
+    assert len(seen) == 4 and seen[0][1] == seen[0][0]  # the plain plan, then one per codec
+    for (raw, got), name in zip(seen[1:], ["int8", "fp8", "int4"]):
+        want = float(setup.cost.transfer_time_s("a/d-0", "b/d-0", get_codec(name).wire_bytes(n, db)))
+        assert got == pytest.approx(want, rel=1e-9), name
+        assert got < 0.6 * raw, name  # every codec here at least halves fp16's bytes

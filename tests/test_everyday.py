@@ -200,6 +200,23 @@ def test_a_cross_field_problem_names_the_set_of_either_field():
     assert "--set workload.batch_size" not in str(e.value) and "n_layers" not in str(e.value), str(e.value)
 
 
+def test_a_problem_of_a_whole_entry_names_the_set_of_one_of_its_keys():
+    """A device entry given both ``type`` and ``name`` is refused at the entry itself
+    (cluster.hosts[0].devices[0]), not at either key: when a --set of one of its keys caused
+    it, the error still names that --set.  Matching only the field and the keys above it lost
+    the blame (audit O3)."""
+    from hpipe.errors import InputError
+    from hpipe.scenario import load_scenario
+
+    with pytest.raises(InputError) as e:
+        load_scenario(PAPER, overrides=["cluster.hosts[0].devices[0].name=x"])
+    assert e.value.field == "cluster.hosts[0].devices[0]", str(e.value)
+    assert "not both" in str(e.value) and "(from --set cluster.hosts[0].devices[0].name=x)" in str(e.value)
+    with pytest.raises(InputError) as e:  # a key of another entry is not blamed
+        load_scenario(PAPER, overrides=["cluster.hosts[0].devices[0].name=x", "cluster.hosts[1].name=h"])
+    assert "--set cluster.hosts[1].name" not in str(e.value), str(e.value)
+
+
 def test_a_cost_model_setting_from_set_is_named_when_resolving_refuses_it(tmp_path):
     """The cost model's settings are checked when the scenario resolves, after parsing: the
     error still names the assignment, and a value from the file is not blamed on a --set."""
@@ -371,6 +388,24 @@ def test_cost_is_price_times_latency_of_the_plan_devices():
     n_p100 = sum(d.startswith("host-a/") for d in r.plan.devices)
     n_3090 = sum(d.startswith("host-b/") for d in r.plan.devices)
     assert r.cost_usd == pytest.approx((0.5 * n_p100 + 0.25 * n_3090) * r.latency_s / 3600)
+
+
+def test_cost_per_million_tokens_counts_the_generated_tokens():
+    """With generation, ``usd_per_million_tokens`` is the run's cost over every token of the
+    batch, prompt and new: batch x (seq_len + output_tokens).  A count of the prompt alone
+    survived, the test above having no output tokens (audit R3)."""
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import simulate
+
+    setup = load_scenario(SCENARIOS / "cloud-mix.yaml", overrides=["workload.output_tokens=8"]).resolve()
+    assert setup.output_tokens == 8
+    r = simulate(setup, make_plan(setup, "hpipe"))
+    assert r.cost_usd is not None and r.cost_usd > 0
+    tokens = setup.batch_size * (setup.seq_len + 8)
+    assert r.usd_per_million_tokens == pytest.approx(r.cost_usd / tokens * 1e6, rel=1e-12)
+    prompt_only = r.cost_usd / (setup.batch_size * setup.seq_len) * 1e6
+    assert r.usd_per_million_tokens < prompt_only * (1 - 1e-3)
 
 
 def test_single_puts_the_model_on_the_fastest_device_that_holds_it():

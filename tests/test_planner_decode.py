@@ -318,3 +318,18 @@ def test_one_new_token_is_a_prefill():
     gen, pre = make_plan(setup, "hpipe"), make_plan(prefill_only, "hpipe")
     assert (gen.stages, gen.slices, gen.micro_batches) == (pre.stages, pre.slices, pre.micro_batches)
     assert gen.predicted["latency_s"] == pytest.approx(pre.predicted["latency_s"], rel=1e-9)
+
+
+def test_objective_key_breaks_ties_by_latency():
+    """Every objective ranks by its figure, then by latency: among plans with equal TTFT (or
+    TPOT) the one that finishes sooner wins.  A ``ttft`` key that dropped the latency
+    tie-break survived, since the brute-force oracle reads the figure alone (audit E1)."""
+    from hpipe.planners.decode import objective_key
+
+    assert objective_key({"latency_s": 2.0, "ttft_s": 1.0, "tpot_s": None}, "ttft") == (1.0, 2.0)
+    assert objective_key({"latency_s": 2.0, "ttft_s": 1.0, "tpot_s": 0.5}, "tpot") == (0.5, 2.0)
+    assert objective_key({"latency_s": 2.0, "ttft_s": 1.0, "tpot_s": None}, "tpot") == (0.0, 2.0)
+    slow = {"latency_s": 3.0, "ttft_s": 1.0, "tpot_s": 0.1}
+    fast = {"latency_s": 2.0, "ttft_s": 1.0, "tpot_s": 0.1}
+    for objective in ("ttft", "tpot", "latency", "throughput"):
+        assert min([slow, fast], key=lambda f: objective_key(f, objective)) is fast, objective

@@ -163,3 +163,24 @@ def test_best_by_bound_is_the_plain_top_k_with_ties_infinities_and_any_k():
     scored.clear()
     assert [x[2] for x in local.best_by_bound(bounded, exact, 3)] == ["c", "a", "e"]
     assert "f" not in scored and "e" in scored  # pruned past the bound, scored at the tie
+
+
+def test_a_step_takes_the_best_improving_neighbour_not_the_last(monkeypatch):
+    """Steepest descent: of the neighbours resliced in one step, the one of least latency
+    after reslicing replaces the plan, whichever place the pre-ranking gave it.  Here the
+    pre-ranking's second (0.8) reslices to 0.5, and the third (0.9) also beats the start
+    (1.0); a scan that kept any improving neighbour, so the last, took 0.9 (audit I4)."""
+    from types import SimpleNamespace
+
+    tables = SimpleNamespace(setup=SimpleNamespace(batch_size=4))
+    start = (1.0, "P0", (32,), 1)
+    monkeypatch.setattr(local, "neighbours", lambda tables, part, m, options: [("A", 1), ("B", 1), ("C", 1)])
+    monkeypatch.setattr(local, "_ranked", lambda tables, cands, slices, caches, recut, k: [
+        (0.7, 0, "A", 1, (32,)), (0.8, 1, "B", 1, (32,)), (0.9, 2, "C", 1, (32,))][:k])
+
+    def slice_for(p, sizes):
+        return (0.5, [16, 16]) if p == "B" else None
+
+    assert local.improve(tables, start, slice_for, [1], max_steps=1) == (0.5, "B", (16, 16), 1)
+    # without the reslicing's gain the pre-ranking's best (0.7) wins, not the last improving one
+    assert local.improve(tables, start, lambda p, sizes: None, [1], max_steps=1) == (0.7, "A", (32,), 1)

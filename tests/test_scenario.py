@@ -136,6 +136,49 @@ def test_gpt_seq_len_past_positions():
         parse_scenario(data, "x.yaml")
 
 
+def test_gpt_generation_may_use_every_learned_position_and_no_more():
+    """A GPT run uses seq_len + output_tokens - 1 positions (the last new token is not fed
+    back): tiny-gpt's 2048 hold a 2000-token prompt and 49 new tokens exactly, and one more
+    is refused at workload.output_tokens.  A check of ``used >= max_seq_len`` refused the
+    exact fit and survived (audit S3)."""
+    data = with_change(("model",), "tiny-gpt")
+    data["workload"].update(seq_len=2000, output_tokens=49)
+    assert parse_scenario(data, "x.yaml").resolve().scenario.workload.output_tokens == 49
+    data["workload"]["output_tokens"] = 50
+    with pytest.raises(InputError) as e:
+        parse_scenario(data, "x.yaml")
+    msg = str(e.value)
+    assert msg.startswith("x.yaml: field 'workload.output_tokens'"), msg
+    assert "use 2049 positions" in msg and "learned positions (2048)" in msg, msg
+
+
+def test_as_many_micro_batches_as_sequences_is_allowed():
+    """``planner.micro_batches`` may equal the batch (one sequence per micro-batch); only more
+    is refused.  A ``>=`` that refused the equal count survived, the table above checking 3
+    for a batch of 2 only (audit S2)."""
+    data = copy.deepcopy(BASE)
+    data["workload"]["batch_size"] = 4
+    data["planner"]["micro_batches"] = 4
+    assert parse_scenario(data, "s.yaml").resolve().scenario.planner.micro_batches == 4
+    data["planner"]["micro_batches"] = 5
+    with pytest.raises(InputError) as e:
+        parse_scenario(data, "s.yaml")
+    assert str(e.value).startswith("s.yaml: field 'planner.micro_batches'") and "batch of 4" in str(e.value)
+
+
+def test_a_link_given_twice_in_either_order_is_refused():
+    """``links`` names each pair of hosts once: [a, b] then [b, a] is the same link twice, and
+    which of the two would apply is not said, so the second is refused at its field.  With
+    the check removed, such a scenario loaded with two figures for one link (audit S5)."""
+    data = with_change(("cluster", "links"), [{"between": ["a", "b"], "bandwidth_gbps": 1},
+                                              {"between": ["b", "a"], "bandwidth_gbps": 10}])
+    with pytest.raises(InputError) as e:
+        parse_scenario(data, "s.yaml")
+    msg = str(e.value)
+    assert msg.startswith("s.yaml: field 'cluster.links[1].between'"), msg
+    assert "the link between 'b' and 'a' is given twice" in msg, msg
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("name: x\nmodel: [tiny-llama\nworkload: {}\n")

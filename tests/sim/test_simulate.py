@@ -88,6 +88,31 @@ def test_golden_event_log_through_the_cost_model():
     assert r.feasible and r.infeasible is None
 
 
+def test_busy_time_counts_overlapping_intervals_once():
+    """A device's busy time is the union of its compute and all-reduce intervals: overlap (a
+    compute beside an all-reduce, or one inside another) counts once, so utilization stays
+    at most 1.  Summing each interval from its own start (``b - a``) survived every
+    simulated timeline, whose intervals on one device never overlap (audit R1)."""
+    from hpipe.result import Event, _union_s, summarize
+
+    assert _union_s([(0.0, 2.0), (1.0, 3.0)]) == 3.0
+    assert _union_s([(1.0, 3.0), (0.0, 2.0), (1.5, 2.5), (4.0, 5.0)]) == 4.0
+    setup = _tiny_setup()
+    plan = Plan(planner="hand", scenario="tiny-two-hosts", slices=[32, 32],
+                stages=[{"devices": ["a/dev-0"], "units": [0, 5]}, {"devices": ["b/dev-0"], "units": [5, 10]}])
+
+    def ev(device, kind, a, b):
+        return Event(device=device, kind=kind, stage=0, micro_batch=0, slice=0, start_s=a, end_s=b)
+
+    events = [ev("a/dev-0", "compute", 0.0, 2.0), ev("a/dev-0", "allreduce", 1.0, 3.0),
+              ev("a/dev-0", "compute", 1.5, 2.5), ev("a/dev-0", "compute", 4.0, 5.0),
+              ev("b/dev-0", "compute", 0.0, 2.0), ev("b/dev-0", "compute", 1.0, 5.0)]
+    r = summarize(setup, plan, events, {})
+    assert r.latency_s == 5.0
+    assert r.utilization == pytest.approx({"a/dev-0": 0.8, "b/dev-0": 1.0})
+    assert r.bubble_fraction == pytest.approx(0.1)
+
+
 # ---- invariants on random plans of the paper's testbed ------------------------------------
 @st.composite
 def plans(draw, setup):
