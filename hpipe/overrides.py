@@ -246,7 +246,7 @@ def blame_override(error: InputError, assignments, file: str | None) -> InputErr
     there, not in the file."""
     fields = [f for f in (error.field, *error.also) if f]  # a cross-field problem's others too
     hit = [a for k, a in zip(overridden_keys(assignments), assignments or ())
-           if any(f == k or f.startswith((k + ".", k + "[")) or k.startswith(f + ".") for f in fields)]
+           if any(f == k or f.startswith((k + ".", k + "[")) or k.startswith((f + ".", f + "[")) for f in fields)]
     if not hit:
         return None
     several = any(len(split_values(split_assignment(a)[1])) > 1 for a in hit)  # K=V1,V2 is a sweep's

@@ -215,6 +215,13 @@ def test_a_problem_of_a_whole_entry_names_the_set_of_one_of_its_keys():
     with pytest.raises(InputError) as e:  # a key of another entry is not blamed
         load_scenario(PAPER, overrides=["cluster.hosts[0].devices[0].name=x", "cluster.hosts[1].name=h"])
     assert "--set cluster.hosts[1].name" not in str(e.value), str(e.value)
+    # a key below the field through a list index: a host's devices, refused at cluster.hosts
+    # (too many devices in all), had lost its --set too
+    many = "[" + ", ".join(["{type: P100, count: 256}"] * 5) + "]"
+    with pytest.raises(InputError) as e:
+        load_scenario(PAPER, overrides=[f"cluster.hosts[0].devices={many}"])
+    assert e.value.field == "cluster.hosts" and f"(from --set cluster.hosts[0].devices={many})" in str(e.value), \
+        (e.value.field, str(e.value))
 
 
 def test_a_cost_model_setting_from_set_is_named_when_resolving_refuses_it(tmp_path):
