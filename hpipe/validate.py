@@ -635,6 +635,9 @@ def validate(scenarios: list[Scenario], *, opts: CaseOptions | None = None, prof
         # scenario's devices, its memory for the workloads it will run (--output-tokens, --no-prefill),
         # and a named profile that cannot be read
         check_placements(base, base.cluster.device_ids, who="validation profiles and runs every device; the scenario has")
+        from hpipe.runtime.launcher import placements
+
+        placements(base, base.cluster.device_ids)  # each one there is here (a CUDA index, its cores)
         for variant, _ in variants:
             raise_if_model_cannot_fit(variant.model_copy(update={"costmodel": "roofline"}).resolve())
         named = named_profile_path(sc)

@@ -757,3 +757,15 @@ def test_validate_says_it_does_not_check_the_scenarios_own_roofline(tmp_path, mo
     assert r.returncode == 2 and "prices on the roofline cost model; validate checks the fitted model" in err, err
     r = run_cli("validate", scen, "--no-prefill")  # auto: what validate checks, nothing to say
     assert r.returncode == 2 and "validate checks the fitted model" not in r.stderr, r.stderr
+
+
+def test_validate_refuses_a_gpu_this_machine_lacks_before_it_says_it_profiles(tmp_path, monkeypatch):
+    """local-cpu-gpu places a device on cuda:0: validate printed "profiling local-cpu-gpu ... ->
+    PATH" and then refused the missing GPU; the placement is now checked with the others first."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv("HPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    r = run_cli("validate", str(ROOT / "scenarios" / "local-cpu-gpu.yaml"), "--random", "0", "--planners", "hpipe")
+    assert r.returncode == 2 and "0 CUDA device(s)" in r.stderr and "profiling" not in r.stderr, r.stderr
+    assert not (tmp_path / "cache" / "profiles").exists() or not any((tmp_path / "cache" / "profiles").iterdir())
