@@ -78,17 +78,23 @@ def test_two_hosts_with_torchrun(tmp_path):
     assert r["max_abs_error"] < 1e-4, r["max_abs_error"]  # the workers sent int4: the replay's own error
 
 
+def _two_stages(tmp_path):
+    """The two-host scenario, a one-slice plan of a stage on each host (ha first), the workers'
+    environment and where rank 0 writes the Result."""
+    scenario = _scenario(tmp_path)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(
+        {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
+         "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    return scenario, plan_path, env, tmp_path / "result.json"
+
+
 def test_torchrun_hosts_must_agree(tmp_path):
     """A host started with another --seed would build other random weights and silently
     compute wrong logits: every process refuses (exit 2; torchrun then exits 1), naming what
     differs, before any run."""
-    scenario = _scenario(tmp_path)
-    plan = {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
-            "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "result.json"
+    scenario, plan_path, env, out = _two_stages(tmp_path)
     results = run_two_hosts_with_torchrun(scenario, plan_path, [], out, env=env, cwd=ROOT,
                                           hb_extra=("--seed", "1"), returncodes=(1, 1))
     for _, err in results:
@@ -103,13 +109,7 @@ def test_a_host_that_refuses_before_joining_stops_its_peers_at_once(tmp_path):
     ready, so the peer stops within seconds naming the host, the reason and its exit code."""
     import time
 
-    scenario = _scenario(tmp_path)
-    plan = {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
-            "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "result.json"
+    scenario, plan_path, env, out = _two_stages(tmp_path)
     t0 = time.monotonic()
     (_, err_a), (_, err_b) = run_two_hosts_with_torchrun(
         scenario, plan_path, [], out, env=env, cwd=ROOT, returncodes=(1, 1),
@@ -168,11 +168,8 @@ def test_commands_carry_every_option_and_refuse_a_plan_that_does_not_fit(tmp_pat
     run itself would be, not commands printed with exit 0."""
     from hpipe.runtime.torchrun import main
 
-    scenario = _scenario(tmp_path)
-    (tmp_path / "plan.json").write_text(json.dumps(
-        {"planner": "hand", "scenario": "two-hosts", "slices": [32], "micro_batches": 1,
-         "stages": [{"devices": ["ha/core-0"], "units": [0, 3]}, {"devices": ["hb/core-0"], "units": [3, 6]}]}))
-    plan = str(tmp_path / "plan.json")
+    scenario, plan_path, _, _ = _two_stages(tmp_path)
+    plan = str(plan_path)
     assert main([str(scenario), "--commands", "--plan", plan, "--seed", "3", "--inputs", "ids.json",
                  "--timeout", "120", "--warmup", "0", "--check", "--json", "my.json"]) == 0
     out, err = capsys.readouterr()
