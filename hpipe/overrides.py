@@ -205,6 +205,17 @@ def set_path(data: dict, parts: list[str | int], value: Any, schema=None) -> Non
             node = node[part]
 
 
+def _unshared(x: Any) -> Any:
+    """A copy of parsed YAML in which no two places share one object: a YAML alias (``*core``
+    for an entry anchored ``&core``) parses as the same dict at both places, and deepcopy keeps
+    that sharing, so a --set of one host's device changed every host's that named the anchor."""
+    if isinstance(x, dict):
+        return {k: _unshared(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unshared(v) for v in x]
+    return copy.deepcopy(x)
+
+
 def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=None) -> Any:
     """A copy of ``data`` with every ``KEY=VALUE`` of ``assignments`` applied in order."""
     if not assignments:
@@ -213,7 +224,7 @@ def apply_overrides(data: Any, assignments: list[str] | tuple[str, ...], schema=
         data = {}
     if not isinstance(data, dict):
         return data  # the scenario's own check reports it
-    out = copy.deepcopy(data)
+    out = _unshared(data)
     given: dict[str, str] = {}
     earlier: list[tuple[list, str]] = []
     for text in assignments:

@@ -168,6 +168,25 @@ def test_overrides_apply_before_validation_in_process():
         assert words in str(e.value), (assignment, str(e.value))
 
 
+def test_a_set_changes_one_place_of_a_yaml_anchor_not_every_alias(tmp_path):
+    """Two hosts whose devices are one YAML anchor (&core, *core) parse as one dict: a --set of
+    the first host's device changed the second's too (deepcopy keeps the sharing).  A helper
+    met it starving one torchrun host of memory and both refused."""
+    import yaml
+
+    from hpipe.scenario import load_scenario
+
+    data = yaml.safe_load((SCENARIOS / "local-cpu-hetero.yaml").read_text())
+    core = data["cluster"]["hosts"][0]["devices"][0]
+    data["cluster"]["hosts"][1]["devices"] = [core]  # the same object: dumped as an anchor and an alias
+    path = tmp_path / "anchored.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert "&id001" in path.read_text() and "*id001" in path.read_text()
+    setup = load_scenario(path, overrides=["cluster.hosts[0].devices[0].memory_gb=1"]).resolve()
+    mem = {d.host: d.spec.memory_gb for d in setup.cluster.devices}
+    assert mem == {"fast": 1.0, "slow": core["memory_gb"]}, mem
+
+
 def test_a_cross_field_problem_names_the_set_of_either_field():
     """A problem found comparing two fields is located at one of them; a --set of the other is
     named too (a --set model.max_seq_len=256 had been refused at workload.seq_len without a
