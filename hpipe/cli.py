@@ -39,7 +39,7 @@ class _OnceCommand(typer.core.TyperCommand):
                     counts[p] = counts.get(p, 0) + 1
             for p, n in counts.items():
                 if n > 1:
-                    name = max(p.opts, key=len)
+                    name = " / ".join(p.opts)  # as declared: which alias was typed is not kept
                     raise typer.BadParameter(f"given {n} times; it takes one value"
                                              + (" (a comma list for several)" if "," in (p.metavar or "") else ""),
                                              ctx=ctx, param_hint=f"'{name}'")
@@ -474,7 +474,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
 
                 sc = _load_scenario(scenario, fixed + extra)
                 setup = loaded[tuple(extra)] = sc.model_copy(update={"costmodel": unified[0]}).resolve()
-                setup.cost.auto = AutoChoice("roofline", unified[1], runs_here=True)  # auto's, said in the JSON
+                setup.cost.auto = AutoChoice("roofline", unified[1])  # auto's choice, kept in the JSON
         return loaded[tuple(extra)]
 
     first = load([assignment(key, values[0])])
@@ -492,7 +492,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         if len(fitted) < len(values):
             why = f"this machine's profile fits {key} = {', '.join(v for v, _ in fitted)} only"
         else:
-            why = f"each {key} has a profile of its own, measured apart ({len(profiles)} files)"
+            why = f"the values of {key} have profiles of their own, measured apart ({len(profiles)} files)"
         unified = ({**(cm.get("roofline", {}) if isinstance(cm, dict) else {}), "kind": "roofline"},
                    f"{why}: every value of the sweep is priced on the roofline, so that the rows compare")
         loaded.clear()
@@ -517,7 +517,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         as_given = notes.profile_needs(_load_scenario(scenario, fixed).resolve())
     except HpipeError:
         as_given = None
-    for v in values:
+    for v in values if unified is None else ():  # (the sweep's own roofline for all is said above)
         at = load([assignment(key, v)])
         # the advice names the value where the scenario as given needs another profile (a
         # seq_len, a generating value): `hpipe execute SCENARIO` had measured the file's own

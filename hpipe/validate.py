@@ -359,11 +359,10 @@ def check_profile_target(scenario: Scenario, path: str) -> None:
     if other:
         raise InputError(f"{p} is a profile of another model ({other}); validate would write over it: give "
                          f"another path", field="--profile")
-    if prof.scenario != scenario.name:  # its devices and links are another scenario's: not this one's to refresh
-        stale = profile_staleness(scenario, p)
-        raise InputError(f"{p} is a profile of scenario {prof.scenario!r}, not {scenario.name!r}"
-                         + (f" (here it is stale: {stale})" if stale else "")
-                         + "; validate would write over it: give another path", field="--profile")
+    stale = profile_staleness(scenario, p) if prof.scenario != scenario.name else None
+    if stale:  # another scenario's, which would be measured over: not this one's to refresh (read, it may serve)
+        raise InputError(f"{p} is a profile of scenario {prof.scenario!r}, not {scenario.name!r}, and stale "
+                         f"for it ({stale}); validate would write over it: give another path", field="--profile")
 
 
 def ensure_profile(scenario: Scenario, profile_path: Path | None = None, *, reprofile: bool = False,

@@ -249,6 +249,7 @@ def test_a_sweep_that_auto_would_price_on_two_models_takes_the_roofline_for_all(
     err = " ".join(r.stderr.split())
     assert "fits workload.seq_len = 512 only: every value of the sweep is priced on the roofline" in err, r.stderr
     assert f"profile: {path}" in err and "cost model auto: fitted" not in err
+    assert "measures this machine once" not in err  # no advice to measure a profile that exists
     runs = json.loads(out.read_text())["runs"]
     swept = [run["results"][0]["latency_s"] for run in runs]
     for run in runs:  # the JSON says auto chose the roofline, and why, as simulate's does
@@ -281,7 +282,7 @@ def test_a_sweep_whose_values_have_profiles_of_their_own_takes_the_roofline_for_
     out = tmp_path / "sweep.json"
     r = cli("sweep", str(LOCAL), "--set", "workload.seq_len=512,256", "--planner", "base", "--json", str(out))
     err = " ".join(r.stderr.split())
-    assert r.returncode == 0 and "each workload.seq_len has a profile of its own, measured apart (2 files)" in err, err
+    assert r.returncode == 0 and "the values of workload.seq_len have profiles of their own, measured apart (2 files)" in err, err
     assert f"profile: {paths[0]}" in err and "cost model auto: fitted" not in err
     assert {run["cost_model"]["auto"]["used"] for run in json.loads(out.read_text())["runs"]} == {"roofline"}
     # one profile for both (a swept key outside the cache key): priced on it, as before

@@ -67,7 +67,7 @@ def test_a_one_value_option_given_twice_is_refused_not_dropped(cli, tmp_path):
     assert "comma list" in r.stderr and r.stdout == ""
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     r = cli("plan", scen, "-o", str(a), "--output", str(b), "-q")
-    assert r.returncode == 2 and "'--output'" in r.stderr and "comma list" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "'-o / --output'" in r.stderr and "comma list" not in r.stderr, r.stderr
     assert not a.exists() and not b.exists()
     r = cli("simulate", scen, "--planner=gpipe", "-q", "--quiet", "--json", str(a),
             "--set", "workload.seq_len=1024", "--set", "workload.batch_size=2")

@@ -743,8 +743,10 @@ def test_validate_may_write_over_an_empty_file_an_old_profile_or_another_dtypes(
         check_profile_target(load_scenario_file(path, overrides=["model=small-llama"]), str(prof_path))
     # another scenario's profile of the same model (its devices, its links): not this one's to
     # refresh; validate had measured over it, saying only that a device's placement differed
-    with pytest.raises(InputError, match="a profile of scenario 'tiny-cpu', not 'other'"):
-        check_profile_target(load_scenario_file(path, overrides=["name=other"]), str(prof_path))
+    check_profile_target(load_scenario_file(path, overrides=["name=other"]), str(prof_path))  # current: read
+    with pytest.raises(InputError, match="a profile of scenario 'tiny-cpu', not 'other', and stale"):
+        check_profile_target(load_scenario_file(path, overrides=["name=other", "workload.seq_len=512"]),
+                             str(prof_path))
 
 
 def test_validate_says_it_does_not_check_the_scenarios_own_roofline(tmp_path, monkeypatch):

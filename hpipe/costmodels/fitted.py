@@ -310,9 +310,9 @@ class Fitted(CostModel):
         self._shaped: dict[frozenset, object] = {}
         """What tc shaped each emulated link to when it was measured (``EmulatedLink``)."""
         self.reshaped_links: list[tuple[str, str]] = []
+        """Pairs priced from the scenario's figures: it asks for another link than was measured."""
         self.latency_floored_links: list[tuple[str, str]] = []
         """Links asked for a latency below what their measurement can go to (``_reshaped``)."""
-        """Pairs priced from the scenario's figures: it asks for another link than was measured."""
         for link in self.profile.links:
             self._links[frozenset(link.between)] = fit_link(link.sizes_bytes, link.one_way_s)
             if link.emulated is not None:

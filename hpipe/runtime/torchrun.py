@@ -16,13 +16,13 @@ host whose differ refuses, naming what); a --set of other fields (a link's figur
 cost model) changes only rank 0's prediction beside the measurement.
 
 Before any process joins the process group, every process says on torchrun's store whether
-it is ready (``_meet``): one that refuses its input (a ``--host`` not in the scenario, a plan
+it is ready (``_Meeting``): one that refuses its input (a ``--host`` not in the scenario, a plan
 that does not fit after its ``--set``) is named to all within a second, where its peers had
 waited out the 600 s startup timeout in ``init_process_group`` with an error naming no host.
 Every receive is bounded by ``--timeout``; there is no launcher above the workers here, so a
 host that dies is noticed by its peers' timeouts and by torchrun, which then stops the others.
-A host that never starts is torchrun's to notice: the printed commands bound its rendezvous
-(``--rdzv-conf=timeout=``).
+A host that never starts is torchrun's to notice: its rendezvous times out (600 s in torch
+2.13; ``--rdzv-conf=timeout=S`` before ``-m`` sets another).
 """
 
 from __future__ import annotations
@@ -36,11 +36,8 @@ import sys
 import time
 from collections import Counter
 
-RENDEZVOUS_TIMEOUT_S = 900
-"""How long the printed commands let torchrun wait for every host to start (its static
-rendezvous waits without end otherwise: hosts started by hand, one after another, get 15 min)."""
 MEET_PREFIX = "hpipe/meet/"
-"""Keys of ``_meet`` on torchrun's store (the agent's, which every worker reaches)."""
+"""Keys of ``_Meeting`` on torchrun's store (the agent's, which every worker reaches)."""
 
 
 class _Once(argparse.Action):
@@ -112,7 +109,7 @@ def commands(setup, plan, args) -> list[str]:
     defaults = _parser().parse_args([args.scenario])
     shared = ((f"--plan {shlex.quote(args.plan)}" if args.plan else f"--planner {plan.planner}") + _sets(args)
               + (f" --inputs {shlex.quote(args.inputs)}" if args.inputs else "")
-              + "".join(f" --{name} {getattr(args, name):g}" for name in ("seed", "warmup", "timeout")
+              + "".join(f" --{name} {getattr(args, name)}" for name in ("seed", "warmup", "timeout")
                         if getattr(args, name) != getattr(defaults, name)))
     rank0 = f" --json {shlex.quote(args.json_path or 'result.json')}" + (" --check" if args.check else "")
     lines = []
@@ -120,77 +117,131 @@ def commands(setup, plan, args) -> list[str]:
         lines.append(f"# on {host} ({addresses.get(host) or 'address not given'}):\n"
                      f"torchrun --nnodes={len(per_host)} --node-rank={node_rank} --nproc-per-node={n} "
                      f"--master-addr={master} --master-port={args.master_port} "
-                     f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_S} "
                      f"-m hpipe.runtime.torchrun {shlex.quote(args.scenario)} {shared} --host {host}"
                      + (rank0 if node_rank == 0 else ""))
     return lines
 
 
-def _store():
-    """torchrun's store (the agent's, which every worker reaches), under ``MEET_PREFIX``."""
-    from datetime import timedelta
+class _Meeting:
+    """The processes' meeting on torchrun's store before ``init_process_group``: each posts that it
+    started (before it plans), then that it is ready or why it refused; all wait until every one
+    has said.  A refusal stops every process at once, naming the host and with its exit code.
+    (One that refused before ``init_process_group`` had left its peers waiting there for the
+    whole startup timeout, 600 s, to fail naming no host.)
 
-    import torch.distributed as dist
+    The store is the one torchrun's agent on node 0 hosts for its workers
+    (``TORCHELASTIC_USE_AGENT_STORE``); where torchrun gives none, there is no meeting and the
+    processes meet in ``init_process_group`` as before.  Keys are per restart of the run."""
 
-    return dist.PrefixStore(MEET_PREFIX, dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-        timeout=timedelta(seconds=60)))
+    LINGER_S = 120.0
+    """How long a refusing process on node 0 waits for its peers to read the refusal: its exit
+    ends node 0's agent, and the store with it."""
+    START_WAIT_S = 120.0
+    """The least time a peer has to say it started (torch's import on a loaded host): one silent
+    longer failed before it could say why (its host's output says)."""
 
+    def __init__(self):
+        self.active = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in os.environ
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        self._store = None
 
-def _say_started() -> None:
-    """Post that this process runs (before it plans): a peer that never says so within --timeout
-    failed before it could say anything else (see ``_meet``)."""
-    _store().set(f"started/{os.environ['RANK']}", "1")
+    def _call(self, what, *a):
+        """A store operation; the store gone (node 0's torchrun stopped) is one line, not a traceback."""
+        from hpipe.errors import WorkerError
 
+        try:
+            if self._store is None:
+                from datetime import timedelta
 
-def _refuse(host: str | None, refusal: BaseException) -> None:
-    """Post this process's refusal, so that its peers stop at once naming it (``_meet``)."""
-    from hpipe.errors import HpipeError
+                import torch.distributed as dist
 
-    code = refusal.code if isinstance(refusal, SystemExit) else getattr(refusal, "exit_code", 1)
-    message = (str(refusal) if isinstance(refusal, HpipeError) else
-               "its command line was refused (see that host's output)" if isinstance(refusal, SystemExit) else
-               "interrupted" if isinstance(refusal, KeyboardInterrupt) else f"{type(refusal).__name__}: {refusal}")
-    _store().set(f"ready/{os.environ['RANK']}", json.dumps(
-        {"host": host or "(no --host)", "exit_code": code if isinstance(code, int) else 1, "message": message}))
+                prefix = f"{MEET_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+                self._store = dist.PrefixStore(prefix, dist.TCPStore(
+                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                    timeout=timedelta(seconds=60)))
+            return getattr(self._store, what)(*a)
+        except Exception as e:
+            raise WorkerError(f"torchrun's store at {self.where} is gone or unreachable (node 0's torchrun "
+                              f"stopped? see its output): {str(e).strip().splitlines()[0] if str(e).strip() else e}") from e
 
+    def _said(self, r: int):
+        """Rank r's ready/refusal post, or None where it has posted nothing (ready is JSON null:
+        posted, so "ready" is returned for it)."""
+        if not self._call("check", [f"ready/{r}"]):
+            return None
+        return json.loads(self._call("get", f"ready/{r}")) or "ready"
 
-def _meet(start_wait_s: float, ready_wait_s: float) -> None:
-    """Post that this process is ready to join the process group, and wait until every process
-    has said whether it is: a refusal is raised on every process, naming the host that refused,
-    with its exit code.  (A process that refused before ``init_process_group`` had left its peers
-    waiting there for the whole startup timeout, 600 s, to fail naming no host.)  A peer that
-    has not even said it started within ``start_wait_s`` failed before it could say why; one
-    that started is given ``ready_wait_s`` (its planning may take a while)."""
-    from hpipe.errors import HpipeError, WorkerError
+    def started(self) -> None:
+        if self.active:
+            self._call("set", f"started/{self.rank}", "1")
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = _store()
-    store.set(f"ready/{rank}", json.dumps(None))
-    start, posted = time.monotonic(), {}
-    while True:
-        for r in range(world):
-            if r not in posted and store.check([f"ready/{r}"]):
-                posted[r] = json.loads(store.get(f"ready/{r}"))
-        refused = sorted((r, v) for r, v in posted.items() if v is not None)
-        if refused:
-            r, v = refused[0]
-            err = HpipeError(f"host {v['host']} (rank {r}) refused, so this one stops too: {v['message']}")
-            err.exit_code = v["exit_code"]
-            raise err
-        if len(posted) == world:
+    def refuse(self, host: str | None, refusal: BaseException) -> None:
+        """Post this process's refusal; on node 0, wait (``LINGER_S`` at most) until every peer
+        has read it or refused too."""
+        from hpipe.errors import HpipeError
+
+        if not self.active:
             return
-        waited = time.monotonic() - start
-        silent = [r for r in range(world) if r not in posted and not store.check([f"started/{r}"])]
-        if silent and waited > start_wait_s:
-            raise WorkerError(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not start "
-                              f"within {start_wait_s:g} s (--timeout): failed before it could say why; see that "
-                              f"host's output")
-        if waited > ready_wait_s:
-            late = sorted(set(range(world)) - set(posted))
-            raise WorkerError(f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} not ready after "
-                              f"{ready_wait_s:g} s")
-        time.sleep(0.05)
+        code = (refusal.code if isinstance(refusal, SystemExit) else 130 if isinstance(refusal, KeyboardInterrupt)
+                else getattr(refusal, "exit_code", 1))
+        message = (str(refusal) if isinstance(refusal, HpipeError) else
+                   "its command line was refused (see that host's output)" if isinstance(refusal, SystemExit) else
+                   "interrupted" if isinstance(refusal, KeyboardInterrupt) else f"{type(refusal).__name__}: {refusal}")
+        self._call("set", f"ready/{self.rank}", json.dumps(
+            {"host": host or "(no --host)", "exit_code": code if isinstance(code, int) else 1, "message": message}))
+        if os.environ.get("GROUP_RANK", "0") != "0":
+            return
+        deadline = time.monotonic() + self.LINGER_S
+        while time.monotonic() < deadline:
+            if all(isinstance(self._said(r), dict) or self._call("check", [f"seen/{r}"])
+                   for r in range(self.world) if r != self.rank):
+                return
+            time.sleep(0.05)
+
+    def meet(self, host: str | None, start_wait_s: float, ready_wait_s: float) -> None:
+        """Post ready and wait for every peer: raise the first refusal (and say it was seen);
+        a peer silent past ``start_wait_s`` (not even started) or not ready past ``ready_wait_s``
+        is a WorkerError.  Ctrl-C while waiting is posted as this process's refusal."""
+        from hpipe.errors import HpipeError, WorkerError
+
+        if not self.active:
+            return
+        self._call("set", f"ready/{self.rank}", json.dumps(None))
+        start, said = time.monotonic(), {}
+        try:
+            while True:
+                for r in range(self.world):
+                    if r not in said:
+                        got = self._said(r)
+                        if got is not None:
+                            said[r] = got
+                refused = sorted((r, v) for r, v in said.items() if isinstance(v, dict))
+                if refused:
+                    r, v = refused[0]
+                    self._call("set", f"seen/{self.rank}", "1")
+                    err = HpipeError(f"host {v['host']} (rank {r}) refused, so this one stops too: {v['message']}")
+                    err.exit_code = v["exit_code"]
+                    raise err
+                if len(said) == self.world:
+                    return
+                waited = time.monotonic() - start
+                silent = [r for r in range(self.world) if r not in said and not self._call("check", [f"started/{r}"])]
+                wait = max(start_wait_s, self.START_WAIT_S)
+                if silent and waited > wait:
+                    raise WorkerError(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not "
+                                      f"start within {wait:g} s: failed before it could say why; see that host's "
+                                      f"output")
+                if waited > ready_wait_s:
+                    late = sorted(set(range(self.world)) - set(said))
+                    raise WorkerError(f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} not ready "
+                                      f"after {ready_wait_s:g} s")
+                time.sleep(0.05)
+        except KeyboardInterrupt as e:
+            with contextlib.suppress(Exception):
+                self.refuse(host, e)
+            raise
 
 
 def main(argv=None) -> int:
@@ -203,7 +254,7 @@ def main(argv=None) -> int:
             argv = sys.argv[1:] if argv is None else argv
             host = next((b for a, b in zip(argv, argv[1:]) if a == "--host"), None)
             with contextlib.suppress(Exception):
-                _refuse(host, e)
+                _Meeting().refuse(host, e)
         raise
     try:
         return _main(args)
@@ -258,14 +309,15 @@ def _main(args) -> int:
         return 0
     if "LOCAL_RANK" not in os.environ:
         raise InputError("not started by torchrun (LOCAL_RANK is unset); see --commands", field="--host")
-    _say_started()
+    meeting = _Meeting()
+    meeting.started()
     try:
         cfg, setup, plan, predicted = _prepare(args)
-    except (Exception, KeyboardInterrupt) as e:  # said to the peers, which stop too (_meet)
+    except (Exception, KeyboardInterrupt) as e:  # said to the peers, which stop too
         with contextlib.suppress(Exception):  # a store gone is not this process's error
-            _refuse(args.host, e)
+            meeting.refuse(args.host, e)
         raise
-    _meet(start_wait_s=args.timeout, ready_wait_s=cfg.startup_timeout_s)
+    meeting.meet(args.host, start_wait_s=args.timeout, ready_wait_s=cfg.startup_timeout_s)
     return _run(args, cfg, setup, plan, predicted)
 
 
@@ -327,9 +379,9 @@ def _prepare(args):
         from hpipe.runtime.generation import generation_config
 
         cfg.generation = generation_config(setup, plan, spec)
-    if int(os.environ.get("RANK", "0")) != 0 and (args.json_path or args.check):
-        print(f"hpipe: --json and --check are global rank 0's (node rank 0), not this process's "
-              f"(rank {os.environ['RANK']}, host {args.host}): give them on node 0's command", file=sys.stderr)
+    if os.environ.get("GROUP_RANK", os.environ.get("RANK", "0")) != "0" and (args.json_path or args.check):
+        print(f"hpipe: --json and --check are global rank 0's, on node 0, not this host's ({args.host}, node "
+              f"{os.environ.get('GROUP_RANK')}): give them on node 0's command", file=sys.stderr)
     return cfg, setup, plan, predicted
 
 

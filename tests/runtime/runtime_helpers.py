@@ -78,9 +78,10 @@ def save_hf_gpt2(folder, seed=0, **cfg):
 
 
 def run_two_hosts_with_torchrun(scenario, plan, extra: list[str], json_out, *, env: dict, cwd,
-                                hb_extra: tuple[str, ...] = (), returncodes=(0, 0)) -> list[tuple]:
+                                hb_extra: tuple[str, ...] = (), returncodes=(0, 0),
+                                ha_extra: tuple[str, ...] = ()) -> list[tuple]:
     """Run ``hpipe.runtime.torchrun`` as two torchrun nodes on this machine, hosts "ha" (node
-    0, which writes ``json_out``) and "hb" (given ``hb_extra`` too); asserts their exit codes
+    0, which writes ``json_out``; given ``ha_extra`` too) and "hb" (``hb_extra``); asserts their exit codes
     are ``returncodes`` and returns their (stdout, stderr).  Each node runs in its own
     session, killed whole if it outlives the timeout."""
     import os
@@ -96,7 +97,7 @@ def run_two_hosts_with_torchrun(scenario, plan, extra: list[str], json_out, *, e
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                "-m", "hpipe.runtime.torchrun", str(scenario), "--plan", str(plan), "--host", host,
-               "--warmup", "0", "--timeout", "30", *extra, *(hb_extra if host == "hb" else ())] \
+               "--warmup", "0", "--timeout", "30", *extra, *(hb_extra if host == "hb" else ha_extra)] \
             + (["--json", str(json_out)] if node_rank == 0 else [])
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                       cwd=cwd, start_new_session=True))

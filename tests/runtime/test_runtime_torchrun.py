@@ -119,6 +119,13 @@ def test_a_host_that_refuses_before_joining_stops_its_peers_at_once(tmp_path):
     assert "host hb (rank 1) refused, so this one stops too: plan does not fit" in err_a, err_a[-2000:]
     assert "exitcode  : 3" in err_a and "[rank0]: Traceback" not in err_a  # hb's exit code, one line
     assert not out.exists()
+    # node 0 refusing: its torchrun holds the store, so it waits until hb has read the refusal
+    # (a peer slower to look had met the store gone: a traceback after a minute, naming no host)
+    (_, err_a), (_, err_b) = run_two_hosts_with_torchrun(
+        scenario, plan_path, [], out, env=env, cwd=ROOT, returncodes=(1, 1),
+        ha_extra=("--set", "cluster.hosts[0].devices[0].memory_gb=0.000001"))
+    assert "host ha (rank 0) refused, so this one stops too: plan does not fit" in err_b, err_b[-2000:]
+    assert "[rank1]: Traceback" not in err_b
 
 
 def test_hosts_agree_whatever_folder_holds_their_weights():
@@ -170,12 +177,12 @@ def test_commands_carry_every_option_and_refuse_a_plan_that_does_not_fit(tmp_pat
 
     scenario, plan_path, _, _ = _two_stages(tmp_path)
     plan = str(plan_path)
-    assert main([str(scenario), "--commands", "--plan", plan, "--seed", "3", "--inputs", "ids.json",
+    assert main([str(scenario), "--commands", "--plan", plan, "--seed", "12345678", "--inputs", "ids.json",
                  "--timeout", "120", "--warmup", "0", "--check", "--json", "my.json"]) == 0
     out, err = capsys.readouterr()
     lines = [ln for ln in out.splitlines() if ln.startswith("torchrun")]
-    assert len(lines) == 2 and all("--rdzv-conf=timeout=" in ln for ln in lines), out
-    shared = "--inputs ids.json --seed 3 --warmup 0 --timeout 120 --host"
+    assert len(lines) == 2, out
+    shared = "--inputs ids.json --seed 12345678 --warmup 0 --timeout 120.0 --host"  # as given, not 1.23457e+07
     assert all(shared in ln for ln in lines), out
     assert lines[0].endswith("--host ha --json my.json --check") and lines[1].endswith("--host hb"), out
     assert "copy it to each" in err
