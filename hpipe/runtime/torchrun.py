@@ -178,8 +178,8 @@ class _Meeting:
             self._call("set", f"started/{self.rank}", "1")
 
     def refuse(self, host: str | None, refusal: BaseException) -> None:
-        """Post this process's refusal; on node 0, wait (``LINGER_S`` at most) until every peer
-        has read it or refused too."""
+        """Post this process's refusal; on node 0, but for Ctrl-C, wait (``LINGER_S`` at most)
+        until every peer has read it or refused too."""
         from hpipe.errors import HpipeError
 
         if not self.active:
@@ -191,8 +191,8 @@ class _Meeting:
                    "interrupted" if isinstance(refusal, KeyboardInterrupt) else f"{type(refusal).__name__}: {refusal}")
         self._call("set", f"ready/{self.rank}", json.dumps(
             {"host": host or "(no --host)", "exit_code": code if isinstance(code, int) else 1, "message": message}))
-        if os.environ.get("GROUP_RANK", "0") != "0":
-            return
+        if os.environ.get("GROUP_RANK", "0") != "0" or isinstance(refusal, KeyboardInterrupt):
+            return  # (Ctrl-C leaves at once: a peer then finds the store gone, said in one line)
         deadline = time.monotonic() + self.LINGER_S
         while time.monotonic() < deadline:
             if all(isinstance(self._said(r), dict) or self._call("check", [f"seen/{r}"])
