@@ -36,6 +36,10 @@ import sys
 import time
 from collections import Counter
 
+STORE_TIMEOUT_S = 15
+"""How long a store operation of the meeting may take: node 0's torchrun, which holds the store,
+answers at once while it runs; gone (its host stopped), the client's connect would retry for
+minutes under torch's default."""
 MEET_PREFIX = "hpipe/meet/"
 """Keys of ``_Meeting`` on torchrun's store (the agent's, which every worker reaches)."""
 
@@ -160,7 +164,7 @@ class _Meeting:
                 prefix = f"{MEET_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
                 self._store = dist.PrefixStore(prefix, dist.TCPStore(
                     os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                    timeout=timedelta(seconds=60)))
+                    timeout=timedelta(seconds=STORE_TIMEOUT_S)))
             return getattr(self._store, what)(*a)
         except Exception as e:
             raise WorkerError(f"torchrun's store at {self.where} is gone or unreachable (node 0's torchrun "
