@@ -104,8 +104,7 @@ def _needs_torch(command: str):
 def _costmodel_name(setup) -> str:
     """The cost model a table's title names: the scenario's kind, and for auto the one it chose
     (with --quiet the choice is said nowhere else)."""
-    cm = setup.scenario.costmodel
-    kind = cm if isinstance(cm, str) else cm["kind"]
+    kind = setup.scenario.costmodel_kind
     choice = getattr(setup.cost, "auto", None)  # (a sweep may have put auto's roofline in its place)
     return f"auto ({choice.used})" if choice is not None else kind
 
@@ -317,7 +316,7 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
-    notes.say_uncovered(setup)
+    notes.say(notes.uncovered(setup))
     notes.past_context(setup)  # a warning: said with --quiet too
     name = _chosen_planners(planner, setup.scenario)
     if len(name) != 1:
@@ -381,7 +380,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
-    notes.say_uncovered(setup)
+    notes.say(notes.uncovered(setup))
     notes.past_context(setup)  # a warning: said with --quiet too
     results = []
     if plan is not None:
@@ -410,8 +409,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         if len(limits) == len(names):  # no planner could take it: the input's fault, exit 2
             raise limits[0]
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
-    if notes.floored_latency(setup):
-        err_console.print(notes.floored_latency(setup), markup=False, highlight=False, soft_wrap=True)
+    notes.say(notes.floored_latency(setup))  # (the links priced on: known once planned and simulated)
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace, plot)
     written = {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot}
@@ -525,7 +523,8 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         if note and (warning or not quiet):
             auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
     for v in values:  # a fitted profile short of what a value asks (its tokens, its decode steps, a link's floor)
-        for line in (notes.uncovered(load([assignment(key, v)])), notes.floored_latency(load([assignment(key, v)]))):
+        at = load([assignment(key, v)])
+        for line in (notes.uncovered(at), notes.floored_latency(at)):
             if line:
                 auto_notes.setdefault(line, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in auto_notes.items():
@@ -1008,8 +1007,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
     scs = [_load_scenario(p, sets) for p in scenarios]
     for path, sc in zip(scenarios, scs):  # validate predicts on a fitted model of its own; the scenario's
         sc.check_costmodel()                # must still be valid, and one it does not check is said
-        cm = sc.costmodel
-        kind = cm if isinstance(cm, str) else cm.get("kind")
+        kind = sc.costmodel_kind
         if kind not in ("fitted", "auto"):
             err_console.print(f"note: {path} prices on the {kind} cost model; validate checks the fitted model "
                               f"on a profile of this machine instead (the scenario's {kind} is not what it "

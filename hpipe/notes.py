@@ -228,10 +228,11 @@ def floored_latency(setup) -> str | None:
             f"(less any latency netem added): priced at the measurement, so latencies under it read the same")
 
 
-def say_uncovered(setup) -> None:
-    line = uncovered(setup)
-    if line:
-        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+def say(*lines: str | None) -> None:
+    """Each of ``lines`` that is a line (``uncovered``, ``floored_latency``) on stderr, as written."""
+    for line in lines:
+        if line:
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def foreign_profile(setup) -> None:

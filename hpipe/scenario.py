@@ -468,6 +468,12 @@ class Scenario(_Strict):
         """The --set assignments applied before validation (``load_scenario``)."""
         return self._overrides
 
+    @property
+    def costmodel_kind(self) -> str:
+        """The cost model's kind, whether written as a name or as a mapping with ``kind``."""
+        cm = self.costmodel
+        return cm if isinstance(cm, str) else cm["kind"]
+
     def check_costmodel(self) -> None:
         """Check the cost model's settings without building it (no profile read): for commands
         that put another model in its place (profile, validate), so that a typo is still said."""
