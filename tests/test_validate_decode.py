@@ -319,13 +319,19 @@ def test_validate_decode_cases_end_to_end(tmp_path):
         assert c.ttft_error == pytest.approx((c.simulated_ttft_s - c.measured_ttft_s) / c.measured_ttft_s)
         assert 0 < c.measured_ttft_s < c.measured_ttft_s + c.measured_tpot_s <= c.measured_latency_s * 1.001
         assert c.decode_compute_error is not None and c.compute_error is not None
-        # in CPU time: the run's compute CPU time covers the decode steps as the prediction does --
-        # without them it came out +72% to +100% and more here, which the upper bound catches.
-        # Load moves CPU time less than wall time, not never: on CI's shared VM (run drift +33%)
-        # the measured CPU time of this millisecond-step model came out 2.0x and 2.4x the
-        # prediction, so the lower bound only catches a gross miscount (over 3x).
+        # in CPU time.  Load moves CPU time less than wall time, not never: the profile and the
+        # runs are measured at different times, and this millisecond-step model's errors spread from
+        # -0.41 to +0.50 beside a busy loop (AMD EPYC, 2 cores); on CI's shared VM (run drift
+        # +33%) the measured CPU time came out 2.0x and 2.4x the prediction.  So the bounds on
+        # each error catch only a gross miscount (measured under half or over 3x the prediction) ...
         for err in (c.compute_error, c.decode_compute_error):
-            assert -0.7 < err < 0.5, c
+            assert -0.7 < err < 1.0, c
+        # ... and the run's compute CPU time must cover its decode steps as the prediction does.
+        # Both errors are of the same runs against the same profile, so load cancels between
+        # them: beside a busy loop (1 + compute) / (1 + decode) read 0.83 to 1.10 in twelve
+        # cases, and 1.69 to 2.37 in six with the decode steps left out of the run's compute
+        # CPU time.
+        assert (1 + c.compute_error) / (1 + c.decode_compute_error) < 1.4, c
         assert c.measured_latency_s == min(c.measured_runs_s)
     assert v.by_kind["decode"].n == 2 and v.decode_tpot.n == 2 and v.decode_ttft.n == 2
     assert v.decode_tpot.median_abs_error == pytest.approx(float(np.median([abs(c.tpot_error) for c in dec])))
