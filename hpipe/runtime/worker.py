@@ -146,6 +146,21 @@ def rss_bytes() -> int:
         return 0
 
 
+def file_rss_bytes() -> int:
+    """The process's file-backed RSS (RssFile): pages of torch's and Python's own libraries,
+    which a worker forked from the forkserver faults in anew (fork copies no page-table entries
+    of file mappings) where a torchrun process already has them from its import; 0 where
+    /proc gives none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """The process's RSS high-water mark: VmHWM (resettable), else getrusage's ru_maxrss."""
     try:
@@ -578,7 +593,7 @@ def worker_main(cfg: WorkerConfig, report=None) -> dict:
     # cgroup hold for everything the worker does (and its placement's interface wins over "lo")
     emulation.enter(cfg.emulation)
     apply_placement(cfg)
-    baseline = rss_bytes()
+    baseline = rss_bytes() - file_rss_bytes()  # anonymous: libraries' pages are no device's memory
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     dist.init_process_group(cfg.backend, init_method=cfg.init_method, rank=cfg.rank if cfg.rank is not None else -1,
@@ -591,9 +606,9 @@ def worker_main(cfg: WorkerConfig, report=None) -> dict:
     if cfg.device.startswith("cuda"):
         peak, how = torch.cuda.max_memory_allocated(torch.device(cfg.device)), "cuda max_memory_allocated"
     else:
-        peak = max(peak_rss_bytes() - baseline, 0)
+        peak = max(peak_rss_bytes() - file_rss_bytes() - baseline, 0)
         how = ("RSS high-water during the run" if hwm_reset else "RSS high-water") + \
-            " above the RSS before the weights were loaded"
+            " less file-backed pages, above the anonymous RSS before the weights were loaded"
     rec.update(role=cfg.role, stage=worker.stage, device_id=cfg.devices[cfg.role], host=socket.gethostname(),
                peak_bytes=peak, peak_how=how, boot_id=_boot_id(),
                process_cpu_s=time.process_time())  # all of this worker's CPU: the launcher sets it apart from others'
