@@ -138,16 +138,22 @@ def usable_capacity_cores() -> float:
     return min(n, q) if q is not None else n
 
 
-def available_memory_bytes() -> float | None:
-    """MemAvailable of /proc/meminfo, or None where there is none."""
+def proc_kib_bytes(path: str, field: str) -> float | None:
+    """A "Field:  N kB" line of a /proc file (meminfo, self/status) in bytes, or None where
+    the file or the field is missing (another OS; gVisor's status lacks some)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return float(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory_bytes() -> float | None:
+    """MemAvailable of /proc/meminfo, or None where there is none."""
+    return proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def check_cpu_memory(setup, plan) -> None:

@@ -59,6 +59,7 @@ from hpipe.models import ModelSpec
 from hpipe.procwatch import start_watching
 from hpipe.runtime import emulation
 from hpipe.runtime.codecs import CODEC_IDS, CODEC_NAMES, decode, encode
+from hpipe.runtime.here import proc_kib_bytes
 from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
 from hpipe.runtime.weights import weight_source
 
@@ -151,25 +152,14 @@ def file_rss_bytes() -> int:
     which a worker forked from the forkserver faults in anew (fork copies no page-table entries
     of file mappings) where a torchrun process already has them from its import; 0 where
     /proc gives none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return int(proc_kib_bytes("/proc/self/status", "RssFile") or 0)
 
 
 def peak_rss_bytes() -> int:
     """The process's RSS high-water mark: VmHWM (resettable), else getrusage's ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_kib_bytes("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return int(hwm)
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
 
