@@ -169,21 +169,24 @@ def testbed() -> None:
     plain = make_plan(parse_scenario(base, str(path)).resolve(), "hpipe")
     print(f"paper-llama7b, hpipe uncompressed: {plain.predicted['latency_s']:.3f} s "
           f"(stages {[s.units for s in plain.stages]})")
-    for allow, hops in ((["int8"], 1), (["int8"], 5), (["int8", "int4"], 5)):
-        data = {**base, "compression": {"allow": allow, "max_lossy_hops": hops}}
-        p = make_plan(parse_scenario(data, str(path)).resolve(), "hpipe")
+    # each with the default min_gain (the least lossy plan within 1% of the fastest) and with 0
+    for allow, hops, gain in ((["int8"], 1, None), (["int8"], 1, 0.0), (["int8"], 5, None), (["int8"], 5, 0.0),
+                              (["int8", "int4"], 5, None), (["int8", "int4"], 5, 0.0)):
+        comp = {"allow": allow, "max_lossy_hops": hops, **({} if gain is None else {"min_gain": gain})}
+        p = make_plan(parse_scenario({**base, "compression": comp}, str(path)).resolve(), "hpipe")
         t = p.predicted["latency_s"]
-        print(f"  allow {allow} max_lossy_hops {hops}: {t:.3f} s, speed-up {plain.predicted['latency_s'] / t - 1:+.2%}, "
-              f"codecs {p.codecs}")
+        print(f"  allow {allow} max_lossy_hops {hops}{'' if gain is None else f' min_gain {gain:g}'}: {t:.3f} s, "
+              f"speed-up {plain.predicted['latency_s'] / t - 1:+.2%}, codecs {p.codecs}")
     # GPT3-2.7B on the same testbed: more activation bytes against its compute
     path3 = ROOT / "scenarios/paper-gpt3-2.7b.yaml"
     g = yaml.safe_load(path3.read_text())
     plain3 = make_plan(parse_scenario(g, str(path3)).resolve(), "hpipe")
-    for allow in (["int8"], ["int8", "int4"]):
-        p = make_plan(parse_scenario({**g, "compression": {"allow": allow, "max_lossy_hops": 5}}, str(path3)).resolve(),
-                      "hpipe")
+    for allow, gain in ((["int8"], None), (["int8", "int4"], None), (["int8", "int4"], 0.0)):
+        comp = {"allow": allow, "max_lossy_hops": 5, **({} if gain is None else {"min_gain": gain})}
+        p = make_plan(parse_scenario({**g, "compression": comp}, str(path3)).resolve(), "hpipe")
         t = p.predicted["latency_s"]
-        print(f"paper-gpt3-2.7b, allow {allow} max_lossy_hops 5: {plain3.predicted['latency_s']:.4f} -> {t:.4f} s, "
+        print(f"paper-gpt3-2.7b, allow {allow} max_lossy_hops 5{'' if gain is None else f' min_gain {gain:g}'}: "
+              f"{plain3.predicted['latency_s']:.4f} -> {t:.4f} s, "
               f"speed-up {plain3.predicted['latency_s'] / t - 1:+.2%}, codecs {p.codecs}, "
               f"stages {[s.units for s in p.stages]} (uncompressed: {[s.units for s in plain3.stages]})")
     # where the link, not compute, sets the pace: the same testbed on 100 Mbit/s Ethernet

@@ -79,6 +79,9 @@ class Codec:
     decode_ops: int = 0
     channel_major: bool = False
     """Blocks run along each channel's rows rather than along each token (see above)."""
+    rel_error: float = 0.0
+    """Round-trip RMS error relative to the activation's RMS: what the planner ranks codecs'
+    loss by (``assignment_loss``)."""
 
     @property
     def lossy(self) -> bool:
@@ -118,11 +121,14 @@ class Codec:
 # nibbles (int16 6, +8 4, shift 2, or 3, to uint8 1.5) and its unpacking.  These replace
 # pass counts scaled from one machine's CPU time (an AMD EPYC VM, 2026-12-01), which priced
 # the Xeon VM of 2026-12-03 3-3.5x too slow.
+# rel_error: the larger round-trip error at the two stage boundaries of the trained small
+# LLaMA, % of the residual stream's RMS (benchmarks/results/
+# compression-accuracy-2026-12-03-xeon-seed0.txt: int8 0.62%, fp8 2.32%, int4 9.96%).
 CODECS: dict[str, Codec] = {
     "none": Codec("none", 0, 0, 0.0),
-    "int8": Codec("int8", 8, 64, 127.0, 44.36, 13.22, 21, 4, channel_major=True),
-    "fp8": Codec("fp8", 8, 64, 448.0, 36.36, 13.22, 20, 4),
-    "int4": Codec("int4", 4, 32, 7.0, 56.22, 27.94, 25, 9, channel_major=True),
+    "int8": Codec("int8", 8, 64, 127.0, 44.36, 13.22, 21, 4, channel_major=True, rel_error=0.0062),
+    "fp8": Codec("fp8", 8, 64, 448.0, 36.36, 13.22, 20, 4, rel_error=0.0232),
+    "int4": Codec("int4", 4, 32, 7.0, 56.22, 27.94, 25, 9, channel_major=True, rel_error=0.0996),
 }
 # Ops: a one-row int8 message (a decode step of a 512-wide model) took 212 / 111 us of CPU
 # time to encode / decode on the AMD EPYC VM (2026-12-01) and 65 / 30 us on the 2-core Intel
@@ -139,6 +145,12 @@ def get_codec(name: str) -> Codec:
         return CODECS[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; one of {', '.join(CODECS)}") from None
+
+
+def assignment_loss(codecs) -> float:
+    """How lossy a plan's codecs are, to rank them: the sum of their squared relative errors
+    (independent noise on each hop adds in power).  0 for none at all."""
+    return sum(get_codec(c).rel_error ** 2 for c in codecs or ())
 
 
 def roofline_codec_time_s(codec: Codec, k, dtype_bytes: int, bandwidth_gbps: float, op_overhead_s: float):
