@@ -409,7 +409,8 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         if len(limits) == len(names):  # no planner could take it: the input's fault, exit 2
             raise limits[0]
     result = Result(scenario=setup.name, mode="simulated", results=results, cost_model=setup.cost.describe())
-    notes.say(notes.floored_latency(setup))  # (the links priced on: known once planned and simulated)
+    notes.say(notes.floored_latency(setup),  # (the links priced on: known once planned and simulated)
+              notes.unpriced(setup, results))
     _write_outputs(result, json_path, trace, plot)
     con = _out_console(json_path, quiet, trace, plot)
     written = {"Result JSON": json_path, "Chrome trace": trace, "Gantt chart": plot}
@@ -522,9 +523,11 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         note, warning = notes.auto_note(at, scenario, swept=key if notes.profile_needs(at) == as_given else None)
         if note and (warning or not quiet):
             auto_notes.setdefault(note, []).append(assignment(key, v).split("=", 1)[1])
-    for v in values:  # a fitted profile short of what a value asks (its tokens, its decode steps, a link's floor)
+    # a fitted profile short of what a value asks (its tokens, its decode steps, a link's floor);
+    # costs left blank for want of a price
+    for v, run in zip(values, result.runs):
         at = load([assignment(key, v)])
-        for line in (notes.uncovered(at), notes.floored_latency(at)):
+        for line in (notes.uncovered(at), notes.floored_latency(at), notes.unpriced(at, run.results)):
             if line:
                 auto_notes.setdefault(line, []).append(assignment(key, v).split("=", 1)[1])
     for note, at in auto_notes.items():

@@ -228,6 +228,24 @@ def floored_latency(setup) -> str | None:
             f"(less any latency netem added): priced at the measurement, so latencies under it read the same")
 
 
+def unpriced(setup, results) -> str | None:
+    """A line where a feasible plan's $/run and $/Mtok are blank because a device it uses has no
+    ``price_per_hour``, in a scenario that prices some device or sets a price (a price swept
+    over such devices had printed only blanks, with no word why); None otherwise (where
+    nothing is priced, blank cost columns are what the README says)."""
+    from hpipe.overrides import overridden_keys
+
+    cluster = setup.cluster
+    blank = {d for r in results if r.feasible and r.cost_usd is None and r.plan is not None for d in r.plan.devices}
+    missing = sorted({cluster.device(d).spec.name for d in blank if cluster.device(d).spec.price_per_hour is None})
+    some = (any(cluster.device(d).spec.price_per_hour is not None for d in cluster.device_ids)
+            or any(k.endswith("price_per_hour") for k in overridden_keys(setup.scenario.overrides)))
+    if not missing or not some:
+        return None
+    return (f"note: $/run and $/Mtok are blank where a plan uses {', '.join(missing)}: "
+            f"{'it has' if len(missing) == 1 else 'they have'} no price_per_hour (set one on the device entry)")
+
+
 def say(*lines: str | None) -> None:
     """Each of ``lines`` that is a line (``uncovered``, ``floored_latency``) on stderr, as written."""
     for line in lines:

@@ -416,6 +416,25 @@ def test_cost_is_price_times_latency_of_the_plan_devices():
     assert r.cost_usd == pytest.approx((0.5 * n_p100 + 0.25 * n_3090) * r.latency_s / 3600)
 
 
+def test_blank_costs_name_the_devices_without_a_price(cli):
+    """A price on one host's P100s and none on the RTX 3090s the plan also uses: the cost
+    columns are blank, and a note names the unpriced device (a price sweep had printed only
+    blanks).  Where nothing is priced, blanks are expected and nothing is said."""
+    setp100 = "cluster.hosts[0].devices[0].price_per_hour"
+    r = cli("simulate", str(PAPER), "--planner", "hpipe", "--set", f"{setp100}=0.5")
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stderr.split())
+    assert "$/run and $/Mtok are blank where a plan uses RTX3090: it has no price_per_hour" in said, r.stderr
+    assert "P100" not in said
+    r = cli("sweep", str(PAPER), "--planner", "hpipe", "--set", f"{setp100}=0.5,1")
+    assert r.returncode == 0 and "blank where a plan uses RTX3090" in " ".join(r.stderr.split()), r.stderr
+    r = cli("simulate", str(PAPER), "--planner", "hpipe")
+    assert r.returncode == 0 and "price_per_hour" not in r.stderr, r.stderr
+    r = cli("simulate", str(PAPER), "--planner", "hpipe", "--set", f"{setp100}=0.5",
+            "--set", "cluster.hosts[1].devices[0].price_per_hour=0.25")
+    assert r.returncode == 0 and "price_per_hour" not in r.stderr, r.stderr
+
+
 def test_cost_per_million_tokens_counts_the_generated_tokens():
     """With generation, ``usd_per_million_tokens`` is the run's cost over every token of the
     batch, prompt and new: batch x (seq_len + output_tokens).  A count of the prompt alone
