@@ -260,8 +260,14 @@ def blame_override(error: InputError, assignments, file: str | None) -> InputErr
            if any(f == k or f.startswith((k + ".", k + "[")) or k.startswith((f + ".", f + "[")) for f in fields)]
     if not hit:
         return None
-    several = any(len(split_values(split_assignment(a)[1])) > 1 for a in hit)  # K=V1,V2 is a sweep's
+    several = [a for a in hit if len(split_values(split_assignment(a)[1])) > 1]  # K=V1,V2 is a sweep's
     given = " and ".join(f"--set {a}" for a in hit)
-    return InputError(f"{error.problem} (from {given}" + ("; one value here: `hpipe sweep SCENARIO --set "
-                      "K=V1,V2` simulates at each of several" if several else "") + ")",
-                      file=file or error.file, field=error.field, also=error.also)
+    if several and "valid list" in error.problem:  # the field takes a list: V1,V2 was meant as one
+        k, raw = split_assignment(several[0])
+        hint = f"; a list is written in brackets: --set '{k}=[{', '.join(split_values(raw))}]'"
+    elif several:
+        hint = "; one value here: `hpipe sweep SCENARIO --set K=V1,V2` simulates at each of several"
+    else:
+        hint = ""
+    return InputError(f"{error.problem} (from {given}{hint})", file=file or error.file, field=error.field,
+                      also=error.also)

@@ -578,6 +578,11 @@ def test_sweep_takes_its_values_from_a_global_set_and_simulate_points_to_sweep(c
     assert r.returncode == 2 and "`hpipe sweep SCENARIO --set K=V1,V2`" in r.stderr, r.stderr
     r = cli("simulate", PAPER, "--set", "workload={seq_len: 30, batch_size: 2}")  # one value with a comma
     assert r.returncode == 2 and "hpipe sweep" not in r.stderr, r.stderr
+    # a field that takes a list: V1,V2 was meant as one list, written in brackets (it had pointed to sweep)
+    r = cli("simulate", PAPER, "--set", "compression.allow=int8,fp8")
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "a list is written in brackets: --set 'compression.allow=[int8, fp8]'" in said, said
+    assert "hpipe sweep" not in said
 
 
 def test_sweep_of_a_scenario_valid_only_at_the_swept_values(cli, tmp_path):
