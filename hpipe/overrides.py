@@ -256,8 +256,16 @@ def blame_override(error: InputError, assignments, file: str | None) -> InputErr
     no assignment touched them: a user who typed the value on the command line looks for it
     there, not in the file."""
     fields = [f for f in (error.field, *error.also) if f]  # a cross-field problem's others too
+
+    def parent(key: str) -> str:
+        return key.rsplit(".", 1)[0] if "." in key else ""
+
+    # a key missing beside one a --set gave: that --set made the mapping (compression.max_lossy_hops
+    # on a scenario without compression: lacks compression.allow)
+    missing = "missing required key" in error.problem
     hit = [a for k, a in zip(overridden_keys(assignments), assignments or ())
-           if any(f == k or f.startswith((k + ".", k + "[")) or k.startswith((f + ".", f + "[")) for f in fields)]
+           if any(f == k or f.startswith((k + ".", k + "[")) or k.startswith((f + ".", f + "["))
+                  or (missing and parent(f) and parent(f) == parent(k)) for f in fields)]
     if not hit:
         return None
     several = [a for a in hit if len(split_values(split_assignment(a)[1])) > 1]  # K=V1,V2 is a sweep's

@@ -219,6 +219,19 @@ def test_a_cross_field_problem_names_the_set_of_either_field():
     assert "--set workload.batch_size" not in str(e.value) and "n_layers" not in str(e.value), str(e.value)
 
 
+def test_a_key_missing_beside_a_set_one_names_that_set():
+    """``--set compression.max_lossy_hops=2`` on a scenario without compression makes a mapping
+    that lacks ``compression.allow``: the error names that --set (it had named none), and not
+    an unrelated one."""
+    from hpipe.errors import InputError
+    from hpipe.scenario import load_scenario
+
+    with pytest.raises(InputError) as e:
+        load_scenario(PAPER, overrides=["compression.max_lossy_hops=2", "workload.batch_size=2"])
+    assert e.value.field == "compression.allow" and "missing required key" in str(e.value)
+    assert str(e.value).endswith("(from --set compression.max_lossy_hops=2)"), str(e.value)
+
+
 def test_a_problem_of_a_whole_entry_names_the_set_of_one_of_its_keys():
     """A device entry given both ``type`` and ``name`` is refused at the entry itself
     (cluster.hosts[0].devices[0]), not at either key: when a --set of one of its keys caused
