@@ -201,3 +201,22 @@ def test_bf16_runs_at_the_fp32_rate_where_the_generation_has_no_bf16():
         setup = load_scenario(paper, overrides=[f"dtype={dtype}"]).resolve()
         latency[dtype] = simulate(setup, make_plan(setup, "gpipe")).latency_s  # all six devices
     assert latency["bfloat16"] > 1.2 * latency["float16"], latency
+
+
+def test_token_return_carries_eight_bytes_per_sampled_id(setup):
+    """The decode loop's feedback edge: b sampled ids of 8 bytes (int64) each, at the route's
+    latency and bandwidth.  By hand: a/P100-0 -> b/RTX3090-0 is 1 Gbit/s, 210 us; 4 ids are
+    32 bytes, 256 ns on the wire (audit 3: 4 bytes per id survived)."""
+    t = setup.cost.token_return_s("b/RTX3090-0", "a/P100-0", 4)
+    assert float(t) == pytest.approx(210e-6 + 32 * 8 / 1e9, rel=1e-12)
+    assert float(setup.cost.token_return_s("a/P100-0", "a/P100-0", 4)) == 0.0
+
+
+def test_a_negative_step_overhead_shortens_the_delay_then_the_hold():
+    """with_step_overhead by hand: +0.2 lengthens the delay; -0.5 takes the 0.3 s delay to zero
+    and the remaining 0.2 s off the hold; -2 leaves nothing (never below zero)."""
+    from hpipe.costmodels import with_step_overhead
+
+    assert tuple(map(float, with_step_overhead(1.0, 0.3, 0.2))) == pytest.approx((1.0, 0.5))
+    assert tuple(map(float, with_step_overhead(1.0, 0.3, -0.5))) == pytest.approx((0.8, 0.0))
+    assert tuple(map(float, with_step_overhead(1.0, 0.3, -2.0))) == (0.0, 0.0)

@@ -471,3 +471,77 @@ def test_a_sweep_below_a_links_measured_latency_says_it_reads_flat_there(cli, tm
     err = " ".join(r.stderr.split())
     assert r.returncode == 0 and "asked for a latency below what the profile measured there" in err, err
     assert "read the same [cluster.network.latency_us = 0, 100]" in err, err
+
+
+def test_holdout_keeps_every_point_below_eight_and_holds_out_a_quarter_from_eight():
+    """Seven points are too few to hold any out (the in-sample error is reported); from eight,
+    a quarter, rounded, is held out: 2 of 8, 3 of 12 (audit 3: `k <= 8` survived)."""
+    from hpipe.costmodels.fitted import holdout_mask
+
+    assert holdout_mask(7).all()
+    assert (~holdout_mask(8)).sum() == 2 and (~holdout_mask(12)).sum() == 3
+    s = UnitSamples(n=[32, 64, 96, 128, 160, 192, 224, 256], c=[0] * 8, b=[1] * 8,
+                    seconds=[1e-4 + 1e-6 * n for n in (32, 64, 96, 128, 160, 192, 224, 256)])
+    err = holdout_error("mlp", s)
+    assert (err.n_fit, err.n_holdout) == (6, 2)
+
+
+def test_profile_summary_figures_by_hand(tmp_path):
+    """What `hpipe profile` prints: the worst median and worst p90 hold-out error over devices and
+    kinds, and per device timed alone the median of alone / beside-busy time (audit 3: min for
+    max, and busy / alone, survived)."""
+    from hpipe.costmodels.fitted import alone_ratios, summarize_holdout
+
+    rep = {"a": {"attn": {"median_rel_error": 0.1, "p90_rel_error": 0.3}},
+           "b": {"mlp": {"median_rel_error": 0.2, "p90_rel_error": 0.25}}}
+    assert summarize_holdout(rep) == {"worst_median_rel_error": 0.2, "worst_p90_rel_error": 0.3}
+    assert summarize_holdout({}) == {"worst_median_rel_error": 0.0, "worst_p90_rel_error": 0.0}
+    prof = synthetic_profile(noise=0.0)
+    d0 = prof["devices"][0]
+    d0["alone"] = {k: {**u, "seconds": [0.8 * t for t in u["seconds"]]} for k, u in d0["units"].items()}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    assert alone_ratios(load_profile(path)) == {"local/core-0": pytest.approx(0.8, rel=1e-12)}
+
+
+def test_a_device_name_with_a_dash_is_matched_by_its_whole_type(tmp_path):
+    """A device the profile did not time by id is priced by the entry of the same type: the id
+    less its host and its index only ("big-core" of local/big-core-1), not its first word
+    (audit 3: split for rsplit survived, the test scenarios' names having no dash)."""
+    prof = synthetic_profile(devices=("other/big-core-0",), links=False, noise=0.0)
+    assert prof["devices"][0]["label"] == "big-core"
+    path = fitted_scenario(tmp_path, prof)
+    data = yaml.safe_load(path.read_text())
+    data["cluster"]["hosts"][0]["devices"][0]["name"] = "big-core"
+    path.write_text(yaml.safe_dump(data))
+    setup = load_scenario(path).resolve()
+    assert setup.cluster.device_ids == ["local/big-core-0", "local/big-core-1"]
+    attn = setup.units[1]
+    np.testing.assert_allclose(setup.cost.unit_time_s(attn, "local/big-core-1", 64, 64, 2),
+                               true_time("attn", 64, 64, 2), rtol=1e-3)
+
+
+def test_one_device_timed_alone_forms_no_colocated_group(tmp_path):
+    """Co-location needs two devices of the scenario timed alone by their own ids; one is no
+    group (audit 3: `len(group) >= 1` survived)."""
+    prof = synthetic_profile(noise=0.0)
+    d0 = prof["devices"][0]
+    d0["alone"] = {k: dict(u, seconds=[0.8 * t for t in u["seconds"]]) for k, u in d0["units"].items()}
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    assert setup.cost.colocated() == []
+
+
+def test_the_cpu_basis_divides_a_quota_devices_cpu_time_by_its_quota(tmp_path):
+    """basis cpu on a one-thread device held to cpu_quota 0.5: it runs 1/0.5 = 2x as long as
+    its CPU time, whatever wall time the profile's back-to-back sweeps took (audit 3: max for
+    min in the slowdown, 1 / max(0.5, 1) = 1, survived)."""
+    prof = synthetic_profile(noise=0.0)
+    for d in prof["devices"]:
+        d["placement"] = {"threads": 1, "cpu_quota": 0.5}
+        for u in d["units"].values():
+            u["cpu_seconds"] = list(u["seconds"])
+            u["seconds"] = [3 * t for t in u["seconds"]]  # wall: not what either basis reads here
+    setup = load_scenario(fitted_scenario(tmp_path, prof)).resolve()
+    n = np.array([32, 64, 128])
+    np.testing.assert_allclose(setup.cost.unit_time_s(setup.units[1], "local/core-0", n, 64, 2),
+                               2 * true_time("attn", n, 64, 2), rtol=1e-3)

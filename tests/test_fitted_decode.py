@@ -222,3 +222,23 @@ def test_a_decode_steps_shards_are_scaled_by_the_all_reduce_chains_ratio(tmp_pat
                                    ratio * plain.unit_time_s(mlp, "local/core-0", 1, c, b, tp=2), rtol=1e-9)
     np.testing.assert_allclose(cost.unit_time_s(mlp, "local/core-0", 1, c, 2),  # a whole unit: no all-reduce
                                plain.unit_time_s(mlp, "local/core-0", 1, c, 2), rtol=1e-9)
+
+
+def test_an_untimed_decode_shard_keeps_the_fixed_cost_and_splits_the_rest(tmp_path):
+    """No shard timed: a decode step's tp=2 MLP shard is the decode fit's constant plus half of
+    the rest, as for prefill.  By hand from DECODE_TRUE: 1 ms + (2 x 20 us) / 2 = 1.02 ms at
+    batch 2 (audit 3: the whole step halved, 0.52 ms, survived)."""
+    setup = load_scenario(fitted_scenario(tmp_path, with_decode_points(synthetic_profile(noise=0.0)))).resolve()
+    mlp, c = setup.units[2], np.array([200, 515])
+    np.testing.assert_allclose(setup.cost.unit_time_s(mlp, "local/core-0", 1, c, 2, tp=2), 1.02e-3, rtol=1e-3)
+    np.testing.assert_allclose(setup.cost.unit_time_s(mlp, "local/core-0", 1, c, 2), 1.04e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ratio,want", [(1.2, 1.2), (2.0, 1.5), (0.8, 1.0)])
+def test_the_after_wait_factor_is_the_probes_ratio_kept_within_one_and_one_and_a_half(tmp_path, ratio, want):
+    """after_wait_factor: the probe's after-wait over back-to-back CPU time, clipped to [1, 1.5]
+    (audit 3: the upper bound dropped survived)."""
+    prof = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)), ratio=ratio)
+    cost = load_scenario(fitted_scenario(tmp_path, prof)).resolve().cost
+    assert cost.after_wait_factor("local/core-0") == pytest.approx(want, rel=1e-12)
+    assert cost.stage_after_wait_factor(["local/core-0", "local/core-1"]) == pytest.approx(want, rel=1e-12)
