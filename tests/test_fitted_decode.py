@@ -242,3 +242,42 @@ def test_the_after_wait_factor_is_the_probes_ratio_kept_within_one_and_one_and_a
     cost = load_scenario(fitted_scenario(tmp_path, prof)).resolve().cost
     assert cost.after_wait_factor("local/core-0") == pytest.approx(want, rel=1e-12)
     assert cost.stage_after_wait_factor(["local/core-0", "local/core-1"]) == pytest.approx(want, rel=1e-12)
+
+
+def _profile_at(tmp_path, prof):
+    for d in prof["devices"]:
+        d["placement"] = {"device": "cpu", "threads": 1}  # local-cpu's runtime placement
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    return load_profile(path)
+
+
+def _local(*overrides):
+    return load_scenario(SCENARIO, overrides=list(overrides)).model_copy(update={"costmodel": "roofline"}).resolve()
+
+
+def test_decode_points_do_not_stretch_the_prefill_grid(tmp_path):
+    """grid_gap counts prefill slices only: decode steps at contexts up to 600 (n + c = 601) do
+    not cover a 576-token prompt that the prefill grid (512 tokens) falls short of (audit 3:
+    counting every point survived)."""
+    from hpipe.costmodels.profile import grid_gap
+
+    prof = _profile_at(tmp_path, with_decode_points(synthetic_profile(noise=0.0), contexts=(128, 512, 600)))
+    assert grid_gap(prof, _local("workload.seq_len=512")) is None
+    assert grid_gap(prof, _local("workload.seq_len=576")) == (
+        "the profile timed local/core-0 up to 512 tokens at batch 2, the scenario's workload is 576 tokens at batch 2")
+
+
+def test_the_step_loop_probe_is_asked_of_a_profile_only_for_two_cpu_devices_or_more(tmp_path):
+    """decode_gap: a generating scenario of one CPU device has no step loop between devices, so
+    a profile with links but no probe serves it; two devices need the probe (audit 3: `>= 1`
+    survived)."""
+    from hpipe.costmodels.profile import decode_gap
+
+    prof = _profile_at(tmp_path, with_decode_points(synthetic_profile(noise=0.0)))
+    assert prof.links and not prof.step_hops
+    one = "cluster.hosts[0].devices[0].count=1"
+    assert decode_gap(prof, _local("workload.output_tokens=4", one)) is None
+    assert decode_gap(prof, _local("workload.output_tokens=4")) == (
+        "the profile has no decode step-loop probe and the scenario generates tokens")
+    assert decode_gap(prof, _local(one)) is None  # no generation: no decode asked
