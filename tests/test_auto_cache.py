@@ -407,3 +407,31 @@ def test_no_json_or_chart_is_written_into_the_profile_cache(cli, cache, tmp_path
         r = cli(*cmd)
         assert r.returncode == 2 and "profile cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_key_changes_with_each_model_shape_field_and_the_granularity(tmp_path, cache):
+    """Every field of the model's shape is in the key (a profile times units of that shape),
+    and the token granularity (the profile's grid of slices steps by it); audit 3: n_kv_heads,
+    and the granularity, each left out of the key, survived."""
+    from hpipe.models import get_model
+
+    base = load_scenario(LOCAL).resolve()
+    shape = get_model("small-llama").to_dict()
+    for field, value in (("n_kv_heads", 8), ("d_ff", 1024), ("vocab_size", 4000), ("n_layers", 4)):
+        changed = json.dumps({**shape, field: value})
+        assert profile_key(load_scenario(LOCAL, overrides=[f"model={changed}"]).resolve()) != profile_key(base), field
+    same = json.dumps(shape)
+    assert profile_key(load_scenario(LOCAL, overrides=[f"model={same}"]).resolve()) == profile_key(base)
+    finer = load_scenario(LOCAL, overrides=["planner.token_granularity=16"]).resolve()
+    assert finer.granularity == 16 != base.granularity and profile_key(finer) != profile_key(base)
+
+
+def test_auto_is_roofline_for_hosts_that_are_other_machines(cache):
+    """A host with an address runs elsewhere: no profile of it can be made here, whatever its
+    placements (audit 3: the address check dropped survived)."""
+    from hpipe.costmodels.cache import runs_here
+
+    setup = load_scenario(LOCAL, overrides=["cluster.hosts[0].address=10.0.0.2"]).resolve()
+    assert runs_here(setup) == "its hosts are other machines (address:)"
+    assert setup.cost.name == "roofline" and not setup.cost.auto.runs_here
+    assert setup.cost.auto.reason == "no measured profile possible: its hosts are other machines (address:)"

@@ -281,3 +281,12 @@ def test_the_step_loop_probe_is_asked_of_a_profile_only_for_two_cpu_devices_or_m
     assert decode_gap(prof, _local("workload.output_tokens=4")) == (
         "the profile has no decode step-loop probe and the scenario generates tokens")
     assert decode_gap(prof, _local(one)) is None  # no generation: no decode asked
+
+
+def test_the_after_wait_ratio_is_the_mean_run_over_back_to_back():
+    """AfterWait.ratio by hand: runs of 11 and 13 ms after waits, 10 ms back to back: 1.2 (the
+    mean; audit 3: the slowest run, 1.3, survived, the probes here having equal runs)."""
+    from hpipe.costmodels.profile import AfterWait
+
+    aw = AfterWait(point=(1, 512, 2), cpu_seconds=[0.011, 0.013], back_to_back_cpu_seconds=0.01)
+    assert aw.ratio == pytest.approx(1.2, rel=1e-12)

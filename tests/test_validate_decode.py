@@ -360,3 +360,17 @@ def test_run_spread_is_the_machines_noise_beside_the_errors():
     assert s.n == 2 and s.runs == 3 and s.median == pytest.approx(0.1) and s.mean == pytest.approx(0.1)
     assert s.p90 == pytest.approx(0.18)
     assert run_spread([case([1.0])]) is None  # one run each: nothing to say
+
+
+def test_a_case_is_oversubscribed_only_with_more_workers_than_cpus(monkeypatch):
+    """Two worker processes on two usable CPUs share none; on 1.5 they do (audit 3: `>=` for
+    `>` survived)."""
+    import hpipe.validate as validate
+
+    setup = validate.with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 0).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len],
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    for cpus, want in ((2.0, False), (1.5, True)):
+        monkeypatch.setattr(validate, "usable_cpus", lambda cpus=cpus: cpus)
+        assert validate.make_case(setup, plan, [], _result(3.0, None, None), [_result(4.0, None, None)]).oversubscribed is want
