@@ -1240,3 +1240,17 @@ def test_a_scenario_named_without_its_folder_or_yaml_and_a_scenario_as_plan_say_
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file"), r.stderr
     r = cli("simulate", PAPER, "--plan", PAPER)
     assert r.returncode == 2 and "JSON syntax error" in r.stderr and "a plan is JSON" in r.stderr, r.stderr
+
+
+def test_a_plan_with_one_unpriced_device_has_no_cost():
+    """One device of the plan without a price: no cost at all rather than a sum of the priced
+    ones (audit 3: `any` for `all` survived; it raised a TypeError summing None)."""
+    from hpipe.planners import make_plan
+    from hpipe.scenario import load_scenario
+    from hpipe.sim import simulate
+
+    half = load_scenario(PAPER, overrides=["cluster.hosts[0].devices[0].price_per_hour=0.5"]).resolve()
+    r = simulate(half, make_plan(half, "hpipe"))
+    prices = {half.cluster.device(d).spec.price_per_hour for d in r.plan.devices}
+    assert 0.5 in prices and None in prices  # the plan uses both kinds
+    assert r.cost_usd is None and r.usd_per_million_tokens is None

@@ -374,3 +374,43 @@ def test_a_case_is_oversubscribed_only_with_more_workers_than_cpus(monkeypatch):
     for cpus, want in ((2.0, False), (1.5, True)):
         monkeypatch.setattr(validate, "usable_cpus", lambda cpus=cpus: cpus)
         assert validate.make_case(setup, plan, [], _result(3.0, None, None), [_result(4.0, None, None)]).oversubscribed is want
+
+
+def test_the_measured_tpot_is_the_fastest_runs_wherever_it_comes():
+    """decode_fields takes each figure's fastest run: here the second run's TPOT, 0.1 s
+    (audit 3: the first run's, 0.15 s, survived, the test above having its fastest first)."""
+    from hpipe.validate import decode_fields, with_output_tokens
+
+    setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 4).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len], decode_micro_batches=1,
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    out = decode_fields(setup, plan, _result(3.0, 0.12, 2.0), [_result(4.0, 0.15, 2.5), _result(3.5, 0.10, 2.6)])
+    assert out["measured_tpot_s"] == 0.10 and out["tpot_error"] == pytest.approx(0.2)
+    assert out["measured_ttft_s"] == 2.5 and out["ttft_error"] == pytest.approx(-0.2)
+
+
+def test_two_planners_predicting_one_plan_differently_are_one_case():
+    """plan_key leaves out the planner's name and its predictions: the same stages, slices and
+    micro-batches predicted at two latencies are one run (audit 3: keeping `predicted` in the
+    key survived)."""
+    from hpipe.validate import dedup
+
+    setup = load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}).resolve()
+    d0, d1 = setup.cluster.device_ids
+    a = Plan(planner="hpipe", scenario=setup.name, slices=[setup.seq_len], predicted={"latency_s": 1.0},
+             stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    b = a.model_copy(update={"planner": "gpipe", "predicted": {"latency_s": 1.5}})
+    assert [(p.planner, same) for p, same in dedup([a, b])] == [("hpipe", ["gpipe"])]
+
+
+def test_a_generating_tensor_parallel_plan_is_a_decode_case():
+    """plan_kind's first rule that applies: generation makes a decode case, whatever the plan's
+    shape (audit 3: tensor-parallel tested first survived)."""
+    from hpipe.validate import plan_kind, with_output_tokens
+
+    sc = load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"})
+    setup = with_output_tokens(sc, 4).resolve()
+    tp = Plan(planner="x", scenario=setup.name, slices=[setup.seq_len],
+              stages=[Stage(devices=list(setup.cluster.device_ids), units=(0, setup.n_units))])
+    assert plan_kind(setup, tp) == "decode" and plan_kind(sc.resolve(), tp) == "tensor-parallel"
