@@ -435,3 +435,14 @@ def test_auto_is_roofline_for_hosts_that_are_other_machines(cache):
     assert runs_here(setup) == "its hosts are other machines (address:)"
     assert setup.cost.name == "roofline" and not setup.cost.auto.runs_here
     assert setup.cost.auto.reason == "no measured profile possible: its hosts are other machines (address:)"
+
+
+def test_error_summary_p90_by_hand():
+    """|errors| 0.1, 0.2, 0.3: median 0.2, p90 0.28 (numpy's linear rule), bias -0.2/3; none: None
+    (audit 3: the 95th percentile, 0.29, survived)."""
+    from hpipe.validate import error_summary
+
+    s = error_summary([-0.1, -0.3, 0.2])
+    assert (s.median_abs_error, s.p90_abs_error) == (pytest.approx(0.2), pytest.approx(0.28))
+    e = error_summary([])
+    assert (e.median_abs_error, e.p90_abs_error, e.signed_bias, e.n) == (None, None, None, 0)

@@ -1254,3 +1254,46 @@ def test_a_plan_with_one_unpriced_device_has_no_cost():
     prices = {half.cluster.device(d).spec.price_per_hour for d in r.plan.devices}
     assert 0.5 in prices and None in prices  # the plan uses both kinds
     assert r.cost_usd is None and r.usd_per_million_tokens is None
+
+
+def test_a_sweep_fails_only_where_no_planner_takes_any_value(monkeypatch):
+    """run_sweep: a value where every planner refuses the input is that value's ✗ rows while
+    another value plans; the sweep fails, with the first refusal, only where no planner took
+    any value (audit 3: failing on one value's refusals, `len(limits) >= len(planners)`, survived)."""
+    from types import SimpleNamespace
+
+    import hpipe.compare
+    from hpipe.errors import PlannerInputError
+    from hpipe.sweep import run_sweep
+
+    def compare(setup, planners, on_step=None):  # "bad" setups: every planner refuses
+        return [], [PlannerInputError(f"{p} refuses {setup.name}") for p in planners] if setup.name == "bad" else []
+
+    monkeypatch.setattr(hpipe.compare, "compare_planners", compare)
+
+    def load(assignments):
+        return SimpleNamespace(name="bad" if assignments == ["k=1"] else "good",
+                               cost=SimpleNamespace(describe=lambda: {"kind": "roofline"}))
+
+    out = run_sweep(load, "k", [1, 2], ["a", "b"])
+    assert out.values == [1, 2] and [run.scenario for run in out.runs] == ["bad", "good"]
+    with pytest.raises(PlannerInputError, match="a refuses bad"):
+        run_sweep(lambda a: load(["k=1"]), "k", [1, 2], ["a", "b"])
+
+
+def test_a_generating_sweeps_table_gives_the_cost_per_run_only():
+    """sweep_table's columns: with generation TTFT and TPOT, and the cost per run without the
+    cost per million tokens (audit 3: keeping $/Mtok beside them survived, the table still
+    fitting 80 columns with a price-less scenario's dashes)."""
+    from hpipe.scenario import load_scenario
+    from hpipe.sweep import run_sweep
+    from hpipe.tables import sweep_table
+
+    local = SCENARIOS / "local-cpu.yaml"
+    for out, want in ((0, ("energy\nJ", "cost\n$/run", "cost\n$/Mtok")),
+                      (4, ("TTFT\ns", "TPOT\nms", "energy\nJ", "cost\n$/run"))):
+        sweep = run_sweep(lambda extra: load_scenario(local, overrides=["costmodel=roofline",
+                                                                        f"workload.output_tokens={out}", *extra]).resolve(),
+                          "workload.batch_size", [1, 2], ["base"])
+        headers = [c.header for c in sweep_table("t", "workload.batch_size", sweep.values, sweep.runs).columns]
+        assert headers == ["batch_\nsize", "planner", "latency\ns", *want, "stages/\nslices/µb"], out

@@ -414,3 +414,47 @@ def test_a_generating_tensor_parallel_plan_is_a_decode_case():
     tp = Plan(planner="x", scenario=setup.name, slices=[setup.seq_len],
               stages=[Stage(devices=list(setup.cluster.device_ids), units=(0, setup.n_units))])
     assert plan_kind(setup, tp) == "decode" and plan_kind(sc.resolve(), tp) == "tensor-parallel"
+
+
+def test_a_case_is_a_planners_pick_unless_its_plan_is_random():
+    """chosen_by_planner: a planner's name, not random-K (audit 3: the test inverted survived)."""
+    from hpipe.validate import make_case, with_output_tokens
+
+    setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 0).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="hpipe", scenario=setup.name, slices=[setup.seq_len],
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    for name, picked in (("hpipe", True), ("random-3", False)):
+        case = make_case(setup, plan.model_copy(update={"planner": name}), [], _result(3.0, None, None),
+                         [_result(4.0, None, None)])
+        assert case.chosen_by_planner is picked and case.planner == name
+
+
+def test_the_cpu_share_is_the_lowest_devices_in_the_fastest_run():
+    """cpu_share by hand: in the fastest run core-0 computed 0.5 s of CPU time in 1 s of wall
+    time, core-1 0.9 s in 1 s: 0.5, the lowest device's (audit 3: the highest, 0.9, survived)."""
+    from hpipe.validate import make_case, with_output_tokens
+
+    setup = with_output_tokens(load_scenario(LOCAL).model_copy(update={"costmodel": "roofline"}), 0).resolve()
+    d0, d1 = setup.cluster.device_ids
+    plan = Plan(planner="base", scenario=setup.name, slices=[setup.seq_len],
+                stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
+    ev = [Event(device=d0, kind="compute", stage=0, micro_batch=0, slice=0, start_s=0.0, end_s=1.0),
+          Event(device=d1, kind="compute", stage=1, micro_batch=0, slice=0, start_s=1.0, end_s=2.0)]
+    fast = _result(2.5, None, None, {d0: 0.5, d1: 0.9}, events=ev)
+    slow = _result(3.0, None, None, {d0: 1.0, d1: 1.0}, events=ev)
+    assert make_case(setup, plan, [], _result(3.0, None, None, events=ev), [slow, fast]).cpu_share == 0.5
+
+
+def test_validate_keeps_autos_fitted_settings_on_its_profile(tmp_path):
+    """with_fitted: a scenario's `costmodel: {kind: auto, fitted: {basis: wall}}` is validated on
+    the fitted model with basis wall; --basis overrides it (audit 3: auto's fitted settings
+    dropped survived)."""
+    from hpipe.validate import with_fitted
+
+    sc = load_scenario(LOCAL).model_copy(update={"costmodel": {"kind": "auto", "fitted": {"basis": "wall"}}})
+    p = tmp_path / "p.json"
+    assert with_fitted(sc, p).costmodel == {"kind": "fitted", "basis": "wall", "profile": str(p.resolve())}
+    assert with_fitted(sc, p, "cpu").costmodel["basis"] == "cpu"
+    assert with_fitted(sc.model_copy(update={"costmodel": "roofline"}), p).costmodel == \
+        {"kind": "fitted", "profile": str(p.resolve())}
