@@ -446,3 +446,38 @@ def test_error_summary_p90_by_hand():
     assert (s.median_abs_error, s.p90_abs_error) == (pytest.approx(0.2), pytest.approx(0.28))
     e = error_summary([])
     assert (e.median_abs_error, e.p90_abs_error, e.signed_bias, e.n) == (None, None, None, 0)
+
+
+def test_energy_counters_read_joules(tmp_path, monkeypatch):
+    """RAPL's energy_uj in microjoules and NVML's total energy in millijoules, both read as
+    joules: 900000 uJ + 100000 uJ over two packages is 1.0 J; 1500 + 2500 mJ over two GPUs is
+    4.0 J (audit 3: 1e-3 for RAPL's 1e-6, and 1e-6 for NVML's 1e-3, survived)."""
+    import sys
+    from types import SimpleNamespace
+
+    from hpipe.runtime import energy
+
+    for name, uj in (("intel-rapl:0", "900000\n"), ("intel-rapl:1", "100000\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "energy_uj").write_text(uj)
+    monkeypatch.setattr(energy, "POWERCAP", tmp_path)
+    assert energy.counter_for([_Dev("cpu")]).read() == pytest.approx(1.0, rel=1e-12)
+    mj = {0: 1500, 1: 2500}
+    fake = SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+                           nvmlDeviceGetTotalEnergyConsumption=lambda h: mj[h])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    counter = energy.counter_for([_Dev("cuda:0"), _Dev("cuda:1")])
+    assert counter.kind == "nvml" and counter.read() == pytest.approx(4.0, rel=1e-12)
+
+
+def test_auto_passes_its_fitted_settings_to_the_fitted_model(tmp_path, cache):
+    """`{kind: auto, fitted: {basis: wall}}` with a cached profile: the fitted model it builds
+    fits on wall time (audit 3: auto's fitted settings dropped from its choice survived)."""
+    pytest.importorskip("torch")  # runs_here needs the runtime installed
+    p = _with(tmp_path, costmodel={"kind": "auto", "fitted": {"basis": "wall"}})
+    path = cached_profile_path(load_scenario(p).resolve())
+    path.parent.mkdir(parents=True)
+    shutil.copy(COMMITTED, path)
+    setup = load_scenario(p).resolve()
+    assert setup.cost.name == "fitted" and setup.cost.config.basis == "wall"
+    assert setup.cost.auto.spec == {"basis": "wall", "kind": "fitted", "profile": str(path)}

@@ -593,3 +593,13 @@ def test_the_grid_gap_names_the_tokens_or_the_batch_the_profile_falls_short_of(t
         "the profile timed local/core-0 up to 512 tokens at batch 2, the scenario's workload is 512 tokens at batch 3")
     assert coverage_gap(prof, _setup_of("workload.seq_len=1024")) == (
         "the profile timed local/core-0 up to 512 tokens at batch 2, the scenario's workload is 1024 tokens at batch 2")
+
+
+def test_a_tensor_parallel_stage_waits_for_its_slowest_members_item_overhead(tmp_path):
+    """stage_overhead_s: the devices of a stage compute each item together, so the largest
+    item overhead of its members, 30 ms of 10 and 30 (audit 3: the first device's survived)."""
+    prof = synthetic_profile(noise=0.0)
+    prof["devices"][0]["item_overhead_s"], prof["devices"][1]["item_overhead_s"] = 0.01, 0.03
+    cost = load_scenario(fitted_scenario(tmp_path, prof)).resolve().cost
+    assert cost.stage_overhead_s(["local/core-0", "local/core-1"]) == 0.03
+    assert cost.stage_overhead_s(["local/core-0"]) == 0.01

@@ -290,3 +290,21 @@ def test_the_after_wait_ratio_is_the_mean_run_over_back_to_back():
 
     aw = AfterWait(point=(1, 512, 2), cpu_seconds=[0.011, 0.013], back_to_back_cpu_seconds=0.01)
     assert aw.ratio == pytest.approx(1.2, rel=1e-12)
+
+
+def test_every_device_of_the_profile_must_have_timed_decode_steps(tmp_path):
+    """decode_gap: decode points on core-0 only leave core-1's steps extrapolated: a gap
+    (audit 3: `any` for `all` survived, every test profile having them on all devices or none)."""
+    from hpipe.costmodels.profile import decode_gap
+
+    prof = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)))
+    strip = prof["devices"][1]["units"]
+    for u in strip.values():
+        keep = [i for i, (n, c) in enumerate(zip(u["n"], u["c"])) if not (n == 1 and c > 0)]
+        for k in ("n", "c", "b", "seconds"):
+            u[k] = [u[k][i] for i in keep]
+    generating = _local("workload.output_tokens=4")
+    assert decode_gap(_profile_at(tmp_path, prof), generating) == (
+        "the profile timed no decode steps (n = 1) and the scenario generates tokens")
+    full = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)))
+    assert decode_gap(_profile_at(tmp_path, full), generating) is None
