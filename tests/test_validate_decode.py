@@ -373,7 +373,8 @@ def test_a_case_is_oversubscribed_only_with_more_workers_than_cpus(monkeypatch):
                 stages=[Stage(devices=[d0], units=(0, 9)), Stage(devices=[d1], units=(9, setup.n_units))])
     for cpus, want in ((2.0, False), (1.5, True)):
         monkeypatch.setattr(validate, "usable_cpus", lambda cpus=cpus: cpus)
-        assert validate.make_case(setup, plan, [], _result(3.0, None, None), [_result(4.0, None, None)]).oversubscribed is want
+        case = validate.make_case(setup, plan, [], _result(3.0, None, None), [_result(4.0, None, None)])
+        assert case.oversubscribed is want
 
 
 def test_the_measured_tpot_is_the_fastest_runs_wherever_it_comes():
