@@ -552,14 +552,6 @@ class Fitted(CostModel):
         """Hold-out error per profiled device and unit kind: {device: {kind: FitError dict}}."""
         return fit_report(self.profile, self.config.basis)
 
-    def link_figures(self) -> dict[str, dict]:
-        out = {}
-        for link in self.profile.links:
-            lat, per_byte = self._links[frozenset(link.between)]
-            out[" <-> ".join(link.between)] = {"latency_us": lat * 1e6,
-                                              "bandwidth_gbps": 8 / per_byte / 1e9 if per_byte > 0 else float("inf")}
-        return out
-
     def describe(self):
         d = super().describe()
         d["profile_path"] = str(self.profile_path)
