@@ -44,8 +44,10 @@ class Stage(BaseModel):
 
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    planner: str
-    scenario: str
+    planner: str = "hand"
+    """Who made it; left out (a plan written by hand, as DESIGN.md's TP-and-codecs example is): "hand"."""
+    scenario: str = ""
+    """The scenario it was planned for ("": not said, so not compared with the one it runs on)."""
     stages: list[Stage] = Field(min_length=1)
     slices: list[PositiveInt] = Field(min_length=1)
     micro_batches: PositiveInt = 1
@@ -117,7 +119,8 @@ class Plan(BaseModel):
                     bad(f"stages[{i}].devices[{k}]",
                         f"device {d!r} is not in the scenario{suggest(d, setup.cluster.device_ids)}{other}")
                 if d in seen:
-                    bad(f"stages[{i}].devices[{k}]", f"device {d!r} is already used by stage {seen[d]}")
+                    bad(f"stages[{i}].devices[{k}]", f"device {d!r} is listed twice in this stage" if seen[d] == i
+                        else f"device {d!r} is already used by stage {seen[d]}")
                 seen[d] = i
             why = check_tensor_parallel(setup.model, st.tp)
             if why:  # the runtime refuses it; a prediction of it would be of a plan that never runs

@@ -30,6 +30,14 @@ def test_good_plan_and_items(setup, tmp_path):
     assert Plan(**{**GOOD, "micro_batches": 3}).micro_batch_sizes(7) == [3, 2, 2]
 
 
+def test_a_plan_written_by_hand_may_leave_out_its_planner_and_scenario(setup, tmp_path):
+    """DESIGN.md's TP-and-codecs example has neither field: it had been refused (exit 2)."""
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({k: v for k, v in GOOD.items() if k not in ("planner", "scenario")}))
+    (plan,) = load_plans(p)
+    assert (plan.planner, plan.scenario) == ("hand", "") and plan.check(setup).stages == plan.stages
+
+
 @pytest.mark.parametrize("change,field,problem", [
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 4]}, {"devices": ["a/P100-1"], "units": [5, 10]}]},
      "stages[1].units", "leaves a gap"),
@@ -47,6 +55,8 @@ def test_good_plan_and_items(setup, tmp_path):
      "; the plan was made for scenario 'other', this is 't'"),
     ({"stages": [{"devices": ["a/P100-0"], "units": [0, 5]}, {"devices": ["a/P100-0"], "units": [5, 10]}]},
      "stages[1].devices[0]", "already used by stage 0"),
+    ({"stages": [{"devices": ["a/P100-0", "a/P100-0"], "units": [0, 10]}]},
+     "stages[0].devices[1]", "device 'a/P100-0' is listed twice in this stage"),  # not "used by stage 0"
     ({"slices": [32, 16]}, "slices", "not the sequence length 64"),
     ({"micro_batches": 3}, "micro_batches", "batch of 2"),
 ])
