@@ -435,6 +435,7 @@ def coverage_gap(profile: Profile, setup) -> str | None:
     gap = decode_gap(profile, setup) or grid_gap(profile, setup)
     if gap:
         return gap
+    untimed: dict[str, list[str]] = {}  # codecs -> the devices that did not time them
     for d in setup.cluster.devices:
         dp = profile.device(d.id)
         placement = d.placement.model_dump(exclude_none=True) if d.placement is not None else {"threads": 1}
@@ -443,8 +444,10 @@ def coverage_gap(profile: Profile, setup) -> str | None:
         if dp.placement != placement:
             return f"device {d.id} is not measured with its placement {placement}"
         if setup.compression is not None and not set(setup.compression.allow) <= set(dp.codecs):
-            return f"the profile timed no {', '.join(sorted(set(setup.compression.allow) - set(dp.codecs)))} " \
-                   f"codec on {d.id} and the scenario allows compression"
+            untimed.setdefault(", ".join(sorted(set(setup.compression.allow) - set(dp.codecs))), []).append(d.id)
+    if untimed:  # every device said (the first alone had been named)
+        return "; ".join(f"the profile timed no {codecs} codec on {', '.join(ids)}" for codecs, ids in untimed.items()) \
+            + " and the scenario allows compression"
     return None
 
 
