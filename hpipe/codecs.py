@@ -50,6 +50,7 @@ latency-bound messages such as decode steps) goes uncompressed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,8 +150,10 @@ def get_codec(name: str) -> Codec:
 
 def assignment_loss(codecs) -> float:
     """How lossy a plan's codecs are, to rank them: the sum of their squared relative errors
-    (independent noise on each hop adds in power).  0 for none at all."""
-    return sum(get_codec(c).rel_error ** 2 for c in codecs or ())
+    (independent noise on each hop adds in power).  0 for none at all.  ``fsum``: the same
+    codecs on other hops are the same loss (a plain sum differed in the last bit with the
+    order, and a tie on loss must go to the faster plan)."""
+    return math.fsum(get_codec(c).rel_error ** 2 for c in codecs or ())
 
 
 def roofline_codec_time_s(codec: Codec, k, dtype_bytes: int, bandwidth_gbps: float, op_overhead_s: float):

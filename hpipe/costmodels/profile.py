@@ -446,8 +446,8 @@ def coverage_gap(profile: Profile, setup) -> str | None:
         if setup.compression is not None and not set(setup.compression.allow) <= set(dp.codecs):
             untimed.setdefault(", ".join(sorted(set(setup.compression.allow) - set(dp.codecs))), []).append(d.id)
     if untimed:  # every device said (the first alone had been named)
-        return "; ".join(f"the profile timed no {codecs} codec on {', '.join(ids)}" for codecs, ids in untimed.items()) \
-            + " and the scenario allows compression"
+        return "the scenario allows compression and " + "; ".join(
+            f"the profile timed no {codecs} codec on {' or '.join(ids)}" for codecs, ids in untimed.items())
     return None
 
 

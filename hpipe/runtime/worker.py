@@ -147,12 +147,26 @@ def rss_bytes() -> int:
         return 0
 
 
-def file_rss_bytes() -> int:
-    """The process's file-backed RSS (RssFile): pages of torch's and Python's own libraries,
-    which a worker forked from the forkserver faults in anew (fork copies no page-table entries
-    of file mappings) where a torchrun process already has them from its import; 0 where
-    /proc gives none."""
-    return int(proc_kib_bytes("/proc/self/status", "RssFile") or 0)
+def library_rss_bytes() -> int:
+    """Resident pages of the code this process maps: shared libraries (torch's, Python's) and
+    the interpreter.  A worker forked from the forkserver faults them in anew (fork copies no
+    page-table entries of file mappings) where a torchrun process already has them from its
+    import, so they are set apart from a device's memory.  Other file pages stay counted:
+    safetensors weights are mapped from their file, and a stage's weights are its memory.
+    0 where /proc gives no smaps (another OS)."""
+    exe = os.path.realpath(sys.executable)
+    total, code = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:  # a mapping's header
+                    path = line.split(maxsplit=5)[5].strip() if len(line.split(maxsplit=5)) > 5 else ""
+                    code = ".so" in os.path.basename(path) or path == exe
+                elif code and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
 
 
 def peak_rss_bytes() -> int:
@@ -583,7 +597,7 @@ def worker_main(cfg: WorkerConfig, report=None) -> dict:
     # cgroup hold for everything the worker does (and its placement's interface wins over "lo")
     emulation.enter(cfg.emulation)
     apply_placement(cfg)
-    baseline = rss_bytes() - file_rss_bytes()  # anonymous: libraries' pages are no device's memory
+    baseline = rss_bytes() - library_rss_bytes()  # libraries' pages are no device's memory
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     dist.init_process_group(cfg.backend, init_method=cfg.init_method, rank=cfg.rank if cfg.rank is not None else -1,
@@ -596,9 +610,9 @@ def worker_main(cfg: WorkerConfig, report=None) -> dict:
     if cfg.device.startswith("cuda"):
         peak, how = torch.cuda.max_memory_allocated(torch.device(cfg.device)), "cuda max_memory_allocated"
     else:
-        peak = max(peak_rss_bytes() - file_rss_bytes() - baseline, 0)
+        peak = max(peak_rss_bytes() - library_rss_bytes() - baseline, 0)
         how = ("RSS high-water during the run" if hwm_reset else "RSS high-water") + \
-            " less file-backed pages, above the anonymous RSS before the weights were loaded"
+            " above the RSS before the weights were loaded, both less the pages of shared libraries"
     rec.update(role=cfg.role, stage=worker.stage, device_id=cfg.devices[cfg.role], host=socket.gethostname(),
                peak_bytes=peak, peak_how=how, boot_id=_boot_id(),
                process_cpu_s=time.process_time())  # all of this worker's CPU: the launcher sets it apart from others'

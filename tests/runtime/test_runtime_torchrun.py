@@ -15,7 +15,7 @@ import yaml
 
 pytest.importorskip("torch")
 
-from hpipe.runtime.worker import file_rss_bytes  # noqa: E402
+from hpipe.runtime.worker import library_rss_bytes  # noqa: E402
 from runtime_helpers import CORE, TINY_LLAMA, run_two_hosts_with_torchrun  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -58,7 +58,7 @@ def test_two_hosts_with_torchrun(tmp_path):
     assert r["max_abs_error"] < 1e-4
     assert r["predicted_latency_s"] > 0  # the simulator's figure beside it, as execute's Result has
     assert set(r["peak_memory_mb"]) == {"ha/core-0", "hb/core-0"}
-    if file_rss_bytes():  # as execute's workers measure it: torch's own pages (here from the import) do not count
+    if library_rss_bytes():  # as execute's workers measure it: torch's own pages (here from the import) do not count
         assert max(r["peak_memory_mb"].values()) < 10, r["peak_memory_mb"]
     assert len(r["next_token_ids"]) == 2
 
