@@ -675,6 +675,15 @@ def _paths_from_here(data: dict, parts: list) -> None:
     absolute(data, last)
 
 
+def _same_refusal(data, file, error: InputError) -> bool:
+    """Whether the scenario as the file gives it is refused at the same field."""
+    try:
+        parse_scenario(data, file)
+    except InputError as e:
+        return e.field == error.field
+    return False
+
+
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                   text: str | None = None) -> Scenario:
     """Read and validate a scenario YAML file (safe loading only); ``overrides`` are
@@ -702,6 +711,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         return parse_scenario(data, file)
     from hpipe.overrides import apply_overrides, blame_override, overridden_keys, parse_key
 
+    given = data
     try:
         data = apply_overrides(data, overrides, schema=Scenario)
     except InputError as e:
@@ -711,6 +721,8 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     try:
         sc = parse_scenario(data, file)
     except InputError as e:
+        if "missing required key" in e.problem and _same_refusal(given, file, e):
+            raise e from None  # the file lacks it already: a --set beside it is not to blame
         raise (blame_override(e, overrides, file) or e) from None
     sc._overrides = tuple(overrides)
     return sc

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import SCENARIOS
 
@@ -219,7 +220,7 @@ def test_a_cross_field_problem_names_the_set_of_either_field():
     assert "--set workload.batch_size" not in str(e.value) and "n_layers" not in str(e.value), str(e.value)
 
 
-def test_a_key_missing_beside_a_set_one_names_that_set():
+def test_a_key_missing_beside_a_set_one_names_that_set(tmp_path):
     """``--set compression.max_lossy_hops=2`` on a scenario without compression makes a mapping
     that lacks ``compression.allow``: the error names that --set (it had named none), and not
     an unrelated one."""
@@ -230,6 +231,14 @@ def test_a_key_missing_beside_a_set_one_names_that_set():
         load_scenario(PAPER, overrides=["compression.max_lossy_hops=2", "workload.batch_size=2"])
     assert e.value.field == "compression.allow" and "missing required key" in str(e.value)
     assert str(e.value).endswith("(from --set compression.max_lossy_hops=2)"), str(e.value)
+    # where the file's own compression lacks it, a --set beside it is not to blame
+    data = yaml.safe_load(Path(PAPER).read_text())
+    data["compression"] = {"max_lossy_hops": 1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError) as e:
+        load_scenario(bad, overrides=["compression.min_gain=0"])
+    assert e.value.field == "compression.allow" and "--set" not in str(e.value), str(e.value)
 
 
 def test_a_problem_of_a_whole_entry_names_the_set_of_one_of_its_keys():
