@@ -247,7 +247,8 @@ def unpriced(setup, results) -> str | None:
 
 
 def say(*lines: str | None) -> None:
-    """Each of ``lines`` that is a line (``uncovered``, ``floored_latency``) on stderr, as written."""
+    """Each of ``lines`` that is a line (``uncovered``, ``floored_latency``, ``unpriced``) on stderr,
+    as written."""
     for line in lines:
         if line:
             err_console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -149,8 +149,8 @@ def choose_codecs(setup, plan):
 
 
 def codec_options(setup, plan) -> list[tuple]:
-    """(key, loss, make) of the plan's codec assignments (at most max_lossy_hops lossy): raw
-    first, then every assignment, or past ``MAX_ASSIGNMENTS`` the greedy pass's steps.
+    """(key, loss, make, codecs) of the plan's codec assignments (at most max_lossy_hops lossy):
+    raw first, then every assignment, or past ``MAX_ASSIGNMENTS`` the greedy pass's steps.
     ``_key``: the makespan, or for a generating scenario the objective end to end;
     ``make()``: the plan with those codecs and its ``predicted`` updated
     (``uncompressed_latency_s``: the same plan without codecs, end to end where it
@@ -164,20 +164,21 @@ def codec_options(setup, plan) -> list[tuple]:
     def option(cand):
         fig, key = _score(setup, plan, cand)
         predicted = {**plan.predicted, **fig, "uncompressed_latency_s": base_fig["latency_s"]}
-        return key, assignment_loss(cand), lambda: plan.model_copy(update={"codecs": cand, "predicted": predicted})
+        return (key, assignment_loss(cand), lambda: plan.model_copy(update={"codecs": cand, "predicted": predicted}),
+                cand)
 
-    out = [(base_key, 0.0, lambda: plan)]
+    out = [(base_key, 0.0, lambda: plan, plain)]
     if nb == 0:
         return out
     if n_assignments(nb, len(allow), comp.max_lossy_hops) <= MAX_ASSIGNMENTS:
         return out + [option(c) for c in assignments(nb, allow, comp.max_lossy_hops) if c != plain]
-    chosen, codecs = out[0], plain  # greedy: one more lossy boundary at a time, each step worth min_gain
-    while sum(c != "none" for c in codecs) < comp.max_lossy_hops:
+    chosen = out[0]  # greedy: one more lossy boundary at a time, each step worth min_gain
+    while sum(c != "none" for c in chosen[3]) < comp.max_lossy_hops:
+        codecs = chosen[3]
         nexts = [codecs[:h] + [c] + codecs[h + 1:] for h in range(nb) if codecs[h] == "none" for c in allow]
-        steps = [(*option(c), c) for c in nexts]
-        step = pick([(*chosen, codecs), *steps], comp.min_gain)
-        if step[2] is chosen[2]:
+        step = pick([chosen, *map(option, nexts)], comp.min_gain)
+        if step is chosen:
             break
-        chosen, codecs = step[:3], step[3]
+        chosen = step
         out.append(chosen)
     return out

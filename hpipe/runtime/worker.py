@@ -159,8 +159,9 @@ def library_rss_bytes() -> int:
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
-                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:  # a mapping's header
-                    path = line.split(maxsplit=5)[5].strip() if len(line.split(maxsplit=5)) > 5 else ""
+                fields = line.split(maxsplit=5)  # a mapping's header: "start-end perms offset dev inode [path]"
+                if line[0] in "0123456789abcdef" and "-" in fields[0]:
+                    path = fields[5].strip() if len(fields) > 5 else ""
                     code = ".so" in os.path.basename(path) or path == exe
                 elif code and line.startswith("Rss:"):
                     total += int(line.split()[1]) * 1024
