@@ -144,11 +144,12 @@ def test_an_input_that_ends_is_exit_1_naming_where_not_an_interrupt(monkeypatch,
     """click turns an EOFError into Abort; hpipe printed "aborted" and exited 130 as for a
     Ctrl-C (seen once when a run's forkserver was killed).  It is exit 1, naming the place."""
     import hpipe.cli as cli_mod
+    import hpipe.cli.common as common
 
     def ends(*a, **k):
         raise EOFError("ran out")
 
-    monkeypatch.setattr(cli_mod, "_load_scenario", ends)
+    monkeypatch.setattr(common, "_load_scenario", ends)
     monkeypatch.setattr(sys, "argv", ["hpipe", "simulate", "scenarios/local-cpu.yaml"])
     with pytest.raises(SystemExit) as e:
         cli_mod.main()

@@ -311,7 +311,7 @@ def test_streamed_text_holds_back_a_character_split_across_byte_tokens(capsys):
     streamed text equals the decoded text, one sequence or several."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from hpipe.cli import _Streamer
+    from hpipe.cli.running import _Streamer
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols, one token each
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
