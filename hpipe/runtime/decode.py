@@ -26,7 +26,8 @@ full.  Roles:
   marker (header micro-batch -1) down the pipeline.
 
 Wire protocol (after the prefill's, same connections; every receive bounded
-by ``timeout_s``): a decode step travels as the prefill's 6-int64 header (group, step,
+by ``timeout_s``, but a stream's first of each decode group, which waits for the rest of the
+prefill downstream: see ``Decoder.first_wait_s``): a decode step travels as the prefill's 6-int64 header (group, step,
 batch, 1, context, codec id of 'none') and its payload -- the hidden states (batch, 1, d_model)
 between stages, the ids (batch,) int64 from the driver to its peers.  The
 feedback is the header (group, step, batch, done, 0) and the ids (batch,).
@@ -79,9 +80,13 @@ class _Stream:
     times, overlap with compute); NCCL receives inline.  Ends at the end marker, or after
     ``done_limit`` done flags (the feedback stream)."""
 
-    def __init__(self, w, src_role: int, kind: str, check, done_limit: int | None = None):
+    def __init__(self, w, src_role: int, kind: str, check, first_wait_s: float, n_first: int,
+                 done_limit: int | None = None):
         self.w, self.src_role, self.kind, self.check = w, src_role, kind, check
         self.src = w.rank_of[src_role]
+        self.first_wait_s, self.n_first = first_wait_s, n_first
+        """The bound on each of the first ``n_first`` messages' wait (every later one: ``timeout_s``)."""
+        self.n_got = 0
         self.done_limit = done_limit
         self.n_done = 0
         self.finished = False
@@ -108,10 +113,12 @@ class _Stream:
 
         w = self.w
         timeout = timedelta(seconds=w.cfg.timeout_s)
+        wait_s = self._wait_s()
         hdr_t = torch.empty(len(END), dtype=torch.int64, device=w.comm_device)  # the prefill's header size
         t_post = clock()
         try:
-            dist.irecv(hdr_t, self.src).wait(timeout)
+            dist.irecv(hdr_t, self.src).wait(timedelta(seconds=wait_s))
+            self.n_got += 1
             hdr = tuple(int(v) for v in hdr_t.tolist())
             if hdr == END:
                 self.finished = True
@@ -132,7 +139,7 @@ class _Stream:
         except CommError:
             raise
         except Exception as e:
-            raise receive_failure(w, self.src_role, "a decode step", e) from e
+            raise receive_failure(w, self.src_role, "a decode step", e, wait_s) from e
         t_done = clock()
         done = self.kind == "feedback" and hdr[3] == 1
         if done:
@@ -152,9 +159,12 @@ class _Stream:
             if isinstance(out, BaseException):
                 return
 
+    def _wait_s(self) -> float:
+        return self.first_wait_s if self.n_got < self.n_first else self.w.cfg.timeout_s
+
     def get(self):
         """(header, payload as received, payload as the step's input)."""
-        return self.inbox.take() if self.threaded else self._recv_one()
+        return self.inbox.take(self._wait_s()) if self.threaded else self._recv_one()
 
     def close(self):
         if self.threaded:
@@ -182,6 +192,14 @@ class Decoder:
         self.next_leader = None if w.last_stage or w.tp_rank else cfg.stages[w.stage + 1][0][0]
         self.caches = None
         self.n_prefill = len(cfg.items())  # decode steps count on from the prefill's work items
+        # Every stream's first G messages are the G decode groups' step 0 (the last stage
+        # takes no decode step before its prefill ends), and each may wait for the rest of the
+        # prefill downstream (the driver's first feedback, for all of it): bounded as the
+        # prefill's receives bound it, timeout_s per work item per stage, not timeout_s in all.
+        # A prefill longer than the timeout whose every message meets it had failed here.  hpipe's launcher still stops
+        # a run that makes no progress for timeout_s (under torchrun, a host that dies closes
+        # its connections, and torchrun stops the others).
+        self.first_wait_s = cfg.timeout_s * (1 + self.n_prefill * len(cfg.stages))
 
     @property
     def max_len(self) -> int:
@@ -231,7 +249,7 @@ class Decoder:
                 return f"a step feeds 1 token at context {self.seq_len + t}"
             return None
 
-        s = _Stream(self.w, src_role, kind, check, done_limit)
+        s = _Stream(self.w, src_role, kind, check, self.first_wait_s, len(self.rows), done_limit)
         self.streams.append(s)
         return s
 

@@ -19,8 +19,10 @@ Before any process joins the process group, every process says on torchrun's sto
 it is ready (``_Meeting``): one that refuses its input (a ``--host`` not in the scenario, a plan
 that does not fit after its ``--set``) is named to all within a second, where its peers had
 waited out the 600 s startup timeout in ``init_process_group`` with an error naming no host.
-Every receive is bounded by ``--timeout``; there is no launcher above the workers here, so a
-host that dies is noticed by its peers' timeouts and by torchrun, which then stops the others.
+Every receive is bounded by ``--timeout`` (a decode stream's first of each group, which waits out
+the rest of the prefill, by ``--timeout`` per work item per stage); there is no launcher above the
+workers here, so a host that dies is noticed by its peers' timeouts and by torchrun, which then
+stops the others.
 A host that never starts is torchrun's to notice: its rendezvous times out (600 s in torch
 2.13; ``--rdzv-conf=timeout=S`` before ``-m`` sets another).
 """
@@ -46,7 +48,7 @@ MEET_PREFIX = "hpipe/meet/"
 
 class _Once(argparse.Action):
     """A one-value option given at most once: argparse keeps the last of ``--planner a
-    --planner b`` without a word (``hpipe``'s own commands refuse it too, cli._OnceCommand)."""
+    --planner b`` without a word (``hpipe``'s own commands refuse it too, cli.common._OnceCommand)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

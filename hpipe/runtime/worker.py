@@ -108,7 +108,9 @@ class WorkerConfig:
     codecs: list[list[str]] | None = None
     """Per stage boundary, the codec of each work item's message (None: all 'none')."""
     fault: tuple[str, int] | None = None
-    """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item."""
+    """Tests only: ("exit" | "kill" | "hang" | "raise", item) to fail at that item; ("slow", item):
+    each prefill item from that one on takes 0.6 × ``timeout_s`` longer (a prefill longer than
+    the timeout whose every message still meets it)."""
     generation: object | None = None
     """``hpipe.runtime.decode.GenerationConfig`` when the run generates (decode steps follow
     the prefill); None: prefill only."""
@@ -225,12 +227,14 @@ class _Inbox:
             except queue.Full:
                 continue
 
-    def take(self):
-        """From the compute loop: the next message, or raise what stopped the thread."""
+    def take(self, wait_s: float | None = None):
+        """From the compute loop: the next message, or raise what stopped the thread (``wait_s``:
+        the receive's own bound, default ``timeout_s``; this waits 5 s more, for the thread)."""
+        wait_s = self.w.cfg.timeout_s if wait_s is None else wait_s
         try:
-            out = self.q.get(timeout=self.w.cfg.timeout_s + 5.0)
+            out = self.q.get(timeout=wait_s + 5.0)
         except queue.Empty:
-            raise CommError(self.src_role, f"timed out after {self.w.cfg.timeout_s:g}s waiting for "
+            raise CommError(self.src_role, f"timed out after {wait_s:g}s waiting for "
                                            f"{self.w.describe(self.src_role)}") from None
         if isinstance(out, BaseException):
             raise out
@@ -314,12 +318,14 @@ def _short(e: BaseException) -> str:
     return msg[:300]
 
 
-def receive_failure(w, src_role: str, what: str, e: BaseException) -> CommError:
+def receive_failure(w, src_role: str, what: str, e: BaseException, wait_s: float | None = None) -> CommError:
     """The CommError for a failed receive of ``what`` from ``src_role``: a timeout named as
-    one (with the worker's timeout), anything else with gloo's message shortened."""
+    one (with its bound ``wait_s``, default the worker's timeout), anything else with gloo's
+    message shortened."""
     what = f"{what} from {w.describe(src_role)}"
     if "timed out" in str(e).lower():
-        return CommError(src_role, f"timed out after {w.cfg.timeout_s:g}s waiting for {what}")
+        return CommError(src_role, f"timed out after {w.cfg.timeout_s if wait_s is None else wait_s:g}s "
+                                   f"waiting for {what}")
     return CommError(src_role, f"receiving {what}: {_short(e)}")
 
 
@@ -462,9 +468,13 @@ class StageWorker:
         return buf.to(self.device, non_blocking=False)
 
     def _fault(self, i: int) -> None:
-        if not self.cfg.fault or self.cfg.fault[1] != i:
+        if not self.cfg.fault:
             return
-        action = self.cfg.fault[0]
+        action, at = self.cfg.fault
+        if action == "slow" and at <= i < len(self.cfg.items()):
+            time.sleep(0.6 * self.cfg.timeout_s)
+        if at != i:
+            return
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "exit":

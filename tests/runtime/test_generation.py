@@ -247,6 +247,25 @@ def test_a_worker_failing_mid_decode_stops_the_run(fault):
     assert not [q for q in pids if _alive(q)], "worker processes left behind"
 
 
+@pytest.mark.parametrize("shape", ["tp-ends", "three-stages"])
+def test_a_prefill_longer_than_the_timeout_still_generates(llama, shape):
+    """Each prefill message meets the timeout, the prefill as a whole does not: the driver's
+    first feedback (and a TP peer's first ids, a middle stage's first decode step) waits for
+    the rest of the prefill downstream.  Those first receives had the per-message timeout, so
+    such a run failed, blaming a healthy stage; execute of the same plan passed."""
+    _, _, setup, expect = llama
+    p = {"tp-ends": HAND["tp-ends"],
+         "three-stages": plan([([0], (0, 2)), ([1], (2, 4)), ([2], (4, N))], [8, 8], micro_batches=2,
+                              decode_micro_batches=3)}[shape]
+    last = p.stages[-1].devices[0]
+    role = [d for s in p.stages for d in s.devices].index(last)
+    timeout_s = 2.0  # the last stage's four prefill items take 1.2 s more each: 4.8 s in all
+    r = execute(setup, p.check(setup), inputs=PROMPTS.tolist(), quiet=True, warmup=0, timeout_s=timeout_s,
+                faults={role: ("slow", 0)})
+    assert r.generated_ids == expect
+    assert r.ttft_s > 2 * timeout_s  # the prefill did outlast the timeout
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
