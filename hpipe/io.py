@@ -9,6 +9,11 @@ never a torn one.  ``-`` means standard output.  A symlink is followed (the file
 points to is replaced, the link stays); a target that exists and is not a regular file
 (``/dev/stdout``, a pipe such as bash's ``>(...)``) is written in place, since nothing can
 be renamed over it.  A write that fails is an InputError naming the file.
+
+A command with several outputs (a Result JSON, a trace, a chart) writes them inside
+``written_together``: each goes to its temporary file as above, and the renames (and what
+goes to standard output) wait until every one is written, so a full disk or a Ctrl-C while
+the last is drawn leaves none of them replaced, not the first alone beside a stale rest.
 """
 
 from __future__ import annotations
@@ -21,6 +26,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+
+
+_PENDING: list | None = None
+"""Inside ``written_together``: the (commit, discard) steps of what was written so far."""
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[None]:
+    """Every file ``atomic_path`` and ``write_text`` write inside the block replaces its target,
+    and what they send to standard output is printed, only once the whole block has run; an
+    exception (a full disk, a Ctrl-C) leaves every target as it was."""
+    global _PENDING
+    outer, _PENDING = _PENDING, []
+    pending = _PENDING
+    try:
+        yield
+    except BaseException:
+        for _, discard in pending:
+            discard()
+        raise
+    finally:
+        _PENDING = outer
+    for i, (commit, _) in enumerate(pending):
+        try:
+            commit()
+        except BaseException:
+            for _, discard in pending[i + 1:]:
+                discard()
+            raise
 
 
 @contextlib.contextmanager
@@ -48,33 +82,68 @@ def atomic_path(path: str | Path, suffix: str = "", make_parents: bool = True) -
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield Path(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError as e:
-            raise _cannot_write(path, e) from None
-    finally:
+
+    def discard() -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
+    def commit() -> None:
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            discard()
+            raise _cannot_write(path, e) from None
+
+    pending, kept = _PENDING, False
+    try:
+        yield Path(tmp)
+        if pending is not None:  # written_together renames it with the others
+            pending.append((commit, discard))
+            kept = True
+        else:
+            commit()
+    finally:
+        if not kept:
+            discard()
+
 
 def write_text(path: str | Path, text: str, make_parents: bool = True) -> None:
-    if is_stdout(path):  # '-', or /dev/stdout and the like: through sys.stdout, in order with the rest
+    if not is_stdout(path):
+        write_bytes(path, text.encode(), make_parents)
+        return
+
+    def commit() -> None:  # '-', or /dev/stdout and the like: through sys.stdout, in order with the rest
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
-        return
+
+    _now_or_with_the_others(commit)
+
+
+def _now_or_with_the_others(commit) -> None:
+    """A write that cannot be undone (standard output, a pipe): done now, or inside
+    ``written_together`` once every output of the block is made."""
+    if _PENDING is not None:
+        _PENDING.append((commit, lambda: None))
+    else:
+        commit()
+
+
+def write_bytes(path: str | Path, data: bytes, make_parents: bool = True) -> None:
+    """``data`` to ``path`` as ``write_text`` writes (not to standard output: a chart goes to a file)."""
     if is_special(path):
-        try:
-            with open(path, "w") as f:
-                f.write(text)
-        except OSError as e:
-            raise _cannot_write(path, e) from None
+        def commit() -> None:
+            try:  # a pipe or a device: written in place
+                with open(path, "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise _cannot_write(path, e) from None
+
+        _now_or_with_the_others(commit)
         return
     with atomic_path(path, make_parents=make_parents) as tmp:
         try:
-            with open(tmp, "w") as f:
-                f.write(text)
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:

@@ -73,3 +73,57 @@ def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
         write_text(tmp_path / "r.json", "x")
     assert "r.json" in str(e.value) and "No space left" in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_outputs_written_together_are_all_replaced_or_none(tmp_path, capsys):
+    """A full disk or a Ctrl-C while a command's third output is made had left the first
+    replaced beside a stale rest (simulate wrote its trace, then failed on the JSON)."""
+    from hpipe.io import written_together
+
+    a, b = tmp_path / "a.json", tmp_path / "b.png"
+    a.write_text("old a")
+    with pytest.raises(KeyboardInterrupt):
+        with written_together():
+            write_text(a, "new a")
+            write_text("-", "to stdout")
+            assert a.read_text() == "old a" and capsys.readouterr().out == ""  # nothing yet
+            raise KeyboardInterrupt
+    assert a.read_text() == "old a" and not b.exists() and capsys.readouterr().out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary file left
+    with written_together():
+        write_text(a, "new a")
+        with atomic_path(b) as tmp:
+            tmp.write_bytes(b"png")
+        write_text("-", "to stdout")
+        assert a.read_text() == "old a" and not b.exists()
+    assert a.read_text() == "new a" and b.read_bytes() == b"png" and capsys.readouterr().out == "to stdout\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]
+
+
+def test_simulate_failing_on_its_chart_replaces_none_of_its_outputs(tmp_path, monkeypatch, capsys):
+    """simulate --json --trace --plot writes the trace, the chart, then the JSON: a full disk
+    at the chart (or a Ctrl-C while it is drawn, seconds on a big scenario) left the new
+    trace beside the old JSON.  Now neither is touched, and the chart's file is named."""
+    import errno
+    import sys
+
+    from hpipe.cli import main
+
+    fsync = os.fsync
+
+    def disk_full_at_the_chart(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_the_chart)
+    (tmp_path / "r.json").write_text("old result")
+    scenario = os.path.join(os.path.dirname(__file__), "..", "scenarios", "paper-llama7b.yaml")
+    monkeypatch.setattr(sys, "argv", ["hpipe", "simulate", scenario, "--json", str(tmp_path / "r.json"),
+                                      "--trace", str(tmp_path / "t.json"), "--plot", str(tmp_path / "g.png"), "-q"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 2 and "g.png" in err and "No space left on device" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert (tmp_path / "r.json").read_text() == "old result"

@@ -267,18 +267,20 @@ def _say_written(con, outputs: dict[str, str | None]) -> None:
 
 
 def _write_outputs(result, json_path, trace, plot):
-    from hpipe.io import write_text
+    """The Result's outputs, all or none (``hpipe.io.written_together``)."""
+    from hpipe.io import write_text, written_together
 
-    if trace:
-        from hpipe.sim.trace import chrome_trace
+    with written_together():
+        if trace:
+            from hpipe.sim.trace import chrome_trace
 
-        write_text(trace, json.dumps(chrome_trace(result)), make_parents=False)
-    if plot:
-        from hpipe.sim.trace import gantt_png
+            write_text(trace, json.dumps(chrome_trace(result)), make_parents=False)
+        if plot:
+            from hpipe.sim.trace import gantt_png
 
-        gantt_png(result, plot)
-    if json_path:
-        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
+            gantt_png(result, plot)
+        if json_path:
+            write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
 
 
 def _checked_plan(p, setup, file: str):

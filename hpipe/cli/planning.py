@@ -182,7 +182,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
           plot: Annotated[Optional[str], typer.Option(help="latency, energy and cost against the value (.png, .svg or .pdf)", metavar="PATH")] = None,
           quiet: QuietOpt = False):
     """What if: simulate the scenario at several values of one field, every planner asked for."""
-    from hpipe.io import write_text
+    from hpipe.io import write_text, written_together
     from hpipe.overrides import value_text
     from hpipe.progress import progress
     from hpipe.sweep import assignment, parse_sweep, run_sweep, sweep_plot
@@ -273,10 +273,11 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
         where = "" if len(at) == len(values) else f" [{key} = {', '.join(at)}]"
         err_console.print(first_line + where + (f"\n{rest}" if rest else ""), markup=False, highlight=False,
                           soft_wrap=True)
-    if json_path:
-        write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
-    if plot:
-        sweep_plot(result, plot)
+    with written_together():  # the JSON and the chart, both or neither
+        if json_path:
+            write_text(json_path, result.model_dump_json(indent=2), make_parents=False)
+        if plot:
+            sweep_plot(result, plot)
     con = _out_console(json_path, quiet)
     if con:
         model = "" if key == "model" or key.startswith("model.") else f"{first.model.name}, "  # else it varies

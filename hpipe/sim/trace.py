@@ -21,7 +21,7 @@ decode steps are drawn in shades of red (one shade per decode group) and labelle
 
 from __future__ import annotations
 
-from hpipe.io import atomic_path, is_special
+from hpipe.io import write_bytes
 from hpipe.result import Result, RunResult
 
 _US = 1e6
@@ -210,15 +210,16 @@ def gantt_png(result: Result, path, dpi: int = 110, min_link_share: float = 0.02
 
 
 def save_figure(fig, path, dpi: int = 110) -> None:
-    """Save ``fig`` atomically in the format its extension names (png, svg, pdf).
+    """Save ``fig`` in the format its extension names (png, svg, pdf): drawn into memory,
+    then written as every output is (``hpipe.io.write_bytes``: whole or not at all, a failed
+    write named).
 
     Like every library writer it makes missing folders; the CLI refuses a missing folder
     the user typed before any work (``hpipe.io.check_outputs``)."""
+    import io
     from pathlib import Path
 
     fmt = Path(path).suffix.lower().lstrip(".") or "png"
-    if is_special(path):  # a pipe or device: nothing to rename over it
-        fig.savefig(path, dpi=dpi, format=fmt)
-        return
-    with atomic_path(path, suffix="." + fmt) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=fmt)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=fmt)
+    write_bytes(path, buf.getvalue())
