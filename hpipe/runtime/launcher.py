@@ -23,6 +23,7 @@ import os
 import queue as queue_mod
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -255,14 +256,37 @@ def _start_forkserver() -> None:
     from multiprocessing import forkserver, resource_tracker
 
     resource_tracker.ensure_running()  # it lifts SIGINT's block itself: start it first
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    with _launchers_sys_path():
+        if threading.current_thread() is not threading.main_thread():
+            forkserver.ensure_running()
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _launchers_sys_path():
+    """The forkserver imports hpipe (its preload) from the launcher's own ``sys.path``.
+
+    It is started as ``python -c``, which puts the current folder first on its path, and
+    Python 3.11's forkserver drops the path it is handed; a worker sets the launcher's path
+    only after the preload has imported hpipe.  Run from inside another checkout, the workers
+    ran that checkout's hpipe under this one's launcher.  So the forkserver starts with the
+    launcher's path as PYTHONPATH, and PYTHONSAFEPATH keeps the current folder off it."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+    os.environ["PYTHONSAFEPATH"] = "1"
     try:
-        forkserver.ensure_running()
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _forkserver_pid() -> int | None:

@@ -61,3 +61,29 @@ def test_a_profile_from_another_machine_is_named_before_the_run(tmp_path):
     assert r.returncode == 0, r.stderr
     err = " ".join(r.stderr.split())
     assert "measured on Imaginary CPU 9000, this machine is" in err and "hpipe profile SCENARIO" in err, r.stderr
+
+
+def test_workers_run_the_launchers_hpipe_not_one_in_the_current_folder(tmp_path):
+    """The forkserver (``python -c``) had the current folder first on its path and imported
+    hpipe from there: run from inside another checkout, the workers ran that checkout's code
+    under this one's launcher.  Here the current folder holds a copy of hpipe that leaves a
+    mark when its worker module is imported; the run must never import it."""
+    import shutil
+
+    shutil.copytree(ROOT / "hpipe", tmp_path / "hpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    mark = tmp_path / "imported-the-copy"
+    with open(tmp_path / "hpipe" / "runtime" / "worker.py", "a") as f:
+        f.write(f"\nopen({str(mark)!r}, 'w').close()\n")
+    data = {"name": "tiny", "model": TINY_LLAMA, "dtype": "float32", "workload": {"seq_len": 16, "batch_size": 1},
+            "cluster": {"hosts": [{"name": "local", "devices": [{**CORE, "count": 2}]}]},
+            "planner": {"kind": "hpipe", "token_granularity": 8}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
+    hpipe = shutil.which("hpipe", path=str(Path(sys.executable).parent))
+    assert hpipe, "the hpipe script beside this Python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    if Path(__import__("hpipe").__file__).resolve().parents[1] != ROOT:  # not the installed one: name it
+        env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([hpipe, "execute", "tiny.yaml", "-q"], capture_output=True, text=True, env=env,
+                       timeout=100, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not mark.exists(), "a worker imported the copy of hpipe in the current folder"
