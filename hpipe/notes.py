@@ -133,6 +133,46 @@ def unpriced_sets(setup, swept: str | None = None) -> None:
                           f"here; --set costmodel=roofline prices it", highlight=False, soft_wrap=True)
 
 
+def unused_network(setup, swept: str | None = None) -> None:
+    """A --set of ``cluster.network`` where no pair of hosts crosses it (one host, or a
+    ``cluster.links`` entry for every pair) changes nothing: said, not ignored in silence (a
+    sweep over its bandwidth read the same latency at every value).  ``swept``: as for
+    ``unpriced_sets``."""
+    from hpipe.overrides import overridden_keys
+
+    cluster = setup.scenario.cluster
+    given = setup.scenario.overrides
+    moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
+            if k == "cluster.network" or k.startswith("cluster.network.")]
+    names = [h.name for h in cluster.hosts]
+    linked = {frozenset(link.between) for link in cluster.links}
+    if not moot or any(frozenset((a, b)) not in linked for i, a in enumerate(names) for b in names[i + 1:]):
+        return
+    why = "the scenario has one host" if len(names) == 1 else "every pair of hosts has its own entry in cluster.links"
+    err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: {why}, so no transfer "
+                      f"crosses cluster.network and it changes nothing here", highlight=False, soft_wrap=True)
+
+
+def unlike_groups(setup, plan, file: str) -> None:
+    """A given plan's tensor-parallel stage that hpipe's planners would not form (across
+    hosts, or of devices unlike in datasheet or memory: ``planners.groups.device_kind``) runs
+    and is simulated, but one mistyped device id makes such a group: said, not taken in
+    silence."""
+    from hpipe.planners.groups import device_kind
+
+    cluster = setup.cluster
+    for i, st in enumerate(plan.stages):
+        if len({device_kind(cluster, d) for d in st.devices}) < 2:
+            continue
+        hosts = list(dict.fromkeys(cluster.device(d).host for d in st.devices))
+        what = (f"spans hosts {', '.join(hosts)}" if len(hosts) > 1
+                else "mixes devices that differ in datasheet or memory")
+        err_console.print(f"[yellow]note:[/] {escape(file)}: stage {i}'s tensor-parallel group {what} "
+                          f"({escape(', '.join(st.devices))}); hpipe's planners group only identical devices of "
+                          f"one host; it runs, each shard waiting for the slowest, its all-reduces over the "
+                          f"slowest link between them", highlight=False, soft_wrap=True)
+
+
 MICRO_BATCH_PLANNERS = ("gpipe", "gpipe-balanced", "megatron")
 """The planners that read planner.micro_batches (hpipe.planners.baselines); the others choose."""
 
@@ -140,8 +180,9 @@ MICRO_BATCH_PLANNERS = ("gpipe", "gpipe-balanced", "megatron")
 def unused_planner_settings(setup, names: list[str], swept: tuple[str, str] | None = None) -> None:
     """Scenario settings that some of the planners run here do not read, said rather than
     ignored in silence: ``planner.micro_batches`` (gpipe, gpipe-balanced and megatron only),
-    ``compression`` (hpipe only: the baselines stand for systems that send activations as they
-    are), ``workload.sampling`` without new tokens.  ``swept``: a sweep's (key, its values as
+    ``compression`` and ``planner.objective`` (hpipe only: the baselines stand for systems that
+    send activations as they are and plan their own way; without new tokens every objective is
+    the latency), ``workload.sampling`` without new tokens.  ``swept``: a sweep's (key, its values as
     given), said in place of the one value ``setup`` holds."""
     sc = setup.scenario
     said = []
@@ -159,6 +200,15 @@ def unused_planner_settings(setup, names: list[str], swept: tuple[str, str] | No
     if setup.compression is not None and plain and not varies:
         said.append(f"compression is hpipe's; {', '.join(plain)} send{'s' if len(plain) == 1 else ''} "
                     f"activations uncompressed, as the systems they stand for do")
+    objective = swept[1] if swept and swept[0] == "planner.objective" else sc.planner.objective
+    if objective != "latency":
+        if not setup.output_tokens and not varies:
+            said.append(f"planner.objective = {objective}: the scenario generates no tokens "
+                        f"(workload.output_tokens is 0), so every objective ranks plans by latency")
+        elif plain:
+            how = ("plans as the system it stands for does" if len(plain) == 1
+                   else "plan as the systems they stand for do")
+            said.append(f"planner.objective = {objective} is hpipe's; {', '.join(plain)} {how}, whatever the objective")
     for line in said:
         err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if not varies:

@@ -313,7 +313,8 @@ class PlannerSpec(_Strict):
     kind: str = "hpipe"
     """hpipe | base | gpipe | gpipe-balanced | terapipe | megatron | tp-terapipe | single"""
     token_granularity: PositiveInt = 16
-    """Slice lengths are multiples of this."""
+    """The planners cut slices in multiples of this (and seq_len must be one); a given plan
+    (``--plan``) may cut anywhere, its slices summing to seq_len."""
     micro_batches: PositiveInt | None = None
     """Micro-batches for gpipe, gpipe-balanced and megatron; default: one sequence each."""
     memory_reserve_gb: NonNegativeFloat = 0.5

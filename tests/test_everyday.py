@@ -1306,3 +1306,94 @@ def test_a_generating_sweeps_table_gives_the_cost_per_run_only():
                           "workload.batch_size", [1, 2], ["base"])
         headers = [c.header for c in sweep_table("t", "workload.batch_size", sweep.values, sweep.runs).columns]
         assert headers == ["batch_\nsize", "planner", "latency\ns", *want, "stages/\nslices/µb"], out
+
+
+# ---- settings that would change nothing are said or refused (the standards audit) ----------
+GEN = str(SCENARIOS / "paper-llama7b-generate.yaml")
+
+
+def test_an_objective_the_planners_do_not_read_is_said(cli):
+    """planner.objective is hpipe's, and without new tokens every objective is the latency:
+    the baselines' tables were the same at latency, tpot and ttft, with no word."""
+    r = cli("simulate", GEN, "--planner", "gpipe,terapipe,hpipe", "--set", "planner.objective=tpot", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "planner.objective = tpot is hpipe's; gpipe, terapipe plan as" in err, err
+    r = cli("sweep", GEN, "--planner", "gpipe", "--set", "planner.objective=latency,tpot", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "planner.objective = latency,tpot is hpipe's; gpipe plans as" in err, err
+    r = cli("plan", PAPER, "--set", "planner.objective=ttft", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "generates no tokens" in err and "ranks plans by latency" in err, err
+    for quiet in (cli("simulate", GEN, "--planner", "hpipe", "--set", "planner.objective=tpot", "-q"),
+                  cli("plan", PAPER, "-q")):  # hpipe alone on a generating scenario, or the default: nothing
+        assert quiet.returncode == 0 and "planner.objective" not in quiet.stderr, quiet.stderr
+
+
+def test_a_network_no_transfer_crosses_is_said(cli):
+    """A sweep over cluster.network on one host (or where every pair has its own link) read
+    the same latency at every value, with no word."""
+    local = str(SCENARIOS / "local-cpu.yaml")
+    r = cli("sweep", local, "--set", "costmodel=roofline", "--set", "cluster.network.bandwidth_gbps=1,10", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and ("--set cluster.network.bandwidth_gbps=1,10: the scenario has one host, so no "
+                                  "transfer crosses cluster.network") in err, err
+    hetero = str(SCENARIOS / "local-cpu-hetero.yaml")
+    linked = "cluster.links=[{between: [fast, slow], bandwidth_gbps: 0.1, latency_us: 200}]"
+    r = cli("simulate", hetero, "--set", "costmodel=roofline", "--set", linked,
+            "--set", "cluster.network.bandwidth_gbps=5", "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "every pair of hosts has its own entry in cluster.links" in err, err
+    r = cli("simulate", hetero, "--set", "costmodel=roofline", "--set", "cluster.network.bandwidth_gbps=5", "-q")
+    assert r.returncode == 0 and "cluster.network" not in r.stderr, r.stderr  # the two hosts cross it
+
+
+@pytest.mark.parametrize("assignment", ["planner.kind=gpipe", "planner.micro_batches=2", "planner.objective=tpot",
+                                        "planner={kind: gpipe}"])
+def test_a_planner_setting_beside_a_given_plan_is_refused(cli, tmp_path, assignment):
+    """With --plan no planner runs: --planner beside it was exit 2, a --set of the planner was
+    dropped without a word."""
+    plan = tmp_path / "p.json"
+    assert cli("plan", PAPER, "-o", str(plan), "-q").returncode == 0
+    r = cli("simulate", PAPER, "--plan", str(plan), "--set", assignment, "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"--set {assignment} changes nothing" in err and "--plan gives the plan" in err, err
+    r = cli("simulate", PAPER, "--plan", str(plan), "--set", "planner.memory_reserve_gb=1", "-q")
+    assert r.returncode == 0, r.stderr  # a plan is still checked against the memory left free
+
+
+def test_validate_refuses_random_plan_options_that_draw_nothing(cli):
+    local = str(SCENARIOS / "local-cpu.yaml")
+    r = cli("validate", local, "--planners", "hpipe", "--random", "0", "--decode-random", "3")
+    assert r.returncode == 2 and "no decode cases" in r.stderr and "--decode-random" in r.stderr, r.stderr
+    r = cli("validate", local, "--planners", "hpipe", "--random", "0", "--seed", "5")
+    assert r.returncode == 2 and "no random plan is drawn" in r.stderr, r.stderr
+
+
+def test_a_given_tensor_parallel_group_the_planners_would_not_form_is_said(cli, tmp_path):
+    """A hand-written TP stage across hosts, or of unlike devices, runs (README), but a
+    mistyped device id makes one: simulate took an RTX 3090 + P100 group over 1 Gbit/s
+    without a word."""
+    def plan(devices):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"stages": [{"devices": devices, "units": [0, 66]}], "slices": [2048],
+                                    "micro_batches": 1}))
+        return str(path)
+
+    r = cli("simulate", PAPER, "--plan", plan(["host-b/RTX3090-0", "host-a/P100-0"]), "-q")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "stage 0's tensor-parallel group spans hosts host-b, host-a" in err, err
+    r = cli("simulate", PAPER, "--plan", plan(["host-a/P100-0", "host-a/P100-1"]), "-q")
+    assert r.returncode == 0 and "tensor-parallel group" not in r.stderr, r.stderr
+
+
+def test_a_plan_file_names_the_cost_model_its_figures_are_from(cli, tmp_path):
+    """costmodel auto may plan on the roofline today and a profile tomorrow: the Plan file had
+    no word of which (the Result JSON has it), and with -q nothing was said at all."""
+    out = tmp_path / "p.json"
+    r = cli("plan", PAPER, "-o", str(out), "-q", "--set", "costmodel=roofline")
+    assert r.returncode == 0, r.stderr
+    predicted = json.loads(out.read_text())["predicted"]
+    assert predicted["cost_model"]["kind"] == "roofline" and predicted["latency_s"] > 0
+    r = cli("simulate", PAPER, "--plan", str(out), "--json", "-", "-q")  # read back: as any plan
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["latency_s"] == pytest.approx(
+        predicted["latency_s"]), r.stderr

@@ -169,6 +169,7 @@ def _load_setup(scenario: Path, sets: list[str] | None = None, *, quiet: bool = 
         check(setup)
     if say:
         notes.unpriced_sets(setup)
+        notes.unused_network(setup)
     choice = getattr(setup.cost, "auto", None)
     if choice is None or not say:
         return setup
@@ -245,6 +246,32 @@ def _chosen_planners(planner: str | None, sc) -> list[str]:
     return _planner_names(planner or sc.planner.kind)
 
 
+PLANNING_ONLY = ("planner.kind", "planner.micro_batches", "planner.objective")
+"""What only a planner reads (``planner.token_granularity`` and ``memory_reserve_gb`` check a
+given plan too)."""
+
+
+def _plan_given(plan: Path | None, planner: str | None, sc) -> None:
+    """With ``--plan`` no planner runs: ``--planner`` beside it, or a --set of what only
+    planning reads, would change nothing, so either is refused (the --set had been dropped
+    without a word)."""
+    if plan is None:
+        return
+    if planner is not None:
+        raise InputError("give --planner or --plan, not both", field="--plan")
+    from hpipe.overrides import overridden_keys, parse_value, split_assignment
+
+    for key, text in zip(overridden_keys(sc.overrides), sc.overrides):
+        value = parse_value(split_assignment(text)[1])
+        if key == "planner":
+            keys = {f"planner.{k}" for k in value} if isinstance(value, dict) else {"planner.kind"}
+        else:
+            keys = {key}
+        if keys & set(PLANNING_ONLY):
+            raise InputError(f"--plan gives the plan and no planner runs, so --set {text} changes nothing; "
+                             f"drop one", field="--set")
+
+
 def _check_timeout(timeout_s: float) -> None:
     import math
 
@@ -288,6 +315,7 @@ def _checked_plan(p, setup, file: str):
     run gives its own figures); a plan made for another scenario (by its name) that still fits this one is
     taken, and said: its stages were cut for that one's model and devices."""
     p = p.check(setup, file=file).check_codecs(setup, file=file).as_read()
+    notes.unlike_groups(setup, p, file)
     if p.scenario and p.scenario != setup.name:
         err_console.print(f"[yellow]note:[/] {escape(file)} was planned for scenario {escape(repr(p.scenario))}; "
                           f"it is used as given for {escape(repr(setup.name))}", highlight=False, soft_wrap=True)

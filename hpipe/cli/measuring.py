@@ -99,7 +99,7 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
              planners: Annotated[str, typer.Option("--planners", "--planner", help="comma list of planners to validate (--planner is the same)", metavar="A,B,...", show_default="the seven of the paper")] = ",".join(
                  ("hpipe", "base", "gpipe", "gpipe-balanced", "terapipe", "megatron", "tp-terapipe")),
              random_plans: Annotated[int, typer.Option("--random", min=0, help="random valid plans per scenario", metavar="N")] = 8,
-             seed: Annotated[int, typer.Option(help="seed of the random plans", metavar="N")] = 0,
+             seed: Annotated[Optional[int], typer.Option(help="seed of the random plans", metavar="N", show_default="0")] = None,
              profile_path: Annotated[Optional[str], typer.Option("--profile", help="profile to use or write (one scenario); default: the scenario's fitted profile while it is current, else this machine's profile cache (measured there when missing)", metavar="PATH")] = None,
              reprofile: Annotated[bool, typer.Option(help="measure the profile again even if it is current")] = False,
              repeats: Annotated[int, typer.Option(min=1, help="measured runs per case, in interleaved rounds over all cases (the fastest is compared)", metavar="N")] = 1,
@@ -146,12 +146,21 @@ def validate(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAML
         from hpipe.validate import check_profile_target
 
         check_profile_target(scs[0], profile_path)
-    opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed, timeout_s=timeout, repeats=repeats,
-                       output_tokens=output_tokens, decode_random=decode_random, prefill=prefill)
-    if not prefill and not any((output_tokens if output_tokens is not None else sc.workload.output_tokens)
-                               for sc in scs):
+    opts = CaseOptions(planners=tuple(names), n_random=random_plans, seed=seed or 0, timeout_s=timeout,
+                       repeats=repeats, output_tokens=output_tokens, decode_random=decode_random, prefill=prefill)
+    decode = any((output_tokens if output_tokens is not None else sc.workload.output_tokens) for sc in scs)
+    if not prefill and not decode:
         raise InputError("--no-prefill leaves no case: no decode cases either (give --output-tokens N)",
                          field="--no-prefill")
+    # options that would change nothing are refused, not ignored
+    if decode_random is not None and not decode:
+        raise InputError(f"--decode-random {decode_random}: there are no decode cases (the scenario generates "
+                         f"no tokens; give --output-tokens N)", field="--decode-random")
+    drawn = (random_plans if prefill else 0) + ((random_plans if decode_random is None else decode_random)
+                                                if decode else 0)
+    if seed is not None and not drawn:
+        raise InputError(f"--seed {seed}: no random plan is drawn (--random {random_plans}"
+                         + (f", --decode-random {decode_random}" if decode else "") + ")", field="--seed")
     con = _out_console(json_path, quiet)
     log = (lambda msg: err_console.print(msg, markup=False, highlight=False)) if not quiet else None
     with progress(quiet) as bar:

@@ -12,8 +12,8 @@ import typer
 
 from hpipe.cli.common import (
     app, _check_outputs, _checked_plan, _chosen_planners, _costmodel_name, err_console, _GLOBAL_SETS,
-    JsonOpt, _load_scenario, _load_setup, _no_global_sets, _OnceCommand, _out_console, _planner_names,
-    QuietOpt, _reads, _say_written, SetOpt, _write_outputs)
+    JsonOpt, _load_scenario, _load_setup, _no_global_sets, _OnceCommand, _out_console, _plan_given,
+    _planner_names, QuietOpt, _reads, _say_written, SetOpt, _write_outputs)
 from hpipe import notes
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.tables import console
@@ -85,8 +85,9 @@ def plan(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar=
     with progress(quiet) as bar:
         bar.add_task(f"planning {name[0]}", total=None)
         p = make_plan(setup, name[0])
-    if output:
-        write_text(output, p.model_dump_json(indent=2), make_parents=False)
+    if output:  # the file says which cost model its figures are from (auto's choice can change between runs)
+        on = p.model_copy(update={"predicted": {**p.predicted, "cost_model": setup.cost.describe()}})
+        write_text(output, on.model_dump_json(indent=2), make_parents=False)
     con = _out_console(output, quiet)
     if con:
         from hpipe.tables import plan_table
@@ -113,8 +114,7 @@ def simulate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
 
     _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
                    _reads(scenario, sets, **{"the --plan file": plan}))
-    if plan is not None and planner is not None:
-        raise InputError("give --planner or --plan, not both", field="--plan")
+    _plan_given(plan, planner, _load_scenario(scenario, sets))
     if planner is not None:  # a typo says so before the cost model's note (or its profile)
         _planner_names(planner)
     setup = _load_setup(scenario, sets, quiet=quiet, make_profile=enabled(quiet))
@@ -240,6 +240,7 @@ def sweep(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metavar
     names = _chosen_planners(planner, first.scenario)
     notes.unused_planner_settings(first, names, (key, ','.join(value_text(v) for v in values)))
     notes.unpriced_sets(first, f"{key}={','.join(value_text(v) for v in values)}")
+    notes.unused_network(first, f"{key}={','.join(value_text(v) for v in values)}")
     notes.past_context_in_sweep(key, [value_text(v) for v in values], [load([assignment(key, v)]) for v in values])
     with progress(quiet) as bar:
         task = bar.add_task("sweeping", total=len(values) * len(names))

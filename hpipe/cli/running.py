@@ -11,8 +11,8 @@ import typer
 
 from hpipe.cli.common import (
     app, _check_outputs, _check_timeout, _checked_plan, _chosen_planners, _costmodel_name, JsonOpt,
-    _load_scenario, _load_setup, _needs_torch, _OnceCommand, _out_console, _planner_names, QuietOpt,
-    _reads, _say_written, SetOpt, _write_outputs)
+    _load_scenario, _load_setup, _needs_torch, _OnceCommand, _out_console, _plan_given, _planner_names,
+    QuietOpt, _reads, _say_written, SetOpt, _write_outputs)
 from hpipe import notes
 from hpipe.errors import HpipeError, InfeasibleError, InputError
 from hpipe.io import is_stdout
@@ -47,8 +47,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     from hpipe.memory import raise_if_model_cannot_fit
     from hpipe.runtime.here import check_cpu_memory, check_cpu_weights, check_placements
 
-    if plan is not None and planner is not None:
-        raise InputError("give --planner or --plan, not both", field="--plan")
+    _plan_given(plan, planner, _load_scenario(scenario, sets))
     plans = load_plans(plan) if plan is not None else None
     if plans is not None and len(plans) != 1:
         raise InputError(f"execute runs one plan, the file holds {len(plans)}", file=str(plan))
@@ -198,8 +197,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     with _needs_torch("generate"):
         from hpipe.runtime import generation as gen
         from hpipe.runtime.launcher import execute as run_exec, runtime_spec
-    if plan is not None and planner is not None:
-        raise InputError("give --planner or --plan, not both", field="--plan")
+    _plan_given(plan, planner, _load_scenario(scenario, sets))
     if planner is not None:  # a typo says so before the tokenizer and the cost model
         _planner_names(planner)
     if stream and is_stdout(json_path):
