@@ -20,42 +20,39 @@ from hpipe.tables import console
 
 
 # ---- catalogs --------------------------------------------------------------
-@app.command(cls=_OnceCommand)
-def devices(json_path: JsonOpt = None, quiet: QuietOpt = False):
-    """The device catalog (datasheet figures)."""
-    from hpipe.devices import DEVICES
+def _catalog(command: str, what: str, rows: list[dict], table, json_path: str | None, quiet: bool) -> None:
+    """``rows`` as JSON to ``json_path``; ``table`` (made only when shown) to the console."""
     from hpipe.io import write_text
 
-    _no_global_sets("devices")
+    _no_global_sets(command)
     _check_outputs({"--json": json_path})
-    rows = [d.model_dump() for d in DEVICES.values()]
     if json_path:
         write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
     con = _out_console(json_path, quiet)
     if con:
-        from hpipe.tables import devices_table
+        con.print(table())
+        _say_written(con, {f"{what} JSON": json_path})
 
-        con.print(devices_table(DEVICES.values()))
-        _say_written(con, {"device catalog JSON": json_path})
+
+@app.command(cls=_OnceCommand)
+def devices(json_path: JsonOpt = None, quiet: QuietOpt = False):
+    """The device catalog (datasheet figures)."""
+    from hpipe.devices import DEVICES
+    from hpipe.tables import devices_table
+
+    _catalog("devices", "device catalog", [d.model_dump() for d in DEVICES.values()],
+             lambda: devices_table(DEVICES.values()), json_path, quiet)
 
 
 @app.command(cls=_OnceCommand)
 def models(json_path: JsonOpt = None, quiet: QuietOpt = False):
     """The model catalog."""
-    from hpipe.io import write_text
     from hpipe.models import MODELS
+    from hpipe.tables import models_table
 
-    _no_global_sets("models")
-    _check_outputs({"--json": json_path})
-    rows = [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()]
-    if json_path:
-        write_text(json_path, json.dumps(rows, indent=2), make_parents=False)
-    con = _out_console(json_path, quiet)
-    if con:
-        from hpipe.tables import models_table
-
-        con.print(models_table(MODELS.values()))
-        _say_written(con, {"model catalog JSON": json_path})
+    _catalog("models", "model catalog",
+             [{**m.to_dict(), "params": m.param_count(), "n_units": m.n_units} for m in MODELS.values()],
+             lambda: models_table(MODELS.values()), json_path, quiet)
 
 
 # ---- plan ------------------------------------------------------------------

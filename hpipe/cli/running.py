@@ -36,7 +36,6 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     from hpipe.plan import load_plans
     from hpipe.planners import make_plan
     from hpipe.result import Result
-    from hpipe.sim import simulate as run_sim
 
     _check_outputs({"--json": json_path, "--trace": trace, "--plot": plot},
                    _reads(scenario, sets, **{"the --plan file": plan, "the --inputs file": inputs}))
@@ -70,13 +69,7 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
     if p is None:
         p = make_plan(setup, _chosen_planners(planner, setup.scenario)[0])
         check_placements(setup, p.devices)
-    predicted = run_sim(setup, p)
-    if not predicted.feasible:
-        raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
-    check_cpu_memory(setup, p)
-    notes.past_context(setup, spec)  # warnings: said with --quiet too
-    notes.foreign_profile(setup)
-    notes.unused_sampling(setup)
+    predicted = _fits_here(setup, p, spec)
     if not quiet:
         notes.long_cpu_run(setup, p, timeout, warmup=1)
     measured = run_exec(setup, p, inputs=token_ids, check=check, timeout_s=timeout, quiet=quiet, spec=spec)
@@ -111,6 +104,22 @@ def execute(scenario: Annotated[Path, typer.Argument(help="scenario YAML", metav
             con.print(f"--check passed: {figures}, against the whole model in one process (float32{_with_codecs(p)})"
                       + ("; the prefill's logits only: `hpipe generate --check` compares the generated ids"
                          if setup.output_tokens else ""), highlight=False)
+
+
+def _fits_here(setup, p, spec):
+    """The plan's simulated figures, after the checks every run makes: it fits its devices
+    (exit 3) and this machine's memory; then the warnings said even with --quiet."""
+    from hpipe.runtime.here import check_cpu_memory
+    from hpipe.sim import simulate as run_sim
+
+    predicted = run_sim(setup, p)
+    if not predicted.feasible:
+        raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
+    check_cpu_memory(setup, p)
+    notes.past_context(setup, spec)
+    notes.foreign_profile(setup)
+    notes.unused_sampling(setup)
+    return predicted
 
 
 def _with_codecs(plan) -> str:
@@ -186,7 +195,6 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
     from hpipe.planners import make_plan
     from hpipe.plan import load_plans
     from hpipe.result import Result
-    from hpipe.sim import simulate as run_sim
 
     if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
         prompt_file = Path("/dev/stdin")
@@ -217,7 +225,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
                          prompt_file=str(prompt_file) if prompt_file else None, weights=weights)
     new_tokens = max_new_tokens or sc.workload.output_tokens or gen.DEFAULT_NEW_TOKENS
     from hpipe.memory import raise_if_model_cannot_fit
-    from hpipe.runtime.here import check_cpu_memory, check_cpu_weights, check_placements
+    from hpipe.runtime.here import check_cpu_weights, check_placements
 
     # costmodel: auto: the choice for the scenario as written (the cache key holds its workload's
     # shape, not the prompt's: each prompt length would be a profile of its own), said, and kept
@@ -270,13 +278,7 @@ def generate(scenario: Annotated[Path, typer.Argument(help="scenario YAML", meta
         p = p.model_copy(update={"slices": gen.fit_slices(p.slices, setup.seq_len)}).check(setup).without_figures()
     check_placements(setup, p.devices)  # a GPU of the scenario with no placement here: exit 2
     spec = runtime_spec(setup)  # the weights' own (max positions, norm epsilon)
-    predicted = run_sim(setup, p)
-    if not predicted.feasible:
-        raise InfeasibleError(f"plan does not fit: {predicted.infeasible}")
-    check_cpu_memory(setup, p)
-    notes.past_context(setup, spec)  # warnings: said with --quiet too
-    notes.foreign_profile(setup)
-    notes.unused_sampling(setup)
+    predicted = _fits_here(setup, p, spec)
     notes.replaced_by_prompts(sc, ids, given_new_tokens=max_new_tokens)
     if not quiet:
         notes.long_cpu_run(setup, p, timeout, warmup=0)
