@@ -1,8 +1,9 @@
-"""How hpipe stops when asked to: Ctrl-C (exit 130) and SIGTERM (exit 143).
+"""How hpipe stops when asked to: Ctrl-C (exit 130), SIGTERM (exit 143) and SIGHUP (exit
+129: the terminal or ssh session closed; left ignored under ``nohup``).
 
-SIGTERM is turned into a KeyboardInterrupt (``Terminated``) in the main thread, so the
-clean-up written for Ctrl-C runs for it too: the workers are stopped first, nothing is
-left running.  Kept apart from ``hpipe.__main__``, which ``python -m hpipe`` loads a
+SIGTERM and SIGHUP are turned into a KeyboardInterrupt (``Terminated``) in the main thread,
+so the clean-up written for Ctrl-C runs for them too: the workers are stopped first, nothing
+is left running (a SIGHUP had left emulated hosts' namespaces and cgroups behind).  Kept apart from ``hpipe.__main__``, which ``python -m hpipe`` loads a
 second time as ``__main__``: the flag below must be one.
 """
 
@@ -13,17 +14,22 @@ import os
 import signal
 import sys
 
-_terminated = False
-"""Set by SIGTERM: click turns any KeyboardInterrupt into its own Abort, losing the subclass."""
+_terminated = 0
+"""The signal that asked hpipe to stop (SIGTERM, SIGHUP), 0 if none: click turns any
+KeyboardInterrupt into its own Abort, losing the subclass."""
+
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Handled as SIGTERM is (``on_sigterm``)."""
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler), raised where Ctrl-C would be."""
+    """SIGTERM (``kill``, a job scheduler) or SIGHUP (the terminal closed), raised where
+    Ctrl-C would be."""
 
 
 def on_sigterm(signum, frame) -> None:
     global _terminated
-    _terminated = True
+    _terminated = signum
     raise Terminated()
 
 
@@ -48,14 +54,17 @@ def check_interrupted() -> None:
 
 
 def install_sigterm():
-    """Handle SIGTERM as above, and Ctrl-C with ``on_sigint`` (where Python's own handler is
-    in place); the handlers it replaces, {signal: handler}, for ``restore`` (None off the
-    main thread, where no handler can be set)."""
+    """Handle SIGTERM and SIGHUP as above (SIGHUP not where it is ignored, as ``nohup`` does),
+    and Ctrl-C with ``on_sigint`` (where Python's own handler is in place); the handlers it
+    replaces, {signal: handler}, for ``restore`` (None off the main thread, where no handler
+    can be set)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
     before = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        before[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_sigterm)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
         before[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     return before
@@ -66,11 +75,11 @@ def restore(before) -> None:
     global _interrupted, _terminated
     for sig, handler in (before or {}).items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    _interrupted = _terminated = False
+    _interrupted, _terminated = False, 0
 
 
 @contextlib.contextmanager
-def signals_held(sigs=(signal.SIGINT, signal.SIGTERM)):
+def signals_held(sigs=(signal.SIGINT, *STOPPING_SIGNALS)):
     """Run a clean-up that must finish with Ctrl-C and SIGTERM held: one that arrives
     meanwhile is acted on, by the handler it was meant for, once the block ends.  A second
     Ctrl-C (``timeout -s INT`` sends two) once interrupted the removal of emulated hosts
@@ -93,7 +102,7 @@ def signals_held(sigs=(signal.SIGINT, signal.SIGTERM)):
 
 
 def exit_interrupted(e: BaseException | None = None) -> None:
-    """Exit 130 after a Ctrl-C (143 after SIGTERM), for certain.
+    """Exit 130 after a Ctrl-C (143 after SIGTERM, 129 after SIGHUP), for certain.
 
     ``sys.exit(130)`` is not enough: when the KeyboardInterrupt escaped code run by
     ``exec`` of a string (dataclasses build their methods so, e.g. during an import),
@@ -101,13 +110,14 @@ def exit_interrupted(e: BaseException | None = None) -> None:
     whatever we raise.  The workers are stopped by then; the forkserver and resource
     tracker leave when our end of their pipes closes.  ``os._exit`` skips multiprocessing's
     own clean-up at exit, so its temporary folder (the forkserver's socket) goes here."""
-    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the exit
+    for sig in (*STOPPING_SIGNALS, signal.SIGINT):  # a second signal must not interrupt the exit
         try:
             signal.signal(sig, signal.SIG_IGN)
         except ValueError:  # not the main thread
             pass
-    term = _terminated or isinstance(e, Terminated)
-    sys.stderr.write("hpipe: terminated\n" if term else "hpipe: interrupted\n")
+    term = _terminated or (signal.SIGTERM if isinstance(e, Terminated) else 0)
+    sys.stderr.write("hpipe: hung up\n" if term == signal.SIGHUP else "hpipe: terminated\n" if term
+                     else "hpipe: interrupted\n")
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
@@ -119,4 +129,4 @@ def exit_interrupted(e: BaseException | None = None) -> None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    os._exit(143 if term else 130)
+    os._exit(128 + term if term else 130)

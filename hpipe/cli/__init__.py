@@ -5,7 +5,7 @@ One module per kind of command, on ``common`` (the app, shared options, scenario
 (execute, generate), ``measuring`` (profile, validate).
 
 Exit codes: 0 done; 2 bad input (file, field and problem, no traceback);
-3 infeasible (says by how much); 1 anything else; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+3 infeasible (says by how much); 1 anything else; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM); 129 hung up (SIGHUP).
 """
 
 # Each registers its commands on app, in the order `hpipe --help` lists them.

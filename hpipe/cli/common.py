@@ -325,7 +325,7 @@ def _checked_plan(p, setup, file: str):
 def main() -> None:
     from hpipe.stopping import install_sigterm
 
-    before = install_sigterm()  # stopped as Ctrl-C stops it: workers first, exit 143
+    before = install_sigterm()  # stopped as Ctrl-C stops it: workers first, exit 143 (SIGHUP: 129)
     try:
         # Under standalone_mode=False typer turns Ctrl-C (and --help, typer.Exit) into a
         # *returned* exit code instead of raising it: honour it, or Ctrl-C would exit 0.

@@ -751,16 +751,23 @@ def sweep_stale() -> list[str]:
 
 
 def _sigterm_to_exit():
-    """While emulation resources exist, SIGTERM raises SystemExit so ``finally`` blocks run;
-    returns a function restoring the previous handler.  Only the main thread may set handlers."""
+    """While emulation resources exist, SIGTERM and SIGHUP raise SystemExit so ``finally``
+    blocks run; returns a function restoring the previous handlers.  Only the main thread may
+    set handlers; a signal someone already handles (or ignores) is left to them."""
+    from hpipe.stopping import STOPPING_SIGNALS
+
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        return lambda: None  # someone already handles it; leave theirs
 
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {sig: signal.getsignal(sig) for sig in STOPPING_SIGNALS}
+    ours = [sig for sig, h in previous.items() if h in (signal.SIG_DFL, None)]
+    for sig in ours:
+        signal.signal(sig, handler)
+
+    def restore():
+        for sig in ours:
+            signal.signal(sig, previous[sig] if previous[sig] is not None else signal.SIG_DFL)
+    return restore

@@ -40,10 +40,14 @@ def test_ctrl_c_during_execute_exits_130_and_leaves_nothing(after_s):
         run.close()
 
 
-def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_path):
+@pytest.mark.parametrize("sig, code_expected, said", [(signal.SIGTERM, 143, "terminated"),
+                                                      (signal.SIGHUP, 129, "hung up")], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_path, sig, code_expected, said):
     """`kill` (SIGTERM) to hpipe alone, as a job scheduler sends it: the workers are stopped,
     exit 143 with one line, and multiprocessing's temporary folder (the forkserver's socket),
-    which its own exit handler would remove, is gone too (as after Ctrl-C)."""
+    which its own exit handler would remove, is gone too (as after Ctrl-C).  SIGHUP (the
+    terminal or ssh session closed) the same, exit 129: it had killed hpipe with no clean-up,
+    leaving emulated hosts' namespaces and cgroups behind."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     run = TerminalRun("execute", SCENARIO, "--set", "costmodel=roofline", "--set", "workload.batch_size=64",
@@ -54,11 +58,11 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_pat
             time.sleep(0.1)
         time.sleep(2.0)
         assert run.proc.poll() is None, run.output
-        os.kill(run.pid, signal.SIGTERM)
+        os.kill(run.pid, sig)
         code = run.wait(10)
-        assert code == 143, (code, run.output[-2000:])
+        assert code == code_expected, (code, run.output[-2000:])
         assert run.leftovers(within_s=10) == []
-        assert "hpipe: terminated" in run.output and "Traceback" not in run.output, run.output[-3000:]
+        assert f"hpipe: {said}" in run.output and "Traceback" not in run.output, run.output[-3000:]
         assert list(tmp.glob("pymp-*")) == []
     finally:
         run.close()
