@@ -521,3 +521,32 @@ def test_a_runs_result_says_what_was_emulated(tmp_path):
     r = run_cli("execute", str(ROOT / "scenarios" / "local-cpu.yaml"), *small, "--json", str(out), timeout=240)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["results"][0]["emulated"] is None  # one host, no quotas
+
+
+def test_a_cpu_cap_below_a_tenth_of_a_core_is_kept():
+    """The kernel's smallest CFS quota is 1 ms: over a fixed 10 ms period any cap under 0.1
+    core had run at 0.1 (twice the 0.05 asked for); the period grows instead."""
+    from hpipe.runtime.emulation import cfs_limit
+
+    for q in (0.5, 0.1, 0.09, 0.05, 0.01, 0.001):
+        quota_us, period_us = cfs_limit(q)
+        assert quota_us >= 1000 and 10_000 <= period_us <= 1_000_000
+        assert quota_us / period_us == pytest.approx(q, rel=1e-3), q
+    assert cfs_limit(0.5) == (5000, 10_000)  # a tenth of a core or more: the period as before
+
+
+def test_cgroup_v2_without_cpu_delegated_is_not_taken_for_a_cpu_controller(tmp_path):
+    """In a container with its own cgroup namespace the root may list cpu among its
+    controllers without enabling it for children (subtree_control): a child then has no
+    cpu.weight, and writing it was a PermissionError traceback.  Such a root is refused, so
+    the run falls back to the duty cycle."""
+    from hpipe.runtime.emulation import _cgroup_cpu_root
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("memory pids\n")
+    assert _cgroup_cpu_root(tmp_path) is None
+    (tmp_path / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    assert _cgroup_cpu_root(tmp_path) == (tmp_path, 2)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.shares").write_text("1024\n")
+    assert _cgroup_cpu_root(tmp_path) == (tmp_path / "cpu", 1)

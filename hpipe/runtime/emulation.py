@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import math
 import os
 import re
 import shutil
@@ -102,15 +103,25 @@ class EmulationError(HpipeError):
 
 
 # ---- what the machine permits --------------------------------------------------------------
-def _cgroup_cpu_root() -> tuple[Path, int] | None:
-    """(directory, cgroup version) where CPU weights can be set, or None."""
-    v1 = Path("/sys/fs/cgroup/cpu")
+def _cgroup_cpu_root(base: Path = Path("/sys/fs/cgroup")) -> tuple[Path, int] | None:
+    """(directory, cgroup version) where CPU weights can be set, or None (``base``: where the
+    cgroup file systems are mounted)."""
+    v1 = base / "cpu"
     if (v1 / "cpu.shares").exists():
         return v1, 1
-    v2 = Path("/sys/fs/cgroup")
-    if (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.controllers").read_text().split():
+    v2 = base
+    # a child gets cpu.weight and cpu.max only where its parent's subtree_control enables cpu:
+    # in a container with its own cgroup namespace it may be available and not delegated
+    if all("cpu" in _words(v2 / f) for f in ("cgroup.controllers", "cgroup.subtree_control")):
         return v2, 2
     return None
+
+
+def _words(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
 
 
 def cgroup_unsupported() -> str | None:
@@ -119,7 +130,8 @@ def cgroup_unsupported() -> str | None:
         return "emulating a slower device (cpu_quota) with a cgroup needs root"
     root = _cgroup_cpu_root()
     if root is None:
-        return "no cgroup CPU controller mounted (neither /sys/fs/cgroup/cpu nor cgroup v2 with cpu)"
+        return ("no cgroup CPU controller to use (neither /sys/fs/cgroup/cpu nor cgroup v2 with cpu in "
+                "cgroup.subtree_control)")
     if not os.access(root[0], os.W_OK):
         return f"{root[0]} is not writable"
     return None
@@ -211,6 +223,14 @@ CFS_PERIOD_US = 10_000
 """The CFS period of a capped device's quota (a capped device is rare: see ``CpuLimit.capped``)."""
 
 
+def cfs_limit(quota_cpus: float) -> tuple[int, int]:
+    """(quota_us, period_us) for a cap of ``quota_cpus`` cores: the kernel's smallest quota is
+    1 ms, so below 0.1 core the period grows past ``CFS_PERIOD_US`` (to its 1 s limit) rather
+    than the quota rounding up (0.05 core had run at 0.1)."""
+    period_us = min(1_000_000, max(CFS_PERIOD_US, math.ceil(1000 / quota_cpus)))
+    return max(1000, round(quota_cpus * period_us)), period_us
+
+
 def _make_cgroup(name: str, quota_cpus: float, threads: int = 1) -> CpuLimit:
     why = cgroup_unsupported()
     if why:
@@ -219,14 +239,18 @@ def _make_cgroup(name: str, quota_cpus: float, threads: int = 1) -> CpuLimit:
     path = root / name
     path.mkdir()
     limit = CpuLimit(path, version, quota_cpus, capped=not paced(quota_cpus, threads))
-    (path / ("cpu.shares" if version == 1 else "cpu.weight")).write_text(str(limit.weight))
-    if limit.capped:  # Pace times one thread, and never slows a device of a core or more
-        quota_us = max(1000, round(quota_cpus * CFS_PERIOD_US))
-        if version == 1:
-            (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-            (path / "cpu.cfs_quota_us").write_text(str(quota_us))
-        else:
-            (path / "cpu.max").write_text(f"{quota_us} {CFS_PERIOD_US}")
+    try:
+        (path / ("cpu.shares" if version == 1 else "cpu.weight")).write_text(str(limit.weight))
+        if limit.capped:  # Pace times one thread, and never slows a device of a core or more
+            quota_us, period_us = cfs_limit(quota_cpus)
+            if version == 1:
+                (path / "cpu.cfs_period_us").write_text(str(period_us))
+                (path / "cpu.cfs_quota_us").write_text(str(quota_us))
+            else:
+                (path / "cpu.max").write_text(f"{quota_us} {period_us}")
+    except OSError as e:  # a cgroup whose share cannot be set emulates nothing: removed, and said
+        _remove_cgroup(path)
+        raise EmulationError(f"cannot set the CPU share of cgroup {path}: {e.strerror or e}") from None
     return limit
 
 
