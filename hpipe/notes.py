@@ -319,7 +319,8 @@ def foreign_profile(setup) -> None:
     if why:
         decode = why == decode_gap(setup.cost.profile, setup)
         fix = ("a profile of the scenario with workload.output_tokens times its decode steps too (under costmodel: "
-               "auto, `hpipe execute SCENARIO --set workload.output_tokens=8` measures one)" if decode else
+               f"auto, `hpipe execute SCENARIO --set workload.output_tokens={max(setup.output_tokens, 8)}` "
+               f"measures one)" if decode else
                "`hpipe profile SCENARIO -o PROFILE.json` measures this machine")
         err_console.print(f"[yellow]note:[/] the fitted profile {escape(str(setup.cost.profile_path))} does not "
                           f"describe this run ({escape(why)}), so the prediction beside the measurement may not "

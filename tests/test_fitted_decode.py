@@ -308,3 +308,17 @@ def test_every_device_of_the_profile_must_have_timed_decode_steps(tmp_path):
         "the profile timed no decode steps (n = 1) and the scenario generates tokens")
     full = with_step_probe(with_decode_points(synthetic_profile(noise=0.0)))
     assert decode_gap(_profile_at(tmp_path, full), generating) is None
+
+
+def test_a_profile_short_of_the_last_decode_steps_context_is_a_gap(tmp_path):
+    """decode_gap: the cache key leaves output_tokens out, so a profile timed for a few new
+    tokens had priced many more by extrapolating its decode contexts (the emulation read:
+    contexts 384-386 stood for steps up to 982).  Decode contexts here reach 530: 512 prompt
+    tokens + 20 new ones end there (the last token is not fed back); 21 do not."""
+    from hpipe.costmodels.profile import decode_gap
+
+    prof = _profile_at(tmp_path, with_step_probe(with_decode_points(synthetic_profile(noise=0.0))))
+    assert decode_gap(prof, _local("workload.output_tokens=20")) is None
+    assert decode_gap(prof, _local("workload.output_tokens=21")) == (
+        "the profile timed local/core-0's decode steps up to context 530, the scenario's last step is at 531 "
+        "(512 prompt + 21 new tokens)")

@@ -397,13 +397,23 @@ def load_profile(path: str | Path) -> Profile:
 
 def decode_gap(profile: Profile, setup) -> str | None:
     """Why a profile falls short of a scenario that generates tokens (it timed no decode steps,
-    or, over CPU devices alone, no decode step-loop probe), or None."""
-    from hpipe.models import decode_steps
+    or none as far as the scenario's last step's context, or, over CPU devices alone, no
+    decode step-loop probe), or None."""
+    from hpipe.models import decode_steps, positions_used
 
     if decode_steps(setup.output_tokens) == 0:
         return None
     if not all(any(n == 1 and c > 0 for n, c in zip(dp.units["attn"].n, dp.units["attn"].c)) for dp in profile.devices):
         return "the profile timed no decode steps (n = 1) and the scenario generates tokens"
+    # the cache key leaves output_tokens out (one profile serves them all), so a profile timed
+    # for 4 new tokens had priced 600 by extrapolating its decode contexts 384-386 to 982
+    last = positions_used(setup.seq_len, setup.output_tokens) - 1
+    for dp in profile.devices:
+        a = dp.units["attn"]
+        reach = max(c for n, c in zip(a.n, a.c) if n == 1 and c > 0)
+        if reach < last:
+            return (f"the profile timed {dp.device}'s decode steps up to context {reach}, the scenario's last "
+                    f"step is at {last} ({setup.seq_len} prompt + {setup.output_tokens} new tokens)")
     cpus = [d for d in setup.cluster.devices if getattr(d.placement, "device", "cpu") == "cpu"]
     # (a profile made without links, `--no-links`, has no probe either: that was asked for)
     if len(cpus) == len(setup.cluster.devices) > 1 and profile.links and not profile.step_hops:
