@@ -36,10 +36,14 @@ _PENDING: list | None = None
 def written_together() -> Iterator[None]:
     """Every file ``atomic_path`` and ``write_text`` write inside the block replaces its target,
     and what they send to standard output is printed, only once the whole block has run; an
-    exception (a full disk, a Ctrl-C) leaves every target as it was."""
+    exception (a full disk, a Ctrl-C) leaves every target as it was.  A block inside another
+    joins it.  (The renames themselves run one after another: one that fails, rare once every
+    file is written, leaves those before it done.)"""
     global _PENDING
-    outer, _PENDING = _PENDING, []
-    pending = _PENDING
+    if _PENDING is not None:  # nested: the outer block renames these with its own
+        yield
+        return
+    pending = _PENDING = []
     try:
         yield
     except BaseException:
@@ -47,7 +51,7 @@ def written_together() -> Iterator[None]:
             discard()
         raise
     finally:
-        _PENDING = outer
+        _PENDING = None
     for i, (commit, _) in enumerate(pending):
         try:
             commit()

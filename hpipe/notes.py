@@ -136,28 +136,31 @@ def unpriced_sets(setup, swept: str | None = None) -> None:
 def unused_network(setup, swept: str | None = None) -> None:
     """A --set of ``cluster.network`` where no pair of hosts crosses it (one host, or a
     ``cluster.links`` entry for every pair) changes nothing: said, not ignored in silence (a
-    sweep over its bandwidth read the same latency at every value).  ``swept``: as for
-    ``unpriced_sets``."""
+    sweep over its bandwidth read the same latency at every value; the profile cache key leaves
+    such a network out too).  ``swept``: as for ``unpriced_sets``."""
     from hpipe.overrides import overridden_keys
 
     cluster = setup.scenario.cluster
     given = setup.scenario.overrides
     moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
             if k == "cluster.network" or k.startswith("cluster.network.")]
-    names = [h.name for h in cluster.hosts]
-    linked = {frozenset(link.between) for link in cluster.links}
-    if not moot or any(frozenset((a, b)) not in linked for i, a in enumerate(names) for b in names[i + 1:]):
+    if not moot or cluster.network_crossed():
         return
-    why = "the scenario has one host" if len(names) == 1 else "every pair of hosts has its own entry in cluster.links"
+    why = ("the scenario has one host" if len(cluster.hosts) == 1
+           else "every pair of hosts has its own entry in cluster.links")
     err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: {why}, so no transfer "
                       f"crosses cluster.network and it changes nothing here", highlight=False, soft_wrap=True)
 
 
+HOST_TP_PLANNERS = ("megatron", "tp-terapipe")
+"""Baselines whose tensor-parallel groups are a host's devices, alike or not."""
+
+
 def unlike_groups(setup, plan, file: str) -> None:
-    """A given plan's tensor-parallel stage that hpipe's planners would not form (across
-    hosts, or of devices unlike in datasheet or memory: ``planners.groups.device_kind``) runs
-    and is simulated, but one mistyped device id makes such a group: said, not taken in
-    silence."""
+    """A given plan's tensor-parallel stage that no planner would form (across hosts, or of
+    devices unlike in datasheet or memory, ``planners.groups.device_kind``, outside a
+    megatron or tp-terapipe plan) runs and is simulated, but one mistyped device id makes
+    such a group: said, not taken in silence."""
     from hpipe.planners.groups import device_kind
 
     cluster = setup.cluster
@@ -165,12 +168,15 @@ def unlike_groups(setup, plan, file: str) -> None:
         if len({device_kind(cluster, d) for d in st.devices}) < 2:
             continue
         hosts = list(dict.fromkeys(cluster.device(d).host for d in st.devices))
+        if len(hosts) == 1 and plan.planner in HOST_TP_PLANNERS:
+            continue  # what those baselines make: a host's devices, whatever they are
         what = (f"spans hosts {', '.join(hosts)}" if len(hosts) > 1
                 else "mixes devices that differ in datasheet or memory")
         err_console.print(f"[yellow]note:[/] {escape(file)}: stage {i}'s tensor-parallel group {what} "
-                          f"({escape(', '.join(st.devices))}); hpipe's planners group only identical devices of "
-                          f"one host; it runs, each shard waiting for the slowest, its all-reduces over the "
-                          f"slowest link between them", highlight=False, soft_wrap=True)
+                          f"({escape(', '.join(st.devices))}); the hpipe planner groups only identical devices "
+                          f"of one host, {' and '.join(HOST_TP_PLANNERS)} the devices of one host. It runs, each "
+                          f"shard waiting for the slowest, its all-reduces over the slowest link between them",
+                          highlight=False, soft_wrap=True)
 
 
 MICRO_BATCH_PLANNERS = ("gpipe", "gpipe-balanced", "megatron")

@@ -277,6 +277,13 @@ class ClusterSpec(_Strict):
     """Link between any two hosts, unless `links` overrides the pair."""
     links: list[PairLink] = []
 
+    def network_crossed(self) -> bool:
+        """Whether some pair of hosts has no entry in ``links``, so that its transfers cross
+        ``network`` (one host, or a link for every pair: nothing does)."""
+        names = [h.name for h in self.hosts]
+        linked = {frozenset(link.between) for link in self.links}
+        return any(frozenset((a, b)) not in linked for i, a in enumerate(names) for b in names[i + 1:])
+
     @model_validator(mode="after")
     def _cross(self):
         total = sum(d.count for h in self.hosts for d in h.devices)

@@ -116,12 +116,15 @@ def exit_interrupted(e: BaseException | None = None) -> None:
         except ValueError:  # not the main thread
             pass
     term = _terminated or (signal.SIGTERM if isinstance(e, Terminated) else 0)
-    sys.stderr.write("hpipe: hung up\n" if term == signal.SIGHUP else "hpipe: terminated\n" if term
-                     else "hpipe: interrupted\n")
+    try:  # a closed pipe, or a terminal gone (EIO after a hang-up): the exit below must still happen
+        sys.stderr.write("hpipe: hung up\n" if term == signal.SIGHUP else "hpipe: terminated\n" if term
+                         else "hpipe: interrupted\n")
+    except Exception:
+        pass
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
-        except Exception:  # a closed pipe: nothing more to say
+        except Exception:
             pass
     mp = sys.modules.get("multiprocessing.process")
     tmp = mp.current_process()._config.get("tempdir") if mp is not None else None

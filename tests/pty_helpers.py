@@ -92,6 +92,12 @@ class TerminalRun:
     def ctrl_c(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)  # what the terminal does on ^C
 
+    def hang_up(self) -> None:
+        """What a terminal closing does: its end goes (writes to it fail with EIO), and the
+        session gets SIGHUP."""
+        os.close(self._master)
+        os.killpg(self.proc.pid, signal.SIGHUP)
+
     def wait(self, timeout: float) -> int | None:
         try:
             return self.proc.wait(timeout)

@@ -104,6 +104,18 @@ def test_key_changes_with_what_the_profile_measured(tmp_path, cache):
     hetero["cluster"]["network"]["bandwidth_gbps"] = 0.2
     p.write_text(yaml.safe_dump(hetero))
     assert profile_key(load_scenario(p).resolve()) != before
+    # nor is a network no pair of hosts crosses: hpipe says a --set of it changes nothing, and
+    # under auto it had picked another profile (to measure again) all the same
+    hetero["cluster"]["links"] = [{"between": ["fast", "slow"], "bandwidth_gbps": 0.1, "latency_us": 200}]
+    p.write_text(yaml.safe_dump(hetero))
+    linked = profile_key(load_scenario(p).resolve())
+    hetero["cluster"]["network"]["bandwidth_gbps"] = 5.0
+    p.write_text(yaml.safe_dump(hetero))
+    assert profile_key(load_scenario(p).resolve()) == linked
+    data = yaml.safe_load(LOCAL.read_text())
+    data["cluster"]["network"] = {"bandwidth_gbps": 1, "latency_us": 10}  # one host
+    p.write_text(yaml.safe_dump(data))
+    assert profile_key(load_scenario(p).resolve()) == profile_key(base)
 
 
 def test_key_changes_with_the_profilers_method(monkeypatch, cache):

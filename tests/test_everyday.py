@@ -1384,6 +1384,17 @@ def test_a_given_tensor_parallel_group_the_planners_would_not_form_is_said(cli, 
     assert r.returncode == 0 and "stage 0's tensor-parallel group spans hosts host-b, host-a" in err, err
     r = cli("simulate", PAPER, "--plan", plan(["host-a/P100-0", "host-a/P100-1"]), "-q")
     assert r.returncode == 0 and "tensor-parallel group" not in r.stderr, r.stderr
+    # megatron's groups are a host's devices, alike or not (the review: its plans were noted)
+    four = str(SCENARIOS / "local-cpu-4dev.yaml")
+    made = tmp_path / "megatron.json"
+    assert cli("plan", four, "--planner", "megatron", "-o", str(made), "-q", "--set", "costmodel=roofline").returncode == 0
+    r = cli("simulate", four, "--plan", str(made), "-q", "--set", "costmodel=roofline")
+    assert r.returncode == 0 and "tensor-parallel group" not in r.stderr, r.stderr
+    data = json.loads(made.read_text())
+    made.write_text(json.dumps({**data, "planner": "hand"}))  # the same groups written by hand: said
+    r = cli("simulate", four, "--plan", str(made), "-q", "--set", "costmodel=roofline")
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "stage 0's tensor-parallel group mixes devices" in err, err
 
 
 def test_a_plan_file_names_the_cost_model_its_figures_are_from(cli, tmp_path):

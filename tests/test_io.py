@@ -98,6 +98,12 @@ def test_outputs_written_together_are_all_replaced_or_none(tmp_path, capsys):
         assert a.read_text() == "old a" and not b.exists()
     assert a.read_text() == "new a" and b.read_bytes() == b"png" and capsys.readouterr().out == "to stdout\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]
+    with pytest.raises(KeyboardInterrupt):  # a block inside another joins it
+        with written_together():
+            with written_together():
+                write_text(a, "newer a")
+            raise KeyboardInterrupt
+    assert a.read_text() == "new a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]
 
 
 def test_simulate_failing_on_its_chart_replaces_none_of_its_outputs(tmp_path, monkeypatch, capsys):

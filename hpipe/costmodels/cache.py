@@ -102,7 +102,8 @@ def measured_setup(setup) -> dict:
             # loopback (or NCCL), never shaped, so its figures change nothing measured, and a
             # sweep over them shares one profile
             "hosts": [[h.name, getattr(h, "address", None)] for h in cl.hosts],
-            "network": cl.network.model_dump() if cl.network else None,
+            # nor a network no pair of hosts crosses (one host, or a link for every pair)
+            "network": cl.network.model_dump() if cl.network and cl.network_crossed() else None,
             "links": [lk.model_dump() for lk in (cl.links or [])]}
 
 

@@ -18,6 +18,7 @@ simulator uses, so a measurement and a prediction compare field by field.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -275,14 +276,19 @@ def _launchers_sys_path():
     Python 3.11's forkserver drops the path it is handed; a worker sets the launcher's path
     only after the preload has imported hpipe.  Run from inside another checkout, the workers
     ran that checkout's hpipe under this one's launcher.  So the forkserver starts with the
-    launcher's path as PYTHONPATH, and PYTHONSAFEPATH keeps the current folder off it."""
+    launcher's path as PYTHONPATH, and PYTHONSAFEPATH keeps the current folder off it; the
+    preload (``worker.restore_forkserver_env``) puts both back as they were, so that the
+    workers and what they start see the environment the launcher had."""
+    from hpipe.runtime.worker import FORKSERVER_SAVED_ENV
+
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
-    os.environ["PYTHONSAFEPATH"] = "1"
     try:
+        os.environ[FORKSERVER_SAVED_ENV] = json.dumps(saved)
+        os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+        os.environ["PYTHONSAFEPATH"] = "1"
         yield
     finally:
-        for k, v in saved.items():
+        for k, v in {**saved, FORKSERVER_SAVED_ENV: None}.items():
             if v is None:
                 os.environ.pop(k, None)
             else:

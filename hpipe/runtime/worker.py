@@ -63,6 +63,27 @@ from hpipe.runtime.here import proc_kib_bytes
 from hpipe.runtime.model import TORCH_DTYPES, build_units, make_caches, run_units
 from hpipe.runtime.weights import weight_source
 
+FORKSERVER_SAVED_ENV = "HPIPE_FORKSERVER_SAVED_ENV"
+"""The launcher's PYTHONPATH and PYTHONSAFEPATH, as JSON, while the forkserver starts with its
+sys.path in their place (``launcher._launchers_sys_path``)."""
+
+
+def restore_forkserver_env() -> None:
+    """In the forkserver, as its preload imports this module: PYTHONPATH and PYTHONSAFEPATH back
+    as the launcher had them, so that no worker (nor what it starts) inherits the launcher's
+    whole sys.path as PYTHONPATH, and the current folder off it."""
+    import json
+
+    saved = os.environ.pop(FORKSERVER_SAVED_ENV, None)
+    for k, v in (json.loads(saved) if saved else {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+restore_forkserver_env()
+
 RECV_DEPTH = 2  # items a receive thread may hold ahead of the compute loop
 MAX_PENDING_SENDS = 4  # isends in flight before the sender waits for the oldest
 clock = time.perf_counter

@@ -87,3 +87,21 @@ def test_workers_run_the_launchers_hpipe_not_one_in_the_current_folder(tmp_path)
                        timeout=100, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not mark.exists(), "a worker imported the copy of hpipe in the current folder"
+
+
+def test_the_forkserver_puts_the_launchers_environment_back_for_its_workers(monkeypatch):
+    """The forkserver starts with the launcher's sys.path as PYTHONPATH and PYTHONSAFEPATH set;
+    its preload (hpipe.runtime.worker) puts both back, or every worker and what it starts had
+    inherited them (the review: a script started from a worker could not import its sibling)."""
+    from hpipe.runtime.launcher import _launchers_sys_path
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    with _launchers_sys_path():
+        env = dict(os.environ)
+    assert os.environ["PYTHONPATH"] == "/somewhere/else" and "PYTHONSAFEPATH" not in os.environ
+    assert env["PYTHONSAFEPATH"] == "1" and env["PYTHONPATH"] != "/somewhere/else"
+    r = subprocess.run([sys.executable, "-c", "import os, hpipe.runtime.worker; "
+                        "print(os.environ.get('PYTHONPATH'), os.environ.get('PYTHONSAFEPATH'))"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=100)
+    assert r.returncode == 0 and r.stdout.split() == ["/somewhere/else", "None"], r.stderr

@@ -47,7 +47,7 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_pat
     exit 143 with one line, and multiprocessing's temporary folder (the forkserver's socket),
     which its own exit handler would remove, is gone too (as after Ctrl-C).  SIGHUP (the
     terminal or ssh session closed) the same, exit 129: it had killed hpipe with no clean-up,
-    leaving emulated hosts' namespaces and cgroups behind."""
+    leaving emulated hosts' namespaces and cgroups behind (a terminal that closes: below)."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     run = TerminalRun("execute", SCENARIO, "--set", "costmodel=roofline", "--set", "workload.batch_size=64",
@@ -64,6 +64,20 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_pat
         assert run.leftovers(within_s=10) == []
         assert f"hpipe: {said}" in run.output and "Traceback" not in run.output, run.output[-3000:]
         assert list(tmp.glob("pymp-*")) == []
+    finally:
+        run.close()
+
+
+def test_a_closed_terminal_stops_the_run_with_129_and_leaves_nothing():
+    """The terminal closing mid-run: its end is gone and the session gets SIGHUP.  hpipe's
+    own last line to it failed with EIO, and the exit was 1 instead of 129."""
+    run = TerminalRun("execute", SCENARIO, "--set", "costmodel=roofline", "--set", "workload.batch_size=64")
+    try:
+        time.sleep(6.0)
+        assert run.proc.poll() is None, run.output
+        run.hang_up()
+        assert run.wait(10) == 129
+        assert run.leftovers(within_s=10) == []
     finally:
         run.close()
 
