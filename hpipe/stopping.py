@@ -30,7 +30,26 @@ class Terminated(KeyboardInterrupt):
 def on_sigterm(signum, frame) -> None:
     global _terminated
     _terminated = signum
+    if signum == signal.SIGHUP:
+        _off_the_terminal()
     raise Terminated()
+
+
+def _off_the_terminal() -> None:
+    """After a hang-up, the standard streams that were the terminal write to /dev/null.  The
+    terminal is gone, and a write to it as the clean-up unwound failed with EIO in place of the
+    hang-up: exit 1, in four runs of four beside a busy loop (the closed-terminal test).
+    Streams redirected to files or pipes are left as they are."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            try:
+                if os.isatty(fd):
+                    os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
 
 
 _interrupted = False

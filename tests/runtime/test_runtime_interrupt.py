@@ -41,7 +41,7 @@ def test_ctrl_c_during_execute_exits_130_and_leaves_nothing(after_s):
 
 
 @pytest.mark.parametrize("sig, code_expected, said", [(signal.SIGTERM, 143, "terminated"),
-                                                      (signal.SIGHUP, 129, "hung up")], ids=["SIGTERM", "SIGHUP"])
+                                                      (signal.SIGHUP, 129, None)], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_path, sig, code_expected, said):
     """`kill` (SIGTERM) to hpipe alone, as a job scheduler sends it: the workers are stopped,
     exit 143 with one line, and multiprocessing's temporary folder (the forkserver's socket),
@@ -62,7 +62,9 @@ def test_sigterm_mid_run_stops_as_ctrl_c_does_and_cleans_its_temp_folder(tmp_pat
         code = run.wait(10)
         assert code == code_expected, (code, run.output[-2000:])
         assert run.leftovers(within_s=10) == []
-        assert f"hpipe: {said}" in run.output and "Traceback" not in run.output, run.output[-3000:]
+        assert "Traceback" not in run.output, run.output[-3000:]
+        # (after a hang-up the streams that were the terminal go to /dev/null: nothing more shows)
+        assert said is None or f"hpipe: {said}" in run.output, run.output[-3000:]
         assert list(tmp.glob("pymp-*")) == []
     finally:
         run.close()
