@@ -113,20 +113,26 @@ DATASHEET_SPEED = ("peak_tflops", "memory_bandwidth_gbps", "generation")
 """A device's datasheet figures that only the roofline reads."""
 
 
+def _sets_of(setup, swept: str | None, keep) -> list[str]:
+    """The --set assignments whose key ``keep`` takes, as given; a sweep's (``swept``,
+    KEY=V1,V2,...) in place of the one value ``setup`` holds."""
+    from hpipe.overrides import overridden_keys
+
+    given = setup.scenario.overrides
+    return [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
+            if keep(k)]
+
+
 def unpriced_sets(setup, swept: str | None = None) -> None:
     """A --set of a device's datasheet speed changes nothing under a fitted model (its profile's
     measurements price the device): said, not ignored in silence.  ``swept``: a sweep's
     KEY=V1,V2,... as given, said in place of the one value this setup holds."""
-    from hpipe.overrides import overridden_keys
-
     if getattr(setup.cost, "name", None) != "fitted":
         return
-    given = setup.scenario.overrides
     # codecs the profile did not time are priced as memory passes at the datasheet bandwidth
     speed = DATASHEET_SPEED if setup.compression is None else tuple(f for f in DATASHEET_SPEED
                                                                      if f != "memory_bandwidth_gbps")
-    moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
-            if k.startswith("cluster.") and k.rsplit(".", 1)[-1] in speed]
+    moot = _sets_of(setup, swept, lambda k: k.startswith("cluster.") and k.rsplit(".", 1)[-1] in speed)
     if moot:
         err_console.print(f"[yellow]note:[/] {escape(', '.join('--set ' + a for a in moot))}: the fitted profile "
                           f"prices the devices from its measurements, so a datasheet figure changes nothing "
@@ -138,12 +144,8 @@ def unused_network(setup, swept: str | None = None) -> None:
     ``cluster.links`` entry for every pair) changes nothing: said, not ignored in silence (a
     sweep over its bandwidth read the same latency at every value; the profile cache key leaves
     such a network out too).  ``swept``: as for ``unpriced_sets``."""
-    from hpipe.overrides import overridden_keys
-
     cluster = setup.scenario.cluster
-    given = setup.scenario.overrides
-    moot = [swept if swept and swept.startswith(k + "=") else a for k, a in zip(overridden_keys(given), given)
-            if k == "cluster.network" or k.startswith("cluster.network.")]
+    moot = _sets_of(setup, swept, lambda k: k == "cluster.network" or k.startswith("cluster.network."))
     if not moot or cluster.network_crossed():
         return
     why = ("the scenario has one host" if len(cluster.hosts) == 1

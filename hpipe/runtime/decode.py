@@ -196,9 +196,9 @@ class Decoder:
         # takes no decode step before its prefill ends), and each may wait for the rest of the
         # prefill downstream (the driver's first feedback, for all of it): bounded as the
         # prefill's receives bound it, timeout_s per work item per stage, not timeout_s in all.
-        # A prefill longer than the timeout whose every message meets it had failed here.  hpipe's launcher still stops
-        # a run that makes no progress for timeout_s (under torchrun, a host that dies closes
-        # its connections, and torchrun stops the others).
+        # A prefill longer than the timeout whose every message meets it had failed here.
+        # hpipe's launcher still stops a run that makes no progress for timeout_s (under
+        # torchrun, a host that dies closes its connections, and torchrun stops the others).
         self.first_wait_s = cfg.timeout_s * (1 + self.n_prefill * len(cfg.stages))
 
     @property

@@ -279,7 +279,7 @@ def _launchers_sys_path():
     launcher's path as PYTHONPATH, and PYTHONSAFEPATH keeps the current folder off it; the
     preload (``worker.restore_forkserver_env``) puts both back as they were, so that the
     workers and what they start see the environment the launcher had."""
-    from hpipe.runtime.worker import FORKSERVER_SAVED_ENV
+    from hpipe.runtime.worker import FORKSERVER_SAVED_ENV, set_environ
 
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
     try:
@@ -288,11 +288,7 @@ def _launchers_sys_path():
         os.environ["PYTHONSAFEPATH"] = "1"
         yield
     finally:
-        for k, v in {**saved, FORKSERVER_SAVED_ENV: None}.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        set_environ({**saved, FORKSERVER_SAVED_ENV: None})
 
 
 def _forkserver_pid() -> int | None:

@@ -75,7 +75,12 @@ def restore_forkserver_env() -> None:
     import json
 
     saved = os.environ.pop(FORKSERVER_SAVED_ENV, None)
-    for k, v in (json.loads(saved) if saved else {}).items():
+    set_environ(json.loads(saved) if saved else {})
+
+
+def set_environ(values: dict[str, str | None]) -> None:
+    """Each variable set to its value, or removed where the value is None."""
+    for k, v in values.items():
         if v is None:
             os.environ.pop(k, None)
         else:
